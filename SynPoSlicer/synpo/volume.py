@@ -1,0 +1,298 @@
+"""SynPo over a whole volume: embed once, confidence for every slice, propagate, assemble.
+
+Propagation: each query slice is decoded with prompts taken from its own
+confidence map, restricted to a search region around the mask of the slice
+next to it (towards the support). Walking outwards from each support slice, the
+first slice judged "target absent" ends the walk in that direction (an organ is
+one contiguous run of slices), so slices beyond it come out empty. Between two
+support slices, each slice belongs to the nearer support.
+
+Cross-patient (a support painted on another volume): the walk starts at the
+query slice with the largest confident area.
+"""
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import confidence as conf_mod
+from .config import SynPoConfig, validate
+from .decode import decode_slice
+from .errors import InputError, SynPoError
+from .intensity import normalize
+from .prompts import Prompts, select_prompts
+from .support import Support, find_support, from_slices, in_plane_spacing, to_slices
+
+Progress = Callable[[str, int, int], None]
+
+
+class Cancelled(SynPoError):
+    """The caller's cancel() returned True; nothing was produced."""
+
+
+@dataclass
+class SliceRecord:
+    label: int
+    index: int                     # slice index along the slicing axis
+    status: str                    # "support", "present", "absent", "not reached"
+    score: float = 0.0             # mean fused confidence inside the mask
+    sam_iou: float = 0.0
+    positive: List[List[float]] = field(default_factory=list)   # x (column), y (row) in the slice
+    negative: List[List[float]] = field(default_factory=list)
+    box: Optional[List[int]] = None
+
+
+@dataclass
+class VolumeResult:
+    labels: np.ndarray                       # [k, j, i] int32, the support's label values
+    confidence: Dict[int, np.ndarray]        # label -> [k, j, i] float32 in [0, 1]
+    records: List[SliceRecord]
+    support: Support
+    modality: str
+    features: List[str]
+    timings: Dict[str, float]
+
+
+class EmbeddingStore:
+    """Embeddings of one volume's slices for one encoder, computed once in batches."""
+
+    def __init__(self, encoder, slices: np.ndarray, frame, batch_size: int):
+        self.encoder, self.slices, self.frame = encoder, slices, frame
+        self.batch_size = batch_size
+        self.cache: Dict[int, torch.Tensor] = {}
+        self.seconds = 0.0
+
+    def ensure(self, indices: Sequence[int], progress: Optional[Callable[[int], None]] = None,
+               cancel: Optional[Callable[[], bool]] = None) -> None:
+        todo = [i for i in indices if i not in self.cache]
+        start = 0
+        while start < len(todo):
+            if cancel is not None and cancel():
+                raise Cancelled("cancelled")
+            chunk = todo[start:start + self.batch_size]
+            t0 = time.perf_counter()
+            try:
+                feats = self.encoder.embed(self.slices[chunk], self.frame)
+            except torch.cuda.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise
+                torch.cuda.empty_cache()
+                self.batch_size = max(1, self.batch_size // 2)
+                continue
+            self.seconds += time.perf_counter() - t0
+            for i, f in zip(chunk, feats):
+                self.cache[i] = f
+            start += len(chunk)
+            if progress:
+                progress(len(chunk))
+
+    def stack(self, indices: Sequence[int]) -> torch.Tensor:
+        self.ensure(indices)
+        return torch.stack([self.cache[i] for i in indices])
+
+
+def _search_region(prev: np.ndarray, margin: float, min_px: int) -> np.ndarray:
+    ys, xs = np.nonzero(prev)
+    H, W = prev.shape
+    region = np.zeros_like(prev, dtype=bool)
+    if len(xs) == 0:
+        region[:] = True
+        return region
+    my = max(min_px, int(round(margin * (ys.max() - ys.min() + 1))))
+    mx = max(min_px, int(round(margin * (xs.max() - xs.min() + 1))))
+    region[max(0, ys.min() - my):min(H, ys.max() + 1 + my), max(0, xs.min() - mx):min(W, xs.max() + 1 + mx)] = True
+    return region
+
+
+def _record(label: int, index: int, status: str, prompts: Optional[Prompts] = None, score: float = 0.0,
+            sam_iou: float = 0.0, box=None) -> SliceRecord:
+    rec = SliceRecord(label, index, status, float(score), float(sam_iou))
+    if prompts is not None:
+        rec.positive = np.asarray(prompts.positive, dtype=float).tolist()
+        rec.negative = np.asarray(prompts.negative, dtype=float).tolist()
+        rec.box = [int(v) for v in box] if box is not None else None
+    return rec
+
+
+class _Context:
+    """What the per-label propagation needs, bundled."""
+
+    def __init__(self, sam, embeds, conf, cfg, timings, cancel, tick):
+        self.sam, self.embeds, self.conf, self.cfg = sam, embeds, conf, cfg
+        self.timings, self.cancel, self.tick = timings, cancel, tick
+
+    def decode(self, label: int, t: int, prev: Optional[np.ndarray], min_area: float):
+        if self.cancel is not None and self.cancel():
+            raise Cancelled("cancelled")
+        vc = self.cfg.volume
+        t0 = time.perf_counter()
+        region = _search_region(prev, vc.search_margin, vc.search_min_px) if prev is not None else None
+        prompts = select_prompts(self.conf[t], self.cfg.prompts, region)
+        t1 = time.perf_counter()
+        dec = decode_slice(self.sam, self.embeds.cache[t], self.embeds.frame, prompts, self.cfg.decode)
+        t2 = time.perf_counter()
+        self.timings["prompts"] += t1 - t0
+        self.timings["decode"] += t2 - t1
+        self.tick()
+        score = float(self.conf[t][dec.mask].mean()) if dec.mask.any() else 0.0
+        present = dec.mask.sum() >= min_area and score >= vc.min_confidence
+        status = "present" if present else "absent"
+        return (dec.mask if present else None), _record(label, t, status, prompts, score, dec.iou, dec.box)
+
+
+def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, step: int, min_area: float,
+          masks: Dict[int, np.ndarray], records: List[SliceRecord]) -> None:
+    prev = mask
+    t = start + step
+    while t != stop:
+        new, rec = ctx.decode(label, t, prev, min_area)
+        records.append(rec)
+        if new is None:
+            t += step
+            while t != stop:                     # the organ ended: the rest of this side is empty
+                records.append(_record(label, t, "not reached"))
+                ctx.tick()
+                t += step
+            return
+        masks[t] = new
+        prev = new
+        t += step
+
+
+def _propagate(ctx: _Context, label: int, n: int, starts: Dict[int, np.ndarray], min_area: float,
+               records: List[SliceRecord]) -> Dict[int, np.ndarray]:
+    masks: Dict[int, np.ndarray] = dict(starts)
+    order = sorted(starts)
+    for pos, s in enumerate(order):
+        low = -1 if pos == 0 else (order[pos - 1] + s) // 2
+        high = n if pos == len(order) - 1 else (s + order[pos + 1]) // 2 + 1
+        _walk(ctx, label, s, starts[s], low, -1, min_area, masks, records)
+        _walk(ctx, label, s, starts[s], high, +1, min_area, masks, records)
+    return masks
+
+
+def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sam, dino=None,
+                   cfg: SynPoConfig = SynPoConfig(), support_image: Optional[np.ndarray] = None,
+                   progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
+                   stores: Optional[Dict[str, EmbeddingStore]] = None) -> VolumeResult:
+    """Segment every slice of `image` ([k, j, i]) from the paint in `support_label`.
+
+    support_image: the volume the support was painted on, when it is not `image`
+    (it must share support_label's grid; the query grid may differ).
+    stores: pass the same dict again to reuse the embeddings of an earlier run.
+    """
+    validate(cfg)
+    timings = {k: 0.0 for k in ("intensity", "encode_sam", "encode_dinov2", "confidence", "prompts", "decode")}
+    t0 = time.perf_counter()
+    if image.ndim != 3:
+        raise InputError("image is %dD; a 3D volume is needed" % image.ndim)
+    cross = support_image is not None
+    if not cross and support_label.shape != image.shape:
+        raise InputError("support label grid %s differs from the image grid %s" % (support_label.shape, image.shape))
+    if cross and support_label.shape != support_image.shape:
+        raise InputError("support label grid %s differs from the support image grid %s"
+                         % (support_label.shape, support_image.shape))
+    support = find_support(support_label)
+    norm, modality = normalize(image, cfg.intensity)
+    ref_norm = normalize(support_image, cfg.intensity)[0] if cross else norm
+    timings["intensity"] = time.perf_counter() - t0
+
+    axis = support.axis
+    query = np.ascontiguousarray(to_slices(norm, axis))
+    ref = np.ascontiguousarray(to_slices(ref_norm, axis)) if cross else query
+    n, H, W = query.shape
+    if cross and ref.shape[1:] != (H, W):
+        raise InputError("the support image's slices are %dx%d but the image's are %dx%d; resample one onto the "
+                         "other's in-plane grid" % (ref.shape[1], ref.shape[2], H, W))
+    spacing_rc = in_plane_spacing(spacing_ijk, axis)
+    paint = np.ascontiguousarray(to_slices(support_label, axis))
+
+    encoders = [("sam", sam)] + ([("dinov2", dino)] if dino is not None else [])
+    stores = stores if stores is not None else {}
+    total_embed = n + (sum(len(v) for v in support.slices.values()) if cross else 0)
+    total_work = total_embed * len(encoders) + n * len(support.labels)
+    done = [0]
+
+    def tick(k: int = 1) -> None:
+        done[0] += k
+        if progress:
+            progress("segment", done[0], total_work)
+
+    def store(key: str, enc, volume_slices) -> EmbeddingStore:
+        frame = enc.frame(H, W, spacing_rc)
+        s = stores.get(key)
+        if s is None or s.slices is not volume_slices and not np.array_equal(s.slices, volume_slices) \
+                or s.frame != frame:
+            s = EmbeddingStore(enc, volume_slices, frame, cfg.volume.batch_size)
+            stores[key] = s
+        return s
+
+    q_stores, r_stores = {}, {}
+    for name, enc in encoders:
+        q_stores[name] = store("query/%s/%s/%d" % (name, enc.name, axis), enc, query)
+        before = q_stores[name].seconds
+        q_stores[name].ensure(range(n), tick, cancel)
+        r_stores[name] = q_stores[name]
+        if cross:
+            r_stores[name] = store("support/%s/%s/%d" % (name, enc.name, axis), enc, ref)
+            r_stores[name].ensure(sorted({s for v in support.slices.values() for s in v}), tick, cancel)
+        timings["encode_" + name] += q_stores[name].seconds - before
+
+    labels_out = np.zeros((n, H, W), dtype=np.int32)
+    best = np.full((n, H, W), -1.0, dtype=np.float32)
+    conf_out: Dict[int, np.ndarray] = {}
+    records: List[SliceRecord] = []
+    for label in support.labels:
+        t1 = time.perf_counter()
+        sup_idx = support.slices[label]
+        sup_masks = [paint[s] == label for s in sup_idx]
+        maps = {}
+        for name, enc in encoders:
+            frame = q_stores[name].frame
+            protos = conf_mod.build_prototypes([r_stores[name].cache[s] for s in sup_idx], sup_masks, frame,
+                                               enc.grid, cfg.confidence)
+            sims = conf_mod.similarity(q_stores[name].stack(range(n)), protos, frame, enc.grid)
+            maps[name] = frame.grid_map_to_slice(sims, enc.grid)
+        conf = conf_mod.fuse(maps, cfg.confidence).numpy().astype(np.float32)
+        timings["confidence"] += time.perf_counter() - t1
+
+        ctx = _Context(sam, q_stores["sam"], conf, cfg, timings, cancel, tick)
+        min_area = cfg.volume.min_area_fraction * float(np.mean([m.sum() for m in sup_masks]))
+        if not cross:
+            starts = {s: m for s, m in zip(sup_idx, sup_masks)}
+            for s in sup_idx:
+                records.append(_record(label, s, "support", score=float(conf[s][paint[s] == label].mean())))
+                tick()
+        else:
+            area = (conf >= cfg.prompts.box_threshold).reshape(n, -1).sum(1)
+            start = int(np.argmax(area))
+            first, rec = ctx.decode(label, start, None, min_area)
+            records.append(rec)
+            starts = {start: first} if first is not None else {}
+            if first is None:
+                for t in range(n):
+                    if t != start:
+                        records.append(_record(label, t, "not reached"))
+                        tick()
+        masks = _propagate(ctx, label, n, starts, min_area, records) if starts else {}
+        for t, m in masks.items():
+            win = m & (conf[t] > best[t])
+            labels_out[t][win] = label
+            best[t][win] = conf[t][win]
+        conf_out[label] = np.ascontiguousarray(from_slices(conf, axis))
+
+    if not cross:
+        # The support slices keep the user's paint exactly.
+        for label in support.labels:
+            for s in support.slices[label]:
+                painted = paint[s] == label
+                labels_out[s][labels_out[s] == label] = 0
+                labels_out[s][painted] = label
+        for s in {s for v in support.slices.values() for s in v}:
+            painted = paint[s] != 0
+            labels_out[s][painted] = paint[s][painted]
+    records.sort(key=lambda r: (r.label, r.index))
+    return VolumeResult(np.ascontiguousarray(from_slices(labels_out, axis)), conf_out, records, support,
+                        modality, [name for name, _ in encoders], timings)
