@@ -176,12 +176,15 @@ def _propagate(ctx: _Context, label: int, n: int, starts: Dict[int, np.ndarray],
 def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sam, dino=None,
                    cfg: SynPoConfig = SynPoConfig(), support_image: Optional[np.ndarray] = None,
                    progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
-                   stores: Optional[Dict[str, EmbeddingStore]] = None) -> VolumeResult:
+                   stores: Optional[Dict[str, EmbeddingStore]] = None,
+                   confidence_from: Optional[Sequence[str]] = None) -> VolumeResult:
     """Segment every slice of `image` ([k, j, i]) from the paint in `support_label`.
 
     support_image: the volume the support was painted on, when it is not `image`
     (it must share support_label's grid; the query grid may differ).
     stores: pass the same dict again to reuse the embeddings of an earlier run.
+    confidence_from: encoders whose maps are fused, among "sam" and "dinov2"
+    (default: both when `dino` is given, else "sam"). SAM always decodes.
     """
     validate(cfg)
     timings = {k: 0.0 for k in ("intensity", "encode_sam", "encode_dinov2", "confidence", "prompts", "decode")}
@@ -209,7 +212,11 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
     spacing_rc = in_plane_spacing(spacing_ijk, axis)
     paint = np.ascontiguousarray(to_slices(support_label, axis))
 
-    encoders = [("sam", sam)] + ([("dinov2", dino)] if dino is not None else [])
+    if confidence_from is None:
+        confidence_from = ("sam", "dinov2") if dino is not None else ("sam",)
+    if "dinov2" in confidence_from and dino is None:
+        raise SynPoError("DINOv2 confidence was asked for but no DINOv2 encoder was given")
+    encoders = [("sam", sam)] + ([("dinov2", dino)] if "dinov2" in confidence_from else [])
     stores = stores if stores is not None else {}
     total_embed = n + (sum(len(v) for v in support.slices.values()) if cross else 0)
     total_work = total_embed * len(encoders) + n * len(support.labels)
@@ -250,6 +257,8 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
         sup_masks = [paint[s] == label for s in sup_idx]
         maps = {}
         for name, enc in encoders:
+            if name not in confidence_from:
+                continue
             frame = q_stores[name].frame
             protos = conf_mod.build_prototypes([r_stores[name].cache[s] for s in sup_idx], sup_masks, frame,
                                                enc.grid, cfg.confidence)
@@ -295,4 +304,4 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
             labels_out[s][painted] = paint[s][painted]
     records.sort(key=lambda r: (r.label, r.index))
     return VolumeResult(np.ascontiguousarray(from_slices(labels_out, axis)), conf_out, records, support,
-                        modality, [name for name, _ in encoders], timings)
+                        modality, list(confidence_from), timings)

@@ -1,0 +1,203 @@
+"""The `synpo` command line.
+
+    synpo segment IMAGE SUPPORT -o OUT.nii.gz [--support-image REF] [--sam litemedsam|vit_b|vit_l|vit_h]
+                  [--features auto|synergy|sam|dinov2] [--dinov2 small|base|large|giant]
+                  [--device auto|cpu|cuda] [--confidence-out CONF.nii.gz] [--points-out POINTS.json] [--quiet]
+    synpo demo [-o DIR]
+    synpo evaluate DATA_DIR [-o DIR] ...
+    synpo download MODEL
+
+User errors print one line "synpo: error: ..." and exit with status 2; nothing is written.
+"""
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from .errors import SynPoError
+
+FEATURE_CHOICES = ("auto", "synergy", "sam", "dinov2")
+
+
+def _progress(quiet: bool):
+    if quiet or not sys.stderr.isatty():
+        return None, lambda: None
+    from tqdm import tqdm
+    bar = {"bar": None}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if bar["bar"] is None:
+            bar["bar"] = tqdm(total=total, desc="synpo", unit="step", file=sys.stderr, leave=False)
+        bar["bar"].n = done
+        bar["bar"].refresh()
+
+    def close() -> None:
+        if bar["bar"] is not None:
+            bar["bar"].close()
+    return update, close
+
+
+def _note(message: str, quiet: bool) -> None:
+    if not quiet:
+        sys.stderr.write("synpo: %s\n" % message)
+
+
+def load_models(sam_name: str, features: str, dinov2_size: str, device: str, quiet: bool = True):
+    """(SamModel, DinoEncoder or None, confidence_from)."""
+    from .features import DinoEncoder, SamModel, pick_device
+    dev = pick_device(device)
+    sam = SamModel.load(sam_name, dev)
+    name = "dinov2-" + dinov2_size
+    if features == "sam":
+        return sam, None, ("sam",)
+    if features == "auto":
+        try:
+            dino = DinoEncoder.load(name, dev, allow_download=False)
+        except SynPoError:
+            _note("DINOv2 weights (%s) are not on disk: confidence from SAM features only. "
+                  "`synpo download %s` or --features synergy fetches them." % (name, name), quiet)
+            return sam, None, ("sam",)
+        return sam, dino, ("sam", "dinov2")
+    dino = DinoEncoder.load(name, dev, allow_download=True)
+    return sam, dino, ("sam", "dinov2") if features == "synergy" else ("dinov2",)
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_outputs(args, inputs: List[str]) -> None:
+    outs = [p for p in (args.output, args.confidence_out, args.points_out) if p]
+    for out in outs:
+        folder = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(folder):
+            raise SynPoError("output folder does not exist: %s" % folder)
+        if os.path.isdir(out):
+            raise SynPoError("output path is a folder: %s" % out)
+        for src in inputs:
+            if src and _same_file(out, src):
+                raise SynPoError("output %s would overwrite the input %s; choose another name" % (out, src))
+    if len(set(os.path.abspath(p) for p in outs)) != len(outs):
+        raise SynPoError("two outputs have the same path")
+    if not args.output.endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")):
+        raise SynPoError("output %s: use a .nii.gz, .nii, .nrrd or .mha file name" % args.output)
+
+
+def cmd_segment(args) -> int:
+    from .config import default_config
+    from .io import read_volume
+    from .outputs import write_result
+    from .volume import segment_volume
+
+    _check_outputs(args, [args.image, args.support, args.support_image])
+    image, geometry = read_volume(args.image, "image")
+    support, sup_geometry = read_volume(args.support, "support label", label=True)
+    ref = None
+    if args.support_image:
+        ref, ref_geometry = read_volume(args.support_image, "support image")
+        if not sup_geometry.same_grid(ref_geometry):
+            raise SynPoError("support label grid (%s) differs from the support image grid (%s)"
+                             % (sup_geometry.describe(), ref_geometry.describe()))
+    elif not sup_geometry.same_grid(geometry):
+        raise SynPoError("support label grid (%s) differs from the image grid (%s); paint on the image's grid "
+                         "or pass --support-image" % (sup_geometry.describe(), geometry.describe()))
+    cfg = default_config(args.modality)
+    sam, dino, use = load_models(args.sam, args.features, args.dinov2, args.device, args.quiet)
+    update, close = _progress(args.quiet)
+    try:
+        result = segment_volume(image, geometry.spacing, support, sam, dino, cfg, support_image=ref,
+                                progress=update, confidence_from=use)
+    finally:
+        close()
+    written = write_result(result, geometry, args.output, args.confidence_out, args.points_out, args.image)
+    if not args.quiet:
+        present = sum(r.status in ("present", "support") for r in result.records)
+        print("segmented %d label(s) %s across axis %s (%s, features: %s): %d slice(s) with target; wrote %s"
+              % (len(result.support.labels), result.support.labels, "kji"[result.support.axis],
+                 result.modality, "+".join(result.features), present, ", ".join(written)))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    run_demo(args.output, device=args.device, quiet=args.quiet)
+    return 0
+
+
+def cmd_download(args) -> int:
+    from . import weights
+    spec = weights.get_spec(args.model)
+    if spec.family == "sam":
+        print(weights.checkpoint_path(args.model))
+    else:
+        from .features import DinoEncoder
+        DinoEncoder.load(args.model, "cpu", allow_download=True)
+        print("%s is cached under %s" % (args.model, weights.cache_dir()))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate_cli import run_evaluate
+    return run_evaluate(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="synpo", description="SynPo: a whole-volume segmentation from one "
+                                     "labelled slice, training-free (SAM + DINOv2 prompts).")
+    sub = parser.add_subparsers(dest="command")
+
+    seg = sub.add_parser("segment", help="segment IMAGE from the paint in SUPPORT")
+    seg.add_argument("image", help="3D scalar volume (NIfTI, NRRD, MHA, ...)")
+    seg.add_argument("support", help="label map on IMAGE's grid (or REF's) with the target painted on one slice")
+    seg.add_argument("-o", "--output", required=True, help="output label map (same geometry as IMAGE)")
+    seg.add_argument("--support-image", metavar="REF", help="the volume SUPPORT was painted on, if not IMAGE")
+    seg.add_argument("--sam", default="litemedsam", choices=("litemedsam", "vit_b", "vit_l", "vit_h"))
+    seg.add_argument("--features", default="auto", choices=FEATURE_CHOICES,
+                     help="confidence from SAM+DINOv2 (synergy), one of them, or auto: synergy when DINOv2 "
+                          "weights are on disk, else sam (default)")
+    seg.add_argument("--dinov2", default="small", choices=("small", "base", "large", "giant"))
+    seg.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    seg.add_argument("--modality", default=None, choices=("ct", "mr"), help="override the automatic choice")
+    seg.add_argument("--confidence-out", metavar="CONF", help="write the fused confidence map (float volume)")
+    seg.add_argument("--points-out", metavar="POINTS", help="write prompt points and boxes per slice (JSON)")
+    seg.add_argument("--quiet", action="store_true", help="no progress bar or messages")
+    seg.set_defaults(func=cmd_segment)
+
+    demo = sub.add_parser("demo", help="run on the bundled CT sample, offline, and write a montage")
+    demo.add_argument("-o", "--output", default="synpo-demo", help="output folder (default: synpo-demo)")
+    demo.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    demo.add_argument("--quiet", action="store_true")
+    demo.set_defaults(func=cmd_demo)
+
+    dl = sub.add_parser("download", help="fetch a model into the cache")
+    dl.add_argument("model", help="vit_b, vit_l, vit_h, dinov2-small, dinov2-base, ...")
+    dl.set_defaults(func=cmd_download)
+
+    ev = sub.add_parser("evaluate", help="measure SynPo and baselines on labelled volumes")
+    from .evaluate_cli import add_arguments
+    add_arguments(ev)
+    ev.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except SynPoError as exc:
+        sys.stderr.write("synpo: error: %s\n" % exc)
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("synpo: interrupted; nothing was written\n")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

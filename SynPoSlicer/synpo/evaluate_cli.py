@@ -1,0 +1,123 @@
+"""`synpo evaluate`: tables (CSV + Markdown) and plots (PNG) from evaluate.py's scores."""
+import csv
+import json
+import os
+import sys
+from typing import Dict, List, Sequence
+
+from .errors import SynPoError
+
+
+def add_arguments(p) -> None:
+    p.add_argument("data", help="folder with image_N / label_N volumes (or ct / labels)")
+    p.add_argument("-o", "--output", default="synpo-eval", help="folder for results.csv, results.md, plots")
+    p.add_argument("--labels", type=int, nargs="*", help="label values to evaluate (default: all)")
+    p.add_argument("--positions", type=float, nargs="*", default=[0.5],
+                   help="support slice positions in the organ's labelled range (default 0.5)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N volumes")
+    p.add_argument("--sam", default="litemedsam", choices=("litemedsam", "vit_b", "vit_l", "vit_h"))
+    p.add_argument("--features", default="auto", choices=("auto", "synergy", "sam", "dinov2"))
+    p.add_argument("--dinov2", default="small", choices=("small", "base", "large", "giant"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--no-baselines", action="store_true", help="SynPo only")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a config constant, e.g. --set prompts.top_k=32 (repeatable)")
+    p.add_argument("--quiet", action="store_true")
+
+
+def parse_overrides(items: Sequence[str]) -> Dict[str, Dict[str, object]]:
+    out: Dict[str, Dict[str, object]] = {}
+    for item in items:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise SynPoError("--set wants SECTION.FIELD=VALUE, got %r" % item)
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        if isinstance(parsed, list):
+            parsed = tuple(parsed)
+        out.setdefault(section, {})[name] = parsed
+    return out
+
+
+def write_tables(scores, folder: str) -> List[str]:
+    from .evaluate import as_rows, summarize
+    os.makedirs(folder, exist_ok=True)
+    rows = as_rows(scores)
+    csv_path = os.path.join(folder, "results.csv")
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = summarize(scores)
+    lines = ["| method | n | Dice (labelled slices) | Dice (whole volume) | false-positive slices / organ |",
+             "|---|---|---|---|---|"]
+    for method, s in summary.items():
+        lines.append("| %s | %d | %.3f | %.3f | %.2f |" % (method, s["n"], s["dice_labelled"], s["dice_volume"],
+                                                       s["fp_slices_per_organ"]))
+    per_label = ["", "| method | label | Dice (labelled) | Dice (volume) |", "|---|---|---|---|"]
+    for method in summary:
+        for label in sorted({s.label for s in scores}):
+            sel = [s for s in scores if s.method == method and s.label == label]
+            if sel:
+                per_label.append("| %s | %d | %.3f | %.3f |" % (
+                    method, label, sum(s.dice_labelled for s in sel) / len(sel),
+                    sum(s.dice_volume for s in sel) / len(sel)))
+    md_path = os.path.join(folder, "results.md")
+    with open(md_path, "w") as handle:
+        handle.write("\n".join(lines + per_label) + "\n")
+    return [csv_path, md_path]
+
+
+def plot(scores, folder: str) -> List[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    methods = sorted({s.method for s in scores})
+    labels = sorted({s.label for s in scores})
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(labels), 3.5))
+    width = 0.8 / len(methods)
+    for m_i, method in enumerate(methods):
+        values = []
+        for label in labels:
+            sel = [s.dice_volume for s in scores if s.method == method and s.label == label]
+            values.append(float(np.mean(sel)) if sel else 0.0)
+        ax.bar(np.arange(len(labels)) + m_i * width, values, width, label=method)
+    ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2)
+    ax.set_xticklabels([str(v) for v in labels])
+    ax.set_xlabel("label")
+    ax.set_ylabel("Dice (whole volume)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = os.path.join(folder, "dice_per_label.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
+def run_evaluate(args) -> int:
+    from .cli import load_models
+    from .config import default_config
+    from .evaluate import evaluate_intra, find_pairs, summarize
+    if not os.path.isdir(args.data):
+        raise SynPoError("data folder not found: %s" % args.data)
+    pairs = find_pairs(args.data)[: args.limit]
+    if not pairs:
+        raise SynPoError("no image_N/label_N (or ct/labels) volumes in %s" % args.data)
+    cfg = default_config()
+    overrides = parse_overrides(args.set)
+    if overrides:
+        cfg = cfg.with_(**overrides)
+    sam, dino, use = load_models(args.sam, args.features, args.dinov2, args.device, args.quiet)
+    log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, flush=True))
+    scores = evaluate_intra(pairs, sam, dino, cfg, args.labels, args.positions, not args.no_baselines, log,
+                            confidence_from=use)
+    written = write_tables(scores, args.output) + plot(scores, args.output)
+    print(open(written[1]).read())
+    print("wrote " + ", ".join(written))
+    sys.stdout.flush()
+    return 0

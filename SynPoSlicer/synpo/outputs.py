@@ -1,0 +1,86 @@
+"""Turning a VolumeResult into files: label map, confidence volume(s), points JSON."""
+import os
+from typing import Dict, List
+
+import numpy as np
+
+from .io import Geometry, write_json, write_volume
+from .volume import VolumeResult
+
+CONVENTION = {
+    "ijk": "0-based voxel index (i, j, k) of IMAGE; i is the fastest-varying (column) axis",
+    "lps": "physical millimetres, LPS (ITK, DICOM, SimpleITK)",
+    "ras": "physical millimetres, RAS (3D Slicer's scene; NIfTI's convention)",
+    "slice_xy": "x = column, y = row within the slice array taken across `axis`",
+}
+
+
+def slice_xy_to_ijk(xy, slice_index: int, axis: int) -> np.ndarray:
+    """(N, 2) slice pixel coordinates -> (N, 3) voxel (i, j, k)."""
+    xy = np.asarray(xy, dtype=float).reshape(-1, 2)
+    kji = np.zeros((len(xy), 3))
+    rest = [a for a in range(3) if a != axis]
+    kji[:, axis] = slice_index
+    kji[:, rest[0]] = xy[:, 1]   # row
+    kji[:, rest[1]] = xy[:, 0]   # column
+    return kji[:, ::-1]
+
+
+def _points(xy, slice_index: int, axis: int, geometry: Geometry) -> List[dict]:
+    if len(xy) == 0:
+        return []
+    ijk = slice_xy_to_ijk(xy, slice_index, axis)
+    lps = geometry.index_to_lps(ijk)
+    ras = Geometry.to_ras(lps)
+    return [{"ijk": [round(float(v), 3) for v in a], "lps": [round(float(v), 3) for v in b],
+             "ras": [round(float(v), 3) for v in c]} for a, b, c in zip(ijk, lps, ras)]
+
+
+def points_document(result: VolumeResult, geometry: Geometry, image_path: str = "") -> Dict:
+    axis = result.support.axis
+    slices = []
+    for rec in result.records:
+        entry = {"label": rec.label, "slice": rec.index, "status": rec.status,
+                 "score": round(rec.score, 4), "sam_iou": round(rec.sam_iou, 4),
+                 "positive": _points(rec.positive, rec.index, axis, geometry),
+                 "negative": _points(rec.negative, rec.index, axis, geometry), "box": None}
+        if rec.box is not None:
+            x0, y0, x1, y1 = rec.box
+            corners = _points([[x0, y0], [x1 - 1, y1 - 1]], rec.index, axis, geometry)
+            entry["box"] = {"min": corners[0], "max": corners[1], "slice_xyxy": [x0, y0, x1, y1]}
+        slices.append(entry)
+    return {"format": "synpo-points/1", "image": image_path, "convention": CONVENTION,
+            "axis": "kji"[axis], "axis_index_kji": axis, "labels": result.support.labels,
+            "modality": result.modality, "features": result.features, "slices": slices}
+
+
+def confidence_paths(path: str, labels: List[int]) -> Dict[int, str]:
+    """CONF gets the max over labels; with several labels, CONF_label<N> gets each."""
+    paths = {}
+    if len(labels) > 1:
+        base, ext = path, ""
+        for e in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+            if path.endswith(e):
+                base, ext = path[: -len(e)], e
+        for v in labels:
+            paths[v] = "%s_label%d%s" % (base, v, ext)
+    return paths
+
+
+def write_result(result: VolumeResult, geometry: Geometry, out: str, confidence_out: str = None,
+                 points_out: str = None, image_path: str = "") -> List[str]:
+    written = []
+    dtype = np.uint8 if max(result.support.labels) < 256 else np.int32
+    if confidence_out:
+        stack = np.stack([result.confidence[v] for v in result.support.labels])
+        write_volume(stack.max(0).astype(np.float32), geometry, confidence_out)
+        written.append(confidence_out)
+        for v, p in confidence_paths(confidence_out, result.support.labels).items():
+            write_volume(result.confidence[v], geometry, p)
+            written.append(p)
+    if points_out:
+        write_json(points_document(result, geometry, os.path.abspath(image_path) if image_path else ""), points_out)
+        written.append(points_out)
+    write_volume(result.labels.astype(dtype), geometry, out)
+    written.append(out)
+    return written

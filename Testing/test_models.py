@@ -1,0 +1,120 @@
+"""Encoders and decoding for real: tiny random SAM ViT and DINOv2 through the user-facing loaders,
+and the bundled LiteMedSAM."""
+import hashlib
+import http.server
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ellipsoid_volume
+from synpo import features, weights
+from synpo.config import SynPoConfig
+from synpo.errors import ModelError, SynPoError
+from synpo.volume import segment_volume
+
+
+@pytest.fixture
+def served_tiny_sam(tiny_sam_checkpoint, tmp_path, monkeypatch):
+    """Register 'vit_tiny' with a download URL on a local HTTP server, like the real ViT entries."""
+    data = open(tiny_sam_checkpoint, "rb").read()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    spec = weights.ModelSpec("vit_tiny", "sam", "vit_tiny", "Apache-2.0", len(data) / 1e6,
+                             url="http://127.0.0.1:%d/sam_vit_tiny.pth" % httpd.server_address[1],
+                             filename="sam_vit_tiny.pth", sha256=hashlib.sha256(data).hexdigest())
+    monkeypatch.setitem(weights.REGISTRY, "vit_tiny", spec)
+    monkeypatch.setenv("SYNPO_CACHE", str(tmp_path / "cache"))
+    yield spec
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_sam_vit_downloaded_built_and_loaded(served_tiny_sam, tiny_sam_checkpoint):
+    model = features.SamModel.load("vit_tiny", "cpu")
+    assert model.input_size == 1024 and model.imagenet_norm
+    reference = torch.load(tiny_sam_checkpoint, weights_only=True)
+    got = model.net.state_dict()
+    for key in ("image_encoder.patch_embed.proj.weight", "mask_decoder.iou_prediction_head.layers.0.weight"):
+        assert torch.equal(got[key], reference[key])
+    frame = model.frame(48, 60, (1.0, 1.0))
+    emb = model.embed(np.random.default_rng(0).random((2, 48, 60)).astype(np.float32), frame)
+    assert emb.shape == (2, 256, 64, 64)
+    logits, low, iou = model.decode(emb[0], frame, box_xy=[10, 10, 30, 30],
+                                    points_xy=np.array([[20.0, 20.0], [5.0, 5.0]]), point_labels=np.array([1, 0]))
+    assert logits.shape == (48, 60) and low.shape == (256, 256) and np.isfinite(iou)
+
+
+def test_checkpoint_that_does_not_fit_is_refused(tmp_path, monkeypatch, tiny_sam_checkpoint):
+    monkeypatch.setenv("SYNPO_VIT_B_CHECKPOINT", tiny_sam_checkpoint)    # a tiny file for a vit_b
+    with pytest.raises(ModelError, match="does not fit the model"):
+        features.SamModel.load("vit_b", "cpu")
+    bad = tmp_path / "garbage.pth"
+    bad.write_bytes(b"not a checkpoint")
+    monkeypatch.setenv("SYNPO_VIT_B_CHECKPOINT", str(bad))
+    with pytest.raises(ModelError, match="cannot load checkpoint"):
+        features.SamModel.load("vit_b", "cpu")
+
+
+def test_dinov2_from_local_folder(tiny_dinov2_dir, monkeypatch):
+    monkeypatch.setenv("SYNPO_DINOV2_PATH", tiny_dinov2_dir)
+    enc = features.DinoEncoder.load("dinov2-small", "cpu", allow_download=False, input_size=112)
+    assert enc.grid == 8
+    frame = enc.frame(40, 80, (1.0, 1.0))
+    out = enc.embed(np.random.default_rng(0).random((3, 40, 80)).astype(np.float32), frame)
+    assert out.shape == (3, 32, 8, 8)
+    assert frame.grid_valid(8) == (4, 8)
+
+
+def test_dinov2_missing_says_so_and_names_the_way_out(monkeypatch, tmp_path):
+    monkeypatch.setenv("SYNPO_CACHE", str(tmp_path))
+    monkeypatch.delenv("SYNPO_DINOV2_PATH", raising=False)
+    with pytest.raises(ModelError) as info:
+        features.DinoEncoder.load("dinov2-small", "cpu", allow_download=True)
+    message = str(info.value)
+    assert "--features sam" in message and "\n" not in message
+
+
+def test_device_choice():
+    assert features.pick_device("cpu").type == "cpu"
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert features.pick_device("auto").type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(SynPoError, match="CUDA is not available"):
+            features.pick_device("cuda")
+
+
+def test_synergy_pipeline_with_tiny_models(served_tiny_sam, tiny_dinov2_dir, monkeypatch):
+    """The whole volume path with both encoders fused (random weights: checks plumbing, not quality)."""
+    monkeypatch.setenv("SYNPO_DINOV2_PATH", tiny_dinov2_dir)
+    sam = features.SamModel.load("vit_tiny", "cpu")
+    dino = features.DinoEncoder.load("dinov2-small", "cpu", input_size=112)
+    image, mask = ellipsoid_volume(shape=(6, 40, 48), centre=(3, 20, 24), radii=(2.5, 9, 11))
+    support = np.zeros(mask.shape, dtype=np.int32)
+    support[3][mask[3]] = 5
+    stores = {}
+    result = segment_volume(image, (1.0, 1.0, 2.0), support, sam, dino, SynPoConfig(), stores=stores)
+    assert result.features == ["sam", "dinov2"]
+    assert result.labels.shape == image.shape
+    assert set(np.unique(result.labels)) <= {0, 5}
+    assert np.array_equal(result.labels[3] == 5, mask[3])                # the paint is kept exactly
+    conf = result.confidence[5]
+    assert conf.shape == image.shape and conf.min() >= 0.0 and conf.max() <= 1.0
+    assert {r.index for r in result.records} == set(range(6))
+    assert any(k.startswith("query/dinov2/") for k in stores)
+    only_dino = segment_volume(image, (1.0, 1.0, 2.0), support, sam, dino, SynPoConfig(), stores=stores,
+                               confidence_from=("dinov2",))
+    assert only_dino.features == ["dinov2"]
+    assert not np.allclose(only_dino.confidence[5], conf)

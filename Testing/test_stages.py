@@ -1,0 +1,229 @@
+"""Unit tests of each engine stage on synthetic inputs whose answer is known."""
+import numpy as np
+import pytest
+import torch
+
+from synpo import confidence, intensity, prompts, support
+from synpo.config import ConfidenceConfig, IntensityConfig, PromptConfig, SynPoConfig, validate
+from synpo.errors import InputError, SynPoError
+from synpo.features import Frame
+from synpo.io import Geometry
+from synpo.outputs import slice_xy_to_ijk
+
+
+# ------------------------------------------------------------------ support
+
+def _label(shape=(10, 20, 30)):
+    return np.zeros(shape, dtype=np.int32)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_support_axis_found_for_each_orientation(axis):
+    lab = _label()
+    index = [slice(None)] * 3
+    index[axis] = 4
+    sub = lab[tuple(index)]
+    sub[2:6, 3:8] = 7
+    found = support.find_support(lab)
+    assert found.axis == axis
+    assert found.labels == [7]
+    assert found.slices == {7: [4]}
+
+
+def test_support_multi_label_and_k_shot():
+    lab = _label()
+    lab[2, 5:9, 5:9] = 1
+    lab[7, 5:9, 5:9] = 1
+    lab[3, 10:14, 10:20] = 2
+    found = support.find_support(lab)
+    assert found.axis == 0
+    assert found.labels == [1, 2]
+    assert found.slices == {1: [2, 7], 2: [3]}
+
+
+def test_support_two_labels_on_adjacent_slices_is_valid():
+    lab = _label()
+    lab[4, 2:6, 2:6] = 1
+    lab[5, 10:14, 10:14] = 2
+    assert support.find_support(lab).slices == {1: [4], 2: [5]}
+
+
+def test_support_empty_is_refused():
+    with pytest.raises(InputError, match="empty"):
+        support.find_support(_label())
+
+
+def test_support_on_two_orthogonal_planes_is_refused():
+    lab = _label()
+    lab[5, 2:15, 2:25] = 1        # axial plane
+    lab[1:9, 2:15, 12] = 1        # sagittal plane crossing it
+    with pytest.raises(InputError, match="not confined to parallel slices"):
+        support.find_support(lab)
+
+
+def test_support_full_3d_label_is_refused():
+    lab = _label()
+    lab[2:8, 4:12, 4:12] = 1
+    with pytest.raises(InputError, match="not confined"):
+        support.find_support(lab)
+
+
+def test_in_plane_spacing():
+    # spacing is (i, j, k); a slice across k has rows j and columns i
+    assert support.in_plane_spacing((0.5, 0.7, 3.0), 0) == (0.7, 0.5)
+    assert support.in_plane_spacing((0.5, 0.7, 3.0), 2) == (3.0, 0.7)
+
+
+# ------------------------------------------------------------------ intensity
+
+def test_intensity_ct_window_and_mr_percentiles():
+    rng = np.random.default_rng(0)
+    ct = rng.integers(-1024, 1500, size=(4, 16, 16)).astype(np.float32)
+    out, modality = intensity.normalize(ct)
+    assert modality == "ct"
+    assert out.min() == 0.0 and out.max() == 1.0
+    assert out[ct <= -160].max() == 0.0 and out[ct >= 240].min() == 1.0     # window 40 +- 200
+    mr = rng.random((4, 16, 16)).astype(np.float32) * 800
+    out, modality = intensity.normalize(mr)
+    assert modality == "mr" and 0.0 <= out.min() and out.max() <= 1.0
+    _, forced = intensity.normalize(mr, IntensityConfig(modality="ct"))
+    assert forced == "ct"
+
+
+# ------------------------------------------------------------------ confidence
+
+def _features_with_object(n=2, grid=16, channels=8, seed=0):
+    """Feature maps where cells of a square 'object' share one direction, background another."""
+    rng = np.random.default_rng(seed)
+    fg_dir, bg_dir = rng.normal(size=channels), rng.normal(size=channels)
+    feats = np.tile(bg_dir[:, None, None], (n, 1, grid, grid)).astype(np.float32)
+    feats += 0.05 * rng.normal(size=feats.shape).astype(np.float32)
+    feats[:, :, 4:9, 5:11] = fg_dir[:, None, None] + 0.05 * rng.normal(size=(n, channels, 5, 6))
+    return torch.from_numpy(feats)
+
+
+def test_confidence_high_on_object_low_elsewhere():
+    grid = 16
+    feats = _features_with_object(grid=grid)
+    frame = Frame.fit(64, 64, (1.0, 1.0), 64)           # 4 pixels per cell
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[16:36, 20:44] = True                            # the object's cells 4..8 x 5..10
+    protos = confidence.build_prototypes([feats[0]], [mask], frame, grid, ConfidenceConfig(n_prototypes=2))
+    assert protos.fg_mean > protos.bg_mean
+    sim = confidence.similarity(feats[1:], protos, frame, grid)[0]
+    assert sim[4:9, 5:11].min() > 0.8
+    outside = np.ones((grid, grid), dtype=bool)
+    outside[4:9, 5:11] = False
+    assert sim.numpy()[outside].max() < 0.2
+    up = frame.grid_map_to_slice(sim[None], grid)[0]
+    assert up.shape == (64, 64)
+    assert up[20:32, 24:40].min() > 0.8
+
+
+def test_fuse_geometric_mean_vetoes_single_encoder_peak():
+    sam = torch.tensor([[[0.9, 0.05]]])
+    dino = torch.tensor([[[0.9, 0.95]]])                 # DINOv2 fires on a look-alike
+    fused = confidence.fuse({"sam": sam, "dinov2": dino}, ConfidenceConfig(sam_weight=0.5))
+    assert fused[0, 0, 0] > 0.85
+    assert fused[0, 0, 1] < 0.25
+    assert torch.equal(confidence.fuse({"sam": sam}), sam)
+
+
+# ------------------------------------------------------------------ prompts
+
+def _disc_map(H=64, W=80, centre=(30, 40), radius=10):
+    yy, xx = np.mgrid[:H, :W]
+    d = np.sqrt((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2)
+    return np.clip(1.0 - d / (2 * radius), 0, 1).astype(np.float32), d <= radius
+
+
+def test_prompts_positives_inside_negatives_outside_and_near():
+    conf, disc = _disc_map()
+    cfg = PromptConfig(top_k=40, n_positive_points=3, n_negative_points=4, negative_sigma=1.0)
+    p = prompts.select_prompts(conf, cfg)
+    assert p.positive.shape == (3, 2)
+    for x, y in p.positive.astype(int):
+        assert disc[y, x]
+    assert p.negative.shape == (4, 2)
+    dists = []
+    for x, y in p.negative.astype(int):
+        assert conf[y, x] < cfg.negative_max_confidence
+        dists.append(np.hypot(y - 30, x - 40))
+    # Gaussian around the target: negatives near it, not in far corners of the slice.
+    assert max(dists) < 45
+    x0, y0, x1, y1 = p.box
+    assert x0 <= 35 and x1 >= 46 and y0 <= 25 and y1 >= 36          # the box covers the confident disc
+
+
+def test_prompts_are_deterministic_and_seeded():
+    conf, _ = _disc_map()
+    conf = conf + np.random.default_rng(1).random(conf.shape).astype(np.float32) * 0.05
+    a = prompts.select_prompts(conf, PromptConfig(seed=3))
+    b = prompts.select_prompts(conf, PromptConfig(seed=3))
+    assert np.array_equal(a.positive, b.positive) and np.array_equal(a.negative, b.negative)
+    assert a.box == b.box
+
+
+def test_prompts_respect_search_region():
+    conf, _ = _disc_map()
+    conf2, _ = _disc_map(centre=(30, 10), radius=6)
+    both = np.maximum(conf, conf2)
+    region = np.zeros(both.shape, dtype=bool)
+    region[:, :22] = True                                 # only the left object is searched
+    p = prompts.select_prompts(both, PromptConfig(), search=region)
+    assert (p.positive[:, 0] < 22).all()
+    assert p.box[2] <= 22
+
+
+def test_top_k_and_kmeans_repeatable():
+    conf = np.zeros((10, 10), dtype=np.float32)
+    conf[2, 3], conf[7, 8] = 1.0, 0.9
+    assert prompts.top_k_pixels(conf, 2).tolist() == [[3, 2], [8, 7]]
+    pts = np.array([[0, 0], [1, 0], [0, 1], [20, 20], [21, 20], [20, 21]])
+    c1 = prompts._kmeans_points(pts, 2, seed=0)
+    c2 = prompts._kmeans_points(pts, 2, seed=0)
+    assert np.array_equal(c1, c2)
+    assert sorted(map(tuple, c1.astype(int).tolist()))[0][0] <= 1
+    assert sorted(map(tuple, c1.astype(int).tolist()))[1][0] >= 20
+
+
+# ------------------------------------------------------------------ frames, geometry, config
+
+def test_frame_preserves_physical_aspect():
+    f = Frame.fit(30, 120, (3.0, 0.75), 256)             # 90 mm x 90 mm: a square in physical space
+    assert f.h == f.w == 256
+    f = Frame.fit(100, 200, (1.0, 1.0), 256)
+    assert (f.h, f.w) == (128, 256)
+    assert np.allclose(f.to_input_xy([[200, 100]]), [[256, 128]])
+
+
+def test_slice_coordinates_to_voxel_indices():
+    assert slice_xy_to_ijk([[5, 7]], 3, axis=0).tolist() == [[5, 7, 3]]
+    assert slice_xy_to_ijk([[5, 7]], 3, axis=1).tolist() == [[5, 3, 7]]
+    assert slice_xy_to_ijk([[5, 7]], 3, axis=2).tolist() == [[3, 5, 7]]
+
+
+def test_geometry_index_to_lps_and_ras_matches_simpleitk():
+    import SimpleITK as sitk
+    direction = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)     # columns: i -> -y, j -> +x
+    g = Geometry((4, 4, 4), (2.0, 3.0, 4.0), (10.0, 20.0, 30.0), direction)
+    lps = g.index_to_lps([[1, 1, 1]])[0]
+    assert np.allclose(lps, [10 + 3.0, 20 - 2.0, 34.0])
+    assert np.allclose(Geometry.to_ras(lps), [-13.0, -18.0, 34.0])
+    image = sitk.Image(4, 4, 4, sitk.sitkUInt8)
+    image.SetSpacing(g.spacing)
+    image.SetOrigin(g.origin)
+    image.SetDirection(direction)
+    for ijk in ([0, 0, 0], [1, 2, 3], [0.5, 3.25, 1.0]):
+        assert np.allclose(g.index_to_lps([ijk])[0], image.TransformContinuousIndexToPhysicalPoint(ijk))
+
+
+def test_config_validation_and_overrides():
+    cfg = SynPoConfig().with_(prompts={"top_k": 8})
+    assert cfg.prompts.top_k == 8
+    assert cfg.prompts.n_positive_points == SynPoConfig().prompts.n_positive_points
+    assert SynPoConfig().prompts.top_k == PromptConfig().top_k
+    with pytest.raises(SynPoError, match="unknown config field"):
+        SynPoConfig().with_(prompts={"nope": 1})
+    with pytest.raises(SynPoError, match="top_k"):
+        validate(SynPoConfig().with_(prompts={"top_k": 0}))
