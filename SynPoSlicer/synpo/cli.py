@@ -90,6 +90,7 @@ def cmd_segment(args) -> int:
     from .config import default_config
     from .io import read_volume
     from .outputs import write_result
+    from .support import find_support
     from .volume import segment_volume
 
     _check_outputs(args, [args.image, args.support, args.support_image])
@@ -104,12 +105,13 @@ def cmd_segment(args) -> int:
     elif not sup_geometry.same_grid(geometry):
         raise SynPoError("support label grid (%s) differs from the image grid (%s); paint on the image's grid "
                          "or pass --support-image" % (sup_geometry.describe(), geometry.describe()))
+    find_support(support)                     # bad paint is reported before any model loads
     cfg = default_config(args.modality)
     sam, dino, use = load_models(args.sam, args.features, args.dinov2, args.device, args.quiet)
     update, close = _progress(args.quiet)
     try:
         result = segment_volume(image, geometry.spacing, support, sam, dino, cfg, support_image=ref,
-                                progress=update, confidence_from=use)
+                                progress=update, confidence_from=use, embedding_cache=args.embedding_cache)
     finally:
         close()
     written = write_result(result, geometry, args.output, args.confidence_out, args.points_out, args.image)
@@ -144,10 +146,17 @@ def cmd_evaluate(args) -> int:
     return run_evaluate(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit status 2 like every other error."""
+
+    def error(self, message):
+        self.exit(2, "synpo: error: %s (see %s --help)\n" % (message, self.prog))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="synpo", description="SynPo: a whole-volume segmentation from one "
+    parser = _Parser(prog="synpo", description="SynPo: a whole-volume segmentation from one "
                                      "labelled slice, training-free (SAM + DINOv2 prompts).")
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     seg = sub.add_parser("segment", help="segment IMAGE from the paint in SUPPORT")
     seg.add_argument("image", help="3D scalar volume (NIfTI, NRRD, MHA, ...)")
@@ -163,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--modality", default=None, choices=("ct", "mr"), help="override the automatic choice")
     seg.add_argument("--confidence-out", metavar="CONF", help="write the fused confidence map (float volume)")
     seg.add_argument("--points-out", metavar="POINTS", help="write prompt points and boxes per slice (JSON)")
+    seg.add_argument("--embedding-cache", metavar="DIR",
+                     help="keep image embeddings in DIR so a re-run on the same volume only decodes")
     seg.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     seg.set_defaults(func=cmd_segment)
 
@@ -185,7 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:                 # usage errors (2) and --help (0)
+        return int(exc.code or 0)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

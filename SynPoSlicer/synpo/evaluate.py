@@ -84,7 +84,8 @@ def oracle_box(sam, store, gt: np.ndarray, label: int) -> np.ndarray:
 
 def evaluate_intra(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = SynPoConfig(),
                    labels: Optional[Sequence[int]] = None, positions: Sequence[float] = (0.5,),
-                   baselines: bool = True, log=print, confidence_from=None) -> List[Score]:
+                   baselines: bool = True, log=print, confidence_from=None,
+                   embedding_cache: Optional[str] = None) -> List[Score]:
     scores: List[Score] = []
     for img_path, lab_path in pairs:
         image, geom = read_volume(img_path)
@@ -100,7 +101,7 @@ def evaluate_intra(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
                 support[s][gt[s] == v] = v
             t0 = time.perf_counter()
             result = segment_volume(image, geom.spacing, support, sam, dino, cfg, stores=stores,
-                                    confidence_from=confidence_from)
+                                    confidence_from=confidence_from, embedding_cache=embedding_cache)
             secs = time.perf_counter() - t0
             for v in wanted:
                 dl, dv, fp = score(result.labels == v, gt == v)

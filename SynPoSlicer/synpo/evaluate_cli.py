@@ -22,6 +22,7 @@ def add_arguments(p) -> None:
     p.add_argument("--no-baselines", action="store_true", help="SynPo only")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a config constant, e.g. --set prompts.top_k=32 (repeatable)")
+    p.add_argument("--embedding-cache", metavar="DIR", help="keep embeddings on disk between runs")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -115,7 +116,7 @@ def run_evaluate(args) -> int:
     sam, dino, use = load_models(args.sam, args.features, args.dinov2, args.device, args.quiet)
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, flush=True))
     scores = evaluate_intra(pairs, sam, dino, cfg, args.labels, args.positions, not args.no_baselines, log,
-                            confidence_from=use)
+                            confidence_from=use, embedding_cache=args.embedding_cache)
     written = write_tables(scores, args.output) + plot(scores, args.output)
     print(open(written[1]).read())
     print("wrote " + ", ".join(written))

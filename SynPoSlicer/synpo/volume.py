@@ -10,6 +10,9 @@ support slices, each slice belongs to the nearer support.
 Cross-patient (a support painted on another volume): the walk starts at the
 query slice with the largest confident area.
 """
+import hashlib
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -56,13 +59,42 @@ class VolumeResult:
 
 
 class EmbeddingStore:
-    """Embeddings of one volume's slices for one encoder, computed once in batches."""
+    """Embeddings of one volume's slices for one encoder, computed once in batches.
 
-    def __init__(self, encoder, slices: np.ndarray, frame, batch_size: int):
+    With `disk_dir`, embeddings are also kept on disk under a key made of the
+    encoder, its input frame and the slices' bytes, so a later run on the same
+    volume (another invocation of the CLI) decodes without re-encoding.
+    """
+
+    def __init__(self, encoder, slices: np.ndarray, frame, batch_size: int, disk_dir: Optional[str] = None):
         self.encoder, self.slices, self.frame = encoder, slices, frame
         self.batch_size = batch_size
         self.cache: Dict[int, torch.Tensor] = {}
         self.seconds = 0.0
+        self.disk_path = None
+        if disk_dir:
+            digest = hashlib.sha1()
+            digest.update(("%s|%s|%s" % (encoder.name, frame, slices.shape)).encode())
+            digest.update(np.ascontiguousarray(slices).tobytes())
+            self.disk_path = os.path.join(disk_dir, "%s-%s.pt" % (encoder.name, digest.hexdigest()[:20]))
+            if os.path.isfile(self.disk_path):
+                try:
+                    self.cache.update(torch.load(self.disk_path, map_location="cpu", weights_only=True))
+                except Exception:          # a damaged cache file is recomputed, never trusted
+                    self.cache.clear()
+
+    def _save(self) -> None:
+        if not self.disk_path:
+            return
+        os.makedirs(os.path.dirname(self.disk_path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".pt", dir=os.path.dirname(self.disk_path))
+        os.close(fd)
+        try:
+            torch.save(self.cache, tmp)
+            os.replace(tmp, self.disk_path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     def ensure(self, indices: Sequence[int], progress: Optional[Callable[[int], None]] = None,
                cancel: Optional[Callable[[], bool]] = None) -> None:
@@ -83,10 +115,12 @@ class EmbeddingStore:
                 continue
             self.seconds += time.perf_counter() - t0
             for i, f in zip(chunk, feats):
-                self.cache[i] = f
+                self.cache[i] = f.clone()
             start += len(chunk)
             if progress:
                 progress(len(chunk))
+        if todo:
+            self._save()
 
     def stack(self, indices: Sequence[int]) -> torch.Tensor:
         self.ensure(indices)
@@ -177,7 +211,8 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
                    cfg: SynPoConfig = SynPoConfig(), support_image: Optional[np.ndarray] = None,
                    progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
                    stores: Optional[Dict[str, EmbeddingStore]] = None,
-                   confidence_from: Optional[Sequence[str]] = None) -> VolumeResult:
+                   confidence_from: Optional[Sequence[str]] = None,
+                   embedding_cache: Optional[str] = None) -> VolumeResult:
     """Segment every slice of `image` ([k, j, i]) from the paint in `support_label`.
 
     support_image: the volume the support was painted on, when it is not `image`
@@ -185,6 +220,7 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
     stores: pass the same dict again to reuse the embeddings of an earlier run.
     confidence_from: encoders whose maps are fused, among "sam" and "dinov2"
     (default: both when `dino` is given, else "sam"). SAM always decodes.
+    embedding_cache: a folder where embeddings persist between runs (optional).
     """
     validate(cfg)
     timings = {k: 0.0 for k in ("intensity", "encode_sam", "encode_dinov2", "confidence", "prompts", "decode")}
@@ -232,7 +268,7 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
         s = stores.get(key)
         if s is None or s.slices is not volume_slices and not np.array_equal(s.slices, volume_slices) \
                 or s.frame != frame:
-            s = EmbeddingStore(enc, volume_slices, frame, cfg.volume.batch_size)
+            s = EmbeddingStore(enc, volume_slices, frame, cfg.volume.batch_size, embedding_cache)
             stores[key] = s
         return s
 

@@ -1,0 +1,190 @@
+"""The `synpo` command line: bad input gets one clear line, exit status 2, and nothing is written."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import ellipsoid_volume
+from synpo import weights
+from synpo.cli import main
+
+
+def _write(array, path, spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0), vector=False):
+    image = sitk.GetImageFromArray(array, isVector=vector)
+    image.SetSpacing(spacing[: image.GetDimension()])
+    image.SetOrigin(origin[: image.GetDimension()])
+    sitk.WriteImage(image, str(path))
+    return str(path)
+
+
+@pytest.fixture
+def case(tmp_path):
+    image, mask = ellipsoid_volume()
+    support = np.zeros(mask.shape, dtype=np.uint8)
+    support[6][mask[6]] = 1
+    return {
+        "dir": tmp_path,
+        "image": _write(image, tmp_path / "image.nii.gz"),
+        "support": _write(support, tmp_path / "support.nii.gz"),
+        "out": str(tmp_path / "out.nii.gz"),
+        "array": image, "mask": mask, "support_array": support,
+    }
+
+
+def run_error(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("synpo: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], err      # notices may precede the one error line
+    assert "Traceback" not in err
+    return errors[0]
+
+
+def _no_outputs(case):
+    leftovers = [p for p in os.listdir(case["dir"]) if p.startswith("out") or p.startswith(".tmp")]
+    assert leftovers == []
+
+
+def test_missing_file(case, capsys):
+    msg = run_error(capsys, ["segment", str(case["dir"] / "nope.nii.gz"), case["support"], "-o", case["out"]])
+    assert "not found" in msg
+    _no_outputs(case)
+
+
+def test_unreadable_file(case, capsys):
+    bad = case["dir"] / "bad.nii.gz"
+    bad.write_bytes(b"this is not a volume")
+    msg = run_error(capsys, ["segment", str(bad), case["support"], "-o", case["out"]])
+    assert "cannot read image" in msg
+    _no_outputs(case)
+
+
+def test_2d_image(case, capsys):
+    p = _write(case["array"][0], case["dir"] / "flat.nii.gz")
+    assert "2D" in run_error(capsys, ["segment", p, case["support"], "-o", case["out"]])
+    _no_outputs(case)
+
+
+def test_4d_image(case, capsys):
+    p = _write(np.stack([case["array"]] * 2), case["dir"] / "4d.nii.gz", spacing=(1, 1, 2, 1), origin=(0, 0, 0, 0))
+    assert "4D" in run_error(capsys, ["segment", p, case["support"], "-o", case["out"]])
+    _no_outputs(case)
+
+
+def test_rgb_image(case, capsys):
+    rgb = np.repeat(case["array"][..., None], 3, axis=-1)
+    p = _write(rgb, case["dir"] / "rgb.nrrd", vector=True)
+    assert "RGB" in run_error(capsys, ["segment", p, case["support"], "-o", case["out"]])
+    _no_outputs(case)
+
+
+def test_empty_support(case, capsys):
+    p = _write(np.zeros_like(case["support_array"]), case["dir"] / "empty.nii.gz")
+    assert "empty" in run_error(capsys, ["segment", case["image"], p, "-o", case["out"]])
+    _no_outputs(case)
+
+
+def test_support_on_another_grid(case, capsys):
+    p = _write(case["support_array"], case["dir"] / "shifted.nii.gz", origin=(5.0, 0.0, 0.0))
+    assert "differs from the image grid" in run_error(capsys, ["segment", case["image"], p, "-o", case["out"]])
+    p = _write(case["support_array"][:, :, :40], case["dir"] / "small.nii.gz")
+    assert "differs" in run_error(capsys, ["segment", case["image"], p, "-o", case["out"]])
+    _no_outputs(case)
+
+
+def test_support_grid_differs_from_reference(case, capsys):
+    ref = _write(case["array"][:, :, :40], case["dir"] / "ref.nii.gz")
+    msg = run_error(capsys, ["segment", case["image"], case["support"], "-o", case["out"], "--support-image", ref])
+    assert "support image grid" in msg
+    _no_outputs(case)
+
+
+def test_paint_not_on_parallel_slices(case, capsys):
+    s = case["support_array"].copy()
+    s[:, 20:40, 40] = 1
+    p = _write(s, case["dir"] / "cross.nii.gz")
+    assert "parallel slices" in run_error(capsys, ["segment", case["image"], p, "-o", case["out"]])
+    _no_outputs(case)
+
+
+def test_nan_and_inf_and_constant_images(case, capsys):
+    for name, value in (("nan", np.nan), ("inf", np.inf)):
+        a = case["array"].copy()
+        a[3, 3, 3] = value
+        p = _write(a, case["dir"] / ("%s.mha" % name))     # NIfTI I/O drops NaN
+        assert "NaN or infinite" in run_error(capsys, ["segment", p, case["support"], "-o", case["out"]])
+    p = _write(np.full(case["array"].shape, 7.0, dtype=np.float32), case["dir"] / "const.nii.gz")
+    assert "constant" in run_error(capsys, ["segment", p, case["support"], "-o", case["out"]])
+    _no_outputs(case)
+
+
+def test_unknown_model_and_bad_option(case, capsys):
+    msg = run_error(capsys, ["segment", case["image"], case["support"], "-o", case["out"], "--sam", "vit_q"])
+    assert "vit_q" in msg
+    msg = run_error(capsys, ["segment", case["image"], case["support"], "-o", case["out"], "--features", "clip"])
+    assert "clip" in msg
+    _no_outputs(case)
+
+
+def test_model_neither_cached_nor_downloadable(case, capsys, monkeypatch, tmp_path):
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    spec = weights.REGISTRY["vit_b"]
+    monkeypatch.setitem(weights.REGISTRY, "vit_b", weights.ModelSpec(
+        spec.name, spec.family, spec.arch, spec.licence, spec.size_mb,
+        url="http://127.0.0.1:%d/sam.pth" % port, filename=spec.filename, sha256=spec.sha256))
+    monkeypatch.setenv("SYNPO_CACHE", str(tmp_path / "cache"))
+    msg = run_error(capsys, ["segment", case["image"], case["support"], "-o", case["out"], "--sam", "vit_b"])
+    assert "cannot download" in msg
+    _no_outputs(case)
+
+
+def test_corrupt_bundled_checkpoint_is_refused(case, capsys, monkeypatch, tmp_path):
+    fake = tmp_path / "lite_medsam.pth"
+    fake.write_bytes(b"tampered")
+    monkeypatch.setattr(weights, "litemedsam_checkpoint", lambda: str(fake))
+    msg = run_error(capsys, ["segment", case["image"], case["support"], "-o", case["out"]])
+    assert "checksum mismatch" in msg
+    _no_outputs(case)
+
+
+def test_features_synergy_without_dinov2_weights(case, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("SYNPO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("SYNPO_DINOV2_PATH", raising=False)
+    msg = run_error(capsys, ["segment", case["image"], case["support"], "-o", case["out"], "--features", "synergy"])
+    assert "--features sam" in msg
+    _no_outputs(case)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda(case, capsys):
+    msg = run_error(capsys, ["segment", case["image"], case["support"], "-o", case["out"], "--device", "cuda"])
+    assert "CUDA is not available" in msg
+    _no_outputs(case)
+
+
+def test_output_may_not_overwrite_an_input(case, capsys):
+    before = open(case["support"], "rb").read()
+    msg = run_error(capsys, ["segment", case["image"], case["support"], "-o", case["support"]])
+    assert "overwrite the input" in msg
+    assert open(case["support"], "rb").read() == before
+    msg = run_error(capsys, ["segment", case["image"], case["support"], "-o", str(case["dir"] / "x" / "o.nii.gz")])
+    assert "does not exist" in msg
+
+
+def test_console_script_exit_status_without_traceback(case):
+    """The installed entry point, as a user runs it."""
+    exe = os.path.join(os.path.dirname(sys.executable), "synpo")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "synpo.cli"]
+    proc = subprocess.run(cmd + ["segment", case["image"], str(case["dir"] / "missing.nii.gz"), "-o", case["out"]],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("synpo: error: support label file not found")
+    assert "Traceback" not in proc.stderr
