@@ -4,8 +4,12 @@ For each encoder:
 1. The support mask is area-downsampled to the encoder's feature grid; cells
    at least half inside are foreground, cells with no foreground are background.
 2. Foreground prototypes: K-means (n_prototypes) over the unit-normalised
-   foreground feature vectors of every support slice; similarity of a query
-   cell = max cosine similarity to any prototype.
+   foreground feature vectors of every support slice; background prototypes
+   likewise over the support's background cells (n_background_prototypes). The
+   score of a query cell = max cosine similarity to a foreground prototype minus
+   max cosine similarity to a background prototype: a neighbouring organ that
+   appears in the support's background scores low even when it resembles the
+   target.
 3. Calibration on the support: the mean similarity of its background cells maps
    to 0 and of its foreground cells to 1 (clipped to [0, 1]). This puts the maps
    of different encoders on one scale, keeps absolute values (so a slice without
@@ -17,7 +21,7 @@ sharpened by DINOv2. (An arithmetic mean lets one encoder's false peak through
 at half strength.)
 """
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -29,8 +33,18 @@ from .config import ConfidenceConfig
 @dataclass
 class Prototypes:
     vectors: torch.Tensor     # (n, C) unit vectors
-    fg_mean: float            # mean support foreground similarity
-    bg_mean: float            # mean support background similarity
+    fg_mean: float            # mean support foreground score
+    bg_mean: float            # mean support background score
+    background: Optional[torch.Tensor] = None   # (m, C) unit vectors, or None
+
+
+def _raw_score(f: torch.Tensor, protos: "Prototypes") -> torch.Tensor:
+    """(..., C) unit features -> similarity to the nearest foreground prototype, minus (when
+    background prototypes exist) the similarity to the nearest background prototype."""
+    score = (f @ protos.vectors.T).max(-1).values
+    if protos.background is not None:
+        score = score - (f @ protos.background.T).max(-1).values
+    return score
 
 
 def support_cells(mask: np.ndarray, frame, grid: int) -> np.ndarray:
@@ -70,18 +84,20 @@ def build_prototypes(feats: List[torch.Tensor], masks: List[np.ndarray], frame, 
         fg.append(f[torch.from_numpy(strong)])
         bg.append(f[torch.from_numpy(c <= 0.0)])
     fg_all = torch.cat(fg).numpy()
-    protos = _unit(torch.from_numpy(_kmeans_vectors(fg_all, cfg.n_prototypes)), 1)
-    fg_sim = (torch.from_numpy(fg_all) @ protos.T).max(1).values
+    protos = Prototypes(_unit(torch.from_numpy(_kmeans_vectors(fg_all, cfg.n_prototypes)), 1), 0.0, 0.0)
     bg_all = torch.cat(bg)
-    bg_sim = (bg_all @ protos.T).max(1).values if len(bg_all) else torch.zeros(1)
-    return Prototypes(protos, float(fg_sim.mean()), float(bg_sim.mean()))
+    if cfg.n_background_prototypes > 0 and len(bg_all):
+        protos.background = _unit(torch.from_numpy(_kmeans_vectors(bg_all.numpy(), cfg.n_background_prototypes)), 1)
+    protos.fg_mean = float(_raw_score(torch.from_numpy(fg_all), protos).mean())
+    protos.bg_mean = float(_raw_score(bg_all, protos).mean()) if len(bg_all) else 0.0
+    return protos
 
 
 def similarity(feats: torch.Tensor, protos: Prototypes, frame, grid: int) -> torch.Tensor:
     """(N, C, grid, grid) -> (N, rows, cols) calibrated similarity in [0, 1] over the valid cells."""
     rows, cols = frame.grid_valid(grid)
-    f = _unit(feats[:, :, :rows, :cols].float(), 1)
-    sim = torch.einsum("nchw,pc->nphw", f, protos.vectors).max(1).values
+    f = _unit(feats[:, :, :rows, :cols].float(), 1).permute(0, 2, 3, 1)
+    sim = _raw_score(f, protos)
     span = max(protos.fg_mean - protos.bg_mean, 1e-3)
     return ((sim - protos.bg_mean) / span).clamp(0.0, 1.0)
 

@@ -26,6 +26,10 @@ class ConfidenceConfig:
     # Foreground prototypes per support mask (K-means over its feature vectors);
     # the similarity of a query pixel is the max over prototypes.
     n_prototypes: int = 3
+    # Background prototypes (K-means over the support's background cells); a query
+    # cell's score is its foreground similarity minus its background similarity.
+    # 0 = foreground similarity alone.
+    n_background_prototypes: int = 0
     # Fusion weight of the SAM map in the weighted geometric mean (DINOv2 gets 1 - w).
     sam_weight: float = 0.5
     # Calibration: similarity is mapped so that the support's mean background

@@ -178,6 +178,14 @@ class SamModel:
         self.imagenet_norm = imagenet_norm
         self.device = device
         self.grid = 64
+        self._dense_pe = None
+
+    def dense_pe(self) -> torch.Tensor:
+        """SAM's positional encoding of the embedding grid: the same for every call, computed once."""
+        if self._dense_pe is None:
+            with torch.no_grad():
+                self._dense_pe = self.net.prompt_encoder.get_dense_pe()
+        return self._dense_pe
 
     @staticmethod
     def load(name: str = "litemedsam", device: str = "auto", allow_download: bool = True) -> "SamModel":
@@ -226,7 +234,7 @@ class SamModel:
         masks = mask_logits.to(dev).view(1, 1, *mask_logits.shape[-2:]) if mask_logits is not None else None
         sparse, dense = self.net.prompt_encoder(points=points, boxes=boxes, masks=masks)
         low, iou = self.net.mask_decoder(image_embeddings=embedding.to(dev).view(1, *embedding.shape[-3:]),
-                                         image_pe=self.net.prompt_encoder.get_dense_pe(),
+                                         image_pe=self.dense_pe(),
                                          sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                          multimask_output=False)
         low = low[0, 0].float()

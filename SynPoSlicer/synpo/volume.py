@@ -42,6 +42,8 @@ class SliceRecord:
     status: str                    # "support", "present", "absent", "not reached"
     score: float = 0.0             # mean fused confidence inside the mask
     sam_iou: float = 0.0
+    overlap_prev: float = 0.0      # fraction of this mask inside the neighbouring (previous) mask
+    area_ratio: float = 0.0        # this mask's area / the previous mask's area
     positive: List[List[float]] = field(default_factory=list)   # x (column), y (row) in the slice
     negative: List[List[float]] = field(default_factory=list)
     box: Optional[List[int]] = None
@@ -170,10 +172,17 @@ class _Context:
         self.timings["prompts"] += t1 - t0
         self.timings["decode"] += t2 - t1
         self.tick()
-        score = float(self.conf[t][dec.mask].mean()) if dec.mask.any() else 0.0
-        present = dec.mask.sum() >= min_area and score >= vc.min_confidence
+        area = int(dec.mask.sum())
+        score = float(self.conf[t][dec.mask].mean()) if area else 0.0
+        overlap = area_ratio = 0.0
+        if prev is not None and area:
+            overlap = float(np.logical_and(dec.mask, prev).sum() / area)
+            area_ratio = float(area / max(int(prev.sum()), 1))
+        present = area >= min_area and score >= vc.min_confidence
         status = "present" if present else "absent"
-        return (dec.mask if present else None), _record(label, t, status, prompts, score, dec.iou, dec.box)
+        rec = _record(label, t, status, prompts, score, dec.iou, dec.box)
+        rec.overlap_prev, rec.area_ratio = overlap, area_ratio
+        return (dec.mask if present else None), rec
 
 
 def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, step: int, min_area: float,
