@@ -29,7 +29,7 @@ class ConfidenceConfig:
     # Background prototypes (K-means over the support's background cells); a query
     # cell's score is its foreground similarity minus its background similarity.
     # 0 = foreground similarity alone.
-    n_background_prototypes: int = 0
+    n_background_prototypes: int = 8
     # Fusion weight of the SAM map in the weighted geometric mean (DINOv2 gets 1 - w).
     sam_weight: float = 0.5
     # Calibration: similarity is mapped so that the support's mean background
@@ -71,12 +71,17 @@ class DecodeConfig:
 class VolumeConfig:
     # Propagation: a query slice's search region is the previous slice's mask
     # dilated by this fraction of its bounding-box size (at least search_min_px).
-    search_margin: float = 0.25
+    search_margin: float = 0.1
     search_min_px: int = 4
     # "Target absent" when the decoded mask is smaller than min_area_fraction of
     # the support mask's area, or its mean confidence is below min_confidence.
     min_area_fraction: float = 0.05
-    min_confidence: float = 0.35
+    min_confidence: float = 0.0
+    # ... or when SAM's own predicted IoU is below min_sam_iou, or less than
+    # min_overlap of the mask lies inside the previous slice's mask (a jump to a
+    # neighbouring structure rather than the organ continuing).
+    min_sam_iou: float = 0.6
+    min_overlap: float = 0.6
     # Encoder batch size on CPU; on CUDA it is sized to free memory.
     batch_size: int = 8
 

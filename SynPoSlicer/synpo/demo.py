@@ -60,7 +60,7 @@ def montage(image: np.ndarray, result, truth: Optional[np.ndarray], path: str, n
 
 
 def run_demo(folder: str = "synpo-demo", device: str = "auto", quiet: bool = False,
-             features: str = "auto") -> dict:
+             features: str = "auto", embedding_cache: Optional[str] = None) -> dict:
     from .cli import load_models
     from .config import default_config
     from .evaluate import score
@@ -74,7 +74,7 @@ def run_demo(folder: str = "synpo-demo", device: str = "auto", quiet: bool = Fal
     truth, _ = read_volume(SAMPLE_TRUTH, "sample truth", label=True)
     sam, dino, use = load_models("litemedsam", features, "small", device, quiet)
     result = segment_volume(image, geometry.spacing, support, sam, dino, default_config(),
-                            confidence_from=use)
+                            confidence_from=use, embedding_cache=embedding_cache)
     out = os.path.join(folder, "segmentation.nii.gz")
     written: List[str] = write_result(result, geometry, out, os.path.join(folder, "confidence.nii.gz"),
                                       os.path.join(folder, "points.json"), SAMPLE_IMAGE)

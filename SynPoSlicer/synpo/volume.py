@@ -178,7 +178,8 @@ class _Context:
         if prev is not None and area:
             overlap = float(np.logical_and(dec.mask, prev).sum() / area)
             area_ratio = float(area / max(int(prev.sum()), 1))
-        present = area >= min_area and score >= vc.min_confidence
+        present = (area >= min_area and score >= vc.min_confidence and dec.iou >= vc.min_sam_iou
+                   and (prev is None or overlap >= vc.min_overlap))
         status = "present" if present else "absent"
         rec = _record(label, t, status, prompts, score, dec.iou, dec.box)
         rec.overlap_prev, rec.area_ratio = overlap, area_ratio
