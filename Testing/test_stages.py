@@ -48,6 +48,13 @@ def test_support_two_labels_on_adjacent_slices_is_valid():
     assert support.find_support(lab).slices == {1: [4], 2: [5]}
 
 
+def test_support_three_slices_with_gaps_are_three_supports():
+    lab = _label()
+    for k in (3, 5, 7):
+        lab[k, 5:9, 5:9] = 2
+    assert support.find_support(lab).slices == {2: [3, 5, 7]}
+
+
 def test_support_empty_is_refused():
     with pytest.raises(InputError, match="empty"):
         support.find_support(_label())

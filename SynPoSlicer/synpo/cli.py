@@ -62,6 +62,14 @@ def load_models(sam_name: str, features: str, dinov2_size: str, device: str, qui
     return sam, dino, ("sam", "dinov2") if features == "synergy" else ("dinov2",)
 
 
+def set_precision(name: str, sam, dino) -> None:
+    from .features import pick_precision
+    dtype = pick_precision(name, sam.device)
+    for enc in (sam, dino):
+        if enc is not None:
+            enc.precision = dtype
+
+
 def _same_file(a: str, b: str) -> bool:
     try:
         return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
@@ -108,6 +116,7 @@ def cmd_segment(args) -> int:
     find_support(support)                     # bad paint is reported before any model loads
     cfg = default_config(args.modality)
     sam, dino, use = load_models(args.sam, args.features, args.dinov2, args.device, args.quiet)
+    set_precision(args.precision, sam, dino)
     update, close = _progress(args.quiet)
     try:
         result = segment_volume(image, geometry.spacing, support, sam, dino, cfg, support_image=ref,
@@ -141,6 +150,25 @@ def cmd_download(args) -> int:
     return 0
 
 
+def cmd_benchmark(args) -> int:
+    from .benchmark import run_benchmark
+    _check_outputs_simple(args.output, [args.image, args.support])
+    run_benchmark(args.image, args.support, args.sam, args.features, args.dinov2, args.device, args.precision,
+                  args.output, args.quiet)
+    return 0
+
+
+def _check_outputs_simple(path: Optional[str], inputs: List[str]) -> None:
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise SynPoError("output folder does not exist: %s" % folder)
+    for src in inputs:
+        if _same_file(path, src):
+            raise SynPoError("output %s would overwrite the input %s; choose another name" % (path, src))
+
+
 def cmd_evaluate(args) -> int:
     from .evaluate_cli import run_evaluate
     return run_evaluate(args)
@@ -169,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "weights are on disk, else sam (default)")
     seg.add_argument("--dinov2", default="small", choices=("small", "base", "large", "giant"))
     seg.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    seg.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                     help="encoder precision: auto = bf16 on CUDA, fp32 on CPU")
     seg.add_argument("--modality", default=None, choices=("ct", "mr"), help="override the automatic choice")
     seg.add_argument("--confidence-out", metavar="CONF", help="write the fused confidence map (float volume)")
     seg.add_argument("--points-out", metavar="POINTS", help="write prompt points and boxes per slice (JSON)")
@@ -186,6 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
     dl = sub.add_parser("download", help="fetch a model into the cache")
     dl.add_argument("model", help="vit_b, vit_l, vit_h, dinov2-small, dinov2-base, ...")
     dl.set_defaults(func=cmd_download)
+
+    bench = sub.add_parser("benchmark", help="time each stage, first run vs repeat run, peak memory")
+    bench.add_argument("image")
+    bench.add_argument("support")
+    bench.add_argument("-o", "--output", help="write the figures as JSON")
+    bench.add_argument("--sam", default="litemedsam", choices=("litemedsam", "vit_b", "vit_l", "vit_h"))
+    bench.add_argument("--features", default="auto", choices=FEATURE_CHOICES)
+    bench.add_argument("--dinov2", default="small", choices=("small", "base", "large", "giant"))
+    bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    bench.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                       help="encoder precision: auto = bf16 on CUDA, fp32 on CPU")
+    bench.add_argument("--quiet", action="store_true")
+    bench.set_defaults(func=cmd_benchmark)
 
     ev = sub.add_parser("evaluate", help="measure SynPo and baselines on labelled volumes")
     from .evaluate_cli import add_arguments

@@ -53,6 +53,9 @@ class PromptConfig:
     seed: int = 0
     # A pixel is "confident" (enters the box region) above this calibrated confidence.
     box_threshold: float = 0.5
+    # The box is widened by this fraction of its size on each side (LiteMedSAM and
+    # SAM were trained on boxes jittered around the object).
+    box_margin: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ class DecodeConfig:
 class VolumeConfig:
     # Propagation: a query slice's search region is the previous slice's mask
     # dilated by this fraction of its bounding-box size (at least search_min_px).
-    search_margin: float = 0.1
+    search_margin: float = 0.07
     search_min_px: int = 4
     # "Target absent" when the decoded mask is smaller than min_area_fraction of
     # the support mask's area, or its mean confidence is below min_confidence.

@@ -7,8 +7,18 @@ position of the organ's labelled range (0.5 = the middle). Scores:
   absent count);
 - fp_slices: slices without the organ on which something was predicted.
 Baselines on the same slices: `copy` (support mask copied to every labelled
-slice), `oracle_box` (SAM given the ground-truth box on every labelled slice:
-the upper bound of the SAM model used).
+slice), `persam` (one most-confident positive point and one least-confident
+negative point per slice, PerSAM-style, on every slice), `oracle_box` (SAM
+given the ground-truth box on every labelled slice: the upper bound of the SAM
+model used).
+
+Cross-patient protocol (the published few-shot benchmarks): the support comes
+from the next patient in the list; 3 support slices at 1/6, 1/2, 5/6 of its
+labelled range; the query's labelled slices are split into 3 chunks, chunk i
+predicted slice by slice from support slice i (`cross_chunks`); Dice over the
+query's labelled slices. `cross_volume` is the product's own cross-patient
+mode (`--support-image`, the 3 slices as supports, propagation) scored the same
+way and over the whole volume.
 """
 import glob
 import os
@@ -20,10 +30,11 @@ import numpy as np
 
 from .config import SynPoConfig
 from .decode import DecodeConfig, decode_slice
+from .intensity import normalize
 from .io import read_volume
-from .prompts import Prompts, box_of
+from .prompts import Prompts, box_of, select_prompts
 from .support import in_plane_spacing, to_slices
-from .volume import segment_volume
+from .volume import EmbeddingStore, confidence_volume, segment_volume
 
 
 @dataclass
@@ -82,6 +93,20 @@ def oracle_box(sam, store, gt: np.ndarray, label: int) -> np.ndarray:
     return out
 
 
+def persam(sam, store, conf: np.ndarray) -> np.ndarray:
+    """PerSAM-style: one positive (most confident) and one negative (least confident) point per slice."""
+    out = np.zeros(conf.shape, dtype=bool)
+    for t in range(conf.shape[0]):
+        c = conf[t]
+        pos = np.unravel_index(np.argmax(c), c.shape)
+        neg = np.unravel_index(np.argmin(c), c.shape)
+        p = Prompts(np.array([[pos[1], pos[0]]], float), np.array([[neg[1], neg[0]]], float), None,
+                    np.zeros(c.shape, bool))
+        out[t] = decode_slice(sam, store.cache[t], store.frame, p,
+                              DecodeConfig(use_box=False, use_points=True, refine=False)).mask
+    return out
+
+
 def evaluate_intra(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = SynPoConfig(),
                    labels: Optional[Sequence[int]] = None, positions: Sequence[float] = (0.5,),
                    baselines: bool = True, log=print, confidence_from=None,
@@ -114,6 +139,9 @@ def evaluate_intra(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
                     copy = np.zeros(gt.shape, dtype=bool)
                     copy[labelled] = gt[s] == v
                     scores.append(Score(name, v, "copy", pos, *score(copy, gt == v), 0.0))
+                    store = next(st for k, st in stores.items() if k.startswith("query/sam/"))
+                    scores.append(Score(name, v, "persam", pos, *score(persam(sam, store, result.confidence[v]),
+                                                                      gt == v), 0.0))
         if baselines:
             store = next(s for k, s in stores.items() if k.startswith("query/sam/"))
             for v in wanted:
@@ -130,8 +158,9 @@ def summarize(scores: Sequence[Score]) -> Dict[str, Dict[str, float]]:
         rows = [s for s in scores if s.method == method]
         out[method] = {
             "n": len(rows),
-            "dice_labelled": float(np.mean([r.dice_labelled for r in rows])),
-            "dice_volume": float(np.mean([r.dice_volume for r in rows])),
+            "dice_labelled": float(np.nanmean([r.dice_labelled for r in rows])),
+            "dice_volume": float(np.nanmean([r.dice_volume for r in rows]))
+            if any(np.isfinite(r.dice_volume) for r in rows) else float("nan"),
             "fp_slices_per_organ": float(np.mean([r.fp_slices for r in rows])),
         }
     return out
@@ -139,3 +168,68 @@ def summarize(scores: Sequence[Score]) -> Dict[str, Dict[str, float]]:
 
 def as_rows(scores: Sequence[Score]) -> List[dict]:
     return [asdict(s) for s in scores]
+
+
+def _stores_for(image: np.ndarray, spacing, sam, dino, cfg: SynPoConfig, confidence_from, embedding_cache):
+    """Embedding stores of a volume (slices across k), keyed like segment_volume's so caches are shared."""
+    norm = np.ascontiguousarray(to_slices(normalize(image, cfg.intensity)[0], 0))
+    spacing_rc = in_plane_spacing(spacing, 0)
+    out = {}
+    for name, enc in (("sam", sam), ("dinov2", dino)):
+        if name == "sam" or name in confidence_from:
+            st = EmbeddingStore(enc, norm, enc.frame(norm.shape[1], norm.shape[2], spacing_rc),
+                                cfg.volume.batch_size, embedding_cache)
+            st.ensure(range(len(norm)))
+            out[name] = st
+    return out
+
+
+def evaluate_cross(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = SynPoConfig(),
+                   labels: Optional[Sequence[int]] = None, log=print, confidence_from=None,
+                   embedding_cache: Optional[str] = None) -> List[Score]:
+    """The cross-patient protocol; support from the next volume in the list."""
+    confidence_from = confidence_from or (("sam", "dinov2") if dino is not None else ("sam",))
+    vols = [(read_volume(i)[0], read_volume(i)[1], read_volume(l, "label", label=True)[0]) for i, l in pairs]
+    names = [os.path.basename(i).split(".")[0] for i, _ in pairs]
+    stores = [_stores_for(img, g.spacing, sam, dino, cfg, confidence_from, embedding_cache) for img, g, _ in vols]
+    scores: List[Score] = []
+    for qi in range(len(vols)):
+        si = (qi + 1) % len(vols)
+        if si == qi:
+            break
+        q_img, q_geom, q_gt = vols[qi]
+        s_img, _, s_gt = vols[si]
+        common = sorted(set(np.unique(q_gt)) & set(np.unique(s_gt)) - {0})
+        wanted = [int(v) for v in common if labels is None or v in labels]
+        support_label = np.zeros_like(s_gt)
+        for v in wanted:
+            t0 = time.perf_counter()
+            s_slices = [support_slice(s_gt == v, p) for p in (1 / 6, 1 / 2, 5 / 6)]
+            q_lab = np.flatnonzero((q_gt == v).reshape(len(q_gt), -1).any(1))
+            pred = np.zeros(q_gt.shape, dtype=bool)
+            for s_idx, chunk in zip(s_slices, np.array_split(q_lab, 3)):
+                if len(chunk) == 0:
+                    continue
+                conf = confidence_volume(stores[qi], stores[si], [s_idx], [s_gt[s_idx] == v], chunk,
+                                         confidence_from, cfg)
+                for c, t in zip(conf, chunk):
+                    p = select_prompts(c, cfg.prompts)
+                    pred[t] = decode_slice(sam, stores[qi]["sam"].cache[int(t)], stores[qi]["sam"].frame, p,
+                                           cfg.decode).mask
+            dl, _, _ = score(pred, q_gt == v)
+            scores.append(Score(names[qi], v, "cross_chunks", float("nan"), dl, float("nan"), 0,
+                                time.perf_counter() - t0))
+            for s_idx in s_slices:
+                support_label[s_idx][s_gt[s_idx] == v] = v
+            log("%s <- %s label %d cross_chunks: dice_labelled %.3f" % (names[qi], names[si], v, dl))
+        if not wanted:
+            continue
+        t0 = time.perf_counter()
+        result = segment_volume(q_img, q_geom.spacing, support_label, sam, dino, cfg, support_image=s_img,
+                                confidence_from=confidence_from, embedding_cache=embedding_cache)
+        for v in wanted:
+            dl, dv, fp = score(result.labels == v, q_gt == v)
+            scores.append(Score(names[qi], v, "cross_volume", float("nan"), dl, dv, fp, time.perf_counter() - t0))
+            log("%s <- %s label %d cross_volume: dice_labelled %.3f dice_volume %.3f fp_slices %d"
+                % (names[qi], names[si], v, dl, dv, fp))
+    return scores

@@ -12,6 +12,9 @@ def add_arguments(p) -> None:
     p.add_argument("data", help="folder with image_N / label_N volumes (or ct / labels)")
     p.add_argument("-o", "--output", default="synpo-eval", help="folder for results.csv, results.md, plots")
     p.add_argument("--labels", type=int, nargs="*", help="label values to evaluate (default: all)")
+    p.add_argument("--protocol", default="intra", choices=("intra", "cross", "both"),
+                   help="intra: support slice from the same volume (default); cross: the published "
+                        "cross-patient protocol (support from the next volume)")
     p.add_argument("--positions", type=float, nargs="*", default=[0.5],
                    help="support slice positions in the organ's labelled range (default 0.5)")
     p.add_argument("--limit", type=int, default=None, help="only the first N volumes")
@@ -44,6 +47,7 @@ def parse_overrides(items: Sequence[str]) -> Dict[str, Dict[str, object]]:
 
 
 def write_tables(scores, folder: str) -> List[str]:
+    import numpy as np
     from .evaluate import as_rows, summarize
     os.makedirs(folder, exist_ok=True)
     rows = as_rows(scores)
@@ -64,8 +68,9 @@ def write_tables(scores, folder: str) -> List[str]:
             sel = [s for s in scores if s.method == method and s.label == label]
             if sel:
                 per_label.append("| %s | %d | %.3f | %.3f |" % (
-                    method, label, sum(s.dice_labelled for s in sel) / len(sel),
-                    sum(s.dice_volume for s in sel) / len(sel)))
+                    method, label, np.nanmean([s.dice_labelled for s in sel]),
+                    np.nanmean([s.dice_volume for s in sel]) if any(np.isfinite(s.dice_volume) for s in sel)
+                    else float("nan")))
     md_path = os.path.join(folder, "results.md")
     with open(md_path, "w") as handle:
         handle.write("\n".join(lines + per_label) + "\n")
@@ -84,13 +89,14 @@ def plot(scores, folder: str) -> List[str]:
     for m_i, method in enumerate(methods):
         values = []
         for label in labels:
-            sel = [s.dice_volume for s in scores if s.method == method and s.label == label]
+            sel = [s.dice_volume if np.isfinite(s.dice_volume) else s.dice_labelled
+                   for s in scores if s.method == method and s.label == label]
             values.append(float(np.mean(sel)) if sel else 0.0)
         ax.bar(np.arange(len(labels)) + m_i * width, values, width, label=method)
     ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2)
     ax.set_xticklabels([str(v) for v in labels])
     ax.set_xlabel("label")
-    ax.set_ylabel("Dice (whole volume)")
+    ax.set_ylabel("Dice (whole volume; labelled slices for cross_chunks)")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -103,7 +109,7 @@ def plot(scores, folder: str) -> List[str]:
 def run_evaluate(args) -> int:
     from .cli import load_models
     from .config import default_config
-    from .evaluate import evaluate_intra, find_pairs, summarize
+    from .evaluate import evaluate_cross, evaluate_intra, find_pairs
     if not os.path.isdir(args.data):
         raise SynPoError("data folder not found: %s" % args.data)
     pairs = find_pairs(args.data)[: args.limit]
@@ -115,8 +121,15 @@ def run_evaluate(args) -> int:
         cfg = cfg.with_(**overrides)
     sam, dino, use = load_models(args.sam, args.features, args.dinov2, args.device, args.quiet)
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, flush=True))
-    scores = evaluate_intra(pairs, sam, dino, cfg, args.labels, args.positions, not args.no_baselines, log,
-                            confidence_from=use, embedding_cache=args.embedding_cache)
+    scores = []
+    if args.protocol in ("intra", "both"):
+        scores += evaluate_intra(pairs, sam, dino, cfg, args.labels, args.positions, not args.no_baselines, log,
+                                 confidence_from=use, embedding_cache=args.embedding_cache)
+    if args.protocol in ("cross", "both"):
+        if len(pairs) < 2:
+            raise SynPoError("the cross-patient protocol needs at least 2 volumes")
+        scores += evaluate_cross(pairs, sam, dino, cfg, args.labels, log, confidence_from=use,
+                                 embedding_cache=args.embedding_cache)
     written = write_tables(scores, args.output) + plot(scores, args.output)
     print(open(written[1]).read())
     print("wrote " + ", ".join(written))

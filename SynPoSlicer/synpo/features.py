@@ -34,6 +34,39 @@ def pick_device(name: str = "auto") -> torch.device:
     raise SynPoError("unknown device %r; use auto, cpu or cuda" % name)
 
 
+def pick_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
+    """Encoder autocast dtype: None = float32. "auto" = bf16 on a CUDA GPU that has it, else fp32."""
+    if name == "fp32" or (name == "auto" and device.type != "cuda"):
+        return None
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name in ("bf16", "fp16"):
+        if device.type != "cuda":
+            raise SynPoError("--precision %s needs a CUDA device; the CPU runs in fp32" % name)
+        return torch.bfloat16 if name == "bf16" else torch.float16
+    raise SynPoError("unknown precision %r; use auto, fp32, bf16 or fp16" % name)
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    import contextlib
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# Rough GPU memory per slice in one encoder batch (fp32 activations), for sizing batches.
+_BYTES_PER_SLICE = {"litemedsam": 0.25e9, "vit_b": 1.2e9, "vit_l": 2.0e9, "vit_h": 3.0e9, "dinov2": 0.3e9}
+
+
+def batch_size_for(device: torch.device, model_key: str, default: int) -> int:
+    """On CUDA: as many slices as half the free memory holds (an OOM still halves it); else default."""
+    if device.type != "cuda":
+        return default
+    free, _ = torch.cuda.mem_get_info(device)
+    per = _BYTES_PER_SLICE.get("dinov2" if model_key.startswith("dinov2") else model_key, 1.0e9)
+    return int(max(1, min(64, free * 0.5 // per)))
+
+
 @dataclass(frozen=True)
 class Frame:
     """Where an (H, W) slice lies inside a square encoder input of `size` pixels."""
@@ -179,6 +212,7 @@ class SamModel:
         self.device = device
         self.grid = 64
         self._dense_pe = None
+        self.precision: Optional[torch.dtype] = None      # encoder autocast dtype (None = fp32)
 
     def dense_pe(self) -> torch.Tensor:
         """SAM's positional encoding of the embedding grid: the same for every call, computed once."""
@@ -210,7 +244,8 @@ class SamModel:
         x = to_input(slices, frame, self.device)
         if self.imagenet_norm:
             x = (x * 255.0 - self.PIXEL_MEAN.to(x.device)) / self.PIXEL_STD.to(x.device)
-        return self.net.image_encoder(x).float().cpu()
+        with _autocast(self.device, self.precision):
+            return self.net.image_encoder(x).float().cpu()
 
     @torch.no_grad()
     def decode(self, embedding: torch.Tensor, frame: Frame, box_xy: Optional[Sequence[float]] = None,
@@ -253,6 +288,7 @@ class DinoEncoder:
         self.net = net.eval().to(device)
         self.device = device
         self.patch = int(net.config.patch_size)
+        self.precision: Optional[torch.dtype] = None
         self.input_size = input_size - input_size % self.patch
         self.grid = self.input_size // self.patch
 
@@ -290,7 +326,8 @@ class DinoEncoder:
         """(N, H, W) in [0, 1] -> (N, C, grid, grid) patch features on the CPU."""
         x = to_input(slices, frame, self.device)
         x = (x - self.MEAN.to(x.device)) / self.STD.to(x.device)
-        out = self.net(pixel_values=x).last_hidden_state
+        with _autocast(self.device, self.precision):
+            out = self.net(pixel_values=x).last_hidden_state
         n_patches = self.grid * self.grid
         tokens = out[:, out.shape[1] - n_patches:, :]          # drop CLS (and register) tokens
         return tokens.transpose(1, 2).reshape(x.shape[0], -1, self.grid, self.grid).float().cpu()

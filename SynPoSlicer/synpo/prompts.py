@@ -61,6 +61,15 @@ def box_of(mask: np.ndarray) -> Optional[Tuple[int, int, int, int]]:
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
+def widen(box, fraction: float, shape) -> Optional[Tuple[int, int, int, int]]:
+    """Widen an (x0, y0, x1, y1) box by `fraction` of its size on each side, clipped to the slice."""
+    if box is None or fraction <= 0:
+        return box
+    x0, y0, x1, y1 = box
+    dx, dy = int(round(fraction * (x1 - x0))), int(round(fraction * (y1 - y0)))
+    return max(0, x0 - dx), max(0, y0 - dy), min(shape[1], x1 + dx), min(shape[0], y1 + dy)
+
+
 def gaussian_negatives(conf: np.ndarray, exclude: np.ndarray, centre_xy, radius: float, n: int,
                        cfg: PromptConfig, rng: np.random.Generator) -> np.ndarray:
     """Sample up to n low-confidence pixels outside `exclude`, weighted by a Gaussian around centre."""
@@ -100,7 +109,7 @@ def select_prompts(conf: np.ndarray, cfg: PromptConfig = PromptConfig(),
     if not region.any():
         region = empty.copy()
         region[pos_set[:, 1], pos_set[:, 0]] = True
-    box = box_of(region)
+    box = widen(box_of(region), cfg.box_margin, conf.shape)
     area = max(int(region.sum()), 1)
     centre = (pos_set[:, 0].mean(), pos_set[:, 1].mean())
     neg_set = gaussian_negatives(conf, region, centre, np.sqrt(area / np.pi), cfg.n_negative_samples, cfg, rng)

@@ -22,8 +22,8 @@ def _occupied(mask: np.ndarray, axis: int) -> np.ndarray:
 
 
 def _is_sparse(indices: np.ndarray) -> bool:
-    """Painted slices count as separate supports: one or two, or at most half the span."""
-    if len(indices) <= 2:
+    """Painted slices count as separate supports: one or two, no two adjacent, or at most half the span."""
+    if len(indices) <= 2 or np.all(np.diff(indices) > 1):
         return True
     span = int(indices[-1] - indices[0] + 1)
     return len(indices) <= span // 2

@@ -24,6 +24,7 @@ from . import confidence as conf_mod
 from .config import SynPoConfig, validate
 from .decode import decode_slice
 from .errors import InputError, SynPoError
+from .features import batch_size_for
 from .intensity import normalize
 from .prompts import Prompts, select_prompts
 from .support import Support, find_support, from_slices, in_plane_spacing, to_slices
@@ -76,7 +77,10 @@ class EmbeddingStore:
         self.disk_path = None
         if disk_dir:
             digest = hashlib.sha1()
-            digest.update(("%s|%s|%s" % (encoder.name, frame, slices.shape)).encode())
+            key = "%s|%s|%s" % (encoder.name, frame, slices.shape)
+            if getattr(encoder, "precision", None) is not None:      # reduced-precision embeddings differ
+                key += "|%s" % encoder.precision
+            digest.update(key.encode())
             digest.update(np.ascontiguousarray(slices).tobytes())
             self.disk_path = os.path.join(disk_dir, "%s-%s.pt" % (encoder.name, digest.hexdigest()[:20]))
             if os.path.isfile(self.disk_path):
@@ -217,6 +221,22 @@ def _propagate(ctx: _Context, label: int, n: int, starts: Dict[int, np.ndarray],
     return masks
 
 
+def confidence_volume(q_stores: Dict[str, EmbeddingStore], r_stores: Dict[str, EmbeddingStore],
+                      support_indices: Sequence[int], support_masks: Sequence[np.ndarray],
+                      query_indices: Sequence[int], confidence_from: Sequence[str],
+                      cfg: SynPoConfig) -> np.ndarray:
+    """Fused confidence (len(query_indices), H, W) of query slices, from support slices' masks."""
+    maps = {}
+    for name in confidence_from:
+        q, r = q_stores[name], r_stores[name]
+        grid = q.encoder.grid
+        protos = conf_mod.build_prototypes([r.cache[s] for s in support_indices], list(support_masks), q.frame,
+                                           grid, cfg.confidence)
+        sims = conf_mod.similarity(q.stack(list(query_indices)), protos, q.frame, grid)
+        maps[name] = q.frame.grid_map_to_slice(sims, grid)
+    return conf_mod.fuse(maps, cfg.confidence).numpy().astype(np.float32)
+
+
 def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sam, dino=None,
                    cfg: SynPoConfig = SynPoConfig(), support_image: Optional[np.ndarray] = None,
                    progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
@@ -278,7 +298,8 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
         s = stores.get(key)
         if s is None or s.slices is not volume_slices and not np.array_equal(s.slices, volume_slices) \
                 or s.frame != frame:
-            s = EmbeddingStore(enc, volume_slices, frame, cfg.volume.batch_size, embedding_cache)
+            batch = batch_size_for(enc.device, getattr(enc, "name", ""), cfg.volume.batch_size)
+            s = EmbeddingStore(enc, volume_slices, frame, batch, embedding_cache)
             stores[key] = s
         return s
 
@@ -301,16 +322,7 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
         t1 = time.perf_counter()
         sup_idx = support.slices[label]
         sup_masks = [paint[s] == label for s in sup_idx]
-        maps = {}
-        for name, enc in encoders:
-            if name not in confidence_from:
-                continue
-            frame = q_stores[name].frame
-            protos = conf_mod.build_prototypes([r_stores[name].cache[s] for s in sup_idx], sup_masks, frame,
-                                               enc.grid, cfg.confidence)
-            sims = conf_mod.similarity(q_stores[name].stack(range(n)), protos, frame, enc.grid)
-            maps[name] = frame.grid_map_to_slice(sims, enc.grid)
-        conf = conf_mod.fuse(maps, cfg.confidence).numpy().astype(np.float32)
+        conf = confidence_volume(q_stores, r_stores, sup_idx, sup_masks, range(n), confidence_from, cfg)
         timings["confidence"] += time.perf_counter() - t1
 
         ctx = _Context(sam, q_stores["sam"], conf, cfg, timings, cancel, tick)

@@ -1,0 +1,113 @@
+"""`synpo benchmark`: where the time and memory of a run go.
+
+Runs SynPo twice on the same volume with the same models: the first run
+computes every embedding; the repeat run (new prompt settings, same volume)
+reuses them, as a re-run in Slicer or with --embedding-cache does. Reports
+seconds per stage and per slice, wall time, peak RSS, CUDA memory, device
+and precision, and writes them as JSON.
+"""
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+STAGES = ("intensity", "encode_sam", "encode_dinov2", "confidence", "prompts", "decode", "assembly")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (MB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
+
+
+def _run(image, spacing, support, sam, dino, cfg, use, stores):
+    from .volume import segment_volume
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    result = segment_volume(image, spacing, support, sam, dino, cfg, stores=stores, confidence_from=use)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    stages = dict(result.timings)
+    stages["assembly"] = max(0.0, wall - sum(stages.values()))
+    n = image.shape[result.support.axis]
+    encoders = stages["encode_sam"] + stages["encode_dinov2"]
+    out = {
+        "wall_s": wall,
+        "slices": n,
+        "labels": result.support.labels,
+        "stages_s": {k: stages.get(k, 0.0) for k in STAGES},
+        "per_slice_ms": {k: 1000.0 * stages.get(k, 0.0) / n for k in STAGES},
+        "non_encoder_fraction": (wall - encoders) / wall if wall else 0.0,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    if torch.cuda.is_available():
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 1e6
+    return out, result
+
+
+def run_benchmark(image_path: str, support_path: str, sam_name: str = "litemedsam", features: str = "auto",
+                  dinov2: str = "small", device: str = "auto", precision: str = "auto",
+                  output: Optional[str] = None, quiet: bool = False) -> dict:
+    from .cli import load_models, set_precision
+    from .config import default_config
+    from .io import read_volume
+    image, geometry = read_volume(image_path, "image")
+    support, _ = read_volume(support_path, "support label", label=True)
+    t0 = time.perf_counter()
+    sam, dino, use = load_models(sam_name, features, dinov2, device, quiet)
+    load_s = time.perf_counter() - t0
+    set_precision(precision, sam, dino)
+    dtype = sam.precision
+    cfg = default_config()
+    stores: dict = {}
+    first, result = _run(image, geometry.spacing, support, sam, dino, cfg, use, stores)
+    # The repeat run changes prompt settings: only decoding work is left to do.
+    cfg2 = cfg.with_(prompts={"top_k": cfg.prompts.top_k // 2 or 1})
+    repeat, _ = _run(image, geometry.spacing, support, sam, dino, cfg2, use, stores)
+    report = {
+        "image": os.path.abspath(image_path),
+        "shape_kji": list(image.shape),
+        "sam": sam_name, "features": list(result.features),
+        "device": str(sam.device), "device_name": torch.cuda.get_device_name(sam.device)
+        if sam.device.type == "cuda" else platform.processor() or platform.machine(),
+        "precision": str(dtype).replace("torch.", "") if dtype is not None else "float32",
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "model_load_s": load_s,
+        "first": first, "repeat": repeat,
+        "repeat_speedup": first["wall_s"] / repeat["wall_s"] if repeat["wall_s"] else float("inf"),
+    }
+    if output:
+        with open(output, "w") as handle:
+            json.dump(report, handle, indent=1)
+    if not quiet:
+        print(format_report(report))
+    return report
+
+
+def format_report(r: dict) -> str:
+    lines = ["SynPo benchmark: %s, %s slices (k, j, i = %s), labels %s" % (
+        os.path.basename(r["image"]), r["first"]["slices"], "x".join(map(str, r["shape_kji"])),
+        r["first"]["labels"]),
+        "model %s, features %s, device %s (%s), precision %s, torch %s, %d threads" % (
+            r["sam"], "+".join(r["features"]), r["device"], r["device_name"], r["precision"], r["torch"],
+            r["threads"]),
+        "%-14s %12s %12s %12s" % ("stage", "first s", "ms/slice", "repeat s")]
+    for k in STAGES:
+        lines.append("%-14s %12.2f %12.1f %12.2f" % (k, r["first"]["stages_s"][k], r["first"]["per_slice_ms"][k],
+                                                     r["repeat"]["stages_s"][k]))
+    lines.append("%-14s %12.2f %12.1f %12.2f" % ("wall", r["first"]["wall_s"],
+                                                 1000 * r["first"]["wall_s"] / r["first"]["slices"],
+                                                 r["repeat"]["wall_s"]))
+    lines.append("non-encoder share of the first run: %.1f%%; repeat run %.1fx faster; peak RSS %.0f MB%s" % (
+        100 * r["first"]["non_encoder_fraction"], r["repeat_speedup"], r["repeat"]["peak_rss_mb"],
+        ("; CUDA peak %.0f MB" % r["first"]["cuda_peak_mb"]) if "cuda_peak_mb" in r["first"] else ""))
+    return "\n".join(lines)
