@@ -171,6 +171,13 @@ def test_prompts_are_deterministic_and_seeded():
     assert a.box == b.box
 
 
+def test_prompts_without_kmeans_take_the_top_pixels():
+    conf, _ = _disc_map()
+    p = prompts.select_prompts(conf, PromptConfig(kmeans=False, n_positive_points=2))
+    top = prompts.top_k_pixels(conf, 2)
+    assert np.array_equal(p.positive, top.astype(float))
+
+
 def test_prompts_respect_search_region():
     conf, _ = _disc_map()
     conf2, _ = _disc_map(centre=(30, 10), radius=6)

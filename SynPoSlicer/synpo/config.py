@@ -50,6 +50,9 @@ class PromptConfig:
     # K-means clusters (prompt points) per set.
     n_positive_points: int = 3
     n_negative_points: int = 3
+    # K-means centres as prompts (SynPo); False = the highest-confidence positives and
+    # the first negatives drawn, unclustered (an ablation).
+    kmeans: bool = True
     seed: int = 0
     # A pixel is "confident" (enters the box region) above this calibrated confidence.
     box_threshold: float = 0.5

@@ -79,3 +79,25 @@ def decode_slice(model, embedding, frame, prompts: Prompts, cfg: DecodeConfig = 
             if iou(mask, mask2) >= 0.5:
                 mask, logits, score = mask2, logits2.numpy(), score2
     return Decoded(mask, logits.astype(np.float32), score, box)
+
+
+def redecode_with_points(model, embedding, frame, positive_xy: np.ndarray, negative_xy: np.ndarray,
+                         current: Optional[np.ndarray] = None, cfg: DecodeConfig = DecodeConfig()) -> Decoded:
+    """Decode one slice again from points the user moved, added or deleted.
+
+    The box (which box-trained models need) covers the positive points and the
+    current mask; the points themselves are given to SAM with their labels.
+    """
+    positive_xy = np.asarray(positive_xy, dtype=float).reshape(-1, 2)
+    negative_xy = np.asarray(negative_xy, dtype=float).reshape(-1, 2)
+    if len(positive_xy) == 0:
+        empty = np.zeros((frame.H, frame.W), dtype=bool)
+        return Decoded(empty, np.full(empty.shape, -20.0, np.float32), 0.0, None)
+    region = np.zeros((frame.H, frame.W), dtype=bool)
+    if current is not None:
+        region |= current.astype(bool)
+    for x, y in np.clip(np.round(positive_xy), 0, [frame.W - 1, frame.H - 1]).astype(int):
+        region[y, x] = True
+    prompts = Prompts(positive_xy, negative_xy, box_of(region), region)
+    from dataclasses import replace
+    return decode_slice(model, embedding, frame, prompts, replace(cfg, use_points=True))

@@ -48,8 +48,7 @@ def top_k_pixels(conf: np.ndarray, k: int, allowed: Optional[np.ndarray] = None)
     k = min(k, int(np.isfinite(flat).sum()))
     if k <= 0:
         return np.zeros((0, 2), dtype=int)
-    idx = np.argpartition(-flat, k - 1)[:k]
-    idx = idx[np.lexsort((idx, -flat[idx]))]
+    idx = np.argsort(-flat, kind="stable")[:k]       # ties go to the lower pixel index
     ys, xs = np.unravel_index(idx, conf.shape)
     return np.stack([xs, ys], 1)
 
@@ -113,6 +112,10 @@ def select_prompts(conf: np.ndarray, cfg: PromptConfig = PromptConfig(),
     area = max(int(region.sum()), 1)
     centre = (pos_set[:, 0].mean(), pos_set[:, 1].mean())
     neg_set = gaussian_negatives(conf, region, centre, np.sqrt(area / np.pi), cfg.n_negative_samples, cfg, rng)
-    positive = _kmeans_points(pos_set, cfg.n_positive_points, cfg.seed)
-    negative = _kmeans_points(neg_set, cfg.n_negative_points, cfg.seed)
+    if cfg.kmeans:
+        positive = _kmeans_points(pos_set, cfg.n_positive_points, cfg.seed)
+        negative = _kmeans_points(neg_set, cfg.n_negative_points, cfg.seed)
+    else:
+        positive = pos_set[: cfg.n_positive_points].astype(float)
+        negative = neg_set[: cfg.n_negative_points].astype(float)
     return Prompts(positive, negative, box, region)

@@ -1,0 +1,361 @@
+"""MRML <-> SynPo engine, without Qt: what the SynPoSlicer module does to the scene.
+
+Everything here works on real MRML nodes (3D Slicer, or the `slicer-core` package in
+tests). The engine (`synpo`) never sees a node: volumes become arrays [k, j, i] plus
+their IJK-to-RAS matrix, and results come back as arrays and RAS points.
+
+Scene changes are all here:
+- `extract_inputs`: volume + painted segments -> arrays (refuses bad input with InputError);
+- `PreviewNodes`: the temporary confidence volume, candidate segmentation and the
+  two markups point lists (positive green, negative red), and their removal;
+- `commit`: writes chosen labels into the user's segments in one step, with `undo_commit`.
+"""
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from synpo.errors import InputError
+from synpo.support import find_support
+
+import slicer
+import vtk
+
+POSITIVE_COLOUR = (0.1, 0.85, 0.1)
+NEGATIVE_COLOUR = (0.95, 0.1, 0.1)
+TEMP_ATTRIBUTE = "SynPoSlicer.Temporary"
+
+
+def register_segmentation_converters() -> None:
+    """Register the representation converters as Slicer does at start-up (idempotent).
+
+    Slicer's application registers them; a bare MRML scene (slicer-core) has none,
+    and segments cannot hold a binary labelmap without them.
+    """
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    have = set()
+    rules = factory.GetConverterRules()
+    for i in range(len(rules) if hasattr(rules, "__len__") else 0):
+        have.add(rules[i].GetClassName())
+    for cls in ("vtkBinaryLabelmapToClosedSurfaceConversionRule", "vtkClosedSurfaceToBinaryLabelmapConversionRule",
+                "vtkClosedSurfaceToFractionalLabelmapConversionRule",
+                "vtkFractionalLabelmapToClosedSurfaceConversionRule"):
+        if cls not in have and hasattr(slicer, cls):
+            factory.RegisterConverterRule(getattr(slicer, cls)())
+
+
+# ------------------------------------------------------------------ geometry
+
+def ijk_to_ras(volume_node) -> np.ndarray:
+    m = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def spacing_ijk(volume_node) -> tuple:
+    """Voxel size along i, j, k from the IJK-to-RAS matrix (holds for oblique volumes)."""
+    return tuple(float(v) for v in np.linalg.norm(ijk_to_ras(volume_node)[:3, :3], axis=0))
+
+
+def points_ijk_to_ras(volume_node, ijk: np.ndarray) -> np.ndarray:
+    ijk = np.atleast_2d(np.asarray(ijk, dtype=float))
+    m = ijk_to_ras(volume_node)
+    return ijk @ m[:3, :3].T + m[:3, 3]
+
+
+def _set_ijk_to_ras(node, matrix: np.ndarray) -> None:
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(matrix[r, c]))
+    node.SetIJKToRASMatrix(m)
+
+
+# ------------------------------------------------------------------ inputs
+
+@dataclass
+class Inputs:
+    image: np.ndarray                    # [k, j, i] float32
+    support: np.ndarray                  # [k, j, i] int32, label v = segment_ids[v - 1]
+    spacing: tuple                       # (i, j, k) mm
+    segment_ids: List[str]
+    axis: int                            # slicing axis of [k, j, i]
+
+
+def _parallel_axes(a: np.ndarray, b: np.ndarray, tol: float = 1e-3) -> bool:
+    """True when the two 3x3 direction matrices have the same axes up to order and sign."""
+    a = a / np.linalg.norm(a, axis=0)
+    b = b / np.linalg.norm(b, axis=0)
+    dots = np.abs(a.T @ b)
+    return bool(np.all(np.abs(np.sort(dots, axis=1)[:, -1] - 1.0) < tol))
+
+
+def extract_inputs(volume_node, segmentation_node, segment_ids: Sequence[str]) -> Inputs:
+    """The volume as an array and the chosen segments' paint on the volume's grid.
+
+    Raises InputError with a message for the panel: no volume, a 2D or 4D volume,
+    no segment, an empty segment, a segmentation on a non-parallel geometry, paint
+    not confined to parallel slices.
+    """
+    if volume_node is None:
+        raise InputError("Select an input volume.")
+    if not volume_node.IsA("vtkMRMLScalarVolumeNode") or volume_node.GetImageData() is None:
+        raise InputError("The input must be a scalar volume with image data.")
+    if volume_node.GetImageData().GetNumberOfScalarComponents() != 1:
+        raise InputError("The input volume has %d components per voxel; a scalar (grayscale) volume is needed."
+                         % volume_node.GetImageData().GetNumberOfScalarComponents())
+    if volume_node.IsA("vtkMRMLMultiVolumeNode") or volume_node.GetAttribute("MultiVolume.NumberOfFrames"):
+        raise InputError("The input is a 4D (multi-frame) volume; pick one frame as a 3D volume.")
+    dims = volume_node.GetImageData().GetDimensions()
+    if min(dims) < 2:
+        raise InputError("The input volume is 2D (%s voxels); a 3D volume is needed." % "x".join(map(str, dims)))
+    if segmentation_node is None:
+        raise InputError("Select a segmentation and paint the target on one slice.")
+    if not segment_ids:
+        raise InputError("Select the segment(s) to propagate.")
+    register_segmentation_converters()
+    ref = segmentation_node.GetSegmentation()
+    source = segmentation_node.GetBinaryLabelmapInternalRepresentation(segment_ids[0]) \
+        if hasattr(segmentation_node, "GetBinaryLabelmapInternalRepresentation") else None
+    if source is not None:
+        d = vtk.vtkMatrix4x4()
+        source.GetDirectionMatrix(d)
+        seg_dirs = np.array([[d.GetElement(r, c) for c in range(3)] for r in range(3)])
+        if not _parallel_axes(seg_dirs, ijk_to_ras(volume_node)[:3, :3]):
+            raise InputError("The segmentation was painted on a grid that is not parallel to the input volume's "
+                             "(oblique to it); paint with the input volume as the segmentation's source geometry.")
+    image = slicer.util.arrayFromVolume(volume_node).astype(np.float32)
+    support = np.zeros(image.shape, dtype=np.int32)
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    scene = volume_node.GetScene()
+    for value, sid in enumerate(segment_ids, start=1):
+        if ref.GetSegment(sid) is None:
+            raise InputError("Segment %r is not in the segmentation." % sid)
+        with _Scratch(scene):
+            labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__synpo_support__")
+            ids = vtk.vtkStringArray()
+            ids.InsertNextValue(sid)
+            logic.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap, volume_node)
+            mask = slicer.util.arrayFromVolume(labelmap)
+            if mask.shape != image.shape:
+                raise InputError("The segmentation could not be resampled onto the input volume's grid.")
+            mask = mask != 0
+        if not mask.any():
+            name = ref.GetSegment(sid).GetName()
+            raise InputError("Segment '%s' is empty: paint the target on one slice first." % name)
+        support[mask & (support == 0)] = value
+    support_info = find_support(support)
+    return Inputs(image, support, spacing_ijk(volume_node), list(segment_ids), support_info.axis)
+
+
+# ------------------------------------------------------------------ preview nodes
+
+def _remove(scene, node) -> None:
+    if node is None or scene is None:
+        return
+    for i in range(node.GetNumberOfDisplayNodes() if hasattr(node, "GetNumberOfDisplayNodes") else 0):
+        dn = node.GetNthDisplayNode(i)
+        if dn is not None:
+            scene.RemoveNode(dn)
+    if hasattr(node, "GetStorageNode") and node.GetStorageNode() is not None:
+        scene.RemoveNode(node.GetStorageNode())
+    scene.RemoveNode(node)
+
+
+class _Scratch:
+    """Removes on exit every node added inside the block (the labelmaps and colour tables that
+    segment export creates), but the scene's subject hierarchy, which Slicer always has."""
+
+    def __init__(self, scene):
+        self.scene = scene
+
+    def __enter__(self):
+        self.before = {self.scene.GetNthNode(i).GetID() for i in range(self.scene.GetNumberOfNodes())}
+        return self
+
+    def __exit__(self, *exc):
+        added = [self.scene.GetNthNode(i) for i in range(self.scene.GetNumberOfNodes())]
+        for node in added:
+            if node is not None and node.GetID() not in self.before \
+                    and not node.IsA("vtkMRMLSubjectHierarchyNode"):
+                self.scene.RemoveNode(node)
+        return False
+
+
+@dataclass
+class PreviewNodes:
+    """The temporary nodes of one preview. `remove()` takes every one of them out of the scene."""
+    confidence: object = None
+    candidates: object = None
+    positive: object = None
+    negative: object = None
+    labels: Optional[np.ndarray] = None          # [k, j, i] candidate labels (the engine's output)
+    segment_ids: List[str] = field(default_factory=list)
+
+    def nodes(self) -> list:
+        return [n for n in (self.confidence, self.candidates, self.positive, self.negative) if n is not None]
+
+    def remove(self) -> None:
+        for node in self.nodes():
+            _remove(node.GetScene(), node)
+        self.confidence = self.candidates = self.positive = self.negative = None
+
+
+def _new_node(scene, cls: str, name: str):
+    node = scene.AddNewNodeByClass(cls, scene.GenerateUniqueName(name))
+    node.SetAttribute(TEMP_ATTRIBUTE, "1")
+    return node
+
+
+def _markups(scene, name: str, colour, ras: np.ndarray, descriptions: Sequence[str]):
+    node = _new_node(scene, "vtkMRMLMarkupsFiducialNode", name)
+    if hasattr(node, "CreateDefaultDisplayNodes"):
+        node.CreateDefaultDisplayNodes()
+    for p, text in zip(ras, descriptions):
+        index = node.AddControlPoint(float(p[0]), float(p[1]), float(p[2]))
+        node.SetNthControlPointDescription(index, text)
+        node.SetNthControlPointLabel(index, "")
+    display = node.GetDisplayNode()
+    if display is not None:
+        display.SetSelectedColor(*colour)
+        display.SetColor(*colour)
+        display.SetPointLabelsVisibility(False)
+    node.SetLocked(False)
+    return node
+
+
+def show_preview(volume_node, result, segment_ids: Sequence[str], names: Sequence[str] = ()) -> PreviewNodes:
+    """Create the preview nodes for a `synpo.volume.VolumeResult` computed on `volume_node`."""
+    from synpo.outputs import slice_xy_to_ijk
+    scene = volume_node.GetScene()
+    matrix = ijk_to_ras(volume_node)
+    preview = PreviewNodes(labels=result.labels.copy(), segment_ids=list(segment_ids))
+    try:
+        conf = np.stack([result.confidence[v] for v in result.support.labels]).max(0).astype(np.float32)
+        preview.confidence = _new_node(scene, "vtkMRMLScalarVolumeNode", "SynPo confidence")
+        slicer.util.updateVolumeFromArray(preview.confidence, conf)
+        _set_ijk_to_ras(preview.confidence, matrix)
+        if hasattr(preview.confidence, "CreateDefaultDisplayNodes"):
+            preview.confidence.CreateDefaultDisplayNodes()
+        display = preview.confidence.GetDisplayNode()
+        if display is not None:
+            display.SetAutoWindowLevel(False)
+            display.SetWindowLevel(1.0, 0.5)
+            colour = scene.GetFirstNodeByName("Inferno") or scene.GetFirstNodeByName("ColdToHotRainbow")
+            if colour is not None:
+                display.SetAndObserveColorNodeID(colour.GetID())
+
+        preview.candidates = _new_node(scene, "vtkMRMLSegmentationNode", "SynPo candidates")
+        preview.candidates.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        write_labels(preview.candidates, volume_node, result.labels,
+                     {v: (names[v - 1] if v - 1 < len(names) else "label %d" % v) for v in result.support.labels})
+
+        pos_ras, pos_txt, neg_ras, neg_txt = [], [], [], []
+        for rec in result.records:
+            tag = "segment %s, slice %d" % (segment_ids[rec.label - 1] if rec.label - 1 < len(segment_ids)
+                                            else rec.label, rec.index)
+            for xy, ras_list, txt in ((rec.positive, pos_ras, pos_txt), (rec.negative, neg_ras, neg_txt)):
+                if len(xy):
+                    ras_list.append(points_ijk_to_ras(volume_node, slice_xy_to_ijk(xy, rec.index,
+                                                                                   result.support.axis)))
+                    txt.extend([tag] * len(xy))
+        preview.positive = _markups(scene, "SynPo positive", POSITIVE_COLOUR,
+                                    np.concatenate(pos_ras) if pos_ras else np.zeros((0, 3)), pos_txt)
+        preview.negative = _markups(scene, "SynPo negative", NEGATIVE_COLOUR,
+                                    np.concatenate(neg_ras) if neg_ras else np.zeros((0, 3)), neg_txt)
+    except Exception:
+        preview.remove()
+        raise
+    return preview
+
+
+def markups_points_ijk(markups_node, volume_node) -> np.ndarray:
+    """Control points of a markups node as continuous voxel indices (i, j, k) of the volume."""
+    n = markups_node.GetNumberOfControlPoints()
+    ras = np.array([markups_node.GetNthControlPointPosition(i) for i in range(n)]).reshape(-1, 3)
+    inv = np.linalg.inv(ijk_to_ras(volume_node))
+    return ras @ inv[:3, :3].T + inv[:3, 3]
+
+
+# ------------------------------------------------------------------ writing segments
+
+def write_labels(segmentation_node, volume_node, labels: np.ndarray, names: Dict[int, str],
+                 segment_ids: Optional[Dict[int, str]] = None) -> Dict[int, str]:
+    """Write each label value of `labels` ([k, j, i] on the volume's grid) into a segment.
+
+    segment_ids maps label values to existing segments to overwrite; others get new
+    segments named from `names`. Returns label -> segment ID.
+    """
+    register_segmentation_converters()
+    scene = volume_node.GetScene()
+    logic = slicer.vtkSlicerSegmentationsModuleLogic
+    segmentation = segmentation_node.GetSegmentation()
+    out = {}
+    for value, name in names.items():
+        sid = (segment_ids or {}).get(value)
+        if sid is None:
+            sid = segmentation.AddEmptySegment("", name)
+        with _Scratch(scene):
+            labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__synpo_labels__")
+            slicer.util.updateVolumeFromArray(labelmap, (labels == value).astype(np.uint8))
+            _set_ijk_to_ras(labelmap, ijk_to_ras(volume_node))
+            ids = vtk.vtkStringArray()
+            ids.InsertNextValue(sid)
+            if not logic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node, ids):
+                raise InputError("Could not write segment %r." % sid)
+        out[value] = sid
+    return out
+
+
+def segment_array(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
+    """A segment as a [k, j, i] uint8 array on the volume's grid."""
+    register_segmentation_converters()
+    scene = volume_node.GetScene()
+    with _Scratch(scene):
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__synpo_read__")
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(segment_id)
+        slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap,
+                                                                            volume_node)
+        return (slicer.util.arrayFromVolume(labelmap) != 0).astype(np.uint8)
+
+
+@dataclass
+class CommitRecord:
+    """What `undo_commit` needs: a copy of the segmentation as it was before the commit."""
+    segmentation_node: object
+    before: object
+
+
+def commit(preview: PreviewNodes, segmentation_node, volume_node) -> CommitRecord:
+    """Write the preview's labels into the user's chosen segments, in one step that can be undone.
+
+    Only the chosen segments change; the others keep every voxel. The support paint is
+    part of the engine's output, so the user's painted slice stays as painted.
+    """
+    if preview.labels is None:
+        raise InputError("Nothing to commit: run a preview first.")
+    before = slicer.vtkSegmentation()
+    before.DeepCopy(segmentation_node.GetSegmentation())
+    scene = volume_node.GetScene()
+    if scene is not None and hasattr(scene, "SaveStateForUndo"):
+        scene.SaveStateForUndo()
+    values = {v: sid for v, sid in enumerate(preview.segment_ids, start=1)}
+    names = {v: segmentation_node.GetSegmentation().GetSegment(sid).GetName() for v, sid in values.items()}
+    write_labels(segmentation_node, volume_node, preview.labels, names, values)
+    return CommitRecord(segmentation_node, before)
+
+
+def undo_commit(record: CommitRecord) -> None:
+    record.segmentation_node.GetSegmentation().DeepCopy(record.before)
+    record.segmentation_node.Modified()
+
+
+def temporary_nodes(scene) -> list:
+    """Every node this module created and has not removed (for tests and clean-up)."""
+    out = []
+    for i in range(scene.GetNumberOfNodes()):
+        node = scene.GetNthNode(i)
+        if node.GetAttribute(TEMP_ATTRIBUTE) == "1" or (node.GetName() or "").startswith("__synpo_"):
+            out.append(node)
+    return out
