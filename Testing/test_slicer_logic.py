@@ -134,6 +134,34 @@ def test_commit_changes_only_the_chosen_segment_and_undo_restores_it(scene_case,
     assert mrml.temporary_nodes(c["scene"]) == []
 
 
+def test_rerun_one_slice_from_edited_points(scene_case, models):
+    c = scene_case
+    job, preview = _preview(c, models)
+    store = next(s for k, s in job.cache.stores_for("vol").items() if k.startswith("query/sam"))
+    t = 3
+    before = preview.labels.copy()
+    # The user deletes every point of slice 3 and places one positive point in the object's middle.
+    for node in (preview.positive, preview.negative):
+        ijk = mrml.markups_points_ijk(node, c["volume"])
+        for i in reversed(range(node.GetNumberOfControlPoints())):
+            if round(ijk[i, 2]) == t:
+                node.RemoveNthControlPoint(i)
+    preview.positive.AddControlPoint(*mrml.points_ijk_to_ras(c["volume"], [[30.0, 22.0, t]])[0])
+    used = mrml.rerun_slice(preview, c["volume"], 0, t, models[0], store)
+    assert used == 1
+    got = preview.labels[t] == 1
+    assert 2 * (got & c["mask"][t]).sum() / (got.sum() + c["mask"][t].sum()) > 0.6
+    assert np.array_equal(np.delete(preview.labels, t, 0), np.delete(before, t, 0))    # other slices untouched
+    cand = mrml.segment_array(preview.candidates, preview.candidates.GetSegmentation().GetNthSegmentID(0),
+                              c["volume"])
+    assert np.array_equal(cand.astype(bool), preview.labels == 1)                   # the preview layer follows
+    # Deleting the last positive point empties the slice.
+    preview.positive.RemoveNthControlPoint(preview.positive.GetNumberOfControlPoints() - 1)
+    mrml.rerun_slice(preview, c["volume"], 0, t, models[0], store)
+    assert not (preview.labels[t] == 1).any()
+    preview.remove()
+
+
 def test_cancelled_run_changes_nothing(scene_case, models):
     c = scene_case
     n_before = c["scene"].GetNumberOfNodes()

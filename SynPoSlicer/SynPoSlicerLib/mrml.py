@@ -269,12 +269,40 @@ def show_preview(volume_node, result, segment_ids: Sequence[str], names: Sequenc
     return preview
 
 
+def ras_to_ijk(volume_node, ras) -> np.ndarray:
+    """(N, 3) RAS millimetres -> (N, 3) continuous voxel indices (i, j, k) of the volume."""
+    ras = np.atleast_2d(np.asarray(ras, dtype=float)).reshape(-1, 3)
+    inv = np.linalg.inv(ijk_to_ras(volume_node))
+    return ras @ inv[:3, :3].T + inv[:3, 3]
+
+
 def markups_points_ijk(markups_node, volume_node) -> np.ndarray:
     """Control points of a markups node as continuous voxel indices (i, j, k) of the volume."""
     n = markups_node.GetNumberOfControlPoints()
-    ras = np.array([markups_node.GetNthControlPointPosition(i) for i in range(n)]).reshape(-1, 3)
-    inv = np.linalg.inv(ijk_to_ras(volume_node))
-    return ras @ inv[:3, :3].T + inv[:3, 3]
+    return ras_to_ijk(volume_node, [markups_node.GetNthControlPointPosition(i) for i in range(n)])
+
+
+def rerun_slice(preview: "PreviewNodes", volume_node, axis: int, slice_index: int, sam, store,
+                label: int = 1) -> int:
+    """Decode one slice again from the preview's markups points (as the user moved, added or
+    deleted them) and update the candidate segment there. Returns the number of points used."""
+    from synpo.decode import redecode_with_points
+    in_plane = [a for a in (0, 1, 2) if a != 2 - axis]          # (x, y) columns of (i, j, k)
+
+    def on_slice(node) -> np.ndarray:
+        p = markups_points_ijk(node, volume_node)
+        return p[np.abs(np.round(p[:, 2 - axis]) - slice_index) < 0.5][:, in_plane]
+
+    pos, neg = on_slice(preview.positive), on_slice(preview.negative)
+    view = np.moveaxis(preview.labels, axis, 0)                 # a view: edits land in preview.labels
+    current = view[slice_index] == label
+    decoded = redecode_with_points(sam, store.cache[slice_index], store.frame, pos, neg, current)
+    view[slice_index][current] = 0
+    view[slice_index][decoded.mask & (view[slice_index] == 0)] = label
+    sid = preview.candidates.GetSegmentation().GetNthSegmentID(label - 1)     # candidates are in label order
+    name = preview.candidates.GetSegmentation().GetSegment(sid).GetName()
+    write_labels(preview.candidates, volume_node, preview.labels, {label: name}, {label: sid})
+    return len(pos) + len(neg)
 
 
 # ------------------------------------------------------------------ writing segments

@@ -38,6 +38,7 @@ class PreviewJob:
         self.inputs, self.cache, self.volume_key, self.cfg = inputs, cache, volume_key, cfg
         self.options = (sam, features, dinov2, device)
         self.progress = (0, 1)
+        self.stage = "starting"
         self.result = None
         self.error: Optional[str] = None
         self.cancelled = False
@@ -45,10 +46,19 @@ class PreviewJob:
         self._thread: Optional[threading.Thread] = None
 
     def _report(self, stage: str, done: int, total: int) -> None:
+        self.stage = stage
         self.progress = (done, max(total, 1))
+
+    def _download(self, done: int, total) -> None:
+        self._report("downloading %s" % self.options[0], done, total or max(done, 1))
 
     def _work(self) -> None:
         try:
+            from synpo import weights
+            if not weights.is_cached(self.options[0]):
+                # Downloaded here, in the worker: progress in the panel, and Cancel stops it.
+                weights.checkpoint_path(self.options[0], progress=self._download, cancel=self._cancel.is_set)
+            self.stage = "loading models"
             sam, dino, use = self.cache.models_for(*self.options)
             self.result = segment_volume(self.inputs.image, self.inputs.spacing, self.inputs.support, sam, dino,
                                          self.cfg, progress=self._report, cancel=self._cancel.is_set,
@@ -56,7 +66,10 @@ class PreviewJob:
         except Cancelled:
             self.cancelled = True
         except SynPoError as exc:
-            self.error = str(exc)
+            if self._cancel.is_set():
+                self.cancelled = True
+            else:
+                self.error = str(exc)
         except Exception as exc:                      # reported in the panel, never lost
             self.error = "%s: %s" % (type(exc).__name__, exc)
 

@@ -183,8 +183,19 @@ def litemedsam_checkpoint() -> str:
     raise ModelError("the %s installation has no %s; reinstall it" % (spec.package, spec.filename))
 
 
+def is_cached(name: str) -> bool:
+    """True when the model needs no download (bundled, overridden, or already in the cache)."""
+    spec = get_spec(name)
+    if spec.family != "sam":
+        return False
+    if spec.package or os.environ.get("SYNPO_%s_CHECKPOINT" % name.upper()):
+        return True
+    return os.path.isfile(os.path.join(cache_dir(), spec.filename))
+
+
 def checkpoint_path(name: str, allow_download: bool = True, verify: bool = True,
-                    progress: Optional[Callable[[int, Optional[int]], None]] = None) -> str:
+                    progress: Optional[Callable[[int, Optional[int]], None]] = None,
+                    cancel: Optional[Callable[[], bool]] = None) -> str:
     """Local path of a SAM-family checkpoint, downloading it into the cache if needed."""
     spec = get_spec(name)
     if spec.family != "sam":
@@ -206,7 +217,7 @@ def checkpoint_path(name: str, allow_download: bool = True, verify: bool = True,
     if not allow_download:
         raise ModelError("model %s is not cached at %s and downloads are off" % (name, target))
     sys.stderr.write("downloading %s (%s licence, ~%.0f MB) to %s\n" % (name, spec.licence, spec.size_mb, target))
-    return download(spec.url, target, spec.sha256, progress=progress or _progress_printer(name))
+    return download(spec.url, target, spec.sha256, progress=progress or _progress_printer(name), cancel=cancel)
 
 
 def dinov2_source(name: str) -> str:

@@ -1,0 +1,112 @@
+"""The Slicer module's files, checked as far as possible without Slicer or Qt."""
+import ast
+import glob
+import os
+import re
+import xml.etree.ElementTree as ET
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+MODULE = os.path.join(ROOT, "SynPoSlicer")
+
+
+def _read(*parts):
+    return open(os.path.join(ROOT, *parts), encoding="utf-8").read()
+
+
+def _python_files():
+    files = [os.path.join(MODULE, "SynPoSlicer.py")]
+    files += glob.glob(os.path.join(MODULE, "SynPoSlicerLib", "*.py"))
+    files += glob.glob(os.path.join(MODULE, "synpo", "*.py"))
+    return sorted(files)
+
+
+def test_every_module_file_parses_as_python_3_9():
+    """Slicer 5.8 runs Python 3.9: no newer syntax anywhere the module ships."""
+    for path in _python_files():
+        source = open(path, encoding="utf-8").read()
+        ast.parse(source, filename=path, feature_version=(3, 9))
+        compile(source, path, "exec")
+
+
+def _ui_widgets():
+    tree = ET.parse(os.path.join(MODULE, "Resources", "UI", "SynPoSlicer.ui"))
+    root = tree.getroot()
+    assert root.tag == "ui"
+    return {w.get("name"): w.get("class") for w in root.iter("widget")}
+
+
+def test_ui_is_valid_and_has_every_widget_the_code_uses():
+    widgets = _ui_widgets()
+    source = _read("SynPoSlicer", "SynPoSlicer.py")
+    used = set(re.findall(r"self\.ui\.(\w+)", source))
+    assert used, "the widget looks up no widget?"
+    missing = sorted(used - set(widgets))
+    assert not missing, "widgets used in SynPoSlicer.py but not in the .ui: %s" % missing
+    assert widgets["segmentSelector"] == "qMRMLSegmentSelectorWidget"
+    assert widgets["inputVolumeSelector"] == "qMRMLNodeComboBox"
+    # Every custom widget class used is declared.
+    root = ET.parse(os.path.join(MODULE, "Resources", "UI", "SynPoSlicer.ui")).getroot()
+    declared = {c.findtext("class") for c in root.iter("customwidget")}
+    for cls in set(widgets.values()):
+        assert cls.startswith("Q") or cls in declared, cls
+
+
+def test_module_imports_no_heavy_package_at_load_time():
+    """Missing packages are found on first use, not when Slicer loads the module."""
+    tree = ast.parse(_read("SynPoSlicer", "SynPoSlicer.py"))
+    top = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            top |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            top.add(node.module.split(".")[0])
+    assert top <= {"importlib", "logging", "os", "qt", "slicer", "vtk"}, top
+
+
+def test_module_has_widget_logic_and_test_classes():
+    tree = ast.parse(_read("SynPoSlicer", "SynPoSlicer.py"))
+    classes = {n.name: [b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in n.bases]
+               for n in tree.body if isinstance(n, ast.ClassDef)}
+    assert "ScriptedLoadableModule" in classes["SynPoSlicer"]
+    assert "ScriptedLoadableModuleWidget" in classes["SynPoSlicerWidget"]
+    assert "ScriptedLoadableModuleLogic" in classes["SynPoSlicerLogic"]
+    assert "ScriptedLoadableModuleTest" in classes["SynPoSlicerTest"]
+
+
+def _cmake_list(text, name):
+    block = re.search(r"set\(%s\s+(.*?)\)" % name, text, re.S).group(1)
+    return [line.strip() for line in block.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def test_cmake_lists_every_python_file_and_resource():
+    text = _read("SynPoSlicer", "CMakeLists.txt")
+    scripts = [s.replace("${MODULE_NAME}", "SynPoSlicer") for s in _cmake_list(text, "MODULE_PYTHON_SCRIPTS")]
+    on_disk = sorted(os.path.relpath(p, MODULE) for p in _python_files())
+    assert sorted(scripts) == on_disk
+    resources = [s.replace("${MODULE_NAME}", "SynPoSlicer") for s in _cmake_list(text, "MODULE_PYTHON_RESOURCES")]
+    for res in resources:
+        assert os.path.isfile(os.path.join(MODULE, res)), res
+    data = sorted(os.path.relpath(p, MODULE) for p in glob.glob(os.path.join(MODULE, "synpo", "data", "*")))
+    assert set(data) <= set(resources)
+    assert "slicerMacroBuildScriptedModule(" in text and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text
+
+
+def test_extension_description_is_consistent():
+    cmake = _read("CMakeLists.txt")
+    s4ext = dict(line.split(" ", 1) for line in _read("SynPoSlicer.s4ext").splitlines()
+                 if line.strip() and not line.startswith("#"))
+
+    def cm(var):
+        return re.search(r'set\(%s "([^"]*)"\)' % var, cmake).group(1)
+
+    assert cm("EXTENSION_CATEGORY") == s4ext["category"] == "Segmentation"
+    assert cm("EXTENSION_DEPENDS") == s4ext["depends"] == "PyTorch"
+    assert cm("EXTENSION_HOMEPAGE") == s4ext["homepage"]
+    assert cm("EXTENSION_ICONURL") == s4ext["iconurl"]
+    assert cm("EXTENSION_DESCRIPTION") == s4ext["description"]
+    assert cm("EXTENSION_SCREENSHOTURLS") == s4ext["screenshoturls"]
+    assert cm("EXTENSION_CONTRIBUTORS") == s4ext["contributors"]
+    assert "add_subdirectory(SynPoSlicer)" in cmake
+    # The icon and screenshot the URLs name exist in the repository.
+    assert os.path.isfile(os.path.join(MODULE, "Resources", "Icons", "SynPoSlicer.png"))
+    assert os.path.isfile(os.path.join(ROOT, "Screenshots", "montage.png"))
