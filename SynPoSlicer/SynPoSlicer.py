@@ -85,6 +85,7 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.featuresSelector.addItem(name)
         self.ui.deviceLabel.text = self.logic.deviceDescription()
         self.ui.cacheFolderSelector.currentPath = self.logic.cacheFolder()
+        self.logic.setCacheFolder(self.logic.cacheFolder())     # the setting applies from the start
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
