@@ -10,6 +10,7 @@ longest *physical* side fills the encoder's input (pixels of an anisotropic
 slice are not squares), pads bottom/right, and reports the valid region
 through `Frame`.
 """
+import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
@@ -334,14 +335,5 @@ class DinoEncoder:
 
 
 def _hub_cache() -> str:
-    import os
     return os.path.join(weights.cache_dir(), "hub")
 
-
-def dinov2_cached(name: str) -> bool:
-    """True when DINOv2 weights load without the network."""
-    try:
-        DinoEncoder.load(name, device="cpu", allow_download=False)
-        return True
-    except ModelError:
-        return False

@@ -21,12 +21,6 @@ class Geometry:
     origin: Tuple[float, float, float]    # LPS position of voxel (0, 0, 0)
     direction: Tuple[float, ...]          # 3x3 row-major, columns are the i, j, k axes in LPS
 
-    @staticmethod
-    def identity(shape_kji, spacing=(1.0, 1.0, 1.0)) -> "Geometry":
-        k, j, i = shape_kji
-        return Geometry((i, j, k), tuple(float(s) for s in spacing), (0.0, 0.0, 0.0),
-                        (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
-
     def index_to_lps(self, ijk) -> np.ndarray:
         """(N, 3) continuous voxel indices (i, j, k) -> (N, 3) LPS millimetres."""
         ijk = np.atleast_2d(np.asarray(ijk, dtype=float))
