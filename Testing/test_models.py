@@ -118,3 +118,24 @@ def test_synergy_pipeline_with_tiny_models(served_tiny_sam, tiny_dinov2_dir, mon
                                confidence_from=("dinov2",))
     assert only_dino.features == ["dinov2"]
     assert not np.allclose(only_dino.confidence[5], conf)
+
+
+def test_rerun_with_other_prompt_settings_reuses_embeddings_and_confidence(served_tiny_sam):
+    sam = features.SamModel.load("vit_tiny", "cpu")
+    image, mask = ellipsoid_volume(shape=(6, 40, 48), centre=(3, 20, 24), radii=(2.5, 9, 11))
+    support = np.zeros(mask.shape, dtype=np.int32)
+    support[3][mask[3]] = 1
+    stores = {}
+    first = segment_volume(image, (1.0, 1.0, 2.0), support, sam, None, SynPoConfig(), stores=stores)
+    again = segment_volume(image, (1.0, 1.0, 2.0), support, sam, None,
+                           SynPoConfig().with_(prompts={"top_k": 16}), stores=stores)
+    assert again.timings["encode_sam"] == 0.0
+    assert len([k for k in stores if k.startswith("confidence/")]) == 1
+    assert np.array_equal(first.confidence[1], again.confidence[1])
+    with pytest.raises(ValueError):
+        again.confidence[1][0, 0, 0] = 0.5          # the cached map cannot be corrupted through a result
+    # Other paint: new maps.
+    support2 = support.copy()
+    support2[3][:, :20] = 0
+    segment_volume(image, (1.0, 1.0, 2.0), support2, sam, None, SynPoConfig(), stores=stores)
+    assert len([k for k in stores if k.startswith("confidence/")]) == 2

@@ -11,6 +11,7 @@ Cross-patient (a support painted on another volume): the walk starts at the
 query slice with the largest confident area.
 """
 import hashlib
+import itertools
 import os
 import tempfile
 import time
@@ -69,7 +70,10 @@ class EmbeddingStore:
     volume (another invocation of the CLI) decodes without re-encoding.
     """
 
+    _serials = itertools.count()
+
     def __init__(self, encoder, slices: np.ndarray, frame, batch_size: int, disk_dir: Optional[str] = None):
+        self.serial = next(EmbeddingStore._serials)          # never reused, unlike id()
         self.encoder, self.slices, self.frame = encoder, slices, frame
         self.batch_size = batch_size
         self.cache: Dict[int, torch.Tensor] = {}
@@ -322,7 +326,17 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
         t1 = time.perf_counter()
         sup_idx = support.slices[label]
         sup_masks = [paint[s] == label for s in sup_idx]
-        conf = confidence_volume(q_stores, r_stores, sup_idx, sup_masks, range(n), confidence_from, cfg)
+        # The maps depend only on the support and the confidence settings: a re-run with other
+        # prompt or propagation settings reuses them (kept beside the embeddings in `stores`).
+        key = hashlib.sha1(("conf|%s|%s|%s|%s|%s|%s" % (
+            label, sup_idx, tuple(confidence_from), cfg.confidence,
+            [q_stores[k].serial for k in confidence_from], [r_stores[k].serial for k in confidence_from])).encode()
+            + b"".join(np.packbits(m).tobytes() for m in sup_masks)).hexdigest()
+        conf = stores.get("confidence/" + key)
+        if conf is None:
+            conf = confidence_volume(q_stores, r_stores, sup_idx, sup_masks, range(n), confidence_from, cfg)
+            conf.setflags(write=False)                  # shared with results: never modified in place
+            stores["confidence/" + key] = conf
         timings["confidence"] += time.perf_counter() - t1
 
         ctx = _Context(sam, q_stores["sam"], conf, cfg, timings, cancel, tick)
