@@ -384,7 +384,7 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
         if job.error:
             return job.error, True
         self.preview = mrml.show_preview(self.volumeNode, job.result, self.segmentIds, self.segmentNames)
-        self.result = job.result
+        self.result, self.modelOptions = job.result, job.options
         slicer.util.setSliceViewerLayers(background=self.volumeNode, foreground=self.preview.confidence,
                                          foregroundOpacity=opacity)
         present = sum(r.status in ("present", "support") for r in job.result.records)
@@ -405,15 +405,11 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
             sliceToRAS = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode().GetSliceToRAS()
             centre = [sliceToRAS.GetElement(r, 3) for r in range(3)]
             sliceIndex = int(round(mrml.ras_to_ijk(self.volumeNode, centre)[0][2 - axis]))
-        stores = self._cache.stores_for(self.volumeNode.GetID())
-        store = next(s for k, s in stores.items() if k.startswith("query/sam"))
-        sam = self._cache.models_for(*self.job_options())[0]
+        from synpo.volume import sam_store
+        store = sam_store(self._cache.stores_for(self.volumeNode.GetID()))
+        sam = self._cache.models_for(*self.modelOptions)[0]
         used = mrml.rerun_slice(self.preview, self.volumeNode, axis, sliceIndex, sam, store)
         return "Slice %d decoded again from %d point(s)." % (sliceIndex, used)
-
-    def job_options(self):
-        p = self.getParameterNode()
-        return (p.GetParameter("Model"), p.GetParameter("Features"), "small", "auto")
 
     def commit(self, segmentationNode):
         from SynPoSlicerLib import mrml

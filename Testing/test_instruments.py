@@ -1,7 +1,6 @@
 """`synpo evaluate` and `synpo benchmark` on a tiny synthetic case with the real LiteMedSAM."""
 import csv
 import json
-import os
 
 import numpy as np
 import pytest

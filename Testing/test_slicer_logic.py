@@ -9,13 +9,13 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "SynPoSlicer"))
 
 import slicer  # noqa: E402  (slicer-core)
-import vtk  # noqa: E402
 
 from conftest import ellipsoid_volume  # noqa: E402
 from SynPoSlicerLib import mrml  # noqa: E402
 from SynPoSlicerLib.runner import JobGuard, ModelCache, PreviewJob  # noqa: E402
 from synpo.errors import InputError, SynPoError  # noqa: E402
 from synpo.outputs import slice_xy_to_ijk  # noqa: E402
+from synpo.volume import sam_store  # noqa: E402
 
 
 def oblique_matrix(spacing=(0.8, 1.3, 4.0), origin=(12.0, -30.0, 5.0), degrees=25.0):
@@ -137,7 +137,7 @@ def test_commit_changes_only_the_chosen_segment_and_undo_restores_it(scene_case,
 def test_rerun_one_slice_from_edited_points(scene_case, models):
     c = scene_case
     job, preview = _preview(c, models)
-    store = next(s for k, s in job.cache.stores_for("vol").items() if k.startswith("query/sam"))
+    store = sam_store(job.cache.stores_for("vol"))
     t = 3
     before = preview.labels.copy()
     # The user deletes every point of slice 3 and places one positive point in the object's middle.

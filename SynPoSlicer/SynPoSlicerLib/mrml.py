@@ -33,10 +33,7 @@ def register_segmentation_converters() -> None:
     and segments cannot hold a binary labelmap without them.
     """
     factory = slicer.vtkSegmentationConverterFactory.GetInstance()
-    have = set()
-    rules = factory.GetConverterRules()
-    for i in range(len(rules) if hasattr(rules, "__len__") else 0):
-        have.add(rules[i].GetClassName())
+    have = {rule.GetClassName() for rule in factory.GetConverterRules()}
     for cls in ("vtkBinaryLabelmapToClosedSurfaceConversionRule", "vtkClosedSurfaceToBinaryLabelmapConversionRule",
                 "vtkClosedSurfaceToFractionalLabelmapConversionRule",
                 "vtkFractionalLabelmapToClosedSurfaceConversionRule"):

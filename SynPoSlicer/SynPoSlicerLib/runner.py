@@ -24,7 +24,7 @@ class ModelCache:
     def models_for(self, sam: str, features: str, dinov2: str, device: str):
         key = (sam, features, dinov2, device)
         if key not in self.models:
-            from synpo.cli import load_models
+            from synpo.features import load_models
             self.models[key] = load_models(sam, features, dinov2, device, quiet=True)
         return self.models[key]
 

@@ -14,7 +14,6 @@ import sys
 import time
 from typing import Optional
 
-import numpy as np
 import torch
 
 STAGES = ("intensity", "encode_sam", "encode_dinov2", "confidence", "prompts", "decode", "assembly")
@@ -57,15 +56,14 @@ def _run(image, spacing, support, sam, dino, cfg, use, stores):
 def run_benchmark(image_path: str, support_path: str, sam_name: str = "litemedsam", features: str = "auto",
                   dinov2: str = "small", device: str = "auto", precision: str = "auto",
                   output: Optional[str] = None, quiet: bool = False) -> dict:
-    from .cli import load_models, set_precision
+    from .features import load_models
     from .config import default_config
     from .io import read_volume
     image, geometry = read_volume(image_path, "image")
     support, _ = read_volume(support_path, "support label", label=True)
     t0 = time.perf_counter()
-    sam, dino, use = load_models(sam_name, features, dinov2, device, quiet)
+    sam, dino, use = load_models(sam_name, features, dinov2, device, quiet, precision)
     load_s = time.perf_counter() - t0
-    set_precision(precision, sam, dino)
     dtype = sam.precision
     cfg = default_config()
     stores: dict = {}

@@ -37,39 +37,6 @@ def _progress(quiet: bool):
     return update, close
 
 
-def _note(message: str, quiet: bool) -> None:
-    if not quiet:
-        sys.stderr.write("synpo: %s\n" % message)
-
-
-def load_models(sam_name: str, features: str, dinov2_size: str, device: str, quiet: bool = True):
-    """(SamModel, DinoEncoder or None, confidence_from)."""
-    from .features import DinoEncoder, SamModel, pick_device
-    dev = pick_device(device)
-    sam = SamModel.load(sam_name, dev)
-    name = "dinov2-" + dinov2_size
-    if features == "sam":
-        return sam, None, ("sam",)
-    if features == "auto":
-        try:
-            dino = DinoEncoder.load(name, dev, allow_download=False)
-        except SynPoError:
-            _note("DINOv2 weights (%s) are not on disk: confidence from SAM features only. "
-                  "`synpo download %s` or --features synergy fetches them." % (name, name), quiet)
-            return sam, None, ("sam",)
-        return sam, dino, ("sam", "dinov2")
-    dino = DinoEncoder.load(name, dev, allow_download=True)
-    return sam, dino, ("sam", "dinov2") if features == "synergy" else ("dinov2",)
-
-
-def set_precision(name: str, sam, dino) -> None:
-    from .features import pick_precision
-    dtype = pick_precision(name, sam.device)
-    for enc in (sam, dino):
-        if enc is not None:
-            enc.precision = dtype
-
-
 def _same_file(a: str, b: str) -> bool:
     try:
         return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
@@ -77,8 +44,9 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def _check_outputs(args, inputs: List[str]) -> None:
-    outs = [p for p in (args.output, args.confidence_out, args.points_out) if p]
+def check_outputs(outputs: List[Optional[str]], inputs: List[Optional[str]]) -> None:
+    """Refuse, before any work, outputs in a missing folder, on a folder, on an input, or twice the same."""
+    outs = [p for p in outputs if p]
     for out in outs:
         folder = os.path.dirname(os.path.abspath(out))
         if not os.path.isdir(folder):
@@ -90,18 +58,19 @@ def _check_outputs(args, inputs: List[str]) -> None:
                 raise SynPoError("output %s would overwrite the input %s; choose another name" % (out, src))
     if len(set(os.path.abspath(p) for p in outs)) != len(outs):
         raise SynPoError("two outputs have the same path")
-    if not args.output.endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")):
-        raise SynPoError("output %s: use a .nii.gz, .nii, .nrrd or .mha file name" % args.output)
 
 
 def cmd_segment(args) -> int:
     from .config import default_config
     from .io import read_volume
+    from .features import load_models
     from .outputs import write_result
     from .support import find_support
     from .volume import segment_volume
 
-    _check_outputs(args, [args.image, args.support, args.support_image])
+    check_outputs([args.output, args.confidence_out, args.points_out], [args.image, args.support, args.support_image])
+    if not args.output.endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")):
+        raise SynPoError("output %s: use a .nii.gz, .nii, .nrrd or .mha file name" % args.output)
     image, geometry = read_volume(args.image, "image")
     support, sup_geometry = read_volume(args.support, "support label", label=True)
     ref = None
@@ -115,8 +84,7 @@ def cmd_segment(args) -> int:
                          "or pass --support-image" % (sup_geometry.describe(), geometry.describe()))
     find_support(support)                     # bad paint is reported before any model loads
     cfg = default_config(args.modality)
-    sam, dino, use = load_models(args.sam, args.features, args.dinov2, args.device, args.quiet)
-    set_precision(args.precision, sam, dino)
+    sam, dino, use = load_models(args.sam, args.features, args.dinov2, args.device, args.quiet, args.precision)
     update, close = _progress(args.quiet)
     try:
         result = segment_volume(image, geometry.spacing, support, sam, dino, cfg, support_image=ref,
@@ -152,21 +120,10 @@ def cmd_download(args) -> int:
 
 def cmd_benchmark(args) -> int:
     from .benchmark import run_benchmark
-    _check_outputs_simple(args.output, [args.image, args.support])
+    check_outputs([args.output], [args.image, args.support])
     run_benchmark(args.image, args.support, args.sam, args.features, args.dinov2, args.device, args.precision,
                   args.output, args.quiet)
     return 0
-
-
-def _check_outputs_simple(path: Optional[str], inputs: List[str]) -> None:
-    if not path:
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise SynPoError("output folder does not exist: %s" % folder)
-    for src in inputs:
-        if _same_file(path, src):
-            raise SynPoError("output %s would overwrite the input %s; choose another name" % (path, src))
 
 
 def cmd_evaluate(args) -> int:

@@ -32,9 +32,6 @@ class ConfidenceConfig:
     n_background_prototypes: int = 8
     # Fusion weight of the SAM map in the weighted geometric mean (DINOv2 gets 1 - w).
     sam_weight: float = 0.5
-    # Calibration: similarity is mapped so that the support's mean background
-    # similarity -> 0 and mean foreground similarity -> 1, then clipped to [0, 1].
-    clip: bool = True
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ Refinement (DecodeConfig.refine):
 3. keep the second mask if it overlaps the first well (IoU >= 0.5), else the
    first: a refinement may tighten, never jump elsewhere.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 import numpy as np
@@ -99,5 +99,4 @@ def redecode_with_points(model, embedding, frame, positive_xy: np.ndarray, negat
     for x, y in np.clip(np.round(positive_xy), 0, [frame.W - 1, frame.H - 1]).astype(int):
         region[y, x] = True
     prompts = Prompts(positive_xy, negative_xy, box_of(region), region)
-    from dataclasses import replace
     return decode_slice(model, embedding, frame, prompts, replace(cfg, use_points=True))

@@ -61,7 +61,7 @@ def montage(image: np.ndarray, result, truth: Optional[np.ndarray], path: str, n
 
 def run_demo(folder: str = "synpo-demo", device: str = "auto", quiet: bool = False,
              features: str = "auto", embedding_cache: Optional[str] = None) -> dict:
-    from .cli import load_models
+    from .features import load_models
     from .config import default_config
     from .evaluate import score
     from .io import read_volume

@@ -34,7 +34,7 @@ from .intensity import normalize
 from .io import read_volume
 from .prompts import Prompts, box_of, select_prompts
 from .support import in_plane_spacing, to_slices
-from .volume import EmbeddingStore, confidence_volume, segment_volume
+from .volume import EmbeddingStore, confidence_volume, get_store, sam_store, segment_volume, store_key
 
 
 @dataclass
@@ -139,11 +139,10 @@ def evaluate_intra(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
                     copy = np.zeros(gt.shape, dtype=bool)
                     copy[labelled] = gt[s] == v
                     scores.append(Score(name, v, "copy", pos, *score(copy, gt == v), 0.0))
-                    store = next(st for k, st in stores.items() if k.startswith("query/sam/"))
-                    scores.append(Score(name, v, "persam", pos, *score(persam(sam, store, result.confidence[v]),
-                                                                      gt == v), 0.0))
+                    pred = persam(sam, sam_store(stores), result.confidence[v])
+                    scores.append(Score(name, v, "persam", pos, *score(pred, gt == v), 0.0))
         if baselines:
-            store = next(s for k, s in stores.items() if k.startswith("query/sam/"))
+            store = sam_store(stores)
             for v in wanted:
                 t0 = time.perf_counter()
                 pred = oracle_box(sam, store, gt, v)
@@ -170,17 +169,16 @@ def as_rows(scores: Sequence[Score]) -> List[dict]:
     return [asdict(s) for s in scores]
 
 
-def _stores_for(image: np.ndarray, spacing, sam, dino, cfg: SynPoConfig, confidence_from, embedding_cache):
-    """Embedding stores of a volume (slices across k), keyed like segment_volume's so caches are shared."""
+def _stores_for(image: np.ndarray, spacing, sam, dino, cfg: SynPoConfig, confidence_from,
+                embedding_cache) -> Dict[str, EmbeddingStore]:
+    """Embedding stores of a volume's axial slices ("sam" and, if used, "dinov2"), all computed."""
     norm = np.ascontiguousarray(to_slices(normalize(image, cfg.intensity)[0], 0))
     spacing_rc = in_plane_spacing(spacing, 0)
-    out = {}
+    out: Dict[str, EmbeddingStore] = {}
     for name, enc in (("sam", sam), ("dinov2", dino)):
         if name == "sam" or name in confidence_from:
-            st = EmbeddingStore(enc, norm, enc.frame(norm.shape[1], norm.shape[2], spacing_rc),
-                                cfg.volume.batch_size, embedding_cache)
-            st.ensure(range(len(norm)))
-            out[name] = st
+            out[name] = get_store({}, name, enc, norm, spacing_rc, cfg, embedding_cache)
+            out[name].ensure(range(len(norm)))
     return out
 
 
@@ -189,7 +187,7 @@ def evaluate_cross(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
                    embedding_cache: Optional[str] = None) -> List[Score]:
     """The cross-patient protocol; support from the next volume in the list."""
     confidence_from = confidence_from or (("sam", "dinov2") if dino is not None else ("sam",))
-    vols = [(read_volume(i)[0], read_volume(i)[1], read_volume(l, "label", label=True)[0]) for i, l in pairs]
+    vols = [read_volume(i) + (read_volume(l, "label", label=True)[0],) for i, l in pairs]
     names = [os.path.basename(i).split(".")[0] for i, _ in pairs]
     stores = [_stores_for(img, g.spacing, sam, dino, cfg, confidence_from, embedding_cache) for img, g, _ in vols]
     scores: List[Score] = []
@@ -225,8 +223,14 @@ def evaluate_cross(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
         if not wanted:
             continue
         t0 = time.perf_counter()
+        # The product's cross-patient mode, on the embeddings computed above (slices across k).
+        reuse = {}
+        for name, enc in (("sam", sam), ("dinov2", dino)):
+            if name in stores[qi]:
+                reuse[store_key("query", name, enc, 0)] = stores[qi][name]
+                reuse[store_key("support", name, enc, 0)] = stores[si][name]
         result = segment_volume(q_img, q_geom.spacing, support_label, sam, dino, cfg, support_image=s_img,
-                                confidence_from=confidence_from, embedding_cache=embedding_cache)
+                                confidence_from=confidence_from, stores=reuse)
         for v in wanted:
             dl, dv, fp = score(result.labels == v, q_gt == v)
             scores.append(Score(names[qi], v, "cross_volume", float("nan"), dl, dv, fp, time.perf_counter() - t0))

@@ -107,7 +107,7 @@ def plot(scores, folder: str) -> List[str]:
 
 
 def run_evaluate(args) -> int:
-    from .cli import load_models
+    from .features import load_models
     from .config import default_config
     from .evaluate import evaluate_cross, evaluate_intra, find_pairs
     if not os.path.isdir(args.data):

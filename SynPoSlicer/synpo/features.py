@@ -11,6 +11,7 @@ slice are not squares), pads bottom/right, and reports the valid region
 through `Frame`.
 """
 import os
+import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
@@ -337,3 +338,31 @@ class DinoEncoder:
 def _hub_cache() -> str:
     return os.path.join(weights.cache_dir(), "hub")
 
+
+def load_models(sam_name: str = "litemedsam", features: str = "auto", dinov2_size: str = "small",
+                device: str = "auto", quiet: bool = True, precision: str = "auto"):
+    """The SAM model, the DINOv2 encoder (or None) and the encoders the confidence is fused from.
+
+    features: "sam", "dinov2", "synergy" (both; downloads DINOv2, or fails with a message), or
+    "auto" (synergy when DINOv2 weights are on disk, else SAM only, said in one line on stderr
+    unless quiet). precision: the encoders' autocast ("auto" = bf16 on CUDA, fp32 on CPU).
+    """
+    dev = pick_device(device)
+    sam = SamModel.load(sam_name, dev)
+    name = "dinov2-" + dinov2_size
+    dino, use = None, ("sam",)
+    if features == "auto":
+        try:
+            dino, use = DinoEncoder.load(name, dev, allow_download=False), ("sam", "dinov2")
+        except ModelError:
+            if not quiet:
+                sys.stderr.write("synpo: DINOv2 weights (%s) are not on disk: confidence from SAM features only. "
+                                 "`synpo download %s` or --features synergy fetches them.\n" % (name, name))
+    elif features != "sam":
+        dino = DinoEncoder.load(name, dev, allow_download=True)
+        use = ("sam", "dinov2") if features == "synergy" else ("dinov2",)
+    dtype = pick_precision(precision, dev)
+    for enc in (sam, dino):
+        if enc is not None:
+            enc.precision = dtype
+    return sam, dino, use

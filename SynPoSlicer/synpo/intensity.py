@@ -12,7 +12,8 @@ def guess_modality(volume: np.ndarray) -> str:
     """CT when the values look like Hounsfield units: air near -1000 and integer-valued."""
     sample = volume[::2, ::2, ::2] if volume.size > 2_000_000 else volume
     low = float(np.percentile(sample, 1))
-    integral = np.allclose(sample[: min(sample.shape[0], 4)], np.round(sample[: min(sample.shape[0], 4)]))
+    head = sample[:4]                        # a few slices suffice to see integer (HU) values
+    integral = np.allclose(head, np.round(head))
     return "ct" if (low <= -500.0 and integral) else "mr"
 
 

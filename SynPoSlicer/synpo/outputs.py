@@ -42,6 +42,7 @@ def points_document(result: VolumeResult, geometry: Geometry, image_path: str = 
     for rec in result.records:
         entry = {"label": rec.label, "slice": rec.index, "status": rec.status,
                  "score": round(rec.score, 4), "sam_iou": round(rec.sam_iou, 4),
+                 "overlap_prev": round(rec.overlap_prev, 4),
                  "positive": _points(rec.positive, rec.index, axis, geometry),
                  "negative": _points(rec.negative, rec.index, axis, geometry), "box": None}
         if rec.box is not None:

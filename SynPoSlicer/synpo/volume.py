@@ -45,7 +45,6 @@ class SliceRecord:
     score: float = 0.0             # mean fused confidence inside the mask
     sam_iou: float = 0.0
     overlap_prev: float = 0.0      # fraction of this mask inside the neighbouring (previous) mask
-    area_ratio: float = 0.0        # this mask's area / the previous mask's area
     positive: List[List[float]] = field(default_factory=list)   # x (column), y (row) in the slice
     negative: List[List[float]] = field(default_factory=list)
     box: Optional[List[int]] = None
@@ -137,6 +136,29 @@ class EmbeddingStore:
         return torch.stack([self.cache[i] for i in indices])
 
 
+def get_store(stores: Dict, key: str, enc, volume_slices: np.ndarray, spacing_rc, cfg: SynPoConfig,
+              embedding_cache: Optional[str] = None) -> EmbeddingStore:
+    """The store under `key` if it holds these slices in the same frame, else a new one put there."""
+    frame = enc.frame(volume_slices.shape[1], volume_slices.shape[2], spacing_rc)
+    s = stores.get(key)
+    if s is None or s.frame != frame or (s.slices is not volume_slices
+                                         and not np.array_equal(s.slices, volume_slices)):
+        batch = batch_size_for(enc.device, getattr(enc, "name", ""), cfg.volume.batch_size)
+        s = EmbeddingStore(enc, volume_slices, frame, batch, embedding_cache)
+        stores[key] = s
+    return s
+
+
+def store_key(role: str, name: str, enc, axis: int) -> str:
+    """Key of a store in a `stores` dict: role is "query" or "support", name "sam" or "dinov2"."""
+    return "%s/%s/%s/%d" % (role, name, enc.name, axis)
+
+
+def sam_store(stores: Dict) -> EmbeddingStore:
+    """The query volume's SAM embeddings in a `stores` dict filled by segment_volume."""
+    return next(s for k, s in stores.items() if k.startswith("query/sam/"))
+
+
 def _search_region(prev: np.ndarray, margin: float, min_px: int) -> np.ndarray:
     ys, xs = np.nonzero(prev)
     H, W = prev.shape
@@ -182,15 +204,12 @@ class _Context:
         self.tick()
         area = int(dec.mask.sum())
         score = float(self.conf[t][dec.mask].mean()) if area else 0.0
-        overlap = area_ratio = 0.0
-        if prev is not None and area:
-            overlap = float(np.logical_and(dec.mask, prev).sum() / area)
-            area_ratio = float(area / max(int(prev.sum()), 1))
+        overlap = float(np.logical_and(dec.mask, prev).sum() / area) if prev is not None and area else 0.0
         present = (area >= min_area and score >= vc.min_confidence and dec.iou >= vc.min_sam_iou
                    and (prev is None or overlap >= vc.min_overlap))
         status = "present" if present else "absent"
         rec = _record(label, t, status, prompts, score, dec.iou, dec.box)
-        rec.overlap_prev, rec.area_ratio = overlap, area_ratio
+        rec.overlap_prev = overlap
         return (dec.mask if present else None), rec
 
 
@@ -297,24 +316,16 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
         if progress:
             progress("segment", done[0], total_work)
 
-    def store(key: str, enc, volume_slices) -> EmbeddingStore:
-        frame = enc.frame(H, W, spacing_rc)
-        s = stores.get(key)
-        if s is None or s.slices is not volume_slices and not np.array_equal(s.slices, volume_slices) \
-                or s.frame != frame:
-            batch = batch_size_for(enc.device, getattr(enc, "name", ""), cfg.volume.batch_size)
-            s = EmbeddingStore(enc, volume_slices, frame, batch, embedding_cache)
-            stores[key] = s
-        return s
-
     q_stores, r_stores = {}, {}
     for name, enc in encoders:
-        q_stores[name] = store("query/%s/%s/%d" % (name, enc.name, axis), enc, query)
+        q_stores[name] = get_store(stores, store_key("query", name, enc, axis), enc, query, spacing_rc, cfg,
+                                   embedding_cache)
         before = q_stores[name].seconds
         q_stores[name].ensure(range(n), tick, cancel)
         r_stores[name] = q_stores[name]
         if cross:
-            r_stores[name] = store("support/%s/%s/%d" % (name, enc.name, axis), enc, ref)
+            r_stores[name] = get_store(stores, store_key("support", name, enc, axis), enc, ref, spacing_rc, cfg,
+                                       embedding_cache)
             r_stores[name].ensure(sorted({s for v in support.slices.values() for s in v}), tick, cancel)
         timings["encode_" + name] += q_stores[name].seconds - before
 
@@ -365,12 +376,11 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
         conf_out[label] = np.ascontiguousarray(from_slices(conf, axis))
 
     if not cross:
-        # The support slices keep the user's paint exactly.
+        # The support slices keep the user's paint exactly: no prediction of a label on its own
+        # support slice, and every painted voxel keeps its value.
         for label in support.labels:
             for s in support.slices[label]:
-                painted = paint[s] == label
                 labels_out[s][labels_out[s] == label] = 0
-                labels_out[s][painted] = label
         for s in {s for v in support.slices.values() for s in v}:
             painted = paint[s] != 0
             labels_out[s][painted] = paint[s][painted]
