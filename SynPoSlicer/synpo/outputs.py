@@ -68,13 +68,21 @@ def confidence_paths(path: str, labels: List[int]) -> Dict[int, str]:
     return paths
 
 
+def max_confidence(result: VolumeResult) -> np.ndarray:
+    """The labels' confidence maps merged by their maximum (float32), without stacking them."""
+    maps = [result.confidence[v] for v in result.support.labels]
+    out = np.array(maps[0], dtype=np.float32)
+    for m in maps[1:]:
+        np.maximum(out, m, out=out)
+    return out
+
+
 def write_result(result: VolumeResult, geometry: Geometry, out: str, confidence_out: str = None,
                  points_out: str = None, image_path: str = "") -> List[str]:
     written = []
     dtype = np.uint8 if max(result.support.labels) < 256 else np.int32
     if confidence_out:
-        stack = np.stack([result.confidence[v] for v in result.support.labels])
-        write_volume(stack.max(0).astype(np.float32), geometry, confidence_out)
+        write_volume(max_confidence(result), geometry, confidence_out)
         written.append(confidence_out)
         for v, p in confidence_paths(confidence_out, result.support.labels).items():
             write_volume(result.confidence[v], geometry, p)
@@ -82,6 +90,6 @@ def write_result(result: VolumeResult, geometry: Geometry, out: str, confidence_
     if points_out:
         write_json(points_document(result, geometry, os.path.abspath(image_path) if image_path else ""), points_out)
         written.append(points_out)
-    write_volume(result.labels.astype(dtype), geometry, out)
+    write_volume(result.labels.astype(dtype, copy=False), geometry, out)
     written.append(out)
     return written

@@ -31,6 +31,8 @@ from .prompts import Prompts, select_prompts
 from .support import Support, find_support, from_slices, in_plane_spacing, to_slices
 
 Progress = Callable[[str, int, int], None]
+STORAGE_DTYPE = torch.float16          # embeddings as kept between runs
+CONFIDENCE_CHUNK = 16                  # query slices per similarity / upsampling step
 
 
 class Cancelled(SynPoError):
@@ -52,7 +54,7 @@ class SliceRecord:
 
 @dataclass
 class VolumeResult:
-    labels: np.ndarray                       # [k, j, i] int32, the support's label values
+    labels: np.ndarray                       # [k, j, i] the support's label values (uint8 when < 256, else int32)
     confidence: Dict[int, np.ndarray]        # label -> [k, j, i] float32 in [0, 1]
     records: List[SliceRecord]
     support: Support
@@ -75,12 +77,14 @@ class EmbeddingStore:
         self.serial = next(EmbeddingStore._serials)          # never reused, unlike id()
         self.encoder, self.slices, self.frame = encoder, slices, frame
         self.batch_size = batch_size
+        # Kept in float16 (exact enough for cosine similarity and SAM's decoder, which get them
+        # back in float32): half the memory of a volume's embeddings, in RAM and on disk.
         self.cache: Dict[int, torch.Tensor] = {}
         self.seconds = 0.0
         self.disk_path = None
         if disk_dir:
             digest = hashlib.sha1()
-            key = "%s|%s|%s" % (encoder.name, frame, slices.shape)
+            key = "%s|%s|%s|%s" % (encoder.name, frame, slices.shape, STORAGE_DTYPE)
             if getattr(encoder, "precision", None) is not None:      # reduced-precision embeddings differ
                 key += "|%s" % encoder.precision
             digest.update(key.encode())
@@ -124,7 +128,7 @@ class EmbeddingStore:
                 continue
             self.seconds += time.perf_counter() - t0
             for i, f in zip(chunk, feats):
-                self.cache[i] = f.clone()
+                self.cache[i] = f.to(STORAGE_DTYPE, copy=True)
             start += len(chunk)
             if progress:
                 progress(len(chunk))
@@ -248,16 +252,27 @@ def confidence_volume(q_stores: Dict[str, EmbeddingStore], r_stores: Dict[str, E
                       support_indices: Sequence[int], support_masks: Sequence[np.ndarray],
                       query_indices: Sequence[int], confidence_from: Sequence[str],
                       cfg: SynPoConfig) -> np.ndarray:
-    """Fused confidence (len(query_indices), H, W) of query slices, from support slices' masks."""
-    maps = {}
+    """Fused confidence (len(query_indices), H, W) of query slices, from support slices' masks.
+
+    Works through the query slices in chunks: memory beyond the result is one chunk's maps.
+    """
+    protos = {}
     for name in confidence_from:
         q, r = q_stores[name], r_stores[name]
-        grid = q.encoder.grid
-        protos = conf_mod.build_prototypes([r.cache[s] for s in support_indices], list(support_masks), q.frame,
-                                           grid, cfg.confidence)
-        sims = conf_mod.similarity(q.stack(list(query_indices)), protos, q.frame, grid)
-        maps[name] = q.frame.grid_map_to_slice(sims, grid)
-    return conf_mod.fuse(maps, cfg.confidence).numpy().astype(np.float32)
+        protos[name] = conf_mod.build_prototypes([r.cache[s] for s in support_indices], list(support_masks),
+                                                 q.frame, q.encoder.grid, cfg.confidence)
+    query_indices = list(query_indices)
+    frame = q_stores[confidence_from[0]].frame
+    out = np.empty((len(query_indices), frame.H, frame.W), dtype=np.float32)
+    for start in range(0, len(query_indices), CONFIDENCE_CHUNK):
+        chunk = query_indices[start:start + CONFIDENCE_CHUNK]
+        maps = {}
+        for name in confidence_from:
+            q = q_stores[name]
+            sims = conf_mod.similarity(q.stack(chunk), protos[name], q.frame, q.encoder.grid)
+            maps[name] = q.frame.grid_map_to_slice(sims, q.encoder.grid)
+        out[start:start + len(chunk)] = conf_mod.fuse(maps, cfg.confidence).numpy()
+    return out
 
 
 def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sam, dino=None,
@@ -294,12 +309,15 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
     axis = support.axis
     query = np.ascontiguousarray(to_slices(norm, axis))
     ref = np.ascontiguousarray(to_slices(ref_norm, axis)) if cross else query
+    del norm, ref_norm                  # (a copy when the slicing axis is not k: keep only one)
     n, H, W = query.shape
     if cross and ref.shape[1:] != (H, W):
         raise InputError("the support image's slices are %dx%d but the image's are %dx%d; resample one onto the "
                          "other's in-plane grid" % (ref.shape[1], ref.shape[2], H, W))
     spacing_rc = in_plane_spacing(spacing_ijk, axis)
-    paint = np.ascontiguousarray(to_slices(support_label, axis))
+    # Only the painted slices of the support are needed, not a copy of its volume.
+    paint = {s: np.array(to_slices(support_label, axis)[s]) for s in sorted({s for v in support.slices.values()
+                                                                           for s in v})}
 
     if confidence_from is None:
         confidence_from = ("sam", "dinov2") if dino is not None else ("sam",)
@@ -308,7 +326,13 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
     encoders = [("sam", sam)] + ([("dinov2", dino)] if "dinov2" in confidence_from else [])
     stores = stores if stores is not None else {}
     total_embed = n + (sum(len(v) for v in support.slices.values()) if cross else 0)
-    total_work = total_embed * len(encoders) + n * len(support.labels)
+    rings = {}
+    if cfg.volume.ring_min_hole > 0:
+        for label in support.labels:
+            parts = ring_parts([paint[s] == label for s in support.slices[label]], cfg.volume.ring_min_hole)
+            if parts is not None:
+                rings[label] = parts
+    total_work = total_embed * len(encoders) + n * (len(support.labels) + len(rings))
     done = [0]
 
     def tick(k: int = 1) -> None:
@@ -329,18 +353,14 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
             r_stores[name].ensure(sorted({s for v in support.slices.values() for s in v}), tick, cancel)
         timings["encode_" + name] += q_stores[name].seconds - before
 
-    labels_out = np.zeros((n, H, W), dtype=np.int32)
-    best = np.full((n, H, W), -1.0, dtype=np.float32)
-    conf_out: Dict[int, np.ndarray] = {}
-    records: List[SliceRecord] = []
-    for label in support.labels:
+    def segment_target(label: int, sup_idx: List[int], sup_masks: List[np.ndarray],
+                       records: List[SliceRecord]):
+        """Confidence maps and propagated masks {slice: mask} of one target shape."""
         t1 = time.perf_counter()
-        sup_idx = support.slices[label]
-        sup_masks = [paint[s] == label for s in sup_idx]
         # The maps depend only on the support and the confidence settings: a re-run with other
         # prompt or propagation settings reuses them (kept beside the embeddings in `stores`).
-        key = hashlib.sha1(("conf|%s|%s|%s|%s|%s|%s" % (
-            label, sup_idx, tuple(confidence_from), cfg.confidence,
+        key = hashlib.sha1(("conf|%s|%s|%s|%s|%s" % (
+            sup_idx, tuple(confidence_from), cfg.confidence,
             [q_stores[k].serial for k in confidence_from], [r_stores[k].serial for k in confidence_from])).encode()
             + b"".join(np.packbits(m).tobytes() for m in sup_masks)).hexdigest()
         conf = stores.get("confidence/" + key)
@@ -354,8 +374,8 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
         min_area = cfg.volume.min_area_fraction * float(np.mean([m.sum() for m in sup_masks]))
         if not cross:
             starts = {s: m for s, m in zip(sup_idx, sup_masks)}
-            for s in sup_idx:
-                records.append(_record(label, s, "support", score=float(conf[s][paint[s] == label].mean())))
+            for s, m in zip(sup_idx, sup_masks):
+                records.append(_record(label, s, "support", score=float(conf[s][m].mean())))
                 tick()
         else:
             area = (conf >= cfg.prompts.box_threshold).reshape(n, -1).sum(1)
@@ -369,21 +389,64 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
                         records.append(_record(label, t, "not reached"))
                         tick()
         masks = _propagate(ctx, label, n, starts, min_area, records) if starts else {}
-        for t, m in masks.items():
-            win = m & (conf[t] > best[t])
-            labels_out[t][win] = label
-            best[t][win] = conf[t][win]
-        conf_out[label] = np.ascontiguousarray(from_slices(conf, axis))
+        if not cross:
+            # No prediction of a label on its own support slice: the paint stands there (below).
+            for s in sup_idx:
+                masks.pop(s, None)
+        return masks, conf
 
+    conf_out: Dict[int, np.ndarray] = {}
+    found: Dict[int, Dict[int, np.ndarray]] = {}         # label -> slice -> mask
+    records: List[SliceRecord] = []
+    for label in support.labels:
+        sup_idx = support.slices[label]
+        sup_masks = [paint[s] == label for s in sup_idx]
+        ring = rings.get(label)
+        if ring is None:
+            found[label], conf_out[label] = segment_target(label, sup_idx, sup_masks, records)
+        else:
+            # A ring (the myocardium around the blood pool): SAM fills a box drawn around a ring,
+            # so the filled shape and the hole are segmented as two targets and subtracted.
+            outer, conf_outer = segment_target(label, sup_idx, ring[0], records)
+            inner, conf_inner = segment_target(label, sup_idx, ring[1], [])
+            found[label] = {t: (m & ~inner[t]) if t in inner else m for t, m in outer.items()}
+            conf_out[label] = conf_outer * (1.0 - conf_inner)
+
+    labels_out = _assemble(found, conf_out, (n, H, W), support.labels)
     if not cross:
-        # The support slices keep the user's paint exactly: no prediction of a label on its own
-        # support slice, and every painted voxel keeps its value.
-        for label in support.labels:
-            for s in support.slices[label]:
-                labels_out[s][labels_out[s] == label] = 0
-        for s in {s for v in support.slices.values() for s in v}:
-            painted = paint[s] != 0
-            labels_out[s][painted] = paint[s][painted]
+        # The support slices keep the user's paint exactly: every painted voxel keeps its value.
+        for s, p in paint.items():
+            painted = p != 0
+            labels_out[s][painted] = p[painted]
     records.sort(key=lambda r: (r.label, r.index))
+    conf_out = {v: np.ascontiguousarray(from_slices(c, axis)) if axis else c for v, c in conf_out.items()}
     return VolumeResult(np.ascontiguousarray(from_slices(labels_out, axis)), conf_out, records, support,
                         modality, list(confidence_from), timings)
+
+
+def ring_parts(masks: Sequence[np.ndarray], min_hole: float):
+    """(filled shapes, holes) when every mask is a closed band around a hole of at least
+    `min_hole` of its filled area, else None."""
+    from scipy import ndimage
+    filled = [ndimage.binary_fill_holes(m) for m in masks]
+    holes = [f & ~m for f, m in zip(filled, masks)]
+    if all(h.sum() >= min_hole * max(1, f.sum()) for f, h in zip(filled, holes)):
+        return filled, holes
+    return None
+
+
+def _assemble(found: Dict[int, Dict[int, np.ndarray]], conf: Dict[int, np.ndarray], shape, labels) -> np.ndarray:
+    """One label volume from each label's masks; where masks of two labels overlap, the label
+    with the higher confidence there wins (uint8 when the labels fit, else int32)."""
+    out = np.zeros(shape, dtype=np.uint8 if max(labels) < 256 else np.int32)
+    for t in sorted({t for masks in found.values() for t in masks}):
+        best = None
+        for label in labels:
+            m = found[label].get(t)
+            if m is None:
+                continue
+            c = np.where(m, conf[label][t], -1.0)
+            win = m if best is None else m & (c > best)
+            out[t][win] = label
+            best = c if best is None else np.maximum(best, c)
+    return out
