@@ -192,6 +192,20 @@ def test_ring_parts_found_only_for_closed_bands():
     assert ring_parts([ring], 0.9) is None                          # hole smaller than asked
 
 
+def test_ring_band_has_the_support_thickness():
+    from synpo.volume import band_around, ring_thickness
+    yy, xx = np.mgrid[:60, :60]
+    r = np.hypot(yy - 30, xx - 30)
+    hole = r < 8
+    ring = (r >= 8) & (r < 14)                                       # 6 pixels thick
+    assert ring_thickness([ring], [hole], (1.0, 1.0)) == pytest.approx(6.0, abs=1.0)
+    assert ring_thickness([ring], [hole], (2.0, 2.0)) == pytest.approx(12.0, abs=2.0)   # in mm
+    band = band_around(r < 10, 6.0, (1.0, 1.0))                     # around a larger hole
+    assert not (band & (r < 10)).any()
+    assert band[30, 30 + 12] and band[30, 30 + 15] and not band[30, 30 + 17]
+    assert not band_around(np.zeros((5, 5), bool), 3.0, (1.0, 1.0)).any()
+
+
 # ------------------------------------------------------------------ prompts
 
 def _disc_map(H=64, W=80, centre=(30, 40), radius=10):

@@ -85,9 +85,10 @@ class VolumeConfig:
     # neighbouring structure rather than the organ continuing).
     min_sam_iou: float = 0.6
     min_overlap: float = 0.6
-    # Rings: a label whose support masks are closed bands around a hole (the myocardium)
-    # is segmented as its filled shape minus the hole when the hole is at least this
-    # fraction of the filled area (0 = never): SAM fills a box drawn around a ring.
+    # Rings: a label whose support masks are closed bands around a hole of at least this
+    # fraction of the filled area (the myocardium around the blood pool) is segmented as
+    # the band of the support's thickness around the propagated hole (0 = never): a box
+    # drawn around a ring makes SAM segment the hole, not the band.
     ring_min_hole: float = 0.1
     # Encoder batch size on CPU; on CUDA it is sized to free memory. On a CPU a
     # batch buys no speed (LiteMedSAM, 2 cores: 1.47 s/slice at batch 1, 1.93 at 2,

@@ -405,11 +405,15 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
         if ring is None:
             found[label], conf_out[label] = segment_target(label, sup_idx, sup_masks, records)
         else:
-            # A ring (the myocardium around the blood pool): SAM fills a box drawn around a ring,
-            # so the filled shape and the hole are segmented as two targets and subtracted.
+            # A ring (the myocardium around the blood pool): a box drawn around a ring makes SAM
+            # segment the bright hole, not the band. So the hole is propagated as a target of
+            # its own and the ring is the band of the support's thickness around it; the filled
+            # shape's walk decides where the label is present (its mask stands where no hole is found).
             outer, conf_outer = segment_target(label, sup_idx, ring[0], records)
             inner, conf_inner = segment_target(label, sup_idx, ring[1], [])
-            found[label] = {t: (m & ~inner[t]) if t in inner else m for t, m in outer.items()}
+            thickness = ring_thickness(sup_masks, ring[1], spacing_rc)
+            found[label] = {t: band_around(inner[t], thickness, spacing_rc) if t in inner else m
+                            for t, m in outer.items()}
             conf_out[label] = conf_outer * (1.0 - conf_inner)
 
     labels_out = _assemble(found, conf_out, (n, H, W), support.labels)
@@ -433,6 +437,26 @@ def ring_parts(masks: Sequence[np.ndarray], min_hole: float):
     if all(h.sum() >= min_hole * max(1, f.sum()) for f, h in zip(filled, holes)):
         return filled, holes
     return None
+
+
+def ring_thickness(rings: Sequence[np.ndarray], holes: Sequence[np.ndarray], spacing_rc) -> float:
+    """Thickness (mm) of the support's rings: the distance T for which the band around the hole
+    (`band_around`) has the ring's area, averaged over the support slices."""
+    from scipy import ndimage
+    out = []
+    for r, h in zip(rings, holes):
+        d = np.sort(ndimage.distance_transform_edt(~h, sampling=spacing_rc)[~h])
+        out.append(float(d[min(len(d), int(r.sum())) - 1]))
+    return float(np.mean(out))
+
+
+def band_around(hole: np.ndarray, thickness: float, spacing_rc) -> np.ndarray:
+    """The pixels outside `hole` within `thickness` (mm) of it."""
+    from scipy import ndimage
+    if not hole.any():
+        return hole.copy()
+    d = ndimage.distance_transform_edt(~hole, sampling=spacing_rc)
+    return (d > 0) & (d <= thickness)
 
 
 def _assemble(found: Dict[int, Dict[int, np.ndarray]], conf: Dict[int, np.ndarray], shape, labels) -> np.ndarray:
