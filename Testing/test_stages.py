@@ -206,6 +206,26 @@ def test_ring_band_has_the_support_thickness():
     assert not band_around(np.zeros((5, 5), bool), 3.0, (1.0, 1.0)).any()
 
 
+def test_position_prior_maps_the_support_box_through_the_body_box():
+    from synpo.position import body_box, expected_region
+    sup = np.zeros((100, 100), np.float32)
+    sup[20:80, 10:90] = 0.6                                    # body
+    q = np.zeros((120, 160), np.float32)
+    q[10:110, 40:140] = 0.7                                    # another body: shifted and larger
+    q[0, 0] = 1.0                                              # a stray bright pixel is not the body
+    assert body_box(sup) == (20, 10, 80, 90) and body_box(q) == (10, 40, 110, 140)
+    organ = np.zeros((100, 100), bool)
+    organ[35:50, 15:35] = True                                 # the patient's right, upper part
+    region = expected_region(organ, sup, q, 0.0)
+    ys, xs = np.nonzero(region)
+    # rows (35-20)/60*100+10 = 35 .. (50-20)/60*100+10 = 60; columns (15-10)/80*100+40 = 46.25 .. 71.25
+    assert (ys.min(), ys.max() + 1, xs.min(), xs.max() + 1) == (35, 60, 46, 72)
+    wider = expected_region(organ, sup, q, 0.1)
+    assert wider[region].all() and wider.sum() > region.sum() and not wider[:, 100:].any()
+    assert expected_region(np.zeros_like(organ), sup, q, 0.1).all()
+    assert body_box(np.zeros((5, 6))) == (0, 0, 5, 6)
+
+
 # ------------------------------------------------------------------ prompts
 
 def _disc_map(H=64, W=80, centre=(30, 40), radius=10):

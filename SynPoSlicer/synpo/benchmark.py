@@ -47,6 +47,7 @@ def _run(image, spacing, support, sam, dino, cfg, use, stores):
         "per_slice_ms": {k: 1000.0 * stages.get(k, 0.0) / n for k in STAGES},
         "non_encoder_fraction": (wall - encoders) / wall if wall else 0.0,
         "peak_rss_mb": peak_rss_mb(),
+        "decoded_slices": sum(r.status in ("present", "absent") for r in result.records),
     }
     if torch.cuda.is_available():
         out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 1e6
@@ -105,6 +106,9 @@ def format_report(r: dict) -> str:
     lines.append("%-14s %12.2f %12.1f %12.2f" % ("wall", r["first"]["wall_s"],
                                                  1000 * r["first"]["wall_s"] / r["first"]["slices"],
                                                  r["repeat"]["wall_s"]))
+    lines.append("decoded (label, slice) pairs: %d first, %d repeat; %.0f ms per decoded slice (first run)" % (
+        r["first"]["decoded_slices"], r["repeat"]["decoded_slices"],
+        1000 * r["first"]["stages_s"]["decode"] / max(1, r["first"]["decoded_slices"])))
     lines.append("non-encoder share of the first run: %.1f%%; repeat run %.1fx faster; peak RSS %.0f MB%s" % (
         100 * r["first"]["non_encoder_fraction"], r["repeat_speedup"], r["repeat"]["peak_rss_mb"],
         ("; CUDA peak %.0f MB" % r["first"]["cuda_peak_mb"]) if "cuda_peak_mb" in r["first"] else ""))

@@ -90,6 +90,11 @@ class VolumeConfig:
     # the band of the support's thickness around the propagated hole (0 = never): a box
     # drawn around a ring makes SAM segment the hole, not the band.
     ring_min_hole: float = 0.1
+    # Cross-patient (a support from another volume): prompts are searched only where the
+    # support's box falls relative to the body (position.py), widened by position_margin
+    # x the query body's size.
+    position_prior: bool = True
+    position_margin: float = 0.1
     # Encoder batch size on CPU; on CUDA it is sized to free memory. On a CPU a
     # batch buys no speed (LiteMedSAM, 2 cores: 1.47 s/slice at batch 1, 1.93 at 2,
     # 2.18 at 8) and costs memory (activations: ~0.35 GB per slice in the batch).

@@ -28,5 +28,7 @@ def normalize(volume: np.ndarray, cfg: IntensityConfig = IntensityConfig()):
         low, high = (float(v) for v in np.percentile(volume, cfg.mr_percentiles))
         if high <= low:
             low, high = float(volume.min()), float(volume.max())
-    out = (np.clip(volume, low, high) - low) / max(high - low, 1e-6)
-    return out.astype(np.float32), modality
+    out = np.clip(volume, low, high)              # one new volume; the rest in place
+    out -= low
+    out /= max(high - low, 1e-6)
+    return out, modality

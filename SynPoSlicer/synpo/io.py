@@ -89,7 +89,8 @@ def read_volume(path, what: str = "image", label: bool = False):
         if np.issubdtype(array.dtype, np.floating):
             if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
                 raise InputError("%s %s has non-integer values; a label map is needed" % (what, path))
-        array = array.astype(np.int32)
+        if array.dtype not in (np.uint8, np.int8, np.uint16, np.int16, np.int32):
+            array = array.astype(np.int32)            # labels stay as compact as stored (memory)
     else:
         array = array.astype(np.float32)
         check_image_values(array, "%s %s" % (what, path))

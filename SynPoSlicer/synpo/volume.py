@@ -8,7 +8,8 @@ one contiguous run of slices), so slices beyond it come out empty. Between two
 support slices, each slice belongs to the nearer support.
 
 Cross-patient (a support painted on another volume): the walk starts at the
-query slice with the largest confident area.
+query slice with the largest confident area inside the region where the
+support's position relative to the body puts the target (position.py).
 """
 import hashlib
 import itertools
@@ -27,6 +28,7 @@ from .decode import decode_slice
 from .errors import InputError, SynPoError
 from .features import batch_size_for
 from .intensity import normalize
+from .position import expected_region
 from .prompts import Prompts, select_prompts
 from .support import Support, find_support, from_slices, in_plane_spacing, to_slices
 
@@ -353,6 +355,23 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
             r_stores[name].ensure(sorted({s for v in support.slices.values() for s in v}), tick, cancel)
         timings["encode_" + name] += q_stores[name].seconds - before
 
+    def expected_slice_region(t: int, sup_idx: List[int], sup_masks: List[np.ndarray]) -> Optional[np.ndarray]:
+        """Cross-patient: where the target is expected on query slice t (position.py), from the
+        support slice at the nearest relative height; None when the prior is off."""
+        if not cfg.volume.position_prior:
+            return None
+        rel = [abs(s / max(1, len(ref) - 1) - t / max(1, n - 1)) for s in sup_idx]
+        k = int(np.argmin(rel))
+        return expected_region(sup_masks[k], ref[sup_idx[k]], query[t], cfg.volume.position_margin)
+
+    def expected_height(t: int, sup_idx: List[int]) -> bool:
+        """Cross-patient: whether query slice t lies at a relative height of the volume near the
+        support slices' (within position_margin of the volume's extent)."""
+        if not cfg.volume.position_prior:
+            return True
+        rel, m = t / max(1, n - 1), cfg.volume.position_margin
+        return min(sup_idx) / max(1, len(ref) - 1) - m <= rel <= max(sup_idx) / max(1, len(ref) - 1) + m
+
     def segment_target(label: int, sup_idx: List[int], sup_masks: List[np.ndarray],
                        records: List[SliceRecord]):
         """Confidence maps and propagated masks {slice: mask} of one target shape."""
@@ -378,9 +397,12 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
                 records.append(_record(label, s, "support", score=float(conf[s][m].mean())))
                 tick()
         else:
-            area = (conf >= cfg.prompts.box_threshold).reshape(n, -1).sum(1)
+            # Start where the confident area (inside the expected region) is largest.
+            regions = [expected_slice_region(t, sup_idx, sup_masks) for t in range(n)]
+            area = [int(((conf[t] >= cfg.prompts.box_threshold) & (True if r is None else r)).sum())
+                    if expected_height(t, sup_idx) else -1 for t, r in enumerate(regions)]
             start = int(np.argmax(area))
-            first, rec = ctx.decode(label, start, None, min_area)
+            first, rec = ctx.decode(label, start, regions[start], min_area)
             records.append(rec)
             starts = {start: first} if first is not None else {}
             if first is None:
