@@ -108,3 +108,39 @@ def test_demo_writes_everything_and_reports_dice(tmp_path, embedding_cache, cli_
     assert summary["dice_volume"] >= MIN_DICE
     # The embeddings came from the CLI run's cache: this run encoded nothing.
     assert summary["seconds"]["encode_sam"] == 0.0
+
+
+def _two_kidneys(shape, body_box, seed):
+    """An MR-like volume: a body (box y0, x0, y1, x1) holding two identical bright ellipsoids, one on
+    each side, at the same place relative to the body. Returns (image, left mask, right mask)."""
+    rng = np.random.default_rng(seed)
+    n, H, W = shape
+    y0, x0, y1, x1 = body_box
+    zz, yy, xx = np.mgrid[:n, :H, :W]
+    cy, ry = y0 + 0.5 * (y1 - y0), 0.18 * (y1 - y0)
+    rx = 0.1 * (x1 - x0)
+    blobs = []
+    for cx in (x0 + 0.25 * (x1 - x0), x0 + 0.75 * (x1 - x0)):
+        blobs.append(((zz - n / 2) / (n * 0.4)) ** 2 + ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1)
+    body = (yy >= y0) & (yy < y1) & (xx >= x0) & (xx < x1)
+    image = np.where(body, 200.0, 10.0) + rng.normal(0, 15, shape)
+    for b in blobs:
+        image[b] = 600.0 + rng.normal(0, 20, int(b.sum()))
+    return image.astype(np.float32), blobs[0], blobs[1]
+
+
+def test_cross_patient_takes_the_structure_at_the_supports_place_relative_to_the_body():
+    """Two look-alike structures (left and right); the support, painted on another 'patient' whose
+    body lies elsewhere in the field of view, names the left one: only the left one is segmented."""
+    from synpo.config import SynPoConfig
+    from synpo.features import SamModel
+    from synpo.volume import segment_volume
+    ref, ref_left, _ = _two_kidneys((10, 96, 96), (8, 4, 88, 92), seed=1)
+    query, left, right = _two_kidneys((10, 96, 96), (20, 20, 90, 80), seed=2)
+    support = np.zeros(ref.shape, dtype=np.uint8)
+    support[5][ref_left[5]] = 1
+    sam = SamModel.load("litemedsam", "cpu")
+    result = segment_volume(query, (1.0, 1.0, 3.0), support, sam, None, SynPoConfig(), support_image=ref)
+    got = result.labels == 1
+    assert score(got, left)[1] > 0.7
+    assert (got & right).sum() == 0
