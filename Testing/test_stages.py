@@ -279,6 +279,17 @@ def test_prompts_respect_search_region():
     assert p.box[2] <= 22
 
 
+def test_prompts_keep_the_heavier_component_when_positives_fall_on_two():
+    big, _ = _disc_map(centre=(30, 50), radius=12)
+    small, _ = _disc_map(centre=(30, 12), radius=6)
+    both = np.maximum(big, small)                          # both peak at 1: the top 400 fall on both
+    cfg = PromptConfig(top_k=400)
+    one = prompts.select_prompts(both, cfg)
+    assert one.box[0] >= 35 and (one.positive[:, 0] >= 35).all() and not one.region[:, :20].any()
+    spanning = prompts.select_prompts(both, PromptConfig(top_k=400, one_component=False))
+    assert spanning.box[0] < 10 and spanning.box[2] > 55
+
+
 def test_top_k_and_kmeans_repeatable():
     conf = np.zeros((10, 10), dtype=np.float32)
     conf[2, 3], conf[7, 8] = 1.0, 0.9

@@ -53,6 +53,10 @@ class PromptConfig:
     seed: int = 0
     # A pixel is "confident" (enters the box region) above this calibrated confidence.
     box_threshold: float = 0.5
+    # When the top-k positives fall on several confident components, keep only the one
+    # with the most confidence mass (else the box spans them all). CHAOS: false-positive
+    # slices per organ 1.10 -> 0.85, whole-volume Dice 0.9057 -> 0.9039; cross-patient better.
+    one_component: bool = True
     # The box is widened by this fraction of its size on each side (LiteMedSAM and
     # SAM were trained on boxes jittered around the object).
     box_margin: float = 0.0

@@ -104,6 +104,12 @@ def select_prompts(conf: np.ndarray, cfg: PromptConfig = PromptConfig(),
     labels, _ = ndimage.label(confident)
     hit = np.unique(labels[pos_set[:, 1], pos_set[:, 0]])
     hit = hit[hit > 0]
+    if cfg.one_component and len(hit) > 1:
+        # The positives fell on several confident components: take the one with the most
+        # confidence mass, and the positives inside it.
+        mass = ndimage.sum(conf, labels, hit)
+        hit = hit[[int(np.argmax(mass))]]
+        pos_set = top_k_pixels(conf, cfg.top_k, labels == hit[0])
     region = np.isin(labels, hit) if len(hit) else empty.copy()
     if not region.any():
         region = empty.copy()
