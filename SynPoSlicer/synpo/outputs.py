@@ -80,7 +80,6 @@ def max_confidence(result: VolumeResult) -> np.ndarray:
 def write_result(result: VolumeResult, geometry: Geometry, out: str, confidence_out: str = None,
                  points_out: str = None, image_path: str = "") -> List[str]:
     written = []
-    dtype = np.uint8 if max(result.support.labels) < 256 else np.int32
     if confidence_out:
         write_volume(max_confidence(result), geometry, confidence_out)
         written.append(confidence_out)
@@ -90,6 +89,6 @@ def write_result(result: VolumeResult, geometry: Geometry, out: str, confidence_
     if points_out:
         write_json(points_document(result, geometry, os.path.abspath(image_path) if image_path else ""), points_out)
         written.append(points_out)
-    write_volume(result.labels.astype(dtype, copy=False), geometry, out)
+    write_volume(result.labels, geometry, out)                 # uint8 when the labels fit (volume.py)
     written.append(out)
     return written

@@ -398,9 +398,10 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
                 tick()
         else:
             # Start where the confident area (inside the expected region) is largest.
-            regions = [expected_slice_region(t, sup_idx, sup_masks) for t in range(n)]
+            near = [expected_height(t, sup_idx) for t in range(n)]
+            regions = [expected_slice_region(t, sup_idx, sup_masks) if near[t] else None for t in range(n)]
             area = [int(((conf[t] >= cfg.prompts.box_threshold) & (True if r is None else r)).sum())
-                    if expected_height(t, sup_idx) else -1 for t, r in enumerate(regions)]
+                    if near[t] else -1 for t, r in enumerate(regions)]
             start = int(np.argmax(area))
             first, rec = ctx.decode(label, start, regions[start], min_area)
             records.append(rec)
