@@ -127,6 +127,27 @@ def test_confidence_high_on_object_low_elsewhere():
     assert up[20:32, 24:40].min() > 0.8
 
 
+def test_similarity_equals_cosine_scores_of_unit_features():
+    # similarity() divides prototype dot products by |f| instead of normalising f: the
+    # scores must be the cosine ones (max foreground minus max background), calibrated.
+    grid = 16
+    rng = np.random.default_rng(3)
+    feats = torch.from_numpy(rng.normal(size=(3, 8, grid, grid)).astype(np.float32)).half()
+    frame = Frame.fit(48, 64, (1.0, 1.0), 64)            # valid cells: 12 rows x 16 columns
+    mask = np.zeros((48, 64), dtype=bool)
+    mask[8:30, 10:40] = True
+    protos = confidence.build_prototypes([feats[0]], [mask], frame, grid,
+                                         ConfidenceConfig(n_prototypes=2, n_background_prototypes=3))
+    got = confidence.similarity(feats, protos, frame, grid)
+    assert got.shape == (3, 12, 16)
+    unit = feats[:, :, :12, :16].float()
+    unit = (unit / unit.norm(dim=1, keepdim=True)).permute(0, 2, 3, 1)
+    raw = (unit @ protos.vectors.T).max(-1).values - (unit @ protos.background.T).max(-1).values
+    want = ((raw - protos.bg_mean) / (protos.fg_mean - protos.bg_mean)).clamp(0, 1)
+    assert torch.allclose(got, want, atol=1e-5)
+    assert 0.0 < float(got.mean()) < 1.0                  # not all clipped: the check compares values
+
+
 def test_fuse_geometric_mean_vetoes_single_encoder_peak():
     sam = torch.tensor([[[0.9, 0.05]]])
     dino = torch.tensor([[[0.9, 0.95]]])                 # DINOv2 fires on a look-alike

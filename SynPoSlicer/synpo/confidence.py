@@ -26,6 +26,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.cluster import KMeans
 
 from .config import ConfidenceConfig
 
@@ -64,7 +65,6 @@ def _unit(x: torch.Tensor, dim: int) -> torch.Tensor:
 def _kmeans_vectors(vectors: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
     if len(vectors) <= n:
         return vectors
-    from sklearn.cluster import KMeans
     km = KMeans(n_clusters=n, n_init=3, random_state=seed).fit(vectors)
     return km.cluster_centers_.astype(np.float32)
 
@@ -84,20 +84,34 @@ def build_prototypes(feats: List[torch.Tensor], masks: List[np.ndarray], frame, 
         fg.append(f[torch.from_numpy(strong)])
         bg.append(f[torch.from_numpy(c <= 0.0)])
     fg_all = torch.cat(fg).numpy()
-    protos = Prototypes(_unit(torch.from_numpy(_kmeans_vectors(fg_all, cfg.n_prototypes)), 1), 0.0, 0.0)
+    centres = _kmeans_vectors(fg_all, cfg.n_prototypes)
+    protos = Prototypes(_unit(torch.from_numpy(centres), 1), 0.0, 0.0)
     bg_all = torch.cat(bg)
     if cfg.n_background_prototypes > 0 and len(bg_all):
-        protos.background = _unit(torch.from_numpy(_kmeans_vectors(bg_all.numpy(), cfg.n_background_prototypes)), 1)
+        centres = _kmeans_vectors(bg_all.numpy(), cfg.n_background_prototypes)
+        protos.background = _unit(torch.from_numpy(centres), 1)
     protos.fg_mean = float(_raw_score(torch.from_numpy(fg_all), protos).mean())
     protos.bg_mean = float(_raw_score(bg_all, protos).mean()) if len(bg_all) else 0.0
     return protos
 
 
 def similarity(feats: torch.Tensor, protos: Prototypes, frame, grid: int) -> torch.Tensor:
-    """(N, C, grid, grid) -> (N, rows, cols) calibrated similarity in [0, 1] over the valid cells."""
+    """(N, C, grid, grid) -> (N, rows, cols) calibrated similarity in [0, 1] over the valid cells.
+
+    The same score as _raw_score on unit vectors, computed as (prototypes @ f) / |f|: the
+    features are never normalised as a whole (one matrix product per slice, no copies).
+    """
     rows, cols = frame.grid_valid(grid)
-    f = _unit(feats[:, :, :rows, :cols].float(), 1).permute(0, 2, 3, 1)
-    sim = _raw_score(f, protos)
+    n, c = feats.shape[:2]
+    f = feats[:, :, :rows, :cols].float().reshape(n, c, rows * cols)
+    norm = f.norm(dim=1).clamp_min(1e-6)                                   # (N, cells)
+    k = len(protos.vectors)
+    vectors = protos.vectors if protos.background is None else torch.cat([protos.vectors, protos.background])
+    dots = torch.matmul(vectors, f)                                         # (N, k + m, cells)
+    sim = dots[:, :k].max(1).values
+    if protos.background is not None:
+        sim = sim - dots[:, k:].max(1).values
+    sim = (sim / norm).reshape(n, rows, cols)
     span = max(protos.fg_mean - protos.bg_mean, 1e-3)
     return ((sim - protos.bg_mean) / span).clamp(0.0, 1.0)
 

@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 from scipy import ndimage
+from sklearn.cluster import KMeans
 
 from .config import PromptConfig
 
@@ -34,7 +35,6 @@ def _kmeans_points(points_xy: np.ndarray, n: int, seed: int) -> np.ndarray:
     unique = np.unique(points_xy, axis=0)
     if len(unique) <= n:
         return unique.astype(float)
-    from sklearn.cluster import KMeans
     centres = KMeans(n_clusters=n, n_init=4, random_state=seed).fit(points_xy.astype(float)).cluster_centers_
     # Snap each centre to its nearest member so it lies on a pixel of the set.
     d = ((centres[:, None, :] - points_xy[None, :, :]) ** 2).sum(-1)
