@@ -112,3 +112,26 @@ def test_benchmark_reports_stages_and_reuse(tiny_dataset, tmp_path, capsys):
     assert first["peak_rss_mb"] > 0
     printed = capsys.readouterr().out
     assert "non-encoder share" in printed and "encode_sam" in printed
+
+
+def test_encoder_cost_script(tmp_path, capsys):
+    """benchmarks/encoder_cost.py times real-class encoders (LiteMedSAM, a random-weight DINOv2)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "encoder_cost.py")
+    spec = importlib.util.spec_from_file_location("encoder_cost", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "cost.json"
+    report = module.main(["--device", "cpu", "--models", "litemedsam,dinov2-small", "--repeats", "1",
+                          "-o", str(out)])
+    assert json.load(open(str(out))) == report
+    rows = {(r["model"], "decoder_s_per_pass" in r): r for r in report["rows"]}
+    assert set(rows) == {("litemedsam", False), ("litemedsam", True), ("dinov2-small", False)}
+    assert all(r["precision"] == "fp32" for r in report["rows"])        # bf16 is CUDA-only
+    assert rows[("litemedsam", False)]["encoder_s_per_slice"] > 0
+    assert rows[("litemedsam", True)]["decoder_s_per_pass"] > 0
+    assert "random weights" in rows[("dinov2-small", False)]["weights"]
+    assert "skipping bf16" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        module.main(["--device", "cpu", "--models", "no-such-model"])
