@@ -4,11 +4,13 @@ import pytest
 import torch
 
 from synpo import confidence, intensity, prompts, support
-from synpo.config import ConfidenceConfig, IntensityConfig, PromptConfig, SynPoConfig, validate
+from synpo.config import ConfidenceConfig, DecodeConfig, IntensityConfig, PromptConfig, SynPoConfig, validate
+from synpo.decode import decode_slice
 from synpo.errors import InputError, SynPoError
 from synpo.features import Frame
 from synpo.io import Geometry
 from synpo.outputs import slice_xy_to_ijk
+from synpo.prompts import Prompts
 
 
 # ------------------------------------------------------------------ support
@@ -363,3 +365,31 @@ def test_config_validation_and_overrides():
         SynPoConfig().with_(prompts={"nope": 1})
     with pytest.raises(SynPoError, match="top_k"):
         validate(SynPoConfig().with_(prompts={"top_k": 0}))
+
+
+class _BoxRecorder:
+    """A stand-in SAM: records each box it is given and answers with a fixed rectangle mask."""
+
+    def __init__(self, rect):
+        self.rect, self.boxes = rect, []
+
+    def decode(self, embedding, frame, box_xy=None, points_xy=None, point_labels=None, mask_logits=None):
+        self.boxes.append(tuple(box_xy))
+        x0, y0, x1, y1 = self.rect
+        logits = torch.full((frame.H, frame.W), -5.0)
+        logits[y0:y1, x0:x1] = 5.0
+        return logits, logits, 0.9
+
+
+@pytest.mark.parametrize("margin, expected", [(0.0, (20, 10, 70, 50)), (0.04, (18, 8, 72, 52))])
+def test_refinement_box_is_the_first_mask_box_widened(margin, expected):
+    frame = Frame.fit(64, 96, (1.0, 1.0), 96)
+    region = np.zeros((64, 96), dtype=bool)
+    region[12:40, 25:60] = True
+    given = Prompts(np.array([[40.0, 25.0]]), np.zeros((0, 2)), (24, 11, 61, 41), region)
+    model = _BoxRecorder((20, 10, 70, 50))                # mask 50 wide, 40 high
+    out = decode_slice(model, None, frame, given, DecodeConfig(refine_box_margin=margin))
+    assert model.boxes == [(24, 11, 61, 41), expected]    # first the prompt box, then the refinement box
+    assert out.mask.sum() == 50 * 40 and out.box == (24, 11, 61, 41)
+    with pytest.raises(SynPoError, match="refine_box_margin"):
+        validate(SynPoConfig().with_(decode={"refine_box_margin": -0.1}))

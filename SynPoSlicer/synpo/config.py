@@ -71,6 +71,10 @@ class DecodeConfig:
     # Refinement: keep the components touching the prompts, fill holes, then one
     # more SAM pass prompted by the tight box of that mask and its own logits.
     refine: bool = True
+    # The refinement box is the first mask's tight box widened by this fraction of its
+    # size on each side (MedSAM-style models are trained on boxes a little larger than
+    # the object; a tight box makes them under-segment).
+    refine_box_margin: float = 0.04
     mask_threshold: float = 0.0
 
 
@@ -136,6 +140,7 @@ def validate(cfg: SynPoConfig) -> SynPoConfig:
         (p.n_negative_points >= 0, "prompts.n_negative_points must be >= 0"),
         (p.negative_sigma > 0, "prompts.negative_sigma must be > 0"),
         (0.0 <= p.box_threshold <= 1.0, "prompts.box_threshold must be in [0, 1]"),
+        (cfg.decode.refine_box_margin >= 0.0, "decode.refine_box_margin must be >= 0"),
         (c.n_prototypes >= 1, "confidence.n_prototypes must be >= 1"),
         (0.0 <= c.sam_weight <= 1.0, "confidence.sam_weight must be in [0, 1]"),
         (v.batch_size >= 1, "volume.batch_size must be >= 1"),

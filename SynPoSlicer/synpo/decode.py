@@ -3,8 +3,9 @@
 Refinement (DecodeConfig.refine):
 1. keep only the connected components of the mask that overlap the prompt
    region (or hold a positive point), and fill holes;
-2. decode once more with the tight box of that mask and the first pass's own
-   low-resolution logits as SAM's mask prompt (SAM's iterative refinement);
+2. decode once more with the box of that mask, widened by refine_box_margin,
+   and the first pass's own low-resolution logits as SAM's mask prompt (SAM's
+   iterative refinement);
 3. keep the second mask if it overlaps the first well (IoU >= 0.5), else the
    first: a refinement may tighten, never jump elsewhere.
 """
@@ -15,7 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from .config import DecodeConfig
-from .prompts import Prompts, box_of
+from .prompts import Prompts, box_of, widen
 
 
 @dataclass
@@ -71,7 +72,7 @@ def decode_slice(model, embedding, frame, prompts: Prompts, cfg: DecodeConfig = 
     mask = logits > cfg.mask_threshold
     if cfg.refine and mask.any():
         mask = keep_prompted(mask, prompts)
-        tight = box_of(mask)
+        tight = widen(box_of(mask), cfg.refine_box_margin, mask.shape)
         if tight is not None:
             logits2, _, score2 = model.decode(embedding, frame, box_xy=tight if cfg.use_box else None,
                                               points_xy=xy, point_labels=labels, mask_logits=low)
