@@ -393,3 +393,36 @@ def test_refinement_box_is_the_first_mask_box_widened(margin, expected):
     assert out.mask.sum() == 50 * 40 and out.box == (24, 11, 61, 41)
     with pytest.raises(SynPoError, match="refine_box_margin"):
         validate(SynPoConfig().with_(decode={"refine_box_margin": -0.1}))
+
+
+class _BoxFiller:
+    """A stand-in SAM that segments exactly the box it is given."""
+
+    def decode(self, embedding, frame, box_xy=None, points_xy=None, point_labels=None, mask_logits=None):
+        x0, y0, x1, y1 = box_xy
+        logits = torch.full((frame.H, frame.W), -5.0)
+        logits[y0:y1, x0:x1] = 5.0
+        return logits, logits, 0.9
+
+
+class _Store:
+    def __init__(self, frame):
+        self.frame, self.cache = frame, {}
+
+    def ensure(self, indices):
+        self.cache.update({int(t): None for t in indices})
+
+
+def test_oracle_box_of_a_ring_is_outer_box_minus_hole_box():
+    from synpo.evaluate import oracle_box
+    gt = np.zeros((3, 40, 40), dtype=np.uint8)
+    gt[1, 10:30, 8:32] = 7
+    gt[1, 15:25, 14:26] = 0                              # a square ring around a hole
+    gt[2, 12:20, 12:20] = 7                              # a solid square
+    store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
+    plain = oracle_box(_BoxFiller(), store, gt, 7)
+    ring_aware = oracle_box(_BoxFiller(), store, gt, 7, ring_min_hole=0.1)
+    assert not plain[0].any() and not ring_aware[0].any()
+    assert plain[1].sum() == 20 * 24                     # one box: the ring and its hole
+    assert np.array_equal(ring_aware[1], gt[1] == 7)      # outer box minus hole box: the ring
+    assert np.array_equal(plain[2], gt[2] == 7) and np.array_equal(ring_aware[2], gt[2] == 7)

@@ -10,7 +10,7 @@ Baselines on the same slices: `copy` (support mask copied to every labelled
 slice), `persam` (one most-confident positive point and one least-confident
 negative point per slice, PerSAM-style, on every slice), `oracle_box` (SAM
 given the ground-truth box on every labelled slice: the upper bound of the SAM
-model used).
+model used; for a ring-shaped mask, the filled shape's box minus the hole's).
 
 Cross-patient protocol (the published few-shot benchmarks): the support comes
 from the next patient in the list; 3 support slices at 1/6, 1/2, 5/6 of its
@@ -35,7 +35,8 @@ from .io import read_volume
 from .prompts import Prompts, box_of, select_prompts
 from .position import expected_region
 from .support import in_plane_spacing, to_slices
-from .volume import EmbeddingStore, confidence_volume, get_store, sam_store, segment_volume, store_key
+from .volume import (EmbeddingStore, confidence_volume, get_store, ring_parts, sam_store, segment_volume,
+                     store_key)
 
 
 @dataclass
@@ -80,17 +81,28 @@ def find_pairs(folder: str) -> List[tuple]:
     return pairs
 
 
-def oracle_box(sam, store, gt: np.ndarray, label: int) -> np.ndarray:
-    """SAM with the ground-truth box on every labelled slice (axis 0)."""
+def oracle_box(sam, store, gt: np.ndarray, label: int, ring_min_hole: Optional[float] = None) -> np.ndarray:
+    """SAM with the ground-truth box on every labelled slice (axis 0).
+
+    ring_min_hole: a slice whose mask is a closed band around a hole (ring_parts) is
+    decoded as the filled shape's box minus the hole's box, both ground truth: a box
+    around a ring makes SAM segment what it encloses, so one box is no upper bound there.
+    """
+    def decode_box(t, m):
+        p = Prompts(np.zeros((0, 2)), np.zeros((0, 2)), box_of(m), m)
+        return decode_slice(sam, store.cache[t], store.frame, p, DecodeConfig(refine=False)).mask
+
     out = np.zeros(gt.shape, dtype=bool)
     for t in range(gt.shape[0]):
         m = gt[t] == label
         if not m.any():
             continue
-        box = box_of(m)
         store.ensure([t])
-        p = Prompts(np.zeros((0, 2)), np.zeros((0, 2)), box, m)
-        out[t] = decode_slice(sam, store.cache[t], store.frame, p, DecodeConfig(refine=False)).mask
+        parts = ring_parts([m], ring_min_hole) if ring_min_hole is not None else None
+        if parts is None:
+            out[t] = decode_box(t, m)
+        else:
+            out[t] = decode_box(t, parts[0][0]) & ~decode_box(t, parts[1][0])
     return out
 
 
@@ -146,7 +158,7 @@ def evaluate_intra(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
             store = sam_store(stores)
             for v in wanted:
                 t0 = time.perf_counter()
-                pred = oracle_box(sam, store, gt, v)
+                pred = oracle_box(sam, store, gt, v, cfg.volume.ring_min_hole)
                 scores.append(Score(name, v, "oracle_box", float("nan"), *score(pred, gt == v),
                                     time.perf_counter() - t0))
     return scores
