@@ -72,9 +72,9 @@ def decode_slice(model, embedding, frame, prompts: Prompts, cfg: DecodeConfig = 
     mask = logits > cfg.mask_threshold
     if cfg.refine and mask.any():
         mask = keep_prompted(mask, prompts)
-        tight = widen(box_of(mask), cfg.refine_box_margin, mask.shape)
-        if tight is not None:
-            logits2, _, score2 = model.decode(embedding, frame, box_xy=tight if cfg.use_box else None,
+        box2 = widen(box_of(mask), cfg.refine_box_margin, mask.shape)
+        if box2 is not None:
+            logits2, _, score2 = model.decode(embedding, frame, box_xy=box2 if cfg.use_box else None,
                                               points_xy=xy, point_labels=labels, mask_logits=low)
             mask2 = keep_prompted(logits2.numpy() > cfg.mask_threshold, prompts)
             if iou(mask, mask2) >= 0.5:
