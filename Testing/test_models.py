@@ -158,3 +158,45 @@ def test_litemedsam_batch_norms_fold_into_convolutions():
         after = net.image_encoder(x)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.image_encoder.modules())
     assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("geometry", ["litemedsam", "other"])
+def test_lean_mask_decoder_equals_segment_anything(geometry):
+    """sam_decoder.decode_single_mask gives what segment_anything's MaskDecoder returns with
+    multimask_output=False, for box, point and mask prompts, on a non-square grid too. In float64,
+    so that only a different order of the same operations could explain a difference."""
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+    from synpo.sam_decoder import decode_single_mask
+    torch.manual_seed(1)
+    if geometry == "litemedsam":
+        prompt_encoder, decoder = features._decoder_parts(256)
+        h, w, size = 64, 64, 256
+    else:
+        h, w, size = 12, 20, (48, 80)
+        prompt_encoder = PromptEncoder(embed_dim=64, image_embedding_size=(h, w), input_image_size=size,
+                                       mask_in_chans=8)
+        decoder = MaskDecoder(num_multimask_outputs=2, transformer_dim=64,
+                              transformer=TwoWayTransformer(depth=3, embedding_dim=64, mlp_dim=96, num_heads=4))
+    with torch.no_grad():
+        for p in list(decoder.parameters()) + list(prompt_encoder.parameters()):
+            p.add_(0.2 * torch.randn_like(p))     # non-trivial norms and biases everywhere
+    decoder.eval().double()
+    C = decoder.transformer_dim
+    emb = torch.randn(1, C, h, w, dtype=torch.float64)
+    pe = prompt_encoder.get_dense_pe().double()
+    cases = [
+        dict(points=None, boxes=torch.tensor([[4.0, 6.0, 30.0, 40.0]]), masks=None),
+        dict(points=(torch.tensor([[[10.0, 12.0], [3.0, 30.0], [40.0, 5.0]]]), torch.tensor([[1, 0, 0]])),
+             boxes=torch.tensor([[4.0, 6.0, 30.0, 40.0]]), masks=None),
+        dict(points=None, boxes=torch.tensor([[2.0, 2.0, 20.0, 25.0]]), masks=torch.randn(1, 1, 4 * h, 4 * w)),
+    ]
+    with torch.no_grad():
+        for case in cases:
+            sparse, dense = (x.double() for x in prompt_encoder(**case))
+            want_low, want_iou = decoder(image_embeddings=emb, image_pe=pe, sparse_prompt_embeddings=sparse,
+                                         dense_prompt_embeddings=dense, multimask_output=False)
+            low, iou = decode_single_mask(decoder, emb, pe, sparse, dense)
+            assert low.shape == want_low.shape == (1, 1, 4 * h, 4 * w) and iou.shape == want_iou.shape == (1, 1)
+            scale = float(want_low.abs().max())
+            assert float((low - want_low).abs().max()) <= 1e-9 * max(scale, 1.0)
+            assert torch.allclose(iou, want_iou, atol=1e-9, rtol=1e-9)

@@ -22,6 +22,7 @@ from torch import nn
 
 from .errors import ModelError, SynPoError
 from . import weights
+from .sam_decoder import decode_single_mask
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -287,10 +288,9 @@ class SamModel:
             boxes = torch.as_tensor(corners, dtype=torch.float32, device=dev)
         masks = mask_logits.to(dev).view(1, 1, *mask_logits.shape[-2:]) if mask_logits is not None else None
         sparse, dense = self.net.prompt_encoder(points=points, boxes=boxes, masks=masks)
-        low, iou = self.net.mask_decoder(image_embeddings=embedding.to(dev, torch.float32).view(1, *embedding.shape[-3:]),
-                                         image_pe=self.dense_pe(),
-                                         sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                         multimask_output=False)
+        # segment_anything's MaskDecoder with multimask_output=False, in fewer operations (sam_decoder.py).
+        low, iou = decode_single_mask(self.net.mask_decoder, embedding.to(dev, torch.float32).view(1, *embedding.shape[-3:]),
+                                      self.dense_pe(), sparse, dense)
         low = low[0, 0].float()
         logits = frame.input_map_to_slice(low[None])[0]
         return logits.cpu(), low.cpu(), float(iou[0, 0])

@@ -1,0 +1,121 @@
+"""SAM's mask decoder for one prompt, computed with fewer operations (same results).
+
+segment_anything's MaskDecoder projects all h x w image positions through the
+query, key, value and output matrices of every cross-attention, although the
+other side of each attention holds only a handful of prompt tokens. Attention
+is linear in those projections, so they can be moved to the token side:
+
+- tokens attending to the image: q.(Wk x + bk) = (Wk^T q).x + q.bk (q.bk is the
+  same for every position, so the softmax drops it), and the attention-weighted
+  values are Wv (sum_j a_j x_j) + bv (the weights sum to 1);
+- the image attending to tokens: (Wq x + bq).k = x.(Wq^T k) + bq.k, and the
+  output projection is applied to the few value vectors before the weighting.
+
+Per cross-attention this replaces two (h*w x C x C/2) products by two
+(h*w x C x heads*tokens) ones: LiteMedSAM's decoder (64 x 64 image tokens, 8
+heads, 7 tokens) does about half the arithmetic. The output upscaling is the
+same two transposed convolutions, written as per-pixel matrix products, and only
+the single mask that multimask_output=False returns is formed.
+
+The weights are read from the modules of the model given; nothing is copied.
+`decode_single_mask` equals `mask_decoder(..., multimask_output=False)` to
+float32 rounding (tested against segment_anything's own forward).
+"""
+import math
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def _heads(x: Tensor, n: int) -> Tensor:
+    """(T, n*d) -> (n, T, d)."""
+    return x.view(x.shape[0], n, -1).transpose(0, 1)
+
+
+def tokens_to_image(attn, q_tokens: Tensor, k_image: Tensor, v_image: Tensor) -> Tensor:
+    """attn(q=q_tokens, k=k_image, v=v_image) for T tokens (T, C) and N image positions (N, C)."""
+    n = attn.num_heads
+    d = attn.internal_dim // n
+    q = _heads(attn.q_proj(q_tokens), n)                                   # (n, T, d)
+    wk = attn.k_proj.weight.view(n, d, -1)                                 # (n, d, C)
+    # q . bk is the same for every image position: the softmax over positions ignores it.
+    logits = torch.matmul(torch.matmul(q, wk), k_image.t())                # (n, T, N)
+    weights = torch.softmax(logits / math.sqrt(d), dim=-1)
+    pooled = torch.matmul(weights, v_image)                                # (n, T, C)
+    wv = attn.v_proj.weight.view(n, d, -1)                                 # (n, d, C)
+    v = torch.matmul(pooled, wv.transpose(1, 2)) + attn.v_proj.bias.view(n, 1, d)   # (n, T, d)
+    return attn.out_proj(v.transpose(0, 1).reshape(q_tokens.shape[0], n * d))
+
+
+def image_to_tokens(attn, q_image: Tensor, k_tokens: Tensor, v_tokens: Tensor) -> Tensor:
+    """attn(q=q_image, k=k_tokens, v=v_tokens) for N image positions (N, C) and T tokens (T, C)."""
+    n = attn.num_heads
+    d = attn.internal_dim // n
+    T = k_tokens.shape[0]
+    k = _heads(attn.k_proj(k_tokens), n)                                   # (n, T, d)
+    v = _heads(attn.v_proj(v_tokens), n)                                   # (n, T, d)
+    wq = attn.q_proj.weight.view(n, d, -1)                                 # (n, d, C)
+    folded = torch.matmul(k, wq).reshape(n * T, -1)                        # (n*T, C)
+    bias = torch.matmul(k, attn.q_proj.bias.view(n, d, 1)).reshape(n * T, 1)   # bq . k
+    # Logits laid out (head, token, position): the softmax over the few tokens then runs
+    # along a middle axis, which is much faster than over a short last axis.
+    logits = torch.addmm(bias, folded, q_image.t()).view(n, T, -1) / math.sqrt(d)   # (n, T, N)
+    weights = torch.softmax(logits, dim=1).reshape(n * T, -1)
+    wo = attn.out_proj.weight.view(-1, n, d)                               # (C, n, d)
+    v_out = torch.einsum("ntd,cnd->ntc", v, wo).reshape(n * T, -1)         # (n*T, C)
+    return torch.addmm(attn.out_proj.bias, weights.t(), v_out)                 # (N, C)
+
+
+def _two_way_block(layer, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor):
+    if layer.skip_first_layer_pe:
+        queries = layer.self_attn(q=queries[None], k=queries[None], v=queries[None])[0]
+    else:
+        q = queries + query_pe
+        queries = queries + layer.self_attn(q=q[None], k=q[None], v=queries[None])[0]
+    queries = layer.norm1(queries)
+    k = keys + key_pe                       # keys do not change before the image-to-token attention
+    queries = layer.norm2(queries + tokens_to_image(layer.cross_attn_token_to_image, queries + query_pe, k, keys))
+    queries = layer.norm3(queries + layer.mlp(queries))
+    keys = layer.norm4(keys + image_to_tokens(layer.cross_attn_image_to_token, k, queries + query_pe, queries))
+    return queries, keys
+
+
+def _upscale_single(mask_decoder, keys: Tensor, h: int, w: int, hyper: Tensor) -> Tensor:
+    """hyper . output_upscaling(keys as a (C, h, w) map), as a (4h, 4w) map."""
+    up = mask_decoder.output_upscaling
+    conv1, norm, act1, conv2, act2 = up[0], up[1], up[2], up[3], up[4]
+    c1 = conv1.weight.shape[1]
+    c2 = conv2.weight.shape[1]
+    # A stride-2, 2x2 transposed convolution is a per-pixel product into 4 sub-pixels.
+    w1 = conv1.weight.permute(0, 2, 3, 1).reshape(keys.shape[1], 4 * c1)
+    z = torch.addmm(conv1.bias.repeat(4), keys, w1).view(-1, 4, c1)
+    z = act1(F.layer_norm(z, (c1,), norm.weight, norm.bias, norm.eps))
+    w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
+    z = act2(torch.addmm(conv2.bias.repeat(4), z.view(-1, c1), w2)).view(-1, 4, c2)
+    m = torch.matmul(z, hyper)                                             # (h*w*4, 4)
+    # Sub-pixel (i1, j1) of the first convolution, then (i2, j2) of the second.
+    m = m.view(h, w, 2, 2, 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return m.reshape(4 * h, 4 * w)
+
+
+def decode_single_mask(mask_decoder, image_embedding: Tensor, image_pe: Tensor, sparse: Tensor,
+                       dense: Tensor) -> Tuple[Tensor, Tensor]:
+    """mask_decoder(image_embedding (1, C, h, w), image_pe, sparse (1, P, C), dense (1, C, h, w),
+    multimask_output=False): low-resolution logits (1, 1, 4h, 4w) and predicted IoU (1, 1)."""
+    _, C, h, w = image_embedding.shape
+    transformer = mask_decoder.transformer
+    tokens = torch.cat([mask_decoder.iou_token.weight, mask_decoder.mask_tokens.weight, sparse[0]], 0)
+    keys = (image_embedding + dense)[0].reshape(C, h * w).t()              # (N, C)
+    key_pe = image_pe[0].reshape(C, h * w).t()
+    queries = tokens
+    for layer in transformer.layers:
+        queries, keys = _two_way_block(layer, queries, keys, tokens, key_pe)
+    attn = tokens_to_image(transformer.final_attn_token_to_image, queries + tokens, keys + key_pe, keys)
+    queries = transformer.norm_final_attn(queries + attn)
+    hyper = mask_decoder.output_hypernetworks_mlps[0](queries[1])          # the first mask token
+    low = _upscale_single(mask_decoder, keys, h, w, hyper)
+    iou = mask_decoder.iou_prediction_head(queries[0])[:1]
+    return low[None, None], iou[None]
