@@ -325,6 +325,37 @@ def test_top_k_and_kmeans_repeatable():
     assert sorted(map(tuple, c1.astype(int).tolist()))[1][0] >= 20
 
 
+def test_top_k_pixels_equals_a_full_stable_sort_with_ties_and_a_region():
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        conf = (rng.integers(0, 4, (17, 23)) / 3.0).astype(np.float32)      # many equal values
+        allowed = rng.random(conf.shape) < 0.6 if trial % 2 else None
+        k = int(rng.integers(1, conf.size + 3))
+        flat = (conf if allowed is None else np.where(allowed, conf, -np.inf)).ravel()
+        order = np.argsort(-flat, kind="stable")[:min(k, int(np.isfinite(flat).sum()))]
+        ys, xs = np.unravel_index(order, conf.shape)
+        assert prompts.top_k_pixels(conf, k, allowed).tolist() == np.stack([xs, ys], 1).tolist()
+
+
+def test_kmeans_finds_separated_clusters_and_handles_degenerate_sets():
+    from synpo.kmeans import kmeans
+    rng = np.random.default_rng(3)
+    means = np.array([[0.0, 0.0], [40.0, 5.0], [10.0, 50.0]])
+    pts = np.concatenate([m + rng.normal(0, 1.0, (30, 2)) for m in means])
+    centres = kmeans(pts, 3, seed=0)
+    found = sorted(map(tuple, np.round(centres).tolist()))
+    want = sorted(map(tuple, np.round([pts[i * 30:(i + 1) * 30].mean(0) for i in range(3)]).tolist()))
+    assert found == want
+    assert np.array_equal(kmeans(pts, 3, seed=5), kmeans(pts, 3, seed=5))
+    same = np.ones((6, 2))                                  # every point identical
+    assert np.allclose(kmeans(same, 3), 1.0)
+    assert kmeans(pts[:2], 3).shape == (2, 2)               # fewer points than clusters: the points
+    with pytest.raises(ValueError):
+        kmeans(pts, 0)
+    with pytest.raises(ValueError):
+        kmeans(pts[:, 0], 2)
+
+
 # ------------------------------------------------------------------ frames, geometry, config
 
 def test_frame_preserves_physical_aspect():

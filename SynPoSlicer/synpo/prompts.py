@@ -16,9 +16,9 @@ from typing import Optional, Tuple
 
 import numpy as np
 from scipy import ndimage
-from sklearn.cluster import KMeans
 
 from .config import PromptConfig
+from .kmeans import kmeans
 
 
 @dataclass
@@ -35,7 +35,7 @@ def _kmeans_points(points_xy: np.ndarray, n: int, seed: int) -> np.ndarray:
     unique = np.unique(points_xy, axis=0)
     if len(unique) <= n:
         return unique.astype(float)
-    centres = KMeans(n_clusters=n, n_init=4, random_state=seed).fit(points_xy.astype(float)).cluster_centers_
+    centres = kmeans(points_xy, n, seed, n_init=4)
     # Snap each centre to its nearest member so it lies on a pixel of the set.
     d = ((centres[:, None, :] - points_xy[None, :, :]) ** 2).sum(-1)
     return points_xy[d.argmin(1)].astype(float)
@@ -48,7 +48,15 @@ def top_k_pixels(conf: np.ndarray, k: int, allowed: Optional[np.ndarray] = None)
     k = min(k, int(np.isfinite(flat).sum()))
     if k <= 0:
         return np.zeros((0, 2), dtype=int)
-    idx = np.argsort(-flat, kind="stable")[:k]       # ties go to the lower pixel index
+    if k < flat.size:
+        # Partial selection (a full sort of the slice showed in the profile): everything above
+        # the k-th largest value, then the ties at that value by pixel index.
+        kth = np.partition(flat, flat.size - k)[flat.size - k]
+        above = np.flatnonzero(flat > kth)
+        idx = np.concatenate([above, np.flatnonzero(flat == kth)[:k - len(above)]])
+    else:
+        idx = np.arange(flat.size)
+    idx = idx[np.lexsort((idx, -flat[idx]))]         # by value, ties to the lower pixel index
     ys, xs = np.unravel_index(idx, conf.shape)
     return np.stack([xs, ys], 1)
 
