@@ -161,11 +161,12 @@ def test_litemedsam_batch_norms_fold_into_convolutions():
 
 
 @pytest.mark.parametrize("geometry", ["litemedsam", "other"])
-def test_lean_mask_decoder_equals_segment_anything(geometry):
+def test_lean_mask_decoder_equals_segment_anything(geometry, monkeypatch):
     """sam_decoder.decode_single_mask gives what segment_anything's MaskDecoder returns with
     multimask_output=False, for box, point and mask prompts, on a non-square grid too. In float64,
     so that only a different order of the same operations could explain a difference."""
     from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
+    from synpo import sam_decoder
     from synpo.sam_decoder import decode_single_mask
     torch.manual_seed(1)
     if geometry == "litemedsam":
@@ -173,6 +174,7 @@ def test_lean_mask_decoder_equals_segment_anything(geometry):
         h, w, size = 64, 64, 256
     else:
         h, w, size = 12, 20, (48, 80)
+        monkeypatch.setattr(sam_decoder, "BLOCK_ROWS", 7)     # 240 positions: 34 blocks and a short one
         prompt_encoder = PromptEncoder(embed_dim=64, image_embedding_size=(h, w), input_image_size=size,
                                        mask_in_chans=8)
         decoder = MaskDecoder(num_multimask_outputs=2, transformer_dim=64,

@@ -337,6 +337,17 @@ def test_top_k_pixels_equals_a_full_stable_sort_with_ties_and_a_region():
         assert prompts.top_k_pixels(conf, k, allowed).tolist() == np.stack([xs, ys], 1).tolist()
 
 
+def test_fill_holes_equals_scipy():
+    from scipy import ndimage
+    from synpo.decode import fill_holes
+    rng = np.random.default_rng(1)
+    for trial in range(200):
+        m = rng.random(tuple(rng.integers(1, 25, 2))) < rng.random()
+        if trial % 3 == 0:
+            m = ndimage.binary_dilation(m)
+        assert np.array_equal(fill_holes(m), ndimage.binary_fill_holes(m))
+
+
 def test_kmeans_finds_separated_clusters_and_handles_degenerate_sets():
     from synpo.kmeans import kmeans
     rng = np.random.default_rng(3)

@@ -38,6 +38,16 @@ def _point_args(prompts: Prompts, cfg: DecodeConfig):
     return xy, labels
 
 
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """ndimage.binary_fill_holes(mask) in one labelling of the background: a background
+    pixel stays background iff it is 4-connected through background to the border."""
+    labels, n = ndimage.label(~mask)
+    if n == 0:
+        return mask.copy()
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    return ~np.isin(labels, border[border > 0])
+
+
 def keep_prompted(mask: np.ndarray, prompts: Prompts) -> np.ndarray:
     """Components of mask that overlap the prompt region or hold a positive point; holes filled."""
     labels, n = ndimage.label(mask)
@@ -49,7 +59,7 @@ def keep_prompted(mask: np.ndarray, prompts: Prompts) -> np.ndarray:
     keep.discard(0)
     if not keep:
         return np.zeros_like(mask)
-    return ndimage.binary_fill_holes(np.isin(labels, sorted(keep)))
+    return fill_holes(np.isin(labels, sorted(keep)))
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -24,7 +24,7 @@ import torch
 
 from . import confidence as conf_mod
 from .config import SynPoConfig, validate
-from .decode import decode_slice
+from .decode import decode_slice, fill_holes
 from .errors import InputError, SynPoError
 from .features import batch_size_for
 from .intensity import normalize
@@ -454,8 +454,7 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
 def ring_parts(masks: Sequence[np.ndarray], min_hole: float):
     """(filled shapes, holes) when every mask is a closed band around a hole of at least
     `min_hole` of its filled area, else None."""
-    from scipy import ndimage
-    filled = [ndimage.binary_fill_holes(m) for m in masks]
+    filled = [fill_holes(m) for m in masks]
     holes = [f & ~m for f, m in zip(filled, masks)]
     if all(h.sum() >= min_hole * max(1, f.sum()) for f, h in zip(filled, holes)):
         return filled, holes
