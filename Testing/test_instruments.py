@@ -128,10 +128,10 @@ def test_encoder_cost_script(tmp_path, capsys):
     assert json.load(open(str(out))) == report
     rows = {(r["model"], "decoder_s_per_pass" in r): r for r in report["rows"]}
     assert set(rows) == {("litemedsam", False), ("litemedsam", True), ("dinov2-small", False)}
-    assert all(r["precision"] == "fp32" for r in report["rows"])        # bf16 is CUDA-only
+    assert all(r["precision"] == "fp32" for r in report["rows"])        # fp16, bf16: CUDA only
     assert rows[("litemedsam", False)]["encoder_s_per_slice"] > 0
     assert rows[("litemedsam", True)]["decoder_s_per_pass"] > 0
     assert "random weights" in rows[("dinov2-small", False)]["weights"]
-    assert "skipping bf16" in capsys.readouterr().out
+    assert "skipping fp16, bf16" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         module.main(["--device", "cpu", "--models", "no-such-model"])

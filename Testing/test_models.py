@@ -96,6 +96,32 @@ def test_device_choice():
             features.pick_device("cuda")
 
 
+def test_precision_choice_and_fp16_overflow_falls_back_to_fp32():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert features.pick_precision("auto", cuda) is torch.float16
+    assert features.pick_precision("auto", cpu) is None and features.pick_precision("fp32", cuda) is None
+    assert features.pick_precision("bf16", cuda) is torch.bfloat16
+    with pytest.raises(SynPoError, match="needs a CUDA device"):
+        features.pick_precision("fp16", cpu)
+    with pytest.raises(SynPoError, match="unknown precision"):
+        features.pick_precision("int8", cuda)
+
+    calls = []
+
+    def overflowing(x):
+        """Overflows under reduced-precision autocast, as a large activation in fp16 would."""
+        reduced = torch.is_autocast_enabled("cpu")
+        calls.append(reduced)
+        y = x * 2.0
+        return torch.full_like(y, float("inf")) if reduced else y
+
+    x = torch.rand(2, 3)
+    out = features.run_encoder(overflowing, x, cpu, torch.bfloat16)
+    assert calls == [True, False] and torch.equal(out, x * 2.0) and out.dtype == torch.float32
+    calls.clear()
+    assert torch.equal(features.run_encoder(overflowing, x, cpu, None), x * 2.0) and calls == [False]
+
+
 def test_synergy_pipeline_with_tiny_models(served_tiny_sam, tiny_dinov2_dir, monkeypatch):
     """The whole volume path with both encoders fused (random weights: checks plumbing, not quality)."""
     monkeypatch.setenv("SYNPO_DINOV2_PATH", tiny_dinov2_dir)

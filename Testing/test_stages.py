@@ -468,3 +468,37 @@ def test_oracle_box_of_a_ring_is_outer_box_minus_hole_box():
     assert plain[1].sum() == 20 * 24                     # one box: the ring and its hole
     assert np.array_equal(ring_aware[1], gt[1] == 7)      # outer box minus hole box: the ring
     assert np.array_equal(plain[2], gt[2] == 7) and np.array_equal(ring_aware[2], gt[2] == 7)
+
+
+def test_cuda_out_of_memory_halves_the_encoder_batch_and_goes_on():
+    from synpo.volume import EmbeddingStore
+
+    class TightEncoder:
+        """Runs out of (pretend) GPU memory on batches of more than 3 slices."""
+        name = "tight"
+        precision = None
+
+        def __init__(self):
+            self.batches = []
+
+        def embed(self, slices, frame):
+            if len(slices) > 3:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (pretend)")
+            self.batches.append(len(slices))
+            return torch.as_tensor(slices[:, None, :4, :4] * 2.0)
+
+    enc = TightEncoder()
+    slices = np.random.default_rng(0).random((11, 8, 8)).astype(np.float32)
+    store = EmbeddingStore(enc, slices, frame=None, batch_size=16)
+    store.ensure(range(11))
+    assert store.batch_size == 2 and enc.batches == [2] * 5 + [1]          # 16 -> 8 -> 4 -> 2, then kept
+    assert sorted(store.cache) == list(range(11))
+    for i in range(11):
+        assert torch.allclose(store.cache[i].float(), torch.as_tensor(slices[i, None, :4, :4] * 2.0), atol=1e-3)
+
+    class AlwaysOut(TightEncoder):
+        def embed(self, slices, frame):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (pretend)")
+
+    with pytest.raises(SynPoError, match="out of memory encoding a single slice with tight.*--device cpu"):
+        EmbeddingStore(AlwaysOut(), slices, frame=None, batch_size=4).ensure(range(3))

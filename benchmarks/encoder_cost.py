@@ -5,7 +5,7 @@ random weights: the same FLOPs and memory as the pretrained ones, so their speed
 can be measured where the weights cannot be downloaded. LiteMedSAM uses its real
 checkpoint (bundled). Each row is timed after one warm-up call.
 
-    python benchmarks/encoder_cost.py [--device auto|cpu|cuda] [--precision fp32,bf16]
+    python benchmarks/encoder_cost.py [--device auto|cpu|cuda] [--precision fp32,fp16,bf16]
         [--models litemedsam,vit_b,dinov2-base] [--repeats 2] [-o report.json]
 """
 import argparse
@@ -74,7 +74,7 @@ def time_decoder(model, device: torch.device, repeats: int, size: int = 256) -> 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16 (CUDA only)")
+    ap.add_argument("--precision", default="fp32,fp16,bf16", help="comma-separated: fp32, fp16, bf16 (CUDA only)")
     ap.add_argument("--models", default="litemedsam,vit_b,dinov2-base")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("-o", "--output")

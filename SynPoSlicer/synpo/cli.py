@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--dinov2", default="small", choices=("small", "base", "large", "giant"))
     seg.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     seg.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                     help="encoder precision: auto = bf16 on CUDA, fp32 on CPU")
+                     help="encoder precision: auto = fp16 on CUDA, fp32 on CPU")
     seg.add_argument("--modality", default=None, choices=("ct", "mr"), help="override the automatic choice")
     seg.add_argument("--confidence-out", metavar="CONF", help="write the fused confidence map (float volume)")
     seg.add_argument("--points-out", metavar="POINTS", help="write prompt points and boxes per slice (JSON)")
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dinov2", default="small", choices=("small", "base", "large", "giant"))
     bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     bench.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                       help="encoder precision: auto = bf16 on CUDA, fp32 on CPU")
+                       help="encoder precision: auto = fp16 on CUDA, fp32 on CPU")
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(func=cmd_benchmark)
 

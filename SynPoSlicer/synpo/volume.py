@@ -122,10 +122,12 @@ class EmbeddingStore:
             t0 = time.perf_counter()
             try:
                 feats = self.encoder.embed(self.slices[chunk], self.frame)
-            except torch.cuda.OutOfMemoryError:
-                if self.batch_size == 1:
-                    raise
+            except torch.cuda.OutOfMemoryError as exc:
                 torch.cuda.empty_cache()
+                if self.batch_size == 1:
+                    raise SynPoError("the GPU ran out of memory encoding a single slice with %s; free GPU memory "
+                                     "(other programs, other models) or run on the CPU (the command line's "
+                                     "--device cpu)" % self.encoder.name) from exc
                 self.batch_size = max(1, self.batch_size // 2)
                 continue
             self.seconds += time.perf_counter() - t0
