@@ -135,3 +135,35 @@ def test_encoder_cost_script(tmp_path, capsys):
     assert "skipping fp16, bf16" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         module.main(["--device", "cpu", "--models", "no-such-model"])
+
+
+def test_precision_agreement_script(tiny_dataset, tmp_path, capsys):
+    """benchmarks/precision_agreement.py decodes each labelled organ-slice from its ground-truth box
+    with the fp32 embedding (reduced precisions are CUDA-speed work: not run here on a CPU)."""
+    import importlib.util
+    import os
+    from synpo.errors import InputError
+    folder, _, mask = tiny_dataset
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "precision_agreement.py")
+    spec = importlib.util.spec_from_file_location("precision_agreement", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    image, label = str(folder / "image_1.nii.gz"), str(folder / "label_1.nii.gz")
+    out = tmp_path / "agree.json"
+    report = module.main([image, label, "--precisions", "fp32", "--slices", "4,5", "--device", "cpu",
+                          "-o", str(out)])
+    assert json.load(open(str(out))) == report
+    assert report["slices"] == [4, 5] and [(r["slice"], r["label"]) for r in report["rows"]] == [(4, 3), (5, 3)]
+    for r in report["rows"]:
+        assert set(r["dice"]) == {"fp32"} and r["iou_vs_fp32"] == {} and 0.0 <= r["dice"]["fp32"] <= 1.0
+    assert report["summary"]["fp32"]["mean_dice"] == pytest.approx(np.mean([r["dice"]["fp32"] for r in report["rows"]]))
+    assert report["summary"]["fp32"]["mean_dice"] > 0.5       # a bright ellipse in its own box
+    assert "mean Dice" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        module.main([image, label, "--precisions", "fp8"])
+    with pytest.raises(SystemExit):
+        module.main([image, label, "--slices", "40"])
+    empty = tmp_path / "empty.nii.gz"
+    _save(np.zeros(mask.shape, np.uint8), empty)
+    with pytest.raises(InputError, match="no labelled voxels"):
+        module.main([image, str(empty)])
