@@ -23,17 +23,13 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "SynPoSlicer"))
 
 from synpo import features, io  # noqa: E402
+from synpo.decode import iou  # noqa: E402
 from synpo.errors import InputError, SynPoError  # noqa: E402
+from synpo.evaluate import dice  # noqa: E402
 from synpo.intensity import normalize  # noqa: E402
 from synpo.prompts import box_of  # noqa: E402
 
 DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def _overlap(a: np.ndarray, b: np.ndarray):
-    """(Dice, IoU) of two boolean masks (1.0 when both are empty)."""
-    inter, total, union = (a & b).sum(), a.sum() + b.sum(), (a | b).sum()
-    return (2.0 * inter / total if total else 1.0), (inter / union if union else 1.0)
 
 
 def main(argv=None) -> dict:
@@ -86,17 +82,16 @@ def main(argv=None) -> dict:
             box = box_of(truth)
             masks = {p: sam.decode(e, frame, box_xy=box)[0].numpy() > 0 for p, e in emb.items()}
             rows.append({"slice": k, "label": value,
-                         "dice": {p: float(_overlap(m, truth)[0]) for p, m in masks.items()},
-                         "iou_vs_fp32": {p: float(_overlap(m, masks["fp32"])[1]) for p, m in masks.items()
-                                         if p != "fp32"},
+                         "dice": {p: dice(m, truth) for p, m in masks.items()},
+                         "iou_vs_fp32": {p: iou(m, masks["fp32"]) for p, m in masks.items() if p != "fp32"},
                          "embedding_rel_error": rel})
     summary = {}
     for p in precisions:
-        dice = np.array([r["dice"][p] for r in rows])
-        entry = {"mean_dice": float(dice.mean()) if len(dice) else float("nan")}
+        scores = np.array([r["dice"][p] for r in rows])
+        entry = {"mean_dice": float(scores.mean()) if len(scores) else float("nan")}
         if p != "fp32" and rows:
             iou = [r["iou_vs_fp32"][p] for r in rows]
-            delta = dice - np.array([r["dice"]["fp32"] for r in rows])
+            delta = scores - np.array([r["dice"]["fp32"] for r in rows])
             err = [r["embedding_rel_error"][p] for r in rows]
             entry.update(iou_vs_fp32=[min(iou), max(iou)], dice_change=[float(delta.min()), float(delta.max())],
                          embedding_rel_error=[min(err), max(err)])

@@ -47,9 +47,9 @@ def tokens_to_image(attn, q_tokens: Tensor, k_image: Tensor, v_image: Tensor) ->
     T = q_tokens.shape[0]
     # Heads and tokens stacked as rows of 2-D products: no broadcast copies of the image side.
     # q . bk is the same for every image position: the softmax over positions ignores it.
-    folded = torch.matmul(q, wk).reshape(n * T, -1)                        # (n*T, C)
+    folded = torch.matmul(q, wk).reshape(n * T, -1) / math.sqrt(d)         # (n*T, C)
     logits = torch.mm(folded, k_image.t()).view(n, T, -1)                  # (n, T, N)
-    weights = torch.softmax(logits / math.sqrt(d), dim=-1)
+    weights = torch.softmax(logits, dim=-1)
     pooled = torch.mm(weights.view(n * T, -1), v_image).view(n, T, -1)     # (n, T, C)
     wv = attn.v_proj.weight.view(n, d, -1)                                 # (n, d, C)
     v = torch.matmul(pooled, wv.transpose(1, 2)) + attn.v_proj.bias.view(n, 1, d)   # (n, T, d)
