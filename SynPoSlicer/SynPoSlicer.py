@@ -388,9 +388,12 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
         self.result, self.modelOptions = job.result, job.options
         slicer.util.setSliceViewerLayers(background=self.volumeNode, foreground=self.preview.confidence,
                                          foregroundOpacity=opacity)
+        from synpo.outputs import extent_summary
         present = sum(r.status in ("present", "support") for r in job.result.records)
+        names = {i + 1: name for i, name in enumerate(self.segmentNames)}
         return ("Preview ready: target on %d slice(s). Green/red points are the prompts; move them and "
-                "'Re-run slice', then Commit or Discard." % present), False
+                "'Re-run slice', then Commit or Discard.\n%s"
+                % (present, "\n".join(extent_summary(job.result, names)))), False
 
     def setOverlayOpacity(self, value):
         if self.preview is not None and self.preview.confidence is not None:

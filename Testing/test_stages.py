@@ -215,6 +215,58 @@ def test_ring_parts_found_only_for_closed_bands():
     assert ring_parts([ring], 0.9) is None                          # hole smaller than asked
 
 
+def test_enclosing_labels_are_found_only_inside_a_closed_outline_on_shared_slices():
+    from synpo.volume import enclosing_labels
+    yy, xx = np.mgrid[:40, :40]
+    r = np.hypot(yy - 20, xx - 20)
+    ring = np.zeros((40, 40), np.uint8)
+    ring[(r >= 6) & (r <= 10)] = 1                                   # the myocardium
+    ring[r < 6] = 2                                                  # the blood pool inside it
+    ring[2:5, 2:5] = 3                                               # something outside
+    assert enclosing_labels({4: ring}, [1, 2, 3]) == {2: [1]}
+    opened = ring.copy()
+    opened[(xx > 20) & (abs(yy - 20) < 3) & (ring == 1)] = 0         # the band cut open: no inside
+    assert enclosing_labels({4: opened}, [1, 2, 3]) == {}
+    apart = {4: np.where(ring == 2, 0, ring), 5: np.where(ring == 2, 2, 0)}   # never painted together
+    assert enclosing_labels(apart, [1, 2, 3]) == {}
+    beside = np.where(ring == 2, 0, ring)
+    beside[30:34, 30:34] = 2                                         # on a second slice, outside
+    assert enclosing_labels({4: ring, 6: beside}, [1, 2, 3]) == {}
+
+
+def test_an_enclosed_label_ends_where_its_encloser_ends():
+    from synpo.volume import SliceRecord, follow_enclosing
+    m = np.ones((4, 4), bool)
+    found = {1: {t: m for t in (1, 2, 3)}, 2: {t: m for t in (1, 2, 3, 5, 6)}}
+    records = [SliceRecord(label, t, "present") for label in (1, 2) for t in found[label]]
+    follow_enclosing(found, records, {2: [1]}, {1: [4], 2: [4]})
+    assert sorted(found[1]) == [1, 2, 3] and sorted(found[2]) == [1, 2, 3]
+    dropped = [(r.label, r.index, r.status, r.reason) for r in records if r.status != "present"]
+    assert dropped == [(2, 5, "absent", "outside label 1"), (2, 6, "absent", "outside label 1")]
+
+
+@pytest.mark.parametrize("levels, ratio, expected", [
+    ((0.9, 0.9, 0.9, 0.9, 0.55, 0.9), 0.7, [1, 2, 3]),      # a sudden drop ends the walk
+    ((0.9, 0.9, 0.9, 0.9, 0.55, 0.9), 0.0, [1, 2, 3, 4, 5]),  # (the rule off)
+    ((0.9, 0.9, 0.75, 0.6, 0.6, 0.6), 0.7, [1, 2, 3, 4, 5]),  # a gradual fade does not: each slice
+])                                                           # is judged against its neighbour
+def test_walk_stops_where_the_confidence_drops(levels, ratio, expected):
+    from synpo.volume import _Context, _walk
+    conf = np.zeros((6, 40, 40), np.float32)
+    for t, level in enumerate(levels):
+        conf[t, 10:30, 10:30] = level
+    cfg = SynPoConfig().with_(volume={"min_confidence_ratio": ratio})
+    store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
+    store.ensure(range(6))
+    ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None, lambda k=1: None)
+    masks, records = {}, []
+    _walk(ctx, 1, 0, conf[0] > 0.5, 6, +1, 10.0, masks, records)
+    assert sorted(masks) == expected
+    if expected[-1] == 3:
+        assert [(r.index, r.status, r.reason) for r in records[3:]] == [(4, "absent", "confidence drop"),
+                                                                          (5, "not reached", "")]
+
+
 def test_ring_band_has_the_support_thickness():
     from synpo.volume import band_around, ring_thickness
     yy, xx = np.mgrid[:60, :60]
@@ -502,3 +554,18 @@ def test_cuda_out_of_memory_halves_the_encoder_batch_and_goes_on():
 
     with pytest.raises(SynPoError, match="out of memory encoding a single slice with tight.*--device cpu"):
         EmbeddingStore(AlwaysOut(), slices, frame=None, batch_size=4).ensure(range(3))
+
+
+def test_extent_summary_names_the_found_slices_and_why_each_end_stopped():
+    from types import SimpleNamespace
+    from synpo.outputs import extent_summary
+    from synpo.volume import SliceRecord, VolumeResult
+    recs = [SliceRecord(1, 3, "absent", reason="confidence drop"), SliceRecord(1, 4, "present"),
+            SliceRecord(1, 5, "support"), SliceRecord(1, 6, "present"), SliceRecord(1, 7, "absent", reason="too small"),
+            SliceRecord(1, 8, "not reached"), SliceRecord(2, 5, "support"), SliceRecord(2, 6, "absent", reason="low SAM IoU"),
+            SliceRecord(2, 9, "present"), SliceRecord(3, 0, "absent", reason="too small")]
+    result = VolumeResult(np.zeros((10, 2, 2), np.uint8), {}, recs, SimpleNamespace(labels=[1, 2, 3]), "mr", ["sam"], {})
+    assert extent_summary(result, {1: "liver"}) == [
+        "liver: slices 4-6; ends at 3 (confidence drop) and 7 (too small)",
+        "label 2: slices 5, 9; ends at 6 (low SAM IoU)",
+        "label 3: not found"]

@@ -93,6 +93,14 @@ class VolumeConfig:
     # neighbouring structure rather than the organ continuing).
     min_sam_iou: float = 0.6
     min_overlap: float = 0.6
+    # ... or when the mask's mean confidence falls below this fraction of the previous
+    # slice's (the support's, for the first step): a sudden drop means the walk has left the
+    # organ for a look-alike beside it (the left atrium above the left ventricle). 0 = off.
+    min_confidence_ratio: float = 0.7
+    # A label painted inside another label's outline on every support slice (the blood pool
+    # inside the myocardium, a lesion inside its organ) is kept only on slices where that
+    # enclosing label is present: it cannot outlast what encloses it.
+    enclosed_follow: bool = True
     # Rings: a label whose support masks are closed bands around a hole of at least this
     # fraction of the filled area (the myocardium around the blood pool) is segmented as
     # the band of the support's thickness around the propagated hole (0 = never): a box
@@ -145,6 +153,7 @@ def validate(cfg: SynPoConfig) -> SynPoConfig:
         (0.0 <= c.sam_weight <= 1.0, "confidence.sam_weight must be in [0, 1]"),
         (v.batch_size >= 1, "volume.batch_size must be >= 1"),
         (0.0 <= v.ring_min_hole < 1.0, "volume.ring_min_hole must be in [0, 1)"),
+        (0.0 <= v.min_confidence_ratio <= 1.0, "volume.min_confidence_ratio must be in [0, 1]"),
         (cfg.intensity.modality in ("auto", "ct", "mr"), "intensity.modality must be auto, ct or mr"),
     ]
     for ok, message in checks:

@@ -42,7 +42,7 @@ def points_document(result: VolumeResult, geometry: Geometry, image_path: str = 
     for rec in result.records:
         entry = {"label": rec.label, "slice": rec.index, "status": rec.status,
                  "score": round(rec.score, 4), "sam_iou": round(rec.sam_iou, 4),
-                 "overlap_prev": round(rec.overlap_prev, 4),
+                 "overlap_prev": round(rec.overlap_prev, 4), "reason": rec.reason,
                  "positive": _points(rec.positive, rec.index, axis, geometry),
                  "negative": _points(rec.negative, rec.index, axis, geometry), "box": None}
         if rec.box is not None:
@@ -53,6 +53,30 @@ def points_document(result: VolumeResult, geometry: Geometry, image_path: str = 
     return {"format": "synpo-points/1", "image": image_path, "convention": CONVENTION,
             "axis": "kji"[axis], "axis_index_kji": axis, "labels": result.support.labels,
             "modality": result.modality, "features": result.features, "slices": slices}
+
+
+def extent_summary(result: VolumeResult, names: Dict[int, str] = None) -> List[str]:
+    """One line per label: the slices where it was found and why each end of its walk stopped,
+    e.g. "liver: slices 12-35; ends at 11 (confidence drop) and 36 (too small)"."""
+    lines = []
+    for label in result.support.labels:
+        recs = sorted((r for r in result.records if r.label == label), key=lambda r: r.index)
+        found = [r.index for r in recs if r.status in ("present", "support")]
+        name = (names or {}).get(label, "label %d" % label)
+        if not found:
+            lines.append("%s: not found" % name)
+            continue
+        runs, start = [], found[0]
+        for a, b in zip(found, found[1:] + [None]):
+            if b != a + 1:
+                runs.append("%d-%d" % (start, a) if a > start else "%d" % a)
+                start = b
+        edges = {i - 1 for i in found} | {i + 1 for i in found}
+        ends = ["%d (%s)" % (r.index, r.reason or "absent") for r in recs
+                if r.status == "absent" and r.index in edges]
+        lines.append("%s: slice%s %s%s" % (name, "s" if len(found) > 1 else "", ", ".join(runs),
+                                           "; ends at " + " and ".join(ends) if ends else ""))
+    return lines
 
 
 def confidence_paths(path: str, labels: List[int]) -> Dict[int, str]:

@@ -49,6 +49,7 @@ class SliceRecord:
     score: float = 0.0             # mean fused confidence inside the mask
     sam_iou: float = 0.0
     overlap_prev: float = 0.0      # fraction of this mask inside the neighbouring (previous) mask
+    reason: str = ""               # why an "absent" slice was judged so
     positive: List[List[float]] = field(default_factory=list)   # x (column), y (row) in the slice
     negative: List[List[float]] = field(default_factory=list)
     box: Optional[List[int]] = None
@@ -197,7 +198,10 @@ class _Context:
         self.sam, self.embeds, self.conf, self.cfg = sam, embeds, conf, cfg
         self.timings, self.cancel, self.tick = timings, cancel, tick
 
-    def decode(self, label: int, t: int, prev: Optional[np.ndarray], min_area: float):
+    def decode(self, label: int, t: int, prev: Optional[np.ndarray], min_area: float,
+               prev_score: Optional[float] = None):
+        """Decode slice t next to `prev` (the neighbouring mask, None for a first slice) and judge
+        whether the target is there; prev_score is the neighbouring mask's mean confidence."""
         if self.cancel is not None and self.cancel():
             raise Cancelled("cancelled")
         vc = self.cfg.volume
@@ -213,20 +217,26 @@ class _Context:
         area = int(dec.mask.sum())
         score = float(self.conf[t][dec.mask].mean()) if area else 0.0
         overlap = float(np.logical_and(dec.mask, prev).sum() / area) if prev is not None and area else 0.0
-        present = (area >= min_area and score >= vc.min_confidence and dec.iou >= vc.min_sam_iou
-                   and (prev is None or overlap >= vc.min_overlap))
-        status = "present" if present else "absent"
-        rec = _record(label, t, status, prompts, score, dec.iou, dec.box)
-        rec.overlap_prev = overlap
-        return (dec.mask if present else None), rec
+        reasons = [
+            (area < min_area, "too small"),
+            (score < vc.min_confidence, "low confidence"),
+            (prev_score is not None and score < vc.min_confidence_ratio * prev_score, "confidence drop"),
+            (dec.iou < vc.min_sam_iou, "low SAM IoU"),
+            (prev is not None and overlap < vc.min_overlap, "left the previous mask"),
+        ]
+        reason = next((why for failed, why in reasons if failed), "")
+        rec = _record(label, t, "absent" if reason else "present", prompts, score, dec.iou, dec.box)
+        rec.overlap_prev, rec.reason = overlap, reason
+        return (None if reason else dec.mask), rec
 
 
 def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, step: int, min_area: float,
           masks: Dict[int, np.ndarray], records: List[SliceRecord]) -> None:
     prev = mask
+    prev_score = float(ctx.conf[start][mask].mean()) if mask.any() else None
     t = start + step
     while t != stop:
-        new, rec = ctx.decode(label, t, prev, min_area)
+        new, rec = ctx.decode(label, t, prev, min_area, prev_score)
         records.append(rec)
         if new is None:
             t += step
@@ -236,7 +246,7 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
                 t += step
             return
         masks[t] = new
-        prev = new
+        prev, prev_score = new, rec.score
         t += step
 
 
@@ -441,6 +451,8 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
                             for t, m in outer.items()}
             conf_out[label] = conf_outer * (1.0 - conf_inner)
 
+    if cfg.volume.enclosed_follow:
+        follow_enclosing(found, records, enclosing_labels(paint, support.labels), support.slices)
     labels_out = _assemble(found, conf_out, (n, H, W), support.labels)
     if not cross:
         # The support slices keep the user's paint exactly: every painted voxel keeps its value.
@@ -451,6 +463,36 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
     conf_out = {v: np.ascontiguousarray(from_slices(c, axis)) if axis else c for v, c in conf_out.items()}
     return VolumeResult(np.ascontiguousarray(from_slices(labels_out, axis)), conf_out, records, support,
                         modality, list(confidence_from), timings)
+
+
+def enclosing_labels(paint: Dict[int, np.ndarray], labels: Sequence[int], inside: float = 0.95) -> Dict[int, List[int]]:
+    """{label: [labels enclosing it]}: B encloses A when A and B are painted together on at least
+    one support slice and, on every such slice, at least `inside` of A's paint lies within B's
+    paint with its holes filled (the blood pool within the myocardium's ring)."""
+    out: Dict[int, List[int]] = {}
+    for a in labels:
+        for b in labels:
+            if a == b:
+                continue
+            shared = [p for p in paint.values() if (p == a).any() and (p == b).any()]
+            if shared and all(np.logical_and(p == a, fill_holes(p == b)).sum() >= inside * (p == a).sum()
+                              for p in shared):
+                out.setdefault(a, []).append(b)
+    return out
+
+
+def follow_enclosing(found: Dict[int, Dict[int, np.ndarray]], records: List[SliceRecord],
+                     enclosing: Dict[int, List[int]], support_slices: Dict[int, List[int]]) -> None:
+    """Drop (in place) an enclosed label's masks on slices where a label enclosing it is neither
+    found nor painted; their records become "absent" with the reason."""
+    for inner, outers in sorted(enclosing.items(), key=lambda kv: len(kv[1])):
+        keep = set.intersection(*[set(found[o]) | set(support_slices[o]) for o in outers])
+        dropped = set(found[inner]) - keep
+        for t in dropped:
+            del found[inner][t]
+        for rec in records:
+            if rec.label == inner and rec.index in dropped:
+                rec.status, rec.reason = "absent", "outside label %s" % ", ".join(map(str, outers))
 
 
 def ring_parts(masks: Sequence[np.ndarray], min_hole: float):
