@@ -489,6 +489,42 @@ def test_refinement_box_is_the_first_mask_box_widened(margin, expected):
         validate(SynPoConfig().with_(decode={"refine_box_margin": -0.1}))
 
 
+class _TwoPasses:
+    """A stand-in SAM: the first pass answers +3 on rectangle A (-5 elsewhere), the refinement
+    pass +5 on rectangle B inside A (-4 elsewhere)."""
+
+    def __init__(self, a, b):
+        self.rects, self.calls = (a, b), 0
+
+    def decode(self, embedding, frame, box_xy=None, points_xy=None, point_labels=None, mask_logits=None):
+        first = self.calls == 0
+        self.calls += 1
+        x0, y0, x1, y1 = self.rects[0] if first else self.rects[1]
+        inside, outside = (3.0, -5.0) if first else (5.0, -4.0)
+        logits = torch.full((frame.H, frame.W), outside)
+        logits[y0:y1, x0:x1] = inside
+        return logits, logits, 0.9
+
+
+@pytest.mark.parametrize("blend, restored", [(0.0, False), (0.5, False), (0.6, True), (1.0, True)])
+def test_refinement_restores_confident_pixels_where_the_blend_of_both_passes_is_foreground(blend, restored):
+    # Inside A but outside B the blend is 3 blend - 4 (1 - blend): positive above 4/7. Only the
+    # part of A that lies in the confident region (the prompts' region) may come back.
+    frame = Frame.fit(64, 96, (1.0, 1.0), 96)
+    a, b = (20, 10, 70, 50), (25, 12, 65, 48)               # IoU 0.72: the refinement is kept
+    region = np.zeros((64, 96), dtype=bool)
+    region[14:30, 15:40] = True                              # reaches into A's left strip, not its top
+    given = Prompts(np.array([[30.0, 20.0]]), np.zeros((0, 2)), (24, 11, 61, 41), region)
+    out = decode_slice(_TwoPasses(a, b), None, frame, given, DecodeConfig(refine_blend=blend))
+    want = np.zeros((64, 96), dtype=bool)
+    want[12:48, 25:65] = True                                # B
+    if restored:
+        want[14:30, 20:25] = True                            # A's left strip, inside the region
+    assert np.array_equal(out.mask, want)
+    with pytest.raises(SynPoError, match="refine_blend"):
+        validate(SynPoConfig().with_(decode={"refine_blend": 1.5}))
+
+
 class _BoxFiller:
     """A stand-in SAM that segments exactly the box it is given."""
 

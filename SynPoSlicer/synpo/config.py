@@ -75,6 +75,10 @@ class DecodeConfig:
     # size on each side (MedSAM-style models are trained on boxes a little larger than
     # the object; a tight box makes them under-segment).
     refine_box_margin: float = 0.04
+    # Pixels of the confident region where refine_blend x the first pass's logits +
+    # (1 - refine_blend) x the refinement pass's are foreground are restored to the refined
+    # mask (0 = the refinement pass alone).
+    refine_blend: float = 0.4
     mask_threshold: float = 0.0
 
 
@@ -149,6 +153,7 @@ def validate(cfg: SynPoConfig) -> SynPoConfig:
         (p.negative_sigma > 0, "prompts.negative_sigma must be > 0"),
         (0.0 <= p.box_threshold <= 1.0, "prompts.box_threshold must be in [0, 1]"),
         (cfg.decode.refine_box_margin >= 0.0, "decode.refine_box_margin must be >= 0"),
+        (0.0 <= cfg.decode.refine_blend <= 1.0, "decode.refine_blend must be in [0, 1]"),
         (c.n_prototypes >= 1, "confidence.n_prototypes must be >= 1"),
         (0.0 <= c.sam_weight <= 1.0, "confidence.sam_weight must be in [0, 1]"),
         (v.batch_size >= 1, "volume.batch_size must be >= 1"),

@@ -6,7 +6,11 @@ Refinement (DecodeConfig.refine):
 2. decode once more with the box of that mask, widened by refine_box_margin,
    and the first pass's own low-resolution logits as SAM's mask prompt (SAM's
    iterative refinement);
-3. keep the second mask if it overlaps the first well (IoU >= 0.5), else the
+3. restore to it the pixels of the confident region (the prompts' region) that a blend
+   of both passes' logits (refine_blend of the first's) calls foreground: the
+   mask-prompted pass shrinks what LiteMedSAM already under-segments (spleen), while
+   the first pass alone keeps what it over-segments beyond the confident region;
+4. keep the refined mask if it overlaps the first well (IoU >= 0.5), else the
    first: a refinement may tighten, never jump elsewhere.
 """
 from dataclasses import dataclass, replace
@@ -86,9 +90,16 @@ def decode_slice(model, embedding, frame, prompts: Prompts, cfg: DecodeConfig = 
         if box2 is not None:
             logits2, _, score2 = model.decode(embedding, frame, box_xy=box2 if cfg.use_box else None,
                                               points_xy=xy, point_labels=labels, mask_logits=low)
-            mask2 = keep_prompted(logits2.numpy() > cfg.mask_threshold, prompts)
+            logits2 = logits2.numpy()
+            mask2 = keep_prompted(logits2 > cfg.mask_threshold, prompts)
+            if cfg.refine_blend > 0:
+                blended = cfg.refine_blend * logits + (1.0 - cfg.refine_blend) * logits2
+                restored = keep_prompted(blended > cfg.mask_threshold, prompts) & prompts.region & ~mask2
+                if restored.any():
+                    mask2 = keep_prompted(mask2 | restored, prompts)
+                    logits2 = np.where(restored, blended, logits2)
             if iou(mask, mask2) >= 0.5:
-                mask, logits, score = mask2, logits2.numpy(), score2
+                mask, logits, score = mask2, logits2, score2
     return Decoded(mask, logits.astype(np.float32), score, box)
 
 
