@@ -282,7 +282,7 @@ def test_ring_band_has_the_support_thickness():
 
 
 def test_position_prior_maps_the_support_box_through_the_body_box():
-    from synpo.position import body_box, expected_region
+    from synpo.position import body_box, expected_region, expected_shape
     sup = np.zeros((100, 100), np.float32)
     sup[20:80, 10:90] = 0.6                                    # body
     q = np.zeros((120, 160), np.float32)
@@ -299,6 +299,13 @@ def test_position_prior_maps_the_support_box_through_the_body_box():
     assert wider[region].all() and wider.sum() > region.sum() and not wider[:, 100:].any()
     assert expected_region(np.zeros_like(organ), sup, q, 0.1).all()
     assert body_box(np.zeros((5, 6))) == (0, 0, 5, 6)
+    # The carried-over shape lands in the same place, scaled like the body (1.667 rows, 1.25
+    # columns per support pixel) and inside the expected region.
+    shape = expected_shape(organ, sup, q)
+    ys, xs = np.nonzero(shape)
+    assert (ys.min(), ys.max() + 1, xs.min(), xs.max() + 1) == (35, 60, 46, 71)
+    assert region[shape].all() and abs(int(shape.sum()) - 15 * 20 * 100 / 60 * 100 / 80) <= 30
+    assert not expected_shape(np.zeros_like(organ), sup, q).any()
 
 
 # ------------------------------------------------------------------ prompts
@@ -362,6 +369,23 @@ def test_prompts_keep_the_heavier_component_when_positives_fall_on_two():
     one = prompts.select_prompts(both, cfg)
     assert one.box[0] >= 35 and (one.positive[:, 0] >= 35).all() and not one.region[:, :20].any()
     spanning = prompts.select_prompts(both, PromptConfig(top_k=400, one_component=False))
+    assert spanning.box[0] < 10 and spanning.box[2] > 55
+
+
+def test_prompts_take_the_component_that_covers_the_expected_shape():
+    big, _ = _disc_map(centre=(30, 50), radius=12)
+    small, _ = _disc_map(centre=(30, 12), radius=6)
+    both = np.maximum(big, small)
+    expected = np.zeros(both.shape, dtype=bool)
+    expected[24:37, 5:20] = True                           # another patient's organ lay on the left
+    p = prompts.select_prompts(both, PromptConfig(top_k=400), expected=expected)
+    assert p.box[2] <= 20 and (p.positive[:, 0] < 20).all() and not p.region[:, 30:].any()
+    # No confidence inside the guess: the heavier component, as without one.
+    nowhere = np.zeros(both.shape, dtype=bool)
+    nowhere[60:, 70:] = True
+    assert prompts.select_prompts(both, PromptConfig(top_k=400), expected=nowhere).box[0] >= 35
+    # one_component off: the guess chooses nothing either.
+    spanning = prompts.select_prompts(both, PromptConfig(top_k=400, one_component=False), expected=expected)
     assert spanning.box[0] < 10 and spanning.box[2] > 55
 
 

@@ -33,7 +33,7 @@ from .decode import DecodeConfig, decode_slice
 from .intensity import normalize
 from .io import read_volume
 from .prompts import Prompts, box_of, select_prompts
-from .position import expected_region
+from .position import expected_region, expected_shape
 from .support import in_plane_spacing, to_slices
 from .volume import (EmbeddingStore, confidence_volume, get_store, ring_parts, sam_store, segment_volume,
                      store_key)
@@ -224,11 +224,12 @@ def evaluate_cross(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
                 conf = confidence_volume(stores[qi], stores[si], [s_idx], [s_gt[s_idx] == v], chunk,
                                          confidence_from, cfg)
                 for c, t in zip(conf, chunk):
-                    region = None
+                    region = shape = None
                     if cfg.volume.position_prior:
-                        region = expected_region(s_gt[s_idx] == v, stores[si]["sam"].slices[s_idx],
-                                                 stores[qi]["sam"].slices[int(t)], cfg.volume.position_margin)
-                    p = select_prompts(c, cfg.prompts, region)
+                        s_slice, q_slice = stores[si]["sam"].slices[s_idx], stores[qi]["sam"].slices[int(t)]
+                        region = expected_region(s_gt[s_idx] == v, s_slice, q_slice, cfg.volume.position_margin)
+                        shape = expected_shape(s_gt[s_idx] == v, s_slice, q_slice)
+                    p = select_prompts(c, cfg.prompts, region, shape)
                     pred[t] = decode_slice(sam, stores[qi]["sam"].cache[int(t)], stores[qi]["sam"].frame, p,
                                            cfg.decode).mask
             dl, _, _ = score(pred, q_gt == v)

@@ -95,21 +95,29 @@ def gaussian_negatives(conf: np.ndarray, exclude: np.ndarray, centre_xy, radius:
 
 
 def select_prompts(conf: np.ndarray, cfg: PromptConfig = PromptConfig(),
-                   search: Optional[np.ndarray] = None) -> Prompts:
+                   search: Optional[np.ndarray] = None, expected: Optional[np.ndarray] = None) -> Prompts:
     """Prompts for one slice from its (H, W) confidence map in [0, 1].
 
     search: optional (H, W) bool region where the target is expected (positives
     and the box region are restricted to it).
+    expected: optional (H, W) bool guess of the target's shape (the support mask of
+    another patient carried onto this slice). With one_component, when the search
+    region holds several confident components, the search narrows to the one with
+    the most confidence inside `expected` (when any has some).
     """
     rng = np.random.default_rng(cfg.seed)
-    pos_set = top_k_pixels(conf, cfg.top_k, search)
     empty = np.zeros(conf.shape, dtype=bool)
-    if len(pos_set) == 0:
-        return Prompts(np.zeros((0, 2)), np.zeros((0, 2)), None, empty)
     confident = conf >= cfg.box_threshold
     if search is not None:
         confident &= search
-    labels, _ = ndimage.label(confident)
+    labels, n_components = ndimage.label(confident)
+    if expected is not None and cfg.one_component and n_components > 1:
+        inside = ndimage.sum(conf * expected, labels, np.arange(1, n_components + 1))
+        if inside.max() > 0:
+            search = labels == 1 + int(np.argmax(inside))
+    pos_set = top_k_pixels(conf, cfg.top_k, search)
+    if len(pos_set) == 0:
+        return Prompts(np.zeros((0, 2)), np.zeros((0, 2)), None, empty)
     hit = np.unique(labels[pos_set[:, 1], pos_set[:, 0]])
     hit = hit[hit > 0]
     if cfg.one_component and len(hit) > 1:

@@ -28,7 +28,7 @@ from .decode import decode_slice, fill_holes
 from .errors import InputError, SynPoError
 from .features import batch_size_for
 from .intensity import normalize
-from .position import expected_region
+from .position import expected_region, expected_shape
 from .prompts import Prompts, select_prompts
 from .support import Support, find_support, from_slices, in_plane_spacing, to_slices
 
@@ -199,15 +199,16 @@ class _Context:
         self.timings, self.cancel, self.tick = timings, cancel, tick
 
     def decode(self, label: int, t: int, prev: Optional[np.ndarray], min_area: float,
-               prev_score: Optional[float] = None):
+               prev_score: Optional[float] = None, expected: Optional[np.ndarray] = None):
         """Decode slice t next to `prev` (the neighbouring mask, None for a first slice) and judge
-        whether the target is there; prev_score is the neighbouring mask's mean confidence."""
+        whether the target is there; prev_score is the neighbouring mask's mean confidence;
+        expected, the target's guessed shape (select_prompts)."""
         if self.cancel is not None and self.cancel():
             raise Cancelled("cancelled")
         vc = self.cfg.volume
         t0 = time.perf_counter()
         region = _search_region(prev, vc.search_margin, vc.search_min_px) if prev is not None else None
-        prompts = select_prompts(self.conf[t], self.cfg.prompts, region)
+        prompts = select_prompts(self.conf[t], self.cfg.prompts, region, expected)
         t1 = time.perf_counter()
         dec = decode_slice(self.sam, self.embeds.cache[t], self.embeds.frame, prompts, self.cfg.decode)
         t2 = time.perf_counter()
@@ -367,13 +368,18 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
             r_stores[name].ensure(sorted({s for v in support.slices.values() for s in v}), tick, cancel)
         timings["encode_" + name] += q_stores[name].seconds - before
 
+    def nearest_support(t: int, sup_idx: List[int]) -> int:
+        """Cross-patient: the support slice (its position in sup_idx) at the relative height of
+        the volume nearest query slice t's."""
+        rel = [abs(s / max(1, len(ref) - 1) - t / max(1, n - 1)) for s in sup_idx]
+        return int(np.argmin(rel))
+
     def expected_slice_region(t: int, sup_idx: List[int], sup_masks: List[np.ndarray]) -> Optional[np.ndarray]:
         """Cross-patient: where the target is expected on query slice t (position.py), from the
-        support slice at the nearest relative height; None when the prior is off."""
+        nearest support slice; None when the prior is off."""
         if not cfg.volume.position_prior:
             return None
-        rel = [abs(s / max(1, len(ref) - 1) - t / max(1, n - 1)) for s in sup_idx]
-        k = int(np.argmin(rel))
+        k = nearest_support(t, sup_idx)
         return expected_region(sup_masks[k], ref[sup_idx[k]], query[t], cfg.volume.position_margin)
 
     def expected_height(t: int, sup_idx: List[int]) -> bool:
@@ -415,7 +421,11 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
             area = [int(((conf[t] >= cfg.prompts.box_threshold) & (True if r is None else r)).sum())
                     if near[t] else -1 for t, r in enumerate(regions)]
             start = int(np.argmax(area))
-            first, rec = ctx.decode(label, start, regions[start], min_area)
+            shape = None
+            if cfg.volume.position_prior:
+                k = nearest_support(start, sup_idx)
+                shape = expected_shape(sup_masks[k], ref[sup_idx[k]], query[start])
+            first, rec = ctx.decode(label, start, regions[start], min_area, expected=shape)
             records.append(rec)
             starts = {start: first} if first is not None else {}
             if first is None:
