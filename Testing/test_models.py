@@ -12,7 +12,7 @@ from conftest import ellipsoid_volume
 from synpo import features, weights
 from synpo.config import SynPoConfig
 from synpo.errors import ModelError, SynPoError
-from synpo.volume import segment_volume
+from synpo.volume import sam_store, segment_volume
 
 
 @pytest.fixture
@@ -160,6 +160,12 @@ def test_rerun_with_other_prompt_settings_reuses_embeddings_and_confidence(serve
     assert np.array_equal(first.confidence[1], again.confidence[1])
     with pytest.raises(ValueError):
         again.confidence[1][0, 0, 0] = 0.5          # the cached map cannot be corrupted through a result
+    # Slices whose box and region the new top_k left alone reused their decoded masks, and the
+    # result is the one a run from scratch gives.
+    assert sam_store(stores).decode_reuses > 0
+    fresh = segment_volume(image, (1.0, 1.0, 2.0), support, sam, None, SynPoConfig().with_(prompts={"top_k": 16}))
+    assert np.array_equal(fresh.labels, again.labels)
+    assert [(r.index, r.status, r.box) for r in fresh.records] == [(r.index, r.status, r.box) for r in again.records]
     # Other paint: new maps.
     support2 = support.copy()
     support2[3][:, :20] = 0

@@ -11,6 +11,7 @@ from synpo.features import Frame
 from synpo.io import Geometry
 from synpo.outputs import slice_xy_to_ijk
 from synpo.prompts import Prompts
+from synpo.volume import EmbeddingStore
 
 
 # ------------------------------------------------------------------ support
@@ -267,6 +268,33 @@ def test_walk_stops_where_the_confidence_drops(levels, ratio, expected):
                                                                           (5, "not reached", "")]
 
 
+def test_store_reuses_identical_decodings_and_bounds_what_it_keeps(monkeypatch):
+    from synpo import volume
+    store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
+    store.ensure(range(3))
+    region = np.zeros((40, 40), dtype=bool)
+    region[10:20, 10:20] = True
+    calls = []
+
+    class Counting(_BoxFiller):
+        def decode(self, *args, **kwargs):
+            calls.append(kwargs["box_xy"])
+            return super().decode(*args, **kwargs)
+
+    sam, cfg = Counting(), DecodeConfig(refine=False)
+    first = store.decode(sam, 0, Prompts(np.array([[12.0, 12.0]]), np.zeros((0, 2)), (10, 10, 20, 20), region), cfg)
+    again = store.decode(sam, 0, Prompts(np.array([[15.0, 15.0]]), np.zeros((0, 2)), (10, 10, 20, 20), region), cfg)
+    assert len(calls) == 1 and store.decode_reuses == 1
+    assert np.array_equal(first[0], again[0]) and again[0].sum() == 100 and again[1:] == first[1:]
+    store.decode(sam, 1, Prompts(np.array([[12.0, 12.0]]), np.zeros((0, 2)), (10, 10, 20, 20), region), cfg)
+    assert len(calls) == 2                                   # another slice: decoded
+    monkeypatch.setattr(volume, "DECODED_KEPT_BYTES", 2 * 200)   # two 40 x 40 masks (200 bytes each)
+    store.decode(sam, 2, Prompts(np.array([[12.0, 12.0]]), np.zeros((0, 2)), (10, 10, 21, 20), region), cfg)
+    assert len(store.decoded) == 2 and store.decoded_bytes == 400
+    store.decode(sam, 0, Prompts(np.array([[12.0, 12.0]]), np.zeros((0, 2)), (10, 10, 20, 20), region), cfg)
+    assert len(calls) == 4                                   # slice 0's mask was the oldest: dropped
+
+
 def test_ring_band_has_the_support_thickness():
     from synpo.volume import band_around, ring_thickness
     yy, xx = np.mgrid[:60, :60]
@@ -513,6 +541,29 @@ def test_refinement_box_is_the_first_mask_box_widened(margin, expected):
         validate(SynPoConfig().with_(decode={"refine_box_margin": -0.1}))
 
 
+def test_decoder_inputs_key_changes_only_with_what_decoding_sees():
+    from synpo.decode import decoder_inputs
+    region = np.zeros((64, 96), dtype=bool)
+    region[12:40, 25:60] = True
+    box = (24, 11, 61, 41)
+    base = Prompts(np.array([[40.0, 25.0]]), np.array([[5.0, 5.0]]), box, region)
+    key = decoder_inputs(base, DecodeConfig())
+    # Box-only decoding: other positives inside the region and other negatives change nothing.
+    same = Prompts(np.array([[30.0, 20.0], [50.0, 30.0]]), np.array([[90.0, 60.0]]), box, region)
+    assert decoder_inputs(same, DecodeConfig()) == key
+    # A positive outside the region keeps its own component: a different key.
+    outside = Prompts(np.array([[40.0, 25.0], [5.0, 60.0]]), np.zeros((0, 2)), box, region)
+    assert decoder_inputs(outside, DecodeConfig()) != key
+    other_box = Prompts(base.positive, base.negative, (24, 11, 62, 41), region)
+    assert decoder_inputs(other_box, DecodeConfig()) != key
+    other_region = region.copy()
+    other_region[39, 59] = False
+    assert decoder_inputs(Prompts(base.positive, base.negative, box, other_region), DecodeConfig()) != key
+    assert decoder_inputs(base, DecodeConfig(refine_blend=0.5)) != key
+    # With points given to SAM, every point counts.
+    assert decoder_inputs(same, DecodeConfig(use_points=True)) != decoder_inputs(base, DecodeConfig(use_points=True))
+
+
 class _TwoPasses:
     """A stand-in SAM: the first pass answers +3 on rectangle A (-5 elsewhere), the refinement
     pass +5 on rectangle B inside A (-4 elsewhere)."""
@@ -559,11 +610,14 @@ class _BoxFiller:
         return logits, logits, 0.9
 
 
-class _Store:
-    def __init__(self, frame):
-        self.frame, self.cache = frame, {}
+class _Store(EmbeddingStore):
+    """A real store (its decoded-mask memo included) over placeholder embeddings, which the
+    stand-in SAMs ignore."""
 
-    def ensure(self, indices):
+    def __init__(self, frame):
+        super().__init__(None, np.zeros((0, frame.H, frame.W), np.float32), frame, 1)
+
+    def ensure(self, indices, progress=None, cancel=None):
         self.cache.update({int(t): None for t in indices})
 
 

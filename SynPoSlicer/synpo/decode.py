@@ -13,6 +13,7 @@ Refinement (DecodeConfig.refine):
 4. keep the refined mask if it overlaps the first well (IoU >= 0.5), else the
    first: a refinement may tighten, never jump elsewhere.
 """
+import hashlib
 from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
@@ -69,6 +70,25 @@ def keep_prompted(mask: np.ndarray, prompts: Prompts) -> np.ndarray:
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.logical_or(a, b).sum()
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def decoder_inputs(prompts: Prompts, cfg: DecodeConfig) -> bytes:
+    """A key for everything decode_slice's mask depends on besides the embedding: the box and
+    points given to SAM, the prompt region, the positives outside that region (keep_prompted
+    keeps their components; those inside it add nothing) and the decode settings. Prompts that
+    differ only where decoding cannot see them (more top-k positives inside the same region, other
+    negatives with a box-only model) give the same key."""
+    box = prompts.box if cfg.use_box else None
+    positive = np.asarray(prompts.positive, dtype=float).reshape(-1, 2)
+    given = cfg.use_points or box is None
+    if not given and len(positive):
+        ij = np.clip(positive.astype(int), 0, [prompts.region.shape[1] - 1, prompts.region.shape[0] - 1])
+        positive = positive[~prompts.region[ij[:, 1], ij[:, 0]]]
+    negative = np.asarray(prompts.negative, dtype=float).reshape(-1, 2) if cfg.use_points else np.zeros((0, 2))
+    digest = hashlib.sha1(repr((box, cfg, prompts.region.shape)).encode())
+    for part in (np.packbits(prompts.region), positive, negative):
+        digest.update(np.ascontiguousarray(part).tobytes() + b"|")
+    return digest.digest()
 
 
 def decode_slice(model, embedding, frame, prompts: Prompts, cfg: DecodeConfig = DecodeConfig()) -> Decoded:

@@ -16,6 +16,7 @@ import itertools
 import os
 import tempfile
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -23,8 +24,8 @@ import numpy as np
 import torch
 
 from . import confidence as conf_mod
-from .config import SynPoConfig, validate
-from .decode import decode_slice, fill_holes
+from .config import DecodeConfig, SynPoConfig, validate
+from .decode import decode_slice, decoder_inputs, fill_holes
 from .errors import InputError, SynPoError
 from .features import batch_size_for
 from .intensity import normalize
@@ -35,6 +36,7 @@ from .support import Support, find_support, from_slices, in_plane_spacing, to_sl
 Progress = Callable[[str, int, int], None]
 STORAGE_DTYPE = torch.float16          # embeddings as kept between runs
 CONFIDENCE_CHUNK = 16                  # query slices per similarity / upsampling step
+DECODED_KEPT_BYTES = 64 << 20         # decoded masks kept per store for re-runs (8 KB each at 256 x 256)
 
 
 class Cancelled(SynPoError):
@@ -83,6 +85,11 @@ class EmbeddingStore:
         # Kept in float16 (exact enough for cosine similarity and SAM's decoder, which get them
         # back in float32): half the memory of a volume's embeddings, in RAM and on disk.
         self.cache: Dict[int, torch.Tensor] = {}
+        # SAM's decoded masks of these slices by their exact decoder inputs (decode.decoder_inputs):
+        # a re-run whose new settings leave a slice's box and region alone reuses its mask.
+        self.decoded: "OrderedDict[tuple, tuple]" = OrderedDict()
+        self.decoded_bytes = 0
+        self.decode_reuses = 0
         self.seconds = 0.0
         self.disk_path = None
         if disk_dir:
@@ -143,6 +150,25 @@ class EmbeddingStore:
     def stack(self, indices: Sequence[int]) -> torch.Tensor:
         self.ensure(indices)
         return torch.stack([self.cache[i] for i in indices])
+
+    def decode(self, sam, t: int, prompts: Prompts, cfg: DecodeConfig) -> tuple:
+        """(mask, SAM's IoU, box) of slice t decoded from `prompts` (decode_slice), or the result of
+        an earlier identical decoding (up to DECODED_KEPT_BYTES are kept; least recently used out first)."""
+        key = (t, decoder_inputs(prompts, cfg))
+        hit = self.decoded.get(key)
+        if hit is not None:
+            self.decoded.move_to_end(key)
+            self.decode_reuses += 1
+            bits, iou, box = hit
+            shape = (self.frame.H, self.frame.W)
+            return np.unpackbits(bits, count=shape[0] * shape[1]).reshape(shape).astype(bool), iou, box
+        dec = decode_slice(sam, self.cache[t], self.frame, prompts, cfg)
+        bits = np.packbits(dec.mask)
+        self.decoded[key] = (bits, dec.iou, dec.box)
+        self.decoded_bytes += bits.nbytes
+        while self.decoded_bytes > DECODED_KEPT_BYTES:
+            self.decoded_bytes -= self.decoded.popitem(last=False)[1][0].nbytes
+        return dec.mask, dec.iou, dec.box
 
 
 def get_store(stores: Dict, key: str, enc, volume_slices: np.ndarray, spacing_rc, cfg: SynPoConfig,
@@ -210,25 +236,25 @@ class _Context:
         region = _search_region(prev, vc.search_margin, vc.search_min_px) if prev is not None else None
         prompts = select_prompts(self.conf[t], self.cfg.prompts, region, expected)
         t1 = time.perf_counter()
-        dec = decode_slice(self.sam, self.embeds.cache[t], self.embeds.frame, prompts, self.cfg.decode)
+        mask, sam_iou, box = self.embeds.decode(self.sam, t, prompts, self.cfg.decode)
         t2 = time.perf_counter()
         self.timings["prompts"] += t1 - t0
         self.timings["decode"] += t2 - t1
         self.tick()
-        area = int(dec.mask.sum())
-        score = float(self.conf[t][dec.mask].mean()) if area else 0.0
-        overlap = float(np.logical_and(dec.mask, prev).sum() / area) if prev is not None and area else 0.0
+        area = int(mask.sum())
+        score = float(self.conf[t][mask].mean()) if area else 0.0
+        overlap = float(np.logical_and(mask, prev).sum() / area) if prev is not None and area else 0.0
         reasons = [
             (area < min_area, "too small"),
             (score < vc.min_confidence, "low confidence"),
             (prev_score is not None and score < vc.min_confidence_ratio * prev_score, "confidence drop"),
-            (dec.iou < vc.min_sam_iou, "low SAM IoU"),
+            (sam_iou < vc.min_sam_iou, "low SAM IoU"),
             (prev is not None and overlap < vc.min_overlap, "left the previous mask"),
         ]
         reason = next((why for failed, why in reasons if failed), "")
-        rec = _record(label, t, "absent" if reason else "present", prompts, score, dec.iou, dec.box)
+        rec = _record(label, t, "absent" if reason else "present", prompts, score, sam_iou, box)
         rec.overlap_prev, rec.reason = overlap, reason
-        return (None if reason else dec.mask), rec
+        return (None if reason else mask), rec
 
 
 def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, step: int, min_area: float,
