@@ -295,6 +295,31 @@ def test_store_reuses_identical_decodings_and_bounds_what_it_keeps(monkeypatch):
     assert len(calls) == 4                                   # slice 0's mask was the oldest: dropped
 
 
+def test_cross_patient_confidence_uses_its_own_prototype_count(monkeypatch):
+    from synpo import volume
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def record(feats, masks, frame, grid, cfg):
+        seen.append(cfg.n_prototypes)
+        raise Seen()
+
+    monkeypatch.setattr(volume.conf_mod, "build_prototypes", record)
+    store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
+    store.encoder = type("Enc", (), {"grid": 8})()
+    store.ensure([0])
+    cfg = SynPoConfig().with_(confidence={"n_prototypes": 2, "n_prototypes_cross": 7})
+    for cross in (False, True):
+        with pytest.raises(Seen):
+            volume.confidence_volume({"sam": store}, {"sam": store}, [0], [np.ones((40, 40), bool)], [0],
+                                     ("sam",), cfg, cross=cross)
+    assert seen == [2, 7]
+    with pytest.raises(SynPoError, match="n_prototypes_cross"):
+        validate(SynPoConfig().with_(confidence={"n_prototypes_cross": 0}))
+
+
 def test_ring_band_has_the_support_thickness():
     from synpo.volume import band_around, ring_thickness
     yy, xx = np.mgrid[:60, :60]

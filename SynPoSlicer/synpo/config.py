@@ -26,6 +26,13 @@ class ConfidenceConfig:
     # Foreground prototypes per support mask (K-means over its feature vectors);
     # the similarity of a query pixel is the max over prototypes.
     n_prototypes: int = 3
+    # ... when the support was painted on another patient (cross-patient): more prototypes cover
+    # more of the support's appearance, which another patient's organ matches less closely.
+    # CHAOS cross-patient, published protocol / product mode (labelled slices): 3: 0.798 / 0.804,
+    # 4: 0.806 / 0.786, 5: 0.805 / 0.748, 6: 0.814 / 0.760 (8: 0.810 published); the product
+    # mode flips whole organs on its start slice, so it moves in steps of ~0.04. Within a volume
+    # more did not help (CHAOS whole volume 0.908 at 3; 0.906 / 0.909 / 0.898 at 4 / 5 / 6).
+    n_prototypes_cross: int = 4
     # Background prototypes (K-means over the support's background cells); a query
     # cell's score is its foreground similarity minus its background similarity.
     # 0 = foreground similarity alone.
@@ -155,6 +162,7 @@ def validate(cfg: SynPoConfig) -> SynPoConfig:
         (cfg.decode.refine_box_margin >= 0.0, "decode.refine_box_margin must be >= 0"),
         (0.0 <= cfg.decode.refine_blend <= 1.0, "decode.refine_blend must be in [0, 1]"),
         (c.n_prototypes >= 1, "confidence.n_prototypes must be >= 1"),
+        (c.n_prototypes_cross >= 1, "confidence.n_prototypes_cross must be >= 1"),
         (0.0 <= c.sam_weight <= 1.0, "confidence.sam_weight must be in [0, 1]"),
         (v.batch_size >= 1, "volume.batch_size must be >= 1"),
         (0.0 <= v.ring_min_hole < 1.0, "volume.ring_min_hole must be in [0, 1)"),

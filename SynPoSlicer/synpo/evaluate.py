@@ -222,7 +222,7 @@ def evaluate_cross(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
                 if len(chunk) == 0:
                     continue
                 conf = confidence_volume(stores[qi], stores[si], [s_idx], [s_gt[s_idx] == v], chunk,
-                                         confidence_from, cfg)
+                                         confidence_from, cfg, cross=True)
                 for c, t in zip(conf, chunk):
                     region = shape = None
                     if cfg.volume.position_prior:

@@ -8,8 +8,8 @@ one contiguous run of slices), so slices beyond it come out empty. Between two
 support slices, each slice belongs to the nearer support.
 
 Cross-patient (a support painted on another volume): the walk starts at the
-query slice with the largest confident area inside the region where the
-support's position relative to the body puts the target (position.py).
+query slice, near the supports' relative height, with the most confidence
+inside the support mask carried over by the body-to-body mapping (position.py).
 """
 import hashlib
 import itertools
@@ -17,7 +17,7 @@ import os
 import tempfile
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -292,16 +292,18 @@ def _propagate(ctx: _Context, label: int, n: int, starts: Dict[int, np.ndarray],
 def confidence_volume(q_stores: Dict[str, EmbeddingStore], r_stores: Dict[str, EmbeddingStore],
                       support_indices: Sequence[int], support_masks: Sequence[np.ndarray],
                       query_indices: Sequence[int], confidence_from: Sequence[str],
-                      cfg: SynPoConfig) -> np.ndarray:
-    """Fused confidence (len(query_indices), H, W) of query slices, from support slices' masks.
+                      cfg: SynPoConfig, cross: bool = False) -> np.ndarray:
+    """Fused confidence (len(query_indices), H, W) of query slices, from support slices' masks
+    (cross: painted on another patient, with confidence.n_prototypes_cross prototypes).
 
     Works through the query slices in chunks: memory beyond the result is one chunk's maps.
     """
+    ccfg = replace(cfg.confidence, n_prototypes=cfg.confidence.n_prototypes_cross) if cross else cfg.confidence
     protos = {}
     for name in confidence_from:
         q, r = q_stores[name], r_stores[name]
         protos[name] = conf_mod.build_prototypes([r.cache[s] for s in support_indices], list(support_masks),
-                                                 q.frame, q.encoder.grid, cfg.confidence)
+                                                 q.frame, q.encoder.grid, ccfg)
     query_indices = list(query_indices)
     frame = q_stores[confidence_from[0]].frame
     out = np.empty((len(query_indices), frame.H, frame.W), dtype=np.float32)
@@ -408,6 +410,14 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
         k = nearest_support(t, sup_idx)
         return expected_region(sup_masks[k], ref[sup_idx[k]], query[t], cfg.volume.position_margin)
 
+    def expected_slice_shape(t: int, sup_idx: List[int], sup_masks: List[np.ndarray]) -> Optional[np.ndarray]:
+        """Cross-patient: the nearest support slice's mask carried onto query slice t (position.py);
+        None when the prior is off."""
+        if not cfg.volume.position_prior:
+            return None
+        k = nearest_support(t, sup_idx)
+        return expected_shape(sup_masks[k], ref[sup_idx[k]], query[t])
+
     def expected_height(t: int, sup_idx: List[int]) -> bool:
         """Cross-patient: whether query slice t lies at a relative height of the volume near the
         support slices' (within position_margin of the volume's extent)."""
@@ -428,7 +438,7 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
             + b"".join(np.packbits(m).tobytes() for m in sup_masks)).hexdigest()
         conf = stores.get("confidence/" + key)
         if conf is None:
-            conf = confidence_volume(q_stores, r_stores, sup_idx, sup_masks, range(n), confidence_from, cfg)
+            conf = confidence_volume(q_stores, r_stores, sup_idx, sup_masks, range(n), confidence_from, cfg, cross)
             conf.setflags(write=False)                  # shared with results: never modified in place
             stores["confidence/" + key] = conf
         timings["confidence"] += time.perf_counter() - t1
@@ -441,17 +451,15 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
                 records.append(_record(label, s, "support", score=float(conf[s][m].mean())))
                 tick()
         else:
-            # Start where the confident area (inside the expected region) is largest.
+            # Start on the slice (at a height near the supports') with the most confidence inside the
+            # carried-over support mask; without the position prior, the largest confident area.
             near = [expected_height(t, sup_idx) for t in range(n)]
-            regions = [expected_slice_region(t, sup_idx, sup_masks) if near[t] else None for t in range(n)]
-            area = [int(((conf[t] >= cfg.prompts.box_threshold) & (True if r is None else r)).sum())
-                    if near[t] else -1 for t, r in enumerate(regions)]
-            start = int(np.argmax(area))
-            shape = None
-            if cfg.volume.position_prior:
-                k = nearest_support(start, sup_idx)
-                shape = expected_shape(sup_masks[k], ref[sup_idx[k]], query[start])
-            first, rec = ctx.decode(label, start, regions[start], min_area, expected=shape)
+            shapes = [expected_slice_shape(t, sup_idx, sup_masks) if near[t] else None for t in range(n)]
+            score = [-1.0 if not near[t] else float((conf[t] * shapes[t]).sum()) if shapes[t] is not None
+                     else float((conf[t] >= cfg.prompts.box_threshold).sum()) for t in range(n)]
+            start = int(np.argmax(score))
+            first, rec = ctx.decode(label, start, expected_slice_region(start, sup_idx, sup_masks), min_area,
+                                    expected=shapes[start])
             records.append(rec)
             starts = {start: first} if first is not None else {}
             if first is None:
