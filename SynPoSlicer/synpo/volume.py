@@ -173,10 +173,12 @@ class EmbeddingStore:
 
 def get_store(stores: Dict, key: str, enc, volume_slices: np.ndarray, spacing_rc, cfg: SynPoConfig,
               embedding_cache: Optional[str] = None) -> EmbeddingStore:
-    """The store under `key` if it holds these slices in the same frame, else a new one put there."""
+    """The store under `key` if it holds these slices in the same frame from the same encoder (a
+    model loaded for another device or precision embeds and decodes a little differently), else a
+    new one put there."""
     frame = enc.frame(volume_slices.shape[1], volume_slices.shape[2], spacing_rc)
     s = stores.get(key)
-    if s is None or s.frame != frame or (s.slices is not volume_slices
+    if s is None or s.encoder is not enc or s.frame != frame or (s.slices is not volume_slices
                                          and not np.array_equal(s.slices, volume_slices)):
         batch = batch_size_for(enc.device, getattr(enc, "name", ""), cfg.volume.batch_size)
         s = EmbeddingStore(enc, volume_slices, frame, batch, embedding_cache)
