@@ -109,9 +109,12 @@ def test_benchmark_reports_stages_and_reuse(tiny_dataset, tmp_path, capsys):
     assert first["stages_s"]["encode_sam"] > 0
     assert repeat["stages_s"]["encode_sam"] == 0.0          # embeddings were reused
     assert report["repeat_speedup"] > 1.0
+    boxes = report["repeat_new_boxes"]
+    assert boxes["stages_s"]["encode_sam"] == 0.0 and report["repeat_new_boxes_speedup"] > 1.0
+    assert 0 <= repeat["decodes_reused"] <= repeat["decoded_slices"] and first["decodes_reused"] == 0
     assert first["peak_rss_mb"] > 0
     printed = capsys.readouterr().out
-    assert "non-encoder share" in printed and "encode_sam" in printed
+    assert "non-encoder share" in printed and "encode_sam" in printed and "new boxes" in printed
 
 
 def test_encoder_cost_script(tmp_path, capsys):

@@ -6,9 +6,8 @@ reuse them, as a re-run in Slicer or with --embedding-cache does. The first
 repeat halves prompts.top_k, which moves the positives but leaves most boxes
 alone, so most slices reuse their decoded masks too; the second raises
 prompts.box_threshold, which changes every box: it decodes every slice again.
-Reports
-seconds per stage and per slice, wall time, peak RSS, CUDA memory, device
-and precision, and writes them as JSON.
+Reports seconds per stage and per slice, wall time, peak RSS, CUDA memory,
+device and precision, and writes them as JSON.
 """
 import json
 import os
