@@ -455,13 +455,18 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
         else:
             # Start on the slice (at a height near the supports') with the most confidence inside the
             # carried-over support mask; without the position prior, the largest confident area.
-            near = [expected_height(t, sup_idx) for t in range(n)]
-            shapes = [expected_slice_shape(t, sup_idx, sup_masks) if near[t] else None for t in range(n)]
-            score = [-1.0 if not near[t] else float((conf[t] * shapes[t]).sum()) if shapes[t] is not None
-                     else float((conf[t] >= cfg.prompts.box_threshold).sum()) for t in range(n)]
-            start = int(np.argmax(score))
+            # One slice's carried-over mask at a time: memory stays a slice's, not the volume's.
+            def start_score(t: int) -> float:
+                if not expected_height(t, sup_idx):
+                    return -1.0
+                shape = expected_slice_shape(t, sup_idx, sup_masks)
+                if shape is None:
+                    return float((conf[t] >= cfg.prompts.box_threshold).sum())
+                return float((conf[t] * shape).sum())
+
+            start = int(np.argmax([start_score(t) for t in range(n)]))
             first, rec = ctx.decode(label, start, expected_slice_region(start, sup_idx, sup_masks), min_area,
-                                    expected=shapes[start])
+                                    expected=expected_slice_shape(start, sup_idx, sup_masks))
             records.append(rec)
             starts = {start: first} if first is not None else {}
             if first is None:
