@@ -234,3 +234,32 @@ def test_lean_mask_decoder_equals_segment_anything(geometry, monkeypatch):
             scale = float(want_low.abs().max())
             assert float((low - want_low).abs().max()) <= 1e-9 * max(scale, 1.0)
             assert torch.allclose(iou, want_iou, atol=1e-9, rtol=1e-9)
+            # A window upscales only its cells: the same logits there, `outside` elsewhere.
+            r0, r1, c0, c1 = 2, h - 3, 5, w - 1
+            part, part_iou = decode_single_mask(decoder, emb, pe, sparse, dense, (r0, r1, c0, c1), outside=-7.0)
+            inside = torch.zeros_like(want_low, dtype=torch.bool)
+            inside[..., 4 * r0:4 * r1, 4 * c0:4 * c1] = True
+            assert float((part - want_low)[inside].abs().max()) <= 1e-9 * max(scale, 1.0)
+            assert bool((part[~inside] == -7.0).all()) and torch.allclose(part_iou, want_iou, atol=1e-9)
+            whole, _ = decode_single_mask(decoder, emb, pe, sparse, dense, (0, h, 0, w))
+            assert float((whole - want_low).abs().max()) <= 1e-9 * max(scale, 1.0)
+            for bad in [(0, h + 1, 0, w), (3, 3, 0, w), (-1, 4, 0, w)]:
+                with pytest.raises(ValueError, match="window"):
+                    decode_single_mask(decoder, emb, pe, sparse, dense, bad)
+
+
+def test_decode_window_covers_the_widened_box_in_the_cells_of_the_slice():
+    """SamModel.decode_window: embedding cells of a box widened by a margin and one cell, clipped
+    to the cells that hold the slice (not the padding of a non-square slice)."""
+    frame = features.Frame.fit(100, 200, (1.0, 1.0), 256)     # input 128 x 256: rows 0-31 of 64 hold it
+    assert (frame.h, frame.w) == (128, 256)
+    window = features.SamModel.decode_window
+    # 0.32 cells per slice pixel (1.28 input px, 4 px a cell). A 20 x 10 box at x 100-119, y 40-49
+    # spans cells x 32-38.4, y 12.8-16; one cell more on each side, whole cells:
+    assert window(frame, (100, 40, 119, 49), 0.0, (64, 64)) == (11, 17, 31, 40)
+    # widened by half its size (10 px, 5 px): x 90-130 -> cells 28.8-41.6, y 35-55 -> 11.2-17.6
+    assert window(frame, (100, 40, 119, 49), 0.5, (64, 64)) == (10, 19, 27, 43)
+    # the whole slice and beyond it: every valid cell
+    assert window(frame, (0, 0, 199, 99), 0.5, (64, 64)) == (0, 32, 0, 64)
+    with pytest.raises(ValueError, match="margin"):
+        window(frame, (0, 0, 10, 10), -0.1, (64, 64))

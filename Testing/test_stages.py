@@ -536,6 +536,18 @@ def test_config_validation_and_overrides():
         SynPoConfig().with_(prompts={"nope": 1})
     with pytest.raises(SynPoError, match="top_k"):
         validate(SynPoConfig().with_(prompts={"top_k": 0}))
+    # Values of the wrong type (as --set parses them) are refused by name, not deep in a stage.
+    assert SynPoConfig().with_(decode={"window_margin": None}).decode.window_margin is None
+    assert SynPoConfig().with_(decode={"window_margin": 1}).decode.window_margin == 1
+    assert SynPoConfig().with_(intensity={"ct_window": (50, 350.0)}).intensity.ct_window == (50, 350.0)
+    for section, field_, value, wants in [("decode", "window_margin", "None", r"Optional\[float\]"),
+                                          ("prompts", "top_k", 3.5, "int"), ("decode", "refine", 1, "bool"),
+                                          ("intensity", "ct_window", (40.0,), r"Tuple\[float, float\]"),
+                                          ("intensity", "modality", 3, "str")]:
+        with pytest.raises(SynPoError, match="%s.%s wants %s" % (section, field_, wants)):
+            SynPoConfig().with_(**{section: {field_: value}})
+    with pytest.raises(SynPoError, match="window_margin"):
+        validate(SynPoConfig().with_(decode={"window_margin": -0.5}))
 
 
 class _BoxRecorder:
@@ -544,7 +556,8 @@ class _BoxRecorder:
     def __init__(self, rect):
         self.rect, self.boxes = rect, []
 
-    def decode(self, embedding, frame, box_xy=None, points_xy=None, point_labels=None, mask_logits=None):
+    def decode(self, embedding, frame, box_xy=None, points_xy=None, point_labels=None, mask_logits=None,
+               window_margin=None):
         self.boxes.append(tuple(box_xy))
         x0, y0, x1, y1 = self.rect
         logits = torch.full((frame.H, frame.W), -5.0)
@@ -596,7 +609,8 @@ class _TwoPasses:
     def __init__(self, a, b):
         self.rects, self.calls = (a, b), 0
 
-    def decode(self, embedding, frame, box_xy=None, points_xy=None, point_labels=None, mask_logits=None):
+    def decode(self, embedding, frame, box_xy=None, points_xy=None, point_labels=None, mask_logits=None,
+               window_margin=None):
         first = self.calls == 0
         self.calls += 1
         x0, y0, x1, y1 = self.rects[0] if first else self.rects[1]
@@ -628,7 +642,8 @@ def test_refinement_restores_confident_pixels_where_the_blend_of_both_passes_is_
 class _BoxFiller:
     """A stand-in SAM that segments exactly the box it is given."""
 
-    def decode(self, embedding, frame, box_xy=None, points_xy=None, point_labels=None, mask_logits=None):
+    def decode(self, embedding, frame, box_xy=None, points_xy=None, point_labels=None, mask_logits=None,
+               window_margin=None):
         x0, y0, x1, y1 = box_xy
         logits = torch.full((frame.H, frame.W), -5.0)
         logits[y0:y1, x0:x1] = 5.0

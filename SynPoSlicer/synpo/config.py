@@ -6,7 +6,7 @@ field says what it does. Change them through `SynPoConfig(...)` or
 `dataclasses.replace`, never by editing the stage modules.
 """
 from dataclasses import dataclass, field, replace
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union, get_args, get_origin, get_type_hints
 
 from .errors import SynPoError
 
@@ -87,6 +87,11 @@ class DecodeConfig:
     # mask (0 = the refinement pass alone).
     refine_blend: float = 0.4
     mask_threshold: float = 0.0
+    # With a box, SAM's mask logits are formed only within the box widened by this fraction
+    # of its size on each side (plus one embedding cell); the rest of the slice is
+    # background. The upscaling is ~40% of the decoder's arithmetic and a box covers a few
+    # percent of a slice. None: logits over the whole slice.
+    window_margin: Optional[float] = 0.5
 
 
 @dataclass(frozen=True)
@@ -143,11 +148,33 @@ class SynPoConfig:
             if not hasattr(self, name):
                 raise SynPoError("unknown config section %r" % name)
             section = getattr(self, name)
-            for key in changes:
+            hints = get_type_hints(type(section))
+            for key, value in changes.items():
                 if not hasattr(section, key):
                     raise SynPoError("unknown config field %s.%s" % (name, key))
+                if not _fits(value, hints[key]):
+                    raise SynPoError("config field %s.%s wants %s, got %r" % (
+                        name, key, hints[key].__name__ if isinstance(hints[key], type)
+                        else str(hints[key]).replace("typing.", ""), value))
             updated[name] = replace(section, **changes)
         return replace(self, **updated)
+
+
+def _fits(value, hint) -> bool:
+    """Whether a value suits a field annotated `hint` (an int where a float goes is fine)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Union:
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is tuple:
+        return (isinstance(value, tuple) and len(value) == len(args)
+                and all(_fits(v, a) for v, a in zip(value, args)))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
 
 
 def validate(cfg: SynPoConfig) -> SynPoConfig:
@@ -161,6 +188,8 @@ def validate(cfg: SynPoConfig) -> SynPoConfig:
         (0.0 <= p.box_threshold <= 1.0, "prompts.box_threshold must be in [0, 1]"),
         (cfg.decode.refine_box_margin >= 0.0, "decode.refine_box_margin must be >= 0"),
         (0.0 <= cfg.decode.refine_blend <= 1.0, "decode.refine_blend must be in [0, 1]"),
+        (cfg.decode.window_margin is None or cfg.decode.window_margin >= 0.0,
+         "decode.window_margin must be >= 0 (or None: the whole slice)"),
         (c.n_prototypes >= 1, "confidence.n_prototypes must be >= 1"),
         (c.n_prototypes_cross >= 1, "confidence.n_prototypes_cross must be >= 1"),
         (0.0 <= c.sam_weight <= 1.0, "confidence.sam_weight must be in [0, 1]"),

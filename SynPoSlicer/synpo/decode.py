@@ -101,7 +101,8 @@ def decode_slice(model, embedding, frame, prompts: Prompts, cfg: DecodeConfig = 
     if xy is not None and len(xy) == 0 and box is None:
         empty = np.zeros((frame.H, frame.W), dtype=bool)
         return Decoded(empty, np.full(empty.shape, -20.0, np.float32), 0.0, None)
-    logits, low, score = model.decode(embedding, frame, box_xy=box, points_xy=xy, point_labels=labels)
+    logits, low, score = model.decode(embedding, frame, box_xy=box, points_xy=xy, point_labels=labels,
+                                      window_margin=cfg.window_margin)
     logits = logits.numpy()
     mask = logits > cfg.mask_threshold
     if cfg.refine and mask.any():
@@ -109,7 +110,8 @@ def decode_slice(model, embedding, frame, prompts: Prompts, cfg: DecodeConfig = 
         box2 = widen(box_of(mask), cfg.refine_box_margin, mask.shape)
         if box2 is not None:
             logits2, _, score2 = model.decode(embedding, frame, box_xy=box2 if cfg.use_box else None,
-                                              points_xy=xy, point_labels=labels, mask_logits=low)
+                                              points_xy=xy, point_labels=labels, mask_logits=low,
+                                              window_margin=cfg.window_margin)
             logits2 = logits2.numpy()
             mask2 = keep_prompted(logits2 > cfg.mask_threshold, prompts)
             if cfg.refine_blend > 0:

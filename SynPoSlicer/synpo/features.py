@@ -282,12 +282,36 @@ class SamModel:
             x = (x * 255.0 - self.PIXEL_MEAN.to(x.device)) / self.PIXEL_STD.to(x.device)
         return run_encoder(self.net.image_encoder, x, self.device, self.precision).cpu()
 
+    @staticmethod
+    def decode_window(frame: Frame, box_xy: Sequence[float], margin: float, grid_hw) -> Tuple[int, int, int, int]:
+        """Embedding cells (row0, row1, col0, col1), half-open, covering an (x0, y0, x1, y1) box of
+        slice pixels widened by `margin` of its size on each side and by one more cell, within
+        the cells that hold the slice."""
+        x0, y0, x1, y1 = [float(v) for v in box_xy]
+        if margin < 0:
+            raise ValueError("decoding window margin must be >= 0 (got %s)" % margin)
+        mx, my = margin * (x1 - x0 + 1), margin * (y1 - y0 + 1)
+        gh, gw = int(grid_hw[0]), int(grid_hw[1])
+        rows, cols = frame.grid_valid(gh)[0], frame.grid_valid(gw)[1]
+        # slice pixels -> input pixels -> cells
+        ry, rx = frame.h / frame.H * gh / frame.size, frame.w / frame.W * gw / frame.size
+        r0 = int(np.floor((y0 - my) * ry)) - 1
+        r1 = int(np.ceil((y1 + 1 + my) * ry)) + 1
+        c0 = int(np.floor((x0 - mx) * rx)) - 1
+        c1 = int(np.ceil((x1 + 1 + mx) * rx)) + 1
+        r0, c0 = min(max(r0, 0), rows - 1), min(max(c0, 0), cols - 1)
+        return r0, max(r0 + 1, min(r1, rows)), c0, max(c0 + 1, min(c1, cols))
+
     @torch.no_grad()
     def decode(self, embedding: torch.Tensor, frame: Frame, box_xy: Optional[Sequence[float]] = None,
                points_xy: Optional[np.ndarray] = None, point_labels: Optional[np.ndarray] = None,
-               mask_logits: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, float]:
+               mask_logits: Optional[torch.Tensor] = None,
+               window_margin: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor, float]:
         """Decode prompts given in slice pixel coordinates (x=column, y=row).
 
+        window_margin: with a box, only the embedding cells within the box widened by this
+        fraction of its size on each side (and one cell) are upscaled to logits; the rest
+        of the slice is background (None: every cell).
         Returns (logits over the slice (H, W), low-res logits (256, 256) for a
         refinement pass, predicted IoU).
         """
@@ -304,8 +328,11 @@ class SamModel:
         masks = mask_logits.to(dev).view(1, 1, *mask_logits.shape[-2:]) if mask_logits is not None else None
         sparse, dense = self.net.prompt_encoder(points=points, boxes=boxes, masks=masks)
         # segment_anything's MaskDecoder with multimask_output=False, in fewer operations (sam_decoder.py).
+        window = None
+        if box_xy is not None and window_margin is not None:
+            window = self.decode_window(frame, box_xy, window_margin, embedding.shape[-2:])
         low, iou = decode_single_mask(self.net.mask_decoder, embedding.to(dev, torch.float32).view(1, *embedding.shape[-3:]),
-                                      self.dense_pe(), sparse, dense)
+                                      self.dense_pe(), sparse, dense, window)
         low = low[0, 0].float()
         logits = frame.input_map_to_slice(low[None])[0]
         return logits.cpu(), low.cpu(), float(iou[0, 0])

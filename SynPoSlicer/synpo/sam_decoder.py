@@ -25,7 +25,7 @@ in float64 (tested against segment_anything's own forward), to rounding in float
 (LiteMedSAM's logits within 3e-5).
 """
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +94,9 @@ def _two_way_block(layer, queries: Tensor, keys: Tensor, query_pe: Tensor, key_p
     return queries, keys
 
 
+# Low-resolution logit given to the cells left out of a decoding window (SAM's own logits
+# far from a box prompt are of this order; anything below the mask threshold is background).
+OUTSIDE_LOGIT = -20.0
 BLOCK_ROWS = 1024      # image positions per block of the upscaling (its temporaries stay in cache)
 
 
@@ -121,9 +124,14 @@ def _upscale_single(mask_decoder, keys: Tensor, h: int, w: int, hyper: Tensor) -
 
 
 def decode_single_mask(mask_decoder, image_embedding: Tensor, image_pe: Tensor, sparse: Tensor,
-                       dense: Tensor) -> Tuple[Tensor, Tensor]:
+                       dense: Tensor, window: Optional[Tuple[int, int, int, int]] = None,
+                       outside: float = OUTSIDE_LOGIT) -> Tuple[Tensor, Tensor]:
     """mask_decoder(image_embedding (1, C, h, w), image_pe, sparse (1, P, C), dense (1, C, h, w),
-    multimask_output=False): low-resolution logits (1, 1, 4h, 4w) and predicted IoU (1, 1)."""
+    multimask_output=False): low-resolution logits (1, 1, 4h, 4w) and predicted IoU (1, 1).
+
+    window: (row0, row1, col0, col1), embedding cells (half-open): only these cells are
+    upscaled; the logits elsewhere are `outside`. The transformer still sees every cell.
+    """
     _, C, h, w = image_embedding.shape
     transformer = mask_decoder.transformer
     tokens = torch.cat([mask_decoder.iou_token.weight, mask_decoder.mask_tokens.weight, sparse[0]], 0)
@@ -136,6 +144,14 @@ def decode_single_mask(mask_decoder, image_embedding: Tensor, image_pe: Tensor, 
     attn = tokens_to_image(transformer.final_attn_token_to_image, queries + tokens, keys + key_pe, keys)
     queries = transformer.norm_final_attn(queries + attn)
     hyper = mask_decoder.output_hypernetworks_mlps[0](queries[1])          # the first mask token
-    low = _upscale_single(mask_decoder, keys, h, w, hyper)
+    if window is None or tuple(window) == (0, h, 0, w):
+        low = _upscale_single(mask_decoder, keys, h, w, hyper)
+    else:
+        r0, r1, c0, c1 = window
+        if not (0 <= r0 < r1 <= h and 0 <= c0 < c1 <= w):
+            raise ValueError("window %s is not inside the %d x %d embedding" % (window, h, w))
+        inside = keys.view(h, w, C)[r0:r1, c0:c1].reshape(-1, C)
+        low = keys.new_full((4 * h, 4 * w), outside)
+        low[4 * r0:4 * r1, 4 * c0:4 * c1] = _upscale_single(mask_decoder, inside, r1 - r0, c1 - c0, hyper)
     iou = mask_decoder.iou_prediction_head(queries[0])[:1]
     return low[None, None], iou[None]
