@@ -56,6 +56,16 @@ def test_missing_file(case, capsys):
     _no_outputs(case)
 
 
+@pytest.mark.parametrize("setting, says", [("prompts.top_k=0", "prompts.top_k must be >= 1"),
+                                            ("decode.nope=1", "unknown config field decode.nope"),
+                                            ("decode.window_margin=wide", "decode.window_margin wants Optional[float]"),
+                                            ("top_k=3", "--set wants SECTION.FIELD=VALUE")])
+def test_bad_setting(case, capsys, setting, says):
+    msg = run_error(capsys, ["segment", case["image"], case["support"], "-o", case["out"], "--set", setting])
+    assert says in msg
+    _no_outputs(case)
+
+
 def test_unreadable_file(case, capsys):
     bad = case["dir"] / "bad.nii.gz"
     bad.write_bytes(b"this is not a volume")

@@ -9,7 +9,7 @@ import SimpleITK as sitk
 from conftest import ellipsoid_volume
 from synpo.cli import main
 from synpo.evaluate import dice, score, support_slice
-from synpo.evaluate_cli import parse_overrides
+from synpo.config import SynPoConfig, configured, parse_overrides
 from synpo.errors import SynPoError
 
 
@@ -49,6 +49,11 @@ def test_overrides_parse():
         "prompts": {"top_k": 8}, "intensity": {"ct_window": (50, 350)}}
     with pytest.raises(SynPoError):
         parse_overrides(["top_k=8"])
+    cfg = configured(["decode.window_margin=null", "prompts.top_k=8"], "ct")
+    assert cfg.decode.window_margin is None and cfg.prompts.top_k == 8 and cfg.intensity.modality == "ct"
+    assert configured([]) == SynPoConfig()
+    with pytest.raises(SynPoError, match="top_k must be >= 1"):       # overrides are validated
+        configured(["prompts.top_k=0"])
 
 
 def test_evaluate_writes_tables_and_plot(tiny_dataset, tmp_path, capsys):
@@ -100,9 +105,10 @@ def test_benchmark_reports_stages_and_reuse(tiny_dataset, tmp_path, capsys):
     sup_path = _save(support, tmp_path / "support.nii.gz")
     out = tmp_path / "bench.json"
     code = main(["benchmark", str(folder / "image_1.nii.gz"), sup_path, "-o", str(out), "--device", "cpu",
-                 "--features", "sam"])
+                 "--features", "sam", "--set", "prompts.top_k=40", "--set", "decode.window_margin=null"])
     assert code == 0
     report = json.load(open(str(out)))
+    assert report["config"]["prompts"]["top_k"] == 40 and report["config"]["decode"]["window_margin"] is None
     first, repeat = report["first"], report["repeat"]
     assert first["slices"] == 10 and report["precision"] == "float32" and report["device"] == "cpu"
     assert set(first["stages_s"]) >= {"intensity", "encode_sam", "confidence", "prompts", "decode", "assembly"}

@@ -10,6 +10,7 @@ Reports seconds per stage and per slice, wall time, peak RSS, CUDA memory,
 device and precision, and writes them as JSON.
 """
 import json
+from dataclasses import asdict
 import os
 import platform
 import resource
@@ -61,7 +62,8 @@ def _run(image, spacing, support, sam, dino, cfg, use, stores):
 
 def run_benchmark(image_path: str, support_path: str, sam_name: str = "litemedsam", features: str = "auto",
                   dinov2: str = "small", device: str = "auto", precision: str = "auto",
-                  output: Optional[str] = None, quiet: bool = False) -> dict:
+                  output: Optional[str] = None, quiet: bool = False, cfg=None) -> dict:
+    """cfg: the SynPoConfig of the first run (default: the defaults); the repeats change it."""
     from .features import load_models
     from .config import default_config
     from .io import read_volume
@@ -71,7 +73,7 @@ def run_benchmark(image_path: str, support_path: str, sam_name: str = "litemedsa
     sam, dino, use = load_models(sam_name, features, dinov2, device, quiet, precision)
     load_s = time.perf_counter() - t0
     dtype = sam.precision
-    cfg = default_config()
+    cfg = default_config() if cfg is None else cfg
     stores: dict = {}
     first, result = _run(image, geometry.spacing, support, sam, dino, cfg, use, stores)
     # The repeat runs change prompt settings: only decoding work is left to do.
@@ -88,6 +90,7 @@ def run_benchmark(image_path: str, support_path: str, sam_name: str = "litemedsa
         "precision": str(dtype).replace("torch.", "") if dtype is not None else "float32",
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "model_load_s": load_s,
+        "config": asdict(cfg),
         "first": first, "repeat": repeat,
         "repeat_speedup": first["wall_s"] / repeat["wall_s"] if repeat["wall_s"] else float("inf"),
         "repeat_new_boxes": new_boxes,

@@ -2,9 +2,11 @@
 
     synpo segment IMAGE SUPPORT -o OUT.nii.gz [--support-image REF] [--sam litemedsam|vit_b|vit_l|vit_h]
                   [--features auto|synergy|sam|dinov2] [--dinov2 small|base|large|giant]
-                  [--device auto|cpu|cuda] [--confidence-out CONF.nii.gz] [--points-out POINTS.json] [--quiet]
+                  [--device auto|cpu|cuda] [--confidence-out CONF.nii.gz] [--points-out POINTS.json]
+                  [--set SECTION.FIELD=VALUE ...] [--quiet]
     synpo demo [-o DIR]
     synpo evaluate DATA_DIR [-o DIR] ...
+    synpo benchmark IMAGE SUPPORT [-o REPORT.json] ...
     synpo download MODEL
 
 User errors print one line "synpo: error: ..." and exit with status 2; nothing is written.
@@ -17,6 +19,12 @@ from typing import List, Optional
 from .errors import SynPoError
 
 FEATURE_CHOICES = ("auto", "synergy", "sam", "dinov2")
+
+
+def add_set_option(p) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a constant of config.py, e.g. --set prompts.top_k=32 (repeatable; "
+                        "values as JSON, null for None)")
 
 
 def _progress(quiet: bool):
@@ -61,7 +69,7 @@ def check_outputs(outputs: List[Optional[str]], inputs: List[Optional[str]]) -> 
 
 
 def cmd_segment(args) -> int:
-    from .config import default_config
+    from .config import configured
     from .io import read_volume
     from .features import load_models
     from .outputs import write_result
@@ -83,7 +91,7 @@ def cmd_segment(args) -> int:
         raise SynPoError("support label grid (%s) differs from the image grid (%s); paint on the image's grid "
                          "or pass --support-image" % (sup_geometry.describe(), geometry.describe()))
     find_support(support)                     # bad paint is reported before any model loads
-    cfg = default_config(args.modality)
+    cfg = configured(args.set, args.modality)
     sam, dino, use = load_models(args.sam, args.features, args.dinov2, args.device, args.quiet, args.precision)
     update, close = _progress(args.quiet)
     try:
@@ -120,9 +128,11 @@ def cmd_download(args) -> int:
 
 def cmd_benchmark(args) -> int:
     from .benchmark import run_benchmark
+    from .config import configured
     check_outputs([args.output], [args.image, args.support])
+    cfg = configured(args.set)
     run_benchmark(args.image, args.support, args.sam, args.features, args.dinov2, args.device, args.precision,
-                  args.output, args.quiet)
+                  args.output, args.quiet, cfg)
     return 0
 
 
@@ -161,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--points-out", metavar="POINTS", help="write prompt points and boxes per slice (JSON)")
     seg.add_argument("--embedding-cache", metavar="DIR",
                      help="keep image embeddings in DIR so a re-run on the same volume only decodes")
+    add_set_option(seg)
     seg.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     seg.set_defaults(func=cmd_segment)
 
@@ -184,12 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     bench.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                        help="encoder precision: auto = fp16 on CUDA, fp32 on CPU")
+    add_set_option(bench)
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(func=cmd_benchmark)
 
     ev = sub.add_parser("evaluate", help="measure SynPo and baselines on labelled volumes")
     from .evaluate_cli import add_arguments
     add_arguments(ev)
+    add_set_option(ev)
     ev.set_defaults(func=cmd_evaluate)
     return parser
 

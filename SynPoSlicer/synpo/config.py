@@ -5,8 +5,9 @@ measurement on ../shared/data/chaos_t2 (see README, "Choice of constants"); each
 field says what it does. Change them through `SynPoConfig(...)` or
 `dataclasses.replace`, never by editing the stage modules.
 """
+import json
 from dataclasses import dataclass, field, replace
-from typing import Optional, Tuple, Union, get_args, get_origin, get_type_hints
+from typing import Dict, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
 
 from .errors import SynPoError
 
@@ -212,3 +213,29 @@ def default_config(modality: Optional[str] = None) -> SynPoConfig:
     if modality is not None:
         cfg = cfg.with_(intensity={"modality": modality})
     return validate(cfg)
+
+
+def parse_overrides(items: Sequence[str]) -> Dict[str, Dict[str, object]]:
+    """["prompts.top_k=32", "decode.window_margin=null"] -> {"prompts": {"top_k": 32}, ...}
+    (values are read as JSON where they parse as JSON; lists become tuples)."""
+    out: Dict[str, Dict[str, object]] = {}
+    for item in items:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise SynPoError("--set wants SECTION.FIELD=VALUE, got %r" % item)
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        if isinstance(parsed, list):
+            parsed = tuple(parsed)
+        out.setdefault(section, {})[name] = parsed
+    return out
+
+
+def configured(items: Sequence[str] = (), modality: Optional[str] = None) -> SynPoConfig:
+    """The defaults with command-line overrides (--set SECTION.FIELD=VALUE) applied, validated."""
+    cfg = default_config(modality)
+    overrides = parse_overrides(items)
+    return validate(cfg.with_(**overrides)) if overrides else cfg

@@ -1,6 +1,5 @@
 """`synpo evaluate`: tables (CSV + Markdown) and plots (PNG) from evaluate.py's scores."""
 import csv
-import json
 import os
 import sys
 from typing import Dict, List, Sequence
@@ -23,27 +22,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dinov2", default="small", choices=("small", "base", "large", "giant"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--no-baselines", action="store_true", help="SynPo only")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override a config constant, e.g. --set prompts.top_k=32 (repeatable)")
     p.add_argument("--embedding-cache", metavar="DIR", help="keep embeddings on disk between runs")
     p.add_argument("--quiet", action="store_true")
-
-
-def parse_overrides(items: Sequence[str]) -> Dict[str, Dict[str, object]]:
-    out: Dict[str, Dict[str, object]] = {}
-    for item in items:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise SynPoError("--set wants SECTION.FIELD=VALUE, got %r" % item)
-        key, value = item.split("=", 1)
-        section, name = key.split(".", 1)
-        try:
-            parsed = json.loads(value)
-        except ValueError:
-            parsed = value
-        if isinstance(parsed, list):
-            parsed = tuple(parsed)
-        out.setdefault(section, {})[name] = parsed
-    return out
 
 
 def write_tables(scores, folder: str) -> List[str]:
@@ -108,17 +88,14 @@ def plot(scores, folder: str) -> List[str]:
 
 def run_evaluate(args) -> int:
     from .features import load_models
-    from .config import default_config
+    from .config import configured
     from .evaluate import evaluate_cross, evaluate_intra, find_pairs
     if not os.path.isdir(args.data):
         raise SynPoError("data folder not found: %s" % args.data)
     pairs = find_pairs(args.data)[: args.limit]
     if not pairs:
         raise SynPoError("no image_N/label_N (or ct/labels) volumes in %s" % args.data)
-    cfg = default_config()
-    overrides = parse_overrides(args.set)
-    if overrides:
-        cfg = cfg.with_(**overrides)
+    cfg = configured(args.set)
     sam, dino, use = load_models(args.sam, args.features, args.dinov2, args.device, args.quiet)
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, flush=True))
     scores = []
