@@ -13,12 +13,12 @@ over the workers, so with several labels they can add up to more than the wall
 time (assembly is then 0); the wall times and the non-encoder share are wall-clock.
 """
 import json
-from dataclasses import asdict
 import os
 import platform
 import resource
 import sys
 import time
+from dataclasses import asdict
 from typing import Optional
 
 import torch

@@ -2,7 +2,7 @@
 import csv
 import os
 import sys
-from typing import Dict, List, Sequence
+from typing import List
 
 from .errors import SynPoError
 

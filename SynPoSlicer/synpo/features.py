@@ -284,9 +284,10 @@ class SamModel:
 
     @staticmethod
     def decode_window(frame: Frame, box_xy: Sequence[float], margin: float, grid_hw) -> Tuple[int, int, int, int]:
-        """Embedding cells (row0, row1, col0, col1), half-open, covering an (x0, y0, x1, y1) box of
-        slice pixels widened by `margin` of its size on each side and by one more cell, within
-        the cells that hold the slice."""
+        """Embedding cells (row0, row1, col0, col1), half-open, covering slice pixels x0..x1, y0..y1
+        of an (x0, y0, x1, y1) box (both ends taken as inside: a box with exclusive ends gains a
+        pixel) widened by `margin` of its size on each side and by one more cell, within the
+        cells that hold the slice."""
         x0, y0, x1, y1 = [float(v) for v in box_xy]
         if margin < 0:
             raise ValueError("decoding window margin must be >= 0 (got %s)" % margin)

@@ -539,7 +539,7 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
             torch.set_num_threads(threads)
         errors = [f.exception() for f in futures if f.exception() is not None]
         if errors:
-            # The error of the worker that failed first, not the Cancelled of those it stopped.
+            # A worker's own error, not the Cancelled it caused in the others.
             raise next((e for e in errors if not isinstance(e, Cancelled)), errors[0])
         per_label = [f.result() for f in futures]
     else:
