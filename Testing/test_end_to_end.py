@@ -13,8 +13,9 @@ from synpo.evaluate import score
 from synpo.io import Geometry, read_volume
 
 # Measured: Dice 0.922 (whole volume, 30 slices) with the default config on this machine (see README).
-# The assertion leaves a margin for numerical differences between CPUs and torch builds.
-MIN_DICE = 0.87
+# The assertion leaves a margin for numerical differences between CPUs and torch builds, but not
+# for a change that costs the demo what cutting the decoding window at the slice's edge did (0.899).
+MIN_DICE = 0.905
 
 
 @pytest.fixture(scope="module")

@@ -294,7 +294,7 @@ def test_lean_mask_decoder_equals_segment_anything(geometry, monkeypatch):
 
 def test_decode_window_covers_the_widened_box_in_the_cells_of_the_slice():
     """SamModel.decode_window: embedding cells of a box widened by a margin and one cell, clipped
-    to the cells that hold the slice (not the padding of a non-square slice)."""
+    to the grid (the padding under a non-square slice stays in: the refinement pass sees it)."""
     frame = features.Frame.fit(100, 200, (1.0, 1.0), 256)     # input 128 x 256: rows 0-31 of 64 hold it
     assert (frame.h, frame.w) == (128, 256)
     window = features.SamModel.decode_window
@@ -303,7 +303,8 @@ def test_decode_window_covers_the_widened_box_in_the_cells_of_the_slice():
     assert window(frame, (100, 40, 119, 49), 0.0, (64, 64)) == (11, 17, 31, 40)
     # widened by half its size (10 px, 5 px): x 90-130 -> cells 28.8-41.6, y 35-55 -> 11.2-17.6
     assert window(frame, (100, 40, 119, 49), 0.5, (64, 64)) == (10, 19, 27, 43)
-    # the whole slice and beyond it: every valid cell
-    assert window(frame, (0, 0, 199, 99), 0.5, (64, 64)) == (0, 32, 0, 64)
+    # the whole slice: y 0-99 -> cells 0-32 and one more; widened by half, y -50-149 -> 0-48 and one more
+    assert window(frame, (0, 0, 199, 99), 0.0, (64, 64)) == (0, 33, 0, 64)
+    assert window(frame, (0, 0, 199, 99), 0.5, (64, 64)) == (0, 49, 0, 64)
     with pytest.raises(ValueError, match="margin"):
         window(frame, (0, 0, 10, 10), -0.1, (64, 64))

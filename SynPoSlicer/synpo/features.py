@@ -286,16 +286,16 @@ class SamModel:
     def decode_window(frame: Frame, box_xy: Sequence[float], margin: float, grid_hw) -> Tuple[int, int, int, int]:
         """Embedding cells (row0, row1, col0, col1), half-open, covering slice pixels x0..x1, y0..y1
         of an (x0, y0, x1, y1) box (both ends taken as inside: a box with exclusive ends gains a
-        pixel) widened by `margin` of its size on each side and by one more cell, within the
-        cells that hold the slice."""
+        pixel) widened by `margin` of its size on each side and by one more cell, clipped to the
+        grid. The padding of a non-square slice is not cut off: the refinement pass is given the
+        first pass's logits there too (cutting it cost the bundled CT 0.922 -> 0.899 Dice)."""
         x0, y0, x1, y1 = [float(v) for v in box_xy]
         if margin < 0:
             raise ValueError("decoding window margin must be >= 0 (got %s)" % margin)
         mx, my = margin * (x1 - x0 + 1), margin * (y1 - y0 + 1)
-        gh, gw = int(grid_hw[0]), int(grid_hw[1])
-        rows, cols = frame.grid_valid(gh)[0], frame.grid_valid(gw)[1]
+        rows, cols = int(grid_hw[0]), int(grid_hw[1])
         # slice pixels -> input pixels -> cells
-        ry, rx = frame.h / frame.H * gh / frame.size, frame.w / frame.W * gw / frame.size
+        ry, rx = frame.h / frame.H * rows / frame.size, frame.w / frame.W * cols / frame.size
         r0 = int(np.floor((y0 - my) * ry)) - 1
         r1 = int(np.ceil((y1 + 1 + my) * ry)) + 1
         c0 = int(np.floor((x0 - mx) * rx)) - 1
