@@ -537,7 +537,7 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
                 futures = [pool.submit(segment_label, label) for label in support.labels]
         finally:
             torch.set_num_threads(threads)
-        errors = [f.exception() for f in futures if f.exception() is not None]
+        errors = [e for e in (f.exception() for f in futures) if e is not None]
         if errors:
             # A worker's own error, not the Cancelled it caused in the others.
             raise next((e for e in errors if not isinstance(e, Cancelled)), errors[0])
