@@ -725,3 +725,17 @@ def test_extent_summary_names_the_found_slices_and_why_each_end_stopped():
         "liver: slices 4-6; ends at 3 (confidence drop) and 7 (too small)",
         "label 2: slices 5, 9; ends at 6 (low SAM IoU)",
         "label 3: not found"]
+
+
+def test_redecode_without_positive_points_is_empty_and_calls_no_model():
+    """The user deleted every positive point: nothing to decode, an empty mask, background logits."""
+    from synpo.decode import redecode_with_points
+
+    class _NoModel:
+        def decode(self, *args, **kwargs):
+            raise AssertionError("the model was called without a positive point")
+
+    frame = Frame.fit(20, 30, (1.0, 1.0), 32)
+    dec = redecode_with_points(_NoModel(), None, frame, np.zeros((0, 2)), np.array([[3.0, 4.0]]))
+    assert dec.mask.shape == (20, 30) and not dec.mask.any() and dec.box is None and dec.iou == 0.0
+    assert dec.logits.shape == (20, 30) and bool((dec.logits < DecodeConfig().mask_threshold).all())

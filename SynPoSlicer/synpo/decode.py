@@ -22,6 +22,7 @@ from scipy import ndimage
 
 from .config import DecodeConfig
 from .prompts import Prompts, box_of, widen
+from .sam_decoder import OUTSIDE_LOGIT
 
 
 @dataclass
@@ -91,6 +92,12 @@ def decoder_inputs(prompts: Prompts, cfg: DecodeConfig) -> bytes:
     return digest.digest()
 
 
+def _nothing(frame) -> Decoded:
+    """No prompt to decode: an empty mask, background logits everywhere."""
+    return Decoded(np.zeros((frame.H, frame.W), dtype=bool), np.full((frame.H, frame.W), OUTSIDE_LOGIT, np.float32),
+                   0.0, None)
+
+
 def decode_slice(model, embedding, frame, prompts: Prompts, cfg: DecodeConfig = DecodeConfig()) -> Decoded:
     box = prompts.box if cfg.use_box else None
     xy, labels = _point_args(prompts, cfg)
@@ -99,8 +106,7 @@ def decode_slice(model, embedding, frame, prompts: Prompts, cfg: DecodeConfig = 
         xy = np.asarray(prompts.positive, dtype=float)
         labels = np.ones(len(xy), dtype=int)
     if xy is not None and len(xy) == 0 and box is None:
-        empty = np.zeros((frame.H, frame.W), dtype=bool)
-        return Decoded(empty, np.full(empty.shape, -20.0, np.float32), 0.0, None)
+        return _nothing(frame)
     logits, low, score = model.decode(embedding, frame, box_xy=box, points_xy=xy, point_labels=labels,
                                       window_margin=cfg.window_margin)
     logits = logits.numpy()
@@ -135,8 +141,7 @@ def redecode_with_points(model, embedding, frame, positive_xy: np.ndarray, negat
     positive_xy = np.asarray(positive_xy, dtype=float).reshape(-1, 2)
     negative_xy = np.asarray(negative_xy, dtype=float).reshape(-1, 2)
     if len(positive_xy) == 0:
-        empty = np.zeros((frame.H, frame.W), dtype=bool)
-        return Decoded(empty, np.full(empty.shape, -20.0, np.float32), 0.0, None)
+        return _nothing(frame)
     region = np.zeros((frame.H, frame.W), dtype=bool)
     if current is not None:
         region |= current.astype(bool)
