@@ -28,7 +28,7 @@ PIP_PACKAGES = {
 }
 OPTIONAL_PACKAGES = {"transformers": "transformers>=4.40"}      # DINOv2 (synergy features)
 PARAMETERS = {"Model": "litemedsam", "Features": "auto", "TopK": "64", "PositivePoints": "3",
-              "NegativePoints": "3", "SearchMargin": "0.07", "Opacity": "0.5"}
+              "NegativePoints": "3", "SearchMargin": "0.07", "IntensityGate": "true", "Opacity": "0.5"}
 
 
 class SynPoSlicer(ScriptedLoadableModule):
@@ -98,6 +98,7 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                      self.ui.searchMarginSpinBox):
             spin.connect("valueChanged(double)" if spin is self.ui.searchMarginSpinBox else "valueChanged(int)",
                          self.updateParameterNodeFromGUI)
+        self.ui.intensityGateCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         self.ui.opacitySlider.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.cacheFolderSelector.connect("currentPathChanged(QString)", self.logic.setCacheFolder)
         self.ui.paintButton.connect("clicked(bool)", self.onPaint)
@@ -151,6 +152,7 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.positivePointsSpinBox.value = int(p.GetParameter("PositivePoints"))
         self.ui.negativePointsSpinBox.value = int(p.GetParameter("NegativePoints"))
         self.ui.searchMarginSpinBox.value = float(p.GetParameter("SearchMargin"))
+        self.ui.intensityGateCheckBox.checked = p.GetParameter("IntensityGate") != "false"
         self.ui.opacitySlider.value = float(p.GetParameter("Opacity"))
         self._updatingGUI = False
         self.updateButtons()
@@ -169,6 +171,7 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p.SetParameter("PositivePoints", str(self.ui.positivePointsSpinBox.value))
         p.SetParameter("NegativePoints", str(self.ui.negativePointsSpinBox.value))
         p.SetParameter("SearchMargin", str(self.ui.searchMarginSpinBox.value))
+        p.SetParameter("IntensityGate", "true" if self.ui.intensityGateCheckBox.checked else "false")
         p.SetParameter("Opacity", str(self.ui.opacitySlider.value))
         self._parameterNode.EndModify(wasModified)
 
@@ -348,7 +351,8 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
             prompts={"top_k": int(parameterNode.GetParameter("TopK")),
                      "n_positive_points": int(parameterNode.GetParameter("PositivePoints")),
                      "n_negative_points": int(parameterNode.GetParameter("NegativePoints"))},
-            volume={"search_margin": float(parameterNode.GetParameter("SearchMargin"))})
+            volume={"search_margin": float(parameterNode.GetParameter("SearchMargin"))},
+            gate={"enabled": parameterNode.GetParameter("IntensityGate") != "false"})
 
     def startPreview(self, volumeNode, segmentationNode, segmentIds, parameterNode):
         from SynPoSlicerLib import mrml
@@ -465,6 +469,10 @@ class SynPoSlicerTest(ScriptedLoadableModuleTest):
         params = logic.getParameterNode()
         logic.setDefaultParameters(params)
         params.SetParameter("Features", "sam")
+        self.assertTrue(logic.config(params).gate.enabled)           # the intensity gate's checkbox
+        params.SetParameter("IntensityGate", "false")
+        self.assertFalse(logic.config(params).gate.enabled)
+        params.SetParameter("IntensityGate", "true")
         self.delayDisplay("Preview (offline LiteMedSAM)")
         job = logic.startPreview(volume, seg, [segmentId], params)
         job.wait()

@@ -3,6 +3,8 @@ import numpy as np
 import pytest
 import torch
 
+from scipy import ndimage
+
 from synpo import confidence, intensity, prompts, support
 from synpo.config import ConfidenceConfig, DecodeConfig, IntensityConfig, PromptConfig, SynPoConfig, validate
 from synpo.decode import decode_slice
@@ -739,3 +741,82 @@ def test_redecode_without_positive_points_is_empty_and_calls_no_model():
     dec = redecode_with_points(_NoModel(), None, frame, np.zeros((0, 2)), np.array([[3.0, 4.0]]))
     assert dec.mask.shape == (20, 30) and not dec.mask.any() and dec.box is None and dec.iou == 0.0
     assert dec.logits.shape == (20, 30) and bool((dec.logits < DecodeConfig().mask_threshold).all())
+
+
+# ------------------------------------------------------------------ intensity gate
+
+def _organ_and_neighbour():
+    """A 60 x 60 slice: an organ of grey value ~0.4 (noisy, with a bright vessel inside it) and,
+    touching its right side, a taller neighbour of grey value 0.9."""
+    rng = np.random.default_rng(0)
+    img = np.full((60, 60), 0.1, np.float32) + rng.normal(0, 0.01, (60, 60)).astype(np.float32)
+    img[10:40, 10:30] = 0.4 + rng.normal(0, 0.02, (30, 20))
+    img[22:26, 18:22] = 0.9                                  # a vessel inside the organ
+    img[5:45, 30:45] = 0.9                                   # the neighbour
+    organ = np.zeros((60, 60), bool)
+    organ[10:40, 10:30] = True
+    return img, organ
+
+
+def test_gate_range_is_the_support_quantiles_widened_by_the_margin():
+    from synpo.config import GateConfig
+    from synpo.gate import organ_range
+    img = np.tile(np.linspace(0.0, 1.0, 101, dtype=np.float32), (3, 1))
+    mask = np.zeros_like(img, dtype=bool)
+    mask[:, 20:81] = True                                    # values 0.2 .. 0.8
+    cfg = GateConfig(quantiles=(0.0, 1.0), margin=0.5, sigma_px=0.0)
+    lo, hi = organ_range([img], [mask], cfg)
+    assert lo == pytest.approx(0.2 - 0.3) and hi == pytest.approx(0.8 + 0.3)
+    lo, hi = organ_range([img, img], [mask, np.zeros_like(mask)], GateConfig(quantiles=(0.25, 0.75), margin=0.0,
+                                                                                sigma_px=0.0))
+    assert lo == pytest.approx(0.35) and hi == pytest.approx(0.65)
+    assert organ_range([img], [mask], GateConfig(enabled=False)) is None
+    assert organ_range([img], [np.zeros_like(mask)], cfg) is None
+    with pytest.raises(InputError, match="support images"):
+        organ_range([img], [mask, mask], cfg)
+
+
+def test_gate_drops_a_neighbour_of_another_grey_value_and_keeps_the_organ_with_its_vessels():
+    from synpo.config import GateConfig
+    from synpo.gate import apply_gate, organ_range
+    img, organ = _organ_and_neighbour()
+    cfg = GateConfig()
+    rng = organ_range([img], [organ], cfg)
+    assert rng[1] < 0.9                                      # the vessel is a small part of the support
+    spill = organ.copy()
+    spill[10:40, 30:45] = True                               # a decoded mask that ran into the neighbour
+    spill[50:53, 50:53] = True                               # and a fragment elsewhere in the organ's grey
+    img[50:53, 50:53] = 0.4
+    out = apply_gate(spill, img, rng, cfg)
+    # The neighbour and the fragment gone, the vessel kept; a pixel of the neighbour's edge, where the
+    # smoothing mixes both grey values, may stay.
+    assert (out & organ).sum() == organ.sum() and (out & ~organ).sum() <= 2
+    assert not (out & ~spill).any()
+    kept = apply_gate(spill, img, rng, GateConfig(min_component=0.0))
+    assert kept[51, 51] and not kept[20, 35]                 # every component in range kept
+    assert apply_gate(spill, img, None, cfg) is spill        # no range: the mask as decoded
+    assert not apply_gate(spill, img, (0.95, 1.0), cfg).any()   # nothing in range: nothing left
+
+
+def test_walk_gates_each_decoded_mask_with_the_targets_range():
+    from synpo.gate import organ_range
+    from synpo.volume import _Context, _walk
+    img, organ = _organ_and_neighbour()
+    conf = np.zeros((4, 60, 60), np.float32)
+    conf[:, 10:40, 10:45] = 0.9                              # the confidence fires on both
+    cfg = SynPoConfig()
+    store = _Store(Frame.fit(60, 60, (1.0, 1.0), 60))
+    store.slices = np.stack([img] * 4)
+    store.ensure(range(4))
+    near = ndimage.binary_dilation(organ, np.ones((3, 3)))  # the organ and the smoothed edge next to it
+    walked = {}
+    for name, rng in (("gated", organ_range([img], [organ], cfg.gate)), ("not gated", None)):
+        ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None, lambda k=1: None, rng)
+        masks, records = {}, []
+        _walk(ctx, 1, 0, organ, 4, +1, 10.0, masks, records)
+        assert sorted(masks) == [1, 2, 3]
+        walked[name] = masks
+    assert all((organ & ~walked["gated"][t]).sum() == 0 and (walked["gated"][t] & ~near).sum() == 0 for t in (1, 2, 3))
+    # Without the gate each slice's mask widens the next one's search region: the walk drifts into the neighbour.
+    spilled = [int(walked["not gated"][t][:, 31:].sum()) for t in (1, 2, 3)]
+    assert 0 < spilled[0] < spilled[1] < spilled[2]

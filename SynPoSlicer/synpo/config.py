@@ -139,12 +139,30 @@ class VolumeConfig:
 
 
 @dataclass(frozen=True)
+class GateConfig:
+    # Intensity gate (gate.py): pixels of a decoded mask whose smoothed grey value lies outside
+    # the support organ's range are dropped. The range: the `quantiles` of the support masks'
+    # values, widened on each side by `margin` x their distance. Only within a volume (a support
+    # painted on this scan): another scan's MR grey values are not on the same scale.
+    enabled: bool = True
+    quantiles: Tuple[float, float] = (0.02, 0.98)
+    margin: float = 0.25
+    # Gaussian smoothing of the image before the comparison, in pixels.
+    sigma_px: float = 1.0
+    # Of the gated mask, components of at least this fraction of the largest are kept.
+    min_component: float = 0.1
+    # The gate for a support painted on another scan too (its range from that scan).
+    cross: bool = False
+
+
+@dataclass(frozen=True)
 class SynPoConfig:
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
     confidence: ConfidenceConfig = field(default_factory=ConfidenceConfig)
     prompts: PromptConfig = field(default_factory=PromptConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     volume: VolumeConfig = field(default_factory=VolumeConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
 
     def with_(self, **sections) -> "SynPoConfig":
         """Replace fields inside sections: cfg.with_(prompts={"top_k": 32})."""
@@ -202,6 +220,11 @@ def validate(cfg: SynPoConfig) -> SynPoConfig:
         (v.label_workers >= 1, "volume.label_workers must be >= 1"),
         (0.0 <= v.ring_min_hole < 1.0, "volume.ring_min_hole must be in [0, 1)"),
         (0.0 <= v.min_confidence_ratio <= 1.0, "volume.min_confidence_ratio must be in [0, 1]"),
+        (0.0 <= cfg.gate.quantiles[0] < cfg.gate.quantiles[1] <= 1.0,
+         "gate.quantiles must be two fractions, low < high, in [0, 1]"),
+        (cfg.gate.margin >= 0.0, "gate.margin must be >= 0"),
+        (cfg.gate.sigma_px >= 0.0, "gate.sigma_px must be >= 0"),
+        (0.0 <= cfg.gate.min_component <= 1.0, "gate.min_component must be in [0, 1]"),
         (cfg.intensity.modality in ("auto", "ct", "mr"), "intensity.modality must be auto, ct or mr"),
     ]
     for ok, message in checks:

@@ -30,6 +30,7 @@ import numpy as np
 
 from .config import SynPoConfig
 from .decode import DecodeConfig, decode_slice
+from .gate import apply_gate, organ_range
 from .intensity import normalize
 from .io import read_volume
 from .prompts import Prompts, box_of, select_prompts
@@ -223,6 +224,9 @@ def evaluate_cross(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
                     continue
                 conf = confidence_volume(stores[qi], stores[si], [s_idx], [s_gt[s_idx] == v], chunk,
                                          confidence_from, cfg, cross=True)
+                # The intensity gate across patients only when asked for (gate.cross), as segment_volume.
+                rng = (organ_range([stores[si]["sam"].slices[s_idx]], [s_gt[s_idx] == v], cfg.gate)
+                       if cfg.gate.cross else None)
                 for c, t in zip(conf, chunk):
                     region = shape = None
                     if cfg.volume.position_prior:
@@ -230,8 +234,9 @@ def evaluate_cross(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
                         region = expected_region(s_gt[s_idx] == v, s_slice, q_slice, cfg.volume.position_margin)
                         shape = expected_shape(s_gt[s_idx] == v, s_slice, q_slice)
                     p = select_prompts(c, cfg.prompts, region, shape)
-                    pred[t] = decode_slice(sam, stores[qi]["sam"].cache[int(t)], stores[qi]["sam"].frame, p,
-                                           cfg.decode).mask
+                    pred[t] = apply_gate(decode_slice(sam, stores[qi]["sam"].cache[int(t)], stores[qi]["sam"].frame,
+                                                      p, cfg.decode).mask,
+                                         stores[qi]["sam"].slices[int(t)], rng, cfg.gate)
             dl, _, _ = score(pred, q_gt == v)
             scores.append(Score(names[qi], v, "cross_chunks", float("nan"), dl, float("nan"), 0,
                                 time.perf_counter() - t0))

@@ -28,6 +28,7 @@ import torch
 from . import confidence as conf_mod
 from .config import DecodeConfig, SynPoConfig, validate
 from .decode import decode_slice, decoder_inputs, fill_holes
+from .gate import apply_gate, organ_range
 from .errors import InputError, SynPoError
 from .features import batch_size_for
 from .intensity import normalize
@@ -229,9 +230,10 @@ def _record(label: int, index: int, status: str, prompts: Optional[Prompts] = No
 class _Context:
     """What the per-label propagation needs, bundled."""
 
-    def __init__(self, sam, embeds, conf, cfg, timings, cancel, tick):
+    def __init__(self, sam, embeds, conf, cfg, timings, cancel, tick, gate_range=None):
         self.sam, self.embeds, self.conf, self.cfg = sam, embeds, conf, cfg
         self.timings, self.cancel, self.tick = timings, cancel, tick
+        self.gate_range = gate_range             # the target's grey-value range (gate.py), or None
 
     def decode(self, label: int, t: int, prev: Optional[np.ndarray], min_area: float,
                prev_score: Optional[float] = None, expected: Optional[np.ndarray] = None):
@@ -246,6 +248,8 @@ class _Context:
         prompts = select_prompts(self.conf[t], self.cfg.prompts, region, expected)
         t1 = time.perf_counter()
         mask, sam_iou, box = self.embeds.decode(self.sam, t, prompts, self.cfg.decode)
+        if self.gate_range is not None:
+            mask = apply_gate(mask, self.embeds.slices[t], self.gate_range, self.cfg.gate)
         t2 = time.perf_counter()
         self.timings["prompts"] += t1 - t0
         self.timings["decode"] += t2 - t1
@@ -443,6 +447,13 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
     def stopped() -> bool:
         return failed.is_set() or (cancel is not None and bool(cancel()))
 
+    def target_range(sup_idx: List[int], sup_masks: List[np.ndarray]):
+        """The grey-value range of a target's support masks (gate.py); None across patients, whose
+        MR grey values are not on this scan's scale, unless gate.cross."""
+        if cross and not cfg.gate.cross:
+            return None
+        return organ_range([ref[s] for s in sup_idx], sup_masks, cfg.gate)
+
     def segment_target(label: int, sup_idx: List[int], sup_masks: List[np.ndarray],
                        records: List[SliceRecord], timings: Dict[str, float]):
         """Confidence maps and propagated masks {slice: mask} of one target shape; its stage
@@ -461,7 +472,7 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
             stores["confidence/" + key] = conf
         timings["confidence"] += time.perf_counter() - t1
 
-        ctx = _Context(sam, q_stores["sam"], conf, cfg, timings, stopped, tick)
+        ctx = _Context(sam, q_stores["sam"], conf, cfg, timings, stopped, tick, target_range(sup_idx, sup_masks))
         min_area = cfg.volume.min_area_fraction * float(np.mean([m.sum() for m in sup_masks]))
         if not cross:
             starts = {s: m for s, m in zip(sup_idx, sup_masks)}
@@ -515,8 +526,9 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
                 outer, conf_outer = segment_target(label, sup_idx, ring[0], records, seconds)
                 inner, conf_inner = segment_target(label, sup_idx, ring[1], [], seconds)
                 thickness = ring_thickness(sup_masks, ring[1], spacing_rc)
-                masks = {t: band_around(inner[t], thickness, spacing_rc) if t in inner else m
-                         for t, m in outer.items()}
+                band_range = target_range(sup_idx, sup_masks)
+                masks = {t: apply_gate(band_around(inner[t], thickness, spacing_rc), query[t], band_range, cfg.gate)
+                         if t in inner else m for t, m in outer.items()}
                 conf = conf_outer * (1.0 - conf_inner)
         except BaseException:
             failed.set()
