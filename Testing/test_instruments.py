@@ -8,7 +8,8 @@ import SimpleITK as sitk
 
 from conftest import ellipsoid_volume
 from synpo.cli import main
-from synpo.evaluate import dice, score, support_slice
+from synpo.evaluate import (Score, ablation_variants, dice, per_slice_rows, position_profile, score,
+                            slice_dices, support_slice)
 from synpo.config import SynPoConfig, configured, parse_overrides
 from synpo.errors import SynPoError
 
@@ -44,6 +45,45 @@ def test_metrics():
     assert support_slice(a, 0.5) == 2 and support_slice(a, 0.0) == 1
 
 
+def test_slice_dice_and_position_profile():
+    gt = np.zeros((6, 4, 4), dtype=bool)
+    gt[1:5, :2, :2] = True                         # labelled on slices 1-4
+    pred = gt.copy()
+    pred[2] = False                                # slice 2 missed
+    pred[3, 2:, 2:] = True                         # slice 3: 4 right, 4 wrong -> 2*4/12
+    pred[0, 0, 0] = True                           # a false positive off the organ: no labelled slice
+    assert slice_dices(pred, gt) == pytest.approx((1.0, 0.0, 2 * 4 / 12, 1.0))
+    a = Score("v", 1, "synpo", 0.5, 0, 0, 0, 0.0, (1.0, 0.0, 0.5, 1.0))
+    b = Score("v", 2, "synpo", 0.5, 0, 0, 0, 0.0, (0.0, 0.0))
+    c = Score("v", 1, "oracle_box", float("nan"), 0, 0, 0, 0.0, (0.25,))
+    prof = position_profile([a, b, c], bins=2)
+    # First half: a's first two slices and b's first; second half: a's last two and b's last.
+    assert prof["synpo @0.50"] == pytest.approx([(1.0 + 0.0 + 0.0) / 3, (0.5 + 1.0 + 0.0) / 3])
+    assert prof["oracle_box"][0] != prof["oracle_box"][0] and prof["oracle_box"][1] == 0.25   # NaN, then 0.25
+    rows = per_slice_rows([a, c])
+    assert [r["relative_position"] for r in rows] == pytest.approx([0, 1 / 3, 2 / 3, 1, 0.5])
+    assert [r["dice"] for r in rows] == [1.0, 0.0, 0.5, 1.0, 0.25]
+
+
+def test_ablation_variants_change_one_part_each():
+    base = SynPoConfig()
+    variants = {v.name: v for v in ablation_variants(base, ("sam",))}
+    assert variants["synpo"].cfg == base and variants["synpo"].confidence_from is None
+    assert not any(name.endswith("_only") for name in variants)         # one encoder: no encoder ablation
+    assert variants["synpo-no_gate"].cfg == base.with_(gate={"enabled": False})
+    assert variants["synpo-no_refine"].cfg == base.with_(decode={"refine": False})
+    points = base.with_(decode={"use_points": True})
+    assert variants["synpo-box_points"].cfg == points
+    assert variants["synpo-box_points_no_neg"].cfg == points.with_(prompts={"n_negative_points": 0})
+    assert variants["synpo-box_points_raw_topk"].cfg == points.with_(prompts={"kmeans": False})
+    assert variants["synpo-box_points_uniform_neg"].cfg.prompts.negative_sigma >= 1e6
+    assert variants["synpo-points"].cfg == points.with_(decode={"use_box": False})
+    assert len(variants) == 11
+    fused = {v.name: v for v in ablation_variants(base, ("sam", "dinov2"))}
+    assert fused["synpo-sam_only"].confidence_from == ("sam",)
+    assert fused["synpo-dinov2_only"].confidence_from == ("dinov2",) and fused["synpo-dinov2_only"].cfg == base
+
+
 def test_overrides_parse():
     assert parse_overrides(["prompts.top_k=8", "intensity.ct_window=[50, 350]"]) == {
         "prompts": {"top_k": 8}, "intensity": {"ct_window": (50, 350)}}
@@ -73,6 +113,29 @@ def test_evaluate_writes_tables_and_plot(tiny_dataset, tmp_path, capsys):
     md = open(str(out / "results.md")).read()
     assert "| synpo |" in md and "| oracle_box |" in md
     assert open(str(out / "dice_per_label.png"), "rb").read(4) == b"\x89PNG"
+
+
+def test_evaluate_ablations_per_slice_table_and_position_plot(tiny_dataset, tmp_path):
+    folder, _, _ = tiny_dataset
+    out = tmp_path / "ablate"
+    code = main(["evaluate", str(folder), "-o", str(out), "--device", "cpu", "--features", "sam", "--quiet",
+                 "--ablations", "--limit", "1", "--positions", "0.3", "0.7"])
+    assert code == 0
+    rows = list(csv.DictReader(open(str(out / "results.csv"))))
+    methods = {r["method"] for r in rows}
+    assert {"synpo", "synpo-no_gate", "synpo-no_refine", "synpo-box_points", "synpo-points_no_neg",
+            "copy", "persam", "oracle_box"} <= methods and len(methods) == 14
+    assert {r["position"] for r in rows if r["method"] == "synpo-no_refine"} == {"0.3", "0.7"}
+    by = {(r["method"], r["position"]): float(r["dice_labelled"]) for r in rows}
+    assert by[("synpo", "0.3")] > 0.7
+    slices = list(csv.DictReader(open(str(out / "per_slice.csv"))))
+    n_labelled = int(np.any(tiny_dataset[2], axis=(1, 2)).sum())
+    synpo = [r for r in slices if r["method"] == "synpo" and r["position"] == "0.3"]
+    assert len(synpo) == n_labelled and [int(r["slice_rank"]) for r in synpo] == list(range(n_labelled))
+    # The mean of the per-slice rows is not the 3D Dice, but both come from the same masks.
+    assert 0.0 <= min(float(r["dice"]) for r in synpo) and max(float(r["dice"]) for r in synpo) <= 1.0
+    assert open(str(out / "dice_per_position.png"), "rb").read(4) == b"\x89PNG"
+    assert main(["evaluate", str(folder), "--ablations", "--protocol", "cross", "--quiet"]) == 2
 
 
 def test_evaluate_cross_patient_protocol(tiny_dataset, tmp_path):
@@ -123,14 +186,19 @@ def test_benchmark_reports_stages_and_reuse(tiny_dataset, tmp_path, capsys):
     assert "non-encoder share" in printed and "encode_sam" in printed and "new boxes" in printed
 
 
-def test_encoder_cost_script(tmp_path, capsys):
-    """benchmarks/encoder_cost.py times real-class encoders (LiteMedSAM, a random-weight DINOv2)."""
+def _load_script(name):
     import importlib.util
     import os
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "encoder_cost.py")
-    spec = importlib.util.spec_from_file_location("encoder_cost", path)
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", name + ".py")
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_encoder_cost_script(tmp_path, capsys):
+    """benchmarks/encoder_cost.py times real-class encoders (LiteMedSAM, a random-weight DINOv2)."""
+    module = _load_script("encoder_cost")
     out = tmp_path / "cost.json"
     report = module.main(["--device", "cpu", "--models", "litemedsam,dinov2-small", "--repeats", "1",
                           "-o", str(out)])
@@ -149,14 +217,9 @@ def test_encoder_cost_script(tmp_path, capsys):
 def test_precision_agreement_script(tiny_dataset, tmp_path, capsys):
     """benchmarks/precision_agreement.py decodes each labelled organ-slice from its ground-truth box
     with the fp32 embedding (reduced precisions are CUDA-speed work: not run here on a CPU)."""
-    import importlib.util
-    import os
     from synpo.errors import InputError
     folder, _, mask = tiny_dataset
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "precision_agreement.py")
-    spec = importlib.util.spec_from_file_location("precision_agreement", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_script("precision_agreement")
     image, label = str(folder / "image_1.nii.gz"), str(folder / "label_1.nii.gz")
     out = tmp_path / "agree.json"
     report = module.main([image, label, "--precisions", "fp32", "--slices", "4,5", "--device", "cpu",
@@ -176,3 +239,26 @@ def test_precision_agreement_script(tiny_dataset, tmp_path, capsys):
     _save(np.zeros(mask.shape, np.uint8), empty)
     with pytest.raises(InputError, match="no labelled voxels"):
         module.main([image, str(empty)])
+
+
+def test_sweep_script_varies_one_field_at_a_time(tiny_dataset, tmp_path, capsys):
+    sweep = _load_script("sweep")
+    folder, _, _ = tiny_dataset
+    out = tmp_path / "sweep.json"
+    report = sweep.main([str(folder), "--limit", "1", "--features", "sam", "--device", "cpu",
+                         "--vary", "gate.margin", "0", "1.0", "--vary", "prompts.box_threshold", "0.99",
+                         "-o", str(out)])
+    assert json.load(open(str(out))) == report
+    rows = {r["setting"]: r for r in report["rows"]}
+    assert list(rows) == ["default", "gate.margin=0", "gate.margin=1.0", "prompts.box_threshold=0.99"]
+    assert all(r["n"] == 1 and 0.0 <= r["dice_volume"] <= 1.0 for r in rows.values())
+    assert rows["default"]["dice_labelled"] > 0.7
+    # A box threshold no calibrated confidence reaches leaves nothing confident: a different result.
+    assert rows["prompts.box_threshold=0.99"]["dice_volume"] != rows["default"]["dice_volume"]
+    assert "| gate.margin=1.0 |" in capsys.readouterr().out
+    with pytest.raises(SynPoError, match="gate.margin must be >= 0"):
+        sweep.main([str(folder), "--vary", "gate.margin", "-1"])
+    with pytest.raises(SynPoError, match="needs at least one value"):
+        sweep.main([str(folder), "--vary", "gate.margin"])
+    with pytest.raises(SynPoError, match="no image_N"):
+        sweep.main([str(tmp_path / "none"), "--vary", "gate.margin", "0"])

@@ -19,12 +19,17 @@ predicted slice by slice from support slice i (`cross_chunks`); Dice over the
 query's labelled slices. `cross_volume` is the product's own cross-patient
 mode (`--support-image`, the 3 slices as supports, propagation) scored the same
 way and over the whole volume.
+
+Ablations (`ablation_variants`): SynPo with one part changed, run on the same
+volumes, supports and embeddings as SynPo itself, each scored as its own method.
+Every score also keeps the Dice of each labelled slice (`slice_dice`, in slice
+order), from which the Dice per position in the organ's range is plotted.
 """
 import glob
 import os
 import time
-from dataclasses import dataclass, asdict
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass, asdict, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -50,6 +55,40 @@ class Score:
     dice_volume: float
     fp_slices: int
     seconds: float
+    # Dice of each of the organ's labelled slices, in slice order (written to per_slice.csv).
+    slice_dice: Tuple[float, ...] = field(default=(), repr=False)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One SynPo configuration scored as its own method (`name`): SynPo itself or an ablation."""
+    name: str
+    cfg: SynPoConfig
+    confidence_from: Optional[Tuple[str, ...]] = None    # None: the run's own
+
+
+def ablation_variants(cfg: SynPoConfig, confidence_from: Sequence[str]) -> List[Variant]:
+    """SynPo (`cfg`) and its ablations, each with one part changed (README, Evaluation).
+
+    The encoder ablations (each encoder's confidence alone) exist only when the run fuses two
+    encoders (`confidence_from` holds both)."""
+    points = {"use_points": True}
+    changes = [
+        ("no_gate", {"gate": {"enabled": False}}),
+        ("no_refine", {"decode": {"refine": False}}),
+        ("box_points", {"decode": points}),                                   # + Gaussian negatives, K-means
+        ("box_points_uniform_neg", {"decode": points, "prompts": {"negative_sigma": 1e6}}),
+        ("box_points_no_neg", {"decode": points, "prompts": {"n_negative_points": 0}}),
+        ("box_points_raw_topk", {"decode": points, "prompts": {"kmeans": False}}),
+        ("points", {"decode": dict(points, use_box=False)}),
+        ("points_uniform_neg", {"decode": dict(points, use_box=False), "prompts": {"negative_sigma": 1e6}}),
+        ("points_no_neg", {"decode": dict(points, use_box=False), "prompts": {"n_negative_points": 0}}),
+        ("points_raw_topk", {"decode": dict(points, use_box=False), "prompts": {"kmeans": False}}),
+    ]
+    out = [Variant("synpo", cfg)] + [Variant("synpo-" + name, cfg.with_(**c)) for name, c in changes]
+    if len(tuple(confidence_from)) > 1:
+        out += [Variant("synpo-%s_only" % name, cfg, (name,)) for name in confidence_from]
+    return out
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -63,6 +102,33 @@ def score(pred: np.ndarray, gt: np.ndarray, axis: int = 0):
     labelled = g.reshape(len(g), -1).any(1)
     fp = int((p.reshape(len(p), -1).any(1) & ~labelled).sum())
     return dice(p[labelled], g[labelled]), dice(p, g), fp
+
+
+def slice_dices(pred: np.ndarray, gt: np.ndarray, axis: int = 0) -> Tuple[float, ...]:
+    """The Dice of each slice on which gt is labelled, in slice order."""
+    p, g = to_slices(pred, axis), to_slices(gt, axis)
+    return tuple(dice(p[t], g[t]) for t in np.flatnonzero(g.reshape(len(g), -1).any(1)))
+
+
+def scored(volume: str, label: int, method: str, position: float, pred: np.ndarray, gt: np.ndarray,
+           seconds: float) -> Score:
+    """The Score of a predicted mask against the ground truth (both boolean, slices on axis 0)."""
+    return Score(volume, label, method, position, *score(pred, gt), seconds, slice_dices(pred, gt))
+
+
+def position_profile(scores: Sequence[Score], bins: int = 10) -> Dict[str, np.ndarray]:
+    """Mean slice Dice per bin of position in the organ's labelled range (0 = its first labelled
+    slice, 1 = its last), per method and support position ("synpo @0.50"); NaN where no slice."""
+    groups: Dict[str, List[List[float]]] = {}
+    for s in scores:
+        if not s.slice_dice:
+            continue
+        key = s.method if not np.isfinite(s.position) else "%s @%.2f" % (s.method, s.position)
+        sums = groups.setdefault(key, [[] for _ in range(bins)])
+        n = len(s.slice_dice)
+        for i, d in enumerate(s.slice_dice):
+            sums[min(bins - 1, int(bins * (i + 0.5) / n))].append(d)
+    return {k: np.array([np.mean(b) if b else np.nan for b in v]) for k, v in groups.items()}
 
 
 def support_slice(gt_mask: np.ndarray, position: float, axis: int = 0) -> int:
@@ -124,7 +190,12 @@ def persam(sam, store, conf: np.ndarray) -> np.ndarray:
 def evaluate_intra(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = SynPoConfig(),
                    labels: Optional[Sequence[int]] = None, positions: Sequence[float] = (0.5,),
                    baselines: bool = True, log=print, confidence_from=None,
-                   embedding_cache: Optional[str] = None) -> List[Score]:
+                   embedding_cache: Optional[str] = None,
+                   variants: Optional[Sequence[Variant]] = None) -> List[Score]:
+    """Intra-volume protocol (module docstring). `variants`: the SynPo configurations to score,
+    each as its own method on the same supports and embeddings (default: SynPo with `cfg`); the
+    baselines use the first one's confidence maps."""
+    variants = list(variants) if variants else [Variant("synpo", cfg)]
     scores: List[Score] = []
     for img_path, lab_path in pairs:
         image, geom = read_volume(img_path)
@@ -138,30 +209,35 @@ def evaluate_intra(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
             for v in wanted:
                 s = support_slice(gt == v, pos)
                 support[s][gt[s] == v] = v
-            t0 = time.perf_counter()
-            result = segment_volume(image, geom.spacing, support, sam, dino, cfg, stores=stores,
-                                    confidence_from=confidence_from, embedding_cache=embedding_cache)
-            secs = time.perf_counter() - t0
-            for v in wanted:
-                dl, dv, fp = score(result.labels == v, gt == v)
-                scores.append(Score(name, v, "synpo", pos, dl, dv, fp, secs))
-                log("%s label %d pos %.2f synpo: dice_labelled %.3f dice_volume %.3f fp_slices %d"
-                    % (name, v, pos, dl, dv, fp))
-                if baselines:
+            results = {}
+            for variant in variants:
+                t0 = time.perf_counter()
+                result = segment_volume(image, geom.spacing, support, sam, dino, variant.cfg, stores=stores,
+                                        confidence_from=variant.confidence_from or confidence_from,
+                                        embedding_cache=embedding_cache)
+                results[variant.name] = result
+                secs = time.perf_counter() - t0
+                for v in wanted:
+                    scores.append(scored(name, v, variant.name, pos, result.labels == v, gt == v, secs))
+                    log("%s label %d pos %.2f %s: dice_labelled %.3f dice_volume %.3f fp_slices %d"
+                        % (name, v, pos, variant.name, scores[-1].dice_labelled, scores[-1].dice_volume,
+                           scores[-1].fp_slices))
+            if baselines:
+                first = results[variants[0].name]
+                for v in wanted:
                     s = support_slice(gt == v, pos)
                     labelled = (gt == v).reshape(len(gt), -1).any(1)
                     copy = np.zeros(gt.shape, dtype=bool)
                     copy[labelled] = gt[s] == v
-                    scores.append(Score(name, v, "copy", pos, *score(copy, gt == v), 0.0))
-                    pred = persam(sam, sam_store(stores), result.confidence[v])
-                    scores.append(Score(name, v, "persam", pos, *score(pred, gt == v), 0.0))
+                    scores.append(scored(name, v, "copy", pos, copy, gt == v, 0.0))
+                    pred = persam(sam, sam_store(stores), first.confidence[v])
+                    scores.append(scored(name, v, "persam", pos, pred, gt == v, 0.0))
         if baselines:
             store = sam_store(stores)
             for v in wanted:
                 t0 = time.perf_counter()
                 pred = oracle_box(sam, store, gt, v, cfg.volume.ring_min_hole)
-                scores.append(Score(name, v, "oracle_box", float("nan"), *score(pred, gt == v),
-                                    time.perf_counter() - t0))
+                scores.append(scored(name, v, "oracle_box", float("nan"), pred, gt == v, time.perf_counter() - t0))
     return scores
 
 
@@ -180,7 +256,25 @@ def summarize(scores: Sequence[Score]) -> Dict[str, Dict[str, float]]:
 
 
 def as_rows(scores: Sequence[Score]) -> List[dict]:
-    return [asdict(s) for s in scores]
+    """One row a score, without its per-slice Dice (per_slice_rows)."""
+    rows = []
+    for s in scores:
+        row = asdict(s)
+        del row["slice_dice"]
+        rows.append(row)
+    return rows
+
+
+def per_slice_rows(scores: Sequence[Score]) -> List[dict]:
+    """One row per labelled slice of every score: its rank among the organ's labelled slices,
+    its relative position in that range (0 first, 1 last) and its Dice."""
+    rows = []
+    for s in scores:
+        n = len(s.slice_dice)
+        for i, d in enumerate(s.slice_dice):
+            rows.append({"volume": s.volume, "label": s.label, "method": s.method, "position": s.position,
+                         "slice_rank": i, "relative_position": i / (n - 1) if n > 1 else 0.5, "dice": d})
+    return rows
 
 
 def _stores_for(image: np.ndarray, spacing, sam, dino, cfg: SynPoConfig, confidence_from,
@@ -239,7 +333,7 @@ def evaluate_cross(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
                                          stores[qi]["sam"].slices[int(t)], rng, cfg.gate)
             dl, _, _ = score(pred, q_gt == v)
             scores.append(Score(names[qi], v, "cross_chunks", float("nan"), dl, float("nan"), 0,
-                                time.perf_counter() - t0))
+                                time.perf_counter() - t0, slice_dices(pred, q_gt == v)))
             for s_idx in s_slices:
                 support_label[s_idx][s_gt[s_idx] == v] = v
             log("%s <- %s label %d cross_chunks: dice_labelled %.3f" % (names[qi], names[si], v, dl))
@@ -255,8 +349,8 @@ def evaluate_cross(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
         result = segment_volume(q_img, q_geom.spacing, support_label, sam, dino, cfg, support_image=s_img,
                                 confidence_from=confidence_from, stores=reuse)
         for v in wanted:
-            dl, dv, fp = score(result.labels == v, q_gt == v)
-            scores.append(Score(names[qi], v, "cross_volume", float("nan"), dl, dv, fp, time.perf_counter() - t0))
+            scores.append(scored(names[qi], v, "cross_volume", float("nan"), result.labels == v, q_gt == v,
+                                 time.perf_counter() - t0))
             log("%s <- %s label %d cross_volume: dice_labelled %.3f dice_volume %.3f fp_slices %d"
-                % (names[qi], names[si], v, dl, dv, fp))
+                % (names[qi], names[si], v, scores[-1].dice_labelled, scores[-1].dice_volume, scores[-1].fp_slices))
     return scores

@@ -22,20 +22,26 @@ def add_arguments(p) -> None:
     p.add_argument("--dinov2", default="small", choices=("small", "base", "large", "giant"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--no-baselines", action="store_true", help="SynPo only")
+    p.add_argument("--ablations", action="store_true",
+                   help="intra protocol: also SynPo with one part changed at a time (no intensity gate, no "
+                        "refinement, points given to SAM with Gaussian / uniform / no negatives, raw top-k "
+                        "instead of K-means, no box; each encoder alone when two are fused)")
     p.add_argument("--embedding-cache", metavar="DIR", help="keep embeddings on disk between runs")
     p.add_argument("--quiet", action="store_true")
 
 
 def write_tables(scores, folder: str) -> List[str]:
     import numpy as np
-    from .evaluate import as_rows, summarize
+    from .evaluate import as_rows, per_slice_rows, summarize
     os.makedirs(folder, exist_ok=True)
-    rows = as_rows(scores)
-    csv_path = os.path.join(folder, "results.csv")
-    with open(csv_path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
-        writer.writeheader()
-        writer.writerows(rows)
+    written = []
+    for rows, filename in ((as_rows(scores), "results.csv"), (per_slice_rows(scores), "per_slice.csv")):
+        if rows:
+            written.append(os.path.join(folder, filename))
+            with open(written[-1], "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
+                writer.writeheader()
+                writer.writerows(rows)
     summary = summarize(scores)
     lines = ["| method | n | Dice (labelled slices) | Dice (whole volume) | false-positive slices / organ |",
              "|---|---|---|---|---|"]
@@ -54,7 +60,7 @@ def write_tables(scores, folder: str) -> List[str]:
     md_path = os.path.join(folder, "results.md")
     with open(md_path, "w") as handle:
         handle.write("\n".join(lines + per_label) + "\n")
-    return [csv_path, md_path]
+    return [md_path] + written
 
 
 def plot(scores, folder: str) -> List[str]:
@@ -64,7 +70,8 @@ def plot(scores, folder: str) -> List[str]:
     import numpy as np
     methods = sorted({s.method for s in scores})
     labels = sorted({s.label for s in scores})
-    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(labels), 3.5))
+    colours = plt.get_cmap("tab20")
+    fig, ax = plt.subplots(figsize=(3.5 + (0.6 + 0.12 * len(methods)) * len(labels), 4))
     width = 0.8 / len(methods)
     for m_i, method in enumerate(methods):
         values = []
@@ -72,43 +79,70 @@ def plot(scores, folder: str) -> List[str]:
             sel = [s.dice_volume if np.isfinite(s.dice_volume) else s.dice_labelled
                    for s in scores if s.method == method and s.label == label]
             values.append(float(np.mean(sel)) if sel else 0.0)
-        ax.bar(np.arange(len(labels)) + m_i * width, values, width, label=method)
+        ax.bar(np.arange(len(labels)) + m_i * width, values, width, label=method, color=colours(m_i % 20))
     ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2)
     ax.set_xticklabels([str(v) for v in labels])
     ax.set_xlabel("label")
-    ax.set_ylabel("Dice (whole volume; labelled slices for cross_chunks)")
+    ax.set_ylabel("Dice (whole volume;\nlabelled slices for cross_chunks)")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    path = os.path.join(folder, "dice_per_label.png")
-    fig.savefig(path, dpi=100)
+    paths = [os.path.join(folder, "dice_per_label.png")]
+    fig.savefig(paths[0], dpi=100)
     plt.close(fig)
-    return [path]
+
+    from .evaluate import position_profile
+    profile = position_profile(scores)
+    if profile:
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        bins = len(next(iter(profile.values())))
+        x = (np.arange(bins) + 0.5) / bins
+        for i, key in enumerate(sorted(profile)):
+            ax.plot(x, profile[key], marker="o", markersize=3, label=key, color=colours(i % 20),
+                    linestyle="--" if "@" not in key else "-")
+        positions = sorted({s.position for s in scores if np.isfinite(s.position)})
+        for pos in positions:
+            ax.axvline(pos, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_xlabel("slice position in the organ's labelled range (0 first, 1 last; dotted: support)")
+        ax.set_ylabel("mean Dice of the slices there")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        fig.tight_layout()
+        paths.append(os.path.join(folder, "dice_per_position.png"))
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths
 
 
 def run_evaluate(args) -> int:
     from .features import load_models
     from .config import configured
-    from .evaluate import evaluate_cross, evaluate_intra, find_pairs
+    from .evaluate import ablation_variants, evaluate_cross, evaluate_intra, find_pairs
     if not os.path.isdir(args.data):
         raise SynPoError("data folder not found: %s" % args.data)
     pairs = find_pairs(args.data)[: args.limit]
     if not pairs:
         raise SynPoError("no image_N/label_N (or ct/labels) volumes in %s" % args.data)
+    if args.ablations and args.protocol == "cross":
+        raise SynPoError("--ablations runs on the intra-volume protocol: use --protocol intra or both")
     cfg = configured(args.set)
     sam, dino, use = load_models(args.sam, args.features, args.dinov2, args.device, args.quiet)
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, flush=True))
     scores = []
     if args.protocol in ("intra", "both"):
+        variants = ablation_variants(cfg, use) if args.ablations else None
+        if args.ablations and len(use) < 2:
+            log("synpo evaluate: one encoder (%s): the encoder ablations need both SAM and DINOv2" % use[0])
         scores += evaluate_intra(pairs, sam, dino, cfg, args.labels, args.positions, not args.no_baselines, log,
-                                 confidence_from=use, embedding_cache=args.embedding_cache)
+                                 confidence_from=use, embedding_cache=args.embedding_cache, variants=variants)
     if args.protocol in ("cross", "both"):
         if len(pairs) < 2:
             raise SynPoError("the cross-patient protocol needs at least 2 volumes")
         scores += evaluate_cross(pairs, sam, dino, cfg, args.labels, log, confidence_from=use,
                                  embedding_cache=args.embedding_cache)
     written = write_tables(scores, args.output) + plot(scores, args.output)
-    print(open(written[1]).read())
+    print(open(written[0]).read())
     print("wrote " + ", ".join(written))
     sys.stdout.flush()
     return 0
