@@ -787,13 +787,13 @@ def test_gate_drops_a_neighbour_of_another_grey_value_and_keeps_the_organ_with_i
     spill[10:40, 30:45] = True                               # a decoded mask that ran into the neighbour
     spill[50:53, 50:53] = True                               # and a fragment elsewhere in the organ's grey
     img[50:53, 50:53] = 0.4
-    out = apply_gate(spill, img, rng, cfg)
-    # The neighbour and the fragment gone, the vessel kept; a pixel of the neighbour's edge, where the
-    # smoothing mixes both grey values, may stay.
+    out = apply_gate(spill, img, rng, GateConfig(min_component=0.1))
+    # The neighbour and the fragment (under a tenth of the largest piece) gone, the vessel kept; a pixel
+    # of the neighbour's edge, where the smoothing mixes both grey values, may stay.
     assert (out & organ).sum() == organ.sum() and (out & ~organ).sum() <= 2
-    assert not (out & ~spill).any()
-    kept = apply_gate(spill, img, rng, GateConfig(min_component=0.0))
-    assert kept[51, 51] and not kept[20, 35]                 # every component in range kept
+    assert not (out & ~spill).any() and not out[51, 51]
+    kept = apply_gate(spill, img, rng, cfg)                  # the default: every component in range kept
+    assert kept[51, 51] and not kept[20, 35] and (kept & organ).sum() == organ.sum()
     assert apply_gate(spill, img, None, cfg) is spill        # no range: the mask as decoded
     assert not apply_gate(spill, img, (0.95, 1.0), cfg).any()   # nothing in range: nothing left
 
