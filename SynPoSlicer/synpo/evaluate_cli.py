@@ -98,8 +98,10 @@ def plot(scores, folder: str) -> List[str]:
         bins = len(next(iter(profile.values())))
         x = (np.arange(bins) + 0.5) / bins
         for i, key in enumerate(sorted(profile)):
-            ax.plot(x, profile[key], marker="o", markersize=3, label=key, color=colours(i % 20),
-                    linestyle="--" if "@" not in key else "-")
+            main_line = key.startswith("synpo @")            # SynPo itself, drawn over its ablations
+            ax.plot(x, profile[key], marker="o", markersize=3, label=key,
+                    color="black" if main_line else colours(i % 20), linewidth=2.2 if main_line else 1.2,
+                    zorder=3 if main_line else 2, linestyle="--" if "@" not in key else "-")
         positions = sorted({s.position for s in scores if np.isfinite(s.position)})
         for pos in positions:
             ax.axvline(pos, color="grey", linewidth=0.8, linestyle=":")
