@@ -8,8 +8,9 @@ The support says what the organ's grey values are, in the same scan:
 1. `organ_range`: the quantiles of the lightly smoothed, normalised image under the support
    masks, widened on each side by `margin` x their distance;
 2. `apply_gate`: the pixels of a decoded mask whose smoothed value lies outside that range are
-   dropped; of what remains, the components of at least `min_component` x the largest are kept,
-   their holes filled (vessels inside an organ stay), never beyond the decoded mask.
+   dropped; of what remains, the components of at least `min_component` x the largest are kept
+   (by default every one: near an organ's end the gated mask falls apart into pieces that are all
+   organ), their holes filled (vessels inside an organ stay), never beyond the decoded mask.
 
 Smoothing (a Gaussian of `sigma_px` pixels) keeps single noisy pixels from being cut.
 """
