@@ -18,13 +18,11 @@ import os
 import sys
 from typing import List, Sequence
 
-import numpy as np
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "SynPoSlicer"))
 
 from synpo.config import configured, parse_overrides, validate  # noqa: E402
 from synpo.errors import SynPoError  # noqa: E402
-from synpo.evaluate import Variant, evaluate_intra, find_pairs, summarize  # noqa: E402
+from synpo.evaluate import Variant, evaluate_intra, find_pairs, summarize, summarize_by_label  # noqa: E402
 
 
 def variants_for(base, vary: Sequence[Sequence[str]]) -> List[Variant]:
@@ -63,12 +61,11 @@ def main(argv=None) -> dict:
     scores = evaluate_intra(pairs, sam, dino, variants[0].cfg, args.labels, args.positions, False,
                             lambda msg: None, confidence_from=use, embedding_cache=args.embedding_cache,
                             variants=variants)
-    summary = summarize(scores)
+    summary, by_label = summarize(scores), summarize_by_label(scores)
     labels = sorted({s.label for s in scores})
     rows = []
     for v in variants:
-        per_label = {str(lab): float(np.mean([s.dice_volume for s in scores if s.method == v.name and s.label == lab]))
-                     for lab in labels}
+        per_label = {str(lab): by_label[(v.name, lab)]["dice_volume"] for lab in labels}
         rows.append(dict(setting=v.name, **{k: summary[v.name][k] for k in
                                            ("n", "dice_labelled", "dice_volume", "fp_slices_per_organ")},
                          dice_volume_per_label=per_label))

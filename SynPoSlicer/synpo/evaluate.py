@@ -241,18 +241,25 @@ def evaluate_intra(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
     return scores
 
 
+def _means(rows: Sequence[Score]) -> Dict[str, float]:
+    return {
+        "n": len(rows),
+        "dice_labelled": float(np.nanmean([r.dice_labelled for r in rows])),
+        "dice_volume": float(np.nanmean([r.dice_volume for r in rows]))
+        if any(np.isfinite(r.dice_volume) for r in rows) else float("nan"),
+        "fp_slices_per_organ": float(np.mean([r.fp_slices for r in rows])),
+    }
+
+
 def summarize(scores: Sequence[Score]) -> Dict[str, Dict[str, float]]:
-    out: Dict[str, Dict[str, float]] = {}
-    for method in sorted({s.method for s in scores}):
-        rows = [s for s in scores if s.method == method]
-        out[method] = {
-            "n": len(rows),
-            "dice_labelled": float(np.nanmean([r.dice_labelled for r in rows])),
-            "dice_volume": float(np.nanmean([r.dice_volume for r in rows]))
-            if any(np.isfinite(r.dice_volume) for r in rows) else float("nan"),
-            "fp_slices_per_organ": float(np.mean([r.fp_slices for r in rows])),
-        }
-    return out
+    """Per method: n, mean Dice over labelled slices and over the volume, false-positive slices per organ."""
+    return {method: _means([s for s in scores if s.method == method]) for method in sorted({s.method for s in scores})}
+
+
+def summarize_by_label(scores: Sequence[Score]) -> Dict[tuple, Dict[str, float]]:
+    """The same means per (method, label), for the (method, label) pairs that have scores."""
+    keys = sorted({(s.method, s.label) for s in scores})
+    return {k: _means([s for s in scores if (s.method, s.label) == k]) for k in keys}
 
 
 def as_rows(scores: Sequence[Score]) -> List[dict]:

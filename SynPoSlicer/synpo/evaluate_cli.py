@@ -31,8 +31,7 @@ def add_arguments(p) -> None:
 
 
 def write_tables(scores, folder: str) -> List[str]:
-    import numpy as np
-    from .evaluate import as_rows, per_slice_rows, summarize
+    from .evaluate import as_rows, per_slice_rows, summarize, summarize_by_label
     os.makedirs(folder, exist_ok=True)
     written = []
     for rows, filename in ((as_rows(scores), "results.csv"), (per_slice_rows(scores), "per_slice.csv")):
@@ -49,14 +48,8 @@ def write_tables(scores, folder: str) -> List[str]:
         lines.append("| %s | %d | %.3f | %.3f | %.2f |" % (method, s["n"], s["dice_labelled"], s["dice_volume"],
                                                        s["fp_slices_per_organ"]))
     per_label = ["", "| method | label | Dice (labelled) | Dice (volume) |", "|---|---|---|---|"]
-    for method in summary:
-        for label in sorted({s.label for s in scores}):
-            sel = [s for s in scores if s.method == method and s.label == label]
-            if sel:
-                per_label.append("| %s | %d | %.3f | %.3f |" % (
-                    method, label, np.nanmean([s.dice_labelled for s in sel]),
-                    np.nanmean([s.dice_volume for s in sel]) if any(np.isfinite(s.dice_volume) for s in sel)
-                    else float("nan")))
+    for (method, label), s in summarize_by_label(scores).items():
+        per_label.append("| %s | %d | %.3f | %.3f |" % (method, label, s["dice_labelled"], s["dice_volume"]))
     md_path = os.path.join(folder, "results.md")
     with open(md_path, "w") as handle:
         handle.write("\n".join(lines + per_label) + "\n")
