@@ -238,7 +238,8 @@ def test_enclosing_labels_are_found_only_inside_a_closed_outline_on_shared_slice
 
 
 def test_an_enclosed_label_ends_where_its_encloser_ends():
-    from synpo.volume import SliceRecord, follow_enclosing
+    from synpo.result import SliceRecord
+    from synpo.volume import follow_enclosing
     m = np.ones((4, 4), bool)
     found = {1: {t: m for t in (1, 2, 3)}, 2: {t: m for t in (1, 2, 3, 5, 6)}}
     records = [SliceRecord(label, t, "present") for label in (1, 2) for t in found[label]]
@@ -717,7 +718,7 @@ def test_cuda_out_of_memory_halves_the_encoder_batch_and_goes_on():
 def test_extent_summary_names_the_found_slices_and_why_each_end_stopped():
     from types import SimpleNamespace
     from synpo.outputs import extent_summary
-    from synpo.volume import SliceRecord, VolumeResult
+    from synpo.result import SliceRecord, VolumeResult
     recs = [SliceRecord(1, 3, "absent", reason="confidence drop"), SliceRecord(1, 4, "present"),
             SliceRecord(1, 5, "support"), SliceRecord(1, 6, "present"), SliceRecord(1, 7, "absent", reason="too small"),
             SliceRecord(1, 8, "not reached"), SliceRecord(2, 5, "support"), SliceRecord(2, 6, "absent", reason="low SAM IoU"),

@@ -71,10 +71,8 @@ def check_outputs(outputs: List[Optional[str]], inputs: List[Optional[str]]) -> 
 def cmd_segment(args) -> int:
     from .config import configured
     from .io import read_volume
-    from .features import load_models
     from .outputs import write_result
     from .support import find_support
-    from .volume import segment_volume
 
     check_outputs([args.output, args.confidence_out, args.points_out], [args.image, args.support, args.support_image])
     if not args.output.endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")):
@@ -91,12 +89,16 @@ def cmd_segment(args) -> int:
         raise SynPoError("support label grid (%s) differs from the image grid (%s); paint on the image's grid "
                          "or pass --support-image" % (sup_geometry.describe(), geometry.describe()))
     find_support(support)                     # bad paint is reported before any model loads
-    cfg = configured(args.set, args.modality)
-    sam, dino, use = load_models(args.sam, args.features, args.dinov2, args.device, args.quiet, args.precision)
+    cfg = configured(args.set, args.modality)  # bad settings too
     update, close = _progress(args.quiet)
     try:
-        result = segment_volume(image, geometry.spacing, support, sam, dino, cfg, support_image=ref,
-                                progress=update, confidence_from=use, embedding_cache=args.embedding_cache)
+        if args.server:
+            result = _segment_remote(args, image, geometry, support, ref, update)
+        else:
+            from .session import Models, Session
+            models = Models.load(args.sam, args.features, args.dinov2, args.device, args.precision, args.quiet)
+            session = Session(image, geometry.spacing, models, args.embedding_cache)
+            result = session.run(support, cfg, support_image=ref, progress=update)
     finally:
         close()
     written = write_result(result, geometry, args.output, args.confidence_out, args.points_out, args.image)
@@ -106,6 +108,34 @@ def cmd_segment(args) -> int:
               % (len(result.support.labels), result.support.labels, "kji"[result.support.axis],
                  result.modality, "+".join(result.features), present, ", ".join(written)))
     return 0
+
+
+def _segment_remote(args, image, geometry, support, ref, progress):
+    """segment through `synpo serve` at args.server: the same result as a local run with the
+    server's models (checked against what the command line asked for)."""
+    from .client import Client, find_token, run_remote
+    if args.embedding_cache:
+        raise SynPoError("--embedding-cache is the server's with --server: start it with "
+                         "`synpo serve --embedding-cache DIR`")
+    client = Client(args.server, find_token(args.token_file))
+    models = client.health()["models"]
+    asked = {"sam": args.sam, "device": args.device}
+    for key, value in asked.items():
+        if value not in ("auto", models.get(key)) and not (key == "device" and str(models.get(key)).startswith(value)):
+            raise SynPoError("the server at %s runs %s=%s, not %s; start a server with --%s %s or drop --%s"
+                             % (args.server, key, models.get(key), value, key, value, key))
+    if args.features in ("sam", "dinov2", "synergy"):
+        want = {"sam": ["sam"], "dinov2": ["dinov2"], "synergy": ["sam", "dinov2"]}[args.features]
+        if sorted(models.get("features", [])) != want:
+            raise SynPoError("the server at %s fuses %s features, not --features %s"
+                             % (args.server, "+".join(models.get("features", [])), args.features))
+    confidence = "labels" if args.confidence_out else "none"
+    return run_remote(client, image, geometry.spacing, support, args.set, args.modality, ref, confidence, progress)
+
+
+def cmd_serve(args) -> int:
+    from .server import run_server
+    return run_server(args)
 
 
 def cmd_demo(args) -> int:
@@ -171,9 +201,24 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--points-out", metavar="POINTS", help="write prompt points and boxes per slice (JSON)")
     seg.add_argument("--embedding-cache", metavar="DIR",
                      help="keep image embeddings in DIR so a re-run on the same volume only decodes")
+    seg.add_argument("--server", metavar="URL",
+                     help="run on a `synpo serve` server (http://HOST:PORT) instead of in this process; the "
+                          "outputs are the same")
+    seg.add_argument("--token-file", metavar="FILE",
+                     help="the server's token (default: $SYNPO_TOKEN, else the file `synpo serve` writes)")
     add_set_option(seg)
     seg.add_argument("--quiet", action="store_true", help="no progress bar or messages")
     seg.set_defaults(func=cmd_segment)
+
+    from .server import add_arguments as add_serve_arguments
+    serve = sub.add_parser("serve", help="run the engine as an HTTP server for Slicer and other clients",
+                           description="Hold models and per-volume sessions for clients (`synpo segment --server`, "
+                           "the Slicer module). Limits: request bodies up to --max-body-mb (413 beyond), sessions "
+                           "within --max-memory-mb (least recently used idle sessions evicted beyond), sessions "
+                           "unused for --session-ttl seconds deleted, --max-runs runs computed at once (the rest "
+                           "queue). Every request but GET /v1/health needs the token.")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="run on the bundled CT sample, offline, and write a montage")
     demo.add_argument("-o", "--output", default="synpo-demo", help="output folder (default: synpo-demo)")

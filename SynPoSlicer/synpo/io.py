@@ -114,6 +114,19 @@ def _atomic_target(path):
     return path, folder
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)          # read it back: os.umask has no getter
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: str, path: str) -> None:
+    """Rename the finished temporary file onto `path` with the permissions any other tool's output
+    gets (0666 less the user's umask), not mkstemp's 0600."""
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+
+
 def write_volume(array: np.ndarray, geometry: Geometry, path) -> None:
     """Write with the given geometry; the file appears complete or not at all."""
     sitk = _sitk()
@@ -128,7 +141,7 @@ def write_volume(array: np.ndarray, geometry: Geometry, path) -> None:
     os.close(fd)
     try:
         sitk.WriteImage(image, tmp, True)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except Exception:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -141,7 +154,7 @@ def write_json(obj, path) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(obj, handle, indent=1)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except Exception:
         if os.path.exists(tmp):
             os.unlink(tmp)

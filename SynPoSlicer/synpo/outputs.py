@@ -5,7 +5,7 @@ from typing import Dict, List
 import numpy as np
 
 from .io import Geometry, write_json, write_volume
-from .volume import VolumeResult
+from .result import VolumeResult
 
 CONVENTION = {
     "ijk": "0-based voxel index (i, j, k) of IMAGE; i is the fastest-varying (column) axis",

@@ -19,7 +19,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -34,9 +34,15 @@ from .features import batch_size_for
 from .intensity import normalize
 from .position import expected_region, expected_shape
 from .prompts import Prompts, select_prompts
+from .result import SliceRecord, VolumeResult
 from .support import Support, find_support, from_slices, in_plane_spacing, to_slices
 
 Progress = Callable[[str, int, int], None]
+# Called as each slice's decision is made: (record, its mask in the slice frame or None). Labels are
+# walked in parallel threads, so it is called from those threads. A slice reported here is
+# provisional: the result may still change it (labels overlapping, an enclosed label outside its
+# encloser), and the VolumeResult is what counts.
+SliceReport = Callable[[SliceRecord, Optional[np.ndarray]], None]
 STORAGE_DTYPE = torch.float16          # embeddings as kept between runs
 CONFIDENCE_CHUNK = 16                  # query slices per similarity / upsampling step
 DECODED_KEPT_BYTES = 64 << 20         # decoded masks kept per store for re-runs (8 KB each at 256 x 256)
@@ -44,31 +50,6 @@ DECODED_KEPT_BYTES = 64 << 20         # decoded masks kept per store for re-runs
 
 class Cancelled(SynPoError):
     """The caller's cancel() returned True; nothing was produced."""
-
-
-@dataclass
-class SliceRecord:
-    label: int
-    index: int                     # slice index along the slicing axis
-    status: str                    # "support", "present", "absent", "not reached"
-    score: float = 0.0             # mean fused confidence inside the mask
-    sam_iou: float = 0.0
-    overlap_prev: float = 0.0      # fraction of this mask inside the neighbouring (previous) mask
-    reason: str = ""               # why an "absent" slice was judged so
-    positive: List[List[float]] = field(default_factory=list)   # x (column), y (row) in the slice
-    negative: List[List[float]] = field(default_factory=list)
-    box: Optional[List[int]] = None
-
-
-@dataclass
-class VolumeResult:
-    labels: np.ndarray                       # [k, j, i] the support's label values (uint8 when < 256, else int32)
-    confidence: Dict[int, np.ndarray]        # label -> [k, j, i] float32 in [0, 1]
-    records: List[SliceRecord]
-    support: Support
-    modality: str
-    features: List[str]
-    timings: Dict[str, float]
 
 
 class EmbeddingStore:
@@ -230,10 +211,16 @@ def _record(label: int, index: int, status: str, prompts: Optional[Prompts] = No
 class _Context:
     """What the per-label propagation needs, bundled."""
 
-    def __init__(self, sam, embeds, conf, cfg, timings, cancel, tick, gate_range=None):
+    def __init__(self, sam, embeds, conf, cfg, timings, cancel, tick, gate_range=None,
+                 on_slice: Optional[SliceReport] = None):
         self.sam, self.embeds, self.conf, self.cfg = sam, embeds, conf, cfg
         self.timings, self.cancel, self.tick = timings, cancel, tick
         self.gate_range = gate_range             # the target's grey-value range (gate.py), or None
+        self.on_slice = on_slice
+
+    def report(self, rec: SliceRecord, mask: Optional[np.ndarray]) -> None:
+        if self.on_slice is not None:
+            self.on_slice(rec, mask)
 
     def decode(self, label: int, t: int, prev: Optional[np.ndarray], min_area: float,
                prev_score: Optional[float] = None, expected: Optional[np.ndarray] = None):
@@ -278,10 +265,12 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
     while t != stop:
         new, rec = ctx.decode(label, t, prev, min_area, prev_score)
         records.append(rec)
+        ctx.report(rec, new)
         if new is None:
             t += step
             while t != stop:                     # the organ ended: the rest of this side is empty
                 records.append(_record(label, t, "not reached"))
+                ctx.report(records[-1], None)
                 ctx.tick()
                 t += step
             return
@@ -336,7 +325,8 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
                    progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
                    stores: Optional[Dict[str, EmbeddingStore]] = None,
                    confidence_from: Optional[Sequence[str]] = None,
-                   embedding_cache: Optional[str] = None) -> VolumeResult:
+                   embedding_cache: Optional[str] = None,
+                   on_slice: Optional[SliceReport] = None) -> VolumeResult:
     """Segment every slice of `image` ([k, j, i]) from the paint in `support_label`.
 
     support_image: the volume the support was painted on, when it is not `image`
@@ -345,6 +335,7 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
     confidence_from: encoders whose maps are fused, among "sam" and "dinov2"
     (default: both when `dino` is given, else "sam"). SAM always decodes.
     embedding_cache: a folder where embeddings persist between runs (optional).
+    on_slice: called with each slice's record and mask as it is decided (SliceReport).
     """
     validate(cfg)
     timings = {k: 0.0 for k in ("intensity", "encode_sam", "encode_dinov2", "confidence", "prompts", "decode")}
@@ -455,7 +446,8 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
         return organ_range([ref[s] for s in sup_idx], sup_masks, cfg.gate)
 
     def segment_target(label: int, sup_idx: List[int], sup_masks: List[np.ndarray],
-                       records: List[SliceRecord], timings: Dict[str, float]):
+                       records: List[SliceRecord], timings: Dict[str, float],
+                       report: Optional[SliceReport] = None):
         """Confidence maps and propagated masks {slice: mask} of one target shape; its stage
         seconds are added to `timings`."""
         t1 = time.perf_counter()
@@ -472,12 +464,14 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
             stores["confidence/" + key] = conf
         timings["confidence"] += time.perf_counter() - t1
 
-        ctx = _Context(sam, q_stores["sam"], conf, cfg, timings, stopped, tick, target_range(sup_idx, sup_masks))
+        ctx = _Context(sam, q_stores["sam"], conf, cfg, timings, stopped, tick, target_range(sup_idx, sup_masks),
+                       report)
         min_area = cfg.volume.min_area_fraction * float(np.mean([m.sum() for m in sup_masks]))
         if not cross:
             starts = {s: m for s, m in zip(sup_idx, sup_masks)}
             for s, m in zip(sup_idx, sup_masks):
                 records.append(_record(label, s, "support", score=float(conf[s][m].mean())))
+                ctx.report(records[-1], m)
                 tick()
         else:
             # Start on the slice (at a height near the supports') with the most confidence inside the
@@ -495,11 +489,13 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
             first, rec = ctx.decode(label, start, expected_slice_region(start, sup_idx, sup_masks), min_area,
                                     expected=expected_slice_shape(start, sup_idx, sup_masks))
             records.append(rec)
+            ctx.report(rec, first)
             starts = {start: first} if first is not None else {}
             if first is None:
                 for t in range(n):
                     if t != start:
                         records.append(_record(label, t, "not reached"))
+                        ctx.report(records[-1], None)
                         tick()
         masks = _propagate(ctx, label, n, starts, min_area, records) if starts else {}
         if not cross:
@@ -517,7 +513,7 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
             sup_masks = [paint[s] == label for s in sup_idx]
             ring = rings.get(label)
             if ring is None:
-                masks, conf = segment_target(label, sup_idx, sup_masks, records, seconds)
+                masks, conf = segment_target(label, sup_idx, sup_masks, records, seconds, on_slice)
             else:
                 # A ring (the myocardium around the blood pool): a box drawn around a ring makes SAM
                 # segment the bright hole, not the band. So the hole is propagated as a target of
@@ -530,6 +526,10 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
                 masks = {t: apply_gate(band_around(inner[t], thickness, spacing_rc), query[t], band_range, cfg.gate)
                          if t in inner else m for t, m in outer.items()}
                 conf = conf_outer * (1.0 - conf_inner)
+                if on_slice is not None:             # a ring's slices are known once both walks are done
+                    for rec in sorted(records, key=lambda r: r.index):
+                        on_slice(rec, masks.get(rec.index, sup_masks[sup_idx.index(rec.index)]
+                                                if rec.status == "support" else None))
         except BaseException:
             failed.set()
             raise

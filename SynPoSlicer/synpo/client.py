@@ -1,0 +1,227 @@
+"""A client of `synpo serve`: Python's standard library and numpy only, no torch.
+
+Used by `synpo segment --server` and by the Slicer module (which runs it in Slicer's Python 3.9:
+keep this file to 3.9 syntax). Every failure is a `ServerError` (a SynPoError) with one line.
+
+    client = Client("http://127.0.0.1:8765", token)
+    sid = client.create_session(image, spacing_ijk)
+    rid = client.start_run(sid, support)
+    while client.status(sid, rid)["state"] in ("queued", "running"): ...
+    result = client.result(sid, rid)                 # a result.VolumeResult
+"""
+import http.client
+import json
+import os
+import socket
+import ssl
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import wire
+from .errors import SynPoError
+from .result import SliceRecord, VolumeResult, support_from_dict
+
+ACTIVE = ("queued", "running")
+
+
+class ServerError(SynPoError):
+    """The server refused a request, or could not be reached. `status` is the HTTP status (0: no answer)."""
+
+    def __init__(self, message: str, status: int = 0):
+        super().__init__(message)
+        self.status = status
+
+
+def default_token_path() -> str:
+    """Where `synpo serve` writes the token it makes when given no --token-file."""
+    from .weights import cache_dir
+    return os.path.join(cache_dir(), "server-token")
+
+
+def find_token(token_file: Optional[str] = None) -> str:
+    """The token from `token_file`, else $SYNPO_TOKEN, else the file `synpo serve` writes by default."""
+    if token_file:
+        path = token_file
+    elif os.environ.get("SYNPO_TOKEN"):
+        return os.environ["SYNPO_TOKEN"].strip()
+    else:
+        path = default_token_path()
+        if not os.path.isfile(path):
+            raise SynPoError("no token: give --token-file FILE (the file the server reads or wrote), or set "
+                             "SYNPO_TOKEN; %s does not exist" % path)
+    try:
+        with open(path) as handle:
+            token = handle.read().strip()
+    except OSError as exc:
+        raise SynPoError("cannot read the token file %s: %s" % (path, exc.strerror or exc)) from None
+    if not token:
+        raise SynPoError("the token file %s is empty" % path)
+    return token
+
+
+class Client:
+    def __init__(self, url: str, token: str = "", timeout: float = 60.0, cafile: Optional[str] = None):
+        parsed = urllib.parse.urlparse(url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise SynPoError("server URL %r: give http://HOST:PORT or https://HOST:PORT" % url)
+        self.url = url.rstrip("/")
+        self.token, self.timeout = token, timeout
+        self.context = ssl.create_default_context(cafile=cafile) if parsed.scheme == "https" else None
+
+    # ------------------------------------------------------------------ transport
+
+    def request(self, method: str, path: str, body: Optional[bytes] = None, content_type: str = "",
+                timeout: Optional[float] = None) -> Tuple[bytes, str]:
+        """(body, content type) of the answer; ServerError with the server's one-line reason."""
+        headers = {"Accept": "application/json, %s" % wire.CONTENT_TYPE}
+        if self.token:
+            headers["Authorization"] = "Bearer " + self.token
+        if content_type:
+            headers["Content-Type"] = content_type
+        req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout, context=self.context) as answer:
+                return answer.read(), answer.headers.get("Content-Type", "")
+        except urllib.error.HTTPError as exc:
+            raise ServerError(self._reason(exc), exc.code) from None
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ServerError("cannot reach the SynPo server at %s (%s): is `synpo serve` running there?"
+                              % (self.url, reason or type(exc).__name__)) from None
+
+    def _reason(self, exc) -> str:
+        try:
+            text = exc.read()
+            reason = json.loads(text.decode("utf-8")).get("error") or ""
+        except Exception:
+            reason = ""
+        return "the SynPo server said: %s (HTTP %d)" % (reason or exc.reason or "error", exc.code)
+
+    def json(self, method: str, path: str, payload: Optional[dict] = None, timeout: Optional[float] = None) -> dict:
+        body = json.dumps(payload).encode("utf-8") if payload is not None else None
+        data, _ = self.request(method, path, body, "application/json" if body is not None else "", timeout)
+        try:
+            return json.loads(data.decode("utf-8"))
+        except ValueError:
+            raise ServerError("the server at %s answered something that is not JSON" % self.url) from None
+
+    def arrays(self, method: str, path: str, body: Optional[bytes] = None, content_type: str = "",
+               timeout: Optional[float] = None) -> Tuple[Dict[str, np.ndarray], dict]:
+        data, _ = self.request(method, path, body, content_type, timeout)
+        try:
+            return wire.unpack(data)
+        except SynPoError as exc:
+            raise ServerError("the server's answer is malformed: %s" % exc) from None
+
+    # ------------------------------------------------------------------ the API
+
+    def health(self) -> dict:
+        return self.json("GET", "/v1/health", timeout=min(self.timeout, 10.0))
+
+    def create_session(self, image: np.ndarray, spacing_ijk: Sequence[float]) -> str:
+        body = wire.pack({"image": wire.compact_image(np.asarray(image))},
+                         {"spacing": [float(s) for s in spacing_ijk]})
+        data, _ = self.request("POST", "/v1/sessions", body, wire.CONTENT_TYPE)
+        return json.loads(data.decode("utf-8"))["session"]
+
+    def session(self, sid: str) -> dict:
+        return self.json("GET", "/v1/sessions/%s" % sid)
+
+    def delete_session(self, sid: str) -> None:
+        self.json("DELETE", "/v1/sessions/%s" % sid)
+
+    def start_run(self, sid: str, support: np.ndarray, settings: Sequence[str] = (), modality: Optional[str] = None,
+                  support_image: Optional[np.ndarray] = None, add: bool = False) -> str:
+        """Start a run; `add`: `support` holds paint on new slices, merged into the last run's support."""
+        support = np.asarray(support)
+        if support.dtype.kind == "f":
+            support = support.astype(np.int32)
+        arrays = {"support": support}
+        if support_image is not None:
+            arrays["support_image"] = wire.compact_image(np.asarray(support_image))
+        meta = {"set": list(settings), "modality": modality, "mode": "add" if add else "new"}
+        data, _ = self.request("POST", "/v1/sessions/%s/runs" % sid, wire.pack(arrays, meta), wire.CONTENT_TYPE)
+        return json.loads(data.decode("utf-8"))["run"]
+
+    def status(self, sid: str, rid: str, since: int = 0) -> dict:
+        return self.json("GET", "/v1/sessions/%s/runs/%s?since=%d" % (sid, rid, since))
+
+    def slices(self, sid: str, rid: str, since: int = 0) -> Tuple[List[Tuple[SliceRecord, Optional[np.ndarray]]], int]:
+        """([(record, mask or None)] of the slices decided since `since`, the next `since`)."""
+        arrays, meta = self.arrays("GET", "/v1/sessions/%s/runs/%s/slices?since=%d" % (sid, rid, since))
+        out = [(SliceRecord.from_dict(r), arrays.get(r["mask"]) if r.get("mask") else None) for r in meta["slices"]]
+        return out, int(meta["next"])
+
+    def cancel(self, sid: str, rid: str) -> dict:
+        return self.json("POST", "/v1/sessions/%s/runs/%s/cancel" % (sid, rid))
+
+    def result(self, sid: str, rid: str, confidence: str = "none") -> VolumeResult:
+        """The finished run's VolumeResult; confidence: "none", "max" (stored under the first label
+        and as the maximum) or "labels" (one map per label)."""
+        arrays, meta = self.arrays("GET", "/v1/sessions/%s/runs/%s/result?confidence=%s" % (sid, rid, confidence),
+                                   timeout=max(self.timeout, 600.0))
+        support = support_from_dict(meta["support"])
+        conf = {}
+        if "confidence" in arrays:
+            conf = {v: arrays["confidence"] for v in support.labels}
+        for v in support.labels:
+            if "confidence_%d" % v in arrays:
+                conf[v] = arrays["confidence_%d" % v]
+        return VolumeResult(arrays["labels"], conf, [SliceRecord.from_dict(r) for r in meta["records"]], support,
+                            meta["modality"], list(meta["features"]), dict(meta["timings"]))
+
+    def redecode(self, sid: str, slice_index: int, positive, negative, label: Optional[int] = None,
+                 axis: Optional[int] = None) -> Tuple[np.ndarray, float]:
+        payload = {"slice": int(slice_index), "positive": np.asarray(positive, float).reshape(-1, 2).tolist(),
+                   "negative": np.asarray(negative, float).reshape(-1, 2).tolist(), "label": label, "axis": axis}
+        arrays, meta = self.arrays("POST", "/v1/sessions/%s/redecode" % sid, json.dumps(payload).encode("utf-8"),
+                                   "application/json")
+        return arrays["mask"], float(meta["iou"])
+
+    def wait(self, sid: str, rid: str, progress: Optional[Callable[[str, int, int], None]] = None,
+             interval: float = 0.25, cancel: Optional[Callable[[], bool]] = None) -> dict:
+        """Poll until the run ends; returns its last status. Cancels it if `cancel()` turns True."""
+        since, cancelled = 0, False
+        while True:
+            st = self.status(sid, rid, since)
+            since = st["next"]
+            if progress:
+                progress(st["stage"], st["done"], st["total"])
+            if st["state"] not in ACTIVE:
+                return st
+            if cancel is not None and not cancelled and cancel():
+                self.cancel(sid, rid)
+                cancelled = True
+            time.sleep(interval)
+
+
+def run_remote(client: Client, image: np.ndarray, spacing_ijk, support: np.ndarray, settings: Sequence[str] = (),
+               modality: Optional[str] = None, support_image: Optional[np.ndarray] = None, confidence: str = "none",
+               progress: Optional[Callable[[str, int, int], None]] = None) -> VolumeResult:
+    """One whole segmentation through the server: upload, run, download; the session is deleted
+    after (and the run cancelled when interrupted)."""
+    sid = client.create_session(image, spacing_ijk)
+    rid = None
+    try:
+        rid = client.start_run(sid, support, settings, modality, support_image)
+        st = client.wait(sid, rid, progress)
+        if st["state"] != "done":
+            raise ServerError("the server's run %s: %s" % (st["state"], st["error"] or "no result"))
+        return client.result(sid, rid, confidence)
+    except KeyboardInterrupt:
+        if rid is not None:
+            try:
+                client.cancel(sid, rid)
+            except SynPoError:
+                pass
+        raise
+    finally:
+        try:
+            client.delete_session(sid)
+        except SynPoError:
+            pass

@@ -1,0 +1,56 @@
+"""What one run carries, torch-free: per-slice records and the volume result.
+
+Shared by the engine (volume.py fills them), the server (sends them) and clients (the CLI's
+`--server` path and the Slicer module rebuild them), so none of those needs torch.
+"""
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .support import Support
+
+STATUSES = ("support", "present", "absent", "not reached")
+
+
+@dataclass
+class SliceRecord:
+    label: int
+    index: int                     # slice index along the slicing axis
+    status: str                    # "support", "present", "absent", "not reached"
+    score: float = 0.0             # mean fused confidence inside the mask
+    sam_iou: float = 0.0
+    overlap_prev: float = 0.0      # fraction of this mask inside the neighbouring (previous) mask
+    reason: str = ""               # why an "absent" slice was judged so
+    positive: List[List[float]] = field(default_factory=list)   # x (column), y (row) in the slice
+    negative: List[List[float]] = field(default_factory=list)
+    box: Optional[List[int]] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SliceRecord":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+
+@dataclass
+class VolumeResult:
+    labels: np.ndarray                       # [k, j, i] the support's label values (uint8 when < 256, else int32)
+    confidence: Dict[int, np.ndarray]        # label -> [k, j, i] float32 in [0, 1] (may be empty: not asked for)
+    records: List[SliceRecord]
+    support: Support
+    modality: str
+    features: List[str]
+    timings: Dict[str, float]
+
+
+def support_to_dict(support: Support) -> dict:
+    return {"axis": support.axis, "labels": list(support.labels),
+            "slices": {str(k): list(v) for k, v in support.slices.items()}}
+
+
+def support_from_dict(d: dict) -> Support:
+    return Support(axis=int(d["axis"]), labels=[int(v) for v in d["labels"]],
+                   slices={int(k): [int(s) for s in v] for k, v in d["slices"].items()})

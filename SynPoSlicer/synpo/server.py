@@ -1,0 +1,364 @@
+"""`synpo serve`: the engine as an HTTP service (FastAPI on uvicorn).
+
+Paths (all but health need `Authorization: Bearer TOKEN`; bodies and results of arrays are
+wire.py messages, the rest JSON; every error is {"error": "one line"} with a 4xx/5xx status):
+
+    GET    /v1/health                                   no token; version, models, limits
+    POST   /v1/sessions                                 wire: image [k,j,i]; meta: spacing (mm along i,j,k)
+    GET    /v1/sessions/{sid}                           what the session holds
+    DELETE /v1/sessions/{sid}
+    POST   /v1/sessions/{sid}/runs                      wire: support (+ support_image); meta: set, modality, mode
+    GET    /v1/sessions/{sid}/runs/{rid}?since=N        state, progress, the slices decided since N
+    GET    /v1/sessions/{sid}/runs/{rid}/slices?since=N wire: those slices' masks
+    POST   /v1/sessions/{sid}/runs/{rid}/cancel
+    GET    /v1/sessions/{sid}/runs/{rid}/result?confidence=none|max|labels   wire: labels (+ confidence)
+    POST   /v1/sessions/{sid}/redecode                  JSON: slice, positive, negative, label, axis -> wire: mask
+
+The server never opens a path a client names, never logs tokens or image content, and binds
+127.0.0.1 unless told otherwise (then only with a token file).
+"""
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import socket
+import sys
+from typing import Optional
+
+import numpy as np
+
+from . import __version__
+from . import wire
+from .errors import SynPoError
+
+API = 1
+DEFAULT_PORT = 8765
+log = logging.getLogger("synpo.serve")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def make_token_file(path: str) -> str:
+    """A fresh random token written to `path`, readable by the user only; returns the token."""
+    token = secrets.token_urlsafe(32)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    tmp = path + ".tmp-%d" % os.getpid()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(token + "\n")
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return token
+
+
+def read_token_file(path: str) -> str:
+    try:
+        with open(path) as handle:
+            token = handle.read().strip()
+    except OSError as exc:
+        raise SynPoError("cannot read the token file %s: %s" % (path, exc.strerror or exc)) from None
+    if len(token) < 16 or any(c.isspace() for c in token):
+        raise SynPoError("the token file %s must hold one token of at least 16 characters, without spaces" % path)
+    return token
+
+
+def create_app(service, token: str, max_body_bytes: int, max_array_bytes: Optional[int] = None):
+    """The FastAPI application over a `service.Service`."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from .result import support_to_dict
+    from .service import Busy, NotFound
+
+    max_array_bytes = max_array_bytes or max(max_body_bytes * 16, 1 << 30)
+    app = FastAPI(title="SynPo", version=__version__, docs_url=None, redoc_url=None)
+
+    class Refused(Exception):
+        def __init__(self, status: int, message: str):
+            self.status, self.message = status, message
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": " ".join(str(message).split())}, status_code=status)
+
+    @app.exception_handler(Refused)
+    async def _refused(request, exc: Refused):
+        return error(exc.status, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc):
+        return error(exc.status_code, exc.detail if isinstance(exc.detail, str) else "request refused")
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return error(400, "invalid request: %s %s" % (where, first.get("msg", "")))
+
+    @app.exception_handler(NotFound)
+    async def _not_found(request, exc):
+        return error(404, str(exc))
+
+    @app.exception_handler(Busy)
+    async def _busy(request, exc):
+        return error(409, str(exc))
+
+    @app.exception_handler(SynPoError)
+    async def _bad_input(request, exc):
+        return error(400, str(exc))
+
+    @app.middleware("http")
+    async def _authenticate(request: Request, call_next):
+        # Before anything else: a request without the right token reads no body and changes nothing.
+        if request.url.path != "/v1/health":
+            given = request.headers.get("authorization", "")
+            if not given.startswith("Bearer "):
+                return error(401, "this server needs a token: send 'Authorization: Bearer TOKEN'")
+            if not hmac.compare_digest(given[7:].strip().encode(), token.encode()):
+                return error(401, "wrong token")
+            length = request.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > max_body_bytes:
+                return error(413, "the request body is %d MB; this server accepts at most %d MB (--max-body-mb)"
+                             % (int(length) >> 20, max_body_bytes >> 20))
+        return await call_next(request)
+
+    async def body_of(request: Request) -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise Refused(413, "the request body is larger than this server accepts (%d MB, --max-body-mb)"
+                              % (max_body_bytes >> 20))
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def message_of(request: Request):
+        if request.headers.get("content-type", "").split(";")[0].strip() != wire.CONTENT_TYPE:
+            raise Refused(415, "send the arrays as %s (synpo.wire)" % wire.CONTENT_TYPE)
+        data = await body_of(request)
+        return await run_in_threadpool(wire.unpack, data, max_array_bytes)
+
+    def packed(arrays, meta) -> Response:
+        return Response(wire.pack(arrays, meta), media_type=wire.CONTENT_TYPE)
+
+    @app.get("/v1/health")
+    async def health():
+        return {"status": "ok", "synpo": __version__, "api": API, "models": service.models.describe(),
+                "limits": {"max_body_mb": max_body_bytes >> 20, "max_memory_mb": service.budget_bytes >> 20,
+                           "session_ttl_s": service.ttl_seconds}}
+
+    @app.post("/v1/sessions", status_code=201)
+    async def create_session(request: Request):
+        arrays, meta = await message_of(request)
+        image = arrays.get("image")
+        if image is None:
+            raise Refused(400, "the body holds no array named 'image'")
+        spacing = meta.get("spacing")
+        if not isinstance(spacing, list) or len(spacing) != 3:
+            raise Refused(400, "meta.spacing must be 3 numbers: the voxel size in mm along i, j, k")
+        try:
+            spacing = [float(s) for s in spacing]
+        except (TypeError, ValueError):
+            raise Refused(400, "meta.spacing must be 3 numbers: the voxel size in mm along i, j, k") from None
+        entry = await run_in_threadpool(service.create, image, spacing, {})
+        return service.describe(entry)
+
+    @app.get("/v1/sessions/{sid}")
+    async def get_session(sid: str):
+        return service.describe(service.get(sid))
+
+    @app.delete("/v1/sessions/{sid}")
+    async def delete_session(sid: str):
+        service.delete(sid)
+        return {"deleted": sid}
+
+    @app.post("/v1/sessions/{sid}/runs", status_code=202)
+    async def start_run(sid: str, request: Request):
+        entry = service.get(sid)
+        arrays, meta = await message_of(request)
+        mode = meta.get("mode", "new")
+        if mode not in ("new", "add"):
+            raise Refused(400, "meta.mode must be 'new' or 'add', not %r" % (mode,))
+        settings = {"set": meta.get("set") or [], "modality": meta.get("modality")}
+        if not isinstance(settings["set"], list) or not all(isinstance(s, str) for s in settings["set"]):
+            raise Refused(400, "meta.set must be a list of 'SECTION.FIELD=VALUE' strings")
+        if settings["modality"] not in (None, "ct", "mr"):
+            raise Refused(400, "meta.modality must be 'ct', 'mr' or null")
+        support = arrays.get("support")
+        if support is not None and support.dtype.kind not in "iub":
+            raise Refused(400, "the support has dtype %s; integer labels are needed" % support.dtype)
+        run = await run_in_threadpool(service.start_run, entry, support, settings, arrays.get("support_image"),
+                                      mode == "add")
+        return {"run": run.id, "session": sid, "state": run.state}
+
+    @app.get("/v1/sessions/{sid}/runs/{rid}")
+    async def run_status(sid: str, rid: str, since: int = 0):
+        return service.get_run(service.get(sid), rid).status(max(0, since))
+
+    @app.get("/v1/sessions/{sid}/runs/{rid}/slices")
+    async def run_slices(sid: str, rid: str, since: int = 0):
+        run = service.get_run(service.get(sid), rid)
+        records, arrays = await run_in_threadpool(run.slice_masks, max(0, since))
+        return packed(arrays, {"slices": records, "next": max(0, since) + len(records), "state": run.state})
+
+    @app.post("/v1/sessions/{sid}/runs/{rid}/cancel")
+    async def cancel_run(sid: str, rid: str):
+        run = service.get_run(service.get(sid), rid)
+        run.cancel_event.set()
+        return {"run": rid, "state": run.state, "cancel": "requested"}
+
+    @app.get("/v1/sessions/{sid}/runs/{rid}/result")
+    async def run_result(sid: str, rid: str, confidence: str = "none"):
+        run = service.get_run(service.get(sid), rid)
+        if confidence not in ("none", "max", "labels"):
+            raise Refused(400, "confidence must be none, max or labels")
+        if run.state != "done":
+            raise Busy("run %s is %s%s" % (rid, run.state, (": " + run.error) if run.error else ""))
+        result = run.result
+        if result is None:
+            raise NotFound("the result of run %s is no longer kept; start the run again" % rid)
+
+        def build():
+            from .outputs import max_confidence
+            arrays = {"labels": result.labels}
+            if confidence == "max":
+                arrays["confidence"] = max_confidence(result)
+            elif confidence == "labels":
+                for v in result.support.labels:
+                    arrays["confidence_%d" % v] = result.confidence[v]
+            meta = {"records": [r.to_dict() for r in result.records], "support": support_to_dict(result.support),
+                    "modality": result.modality, "features": list(result.features),
+                    "timings": {k: round(v, 4) for k, v in result.timings.items()}}
+            return wire.pack(arrays, meta)
+        return Response(await run_in_threadpool(build), media_type=wire.CONTENT_TYPE)
+
+    @app.post("/v1/sessions/{sid}/redecode")
+    async def redecode(sid: str, request: Request):
+        entry = service.get(sid)
+        try:
+            body = json.loads((await body_of(request)) or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError
+        except ValueError:
+            raise Refused(400, "the body must be a JSON object: slice, positive, negative (and label, axis)") from None
+        if not isinstance(body.get("slice"), int):
+            raise Refused(400, "slice must be an integer slice index")
+        try:
+            pos = np.asarray(body.get("positive", []), dtype=float).reshape(-1, 2)
+            neg = np.asarray(body.get("negative", []), dtype=float).reshape(-1, 2)
+        except (TypeError, ValueError):
+            raise Refused(400, "positive and negative must be lists of [x, y] points") from None
+        label, axis = body.get("label"), body.get("axis")
+        if label is not None and not isinstance(label, int) or axis is not None and not isinstance(axis, int):
+            raise Refused(400, "label and axis must be integers")
+        import time
+        t0 = time.perf_counter()
+        mask, iou = await run_in_threadpool(service.redecode, entry, body["slice"], pos, neg, label, axis)
+        return packed({"mask": mask}, {"iou": iou, "seconds": round(time.perf_counter() - t0, 4)})
+
+    return app
+
+
+# ---------------------------------------------------------------------- the command
+
+def add_arguments(p) -> None:
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only; any other needs --token-file)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default %d; 0 = any free port)" % DEFAULT_PORT)
+    p.add_argument("--token-file", metavar="FILE",
+                   help="read the token clients must send from FILE; without it a random token is written to "
+                        "--token-out (readable by you only)")
+    p.add_argument("--token-out", metavar="FILE", help="where a generated token is written (default: %s)"
+                   % "~/.cache/synpo/server-token")
+    p.add_argument("--sam", default="litemedsam", choices=("litemedsam", "vit_b", "vit_l", "vit_h"))
+    p.add_argument("--features", default="auto", choices=("auto", "synergy", "sam", "dinov2"))
+    p.add_argument("--dinov2", default="small", choices=("small", "base", "large", "giant"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--max-memory-mb", type=int, default=8192,
+                   help="sessions together hold at most this much (images, embeddings, results); beyond it the "
+                        "least recently used idle sessions are evicted (default 8192)")
+    p.add_argument("--session-ttl", type=float, default=3600.0,
+                   help="seconds after which an unused session is deleted (default 3600)")
+    p.add_argument("--max-body-mb", type=int, default=1024,
+                   help="largest request body accepted; larger ones get 413 (default 1024)")
+    p.add_argument("--max-runs", type=int, default=1,
+                   help="runs computed at the same time; others wait in a queue (default 1)")
+    p.add_argument("--embedding-cache", metavar="DIR", help="keep embeddings on disk between server restarts")
+    p.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (with --tls-key)")
+    p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    p.add_argument("--ready-file", metavar="FILE", help="write the server's URL to FILE once it accepts requests")
+    p.add_argument("--access-log", action="store_true", help="log every request's method, path and status")
+    p.add_argument("--quiet", action="store_true", help="log warnings only")
+
+
+def check_arguments(args) -> None:
+    """Refusals before anything starts (one line, exit 2 in the CLI)."""
+    if not is_loopback(args.host) and not args.token_file:
+        raise SynPoError("--host %s is reachable from other machines: give --token-file FILE (a secret token "
+                         "you share with the clients), and use --tls-cert/--tls-key or an SSH tunnel" % args.host)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SynPoError("--tls-cert and --tls-key go together")
+    for path in (args.tls_cert, args.tls_key):
+        if path and not os.path.isfile(path):
+            raise SynPoError("TLS file not found: %s" % path)
+    for name in ("max_memory_mb", "max_body_mb", "max_runs"):
+        if getattr(args, name) < 1:
+            raise SynPoError("--%s must be >= 1" % name.replace("_", "-"))
+    if args.session_ttl <= 0:
+        raise SynPoError("--session-ttl must be > 0")
+    if not 0 <= args.port <= 65535:
+        raise SynPoError("--port must be 0..65535")
+
+
+def run_server(args) -> int:
+    import uvicorn
+    from .client import default_token_path
+    from .service import Service
+    from .session import Models
+
+    check_arguments(args)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="synpo serve: %(message)s", stream=sys.stderr)
+    if args.token_file:
+        token, where = read_token_file(args.token_file), args.token_file
+    else:
+        where = args.token_out or default_token_path()
+        token = make_token_file(where)
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as exc:
+        raise SynPoError("cannot listen on %s:%d: %s" % (args.host, args.port, exc.strerror or exc)) from None
+    sock.listen(128)                 # connections wait in the backlog until the server accepts them
+    models = Models.load(args.sam, args.features, args.dinov2, args.device, args.precision, quiet=args.quiet)
+    service = Service(models, args.max_memory_mb << 20, args.session_ttl, args.max_runs, args.embedding_cache)
+    service.start_reaper()
+    app = create_app(service, token, args.max_body_mb << 20)
+    port = sock.getsockname()[1]
+    scheme = "https" if args.tls_cert else "http"
+    host = "[%s]" % args.host if ":" in args.host else args.host
+    url = "%s://%s:%d" % (scheme, host, port)
+    print("synpo serve: %s on %s, listening on %s; token in %s" % (models.sam_name, models.device, url, where),
+          flush=True)
+    if args.ready_file:
+        with open(args.ready_file, "w") as handle:
+            handle.write(url + "\n")
+    config = uvicorn.Config(app, log_level="warning" if args.quiet else "info", access_log=args.access_log and not args.quiet,
+                            ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key, timeout_keep_alive=30)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0

@@ -1,0 +1,267 @@
+"""What `synpo serve` holds, without HTTP: models, sessions, runs, the memory budget.
+
+- A `Service` loads the models once and keeps `Session`s (session.py) by id.
+- A run is a `Run`: it waits for a compute slot (runs are queued, `max_runs` at a time, so two
+  clients never make each other's runs slower than one after the other), reports progress and
+  each slice as it is decided, and can be cancelled while queued or running.
+- Memory is bounded: after a session is created or a run ends, the least recently used idle
+  sessions are evicted until the sessions together hold at most `budget_bytes`; a session idle
+  for `ttl_seconds` expires. A request naming an evicted or expired session is told so.
+"""
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .config import configured
+from .errors import InputError, SynPoError
+from .result import VolumeResult
+from .session import Models, Session
+from .volume import Cancelled
+
+log = logging.getLogger("synpo.serve")
+
+RUNS_KEPT = 4                  # finished runs whose results a session keeps (older ones: state only)
+FORGOTTEN_KEPT = 1000          # ids of evicted / expired sessions remembered to say so
+
+
+class NotFound(SynPoError):
+    """An unknown, evicted or expired session or run (HTTP 404)."""
+
+
+class Busy(SynPoError):
+    """The session is running something already, or a result is not ready (HTTP 409)."""
+
+
+class Run:
+    """One segmentation run of a session, in its own thread."""
+
+    def __init__(self, run_id: str, entry: "Entry"):
+        self.id, self.entry = run_id, entry
+        self.state = "queued"            # queued, running, done, failed, cancelled
+        self.stage, self.done, self.total = "queued", 0, 1
+        self.error = ""
+        self.slices: List[dict] = []     # each decided slice: its record, its mask packed (or None)
+        self.result: Optional[VolumeResult] = None
+        self.cancel_event = threading.Event()
+        self.lock = threading.Lock()
+        self.created = time.time()
+        self.seconds = 0.0
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        self.stage, self.done, self.total = stage, int(done), max(1, int(total))
+
+    def on_slice(self, record, mask) -> None:
+        packed = None
+        if mask is not None:
+            packed = (np.packbits(mask), mask.shape)
+        with self.lock:
+            self.slices.append({"record": record.to_dict(), "mask": packed})
+
+    def status(self, since: int = 0) -> dict:
+        with self.lock:
+            new = self.slices[since:]
+            n = len(self.slices)
+        return {"run": self.id, "session": self.entry.id, "state": self.state, "stage": self.stage,
+                "done": self.done, "total": self.total, "error": self.error, "seconds": round(self.seconds, 3),
+                "slices": [s["record"] for s in new], "next": n}
+
+    def slice_masks(self, since: int = 0):
+        """([records], {name: mask}) of the slices decided since `since`; a record's "mask" names its array."""
+        with self.lock:
+            new = list(enumerate(self.slices))[since:]
+        records, arrays = [], {}
+        for pos, s in new:
+            rec = dict(s["record"])
+            rec["mask"] = None
+            if s["mask"] is not None:
+                bits, shape = s["mask"]
+                name = "m%d" % pos
+                arrays[name] = np.unpackbits(bits, count=shape[0] * shape[1]).reshape(shape).astype(bool)
+                rec["mask"] = name
+            records.append(rec)
+        return records, arrays
+
+
+class Entry:
+    """A session with its id, its runs and its lock (one run or re-decoding at a time)."""
+
+    def __init__(self, session_id: str, session: Session, meta: dict):
+        self.id, self.session, self.meta = session_id, session, meta
+        self.runs: "OrderedDict[str, Run]" = OrderedDict()
+        self.lock = threading.Lock()
+        self.created = time.time()
+        self.touched = time.monotonic()
+
+    def busy(self) -> bool:
+        return self.lock.locked() or any(r.state in ("queued", "running") for r in self.runs.values())
+
+
+class Service:
+    def __init__(self, models: Models, budget_bytes: int = 8 << 30, ttl_seconds: float = 3600.0,
+                 max_runs: int = 1, embedding_cache: Optional[str] = None):
+        self.models = models
+        self.budget_bytes, self.ttl_seconds = int(budget_bytes), float(ttl_seconds)
+        self.embedding_cache = embedding_cache
+        self.entries: "OrderedDict[str, Entry]" = OrderedDict()
+        self.forgotten: "OrderedDict[str, str]" = OrderedDict()      # id -> why it is gone
+        self.lock = threading.Lock()
+        self.slots = threading.Semaphore(max(1, int(max_runs)))
+        self.evictions = 0
+
+    # ------------------------------------------------------------------ sessions
+
+    def create(self, image: np.ndarray, spacing, meta: Optional[dict] = None) -> Entry:
+        session = Session(image, spacing, self.models, self.embedding_cache)
+        entry = Entry(secrets.token_hex(8), session, dict(meta or {}))
+        with self.lock:
+            self.entries[entry.id] = entry
+        log.info("session %s created: %s voxels", entry.id, "x".join(str(s) for s in image.shape[::-1]))
+        self.enforce_budget(keep=entry.id)
+        return entry
+
+    def get(self, session_id: str) -> Entry:
+        self.expire()
+        with self.lock:
+            entry = self.entries.get(session_id)
+            if entry is None:
+                why = self.forgotten.get(session_id)
+                if why:
+                    raise NotFound("session %s is gone: %s; create it again" % (session_id, why))
+                raise NotFound("unknown session %s" % session_id)
+            self.entries.move_to_end(session_id)
+            entry.touched = time.monotonic()
+            return entry
+
+    def delete(self, session_id: str) -> None:
+        entry = self.get(session_id)
+        for run in entry.runs.values():
+            run.cancel_event.set()
+        self._forget(entry, "deleted by a client")
+
+    def _forget(self, entry: Entry, why: str) -> None:
+        with self.lock:
+            if self.entries.pop(entry.id, None) is not None:
+                self.forgotten[entry.id] = why
+                while len(self.forgotten) > FORGOTTEN_KEPT:
+                    self.forgotten.popitem(last=False)
+        log.info("session %s removed: %s", entry.id, why)
+
+    def memory_bytes(self) -> int:
+        with self.lock:
+            entries = list(self.entries.values())
+        return sum(e.session.memory_bytes() for e in entries)
+
+    def enforce_budget(self, keep: Optional[str] = None) -> None:
+        """Evict the least recently used idle sessions (never `keep`, never a busy one) until the
+        sessions hold at most the budget."""
+        with self.lock:
+            entries = list(self.entries.values())               # least recently used first
+        sizes = {e.id: e.session.memory_bytes() for e in entries}
+        total = sum(sizes.values())
+        for e in entries:
+            if total <= self.budget_bytes:
+                break
+            if e.id == keep or e.busy():
+                continue
+            self._forget(e, "evicted to keep the server within its memory budget (--max-memory-mb %d)"
+                         % (self.budget_bytes >> 20))
+            self.evictions += 1
+            total -= sizes[e.id]
+
+    def start_reaper(self, every: float = 30.0) -> None:
+        """Expire idle sessions every `every` seconds, requests or not (a daemon thread)."""
+        def loop():
+            while True:
+                time.sleep(every)
+                self.expire()
+        threading.Thread(target=loop, name="synpo-reaper", daemon=True).start()
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        with self.lock:
+            stale = [e for e in self.entries.values() if now - e.touched > self.ttl_seconds and not e.busy()]
+        for e in stale:
+            self._forget(e, "expired after %d s unused (--session-ttl)" % self.ttl_seconds)
+
+    # ------------------------------------------------------------------ runs
+
+    def start_run(self, entry: Entry, support: Optional[np.ndarray], settings: dict,
+                  support_image: Optional[np.ndarray] = None, add: bool = False) -> Run:
+        cfg = configured(settings.get("set") or [], settings.get("modality"))     # bad settings: 400 now
+        if support is None:
+            raise InputError("the run needs a support label map (array 'support')")
+        if add and entry.session.support is None:
+            raise Busy("nothing to add to: start a run on this session before adding support slices")
+        if not add:
+            shape = support_image.shape if support_image is not None else entry.session.image.shape
+            if tuple(support.shape) != tuple(shape):
+                raise InputError("the support grid %s differs from the %s grid %s"
+                                 % (tuple(support.shape), "support image" if support_image is not None else "image",
+                                    tuple(shape)))
+        if entry.busy():
+            raise Busy("session %s is busy with another run; wait for it or cancel it" % entry.id)
+        run = Run(secrets.token_hex(6), entry)
+        entry.runs[run.id] = run
+        while len(entry.runs) > RUNS_KEPT:
+            entry.runs.popitem(last=False)
+        threading.Thread(target=self._execute, args=(run, support, cfg, support_image, add),
+                         name="synpo-run-%s" % run.id, daemon=True).start()
+        return run
+
+    def _execute(self, run: Run, support, cfg, support_image, add: bool) -> None:
+        entry = run.entry
+        with self.slots:                            # queued until a compute slot is free
+            if run.cancel_event.is_set():
+                run.state = run.stage = "cancelled"
+                return
+            with entry.lock:
+                run.state, run.stage = "running", "starting"
+                t0 = time.perf_counter()
+                try:
+                    kwargs = dict(progress=run.progress, cancel=run.cancel_event.is_set, on_slice=run.on_slice)
+                    if add:
+                        run.result = entry.session.add_support(support, cfg, **kwargs)
+                    else:
+                        run.result = entry.session.run(support, cfg, support_image, **kwargs)
+                    run.state = run.stage = "done"
+                except Cancelled:
+                    run.state = run.stage = "cancelled"
+                except SynPoError as exc:
+                    run.state, run.stage, run.error = "failed", "failed", str(exc)
+                except Exception as exc:                  # reported to the client, never lost
+                    log.exception("run %s failed", run.id)
+                    run.state, run.stage, run.error = "failed", "failed", "%s: %s" % (type(exc).__name__, exc)
+                run.seconds = time.perf_counter() - t0
+                entry.touched = time.monotonic()
+        log.info("run %s of session %s: %s in %.1f s", run.id, entry.id, run.state, run.seconds)
+        self.enforce_budget()
+
+    def get_run(self, entry: Entry, run_id: str) -> Run:
+        run = entry.runs.get(run_id)
+        if run is None:
+            raise NotFound("unknown run %s of session %s" % (run_id, entry.id))
+        return run
+
+    def redecode(self, entry: Entry, slice_index: int, positive, negative, label=None, axis=None):
+        if not entry.lock.acquire(blocking=False):
+            raise Busy("session %s is busy with a run; re-decode when it has finished" % entry.id)
+        try:
+            return entry.session.redecode(slice_index, positive, negative, label, axis)
+        finally:
+            entry.lock.release()
+
+    def describe(self, entry: Entry) -> dict:
+        s = entry.session
+        return {"session": entry.id, "shape_kji": list(s.image.shape), "spacing_ijk": list(s.spacing),
+                "memory_mb": round(s.memory_bytes() / 2 ** 20, 2),
+                "runs": [{"run": r.id, "state": r.state} for r in entry.runs.values()],
+                "has_result": s.result is not None}
+
+    def sessions(self) -> Dict[str, Entry]:
+        with self.lock:
+            return dict(self.entries)

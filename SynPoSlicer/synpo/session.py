@@ -1,0 +1,190 @@
+"""The session API: one volume embedded once, prompted many times.
+
+In the spirit of segment-anything's `SamPredictor` (`set_image` once, `predict` many times), a
+`Session` takes a volume with its voxel spacing once and keeps what every later request can
+reuse: the slices' embeddings (computed as runs need them), the confidence maps of each support,
+and SAM's decoded masks by their exact inputs. The command line, `synpo evaluate`,
+`synpo benchmark`, the server and (through the server) the Slicer module all segment through it.
+
+    models = Models.load("litemedsam", device="cpu")
+    session = Session(image, spacing_ijk, models)           # image: [k, j, i], spacing: mm along i, j, k
+    result = session.run(support)                            # support: label map, paint on a few slices
+    result = session.add_support(paint_on_another_slice)     # embeddings and untouched slices reused
+    mask, iou = session.redecode(label=1, slice_index=12, positive=[[40, 30]], negative=[])
+
+A session is not thread-safe: one request at a time (the server holds a lock per session).
+"""
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .config import SynPoConfig, default_config
+from .decode import redecode_with_points
+from .errors import InputError, SynPoError
+from .intensity import normalize
+from .io import check_image_values
+from .result import VolumeResult
+from .support import in_plane_spacing, to_slices
+from .volume import EmbeddingStore, Progress, SliceReport, get_store, segment_volume, store_key
+
+
+@dataclass
+class Models:
+    """The loaded models a session segments with (features.load_models)."""
+    sam: object
+    dino: Optional[object]
+    confidence_from: Tuple[str, ...]
+    sam_name: str = "litemedsam"
+    device: str = "cpu"
+
+    @classmethod
+    def load(cls, sam: str = "litemedsam", features: str = "auto", dinov2: str = "small", device: str = "auto",
+             precision: str = "auto", quiet: bool = True) -> "Models":
+        from .features import load_models
+        s, d, use = load_models(sam, features, dinov2, device, quiet, precision)
+        return cls(s, d, tuple(use), sam, str(s.device))
+
+    def describe(self) -> dict:
+        return {"sam": self.sam_name, "features": list(self.confidence_from), "device": self.device,
+                "precision": str(getattr(self.sam, "precision", None) or "fp32").replace("torch.", "")}
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.element_size() * obj.nelement()
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    return 0
+
+
+class Session:
+    """One volume and everything computed on it (module docstring)."""
+
+    def __init__(self, image: np.ndarray, spacing_ijk: Sequence[float], models: Models,
+                 embedding_cache: Optional[str] = None):
+        image = np.asarray(image)
+        if image.ndim != 3:
+            raise InputError("the image is %dD; a 3D volume is needed" % image.ndim)
+        if not np.issubdtype(image.dtype, np.number) or image.dtype.kind == "c":
+            raise InputError("the image has dtype %s; a real scalar volume is needed" % image.dtype)
+        image = image.astype(np.float32, copy=False)
+        check_image_values(image, "the image")
+        spacing = tuple(float(s) for s in spacing_ijk)
+        if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
+            raise InputError("the voxel spacing must be 3 positive numbers (mm along i, j, k), not %s"
+                             % (list(spacing_ijk),))
+        self.image, self.spacing, self.models = image, spacing, models
+        self.embedding_cache = embedding_cache
+        self.stores: Dict = {}                   # embeddings, confidence maps, decoded masks (volume.py)
+        self.support: Optional[np.ndarray] = None          # the last run's support label map
+        self.support_image: Optional[np.ndarray] = None
+        self.cfg: SynPoConfig = default_config()
+        self.result: Optional[VolumeResult] = None
+        self.last_used = time.monotonic()
+
+    # ------------------------------------------------------------------ runs
+
+    def run(self, support: np.ndarray, cfg: Optional[SynPoConfig] = None, support_image: Optional[np.ndarray] = None,
+            progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
+            on_slice: Optional[SliceReport] = None) -> VolumeResult:
+        """Segment the volume from the paint in `support` (a label map on the image's grid, or on
+        `support_image`'s when it was painted on another patient's volume). Embeddings, confidence
+        maps and decoded masks of earlier runs are reused wherever this run's inputs leave them valid."""
+        self.last_used = time.monotonic()
+        support = np.asarray(support)
+        if support.dtype.kind not in "iub":
+            raise InputError("the support label map has dtype %s; integer labels are needed" % support.dtype)
+        if support_image is not None:
+            support_image = np.asarray(support_image).astype(np.float32, copy=False)
+            check_image_values(support_image, "the support image")
+        cfg = cfg if cfg is not None else default_config()
+        result = segment_volume(self.image, self.spacing, support, self.models.sam, self.models.dino, cfg,
+                                support_image=support_image, progress=progress, cancel=cancel, stores=self.stores,
+                                confidence_from=self.models.confidence_from, embedding_cache=self.embedding_cache,
+                                on_slice=on_slice)
+        self.support, self.support_image, self.cfg, self.result = support, support_image, cfg, result
+        self.last_used = time.monotonic()
+        return result
+
+    def add_support(self, paint: np.ndarray, cfg: Optional[SynPoConfig] = None,
+                    progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
+                    on_slice: Optional[SliceReport] = None) -> VolumeResult:
+        """Run again with more support: every slice (across the last run's slicing axis) painted in
+        `paint` replaces that slice of the last support; the other support slices stay. Only what
+        the new slices change is computed again (embeddings and unchanged decodings are reused)."""
+        if self.support is None:
+            raise SynPoError("no support yet: run the session once before adding support slices")
+        paint = np.asarray(paint)
+        if paint.shape != self.support.shape:
+            raise InputError("the added paint's grid %s differs from the support's %s" % (paint.shape, self.support.shape))
+        axis = self.result.support.axis
+        merged = np.array(self.support, dtype=np.result_type(self.support.dtype, paint.dtype))
+        m, p = to_slices(merged, axis), to_slices(paint, axis)
+        for s in np.flatnonzero(p.reshape(len(p), -1).any(1)):
+            m[s] = p[s]
+        return self.run(merged, cfg if cfg is not None else self.cfg, self.support_image, progress, cancel, on_slice)
+
+    # ------------------------------------------------------------------ one slice
+
+    def sam_store(self, axis: int) -> EmbeddingStore:
+        """The SAM embeddings of the slices across `axis` (created empty if no run used that axis)."""
+        sam = self.models.sam
+        key = store_key("query", "sam", sam, axis)
+        store = self.stores.get(key)
+        if store is None:
+            norm, _ = normalize(self.image, self.cfg.intensity)
+            slices = np.ascontiguousarray(to_slices(norm, axis))
+            store = get_store(self.stores, key, sam, slices, in_plane_spacing(self.spacing, axis), self.cfg,
+                              self.embedding_cache)
+        return store
+
+    def redecode(self, slice_index: int, positive, negative, label: Optional[int] = None,
+                 axis: Optional[int] = None) -> Tuple[np.ndarray, float]:
+        """Decode one slice again from points (x = column, y = row within the slice, as in the
+        points JSON) the user moved, added or deleted: (mask (H, W) bool, SAM's IoU). With `label`,
+        the label's current mask on that slice (the last result's) widens the box as the user sees it."""
+        self.last_used = time.monotonic()
+        if axis is None:
+            if self.result is None:
+                raise SynPoError("no run yet: give the slicing axis to re-decode a slice")
+            axis = self.result.support.axis
+        if axis not in (0, 1, 2):
+            raise InputError("axis must be 0, 1 or 2 (k, j, i), not %r" % (axis,))
+        n = self.image.shape[axis]
+        if not 0 <= int(slice_index) < n:
+            raise InputError("slice %s is outside the volume (0..%d across axis %s)" % (slice_index, n - 1, "kji"[axis]))
+        positive = np.asarray(positive, dtype=float).reshape(-1, 2)
+        negative = np.asarray(negative, dtype=float).reshape(-1, 2)
+        if len(positive) == 0:
+            raise InputError("give at least one positive point to re-decode a slice")
+        store = self.sam_store(axis)
+        t = int(slice_index)
+        store.ensure([t])
+        current = None
+        if label is not None and self.result is not None and self.result.support.axis == axis:
+            current = to_slices(self.result.labels, axis)[t] == int(label)
+        decoded = redecode_with_points(self.models.sam, store.cache[t], store.frame, positive, negative, current,
+                                       self.cfg.decode)
+        return decoded.mask, float(decoded.iou)
+
+    # ------------------------------------------------------------------ memory
+
+    def memory_bytes(self) -> int:
+        """What this session holds: the image, the normalised slices, embeddings, confidence maps,
+        kept decodings and the last result."""
+        arrays = [self.image, self.support, self.support_image]
+        total = 0
+        for value in self.stores.values():
+            if isinstance(value, EmbeddingStore):
+                arrays.append(value.slices)
+                total += sum(_nbytes(t) for t in value.cache.values()) + value.decoded_bytes
+            else:
+                arrays.append(value)
+        if self.result is not None:
+            arrays += [self.result.labels] + list(self.result.confidence.values())
+        seen = {id(a): a for a in arrays if a is not None}         # a map shared by stores and result counts once
+        return total + sum(_nbytes(a) for a in seen.values())
+

@@ -1,0 +1,117 @@
+"""Arrays and their metadata on the wire between the server and its clients (numpy only).
+
+One message is a JSON header followed by each array's bytes, compressed with zlib:
+
+    b"SYNPO-WIRE/1\\n" | header length (4 bytes, big-endian) | header (UTF-8 JSON) | blobs
+
+header = {"meta": {...}, "arrays": [{"name", "dtype", "shape", "size"}, ...]} where "size" is the
+compressed blob's byte count. Reading never trusts the header: each array's decompressed size is
+bounded by its declared shape (a decompression bomb stops there), only plain numeric dtypes are
+accepted, and the total is bounded by the caller's limit. No pickle, no paths.
+
+Written by the server and by `client.py`; Python 3.9 syntax (the Slicer module imports it).
+"""
+import json
+import struct
+import zlib
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from .errors import InputError
+
+MAGIC = b"SYNPO-WIRE/1\n"
+CONTENT_TYPE = "application/x-synpo-wire"
+DTYPES = ("bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "int64", "float32", "float64")
+LEVEL = 1                 # zlib level: 1 is several times faster than 6 and compresses medical volumes nearly as well
+MAX_HEADER = 1 << 24
+
+
+def pack(arrays: Dict[str, np.ndarray], meta: Optional[dict] = None) -> bytes:
+    """One message holding `arrays` (name -> ndarray) and `meta` (JSON-serialisable)."""
+    entries, blobs = [], []
+    for name, a in arrays.items():
+        a = np.ascontiguousarray(a)
+        if a.dtype.name not in DTYPES:
+            raise InputError("array %s has dtype %s; one of %s is needed" % (name, a.dtype, ", ".join(DTYPES)))
+        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+        blob = zlib.compress(memoryview(a).cast("B"), LEVEL) if a.size else b""
+        entries.append({"name": name, "dtype": a.dtype.name, "shape": list(a.shape), "size": len(blob)})
+        blobs.append(blob)
+    header = json.dumps({"meta": meta or {}, "arrays": entries}).encode("utf-8")
+    return b"".join([MAGIC, struct.pack(">I", len(header)), header] + blobs)
+
+
+def _inflate(blob: bytes, expected: int, name: str) -> bytes:
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(blob, expected)
+        if d.unconsumed_tail or not d.eof:
+            raise InputError("array %s: its data does not match its declared shape" % name)
+    except zlib.error:
+        raise InputError("array %s: its data is not valid zlib" % name) from None
+    if len(out) != expected:
+        raise InputError("array %s: %d bytes of data for a declared %d" % (name, len(out), expected))
+    return out
+
+
+def unpack(data: bytes, max_bytes: int = 1 << 34) -> Tuple[Dict[str, np.ndarray], dict]:
+    """(arrays, meta) of a message; InputError with a one-line reason for anything malformed,
+    or arrays that would take more than `max_bytes` once decompressed."""
+    data = memoryview(data)
+    if bytes(data[:len(MAGIC)]) != MAGIC:
+        raise InputError("the body is not a SynPo wire message (%s)" % CONTENT_TYPE)
+    pos = len(MAGIC)
+    if len(data) < pos + 4:
+        raise InputError("the message is truncated")
+    (n,) = struct.unpack(">I", data[pos:pos + 4])
+    pos += 4
+    if n > MAX_HEADER or len(data) < pos + n:
+        raise InputError("the message header is truncated or too large")
+    try:
+        header = json.loads(bytes(data[pos:pos + n]).decode("utf-8"))
+        entries, meta = header["arrays"], header.get("meta", {})
+        if not isinstance(entries, list) or not isinstance(meta, dict):
+            raise ValueError
+    except (ValueError, KeyError, TypeError):
+        raise InputError("the message header is not valid JSON of the expected form") from None
+    pos += n
+    arrays, total = {}, 0
+    for e in entries:
+        try:
+            name, dtype, shape, size = str(e["name"]), str(e["dtype"]), [int(s) for s in e["shape"]], int(e["size"])
+        except (KeyError, TypeError, ValueError):
+            raise InputError("an array entry of the header is malformed") from None
+        if dtype not in DTYPES:
+            raise InputError("array %s has dtype %s; one of %s is accepted" % (name, dtype, ", ".join(DTYPES)))
+        if any(s < 0 for s in shape) or size < 0 or len(shape) > 8:
+            raise InputError("array %s has an invalid shape or size" % name)
+        dt = np.dtype(dtype).newbyteorder("<")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        total += nbytes
+        if total > max_bytes:
+            raise InputError("the arrays would take %d MB decompressed, more than this server accepts (%d MB)"
+                             % (total >> 20, max_bytes >> 20))
+        if len(data) < pos + size:
+            raise InputError("array %s is truncated" % name)
+        raw = _inflate(bytes(data[pos:pos + size]), nbytes, name) if nbytes else b""
+        pos += size
+        arrays[name] = np.frombuffer(raw, dtype=dt).reshape(shape).astype(dt.newbyteorder("="), copy=False)
+    if pos != len(data):
+        raise InputError("the message has %d bytes after its last array" % (len(data) - pos))
+    return arrays, meta
+
+
+def compact_image(image: np.ndarray) -> np.ndarray:
+    """The image in the smallest dtype that holds it exactly (int16 for a CT in Hounsfield units
+    read as float32): a third to a half of the bytes to compress and send, the same values."""
+    if image.dtype.kind == "f" and image.size:
+        lo, hi = float(image.min()), float(image.max())
+        for dt in (np.uint8, np.int16, np.uint16, np.int32):
+            info = np.iinfo(dt)
+            if info.min <= lo and hi <= info.max:
+                cast = image.astype(dt)
+                if np.array_equal(cast, image):
+                    return cast
+                break
+    return image
