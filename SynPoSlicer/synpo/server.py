@@ -5,6 +5,7 @@ wire.py messages, the rest JSON; every error is {"error": "one line"} with a 4xx
 
     GET    /v1/health                                   no token; version, models, limits
     POST   /v1/sessions                                 wire: image [k,j,i]; meta: spacing (mm along i,j,k)
+    GET    /v1/sessions                                 the sessions held, memory used and budget
     GET    /v1/sessions/{sid}                           what the session holds
     DELETE /v1/sessions/{sid}
     POST   /v1/sessions/{sid}/runs                      wire: support (+ support_image); meta: set, modality, mode
@@ -174,6 +175,13 @@ def create_app(service, token: str, max_body_bytes: int, max_array_bytes: Option
             raise Refused(400, "meta.spacing must be 3 numbers: the voxel size in mm along i, j, k") from None
         entry = await run_in_threadpool(service.create, image, spacing, {})
         return service.describe(entry)
+
+    @app.get("/v1/sessions")
+    async def list_sessions():
+        entries = service.sessions()
+        return {"sessions": [service.describe(e) for e in entries.values()],
+                "memory_mb": round(service.memory_bytes() / 2 ** 20, 2), "max_memory_mb": service.budget_bytes >> 20,
+                "evictions": service.evictions}
 
     @app.get("/v1/sessions/{sid}")
     async def get_session(sid: str):

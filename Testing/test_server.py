@@ -1,0 +1,446 @@
+"""`synpo serve` and `synpo segment --server` with real processes on 127.0.0.1 (LiteMedSAM on the CPU)."""
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import ellipsoid_volume
+from synpo import wire
+from synpo.client import Client, ServerError
+from synpo.cli import main
+
+SYNPO = os.path.join(os.path.dirname(sys.executable), "synpo")
+SHAPE = (8, 48, 56)                     # few slices: LiteMedSAM encodes about 2.5 s a slice on a 2-core CPU
+
+
+def synpo_cmd():
+    return [SYNPO] if os.path.exists(SYNPO) else [sys.executable, "-m", "synpo.cli"]
+
+
+class Server:
+    """A `synpo serve` process on a free loopback port."""
+
+    def __init__(self, folder, *extra):
+        self.folder = folder
+        self.ready = os.path.join(folder, "ready")
+        self.token_file = os.path.join(folder, "token")
+        args = synpo_cmd() + ["serve", "--port", "0", "--device", "cpu", "--features", "sam", "--token-out",
+                              self.token_file, "--ready-file", self.ready, "--session-ttl", "600"] + list(extra)
+        self.log = open(os.path.join(folder, "server.log"), "w")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while not os.path.exists(self.ready):
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("the server did not start: %s" % open(self.log.name).read())
+            time.sleep(0.2)
+        time.sleep(0.1)
+        self.url = open(self.ready).read().strip()
+        self.token = open(self.token_file).read().strip()
+
+    def client(self, token=None, timeout=60.0):
+        return Client(self.url, self.token if token is None else token, timeout)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+def volume(seed=0, shape=SHAPE):
+    image, mask = ellipsoid_volume(shape=shape, centre=(shape[0] // 2, 24, 28), radii=(shape[0] / 2 - 0.5, 12, 15),
+                                   seed=seed)
+    support = np.zeros(mask.shape, dtype=np.uint8)
+    support[shape[0] // 2][mask[shape[0] // 2]] = 1
+    return image, support
+
+
+def write(array, path, spacing=(1.0, 1.0, 2.0)):
+    img = sitk.GetImageFromArray(array)
+    img.SetSpacing(spacing)
+    sitk.WriteImage(img, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("server")
+    srv = Server(str(folder), "--embedding-cache", str(folder / "emb"), "--max-body-mb", "2")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("case")
+    image, support = volume()
+    return {"dir": folder, "image": write(image, folder / "image.nii.gz"),
+            "support": write(support, folder / "support.nii.gz"), "array": image, "support_array": support}
+
+
+@pytest.fixture(scope="module")
+def remote_run(server, files):
+    """`synpo segment --server` on the case, run first (it fills the server's embedding cache)."""
+    out = files["dir"] / "remote"
+    out.mkdir()
+    proc = subprocess.run(synpo_cmd() + ["segment", files["image"], files["support"], "-o", str(out / "seg.nii.gz"),
+                                         "--points-out", str(out / "points.json"),
+                                         "--confidence-out", str(out / "conf.nii.gz"),
+                                         "--server", server.url, "--token-file", server.token_file],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def raw(server, method, path, body=b"", headers=None, chunked=False):
+    """(status, JSON or bytes) of one request made by hand."""
+    u = urllib.parse.urlparse(server.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    if chunked:
+        conn.request(method, path, body=iter([body[i:i + 65536] for i in range(0, len(body), 65536)]),
+                     headers=headers or {}, encode_chunked=True)
+    else:
+        conn.request(method, path, body=body, headers=headers or {})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    try:
+        return resp.status, json.loads(data)
+    except ValueError:
+        return resp.status, data
+
+
+def auth(server, **more):
+    return dict({"Authorization": "Bearer " + server.token}, **more)
+
+
+def session_count(server):
+    return len(server.client().json("GET", "/v1/sessions")["sessions"])
+
+
+# ---------------------------------------------------------------------- the contract
+
+def test_health_needs_no_token_and_says_what_runs(server):
+    status, body = raw(server, "GET", "/v1/health")
+    assert status == 200 and body["status"] == "ok" and body["api"] == 1
+    assert body["models"]["sam"] == "litemedsam" and body["models"]["device"] == "cpu"
+    assert body["limits"]["max_body_mb"] == 2
+
+
+def test_generated_token_file_is_private(server):
+    assert os.stat(server.token_file).st_mode & 0o777 == 0o600
+    assert len(server.token) >= 32
+
+
+@pytest.mark.parametrize("headers, says", [({}, "needs a token"), ({"Authorization": "Bearer nope-nope-nope"}, "wrong token"),
+                                           ({"Authorization": "Basic abc"}, "needs a token")])
+def test_missing_or_wrong_token_is_refused_and_changes_nothing(server, headers, says):
+    image, _ = volume()
+    before = session_count(server)
+    body = wire.pack({"image": image}, {"spacing": [1, 1, 2]})
+    status, answer = raw(server, "POST", "/v1/sessions", body, dict(headers, **{"Content-Type": wire.CONTENT_TYPE}))
+    assert status == 401 and says in answer["error"]
+    status, answer = raw(server, "GET", "/v1/sessions", headers=headers)
+    assert status == 401
+    assert session_count(server) == before
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_oversized_body_gets_413(server, chunked):
+    before = session_count(server)
+    big = np.random.default_rng(0).normal(size=(40, 128, 128)).astype(np.float32)     # ~2.4 MB, incompressible
+    body = wire.pack({"image": big}, {"spacing": [1, 1, 1]})
+    assert len(body) > 2 << 20
+    status, answer = raw(server, "POST", "/v1/sessions", body, auth(server, **{"Content-Type": wire.CONTENT_TYPE}),
+                         chunked=chunked)
+    assert status == 413 and "--max-body-mb" in answer["error"]
+    assert session_count(server) == before
+
+
+@pytest.mark.parametrize("body, meta, says", [
+    (b"not a message", None, "not a SynPo wire message"),
+    (None, {"spacing": [1, 1]}, "meta.spacing must be 3 numbers"),
+    (None, {"spacing": [1, 1, -2]}, "voxel spacing must be 3 positive numbers"),
+    ("constant", {"spacing": [1, 1, 2]}, "constant"),
+    ("2d", {"spacing": [1, 1, 2]}, "3D volume is needed"),
+])
+def test_malformed_sessions_get_400_with_one_line(server, body, meta, says):
+    image, _ = volume()
+    if body is None:
+        body = wire.pack({"image": image}, meta)
+    elif body == "constant":
+        body = wire.pack({"image": np.ones(SHAPE, np.float32)}, meta)
+    elif body == "2d":
+        body = wire.pack({"image": image[0]}, meta)
+    status, answer = raw(server, "POST", "/v1/sessions", body, auth(server, **{"Content-Type": wire.CONTENT_TYPE}))
+    assert status == 400 and says in answer["error"] and "\n" not in answer["error"]
+
+
+def test_unknown_session_and_bad_settings(server):
+    c = server.client()
+    with pytest.raises(ServerError) as err:
+        c.status("0123456789abcdef", "abc")
+    assert err.value.status == 404 and "unknown session" in str(err.value)
+    image, support = volume()
+    sid = c.create_session(image, (1, 1, 2))
+    try:
+        with pytest.raises(ServerError) as err:
+            c.start_run(sid, support, ["prompts.top_k=0"])
+        assert err.value.status == 400 and "prompts.top_k must be >= 1" in str(err.value)
+        with pytest.raises(ServerError) as err:
+            c.start_run(sid, support[:, :10])
+        assert err.value.status == 400 and "support grid" in str(err.value)
+    finally:
+        c.delete_session(sid)
+    with pytest.raises(ServerError) as err:
+        c.session(sid)
+    assert err.value.status == 404 and "deleted" in str(err.value)
+
+
+def test_empty_support_fails_the_run_with_the_engines_message(server):
+    c = server.client()
+    image, support = volume()
+    sid = c.create_session(image, (1, 1, 2))
+    rid = c.start_run(sid, np.zeros_like(support))
+    st = c.wait(sid, rid)
+    assert st["state"] == "failed" and "support label is empty" in st["error"]
+    with pytest.raises(ServerError) as err:
+        c.result(sid, rid)
+    assert err.value.status == 409 and "failed" in str(err.value)
+    c.delete_session(sid)
+
+
+# ---------------------------------------------------------------------- results
+
+def test_segment_through_the_server_equals_a_local_run(server, files, remote_run, capsys):
+    out, proc = remote_run
+    assert "segmented 1 label(s)" in proc.stdout
+    local = files["dir"] / "local"
+    local.mkdir()
+    # Local, in this process, on the embeddings the server left in its disk cache (the same bytes).
+    code = main(["segment", files["image"], files["support"], "-o", str(local / "seg.nii.gz"), "--points-out",
+                 str(local / "points.json"), "--confidence-out", str(local / "conf.nii.gz"), "--device", "cpu",
+                 "--features", "sam", "--embedding-cache", os.path.join(server.folder, "emb"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "seg.nii.gz")))
+    b = sitk.GetArrayFromImage(sitk.ReadImage(str(local / "seg.nii.gz")))
+    assert a.sum() > files["support_array"].sum() * 3          # more than the painted slice came back
+    assert np.array_equal(a, b)
+    ca = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "conf.nii.gz")))
+    cb = sitk.GetArrayFromImage(sitk.ReadImage(str(local / "conf.nii.gz")))
+    assert np.array_equal(ca, cb)
+    pa, pb = json.load(open(str(out / "points.json"))), json.load(open(str(local / "points.json")))
+    assert pa["slices"] == pb["slices"]
+    image = sitk.ReadImage(files["image"])
+    seg = sitk.ReadImage(str(out / "seg.nii.gz"))
+    assert seg.GetSpacing() == image.GetSpacing() and seg.GetOrigin() == image.GetOrigin()
+
+
+def test_outputs_get_the_users_usual_permissions(remote_run):
+    out, _ = remote_run
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in ("seg.nii.gz", "points.json", "conf.nii.gz"):
+        assert os.stat(str(out / name)).st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_slices_are_reported_as_they_are_decided(server, files, remote_run):
+    c = server.client()
+    sid = c.create_session(files["array"], (1, 1, 2))
+    rid = c.start_run(sid, files["support_array"])
+    c.wait(sid, rid)
+    got, nxt = c.slices(sid, rid)
+    result = c.result(sid, rid)
+    assert nxt == len(got) == SHAPE[0]                       # every slice's decision, once
+    assert sorted(r.index for r, _ in got) == list(range(SHAPE[0]))
+    for rec, mask in got:
+        final = result.labels[rec.index] == 1
+        if rec.status in ("present", "support"):
+            assert mask is not None and np.array_equal(mask, final)
+        else:
+            assert mask is None and not final.any()
+    more, again = c.slices(sid, rid, since=nxt)
+    assert more == [] and again == nxt
+    c.delete_session(sid)
+
+
+def test_redecode_through_the_server_equals_a_local_redecode(server, files, remote_run):
+    from synpo.session import Models, Session
+    c = server.client()
+    sid = c.create_session(files["array"], (1, 1, 2))
+    rid = c.start_run(sid, files["support_array"])
+    c.wait(sid, rid)
+    t = SHAPE[0] // 2 + 1
+    pos, neg = [[28.0, 24.0], [24.0, 20.0]], [[5.0, 5.0]]
+    mask, iou = c.redecode(sid, t, pos, neg, label=1)
+    local = Session(files["array"], (1, 1, 2), Models.load("litemedsam", "sam", device="cpu"),
+                    embedding_cache=os.path.join(server.folder, "emb"))
+    local.run(files["support_array"])
+    lmask, liou = local.redecode(t, pos, neg, label=1)
+    assert mask.any() and np.array_equal(mask, lmask) and abs(iou - liou) < 1e-6
+    with pytest.raises(ServerError) as err:
+        c.redecode(sid, SHAPE[0] + 3, pos, neg)
+    assert err.value.status == 400 and "outside the volume" in str(err.value)
+    with pytest.raises(ServerError) as err:
+        c.redecode(sid, t, [], neg)
+    assert err.value.status == 400 and "positive point" in str(err.value)
+    c.delete_session(sid)
+
+
+def test_two_clients_with_separate_sessions_at_once(server, files, remote_run):
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(remote_run[0] / "seg.nii.gz")))
+    results, errors = {}, []
+
+    def one(name):
+        try:
+            c = server.client()
+            sid = c.create_session(files["array"], (1, 1, 2))
+            rid = c.start_run(sid, files["support_array"])
+            st = c.wait(sid, rid)
+            results[name] = (sid, st["state"], c.result(sid, rid).labels)
+            c.delete_session(sid)
+        except Exception as exc:               # reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    assert results["a"][0] != results["b"][0]
+    for name in "ab":
+        assert results[name][1] == "done" and np.array_equal(results[name][2], expected)
+
+
+def test_cancel_mid_run(server):
+    c = server.client()
+    image, support = volume(seed=7, shape=(14, 48, 56))       # not in the embedding cache: encoding takes seconds
+    sid = c.create_session(image, (1, 1, 2))
+    rid = c.start_run(sid, support)
+    deadline = time.time() + 120
+    while True:
+        st = c.status(sid, rid)
+        if st["state"] == "running" and st["done"] > 0 or time.time() > deadline:
+            break
+        time.sleep(0.05)
+    assert st["state"] == "running"
+    c.cancel(sid, rid)
+    st = c.wait(sid, rid)
+    assert st["state"] == "cancelled" and st["done"] < st["total"]
+    with pytest.raises(ServerError) as err:
+        c.result(sid, rid)
+    assert err.value.status == 409 and "cancelled" in str(err.value)
+    c.delete_session(sid)
+
+
+def test_a_second_run_on_a_busy_session_is_refused(server):
+    c = server.client()
+    image, support = volume(seed=8, shape=(12, 48, 56))
+    sid = c.create_session(image, (1, 1, 2))
+    rid = c.start_run(sid, support)
+    with pytest.raises(ServerError) as err:
+        c.start_run(sid, support)
+    assert err.value.status == 409 and "busy" in str(err.value)
+    c.cancel(sid, rid)
+    c.wait(sid, rid)
+    c.delete_session(sid)
+
+
+# ---------------------------------------------------------------------- limits and failures
+
+def test_sessions_beyond_the_memory_budget_are_evicted(tmp_path):
+    srv = Server(str(tmp_path), "--max-memory-mb", "1")
+    try:
+        c = srv.client()
+        image, _ = volume(shape=(40, 48, 56))                   # 430 KB as float32: two fit in 1 MB, three do not
+        ids = [c.create_session(image + i, (1, 1, 2)) for i in range(3)]
+        listing = c.json("GET", "/v1/sessions")
+        assert [s["session"] for s in listing["sessions"]] == ids[1:] and listing["evictions"] == 1
+        assert listing["memory_mb"] <= 1
+        with pytest.raises(ServerError) as err:
+            c.session(ids[0])
+        assert err.value.status == 404 and "memory budget" in str(err.value)
+        c.session(ids[1])                                      # used: now the most recent
+        c.create_session(image, (1, 1, 2))
+        left = [s["session"] for s in c.json("GET", "/v1/sessions")["sessions"]]
+        assert ids[1] in left and ids[2] not in left
+    finally:
+        srv.stop()
+
+
+def test_server_killed_mid_run_gives_the_client_a_clear_error(tmp_path):
+    srv = Server(str(tmp_path))
+    image, support = volume(seed=9, shape=(16, 48, 56))
+    img, sup = write(image, tmp_path / "i.nii.gz"), write(support, tmp_path / "s.nii.gz")
+    out = tmp_path / "out.nii.gz"
+    cli = subprocess.Popen(synpo_cmd() + ["segment", img, sup, "-o", str(out), "--server", srv.url, "--token-file",
+                                          srv.token_file, "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        c = srv.client()
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            runs = [r for s in c.json("GET", "/v1/sessions")["sessions"] for r in s["runs"] if r["state"] == "running"]
+            if runs:
+                break
+            time.sleep(0.1)
+        assert runs
+        srv.proc.send_signal(signal.SIGKILL)
+        _, err = cli.communicate(timeout=120)
+    finally:
+        srv.stop()
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines[-1].startswith("synpo: error: cannot reach the SynPo server at %s" % srv.url), err
+    assert "Traceback" not in err
+    assert not out.exists() and not [p for p in os.listdir(str(tmp_path)) if p.startswith(".tmp")]
+
+
+def test_server_errors_reach_the_cli_as_one_line_and_nothing_is_written(server, files, capsys, tmp_path):
+    out = tmp_path / "o.nii.gz"
+    code = main(["segment", files["image"], files["support"], "-o", str(out), "--server", server.url,
+                 "--token-file", server.token_file, "--sam", "vit_b"])
+    err = capsys.readouterr().err
+    assert code == 2 and "runs sam=litemedsam, not vit_b" in err and not out.exists()
+    bad = tmp_path / "bad-token"
+    bad.write_text("x" * 40)
+    code = main(["segment", files["image"], files["support"], "-o", str(out), "--server", server.url,
+                 "--token-file", str(bad)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("synpo: error: the SynPo server said: wrong token (HTTP 401)")
+    assert not out.exists()
+    code = main(["segment", files["image"], files["support"], "-o", str(out), "--server", "http://127.0.0.1:9",
+                 "--token-file", str(bad)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "cannot reach the SynPo server at http://127.0.0.1:9" in err and not out.exists()
+
+
+def test_non_loopback_host_without_a_token_file_is_refused_at_start(tmp_path):
+    proc = subprocess.run(synpo_cmd() + ["serve", "--host", "0.0.0.0", "--port", "0"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("synpo: error: --host 0.0.0.0 is reachable from other machines: give --token-file")
+
+
+def test_client_side_needs_no_torch():
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import synpo.client, synpo.wire, synpo.outputs, synpo.result, synpo.io\n"
+            "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

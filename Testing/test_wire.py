@@ -1,0 +1,61 @@
+"""The wire format between server and clients: exact round trips, and malformed messages refused."""
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from synpo import wire
+from synpo.errors import InputError
+
+
+def test_round_trip_keeps_values_dtypes_and_meta():
+    rng = np.random.default_rng(0)
+    arrays = {"image": rng.normal(size=(3, 5, 7)).astype(np.float32), "labels": rng.integers(0, 4, (3, 5, 7)).astype(np.uint8),
+              "mask": rng.random((5, 7)) > 0.5, "empty": np.zeros((0, 2), np.int32), "big": np.arange(6, dtype=np.int64)}
+    out, meta = wire.unpack(wire.pack(arrays, {"spacing": [1.0, 2.0, 3.5], "name": "x"}))
+    assert meta == {"spacing": [1.0, 2.0, 3.5], "name": "x"}
+    for k, a in arrays.items():
+        assert out[k].dtype == a.dtype and out[k].shape == a.shape and np.array_equal(out[k], a)
+
+
+def test_compact_image_is_exact():
+    ct = np.array([[[-1024.0, 0.0, 3071.0]]], dtype=np.float32)
+    assert wire.compact_image(ct).dtype == np.int16 and np.array_equal(wire.compact_image(ct), ct)
+    mr = np.array([[[0.5, 2.0]]], dtype=np.float32)
+    assert wire.compact_image(mr).dtype == np.float32
+    u8 = np.array([[[0.0, 255.0]]], dtype=np.float32)
+    assert wire.compact_image(u8).dtype == np.uint8
+
+
+def _message(entries, blobs, meta=None):
+    header = json.dumps({"meta": meta or {}, "arrays": entries}).encode()
+    return wire.MAGIC + struct.pack(">I", len(header)) + header + b"".join(blobs)
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda: b"PK\x03\x04...", "not a SynPo wire message"),
+    (lambda: wire.MAGIC + b"\x00\x00", "truncated"),
+    (lambda: wire.MAGIC + struct.pack(">I", 5) + b"{nope", "not valid JSON"),
+    (lambda: _message([{"name": "a", "dtype": "object", "shape": [1], "size": 0}], []), "dtype object"),
+    (lambda: _message([{"name": "a", "dtype": "uint8", "shape": [4], "size": 3}], [b"abc"]), "not valid zlib"),
+    (lambda: _message([{"name": "a", "dtype": "uint8", "shape": [4], "size": len(zlib.compress(b"abcdefgh"))}],
+                      [zlib.compress(b"abcdefgh")]), "does not match its declared shape"),
+    (lambda: _message([{"name": "a", "dtype": "uint8", "shape": [8], "size": len(zlib.compress(b"abcd"))}],
+                      [zlib.compress(b"abcd")]), "4 bytes of data for a declared 8"),
+    (lambda: _message([{"name": "a", "dtype": "uint8", "shape": [4], "size": 100}], [b"x"]), "truncated"),
+    (lambda: wire.pack({"a": np.zeros(3)}) + b"junk", "after its last array"),
+])
+def test_malformed_messages_are_refused_with_a_reason(make, says):
+    with pytest.raises(InputError) as err:
+        wire.unpack(make())
+    assert says in str(err.value)
+
+
+def test_a_decompression_bomb_stops_at_the_limit():
+    bomb = wire.pack({"a": np.zeros((64, 1024, 1024), np.uint8)})            # 64 MB of zeros: a few KB sent
+    assert len(bomb) < 1 << 20
+    with pytest.raises(InputError) as err:
+        wire.unpack(bomb, max_bytes=16 << 20)
+    assert "more than this server accepts" in str(err.value)
