@@ -262,3 +262,38 @@ def test_sweep_script_varies_one_field_at_a_time(tiny_dataset, tmp_path, capsys)
         sweep.main([str(folder), "--vary", "gate.margin"])
     with pytest.raises(SynPoError, match="no image_N"):
         sweep.main([str(tmp_path / "none"), "--vary", "gate.margin", "0"])
+
+
+@pytest.mark.parametrize("direction, axis, expected", [
+    ((1, 0, 0, 0, 1, 0, 0, 0, 1), 0, (False, False, False)),        # LPS-stored axial: as stored
+    ((-1, 0, 0, 0, -1, 0, 0, 0, 1), 0, (False, True, True)),        # RAS-stored (the bundled CT): both flipped
+    ((1, 0, 0, 0, -1, 0, 0, 0, 1), 0, (False, False, True)),        # CHAOS: rows run anterior-wards
+    ((0, 1, 0, 1, 0, 0, 0, 0, 1), 0, (True, False, False)),         # i runs posterior, j left: transposed
+    ((1, 0, 0, 0, 0, 1, 0, -1, 0), 0, (False, False, False)),       # coronal stack: k runs posterior
+])
+def test_slices_are_drawn_as_viewers_draw_them(direction, axis, expected):
+    from synpo.demo import display_orientation
+    assert display_orientation(direction, axis) == expected
+
+
+def test_montage_draws_the_patients_right_on_the_left(tmp_path):
+    """A RAS-stored axial volume with a bright marker at the patient's right-anterior corner: it
+    must be drawn at the top left of the slice."""
+    import matplotlib.image as mpimg
+    from synpo.demo import montage
+    from synpo.result import SliceRecord, VolumeResult
+    from synpo.support import Support
+    image = np.zeros((3, 40, 40), np.float32)
+    # direction diag(-1, -1, 1): i runs towards the patient's right, j towards anterior.
+    image[:, 30:, 30:] = 1.0                      # high i and j: right and anterior
+    labels = np.zeros(image.shape, np.uint8)
+    result = VolumeResult(labels, {1: np.zeros(image.shape, np.float32)},
+                          [SliceRecord(1, t, "absent") for t in range(3)], Support(0, [1], {1: [1]}), "mr", ["sam"], {})
+    path = montage(image, result, None, str(tmp_path / "m.png"), n_rows=1, direction=(-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    png = mpimg.imread(path)[..., :3].mean(-1)
+    h, w = png.shape
+    first = png[:, : w // 3]                       # the image panel, on the figure's white background
+    dy, dx = np.nonzero(first < 0.1)               # the drawn slice: black but for the marker
+    panel = first[dy.min():dy.max() + 1, dx.min():dx.max() + 1]
+    ys, xs = np.nonzero(panel > 0.9)
+    assert len(xs) and xs.mean() < panel.shape[1] / 2 and ys.mean() < panel.shape[0] / 2     # top left

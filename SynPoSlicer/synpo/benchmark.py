@@ -32,14 +32,15 @@ def peak_rss_mb() -> float:
     return peak / (1024.0 * 1024.0) if sys.platform == "darwin" else peak / 1024.0
 
 
-def _run(image, spacing, support, sam, dino, cfg, use, stores):
-    from .volume import sam_store, segment_volume
+def _run(session, support, cfg):
+    from .volume import sam_store
+    stores, image = session.stores, session.image
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     reused_before = sam_store(stores).decode_reuses if stores else 0
     t0 = time.perf_counter()
-    result = segment_volume(image, spacing, support, sam, dino, cfg, stores=stores, confidence_from=use)
+    result = session.run(support, cfg)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
@@ -70,6 +71,7 @@ def run_benchmark(image_path: str, support_path: str, sam_name: str = "litemedsa
     from .features import load_models
     from .config import default_config
     from .io import read_volume
+    from .session import Models, Session
     image, geometry = read_volume(image_path, "image")
     support, _ = read_volume(support_path, "support label", label=True)
     t0 = time.perf_counter()
@@ -77,13 +79,13 @@ def run_benchmark(image_path: str, support_path: str, sam_name: str = "litemedsa
     load_s = time.perf_counter() - t0
     dtype = sam.precision
     cfg = default_config() if cfg is None else cfg
-    stores: dict = {}
-    first, result = _run(image, geometry.spacing, support, sam, dino, cfg, use, stores)
+    session = Session(image, geometry.spacing, Models.of(sam, dino, use))
+    first, result = _run(session, support, cfg)
     # The repeat runs change prompt settings: only decoding work is left to do.
     cfg2 = cfg.with_(prompts={"top_k": cfg.prompts.top_k // 2 or 1})
-    repeat, _ = _run(image, geometry.spacing, support, sam, dino, cfg2, use, stores)
+    repeat, _ = _run(session, support, cfg2)
     cfg3 = cfg.with_(prompts={"box_threshold": min(1.0, cfg.prompts.box_threshold + 0.1)})
-    new_boxes, _ = _run(image, geometry.spacing, support, sam, dino, cfg3, use, stores)
+    new_boxes, _ = _run(session, support, cfg3)
     report = {
         "image": os.path.abspath(image_path),
         "shape_kji": list(image.shape),

@@ -10,8 +10,29 @@ SAMPLE_SUPPORT = os.path.join(DATA, "sample_ct_liver_support.nii.gz")
 SAMPLE_TRUTH = os.path.join(DATA, "sample_ct_liver.nii.gz")
 
 
-def montage(image: np.ndarray, result, truth: Optional[np.ndarray], path: str, n_rows: int = 5) -> str:
-    """PNG: per chosen slice, image | confidence + prompts | SynPo mask | ground truth."""
+def display_orientation(direction, axis: int):
+    """How a slice across array axis `axis` of [k, j, i] is drawn as viewers draw it: returns
+    (transpose, flip_x, flip_y) for an image whose rows are the slice's first in-plane axis.
+
+    Axial slices with anterior up and the patient's right on the image's left (radiological
+    convention, as 3D Slicer), coronal with superior up and the right on the left, sagittal with
+    superior up and anterior on the left; `direction` is ITK's 3x3 (LPS) direction, row-major."""
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    ijk = lambda a: d[:, 2 - a]                     # LPS vector of array axis a (0 = k, 1 = j, 2 = i)
+    rows_axis, cols_axis = [a for a in range(3) if a != axis]
+    normal = int(np.argmax(np.abs(ijk(axis))))      # 0: x (sagittal), 1: y (coronal), 2: z (axial)
+    right, down = {2: ((1, 0, 0), (0, 1, 0)), 1: ((1, 0, 0), (0, 0, -1)), 0: ((0, 1, 0), (0, 0, -1))}[normal]
+    col_vec, row_vec = ijk(cols_axis), ijk(rows_axis)
+    transpose = bool(abs(np.dot(row_vec, right)) > abs(np.dot(col_vec, right)))
+    if transpose:
+        col_vec, row_vec = row_vec, col_vec
+    return transpose, bool(np.dot(col_vec, right) < 0), bool(np.dot(row_vec, down) < 0)
+
+
+def montage(image: np.ndarray, result, truth: Optional[np.ndarray], path: str, n_rows: int = 5,
+            direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)) -> str:
+    """PNG: per chosen slice, image | confidence + prompts | SynPo mask | ground truth, each slice
+    drawn as viewers draw it (display_orientation of the volume's LPS `direction`)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -25,6 +46,10 @@ def montage(image: np.ndarray, result, truth: Optional[np.ndarray], path: str, n
     pred = to_slices(result.labels == label, axis)
     gt = to_slices(truth == label, axis) if truth is not None else None
     records = {r.index: r for r in result.records if r.label == label}
+    transpose, flip_x, flip_y = display_orientation(direction, axis)
+    if transpose:
+        img, conf, pred = (np.swapaxes(a, 1, 2) for a in (img, conf, pred))
+        gt = np.swapaxes(gt, 1, 2) if gt is not None else None
     rows = np.unique(np.linspace(0, img.shape[0] - 1, n_rows).round().astype(int))
     cols = 4 if gt is not None else 3
     fig, axes = plt.subplots(len(rows), cols, figsize=(2.4 * cols, 2.4 * len(rows)), squeeze=False)
@@ -41,15 +66,18 @@ def montage(image: np.ndarray, result, truth: Optional[np.ndarray], path: str, n
                 if rec is not None:
                     for xy, colour in ((rec.positive, "lime"), (rec.negative, "red")):
                         if len(xy):
-                            xy = np.asarray(xy)
+                            xy = np.asarray(xy)[:, ::-1] if transpose else np.asarray(xy)
                             ax.scatter(xy[:, 0], xy[:, 1], s=18, c=colour, edgecolors="black", linewidths=0.5)
                     if rec.box is not None:
-                        x0, y0, x1, y1 = rec.box
+                        x0, y0, x1, y1 = (rec.box[1], rec.box[0], rec.box[3], rec.box[2]) if transpose else rec.box
                         ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
                                                    edgecolor="cyan", linewidth=1))
             elif c >= 2 and overlay.any():
                 ax.contour(overlay.astype(float), levels=[0.5], colors=["lime" if c == 2 else "yellow"],
                            linewidths=1)
+            # Flipping the axes flips the image, the contours and the points alike.
+            ax.set_xlim(*((img.shape[2] - 0.5, -0.5) if flip_x else (-0.5, img.shape[2] - 0.5)))
+            ax.set_ylim(*((-0.5, img.shape[1] - 0.5) if flip_y else (img.shape[1] - 0.5, -0.5)))
             status = rec.status if rec is not None else ""
             ax.set_title("%s\nslice %d %s" % (title, t, status) if c == 0 else title, fontsize=7)
             ax.axis("off")
@@ -66,19 +94,20 @@ def run_demo(folder: str = "synpo-demo", device: str = "auto", quiet: bool = Fal
     from .evaluate import score
     from .io import read_volume
     from .outputs import write_result
-    from .volume import segment_volume
+    from .session import Models, Session
 
     os.makedirs(folder, exist_ok=True)
     image, geometry = read_volume(SAMPLE_IMAGE, "sample image")
     support, _ = read_volume(SAMPLE_SUPPORT, "sample support", label=True)
     truth, _ = read_volume(SAMPLE_TRUTH, "sample truth", label=True)
     sam, dino, use = load_models("litemedsam", features, "small", device, quiet)
-    result = segment_volume(image, geometry.spacing, support, sam, dino, default_config(),
-                            confidence_from=use, embedding_cache=embedding_cache)
+    session = Session(image, geometry.spacing, Models.of(sam, dino, use), embedding_cache)
+    result = session.run(support, default_config())
     out = os.path.join(folder, "segmentation.nii.gz")
     written: List[str] = write_result(result, geometry, out, os.path.join(folder, "confidence.nii.gz"),
                                       os.path.join(folder, "points.json"), SAMPLE_IMAGE)
-    written.append(montage(image, result, truth, os.path.join(folder, "montage.png")))
+    written.append(montage(image, result, truth, os.path.join(folder, "montage.png"),
+                           direction=geometry.direction))
     d_lab, d_vol, fp = score(result.labels == 1, truth == 1)
     summary = {"dice_labelled": d_lab, "dice_volume": d_vol, "fp_slices": fp, "files": written,
                "features": result.features, "seconds": result.timings}

@@ -35,14 +35,14 @@ import numpy as np
 
 from .config import SynPoConfig
 from .decode import DecodeConfig, decode_slice
-from .gate import apply_gate, organ_range
+from .gate import organ_range
 from .intensity import normalize
 from .io import read_volume
-from .prompts import Prompts, box_of, select_prompts
+from .prompts import Prompts, box_of
 from .position import expected_region, expected_shape
 from .support import in_plane_spacing, to_slices
-from .volume import (EmbeddingStore, confidence_volume, get_store, ring_parts, sam_store, segment_volume,
-                     store_key)
+from .session import Models, Session
+from .volume import EmbeddingStore, confidence_volume, decode_prompted, get_store, ring_parts, sam_store, store_key
 
 
 @dataclass
@@ -203,7 +203,8 @@ def evaluate_intra(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
         name = os.path.basename(img_path).split(".")[0]
         present = [int(v) for v in np.unique(gt) if v != 0]
         wanted = [v for v in (labels or present) if v in present]
-        stores: Dict = {}
+        session = Session(image, geom.spacing, Models.of(sam, dino, confidence_from), embedding_cache)
+        stores = session.stores
         for pos in positions:
             support = np.zeros_like(gt)
             for v in wanted:
@@ -212,9 +213,7 @@ def evaluate_intra(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
             results = {}
             for variant in variants:
                 t0 = time.perf_counter()
-                result = segment_volume(image, geom.spacing, support, sam, dino, variant.cfg, stores=stores,
-                                        confidence_from=variant.confidence_from or confidence_from,
-                                        embedding_cache=embedding_cache)
+                result = session.run(support, variant.cfg, confidence_from=variant.confidence_from)
                 results[variant.name] = result
                 secs = time.perf_counter() - t0
                 for v in wanted:
@@ -334,10 +333,7 @@ def evaluate_cross(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
                         s_slice, q_slice = stores[si]["sam"].slices[s_idx], stores[qi]["sam"].slices[int(t)]
                         region = expected_region(s_gt[s_idx] == v, s_slice, q_slice, cfg.volume.position_margin)
                         shape = expected_shape(s_gt[s_idx] == v, s_slice, q_slice)
-                    p = select_prompts(c, cfg.prompts, region, shape)
-                    pred[t] = apply_gate(decode_slice(sam, stores[qi]["sam"].cache[int(t)], stores[qi]["sam"].frame,
-                                                      p, cfg.decode).mask,
-                                         stores[qi]["sam"].slices[int(t)], rng, cfg.gate)
+                    pred[t] = decode_prompted(sam, stores[qi]["sam"], int(t), c, cfg, region, shape, rng)[0]
             dl, _, _ = score(pred, q_gt == v)
             scores.append(Score(names[qi], v, "cross_chunks", float("nan"), dl, float("nan"), 0,
                                 time.perf_counter() - t0, slice_dices(pred, q_gt == v)))
@@ -353,8 +349,9 @@ def evaluate_cross(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
             if name in stores[qi]:
                 reuse[store_key("query", name, enc, 0)] = stores[qi][name]
                 reuse[store_key("support", name, enc, 0)] = stores[si][name]
-        result = segment_volume(q_img, q_geom.spacing, support_label, sam, dino, cfg, support_image=s_img,
-                                confidence_from=confidence_from, stores=reuse)
+        session = Session(q_img, q_geom.spacing, Models.of(sam, dino, confidence_from))
+        session.stores.update(reuse)
+        result = session.run(support_label, cfg, support_image=s_img)
         for v in wanted:
             scores.append(scored(names[qi], v, "cross_volume", float("nan"), result.labels == v, q_gt == v,
                                  time.perf_counter() - t0))

@@ -47,6 +47,13 @@ class Models:
         s, d, use = load_models(sam, features, dinov2, device, quiet, precision)
         return cls(s, d, tuple(use), sam, str(s.device))
 
+    @classmethod
+    def of(cls, sam, dino=None, confidence_from: Optional[Sequence[str]] = None) -> "Models":
+        """Models already loaded; the confidence is fused from both encoders when `dino` is given,
+        unless `confidence_from` says otherwise."""
+        use = tuple(confidence_from or (("sam", "dinov2") if dino is not None else ("sam",)))
+        return cls(sam, dino, use, getattr(sam, "name", "sam"), str(getattr(sam, "device", "cpu")))
+
     def describe(self) -> dict:
         return {"sam": self.sam_name, "features": list(self.confidence_from), "device": self.device,
                 "precision": str(getattr(self.sam, "precision", None) or "fp32").replace("torch.", "")}
@@ -89,10 +96,11 @@ class Session:
 
     def run(self, support: np.ndarray, cfg: Optional[SynPoConfig] = None, support_image: Optional[np.ndarray] = None,
             progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
-            on_slice: Optional[SliceReport] = None) -> VolumeResult:
+            on_slice: Optional[SliceReport] = None, confidence_from: Optional[Sequence[str]] = None) -> VolumeResult:
         """Segment the volume from the paint in `support` (a label map on the image's grid, or on
         `support_image`'s when it was painted on another patient's volume). Embeddings, confidence
-        maps and decoded masks of earlier runs are reused wherever this run's inputs leave them valid."""
+        maps and decoded masks of earlier runs are reused wherever this run's inputs leave them valid.
+        confidence_from: the encoders whose confidence is fused, if not the models' (an ablation)."""
         self.last_used = time.monotonic()
         support = np.asarray(support)
         if support.dtype.kind not in "iub":
@@ -103,7 +111,8 @@ class Session:
         cfg = cfg if cfg is not None else default_config()
         result = segment_volume(self.image, self.spacing, support, self.models.sam, self.models.dino, cfg,
                                 support_image=support_image, progress=progress, cancel=cancel, stores=self.stores,
-                                confidence_from=self.models.confidence_from, embedding_cache=self.embedding_cache,
+                                confidence_from=tuple(confidence_from or self.models.confidence_from),
+                                embedding_cache=self.embedding_cache,
                                 on_slice=on_slice)
         self.support, self.support_image, self.cfg, self.result = support, support_image, cfg, result
         self.last_used = time.monotonic()

@@ -208,6 +208,25 @@ def _record(label: int, index: int, status: str, prompts: Optional[Prompts] = No
     return rec
 
 
+def decode_prompted(sam, store: "EmbeddingStore", t: int, conf: np.ndarray, cfg: SynPoConfig,
+                    region: Optional[np.ndarray] = None, expected: Optional[np.ndarray] = None, gate_range=None,
+                    timings: Optional[Dict[str, float]] = None):
+    """SynPo's per-slice step: prompts from slice t's confidence map `conf` (H, W) within `region`
+    (select_prompts), SAM's decoding (reused when these inputs were decoded before) and the
+    intensity gate. Returns (mask, SAM's IoU, box, prompts); adds its seconds to
+    timings["prompts"] and timings["decode"] when given."""
+    t0 = time.perf_counter()
+    prompts = select_prompts(conf, cfg.prompts, region, expected)
+    t1 = time.perf_counter()
+    mask, sam_iou, box = store.decode(sam, t, prompts, cfg.decode)
+    if gate_range is not None:
+        mask = apply_gate(mask, store.slices[t], gate_range, cfg.gate)
+    if timings is not None:
+        timings["prompts"] += t1 - t0
+        timings["decode"] += time.perf_counter() - t1
+    return mask, sam_iou, box, prompts
+
+
 class _Context:
     """What the per-label propagation needs, bundled."""
 
@@ -230,16 +249,9 @@ class _Context:
         if self.cancel is not None and self.cancel():
             raise Cancelled("cancelled")
         vc = self.cfg.volume
-        t0 = time.perf_counter()
         region = _search_region(prev, vc.search_margin, vc.search_min_px) if prev is not None else None
-        prompts = select_prompts(self.conf[t], self.cfg.prompts, region, expected)
-        t1 = time.perf_counter()
-        mask, sam_iou, box = self.embeds.decode(self.sam, t, prompts, self.cfg.decode)
-        if self.gate_range is not None:
-            mask = apply_gate(mask, self.embeds.slices[t], self.gate_range, self.cfg.gate)
-        t2 = time.perf_counter()
-        self.timings["prompts"] += t1 - t0
-        self.timings["decode"] += t2 - t1
+        mask, sam_iou, box, prompts = decode_prompted(self.sam, self.embeds, t, self.conf[t], self.cfg, region,
+                                                      expected, self.gate_range, self.timings)
         self.tick()
         area = int(mask.sum())
         score = float(self.conf[t][mask].mean()) if area else 0.0
