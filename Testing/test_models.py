@@ -158,8 +158,9 @@ def test_rerun_with_other_prompt_settings_reuses_embeddings_and_confidence(serve
     assert again.timings["encode_sam"] == 0.0
     assert len([k for k in stores if k.startswith("confidence/")]) == 1
     assert np.array_equal(first.confidence[1], again.confidence[1])
-    with pytest.raises(ValueError):
-        again.confidence[1][0, 0, 0] = 0.5          # the cached map cannot be corrupted through a result
+    again.confidence[1][:] = 0.5                    # a result's map is its own: the cached maps stay
+    third = segment_volume(image, (1.0, 1.0, 2.0), support, sam, None, SynPoConfig(), stores=stores)
+    assert np.array_equal(first.confidence[1], third.confidence[1])
     # Slices whose box and region the new top_k left alone reused their decoded masks, and the
     # result is the one a run from scratch gives.
     assert sam_store(stores).decode_reuses > 0
@@ -171,6 +172,26 @@ def test_rerun_with_other_prompt_settings_reuses_embeddings_and_confidence(serve
     support2[3][:, :20] = 0
     segment_volume(image, (1.0, 1.0, 2.0), support2, sam, None, SynPoConfig(), stores=stores)
     assert len([k for k in stores if k.startswith("confidence/")]) == 2
+
+
+def test_only_the_slices_the_walk_reaches_are_embedded(served_tiny_sam):
+    """A small organ in a long volume: its walk's slices are embedded, not the volume's; computing
+    the confidence everywhere changes no decision."""
+    sam = features.SamModel.load("vit_tiny", "cpu")
+    image, mask = ellipsoid_volume(shape=(24, 40, 48), centre=(6, 20, 24), radii=(2.5, 9, 11))
+    support = np.zeros(mask.shape, dtype=np.int32)
+    support[6][mask[6]] = 1
+    stores = {}
+    lazy = segment_volume(image, (1.0, 1.0, 2.0), support, sam, None, SynPoConfig(), stores=stores)
+    decided = {r.index for r in lazy.records if r.status in ("support", "present", "absent")}
+    assert set(lazy.computed) == decided and len(decided) < 24
+    assert set(sam_store(stores).cache) == decided
+    untouched = [t for t in range(24) if t not in decided]
+    assert not lazy.confidence[1][untouched].any()
+    full = segment_volume(image, (1.0, 1.0, 2.0), support, sam, None, SynPoConfig(), confidence_everywhere=True)
+    assert full.computed == list(range(24)) and np.array_equal(full.labels, lazy.labels)
+    assert [(r.index, r.status, r.box) for r in full.records] == [(r.index, r.status, r.box) for r in lazy.records]
+    assert np.array_equal(full.confidence[1][sorted(decided)], lazy.confidence[1][sorted(decided)])
 
 
 def test_labels_walked_in_parallel_give_what_one_at_a_time_gives(served_tiny_sam, monkeypatch):
@@ -197,7 +218,7 @@ def test_labels_walked_in_parallel_give_what_one_at_a_time_gives(served_tiny_sam
 
     def cancel():
         calls[0] += 1
-        return calls[0] > 8
+        return calls[0] > 3
     with pytest.raises(Cancelled):
         segment_volume(image, (1.0, 1.0, 2.0), support, sam, None,
                        SynPoConfig().with_(volume={"label_workers": 2}), cancel=cancel)

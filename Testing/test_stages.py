@@ -189,9 +189,10 @@ def test_confidence_volume_in_chunks_equals_one_pass_and_embeddings_kept_in_fp16
     again.ensure(range(len(img)))
     assert enc.calls == len(img) and torch.equal(again.cache[3], store.cache[3])
     args = ({"sam": store}, {"sam": store}, [5], [lab[5]], range(len(img)), ("sam",), SynPoConfig())
-    monkeypatch.setattr(volume, "CONFIDENCE_CHUNK", 3)
+    from synpo import slice_confidence
+    monkeypatch.setattr(slice_confidence, "CONFIDENCE_CHUNK", 3)
     small = volume.confidence_volume(*args)
-    monkeypatch.setattr(volume, "CONFIDENCE_CHUNK", 1000)
+    monkeypatch.setattr(slice_confidence, "CONFIDENCE_CHUNK", 1000)
     whole = volume.confidence_volume(*args)
     assert small.shape == (len(img), 64, 64) and np.array_equal(small, whole)
     assert small[5][lab[5]].mean() > 0.8 and small[5][~lab[5]].mean() < 0.2
@@ -309,7 +310,8 @@ def test_cross_patient_confidence_uses_its_own_prototype_count(monkeypatch):
         seen.append(cfg.n_prototypes)
         raise Seen()
 
-    monkeypatch.setattr(volume.conf_mod, "build_prototypes", record)
+    from synpo import slice_confidence
+    monkeypatch.setattr(slice_confidence.conf_mod, "build_prototypes", record)
     store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
     store.encoder = type("Enc", (), {"grid": 8})()
     store.ensure([0])
@@ -662,7 +664,7 @@ class _Store(EmbeddingStore):
     def __init__(self, frame):
         super().__init__(None, np.zeros((0, frame.H, frame.W), np.float32), frame, 1)
 
-    def ensure(self, indices, progress=None, cancel=None):
+    def ensure(self, indices, progress=None, cancel=None, save=True):
         self.cache.update({int(t): None for t in indices})
 
 

@@ -98,7 +98,8 @@ def cmd_segment(args) -> int:
             from .session import Models, Session
             models = Models.load(args.sam, args.features, args.dinov2, args.device, args.precision, args.quiet)
             session = Session(image, geometry.spacing, models, args.embedding_cache)
-            result = session.run(support, cfg, support_image=ref, progress=update)
+            result = session.run(support, cfg, support_image=ref, progress=update,
+                                 confidence_everywhere=args.confidence_all)
     finally:
         close()
     written = write_result(result, geometry, args.output, args.confidence_out, args.points_out, args.image)
@@ -130,7 +131,8 @@ def _segment_remote(args, image, geometry, support, ref, progress):
             raise SynPoError("the server at %s fuses %s features, not --features %s"
                              % (args.server, "+".join(models.get("features", [])), args.features))
     confidence = "labels" if args.confidence_out else "none"
-    return run_remote(client, image, geometry.spacing, support, args.set, args.modality, ref, confidence, progress)
+    return run_remote(client, image, geometry.spacing, support, args.set, args.modality, ref, confidence, progress,
+                      args.confidence_all)
 
 
 def cmd_serve(args) -> int:
@@ -198,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="encoder precision: auto = fp16 on CUDA, fp32 on CPU")
     seg.add_argument("--modality", default=None, choices=("ct", "mr"), help="override the automatic choice")
     seg.add_argument("--confidence-out", metavar="CONF", help="write the fused confidence map (float volume)")
+    seg.add_argument("--confidence-all", action="store_true",
+                     help="compute the confidence of every slice (embeds every slice); by default only the slices "
+                          "the walk reaches are computed, and CONF is 0 elsewhere")
     seg.add_argument("--points-out", metavar="POINTS", help="write prompt points and boxes per slice (JSON)")
     seg.add_argument("--embedding-cache", metavar="DIR",
                      help="keep image embeddings in DIR so a re-run on the same volume only decodes")

@@ -126,7 +126,7 @@ class Client:
     def create_session(self, image: np.ndarray, spacing_ijk: Sequence[float]) -> str:
         body = wire.pack({"image": wire.compact_image(np.asarray(image))},
                          {"spacing": [float(s) for s in spacing_ijk]})
-        data, _ = self.request("POST", "/v1/sessions", body, wire.CONTENT_TYPE)
+        data, _ = self.request("POST", "/v1/sessions", body, wire.CONTENT_TYPE, timeout=max(self.timeout, 600.0))
         return json.loads(data.decode("utf-8"))["session"]
 
     def session(self, sid: str) -> dict:
@@ -136,15 +136,17 @@ class Client:
         self.json("DELETE", "/v1/sessions/%s" % sid)
 
     def start_run(self, sid: str, support: np.ndarray, settings: Sequence[str] = (), modality: Optional[str] = None,
-                  support_image: Optional[np.ndarray] = None, add: bool = False) -> str:
-        """Start a run; `add`: `support` holds paint on new slices, merged into the last run's support."""
+                  support_image: Optional[np.ndarray] = None, add: bool = False, confidence_all: bool = False) -> str:
+        """Start a run; `add`: `support` holds paint on new slices, merged into the last run's support;
+        confidence_all: the confidence of every slice, not only of those the walks reach."""
         support = np.asarray(support)
         if support.dtype.kind == "f":
             support = support.astype(np.int32)
         arrays = {"support": support}
         if support_image is not None:
             arrays["support_image"] = wire.compact_image(np.asarray(support_image))
-        meta = {"set": list(settings), "modality": modality, "mode": "add" if add else "new"}
+        meta = {"set": list(settings), "modality": modality, "mode": "add" if add else "new",
+                "confidence_all": bool(confidence_all)}
         data, _ = self.request("POST", "/v1/sessions/%s/runs" % sid, wire.pack(arrays, meta), wire.CONTENT_TYPE)
         return json.loads(data.decode("utf-8"))["run"]
 
@@ -173,7 +175,8 @@ class Client:
             if "confidence_%d" % v in arrays:
                 conf[v] = arrays["confidence_%d" % v]
         return VolumeResult(arrays["labels"], conf, [SliceRecord.from_dict(r) for r in meta["records"]], support,
-                            meta["modality"], list(meta["features"]), dict(meta["timings"]))
+                            meta["modality"], list(meta["features"]), dict(meta["timings"]),
+                            [int(t) for t in meta.get("computed", [])])
 
     def redecode(self, sid: str, slice_index: int, positive, negative, label: Optional[int] = None,
                  axis: Optional[int] = None) -> Tuple[np.ndarray, float]:
@@ -202,13 +205,13 @@ class Client:
 
 def run_remote(client: Client, image: np.ndarray, spacing_ijk, support: np.ndarray, settings: Sequence[str] = (),
                modality: Optional[str] = None, support_image: Optional[np.ndarray] = None, confidence: str = "none",
-               progress: Optional[Callable[[str, int, int], None]] = None) -> VolumeResult:
+               progress: Optional[Callable[[str, int, int], None]] = None, confidence_all: bool = False) -> VolumeResult:
     """One whole segmentation through the server: upload, run, download; the session is deleted
     after (and the run cancelled when interrupted)."""
     sid = client.create_session(image, spacing_ijk)
     rid = None
     try:
-        rid = client.start_run(sid, support, settings, modality, support_image)
+        rid = client.start_run(sid, support, settings, modality, support_image, confidence_all=confidence_all)
         st = client.wait(sid, rid, progress)
         if st["state"] != "done":
             raise ServerError("the server's run %s: %s" % (st["state"], st["error"] or "no result"))

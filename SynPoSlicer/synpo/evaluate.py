@@ -176,6 +176,7 @@ def oracle_box(sam, store, gt: np.ndarray, label: int, ring_min_hole: Optional[f
 def persam(sam, store, conf: np.ndarray) -> np.ndarray:
     """PerSAM-style: one positive (most confident) and one negative (least confident) point per slice."""
     out = np.zeros(conf.shape, dtype=bool)
+    store.ensure(range(conf.shape[0]))
     for t in range(conf.shape[0]):
         c = conf[t]
         pos = np.unravel_index(np.argmax(c), c.shape)
@@ -213,7 +214,10 @@ def evaluate_intra(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
             results = {}
             for variant in variants:
                 t0 = time.perf_counter()
-                result = session.run(support, variant.cfg, confidence_from=variant.confidence_from)
+                # The baselines take the first variant's confidence on every slice.
+                everywhere = baselines and variant is variants[0]
+                result = session.run(support, variant.cfg, confidence_from=variant.confidence_from,
+                                     confidence_everywhere=everywhere)
                 results[variant.name] = result
                 secs = time.perf_counter() - t0
                 for v in wanted:

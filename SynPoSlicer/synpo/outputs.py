@@ -52,7 +52,8 @@ def points_document(result: VolumeResult, geometry: Geometry, image_path: str = 
         slices.append(entry)
     return {"format": "synpo-points/1", "image": image_path, "convention": CONVENTION,
             "axis": "kji"[axis], "axis_index_kji": axis, "labels": result.support.labels,
-            "modality": result.modality, "features": result.features, "slices": slices}
+            "modality": result.modality, "features": result.features, "confidence_slices": result.computed,
+            "slices": slices}
 
 
 def extent_summary(result: VolumeResult, names: Dict[int, str] = None) -> List[str]:

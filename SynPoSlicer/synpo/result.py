@@ -44,6 +44,7 @@ class VolumeResult:
     modality: str
     features: List[str]
     timings: Dict[str, float]
+    computed: List[int] = field(default_factory=list)     # slices whose embeddings and confidence were computed
 
 
 def support_to_dict(support: Support) -> dict:

@@ -8,7 +8,8 @@ wire.py messages, the rest JSON; every error is {"error": "one line"} with a 4xx
     GET    /v1/sessions                                 the sessions held, memory used and budget
     GET    /v1/sessions/{sid}                           what the session holds
     DELETE /v1/sessions/{sid}
-    POST   /v1/sessions/{sid}/runs                      wire: support (+ support_image); meta: set, modality, mode
+    POST   /v1/sessions/{sid}/runs                      wire: support (+ support_image); meta: set, modality,
+                                                        mode ("new" or "add"), confidence_all
     GET    /v1/sessions/{sid}/runs/{rid}?since=N        state, progress, the slices decided since N
     GET    /v1/sessions/{sid}/runs/{rid}/slices?since=N wire: those slices' masks
     POST   /v1/sessions/{sid}/runs/{rid}/cancel
@@ -199,7 +200,8 @@ def create_app(service, token: str, max_body_bytes: int, max_array_bytes: Option
         mode = meta.get("mode", "new")
         if mode not in ("new", "add"):
             raise Refused(400, "meta.mode must be 'new' or 'add', not %r" % (mode,))
-        settings = {"set": meta.get("set") or [], "modality": meta.get("modality")}
+        settings = {"set": meta.get("set") or [], "modality": meta.get("modality"),
+                    "confidence_all": bool(meta.get("confidence_all", False))}
         if not isinstance(settings["set"], list) or not all(isinstance(s, str) for s in settings["set"]):
             raise Refused(400, "meta.set must be a list of 'SECTION.FIELD=VALUE' strings")
         if settings["modality"] not in (None, "ct", "mr"):
@@ -248,7 +250,7 @@ def create_app(service, token: str, max_body_bytes: int, max_array_bytes: Option
                     arrays["confidence_%d" % v] = result.confidence[v]
             meta = {"records": [r.to_dict() for r in result.records], "support": support_to_dict(result.support),
                     "modality": result.modality, "features": list(result.features),
-                    "timings": {k: round(v, 4) for k, v in result.timings.items()}}
+                    "timings": {k: round(v, 4) for k, v in result.timings.items()}, "computed": result.computed}
             return wire.pack(arrays, meta)
         return Response(await run_in_threadpool(build), media_type=wire.CONTENT_TYPE)
 

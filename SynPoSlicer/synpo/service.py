@@ -209,11 +209,11 @@ class Service:
         entry.runs[run.id] = run
         while len(entry.runs) > RUNS_KEPT:
             entry.runs.popitem(last=False)
-        threading.Thread(target=self._execute, args=(run, support, cfg, support_image, add),
+        threading.Thread(target=self._execute, args=(run, support, cfg, support_image, add, settings),
                          name="synpo-run-%s" % run.id, daemon=True).start()
         return run
 
-    def _execute(self, run: Run, support, cfg, support_image, add: bool) -> None:
+    def _execute(self, run: Run, support, cfg, support_image, add: bool, settings: dict) -> None:
         entry = run.entry
         with self.slots:                            # queued until a compute slot is free
             if run.cancel_event.is_set():
@@ -223,7 +223,8 @@ class Service:
                 run.state, run.stage = "running", "starting"
                 t0 = time.perf_counter()
                 try:
-                    kwargs = dict(progress=run.progress, cancel=run.cancel_event.is_set, on_slice=run.on_slice)
+                    kwargs = dict(progress=run.progress, cancel=run.cancel_event.is_set, on_slice=run.on_slice,
+                                  confidence_everywhere=bool(settings.get("confidence_all")))
                     if add:
                         run.result = entry.session.add_support(support, cfg, **kwargs)
                     else:

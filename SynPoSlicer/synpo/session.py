@@ -96,11 +96,14 @@ class Session:
 
     def run(self, support: np.ndarray, cfg: Optional[SynPoConfig] = None, support_image: Optional[np.ndarray] = None,
             progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
-            on_slice: Optional[SliceReport] = None, confidence_from: Optional[Sequence[str]] = None) -> VolumeResult:
+            on_slice: Optional[SliceReport] = None, confidence_from: Optional[Sequence[str]] = None,
+            confidence_everywhere: bool = False) -> VolumeResult:
         """Segment the volume from the paint in `support` (a label map on the image's grid, or on
         `support_image`'s when it was painted on another patient's volume). Embeddings, confidence
         maps and decoded masks of earlier runs are reused wherever this run's inputs leave them valid.
-        confidence_from: the encoders whose confidence is fused, if not the models' (an ablation)."""
+        confidence_from: the encoders whose confidence is fused, if not the models' (an ablation).
+        confidence_everywhere: compute the confidence map of every slice, not only of the slices the
+        walks reach (which embeds every slice)."""
         self.last_used = time.monotonic()
         support = np.asarray(support)
         if support.dtype.kind not in "iub":
@@ -113,14 +116,14 @@ class Session:
                                 support_image=support_image, progress=progress, cancel=cancel, stores=self.stores,
                                 confidence_from=tuple(confidence_from or self.models.confidence_from),
                                 embedding_cache=self.embedding_cache,
-                                on_slice=on_slice)
+                                on_slice=on_slice, confidence_everywhere=confidence_everywhere)
         self.support, self.support_image, self.cfg, self.result = support, support_image, cfg, result
         self.last_used = time.monotonic()
         return result
 
     def add_support(self, paint: np.ndarray, cfg: Optional[SynPoConfig] = None,
                     progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
-                    on_slice: Optional[SliceReport] = None) -> VolumeResult:
+                    on_slice: Optional[SliceReport] = None, confidence_everywhere: bool = False) -> VolumeResult:
         """Run again with more support: every slice (across the last run's slicing axis) painted in
         `paint` replaces that slice of the last support; the other support slices stay. Only what
         the new slices change is computed again (embeddings and unchanged decodings are reused)."""
@@ -134,7 +137,8 @@ class Session:
         m, p = to_slices(merged, axis), to_slices(paint, axis)
         for s in np.flatnonzero(p.reshape(len(p), -1).any(1)):
             m[s] = p[s]
-        return self.run(merged, cfg if cfg is not None else self.cfg, self.support_image, progress, cancel, on_slice)
+        return self.run(merged, cfg if cfg is not None else self.cfg, self.support_image, progress, cancel, on_slice,
+                        confidence_everywhere=confidence_everywhere)
 
     # ------------------------------------------------------------------ one slice
 

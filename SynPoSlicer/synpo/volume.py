@@ -25,7 +25,6 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from . import confidence as conf_mod
 from .config import DecodeConfig, SynPoConfig, validate
 from .decode import decode_slice, decoder_inputs, fill_holes
 from .gate import apply_gate, organ_range
@@ -35,6 +34,7 @@ from .intensity import normalize
 from .position import expected_region, expected_shape
 from .prompts import Prompts, select_prompts
 from .result import SliceRecord, VolumeResult
+from .slice_confidence import SliceConfidence
 from .support import Support, find_support, from_slices, in_plane_spacing, to_slices
 
 Progress = Callable[[str, int, int], None]
@@ -44,7 +44,6 @@ Progress = Callable[[str, int, int], None]
 # encloser), and the VolumeResult is what counts.
 SliceReport = Callable[[SliceRecord, Optional[np.ndarray]], None]
 STORAGE_DTYPE = torch.float16          # embeddings as kept between runs
-CONFIDENCE_CHUNK = 16                  # query slices per similarity / upsampling step
 DECODED_KEPT_BYTES = 64 << 20         # decoded masks kept per store for re-runs (8 KB each at 256 x 256)
 
 
@@ -75,6 +74,10 @@ class EmbeddingStore:
         self.decoded_bytes = 0
         self.decode_reuses = 0
         self._decoded_lock = threading.Lock()      # labels are walked in parallel threads
+        # Slices being encoded by one thread: another thread that needs them waits for them.
+        self._claims: Dict[int, threading.Event] = {}
+        self._claims_lock = threading.Lock()
+        self._dirty = False                        # embeddings not yet on disk
         self.seconds = 0.0
         self.disk_path = None
         if disk_dir:
@@ -104,9 +107,39 @@ class EmbeddingStore:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
+    def flush(self) -> None:
+        """Write the embeddings computed since the last write to the disk cache (if any)."""
+        if self._dirty:
+            self._dirty = False
+            self._save()
+
     def ensure(self, indices: Sequence[int], progress: Optional[Callable[[int], None]] = None,
-               cancel: Optional[Callable[[], bool]] = None) -> None:
-        todo = [i for i in indices if i not in self.cache]
+               cancel: Optional[Callable[[], bool]] = None, save: bool = True) -> None:
+        """Embed the slices of `indices` not embedded yet, in batches. Thread-safe: a slice that
+        another thread is embedding is waited for, not embedded twice. save=False leaves writing
+        the disk cache to flush()."""
+        with self._claims_lock:
+            wanted = [i for i in dict.fromkeys(int(i) for i in indices) if i not in self.cache]
+            todo = [i for i in wanted if i not in self._claims]
+            theirs = [self._claims[i] for i in wanted if i in self._claims]
+            for i in todo:
+                self._claims[i] = threading.Event()
+        try:
+            self._embed(todo, progress, cancel)
+        finally:
+            with self._claims_lock:
+                for i in todo:
+                    self._claims.pop(i).set()
+        for event in theirs:
+            event.wait()
+        if any(i not in self.cache for i in wanted):           # another thread failed on them
+            self.ensure([i for i in wanted if i not in self.cache], progress, cancel, save)
+        if todo:
+            self._dirty = True
+            if save:
+                self.flush()
+
+    def _embed(self, todo: List[int], progress, cancel) -> None:
         start = 0
         while start < len(todo):
             if cancel is not None and cancel():
@@ -129,8 +162,6 @@ class EmbeddingStore:
             start += len(chunk)
             if progress:
                 progress(len(chunk))
-        if todo:
-            self._save()
 
     def stack(self, indices: Sequence[int]) -> torch.Tensor:
         self.ensure(indices)
@@ -149,6 +180,7 @@ class EmbeddingStore:
             bits, iou, box = hit
             shape = (self.frame.H, self.frame.W)
             return np.unpackbits(bits, count=shape[0] * shape[1]).reshape(shape).astype(bool), iou, box
+        self.ensure([t], save=False)
         dec = decode_slice(sam, self.cache[t], self.frame, prompts, cfg)
         bits = np.packbits(dec.mask)
         with self._decoded_lock:
@@ -237,6 +269,12 @@ class _Context:
         self.gate_range = gate_range             # the target's grey-value range (gate.py), or None
         self.on_slice = on_slice
 
+    def prefetch(self, indices: Sequence[int]) -> None:
+        """The next slices of a walk are embedded when it reaches them, a batch at a time (a
+        confidence given as a ready array, as tests do, needs nothing)."""
+        if isinstance(self.conf, SliceConfidence):
+            self.conf.prepare(indices)
+
     def report(self, rec: SliceRecord, mask: Optional[np.ndarray]) -> None:
         if self.on_slice is not None:
             self.on_slice(rec, mask)
@@ -275,6 +313,7 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
     prev_score = float(ctx.conf[start][mask].mean()) if mask.any() else None
     t = start + step
     while t != stop:
+        ctx.prefetch(range(t, stop, step)[:ctx.embeds.batch_size])
         new, rec = ctx.decode(label, t, prev, min_area, prev_score)
         records.append(rec)
         ctx.report(rec, new)
@@ -308,28 +347,10 @@ def confidence_volume(q_stores: Dict[str, EmbeddingStore], r_stores: Dict[str, E
                       query_indices: Sequence[int], confidence_from: Sequence[str],
                       cfg: SynPoConfig, cross: bool = False) -> np.ndarray:
     """Fused confidence (len(query_indices), H, W) of query slices, from support slices' masks
-    (cross: painted on another patient, with confidence.n_prototypes_cross prototypes).
-
-    Works through the query slices in chunks: memory beyond the result is one chunk's maps.
-    """
-    ccfg = replace(cfg.confidence, n_prototypes=cfg.confidence.n_prototypes_cross) if cross else cfg.confidence
-    protos = {}
-    for name in confidence_from:
-        q, r = q_stores[name], r_stores[name]
-        protos[name] = conf_mod.build_prototypes([r.cache[s] for s in support_indices], list(support_masks),
-                                                 q.frame, q.encoder.grid, ccfg)
-    query_indices = list(query_indices)
-    frame = q_stores[confidence_from[0]].frame
-    out = np.empty((len(query_indices), frame.H, frame.W), dtype=np.float32)
-    for start in range(0, len(query_indices), CONFIDENCE_CHUNK):
-        chunk = query_indices[start:start + CONFIDENCE_CHUNK]
-        maps = {}
-        for name in confidence_from:
-            q = q_stores[name]
-            sims = conf_mod.similarity(q.stack(chunk), protos[name], q.frame, q.encoder.grid)
-            maps[name] = q.frame.grid_map_to_slice(sims, q.encoder.grid)
-        out[start:start + len(chunk)] = conf_mod.fuse(maps, cfg.confidence).numpy()
-    return out
+    (cross: painted on another patient, with confidence.n_prototypes_cross prototypes)."""
+    n = len(q_stores[confidence_from[0]].slices)
+    return SliceConfidence(q_stores, r_stores, support_indices, support_masks, confidence_from, cfg, n,
+                           cross).stack(list(query_indices))
 
 
 def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sam, dino=None,
@@ -338,7 +359,8 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
                    stores: Optional[Dict[str, EmbeddingStore]] = None,
                    confidence_from: Optional[Sequence[str]] = None,
                    embedding_cache: Optional[str] = None,
-                   on_slice: Optional[SliceReport] = None) -> VolumeResult:
+                   on_slice: Optional[SliceReport] = None,
+                   confidence_everywhere: bool = False) -> VolumeResult:
     """Segment every slice of `image` ([k, j, i]) from the paint in `support_label`.
 
     support_image: the volume the support was painted on, when it is not `image`
@@ -348,6 +370,9 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
     (default: both when `dino` is given, else "sam"). SAM always decodes.
     embedding_cache: a folder where embeddings persist between runs (optional).
     on_slice: called with each slice's record and mask as it is decided (SliceReport).
+    confidence_everywhere: compute the confidence (and embeddings) of every slice; by default only
+    the slices the walks reach are embedded, and the confidence maps are 0 elsewhere
+    (VolumeResult.computed lists the slices computed).
     """
     validate(cfg)
     timings = {k: 0.0 for k in ("intensity", "encode_sam", "encode_dinov2", "confidence", "prompts", "decode")}
@@ -402,18 +427,17 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
         if progress:
             progress("segment", count, total_work)
 
-    q_stores, r_stores = {}, {}
+    q_stores, r_stores, encode_before = {}, {}, {}
     for name, enc in encoders:
         q_stores[name] = get_store(stores, store_key("query", name, enc, axis), enc, query, spacing_rc, cfg,
                                    embedding_cache)
-        before = q_stores[name].seconds
-        q_stores[name].ensure(range(n), tick, cancel)
         r_stores[name] = q_stores[name]
         if cross:
             r_stores[name] = get_store(stores, store_key("support", name, enc, axis), enc, ref, spacing_rc, cfg,
                                        embedding_cache)
-            r_stores[name].ensure(sorted({s for v in support.slices.values() for s in v}), tick, cancel)
-        timings["encode_" + name] += q_stores[name].seconds - before
+        encode_before[name] = (q_stores[name].seconds, r_stores[name].seconds if cross else 0.0)
+        # The support slices now; the query slices as the walks reach them (SliceConfidence).
+        r_stores[name].ensure(sorted({s for v in support.slices.values() for s in v}), tick, cancel, save=False)
 
     def nearest_support(t: int, sup_idx: List[int]) -> int:
         """Cross-patient: the support slice (its position in sup_idx) at the relative height of
@@ -462,7 +486,6 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
                        report: Optional[SliceReport] = None):
         """Confidence maps and propagated masks {slice: mask} of one target shape; its stage
         seconds are added to `timings`."""
-        t1 = time.perf_counter()
         # The maps depend only on the support and the confidence settings: a re-run with other
         # prompt or propagation settings reuses them (kept beside the embeddings in `stores`).
         key = hashlib.sha1(("conf|%s|%s|%s|%s|%s" % (
@@ -471,10 +494,10 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
             + b"".join(np.packbits(m).tobytes() for m in sup_masks)).hexdigest()
         conf = stores.get("confidence/" + key)
         if conf is None:
-            conf = confidence_volume(q_stores, r_stores, sup_idx, sup_masks, range(n), confidence_from, cfg, cross)
-            conf.setflags(write=False)                  # shared with results: never modified in place
+            conf = SliceConfidence(q_stores, r_stores, sup_idx, sup_masks, confidence_from, cfg, n, cross)
             stores["confidence/" + key] = conf
-        timings["confidence"] += time.perf_counter() - t1
+        conf.bind(tick, stopped)
+        conf_seconds = conf.seconds
 
         ctx = _Context(sam, q_stores["sam"], conf, cfg, timings, stopped, tick, target_range(sup_idx, sup_masks),
                        report)
@@ -497,6 +520,7 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
                     return float((conf[t] >= cfg.prompts.box_threshold).sum())
                 return float((conf[t] * shape).sum())
 
+            conf.prepare([t for t in range(n) if expected_height(t, sup_idx)])
             start = int(np.argmax([start_score(t) for t in range(n)]))
             first, rec = ctx.decode(label, start, expected_slice_region(start, sup_idx, sup_masks), min_area,
                                     expected=expected_slice_shape(start, sup_idx, sup_masks))
@@ -514,6 +538,9 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
             # No prediction of a label on its own support slice: the paint stands there (below).
             for s in sup_idx:
                 masks.pop(s, None)
+        if confidence_everywhere:
+            conf.prepare(range(n))
+        timings["confidence"] += conf.seconds - conf_seconds
         return masks, conf
 
     def segment_label(label: int):
@@ -526,6 +553,7 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
             ring = rings.get(label)
             if ring is None:
                 masks, conf = segment_target(label, sup_idx, sup_masks, records, seconds, on_slice)
+                computed, conf = conf.computed(), conf.dense()
             else:
                 # A ring (the myocardium around the blood pool): a box drawn around a ring makes SAM
                 # segment the bright hole, not the band. So the hole is propagated as a target of
@@ -537,7 +565,8 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
                 band_range = target_range(sup_idx, sup_masks)
                 masks = {t: apply_gate(band_around(inner[t], thickness, spacing_rc), query[t], band_range, cfg.gate)
                          if t in inner else m for t, m in outer.items()}
-                conf = conf_outer * (1.0 - conf_inner)
+                computed = sorted(set(conf_outer.computed()) | set(conf_inner.computed()))
+                conf = conf_outer.dense() * (1.0 - conf_inner.dense())
                 if on_slice is not None:             # a ring's slices are known once both walks are done
                     for rec in sorted(records, key=lambda r: r.index):
                         on_slice(rec, masks.get(rec.index, sup_masks[sup_idx.index(rec.index)]
@@ -545,35 +574,28 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
         except BaseException:
             failed.set()
             raise
-        return masks, conf, records, seconds
+        return masks, conf, records, seconds, computed
 
     # Labels are independent: their walks run in parallel threads (torch and most of numpy release
     # the GIL, so one label's prompt selection overlaps another's decoding). Each label's result is
     # what a walk on its own gives.
     workers = min(cfg.volume.label_workers, len(support.labels))
-    if workers > 1:
-        # The CPU threads are shared out between the workers: each with all of them made every
-        # product of the decoder slower than the overlap gained.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, threads // workers))
-        try:
-            with ThreadPoolExecutor(workers, thread_name_prefix="synpo-label") as pool:
-                futures = [pool.submit(segment_label, label) for label in support.labels]
-        finally:
-            torch.set_num_threads(threads)
-        errors = [e for e in (f.exception() for f in futures) if e is not None]
-        if errors:
-            # A worker's own error, not the Cancelled it caused in the others.
-            raise next((e for e in errors if not isinstance(e, Cancelled)), errors[0])
-        per_label = [f.result() for f in futures]
-    else:
-        per_label = [segment_label(label) for label in support.labels]
+    try:
+        per_label = _run_labels(segment_label, support.labels, workers)
+    finally:
+        for name, _ in encoders:                 # embeddings computed so far go to the disk cache
+            q_stores[name].flush()
+            r_stores[name].flush()
+            timings["encode_" + name] += (q_stores[name].seconds - encode_before[name][0]
+                                          + (r_stores[name].seconds - encode_before[name][1] if cross else 0.0))
     conf_out: Dict[int, np.ndarray] = {}
     found: Dict[int, Dict[int, np.ndarray]] = {}         # label -> slice -> mask
     records: List[SliceRecord] = []
-    for label, (masks, conf, recs, seconds) in zip(support.labels, per_label):
+    computed: set = set()
+    for label, (masks, conf, recs, seconds, slices) in zip(support.labels, per_label):
         found[label], conf_out[label] = masks, conf
         records += recs
+        computed.update(slices)
         for k, v in seconds.items():
             timings[k] += v
 
@@ -588,7 +610,27 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
     records.sort(key=lambda r: (r.label, r.index))
     conf_out = {v: np.ascontiguousarray(from_slices(c, axis)) if axis else c for v, c in conf_out.items()}
     return VolumeResult(np.ascontiguousarray(from_slices(labels_out, axis)), conf_out, records, support,
-                        modality, list(confidence_from), timings)
+                        modality, list(confidence_from), timings, sorted(computed))
+
+
+def _run_labels(segment_label: Callable, labels: Sequence[int], workers: int) -> list:
+    """[segment_label(label) for label in labels], in `workers` parallel threads when > 1."""
+    if workers <= 1:
+        return [segment_label(label) for label in labels]
+    # The CPU threads are shared out between the workers: each with all of them made every
+    # product of the decoder slower than the overlap gained.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // workers))
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="synpo-label") as pool:
+            futures = [pool.submit(segment_label, label) for label in labels]
+    finally:
+        torch.set_num_threads(threads)
+    errors = [e for e in (f.exception() for f in futures) if e is not None]
+    if errors:
+        # A worker's own error, not the Cancelled it caused in the others.
+        raise next((e for e in errors if not isinstance(e, Cancelled)), errors[0])
+    return [f.result() for f in futures]
 
 
 def enclosing_labels(paint: Dict[int, np.ndarray], labels: Sequence[int], inside: float = 0.95) -> Dict[int, List[int]]:

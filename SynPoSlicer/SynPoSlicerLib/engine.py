@@ -1,0 +1,175 @@
+"""The engine out of Slicer's process: a `synpo serve` child process, and runs on it step by step.
+
+Slicer's PythonQt keeps Python's GIL while Qt waits for events, so a Python thread inside Slicer
+barely runs. Nothing here uses threads: the module's timer calls `RemoteJob.step()` every few
+hundred milliseconds and each step is one short request to the server (a status poll, the
+slices decided since the last poll, or the result). Qt-free, Python 3.9, no torch: the server may
+run on this machine (started here, with the Python the user configured) or on a team's GPU machine.
+"""
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from synpo.client import Client, ServerError
+from synpo.errors import SynPoError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODULE_DIR = os.path.dirname(HERE)                 # holds the `synpo` package
+
+
+def default_python() -> str:
+    """Slicer's own Python launcher when there is one (PythonSlicer), else this interpreter."""
+    found = shutil.which("PythonSlicer")
+    return found or sys.executable
+
+
+class ServerProcess:
+    """`synpo serve` started as a child process on a free loopback port with a fresh token.
+
+    start() returns at once; ready() says whether it accepts requests yet (no waiting); stop() ends
+    it. Its output goes to a log file, shown to the user when it fails to start."""
+
+    def __init__(self, python: Optional[str] = None, device: str = "auto", sam: str = "litemedsam",
+                 features: str = "auto", extra: Sequence[str] = ()):
+        self.python = python or default_python()
+        self.options = ["--device", device, "--sam", sam, "--features", features] + list(extra)
+        self.folder = tempfile.mkdtemp(prefix="synpo-server-")
+        self.token_file = os.path.join(self.folder, "token")
+        self.ready_file = os.path.join(self.folder, "ready")
+        self.log_file = os.path.join(self.folder, "server.log")
+        self.proc: Optional[subprocess.Popen] = None
+        self.url: Optional[str] = None
+        self.started = 0.0
+
+    def start(self) -> "ServerProcess":
+        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(32) + "\n")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = MODULE_DIR + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        cmd = [self.python, "-m", "synpo.cli", "serve", "--port", "0", "--token-file", self.token_file,
+               "--ready-file", self.ready_file] + self.options
+        log = open(self.log_file, "w")
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.folder)
+        except OSError as exc:
+            raise SynPoError("cannot start the SynPo server with %s: %s" % (self.python, exc)) from None
+        finally:
+            log.close()
+        self.started = time.monotonic()
+        return self
+
+    def ready(self) -> bool:
+        """True once the server accepts requests; SynPoError (with its log's last lines) if it died."""
+        if self.url:
+            return True
+        if self.proc is None:
+            return False
+        if self.proc.poll() is not None:
+            raise SynPoError("the SynPo server stopped while starting (exit %s): %s"
+                             % (self.proc.returncode, self.log_tail()))
+        if os.path.exists(self.ready_file):
+            with open(self.ready_file) as handle:
+                url = handle.read().strip()
+            if url:
+                self.url = url
+                return True
+        return False
+
+    def client(self, timeout: float = 5.0) -> Client:
+        with open(self.token_file) as handle:
+            return Client(self.url, handle.read().strip(), timeout)
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            with open(self.log_file) as handle:
+                text = [ln.strip() for ln in handle.read().splitlines() if ln.strip()]
+        except OSError:
+            return ""
+        return " | ".join(text[-lines:])
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.proc, self.url = None, None
+
+
+class RemoteJob:
+    """One preview on a server, advanced by step() from a timer; every step is one short request.
+
+    States: "upload" -> "start" -> "running" -> "fetch" -> "done", or "failed" / "cancelled".
+    `new_slices()` hands over the slices decided since the last call (record, mask or None), so
+    the preview can grow as the server works; `result` is the VolumeResult once done."""
+
+    ACTIVE = ("upload", "start", "running", "fetch")
+
+    def __init__(self, client: Client, image: np.ndarray, spacing_ijk, support: np.ndarray,
+                 settings: Sequence[str] = (), session_id: Optional[str] = None, add: bool = False):
+        self.client, self.image, self.spacing, self.support = client, image, tuple(spacing_ijk), support
+        self.settings, self.add = list(settings), add
+        self.session_id = session_id
+        self.run_id: Optional[str] = None
+        self.state = "start" if session_id else "upload"
+        self.stage, self.done, self.total = "connecting", 0, 1
+        self.error = ""
+        self.result = None
+        self._since = 0
+        self._arrived: List[Tuple] = []
+        self._cancel = False
+
+    def active(self) -> bool:
+        return self.state in self.ACTIVE
+
+    def cancel(self) -> None:
+        """Ask the server to stop; the next step says when it has."""
+        self._cancel = True
+        if self.state in ("upload", "start"):
+            self.state, self.stage = "cancelled", "cancelled"
+
+    def step(self) -> str:
+        """Advance by one request; returns the state. Errors end the job with `error` set."""
+        try:
+            if self.state == "upload":
+                self.stage = "sending the volume"
+                self.session_id = self.client.create_session(self.image, self.spacing)
+                self.state = "start"
+            elif self.state == "start":
+                self.run_id = self.client.start_run(self.session_id, self.support, self.settings, add=self.add)
+                self.state, self.stage = "running", "queued"
+            elif self.state == "running":
+                if self._cancel:
+                    self.client.cancel(self.session_id, self.run_id)
+                st = self.client.status(self.session_id, self.run_id, self._since)
+                self.stage, self.done, self.total = st["stage"], st["done"], st["total"]
+                if st["next"] > self._since:
+                    arrived, self._since = self.client.slices(self.session_id, self.run_id, self._since)
+                    self._arrived += arrived
+                if st["state"] == "done":
+                    self.state = "fetch"
+                elif st["state"] in ("failed", "cancelled"):
+                    self.state, self.error = st["state"], st["error"]
+            elif self.state == "fetch":
+                self.result = self.client.result(self.session_id, self.run_id)
+                self.state, self.stage = "done", "done"
+        except ServerError as exc:
+            self.state, self.error = "failed", str(exc)
+        return self.state
+
+    def new_slices(self) -> List[Tuple]:
+        out, self._arrived = self._arrived, []
+        return out
