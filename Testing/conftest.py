@@ -1,5 +1,8 @@
 """Shared fixtures: synthetic volumes and tiny randomly initialised models from the real classes."""
 import os
+import subprocess
+import sys
+import time
 import warnings
 
 import numpy as np
@@ -45,3 +48,44 @@ def tiny_sam_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("sam-tiny") / "sam_vit_tiny.pth"
     torch.save(net.state_dict(), str(path))
     return str(path)
+
+
+SYNPO = os.path.join(os.path.dirname(sys.executable), "synpo")
+
+
+def synpo_cmd():
+    return [SYNPO] if os.path.exists(SYNPO) else [sys.executable, "-m", "synpo.cli"]
+
+
+class Server:
+    """A `synpo serve` process on a free loopback port."""
+
+    def __init__(self, folder, *extra):
+        self.folder = folder
+        self.ready = os.path.join(folder, "ready")
+        self.token_file = os.path.join(folder, "token")
+        args = synpo_cmd() + ["serve", "--port", "0", "--device", "cpu", "--features", "sam", "--token-out",
+                              self.token_file, "--ready-file", self.ready, "--session-ttl", "600"] + list(extra)
+        self.log = open(os.path.join(folder, "server.log"), "w")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while not os.path.exists(self.ready):
+            if self.proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("the server did not start: %s" % open(self.log.name).read())
+            time.sleep(0.2)
+        time.sleep(0.1)
+        self.url = open(self.ready).read().strip()
+        self.token = open(self.token_file).read().strip()
+
+    def client(self, token=None, timeout=60.0):
+        from synpo.client import Client
+        return Client(self.url, self.token if token is None else token, timeout)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()

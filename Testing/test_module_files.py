@@ -110,3 +110,50 @@ def test_extension_description_is_consistent():
     # The icon and screenshot the URLs name exist in the repository.
     assert os.path.isfile(os.path.join(MODULE, "Resources", "Icons", "SynPoSlicer.png"))
     assert os.path.isfile(os.path.join(ROOT, "Screenshots", "montage.png"))
+
+
+# Signals of the widget classes the .ui uses, as declared in their headers (Qt 5, CTK, Slicer 5.8/5.10:
+# qMRMLSegmentSelectorWidget.h, qMRMLNodeComboBox.h, ctkPathLineEdit.h, ctkSliderWidget.h).
+SIGNALS = {
+    "QPushButton": {"clicked(bool)", "clicked()", "pressed()", "released()", "toggled(bool)"},
+    "QCheckBox": {"clicked(bool)", "toggled(bool)", "stateChanged(int)"},
+    "QComboBox": {"currentIndexChanged(int)", "currentIndexChanged(QString)", "currentTextChanged(QString)",
+                  "activated(int)"},
+    "QSpinBox": {"valueChanged(int)", "editingFinished()"},
+    "QDoubleSpinBox": {"valueChanged(double)", "editingFinished()"},
+    "QLineEdit": {"textChanged(QString)", "editingFinished()", "returnPressed()"},
+    "ctkSliderWidget": {"valueChanged(double)", "valueIsChanging(double)"},
+    "ctkPathLineEdit": {"currentPathChanged(QString)", "validInputChanged(bool)"},
+    "qMRMLNodeComboBox": {"currentNodeChanged(vtkMRMLNode*)", "currentNodeIDChanged(QString)",
+                          "currentNodeChanged(bool)", "nodeAdded(vtkMRMLNode*)", "nodeActivated(vtkMRMLNode*)"},
+    "qMRMLSegmentSelectorWidget": {"currentNodeChanged(vtkMRMLNode*)", "currentSegmentChanged(QString)",
+                                   "segmentSelectionChanged(QStringList)"},
+}
+
+
+def test_every_connected_signal_exists_on_its_widgets_class():
+    widgets = _ui_widgets()
+    source = _read("SynPoSlicer", "SynPoSlicer.py")
+    connects = re.findall(r"self\.ui\.(\w+)\.connect\(\s*\"([^\"]+)\"", source)
+    # a loop over several widgets: `spin.connect(... if spin is self.ui.X else ...)`
+    looped = re.findall(r"spin\.connect\(\"([^\"]+)\" if spin is self\.ui\.(\w+) else \"([^\"]+)\"", source)
+    assert connects and looped
+    for name, signal in connects:
+        assert signal in SIGNALS[widgets[name]], "%s (%s) has no signal %s" % (name, widgets[name], signal)
+    for signal, name, other in looped:
+        assert signal in SIGNALS[widgets[name]]
+        for spin in ("topKSpinBox", "positivePointsSpinBox", "negativePointsSpinBox"):
+            assert other in SIGNALS[widgets[spin]]
+    assert ("segmentSelector", "selectedSegmentIDsChanged(QStringList)") not in connects
+
+
+def test_slicer_side_code_needs_no_torch():
+    """With a server, Slicer's Python needs no torch: the module's helpers import without it."""
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "sys.path.insert(0, %r)\n"
+            "import synpo.client, synpo.outputs, synpo.support, SynPoSlicerLib.engine\n"
+            "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n" % MODULE)
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -13,50 +13,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import ellipsoid_volume
+from conftest import Server, ellipsoid_volume, synpo_cmd
 from synpo import wire
 from synpo.client import Client, ServerError
 from synpo.cli import main
 
-SYNPO = os.path.join(os.path.dirname(sys.executable), "synpo")
 SHAPE = (8, 48, 56)                     # few slices: LiteMedSAM encodes about 2.5 s a slice on a 2-core CPU
-
-
-def synpo_cmd():
-    return [SYNPO] if os.path.exists(SYNPO) else [sys.executable, "-m", "synpo.cli"]
-
-
-class Server:
-    """A `synpo serve` process on a free loopback port."""
-
-    def __init__(self, folder, *extra):
-        self.folder = folder
-        self.ready = os.path.join(folder, "ready")
-        self.token_file = os.path.join(folder, "token")
-        args = synpo_cmd() + ["serve", "--port", "0", "--device", "cpu", "--features", "sam", "--token-out",
-                              self.token_file, "--ready-file", self.ready, "--session-ttl", "600"] + list(extra)
-        self.log = open(os.path.join(folder, "server.log"), "w")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 120
-        while not os.path.exists(self.ready):
-            if self.proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError("the server did not start: %s" % open(self.log.name).read())
-            time.sleep(0.2)
-        time.sleep(0.1)
-        self.url = open(self.ready).read().strip()
-        self.token = open(self.token_file).read().strip()
-
-    def client(self, token=None, timeout=60.0):
-        return Client(self.url, self.token if token is None else token, timeout)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
 
 
 def volume(seed=0, shape=SHAPE):

@@ -1,7 +1,7 @@
 """The module's MRML logic against real MRML nodes (the `slicer-core` package: Slicer without Qt)."""
 import os
 import sys
-import threading
+import time
 
 import numpy as np
 import pytest
@@ -9,13 +9,14 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "SynPoSlicer"))
 
 import slicer  # noqa: E402  (slicer-core)
+import vtk  # noqa: E402
 
-from conftest import ellipsoid_volume  # noqa: E402
+from conftest import Server, ellipsoid_volume  # noqa: E402
+from SynPoSlicerLib import apply as applying  # noqa: E402
 from SynPoSlicerLib import mrml  # noqa: E402
-from SynPoSlicerLib.runner import JobGuard, ModelCache, PreviewJob  # noqa: E402
-from synpo.errors import InputError, SynPoError  # noqa: E402
+from SynPoSlicerLib.engine import RemoteJob  # noqa: E402
+from synpo.errors import InputError  # noqa: E402
 from synpo.outputs import slice_xy_to_ijk  # noqa: E402
-from synpo.volume import sam_store  # noqa: E402
 
 
 def oblique_matrix(spacing=(0.8, 1.3, 4.0), origin=(12.0, -30.0, 5.0), degrees=25.0):
@@ -40,9 +41,12 @@ def add_segment(seg_node, volume_node, mask, name):
 
 
 @pytest.fixture(scope="module")
-def models():
-    from synpo.features import SamModel
-    return SamModel.load("litemedsam", "cpu"), None, ("sam",)
+def server(tmp_path_factory):
+    """A real `synpo serve` process, as the module starts one (LiteMedSAM on the CPU)."""
+    folder = tmp_path_factory.mktemp("slicer-server")
+    srv = Server(str(folder), "--embedding-cache", str(folder / "emb"))
+    yield srv
+    srv.stop()
 
 
 @pytest.fixture
@@ -82,19 +86,25 @@ def test_oblique_anisotropic_volume_round_trips(scene_case):
     assert np.allclose(mrml.markups_points_ijk(node, c["volume"]), ijk)
 
 
-def _preview(c, models):
+def run_job(job, timeout=300):
+    deadline = time.time() + timeout
+    while job.active() and time.time() < deadline:
+        job.step()
+        time.sleep(0.05)
+    return job
+
+
+def _preview(c, server):
     inputs = mrml.extract_inputs(c["volume"], c["seg"], [c["target"]])
-    cache = ModelCache()
-    cache.models[("litemedsam", "sam", "small", "cpu")] = models
-    job = PreviewJob(inputs, cache, "vol", sam="litemedsam", features="sam", device="cpu").run()
-    assert job.error is None and job.result is not None
+    job = run_job(RemoteJob(server.client(timeout=10), inputs.image, inputs.spacing, inputs.support))
+    assert job.state == "done" and job.error == "" and job.result is not None, job.error
     return job, mrml.show_preview(c["volume"], job.result, [c["target"]], ["target"])
 
 
-def test_preview_points_land_at_their_ras_positions_and_discard_removes_everything(scene_case, models):
+def test_preview_points_land_at_their_ras_positions_and_discard_removes_everything(scene_case, server):
     c = scene_case
     n_before = c["scene"].GetNumberOfNodes()
-    job, preview = _preview(c, models)
+    job, preview = _preview(c, server)
     result = job.result
     assert preview.positive.GetNumberOfControlPoints() > 0
     rec = next(r for r in result.records if r.positive)
@@ -110,34 +120,115 @@ def test_preview_points_land_at_their_ras_positions_and_discard_removes_everythi
                               c["volume"])
     inter = (cand[3:6].astype(bool) & c["mask"][3:6]).sum()
     assert 2 * inter / (cand[3:6].sum() + c["mask"][3:6].sum()) > 0.7
+    # Temporary: neither the nodes nor their display nodes are saved with the scene.
+    for node in preview.nodes():
+        assert not node.GetSaveWithScene()
+        for i in range(node.GetNumberOfDisplayNodes()):
+            assert not node.GetNthDisplayNode(i).GetSaveWithScene()
     preview.remove()
     assert c["scene"].GetNumberOfNodes() == n_before
     assert mrml.temporary_nodes(c["scene"]) == []
 
 
-def test_commit_changes_only_the_chosen_segment_and_undo_restores_it(scene_case, models):
+def test_slices_arrive_while_the_server_works(scene_case, server):
     c = scene_case
-    other_before = mrml.segment_array(c["seg"], c["other"], c["volume"])
-    target_before = mrml.segment_array(c["seg"], c["target"], c["volume"])
-    _, preview = _preview(c, models)
-    record = mrml.commit(preview, c["seg"], c["volume"])
+    inputs = mrml.extract_inputs(c["volume"], c["seg"], [c["target"]])
+    job = RemoteJob(server.client(timeout=10), inputs.image, inputs.spacing, inputs.support)
+    arrived = []
+    while job.active():
+        job.step()
+        arrived += job.new_slices()
+        time.sleep(0.02)
+    assert job.state == "done"
+    assert sorted(r.index for r, _ in arrived) == list(range(c["image"].shape[0]))
+    for rec, mask in arrived:
+        if rec.status == "present":
+            assert np.array_equal(mask, job.result.labels[rec.index] == 1)
+
+
+def test_preview_follows_the_volumes_parent_transform(scene_case, server):
+    c = scene_case
+    transform = c["scene"].AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    m = vtk.vtkMatrix4x4()
+    m.SetElement(0, 3, 25.0)
+    transform.SetMatrixTransformToParent(m)
+    c["volume"].SetAndObserveTransformNodeID(transform.GetID())
+    c["seg"].SetAndObserveTransformNodeID(transform.GetID())
+    _, preview = _preview(c, server)
+    for node in preview.nodes():
+        assert node.GetTransformNodeID() == transform.GetID()
     preview.remove()
-    target_after = mrml.segment_array(c["seg"], c["target"], c["volume"])
-    assert np.array_equal(mrml.segment_array(c["seg"], c["other"], c["volume"]), other_before)
-    assert np.array_equal(target_after.astype(bool), preview.labels == 1)
-    assert np.array_equal(target_after[4].astype(bool), c["paint"][4])          # the paint is unchanged
-    assert target_after.sum() > target_before.sum()
-    assert c["seg"].GetSegmentation().GetNumberOfSegments() == 2
-    mrml.undo_commit(record)
-    assert np.array_equal(mrml.segment_array(c["seg"], c["target"], c["volume"]), target_before)
-    assert np.array_equal(mrml.segment_array(c["seg"], c["other"], c["volume"]), other_before)
-    assert mrml.temporary_nodes(c["scene"]) == []
 
 
-def test_rerun_one_slice_from_edited_points(scene_case, models):
+def _editor(c):
+    return applying.editor_logic(c["scene"], c["seg"], c["volume"])
+
+
+def _finished_structure(c):
+    """A segment the user finished earlier that overlaps the organ on slices 3 and 5."""
+    done = np.zeros(c["mask"].shape, dtype=bool)
+    done[[3, 5], 18:26, 26:34] = True
+    assert (done & c["mask"]).any()
+    return add_segment(c["seg"], c["volume"], done, "finished"), done
+
+
+def test_apply_is_one_segment_editor_undo_step(scene_case, server):
     c = scene_case
-    job, preview = _preview(c, models)
-    store = sam_store(job.cache.stores_for("vol"))
+    finished, done = _finished_structure(c)
+    before = {s: mrml.segment_array(c["seg"], s, c["volume"]) for s in (c["target"], c["other"], finished)}
+    _, preview = _preview(c, server)
+    assert (done & (preview.labels == 1)).any()
+    logic = _editor(c)
+    logic.GetSegmentEditorNode().SetOverwriteMode(slicer.vtkMRMLSegmentEditorNode.OverwriteNone)
+    applying.apply_labels(logic, c["seg"], c["volume"], preview.labels, [c["target"]])
+    preview.remove()
+    target_after = mrml.segment_array(c["seg"], c["target"], c["volume"]).astype(bool)
+    # "Modify other segments: allow overlap" (OverwriteNone): the finished structure keeps every voxel.
+    assert np.array_equal(mrml.segment_array(c["seg"], finished, c["volume"]), before[finished])
+    assert np.array_equal(mrml.segment_array(c["seg"], c["other"], c["volume"]), before[c["other"]])
+    assert np.array_equal(target_after, preview.labels == 1)
+    assert np.array_equal(target_after[4], c["paint"][4])                      # the paint is unchanged
+    assert target_after.sum() > before[c["target"]].sum()
+    assert logic.CanUndo()
+    logic.Undo()                                           # one step takes the whole apply back
+    for s, array in before.items():
+        assert np.array_equal(mrml.segment_array(c["seg"], s, c["volume"]), array)
+    assert c["seg"].GetSegmentation().GetNumberOfSegments() == 3
+
+
+def test_apply_overwrites_other_segments_only_when_the_editor_says_so(scene_case, server):
+    c = scene_case
+    finished, done = _finished_structure(c)
+    _, preview = _preview(c, server)
+    logic = _editor(c)                                    # the default: overwrite all segments
+    applying.apply_labels(logic, c["seg"], c["volume"], preview.labels, [c["target"]])
+    after = mrml.segment_array(c["seg"], finished, c["volume"]).astype(bool)
+    assert np.array_equal(after, done & ~(preview.labels == 1))
+    # "Editable area: outside all segments": the target stays out of the finished structure.
+    logic.Undo()
+    assert np.array_equal(mrml.segment_array(c["seg"], finished, c["volume"]).astype(bool), done)
+    node = logic.GetSegmentEditorNode()
+    node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments)
+    applying.apply_labels(logic, c["seg"], c["volume"], preview.labels, [c["target"]])
+    target = mrml.segment_array(c["seg"], c["target"], c["volume"]).astype(bool)
+    assert np.array_equal(mrml.segment_array(c["seg"], finished, c["volume"]).astype(bool), done)
+    assert np.array_equal(target, (preview.labels == 1) & ~done)
+    preview.remove()
+
+
+def test_apply_refuses_a_removed_segment(scene_case, server):
+    c = scene_case
+    _, preview = _preview(c, server)
+    c["seg"].GetSegmentation().RemoveSegment(c["target"])
+    with pytest.raises(InputError, match="no longer"):
+        applying.apply_labels(_editor(c), c["seg"], c["volume"], preview.labels, [c["target"]])
+    preview.remove()
+
+
+def test_rerun_one_slice_from_edited_points_on_the_server(scene_case, server):
+    c = scene_case
+    job, preview = _preview(c, server)
+    client, sid = server.client(), job.session_id
     t = 3
     before = preview.labels.copy()
     # The user deletes every point of slice 3 and places one positive point in the object's middle.
@@ -147,7 +238,8 @@ def test_rerun_one_slice_from_edited_points(scene_case, models):
             if round(ijk[i, 2]) == t:
                 node.RemoveNthControlPoint(i)
     preview.positive.AddControlPoint(*mrml.points_ijk_to_ras(c["volume"], [[30.0, 22.0, t]])[0])
-    used = mrml.rerun_slice(preview, c["volume"], 0, t, models[0], store)
+    decode = lambda pos, neg: client.redecode(sid, t, pos, neg, 1, 0)[0]
+    used = mrml.rerun_slice(preview, c["volume"], 0, t, 1, decode)
     assert used == 1
     got = preview.labels[t] == 1
     assert 2 * (got & c["mask"][t]).sum() / (got.sum() + c["mask"][t].sum()) > 0.6
@@ -157,43 +249,51 @@ def test_rerun_one_slice_from_edited_points(scene_case, models):
     assert np.array_equal(cand.astype(bool), preview.labels == 1)                   # the preview layer follows
     # Deleting the last positive point empties the slice.
     preview.positive.RemoveNthControlPoint(preview.positive.GetNumberOfControlPoints() - 1)
-    mrml.rerun_slice(preview, c["volume"], 0, t, models[0], store)
+    mrml.rerun_slice(preview, c["volume"], 0, t, 1, decode)
     assert not (preview.labels[t] == 1).any()
+    with pytest.raises(InputError, match="not one of the previewed"):
+        mrml.rerun_slice(preview, c["volume"], 0, t, 2, decode)
     preview.remove()
 
 
-def test_cancelled_run_changes_nothing(scene_case, models):
+def test_points_of_another_segment_are_not_used_for_a_rerun(scene_case):
+    c = scene_case
+    node = c["scene"].AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "p")
+    for ijk, tag in (([10.0, 5.0, 3.0], "segment A, slice 3"), ([12.0, 6.0, 3.0], "segment B, slice 3"),
+                     ([14.0, 7.0, 3.0], ""), ([16.0, 8.0, 4.0], "segment A, slice 4")):
+        i = node.AddControlPoint(*mrml.points_ijk_to_ras(c["volume"], [ijk])[0])
+        node.SetNthControlPointDescription(i, tag)
+    got = mrml.slice_points(node, c["volume"], 0, 3, "A")
+    assert np.allclose(got, [[10.0, 5.0], [14.0, 7.0]], atol=1e-4)
+
+
+def test_cancelled_run_changes_nothing(scene_case, server):
     c = scene_case
     n_before = c["scene"].GetNumberOfNodes()
     inputs = mrml.extract_inputs(c["volume"], c["seg"], [c["target"]])
-    cache = ModelCache()
-    cache.models[("litemedsam", "sam", "small", "cpu")] = models
-    job = PreviewJob(inputs, cache, "vol", features="sam", device="cpu")
+    job = RemoteJob(server.client(timeout=10), inputs.image + 1.0, inputs.spacing, inputs.support)
+    job.step()                                   # uploaded
+    job.step()                                   # started
     job.cancel()
-    job.start().wait(60)
-    assert job.cancelled and job.result is None and job.error is None
+    run_job(job)
+    assert job.state == "cancelled" and job.result is None
     assert c["scene"].GetNumberOfNodes() == n_before
     assert mrml.temporary_nodes(c["scene"]) == []
 
 
-def test_running_twice_at_once_is_refused():
-    release = threading.Event()
-
-    class SlowJob(PreviewJob):
-        def __init__(self):
-            super().__init__(None, ModelCache(), "x")
-
-        def _work(self):
-            release.wait(10)
-
-    guard = JobGuard()
-    guard.start(SlowJob)
-    with pytest.raises(SynPoError, match="already running"):
-        guard.start(SlowJob)
-    release.set()
-    guard.job.wait(10)
-    guard.start(SlowJob)            # once finished, a new preview may start
-    release.set()
+def test_server_killed_mid_run_gives_a_message_and_an_untouched_scene(scene_case, tmp_path):
+    c = scene_case
+    srv = Server(str(tmp_path))
+    n_before = c["scene"].GetNumberOfNodes()
+    inputs = mrml.extract_inputs(c["volume"], c["seg"], [c["target"]])
+    job = RemoteJob(srv.client(timeout=5), inputs.image + 2.0, inputs.spacing, inputs.support)
+    job.step()
+    job.step()
+    srv.proc.kill()
+    srv.stop()
+    run_job(job, timeout=60)
+    assert job.state == "failed" and "cannot reach the SynPo server" in job.error
+    assert c["scene"].GetNumberOfNodes() == n_before
 
 
 def test_bad_inputs_get_messages(scene_case):

@@ -164,7 +164,7 @@ class RemoteJob:
                 elif st["state"] in ("failed", "cancelled"):
                     self.state, self.error = st["state"], st["error"]
             elif self.state == "fetch":
-                self.result = self.client.result(self.session_id, self.run_id)
+                self.result = self.client.result(self.session_id, self.run_id, confidence="max")
                 self.state, self.stage = "done", "done"
         except ServerError as exc:
             self.state, self.error = "failed", str(exc)

@@ -8,7 +8,8 @@ Scene changes are all here:
 - `extract_inputs`: volume + painted segments -> arrays (refuses bad input with InputError);
 - `PreviewNodes`: the temporary confidence volume, candidate segmentation and the
   two markups point lists (positive green, negative red), and their removal;
-- `commit`: writes chosen labels into the user's segments in one step, with `undo_commit`.
+- `rerun_slice`: one slice of one label decoded again from the points as the user left them.
+Writing the preview into the user's segments is `apply.py` (a Segment Editor undo step).
 """
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
@@ -199,9 +200,18 @@ class PreviewNodes:
 
 
 def _new_node(scene, cls: str, name: str):
+    """A temporary node: marked as ours, never saved with the scene."""
     node = scene.AddNewNodeByClass(cls, scene.GenerateUniqueName(name))
     node.SetAttribute(TEMP_ATTRIBUTE, "1")
+    node.SetSaveWithScene(False)
     return node
+
+
+def _not_saved(node) -> None:
+    """The display nodes of a temporary node are not saved with the scene either."""
+    for i in range(node.GetNumberOfDisplayNodes() if hasattr(node, "GetNumberOfDisplayNodes") else 0):
+        if node.GetNthDisplayNode(i) is not None:
+            node.GetNthDisplayNode(i).SetSaveWithScene(False)
 
 
 def _markups(scene, name: str, colour, ras: np.ndarray, descriptions: Sequence[str]):
@@ -218,6 +228,7 @@ def _markups(scene, name: str, colour, ras: np.ndarray, descriptions: Sequence[s
         display.SetColor(*colour)
         display.SetPointLabelsVisibility(False)
     node.SetLocked(False)
+    _not_saved(node)
     return node
 
 
@@ -263,6 +274,10 @@ def show_preview(volume_node, result, segment_ids: Sequence[str], names: Sequenc
     except Exception:
         preview.remove()
         raise
+    for node in preview.nodes():
+        _not_saved(node)
+        # In the volume's own coordinates: under the volume's parent transform, they move with it.
+        node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
     return preview
 
 
@@ -279,23 +294,38 @@ def markups_points_ijk(markups_node, volume_node) -> np.ndarray:
     return ras_to_ijk(volume_node, [markups_node.GetNthControlPointPosition(i) for i in range(n)])
 
 
-def rerun_slice(preview: "PreviewNodes", volume_node, axis: int, slice_index: int, sam, store,
-                label: int = 1) -> int:
-    """Decode one slice again from the preview's markups points (as the user moved, added or
-    deleted them) and update the candidate segment there. Returns the number of points used."""
-    from synpo.decode import redecode_with_points
+def slice_points(node, volume_node, axis: int, slice_index: int, segment_id: str) -> np.ndarray:
+    """(n, 2) slice coordinates (x = column, y = row) of a markups node's points on one slice that
+    belong to `segment_id`: the points SynPo placed for it, and the points the user added (which
+    have no description)."""
     in_plane = [a for a in (0, 1, 2) if a != 2 - axis]          # (x, y) columns of (i, j, k)
+    p = markups_points_ijk(node, volume_node)
+    keep = []
+    for i in range(len(p)):
+        tag = node.GetNthControlPointDescription(i) or ""
+        mine = tag == "" or tag.startswith("segment %s," % segment_id)
+        if mine and abs(round(p[i, 2 - axis]) - slice_index) < 0.5:
+            keep.append(i)
+    return p[keep][:, in_plane] if keep else np.zeros((0, 2))
 
-    def on_slice(node) -> np.ndarray:
-        p = markups_points_ijk(node, volume_node)
-        return p[np.abs(np.round(p[:, 2 - axis]) - slice_index) < 0.5][:, in_plane]
 
-    pos, neg = on_slice(preview.positive), on_slice(preview.negative)
+def rerun_slice(preview: "PreviewNodes", volume_node, axis: int, slice_index: int, label: int, decode) -> int:
+    """Decode one slice of one label again from the preview's markups points (as the user moved,
+    added or deleted them) and update the candidate segment there. `decode(positive, negative)`
+    returns the slice's new (H, W) mask (the server's re-decode). Returns the number of points used."""
+    if not 1 <= label <= len(preview.segment_ids):
+        raise InputError("label %d is not one of the previewed segments" % label)
+    segment_id = preview.segment_ids[label - 1]
+    n = preview.labels.shape[axis]
+    if not 0 <= slice_index < n:
+        raise InputError("slice %d is outside the volume (0..%d)" % (slice_index, n - 1))
+    pos = slice_points(preview.positive, volume_node, axis, slice_index, segment_id)
+    neg = slice_points(preview.negative, volume_node, axis, slice_index, segment_id)
     view = np.moveaxis(preview.labels, axis, 0)                 # a view: edits land in preview.labels
     current = view[slice_index] == label
-    decoded = redecode_with_points(sam, store.cache[slice_index], store.frame, pos, neg, current)
+    mask = decode(pos, neg) if len(pos) else np.zeros_like(current)
     view[slice_index][current] = 0
-    view[slice_index][decoded.mask & (view[slice_index] == 0)] = label
+    view[slice_index][mask & (view[slice_index] == 0)] = label
     sid = preview.candidates.GetSegmentation().GetNthSegmentID(label - 1)     # candidates are in label order
     name = preview.candidates.GetSegmentation().GetSegment(sid).GetName()
     write_labels(preview.candidates, volume_node, preview.labels, {label: name}, {label: sid})
@@ -343,37 +373,6 @@ def segment_array(segmentation_node, segment_id: str, volume_node) -> np.ndarray
         slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap,
                                                                             volume_node)
         return (slicer.util.arrayFromVolume(labelmap) != 0).astype(np.uint8)
-
-
-@dataclass
-class CommitRecord:
-    """What `undo_commit` needs: a copy of the segmentation as it was before the commit."""
-    segmentation_node: object
-    before: object
-
-
-def commit(preview: PreviewNodes, segmentation_node, volume_node) -> CommitRecord:
-    """Write the preview's labels into the user's chosen segments, in one step that can be undone.
-
-    Only the chosen segments change; the others keep every voxel. The support paint is
-    part of the engine's output, so the user's painted slice stays as painted.
-    """
-    if preview.labels is None:
-        raise InputError("Nothing to commit: run a preview first.")
-    before = slicer.vtkSegmentation()
-    before.DeepCopy(segmentation_node.GetSegmentation())
-    scene = volume_node.GetScene()
-    if scene is not None and hasattr(scene, "SaveStateForUndo"):
-        scene.SaveStateForUndo()
-    values = {v: sid for v, sid in enumerate(preview.segment_ids, start=1)}
-    names = {v: segmentation_node.GetSegmentation().GetSegment(sid).GetName() for v, sid in values.items()}
-    write_labels(segmentation_node, volume_node, preview.labels, names, values)
-    return CommitRecord(segmentation_node, before)
-
-
-def undo_commit(record: CommitRecord) -> None:
-    record.segmentation_node.GetSegmentation().DeepCopy(record.before)
-    record.segmentation_node.Modified()
 
 
 def temporary_nodes(scene) -> list:
