@@ -13,6 +13,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")          # tests never reach a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def save_volume(array, path, spacing=(1.0, 1.0, 2.0)):
+    """Write a [k, j, i] array as a volume file with the given voxel spacing; returns the path."""
+    import SimpleITK as sitk
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(path))
+    return str(path)
+
+
 def ellipsoid_volume(shape=(12, 64, 80), centre=(6, 30, 40), radii=(4.5, 14, 18), seed=0):
     """An MR-like volume: a bright ellipsoid in textured tissue. Returns (image, mask)."""
     rng = np.random.default_rng(seed)

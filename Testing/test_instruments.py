@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import ellipsoid_volume
+from conftest import ellipsoid_volume, save_volume
 from synpo.cli import main
 from synpo.evaluate import (Score, ablation_variants, dice, per_slice_rows, position_profile, score,
                             slice_dices, support_slice)
@@ -15,10 +15,7 @@ from synpo.errors import SynPoError
 
 
 def _save(array, path, spacing=(1.5, 1.5, 4.0)):
-    image = sitk.GetImageFromArray(array)
-    image.SetSpacing(spacing)
-    sitk.WriteImage(image, str(path))
-    return str(path)
+    return save_volume(array, path, spacing)
 
 
 @pytest.fixture(scope="module")

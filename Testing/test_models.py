@@ -146,11 +146,17 @@ def test_synergy_pipeline_with_tiny_models(served_tiny_sam, tiny_dinov2_dir, mon
     assert not np.allclose(only_dino.confidence[5], conf)
 
 
-def test_rerun_with_other_prompt_settings_reuses_embeddings_and_confidence(served_tiny_sam):
+def _one_organ(n: int, k: int):
+    """The tiny random SAM, an ellipsoid volume of n slices centred on slice k, painted on slice k."""
     sam = features.SamModel.load("vit_tiny", "cpu")
-    image, mask = ellipsoid_volume(shape=(6, 40, 48), centre=(3, 20, 24), radii=(2.5, 9, 11))
+    image, mask = ellipsoid_volume(shape=(n, 40, 48), centre=(k, 20, 24), radii=(2.5, 9, 11))
     support = np.zeros(mask.shape, dtype=np.int32)
-    support[3][mask[3]] = 1
+    support[k][mask[k]] = 1
+    return sam, image, support
+
+
+def test_rerun_with_other_prompt_settings_reuses_embeddings_and_confidence(served_tiny_sam):
+    sam, image, support = _one_organ(6, 3)
     stores = {}
     first = segment_volume(image, (1.0, 1.0, 2.0), support, sam, None, SynPoConfig(), stores=stores)
     again = segment_volume(image, (1.0, 1.0, 2.0), support, sam, None,
@@ -177,10 +183,7 @@ def test_rerun_with_other_prompt_settings_reuses_embeddings_and_confidence(serve
 def test_only_the_slices_the_walk_reaches_are_embedded(served_tiny_sam):
     """A small organ in a long volume: its walk's slices are embedded, not the volume's; computing
     the confidence everywhere changes no decision."""
-    sam = features.SamModel.load("vit_tiny", "cpu")
-    image, mask = ellipsoid_volume(shape=(24, 40, 48), centre=(6, 20, 24), radii=(2.5, 9, 11))
-    support = np.zeros(mask.shape, dtype=np.int32)
-    support[6][mask[6]] = 1
+    sam, image, support = _one_organ(24, 6)
     stores = {}
     lazy = segment_volume(image, (1.0, 1.0, 2.0), support, sam, None, SynPoConfig(), stores=stores)
     decided = {r.index for r in lazy.records if r.status in ("support", "present", "absent")}

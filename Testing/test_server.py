@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import Server, ellipsoid_volume, synpo_cmd
+from conftest import Server, ellipsoid_volume, save_volume as write, synpo_cmd
 from synpo import wire
 from synpo.client import Client, ServerError
 from synpo.cli import main
@@ -27,13 +27,6 @@ def volume(seed=0, shape=SHAPE):
     support = np.zeros(mask.shape, dtype=np.uint8)
     support[shape[0] // 2][mask[shape[0] // 2]] = 1
     return image, support
-
-
-def write(array, path, spacing=(1.0, 1.0, 2.0)):
-    img = sitk.GetImageFromArray(array)
-    img.SetSpacing(spacing)
-    sitk.WriteImage(img, str(path))
-    return str(path)
 
 
 @pytest.fixture(scope="module")

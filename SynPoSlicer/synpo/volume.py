@@ -565,6 +565,9 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
                 band_range = target_range(sup_idx, sup_masks)
                 masks = {t: apply_gate(band_around(inner[t], thickness, spacing_rc), query[t], band_range, cfg.gate)
                          if t in inner else m for t, m in outer.items()}
+                # The hole's map on every slice the filled shape's walk computed: the ring's confidence
+                # (which decides overlaps between labels) is then what every slice's maps give.
+                conf_inner.prepare(conf_outer.computed())
                 computed = sorted(set(conf_outer.computed()) | set(conf_inner.computed()))
                 conf = conf_outer.dense() * (1.0 - conf_inner.dense())
                 if on_slice is not None:             # a ring's slices are known once both walks are done
