@@ -198,3 +198,20 @@ def test_console_script_exit_status_without_traceback(case):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("synpo: error: support label file not found")
     assert "Traceback" not in proc.stderr
+
+
+def test_absent_marks_are_checked_before_any_model_loads(case, capsys):
+    marks = np.zeros(case["support_array"].shape, dtype=np.uint8)
+    marks[2, 5, 5] = 2                                              # label 2 is not painted
+    path = _write(marks, case["dir"] / "marks.nii.gz")
+    msg = run_error(capsys, ["segment", case["image"], case["support"], "-o", case["out"], "--absent", path])
+    assert "label 2, which is not painted" in msg
+    marks[2, 5, 5] = 0
+    marks[6, 5, 5] = 1                                              # the painted slice itself
+    path = _write(marks, case["dir"] / "marks2.nii.gz")
+    msg = run_error(capsys, ["segment", case["image"], case["support"], "-o", case["out"], "--absent", path])
+    assert "both painted and marked absent" in msg
+    small = _write(marks[:, :10], case["dir"] / "marks3.nii.gz")
+    msg = run_error(capsys, ["segment", case["image"], case["support"], "-o", case["out"], "--absent", small])
+    assert "absent marks grid" in msg
+    _no_outputs(case)

@@ -294,3 +294,37 @@ def test_montage_draws_the_patients_right_on_the_left(tmp_path):
     panel = first[dy.min():dy.max() + 1, dx.min():dx.max() + 1]
     ys, xs = np.nonzero(panel > 0.9)
     assert len(xs) and xs.mean() < panel.shape[1] / 2 and ys.mean() < panel.shape[0] / 2     # top left
+
+
+def test_evaluate_corrections_writes_the_curve(tiny_dataset, tmp_path):
+    folder, _, _ = tiny_dataset
+    out = tmp_path / "corr"
+    code = main(["evaluate", str(folder), "-o", str(out), "--device", "cpu", "--features", "sam", "--quiet",
+                 "--corrections", "2", "--limit", "1"])
+    assert code == 0
+    rows = list(csv.DictReader(open(str(out / "corrections.csv"))))
+    assert [int(r["round"]) for r in rows] == [0, 1, 2] and {r["label"] for r in rows} == {"3"}
+    assert rows[0]["action"] == "" and all(r["action"] for r in rows[1:])
+    for r in rows[1:]:
+        kind = r["action"].split()[0]
+        assert kind in ("paint", "absent", "none")
+    assert float(rows[0]["dice_volume"]) > 0.7
+    md = open(str(out / "corrections.md")).read()
+    assert md.count("\n") == 5 and "| 0 | 1 |" in md
+    assert open(str(out / "corrections.png"), "rb").read(4) == b"\x89PNG"
+
+
+def test_the_simulated_annotator_picks_the_slice_with_the_most_wrong_pixels():
+    from synpo.corrections import scored_without, worst_slice
+    gt = np.zeros((5, 10, 10), bool)
+    gt[1:4, 2:8, 2:8] = True
+    pred = gt.copy()
+    pred[1, 2:8, 2:5] = False                   # 18 pixels missed on slice 1
+    pred[4, 2:8, 2:8] = True                    # 36 false-positive pixels on slice 4 (the organ is absent)
+    assert worst_slice(pred, gt, set()) == ("absent", 4)
+    assert worst_slice(pred, gt, {4}) == ("paint", 1)
+    assert worst_slice(pred, gt, {1, 4}) is None
+    dice, fp = scored_without(pred, gt, {4})
+    assert fp == 0 and dice == pytest.approx(2 * 90 / (90 + 108))
+    dice, fp = scored_without(pred, gt, set())
+    assert fp == 1

@@ -332,3 +332,41 @@ def test_decode_window_covers_the_widened_box_in_the_cells_of_the_slice():
     assert window(frame, (0, 0, 199, 99), 0.5, (64, 64)) == (0, 49, 0, 64)
     with pytest.raises(ValueError, match="margin"):
         window(frame, (0, 0, 10, 10), -0.1, (64, 64))
+
+
+def test_absent_marks_end_the_walk_and_corrections_on_adjacent_slices_are_supports(served_tiny_sam):
+    from synpo.errors import InputError
+    from synpo.session import Models, Session
+    sam, image, support = _one_organ(12, 6)
+    session = Session(image, (1.0, 1.0, 2.0), Models.of(sam))
+    first = session.run(support, SynPoConfig().with_(volume={"min_overlap": 0.0, "min_confidence": 0.0,
+                                                             "min_confidence_ratio": 0.0, "min_sam_iou": -10.0,
+                                                             "min_area_fraction": 0.0}))
+    # Marks: label 1 absent on slices 3 and 9: the walks end there, nothing beyond is decoded.
+    marked = session.add_support(absent={1: [3, 9]})
+    recs = {r.index: r for r in marked.records}
+    assert recs[3].status == recs[9].status == "absent" and recs[3].reason == recs[9].reason == "marked absent"
+    assert all(recs[t].status == "not reached" for t in (0, 1, 2, 10, 11))
+    assert not marked.labels[[0, 1, 2, 3, 9, 10, 11]].any()
+    assert session.absent == {1: [3, 9]}
+    # A correction painted on slice 7, next to the support: accepted (the axis is the first run's),
+    # slice 7 keeps the paint exactly and is a support; the marks stay.
+    paint = np.zeros_like(support)
+    paint[7, 15:25, 18:30] = 1
+    corrected = session.add_support(paint)
+    assert np.array_equal(corrected.labels[7] == 1, paint[7] == 1)
+    assert corrected.support.slices[1] == [6, 7]
+    assert {r.index: r.reason for r in corrected.records if r.reason == "marked absent"} == {3: "marked absent",
+                                                                                         9: "marked absent"}
+    # Painting a marked slice lifts its mark; marking a painted slice takes its paint off.
+    paint = np.zeros_like(support)
+    paint[9, 15:25, 18:30] = 1
+    lifted = session.add_support(paint)
+    assert session.absent == {1: [3]} and 9 in lifted.support.slices[1]
+    session.add_support(absent={1: [7]})
+    assert session.result.support.slices[1] == [6, 9] and session.absent == {1: [3, 7]}
+    with pytest.raises(InputError, match="label 2, which is not painted"):
+        session.add_support(absent={2: [1]})
+    with pytest.raises(InputError, match="outside the volume"):
+        session.add_support(absent={1: [40]})
+    assert first.support.axis == 0

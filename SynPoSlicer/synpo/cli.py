@@ -74,7 +74,8 @@ def cmd_segment(args) -> int:
     from .outputs import write_result
     from .support import find_support
 
-    check_outputs([args.output, args.confidence_out, args.points_out], [args.image, args.support, args.support_image])
+    check_outputs([args.output, args.confidence_out, args.points_out],
+                  [args.image, args.support, args.support_image, args.absent])
     if not args.output.endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")):
         raise SynPoError("output %s: use a .nii.gz, .nii, .nrrd or .mha file name" % args.output)
     image, geometry = read_volume(args.image, "image")
@@ -88,18 +89,27 @@ def cmd_segment(args) -> int:
     elif not sup_geometry.same_grid(geometry):
         raise SynPoError("support label grid (%s) differs from the image grid (%s); paint on the image's grid "
                          "or pass --support-image" % (sup_geometry.describe(), geometry.describe()))
-    find_support(support)                     # bad paint is reported before any model loads
+    found = find_support(support)             # bad paint is reported before any model loads
+    absent = None
+    if args.absent:
+        from .support import absent_from_map, absent_marks
+        marks, marks_geometry = read_volume(args.absent, "absent marks", label=True)
+        if not marks_geometry.same_grid(geometry):
+            raise SynPoError("absent marks grid (%s) differs from the image grid (%s)"
+                             % (marks_geometry.describe(), geometry.describe()))
+        absent = absent_from_map(marks, found.axis)
+        absent_marks(absent, found, image.shape[found.axis])          # checked before any model loads
     cfg = configured(args.set, args.modality)  # bad settings too
     update, close = _progress(args.quiet)
     try:
         if args.server:
-            result = _segment_remote(args, image, geometry, support, ref, update)
+            result = _segment_remote(args, image, geometry, support, ref, update, absent)
         else:
             from .session import Models, Session
             models = Models.load(args.sam, args.features, args.dinov2, args.device, args.precision, args.quiet)
             session = Session(image, geometry.spacing, models, args.embedding_cache)
             result = session.run(support, cfg, support_image=ref, progress=update,
-                                 confidence_everywhere=args.confidence_all)
+                                 confidence_everywhere=args.confidence_all, absent=absent)
     finally:
         close()
     written = write_result(result, geometry, args.output, args.confidence_out, args.points_out, args.image)
@@ -111,7 +121,7 @@ def cmd_segment(args) -> int:
     return 0
 
 
-def _segment_remote(args, image, geometry, support, ref, progress):
+def _segment_remote(args, image, geometry, support, ref, progress, absent=None):
     """segment through `synpo serve` at args.server: the same result as a local run with the
     server's models (checked against what the command line asked for)."""
     from .client import Client, find_token, run_remote
@@ -132,7 +142,7 @@ def _segment_remote(args, image, geometry, support, ref, progress):
                              % (args.server, "+".join(models.get("features", [])), args.features))
     confidence = "labels" if args.confidence_out else "none"
     return run_remote(client, image, geometry.spacing, support, args.set, args.modality, ref, confidence, progress,
-                      args.confidence_all)
+                      args.confidence_all, absent)
 
 
 def cmd_serve(args) -> int:
@@ -190,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("support", help="label map on IMAGE's grid (or REF's) with the target painted on one slice")
     seg.add_argument("-o", "--output", required=True, help="output label map (same geometry as IMAGE)")
     seg.add_argument("--support-image", metavar="REF", help="the volume SUPPORT was painted on, if not IMAGE")
+    seg.add_argument("--absent", metavar="MARKS",
+                     help="a label map on IMAGE's grid: a voxel of value N on a slice says label N is absent "
+                          "there (an erased false positive); the walk ends at such a slice")
     seg.add_argument("--sam", default="litemedsam", choices=("litemedsam", "vit_b", "vit_l", "vit_h"))
     seg.add_argument("--features", default="auto", choices=FEATURE_CHOICES,
                      help="confidence from SAM+DINOv2 (synergy), one of them, or auto: synergy when DINOv2 "

@@ -136,17 +136,20 @@ class Client:
         self.json("DELETE", "/v1/sessions/%s" % sid)
 
     def start_run(self, sid: str, support: np.ndarray, settings: Sequence[str] = (), modality: Optional[str] = None,
-                  support_image: Optional[np.ndarray] = None, add: bool = False, confidence_all: bool = False) -> str:
+                  support_image: Optional[np.ndarray] = None, add: bool = False, confidence_all: bool = False,
+                  absent: Optional[Dict[int, Sequence[int]]] = None) -> str:
         """Start a run; `add`: `support` holds paint on new slices, merged into the last run's support;
-        confidence_all: the confidence of every slice, not only of those the walks reach."""
-        support = np.asarray(support)
-        if support.dtype.kind == "f":
-            support = support.astype(np.int32)
-        arrays = {"support": support}
+        confidence_all: the confidence of every slice, not only of those the walks reach;
+        absent: {label: slices} where the label is absent (walks end there)."""
+        arrays = {}
+        if support is not None:
+            support = np.asarray(support)
+            arrays["support"] = support.astype(np.int32) if support.dtype.kind == "f" else support
         if support_image is not None:
             arrays["support_image"] = wire.compact_image(np.asarray(support_image))
         meta = {"set": list(settings), "modality": modality, "mode": "add" if add else "new",
-                "confidence_all": bool(confidence_all)}
+                "confidence_all": bool(confidence_all),
+                "absent": {str(int(k)): [int(t) for t in v] for k, v in (absent or {}).items()}}
         data, _ = self.request("POST", "/v1/sessions/%s/runs" % sid, wire.pack(arrays, meta), wire.CONTENT_TYPE)
         return json.loads(data.decode("utf-8"))["run"]
 
@@ -205,13 +208,15 @@ class Client:
 
 def run_remote(client: Client, image: np.ndarray, spacing_ijk, support: np.ndarray, settings: Sequence[str] = (),
                modality: Optional[str] = None, support_image: Optional[np.ndarray] = None, confidence: str = "none",
-               progress: Optional[Callable[[str, int, int], None]] = None, confidence_all: bool = False) -> VolumeResult:
+               progress: Optional[Callable[[str, int, int], None]] = None, confidence_all: bool = False,
+               absent: Optional[Dict[int, Sequence[int]]] = None) -> VolumeResult:
     """One whole segmentation through the server: upload, run, download; the session is deleted
     after (and the run cancelled when interrupted)."""
     sid = client.create_session(image, spacing_ijk)
     rid = None
     try:
-        rid = client.start_run(sid, support, settings, modality, support_image, confidence_all=confidence_all)
+        rid = client.start_run(sid, support, settings, modality, support_image, confidence_all=confidence_all,
+                               absent=absent)
         st = client.wait(sid, rid, progress)
         if st["state"] != "done":
             raise ServerError("the server's run %s: %s" % (st["state"], st["error"] or "no result"))

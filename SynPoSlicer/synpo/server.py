@@ -9,7 +9,8 @@ wire.py messages, the rest JSON; every error is {"error": "one line"} with a 4xx
     GET    /v1/sessions/{sid}                           what the session holds
     DELETE /v1/sessions/{sid}
     POST   /v1/sessions/{sid}/runs                      wire: support (+ support_image); meta: set, modality,
-                                                        mode ("new" or "add"), confidence_all
+                                                        mode ("new"; "add": corrections on the last run),
+                                                        absent ({label: [slices]}), confidence_all
     GET    /v1/sessions/{sid}/runs/{rid}?since=N        state, progress, the slices decided since N
     GET    /v1/sessions/{sid}/runs/{rid}/slices?since=N wire: those slices' masks
     POST   /v1/sessions/{sid}/runs/{rid}/cancel
@@ -201,7 +202,14 @@ def create_app(service, token: str, max_body_bytes: int, max_array_bytes: Option
         if mode not in ("new", "add"):
             raise Refused(400, "meta.mode must be 'new' or 'add', not %r" % (mode,))
         settings = {"set": meta.get("set") or [], "modality": meta.get("modality"),
-                    "confidence_all": bool(meta.get("confidence_all", False))}
+                    "confidence_all": bool(meta.get("confidence_all", False)), "absent": {}}
+        absent = meta.get("absent") or {}
+        try:
+            if not isinstance(absent, dict):
+                raise ValueError
+            settings["absent"] = {int(k): [int(t) for t in v] for k, v in absent.items()}
+        except (TypeError, ValueError):
+            raise Refused(400, "meta.absent must map labels to lists of slice indices, e.g. {\"1\": [12, 13]}") from None
         if not isinstance(settings["set"], list) or not all(isinstance(s, str) for s in settings["set"]):
             raise Refused(400, "meta.set must be a list of 'SECTION.FIELD=VALUE' strings")
         if settings["modality"] not in (None, "ct", "mr"):

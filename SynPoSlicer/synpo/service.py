@@ -193,11 +193,11 @@ class Service:
     def start_run(self, entry: Entry, support: Optional[np.ndarray], settings: dict,
                   support_image: Optional[np.ndarray] = None, add: bool = False) -> Run:
         cfg = configured(settings.get("set") or [], settings.get("modality"))     # bad settings: 400 now
-        if support is None:
-            raise InputError("the run needs a support label map (array 'support')")
+        if support is None and not (add and settings.get("absent")):
+            raise InputError("the run needs a support label map (array 'support'), or absent marks to add")
         if add and entry.session.support is None:
             raise Busy("nothing to add to: start a run on this session before adding support slices")
-        if not add:
+        if not add and support is not None:
             shape = support_image.shape if support_image is not None else entry.session.image.shape
             if tuple(support.shape) != tuple(shape):
                 raise InputError("the support grid %s differs from the %s grid %s"
@@ -225,10 +225,11 @@ class Service:
                 try:
                     kwargs = dict(progress=run.progress, cancel=run.cancel_event.is_set, on_slice=run.on_slice,
                                   confidence_everywhere=bool(settings.get("confidence_all")))
+                    absent = settings.get("absent") or None
                     if add:
-                        run.result = entry.session.add_support(support, cfg, **kwargs)
+                        run.result = entry.session.add_support(support, absent, cfg, **kwargs)
                     else:
-                        run.result = entry.session.run(support, cfg, support_image, **kwargs)
+                        run.result = entry.session.run(support, cfg, support_image, absent=absent, **kwargs)
                     run.state = run.stage = "done"
                 except Cancelled:
                     run.state = run.stage = "cancelled"

@@ -16,7 +16,7 @@ A session is not thread-safe: one request at a time (the server holds a lock per
 """
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -90,6 +90,7 @@ class Session:
         self.support_image: Optional[np.ndarray] = None
         self.cfg: SynPoConfig = default_config()
         self.result: Optional[VolumeResult] = None
+        self.absent: Dict[int, List[int]] = {}              # the last run's absent marks
         self.last_used = time.monotonic()
 
     # ------------------------------------------------------------------ runs
@@ -97,13 +98,16 @@ class Session:
     def run(self, support: np.ndarray, cfg: Optional[SynPoConfig] = None, support_image: Optional[np.ndarray] = None,
             progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
             on_slice: Optional[SliceReport] = None, confidence_from: Optional[Sequence[str]] = None,
-            confidence_everywhere: bool = False) -> VolumeResult:
+            confidence_everywhere: bool = False, axis: Optional[int] = None,
+            absent: Optional[Dict[int, Sequence[int]]] = None) -> VolumeResult:
         """Segment the volume from the paint in `support` (a label map on the image's grid, or on
         `support_image`'s when it was painted on another patient's volume). Embeddings, confidence
         maps and decoded masks of earlier runs are reused wherever this run's inputs leave them valid.
         confidence_from: the encoders whose confidence is fused, if not the models' (an ablation).
         confidence_everywhere: compute the confidence map of every slice, not only of the slices the
-        walks reach (which embeds every slice)."""
+        walks reach (which embeds every slice).
+        axis: the slicing axis when known (else found from the paint); absent: {label: slices}
+        where the label is absent (segment_volume)."""
         self.last_used = time.monotonic()
         support = np.asarray(support)
         if support.dtype.kind not in "iub":
@@ -116,29 +120,52 @@ class Session:
                                 support_image=support_image, progress=progress, cancel=cancel, stores=self.stores,
                                 confidence_from=tuple(confidence_from or self.models.confidence_from),
                                 embedding_cache=self.embedding_cache,
-                                on_slice=on_slice, confidence_everywhere=confidence_everywhere)
+                                on_slice=on_slice, confidence_everywhere=confidence_everywhere, axis=axis,
+                                absent=absent)
         self.support, self.support_image, self.cfg, self.result = support, support_image, cfg, result
+        self.absent = {int(v): sorted(int(t) for t in s) for v, s in (absent or {}).items() if len(s)}
         self.last_used = time.monotonic()
         return result
 
-    def add_support(self, paint: np.ndarray, cfg: Optional[SynPoConfig] = None,
-                    progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
-                    on_slice: Optional[SliceReport] = None, confidence_everywhere: bool = False) -> VolumeResult:
-        """Run again with more support: every slice (across the last run's slicing axis) painted in
-        `paint` replaces that slice of the last support; the other support slices stay. Only what
-        the new slices change is computed again (embeddings and unchanged decodings are reused)."""
+    def add_support(self, paint: Optional[np.ndarray] = None, absent: Optional[Dict[int, Sequence[int]]] = None,
+                    cfg: Optional[SynPoConfig] = None, progress: Optional[Progress] = None,
+                    cancel: Optional[Callable[[], bool]] = None, on_slice: Optional[SliceReport] = None,
+                    confidence_everywhere: bool = False) -> VolumeResult:
+        """Run again after corrections, on the last run's slicing axis:
+        - paint: a label map with labels painted on some slices (any slices, adjacent ones
+          included): on each such slice, the label's paint replaces its old support paint there,
+          and the slice becomes one of its supports (a walk re-starts from it both ways);
+        - absent: {label: slices} where the label is absent (the user erased a false positive):
+          the label's walks end there; a mark takes the label's paint off that slice.
+        Embeddings, the maps of unchanged supports and decodings the change leaves alone are reused."""
         if self.support is None:
-            raise SynPoError("no support yet: run the session once before adding support slices")
-        paint = np.asarray(paint)
-        if paint.shape != self.support.shape:
-            raise InputError("the added paint's grid %s differs from the support's %s" % (paint.shape, self.support.shape))
+            raise SynPoError("no support yet: run the session once before adding corrections")
         axis = self.result.support.axis
-        merged = np.array(self.support, dtype=np.result_type(self.support.dtype, paint.dtype))
-        m, p = to_slices(merged, axis), to_slices(paint, axis)
-        for s in np.flatnonzero(p.reshape(len(p), -1).any(1)):
-            m[s] = p[s]
+        merged = np.array(self.support, copy=True)
+        marks = {v: set(s) for v, s in self.absent.items()}
+        if paint is not None:
+            paint = np.asarray(paint)
+            if paint.shape != self.support.shape:
+                raise InputError("the correction's grid %s differs from the support's %s"
+                                 % (paint.shape, self.support.shape))
+            if paint.dtype.kind not in "iub" or (paint < 0).any():
+                raise InputError("the correction must hold integer labels >= 0")
+            merged = merged.astype(np.result_type(merged.dtype, paint.dtype), copy=False)
+            m, p = to_slices(merged, axis), to_slices(paint, axis)
+            for v in (int(x) for x in np.unique(paint) if x != 0):
+                for s in np.flatnonzero((p == v).reshape(len(p), -1).any(1)):
+                    m[s][m[s] == v] = 0
+                    m[s][p[s] == v] = v
+                    marks.get(v, set()).discard(int(s))
+        for v, slices in (absent or {}).items():
+            m = to_slices(merged, axis)
+            for s in slices:
+                if 0 <= int(s) < len(m):
+                    m[int(s)][m[int(s)] == int(v)] = 0
+            marks.setdefault(int(v), set()).update(int(s) for s in slices)
         return self.run(merged, cfg if cfg is not None else self.cfg, self.support_image, progress, cancel, on_slice,
-                        confidence_everywhere=confidence_everywhere)
+                        confidence_everywhere=confidence_everywhere, axis=axis,
+                        absent={v: sorted(s) for v, s in marks.items() if s})
 
     # ------------------------------------------------------------------ one slice
 

@@ -35,7 +35,7 @@ from .position import expected_region, expected_shape
 from .prompts import Prompts, select_prompts
 from .result import SliceRecord, VolumeResult
 from .slice_confidence import SliceConfidence
-from .support import Support, find_support, from_slices, in_plane_spacing, to_slices
+from .support import Support, absent_marks, find_support, from_slices, in_plane_spacing, to_slices
 
 Progress = Callable[[str, int, int], None]
 # Called as each slice's decision is made: (record, its mask in the slice frame or None). Labels are
@@ -263,11 +263,12 @@ class _Context:
     """What the per-label propagation needs, bundled."""
 
     def __init__(self, sam, embeds, conf, cfg, timings, cancel, tick, gate_range=None,
-                 on_slice: Optional[SliceReport] = None):
+                 on_slice: Optional[SliceReport] = None, absent: Sequence[int] = ()):
         self.sam, self.embeds, self.conf, self.cfg = sam, embeds, conf, cfg
         self.timings, self.cancel, self.tick = timings, cancel, tick
         self.gate_range = gate_range             # the target's grey-value range (gate.py), or None
         self.on_slice = on_slice
+        self.absent = set(absent)                # slices the user marked "target absent": walks end there
 
     def prefetch(self, indices: Sequence[int]) -> None:
         """The next slices of a walk are embedded when it reaches them, a batch at a time (a
@@ -313,8 +314,13 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
     prev_score = float(ctx.conf[start][mask].mean()) if mask.any() else None
     t = start + step
     while t != stop:
-        ctx.prefetch(range(t, stop, step)[:ctx.embeds.batch_size])
-        new, rec = ctx.decode(label, t, prev, min_area, prev_score)
+        if t in ctx.absent:                      # the user said so: no decoding, the walk ends here
+            new, rec = None, _record(label, t, "absent")
+            rec.reason = "marked absent"
+            ctx.tick()
+        else:
+            ctx.prefetch([u for u in range(t, stop, step)[:ctx.embeds.batch_size] if u not in ctx.absent])
+            new, rec = ctx.decode(label, t, prev, min_area, prev_score)
         records.append(rec)
         ctx.report(rec, new)
         if new is None:
@@ -360,7 +366,8 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
                    confidence_from: Optional[Sequence[str]] = None,
                    embedding_cache: Optional[str] = None,
                    on_slice: Optional[SliceReport] = None,
-                   confidence_everywhere: bool = False) -> VolumeResult:
+                   confidence_everywhere: bool = False, axis: Optional[int] = None,
+                   absent: Optional[Dict[int, Sequence[int]]] = None) -> VolumeResult:
     """Segment every slice of `image` ([k, j, i]) from the paint in `support_label`.
 
     support_image: the volume the support was painted on, when it is not `image`
@@ -373,6 +380,10 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
     confidence_everywhere: compute the confidence (and embeddings) of every slice; by default only
     the slices the walks reach are embedded, and the confidence maps are 0 elsewhere
     (VolumeResult.computed lists the slices computed).
+    axis: the slicing axis, when known (corrections keep the first support's): then paint on any
+    slices across it, adjacent ones included, is support. Else it is found from the paint.
+    absent: {label: slices across the axis} where the user says the label is absent (an erased
+    false positive): a walk ends there and never crosses it.
     """
     validate(cfg)
     timings = {k: 0.0 for k in ("intensity", "encode_sam", "encode_dinov2", "confidence", "prompts", "decode")}
@@ -385,7 +396,8 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
     if cross and support_label.shape != support_image.shape:
         raise InputError("support label grid %s differs from the support image grid %s"
                          % (support_label.shape, support_image.shape))
-    support = find_support(support_label)
+    support = find_support(support_label, axis)
+    absent = absent_marks(absent, support, image.shape[support.axis])
     norm, modality = normalize(image, cfg.intensity)
     ref_norm = normalize(support_image, cfg.intensity)[0] if cross else norm
     timings["intensity"] = time.perf_counter() - t0
@@ -500,7 +512,7 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
         conf_seconds = conf.seconds
 
         ctx = _Context(sam, q_stores["sam"], conf, cfg, timings, stopped, tick, target_range(sup_idx, sup_masks),
-                       report)
+                       report, absent.get(label, ()))
         min_area = cfg.volume.min_area_fraction * float(np.mean([m.sum() for m in sup_masks]))
         if not cross:
             starts = {s: m for s, m in zip(sup_idx, sup_masks)}
@@ -513,7 +525,7 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
             # carried-over support mask; without the position prior, the largest confident area.
             # One slice's carried-over mask at a time: memory stays a slice's, not the volume's.
             def start_score(t: int) -> float:
-                if not expected_height(t, sup_idx):
+                if not expected_height(t, sup_idx) or t in ctx.absent:
                     return -1.0
                 shape = expected_slice_shape(t, sup_idx, sup_masks)
                 if shape is None:
