@@ -202,6 +202,7 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.previewButton.connect("clicked(bool)", self.onPreview)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.rerunSliceButton.connect("clicked(bool)", self.onRerunSlice)
+        self.ui.updateButton.connect("clicked(bool)", self.onUpdate)
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
         self.ui.discardButton.connect("clicked(bool)", self.onDiscard)
         slicer.app.connect("aboutToQuit()", self.logic.stopServer)
@@ -289,6 +290,7 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.enabled = has_preview and not running
         self.ui.discardButton.enabled = has_preview and not running
         self.ui.rerunSliceButton.enabled = has_preview and not running
+        self.ui.updateButton.enabled = has_preview and not running
 
     # ------------------------------------------------------------ actions
     def onServerSettingsChanged(self, *args):
@@ -350,6 +352,13 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             selected = list(self.ui.segmentSelector.selectedSegmentIDs())
             segmentId = selected[0] if selected else self.logic.segmentIds[0]
             self.showMessage(self.logic.rerunSlice(self.logic.sliceIndexInView(), segmentId))
+
+    def onUpdate(self):
+        with slicer.util.tryWithErrorDisplay("SynPo could not update the preview.", waitCursor=True):
+            self.logic.startUpdate(self._parameterNode)
+            self.showMessage(self.logic.message)
+            self.timer.start()
+        self.updateButtons()
 
     def onApply(self):
         with slicer.util.tryWithErrorDisplay("SynPo could not apply the preview.", waitCursor=True):
@@ -490,6 +499,25 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
             self.state, self.message = "failed", "SynPo failed: %s" % exc
         return self.state
 
+    def startUpdate(self, parameterNode):
+        """Run again from the user's edits of the candidates (mrml.edited_slices): corrected slices
+        become supports, emptied slices are marked absent; the same server session, so only what
+        the corrections change is computed again. `step()` carries it out."""
+        import numpy as np
+        from SynPoSlicerLib import mrml
+        from SynPoSlicerLib.engine import RemoteJob
+        if self.preview is None or self.job is None:
+            raise ValueError("Run a preview first, then edit the SynPo candidates segmentation.")
+        paint, absent = mrml.edited_slices(self.preview, self.volumeNode, self.result.support.axis)
+        if not paint.any() and not absent:
+            raise ValueError("No corrections yet: paint or erase on the 'SynPo candidates' segmentation first.")
+        self.job = RemoteJob(self.client(), None, (), paint, self.settings(parameterNode),
+                             session_id=self.job.session_id, add=True, absent=absent)
+        painted = np.moveaxis(paint, self.result.support.axis, 0)
+        corrected = int(painted.reshape(len(painted), -1).any(1).sum())
+        self.state, self.message = "running", "Updating from %d corrected and %d emptied slice(s)..." % (
+            corrected, sum(len(v) for v in absent.values()))
+
     def active(self):
         return self.state in ("starting", "running")
 
@@ -522,6 +550,8 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
             self.state, self.message = "cancelled", "The volume was closed; nothing was shown."
             return
         self.result = self.job.result
+        if self.preview is not None:                 # an update replaces the preview it corrected
+            self.preview.remove()
         self.preview = mrml.show_preview(self.volumeNode, self.result, self.segmentIds, self.segmentNames)
         slicer.util.setSliceViewerLayers(background=self.volumeNode, foreground=self.preview.confidence,
                                          foregroundOpacity=opacity)

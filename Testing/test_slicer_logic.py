@@ -330,3 +330,32 @@ def test_bad_inputs_get_messages(scene_case):
     sid = add_segment(seg2, other_scene_vol, c["paint"], "painted elsewhere")
     with pytest.raises(InputError, match="not parallel"):
         mrml.extract_inputs(c["volume"], seg2, [sid])
+
+
+def test_update_from_the_users_corrections_of_the_candidates(scene_case, server):
+    """The user erases the candidate on one slice and repaints it on another: Update sends the
+    repainted slice as a support and the erased one as absent, on the same server session."""
+    c = scene_case
+    job, preview = _preview(c, server)
+    sid = preview.candidates.GetSegmentation().GetNthSegmentID(0)
+    edited = (preview.labels == 1).astype(np.uint8)
+    present = [t for t in range(len(edited)) if edited[t].any() and t != 4]
+    erased, repainted = present[0], present[-1]
+    edited[erased] = 0
+    edited[repainted] = 0
+    edited[repainted, 18:26, 24:36] = 1
+    mrml.write_labels(preview.candidates, c["volume"], edited, {1: "target"}, {1: sid})
+    paint, absent = mrml.edited_slices(preview, c["volume"], 0)
+    assert absent == {1: [erased]}
+    assert np.array_equal(np.flatnonzero(paint.reshape(len(paint), -1).any(1)), [repainted])
+    assert np.array_equal(paint[repainted] == 1, edited[repainted] == 1)
+    update = run_job(RemoteJob(server.client(timeout=10), None, (), paint, session_id=job.session_id, add=True,
+                               absent=absent))
+    assert update.state == "done", update.error
+    result = update.result
+    assert repainted in result.support.slices[1] and 4 in result.support.slices[1]
+    assert np.array_equal(result.labels[repainted] == 1, edited[repainted] == 1)       # the correction is kept
+    assert not (result.labels[erased] == 1).any()
+    rec = next(r for r in result.records if r.index == erased)
+    assert rec.status == "absent" and rec.reason == "marked absent"
+    preview.remove()

@@ -118,10 +118,13 @@ class RemoteJob:
 
     ACTIVE = ("upload", "start", "running", "fetch")
 
-    def __init__(self, client: Client, image: np.ndarray, spacing_ijk, support: np.ndarray,
-                 settings: Sequence[str] = (), session_id: Optional[str] = None, add: bool = False):
+    def __init__(self, client: Client, image: Optional[np.ndarray], spacing_ijk, support: Optional[np.ndarray],
+                 settings: Sequence[str] = (), session_id: Optional[str] = None, add: bool = False,
+                 absent: Optional[dict] = None):
+        """A new preview (image and support), or with session_id and add=True corrections on the
+        session's last run: support = the corrected slices' paint, absent = {label: slices}."""
         self.client, self.image, self.spacing, self.support = client, image, tuple(spacing_ijk), support
-        self.settings, self.add = list(settings), add
+        self.settings, self.add, self.absent = list(settings), add, absent
         self.session_id = session_id
         self.run_id: Optional[str] = None
         self.state = "start" if session_id else "upload"
@@ -149,7 +152,8 @@ class RemoteJob:
                 self.session_id = self.client.create_session(self.image, self.spacing)
                 self.state = "start"
             elif self.state == "start":
-                self.run_id = self.client.start_run(self.session_id, self.support, self.settings, add=self.add)
+                self.run_id = self.client.start_run(self.session_id, self.support, self.settings, add=self.add,
+                                                    absent=self.absent)
                 self.state, self.stage = "running", "queued"
             elif self.state == "running":
                 if self._cancel:

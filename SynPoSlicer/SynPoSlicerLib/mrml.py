@@ -332,6 +332,26 @@ def rerun_slice(preview: "PreviewNodes", volume_node, axis: int, slice_index: in
     return len(pos) + len(neg)
 
 
+def edited_slices(preview: "PreviewNodes", volume_node, axis: int):
+    """What the user changed in the candidates segmentation since the preview, per label and slice
+    (across the preview's axis): (paint [k, j, i] with each corrected slice's new mask as its label
+    value, {label: slices the user emptied}: the organ is absent there)."""
+    paint = np.zeros(preview.labels.shape, dtype=preview.labels.dtype)
+    absent: Dict[int, List[int]] = {}
+    segmentation = preview.candidates.GetSegmentation()
+    for label in range(1, len(preview.segment_ids) + 1):
+        sid = segmentation.GetNthSegmentID(label - 1)
+        now = np.moveaxis(segment_array(preview.candidates, sid, volume_node).astype(bool), axis, 0)
+        was = np.moveaxis(preview.labels == label, axis, 0)
+        target = np.moveaxis(paint, axis, 0)
+        for t in np.flatnonzero((now != was).reshape(len(now), -1).any(1)):
+            if now[t].any():
+                target[t][now[t]] = label
+            else:
+                absent.setdefault(label, []).append(int(t))
+    return paint, absent
+
+
 # ------------------------------------------------------------------ writing segments
 
 def write_labels(segmentation_node, volume_node, labels: np.ndarray, names: Dict[int, str],
