@@ -3,7 +3,6 @@
 Module (metadata), Widget (UI only), Logic (thin: SynPoSlicerLib does the scene work,
 the `synpo` engine does the segmentation) and Test (a self-test for real Slicer).
 """
-import importlib.util
 import logging
 import os
 
@@ -56,18 +55,23 @@ class SynPoSlicer(ScriptedLoadableModule):
 
 
 def _version_tuple(text):
+    """"2.1.0rc1" -> (2, 1, 0): the leading numbers of a version, for >= comparisons."""
+    import re
     out = []
     for part in text.split("."):
-        digits = "".join(c for c in part if c.isdigit())
-        if not digits:
+        match = re.match(r"\d+", part)
+        if match is None:
             break
-        out.append(int(digits))
+        out.append(int(match.group()))
+        if match.end() < len(part):            # a pre-release or local tag ends the numbers
+            break
     return tuple(out)
 
 
 def missing_packages(optional=False):
     """Packages missing, or installed older than required: import name -> pip requirement."""
     import importlib.metadata
+    import importlib.util
     wanted = dict(PIP_PACKAGES)
     if optional:
         wanted.update(OPTIONAL_PACKAGES)

@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
 from conftest import ellipsoid_volume, save_volume
 from synpo.cli import main

@@ -157,3 +157,33 @@ def test_slicer_side_code_needs_no_torch():
     import sys
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def _module_with_stand_ins(monkeypatch):
+    """SynPoSlicer.py imported with stand-ins for Slicer's Qt modules (only its plain functions run)."""
+    import importlib.util
+    import sys
+    import types
+    for name in ("qt", "slicer", "vtk", "slicer.ScriptedLoadableModule", "slicer.util"):
+        module = types.ModuleType(name)
+        monkeypatch.setitem(sys.modules, name, module)
+    for cls in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest",
+                "ScriptedLoadableModuleWidget"):
+        setattr(sys.modules["slicer.ScriptedLoadableModule"], cls, type(cls, (), {}))
+    sys.modules["slicer.util"].VTKObservationMixin = type("VTKObservationMixin", (), {})
+    spec = importlib.util.spec_from_file_location("SynPoSlicerModule", os.path.join(MODULE, "SynPoSlicer.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dependencies_are_checked_with_their_versions(monkeypatch):
+    module = _module_with_stand_ins(monkeypatch)
+    monkeypatch.setattr(module, "PIP_PACKAGES", {"numpy": "numpy>=1.0", "scipy": "scipy>=999.0",
+                                                 "no_such_package_here": "no-such-package>=1"})
+    missing = module.missing_packages()
+    assert missing == {"scipy": "scipy>=999.0", "no_such_package_here": "no-such-package>=1"}
+    assert module._version_tuple("2.1.0rc1") == (2, 1, 0) and module._version_tuple("1.26") < (2, 0)
+    pins = module.core_constraints()
+    import numpy
+    assert "numpy==%s" % numpy.__version__ in pins

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 
 from conftest import Server, ellipsoid_volume, save_volume as write, synpo_cmd
 from synpo import wire
-from synpo.client import Client, ServerError
+from synpo.client import ServerError
 from synpo.cli import main
 
 SHAPE = (8, 48, 56)                     # few slices: LiteMedSAM encodes about 2.5 s a slice on a 2-core CPU

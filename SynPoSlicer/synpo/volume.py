@@ -19,7 +19,6 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -35,7 +34,7 @@ from .position import expected_region, expected_shape
 from .prompts import Prompts, select_prompts
 from .result import SliceRecord, VolumeResult
 from .slice_confidence import SliceConfidence
-from .support import Support, absent_marks, find_support, from_slices, in_plane_spacing, to_slices
+from .support import absent_marks, find_support, from_slices, in_plane_spacing, to_slices
 
 Progress = Callable[[str, int, int], None]
 # Called as each slice's decision is made: (record, its mask in the slice frame or None). Labels are
@@ -385,247 +384,300 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
     absent: {label: slices across the axis} where the user says the label is absent (an erased
     false positive): a walk ends there and never crosses it.
     """
-    validate(cfg)
-    timings = {k: 0.0 for k in ("intensity", "encode_sam", "encode_dinov2", "confidence", "prompts", "decode")}
-    t0 = time.perf_counter()
-    if image.ndim != 3:
-        raise InputError("image is %dD; a 3D volume is needed" % image.ndim)
-    cross = support_image is not None
-    if not cross and support_label.shape != image.shape:
-        raise InputError("support label grid %s differs from the image grid %s" % (support_label.shape, image.shape))
-    if cross and support_label.shape != support_image.shape:
-        raise InputError("support label grid %s differs from the support image grid %s"
-                         % (support_label.shape, support_image.shape))
-    support = find_support(support_label, axis)
-    absent = absent_marks(absent, support, image.shape[support.axis])
-    norm, modality = normalize(image, cfg.intensity)
-    ref_norm = normalize(support_image, cfg.intensity)[0] if cross else norm
-    timings["intensity"] = time.perf_counter() - t0
+    run = VolumeRun(image, spacing_ijk, support_label, sam, dino, cfg, support_image, confidence_from, axis, absent)
+    return run.segment(progress, cancel, stores if stores is not None else {}, embedding_cache, on_slice,
+                       confidence_everywhere)
 
-    axis = support.axis
-    query = np.ascontiguousarray(to_slices(norm, axis))
-    ref = np.ascontiguousarray(to_slices(ref_norm, axis)) if cross else query
-    del norm, ref_norm                  # (a copy when the slicing axis is not k: keep only one)
-    n, H, W = query.shape
-    if cross and ref.shape[1:] != (H, W):
-        raise InputError("the support image's slices are %dx%d but the image's are %dx%d; resample one onto the "
-                         "other's in-plane grid" % (ref.shape[1], ref.shape[2], H, W))
-    spacing_rc = in_plane_spacing(spacing_ijk, axis)
-    # Only the painted slices of the support are needed, not a copy of its volume.
-    paint = {s: np.array(to_slices(support_label, axis)[s]) for s in sorted({s for v in support.slices.values()
-                                                                           for s in v})}
 
-    if confidence_from is None:
-        confidence_from = ("sam", "dinov2") if dino is not None else ("sam",)
-    if "dinov2" in confidence_from and dino is None:
-        raise SynPoError("DINOv2 confidence was asked for but no DINOv2 encoder was given")
-    encoders = [("sam", sam)] + ([("dinov2", dino)] if "dinov2" in confidence_from else [])
-    stores = stores if stores is not None else {}
-    total_embed = n + (sum(len(v) for v in support.slices.values()) if cross else 0)
-    rings = {}
-    if cfg.volume.ring_min_hole > 0:
-        for label in support.labels:
-            parts = ring_parts([paint[s] == label for s in support.slices[label]], cfg.volume.ring_min_hole)
-            if parts is not None:
-                rings[label] = parts
-    total_work = total_embed * len(encoders) + n * (len(support.labels) + len(rings))
-    done = [0]
-    tick_lock = threading.Lock()
+class VolumeRun:
+    """One segmentation of a volume, in named stages (segment_volume runs them):
 
-    def tick(k: int = 1) -> None:
-        with tick_lock:                          # called from the label workers too
-            done[0] += k
-            count = done[0]
-        if progress:
-            progress("segment", count, total_work)
+    1. __init__: check the inputs, find the support and the absent marks, normalise the
+       intensities, take the slices across the slicing axis;
+    2. open_stores: the embedding stores (query and, across patients, support), the support
+       slices embedded (the query slices are embedded as the walks reach them);
+    3. per label (segment_label, in parallel workers): its confidence (confidence_for), its
+       start slices (starts), the walks (_propagate), a ring's band (ring_label);
+    4. assemble: the labels' masks into one label volume, the paint kept, the records sorted.
+    """
 
-    q_stores, r_stores, encode_before = {}, {}, {}
-    for name, enc in encoders:
-        q_stores[name] = get_store(stores, store_key("query", name, enc, axis), enc, query, spacing_rc, cfg,
-                                   embedding_cache)
-        r_stores[name] = q_stores[name]
-        if cross:
-            r_stores[name] = get_store(stores, store_key("support", name, enc, axis), enc, ref, spacing_rc, cfg,
-                                       embedding_cache)
-        encode_before[name] = (q_stores[name].seconds, r_stores[name].seconds if cross else 0.0)
-        # The support slices now; the query slices as the walks reach them (SliceConfidence).
-        r_stores[name].ensure(sorted({s for v in support.slices.values() for s in v}), tick, cancel, save=False)
+    def __init__(self, image: np.ndarray, spacing_ijk, support_label: np.ndarray, sam, dino, cfg: SynPoConfig,
+                 support_image: Optional[np.ndarray], confidence_from: Optional[Sequence[str]],
+                 axis: Optional[int], absent: Optional[Dict[int, Sequence[int]]]):
+        validate(cfg)
+        self.timings = {k: 0.0 for k in ("intensity", "encode_sam", "encode_dinov2", "confidence", "prompts",
+                                         "decode")}
+        t0 = time.perf_counter()
+        if image.ndim != 3:
+            raise InputError("image is %dD; a 3D volume is needed" % image.ndim)
+        self.cross = cross = support_image is not None
+        if not cross and support_label.shape != image.shape:
+            raise InputError("support label grid %s differs from the image grid %s"
+                             % (support_label.shape, image.shape))
+        if cross and support_label.shape != support_image.shape:
+            raise InputError("support label grid %s differs from the support image grid %s"
+                             % (support_label.shape, support_image.shape))
+        self.support = support = find_support(support_label, axis)
+        self.absent = absent_marks(absent, support, image.shape[support.axis])
+        norm, self.modality = normalize(image, cfg.intensity)
+        ref_norm = normalize(support_image, cfg.intensity)[0] if cross else norm
+        self.timings["intensity"] = time.perf_counter() - t0
 
-    def nearest_support(t: int, sup_idx: List[int]) -> int:
-        """Cross-patient: the support slice (its position in sup_idx) at the relative height of
-        the volume nearest query slice t's."""
-        rel = [abs(s / max(1, len(ref) - 1) - t / max(1, n - 1)) for s in sup_idx]
-        return int(np.argmin(rel))
+        self.axis = axis = support.axis
+        self.query = np.ascontiguousarray(to_slices(norm, axis))
+        self.ref = np.ascontiguousarray(to_slices(ref_norm, axis)) if cross else self.query
+        del norm, ref_norm                  # (a copy when the slicing axis is not k: keep only one)
+        self.n, self.H, self.W = self.query.shape
+        if cross and self.ref.shape[1:] != (self.H, self.W):
+            raise InputError("the support image's slices are %dx%d but the image's are %dx%d; resample one onto "
+                             "the other's in-plane grid" % (self.ref.shape[1], self.ref.shape[2], self.H, self.W))
+        self.spacing_rc = in_plane_spacing(spacing_ijk, axis)
+        # Only the painted slices of the support are needed, not a copy of its volume.
+        self.paint = {s: np.array(to_slices(support_label, axis)[s])
+                      for s in sorted({s for v in support.slices.values() for s in v})}
+        if confidence_from is None:
+            confidence_from = ("sam", "dinov2") if dino is not None else ("sam",)
+        if "dinov2" in confidence_from and dino is None:
+            raise SynPoError("DINOv2 confidence was asked for but no DINOv2 encoder was given")
+        self.confidence_from = tuple(confidence_from)
+        self.sam, self.cfg = sam, cfg
+        self.encoders = [("sam", sam)] + ([("dinov2", dino)] if "dinov2" in confidence_from else [])
+        self.rings = {}
+        if cfg.volume.ring_min_hole > 0:
+            for label in support.labels:
+                parts = ring_parts([self.paint[s] == label for s in support.slices[label]], cfg.volume.ring_min_hole)
+                if parts is not None:
+                    self.rings[label] = parts
+        self.failed = threading.Event()           # a label worker failed: the others stop too
+        self._done, self._tick_lock = 0, threading.Lock()
 
-    def expected_slice_region(t: int, sup_idx: List[int], sup_masks: List[np.ndarray]) -> Optional[np.ndarray]:
-        """Cross-patient: where the target is expected on query slice t (position.py), from the
-        nearest support slice; None when the prior is off."""
-        if not cfg.volume.position_prior:
-            return None
-        k = nearest_support(t, sup_idx)
-        return expected_region(sup_masks[k], ref[sup_idx[k]], query[t], cfg.volume.position_margin)
+    # ------------------------------------------------------------------ progress and cancel
 
-    def expected_slice_shape(t: int, sup_idx: List[int], sup_masks: List[np.ndarray]) -> Optional[np.ndarray]:
-        """Cross-patient: the nearest support slice's mask carried onto query slice t (position.py);
-        None when the prior is off."""
-        if not cfg.volume.position_prior:
-            return None
-        k = nearest_support(t, sup_idx)
-        return expected_shape(sup_masks[k], ref[sup_idx[k]], query[t])
+    def tick(self, k: int = 1) -> None:
+        with self._tick_lock:                     # called from the label workers too
+            self._done += k
+            count = self._done
+        if self.progress:
+            self.progress("segment", count, self.total_work)
 
-    def expected_height(t: int, sup_idx: List[int]) -> bool:
-        """Cross-patient: whether query slice t lies at a relative height of the volume near the
-        support slices' (within position_margin of the volume's extent)."""
-        if not cfg.volume.position_prior:
-            return True
-        rel, m = t / max(1, n - 1), cfg.volume.position_margin
-        return min(sup_idx) / max(1, len(ref) - 1) - m <= rel <= max(sup_idx) / max(1, len(ref) - 1) + m
+    def stopped(self) -> bool:
+        return self.failed.is_set() or (self.cancel is not None and bool(self.cancel()))
 
-    failed = threading.Event()                   # a label worker failed: the others stop too
+    # ------------------------------------------------------------------ stages
 
-    def stopped() -> bool:
-        return failed.is_set() or (cancel is not None and bool(cancel()))
+    def segment(self, progress: Optional[Progress], cancel: Optional[Callable[[], bool]], stores: Dict,
+                embedding_cache: Optional[str], on_slice: Optional[SliceReport],
+                confidence_everywhere: bool) -> VolumeResult:
+        self.progress, self.cancel, self.stores = progress, cancel, stores
+        self.on_slice, self.everywhere = on_slice, confidence_everywhere
+        total_embed = self.n + (sum(len(v) for v in self.support.slices.values()) if self.cross else 0)
+        self.total_work = total_embed * len(self.encoders) + self.n * (len(self.support.labels) + len(self.rings))
+        self.open_stores(embedding_cache)
+        # Labels are independent: their walks run in parallel threads (torch and most of numpy release
+        # the GIL, so one label's prompt selection overlaps another's decoding). Each label's result is
+        # what a walk on its own gives.
+        workers = min(self.cfg.volume.label_workers, len(self.support.labels))
+        try:
+            per_label = _run_labels(self.segment_label, self.support.labels, workers)
+        finally:
+            for name, _ in self.encoders:        # embeddings computed so far go to the disk cache
+                self.q_stores[name].flush()
+                self.r_stores[name].flush()
+                q0, r0 = self.encode_before[name]
+                self.timings["encode_" + name] += (self.q_stores[name].seconds - q0
+                                                   + (self.r_stores[name].seconds - r0 if self.cross else 0.0))
+        return self.assemble(per_label)
 
-    def target_range(sup_idx: List[int], sup_masks: List[np.ndarray]):
+    def open_stores(self, embedding_cache: Optional[str]) -> None:
+        self.q_stores, self.r_stores, self.encode_before = {}, {}, {}
+        for name, enc in self.encoders:
+            q = get_store(self.stores, store_key("query", name, enc, self.axis), enc, self.query, self.spacing_rc,
+                          self.cfg, embedding_cache)
+            r = q if not self.cross else get_store(self.stores, store_key("support", name, enc, self.axis), enc,
+                                                   self.ref, self.spacing_rc, self.cfg, embedding_cache)
+            self.q_stores[name], self.r_stores[name] = q, r
+            self.encode_before[name] = (q.seconds, r.seconds if self.cross else 0.0)
+            # The support slices now; the query slices as the walks reach them (SliceConfidence).
+            r.ensure(sorted({s for v in self.support.slices.values() for s in v}), self.tick, self.cancel, save=False)
+
+    def confidence_for(self, sup_idx: List[int], sup_masks: List[np.ndarray]) -> SliceConfidence:
+        """The target's confidence over the query slices, computed as asked for. It depends only on
+        the support and the confidence settings: a re-run with other prompt or propagation
+        settings reuses it (kept beside the embeddings in `stores`)."""
+        key = hashlib.sha1(("conf|%s|%s|%s|%s|%s" % (
+            sup_idx, self.confidence_from, self.cfg.confidence,
+            [self.q_stores[k].serial for k in self.confidence_from],
+            [self.r_stores[k].serial for k in self.confidence_from])).encode()
+            + b"".join(np.packbits(m).tobytes() for m in sup_masks)).hexdigest()
+        conf = self.stores.get("confidence/" + key)
+        if conf is None:
+            conf = SliceConfidence(self.q_stores, self.r_stores, sup_idx, sup_masks, self.confidence_from, self.cfg,
+                                   self.n, self.cross)
+            self.stores["confidence/" + key] = conf
+        conf.bind(self.tick, self.stopped)
+        return conf
+
+    def target_range(self, sup_idx: List[int], sup_masks: List[np.ndarray]):
         """The grey-value range of a target's support masks (gate.py); None across patients, whose
         MR grey values are not on this scan's scale, unless gate.cross."""
-        if cross and not cfg.gate.cross:
+        if self.cross and not self.cfg.gate.cross:
             return None
-        return organ_range([ref[s] for s in sup_idx], sup_masks, cfg.gate)
+        return organ_range([self.ref[s] for s in sup_idx], sup_masks, self.cfg.gate)
 
-    def segment_target(label: int, sup_idx: List[int], sup_masks: List[np.ndarray],
+    # -- cross-patient priors (position.py)
+
+    def nearest_support(self, t: int, sup_idx: List[int]) -> int:
+        """The support slice (its position in sup_idx) at the relative height of the volume
+        nearest query slice t's."""
+        rel = [abs(s / max(1, len(self.ref) - 1) - t / max(1, self.n - 1)) for s in sup_idx]
+        return int(np.argmin(rel))
+
+    def expected_slice_region(self, t: int, sup_idx: List[int], sup_masks: List[np.ndarray]):
+        """Where the target is expected on query slice t, from the nearest support slice; None
+        when the prior is off."""
+        if not self.cfg.volume.position_prior:
+            return None
+        k = self.nearest_support(t, sup_idx)
+        return expected_region(sup_masks[k], self.ref[sup_idx[k]], self.query[t], self.cfg.volume.position_margin)
+
+    def expected_slice_shape(self, t: int, sup_idx: List[int], sup_masks: List[np.ndarray]):
+        """The nearest support slice's mask carried onto query slice t; None when the prior is off."""
+        if not self.cfg.volume.position_prior:
+            return None
+        k = self.nearest_support(t, sup_idx)
+        return expected_shape(sup_masks[k], self.ref[sup_idx[k]], self.query[t])
+
+    def expected_height(self, t: int, sup_idx: List[int]) -> bool:
+        """Whether query slice t lies at a relative height of the volume near the support
+        slices' (within position_margin of the volume's extent)."""
+        if not self.cfg.volume.position_prior:
+            return True
+        rel, m, top = t / max(1, self.n - 1), self.cfg.volume.position_margin, max(1, len(self.ref) - 1)
+        return min(sup_idx) / top - m <= rel <= max(sup_idx) / top + m
+
+    def cross_start(self, ctx: "_Context", label: int, sup_idx: List[int], sup_masks: List[np.ndarray],
+                    conf: SliceConfidence, min_area: float, records: List[SliceRecord]) -> Dict[int, np.ndarray]:
+        """Across patients: the walk starts on the slice (at a height near the supports') with the
+        most confidence inside the carried-over support mask; without the position prior, the
+        largest confident area. One slice's carried-over mask at a time: memory stays a slice's."""
+        def start_score(t: int) -> float:
+            if not self.expected_height(t, sup_idx) or t in ctx.absent:
+                return -1.0
+            shape = self.expected_slice_shape(t, sup_idx, sup_masks)
+            if shape is None:
+                return float((conf[t] >= self.cfg.prompts.box_threshold).sum())
+            return float((conf[t] * shape).sum())
+
+        conf.prepare([t for t in range(self.n) if self.expected_height(t, sup_idx)])
+        start = int(np.argmax([start_score(t) for t in range(self.n)]))
+        first, rec = ctx.decode(label, start, self.expected_slice_region(start, sup_idx, sup_masks), min_area,
+                                expected=self.expected_slice_shape(start, sup_idx, sup_masks))
+        records.append(rec)
+        ctx.report(rec, first)
+        if first is None:
+            for t in range(self.n):
+                if t != start:
+                    records.append(_record(label, t, "not reached"))
+                    ctx.report(records[-1], None)
+                    self.tick()
+            return {}
+        return {start: first}
+
+    # -- per label
+
+    def segment_target(self, label: int, sup_idx: List[int], sup_masks: List[np.ndarray],
                        records: List[SliceRecord], timings: Dict[str, float],
                        report: Optional[SliceReport] = None):
-        """Confidence maps and propagated masks {slice: mask} of one target shape; its stage
-        seconds are added to `timings`."""
-        # The maps depend only on the support and the confidence settings: a re-run with other
-        # prompt or propagation settings reuses them (kept beside the embeddings in `stores`).
-        key = hashlib.sha1(("conf|%s|%s|%s|%s|%s" % (
-            sup_idx, tuple(confidence_from), cfg.confidence,
-            [q_stores[k].serial for k in confidence_from], [r_stores[k].serial for k in confidence_from])).encode()
-            + b"".join(np.packbits(m).tobytes() for m in sup_masks)).hexdigest()
-        conf = stores.get("confidence/" + key)
-        if conf is None:
-            conf = SliceConfidence(q_stores, r_stores, sup_idx, sup_masks, confidence_from, cfg, n, cross)
-            stores["confidence/" + key] = conf
-        conf.bind(tick, stopped)
+        """(propagated masks {slice: mask}, SliceConfidence) of one target shape; its stage seconds
+        are added to `timings`."""
+        conf = self.confidence_for(sup_idx, sup_masks)
         conf_seconds = conf.seconds
-
-        ctx = _Context(sam, q_stores["sam"], conf, cfg, timings, stopped, tick, target_range(sup_idx, sup_masks),
-                       report, absent.get(label, ()))
-        min_area = cfg.volume.min_area_fraction * float(np.mean([m.sum() for m in sup_masks]))
-        if not cross:
+        ctx = _Context(self.sam, self.q_stores["sam"], conf, self.cfg, timings, self.stopped, self.tick,
+                       self.target_range(sup_idx, sup_masks), report, self.absent.get(label, ()))
+        min_area = self.cfg.volume.min_area_fraction * float(np.mean([m.sum() for m in sup_masks]))
+        if not self.cross:
             starts = {s: m for s, m in zip(sup_idx, sup_masks)}
             for s, m in zip(sup_idx, sup_masks):
                 records.append(_record(label, s, "support", score=float(conf[s][m].mean())))
                 ctx.report(records[-1], m)
-                tick()
+                self.tick()
         else:
-            # Start on the slice (at a height near the supports') with the most confidence inside the
-            # carried-over support mask; without the position prior, the largest confident area.
-            # One slice's carried-over mask at a time: memory stays a slice's, not the volume's.
-            def start_score(t: int) -> float:
-                if not expected_height(t, sup_idx) or t in ctx.absent:
-                    return -1.0
-                shape = expected_slice_shape(t, sup_idx, sup_masks)
-                if shape is None:
-                    return float((conf[t] >= cfg.prompts.box_threshold).sum())
-                return float((conf[t] * shape).sum())
-
-            conf.prepare([t for t in range(n) if expected_height(t, sup_idx)])
-            start = int(np.argmax([start_score(t) for t in range(n)]))
-            first, rec = ctx.decode(label, start, expected_slice_region(start, sup_idx, sup_masks), min_area,
-                                    expected=expected_slice_shape(start, sup_idx, sup_masks))
-            records.append(rec)
-            ctx.report(rec, first)
-            starts = {start: first} if first is not None else {}
-            if first is None:
-                for t in range(n):
-                    if t != start:
-                        records.append(_record(label, t, "not reached"))
-                        ctx.report(records[-1], None)
-                        tick()
-        masks = _propagate(ctx, label, n, starts, min_area, records) if starts else {}
-        if not cross:
-            # No prediction of a label on its own support slice: the paint stands there (below).
+            starts = self.cross_start(ctx, label, sup_idx, sup_masks, conf, min_area, records)
+        masks = _propagate(ctx, label, self.n, starts, min_area, records) if starts else {}
+        if not self.cross:
+            # No prediction of a label on its own support slice: the paint stands there (assemble).
             for s in sup_idx:
                 masks.pop(s, None)
-        if confidence_everywhere:
-            conf.prepare(range(n))
+        if self.everywhere:
+            conf.prepare(range(self.n))
         timings["confidence"] += conf.seconds - conf_seconds
         return masks, conf
 
-    def segment_label(label: int):
-        """(masks {slice: mask}, confidence map, records, stage seconds) of one label."""
+    def ring_label(self, label: int, sup_idx: List[int], sup_masks: List[np.ndarray], ring,
+                   records: List[SliceRecord], seconds: Dict[str, float]):
+        """A ring (the myocardium around the blood pool): a box drawn around a ring makes SAM
+        segment the bright hole, not the band. So the hole is propagated as a target of its own and
+        the ring is the band of the support's thickness around it; the filled shape's walk decides
+        where the label is present (its mask stands where no hole is found)."""
+        outer, conf_outer = self.segment_target(label, sup_idx, ring[0], records, seconds)
+        inner, conf_inner = self.segment_target(label, sup_idx, ring[1], [], seconds)
+        thickness = ring_thickness(sup_masks, ring[1], self.spacing_rc)
+        band_range = self.target_range(sup_idx, sup_masks)
+        masks = {t: apply_gate(band_around(inner[t], thickness, self.spacing_rc), self.query[t], band_range,
+                               self.cfg.gate) if t in inner else m for t, m in outer.items()}
+        # The hole's map on every slice the filled shape's walk computed: the ring's confidence
+        # (which decides overlaps between labels) is then what every slice's maps give.
+        conf_inner.prepare(conf_outer.computed())
+        computed = sorted(set(conf_outer.computed()) | set(conf_inner.computed()))
+        conf = conf_outer.dense() * (1.0 - conf_inner.dense())
+        if self.on_slice is not None:             # a ring's slices are known once both walks are done
+            for rec in sorted(records, key=lambda r: r.index):
+                self.on_slice(rec, masks.get(rec.index, sup_masks[sup_idx.index(rec.index)]
+                                             if rec.status == "support" else None))
+        return masks, conf, computed
+
+    def segment_label(self, label: int):
+        """(masks {slice: mask}, confidence map, records, stage seconds, slices computed) of one label."""
         records: List[SliceRecord] = []
         seconds = {"confidence": 0.0, "prompts": 0.0, "decode": 0.0}
         try:
-            sup_idx = support.slices[label]
-            sup_masks = [paint[s] == label for s in sup_idx]
-            ring = rings.get(label)
+            sup_idx = self.support.slices[label]
+            sup_masks = [self.paint[s] == label for s in sup_idx]
+            ring = self.rings.get(label)
             if ring is None:
-                masks, conf = segment_target(label, sup_idx, sup_masks, records, seconds, on_slice)
+                masks, conf = self.segment_target(label, sup_idx, sup_masks, records, seconds, self.on_slice)
                 computed, conf = conf.computed(), conf.dense()
             else:
-                # A ring (the myocardium around the blood pool): a box drawn around a ring makes SAM
-                # segment the bright hole, not the band. So the hole is propagated as a target of
-                # its own and the ring is the band of the support's thickness around it; the filled
-                # shape's walk decides where the label is present (its mask stands where no hole is found).
-                outer, conf_outer = segment_target(label, sup_idx, ring[0], records, seconds)
-                inner, conf_inner = segment_target(label, sup_idx, ring[1], [], seconds)
-                thickness = ring_thickness(sup_masks, ring[1], spacing_rc)
-                band_range = target_range(sup_idx, sup_masks)
-                masks = {t: apply_gate(band_around(inner[t], thickness, spacing_rc), query[t], band_range, cfg.gate)
-                         if t in inner else m for t, m in outer.items()}
-                # The hole's map on every slice the filled shape's walk computed: the ring's confidence
-                # (which decides overlaps between labels) is then what every slice's maps give.
-                conf_inner.prepare(conf_outer.computed())
-                computed = sorted(set(conf_outer.computed()) | set(conf_inner.computed()))
-                conf = conf_outer.dense() * (1.0 - conf_inner.dense())
-                if on_slice is not None:             # a ring's slices are known once both walks are done
-                    for rec in sorted(records, key=lambda r: r.index):
-                        on_slice(rec, masks.get(rec.index, sup_masks[sup_idx.index(rec.index)]
-                                                if rec.status == "support" else None))
+                masks, conf, computed = self.ring_label(label, sup_idx, sup_masks, ring, records, seconds)
         except BaseException:
-            failed.set()
+            self.failed.set()
             raise
         return masks, conf, records, seconds, computed
 
-    # Labels are independent: their walks run in parallel threads (torch and most of numpy release
-    # the GIL, so one label's prompt selection overlaps another's decoding). Each label's result is
-    # what a walk on its own gives.
-    workers = min(cfg.volume.label_workers, len(support.labels))
-    try:
-        per_label = _run_labels(segment_label, support.labels, workers)
-    finally:
-        for name, _ in encoders:                 # embeddings computed so far go to the disk cache
-            q_stores[name].flush()
-            r_stores[name].flush()
-            timings["encode_" + name] += (q_stores[name].seconds - encode_before[name][0]
-                                          + (r_stores[name].seconds - encode_before[name][1] if cross else 0.0))
-    conf_out: Dict[int, np.ndarray] = {}
-    found: Dict[int, Dict[int, np.ndarray]] = {}         # label -> slice -> mask
-    records: List[SliceRecord] = []
-    computed: set = set()
-    for label, (masks, conf, recs, seconds, slices) in zip(support.labels, per_label):
-        found[label], conf_out[label] = masks, conf
-        records += recs
-        computed.update(slices)
-        for k, v in seconds.items():
-            timings[k] += v
-
-    if cfg.volume.enclosed_follow:
-        follow_enclosing(found, records, enclosing_labels(paint, support.labels), support.slices)
-    labels_out = _assemble(found, conf_out, (n, H, W), support.labels)
-    if not cross:
-        # The support slices keep the user's paint exactly: every painted voxel keeps its value.
-        for s, p in paint.items():
-            painted = p != 0
-            labels_out[s][painted] = p[painted]
-    records.sort(key=lambda r: (r.label, r.index))
-    conf_out = {v: np.ascontiguousarray(from_slices(c, axis)) if axis else c for v, c in conf_out.items()}
-    return VolumeResult(np.ascontiguousarray(from_slices(labels_out, axis)), conf_out, records, support,
-                        modality, list(confidence_from), timings, sorted(computed))
+    def assemble(self, per_label: list) -> VolumeResult:
+        conf_out: Dict[int, np.ndarray] = {}
+        found: Dict[int, Dict[int, np.ndarray]] = {}         # label -> slice -> mask
+        records: List[SliceRecord] = []
+        computed: set = set()
+        for label, (masks, conf, recs, seconds, slices) in zip(self.support.labels, per_label):
+            found[label], conf_out[label] = masks, conf
+            records += recs
+            computed.update(slices)
+            for k, v in seconds.items():
+                self.timings[k] += v
+        if self.cfg.volume.enclosed_follow:
+            follow_enclosing(found, records, enclosing_labels(self.paint, self.support.labels), self.support.slices)
+        labels_out = _assemble(found, conf_out, (self.n, self.H, self.W), self.support.labels)
+        if not self.cross:
+            # The support slices keep the user's paint exactly: every painted voxel keeps its value.
+            for s, p in self.paint.items():
+                painted = p != 0
+                labels_out[s][painted] = p[painted]
+        records.sort(key=lambda r: (r.label, r.index))
+        axis = self.axis
+        conf_out = {v: np.ascontiguousarray(from_slices(c, axis)) if axis else c for v, c in conf_out.items()}
+        return VolumeResult(np.ascontiguousarray(from_slices(labels_out, axis)), conf_out, records, self.support,
+                            self.modality, list(self.confidence_from), self.timings, sorted(computed))
 
 
 def _run_labels(segment_label: Callable, labels: Sequence[int], workers: int) -> list:
