@@ -19,7 +19,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -335,15 +335,28 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
         t += step
 
 
-def _propagate(ctx: _Context, label: int, n: int, starts: Dict[int, np.ndarray], min_area: float,
-               records: List[SliceRecord]) -> Dict[int, np.ndarray]:
-    masks: Dict[int, np.ndarray] = dict(starts)
+def walk_ranges(starts: Sequence[int], n: int) -> Dict[int, Tuple[int, int]]:
+    """{start: (low, high)}: the walks from `start` go down to low + 1 and up to high - 1; between
+    two starts, each slice belongs to the nearer one (the lower one on a tie)."""
     order = sorted(starts)
+    out = {}
     for pos, s in enumerate(order):
         low = -1 if pos == 0 else (order[pos - 1] + s) // 2
         high = n if pos == len(order) - 1 else (s + order[pos + 1]) // 2 + 1
-        _walk(ctx, label, s, starts[s], low, -1, min_area, masks, records)
-        _walk(ctx, label, s, starts[s], high, +1, min_area, masks, records)
+        out[s] = (low, high)
+    return out
+
+
+def _propagate(ctx, label: int, n: int, starts: Dict[int, np.ndarray], min_area, records: List[SliceRecord]
+               ) -> Dict[int, np.ndarray]:
+    """Walk outwards from every start slice, each within its range (walk_ranges). ctx and min_area
+    are one for all starts, or {start: ...}: each support's walk with its own confidence and area."""
+    masks: Dict[int, np.ndarray] = dict(starts)
+    for s, (low, high) in walk_ranges(list(starts), n).items():
+        c = ctx[s] if isinstance(ctx, dict) else ctx
+        a = min_area[s] if isinstance(min_area, dict) else min_area
+        _walk(c, label, s, starts[s], low, -1, a, masks, records)
+        _walk(c, label, s, starts[s], high, +1, a, masks, records)
     return masks
 
 
@@ -387,6 +400,29 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
     run = VolumeRun(image, spacing_ijk, support_label, sam, dino, cfg, support_image, confidence_from, axis, absent)
     return run.segment(progress, cancel, stores if stores is not None else {}, embedding_cache, on_slice,
                        confidence_everywhere)
+
+
+class OwnedConfidence:
+    """A target's confidence when each support slice walks with its own maps: slice t's map is
+    the one of the support whose walk range holds t (walk_ranges). SliceConfidence's interface."""
+
+    def __init__(self, confs: Dict[int, SliceConfidence], ranges: Dict[int, Tuple[int, int]], n: int):
+        self.confs, self.n = confs, n
+        self.owner = {t: s for s, (low, high) in ranges.items() for t in range(low + 1, high)}
+
+    def prepare(self, indices: Sequence[int]) -> None:
+        for s, conf in self.confs.items():
+            conf.prepare([t for t in indices if self.owner.get(int(t)) == s])
+
+    def computed(self) -> List[int]:
+        return sorted(t for s, c in self.confs.items() for t in c.computed() if self.owner.get(t) == s)
+
+    def dense(self) -> np.ndarray:
+        first = next(iter(self.confs.values()))
+        out = np.zeros((self.n, first.frame.H, first.frame.W), dtype=np.float32)
+        for t in self.computed():
+            out[t] = self.confs[self.owner[t]].maps[t]
+        return out
 
 
 class VolumeRun:
@@ -442,12 +478,16 @@ class VolumeRun:
         self.confidence_from = tuple(confidence_from)
         self.sam, self.cfg = sam, cfg
         self.encoders = [("sam", sam)] + ([("dinov2", dino)] if "dinov2" in confidence_from else [])
+        # A label is a ring when one of its support slices is a closed band around a hole (the
+        # myocardium); a correction painted where it is not (the apex) is a filled shape of it.
         self.rings = {}
         if cfg.volume.ring_min_hole > 0:
             for label in support.labels:
-                parts = ring_parts([self.paint[s] == label for s in support.slices[label]], cfg.volume.ring_min_hole)
-                if parts is not None:
-                    self.rings[label] = parts
+                masks = [self.paint[s] == label for s in support.slices[label]]
+                parts = [ring_parts([m], cfg.volume.ring_min_hole) for m in masks]
+                if any(p is not None for p in parts):
+                    self.rings[label] = ([fill_holes(m) for m in masks],
+                                         {s: p[1][0] for s, p in zip(support.slices[label], parts) if p is not None})
         self.failed = threading.Event()           # a label worker failed: the others stop too
         self._done, self._tick_lock = 0, threading.Lock()
 
@@ -588,29 +628,46 @@ class VolumeRun:
     def segment_target(self, label: int, sup_idx: List[int], sup_masks: List[np.ndarray],
                        records: List[SliceRecord], timings: Dict[str, float],
                        report: Optional[SliceReport] = None):
-        """(propagated masks {slice: mask}, SliceConfidence) of one target shape; its stage seconds
-        are added to `timings`."""
-        conf = self.confidence_for(sup_idx, sup_masks)
-        conf_seconds = conf.seconds
-        ctx = _Context(self.sam, self.q_stores["sam"], conf, self.cfg, timings, self.stopped, self.tick,
-                       self.target_range(sup_idx, sup_masks), report, self.absent.get(label, ()))
-        min_area = self.cfg.volume.min_area_fraction * float(np.mean([m.sum() for m in sup_masks]))
-        if not self.cross:
-            starts = {s: m for s, m in zip(sup_idx, sup_masks)}
-            for s, m in zip(sup_idx, sup_masks):
-                records.append(_record(label, s, "support", score=float(conf[s][m].mean())))
-                ctx.report(records[-1], m)
-                self.tick()
-        else:
-            starts = self.cross_start(ctx, label, sup_idx, sup_masks, conf, min_area, records)
-        masks = _propagate(ctx, label, self.n, starts, min_area, records) if starts else {}
-        if not self.cross:
-            # No prediction of a label on its own support slice: the paint stands there (assemble).
-            for s in sup_idx:
-                masks.pop(s, None)
+        """(propagated masks {slice: mask}, its confidence) of one target shape; its stage seconds
+        are added to `timings`.
+
+        Within a volume, each support slice's walks use that support alone: its prototypes, its
+        area and its grey values. A correction painted later re-starts the walk around itself and
+        leaves the rest of the organ as the other supports had it (the same maps, the same decoded
+        masks), instead of blending its features into every slice's prototypes."""
+        def context(conf, idx, masks):
+            return _Context(self.sam, self.q_stores["sam"], conf, self.cfg, timings, self.stopped, self.tick,
+                            self.target_range(idx, masks), report, self.absent.get(label, ()))
+
+        def min_area(masks):
+            return self.cfg.volume.min_area_fraction * float(np.mean([m.sum() for m in masks]))
+
+        if self.cross:
+            conf = self.confidence_for(sup_idx, sup_masks)
+            before = conf.seconds
+            ctx = context(conf, sup_idx, sup_masks)
+            starts = self.cross_start(ctx, label, sup_idx, sup_masks, conf, min_area(sup_masks), records)
+            masks = _propagate(ctx, label, self.n, starts, min_area(sup_masks), records) if starts else {}
+            if self.everywhere:
+                conf.prepare(range(self.n))
+            timings["confidence"] += conf.seconds - before
+            return masks, conf
+        confs = {s: self.confidence_for([s], [m]) for s, m in zip(sup_idx, sup_masks)}
+        before = {s: c.seconds for s, c in confs.items()}
+        ctxs = {s: context(confs[s], [s], [m]) for s, m in zip(sup_idx, sup_masks)}
+        starts = dict(zip(sup_idx, sup_masks))
+        for s, m in zip(sup_idx, sup_masks):
+            records.append(_record(label, s, "support", score=float(confs[s][s][m].mean())))
+            ctxs[s].report(records[-1], m)
+            self.tick()
+        masks = _propagate(ctxs, label, self.n, starts, {s: min_area([m]) for s, m in starts.items()}, records)
+        # No prediction of a label on its own support slice: the paint stands there (assemble).
+        for s in sup_idx:
+            masks.pop(s, None)
+        conf = OwnedConfidence(confs, walk_ranges(sup_idx, self.n), self.n)
         if self.everywhere:
             conf.prepare(range(self.n))
-        timings["confidence"] += conf.seconds - conf_seconds
+        timings["confidence"] += sum(c.seconds - before[s] for s, c in confs.items())
         return masks, conf
 
     def ring_label(self, label: int, sup_idx: List[int], sup_masks: List[np.ndarray], ring,
@@ -619,9 +676,12 @@ class VolumeRun:
         segment the bright hole, not the band. So the hole is propagated as a target of its own and
         the ring is the band of the support's thickness around it; the filled shape's walk decides
         where the label is present (its mask stands where no hole is found)."""
-        outer, conf_outer = self.segment_target(label, sup_idx, ring[0], records, seconds)
-        inner, conf_inner = self.segment_target(label, sup_idx, ring[1], [], seconds)
-        thickness = ring_thickness(sup_masks, ring[1], self.spacing_rc)
+        filled, holes = ring
+        hole_idx = sorted(holes)
+        outer, conf_outer = self.segment_target(label, sup_idx, filled, records, seconds)
+        inner, conf_inner = self.segment_target(label, hole_idx, [holes[s] for s in hole_idx], [], seconds)
+        thickness = ring_thickness([sup_masks[sup_idx.index(s)] for s in hole_idx], [holes[s] for s in hole_idx],
+                                   self.spacing_rc)
         band_range = self.target_range(sup_idx, sup_masks)
         masks = {t: apply_gate(band_around(inner[t], thickness, self.spacing_rc), self.query[t], band_range,
                                self.cfg.gate) if t in inner else m for t, m in outer.items()}
