@@ -52,6 +52,29 @@ class SynPoSlicer(ScriptedLoadableModule):
         self.parent.acknowledgementText = (
             "SynPo (MICCAI 2025). LiteMedSAM (Apache-2.0, bowang-lab/MedSAM), Segment Anything and DINOv2 "
             "(Apache-2.0, Meta). The sample CT is from TotalSegmentator (CC BY 4.0).")
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+# The bundled CT and its one painted liver slice, offered in the Sample Data module.
+SAMPLE_FILES = (("sample_ct.nii.gz", "SynPoSampleCT", "VolumeFile",
+                 "SHA256:a206029fe837099fef796aa401197e35f46d7b286ade5a87741764fb710bdfd4"),
+                ("sample_ct_liver_support.nii.gz", "SynPoSampleCT liver support", "SegmentationFile",
+                 "SHA256:649e292007330cdfc340c812198fec09a937b4044553bdfcb867aaa5d43f21bd"))
+
+
+def registerSampleData():
+    """Add the bundled CT (and its painted liver slice, as a segmentation) to Sample Data."""
+    import pathlib
+    import SampleData
+    folder = pathlib.Path(__file__).resolve().parent / "synpo" / "data"
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="SynPo", sampleName="SynPoSampleCT",
+        thumbnailFileName=str(pathlib.Path(__file__).resolve().parent / "Resources" / "Icons" / "SynPoSlicer.png"),
+        uris=[(folder / name).as_uri() for name, _, _, _ in SAMPLE_FILES],
+        fileNames=[name for name, _, _, _ in SAMPLE_FILES],
+        nodeNames=[node for _, node, _, _ in SAMPLE_FILES],
+        loadFileType=[kind for _, _, kind, _ in SAMPLE_FILES],
+        checksums=[checksum for _, _, _, checksum in SAMPLE_FILES])
 
 
 def _version_tuple(text):

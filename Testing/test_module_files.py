@@ -187,3 +187,27 @@ def test_dependencies_are_checked_with_their_versions(monkeypatch):
     pins = module.core_constraints()
     import numpy
     assert "numpy==%s" % numpy.__version__ in pins
+
+
+def test_extensions_index_entry_agrees_with_the_cmake_metadata():
+    import json
+    entry = json.load(open(os.path.join(ROOT, "SynPoSlicer.json")))
+    assert set(entry) <= {"$schema", "build_dependencies", "build_subdirectory", "category", "scm_revision",
+                          "scm_type", "scm_url", "tier"}                 # the schema allows no other field
+    assert "slicer-extension-catalog-entry-schema" in entry["$schema"]
+    cmake = _read("CMakeLists.txt")
+    s4ext = dict(line.split(" ", 1) for line in _read("SynPoSlicer.s4ext").splitlines()
+                 if line.strip() and not line.startswith("#"))
+    assert entry["category"] == re.search(r'set\(EXTENSION_CATEGORY "([^"]*)"\)', cmake).group(1)
+    assert entry["build_dependencies"] == re.search(r'set\(EXTENSION_DEPENDS "([^"]*)"\)', cmake).group(1).split()
+    assert entry["scm_url"] == s4ext["scmurl"] and entry["scm_revision"] == s4ext["scmrevision"]
+
+
+def test_sample_data_checksums_match_the_bundled_files():
+    import hashlib
+    text = _read("SynPoSlicer", "SynPoSlicer.py")
+    pairs = re.findall(r'\("(sample_ct[\w.]*\.nii\.gz)", "[^"]*", "\w+",\s*"SHA256:([0-9a-f]{64})"\)', text)
+    assert len(pairs) == 2
+    for name, digest in pairs:
+        path = os.path.join(MODULE, "synpo", "data", name)
+        assert hashlib.sha256(open(path, "rb").read()).hexdigest() == digest
