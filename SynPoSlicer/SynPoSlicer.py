@@ -53,6 +53,26 @@ class SynPoSlicer(ScriptedLoadableModule):
             "SynPo (MICCAI 2025). LiteMedSAM (Apache-2.0, bowang-lab/MedSAM), Segment Anything and DINOv2 "
             "(Apache-2.0, Meta). The sample CT is from TotalSegmentator (CC BY 4.0).")
         slicer.app.connect("startupCompleted()", registerSampleData)
+        slicer.app.connect("startupCompleted()", registerEditorEffect)
+
+
+def registerEditorEffect():
+    """The "SynPo" effect in the Segment Editor, beside Fill between slices."""
+    import qSlicerSegmentationsEditorEffectsPythonQt as effects
+    instance = effects.qSlicerSegmentEditorScriptedEffect(None)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "SegmentEditorSynPoLib", "SegmentEditorEffect.py")
+    instance.setPythonSource(path.replace("\\", "/"))
+    instance.self().register()
+
+
+_SHARED_LOGIC = []
+
+
+def sharedLogic():
+    """The one logic the module's panel and the Segment Editor effect share (one server, one preview)."""
+    if not _SHARED_LOGIC:
+        _SHARED_LOGIC.append(SynPoSlicerLogic())
+    return _SHARED_LOGIC[0]
 
 
 # The bundled CT and its one painted liver slice, offered in the Sample Data module.
@@ -194,7 +214,7 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = SynPoSlicerLogic()
+        self.logic = sharedLogic()
 
         for name in MODELS:
             self.ui.modelSelector.addItem(name)

@@ -16,6 +16,7 @@ def _read(*parts):
 def _python_files():
     files = [os.path.join(MODULE, "SynPoSlicer.py")]
     files += glob.glob(os.path.join(MODULE, "SynPoSlicerLib", "*.py"))
+    files += glob.glob(os.path.join(MODULE, "SegmentEditorSynPoLib", "*.py"))
     files += glob.glob(os.path.join(MODULE, "synpo", "*.py"))
     return sorted(files)
 
@@ -211,3 +212,13 @@ def test_sample_data_checksums_match_the_bundled_files():
     for name, digest in pairs:
         path = os.path.join(MODULE, "synpo", "data", name)
         assert hashlib.sha256(open(path, "rb").read()).hexdigest() == digest
+
+
+def test_the_effect_connects_only_signals_its_widgets_have():
+    source = _read("SynPoSlicer", "SegmentEditorSynPoLib", "SegmentEditorEffect.py")
+    for widget, signal in re.findall(r"self\.(\w+)\.connect\(\"([^\"]+)\"", source):
+        cls = "QTimer" if widget == "timer" else "QPushButton"
+        assert signal in (SIGNALS[cls] if cls in SIGNALS else {"timeout()"}), (widget, signal)
+    assert "class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect)" in source
+    module = _read("SynPoSlicer", "SynPoSlicer.py")
+    assert '"SegmentEditorSynPoLib", "SegmentEditorEffect.py"' in module and "def sharedLogic()" in module
