@@ -66,7 +66,7 @@ def _run(session, support, cfg):
 
 def run_benchmark(image_path: str, support_path: str, sam_name: str = "litemedsam", features: str = "auto",
                   dinov2: str = "small", device: str = "auto", precision: str = "auto",
-                  output: Optional[str] = None, quiet: bool = False, cfg=None) -> dict:
+                  output: Optional[str] = None, quiet: bool = False, cfg=None, runtime: str = "auto") -> dict:
     """cfg: the SynPoConfig of the first run (default: the defaults); the repeats change it."""
     from .features import load_models
     from .config import default_config
@@ -75,7 +75,7 @@ def run_benchmark(image_path: str, support_path: str, sam_name: str = "litemedsa
     image, geometry = read_volume(image_path, "image")
     support, _ = read_volume(support_path, "support label", label=True)
     t0 = time.perf_counter()
-    sam, dino, use = load_models(sam_name, features, dinov2, device, quiet, precision)
+    sam, dino, use = load_models(sam_name, features, dinov2, device, quiet, precision, runtime)
     load_s = time.perf_counter() - t0
     dtype = sam.precision
     cfg = default_config() if cfg is None else cfg
@@ -93,7 +93,7 @@ def run_benchmark(image_path: str, support_path: str, sam_name: str = "litemedsa
         "device": str(sam.device), "device_name": torch.cuda.get_device_name(sam.device)
         if sam.device.type == "cuda" else platform.processor() or platform.machine(),
         "precision": str(dtype).replace("torch.", "") if dtype is not None else "float32",
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "runtime": sam.runtime,
         "model_load_s": load_s,
         "config": asdict(cfg),
         "first": first, "repeat": repeat,

@@ -22,6 +22,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dinov2", default="small", choices=("small", "base", "large", "giant"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--no-baselines", action="store_true", help="SynPo only")
+    p.add_argument("--runtime", default="auto", choices=("auto", "torch", "openvino"),
+                   help="the SAM encoder's runtime (auto: OpenVINO on a CPU when installed)")
     p.add_argument("--ablations", action="store_true",
                    help="intra protocol: also SynPo with one part changed at a time (no intensity gate, no "
                         "refinement, points given to SAM with Gaussian / uniform / no negatives, raw top-k "
@@ -167,7 +169,8 @@ def run_evaluate(args) -> int:
     if args.corrections is not None and args.corrections < 0:
         raise SynPoError("--corrections must be >= 0")
     cfg = configured(args.set)
-    sam, dino, use = load_models(args.sam, args.features, args.dinov2, args.device, args.quiet)
+    sam, dino, use = load_models(args.sam, args.features, args.dinov2, args.device, args.quiet,
+                                 runtime=args.runtime)
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, flush=True))
     if args.corrections is not None:
         return run_corrections(args, pairs, cfg, sam, dino, use, log)

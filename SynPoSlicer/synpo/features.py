@@ -254,6 +254,15 @@ class SamModel:
         self.grid = 64
         self._dense_pe = None
         self.precision: Optional[torch.dtype] = None      # encoder autocast dtype (None = fp32)
+        self.runtime = "torch"                            # or "openvino" (use_runtime)
+        self._ov = None
+
+    def use_runtime(self, runtime: str) -> None:
+        """Run the image encoder with PyTorch ("torch") or OpenVINO ("openvino", CPU, fp32)."""
+        if runtime == "openvino" and self._ov is None:
+            from .openvino_runtime import OpenVinoEncoder
+            self._ov = OpenVinoEncoder(self.net.image_encoder, self.input_size, self.name)
+        self.runtime = runtime
 
     def dense_pe(self) -> torch.Tensor:
         """SAM's positional encoding of the embedding grid: the same for every call, computed once."""
@@ -286,6 +295,8 @@ class SamModel:
         x = to_input(slices, frame, self.device)
         if self.imagenet_norm:
             x = (x * 255.0 - self.PIXEL_MEAN.to(x.device)) / self.PIXEL_STD.to(x.device)
+        if self.runtime == "openvino":
+            return self._ov(x)
         return run_encoder(self.net.image_encoder, x, self.device, self.precision).cpu()
 
     @staticmethod
@@ -405,12 +416,13 @@ def _hub_cache() -> str:
 
 
 def load_models(sam_name: str = "litemedsam", features: str = "auto", dinov2_size: str = "small",
-                device: str = "auto", quiet: bool = True, precision: str = "auto"):
+                device: str = "auto", quiet: bool = True, precision: str = "auto", runtime: str = "auto"):
     """The SAM model, the DINOv2 encoder (or None) and the encoders the confidence is fused from.
 
     features: "sam", "dinov2", "synergy" (both; downloads DINOv2, or fails with a message), or
     "auto" (synergy when DINOv2 weights are on disk, else SAM only, said in one line on stderr
     unless quiet). precision: the encoders' autocast ("auto" = fp16 on CUDA, fp32 on CPU).
+    runtime: the SAM encoder's ("auto" = OpenVINO on a CPU when installed, else PyTorch).
     """
     dev = pick_device(device)
     sam = SamModel.load(sam_name, dev)
@@ -430,4 +442,11 @@ def load_models(sam_name: str = "litemedsam", features: str = "auto", dinov2_siz
     for enc in (sam, dino):
         if enc is not None:
             enc.precision = dtype
+    from .openvino_runtime import pick_runtime
+    chosen = pick_runtime(runtime, dev)
+    if chosen == "openvino" and dtype is not None:
+        chosen = "torch" if runtime == "auto" else chosen
+        if chosen == "openvino":
+            raise ModelError("--runtime openvino runs in fp32; drop --precision %s" % precision)
+    sam.use_runtime(chosen)
     return sam, dino, use

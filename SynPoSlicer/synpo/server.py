@@ -305,6 +305,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dinov2", default="small", choices=("small", "base", "large", "giant"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--runtime", default="auto", choices=("auto", "torch", "openvino"),
+                   help="the SAM encoder's runtime: auto = OpenVINO on a CPU when installed, else PyTorch")
     p.add_argument("--max-memory-mb", type=int, default=8192,
                    help="sessions together hold at most this much (images, embeddings, results); beyond it the "
                         "least recently used idle sessions are evicted (default 8192)")
@@ -363,7 +365,8 @@ def run_server(args) -> int:
     except OSError as exc:
         raise SynPoError("cannot listen on %s:%d: %s" % (args.host, args.port, exc.strerror or exc)) from None
     sock.listen(128)                 # connections wait in the backlog until the server accepts them
-    models = Models.load(args.sam, args.features, args.dinov2, args.device, args.precision, quiet=args.quiet)
+    models = Models.load(args.sam, args.features, args.dinov2, args.device, args.precision, quiet=args.quiet,
+                         runtime=args.runtime)
     service = Service(models, args.max_memory_mb << 20, args.session_ttl, args.max_runs, args.embedding_cache)
     service.start_reaper()
     app = create_app(service, token, args.max_body_mb << 20)

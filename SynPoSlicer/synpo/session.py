@@ -42,9 +42,9 @@ class Models:
 
     @classmethod
     def load(cls, sam: str = "litemedsam", features: str = "auto", dinov2: str = "small", device: str = "auto",
-             precision: str = "auto", quiet: bool = True) -> "Models":
+             precision: str = "auto", quiet: bool = True, runtime: str = "auto") -> "Models":
         from .features import load_models
-        s, d, use = load_models(sam, features, dinov2, device, quiet, precision)
+        s, d, use = load_models(sam, features, dinov2, device, quiet, precision, runtime)
         return cls(s, d, tuple(use), sam, str(s.device))
 
     @classmethod
@@ -56,6 +56,7 @@ class Models:
 
     def describe(self) -> dict:
         return {"sam": self.sam_name, "features": list(self.confidence_from), "device": self.device,
+                "runtime": getattr(self.sam, "runtime", "torch"),
                 "precision": str(getattr(self.sam, "precision", None) or "fp32").replace("torch.", "")}
 
 

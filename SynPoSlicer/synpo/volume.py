@@ -84,6 +84,8 @@ class EmbeddingStore:
             key = "%s|%s|%s|%s" % (encoder.name, frame, slices.shape, STORAGE_DTYPE)
             if getattr(encoder, "precision", None) is not None:      # reduced-precision embeddings differ
                 key += "|%s" % encoder.precision
+            if getattr(encoder, "runtime", "torch") != "torch":       # so do another runtime's (by ~1e-6)
+                key += "|%s" % encoder.runtime
             digest.update(key.encode())
             digest.update(np.ascontiguousarray(slices).tobytes())
             self.disk_path = os.path.join(disk_dir, "%s-%s.pt" % (encoder.name, digest.hexdigest()[:20]))
