@@ -370,3 +370,30 @@ def test_absent_marks_end_the_walk_and_corrections_on_adjacent_slices_are_suppor
     with pytest.raises(InputError, match="outside the volume"):
         session.add_support(absent={1: [40]})
     assert first.support.axis == 0
+
+
+def test_openvino_encoder_gives_pytorchs_embeddings_and_keeps_its_ir(tmp_path):
+    """LiteMedSAM's encoder converted to OpenVINO: the same embeddings as PyTorch (to float rounding),
+    converted once and loaded from the IR after."""
+    import torch
+    from synpo import openvino_runtime
+    from synpo.errors import ModelError
+    if not openvino_runtime.available():
+        pytest.skip("openvino is not installed")
+    sam = features.SamModel.load("litemedsam", "cpu", allow_download=False)
+    x = torch.rand(2, 3, 256, 256)
+    with torch.no_grad():
+        ref = sam.net.image_encoder(x)
+    first = openvino_runtime.OpenVinoEncoder(sam.net.image_encoder, 256, "litemedsam", str(tmp_path))
+    saved = sorted(p.name for p in (tmp_path / "openvino").iterdir())
+    assert len(saved) == 2 and saved[0].endswith(".bin") and saved[1].endswith(".xml")
+    again = openvino_runtime.OpenVinoEncoder(sam.net.image_encoder, 256, "litemedsam", str(tmp_path))
+    for enc in (first, again):
+        out = enc(x)
+        assert out.shape == ref.shape and float((out - ref).abs().max()) < 1e-4
+    assert openvino_runtime.pick_runtime("auto", torch.device("cpu")) == "openvino"
+    assert openvino_runtime.pick_runtime("auto", torch.device("cuda")) == "torch"
+    with pytest.raises(ModelError, match="runs on the CPU"):
+        openvino_runtime.pick_runtime("openvino", torch.device("cuda"))
+    with pytest.raises(ModelError, match="unknown runtime"):
+        openvino_runtime.pick_runtime("tensorrt", torch.device("cpu"))

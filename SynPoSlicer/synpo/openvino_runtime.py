@@ -8,6 +8,7 @@ runs load the IR.
 """
 import hashlib
 import os
+import threading
 from typing import Optional
 
 import numpy as np
@@ -68,10 +69,17 @@ class OpenVinoEncoder:
             os.replace(tmp[:-4] + ".bin", path[:-4] + ".bin")        # the weights first, then the graph
             os.replace(tmp, path)
         self.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        self._local = threading.local()          # one infer request per thread: label workers embed at once
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.compiled(np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32))[0]
-        return torch.from_numpy(np.array(out, dtype=np.float32))
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        # One slice at a time: the traced graph keeps the example's batch of one in its reshapes
+        # (and on a CPU a batch buys no speed).
+        array = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        outs = [np.array(request.infer({0: array[i:i + 1]})[0], dtype=np.float32) for i in range(len(array))]
+        return torch.from_numpy(np.concatenate(outs))
 
 
 def _cache_dir() -> str:
