@@ -23,8 +23,8 @@ FEATURE_CHOICES = ("auto", "synergy", "sam", "dinov2")
 
 def add_runtime_option(p) -> None:
     p.add_argument("--runtime", default="auto", choices=("auto", "torch", "openvino"),
-                   help="the SAM encoder's runtime: auto = OpenVINO on a CPU when installed (about 1.9x faster "
-                        "here, the same embeddings to 2e-6), else PyTorch")
+                   help="the SAM encoder's runtime: auto = PyTorch; openvino (CPU, pip install openvino) is about "
+                        "1.9x faster here but moves a few masks (docs/service.md)")
 
 
 def add_set_option(p) -> None:

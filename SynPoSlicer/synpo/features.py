@@ -422,7 +422,7 @@ def load_models(sam_name: str = "litemedsam", features: str = "auto", dinov2_siz
     features: "sam", "dinov2", "synergy" (both; downloads DINOv2, or fails with a message), or
     "auto" (synergy when DINOv2 weights are on disk, else SAM only, said in one line on stderr
     unless quiet). precision: the encoders' autocast ("auto" = fp16 on CUDA, fp32 on CPU).
-    runtime: the SAM encoder's ("auto" = OpenVINO on a CPU when installed, else PyTorch).
+    runtime: the SAM encoder's ("auto" = PyTorch; "openvino" on a CPU, openvino_runtime.py).
     """
     dev = pick_device(device)
     sam = SamModel.load(sam_name, dev)
@@ -445,8 +445,6 @@ def load_models(sam_name: str = "litemedsam", features: str = "auto", dinov2_siz
     from .openvino_runtime import pick_runtime
     chosen = pick_runtime(runtime, dev)
     if chosen == "openvino" and dtype is not None:
-        chosen = "torch" if runtime == "auto" else chosen
-        if chosen == "openvino":
-            raise ModelError("--runtime openvino runs in fp32; drop --precision %s" % precision)
+        raise ModelError("--runtime openvino runs in fp32; drop --precision %s" % precision)
     sam.use_runtime(chosen)
     return sam, dino, use

@@ -306,7 +306,7 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--runtime", default="auto", choices=("auto", "torch", "openvino"),
-                   help="the SAM encoder's runtime: auto = OpenVINO on a CPU when installed, else PyTorch")
+                   help="the SAM encoder's runtime: auto = PyTorch; openvino (CPU) is faster, a few masks differ")
     p.add_argument("--max-memory-mb", type=int, default=8192,
                    help="sessions together hold at most this much (images, embeddings, results); beyond it the "
                         "least recently used idle sessions are evicted (default 8192)")
