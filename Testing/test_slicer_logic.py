@@ -359,3 +359,88 @@ def test_update_from_the_users_corrections_of_the_candidates(scene_case, server)
     rec = next(r for r in result.records if r.index == erased)
     assert rec.status == "absent" and rec.reason == "marked absent"
     preview.remove()
+
+
+@pytest.fixture
+def axial_case():
+    """An axis-aligned volume (1 x 1 x 2.5 mm) with the organ painted on slice 4, for rendering."""
+    mrml.register_segmentation_converters()
+    scene = slicer.vtkMRMLScene()
+    slicer.vtkMRMLSubjectHierarchyNode.ResolveSubjectHierarchy(scene)
+    image, mask = ellipsoid_volume(shape=(8, 48, 60), centre=(4, 22, 30), radii=(3, 11, 14))
+    matrix = np.diag([1.0, 1.0, 2.5, 1.0])
+    volume = add_volume(scene, image, matrix)
+    volume.CreateDefaultDisplayNodes()
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    paint = np.zeros(mask.shape, dtype=bool)
+    paint[4] = mask[4]
+    target = add_segment(seg, volume, paint, "target")
+    return dict(scene=scene, volume=volume, seg=seg, target=target, image=image, mask=mask, paint=paint,
+                matrix=matrix)
+
+
+def _near(shot, pixel, radius=2):
+    r, c = pixel
+    return shot[max(0, r - radius):r + radius + 1, max(0, c - radius):c + radius + 1].reshape(-1, 3).astype(int)
+
+
+def test_what_the_user_sees_points_overlay_and_candidate(axial_case, server):
+    """The preview scene rendered with Slicer's displayable managers: each point in its colour where
+    its RAS position projects, the overlay inside the organ and nowhere the confidence is 0, the
+    candidate's outline on the organ."""
+    import ctypes.util
+    if ctypes.util.find_library("EGL") is None:
+        pytest.skip("no EGL library: Slicer's slice view cannot be rendered offscreen here")
+    from slice_render import SliceRender
+    c = axial_case
+    job, preview = _preview(c, server)
+    rec = next(r for r in job.result.records if r.status == "present" and len(r.positive) and len(r.negative))
+    t = rec.index
+    render = SliceRender(c["scene"])
+    render.show(c["volume"], preview.confidence, 0.5)
+    z = float(mrml.points_ijk_to_ras(c["volume"], [[0.0, 0.0, t]])[0][2])
+    shot = render.render(z)
+    tags = "segment %s, slice %d" % (c["target"], t)
+    for node, want in ((preview.positive, 1), (preview.negative, 0)):
+        drawn = 0
+        for i in range(node.GetNumberOfControlPoints()):
+            if node.GetNthControlPointDescription(i) != tags:
+                continue
+            near = _near(shot, render.pixel_of(node.GetNthControlPointPosition(i)))
+            hue = near[:, want] - near[:, 1 - want]          # green over red for positives, red over green for negatives
+            assert (hue > 60).any() and (near[:, want] > 150).any(), (want, near.max(0))
+            drawn += 1
+        assert drawn > 0
+    # The overlay: the same slice without it (foreground opacity 0) differs inside the organ and not
+    # where the confidence is 0.
+    render.show(c["volume"], preview.confidence, 0.0)
+    preview.candidates.GetDisplayNode().SetVisibility(False)
+    preview.positive.GetDisplayNode().SetVisibility(False)
+    preview.negative.GetDisplayNode().SetVisibility(False)
+    plain = render.render(z)
+    render.show(c["volume"], preview.confidence, 0.5)
+    overlay = render.render(z)
+    conf = slicer.util.arrayFromVolume(preview.confidence)[t]
+    inside = [render.pixel_of(mrml.points_ijk_to_ras(c["volume"], [[i, j, t]])[0])
+              for j, i in zip(*np.nonzero(conf > 0.7))]
+    from scipy import ndimage
+    zero_area = ndimage.binary_erosion(conf == 0.0, iterations=1)      # away from the overlay's blended edge
+    zero = [render.pixel_of(mrml.points_ijk_to_ras(c["volume"], [[i, j, t]])[0])
+            for j, i in zip(*np.nonzero(zero_area))]
+    assert inside and zero
+    diff = np.abs(overlay.astype(int) - plain.astype(int)).sum(-1)
+    assert np.mean([diff[p] > 5 for p in inside]) > 0.8
+    assert np.mean([diff[p] > 3 for p in zero]) < 0.05
+    # The candidate segment: drawn on the organ's slice, around the organ (fill and outline).
+    preview.candidates.GetDisplayNode().SetVisibility(True)
+    render.show(c["volume"], None, 0.0)
+    with_candidate = render.render(z)
+    changed = np.abs(with_candidate.astype(int) - plain.astype(int)).sum(-1) > 20
+    organ = np.zeros(changed.shape, bool)
+    for j, i in zip(*np.nonzero(preview.labels[t] == 1)):
+        organ[render.pixel_of(mrml.points_ijk_to_ras(c["volume"], [[i, j, t]])[0])] = True
+    assert changed.any() and organ.any()
+    near_organ = ndimage.binary_dilation(organ, iterations=8)
+    assert changed[near_organ].mean() > 0.2 and changed[~near_organ].mean() < 0.01
+    preview.remove()

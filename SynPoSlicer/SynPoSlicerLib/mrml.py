@@ -249,11 +249,19 @@ def show_preview(volume_node, result, segment_ids: Sequence[str], names: Sequenc
         if display is not None:
             display.SetAutoWindowLevel(False)
             display.SetWindowLevel(1.0, 0.5)
-            colour = scene.GetFirstNodeByName("Inferno") or scene.GetFirstNodeByName("ColdToHotRainbow")
+            # Where the confidence is 0 (and on slices never computed) the overlay is transparent:
+            # the image shows through unchanged, as it was before the preview.
+            display.SetApplyThreshold(True)
+            display.SetAutoThreshold(False)
+            display.SetLowerThreshold(1e-3)
+            display.SetUpperThreshold(1.0)
+            colour = (scene.GetFirstNodeByName("Inferno") or scene.GetFirstNodeByName("PET-Heat")
+                      or scene.GetFirstNodeByName("ColdToHotRainbow"))
             if colour is not None:
                 display.SetAndObserveColorNodeID(colour.GetID())
 
         preview.candidates = _new_node(scene, "vtkMRMLSegmentationNode", "SynPo candidates")
+        preview.candidates.CreateDefaultDisplayNodes()            # shown in the slice views
         preview.candidates.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
         write_labels(preview.candidates, volume_node, result.labels,
                      {v: (names[v - 1] if v - 1 < len(names) else "label %d" % v) for v in result.support.labels})
