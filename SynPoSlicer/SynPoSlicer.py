@@ -681,7 +681,8 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
 
     def onSceneClosed(self):
         """File > Close Scene: the preview's nodes are gone with the scene; a run is cancelled."""
-        self.cancel()
+        if self.job is not None and self.job.active():
+            self.job.cancel(now=True)
         self.preview, self.volumeNode, self.result, self.job = None, None, None, None
         self.state, self.message = "idle", ""
 

@@ -444,3 +444,70 @@ def test_what_the_user_sees_points_overlay_and_candidate(axial_case, server):
     near_organ = ndimage.binary_dilation(organ, iterations=8)
     assert changed[near_organ].mean() > 0.2 and changed[~near_organ].mean() < 0.01
     preview.remove()
+
+
+def _module_logic(monkeypatch):
+    """The module's SynPoSlicerLogic on slicer-core: stand-ins only for Qt and the scripted-module
+    base classes, which slicer-core does not have."""
+    import importlib.util
+    import types
+    qt = types.ModuleType("qt")
+    qt.QSettings = lambda: types.SimpleNamespace(value=lambda key, default=None: default, setValue=lambda *a: None)
+    monkeypatch.setitem(sys.modules, "qt", qt)
+    base = types.ModuleType("slicer.ScriptedLoadableModule")
+    for cls in ("ScriptedLoadableModule", "ScriptedLoadableModuleTest", "ScriptedLoadableModuleWidget"):
+        setattr(base, cls, type(cls, (), {}))
+    base.ScriptedLoadableModuleLogic = type("ScriptedLoadableModuleLogic", (), {"__init__": lambda self: None})
+    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", base)
+    monkeypatch.setattr(slicer.util, "setSliceViewerLayers", lambda **kwargs: None, raising=False)
+    path = os.path.join(os.path.dirname(__file__), "..", "SynPoSlicer", "SynPoSlicer.py")
+    spec = importlib.util.spec_from_file_location("SynPoSlicerForTest", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SynPoSlicerLogic()
+
+
+def _parameters(logic, scene):
+    node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "SynPo")
+    logic.setDefaultParameters(node)
+    node.SetParameter("Features", "sam")
+    return node
+
+
+def test_module_logic_previews_through_the_server_and_survives_close_scene(scene_case, server, monkeypatch):
+    """The module's own logic, step by step as its timer drives it: a preview through the server; then
+    File > Close Scene in the middle of a second run: the run is cancelled, nothing is added to
+    the new scene, and the logic is ready for the next preview."""
+    c = scene_case
+    logic = _module_logic(monkeypatch)
+    logic.useServer(server.url, server.token_file)
+    params = _parameters(logic, c["scene"])
+    assert logic.process(c["volume"], c["seg"], [c["target"]], params, timeout=300) == "previewed", logic.message
+    assert logic.preview is not None and "Preview ready" in logic.message
+    assert mrml.temporary_nodes(c["scene"])
+    logic.discard()
+    assert logic.state == "idle" and mrml.temporary_nodes(c["scene"]) == []
+    # A second preview, on another volume (not yet embedded: it runs for a while), then Close Scene.
+    other = add_volume(c["scene"], c["image"] + 5.0, c["matrix"], "other")
+    logic.startPreview(other, c["seg"], [c["target"]], params)
+    deadline = time.time() + 120
+    while logic.state != "running" or logic.job.state != "running":
+        logic.step()
+        time.sleep(0.05)
+        assert time.time() < deadline
+    sid, rid = logic.job.session_id, logic.job.run_id
+    logic.onSceneClosed()
+    c["scene"].Clear(0)
+    assert server.client().wait(sid, rid)["state"] == "cancelled"          # the server's run stopped too
+    for _ in range(20):
+        logic.step()
+        time.sleep(0.05)
+    assert logic.state == "idle" and logic.preview is None and not logic.active()
+    assert mrml.temporary_nodes(c["scene"]) == []
+    # Ready again: a new scene, a new preview.
+    again = add_volume(c["scene"], c["image"], c["matrix"], "image")
+    seg = c["scene"].AddNewNodeByClass("vtkMRMLSegmentationNode", "segmentation")
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(again)
+    target = add_segment(seg, again, c["paint"], "target")
+    assert logic.process(again, seg, [target], _parameters(logic, c["scene"]), timeout=300) == "previewed"
+    logic.discard()

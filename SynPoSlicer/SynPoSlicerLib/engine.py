@@ -138,10 +138,17 @@ class RemoteJob:
     def active(self) -> bool:
         return self.state in self.ACTIVE
 
-    def cancel(self) -> None:
-        """Ask the server to stop; the next step says when it has."""
+    def cancel(self, now: bool = False) -> None:
+        """Ask the server to stop; the next step says when it has. now: send the request at once
+        (the job is about to be dropped, e.g. the scene is closing)."""
         self._cancel = True
         if self.state in ("upload", "start"):
+            self.state, self.stage = "cancelled", "cancelled"
+        elif now and self.state == "running":
+            try:
+                self.client.cancel(self.session_id, self.run_id)
+            except ServerError:
+                pass
             self.state, self.stage = "cancelled", "cancelled"
 
     def step(self) -> str:
