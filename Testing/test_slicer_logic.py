@@ -194,6 +194,10 @@ def test_apply_is_one_segment_editor_undo_step(scene_case, server):
     for s, array in before.items():
         assert np.array_equal(mrml.segment_array(c["seg"], s, c["volume"]), array)
     assert c["seg"].GetSegmentation().GetNumberOfSegments() == 3
+    assert logic.CanRedo()
+    logic.Redo()                                           # and redo applies it again
+    assert np.array_equal(mrml.segment_array(c["seg"], c["target"], c["volume"]).astype(bool), target_after)
+    assert np.array_equal(mrml.segment_array(c["seg"], finished, c["volume"]), before[finished])
 
 
 def test_apply_overwrites_other_segments_only_when_the_editor_says_so(scene_case, server):
