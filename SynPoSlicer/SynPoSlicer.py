@@ -68,6 +68,16 @@ def registerEditorEffect():
 _SHARED_LOGIC = []
 
 
+def reloadHelpers():
+    """Developer mode's Reload reloads this file only: reload the helper packages too, so an edit of
+    SynPoSlicerLib, SegmentEditorSynPoLib or the client side of synpo takes effect without a restart."""
+    import importlib
+    import sys
+    prefixes = ("SynPoSlicerLib", "SegmentEditorSynPoLib", "synpo.")
+    for name in sorted(n for n in list(sys.modules) if n.startswith(prefixes) and sys.modules[n] is not None):
+        importlib.reload(sys.modules[name])
+
+
 def sharedLogic():
     """The one logic the module's panel and the Segment Editor effect share (one server, one preview)."""
     if not _SHARED_LOGIC:
@@ -210,6 +220,8 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
+        if slicer.util.settingsValue("Developer/DeveloperMode", False, converter=slicer.util.toBool):
+            reloadHelpers()
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/SynPoSlicer.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)

@@ -222,3 +222,17 @@ def test_the_effect_connects_only_signals_its_widgets_have():
     assert "class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect)" in source
     module = _read("SynPoSlicer", "SynPoSlicer.py")
     assert '"SegmentEditorSynPoLib", "SegmentEditorEffect.py"' in module and "def sharedLogic()" in module
+
+
+def test_developer_reload_reloads_the_helper_packages(monkeypatch):
+    import sys
+    import types
+    module = _module_with_stand_ins(monkeypatch)
+    reloaded = []
+    fake = types.ModuleType("SynPoSlicerLib.fake_helper")
+    monkeypatch.setitem(sys.modules, "SynPoSlicerLib.fake_helper", fake)
+    monkeypatch.setitem(sys.modules, "unrelated_module", types.ModuleType("unrelated_module"))
+    import importlib
+    monkeypatch.setattr(importlib, "reload", lambda m: reloaded.append(m.__name__) or m)
+    module.reloadHelpers()
+    assert "SynPoSlicerLib.fake_helper" in reloaded and "unrelated_module" not in reloaded
