@@ -7,7 +7,6 @@ slices decided since the last poll, or the result). Qt-free, Python 3.9, no torc
 run on this machine (started here, with the Python the user configured) or on a team's GPU machine.
 """
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -49,9 +48,8 @@ class ServerProcess:
         self.started = 0.0
 
     def start(self) -> "ServerProcess":
-        fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_urlsafe(32) + "\n")
+        from synpo.server import make_token_file
+        make_token_file(self.token_file)
         env = dict(os.environ)
         env["PYTHONPATH"] = MODULE_DIR + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.setdefault("PYTHONUNBUFFERED", "1")
