@@ -515,3 +515,21 @@ def test_module_logic_previews_through_the_server_and_survives_close_scene(scene
     target = add_segment(seg, again, c["paint"], "target")
     assert logic.process(again, seg, [target], _parameters(logic, c["scene"]), timeout=300) == "previewed"
     logic.discard()
+
+
+def test_the_module_starts_and_stops_its_own_server():
+    """ServerProcess, as the module starts it: a child `synpo serve` on a free loopback port with a
+    fresh private token; ready() never waits; stop() ends it."""
+    from SynPoSlicerLib.engine import ServerProcess
+    proc = ServerProcess(sys.executable, device="cpu", features="sam").start()
+    try:
+        assert os.stat(proc.token_file).st_mode & 0o777 == 0o600
+        deadline = time.time() + 120
+        while not proc.ready():
+            assert time.time() < deadline, proc.log_tail()
+            time.sleep(0.2)
+        assert proc.url.startswith("http://127.0.0.1:")
+        assert proc.client().health()["models"]["device"] == "cpu"
+    finally:
+        proc.stop()
+    assert not proc.running()
