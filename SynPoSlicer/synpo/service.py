@@ -203,12 +203,13 @@ class Service:
                 raise InputError("the support grid %s differs from the %s grid %s"
                                  % (tuple(support.shape), "support image" if support_image is not None else "image",
                                     tuple(shape)))
-        if entry.busy():
-            raise Busy("session %s is busy with another run; wait for it or cancel it" % entry.id)
-        run = Run(secrets.token_hex(6), entry)
-        entry.runs[run.id] = run
-        while len(entry.runs) > RUNS_KEPT:
-            entry.runs.popitem(last=False)
+        with self.lock:                          # two requests at once: one run, one 409
+            if entry.busy():
+                raise Busy("session %s is busy with another run; wait for it or cancel it" % entry.id)
+            run = Run(secrets.token_hex(6), entry)
+            entry.runs[run.id] = run
+            while len(entry.runs) > RUNS_KEPT:
+                entry.runs.popitem(last=False)
         threading.Thread(target=self._execute, args=(run, support, cfg, support_image, add, settings),
                          name="synpo-run-%s" % run.id, daemon=True).start()
         return run
