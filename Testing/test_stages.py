@@ -98,8 +98,27 @@ def test_intensity_ct_window_and_mr_percentiles():
     mr = rng.random((4, 16, 16)).astype(np.float32) * 800
     out, modality = intensity.normalize(mr)
     assert modality == "mr" and 0.0 <= out.min() and out.max() <= 1.0
-    _, forced = intensity.normalize(mr, IntensityConfig(modality="ct"))
-    assert forced == "ct"
+    _, forced = intensity.normalize(ct, IntensityConfig(modality="mr"))
+    assert forced == "mr"
+
+
+def test_intensity_windowed_8bit_ct_is_taken_as_it_is():
+    rng = np.random.default_rng(1)
+    windowed = rng.integers(0, 256, size=(4, 32, 32)).astype(np.float32)   # ~0.4 % at 255 by chance
+    windowed[:, :4, :] = 255.0                                             # bone / contrast: saturated
+    windowed[:, -8:, :] = 0.0                                              # air
+    out, modality = intensity.normalize(windowed)
+    assert modality == "ct-windowed"
+    np.testing.assert_array_equal(out, windowed / np.float32(255.0))      # no percentile clipping
+    # --modality ct on grey values (not HU): the windowed handling, not an HU window on 0-255
+    out, forced = intensity.normalize(windowed, IntensityConfig(modality="ct"))
+    assert forced == "ct-windowed" and out.max() == 1.0 and np.mean(out == 1.0) < 0.2
+    # 8-bit MR-like values rarely at 255: MR, percentiles
+    mr8 = rng.integers(0, 200, size=(4, 32, 32)).astype(np.float32)
+    mr8[0, 0, 0] = 255.0
+    assert intensity.normalize(mr8)[1] == "mr"
+    # not integer-valued: never a windowed CT
+    assert intensity.guess_modality(windowed + 0.5) == "mr"
 
 
 # ------------------------------------------------------------------ confidence

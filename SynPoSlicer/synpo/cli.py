@@ -218,7 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     seg.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                      help="encoder precision: auto = fp16 on CUDA, fp32 on CPU")
-    seg.add_argument("--modality", default=None, choices=("ct", "mr"), help="override the automatic choice")
+    seg.add_argument("--modality", default=None, choices=("ct", "mr"),
+                     help="override the automatic choice (CT in Hounsfield units: a soft-tissue window; a CT already "
+                          "windowed to 8-bit grey values is taken as it is and reported as ct-windowed; MR: "
+                          "percentiles). The run prints which it used")
     add_runtime_option(seg)
     seg.add_argument("--confidence-out", metavar="CONF", help="write the fused confidence map (float volume)")
     seg.add_argument("--confidence-all", action="store_true",
