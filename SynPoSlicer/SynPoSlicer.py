@@ -604,7 +604,7 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
     def finishPreview(self, opacity=0.5):
         """Build the preview nodes from the finished job (main thread)."""
         from SynPoSlicerLib import mrml
-        from synpo.outputs import extent_summary
+        from synpo.outputs import collapse_warnings, extent_summary
         if self.volumeNode is None or self.volumeNode.GetScene() is None:
             self.state, self.message = "cancelled", "The volume was closed; nothing was shown."
             return
@@ -620,6 +620,8 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
         self.message = ("Preview ready: target on %d slice(s). Green/red points are the prompts; move them and "
                         "'Re-run slice', then Apply or Discard.\n%s"
                         % (present, "\n".join(extent_summary(self.result, names))))
+        for line in collapse_warnings(self.result, names):
+            self.message += "\nWarning: " + line
 
     def setOverlayOpacity(self, value):
         if self.preview is not None and self.preview.confidence is not None:

@@ -50,6 +50,27 @@ def test_output_has_the_image_geometry_and_the_support_labels(cli_run):
     k = int(np.flatnonzero(support.any(axis=(1, 2)))[0])
     assert np.array_equal(labels[k], support[k])                  # the paint is kept exactly
     assert "segmented 1 label(s)" in proc.stdout
+    assert "warning" not in proc.stderr                            # the liver grew beyond its paint
+
+
+def test_a_label_that_comes_back_as_its_paint_alone_is_reported(tmp_path, embedding_cache):
+    """Every first step judged absent (SAM's IoU can never reach 2): the user is told, on stderr and
+    in the points JSON, with the reason each first step gave; the paint itself is still written."""
+    exe = os.path.join(os.path.dirname(sys.executable), "synpo")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "synpo.cli"]
+    args = ["segment", demo.SAMPLE_IMAGE, demo.SAMPLE_SUPPORT, "-o", str(tmp_path / "seg.nii.gz"),
+            "--points-out", str(tmp_path / "points.json"), "--device", "cpu", "--features", "sam",
+            "--embedding-cache", embedding_cache, "--set", "volume.min_sam_iou=2"]
+    proc = subprocess.run(cmd + args, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    support = sitk.GetArrayFromImage(sitk.ReadImage(demo.SAMPLE_SUPPORT))
+    k = int(np.flatnonzero(support.any(axis=(1, 2)))[0])
+    assert "synpo: warning: label 1: only the painted slice %d came back" % k in proc.stderr
+    assert "at %d (low SAM IoU) and %d (low SAM IoU)" % (k - 1, k + 1) in proc.stderr
+    doc = json.load(open(str(tmp_path / "points.json")))
+    assert len(doc["warnings"]) == 1 and doc["warnings"][0].startswith("label 1: only the painted slice")
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "seg.nii.gz")))
+    assert np.array_equal(labels, np.where(np.arange(labels.shape[0])[:, None, None] == k, support, 0))
 
 
 def test_cli_reaches_the_measured_dice(cli_run):
@@ -75,6 +96,7 @@ def test_points_json_coordinates(cli_run):
     out, _ = cli_run
     doc = json.load(open(str(out / "points.json")))
     assert doc["format"] == "synpo-points/1" and doc["axis"] == "k" and doc["labels"] == [1]
+    assert doc["warnings"] == []
     image, geometry = read_volume(demo.SAMPLE_IMAGE)
     truth, _ = read_volume(demo.SAMPLE_TRUTH, label=True)
     statuses = {s["status"] for s in doc["slices"]}

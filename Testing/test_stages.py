@@ -751,6 +751,22 @@ def test_extent_summary_names_the_found_slices_and_why_each_end_stopped():
         "label 3: not found"]
 
 
+def test_collapse_warnings_name_a_label_that_came_back_as_its_paint_alone_and_why():
+    from types import SimpleNamespace
+    from synpo.outputs import collapse_warnings
+    from synpo.result import SliceRecord, VolumeResult
+    recs = [SliceRecord(1, 4, "absent", reason="confidence drop"), SliceRecord(1, 5, "support"),
+            SliceRecord(1, 6, "absent", reason="left the previous mask"), SliceRecord(1, 7, "not reached"),
+            SliceRecord(2, 5, "support"), SliceRecord(2, 6, "present"), SliceRecord(2, 7, "absent", reason="too small"),
+            SliceRecord(3, 0, "support"), SliceRecord(3, 1, "absent", reason="low SAM IoU")]
+    result = VolumeResult(np.zeros((10, 2, 2), np.uint8), {}, recs, SimpleNamespace(labels=[1, 2, 3]), "mr", ["sam"], {})
+    lines = collapse_warnings(result, {1: "kidney"})
+    assert len(lines) == 2                                  # label 2 grew beyond its paint
+    assert lines[0].startswith("kidney: only the painted slice 5 came back")
+    assert "at 4 (confidence drop) and 6 (left the previous mask)" in lines[0]
+    assert lines[1].startswith("label 3: only the painted slice 0") and "1 (low SAM IoU)" in lines[1]
+
+
 def test_redecode_without_positive_points_is_empty_and_calls_no_model():
     """The user deleted every positive point: nothing to decode, an empty mask, background logits."""
     from synpo.decode import redecode_with_points

@@ -120,6 +120,9 @@ def cmd_segment(args) -> int:
     finally:
         close()
     written = write_result(result, geometry, args.output, args.confidence_out, args.points_out, args.image)
+    from .outputs import collapse_warnings
+    for line in collapse_warnings(result):
+        print("synpo: warning: %s" % line, file=sys.stderr)
     if not args.quiet:
         present = sum(r.status in ("present", "support") for r in result.records)
         print("segmented %d label(s) %s across axis %s (%s, features: %s): %d slice(s) with target; wrote %s"

@@ -53,7 +53,7 @@ def points_document(result: VolumeResult, geometry: Geometry, image_path: str = 
     return {"format": "synpo-points/1", "image": image_path, "convention": CONVENTION,
             "axis": "kji"[axis], "axis_index_kji": axis, "labels": result.support.labels,
             "modality": result.modality, "features": result.features, "confidence_slices": result.computed,
-            "slices": slices}
+            "warnings": collapse_warnings(result), "slices": slices}
 
 
 def extent_summary(result: VolumeResult, names: Dict[int, str] = None) -> List[str]:
@@ -77,6 +77,25 @@ def extent_summary(result: VolumeResult, names: Dict[int, str] = None) -> List[s
                 if r.status == "absent" and r.index in edges]
         lines.append("%s: slice%s %s%s" % (name, "s" if len(found) > 1 else "", ", ".join(runs),
                                            "; ends at " + " and ".join(ends) if ends else ""))
+    return lines
+
+
+def collapse_warnings(result: VolumeResult, names: Dict[int, str] = None) -> List[str]:
+    """One line per label whose result is its painted slice(s) alone (every walk stopped on its
+    first step), with the reason each first step gave; [] when every label grew beyond its paint."""
+    lines = []
+    for label in result.support.labels:
+        recs = sorted((r for r in result.records if r.label == label), key=lambda r: r.index)
+        painted = [r.index for r in recs if r.status == "support"]
+        if not painted or any(r.status == "present" for r in recs):
+            continue
+        first = ["%d (%s)" % (r.index, r.reason or "absent") for r in recs
+                 if r.status == "absent" and any(abs(r.index - p) == 1 for p in painted)]
+        name = (names or {}).get(label, "label %d" % label)
+        lines.append("%s: only the painted slice%s %s came back: the walk stopped on its first step%s. Paint the "
+                     "target on a neighbouring slice as well, or check that the paint covers it"
+                     % (name, "s" if len(painted) > 1 else "", ", ".join(map(str, painted)),
+                        ", at " + " and ".join(first) if first else ""))
     return lines
 
 
