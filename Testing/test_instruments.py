@@ -327,3 +327,50 @@ def test_the_simulated_annotator_picks_the_slice_with_the_most_wrong_pixels():
     assert fp == 0 and dice == pytest.approx(2 * 90 / (90 + 108))
     dice, fp = scored_without(pred, gt, set())
     assert fp == 1
+
+
+def test_out_of_sample_chooses_without_the_volume_it_scores():
+    oos = _load_script("out_of_sample")
+    # candidate "a" is best on v1 and v2, "b" only on v3: left out, v3 is scored with "a"
+    tables = {"set1": {"default": {"v1": 0.80, "v2": 0.80, "v3": 0.80},
+                       "a": {"v1": 0.90, "v2": 0.90, "v3": 0.70},
+                       "b": {"v1": 0.70, "v2": 0.70, "v3": 0.99}},
+              "set2": {"default": {"w1": 0.5}, "a": {"w1": 0.4}, "b": {"w1": 0.9}}}
+    f = oos.choose_and_score(tables)
+    s1 = f["set1"]
+    assert s1["in_sample_choice"] == "a" and s1["in_sample"] == pytest.approx((0.9 + 0.9 + 0.7) / 3)
+    assert s1["leave_one_out_choices"] == {"v1": "b", "v2": "b", "v3": "a"}   # without v1: b (0.845) > a (0.80)
+    assert s1["leave_one_out"] == pytest.approx((0.70 + 0.70 + 0.70) / 3)
+    assert s1["other_datasets_choice"] == "b" and s1["other_datasets"] == pytest.approx((0.7 + 0.7 + 0.99) / 3)
+    assert f["set2"]["other_datasets_choice"] == "a" and f["set2"]["other_datasets"] == pytest.approx(0.4)
+    assert f["set2"]["default"] == pytest.approx(0.5)
+    assert np.isnan(f["set2"]["leave_one_out"]) and f["set2"]["leave_one_out_choices"] == {}   # one volume
+
+
+def test_out_of_sample_and_walk_decision_scripts_run_on_real_volumes(tiny_dataset, tmp_path, capsys):
+    """Both instruments end to end with LiteMedSAM on the tiny ellipsoid volumes."""
+    import shutil
+    folder, _, mask = tiny_dataset
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("image_2.nii.gz", "label_2.nii.gz"):
+        shutil.copy(str(folder / name), str(other / name))
+    oos = _load_script("out_of_sample")
+    report = oos.main([str(folder), str(other), "--device", "cpu", "--vary", "volume.min_overlap", "0.99",
+                       "-o", str(tmp_path / "oos.json")])
+    assert set(report["tables"]) == {folder.name, "other"}
+    assert report["candidates"] == ["default", "volume.min_overlap=0.99"]
+    assert set(report["tables"][folder.name]["default"]) == {"image_1", "image_2"}
+    assert "| other | 1 |" in capsys.readouterr().out
+
+    wd = _load_script("walk_decisions")
+    out = tmp_path / "steps.csv"
+    wd.main([str(folder), "--limit", "1", "--device", "cpu", "-o", str(out)])
+    rows = list(csv.DictReader(open(str(out))))
+    organ_slices = np.flatnonzero(mask.any(axis=(1, 2)))
+    # walks run on the truth: every go-step is an organ slice, and each direction ends with one stop-step
+    assert {int(r["slice"]) for r in rows if r["truth"] == "go"} <= set(organ_slices.tolist())
+    assert sum(r["truth"] == "stop" for r in rows) <= 2
+    assert sum(r["first"] == "True" for r in rows) == 2
+    printed = capsys.readouterr().out
+    assert "first steps" in printed and "the configured rules stop" in printed

@@ -114,6 +114,9 @@ class VolumeConfig:
     # slice's (the support's, for the first step): a sudden drop means the walk has left the
     # organ for a look-alike beside it (the left atrium above the left ventricle). 0 = off.
     min_confidence_ratio: float = 0.7
+    # ... on the first step away from a painted slice: the paint's own mean confidence is its
+    # self-similarity (its prototypes come from it), higher than any decoded slice's.
+    min_confidence_ratio_first: float = 0.7
     # A label painted inside another label's outline on every support slice (the blood pool
     # inside the myocardium, a lesion inside its organ) is kept only on slices where that
     # enclosing label is present: it cannot outlast what encloses it.
@@ -222,6 +225,7 @@ def validate(cfg: SynPoConfig) -> SynPoConfig:
         (v.label_workers >= 1, "volume.label_workers must be >= 1"),
         (0.0 <= v.ring_min_hole < 1.0, "volume.ring_min_hole must be in [0, 1)"),
         (0.0 <= v.min_confidence_ratio <= 1.0, "volume.min_confidence_ratio must be in [0, 1]"),
+        (0.0 <= v.min_confidence_ratio_first <= 1.0, "volume.min_confidence_ratio_first must be in [0, 1]"),
         (0.0 <= cfg.gate.quantiles[0] < cfg.gate.quantiles[1] <= 1.0,
          "gate.quantiles must be two fractions, low < high, in [0, 1]"),
         (cfg.gate.margin >= 0.0, "gate.margin must be >= 0"),

@@ -35,6 +35,7 @@ from .prompts import Prompts, select_prompts
 from .result import SliceRecord, VolumeResult
 from .slice_confidence import SliceConfidence
 from .support import absent_marks, find_support, from_slices, in_plane_spacing, to_slices
+from .walk_rules import Judge, Step, judge_step
 
 Progress = Callable[[str, int, int], None]
 # Called as each slice's decision is made: (record, its mask in the slice frame or None). Labels are
@@ -264,8 +265,9 @@ class _Context:
     """What the per-label propagation needs, bundled."""
 
     def __init__(self, sam, embeds, conf, cfg, timings, cancel, tick, gate_range=None,
-                 on_slice: Optional[SliceReport] = None, absent: Sequence[int] = ()):
+                 on_slice: Optional[SliceReport] = None, absent: Sequence[int] = (), judge: Judge = judge_step):
         self.sam, self.embeds, self.conf, self.cfg = sam, embeds, conf, cfg
+        self.judge = judge
         self.timings, self.cancel, self.tick = timings, cancel, tick
         self.gate_range = gate_range             # the target's grey-value range (gate.py), or None
         self.on_slice = on_slice
@@ -282,10 +284,11 @@ class _Context:
             self.on_slice(rec, mask)
 
     def decode(self, label: int, t: int, prev: Optional[np.ndarray], min_area: float,
-               prev_score: Optional[float] = None, expected: Optional[np.ndarray] = None):
+               prev_score: Optional[float] = None, expected: Optional[np.ndarray] = None, first: bool = False):
         """Decode slice t next to `prev` (the neighbouring mask, None for a first slice) and judge
-        whether the target is there; prev_score is the neighbouring mask's mean confidence;
-        expected, the target's guessed shape (select_prompts)."""
+        whether the target is there (self.judge: walk_rules.judge_step); prev_score is the
+        neighbouring mask's mean confidence; expected, the target's guessed shape (select_prompts);
+        first: prev is a painted slice."""
         if self.cancel is not None and self.cancel():
             raise Cancelled("cancelled")
         vc = self.cfg.volume
@@ -296,21 +299,15 @@ class _Context:
         area = int(mask.sum())
         score = float(self.conf[t][mask].mean()) if area else 0.0
         overlap = float(np.logical_and(mask, prev).sum() / area) if prev is not None and area else 0.0
-        reasons = [
-            (area < min_area, "too small"),
-            (score < vc.min_confidence, "low confidence"),
-            (prev_score is not None and score < vc.min_confidence_ratio * prev_score, "confidence drop"),
-            (sam_iou < vc.min_sam_iou, "low SAM IoU"),
-            (prev is not None and overlap < vc.min_overlap, "left the previous mask"),
-        ]
-        reason = next((why for failed, why in reasons if failed), "")
+        reason = self.judge(Step(label, t, first, mask, prev, min_area, score, prev_score, sam_iou, overlap), vc)
         rec = _record(label, t, "absent" if reason else "present", prompts, score, sam_iou, box)
         rec.overlap_prev, rec.reason = overlap, reason
         return (None if reason else mask), rec
 
 
 def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, step: int, min_area: float,
-          masks: Dict[int, np.ndarray], records: List[SliceRecord]) -> None:
+          masks: Dict[int, np.ndarray], records: List[SliceRecord], painted: bool = True) -> None:
+    """Walk from `start` (whose mask is `mask`; painted: the user's paint) towards `stop` by `step`."""
     prev = mask
     prev_score = float(ctx.conf[start][mask].mean()) if mask.any() else None
     t = start + step
@@ -321,7 +318,7 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
             ctx.tick()
         else:
             ctx.prefetch([u for u in range(t, stop, step)[:ctx.embeds.batch_size] if u not in ctx.absent])
-            new, rec = ctx.decode(label, t, prev, min_area, prev_score)
+            new, rec = ctx.decode(label, t, prev, min_area, prev_score, first=painted and t == start + step)
         records.append(rec)
         ctx.report(rec, new)
         if new is None:
@@ -349,16 +346,17 @@ def walk_ranges(starts: Sequence[int], n: int) -> Dict[int, Tuple[int, int]]:
     return out
 
 
-def _propagate(ctx, label: int, n: int, starts: Dict[int, np.ndarray], min_area, records: List[SliceRecord]
-               ) -> Dict[int, np.ndarray]:
+def _propagate(ctx, label: int, n: int, starts: Dict[int, np.ndarray], min_area, records: List[SliceRecord],
+               painted: bool = True) -> Dict[int, np.ndarray]:
     """Walk outwards from every start slice, each within its range (walk_ranges). ctx and min_area
-    are one for all starts, or {start: ...}: each support's walk with its own confidence and area."""
+    are one for all starts, or {start: ...}: each support's walk with its own confidence and area.
+    painted: the starts are the user's paint (not a decoded start slice, as across patients)."""
     masks: Dict[int, np.ndarray] = dict(starts)
     for s, (low, high) in walk_ranges(list(starts), n).items():
         c = ctx[s] if isinstance(ctx, dict) else ctx
         a = min_area[s] if isinstance(min_area, dict) else min_area
-        _walk(c, label, s, starts[s], low, -1, a, masks, records)
-        _walk(c, label, s, starts[s], high, +1, a, masks, records)
+        _walk(c, label, s, starts[s], low, -1, a, masks, records, painted)
+        _walk(c, label, s, starts[s], high, +1, a, masks, records, painted)
     return masks
 
 
@@ -490,6 +488,7 @@ class VolumeRun:
                 if any(p is not None for p in parts):
                     self.rings[label] = ([fill_holes(m) for m in masks],
                                          {s: p[1][0] for s, p in zip(support.slices[label], parts) if p is not None})
+        self.judge: Judge = judge_step             # the stop rules (an instrument may record them)
         self.failed = threading.Event()           # a label worker failed: the others stop too
         self._done, self._tick_lock = 0, threading.Lock()
 
@@ -639,7 +638,7 @@ class VolumeRun:
         masks), instead of blending its features into every slice's prototypes."""
         def context(conf, idx, masks):
             return _Context(self.sam, self.q_stores["sam"], conf, self.cfg, timings, self.stopped, self.tick,
-                            self.target_range(idx, masks), report, self.absent.get(label, ()))
+                            self.target_range(idx, masks), report, self.absent.get(label, ()), self.judge)
 
         def min_area(masks):
             return self.cfg.volume.min_area_fraction * float(np.mean([m.sum() for m in masks]))
@@ -649,7 +648,8 @@ class VolumeRun:
             before = conf.seconds
             ctx = context(conf, sup_idx, sup_masks)
             starts = self.cross_start(ctx, label, sup_idx, sup_masks, conf, min_area(sup_masks), records)
-            masks = _propagate(ctx, label, self.n, starts, min_area(sup_masks), records) if starts else {}
+            masks = _propagate(ctx, label, self.n, starts, min_area(sup_masks), records, painted=False) \
+                if starts else {}
             if self.everywhere:
                 conf.prepare(range(self.n))
             timings["confidence"] += conf.seconds - before

@@ -1,0 +1,121 @@
+"""Constants chosen on some volumes, scored on others: how much of a figure is tuning.
+
+    .venv/bin/python benchmarks/out_of_sample.py ../shared/data/chaos_t2 ../shared/data/cmr_bssfp \
+        ../shared/data/btcv_ct --vary volume.min_overlap 0.4 0.5 0.6 [--vary FIELD V ...] \
+        [--embedding-cache DIR] [-o oos.json]
+
+The candidates are the defaults and each listed value of each varied field (one field changed at a
+time, as benchmarks/sweep.py). Every candidate runs on every volume of every data set (the
+intra-volume protocol of `synpo evaluate`: each organ painted on its middle labelled slice, one
+run per volume; whole-volume Dice per organ, its mean per volume). Per data set it prints:
+- default: the defaults' figure (in-sample where the defaults were chosen on that data set: the
+  CHAOS volumes shaped most of them, the cardiac set some walk rules);
+- in-sample: the candidate best on all of the data set's volumes, scored on the same volumes;
+- leave-one-volume-out: for each volume, the candidate best on the set's other volumes, scored on
+  it (the mean over volumes), and which candidates were chosen;
+- other data sets: the candidate best on the other data sets together, scored on this one.
+"in-sample minus out-of-sample" is what tuning on the scored volumes adds.
+"""
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "SynPoSlicer"))
+
+from benchmarks.sweep import variants_for  # noqa: E402
+from synpo.config import configured  # noqa: E402
+from synpo.errors import SynPoError  # noqa: E402
+from synpo.evaluate import evaluate_intra, find_pairs  # noqa: E402
+
+
+def per_volume(scores) -> Dict[str, Dict[str, float]]:
+    """{candidate: {volume: mean whole-volume Dice over its organs}}."""
+    out: Dict[str, Dict[str, List[float]]] = {}
+    for s in scores:
+        out.setdefault(s.method, {}).setdefault(s.volume, []).append(s.dice_volume)
+    return {m: {v: float(np.mean(d)) for v, d in vols.items()} for m, vols in out.items()}
+
+
+def best(table: Dict[str, Dict[str, float]], volumes: List[str]) -> str:
+    """The candidate with the highest mean over `volumes` (the defaults win a tie)."""
+    names = list(table)
+    means = [np.mean([table[m][v] for v in volumes]) for m in names]
+    return names[int(np.argmax(means))]
+
+
+def choose_and_score(tables: Dict[str, Dict[str, Dict[str, float]]]) -> Dict[str, dict]:
+    """Per data set: default, in-sample, leave-one-volume-out and other-data-set figures."""
+    out = {}
+    for ds, table in tables.items():
+        vols = sorted(next(iter(table.values())))
+        mean = lambda m, vs: float(np.mean([table[m][v] for v in vs]))   # noqa: E731
+        inside = best(table, vols)
+        # one volume alone leaves nothing to choose on: no leave-one-out figure
+        loo_choice = {v: best(table, [u for u in vols if u != v]) for v in vols} if len(vols) > 1 else {}
+        loo = float(np.mean([table[loo_choice[v]][v] for v in vols])) if loo_choice else float("nan")
+        others = {d: t for d, t in tables.items() if d != ds}
+        other_figure, other_choice = float("nan"), None
+        if others:
+            names = list(table)
+            pooled = [np.mean([np.mean(list(t[m].values())) for t in others.values()]) for m in names]
+            other_choice = names[int(np.argmax(pooled))]
+            other_figure = mean(other_choice, vols)
+        out[ds] = {"volumes": len(vols), "default": mean("default", vols),
+                   "in_sample": mean(inside, vols), "in_sample_choice": inside,
+                   "leave_one_out": loo, "leave_one_out_choices": loo_choice,
+                   "other_datasets": other_figure, "other_datasets_choice": other_choice}
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("data", nargs="+", help="data folders (image_N / label_N)")
+    ap.add_argument("--vary", nargs="+", action="append", default=[], metavar=("FIELD", "VALUE"))
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N volumes of each folder")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--embedding-cache", metavar="DIR")
+    ap.add_argument("-o", "--output", help="write the tables and figures as JSON here")
+    args = ap.parse_args(argv)
+    from synpo.features import load_models
+    variants = variants_for(configured(args.set), args.vary)
+    sam, dino, use = load_models("litemedsam", "sam", "small", args.device, True)
+    tables = {}
+    for folder in args.data:
+        pairs = find_pairs(folder)[: args.limit]
+        if not pairs:
+            raise SynPoError("no image_N/label_N volumes in %s" % folder)
+        ds = os.path.basename(os.path.normpath(folder))
+        scores = evaluate_intra(pairs, sam, dino, variants[0].cfg, None, (0.5,), False, lambda msg: None,
+                                confidence_from=use, embedding_cache=args.embedding_cache, variants=variants)
+        tables[ds] = per_volume(scores)
+        print("%s: %d volumes x %d candidates done" % (ds, len(pairs), len(variants)), flush=True)
+    figures = choose_and_score(tables)
+    print("\n| data set | volumes | defaults | in-sample best (choice) | leave-one-volume-out | "
+          "chosen on the other data sets (choice) | in-sample - out-of-sample |")
+    print("|---|---|---|---|---|---|---|")
+    for ds, f in figures.items():
+        print("| %s | %d | %.4f | %.4f (%s) | %.4f | %.4f (%s) | %+.4f |" % (
+            ds, f["volumes"], f["default"], f["in_sample"], f["in_sample_choice"], f["leave_one_out"],
+            f["other_datasets"], f["other_datasets_choice"], f["in_sample"] - f["leave_one_out"]))
+    print("\nper candidate, mean whole-volume Dice per data set:")
+    for name in tables[next(iter(tables))]:
+        print("  %-40s %s" % (name, "  ".join("%s %.4f" % (ds, np.mean(list(t[name].values())))
+                                              for ds, t in tables.items())))
+    report = {"candidates": [v.name for v in variants], "tables": tables, "figures": figures}
+    if args.output:
+        with open(args.output, "w") as handle:
+            json.dump(report, handle, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except SynPoError as e:
+        sys.exit("out_of_sample: error: %s" % e)
