@@ -858,3 +858,22 @@ def test_walk_gates_each_decoded_mask_with_the_targets_range():
     # Without the gate each slice's mask widens the next one's search region: the walk drifts into the neighbour.
     spilled = [int(walked["not gated"][t][:, 31:].sum()) for t in (1, 2, 3)]
     assert 0 < spilled[0] < spilled[1] < spilled[2]
+
+
+def test_the_first_step_from_the_paint_has_its_own_limits():
+    from synpo.config import VolumeConfig
+    from synpo.walk_rules import Step, judge_step
+    mask, prev = np.zeros((8, 8), bool), np.ones((8, 8), bool)
+    mask[:4] = True
+    vc = VolumeConfig(min_overlap=0.6, min_overlap_first=0.4, min_confidence_ratio=0.7,
+                      min_confidence_ratio_first=0.5)
+
+    def step(first, overlap=0.9, score=0.8, prev_score=1.0):
+        return Step(1, 3, first, mask, prev, 1.0, score, prev_score, 0.9, overlap)
+    assert judge_step(step(False, overlap=0.5), vc) == "left the previous mask"
+    assert judge_step(step(True, overlap=0.5), vc) == ""
+    assert judge_step(step(True, overlap=0.3), vc) == "left the previous mask"
+    assert judge_step(step(False, score=0.6), vc) == "confidence drop"
+    assert judge_step(step(True, score=0.6), vc) == ""
+    assert judge_step(step(True, score=0.4), vc) == "confidence drop"
+    assert judge_step(Step(1, 3, True, mask, prev, 100.0, 0.8, 1.0, 0.9, 0.9), vc) == "too small"

@@ -110,13 +110,19 @@ class VolumeConfig:
     # neighbouring structure rather than the organ continuing).
     min_sam_iou: float = 0.6
     min_overlap: float = 0.6
+    # ... on the first step away from a painted slice. Chosen on the CHAOS and cardiac walks
+    # (benchmarks/walk_decisions.py): no first step there leaves the organ (96 of 96 continue it),
+    # and those steps' overlap is >= 0.684 and their confidence ratio >= 0.861, so the first-step
+    # limits sit well below both (a first step of a small organ moves further, relative to its
+    # size, than the 0.6 limit allows: two BTCV-like kidneys stopped at 0.55-0.58).
+    min_overlap_first: float = 0.4
     # ... or when the mask's mean confidence falls below this fraction of the previous
     # slice's (the support's, for the first step): a sudden drop means the walk has left the
     # organ for a look-alike beside it (the left atrium above the left ventricle). 0 = off.
     min_confidence_ratio: float = 0.7
     # ... on the first step away from a painted slice: the paint's own mean confidence is its
-    # self-similarity (its prototypes come from it), higher than any decoded slice's.
-    min_confidence_ratio_first: float = 0.7
+    # self-similarity (its prototypes come from it), not a decoded slice's (min_overlap_first).
+    min_confidence_ratio_first: float = 0.5
     # A label painted inside another label's outline on every support slice (the blood pool
     # inside the myocardium, a lesion inside its organ) is kept only on slices where that
     # enclosing label is present: it cannot outlast what encloses it.
@@ -226,6 +232,7 @@ def validate(cfg: SynPoConfig) -> SynPoConfig:
         (0.0 <= v.ring_min_hole < 1.0, "volume.ring_min_hole must be in [0, 1)"),
         (0.0 <= v.min_confidence_ratio <= 1.0, "volume.min_confidence_ratio must be in [0, 1]"),
         (0.0 <= v.min_confidence_ratio_first <= 1.0, "volume.min_confidence_ratio_first must be in [0, 1]"),
+        (0.0 <= v.min_overlap_first <= 1.0, "volume.min_overlap_first must be in [0, 1]"),
         (0.0 <= cfg.gate.quantiles[0] < cfg.gate.quantiles[1] <= 1.0,
          "gate.quantiles must be two fractions, low < high, in [0, 1]"),
         (cfg.gate.margin >= 0.0, "gate.margin must be >= 0"),

@@ -39,11 +39,12 @@ Judge = Callable[[Step, VolumeConfig], str]
 def judge_step(step: Step, vc: VolumeConfig) -> str:
     """The first rule that fails, or "" when the target is judged present."""
     ratio = vc.min_confidence_ratio_first if step.first else vc.min_confidence_ratio
+    overlap = vc.min_overlap_first if step.first else vc.min_overlap
     reasons = [
         (step.area < step.min_area, "too small"),
         (step.score < vc.min_confidence, "low confidence"),
         (step.prev_score is not None and step.score < ratio * step.prev_score, "confidence drop"),
         (step.sam_iou < vc.min_sam_iou, "low SAM IoU"),
-        (step.prev is not None and step.overlap < vc.min_overlap, "left the previous mask"),
+        (step.prev is not None and step.overlap < overlap, "left the previous mask"),
     ]
     return next((why for failed, why in reasons if failed), "")
