@@ -374,3 +374,15 @@ def test_out_of_sample_and_walk_decision_scripts_run_on_real_volumes(tiny_datase
     assert sum(r["first"] == "True" for r in rows) == 2
     printed = capsys.readouterr().out
     assert "first steps" in printed and "the configured rules stop" in printed
+
+
+def test_runtime_speed_script_compares_the_installed_runtimes(tmp_path, capsys):
+    module = _load_script("runtime_speed")
+    report = module.main(["--slices", "1", "--repeats", "1", "-o", str(tmp_path / "speed.json")])
+    assert json.load(open(str(tmp_path / "speed.json"))) == report
+    names = [r["runtime"] for r in report["rows"]] + list(report["skipped"])
+    assert names[0] == "torch" and sorted(names) == ["onnxruntime", "openvino", "torch"]
+    assert 50 < report["gflop_per_slice"] < 100                  # LiteMedSAM's TinyViT at 256 px: ~75
+    for r in report["rows"]:
+        assert r["s_per_slice"] > 0 and r["max_abs_diff_vs_torch"] < 1e-3
+    assert "| torch |" in capsys.readouterr().out
