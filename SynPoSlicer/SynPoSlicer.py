@@ -605,6 +605,7 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
         """Build the preview nodes from the finished job (main thread)."""
         from SynPoSlicerLib import mrml
         from synpo.outputs import collapse_warnings, extent_summary
+        from synpo.result import FOUND
         if self.volumeNode is None or self.volumeNode.GetScene() is None:
             self.state, self.message = "cancelled", "The volume was closed; nothing was shown."
             return
@@ -614,7 +615,7 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
         self.preview = mrml.show_preview(self.volumeNode, self.result, self.segmentIds, self.segmentNames)
         slicer.util.setSliceViewerLayers(background=self.volumeNode, foreground=self.preview.confidence,
                                          foregroundOpacity=opacity)
-        present = sum(r.status in ("present", "support") for r in self.result.records)
+        present = sum(r.status in FOUND for r in self.result.records)
         names = {i + 1: name for i, name in enumerate(self.segmentNames)}
         self.state = "previewed"
         self.message = ("Preview ready: target on %d slice(s). Green/red points are the prompts; move them and "

@@ -291,6 +291,42 @@ def test_walk_stops_where_the_confidence_drops(levels, ratio, expected):
                                                                           (5, "not reached", "")]
 
 
+@pytest.mark.parametrize("absent, present, interpolated, end", [
+    ((), [3, 6, 9, 12, 13], [1, 2, 4, 5, 7, 8, 10, 11], (14, "confidence drop")),   # the end, slice by slice
+    ((8,), [3, 6, 7], [1, 2, 4, 5], (8, "marked absent")),                      # never jumps over a mark
+])
+def test_a_strided_walk_decodes_every_third_slice_and_finds_the_end_slice_by_slice(absent, present, interpolated, end):
+    from synpo.volume import _Context, _walk
+    n = 20
+    conf = np.zeros((n, 40, 40), np.float32)
+    for t in range(14):                                      # the organ: slices 0-13, drifting right
+        conf[t, 10:30, 8 + t // 2:26 + t // 2] = 0.9
+    store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
+    store.ensure(range(n))
+    decoded = []
+    filler = _BoxFiller()
+    real = store.decode
+    store.decode = lambda sam, t, prompts, cfg: (decoded.append(t), real(sam, t, prompts, cfg))[1]
+    ctx = _Context(filler, store, conf, SynPoConfig(), {"prompts": 0.0, "decode": 0.0}, None, lambda k=1: None,
+                   absent=absent, stride=3)
+    masks, records = {}, []
+    _walk(ctx, 1, 0, conf[0] > 0.5, n, +1, 10.0, masks, records)
+    by_status = {}
+    for r in records:
+        by_status.setdefault(r.status, []).append(r.index)
+    assert sorted(r.index for r in records) == list(range(1, n))          # every slice once
+    assert sorted(by_status["present"]) == present and sorted(by_status["interpolated"]) == interpolated
+    assert [(r.index, r.reason) for r in records if r.status == "absent"] == [end]
+    assert sorted(masks) == sorted(present + interpolated)
+    def iou(t):
+        truth = conf[t] > 0.5
+        return (masks[t] & truth).sum() / (masks[t] | truth).sum()
+    for t in interpolated:                                   # as good as the decoded slices around it
+        decoded_around = [iou(u) for u in present if abs(u - t) < 3]
+        assert iou(t) >= min(decoded_around) - 0.03, (t, iou(t), decoded_around)
+    assert set(decoded) <= set(present) | {end[0], 15, 9}      # a trial jump past the end is decoded, not kept
+
+
 def test_store_reuses_identical_decodings_and_bounds_what_it_keeps(monkeypatch):
     from synpo import volume
     store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
@@ -877,3 +913,20 @@ def test_the_first_step_from_the_paint_has_its_own_limits():
     assert judge_step(step(True, score=0.6), vc) == ""
     assert judge_step(step(True, score=0.4), vc) == "confidence drop"
     assert judge_step(Step(1, 3, True, mask, prev, 100.0, 0.8, 1.0, 0.9, 0.9), vc) == "too small"
+
+
+def test_shape_based_interpolation_moves_and_grows_a_disc_between_two_slices():
+    from synpo.interpolate import between
+    yy, xx = np.mgrid[:64, :64]
+    a = (yy - 20) ** 2 + (xx - 20) ** 2 <= 6 ** 2
+    b = (yy - 40) ** 2 + (xx - 40) ** 2 <= 12 ** 2
+    mid = between(a, b, 3)
+    assert len(mid) == 3 and all(m.dtype == bool for m in mid)
+    areas = [m.sum() for m in [a] + mid + [b]]
+    assert areas == sorted(areas)                               # it grows monotonically
+    cy, cx = np.argwhere(mid[1]).mean(axis=0)
+    assert abs(cy - 30) < 1.0 and abs(cx - 30) < 1.0            # halfway, centred
+    radius = np.sqrt(mid[1].sum() / np.pi)
+    assert abs(radius - 9) < 1.0
+    assert between(a, a, 2)[0].tolist() == a.tolist()           # the same shape stays itself
+    assert between(a, b, 0) == []

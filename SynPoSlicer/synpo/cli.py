@@ -124,7 +124,8 @@ def cmd_segment(args) -> int:
     for line in collapse_warnings(result):
         print("synpo: warning: %s" % line, file=sys.stderr)
     if not args.quiet:
-        present = sum(r.status in ("present", "support") for r in result.records)
+        from .result import FOUND
+        present = sum(r.status in FOUND for r in result.records)
         print("segmented %d label(s) %s across axis %s (%s, features: %s): %d slice(s) with target; wrote %s"
               % (len(result.support.labels), result.support.labels, "kji"[result.support.axis],
                  result.modality, "+".join(result.features), present, ", ".join(written)))

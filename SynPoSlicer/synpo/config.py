@@ -123,6 +123,10 @@ class VolumeConfig:
     # ... on the first step away from a painted slice: the paint's own mean confidence is its
     # self-similarity (its prototypes come from it), not a decoded slice's (min_overlap_first).
     min_confidence_ratio_first: float = 0.5
+    # Thin slices: a walk decodes every n-th slice, n the most slices within this thickness (mm),
+    # and fills the slices between by shape-based interpolation (interpolate.py); the organ's ends
+    # are still found slice by slice. 0 = decode every slice.
+    walk_spacing_mm: float = 0.0
     # A label painted inside another label's outline on every support slice (the blood pool
     # inside the myocardium, a lesion inside its organ) is kept only on slices where that
     # enclosing label is present: it cannot outlast what encloses it.
@@ -233,6 +237,7 @@ def validate(cfg: SynPoConfig) -> SynPoConfig:
         (0.0 <= v.min_confidence_ratio <= 1.0, "volume.min_confidence_ratio must be in [0, 1]"),
         (0.0 <= v.min_confidence_ratio_first <= 1.0, "volume.min_confidence_ratio_first must be in [0, 1]"),
         (0.0 <= v.min_overlap_first <= 1.0, "volume.min_overlap_first must be in [0, 1]"),
+        (v.walk_spacing_mm >= 0.0, "volume.walk_spacing_mm must be >= 0 (0: every slice)"),
         (0.0 <= cfg.gate.quantiles[0] < cfg.gate.quantiles[1] <= 1.0,
          "gate.quantiles must be two fractions, low < high, in [0, 1]"),
         (cfg.gate.margin >= 0.0, "gate.margin must be >= 0"),

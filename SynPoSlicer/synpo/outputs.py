@@ -5,7 +5,7 @@ from typing import Dict, List
 import numpy as np
 
 from .io import Geometry, write_json, write_volume
-from .result import VolumeResult
+from .result import FOUND, VolumeResult
 
 CONVENTION = {
     "ijk": "0-based voxel index (i, j, k) of IMAGE; i is the fastest-varying (column) axis",
@@ -62,7 +62,7 @@ def extent_summary(result: VolumeResult, names: Dict[int, str] = None) -> List[s
     lines = []
     for label in result.support.labels:
         recs = sorted((r for r in result.records if r.label == label), key=lambda r: r.index)
-        found = [r.index for r in recs if r.status in ("present", "support")]
+        found = [r.index for r in recs if r.status in FOUND]
         name = (names or {}).get(label, "label %d" % label)
         if not found:
             lines.append("%s: not found" % name)
@@ -87,7 +87,7 @@ def collapse_warnings(result: VolumeResult, names: Dict[int, str] = None) -> Lis
     for label in result.support.labels:
         recs = sorted((r for r in result.records if r.label == label), key=lambda r: r.index)
         painted = [r.index for r in recs if r.status == "support"]
-        if not painted or any(r.status == "present" for r in recs):
+        if not painted or any(r.status in FOUND[1:] for r in recs):
             continue
         first = ["%d (%s)" % (r.index, r.reason or "absent") for r in recs
                  if r.status == "absent" and any(abs(r.index - p) == 1 for p in painted)]

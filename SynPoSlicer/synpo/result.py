@@ -10,14 +10,17 @@ import numpy as np
 
 from .support import Support
 
-STATUSES = ("support", "present", "absent", "not reached")
+# "interpolated": between two decoded slices of a thin-slice walk (VolumeConfig.walk_spacing_mm),
+# filled by shape-based interpolation: no prompts of its own.
+STATUSES = ("support", "present", "interpolated", "absent", "not reached")
+FOUND = ("support", "present", "interpolated")      # the statuses with the target in the result
 
 
 @dataclass
 class SliceRecord:
     label: int
     index: int                     # slice index along the slicing axis
-    status: str                    # "support", "present", "absent", "not reached"
+    status: str                    # one of STATUSES
     score: float = 0.0             # mean fused confidence inside the mask
     sam_iou: float = 0.0
     overlap_prev: float = 0.0      # fraction of this mask inside the neighbouring (previous) mask

@@ -27,6 +27,7 @@ import torch
 from .config import DecodeConfig, SynPoConfig, validate
 from .decode import decode_slice, decoder_inputs, fill_holes
 from .gate import apply_gate, organ_range
+from .interpolate import between as interpolate_between
 from .errors import InputError, SynPoError
 from .features import batch_size_for
 from .intensity import normalize
@@ -265,9 +266,11 @@ class _Context:
     """What the per-label propagation needs, bundled."""
 
     def __init__(self, sam, embeds, conf, cfg, timings, cancel, tick, gate_range=None,
-                 on_slice: Optional[SliceReport] = None, absent: Sequence[int] = (), judge: Judge = judge_step):
+                 on_slice: Optional[SliceReport] = None, absent: Sequence[int] = (), judge: Judge = judge_step,
+                 stride: int = 1, spacing_rc=(1.0, 1.0)):
         self.sam, self.embeds, self.conf, self.cfg = sam, embeds, conf, cfg
         self.judge = judge
+        self.stride, self.spacing_rc = stride, spacing_rc   # walk every stride-th slice (thin slices)
         self.timings, self.cancel, self.tick = timings, cancel, tick
         self.gate_range = gate_range             # the target's grey-value range (gate.py), or None
         self.on_slice = on_slice
@@ -284,18 +287,20 @@ class _Context:
             self.on_slice(rec, mask)
 
     def decode(self, label: int, t: int, prev: Optional[np.ndarray], min_area: float,
-               prev_score: Optional[float] = None, expected: Optional[np.ndarray] = None, first: bool = False):
+               prev_score: Optional[float] = None, expected: Optional[np.ndarray] = None, first: bool = False,
+               tick: bool = True):
         """Decode slice t next to `prev` (the neighbouring mask, None for a first slice) and judge
         whether the target is there (self.judge: walk_rules.judge_step); prev_score is the
         neighbouring mask's mean confidence; expected, the target's guessed shape (select_prompts);
-        first: prev is a painted slice."""
+        first: prev is a painted slice; tick: count the slice as done (a walk's trial jump does not)."""
         if self.cancel is not None and self.cancel():
             raise Cancelled("cancelled")
         vc = self.cfg.volume
         region = _search_region(prev, vc.search_margin, vc.search_min_px) if prev is not None else None
         mask, sam_iou, box, prompts = decode_prompted(self.sam, self.embeds, t, self.conf[t], self.cfg, region,
                                                       expected, self.gate_range, self.timings)
-        self.tick()
+        if tick:
+            self.tick()
         area = int(mask.sum())
         score = float(self.conf[t][mask].mean()) if area else 0.0
         overlap = float(np.logical_and(mask, prev).sum() / area) if prev is not None and area else 0.0
@@ -307,31 +312,69 @@ class _Context:
 
 def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, step: int, min_area: float,
           masks: Dict[int, np.ndarray], records: List[SliceRecord], painted: bool = True) -> None:
-    """Walk from `start` (whose mask is `mask`; painted: the user's paint) towards `stop` by `step`."""
-    prev = mask
+    """Walk from `start` (whose mask is `mask`; painted: the user's paint) towards `stop` by `step`
+    (+1 or -1). With ctx.stride > 1 (a thin-slice volume) the walk decodes every stride-th slice
+    and fills the slices between by shape-based interpolation (interpolate.py); where a strided
+    slice is judged absent, the slices up to it are walked one by one, so the organ's end is found
+    slice by slice as without a stride."""
+    prev, t = mask, start
     prev_score = float(ctx.conf[start][mask].mean()) if mask.any() else None
-    t = start + step
-    while t != stop:
-        if t in ctx.absent:                      # the user said so: no decoding, the walk ends here
-            new, rec = None, _record(label, t, "absent")
+    single_until = start                         # after a failed jump: single steps up to here
+
+    def ahead(u: int) -> bool:                   # u lies before the end of this walk's range
+        return (stop - u) * step > 0
+
+    while True:
+        jump = t + step * ctx.stride
+        between = range(t + step, jump + step, step)
+        if (ctx.stride > 1 and (single_until - t) * step <= 0 and ahead(jump)
+                and not any(u in ctx.absent for u in between)):
+            ctx.prefetch([jump])
+            new, rec = ctx.decode(label, jump, prev, min_area, prev_score, first=painted and t == start, tick=False)
+            if new is not None:
+                for u, m in zip(between, interpolate_between(prev, new, ctx.stride - 1, ctx.spacing_rc)):
+                    masks[u] = m
+                    records.append(_record(label, u, "interpolated"))
+                    ctx.report(records[-1], m)
+                    ctx.tick()
+                records.append(rec)
+                ctx.report(rec, new)
+                ctx.tick()
+                masks[jump] = new
+                prev, prev_score, t = new, rec.score, jump
+                continue
+            single_until = jump                  # the organ ends before `jump`: find where, slice by slice
+        u = t + step
+        if not ahead(u):
+            return
+        if u in ctx.absent:                      # the user said so: no decoding, the walk ends here
+            new, rec = None, _record(label, u, "absent")
             rec.reason = "marked absent"
             ctx.tick()
         else:
-            ctx.prefetch([u for u in range(t, stop, step)[:ctx.embeds.batch_size] if u not in ctx.absent])
-            new, rec = ctx.decode(label, t, prev, min_area, prev_score, first=painted and t == start + step)
+            ctx.prefetch([v for v in range(u, stop, step)[:ctx.embeds.batch_size] if v not in ctx.absent]
+                         if ctx.stride == 1 else [u])
+            new, rec = ctx.decode(label, u, prev, min_area, prev_score, first=painted and t == start)
         records.append(rec)
         ctx.report(rec, new)
         if new is None:
-            t += step
-            while t != stop:                     # the organ ended: the rest of this side is empty
-                records.append(_record(label, t, "not reached"))
+            u += step
+            while ahead(u):                      # the organ ended: the rest of this side is empty
+                records.append(_record(label, u, "not reached"))
                 ctx.report(records[-1], None)
                 ctx.tick()
-                t += step
+                u += step
             return
-        masks[t] = new
-        prev, prev_score = new, rec.score
-        t += step
+        masks[u] = new
+        prev, prev_score, t = new, rec.score, u
+
+
+def walk_stride(walk_spacing_mm: float, slice_spacing_mm: float) -> int:
+    """How many slices a walk's step spans: the most whose thickness stays within walk_spacing_mm
+    (1: every slice; 0 mm turns striding off)."""
+    if walk_spacing_mm <= 0 or slice_spacing_mm <= 0:
+        return 1
+    return max(1, int(np.floor(walk_spacing_mm / slice_spacing_mm + 1e-6)))
 
 
 def walk_ranges(starts: Sequence[int], n: int) -> Dict[int, Tuple[int, int]]:
@@ -468,6 +511,7 @@ class VolumeRun:
             raise InputError("the support image's slices are %dx%d but the image's are %dx%d; resample one onto "
                              "the other's in-plane grid" % (self.ref.shape[1], self.ref.shape[2], self.H, self.W))
         self.spacing_rc = in_plane_spacing(spacing_ijk, axis)
+        self.stride = walk_stride(cfg.volume.walk_spacing_mm, float(tuple(reversed(tuple(spacing_ijk)))[axis]))
         # Only the painted slices of the support are needed, not a copy of its volume.
         self.paint = {s: np.array(to_slices(support_label, axis)[s])
                       for s in sorted({s for v in support.slices.values() for s in v})}
@@ -638,7 +682,8 @@ class VolumeRun:
         masks), instead of blending its features into every slice's prototypes."""
         def context(conf, idx, masks):
             return _Context(self.sam, self.q_stores["sam"], conf, self.cfg, timings, self.stopped, self.tick,
-                            self.target_range(idx, masks), report, self.absent.get(label, ()), self.judge)
+                            self.target_range(idx, masks), report, self.absent.get(label, ()), self.judge,
+                            self.stride, self.spacing_rc)
 
         def min_area(masks):
             return self.cfg.volume.min_area_fraction * float(np.mean([m.sum() for m in masks]))
