@@ -930,3 +930,15 @@ def test_shape_based_interpolation_moves_and_grows_a_disc_between_two_slices():
     assert abs(radius - 9) < 1.0
     assert between(a, a, 2)[0].tolist() == a.tolist()           # the same shape stays itself
     assert between(a, b, 0) == []
+
+
+def test_a_gap_between_two_supports_changes_hands_where_their_walks_agree_best():
+    from synpo.volume import split_gap
+    box = lambda a, b: np.pad(np.ones((b - a, 4), bool), ((a, 12 - b), (0, 0)))   # noqa: E731
+    up = {t: box(0, 6) for t in range(1, 10)}                  # s1's walk: the same shape all the way
+    down = {t: box(0, 2 + t // 2) for t in range(1, 10)}        # s2's walk: matches it only at 8, 9
+    assert split_gap(0, 10, up, down) == 8
+    equal = {t: box(0, 6) for t in range(1, 10)}
+    assert split_gap(0, 10, up, equal) == 5                     # everywhere equal: the middle
+    assert split_gap(0, 10, {1: box(0, 6), 2: box(0, 6)}, {8: box(0, 6), 9: box(0, 6)}) == 2   # never met
+    assert split_gap(0, 10, {}, {5: box(0, 6)}) == 0             # s1's walk stopped at once: s2 owns the gap

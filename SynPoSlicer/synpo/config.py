@@ -123,6 +123,10 @@ class VolumeConfig:
     # ... on the first step away from a painted slice: the paint's own mean confidence is its
     # self-similarity (its prototypes come from it), not a decoded slice's (min_overlap_first).
     min_confidence_ratio_first: float = 0.5
+    # Between two supports of a target (a correction and the first paint): "nearest" gives each
+    # slice to the nearer support; "agreement" walks both across the gap and hands over where their
+    # masks agree best (volume.split_gap).
+    ownership: str = "nearest"
     # Thin slices: a walk decodes every n-th slice, n the most slices within this thickness (mm),
     # and fills the slices between by shape-based interpolation (interpolate.py); the organ's ends
     # are still found slice by slice. 0 = decode every slice.
@@ -237,6 +241,7 @@ def validate(cfg: SynPoConfig) -> SynPoConfig:
         (0.0 <= v.min_confidence_ratio <= 1.0, "volume.min_confidence_ratio must be in [0, 1]"),
         (0.0 <= v.min_confidence_ratio_first <= 1.0, "volume.min_confidence_ratio_first must be in [0, 1]"),
         (0.0 <= v.min_overlap_first <= 1.0, "volume.min_overlap_first must be in [0, 1]"),
+        (v.ownership in ("nearest", "agreement"), "volume.ownership must be nearest or agreement"),
         (v.walk_spacing_mm >= 0.0, "volume.walk_spacing_mm must be >= 0 (0: every slice)"),
         (0.0 <= cfg.gate.quantiles[0] < cfg.gate.quantiles[1] <= 1.0,
          "gate.quantiles must be two fractions, low < high, in [0, 1]"),

@@ -390,17 +390,60 @@ def walk_ranges(starts: Sequence[int], n: int) -> Dict[int, Tuple[int, int]]:
 
 
 def _propagate(ctx, label: int, n: int, starts: Dict[int, np.ndarray], min_area, records: List[SliceRecord],
-               painted: bool = True) -> Dict[int, np.ndarray]:
-    """Walk outwards from every start slice, each within its range (walk_ranges). ctx and min_area
-    are one for all starts, or {start: ...}: each support's walk with its own confidence and area.
-    painted: the starts are the user's paint (not a decoded start slice, as across patients)."""
-    masks: Dict[int, np.ndarray] = dict(starts)
-    for s, (low, high) in walk_ranges(list(starts), n).items():
+               painted: bool = True, ownership: str = "nearest") -> Tuple[Dict[int, np.ndarray], Dict[int, int]]:
+    """Walk outwards from every start slice; returns (masks {slice: mask}, owner {slice: start whose
+    walk gave that slice}). ctx and min_area are one for all starts, or {start: ...}: each support's
+    walk with its own confidence and area. painted: the starts are the user's paint (not a decoded
+    start slice, as across patients).
+    ownership: between two starts, "nearest" gives each slice to the nearer start (walk_ranges);
+    "agreement" walks both across the gap and splits it where their masks agree best (split_gap)."""
+    def walk(s, stop, step, into_masks, into_records):
         c = ctx[s] if isinstance(ctx, dict) else ctx
         a = min_area[s] if isinstance(min_area, dict) else min_area
-        _walk(c, label, s, starts[s], low, -1, a, masks, records, painted)
-        _walk(c, label, s, starts[s], high, +1, a, masks, records, painted)
-    return masks
+        _walk(c, label, s, starts[s], stop, step, a, into_masks, into_records, painted)
+
+    masks: Dict[int, np.ndarray] = dict(starts)
+    order = sorted(starts)
+    if ownership == "nearest" or len(order) == 1:
+        owner = {}
+        for s, (low, high) in walk_ranges(order, n).items():
+            walk(s, low, -1, masks, records)
+            walk(s, high, +1, masks, records)
+            owner.update({t: s for t in range(low + 1, high)})
+        return masks, owner
+    owner = {s: s for s in order}
+    walk(order[0], -1, -1, masks, records)
+    walk(order[-1], n, +1, masks, records)
+    owner.update({t: order[0] for t in range(order[0])})
+    owner.update({t: order[-1] for t in range(order[-1] + 1, n)})
+    for s1, s2 in zip(order, order[1:]):
+        up, up_records, down, down_records = {}, [], {}, []
+        walk(s1, s2, +1, up, up_records)
+        walk(s2, s1, -1, down, down_records)
+        split = split_gap(s1, s2, up, down)
+        masks.update({t: m for t, m in up.items() if t <= split})
+        masks.update({t: m for t, m in down.items() if t > split})
+        records += [r for r in up_records if r.index <= split] + [r for r in down_records if r.index > split]
+        owner.update({t: s1 if t <= split else s2 for t in range(s1 + 1, s2)})
+    return masks, owner
+
+
+def split_gap(s1: int, s2: int, up: Dict[int, np.ndarray], down: Dict[int, np.ndarray]) -> int:
+    """Where the gap between starts s1 < s2 changes hands: slices s1 < t <= split from s1's walk up
+    (`up`), split < t < s2 from s2's walk down (`down`). Each walk is best near its own start; they
+    hand over on the slice where both found the target and their masks agree best (IoU; the slice
+    nearest the middle on a tie). Where the walks never met (one stopped before the other's
+    reach), each keeps what it found."""
+    both = [t for t in range(s1 + 1, s2) if t in up and t in down]
+    if not both:
+        return max(up, default=s1)
+    middle = (s1 + s2) / 2.0
+
+    def agreement(t):
+        inter = np.logical_and(up[t], down[t]).sum()
+        union = np.logical_or(up[t], down[t]).sum()
+        return (inter / union if union else 1.0, -abs(t - middle))
+    return max(both, key=agreement)
 
 
 def confidence_volume(q_stores: Dict[str, EmbeddingStore], r_stores: Dict[str, EmbeddingStore],
@@ -447,11 +490,11 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
 
 class OwnedConfidence:
     """A target's confidence when each support slice walks with its own maps: slice t's map is
-    the one of the support whose walk range holds t (walk_ranges). SliceConfidence's interface."""
+    the one of the support whose walk gave t (owner, from _propagate). SliceConfidence's interface."""
 
-    def __init__(self, confs: Dict[int, SliceConfidence], ranges: Dict[int, Tuple[int, int]], n: int):
+    def __init__(self, confs: Dict[int, SliceConfidence], owner: Dict[int, int], n: int):
         self.confs, self.n = confs, n
-        self.owner = {t: s for s, (low, high) in ranges.items() for t in range(low + 1, high)}
+        self.owner = dict(owner)
 
     def prepare(self, indices: Sequence[int]) -> None:
         for s, conf in self.confs.items():
@@ -693,7 +736,7 @@ class VolumeRun:
             before = conf.seconds
             ctx = context(conf, sup_idx, sup_masks)
             starts = self.cross_start(ctx, label, sup_idx, sup_masks, conf, min_area(sup_masks), records)
-            masks = _propagate(ctx, label, self.n, starts, min_area(sup_masks), records, painted=False) \
+            masks = _propagate(ctx, label, self.n, starts, min_area(sup_masks), records, painted=False)[0] \
                 if starts else {}
             if self.everywhere:
                 conf.prepare(range(self.n))
@@ -707,11 +750,12 @@ class VolumeRun:
             records.append(_record(label, s, "support", score=float(confs[s][s][m].mean())))
             ctxs[s].report(records[-1], m)
             self.tick()
-        masks = _propagate(ctxs, label, self.n, starts, {s: min_area([m]) for s, m in starts.items()}, records)
+        masks, owner = _propagate(ctxs, label, self.n, starts, {s: min_area([m]) for s, m in starts.items()},
+                                  records, ownership=self.cfg.volume.ownership)
         # No prediction of a label on its own support slice: the paint stands there (assemble).
         for s in sup_idx:
             masks.pop(s, None)
-        conf = OwnedConfidence(confs, walk_ranges(sup_idx, self.n), self.n)
+        conf = OwnedConfidence(confs, owner, self.n)
         if self.everywhere:
             conf.prepare(range(self.n))
         timings["confidence"] += sum(c.seconds - before[s] for s, c in confs.items())
