@@ -386,3 +386,16 @@ def test_runtime_speed_script_compares_the_installed_runtimes(tmp_path, capsys):
     for r in report["rows"]:
         assert r["s_per_slice"] > 0 and r["max_abs_diff_vs_torch"] < 1e-3
     assert "| torch |" in capsys.readouterr().out
+
+
+def test_loss_breakdown_splits_the_loss_into_walk_and_mask():
+    module = _load_script("loss_breakdown")
+    rows = []
+    for rank, (s, o) in enumerate([(0.0, 0.6), (0.8, 0.9), (0.9, 0.9), (0.0, 0.4)]):
+        rows += [{"volume": "v", "label": "3", "method": "synpo", "slice_rank": str(rank), "dice": str(s)},
+                 {"volume": "v", "label": "3", "method": "oracle_box", "slice_rank": str(rank), "dice": str(o)}]
+    f = module.breakdown(rows)[3]
+    assert f["slices"] == 4 and f["missed"] == 0.5
+    assert f["loss_walk"] == pytest.approx((0.6 + 0.4) / 4) and f["loss_mask"] == pytest.approx(0.1 / 4)
+    assert f["oracle_mean"] - f["synpo_mean"] == pytest.approx(f["loss_walk"] + f["loss_mask"])
+    assert f["synpo_reached"] == pytest.approx(0.85) and f["oracle_missed"] == pytest.approx(0.5)

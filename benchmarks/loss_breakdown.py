@@ -1,0 +1,69 @@
+"""Where SynPo loses against the oracle box, per organ: the walk, or the mask on the slices it reached.
+
+    .venv/bin/python benchmarks/loss_breakdown.py EVAL_DIR [--names btcv]
+
+EVAL_DIR: the output of `synpo evaluate` (its per_slice.csv, with the `synpo` and `oracle_box`
+methods). For each organ label, over every labelled slice of every volume: the fraction SynPo
+left empty (the walk stopped before it, or judged it absent), SynPo's and the oracle's mean slice
+Dice on the slices SynPo reached, and the oracle's on the slices SynPo missed. The loss against the
+oracle then splits into "walk" (slices missed, each costing the oracle's Dice there) and "mask" (the
+Dice given away on slices reached: prompts, box and decoding), per labelled slice.
+"""
+import argparse
+import csv
+import os
+from collections import defaultdict
+
+import numpy as np
+
+NAMES = {"btcv": {1: "spleen", 2: "right kidney", 3: "left kidney", 4: "gallbladder", 5: "oesophagus", 6: "liver",
+                  7: "stomach", 8: "aorta", 9: "inferior vena cava", 10: "portal and splenic veins",
+                  11: "pancreas", 12: "right adrenal", 13: "left adrenal"},
+         "chaos": {1: "liver", 2: "right kidney", 3: "left kidney", 4: "spleen"},
+         "cmr": {200: "LV myocardium", 500: "LV blood pool", 600: "right ventricle"}}
+
+
+def breakdown(rows):
+    """{label: figures} from per_slice.csv rows."""
+    by = defaultdict(dict)
+    for r in rows:
+        if r["method"] in ("synpo", "oracle_box"):
+            by[int(r["label"])].setdefault((r["volume"], int(r["slice_rank"])), {})[r["method"]] = float(r["dice"])
+    out = {}
+    for label, slices in sorted(by.items()):
+        pairs = [(v["synpo"], v["oracle_box"]) for v in slices.values() if "synpo" in v and "oracle_box" in v]
+        if not pairs:
+            continue
+        s, o = np.array(pairs).T
+        reached = s > 0
+        n = len(s)
+        out[label] = {"slices": n, "missed": float(np.mean(~reached)),
+                      "synpo_reached": float(np.mean(s[reached])) if reached.any() else float("nan"),
+                      "oracle_reached": float(np.mean(o[reached])) if reached.any() else float("nan"),
+                      "oracle_missed": float(np.mean(o[~reached])) if (~reached).any() else float("nan"),
+                      "loss_walk": float(np.sum(o[~reached]) / n),
+                      "loss_mask": float(np.sum(o[reached] - s[reached]) / n),
+                      "synpo_mean": float(np.mean(s)), "oracle_mean": float(np.mean(o))}
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("eval_dir")
+    ap.add_argument("--names", choices=sorted(NAMES), help="organ names for the labels")
+    args = ap.parse_args(argv)
+    with open(os.path.join(args.eval_dir, "per_slice.csv")) as handle:
+        figures = breakdown(list(csv.DictReader(handle)))
+    names = NAMES.get(args.names, {})
+    print("| organ | labelled slices | SynPo / oracle (mean slice Dice) | slices missed | on slices reached: "
+          "SynPo / oracle | oracle on missed | loss: walk / mask |")
+    print("|---|---|---|---|---|---|---|")
+    for label, f in figures.items():
+        print("| %s | %d | %.3f / %.3f | %.0f %% | %.3f / %.3f | %.3f | %.3f / %.3f |" % (
+            names.get(label, label), f["slices"], f["synpo_mean"], f["oracle_mean"], 100 * f["missed"],
+            f["synpo_reached"], f["oracle_reached"], f["oracle_missed"], f["loss_walk"], f["loss_mask"]))
+    return figures
+
+
+if __name__ == "__main__":
+    main()
