@@ -48,6 +48,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--slices", type=int, default=300)
     ap.add_argument("--runtime", default="torch", choices=("torch", "openvino"))
     ap.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    ap.add_argument("--walk-mm", type=float, default=None,
+                    help="volume.walk_spacing_mm for this run (default: the configured one; 0 decodes every slice)")
     ap.add_argument("-o", "--output")
     args = ap.parse_args(argv)
     image, labels, spacing = resampled(args.size, args.slices)
@@ -64,14 +66,18 @@ def main(argv=None) -> dict:
         if rec.status in ("present", "absent") and "seconds" not in first:
             first["seconds"], first["slice"] = time.perf_counter() - t0, rec.index
 
-    result = session.run(support, on_slice=on_slice)
+    from synpo.config import configured
+    cfg = configured(["volume.walk_spacing_mm=%s" % args.walk_mm] if args.walk_mm is not None else [])
+    result = session.run(support, cfg, on_slice=on_slice)
     wall = time.perf_counter() - t0
     dice = score(result.labels == 1, truth)[1]
     report = {"grid": [args.size, args.size, args.slices], "spacing_mm": spacing, "runtime": args.runtime,
+              "walk_spacing_mm": cfg.volume.walk_spacing_mm,
               "device": models.device, "first_slice_s": first.get("seconds"), "preview_s": wall,
               "slices_embedded": len(result.computed), "slices_with_liver": int(truth.any(axis=(1, 2)).sum()),
               "peak_rss_gb": peak_rss_mb() / 1024.0, "dice_volume": dice,
               "encode_s": result.timings.get("encode_sam", 0.0), "decode_s": result.timings.get("decode", 0.0)}
+    print("walk spacing %g mm; " % cfg.volume.walk_spacing_mm, end="")
     print("%dx%dx%d CT (%s, %s): first slice %.1f s, preview %.1f s (%.1f min), %d slices embedded "
           "(liver on %d), encoder %.1f s, peak RSS %.2f GB, Dice %.3f"
           % (args.size, args.size, args.slices, args.runtime, models.device, report["first_slice_s"] or -1,
