@@ -51,9 +51,17 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("eval_dir")
     ap.add_argument("--names", choices=sorted(NAMES), help="organ names for the labels")
+    ap.add_argument("--oracle-from", metavar="EVAL_DIR",
+                    help="take the oracle_box rows from this evaluation (SynPo's from EVAL_DIR): a later SynPo-only "
+                         "run (--no-baselines) against the oracle of an earlier one on the same volumes")
     args = ap.parse_args(argv)
     with open(os.path.join(args.eval_dir, "per_slice.csv")) as handle:
-        figures = breakdown(list(csv.DictReader(handle)))
+        rows = list(csv.DictReader(handle))
+    if args.oracle_from:
+        with open(os.path.join(args.oracle_from, "per_slice.csv")) as handle:
+            rows = [r for r in rows if r["method"] != "oracle_box"] + \
+                [r for r in csv.DictReader(handle) if r["method"] == "oracle_box"]
+    figures = breakdown(rows)
     names = NAMES.get(args.names, {})
     print("| organ | labelled slices | SynPo / oracle (mean slice Dice) | slices missed | on slices reached: "
           "SynPo / oracle | oracle on missed | loss: walk / mask |")
