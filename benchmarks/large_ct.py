@@ -11,7 +11,6 @@ whole preview, the slices embedded, the peak resident memory and the Dice agains
 reference. issue 18's targets: first preview <= 4 min, first slice <= 10 s, peak <= 4 GB.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -20,6 +19,8 @@ import numpy as np
 import SimpleITK as sitk
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "SynPoSlicer"))
+
+from synpo.io import write_json  # noqa: E402
 
 from synpo import demo  # noqa: E402
 from synpo.benchmark import peak_rss_mb  # noqa: E402
@@ -84,8 +85,7 @@ def main(argv=None) -> dict:
              wall, wall / 60.0, report["slices_embedded"], report["slices_with_liver"], report["encode_s"],
              report["peak_rss_gb"], dice))
     if args.output:
-        with open(args.output, "w") as handle:
-            json.dump(report, handle, indent=1)
+        write_json(report, args.output)
     return report
 
 

@@ -17,7 +17,6 @@ run per volume; whole-volume Dice per organ, its mean per volume). Per data set 
 "in-sample minus out-of-sample" is what tuning on the scored volumes adds.
 """
 import argparse
-import json
 import os
 import sys
 from typing import Dict, List
@@ -26,6 +25,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "SynPoSlicer"))
+
+from synpo.io import write_json  # noqa: E402
 
 from benchmarks.sweep import variants_for  # noqa: E402
 from synpo.config import configured  # noqa: E402
@@ -109,8 +110,7 @@ def main(argv=None) -> dict:
                                               for ds, t in tables.items())))
     report = {"candidates": [v.name for v in variants], "tables": tables, "figures": figures}
     if args.output:
-        with open(args.output, "w") as handle:
-            json.dump(report, handle, indent=1)
+        write_json(report, args.output)
     return report
 
 

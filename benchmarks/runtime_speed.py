@@ -12,7 +12,6 @@ exported with torch.onnx.export once, into a temporary folder); a runtime that i
 skipped and said so.
 """
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -23,6 +22,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "SynPoSlicer"))
+
+from synpo.io import write_json  # noqa: E402
 
 from synpo import demo  # noqa: E402
 from synpo.features import SamModel, to_input  # noqa: E402
@@ -119,8 +120,7 @@ def main(argv=None) -> dict:
         print("%s: skipped, %s" % (name, why))
     report = {"gflop_per_slice": gflop, "peak_gflops": peak, "rows": rows, "skipped": skipped}
     if args.output:
-        with open(args.output, "w") as handle:
-            json.dump(report, handle, indent=1)
+        write_json(report, args.output)
     return report
 
 

@@ -11,7 +11,6 @@ in-plane grid unchanged), as a thin-slice CT would come. Then the intra-volume p
 Dice, false-positive slices, slices decoded and seconds, per setting, and the change from 0.
 """
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -21,6 +20,8 @@ import numpy as np
 import SimpleITK as sitk
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "SynPoSlicer"))
+
+from synpo.io import write_json  # noqa: E402
 
 from synpo.config import configured  # noqa: E402
 from synpo.errors import SynPoError  # noqa: E402
@@ -89,8 +90,7 @@ def main(argv=None) -> dict:
                                                             r["fp_slices_per_organ"], r["seconds"]))
     report = {"data": args.data, "slice_mm": args.slice_mm, "rows": rows}
     if args.output:
-        with open(args.output, "w") as handle:
-            json.dump(report, handle, indent=1)
+        write_json(report, args.output)
     return report
 
 
