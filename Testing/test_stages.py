@@ -905,14 +905,14 @@ def test_the_first_step_from_the_paint_has_its_own_limits():
                       min_confidence_ratio_first=0.5)
 
     def step(first, overlap=0.9, score=0.8, prev_score=1.0):
-        return Step(1, 3, first, mask, prev, 1.0, score, prev_score, 0.9, overlap)
+        return Step(1, 3, first, mask, int(mask.sum()), prev, 1.0, score, prev_score, 0.9, overlap)
     assert judge_step(step(False, overlap=0.5), vc) == "left the previous mask"
     assert judge_step(step(True, overlap=0.5), vc) == ""
     assert judge_step(step(True, overlap=0.3), vc) == "left the previous mask"
     assert judge_step(step(False, score=0.6), vc) == "confidence drop"
     assert judge_step(step(True, score=0.6), vc) == ""
     assert judge_step(step(True, score=0.4), vc) == "confidence drop"
-    assert judge_step(Step(1, 3, True, mask, prev, 100.0, 0.8, 1.0, 0.9, 0.9), vc) == "too small"
+    assert judge_step(Step(1, 3, True, mask, int(mask.sum()), prev, 100.0, 0.8, 1.0, 0.9, 0.9), vc) == "too small"
 
 
 def test_shape_based_interpolation_moves_and_grows_a_disc_between_two_slices():

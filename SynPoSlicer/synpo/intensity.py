@@ -48,9 +48,12 @@ def guess_modality(volume: np.ndarray) -> str:
 
 def normalize(volume: np.ndarray, cfg: IntensityConfig = IntensityConfig()):
     """Return (float32 volume in [0, 1], modality used: "ct", "ct-windowed" or "mr")."""
-    modality = cfg.modality if cfg.modality != "auto" else guess_modality(volume)
-    if modality == "ct" and not looks_like_hu(volume):
+    if cfg.modality == "auto":
+        modality = guess_modality(volume)
+    elif cfg.modality == "ct" and not looks_like_hu(volume):
         modality = "ct-windowed"             # a CT, but its values are grey levels, not HU
+    else:
+        modality = cfg.modality
     volume = volume.astype(np.float32, copy=False)
     if modality == "ct":
         centre, width = cfg.ct_window

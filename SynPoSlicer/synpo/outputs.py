@@ -87,7 +87,7 @@ def collapse_warnings(result: VolumeResult, names: Dict[int, str] = None) -> Lis
     for label in result.support.labels:
         recs = sorted((r for r in result.records if r.label == label), key=lambda r: r.index)
         painted = [r.index for r in recs if r.status == "support"]
-        if not painted or any(r.status in FOUND[1:] for r in recs):
+        if not painted or any(r.status in FOUND and r.status != "support" for r in recs):
             continue
         first = ["%d (%s)" % (r.index, r.reason or "absent") for r in recs
                  if r.status == "absent" and any(abs(r.index - p) == 1 for p in painted)]

@@ -72,6 +72,11 @@ def from_slices(stack: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(stack, 0, axis)
 
 
+def slice_spacing(spacing_ijk, axis: int) -> float:
+    """The spacing between slices taken across array axis `axis` of [k, j, i]."""
+    return float(tuple(reversed(tuple(spacing_ijk)))[axis])
+
+
 def in_plane_spacing(spacing_ijk, axis: int):
     """(row, column) pixel spacing of a slice taken across array axis `axis` of [k, j, i]."""
     spacing_kji = tuple(reversed(tuple(spacing_ijk)))

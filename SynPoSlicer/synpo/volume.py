@@ -35,7 +35,7 @@ from .position import expected_region, expected_shape
 from .prompts import Prompts, select_prompts
 from .result import SliceRecord, VolumeResult
 from .slice_confidence import SliceConfidence
-from .support import absent_marks, find_support, from_slices, in_plane_spacing, to_slices
+from .support import absent_marks, find_support, from_slices, in_plane_spacing, slice_spacing, to_slices
 from .walk_rules import Judge, Step, judge_step
 
 Progress = Callable[[str, int, int], None]
@@ -304,7 +304,7 @@ class _Context:
         area = int(mask.sum())
         score = float(self.conf[t][mask].mean()) if area else 0.0
         overlap = float(np.logical_and(mask, prev).sum() / area) if prev is not None and area else 0.0
-        reason = self.judge(Step(label, t, first, mask, prev, min_area, score, prev_score, sam_iou, overlap), vc)
+        reason = self.judge(Step(label, t, first, mask, area, prev, min_area, score, prev_score, sam_iou, overlap), vc)
         rec = _record(label, t, "absent" if reason else "present", prompts, score, sam_iou, box)
         rec.overlap_prev, rec.reason = overlap, reason
         return (None if reason else mask), rec
@@ -554,7 +554,7 @@ class VolumeRun:
             raise InputError("the support image's slices are %dx%d but the image's are %dx%d; resample one onto "
                              "the other's in-plane grid" % (self.ref.shape[1], self.ref.shape[2], self.H, self.W))
         self.spacing_rc = in_plane_spacing(spacing_ijk, axis)
-        self.stride = walk_stride(cfg.volume.walk_spacing_mm, float(tuple(reversed(tuple(spacing_ijk)))[axis]))
+        self.stride = walk_stride(cfg.volume.walk_spacing_mm, slice_spacing(spacing_ijk, axis))
         # Only the painted slices of the support are needed, not a copy of its volume.
         self.paint = {s: np.array(to_slices(support_label, axis)[s])
                       for s in sorted({s for v in support.slices.values() for s in v})}

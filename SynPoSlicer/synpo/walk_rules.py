@@ -20,16 +20,13 @@ class Step:
     index: int                       # the slice decoded
     first: bool                      # the first step away from a painted slice (prev is the paint)
     mask: np.ndarray
+    area: int                        # pixels in mask
     prev: Optional[np.ndarray]       # the neighbouring slice's mask (None: a start without one)
     min_area: float                  # pixels: the "too small" limit for this target
     score: float                     # mean confidence inside mask
     prev_score: Optional[float]      # ... inside prev (on prev's slice)
     sam_iou: float                   # SAM's own predicted IoU of the mask
     overlap: float                   # fraction of mask inside prev
-
-    @property
-    def area(self) -> int:
-        return int(self.mask.sum())
 
 
 # judge(step, volume config) -> "" (the target goes on) or the reason it is judged absent.
