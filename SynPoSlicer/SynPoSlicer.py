@@ -28,6 +28,8 @@ PIP_PACKAGES = {
     "matplotlib": "matplotlib>=3.5",
     "fastapi": "fastapi>=0.100",
     "uvicorn": "uvicorn>=0.23",
+    # Ends the local server's process tree (PythonSlicer -> python-real) from Slicer (SynPoSlicerLib/process.py).
+    "psutil": "psutil>=5.8",
 }
 OPTIONAL_PACKAGES = {"transformers": "transformers>=4.40"}      # DINOv2 (synergy features)
 TORCH_REQUIREMENT = ">=2.0"
@@ -65,24 +67,51 @@ def registerEditorEffect():
     instance.self().register()
 
 
+# Developer mode's Reload re-executes this file under the same module name (slicer.util.
+# reloadScriptedModule): the logic of the code being replaced stops its run and its server first.
+for _previous in globals().get("_SHARED_LOGIC", []):
+    try:
+        _previous.cancel()
+        _previous.stopServer()
+    except Exception as _exc:
+        logging.warning("SynPo: could not stop the previous server on reload: %s" % _exc)
 _SHARED_LOGIC = []
 
 
 def reloadHelpers():
-    """Developer mode's Reload reloads this file only: reload the helper packages too, so an edit of
-    SynPoSlicerLib, SegmentEditorSynPoLib or the client side of synpo takes effect without a restart."""
-    import importlib
+    """Developer mode: make an edit of SynPoSlicerLib or the client side of synpo take effect without a
+    restart. The helper modules are dropped from sys.modules, not reloaded one by one: the next import
+    loads each afresh in the order the imports ask for them, so `synpo.errors.SynPoError` stays one class
+    that `synpo.client.ServerError` and `SynPoSlicerLib.engine` share (importlib.reload in name order
+    reloaded engine before client and errors after both: two ServerError classes, neither a SynPoError).
+    `SegmentEditorSynPoLib` is left alone: it is the module Slicer's scripted-effect loader executed the
+    effect file under (qSlicerSegmentEditorScriptedEffect::setPythonSource: module name = the folder's,
+    class = the file's name); reloading it as a package re-runs its __init__.py in that namespace."""
     import sys
-    prefixes = ("SynPoSlicerLib", "SegmentEditorSynPoLib", "synpo.")
-    for name in sorted(n for n in list(sys.modules) if n.startswith(prefixes) and sys.modules[n] is not None):
-        importlib.reload(sys.modules[name])
+    for name in list(sys.modules):
+        if name in ("synpo", "SynPoSlicerLib") or name.startswith(("synpo.", "SynPoSlicerLib.")):
+            del sys.modules[name]
 
 
 def sharedLogic():
-    """The one logic the module's panel and the Segment Editor effect share (one server, one preview)."""
+    """The one logic the module's panel and the Segment Editor effect share (one server, one preview,
+    one timer): created on first use, its server stopped when Slicer quits."""
     if not _SHARED_LOGIC:
-        _SHARED_LOGIC.append(SynPoSlicerLogic())
+        logic = SynPoSlicerLogic()
+        app = getattr(slicer, "app", None)
+        if app is not None:
+            app.connect("aboutToQuit()", logic.stopServer)
+        _SHARED_LOGIC.append(logic)
     return _SHARED_LOGIC[0]
+
+
+def volumeFingerprint(inputs):
+    """The volume's content and grid, hashed: a preview of the same volume reuses its server session."""
+    import hashlib
+    digest = hashlib.sha1()
+    digest.update(repr((inputs.image.shape, str(inputs.image.dtype), tuple(inputs.spacing))).encode())
+    digest.update(inputs.image.tobytes())
+    return digest.hexdigest()
 
 
 # The bundled CT and its one painted liver slice, offered in the Sample Data module.
@@ -161,15 +190,15 @@ def ensureDependencies(optional=False):
     """For a server started with Slicer's own Python: ask once, listing every package with its
     version, then install; a failure is explained, never a traceback. Returns True when ready."""
     import sys
-    missing = missing_packages(optional)
-    if not missing:
-        return True
     if sys.version_info < (3, 10):
         slicer.util.errorDisplay(
             "This Slicer runs Python %d.%d; LiteMedSAM needs Python 3.10 or newer (Slicer 5.10+). Set 'Python "
             "for the local server' to a Python 3.10+ where `pip install synpo` was run, or give the URL of a "
             "SynPo server." % sys.version_info[:2], windowTitle="SynPo")
         return False
+    missing = missing_packages(optional)
+    if not missing:
+        return True
     text = ("SynPo's server runs in Slicer's Python and needs: %s. Install them now? (Slicer's own packages "
             "are kept as they are.)" % ", ".join(sorted(missing.values())))
     if not slicer.util.confirmOkCancelDisplay(text, windowTitle="SynPo: install dependencies"):
@@ -205,6 +234,23 @@ def ensureDependencies(optional=False):
     return not left
 
 
+def serverSettings():
+    """The server settings the panel saved (QSettings): url, token file, Python for the local server."""
+    settings = qt.QSettings()
+    return (settings.value("SynPoSlicer/ServerURL", "") or "", settings.value("SynPoSlicer/TokenFile", "") or "",
+            settings.value("SynPoSlicer/ServerPython", "") or "")
+
+
+def prepareServer(logic, url, tokenFile, python, features):
+    """What every Preview does first, from the panel or the Segment Editor effect: choose the server;
+    for a local server with Slicer's own Python, check the Python version and the packages (asking
+    before installing). Returns False when the preview cannot go ahead (the user was told why)."""
+    logic.useServer(url, tokenFile, python)
+    if url or python:
+        return True
+    return ensureDependencies(features in ("synergy", "dinov2"))
+
+
 class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """UI only: reads the panel, calls the logic, shows its states and messages."""
 
@@ -214,9 +260,6 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._updatingGUI = False
-        self.timer = qt.QTimer()
-        self.timer.setInterval(250)
-        self.timer.connect("timeout()", self.onPoll)
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -264,21 +307,20 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.updateButton.connect("clicked(bool)", self.onUpdate)
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
         self.ui.discardButton.connect("clicked(bool)", self.onDiscard)
-        slicer.app.connect("aboutToQuit()", self.logic.stopServer)
+        self.logic.addListener(self.onLogicProgress)
         self.initializeParameterNode()
 
     def enter(self):
         self.initializeParameterNode()
 
     def cleanup(self):
-        self.timer.stop()
+        # Developer-mode Reload and application exit call cleanup(): the run and the server belong to
+        # the shared logic (the Segment Editor effect may still use them); only this panel goes.
         if self.logic is not None:
-            self.logic.cancel()
-            self.logic.stopServer()
+            self.logic.removeListener(self.onLogicProgress)
         self.removeObservers()
 
     def onSceneStartClose(self, caller, event):
-        self.timer.stop()
         if self.logic is not None:
             self.logic.onSceneClosed()
         self.setParameterNode(None)
@@ -377,29 +419,24 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 else editor.setMasterVolumeNode(volume)
 
     def onPreview(self):
-        url = self.ui.serverUrlLineEdit.text.strip()
-        python = self.ui.serverPythonSelector.currentPath
+        self.onServerSettingsChanged()
         with slicer.util.tryWithErrorDisplay("SynPo could not start the preview.", waitCursor=True):
-            self.logic.useServer(url, self.ui.tokenFileSelector.currentPath, python)
-            if not url and not python and not ensureDependencies(self.ui.featuresSelector.currentText in
-                                                                 ("synergy", "dinov2")):
+            if not prepareServer(self.logic, *serverSettings(), features=self.ui.featuresSelector.currentText):
                 return
             self.logic.startPreview(self.ui.inputVolumeSelector.currentNode(), self.ui.segmentSelector.currentNode(),
                                     list(self.ui.segmentSelector.selectedSegmentIDs()), self._parameterNode)
             self.ui.deviceLabel.text = self.logic.deviceDescription()
             self.ui.progressBar.value = 0
             self.showMessage(self.logic.message)
-            self.timer.start()
         self.updateButtons()
 
-    def onPoll(self):
-        state = self.logic.step()
+    def onLogicProgress(self):
+        """Called by the logic after each step of a run (its timer drives the run, not this panel)."""
         done, total = self.logic.progress()
         self.ui.progressBar.maximum = total
         self.ui.progressBar.value = done
-        self.showMessage(self.logic.message, error=state == "failed")
+        self.showMessage(self.logic.message, error=self.logic.state == "failed")
         if not self.logic.active():
-            self.timer.stop()
             self.updateButtons()
 
     def onCancel(self):
@@ -416,12 +453,11 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("SynPo could not update the preview.", waitCursor=True):
             self.logic.startUpdate(self._parameterNode)
             self.showMessage(self.logic.message)
-            self.timer.start()
         self.updateButtons()
 
     def onApply(self):
         with slicer.util.tryWithErrorDisplay("SynPo could not apply the preview.", waitCursor=True):
-            self.showMessage(self.logic.apply(self.ui.segmentSelector.currentNode()))
+            self.showMessage(self.logic.apply())
         self.updateButtons()
 
     def onDiscard(self):
@@ -457,8 +493,13 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
         self.job = None
         self.server = None               # SynPoSlicerLib.engine.ServerProcess when started here
         self.remote = None               # (url, token) of a configured server
+        self.pythonForServer = None
         self._pending = None             # the inputs of a preview waiting for the server
+        self._sessions = {}              # volume fingerprint -> session id on the current server
+        self._listeners = []             # GUI callbacks after each step (panel, effect instances)
+        self._timer = None
         self.volumeNode = None
+        self.segmentationNode = None     # the segmentation the preview was made for: Apply writes there
         self.segmentIds, self.segmentNames = [], []
 
     def setDefaultParameters(self, node):
@@ -482,14 +523,17 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
 
     def useServer(self, url="", tokenFile="", python=""):
         """An empty url: SynPo starts its own server (with `python`, or Slicer's) on the first
-        preview. Else the server at url with the token in tokenFile (no torch needed in Slicer)."""
+        preview and keeps it for the session: later previews, updates and re-runs use the same one
+        (restarted only when the Python, model, device or features change; serverReady). Else the
+        server at url with the token in tokenFile (no torch needed in Slicer)."""
         from synpo.client import find_token
-        self.stopServer()
+        remote = (url, find_token(tokenFile or None)) if url else None
+        if remote != self.remote:
+            self._sessions = {}              # sessions live on the server they were made on
+        if remote is not None:
+            self.stopServer()                # the local server is no longer used
+        self.remote = remote
         self.pythonForServer = python or None
-        if url:
-            self.remote = (url, find_token(tokenFile or None))
-        else:
-            self.remote = None
 
     def client(self, timeout=5.0):
         from synpo.client import Client
@@ -498,20 +542,56 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
         return self.server.client(timeout)
 
     def stopServer(self):
+        """End the local server and everything it started (the launcher's python-real too)."""
         if self.server is not None:
             self.server.stop()
             self.server = None
+            self._sessions = {}
 
     def serverReady(self, parameterNode):
-        """True when a server answers; starts the local one if needed (never waits for it)."""
+        """True when a server answers; starts the local one if needed (never waits for it). A
+        running local server is reused unless it was started with other settings or has died."""
         if self.remote is not None:
             return True
+        from SynPoSlicerLib.engine import ServerProcess, server_key
+        options = dict(device="auto", sam=parameterNode.GetParameter("Model"),
+                       features=parameterNode.GetParameter("Features"))
+        if self.server is not None and (self.server.key != server_key(self.pythonForServer, **options)
+                                        or not self.server.running()):
+            self.stopServer()
         if self.server is None:
-            from SynPoSlicerLib.engine import ServerProcess
-            self.server = ServerProcess(getattr(self, "pythonForServer", None), device="auto",
-                                        sam=parameterNode.GetParameter("Model"),
-                                        features=parameterNode.GetParameter("Features")).start()
+            self.server = ServerProcess(self.pythonForServer, **options).start()
         return self.server.ready()
+
+    # -- the timer that drives runs: the logic's, so a run survives its panel or effect
+    def addListener(self, callback):
+        if callback not in self._listeners:
+            self._listeners.append(callback)
+
+    def removeListener(self, callback):
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
+    def startPolling(self):
+        """Step the current run from a Qt timer every 250 ms until it ends. The timer belongs to the
+        logic: the Segment Editor calls the effect's deactivate() when the user switches effect or
+        leaves the editor (qMRMLSegmentEditorWidget::setActiveEffect), which must not stop a run."""
+        if self._timer is None:
+            self._timer = qt.QTimer()
+            self._timer.setInterval(250)
+            self._timer.connect("timeout()", self.poll)
+        self._timer.start()
+
+    def poll(self):
+        """One timer tick: a step, then every listener told; the timer stops once the run has ended."""
+        self.step()
+        for callback in list(self._listeners):
+            try:
+                callback()
+            except Exception as exc:         # a closed panel must not stop the run
+                logging.warning("SynPo: a view of the run failed to update: %s" % exc)
+        if not self.active() and self._timer is not None:
+            self._timer.stop()
 
     # -- preview
     def settings(self, parameterNode):
@@ -529,25 +609,32 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
             raise ValueError("A preview is already running; wait for it or cancel it.")
         self.discard()
         inputs = mrml.extract_inputs(volumeNode, segmentationNode, segmentIds)
-        self.volumeNode, self.segmentIds = volumeNode, list(segmentIds)
+        self.volumeNode, self.segmentationNode, self.segmentIds = volumeNode, segmentationNode, list(segmentIds)
         self.segmentNames = [segmentationNode.GetSegmentation().GetSegment(s).GetName() for s in segmentIds]
-        self._pending = (inputs, self.settings(parameterNode), parameterNode)
+        self._pending = (inputs, self.settings(parameterNode), parameterNode, volumeFingerprint(inputs))
         self.state, self.message = "starting", "Starting the SynPo server..."
         self.job = None
+        self.startPolling()
 
     def step(self):
         """Advance the current preview by one short request. Returns the state."""
         from synpo.errors import SynPoError
         try:
             if self.state == "starting":
-                inputs, settings, parameterNode = self._pending
+                inputs, settings, parameterNode, fingerprint = self._pending
                 if self.serverReady(parameterNode):
                     from SynPoSlicerLib.engine import RemoteJob
-                    self.job = RemoteJob(self.client(), inputs.image, inputs.spacing, inputs.support, settings)
-                    self.state, self.message = "running", "Sending the volume to the server..."
+                    known = self._sessions.get(fingerprint)
+                    self.job = RemoteJob(self.client(), inputs.image, inputs.spacing, inputs.support, settings,
+                                         session_id=known)
+                    self.state = "running"
+                    self.message = ("The volume is on the server already: embeddings reused." if known
+                                    else "Sending the volume to the server...")
             elif self.state == "running":
                 self.job.step()
-                self.message = "SynPo: %s" % self.job.stage
+                if self.job.session_id and self._pending is not None:
+                    self._sessions[self._pending[3]] = self.job.session_id
+                self.message = "SynPo: %s%s" % (self.job.stage, " (embeddings reused)" if self.job.reused else "")
                 if self.job.state == "done":
                     self.finishPreview()
                 elif self.job.state in ("failed", "cancelled"):
@@ -576,6 +663,7 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
         corrected = int(painted.reshape(len(painted), -1).any(1).sum())
         self.state, self.message = "running", "Updating from %d corrected and %d emptied slice(s)..." % (
             corrected, sum(len(v) for v in absent.values()))
+        self.startPolling()
 
     def active(self):
         return self.state in ("starting", "running")
@@ -596,8 +684,11 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
         return self.state
 
     def cancel(self):
+        """Stop the current run, on the server too: the cancel request is sent now (not at the next
+        timer tick, which may never come if no timer runs)."""
         if self.job is not None and self.job.active():
-            self.job.cancel()
+            self.job.cancel(now=True)
+            self.state, self.message = "cancelled", "Cancelled; the scene is unchanged."
         elif self.state == "starting":
             self.state, self.message = "cancelled", "Cancelled; the scene is unchanged."
 
@@ -667,25 +758,42 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
         used = mrml.rerun_slice(self.preview, self.volumeNode, axis, sliceIndex, label, decode)
         return "Slice %d of %s decoded again from %d point(s)." % (sliceIndex, self.segmentNames[label - 1], used)
 
-    def apply(self, segmentationNode, editorLogic=None, saveState=None):
-        """Write the preview into the segments it was made for: one Segment Editor undo step,
-        through the editor's masking settings (apply.py). Then the preview is removed."""
+    def apply(self, segmentationNode=None, editorLogic=None, saveState=None, write=None):
+        """Write the preview into the segmentation and segments it was made for (recorded at
+        Preview, whatever node the panel or the Segment Editor shows now): one Segment Editor undo
+        step, through the editor's masking settings where this Slicer has them (apply.py). Refused,
+        with the preview kept, where Slicer would write nothing; then the preview is removed.
+
+        `write(segmentationNode, segmentId, orientedLabelmap)`: the writer (the SynPo effect passes
+        its own modifySegmentByLabelmap); else Slicer 5.10+'s vtkSlicerSegmentEditorLogic with the
+        editor's masking, else (Slicer 5.8) the segmentation node's own API."""
         from SynPoSlicerLib import apply as applying
         if self.preview is None:
             raise ValueError("Nothing to apply: run a preview first.")
-        if editorLogic is None:
-            editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor \
-                if hasattr(slicer.modules, "segmenteditor") else None
-            editorNode = editor.mrmlSegmentEditorNode() if editor is not None else None
-            editorLogic = applying.editor_logic(slicer.mrmlScene, segmentationNode, self.volumeNode, editorNode)
-            if editor is not None and saveState is None:
-                editor.setSegmentationNode(segmentationNode)
-                saveState = editor.saveStateForUndo
-        applying.apply_labels(editorLogic, segmentationNode, self.volumeNode, self.preview.labels, self.segmentIds,
-                              saveState)
+        target = self.segmentationNode if self.segmentationNode is not None else segmentationNode
+        editor = None
+        if write is None and editorLogic is None:
+            segmenteditor = getattr(getattr(slicer, "modules", None), "segmenteditor", None)
+            editor = segmenteditor.widgetRepresentation().self().editor if segmenteditor is not None else None
+        editorNode = editor.mrmlSegmentEditorNode() if editor is not None else None
+        applying.check_writable(target, self.volumeNode, self.segmentIds, editorNode)
+        if editor is not None and saveState is None:
+            # The editor's undo saves the segmentation it shows: show the target first, so that its
+            # Ctrl+Z restores the target (not the candidates the user may have been correcting).
+            editor.setSegmentationNode(target)
+            saveState = editor.saveStateForUndo
+        if write is None:
+            if editorLogic is None and applying.has_editor_logic():
+                editorLogic = applying.editor_logic(target.GetScene(), target, self.volumeNode, editorNode)
+            write = applying.logic_writer(editorLogic) if editorLogic is not None else applying.node_writer()
+            if saveState is None and editorLogic is not None:
+                saveState = editorLogic.SaveStateForUndo
+        changed = applying.write_preview(target, self.volumeNode, self.preview.labels, self.segmentIds, write,
+                                         saveState)
         names = ", ".join(self.segmentNames)
         self.discard()
-        return "Applied to %s: Ctrl+Z in the Segment Editor takes it back." % names
+        return "Applied to %s (%d voxel(s) changed): Ctrl+Z in the Segment Editor takes it back." % (
+            names, sum(changed.values()))
 
     def discard(self):
         if self.preview is not None:
@@ -695,10 +803,12 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
             self.state = "idle"
 
     def onSceneClosed(self):
-        """File > Close Scene: the preview's nodes are gone with the scene; a run is cancelled."""
+        """File > Close Scene: the preview's nodes are gone with the scene; a run is cancelled. The
+        server and its sessions stay (a volume loaded again is recognised by its content)."""
         if self.job is not None and self.job.active():
             self.job.cancel(now=True)
         self.preview, self.volumeNode, self.result, self.job = None, None, None, None
+        self.segmentationNode = None
         self.state, self.message = "idle", ""
 
 
