@@ -241,6 +241,18 @@ def serverSettings():
             settings.value("SynPoSlicer/ServerPython", "") or "")
 
 
+def versionNote(version=None):
+    """What this Slicer's Python allows, said once in the panel (None when everything works)."""
+    import sys
+    version = version or sys.version_info
+    if tuple(version[:2]) >= (3, 10):
+        return None
+    return ("This Slicer runs Python %d.%d: SynPo's model cannot run in it. Give a SynPo server's URL, or a "
+            "Python 3.10+ with SynPo installed as 'Python for the local server'. Apply here replaces the "
+            "segment without the Segment Editor's masking settings (this Slicer has no Segment Editor logic "
+            "outside the editor): use the SynPo effect's Apply in the Segment Editor for masking." % tuple(version[:2]))
+
+
 def prepareServer(logic, url, tokenFile, python, features):
     """What every Preview does first, from the panel or the Segment Editor effect: choose the server;
     for a local server with Slicer's own Python, check the Python version and the packages (asking
@@ -309,6 +321,9 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.discardButton.connect("clicked(bool)", self.onDiscard)
         self.logic.addListener(self.onLogicProgress)
         self.initializeParameterNode()
+        note = versionNote()
+        if note:
+            self.showMessage(note)
 
     def enter(self):
         self.initializeParameterNode()

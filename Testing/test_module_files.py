@@ -237,6 +237,13 @@ def test_developer_reload_drops_the_helper_packages_but_not_the_effects_module(m
     assert "SegmentEditorSynPoLib" in sys.modules and "unrelated_module" in sys.modules
 
 
+def test_the_panel_says_what_slicer_58_can_do(monkeypatch):
+    module = _module_with_stand_ins(monkeypatch)
+    assert module.versionNote((3, 12, 0)) is None
+    note = module.versionNote((3, 9, 18))
+    assert "Python 3.9" in note and "server" in note and "masking" in note
+
+
 def test_slicer_58_gets_a_message_not_a_traceback(monkeypatch):
     """Python 3.9 (Slicer 5.8) with packages missing: one message pointing to another Python or a
     server, no install attempted, Preview not started."""
