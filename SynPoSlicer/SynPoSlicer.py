@@ -13,6 +13,9 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
+# The workflow without Qt (shared with `synpo web`); imports nothing heavy.
+from SynPoSlicerLib.logic import PreviewLogic
+
 MODELS = ("litemedsam", "vit_b", "vit_l", "vit_h")
 FEATURES = ("auto", "synergy", "sam", "dinov2")
 # What a server started with Slicer's own Python needs: import name -> pip requirement. torch comes
@@ -33,8 +36,6 @@ OPTIONAL_PACKAGES = {"transformers": "transformers>=4.40"}      # DINOv2 (synerg
 TORCH_REQUIREMENT = ">=2.0"
 # Slicer's own packages: pinned to the installed versions while installing, never replaced.
 CORE_PACKAGES = ("numpy", "SimpleITK", "vtk", "packaging", "requests")
-PARAMETERS = {"Model": "litemedsam", "Features": "auto", "TopK": "64", "PositivePoints": "3",
-              "NegativePoints": "3", "SearchMargin": "0.07", "IntensityGate": "true", "Opacity": "0.5"}
 
 
 class SynPoSlicer(ScriptedLoadableModule):
@@ -439,38 +440,16 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             logging.warning("SynPo: %s" % text)
 
 
-class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
-    """The module's work, usable without the GUI (see `process`), in explicit states:
-
-    idle -> starting (a local `synpo serve` is starting) -> running (the preview's RemoteJob steps)
-    -> previewed (preview nodes in the scene) -> idle after apply or discard; failed / cancelled
-    leave the scene as it was. The engine never runs in Slicer's process: `step()` makes one short
-    request to the server and returns, so the GUI thread never waits on the segmentation.
+class SynPoSlicerLogic(ScriptedLoadableModuleLogic, PreviewLogic):
+    """The module's work, usable without the GUI (see `process`): the workflow itself (states,
+    server, preview, update, re-run, apply) is SynPoSlicerLib.logic.PreviewLogic, shared with
+    `synpo web`; this class adds what needs Slicer's application: its settings, its slice views
+    and its Segment Editor.
     """
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
-        self.state = "idle"
-        self.message = ""
-        self.preview = None
-        self.result = None
-        self.job = None
-        self.server = None               # SynPoSlicerLib.engine.ServerProcess when started here
-        self.remote = None               # (url, token) of a configured server
-        self._pending = None             # the inputs of a preview waiting for the server
-        self.volumeNode = None
-        self.segmentIds, self.segmentNames = [], []
-
-    def setDefaultParameters(self, node):
-        for key, value in PARAMETERS.items():
-            if not node.GetParameter(key):
-                node.SetParameter(key, value)
-
-    # -- environment
-    def deviceDescription(self):
-        if self.remote is not None:
-            return "server %s" % self.remote[0]
-        return "a SynPo server on this computer, started on the first preview"
+        PreviewLogic.__init__(self)
 
     def cacheFolder(self):
         return qt.QSettings().value("SynPoSlicer/CacheFolder", os.path.join(os.path.expanduser("~"), ".cache",
@@ -480,149 +459,9 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
         qt.QSettings().setValue("SynPoSlicer/CacheFolder", path)
         os.environ["SYNPO_CACHE"] = path
 
-    def useServer(self, url="", tokenFile="", python=""):
-        """An empty url: SynPo starts its own server (with `python`, or Slicer's) on the first
-        preview. Else the server at url with the token in tokenFile (no torch needed in Slicer)."""
-        from synpo.client import find_token
-        self.stopServer()
-        self.pythonForServer = python or None
-        if url:
-            self.remote = (url, find_token(tokenFile or None))
-        else:
-            self.remote = None
-
-    def client(self, timeout=5.0):
-        from synpo.client import Client
-        if self.remote is not None:
-            return Client(self.remote[0], self.remote[1], timeout)
-        return self.server.client(timeout)
-
-    def stopServer(self):
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
-
-    def serverReady(self, parameterNode):
-        """True when a server answers; starts the local one if needed (never waits for it)."""
-        if self.remote is not None:
-            return True
-        if self.server is None:
-            from SynPoSlicerLib.engine import ServerProcess
-            self.server = ServerProcess(getattr(self, "pythonForServer", None), device="auto",
-                                        sam=parameterNode.GetParameter("Model"),
-                                        features=parameterNode.GetParameter("Features")).start()
-        return self.server.ready()
-
-    # -- preview
-    def settings(self, parameterNode):
-        """The panel's settings as the engine's --set overrides (validated by the server)."""
-        return ["prompts.top_k=%d" % int(parameterNode.GetParameter("TopK")),
-                "prompts.n_positive_points=%d" % int(parameterNode.GetParameter("PositivePoints")),
-                "prompts.n_negative_points=%d" % int(parameterNode.GetParameter("NegativePoints")),
-                "volume.search_margin=%s" % float(parameterNode.GetParameter("SearchMargin")),
-                "gate.enabled=%s" % ("false" if parameterNode.GetParameter("IntensityGate") == "false" else "true")]
-
-    def startPreview(self, volumeNode, segmentationNode, segmentIds, parameterNode):
-        """Check the inputs and queue a preview; `step()` carries it out."""
-        from SynPoSlicerLib import mrml
-        if self.state in ("starting", "running"):
-            raise ValueError("A preview is already running; wait for it or cancel it.")
-        self.discard()
-        inputs = mrml.extract_inputs(volumeNode, segmentationNode, segmentIds)
-        self.volumeNode, self.segmentIds = volumeNode, list(segmentIds)
-        self.segmentNames = [segmentationNode.GetSegmentation().GetSegment(s).GetName() for s in segmentIds]
-        self._pending = (inputs, self.settings(parameterNode), parameterNode)
-        self.state, self.message = "starting", "Starting the SynPo server..."
-        self.job = None
-
-    def step(self):
-        """Advance the current preview by one short request. Returns the state."""
-        from synpo.errors import SynPoError
-        try:
-            if self.state == "starting":
-                inputs, settings, parameterNode = self._pending
-                if self.serverReady(parameterNode):
-                    from SynPoSlicerLib.engine import RemoteJob
-                    self.job = RemoteJob(self.client(), inputs.image, inputs.spacing, inputs.support, settings)
-                    self.state, self.message = "running", "Sending the volume to the server..."
-            elif self.state == "running":
-                self.job.step()
-                self.message = "SynPo: %s" % self.job.stage
-                if self.job.state == "done":
-                    self.finishPreview()
-                elif self.job.state in ("failed", "cancelled"):
-                    self.state = self.job.state
-                    self.message = ("Cancelled; the scene is unchanged." if self.job.state == "cancelled"
-                                    else "SynPo failed: %s" % self.job.error)
-        except (SynPoError, ValueError) as exc:
-            self.state, self.message = "failed", "SynPo failed: %s" % exc
-        return self.state
-
-    def startUpdate(self, parameterNode):
-        """Run again from the user's edits of the candidates (mrml.edited_slices): corrected slices
-        become supports, emptied slices are marked absent; the same server session, so only what
-        the corrections change is computed again. `step()` carries it out."""
-        import numpy as np
-        from SynPoSlicerLib import mrml
-        from SynPoSlicerLib.engine import RemoteJob
-        if self.preview is None or self.job is None:
-            raise ValueError("Run a preview first, then edit the SynPo candidates segmentation.")
-        paint, absent = mrml.edited_slices(self.preview, self.volumeNode, self.result.support.axis)
-        if not paint.any() and not absent:
-            raise ValueError("No corrections yet: paint or erase on the 'SynPo candidates' segmentation first.")
-        self.job = RemoteJob(self.client(), None, (), paint, self.settings(parameterNode),
-                             session_id=self.job.session_id, add=True, absent=absent)
-        painted = np.moveaxis(paint, self.result.support.axis, 0)
-        corrected = int(painted.reshape(len(painted), -1).any(1).sum())
-        self.state, self.message = "running", "Updating from %d corrected and %d emptied slice(s)..." % (
-            corrected, sum(len(v) for v in absent.values()))
-
-    def active(self):
-        return self.state in ("starting", "running")
-
-    def progress(self):
-        if self.job is None:
-            return 0, 1
-        return self.job.done, self.job.total
-
-    def process(self, volumeNode, segmentationNode, segmentIds, parameterNode, timeout=3600.0):
-        """The whole preview without the GUI (scripts, the self-test): returns the state."""
-        import time
-        self.startPreview(volumeNode, segmentationNode, segmentIds, parameterNode)
-        deadline = time.time() + timeout
-        while self.active() and time.time() < deadline:
-            self.step()
-            time.sleep(0.1)
-        return self.state
-
-    def cancel(self):
-        if self.job is not None and self.job.active():
-            self.job.cancel()
-        elif self.state == "starting":
-            self.state, self.message = "cancelled", "Cancelled; the scene is unchanged."
-
-    def finishPreview(self, opacity=0.5):
-        """Build the preview nodes from the finished job (main thread)."""
-        from SynPoSlicerLib import mrml
-        from synpo.outputs import collapse_warnings, extent_summary
-        from synpo.result import FOUND
-        if self.volumeNode is None or self.volumeNode.GetScene() is None:
-            self.state, self.message = "cancelled", "The volume was closed; nothing was shown."
-            return
-        self.result = self.job.result
-        if self.preview is not None:                 # an update replaces the preview it corrected
-            self.preview.remove()
-        self.preview = mrml.show_preview(self.volumeNode, self.result, self.segmentIds, self.segmentNames)
+    def showLayers(self, opacity):
         slicer.util.setSliceViewerLayers(background=self.volumeNode, foreground=self.preview.confidence,
                                          foregroundOpacity=opacity)
-        present = sum(r.status in FOUND for r in self.result.records)
-        names = {i + 1: name for i, name in enumerate(self.segmentNames)}
-        self.state = "previewed"
-        self.message = ("Preview ready: target on %d slice(s). Green/red points are the prompts; move them and "
-                        "'Re-run slice', then Apply or Discard.\n%s"
-                        % (present, "\n".join(extent_summary(self.result, names))))
-        for line in collapse_warnings(self.result, names):
-            self.message += "\nWarning: " + line
 
     def setOverlayOpacity(self, value):
         if self.preview is not None and self.preview.confidence is not None:
@@ -652,21 +491,6 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
         centre = [m.GetElement(r, 3) for r in range(3)]
         return int(round(mrml.ras_to_ijk(self.volumeNode, centre)[0][2 - axis]))
 
-    def rerunSlice(self, sliceIndex, segmentId):
-        """Decode one slice of one previewed segment again, on the server, from the points as the
-        user left them."""
-        from SynPoSlicerLib import mrml
-        if self.preview is None:
-            raise ValueError("Run a preview first.")
-        if segmentId not in self.segmentIds:
-            raise ValueError("Select one of the previewed segments.")
-        label = self.segmentIds.index(segmentId) + 1
-        axis = self.result.support.axis
-        client, sid = self.client(timeout=30.0), self.job.session_id
-        decode = lambda pos, neg: client.redecode(sid, sliceIndex, pos, neg, label, axis)[0]
-        used = mrml.rerun_slice(self.preview, self.volumeNode, axis, sliceIndex, label, decode)
-        return "Slice %d of %s decoded again from %d point(s)." % (sliceIndex, self.segmentNames[label - 1], used)
-
     def apply(self, segmentationNode, editorLogic=None, saveState=None):
         """Write the preview into the segments it was made for: one Segment Editor undo step,
         through the editor's masking settings (apply.py). Then the preview is removed."""
@@ -681,25 +505,8 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
             if editor is not None and saveState is None:
                 editor.setSegmentationNode(segmentationNode)
                 saveState = editor.saveStateForUndo
-        applying.apply_labels(editorLogic, segmentationNode, self.volumeNode, self.preview.labels, self.segmentIds,
-                              saveState)
-        names = ", ".join(self.segmentNames)
-        self.discard()
+        names = self.applyWith(segmentationNode, editorLogic, saveState)
         return "Applied to %s: Ctrl+Z in the Segment Editor takes it back." % names
-
-    def discard(self):
-        if self.preview is not None:
-            self.preview.remove()
-            self.preview = None
-        if self.state in ("previewed", "failed", "cancelled"):
-            self.state = "idle"
-
-    def onSceneClosed(self):
-        """File > Close Scene: the preview's nodes are gone with the scene; a run is cancelled."""
-        if self.job is not None and self.job.active():
-            self.job.cancel(now=True)
-        self.preview, self.volumeNode, self.result, self.job = None, None, None, None
-        self.state, self.message = "idle", ""
 
 
 class SynPoSlicerTest(ScriptedLoadableModuleTest):
