@@ -13,6 +13,22 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
+# Developer mode's Reload re-executes this file under the same module name (slicer.util.
+# reloadScriptedModule): the logic of the code being replaced stops its run and its server, and the
+# helper packages are dropped so that the imports below load the edited code (reloadHelpers).
+if "_SHARED_LOGIC" in globals():
+    for _previous in _SHARED_LOGIC:  # noqa: F821  (the previous execution's)
+        try:
+            _previous.cancel()
+            _previous.stopServer()
+        except Exception as _exc:
+            logging.warning("SynPo: could not stop the previous server on reload: %s" % _exc)
+    reloadHelpers()  # noqa: F821  (the previous execution's; it only drops modules)
+_SHARED_LOGIC = []
+
+# The workflow without Qt (shared with `synpo web`); imports nothing heavy.
+from SynPoSlicerLib.logic import PreviewLogic  # noqa: E402
+
 MODELS = ("litemedsam", "vit_b", "vit_l", "vit_h")
 FEATURES = ("auto", "synergy", "sam", "dinov2")
 # What a server started with Slicer's own Python needs: import name -> pip requirement. torch comes
@@ -35,8 +51,6 @@ OPTIONAL_PACKAGES = {"transformers": "transformers>=4.40"}      # DINOv2 (synerg
 TORCH_REQUIREMENT = ">=2.0"
 # Slicer's own packages: pinned to the installed versions while installing, never replaced.
 CORE_PACKAGES = ("numpy", "SimpleITK", "vtk", "packaging", "requests")
-PARAMETERS = {"Model": "litemedsam", "Features": "auto", "TopK": "64", "PositivePoints": "3",
-              "NegativePoints": "3", "SearchMargin": "0.07", "IntensityGate": "true", "Opacity": "0.5"}
 
 
 class SynPoSlicer(ScriptedLoadableModule):
@@ -67,17 +81,6 @@ def registerEditorEffect():
     instance.self().register()
 
 
-# Developer mode's Reload re-executes this file under the same module name (slicer.util.
-# reloadScriptedModule): the logic of the code being replaced stops its run and its server first.
-for _previous in globals().get("_SHARED_LOGIC", []):
-    try:
-        _previous.cancel()
-        _previous.stopServer()
-    except Exception as _exc:
-        logging.warning("SynPo: could not stop the previous server on reload: %s" % _exc)
-_SHARED_LOGIC = []
-
-
 def reloadHelpers():
     """Developer mode: make an edit of SynPoSlicerLib or the client side of synpo take effect without a
     restart. The helper modules are dropped from sys.modules, not reloaded one by one: the next import
@@ -103,15 +106,6 @@ def sharedLogic():
             app.connect("aboutToQuit()", logic.stopServer)
         _SHARED_LOGIC.append(logic)
     return _SHARED_LOGIC[0]
-
-
-def volumeFingerprint(inputs):
-    """The volume's content and grid, hashed: a preview of the same volume reuses its server session."""
-    import hashlib
-    digest = hashlib.sha1()
-    digest.update(repr((inputs.image.shape, str(inputs.image.dtype), tuple(inputs.spacing))).encode())
-    digest.update(inputs.image.tobytes())
-    return digest.hexdigest()
 
 
 # The bundled CT and its one painted liver slice, offered in the Sample Data module.
@@ -275,8 +269,6 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        if slicer.util.settingsValue("Developer/DeveloperMode", False, converter=slicer.util.toBool):
-            reloadHelpers()
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/SynPoSlicer.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -490,43 +482,17 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             logging.warning("SynPo: %s" % text)
 
 
-class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
-    """The module's work, usable without the GUI (see `process`), in explicit states:
-
-    idle -> starting (a local `synpo serve` is starting) -> running (the preview's RemoteJob steps)
-    -> previewed (preview nodes in the scene) -> idle after apply or discard; failed / cancelled
-    leave the scene as it was. The engine never runs in Slicer's process: `step()` makes one short
-    request to the server and returns, so the GUI thread never waits on the segmentation.
+class SynPoSlicerLogic(ScriptedLoadableModuleLogic, PreviewLogic):
+    """The module's work, usable without the GUI (see `process`): the workflow itself (states,
+    server, preview, update, re-run, apply) is SynPoSlicerLib.logic.PreviewLogic, shared with
+    `synpo web`; this class adds what needs Slicer's application: its settings, its slice views
+    and its Segment Editor.
     """
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
-        self.state = "idle"
-        self.message = ""
-        self.preview = None
-        self.result = None
-        self.job = None
-        self.server = None               # SynPoSlicerLib.engine.ServerProcess when started here
-        self.remote = None               # (url, token) of a configured server
-        self.pythonForServer = None
-        self._pending = None             # the inputs of a preview waiting for the server
-        self._sessions = {}              # volume fingerprint -> session id on the current server
-        self._listeners = []             # GUI callbacks after each step (panel, effect instances)
+        PreviewLogic.__init__(self)
         self._timer = None
-        self.volumeNode = None
-        self.segmentationNode = None     # the segmentation the preview was made for: Apply writes there
-        self.segmentIds, self.segmentNames = [], []
-
-    def setDefaultParameters(self, node):
-        for key, value in PARAMETERS.items():
-            if not node.GetParameter(key):
-                node.SetParameter(key, value)
-
-    # -- environment
-    def deviceDescription(self):
-        if self.remote is not None:
-            return "server %s" % self.remote[0]
-        return "a SynPo server on this computer, started on the first preview"
 
     def cacheFolder(self):
         return qt.QSettings().value("SynPoSlicer/CacheFolder", os.path.join(os.path.expanduser("~"), ".cache",
@@ -536,199 +502,9 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
         qt.QSettings().setValue("SynPoSlicer/CacheFolder", path)
         os.environ["SYNPO_CACHE"] = path
 
-    def useServer(self, url="", tokenFile="", python=""):
-        """An empty url: SynPo starts its own server (with `python`, or Slicer's) on the first
-        preview and keeps it for the session: later previews, updates and re-runs use the same one
-        (restarted only when the Python, model, device or features change; serverReady). Else the
-        server at url with the token in tokenFile (no torch needed in Slicer)."""
-        from synpo.client import find_token
-        remote = (url, find_token(tokenFile or None)) if url else None
-        if remote != self.remote:
-            self._sessions = {}              # sessions live on the server they were made on
-        if remote is not None:
-            self.stopServer()                # the local server is no longer used
-        self.remote = remote
-        self.pythonForServer = python or None
-
-    def client(self, timeout=5.0):
-        from synpo.client import Client
-        if self.remote is not None:
-            return Client(self.remote[0], self.remote[1], timeout)
-        return self.server.client(timeout)
-
-    def stopServer(self):
-        """End the local server and everything it started (the launcher's python-real too)."""
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
-            self._sessions = {}
-
-    def serverReady(self, parameterNode):
-        """True when a server answers; starts the local one if needed (never waits for it). A
-        running local server is reused unless it was started with other settings or has died."""
-        if self.remote is not None:
-            return True
-        from SynPoSlicerLib.engine import ServerProcess, server_key
-        options = dict(device="auto", sam=parameterNode.GetParameter("Model"),
-                       features=parameterNode.GetParameter("Features"))
-        if self.server is not None and (self.server.key != server_key(self.pythonForServer, **options)
-                                        or not self.server.running()):
-            self.stopServer()
-        if self.server is None:
-            self.server = ServerProcess(self.pythonForServer, **options).start()
-        return self.server.ready()
-
-    # -- the timer that drives runs: the logic's, so a run survives its panel or effect
-    def addListener(self, callback):
-        if callback not in self._listeners:
-            self._listeners.append(callback)
-
-    def removeListener(self, callback):
-        if callback in self._listeners:
-            self._listeners.remove(callback)
-
-    def startPolling(self):
-        """Step the current run from a Qt timer every 250 ms until it ends. The timer belongs to the
-        logic: the Segment Editor calls the effect's deactivate() when the user switches effect or
-        leaves the editor (qMRMLSegmentEditorWidget::setActiveEffect), which must not stop a run."""
-        if self._timer is None:
-            self._timer = qt.QTimer()
-            self._timer.setInterval(250)
-            self._timer.connect("timeout()", self.poll)
-        self._timer.start()
-
-    def poll(self):
-        """One timer tick: a step, then every listener told; the timer stops once the run has ended."""
-        self.step()
-        for callback in list(self._listeners):
-            try:
-                callback()
-            except Exception as exc:         # a closed panel must not stop the run
-                logging.warning("SynPo: a view of the run failed to update: %s" % exc)
-        if not self.active() and self._timer is not None:
-            self._timer.stop()
-
-    # -- preview
-    def settings(self, parameterNode):
-        """The panel's settings as the engine's --set overrides (validated by the server)."""
-        return ["prompts.top_k=%d" % int(parameterNode.GetParameter("TopK")),
-                "prompts.n_positive_points=%d" % int(parameterNode.GetParameter("PositivePoints")),
-                "prompts.n_negative_points=%d" % int(parameterNode.GetParameter("NegativePoints")),
-                "volume.search_margin=%s" % float(parameterNode.GetParameter("SearchMargin")),
-                "gate.enabled=%s" % ("false" if parameterNode.GetParameter("IntensityGate") == "false" else "true")]
-
-    def startPreview(self, volumeNode, segmentationNode, segmentIds, parameterNode):
-        """Check the inputs and queue a preview; `step()` carries it out."""
-        from SynPoSlicerLib import mrml
-        if self.state in ("starting", "running"):
-            raise ValueError("A preview is already running; wait for it or cancel it.")
-        self.discard()
-        inputs = mrml.extract_inputs(volumeNode, segmentationNode, segmentIds)
-        self.volumeNode, self.segmentationNode, self.segmentIds = volumeNode, segmentationNode, list(segmentIds)
-        self.segmentNames = [segmentationNode.GetSegmentation().GetSegment(s).GetName() for s in segmentIds]
-        self._pending = (inputs, self.settings(parameterNode), parameterNode, volumeFingerprint(inputs))
-        self.state, self.message = "starting", "Starting the SynPo server..."
-        self.job = None
-        self.startPolling()
-
-    def step(self):
-        """Advance the current preview by one short request. Returns the state."""
-        from synpo.errors import SynPoError
-        try:
-            if self.state == "starting":
-                inputs, settings, parameterNode, fingerprint = self._pending
-                if self.serverReady(parameterNode):
-                    from SynPoSlicerLib.engine import RemoteJob
-                    known = self._sessions.get(fingerprint)
-                    self.job = RemoteJob(self.client(), inputs.image, inputs.spacing, inputs.support, settings,
-                                         session_id=known)
-                    self.state = "running"
-                    self.message = ("The volume is on the server already: embeddings reused." if known
-                                    else "Sending the volume to the server...")
-            elif self.state == "running":
-                self.job.step()
-                if self.job.session_id and self._pending is not None:
-                    self._sessions[self._pending[3]] = self.job.session_id
-                self.message = "SynPo: %s%s" % (self.job.stage, " (embeddings reused)" if self.job.reused else "")
-                if self.job.state == "done":
-                    self.finishPreview()
-                elif self.job.state in ("failed", "cancelled"):
-                    self.state = self.job.state
-                    self.message = ("Cancelled; the scene is unchanged." if self.job.state == "cancelled"
-                                    else "SynPo failed: %s" % self.job.error)
-        except (SynPoError, ValueError) as exc:
-            self.state, self.message = "failed", "SynPo failed: %s" % exc
-        return self.state
-
-    def startUpdate(self, parameterNode):
-        """Run again from the user's edits of the candidates (mrml.edited_slices): corrected slices
-        become supports, emptied slices are marked absent; the same server session, so only what
-        the corrections change is computed again. `step()` carries it out."""
-        import numpy as np
-        from SynPoSlicerLib import mrml
-        from SynPoSlicerLib.engine import RemoteJob
-        if self.preview is None or self.job is None:
-            raise ValueError("Run a preview first, then edit the SynPo candidates segmentation.")
-        paint, absent = mrml.edited_slices(self.preview, self.volumeNode, self.result.support.axis)
-        if not paint.any() and not absent:
-            raise ValueError("No corrections yet: paint or erase on the 'SynPo candidates' segmentation first.")
-        self.job = RemoteJob(self.client(), None, (), paint, self.settings(parameterNode),
-                             session_id=self.job.session_id, add=True, absent=absent)
-        painted = np.moveaxis(paint, self.result.support.axis, 0)
-        corrected = int(painted.reshape(len(painted), -1).any(1).sum())
-        self.state, self.message = "running", "Updating from %d corrected and %d emptied slice(s)..." % (
-            corrected, sum(len(v) for v in absent.values()))
-        self.startPolling()
-
-    def active(self):
-        return self.state in ("starting", "running")
-
-    def progress(self):
-        if self.job is None:
-            return 0, 1
-        return self.job.done, self.job.total
-
-    def process(self, volumeNode, segmentationNode, segmentIds, parameterNode, timeout=3600.0):
-        """The whole preview without the GUI (scripts, the self-test): returns the state."""
-        import time
-        self.startPreview(volumeNode, segmentationNode, segmentIds, parameterNode)
-        deadline = time.time() + timeout
-        while self.active() and time.time() < deadline:
-            self.step()
-            time.sleep(0.1)
-        return self.state
-
-    def cancel(self):
-        """Stop the current run, on the server too: the cancel request is sent now (not at the next
-        timer tick, which may never come if no timer runs)."""
-        if self.job is not None and self.job.active():
-            self.job.cancel(now=True)
-            self.state, self.message = "cancelled", "Cancelled; the scene is unchanged."
-        elif self.state == "starting":
-            self.state, self.message = "cancelled", "Cancelled; the scene is unchanged."
-
-    def finishPreview(self, opacity=0.5):
-        """Build the preview nodes from the finished job (main thread)."""
-        from SynPoSlicerLib import mrml
-        from synpo.outputs import collapse_warnings, extent_summary
-        from synpo.result import FOUND
-        if self.volumeNode is None or self.volumeNode.GetScene() is None:
-            self.state, self.message = "cancelled", "The volume was closed; nothing was shown."
-            return
-        self.result = self.job.result
-        if self.preview is not None:                 # an update replaces the preview it corrected
-            self.preview.remove()
-        self.preview = mrml.show_preview(self.volumeNode, self.result, self.segmentIds, self.segmentNames)
+    def showLayers(self, opacity):
         slicer.util.setSliceViewerLayers(background=self.volumeNode, foreground=self.preview.confidence,
                                          foregroundOpacity=opacity)
-        present = sum(r.status in FOUND for r in self.result.records)
-        names = {i + 1: name for i, name in enumerate(self.segmentNames)}
-        self.state = "previewed"
-        self.message = ("Preview ready: target on %d slice(s). Green/red points are the prompts; move them and "
-                        "'Re-run slice', then Apply or Discard.\n%s"
-                        % (present, "\n".join(extent_summary(self.result, names))))
-        for line in collapse_warnings(self.result, names):
-            self.message += "\nWarning: " + line
 
     def setOverlayOpacity(self, value):
         if self.preview is not None and self.preview.confidence is not None:
@@ -758,30 +534,27 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
         centre = [m.GetElement(r, 3) for r in range(3)]
         return int(round(mrml.ras_to_ijk(self.volumeNode, centre)[0][2 - axis]))
 
-    def rerunSlice(self, sliceIndex, segmentId):
-        """Decode one slice of one previewed segment again, on the server, from the points as the
-        user left them."""
-        from SynPoSlicerLib import mrml
-        if self.preview is None:
-            raise ValueError("Run a preview first.")
-        if segmentId not in self.segmentIds:
-            raise ValueError("Select one of the previewed segments.")
-        label = self.segmentIds.index(segmentId) + 1
-        axis = self.result.support.axis
-        client, sid = self.client(timeout=30.0), self.job.session_id
-        decode = lambda pos, neg: client.redecode(sid, sliceIndex, pos, neg, label, axis)[0]
-        used = mrml.rerun_slice(self.preview, self.volumeNode, axis, sliceIndex, label, decode)
-        return "Slice %d of %s decoded again from %d point(s)." % (sliceIndex, self.segmentNames[label - 1], used)
+    def startPolling(self):
+        """Step the current run from a Qt timer every 250 ms until it ends. The timer belongs to the
+        logic: the Segment Editor calls the effect's deactivate() when the user switches effect or
+        leaves the editor (qMRMLSegmentEditorWidget::updateEffectsSectionFromMRML, SegmentEditor.py's
+        exit()), which must not stop a run."""
+        if self._timer is None:
+            self._timer = qt.QTimer()
+            self._timer.setInterval(250)
+            self._timer.connect("timeout()", self.poll)
+        self._timer.start()
+
+    def stopPolling(self):
+        if self._timer is not None:
+            self._timer.stop()
 
     def apply(self, segmentationNode=None, editorLogic=None, saveState=None, write=None):
         """Write the preview into the segmentation and segments it was made for (recorded at
         Preview, whatever node the panel or the Segment Editor shows now): one Segment Editor undo
-        step, through the editor's masking settings where this Slicer has them (apply.py). Refused,
-        with the preview kept, where Slicer would write nothing; then the preview is removed.
-
-        `write(segmentationNode, segmentId, orientedLabelmap)`: the writer (the SynPo effect passes
-        its own modifySegmentByLabelmap); else Slicer 5.10+'s vtkSlicerSegmentEditorLogic with the
-        editor's masking, else (Slicer 5.8) the segmentation node's own API."""
+        step, through the editor's masking settings where this Slicer has them (PreviewLogic.applyWith).
+        In Slicer the Segment Editor is switched to that segmentation first, so that its Ctrl+Z
+        (saveStateForUndo saves the segmentation it shows) takes the preview back."""
         from SynPoSlicerLib import apply as applying
         if self.preview is None:
             raise ValueError("Nothing to apply: run a preview first.")
@@ -790,41 +563,16 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic):
         if write is None and editorLogic is None:
             segmenteditor = getattr(getattr(slicer, "modules", None), "segmenteditor", None)
             editor = segmenteditor.widgetRepresentation().self().editor if segmenteditor is not None else None
-        editorNode = editor.mrmlSegmentEditorNode() if editor is not None else None
-        applying.check_writable(target, self.volumeNode, self.segmentIds, editorNode)
-        if editor is not None and saveState is None:
-            # The editor's undo saves the segmentation it shows: show the target first, so that its
-            # Ctrl+Z restores the target (not the candidates the user may have been correcting).
+        if editor is not None:
+            editorNode = editor.mrmlSegmentEditorNode()
+            applying.check_writable(target, self.volumeNode, self.segmentIds, editorNode)
             editor.setSegmentationNode(target)
-            saveState = editor.saveStateForUndo
-        if write is None:
-            if editorLogic is None and applying.has_editor_logic():
+            saveState = saveState or editor.saveStateForUndo
+            if applying.has_editor_logic():
                 editorLogic = applying.editor_logic(target.GetScene(), target, self.volumeNode, editorNode)
-            write = applying.logic_writer(editorLogic) if editorLogic is not None else applying.node_writer()
-            if saveState is None and editorLogic is not None:
-                saveState = editorLogic.SaveStateForUndo
-        changed = applying.write_preview(target, self.volumeNode, self.preview.labels, self.segmentIds, write,
-                                         saveState)
-        names = ", ".join(self.segmentNames)
-        self.discard()
+        names = self.applyWith(target, editorLogic, saveState, write)
         return "Applied to %s (%d voxel(s) changed): Ctrl+Z in the Segment Editor takes it back." % (
-            names, sum(changed.values()))
-
-    def discard(self):
-        if self.preview is not None:
-            self.preview.remove()
-            self.preview = None
-        if self.state in ("previewed", "failed", "cancelled"):
-            self.state = "idle"
-
-    def onSceneClosed(self):
-        """File > Close Scene: the preview's nodes are gone with the scene; a run is cancelled. The
-        server and its sessions stay (a volume loaded again is recognised by its content)."""
-        if self.job is not None and self.job.active():
-            self.job.cancel(now=True)
-        self.preview, self.volumeNode, self.result, self.job = None, None, None, None
-        self.segmentationNode = None
-        self.state, self.message = "idle", ""
+            names, self.appliedVoxels)
 
 
 class SynPoSlicerTest(ScriptedLoadableModuleTest):

@@ -323,14 +323,22 @@ def test_the_effect_still_clones_after_a_developer_mode_reload(sandbox):
     assert type(clone.self()).__name__ == "SegmentEditorEffect"
 
 
-def test_one_exception_class_per_error_after_a_reload(sandbox):
+def test_developer_reload_gives_one_exception_class_and_stops_the_old_server(sandbox):
+    """slicer.util.reloadScriptedModule re-executes SynPoSlicer.py under the same module name
+    (imp.load_module): reproduced by executing the file again in the module's namespace."""
     import SynPoSlicerLib.engine  # noqa: F401  (loaded before the reload, as in a running Slicer)
     import synpo.client  # noqa: F401
-    sandbox.reloadHelpers()
+    stopped = []
+    old = sandbox.sharedLogic()
+    old.stopServer = lambda: stopped.append("server")
+    spec = importlib.util.spec_from_file_location("SynPoSlicer", os.path.join(MODULE_DIR, "SynPoSlicer.py"))
+    spec.loader.exec_module(sandbox)                        # the Reload button
+    assert stopped == ["server"] and sandbox.sharedLogic() is not old
     from SynPoSlicerLib import engine
     from synpo import client, errors
     assert engine.ServerError is client.ServerError
     assert issubclass(engine.ServerError, errors.SynPoError)
+    assert sys.modules["SynPoSlicerLib.logic"].PreviewLogic in type(sandbox.sharedLogic()).__mro__
 
 
 def _editor_logic(c, segmentation):

@@ -21,16 +21,8 @@ import slicer  # noqa: E402
 
 from SynPoSlicerLib import mrml  # noqa: E402
 from synpo import demo  # noqa: E402
-from synpo.io import Geometry, read_volume  # noqa: E402
+from synpo.io import read_volume  # noqa: E402
 from synpo.session import Models, Session  # noqa: E402
-
-
-def ijk_to_ras(geometry: Geometry) -> np.ndarray:
-    m = np.eye(4)
-    d = np.asarray(geometry.direction, float).reshape(3, 3) * np.asarray(geometry.spacing)
-    m[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ d
-    m[:3, 3] = Geometry.to_ras(np.asarray(geometry.origin, float))
-    return m
 
 
 def main() -> None:
@@ -46,7 +38,7 @@ def main() -> None:
     scene = slicer.vtkMRMLScene()
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
     slicer.util.updateVolumeFromArray(volume, image)
-    mrml._set_ijk_to_ras(volume, ijk_to_ras(geometry))
+    mrml._set_ijk_to_ras(volume, mrml.geometry_ijk_to_ras(geometry))
     volume.CreateDefaultDisplayNodes()
     volume.GetDisplayNode().SetAutoWindowLevel(False)
     volume.GetDisplayNode().SetWindowLevel(400, 40)

@@ -61,6 +61,17 @@ def points_ijk_to_ras(volume_node, ijk: np.ndarray) -> np.ndarray:
     return ijk @ m[:3, :3].T + m[:3, 3]
 
 
+def geometry_ijk_to_ras(geometry) -> np.ndarray:
+    """The IJK-to-RAS matrix of a volume read by `synpo.io.read_volume` (its Geometry: ITK's LPS
+    origin, direction and spacing), so that a node made from the array sits where Slicer would
+    load the file."""
+    m = np.eye(4)
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    m[:3, :3] = lps_to_ras @ (np.asarray(geometry.direction, float).reshape(3, 3) * np.asarray(geometry.spacing))
+    m[:3, 3] = lps_to_ras @ np.asarray(geometry.origin, float)
+    return m
+
+
 def _set_ijk_to_ras(node, matrix: np.ndarray) -> None:
     m = vtk.vtkMatrix4x4()
     for r in range(4):

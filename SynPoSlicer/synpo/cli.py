@@ -8,6 +8,7 @@
     synpo evaluate DATA_DIR [-o DIR] ...
     synpo benchmark IMAGE SUPPORT [-o REPORT.json] ...
     synpo download MODEL
+    synpo web [--host 127.0.0.1] [--port 8080] [--server URL --token-file F] [--password-file F]
 
 User errors print one line "synpo: error: ..." and exit with status 2; nothing is written.
 """
@@ -156,6 +157,15 @@ def _segment_remote(args, image, geometry, support, ref, progress, absent=None):
                       args.confidence_all, absent)
 
 
+def cmd_web(args) -> int:
+    try:
+        from synpo_web.cli import run
+    except ImportError:
+        raise SynPoError("synpo web is not part of this installation: pip install 'synpo[web]' from the "
+                         "SynPoSlicer repository") from None
+    return run(args)
+
+
 def cmd_serve(args) -> int:
     from .server import run_server
     return run_server(args)
@@ -252,6 +262,18 @@ def build_parser() -> argparse.ArgumentParser:
                            "queue). Every request but GET /v1/health needs the token.")
     add_serve_arguments(serve)
     serve.set_defaults(func=cmd_serve)
+
+    web = sub.add_parser("web", help="SynPo in a browser page (paint, preview, correct, apply, save) on Slicer's "
+                                     "MRML: needs the web extra (trame-slicer, slicer-core)",
+                         description="Serve a page that segments through a `synpo serve` server (started here "
+                                     "unless --server). Loopback only unless --host comes with --password-file.")
+    try:                                   # options only: no Slicer or trame import
+        from synpo_web.cli import add_arguments as add_web_arguments
+    except ImportError:                    # the engine alone (e.g. inside the Slicer extension)
+        add_web_arguments = None
+    if add_web_arguments is not None:
+        add_web_arguments(web)
+    web.set_defaults(func=cmd_web)
 
     demo = sub.add_parser("demo", help="run on the bundled CT sample, offline, and write a montage")
     demo.add_argument("-o", "--output", default="synpo-demo", help="output folder (default: synpo-demo)")

@@ -1,0 +1,324 @@
+"""The preview workflow without Qt: one server, one preview, stepped by the caller's timer.
+
+Shared by the Slicer module (SynPoSlicer.SynPoSlicerLogic adds what needs Slicer's application:
+its settings, its layout's slice views, its Segment Editor) and by `synpo web` (synpo_web, on
+slicer-core in a browser page). Nothing here waits on the segmentation: `step()` makes one short
+request to the server and returns (engine.RemoteJob), so a Qt timer or an asyncio task drives it.
+Python 3.9, no torch.
+
+The run is driven by the application's timer through `startPolling()` (a hook: Slicer's module
+starts a Qt timer that belongs to the logic, not to a panel or an effect instance, so a run goes on
+when the Segment Editor deactivates the effect) and `poll()` (one step, then every listener told).
+One local server serves the whole session (restarted only when its settings change), and a volume
+previewed again reuses its session on the server (embeddings reused).
+"""
+
+# The panel's settings and their defaults (a vtkMRMLScriptedModuleNode's parameters).
+PARAMETERS = {"Model": "litemedsam", "Features": "auto", "TopK": "64", "PositivePoints": "3",
+              "NegativePoints": "3", "SearchMargin": "0.07", "IntensityGate": "true", "Opacity": "0.5"}
+
+
+class PreviewLogic:
+    """The workflow in explicit states:
+
+    idle -> starting (a local `synpo serve` is starting) -> running (the preview's RemoteJob steps)
+    -> previewed (preview nodes in the scene) -> idle after apply or discard; failed / cancelled
+    leave the scene as it was. The engine never runs in this process.
+
+    Hooks for the application: `showLayers(opacity)` puts the confidence over the volume in the
+    slice views; `serverOptions()` the `synpo serve` options of a server started here.
+    """
+
+    def __init__(self):
+        self.state = "idle"
+        self.message = ""
+        self.preview = None
+        self.result = None
+        self.job = None
+        self.server = None               # SynPoSlicerLib.engine.ServerProcess when started here
+        self.remote = None               # (url, token) of a configured server
+        self.pythonForServer = None
+        self._pending = None             # the inputs of a preview waiting for the server
+        self._sessions = {}              # volume fingerprint -> session id on the current server
+        self._listeners = []             # views of the run told after each step (panel, effect instances)
+        self.volumeNode = None
+        self.segmentationNode = None     # the segmentation the preview was made for: Apply writes there
+        self.segmentIds, self.segmentNames = [], []
+
+    def setDefaultParameters(self, node):
+        for key, value in PARAMETERS.items():
+            if not node.GetParameter(key):
+                node.SetParameter(key, value)
+
+    # -- the server
+    def deviceDescription(self):
+        if self.remote is not None:
+            return "server %s" % self.remote[0]
+        return "a SynPo server on this computer, started on the first preview"
+
+    def useServer(self, url="", tokenFile="", python=""):
+        """An empty url: SynPo starts its own server (with `python`, or Slicer's) on the first
+        preview and keeps it for the session: later previews, updates and re-runs use the same one
+        (restarted only when the Python, model, device or features change; serverReady). Else the
+        server at url with the token in tokenFile (no torch needed here)."""
+        from synpo.client import find_token
+        remote = (url, find_token(tokenFile or None)) if url else None
+        if remote != self.remote:
+            self._sessions = {}              # sessions live on the server they were made on
+        if remote is not None:
+            self.stopServer()                # the local server is no longer used
+        self.remote = remote
+        self.pythonForServer = python or None
+
+    def client(self, timeout=5.0):
+        from synpo.client import Client
+        if self.remote is not None:
+            return Client(self.remote[0], self.remote[1], timeout)
+        return self.server.client(timeout)
+
+    def stopServer(self):
+        """End the local server and everything it started (a launcher's python-real too)."""
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+            self._sessions = {}
+
+    def serverOptions(self, parameterNode):
+        """ServerProcess keyword arguments of a server started here."""
+        return dict(device="auto", sam=parameterNode.GetParameter("Model"),
+                    features=parameterNode.GetParameter("Features"))
+
+    def serverReady(self, parameterNode):
+        """True when a server answers; starts the local one if needed (never waits for it). A
+        running local server is reused unless it was started with other settings or has died."""
+        if self.remote is not None:
+            return True
+        from SynPoSlicerLib.engine import ServerProcess, server_key
+        options = self.serverOptions(parameterNode)
+        if self.server is not None and (self.server.key != server_key(self.pythonForServer, **options)
+                                        or not self.server.running()):
+            self.stopServer()
+        if self.server is None:
+            self.server = ServerProcess(self.pythonForServer, **options).start()
+        return self.server.ready()
+
+    # -- who drives the run, who watches it
+    def addListener(self, callback):
+        if callback not in self._listeners:
+            self._listeners.append(callback)
+
+    def removeListener(self, callback):
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
+    def startPolling(self):
+        """Called when a run starts: the application's timer should now call poll() regularly
+        (a hook; `process()` and the web app step the logic themselves)."""
+
+    def stopPolling(self):
+        """Called by poll() once the run has ended (a hook)."""
+
+    def poll(self):
+        """One timer tick: a step, then every listener told; polling stops once the run has ended."""
+        import logging
+        self.step()
+        for callback in list(self._listeners):
+            try:
+                callback()
+            except Exception as exc:         # a closed view must not stop the run
+                logging.warning("SynPo: a view of the run failed to update: %s" % exc)
+        if not self.active():
+            self.stopPolling()
+
+    # -- preview
+    def settings(self, parameterNode):
+        """The panel's settings as the engine's --set overrides (validated by the server)."""
+        return ["prompts.top_k=%d" % int(parameterNode.GetParameter("TopK")),
+                "prompts.n_positive_points=%d" % int(parameterNode.GetParameter("PositivePoints")),
+                "prompts.n_negative_points=%d" % int(parameterNode.GetParameter("NegativePoints")),
+                "volume.search_margin=%s" % float(parameterNode.GetParameter("SearchMargin")),
+                "gate.enabled=%s" % ("false" if parameterNode.GetParameter("IntensityGate") == "false" else "true")]
+
+    def startPreview(self, volumeNode, segmentationNode, segmentIds, parameterNode):
+        """Check the inputs and queue a preview; `step()` carries it out."""
+        from SynPoSlicerLib import mrml
+        if self.state in ("starting", "running"):
+            raise ValueError("A preview is already running; wait for it or cancel it.")
+        self.discard()
+        inputs = mrml.extract_inputs(volumeNode, segmentationNode, segmentIds)
+        self.volumeNode, self.segmentationNode, self.segmentIds = volumeNode, segmentationNode, list(segmentIds)
+        self.segmentNames = [segmentationNode.GetSegmentation().GetSegment(s).GetName() for s in segmentIds]
+        self._pending = (inputs, self.settings(parameterNode), parameterNode, volume_fingerprint(inputs))
+        self.state, self.message = "starting", "Starting the SynPo server..."
+        self.job = None
+        self.startPolling()
+
+    def step(self):
+        """Advance the current preview by one short request. Returns the state."""
+        from synpo.errors import SynPoError
+        try:
+            if self.state == "starting":
+                inputs, settings, parameterNode, fingerprint = self._pending
+                if self.serverReady(parameterNode):
+                    from SynPoSlicerLib.engine import RemoteJob
+                    known = self._sessions.get(fingerprint)
+                    self.job = RemoteJob(self.client(), inputs.image, inputs.spacing, inputs.support, settings,
+                                         session_id=known)
+                    self.state = "running"
+                    self.message = ("The volume is on the server already: embeddings reused." if known
+                                    else "Sending the volume to the server...")
+            elif self.state == "running":
+                self.job.step()
+                if self.job.session_id and self._pending is not None:
+                    self._sessions[self._pending[3]] = self.job.session_id
+                self.message = "SynPo: %s%s" % (self.job.stage, " (embeddings reused)" if self.job.reused else "")
+                if self.job.state == "done":
+                    self.finishPreview()
+                elif self.job.state in ("failed", "cancelled"):
+                    self.state = self.job.state
+                    self.message = ("Cancelled; the scene is unchanged." if self.job.state == "cancelled"
+                                    else "SynPo failed: %s" % self.job.error)
+        except (SynPoError, ValueError) as exc:
+            self.state, self.message = "failed", "SynPo failed: %s" % exc
+        return self.state
+
+    def startUpdate(self, parameterNode):
+        """Run again from the user's edits of the candidates (mrml.edited_slices): corrected slices
+        become supports, emptied slices are marked absent; the same server session, so only what
+        the corrections change is computed again. `step()` carries it out."""
+        import numpy as np
+        from SynPoSlicerLib import mrml
+        from SynPoSlicerLib.engine import RemoteJob
+        if self.preview is None or self.job is None:
+            raise ValueError("Run a preview first, then edit the SynPo candidates segmentation.")
+        paint, absent = mrml.edited_slices(self.preview, self.volumeNode, self.result.support.axis)
+        if not paint.any() and not absent:
+            raise ValueError("No corrections yet: paint or erase on the 'SynPo candidates' segmentation first.")
+        self.job = RemoteJob(self.client(), None, (), paint, self.settings(parameterNode),
+                             session_id=self.job.session_id, add=True, absent=absent)
+        painted = np.moveaxis(paint, self.result.support.axis, 0)
+        corrected = int(painted.reshape(len(painted), -1).any(1).sum())
+        self.state, self.message = "running", "Updating from %d corrected and %d emptied slice(s)..." % (
+            corrected, sum(len(v) for v in absent.values()))
+        self.startPolling()
+
+    def active(self):
+        return self.state in ("starting", "running")
+
+    def progress(self):
+        if self.job is None:
+            return 0, 1
+        return self.job.done, self.job.total
+
+    def process(self, volumeNode, segmentationNode, segmentIds, parameterNode, timeout=3600.0):
+        """The whole preview without a GUI (scripts, the self-test): returns the state."""
+        import time
+        self.startPreview(volumeNode, segmentationNode, segmentIds, parameterNode)
+        deadline = time.time() + timeout
+        while self.active() and time.time() < deadline:
+            self.step()
+            time.sleep(0.1)
+        return self.state
+
+    def cancel(self):
+        """Stop the current run, on the server too: the cancel request is sent now (not at the next
+        timer tick, which may never come if no timer runs)."""
+        if self.job is not None and self.job.active():
+            self.job.cancel(now=True)
+            self.state, self.message = "cancelled", "Cancelled; the scene is unchanged."
+        elif self.state == "starting":
+            self.state, self.message = "cancelled", "Cancelled; the scene is unchanged."
+
+    def showLayers(self, opacity):
+        """The confidence over the volume in the application's slice views (a hook)."""
+
+    def finishPreview(self, opacity=0.5):
+        """Build the preview nodes from the finished job (main thread)."""
+        from SynPoSlicerLib import mrml
+        from synpo.outputs import collapse_warnings, extent_summary
+        from synpo.result import FOUND
+        if self.volumeNode is None or self.volumeNode.GetScene() is None:
+            self.state, self.message = "cancelled", "The volume was closed; nothing was shown."
+            return
+        self.result = self.job.result
+        if self.preview is not None:                 # an update replaces the preview it corrected
+            self.preview.remove()
+        self.preview = mrml.show_preview(self.volumeNode, self.result, self.segmentIds, self.segmentNames)
+        self.showLayers(opacity)
+        present = sum(r.status in FOUND for r in self.result.records)
+        names = {i + 1: name for i, name in enumerate(self.segmentNames)}
+        self.state = "previewed"
+        self.message = ("Preview ready: target on %d slice(s). Green/red points are the prompts; move them and "
+                        "'Re-run slice', then Apply or Discard.\n%s"
+                        % (present, "\n".join(extent_summary(self.result, names))))
+        for line in collapse_warnings(self.result, names):
+            self.message += "\nWarning: " + line
+
+    def rerunSlice(self, sliceIndex, segmentId):
+        """Decode one slice of one previewed segment again, on the server, from the points as the
+        user left them."""
+        from SynPoSlicerLib import mrml
+        if self.preview is None:
+            raise ValueError("Run a preview first.")
+        if segmentId not in self.segmentIds:
+            raise ValueError("Select one of the previewed segments.")
+        label = self.segmentIds.index(segmentId) + 1
+        axis = self.result.support.axis
+        client, sid = self.client(timeout=30.0), self.job.session_id
+        decode = lambda pos, neg: client.redecode(sid, sliceIndex, pos, neg, label, axis)[0]
+        used = mrml.rerun_slice(self.preview, self.volumeNode, axis, sliceIndex, label, decode)
+        return "Slice %d of %s decoded again from %d point(s)." % (sliceIndex, self.segmentNames[label - 1], used)
+
+    def applyWith(self, segmentationNode=None, editorLogic=None, saveState=None, write=None):
+        """Write the preview into the segmentation and segments it was made for (recorded at
+        Preview, whatever node a view shows now): one undo step (`saveState`, else `editorLogic`'s
+        own history), through the editor's masking settings where there is a Segment Editor logic
+        (apply.py). Refused, with the preview kept, where Slicer would write nothing; then the
+        preview is removed. Returns the segment names; `appliedVoxels` the voxels that changed.
+
+        `write(segmentationNode, segmentId, orientedLabelmap)`: the writer (the SynPo effect passes
+        its own modifySegmentByLabelmap); else `editorLogic` (a vtkSlicerSegmentEditorLogic), else
+        one made on `editorNode`'s settings (Slicer 5.10+), else the segmentation node's own API."""
+        from SynPoSlicerLib import apply as applying
+        if self.preview is None:
+            raise ValueError("Nothing to apply: run a preview first.")
+        target = self.segmentationNode if self.segmentationNode is not None else segmentationNode
+        if write is None:
+            if editorLogic is None and applying.has_editor_logic():
+                editorLogic = applying.editor_logic(target.GetScene(), target, self.volumeNode)
+            if editorLogic is not None:
+                applying.check_writable(target, self.volumeNode, self.segmentIds, editorLogic.GetSegmentEditorNode())
+                write = applying.logic_writer(editorLogic)
+                saveState = saveState or editorLogic.SaveStateForUndo
+            else:
+                write = applying.node_writer()
+        changed = applying.write_preview(target, self.volumeNode, self.preview.labels, self.segmentIds, write,
+                                         saveState)
+        names = ", ".join(self.segmentNames)
+        self.appliedVoxels = sum(changed.values())
+        self.discard()
+        return names
+
+    def discard(self):
+        if self.preview is not None:
+            self.preview.remove()
+            self.preview = None
+        if self.state in ("previewed", "failed", "cancelled"):
+            self.state = "idle"
+
+    def onSceneClosed(self):
+        """The scene is closed: the preview's nodes are gone with it; a run is cancelled."""
+        if self.job is not None and self.job.active():
+            self.job.cancel(now=True)
+        self.preview, self.volumeNode, self.result, self.job = None, None, None, None
+        self.segmentationNode = None
+        self.state, self.message = "idle", ""
+
+
+def volume_fingerprint(inputs):
+    """The volume's content and grid, hashed: a preview of the same volume reuses its server session."""
+    import hashlib
+    digest = hashlib.sha1()
+    digest.update(repr((inputs.image.shape, str(inputs.image.dtype), tuple(inputs.spacing))).encode())
+    digest.update(inputs.image.tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,494 @@
+"""The `synpo web` page: trame-slicer views of one MRML scene and the SynPo panel.
+
+One scene per server process. The workflow is SynPoSlicerLib.logic.PreviewLogic (the Slicer
+module's own), stepped by an asyncio task instead of a Qt timer; the preview scene is built by
+SynPoSlicerLib.mrml and Apply goes through SynPoSlicerLib.apply, as in Slicer.
+"""
+import asyncio
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from SynPoSlicerLib import apply as applying
+from SynPoSlicerLib import mrml
+from SynPoSlicerLib.logic import PreviewLogic
+from synpo.errors import SynPoError
+
+import slicer  # noqa: E402  (slicer-core)
+from trame.app import TrameApp
+from trame.app.file_upload import ClientFile
+from trame.ui.vuetify3 import SinglePageWithDrawerLayout
+from trame.widgets import client, html
+from trame.widgets import vuetify3 as v3
+from trame_slicer.core import LayoutManager, SlicerApp
+from trame_slicer.rca_view import register_rca_factories
+from trame_slicer.segmentation import SegmentationEffectErase, SegmentationEffectNoTool, SegmentationEffectPaint
+from trame_slicer.views import SliceLayer
+
+READABLE = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+STEP_SECONDS = 0.25          # between two requests of a running preview (the module's timer: 250 ms)
+TAB_LEASE_SECONDS = 6.0      # a tab that has not called in for this long has left (it calls every 2 s)
+
+
+class WebLogic(PreviewLogic):
+    """The module's workflow with the page's slice views."""
+
+    def __init__(self, slicer_app, server_options):
+        PreviewLogic.__init__(self)
+        self.slicer_app = slicer_app
+        self.options = dict(server_options)
+
+    def serverOptions(self, parameterNode):
+        return dict(self.options)
+
+    def slice_views(self):
+        return self.slicer_app.view_manager.get_slice_views()
+
+    def showLayers(self, opacity):
+        for view in self.slice_views():
+            view.set_layer_volume_id(SliceLayer.Foreground, self.preview.confidence.GetID())
+            view.set_foreground_opacity(opacity)
+
+    def setOverlayOpacity(self, value):
+        if self.preview is not None:
+            for view in self.slice_views():
+                view.set_foreground_opacity(value)
+
+
+def _safe_name(name):
+    base = os.path.basename(str(name or "")).strip() or "volume"
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in base)
+
+
+class SynPoWeb(TrameApp):
+    def __init__(self, server=None, max_upload_mb=512.0, server_options=None, remote=None, embedding_note=""):
+        super().__init__(server)
+        self.max_upload_mb = float(max_upload_mb)
+        self.slicer_app = SlicerApp()
+        mrml.register_segmentation_converters()
+        register_rca_factories(self.slicer_app.view_manager, self.server)
+        self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, self.server)
+        self.layout_manager.register_layout_dict(LayoutManager.default_grid_configuration())
+        self.layout_manager.set_layout("Axial Primary")
+        self.logic = WebLogic(self.slicer_app, server_options or {})
+        if remote:
+            self.logic.useServer(remote[0], remote[1])
+        self.parameters = self.scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "SynPo web")
+        self.logic.setDefaultParameters(self.parameters)
+        for key, value in (server_options or {}).items():
+            if key == "features":
+                self.parameters.SetParameter("Features", value)
+            if key == "sam":
+                self.parameters.SetParameter("Model", value)
+        self.volume = None
+        self.geometry = None
+        self.segmentation = None
+        self.apply_logic = None
+        self.correcting = False
+        self._runner = None
+        self._tab = None
+        self._tab_seen = 0.0
+        self.preview_started = 0.0
+        self._state_defaults()
+        self._build_ui()
+
+    @property
+    def scene(self):
+        return self.slicer_app.scene
+
+    @property
+    def editor(self):
+        return self.slicer_app.segmentation_editor
+
+    # ------------------------------------------------------------------ state
+    def _state_defaults(self):
+        s = self.state
+        s.message, s.error = "Load a volume: upload a NIfTI/NRRD file, or the bundled sample CT.", False
+        s.has_volume = s.has_preview = s.running = s.can_undo = s.correcting = False
+        s.progress, s.stage = 0, ""
+        s.segments, s.selected_segments, s.active_segment = [], [], None
+        s.tool, s.brush = "none", 15.0
+        s.opacity = 0.5
+        s.preview_seconds = 0.0
+        s.upload = None
+
+    def _say(self, text, error=False):
+        self.state.message, self.state.error = text, bool(error)
+
+    def _refresh(self):
+        """The state the page shows, from the scene and the logic."""
+        s = self.state
+        s.has_volume = self.volume is not None
+        s.has_preview = self.logic.preview is not None
+        s.running = self.logic.active()
+        done, total = self.logic.progress()
+        s.progress = int(round(100.0 * done / max(total, 1))) if (s.running or s.has_preview) else 0
+        s.can_undo = bool(self.apply_logic is not None and self.apply_logic.CanUndo())
+        s.correcting = self.correcting
+        if self.segmentation is not None:
+            seg = self.segmentation.GetSegmentation()
+            items = [{"title": seg.GetNthSegment(i).GetName(), "value": seg.GetNthSegmentID(i)}
+                     for i in range(seg.GetNumberOfSegments())]
+        else:
+            items = []
+        s.segments = items
+        ids = [it["value"] for it in items]
+        s.selected_segments = [x for x in (s.selected_segments or []) if x in ids]
+        if s.active_segment not in ids and not self.correcting:
+            s.active_segment = ids[-1] if ids else None
+
+    # ------------------------------------------------------------------ tabs
+    def claim(self, tab):
+        """One page at a time drives the scene: a second tab (or browser) gets a refusal while the
+        first one is open (it calls in every 2 s)."""
+        now = time.monotonic()
+        if self._tab is None or self._tab == tab or now - self._tab_seen > TAB_LEASE_SECONDS:
+            self._tab, self._tab_seen = tab, now
+            return "ok"
+        return "busy"
+
+    # ------------------------------------------------------------------ loading
+    def _clear(self):
+        if self.logic.active():
+            self.logic.cancel()
+        self.logic.onSceneClosed()
+        for node in ([self.segmentation, self.volume] + mrml.temporary_nodes(self.scene)):
+            if node is not None and node.GetScene() is not None:
+                mrml._remove(self.scene, node)
+        self.volume = self.segmentation = self.geometry = self.apply_logic = None
+        self.correcting = False
+        self.editor.set_active_effect_type(SegmentationEffectNoTool)
+        self.state.tool = "none"
+
+    def _show_volume(self, image, geometry, name):
+        volume = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+        slicer.util.updateVolumeFromArray(volume, image)
+        mrml._set_ijk_to_ras(volume, mrml.geometry_ijk_to_ras(geometry))
+        volume.CreateDefaultDisplayNodes()
+        segmentation = self.editor.create_empty_segmentation_node()
+        segmentation.SetName("Segmentation")
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        self.volume, self.geometry, self.segmentation = volume, geometry, segmentation
+        self.slicer_app.display_manager.show_volume_in_slice_background(volume)
+        self.slicer_app.display_manager.show_volume_in_slice_foreground(None)
+        self.slicer_app.display_manager.set_node_visible_in_group(volume)
+        self.slicer_app.display_manager.reset_views()
+
+    def _activate_segmentation(self, node):
+        self.editor.set_active_segmentation(node, self.volume)
+
+    def _show_slice(self, k):
+        """The axial view at slice k of the volume (the painted slice after loading the sample)."""
+        ras = mrml.points_ijk_to_ras(self.volume, [[0.0, 0.0, float(k)]])[0]
+        for view in self.slicer_app.view_manager.get_slice_views():
+            if view.get_orientation() == "Axial":
+                view.set_slice_value(float(ras[2]))
+
+    def load_sample(self):
+        from synpo import demo
+        from synpo.io import read_volume
+        self._clear()
+        image, geometry = read_volume(demo.SAMPLE_IMAGE, "sample image")
+        support, _ = read_volume(demo.SAMPLE_SUPPORT, "sample support", label=True)
+        self._show_volume(image, geometry, "SynPo sample CT")
+        self.volume.GetDisplayNode().SetAutoWindowLevel(False)
+        self.volume.GetDisplayNode().SetWindowLevel(400, 40)
+        mrml.write_labels(self.segmentation, self.volume, (support != 0).astype(np.uint8), {1: "liver"})
+        self._activate_segmentation(self.segmentation)
+        painted = np.flatnonzero((support != 0).reshape(len(support), -1).any(1))
+        if len(painted):
+            self._show_slice(int(painted[0]))
+        self._refresh()
+        self.state.selected_segments = [it["value"] for it in self.state.segments]
+        self._say("Sample CT loaded with the liver painted on one slice. Add a segment and paint it on this "
+                  "slice if you like, then Preview.")
+
+    def load_upload(self, files):
+        """An uploaded volume (one file). Anything wrong: one message; the page keeps working."""
+        try:
+            if not files:
+                return
+            upload = ClientFile(files[0] if isinstance(files, list) else files)
+            name = _safe_name(upload.name)
+            if upload.size > self.max_upload_mb * 1024 * 1024:
+                raise SynPoError("%s is %.0f MB; this server takes uploads up to %.0f MB (synpo web "
+                                 "--max-upload-mb)." % (name, upload.size / 1048576.0, self.max_upload_mb))
+            if not name.lower().endswith(READABLE):
+                raise SynPoError("%s is not a volume file this page reads (%s)." % (name, ", ".join(READABLE)))
+            from synpo.io import read_volume
+            with tempfile.TemporaryDirectory(prefix="synpo-web-") as folder:
+                path = os.path.join(folder, name)
+                with open(path, "wb") as handle:
+                    handle.write(upload.content)
+                try:
+                    image, geometry = read_volume(path, name)
+                except SynPoError:
+                    raise
+                except Exception as exc:          # a reader's own error: one line
+                    raise SynPoError("%s could not be read as a volume: %s" % (name, str(exc).splitlines()[0]
+                                                                               if str(exc) else type(exc).__name__))
+            if image.ndim != 3:
+                raise SynPoError("%s is not a 3D scalar volume." % name)
+            self._clear()
+            self._show_volume(image, geometry, os.path.splitext(name)[0])
+            self._activate_segmentation(self.segmentation)
+            self._refresh()
+            self._say("%s loaded (%s voxels). Add a segment and paint the target on one slice, then Preview."
+                      % (name, " x ".join(str(n) for n in image.shape[::-1])))
+        except SynPoError as exc:
+            self._say(str(exc), error=True)
+        finally:
+            self.state.upload = None
+
+    # ------------------------------------------------------------------ segments and tools
+    def add_segment(self):
+        if self.segmentation is None:
+            return self._say("Load a volume first.", error=True)
+        self.stop_correcting()
+        seg = self.segmentation.GetSegmentation()
+        n = seg.GetNumberOfSegments() + 1
+        sid = seg.AddEmptySegment("", "segment %d" % n)
+        self._activate_segmentation(self.segmentation)
+        self.editor.set_active_segment_id(sid)
+        self._refresh()
+        self.state.active_segment = sid
+        self.state.selected_segments = list(self.state.selected_segments or []) + [sid]
+        self.set_tool("paint")
+        self._say("Paint segment %d on one slice (drag in the axial view; the wheel changes slice)." % n)
+
+    def set_active_segment(self, sid):
+        if sid and not self.correcting and self.segmentation is not None:
+            self.editor.set_active_segment_id(sid)
+
+    def set_tool(self, tool):
+        effect = {"paint": SegmentationEffectPaint, "erase": SegmentationEffectErase}.get(tool)
+        if effect is None or self.volume is None:
+            self.editor.set_active_effect_type(SegmentationEffectNoTool)
+            self.state.tool = "none"
+            return
+        active = self.editor.set_active_effect_type(effect)
+        if active is not None:
+            from trame_slicer.segmentation.paint_effect_parameters import BrushDiameterMode
+            active.set_brush_diameter(float(self.state.brush), BrushDiameterMode.Absolute)
+        self.state.tool = tool
+
+    def set_brush(self, value):
+        effect = self.editor.active_effect
+        if effect is not None and hasattr(effect, "set_brush_diameter"):
+            from trame_slicer.segmentation.paint_effect_parameters import BrushDiameterMode
+            effect.set_brush_diameter(float(value), BrushDiameterMode.Absolute)
+
+    # ------------------------------------------------------------------ preview
+    def preview(self):
+        try:
+            self.stop_correcting()
+            ids = list(self.state.selected_segments or [])
+            self.preview_started = time.monotonic()
+            self.logic.startPreview(self.volume, self.segmentation, ids, self.parameters)
+        except (SynPoError, ValueError) as exc:
+            return self._say(str(exc), error=True)
+        self.set_tool("none")
+        self._say(self.logic.message)
+        self._start_runner()
+
+    def update(self):
+        try:
+            self.logic.startUpdate(self.parameters)
+        except (SynPoError, ValueError) as exc:
+            return self._say(str(exc), error=True)
+        self.stop_correcting()
+        self._say(self.logic.message)
+        self._start_runner()
+
+    def cancel(self):
+        self.logic.cancel()
+        self._say("Cancelling...")
+
+    def _start_runner(self):
+        self._refresh()
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.ensure_future(self._run())
+
+    async def _run(self):
+        """The module's timer, as an asyncio task: one short request per tick."""
+        while self.logic.active():
+            state = self.logic.step()
+            with self.state:
+                self._refresh()
+                self._say(self.logic.message, error=state == "failed")
+                if state == "previewed":
+                    self.state.preview_seconds = round(time.monotonic() - self.preview_started, 1)
+                    self.logic.setOverlayOpacity(float(self.state.opacity))
+            await asyncio.sleep(STEP_SECONDS if self.logic.active() else 0)
+        with self.state:
+            self._refresh()
+
+    def set_opacity(self, value):
+        self.logic.setOverlayOpacity(float(value))
+
+    def start_correcting(self):
+        """Paint / erase on the candidates: the editor works on the 'SynPo candidates' segmentation."""
+        if self.logic.preview is None:
+            return self._say("Run a preview first.", error=True)
+        self._activate_segmentation(self.logic.preview.candidates)
+        self.correcting = True
+        self.set_tool("paint")
+        self._refresh()
+        self._say("Correcting: paint or erase on the candidates (one slice or more), then Update.")
+
+    def stop_correcting(self):
+        if self.correcting:
+            self.correcting = False
+            if self.segmentation is not None:
+                self._activate_segmentation(self.segmentation)
+            self._refresh()
+
+    def apply(self):
+        try:
+            self.stop_correcting()
+            self.apply_logic = applying.editor_logic(self.scene, self.segmentation, self.volume)
+            names = self.logic.applyWith(self.segmentation, self.apply_logic)
+        except (SynPoError, ValueError) as exc:
+            return self._say(str(exc), error=True)
+        self.slicer_app.display_manager.show_volume_in_slice_foreground(None)
+        self._activate_segmentation(self.segmentation)
+        self._refresh()
+        self._say("Applied to %s. 'Undo apply' takes it back; Save downloads the segmentation." % names)
+
+    def undo_apply(self):
+        if self.apply_logic is not None and self.apply_logic.CanUndo():
+            self.apply_logic.Undo()
+            self._say("Apply undone: the segments are as they were before it.")
+        self._refresh()
+
+    def discard(self):
+        self.stop_correcting()
+        self.logic.discard()
+        self.slicer_app.display_manager.show_volume_in_slice_foreground(None)
+        self._refresh()
+        self._say("Preview discarded; the segments are unchanged.")
+
+    # ------------------------------------------------------------------ saving
+    def label_map(self):
+        """The segmentation as a label map on the volume's grid: segment n (in the list's order) -> n."""
+        seg = self.segmentation.GetSegmentation()
+        labels = np.zeros(slicer.util.arrayFromVolume(self.volume).shape, dtype=np.uint8)
+        for n in range(seg.GetNumberOfSegments()):
+            mask = mrml.segment_array(self.segmentation, seg.GetNthSegmentID(n), self.volume).astype(bool)
+            labels[mask & (labels == 0)] = n + 1
+        return labels
+
+    def download(self, kind):
+        """The bytes of the segmentation file (kind: 'nifti' label map, or 'seg.nrrd')."""
+        if self.segmentation is None:
+            self._say("Nothing to save: load a volume and segment it first.", error=True)
+            return None
+        with tempfile.TemporaryDirectory(prefix="synpo-web-") as folder:
+            if kind == "nifti":
+                from synpo.io import write_volume
+                path = os.path.join(folder, "segmentation.nii.gz")
+                write_volume(self.label_map(), self.geometry, path)
+            else:
+                path = os.path.join(folder, "segmentation.seg.nrrd")
+                self.slicer_app.io_manager.write_segmentation(self.segmentation, path)
+            with open(path, "rb") as handle:
+                data = handle.read()
+        self._say("Saved the segmentation (%s)." % ("NIfTI label map" if kind == "nifti" else ".seg.nrrd"))
+        return self.server.protocol.addAttachment(data)
+
+    # ------------------------------------------------------------------ page
+    def _build_ui(self):
+        ctrl = self.server.controller
+        claim = ctrl.trigger_name(self.claim)
+        nifti = ctrl.trigger_name(lambda: self.download("nifti"))
+        segnrrd = ctrl.trigger_name(lambda: self.download("seg.nrrd"))
+        self.state.change("brush")(lambda brush, **_: self.set_brush(brush))
+        self.state.change("opacity")(lambda opacity, **_: self.set_opacity(opacity))
+        self.state.change("active_segment")(lambda active_segment, **_: self.set_active_segment(active_segment))
+        with SinglePageWithDrawerLayout(self.server, full_height=True) as layout:
+            layout.title.set_text("SynPo")
+            layout.root.theme = "dark"
+            # One tab at a time: this page claims the scene now and every 2 s; a refused tab says so.
+            client.Script(
+                "window.synpoTab = window.synpoTab || Math.random().toString(36).slice(2);\n"
+                "window.synpoClaim = function (trigger) {\n"
+                "  trigger('%s', [window.synpoTab]).then(function (answer) {\n"
+                "    if (answer !== 'ok' && !window.synpoRefused) {\n"
+                "      window.synpoRefused = true;\n"
+                "      document.body.innerHTML = '<p id=\"synpo-refused\" style=\"font: 18px sans-serif; "
+                "margin: 2em\">SynPo web is open in another tab or browser: one page at a time works on its "
+                "scene. Close the other page (or start another synpo web on another port) and reload.</p>';\n"
+                "    }\n"
+                "  });\n"
+                "};\n" % claim)
+            client.ClientTriggers(mounted="window.synpoClaim(trigger); "
+                                          "window.setInterval(function () { window.synpoClaim(trigger); }, 2000)")
+            with layout.drawer as drawer:
+                drawer.width = 340
+                with v3.VContainer(classes="pa-3"):
+                    with v3.VRow(dense=True, classes="ma-0"):
+                        v3.VBtn("Load sample", id="synpo-sample", click=self.load_sample, size="small",
+                                disabled=("running",), classes="mr-2")
+                        v3.VFileInput(id="synpo-upload", v_model=("upload", None), label="Upload a volume",
+                                      density="compact", hide_details=True, accept=",".join(READABLE),
+                                      disabled=("running",),
+                                      update_modelValue=(self.load_upload, "[$event]"))
+                    v3.VDivider(classes="my-2")
+                    v3.VSelect(id="synpo-active", label="Segment to paint", items=("segments",),
+                               v_model=("active_segment",), density="compact", hide_details=True,
+                               disabled=("!has_volume || correcting",))
+                    with v3.VRow(dense=True, classes="ma-0 mt-2"):
+                        v3.VBtn("Add segment", id="synpo-add", click=self.add_segment, size="small",
+                                disabled=("!has_volume || running",), classes="mr-1")
+                        with v3.VBtnToggle(v_model=("tool",), density="compact", mandatory=True,
+                                           update_modelValue=(self.set_tool, "[$event]")):
+                            v3.VBtn("Paint", value="paint", id="synpo-paint", size="small")
+                            v3.VBtn("Erase", value="erase", id="synpo-erase", size="small")
+                            v3.VBtn("View", value="none", id="synpo-view", size="small")
+                    v3.VSlider(label="Brush (mm)", v_model=("brush",), min=2, max=60, step=1, density="compact",
+                               hide_details=True, thumb_label=True, classes="mt-2")
+                    v3.VDivider(classes="my-2")
+                    v3.VSelect(id="synpo-selected", label="Segments to propagate", items=("segments",),
+                               v_model=("selected_segments",), multiple=True, chips=True, density="compact",
+                               hide_details=True, disabled=("!has_volume",))
+                    with v3.VRow(dense=True, classes="ma-0 mt-2"):
+                        v3.VBtn("Preview", id="synpo-preview", click=self.preview, color="primary", size="small",
+                                disabled=("!has_volume || running",), classes="mr-1")
+                        v3.VBtn("Cancel", id="synpo-cancel", click=self.cancel, size="small",
+                                disabled=("!running",))
+                    v3.VProgressLinear(id="synpo-progress", model_value=("progress",), height=8,
+                                       color=("running ? 'amber' : 'green'",), classes="mt-2")
+                    v3.VSlider(label="Overlay", v_model=("opacity",), min=0, max=1, step=0.05, density="compact",
+                               hide_details=True, disabled=("!has_preview",), classes="mt-2")
+                    with v3.VRow(dense=True, classes="ma-0 mt-1"):
+                        v3.VBtn("Correct", id="synpo-correct", click=self.start_correcting, size="small",
+                                disabled=("!has_preview || running",), classes="mr-1")
+                        v3.VBtn("Update", id="synpo-update", click=self.update, size="small",
+                                disabled=("!has_preview || running",))
+                    with v3.VRow(dense=True, classes="ma-0 mt-2"):
+                        v3.VBtn("Apply", id="synpo-apply", click=self.apply, color="success", size="small",
+                                disabled=("!has_preview || running",), classes="mr-1")
+                        v3.VBtn("Discard", id="synpo-discard", click=self.discard, size="small",
+                                disabled=("!has_preview || running",), classes="mr-1")
+                        v3.VBtn("Undo apply", id="synpo-undo", click=self.undo_apply, size="small",
+                                disabled=("!can_undo",))
+                    v3.VDivider(classes="my-2")
+                    with v3.VRow(dense=True, classes="ma-0"):
+                        v3.VBtn("Save NIfTI", id="synpo-save-nifti", size="small", classes="mr-1",
+                                disabled=("!has_volume",),
+                                click="utils.download('segmentation.nii.gz', trigger('%s'), "
+                                      "'application/octet-stream')" % nifti)
+                        v3.VBtn("Save .seg.nrrd", id="synpo-save-seg", size="small", disabled=("!has_volume",),
+                                click="utils.download('segmentation.seg.nrrd', trigger('%s'), "
+                                      "'application/octet-stream')" % segnrrd)
+                    html.Pre("{{ message }}", id="synpo-message",
+                             style=("error ? 'color: #ff6b6b; white-space: pre-wrap; font-size: 12px' : "
+                                    "'white-space: pre-wrap; font-size: 12px'",),
+                             classes="mt-3")
+                    html.Div("{{ stage }}", id="synpo-state", style="display: none")
+            with layout.content:
+                with v3.VContainer(fluid=True, classes="fill-height pa-0"):
+                    self.layout_manager.initialize_layout_grid(layout)
+        self.ui = layout

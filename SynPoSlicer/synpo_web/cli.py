@@ -1,0 +1,141 @@
+"""`synpo web`: its options, the safety checks, and the trame server.
+
+    synpo web [--host 127.0.0.1] [--port 8080] [--server URL --token-file F] [--password-file F]
+              [--max-upload-mb 512] [--sam litemedsam] [--features auto] [--device auto]
+
+Loopback only unless --host comes with --password-file (the page then asks for it: HTTP basic
+authentication, any user name). Segmentation runs in a `synpo serve` process: one this command
+starts on a free loopback port (with a fresh token), or the one at --server.
+"""
+import atexit
+import hmac
+import ipaddress
+import os
+import sys
+
+from synpo.errors import SynPoError
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface to listen on (default 127.0.0.1: this computer only); any other needs "
+                        "--password-file")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any free port)")
+    p.add_argument("--password-file", metavar="FILE",
+                   help="a file holding the page's password (HTTP basic authentication, any user name); "
+                        "required with a --host other than loopback")
+    p.add_argument("--server", metavar="URL", help="segment on this `synpo serve` (default: start one here)")
+    p.add_argument("--token-file", metavar="FILE", help="the --server's token (default: $SYNPO_TOKEN, else the "
+                                                        "file `synpo serve` writes)")
+    p.add_argument("--max-upload-mb", type=float, default=512.0, help="largest volume upload (default 512 MB)")
+    p.add_argument("--sam", default="litemedsam", choices=("litemedsam", "vit_b", "vit_l", "vit_h"),
+                   help="the local server's SAM model")
+    p.add_argument("--features", default="auto", choices=("auto", "synergy", "sam", "dinov2"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="the local server's device")
+    p.add_argument("--embedding-cache", metavar="DIR", help="the local server's embedding cache")
+    p.add_argument("--ready-file", metavar="FILE", help="write the page's URL to FILE once it accepts connections")
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_secret(path: str, what: str) -> str:
+    try:
+        with open(path) as handle:
+            secret = handle.read().strip()
+    except OSError as exc:
+        raise SynPoError("cannot read the %s file %s: %s" % (what, path, exc.strerror or exc)) from None
+    if len(secret) < 8:
+        raise SynPoError("the %s in %s is shorter than 8 characters" % (what, path))
+    return secret
+
+
+def check_arguments(args) -> None:
+    """Refuse unsafe or inconsistent options with one line (before anything starts)."""
+    if not is_loopback(args.host) and not args.password_file:
+        raise SynPoError("--host %s makes the page reachable from other computers: give --password-file FILE "
+                         "too (or keep the default 127.0.0.1)" % args.host)
+    if args.token_file and not args.server:
+        raise SynPoError("--token-file is for --server URL; without --server, synpo web starts its own server")
+    if not 0 <= args.port <= 65535:
+        raise SynPoError("--port %d is not a port number" % args.port)
+    if args.max_upload_mb <= 0:
+        raise SynPoError("--max-upload-mb must be > 0")
+
+
+def basic_auth_middleware(password: str):
+    """aiohttp middleware: every request (the page, its files, the websocket) needs the password."""
+    import base64
+    from aiohttp import web
+
+    @web.middleware
+    async def check(request, handler):
+        header = request.headers.get("Authorization", "")
+        given = ""
+        if header.startswith("Basic "):
+            try:
+                given = base64.b64decode(header[6:]).decode("utf-8", "replace").split(":", 1)[-1]
+            except ValueError:
+                given = ""
+        if not hmac.compare_digest(given.encode(), password.encode()):
+            return web.Response(status=401, text="SynPo web: password needed",
+                                headers={"WWW-Authenticate": 'Basic realm="SynPo web"'})
+        return await handler(request)
+    return check
+
+
+def run(args) -> int:
+    check_arguments(args)
+    password = read_secret(args.password_file, "password") if args.password_file else None
+    remote = None
+    if args.server:
+        from synpo.client import find_token
+        remote = (args.server, find_token(args.token_file))
+    os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+    # trame reads sys.argv for its own options: ours are parsed already.
+    sys.argv = sys.argv[:1]
+    try:
+        from trame.app import get_server
+        from .app import SynPoWeb
+    except ImportError as exc:
+        raise SynPoError("synpo web needs trame-slicer and slicer-core: pip install 'synpo[web]' (%s)" % exc) \
+            from None
+    server = get_server("synpo-web", client_type="vue3")
+    extra = ["--embedding-cache", args.embedding_cache] if args.embedding_cache else []
+    options = dict(device=args.device, sam=args.sam, features=args.features, extra=extra)
+    app = SynPoWeb(server, max_upload_mb=args.max_upload_mb, server_options=options, remote=remote)
+    if remote is None:
+        app.logic.serverReady(app.parameters)          # start the local server now (it loads the models)
+        atexit.register(app.logic.stopServer)
+    else:
+        health = app.logic.client().health()           # a wrong URL or token: one line, before the page
+        if not health:
+            raise SynPoError("the server at %s does not answer" % args.server)
+
+    if password is not None:
+        server.controller.on_server_bind.add(lambda wslink_server: wslink_server.app.middlewares.append(
+            basic_auth_middleware(password)))
+
+    def ready(**_):
+        url = "http://%s:%d/" % (args.host if ":" not in args.host else "[%s]" % args.host, server.port)
+        print("SynPo web: open %s" % url, flush=True)
+        if args.ready_file:
+            tmp = args.ready_file + ".tmp"
+            with open(tmp, "w") as handle:
+                handle.write(url)
+            os.replace(tmp, args.ready_file)
+    server.controller.on_server_ready.add(ready)
+    try:
+        server.start(port=args.port, host=args.host, open_browser=False, show_connection_info=False,
+                     disable_logging=True)
+    finally:
+        app.logic.stopServer()
+    return 0
