@@ -20,6 +20,7 @@ if "_SHARED_LOGIC" in globals():
     for _previous in _SHARED_LOGIC:  # noqa: F821  (the previous execution's)
         try:
             _previous.cancel()
+            _previous.discard()
             _previous.stopServer()
         except Exception as _exc:
             logging.warning("SynPo: could not stop the previous server on reload: %s" % _exc)
@@ -104,6 +105,10 @@ def sharedLogic():
         app = getattr(slicer, "app", None)
         if app is not None:
             app.connect("aboutToQuit()", logic.stopServer)
+        scene = getattr(slicer, "mrmlScene", None)
+        if scene is not None:
+            # File > Close Scene, whether or not the panel was ever opened (the effect alone).
+            scene.AddObserver(scene.StartCloseEvent, lambda caller, event: logic.onSceneClosed())
         _SHARED_LOGIC.append(logic)
     return _SHARED_LOGIC[0]
 
@@ -319,6 +324,18 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self):
         self.initializeParameterNode()
+
+    def onReload(self):
+        """Developer mode's Reload: Slicer 5.10 imports the file as a new module object
+        (slicer.util.reloadScriptedModule), so the top of the file no longer sees the previous
+        logic: stop its run, preview and server here, drop the helper packages, then reload."""
+        for logic in _SHARED_LOGIC:
+            logic.cancel()
+            logic.discard()
+            logic.stopServer()
+        del _SHARED_LOGIC[:]
+        reloadHelpers()
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def cleanup(self):
         # Developer-mode Reload and application exit call cleanup(): the run and the server belong to
@@ -563,14 +580,28 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic, PreviewLogic):
         if write is None and editorLogic is None:
             segmenteditor = getattr(getattr(slicer, "modules", None), "segmenteditor", None)
             editor = segmenteditor.widgetRepresentation().self().editor if segmenteditor is not None else None
+        selected = None
         if editor is not None:
             editorNode = editor.mrmlSegmentEditorNode()
-            applying.check_writable(target, self.volumeNode, self.segmentIds, editorNode)
+            # Without a Segment Editor logic (5.8) the node's API writes and the masking is not used.
+            masking = editorNode if applying.has_editor_logic() else None
+            applying.check_writable(target, self.volumeNode, self.segmentIds, masking)
+            if editorNode.GetSegmentationNode() is target:
+                selected = editorNode.GetSelectedSegmentID()
+            # Switching selects the first segment and sets the source volume to the segmentation's
+            # reference geometry node (qMRMLSegmentEditorWidget::updateWidgetFromSegmentationNode).
             editor.setSegmentationNode(target)
+            editor.setSourceVolumeNode(self.volumeNode) if hasattr(editor, "setSourceVolumeNode") \
+                else editor.setMasterVolumeNode(self.volumeNode)
             saveState = saveState or editor.saveStateForUndo
-            if applying.has_editor_logic():
+            if masking is not None:
+                applying.check_writable(target, self.volumeNode, self.segmentIds, editorNode)
                 editorLogic = applying.editor_logic(target.GetScene(), target, self.volumeNode, editorNode)
-        names = self.applyWith(target, editorLogic, saveState, write)
+        try:
+            names = self.applyWith(target, editorLogic, saveState, write)
+        finally:
+            if editor is not None:
+                editor.mrmlSegmentEditorNode().SetSelectedSegmentID(selected or self.segmentIds[0])
         return "Applied to %s (%d voxel(s) changed): Ctrl+Z in the Segment Editor takes it back." % (
             names, self.appliedVoxels)
 

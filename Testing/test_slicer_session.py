@@ -516,3 +516,26 @@ def test_apply_refuses_where_slicer_would_write_nothing(sandbox, scene_case, ser
         logic.apply(editorLogic=editor)
     assert logic.preview is not None
     logic.discard()
+
+
+def test_apply_masks_around_the_segment_it_writes_not_the_one_selected(sandbox, scene_case, server):
+    """The editable-area mask is built around the editor node's selected segment
+    (vtkSlicerSegmentEditorLogic::UpdateMaskLabelmap -> GenerateEditMask): with "outside all segments",
+    writing the target while the user has another segment selected must still protect that one."""
+    from test_slicer_logic import _finished_structure
+    c = scene_case
+    finished, done = _finished_structure(c)
+    logic = sandbox.sharedLogic()
+    logic.useServer(server.url, server.token_file)
+    params = _parameters(logic, c["scene"])
+    assert logic.process(c["volume"], c["seg"], [c["target"]], params, timeout=300) == "previewed"
+    labels = logic.preview.labels.copy()
+    assert (done & (labels == 1)).any()
+    editor = _editor_logic(c, c["seg"])
+    node = editor.GetSegmentEditorNode()
+    node.SetSelectedSegmentID(finished)                    # the user last worked on "finished"
+    node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments)
+    logic.apply(editorLogic=editor)
+    assert np.array_equal(mrml.segment_array(c["seg"], finished, c["volume"]).astype(bool), done)
+    target = mrml.segment_array(c["seg"], c["target"], c["volume"]).astype(bool)
+    assert np.array_equal(target, (labels == 1) & ~done)

@@ -121,7 +121,11 @@ class PreviewLogic:
     def poll(self):
         """One timer tick: a step, then every listener told; polling stops once the run has ended."""
         import logging
-        self.step()
+        try:
+            self.step()
+        except Exception as exc:             # anything step() does not expect ends the run, once
+            logging.exception("SynPo: the run failed")
+            self.state, self.message = "failed", "SynPo failed: %s" % exc
         for callback in list(self._listeners):
             try:
                 callback()
