@@ -34,7 +34,7 @@ sys.path.insert(0, MODULE_DIR)
 
 import slicer  # noqa: E402  (slicer-core)
 
-from test_slicer_logic import _parameters, add_volume, scene_case, server  # noqa: E402,F401  (fixtures)
+from test_slicer_logic import _parameters, add_volume, install_module_stand_ins, scene_case, server  # noqa: E402,F401
 from SynPoSlicerLib import mrml  # noqa: E402
 
 
@@ -211,18 +211,8 @@ def sandbox(monkeypatch):
     """Stand-ins for what slicer-core lacks (Qt, the scripted-module base classes, the Segment Editor
     effects package), and sys.modules restored afterwards (reloads must not leak into other tests)."""
     saved = dict(sys.modules)
-    qt = types.ModuleType("qt")
-    qt.QSettings = Settings
-    qt.QTimer = FakeTimer
-    qt.QIcon = lambda *a: None
     Settings.values = {}
-    monkeypatch.setitem(sys.modules, "qt", qt)
-    base = types.ModuleType("slicer.ScriptedLoadableModule")
-    for cls in ("ScriptedLoadableModule", "ScriptedLoadableModuleTest", "ScriptedLoadableModuleWidget"):
-        setattr(base, cls, type(cls, (), {}))
-    base.ScriptedLoadableModuleLogic = type("ScriptedLoadableModuleLogic", (), {"__init__": lambda self: None})
-    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", base)
-    monkeypatch.setattr(slicer.util, "setSliceViewerLayers", lambda **kwargs: None, raising=False)
+    install_module_stand_ins(monkeypatch, Settings, FakeTimer)
 
     @contextlib.contextmanager
     def raising(message, waitCursor=False):               # errors reach the test instead of a dialog
@@ -372,18 +362,19 @@ def _drive(logic, until, timeout=300):
         assert time.time() < deadline, logic.message
 
 
-def _use_server(server):
+def _effect_with_server(module, c, server):
+    """The SynPo effect as Slicer registers it, on an editor showing the test's segmentation, the panel's
+    settings naming `server`; returns (the effect's Python object, the shared logic)."""
     Settings.values = {"SynPoSlicer/ServerURL": server.url, "SynPoSlicer/TokenFile": server.token_file}
+    ScriptedEffect.editor = _editor_logic(c, c["seg"])
+    effect = ScriptedEffect()
+    effect.setPythonSource(EFFECT_FILE)
+    return effect.self(), _shared_logic(module, c)
 
 
 def test_a_run_survives_deactivate_and_apply_writes_the_previewed_segmentation(sandbox, scene_case, server):
     c = scene_case
-    _use_server(server)
-    ScriptedEffect.editor = _editor_logic(c, c["seg"])
-    effect = ScriptedEffect()
-    effect.setPythonSource(EFFECT_FILE)
-    python = effect.self()
-    logic = _shared_logic(sandbox, c)
+    python, logic = _effect_with_server(sandbox, c, server)
     python.activate()
     python.onPreview()
     assert logic.active() and logic._timer.active
@@ -407,12 +398,7 @@ def test_a_run_survives_deactivate_and_apply_writes_the_previewed_segmentation(s
 
 def test_cancel_after_deactivate_ends_the_run_on_the_server(sandbox, scene_case, server):
     c = scene_case
-    _use_server(server)
-    ScriptedEffect.editor = _editor_logic(c, c["seg"])
-    effect = ScriptedEffect()
-    effect.setPythonSource(EFFECT_FILE)
-    python = effect.self()
-    logic = _shared_logic(sandbox, c)
+    python, logic = _effect_with_server(sandbox, c, server)
     other = add_volume(c["scene"], c["image"] + 7.0, c["matrix"], "not embedded yet")
     ScriptedEffect.editor.GetSegmentEditorNode().SetAndObserveSourceVolumeNode(other)
     python.activate()
