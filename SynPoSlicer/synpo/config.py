@@ -268,6 +268,10 @@ def validate(cfg: SynPoConfig) -> SynPoConfig:
     return cfg
 
 
+# `synpo cohort` on a local cluster: torch threads per worker process (one volume at a time each);
+# the workers are the cores / this. Measured on a 2-core machine (docs/cohort.md): see there.
+COHORT_THREADS_PER_WORKER = 1
+
 DEFAULT_CONFIG = SynPoConfig()
 
 
