@@ -28,6 +28,7 @@ import csv
 import glob
 import hashlib
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -427,7 +428,7 @@ def _local_cluster(args, say):
             raise SynPoError("--memory-limit %r: give a size such as 6GB" % args.memory_limit) from None
     dashboard = None if str(args.dashboard).lower() == "none" else args.dashboard
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit=memory,
-                           dashboard_address=dashboard)
+                           dashboard_address=dashboard, silence_logs=logging.ERROR)
     say("cohort: local cluster, %d worker process%s x %d thread%s, memory limit %s per worker"
         % (workers, "es" if workers > 1 else "", threads, "s" if threads > 1 else "", format_bytes(memory)))
     return cluster, threads
@@ -468,6 +469,7 @@ def run_cohort(args) -> int:
     os.makedirs(outdir, exist_ok=True)
     with FolderLock(outdir):
         csv_path = os.path.join(outdir, CSV_NAME)
+        remove_stale_temporaries([csv_path])          # a cohort killed while writing its table
         rows = read_rows(csv_path)
         digest = settings_hash(args, cfg)
         inputs = [args.ref_image, args.ref_labels] + queries
@@ -502,6 +504,7 @@ def run_cohort(args) -> int:
             write_rows(csv_path, rows) if rows else None
             return _finish(rows, list(names), say)
         options = {"hash": digest, "confidence": bool(args.confidence), "points": bool(args.points),
+                   "n_painted": len({s for v in support.slices.values() for s in v}),
                    "confidence_all": bool(args.confidence_all), "labels": labels,
                    "embedding_cache": args.embedding_cache}
         return _run_tasks(args, cfg, (ref_image, ref_labels, tuple(ref_geometry.spacing)), todo, names, rows,
@@ -528,34 +531,38 @@ def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say) 
             client = Client(cluster)
         if "dashboard" in client.scheduler_info().get("services", {}):
             say("cohort: dashboard %s" % client.dashboard_link)
-        spec = {"sam_name": args.sam, "features": args.features, "dinov2": args.dinov2, "device": args.device,
+        spec = {"sam": args.sam, "features": args.features, "dinov2": args.dinov2, "device": args.device,
                 "precision": args.precision, "runtime": args.runtime}
-        spec = {"sam": spec.pop("sam_name"), **spec}
-        responses = client.register_plugin(SynPoModels(spec, threads), name=PLUGIN_NAME)
-        for worker, response in (responses or {}).items():
-            if isinstance(response, dict) and response.get("status") == "error":
-                exc = response.get("exception")
-                raise SynPoError("a worker could not load the models: %s" % (exc if exc is not None else response))
+        try:
+            client.register_plugin(SynPoModels(spec, threads), name=PLUGIN_NAME)
+        except SynPoError:
+            raise
+        except Exception as exc:
+            raise SynPoError("a worker could not load the models: %s" % _one_line(exc)) from None
         ref_future = client.scatter([reference], broadcast=True, hash=False)[0]
         features = client.submit(reference_features, ref_future, cfg, options["embedding_cache"], pure=False,
                                  key="synpo-reference-" + options["hash"])
+        try:                     # every volume needs it: its failure is the cohort's, not a volume's
+            described = features.result()["models"]
+        except SynPoError as exc:
+            raise SynPoError("the reference: %s" % exc) from None
+        except Exception as exc:
+            raise SynPoError("the reference could not be embedded: %s" % _one_line(exc)) from None
+        say("cohort: models %s; the reference's %d painted slice%s embedded once"
+            % (json.dumps(described, sort_keys=True), options["n_painted"], "s" if options["n_painted"] > 1 else ""))
         for name in todo:
             futures.append(client.submit(segment_query, names[name], name, os.path.abspath(args.output),
                                          ref_future, features, cfg, options, pure=False,
                                          key="synpo-%s-%s" % (name, options["hash"][:8])))
         by_key = {f.key: name for f, name in zip(futures, todo)}
-        first = True
         for future in as_completed(futures):
             name = by_key[future.key]
             try:
                 row = future.result()
-            except Exception as exc:      # the task's worker died too often, or the reference failed
+            except Exception as exc:      # the task's worker died too often
                 row = {c: "" for c in COLUMNS}
                 row.update(name=name, status="failed", query=names[name], settings_hash=options["hash"],
-                           error=_task_error(exc, features))
-            if first and row["status"] == "done" and features.done() and not features.exception():
-                say("cohort: models %s" % json.dumps(features.result()["models"], sort_keys=True))
-                first = False
+                           error=_task_error(exc))
             rows[name] = row
             write_rows(csv_path, rows)
             done += 1
@@ -579,14 +586,15 @@ def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say) 
             cluster.close()
 
 
-def _task_error(exc, features) -> str:
-    if features.done() and features.exception() is not None:
-        exc = features.exception()
-        return "the reference failed: %s" % (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    name = type(exc).__name__
-    if name == "KilledWorker":
-        return "its worker died while segmenting it, again and again (out of memory?)"
-    return ("%s: %s" % (name, exc)).splitlines()[0][:500]
+def _one_line(exc) -> str:
+    text = str(exc).strip().splitlines()
+    return ("%s: %s" % (type(exc).__name__, text[0]) if text else type(exc).__name__)[:500]
+
+
+def _task_error(exc) -> str:
+    if type(exc).__name__ == "KilledWorker":
+        return "its worker died while segmenting it, again and again (out of memory? see --memory-limit)"
+    return _one_line(exc)
 
 
 def _describe(row: dict) -> str:
