@@ -207,7 +207,9 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_does_only_the_rest(case, tmp_path):
     out = tmp_path / "out"
     cmd = synpo_cmd() + ["cohort", case["ref"], case["labels"], str(queries), "-o", str(out), "--workers", "2",
                          "--dashboard", "none", "--embedding-cache", case["cache"]] + MODEL
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal delivers it (a background job's children would inherit "ignore SIGINT")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 240
         while time.time() < deadline:

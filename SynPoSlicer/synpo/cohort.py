@@ -19,8 +19,8 @@ temporary file and renames it); OUTDIR/cohort.csv, rewritten atomically after ev
 row per volume with a hash of the settings, and a re-run skips the volumes done with the same
 settings (and the same query file) whose outputs are all there; a worker that dies mid-task leaves
 a temporary file at most (removed when the volume is done again) and Dask runs its task again; a
-volume that cannot be read or segmented is a row with its error and the others go on; Ctrl+C
-cancels the tasks, closes the cluster and keeps the rows written so far.
+volume that cannot be read or segmented is a row with its error and the others go on; Ctrl+C (or
+SIGTERM) cancels the tasks, closes the cluster and keeps the rows written so far.
 
 Exit status: 0 every volume done, 1 some failed, 2 usage error (nothing started), 130 interrupted.
 """
@@ -30,9 +30,11 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import asdict
 from typing import Dict, List, Optional, Tuple
 
@@ -501,7 +503,6 @@ def run_cohort(args) -> int:
             say("cohort: %d volume%s done earlier with other settings or another file: segmented again, "
                 "outputs replaced" % (len(redone), "s" if len(redone) != 1 else ""))
         if not todo:
-            write_rows(csv_path, rows) if rows else None
             return _finish(rows, list(names), say)
         options = {"hash": digest, "confidence": bool(args.confidence), "points": bool(args.points),
                    "n_painted": len({s for v in support.slices.values() for s in v}),
@@ -511,12 +512,21 @@ def run_cohort(args) -> int:
                           csv_path, options, say)
 
 
+def _terminate_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say) -> int:
     from distributed import Client, as_completed
     cluster = None
     client = None
     futures = []
     done = 0
+    previous = None
+    try:                              # SIGTERM (kill, a batch system's scancel) stops as cleanly as Ctrl+C
+        previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    except ValueError:                # not the main thread: leave it alone
+        pass
     try:
         if args.scheduler:
             try:
@@ -529,7 +539,8 @@ def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say) 
         else:
             cluster, threads = _local_cluster(args, say)
             client = Client(cluster)
-        if "dashboard" in client.scheduler_info().get("services", {}):
+        if (str(args.dashboard).lower() != "none" if cluster is not None
+                else "dashboard" in client.scheduler_info().get("services", {})):
             say("cohort: dashboard %s" % client.dashboard_link)
         spec = {"sam": args.sam, "features": args.features, "dinov2": args.dinov2, "device": args.device,
                 "precision": args.precision, "runtime": args.runtime}
@@ -540,8 +551,9 @@ def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say) 
         except Exception as exc:
             raise SynPoError("a worker could not load the models: %s" % _one_line(exc)) from None
         ref_future = client.scatter([reference], broadcast=True, hash=False)[0]
+        run_id = uuid.uuid4().hex[:8]     # task keys unique to this run: two cohorts on one cluster never share one
         features = client.submit(reference_features, ref_future, cfg, options["embedding_cache"], pure=False,
-                                 key="synpo-reference-" + options["hash"])
+                                 key="synpo-reference-" + run_id)
         try:                     # every volume needs it: its failure is the cohort's, not a volume's
             described = features.result()["models"]
         except SynPoError as exc:
@@ -551,9 +563,9 @@ def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say) 
         say("cohort: models %s; the reference's %d painted slice%s embedded once"
             % (json.dumps(described, sort_keys=True), options["n_painted"], "s" if options["n_painted"] > 1 else ""))
         for name in todo:
-            futures.append(client.submit(segment_query, names[name], name, os.path.abspath(args.output),
-                                         ref_future, features, cfg, options, pure=False,
-                                         key="synpo-%s-%s" % (name, options["hash"][:8])))
+            futures.append(client.submit(segment_query, os.path.abspath(names[name]), name,
+                                         os.path.abspath(args.output), ref_future, features, cfg, options,
+                                         pure=False, key="synpo-%s-%s" % (name, run_id)))
         by_key = {f.key: name for f, name in zip(futures, todo)}
         for future in as_completed(futures):
             name = by_key[future.key]
@@ -561,8 +573,8 @@ def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say) 
                 row = future.result()
             except Exception as exc:      # the task's worker died too often
                 row = {c: "" for c in COLUMNS}
-                row.update(name=name, status="failed", query=names[name], settings_hash=options["hash"],
-                           error=_task_error(exc))
+                row.update(name=name, status="failed", query=os.path.abspath(names[name]),
+                           settings_hash=options["hash"], error=_task_error(exc))
             rows[name] = row
             write_rows(csv_path, rows)
             done += 1
@@ -575,6 +587,8 @@ def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say) 
                          "again to segment the rest\n" % (done, len(todo), csv_path))
         return EXIT_INTERRUPTED
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if client is not None:
             if args.scheduler:
                 try:
