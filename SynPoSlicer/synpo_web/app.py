@@ -29,7 +29,6 @@ from trame_slicer.views import SliceLayer
 
 READABLE = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 STEP_SECONDS = 0.25          # between two requests of a running preview (the module's timer: 250 ms)
-TAB_LEASE_SECONDS = 6.0      # a tab that has not called in for this long has left (it calls every 2 s)
 
 
 class WebLogic(PreviewLogic):
@@ -88,8 +87,7 @@ class SynPoWeb(TrameApp):
         self.apply_logic = None
         self.correcting = False
         self._runner = None
-        self._tab = None
-        self._tab_seen = 0.0
+        self._tab = None                  # the connection that owns the scene
         self.preview_started = 0.0
         self._state_defaults()
         self._build_ui()
@@ -141,13 +139,26 @@ class SynPoWeb(TrameApp):
 
     # ------------------------------------------------------------------ tabs
     def claim(self, tab):
-        """One page at a time drives the scene: a second tab (or browser) gets a refusal while the
-        first one is open (it calls in every 2 s)."""
-        now = time.monotonic()
-        if self._tab is None or self._tab == tab or now - self._tab_seen > TAB_LEASE_SECONDS:
-            self._tab, self._tab_seen = tab, now
+        """One page at a time drives the scene: the first connection that claims it owns it until it
+        closes (a reload closes it first); any other gets "busy" and shows a refusal."""
+        web_app = getattr(self.server, "_server", None)
+        owner = getattr(web_app, "last_active_client_id", None) or tab      # the connection calling
+        if self._tab is None or self._tab == owner:
+            self._tab = owner
             return "ok"
         return "busy"
+
+    def _watch_connections(self, **_):
+        protocol = getattr(self.server, "_root_protocol", None)
+        if protocol is None:
+            return
+        closed = protocol.onClose
+
+        def on_close(client_id):
+            if client_id == self._tab:
+                self._tab = None
+            return closed(client_id)
+        protocol.onClose = on_close
 
     # ------------------------------------------------------------------ loading
     def _clear(self):
@@ -402,6 +413,7 @@ class SynPoWeb(TrameApp):
     def _build_ui(self):
         ctrl = self.server.controller
         claim = ctrl.trigger_name(self.claim)
+        ctrl.on_server_ready.add(self._watch_connections)
         nifti = ctrl.trigger_name(lambda: self.download("nifti"))
         segnrrd = ctrl.trigger_name(lambda: self.download("seg.nrrd"))
         self.state.change("brush")(lambda brush, **_: self.set_brush(brush))
@@ -410,7 +422,7 @@ class SynPoWeb(TrameApp):
         with SinglePageWithDrawerLayout(self.server, full_height=True) as layout:
             layout.title.set_text("SynPo")
             layout.root.theme = "dark"
-            # One tab at a time: this page claims the scene now and every 2 s; a refused tab says so.
+            # One tab at a time: the page claims the scene when it opens; a refused tab says so.
             client.Script(
                 "window.synpoTab = window.synpoTab || Math.random().toString(36).slice(2);\n"
                 "window.synpoClaim = function (trigger) {\n"
@@ -423,8 +435,7 @@ class SynPoWeb(TrameApp):
                 "    }\n"
                 "  });\n"
                 "};\n" % claim)
-            client.ClientTriggers(mounted="window.synpoClaim(trigger); "
-                                          "window.setInterval(function () { window.synpoClaim(trigger); }, 2000)")
+            client.ClientTriggers(mounted="window.synpoClaim(trigger)")
             with layout.drawer as drawer:
                 drawer.width = 340
                 with v3.VContainer(classes="pa-3"):
@@ -447,7 +458,7 @@ class SynPoWeb(TrameApp):
                             v3.VBtn("Paint", value="paint", id="synpo-paint", size="small")
                             v3.VBtn("Erase", value="erase", id="synpo-erase", size="small")
                             v3.VBtn("View", value="none", id="synpo-view", size="small")
-                    v3.VSlider(label="Brush (mm)", v_model=("brush",), min=2, max=60, step=1, density="compact",
+                    v3.VSlider(id="synpo-brush", label="Brush (mm)", v_model=("brush",), min=2, max=60, step=1, density="compact",
                                hide_details=True, thumb_label=True, classes="mt-2")
                     v3.VDivider(classes="my-2")
                     v3.VSelect(id="synpo-selected", label="Segments to propagate", items=("segments",),
@@ -460,8 +471,9 @@ class SynPoWeb(TrameApp):
                                 disabled=("!running",))
                     v3.VProgressLinear(id="synpo-progress", model_value=("progress",), height=8,
                                        color=("running ? 'amber' : 'green'",), classes="mt-2")
-                    v3.VSlider(label="Overlay", v_model=("opacity",), min=0, max=1, step=0.05, density="compact",
-                               hide_details=True, disabled=("!has_preview",), classes="mt-2")
+                    with html.Div(id="synpo-opacity"):
+                        v3.VSlider(label="Overlay", v_model=("opacity",), min=0, max=1, step=0.05,
+                                   density="compact", hide_details=True, disabled=("!has_preview",), classes="mt-2")
                     with v3.VRow(dense=True, classes="ma-0 mt-1"):
                         v3.VBtn("Correct", id="synpo-correct", click=self.start_correcting, size="small",
                                 disabled=("!has_preview || running",), classes="mr-1")
