@@ -468,28 +468,11 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic, PreviewLogic):
             slicer.util.setSliceViewerLayers(foregroundOpacity=value)
 
     def sliceIndexInView(self):
-        """The slice (across the preview's slicing axis) at the centre of the slice view that shows
-        those slices (the axial view for axial paint, whichever view the user set up so)."""
-        import numpy as np
-        from SynPoSlicerLib import mrml
-        axis = self.result.support.axis
-        normal = mrml.ijk_to_ras(self.volumeNode)[:3, 2 - axis]
-        normal = normal / np.linalg.norm(normal)
-        best, best_dot = None, 0.9
+        """The slice (across the preview's slicing axis) at the centre of the visible slice view that
+        shows those slices (the axial view for axial paint, whichever view the user set up so)."""
         layout = slicer.app.layoutManager()
-        for name in layout.sliceViewNames():
-            widget = layout.sliceWidget(name)
-            if widget is None or not widget.isVisible():
-                continue
-            m = widget.mrmlSliceNode().GetSliceToRAS()
-            dot = abs(float(np.dot([m.GetElement(r, 2) for r in range(3)], normal)))
-            if dot > best_dot:
-                best, best_dot = widget, dot
-        if best is None:
-            raise ValueError("No slice view shows the preview's slices; set a view to the painted orientation.")
-        m = best.mrmlSliceNode().GetSliceToRAS()
-        centre = [m.GetElement(r, 3) for r in range(3)]
-        return int(round(mrml.ras_to_ijk(self.volumeNode, centre)[0][2 - axis]))
+        widgets = [layout.sliceWidget(name) for name in layout.sliceViewNames()]
+        return self.sliceIndexInViews([w.mrmlSliceNode() for w in widgets if w is not None and w.isVisible()])
 
     def apply(self, segmentationNode, editorLogic=None, saveState=None):
         """Write the preview into the segments it was made for: one Segment Editor undo step,

@@ -253,6 +253,32 @@ def test_paint_preview_apply_save_in_the_browser_equals_synpo_segment(web, brows
     undone, _ = _read(_download(page, "#synpo-save-nifti", tmp_path / "undone.nii.gz"))
     assert np.array_equal(undone, paint)
 
+    # Re-run slice, Correct and Update on a new preview (embeddings cached): the slice in view decoded
+    # again from its points; a stroke painted on the candidates there, and Update runs from it.
+    page.click("#synpo-preview")
+    _wait_message(page, "Preview ready", "failed", timeout=900)
+    assert "failed" not in _message(page)
+    page.click("#synpo-rerun")
+    assert "decoded again from" in _wait_message(page, "decoded again from", "failed", "No slice view", timeout=120)
+    page.click("#synpo-correct")
+    _wait_message(page, "Correcting")
+    _, box = _axial(page)
+    x0, y0 = box["x"] + 0.5 * box["width"], box["y"] + 0.52 * box["height"]      # outside the liver
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    for i in range(1, 13):
+        page.mouse.move(x0 + 3.0 * i, y0 + 2.0 * i, steps=2)
+        time.sleep(0.05)
+    page.mouse.up()
+    time.sleep(1.0)
+    page.click("#synpo-update")
+    text = _wait_message(page, "Updating from", "No corrections", timeout=60)
+    assert "Updating from 1 corrected" in text, text
+    _wait_message(page, "Preview ready", "failed", timeout=900)
+    assert "failed" not in _message(page)
+    page.click("#synpo-discard")
+    _wait_message(page, "Preview discarded")
+
     # A second tab is refused while this one is open; this one keeps working.
     second = context.new_page()
     second.goto(web["url"])

@@ -196,6 +196,26 @@ class PreviewLogic:
         for line in collapse_warnings(self.result, names):
             self.message += "\nWarning: " + line
 
+    def sliceIndexInViews(self, sliceNodes):
+        """The slice (across the preview's slicing axis) at the centre of the first of `sliceNodes`
+        (vtkMRMLSliceNode) that shows those slices (the axial view for axial paint)."""
+        import numpy as np
+        from SynPoSlicerLib import mrml
+        axis = self.result.support.axis
+        normal = mrml.ijk_to_ras(self.volumeNode)[:3, 2 - axis]
+        normal = normal / np.linalg.norm(normal)
+        best, best_dot = None, 0.9
+        for node in sliceNodes:
+            m = node.GetSliceToRAS()
+            dot = abs(float(np.dot([m.GetElement(r, 2) for r in range(3)], normal)))
+            if dot > best_dot:
+                best, best_dot = node, dot
+        if best is None:
+            raise ValueError("No slice view shows the preview's slices; set a view to the painted orientation.")
+        m = best.GetSliceToRAS()
+        centre = [m.GetElement(r, 3) for r in range(3)]
+        return int(round(mrml.ras_to_ijk(self.volumeNode, centre)[0][2 - axis]))
+
     def rerunSlice(self, sliceIndex, segmentId):
         """Decode one slice of one previewed segment again, on the server, from the points as the
         user left them."""

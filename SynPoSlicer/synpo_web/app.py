@@ -49,6 +49,12 @@ class WebLogic(PreviewLogic):
         for view in self.slice_views():
             view.set_layer_volume_id(SliceLayer.Foreground, self.preview.confidence.GetID())
             view.set_foreground_opacity(opacity)
+        for view in self.slicer_app.view_manager.get_threed_views():
+            view.reset_camera()                  # the points and candidates in the 3D view
+
+    def sliceIndexInView(self):
+        scene = self.slicer_app.scene
+        return self.sliceIndexInViews([scene.GetNodeByID(view.get_view_node_id()) for view in self.slice_views()])
 
     def setOverlayOpacity(self, value):
         if self.preview is not None:
@@ -339,6 +345,18 @@ class SynPoWeb(TrameApp):
     def set_opacity(self, value):
         self.logic.setOverlayOpacity(float(value))
 
+    def rerun_slice(self):
+        """The slice in the view, decoded again from its points as they are now (of the segment being
+        painted if it was previewed, else the first previewed one)."""
+        try:
+            if self.logic.preview is None:
+                raise ValueError("Run a preview first.")
+            sid = self.state.active_segment if self.state.active_segment in self.logic.segmentIds \
+                else self.logic.segmentIds[0]
+            self._say(self.logic.rerunSlice(self.logic.sliceIndexInView(), sid))
+        except (SynPoError, ValueError) as exc:
+            self._say(str(exc), error=True)
+
     def start_correcting(self):
         """Paint / erase on the candidates: the editor works on the 'SynPo candidates' segmentation."""
         if self.logic.preview is None:
@@ -410,6 +428,16 @@ class SynPoWeb(TrameApp):
         return self.server.protocol.addAttachment(data)
 
     # ------------------------------------------------------------------ page
+    def _upload_handler(self):
+        """The file input's handler: a file over the limit is refused in the browser, before it is
+        sent (the server checks again)."""
+        limit = int(self.max_upload_mb * 1024 * 1024)
+        say = ("message = $event.name + ' is ' + ($event.size / 1048576).toFixed(1) + ' MB; this server takes "
+               "uploads up to %g MB (synpo web --max-upload-mb).'; error = true; upload = null"
+               % self.max_upload_mb)
+        return "if ($event && !Array.isArray($event) && $event.size > %d) { %s } else { trigger('%s', [$event]) }" % (
+            limit, say, self.server.controller.trigger_name(self.load_upload))
+
     def _build_ui(self):
         ctrl = self.server.controller
         claim = ctrl.trigger_name(self.claim)
@@ -445,7 +473,7 @@ class SynPoWeb(TrameApp):
                         v3.VFileInput(id="synpo-upload", v_model=("upload", None), label="Upload a volume",
                                       density="compact", hide_details=True, accept=",".join(READABLE),
                                       disabled=("running",),
-                                      update_modelValue=(self.load_upload, "[$event]"))
+                                      update_modelValue=self._upload_handler())
                     v3.VDivider(classes="my-2")
                     v3.VSelect(id="synpo-active", label="Segment to paint", items=("segments",),
                                v_model=("active_segment",), density="compact", hide_details=True,
@@ -478,6 +506,8 @@ class SynPoWeb(TrameApp):
                         v3.VBtn("Correct", id="synpo-correct", click=self.start_correcting, size="small",
                                 disabled=("!has_preview || running",), classes="mr-1")
                         v3.VBtn("Update", id="synpo-update", click=self.update, size="small",
+                                disabled=("!has_preview || running",), classes="mr-1")
+                        v3.VBtn("Re-run slice", id="synpo-rerun", click=self.rerun_slice, size="small",
                                 disabled=("!has_preview || running",))
                     with v3.VRow(dense=True, classes="ma-0 mt-2"):
                         v3.VBtn("Apply", id="synpo-apply", click=self.apply, color="success", size="small",
