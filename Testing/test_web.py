@@ -290,9 +290,12 @@ def test_paint_preview_apply_save_in_the_browser_equals_synpo_segment(web, brows
 
 
 def test_unsafe_or_inconsistent_options_are_refused_with_one_line(tmp_path):
+    token = tmp_path / "token"
+    token.write_text("a-token-for-a-server-that-is-not-there")
     for args, says in ((["--host", "0.0.0.0"], "--password-file"),
                        (["--token-file", str(tmp_path / "t")], "--token-file is for --server"),
-                       (["--host", "0.0.0.0", "--password-file", str(tmp_path / "none")], "cannot read")):
+                       (["--host", "0.0.0.0", "--password-file", str(tmp_path / "none")], "cannot read"),
+                       (["--server", "http://127.0.0.1:9", "--token-file", str(token)], "127.0.0.1:9")):
         proc = subprocess.run(synpo_cmd() + ["web"] + args, capture_output=True, text=True, env=_env(), timeout=120)
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("synpo: error: "), proc.stderr
@@ -317,4 +320,7 @@ def test_the_password_guards_every_request():
             right = base64.b64encode(b"anyone:correct horse").decode()
             response = await http.get("/", headers={"Authorization": "Basic " + right})
             assert response.status == 200 and await response.text() == "page"
-    asyncio.run(check())
+    # In a thread of its own: Playwright's sync API keeps an event loop running in this one.
+    import concurrent.futures
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, check()).result(60)

@@ -68,7 +68,7 @@ def _safe_name(name):
 
 
 class SynPoWeb(TrameApp):
-    def __init__(self, server=None, max_upload_mb=512.0, server_options=None, remote=None, embedding_note=""):
+    def __init__(self, server=None, max_upload_mb=512.0, server_options=None, remote=None):
         super().__init__(server)
         self.max_upload_mb = float(max_upload_mb)
         self.slicer_app = SlicerApp()
@@ -111,7 +111,7 @@ class SynPoWeb(TrameApp):
         s = self.state
         s.message, s.error = "Load a volume: upload a NIfTI/NRRD file, or the bundled sample CT.", False
         s.has_volume = s.has_preview = s.running = s.can_undo = s.correcting = False
-        s.progress, s.stage = 0, ""
+        s.progress = 0
         s.segments, s.selected_segments, s.active_segment = [], [], None
         s.tool, s.brush = "none", 15.0
         s.opacity = 0.5
@@ -258,6 +258,7 @@ class SynPoWeb(TrameApp):
             self._say(str(exc), error=True)
         finally:
             self.state.upload = None
+            self.state.dirty("upload")            # the client set it: clear the field there too
 
     # ------------------------------------------------------------------ segments and tools
     def add_segment(self):
@@ -312,6 +313,7 @@ class SynPoWeb(TrameApp):
 
     def update(self):
         try:
+            self.preview_started = time.monotonic()
             self.logic.startUpdate(self.parameters)
         except (SynPoError, ValueError) as exc:
             return self._say(str(exc), error=True)
@@ -337,6 +339,7 @@ class SynPoWeb(TrameApp):
                 self._say(self.logic.message, error=state == "failed")
                 if state == "previewed":
                     self.state.preview_seconds = round(time.monotonic() - self.preview_started, 1)
+                    self.state.message += "\n(%.0f s from the click)" % self.state.preview_seconds
                     self.logic.setOverlayOpacity(float(self.state.opacity))
             await asyncio.sleep(STEP_SECONDS if self.logic.active() else 0)
         with self.state:
@@ -529,7 +532,6 @@ class SynPoWeb(TrameApp):
                              style=("error ? 'color: #ff6b6b; white-space: pre-wrap; font-size: 12px' : "
                                     "'white-space: pre-wrap; font-size: 12px'",),
                              classes="mt-3")
-                    html.Div("{{ stage }}", id="synpo-state", style="display: none")
             with layout.content:
                 with v3.VContainer(fluid=True, classes="fill-height pa-0"):
                     self.layout_manager.initialize_layout_grid(layout)
