@@ -14,7 +14,7 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 # The workflow without Qt (shared with `synpo web`); imports nothing heavy.
-from SynPoSlicerLib.logic import PreviewLogic
+from SynPoSlicerLib.logic import PARAMETERS, PreviewLogic, volumeFingerprint  # noqa: F401
 
 MODELS = ("litemedsam", "vit_b", "vit_l", "vit_h")
 FEATURES = ("auto", "synergy", "sam", "dinov2")
@@ -31,6 +31,8 @@ PIP_PACKAGES = {
     "matplotlib": "matplotlib>=3.5",
     "fastapi": "fastapi>=0.100",
     "uvicorn": "uvicorn>=0.23",
+    # Ends the local server's process tree (PythonSlicer -> python-real) from Slicer (SynPoSlicerLib/process.py).
+    "psutil": "psutil>=5.8",
 }
 OPTIONAL_PACKAGES = {"transformers": "transformers>=4.40"}      # DINOv2 (synergy features)
 TORCH_REQUIREMENT = ">=2.0"
@@ -66,23 +68,41 @@ def registerEditorEffect():
     instance.self().register()
 
 
+# Developer mode's Reload re-executes this file under the same module name (slicer.util.
+# reloadScriptedModule): the logic of the code being replaced stops its run and its server first.
+for _previous in globals().get("_SHARED_LOGIC", []):
+    try:
+        _previous.cancel()
+        _previous.stopServer()
+    except Exception as _exc:
+        logging.warning("SynPo: could not stop the previous server on reload: %s" % _exc)
 _SHARED_LOGIC = []
 
 
 def reloadHelpers():
-    """Developer mode's Reload reloads this file only: reload the helper packages too, so an edit of
-    SynPoSlicerLib, SegmentEditorSynPoLib or the client side of synpo takes effect without a restart."""
-    import importlib
+    """Developer mode: make an edit of SynPoSlicerLib or the client side of synpo take effect without a
+    restart. The helper modules are dropped from sys.modules, not reloaded one by one: the next import
+    loads each afresh in the order the imports ask for them, so `synpo.errors.SynPoError` stays one class
+    that `synpo.client.ServerError` and `SynPoSlicerLib.engine` share (importlib.reload in name order
+    reloaded engine before client and errors after both: two ServerError classes, neither a SynPoError).
+    `SegmentEditorSynPoLib` is left alone: it is the module Slicer's scripted-effect loader executed the
+    effect file under (qSlicerSegmentEditorScriptedEffect::setPythonSource: module name = the folder's,
+    class = the file's name); reloading it as a package re-runs its __init__.py in that namespace."""
     import sys
-    prefixes = ("SynPoSlicerLib", "SegmentEditorSynPoLib", "synpo.")
-    for name in sorted(n for n in list(sys.modules) if n.startswith(prefixes) and sys.modules[n] is not None):
-        importlib.reload(sys.modules[name])
+    for name in list(sys.modules):
+        if name in ("synpo", "SynPoSlicerLib") or name.startswith(("synpo.", "SynPoSlicerLib.")):
+            del sys.modules[name]
 
 
 def sharedLogic():
-    """The one logic the module's panel and the Segment Editor effect share (one server, one preview)."""
+    """The one logic the module's panel and the Segment Editor effect share (one server, one preview,
+    one timer): created on first use, its server stopped when Slicer quits."""
     if not _SHARED_LOGIC:
-        _SHARED_LOGIC.append(SynPoSlicerLogic())
+        logic = SynPoSlicerLogic()
+        app = getattr(slicer, "app", None)
+        if app is not None:
+            app.connect("aboutToQuit()", logic.stopServer)
+        _SHARED_LOGIC.append(logic)
     return _SHARED_LOGIC[0]
 
 
@@ -162,15 +182,15 @@ def ensureDependencies(optional=False):
     """For a server started with Slicer's own Python: ask once, listing every package with its
     version, then install; a failure is explained, never a traceback. Returns True when ready."""
     import sys
-    missing = missing_packages(optional)
-    if not missing:
-        return True
     if sys.version_info < (3, 10):
         slicer.util.errorDisplay(
             "This Slicer runs Python %d.%d; LiteMedSAM needs Python 3.10 or newer (Slicer 5.10+). Set 'Python "
             "for the local server' to a Python 3.10+ where `pip install synpo` was run, or give the URL of a "
             "SynPo server." % sys.version_info[:2], windowTitle="SynPo")
         return False
+    missing = missing_packages(optional)
+    if not missing:
+        return True
     text = ("SynPo's server runs in Slicer's Python and needs: %s. Install them now? (Slicer's own packages "
             "are kept as they are.)" % ", ".join(sorted(missing.values())))
     if not slicer.util.confirmOkCancelDisplay(text, windowTitle="SynPo: install dependencies"):
@@ -206,6 +226,35 @@ def ensureDependencies(optional=False):
     return not left
 
 
+def serverSettings():
+    """The server settings the panel saved (QSettings): url, token file, Python for the local server."""
+    settings = qt.QSettings()
+    return (settings.value("SynPoSlicer/ServerURL", "") or "", settings.value("SynPoSlicer/TokenFile", "") or "",
+            settings.value("SynPoSlicer/ServerPython", "") or "")
+
+
+def versionNote(version=None):
+    """What this Slicer's Python allows, said once in the panel (None when everything works)."""
+    import sys
+    version = version or sys.version_info
+    if tuple(version[:2]) >= (3, 10):
+        return None
+    return ("This Slicer runs Python %d.%d: SynPo's model cannot run in it. Give a SynPo server's URL, or a "
+            "Python 3.10+ with SynPo installed as 'Python for the local server'. Apply here replaces the "
+            "segment without the Segment Editor's masking settings (this Slicer has no Segment Editor logic "
+            "outside the editor): use the SynPo effect's Apply in the Segment Editor for masking." % tuple(version[:2]))
+
+
+def prepareServer(logic, url, tokenFile, python, features):
+    """What every Preview does first, from the panel or the Segment Editor effect: choose the server;
+    for a local server with Slicer's own Python, check the Python version and the packages (asking
+    before installing). Returns False when the preview cannot go ahead (the user was told why)."""
+    logic.useServer(url, tokenFile, python)
+    if url or python:
+        return True
+    return ensureDependencies(features in ("synergy", "dinov2"))
+
+
 class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     """UI only: reads the panel, calls the logic, shows its states and messages."""
 
@@ -215,9 +264,6 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._updatingGUI = False
-        self.timer = qt.QTimer()
-        self.timer.setInterval(250)
-        self.timer.connect("timeout()", self.onPoll)
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -265,21 +311,23 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.updateButton.connect("clicked(bool)", self.onUpdate)
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
         self.ui.discardButton.connect("clicked(bool)", self.onDiscard)
-        slicer.app.connect("aboutToQuit()", self.logic.stopServer)
+        self.logic.addListener(self.onLogicProgress)
         self.initializeParameterNode()
+        note = versionNote()
+        if note:
+            self.showMessage(note)
 
     def enter(self):
         self.initializeParameterNode()
 
     def cleanup(self):
-        self.timer.stop()
+        # Developer-mode Reload and application exit call cleanup(): the run and the server belong to
+        # the shared logic (the Segment Editor effect may still use them); only this panel goes.
         if self.logic is not None:
-            self.logic.cancel()
-            self.logic.stopServer()
+            self.logic.removeListener(self.onLogicProgress)
         self.removeObservers()
 
     def onSceneStartClose(self, caller, event):
-        self.timer.stop()
         if self.logic is not None:
             self.logic.onSceneClosed()
         self.setParameterNode(None)
@@ -378,29 +426,24 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 else editor.setMasterVolumeNode(volume)
 
     def onPreview(self):
-        url = self.ui.serverUrlLineEdit.text.strip()
-        python = self.ui.serverPythonSelector.currentPath
+        self.onServerSettingsChanged()
         with slicer.util.tryWithErrorDisplay("SynPo could not start the preview.", waitCursor=True):
-            self.logic.useServer(url, self.ui.tokenFileSelector.currentPath, python)
-            if not url and not python and not ensureDependencies(self.ui.featuresSelector.currentText in
-                                                                 ("synergy", "dinov2")):
+            if not prepareServer(self.logic, *serverSettings(), features=self.ui.featuresSelector.currentText):
                 return
             self.logic.startPreview(self.ui.inputVolumeSelector.currentNode(), self.ui.segmentSelector.currentNode(),
                                     list(self.ui.segmentSelector.selectedSegmentIDs()), self._parameterNode)
             self.ui.deviceLabel.text = self.logic.deviceDescription()
             self.ui.progressBar.value = 0
             self.showMessage(self.logic.message)
-            self.timer.start()
         self.updateButtons()
 
-    def onPoll(self):
-        state = self.logic.step()
+    def onLogicProgress(self):
+        """Called by the logic after each step of a run (its timer drives the run, not this panel)."""
         done, total = self.logic.progress()
         self.ui.progressBar.maximum = total
         self.ui.progressBar.value = done
-        self.showMessage(self.logic.message, error=state == "failed")
+        self.showMessage(self.logic.message, error=self.logic.state == "failed")
         if not self.logic.active():
-            self.timer.stop()
             self.updateButtons()
 
     def onCancel(self):
@@ -417,12 +460,11 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("SynPo could not update the preview.", waitCursor=True):
             self.logic.startUpdate(self._parameterNode)
             self.showMessage(self.logic.message)
-            self.timer.start()
         self.updateButtons()
 
     def onApply(self):
         with slicer.util.tryWithErrorDisplay("SynPo could not apply the preview.", waitCursor=True):
-            self.showMessage(self.logic.apply(self.ui.segmentSelector.currentNode()))
+            self.showMessage(self.logic.apply())
         self.updateButtons()
 
     def onDiscard(self):
@@ -443,13 +485,14 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class SynPoSlicerLogic(ScriptedLoadableModuleLogic, PreviewLogic):
     """The module's work, usable without the GUI (see `process`): the workflow itself (states,
     server, preview, update, re-run, apply) is SynPoSlicerLib.logic.PreviewLogic, shared with
-    `synpo web`; this class adds what needs Slicer's application: its settings, its slice views
-    and its Segment Editor.
+    `synpo web`; this class adds what needs Slicer's application: its settings, its Qt timer, its
+    slice views and its Segment Editor.
     """
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
         PreviewLogic.__init__(self)
+        self._timer = None
 
     def cacheFolder(self):
         return qt.QSettings().value("SynPoSlicer/CacheFolder", os.path.join(os.path.expanduser("~"), ".cache",
@@ -459,6 +502,22 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic, PreviewLogic):
         qt.QSettings().setValue("SynPoSlicer/CacheFolder", path)
         os.environ["SYNPO_CACHE"] = path
 
+    # -- the timer that drives runs: the logic's, so a run survives its panel or effect
+    def startPolling(self):
+        """Step the current run from a Qt timer every 250 ms until it ends. The timer belongs to the
+        logic: the Segment Editor calls the effect's deactivate() when the user switches effect or
+        leaves the editor (qMRMLSegmentEditorWidget::setActiveEffect), which must not stop a run."""
+        if self._timer is None:
+            self._timer = qt.QTimer()
+            self._timer.setInterval(250)
+            self._timer.connect("timeout()", self.poll)
+        self._timer.start()
+
+    def stopPolling(self):
+        if self._timer is not None:
+            self._timer.stop()
+
+    # -- Slicer's views and editor
     def showLayers(self, opacity):
         slicer.util.setSliceViewerLayers(background=self.volumeNode, foreground=self.preview.confidence,
                                          foregroundOpacity=opacity)
@@ -474,22 +533,9 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic, PreviewLogic):
         widgets = [layout.sliceWidget(name) for name in layout.sliceViewNames()]
         return self.sliceIndexInViews([w.mrmlSliceNode() for w in widgets if w is not None and w.isVisible()])
 
-    def apply(self, segmentationNode, editorLogic=None, saveState=None):
-        """Write the preview into the segments it was made for: one Segment Editor undo step,
-        through the editor's masking settings (apply.py). Then the preview is removed."""
-        from SynPoSlicerLib import apply as applying
-        if self.preview is None:
-            raise ValueError("Nothing to apply: run a preview first.")
-        if editorLogic is None:
-            editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor \
-                if hasattr(slicer.modules, "segmenteditor") else None
-            editorNode = editor.mrmlSegmentEditorNode() if editor is not None else None
-            editorLogic = applying.editor_logic(slicer.mrmlScene, segmentationNode, self.volumeNode, editorNode)
-            if editor is not None and saveState is None:
-                editor.setSegmentationNode(segmentationNode)
-                saveState = editor.saveStateForUndo
-        names = self.applyWith(segmentationNode, editorLogic, saveState)
-        return "Applied to %s: Ctrl+Z in the Segment Editor takes it back." % names
+    def segmentEditorWidget(self):
+        segmenteditor = getattr(getattr(slicer, "modules", None), "segmenteditor", None)
+        return segmenteditor.widgetRepresentation().self().editor if segmenteditor is not None else None
 
 
 class SynPoSlicerTest(ScriptedLoadableModuleTest):

@@ -225,18 +225,24 @@ def test_the_effect_connects_only_signals_its_widgets_have():
     assert '"SegmentEditorSynPoLib", "SegmentEditorEffect.py"' in module and "def sharedLogic()" in module
 
 
-def test_developer_reload_reloads_the_helper_packages(monkeypatch):
+def test_developer_reload_drops_the_helper_packages_but_not_the_effects_module(monkeypatch):
+    """reloadHelpers drops SynPoSlicerLib and synpo from sys.modules (the next imports load them afresh,
+    in dependency order); the effect's module, which Slicer's loader made, and others stay."""
     import sys
     import types
     module = _module_with_stand_ins(monkeypatch)
-    reloaded = []
-    fake = types.ModuleType("SynPoSlicerLib.fake_helper")
-    monkeypatch.setitem(sys.modules, "SynPoSlicerLib.fake_helper", fake)
-    monkeypatch.setitem(sys.modules, "unrelated_module", types.ModuleType("unrelated_module"))
-    import importlib
-    monkeypatch.setattr(importlib, "reload", lambda m: reloaded.append(m.__name__) or m)
+    for name in ("SynPoSlicerLib.fake_helper", "synpo.fake_engine_part", "SegmentEditorSynPoLib", "unrelated_module"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     module.reloadHelpers()
-    assert "SynPoSlicerLib.fake_helper" in reloaded and "unrelated_module" not in reloaded
+    assert "SynPoSlicerLib.fake_helper" not in sys.modules and "synpo.fake_engine_part" not in sys.modules
+    assert "SegmentEditorSynPoLib" in sys.modules and "unrelated_module" in sys.modules
+
+
+def test_the_panel_says_what_slicer_58_can_do(monkeypatch):
+    module = _module_with_stand_ins(monkeypatch)
+    assert module.versionNote((3, 12, 0)) is None
+    note = module.versionNote((3, 9, 18))
+    assert "Python 3.9" in note and "server" in note and "masking" in note
 
 
 def test_slicer_58_gets_a_message_not_a_traceback(monkeypatch):

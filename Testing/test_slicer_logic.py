@@ -457,6 +457,9 @@ def _module_logic(monkeypatch):
     import types
     qt = types.ModuleType("qt")
     qt.QSettings = lambda: types.SimpleNamespace(value=lambda key, default=None: default, setValue=lambda *a: None)
+    # The logic's timer: these tests step the logic themselves (test_slicer_session.py fires a timer).
+    qt.QTimer = lambda: types.SimpleNamespace(setInterval=lambda ms: None, connect=lambda *a: None,
+                                              start=lambda: None, stop=lambda: None)
     monkeypatch.setitem(sys.modules, "qt", qt)
     base = types.ModuleType("slicer.ScriptedLoadableModule")
     for cls in ("ScriptedLoadableModule", "ScriptedLoadableModuleTest", "ScriptedLoadableModuleWidget"):

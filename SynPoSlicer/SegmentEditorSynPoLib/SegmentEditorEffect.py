@@ -1,10 +1,17 @@
 """The "SynPo" Segment Editor effect: paint one slice where you already paint, Preview, Apply.
 
 The same logic as the SynPo module's panel (SynPoSlicer.sharedLogic): the server, the preview
-nodes, re-run and corrections. Apply goes through this effect's own `modifySegmentByLabelmap`,
-so the editor's masking settings hold and the editor's Ctrl+Z takes the whole preview back.
-Written against Slicer 5.8/5.10's scripted effect API; verified only by reading Slicer's source
-(no Slicer application runs where this extension is developed).
+nodes, re-run and corrections, and the timer that drives a run (so a run goes on when the Segment
+Editor calls deactivate(): the user switched effect or left the editor). Preview takes the same
+first steps as the panel's (SynPoSlicer.prepareServer: Python version, packages). Apply writes into
+the segmentation and segments the preview was made for, through this effect's own
+`modifySegmentByLabelmap`, so the editor's masking settings hold and the editor's Ctrl+Z takes the
+whole preview back. Written against Slicer 5.8/5.10's scripted effect API.
+
+How Slicer loads this file (qSlicerSegmentEditorScriptedEffect::setPythonSource): the module name
+is the folder's (SegmentEditorSynPoLib), the class is the file's name (+ "Effect" unless it ends
+so), and the file is executed as that module. `clone()` must therefore name this file, whatever
+`__file__` says after a developer-mode reload of the package (Testing/test_slicer_session.py).
 """
 import os
 
@@ -21,14 +28,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         scriptedEffect.perSegment = False
         scriptedEffect.requireSegments = True
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
-        self.timer = qt.QTimer()
-        self.timer.setInterval(250)
-        self.timer.connect("timeout()", self.onPoll)
+        self.statusLabel = None
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
         clonedEffect = effects.qSlicerSegmentEditorScriptedEffect(None)
-        clonedEffect.setPythonSource(__file__.replace("\\", "/"))
+        clonedEffect.setPythonSource(effectSource().replace("\\", "/"))
         return clonedEffect
 
     def icon(self):
@@ -64,10 +69,21 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.cancelButton.connect("clicked()", self.onCancel)
         self.updateGUIFromMRML()
 
+    def activate(self):
+        """The user chose SynPo (again): follow the shared logic's run, whichever effect started it."""
+        self.logic().addListener(self.onLogicProgress)
+        self.onLogicProgress()
+
     def deactivate(self):
-        self.timer.stop()
+        """Another effect or another module: stop showing progress here; the run goes on."""
+        self.logic().removeListener(self.onLogicProgress)
+
+    def cleanup(self):
+        self.logic().removeListener(self.onLogicProgress)
 
     def updateGUIFromMRML(self):
+        if not hasattr(self, "previewButton"):
+            return
         logic = self.logic()
         running = logic.active()
         has_preview = logic.preview is not None
@@ -82,56 +98,70 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return volume, node.GetSegmentationNode(), node.GetSelectedSegmentID()
 
     def onPreview(self):
+        import SynPoSlicer
         logic = self.logic()
         with slicer.util.tryWithErrorDisplay("SynPo could not start the preview.", waitCursor=True):
-            settings = qt.QSettings()
-            logic.useServer(settings.value("SynPoSlicer/ServerURL", ""), settings.value("SynPoSlicer/TokenFile", ""),
-                            settings.value("SynPoSlicer/ServerPython", ""))
-            volume, segmentation, segmentId = self._inputs()
             parameters = logic.getParameterNode()
             logic.setDefaultParameters(parameters)
+            # The panel's first steps too: the Python version check and the dependency install.
+            if not SynPoSlicer.prepareServer(logic, *SynPoSlicer.serverSettings(),
+                                             features=parameters.GetParameter("Features")):
+                return
+            volume, segmentation, segmentId = self._inputs()
             logic.startPreview(volume, segmentation, [segmentId] if segmentId else [], parameters)
-            self.statusLabel.text = logic.message
-            self.timer.start()
-        self.updateGUIFromMRML()
+            logic.addListener(self.onLogicProgress)
+        self.onLogicProgress()
 
     def onUpdate(self):
         logic = self.logic()
         with slicer.util.tryWithErrorDisplay("SynPo could not update the preview.", waitCursor=True):
             logic.startUpdate(logic.getParameterNode())
-            self.statusLabel.text = logic.message
-            self.timer.start()
+            logic.addListener(self.onLogicProgress)
+        self.onLogicProgress()
+
+    def onLogicProgress(self):
+        """Called by the shared logic after each step of a run, and when this effect is shown again."""
+        if self.statusLabel is not None:
+            self.statusLabel.text = self.logic().message
         self.updateGUIFromMRML()
 
-    def onPoll(self):
-        logic = self.logic()
-        logic.step()
-        self.statusLabel.text = logic.message
-        if not logic.active():
-            self.timer.stop()
-            self.updateGUIFromMRML()
+    def writeSegment(self, segmentationNode, segmentId, labelmap):
+        """The editor's own write, masking settings included (qSlicerSegmentEditorAbstractEffect::
+        modifySegmentByLabelmap)."""
+        self.scriptedEffect.modifySegmentByLabelmap(segmentationNode, segmentId, labelmap,
+                                                    slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
 
     def onApply(self):
-        """One undo step of the Segment Editor, every previewed segment through its masking."""
-        from SynPoSlicerLib.apply import oriented_mask, volume_to_segmentation
+        """One undo step of the Segment Editor, every previewed segment through its masking, into the
+        segmentation the preview was made for (recorded at Preview), even when the editor shows the
+        'SynPo candidates' the user was correcting: the editor is switched back to it first, so that
+        its masking and its Ctrl+Z concern that segmentation."""
         logic = self.logic()
         with slicer.util.tryWithErrorDisplay("SynPo could not apply the preview.", waitCursor=True):
             if logic.preview is None:
                 raise ValueError("Nothing to apply: run a preview first.")
-            _, segmentation, _ = self._inputs()
-            matrix = volume_to_segmentation(logic.volumeNode, segmentation)
-            self.scriptedEffect.saveStateForUndo()
-            for value, segmentId in enumerate(logic.segmentIds, start=1):
-                self.scriptedEffect.modifySegmentByLabelmap(
-                    segmentation, segmentId, oriented_mask(logic.preview.labels == value, matrix),
-                    slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
-            logic.discard()
-            self.statusLabel.text = "Applied; Ctrl+Z takes it back."
+            from SynPoSlicerLib.apply import check_writable
+            node = self.scriptedEffect.parameterSetNode()
+            target = logic.segmentationNode
+            check_writable(target, logic.volumeNode, logic.segmentIds, node)
+            if node.GetSegmentationNode() is not target:
+                node.SetAndObserveSegmentationNode(target)
+            message = logic.apply(target, write=self.writeSegment, saveState=self.scriptedEffect.saveStateForUndo)
+            if self.statusLabel is not None:
+                self.statusLabel.text = message
         self.updateGUIFromMRML()
 
     def onCancel(self):
         logic = self.logic()
         logic.cancel()
         logic.discard()
-        self.statusLabel.text = "Cancelled; nothing was written."
+        if self.statusLabel is not None:
+            self.statusLabel.text = "Cancelled; nothing was written."
         self.updateGUIFromMRML()
+
+
+def effectSource():
+    """This file's path, from the folder of `__file__`: after a developer-mode reload of the
+    SegmentEditorSynPoLib package `__file__` names the package's __init__.py, and Slicer's loader
+    would look for a class "__init__Effect" (qSlicerSegmentEditorScriptedEffect::setPythonSource)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "SegmentEditorEffect.py")

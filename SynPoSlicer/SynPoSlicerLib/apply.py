@@ -6,8 +6,15 @@ its own history: its logic (vtkSlicerSegmentEditorLogic, Slicer 5.10+; the edito
 the editor's masking settings (editable area, editable intensity range, overwrite other segments
 or not), so a finished structure the user protected stays as it is. Ctrl+Z in the Segment Editor
 takes the whole preview back in one step and nothing else.
+
+Writers (`write(segmentation_node, segment_id, oriented_labelmap)`): the SynPo effect's own
+`modifySegmentByLabelmap` (any Slicer, masking honoured), `logic_writer` (Slicer 5.10+'s
+vtkSlicerSegmentEditorLogic, masking honoured) and `node_writer` (the segmentation node's own API,
+for a Slicer without that logic class, i.e. 5.8's panel: the segment is replaced, other segments
+are left as they are). `write_preview` checks first that Slicer will write (`check_writable`) and
+afterwards that it did: never "Applied" without a change.
 """
-from typing import Dict, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 
@@ -46,10 +53,16 @@ def volume_to_segmentation(volume_node, segmentation_node) -> np.ndarray:
     return between @ ijk_to_ras(volume_node)
 
 
+def has_editor_logic() -> bool:
+    """vtkSlicerSegmentEditorLogic exists from Slicer 5.10 (the Segment Editor's logic split)."""
+    return hasattr(slicer, "vtkSlicerSegmentEditorLogic")
+
+
 def editor_logic(scene, segmentation_node, volume_node, editor_node=None):
     """A Segment Editor logic on `segmentation_node` with the editor's masking settings
-    (`editor_node`, else a default one: everywhere editable, other segments overwritten)."""
-    if not hasattr(slicer, "vtkSlicerSegmentEditorLogic"):
+    (`editor_node`, else a default one: everywhere editable, other segments overwritten).
+    Slicer 5.10+ only (has_editor_logic); before, use the effect's writer or node_writer."""
+    if not has_editor_logic():
         raise InputError("this Slicer has no vtkSlicerSegmentEditorLogic (before 5.10): apply from the SynPo "
                          "Segment Editor effect, which uses the editor's own undo")
     if editor_node is None:
@@ -64,20 +77,101 @@ def editor_logic(scene, segmentation_node, volume_node, editor_node=None):
     return logic
 
 
-def apply_labels(logic, segmentation_node, volume_node, labels: np.ndarray, segment_ids: Sequence[str],
-                 save_state=None) -> Dict[str, int]:
-    """Write label v of `labels` ([k, j, i] on the volume's grid) into segment_ids[v - 1], in ONE
-    undo step, through the masking settings of `logic` (a vtkSlicerSegmentEditorLogic). The undo
-    state is saved by `save_state()` (in Slicer: the Segment Editor widget's saveStateForUndo, so
-    that its Ctrl+Z takes the step back), else in `logic`'s own history. Returns the voxels given to
-    each segment (masking may keep fewer)."""
+def logic_writer(logic) -> Callable:
+    """Write through a vtkSlicerSegmentEditorLogic: the editor node's masking settings apply."""
+    def write(segmentation_node, segment_id, labelmap):
+        logic.ModifySegmentByLabelmap(segmentation_node, segment_id, labelmap, logic.ModificationModeSet,
+                                      False, False)
+    return write
+
+
+def node_writer() -> Callable:
+    """Write through the segmentation node's own API (vtkSlicerSegmentationsModuleLogic::
+    SetBinaryLabelmapToSegment, MODE_REPLACE): the segment becomes the labelmap; other segments are
+    not modified (overlap allowed). For a Slicer without vtkSlicerSegmentEditorLogic (5.8)."""
+    module_logic = slicer.vtkSlicerSegmentationsModuleLogic
+
+    def write(segmentation_node, segment_id, labelmap):
+        if not module_logic.SetBinaryLabelmapToSegment(labelmap, segmentation_node, segment_id,
+                                                       module_logic.MODE_REPLACE):
+            raise InputError("Slicer refused to write segment %r of %s" % (segment_id, segmentation_node.GetName()))
+    return write
+
+
+def check_writable(segmentation_node, volume_node, segment_ids: Sequence[str], editor_node=None) -> None:
+    """Refuse, with a message saying what to do, where Slicer would write nothing: the segmentation
+    or a segment removed since the preview; "Editable intensity range" on while the segmentation's
+    geometry differs from the volume's (qSlicerSegmentEditorAbstractEffect::modifySegmentByLabelmap
+    then returns without writing)."""
+    if segmentation_node is None or segmentation_node.GetScene() is None:
+        raise InputError("the segmentation this preview was made for has been removed; run the preview again")
+    if volume_node is None or volume_node.GetScene() is None:
+        raise InputError("the volume this preview was made for has been removed; run the preview again")
     segmentation = segmentation_node.GetSegmentation()
     for sid in segment_ids:
         if segmentation.GetSegment(sid) is None:
-            raise InputError("segment %r is no longer in %s" % (sid, segmentation_node.GetName()))
+            raise InputError("segment %r is no longer in %s; the preview is kept: add the segment again or "
+                             "discard the preview" % (sid, segmentation_node.GetName()))
+    if editor_node is not None and _intensity_mask_on(editor_node) and not _same_geometry(segmentation_node,
+                                                                                           volume_node):
+        raise InputError("'Editable intensity range' is on in the Segment Editor and %s's geometry differs from "
+                         "%s's, so Slicer would write nothing; turn the intensity range off or set the "
+                         "segmentation's geometry to the volume (Segment Editor, Specify geometry)"
+                         % (segmentation_node.GetName(), volume_node.GetName()))
+
+
+def _intensity_mask_on(editor_node) -> bool:
+    getter = getattr(editor_node, "GetSourceVolumeIntensityMask", None) or \
+        getattr(editor_node, "GetMasterVolumeIntensityMask", None)
+    return bool(getter()) if getter is not None else False
+
+
+def _same_geometry(segmentation_node, volume_node, tol: float = 1e-4) -> bool:
+    """Whether the segmentation's labelmap geometry is the volume's (same grid in world space)."""
+    from SynPoSlicerLib.mrml import ijk_to_ras
+    geometry = segmentation_node.GetSegmentation().GetConversionParameter("Reference image geometry")
+    if not geometry:
+        return True
+    image = slicer.vtkOrientedImageData()
+    slicer.vtkSegmentationConverter.DeserializeImageGeometry(geometry, image, False)
+    m = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(m)
+    seg_matrix = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+    extent = image.GetExtent()
+    dims = volume_node.GetImageData().GetDimensions()
+    same_extent = tuple(extent[1::2][i] - extent[0::2][i] + 1 for i in range(3)) == tuple(dims) and extent[0::2] == (0, 0, 0)
+    return same_extent and np.allclose(seg_matrix, volume_to_segmentation(volume_node, segmentation_node), atol=tol)
+
+
+def write_preview(segmentation_node, volume_node, labels: np.ndarray, segment_ids: Sequence[str], write: Callable,
+                  save_state: Optional[Callable] = None) -> Dict[str, int]:
+    """Write label v of `labels` ([k, j, i] on the volume's grid) into segment_ids[v - 1] with
+    `write`, after ONE `save_state()` (the undo step). Returns the voxels that changed in each
+    segment; raises InputError when Slicer wrote nothing although the preview differs from the
+    segments (the masking settings excluded every voxel): the caller keeps the preview."""
+    from SynPoSlicerLib.mrml import segment_array
+    check_writable(segmentation_node, volume_node, segment_ids)
     matrix = volume_to_segmentation(volume_node, segmentation_node)
-    (save_state or logic.SaveStateForUndo)()
+    before = {sid: segment_array(segmentation_node, sid, volume_node).astype(bool) for sid in segment_ids}
+    if save_state is not None:
+        save_state()
     for value, sid in enumerate(segment_ids, start=1):
-        logic.ModifySegmentByLabelmap(segmentation_node, sid, oriented_mask(labels == value, matrix),
-                                      logic.ModificationModeSet, False, False)
-    return {sid: int((labels == v).sum()) for v, sid in enumerate(segment_ids, start=1)}
+        write(segmentation_node, sid, oriented_mask(labels == value, matrix))
+    changed = {sid: int((segment_array(segmentation_node, sid, volume_node).astype(bool) != before[sid]).sum())
+               for sid in segment_ids}
+    wanted = sum(int(((labels == v) != before[sid]).sum()) for v, sid in enumerate(segment_ids, start=1))
+    if wanted and not any(changed.values()):
+        raise InputError("Slicer wrote nothing into %s: the Segment Editor's masking settings (editable area, "
+                         "editable intensity range) exclude every voxel of the preview; the preview is kept"
+                         % segmentation_node.GetName())
+    return changed
+
+
+def apply_labels(logic, segmentation_node, volume_node, labels: np.ndarray, segment_ids: Sequence[str],
+                 save_state=None) -> Dict[str, int]:
+    """write_preview through a vtkSlicerSegmentEditorLogic (Slicer 5.10+), its masking settings
+    and, unless `save_state` is given (in Slicer: the Segment Editor widget's saveStateForUndo, so
+    that its Ctrl+Z takes the step back), its own undo history. Returns the voxels changed."""
+    check_writable(segmentation_node, volume_node, segment_ids, logic.GetSegmentEditorNode())
+    return write_preview(segmentation_node, volume_node, labels, segment_ids, logic_writer(logic),
+                         save_state or logic.SaveStateForUndo)

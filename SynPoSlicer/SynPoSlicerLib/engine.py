@@ -19,6 +19,8 @@ import numpy as np
 from synpo.client import Client, ServerError
 from synpo.errors import SynPoError
 
+from SynPoSlicerLib.process import end_tree, start_options
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODULE_DIR = os.path.dirname(HERE)                 # holds the `synpo` package
 
@@ -29,15 +31,26 @@ def default_python() -> str:
     return found or sys.executable
 
 
+def server_key(python: Optional[str], device: str, sam: str, features: str, extra: Sequence[str] = ()) -> tuple:
+    """What a local server is started with; a running server serves every preview with the same key."""
+    return (python or default_python(), device, sam, features, tuple(extra))
+
+
 class ServerProcess:
     """`synpo serve` started as a child process on a free loopback port with a fresh token.
 
     start() returns at once; ready() says whether it accepts requests yet (no waiting); stop() ends
-    it. Its output goes to a log file, shown to the user when it fails to start."""
+    it and everything it started: in Slicer the child is the PythonSlicer launcher, which runs the
+    real interpreter as its own child (process.py). The server watches this process (--parent-pid)
+    and exits by itself when it dies. Its output goes to a log file, shown to the user when it fails
+    to start. `key` names what the server was started with (Python, model, device, features): the
+    module reuses a running server for every preview with the same key."""
 
     def __init__(self, python: Optional[str] = None, device: str = "auto", sam: str = "litemedsam",
-                 features: str = "auto", extra: Sequence[str] = ()):
+                 features: str = "auto", extra: Sequence[str] = (), parent_pid: Optional[int] = None):
         self.python = python or default_python()
+        self.key = server_key(python, device, sam, features, extra)
+        self.parent_pid = os.getpid() if parent_pid is None else parent_pid
         self.options = ["--device", device, "--sam", sam, "--features", features] + list(extra)
         self.folder = tempfile.mkdtemp(prefix="synpo-server-")
         self.token_file = os.path.join(self.folder, "token")
@@ -54,10 +67,11 @@ class ServerProcess:
         env["PYTHONPATH"] = MODULE_DIR + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.setdefault("PYTHONUNBUFFERED", "1")
         cmd = [self.python, "-m", "synpo.cli", "serve", "--port", "0", "--token-file", self.token_file,
-               "--ready-file", self.ready_file] + self.options
+               "--ready-file", self.ready_file, "--parent-pid", str(self.parent_pid)] + self.options
         log = open(self.log_file, "w")
         try:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.folder)
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=env, cwd=self.folder, **start_options())
         except OSError as exc:
             raise SynPoError("cannot start the SynPo server with %s: %s" % (self.python, exc)) from None
         finally:
@@ -98,12 +112,9 @@ class ServerProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        """End the server's whole process tree (not only the launcher we started)."""
+        if self.proc is not None:
+            end_tree(self.proc)
         self.proc, self.url = None, None
 
 
@@ -119,11 +130,14 @@ class RemoteJob:
     def __init__(self, client: Client, image: Optional[np.ndarray], spacing_ijk, support: Optional[np.ndarray],
                  settings: Sequence[str] = (), session_id: Optional[str] = None, add: bool = False,
                  absent: Optional[dict] = None):
-        """A new preview (image and support), or with session_id and add=True corrections on the
-        session's last run: support = the corrected slices' paint, absent = {label: slices}."""
+        """A new preview (image and support); with session_id a preview on that server session (its
+        embeddings reused; the image is sent again only if the server no longer has it); with
+        session_id and add=True corrections on the session's last run: support = the corrected
+        slices' paint, absent = {label: slices}."""
         self.client, self.image, self.spacing, self.support = client, image, tuple(spacing_ijk), support
         self.settings, self.add, self.absent = list(settings), add, absent
         self.session_id = session_id
+        self.reused = bool(session_id) and not add      # a new preview on a session already on the server
         self.run_id: Optional[str] = None
         self.state = "start" if session_id else "upload"
         self.stage, self.done, self.total = "connecting", 0, 1
@@ -132,6 +146,7 @@ class RemoteJob:
         self._since = 0
         self._arrived: List[Tuple] = []
         self._cancel = False
+        self._busy_until = time.monotonic() + 60.0
 
     def active(self) -> bool:
         return self.state in self.ACTIVE
@@ -157,8 +172,20 @@ class RemoteJob:
                 self.session_id = self.client.create_session(self.image, self.spacing)
                 self.state = "start"
             elif self.state == "start":
-                self.run_id = self.client.start_run(self.session_id, self.support, self.settings, add=self.add,
-                                                    absent=self.absent)
+                try:
+                    self.run_id = self.client.start_run(self.session_id, self.support, self.settings, add=self.add,
+                                                        absent=self.absent)
+                except ServerError as exc:
+                    # The server evicted or expired the session this preview meant to reuse: send the
+                    # volume again (a correction has nothing to resend: it fails with the message).
+                    if exc.status == 409 and time.monotonic() < self._busy_until:
+                        # The session's previous run (cancelled a moment ago) is still winding down.
+                        self.stage = "waiting for the previous run on the server to stop"
+                        return self.state
+                    if exc.status != 404 or self.add or self.image is None:
+                        raise
+                    self.session_id, self.reused, self.state = None, False, "upload"
+                    return self.state
                 self.state, self.stage = "running", "queued"
             elif self.state == "running":
                 if self._cancel:

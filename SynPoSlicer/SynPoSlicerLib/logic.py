@@ -1,15 +1,25 @@
-"""The preview workflow without Qt: one server, one preview, stepped by the caller's timer.
+"""The preview workflow without Qt: one server, one preview, stepped by the application's timer.
 
 Shared by the Slicer module (SynPoSlicer.SynPoSlicerLogic adds what needs Slicer's application:
-its settings, its layout's slice views, its Segment Editor) and by `synpo web` (synpo_web, on
-slicer-core in a browser page). Nothing here waits on the segmentation: `step()` makes one short
-request to the server and returns (engine.RemoteJob), so a Qt timer or an asyncio task drives it.
-Python 3.9, no torch.
+its settings, its Qt timer, its layout's slice views, its Segment Editor) and by `synpo web`
+(synpo_web: slicer-core in a browser page, an asyncio task for a timer). Nothing here waits on the
+segmentation: `step()` makes one short request to the server and returns (engine.RemoteJob).
+Python 3.9, no torch, no Qt.
 """
+import logging
 
 # The panel's settings and their defaults (a vtkMRMLScriptedModuleNode's parameters).
 PARAMETERS = {"Model": "litemedsam", "Features": "auto", "TopK": "64", "PositivePoints": "3",
               "NegativePoints": "3", "SearchMargin": "0.07", "IntensityGate": "true", "Opacity": "0.5"}
+
+
+def volumeFingerprint(inputs):
+    """The volume's content and grid, hashed: a preview of the same volume reuses its server session."""
+    import hashlib
+    digest = hashlib.sha1()
+    digest.update(repr((inputs.image.shape, str(inputs.image.dtype), tuple(inputs.spacing))).encode())
+    digest.update(inputs.image.tobytes())
+    return digest.hexdigest()
 
 
 class PreviewLogic:
@@ -17,11 +27,15 @@ class PreviewLogic:
 
     idle -> starting (a local `synpo serve` is starting) -> running (the preview's RemoteJob steps)
     -> previewed (preview nodes in the scene) -> idle after apply or discard; failed / cancelled
-    leave the scene as it was. The engine never runs in this process.
+    leave the scene as it was. The engine never runs in this process: `step()` makes one short
+    request to the server and returns, so the application's thread never waits on the segmentation.
 
-    Hooks for the application: `showLayers(opacity)` puts the confidence over the volume in the
-    slice views; `serverOptions()` the `synpo serve` options of a server started here.
+    Hooks for the application: startPolling / stopPolling (its timer, which calls `poll()`),
+    showLayers / setOverlayOpacity (its slice views), segmentEditorWidget (its Segment Editor),
+    serverOptions (a local server's options), UNDO_HINT (how the user takes Apply back).
     """
+
+    UNDO_HINT = "Ctrl+Z in the Segment Editor takes it back."
 
     def __init__(self):
         self.state = "idle"
@@ -33,7 +47,10 @@ class PreviewLogic:
         self.remote = None               # (url, token) of a configured server
         self.pythonForServer = None
         self._pending = None             # the inputs of a preview waiting for the server
+        self._sessions = {}              # volume fingerprint -> session id on the current server
+        self._listeners = []             # GUI callbacks after each step (panel, effect instances)
         self.volumeNode = None
+        self.segmentationNode = None     # the segmentation the preview was made for: Apply writes there
         self.segmentIds, self.segmentNames = [], []
 
     def setDefaultParameters(self, node):
@@ -41,7 +58,7 @@ class PreviewLogic:
             if not node.GetParameter(key):
                 node.SetParameter(key, value)
 
-    # -- the server
+    # -- environment
     def deviceDescription(self):
         if self.remote is not None:
             return "server %s" % self.remote[0]
@@ -49,14 +66,17 @@ class PreviewLogic:
 
     def useServer(self, url="", tokenFile="", python=""):
         """An empty url: SynPo starts its own server (with `python`, or Slicer's) on the first
-        preview. Else the server at url with the token in tokenFile (no torch needed here)."""
+        preview and keeps it for the session: later previews, updates and re-runs use the same one
+        (restarted only when the Python, model, device or features change; serverReady). Else the
+        server at url with the token in tokenFile (no torch needed in Slicer)."""
         from synpo.client import find_token
-        self.stopServer()
+        remote = (url, find_token(tokenFile or None)) if url else None
+        if remote != self.remote:
+            self._sessions = {}              # sessions live on the server they were made on
+        if remote is not None:
+            self.stopServer()                # the local server is no longer used
+        self.remote = remote
         self.pythonForServer = python or None
-        if url:
-            self.remote = (url, find_token(tokenFile or None))
-        else:
-            self.remote = None
 
     def client(self, timeout=5.0):
         from synpo.client import Client
@@ -65,23 +85,57 @@ class PreviewLogic:
         return self.server.client(timeout)
 
     def stopServer(self):
+        """End the local server and everything it started (the launcher's python-real too)."""
         if self.server is not None:
             self.server.stop()
             self.server = None
+            self._sessions = {}
 
     def serverOptions(self, parameterNode):
-        """ServerProcess keyword arguments of a server started here."""
+        """ServerProcess keyword arguments of a server started here (a hook)."""
         return dict(device="auto", sam=parameterNode.GetParameter("Model"),
                     features=parameterNode.GetParameter("Features"))
 
     def serverReady(self, parameterNode):
-        """True when a server answers; starts the local one if needed (never waits for it)."""
+        """True when a server answers; starts the local one if needed (never waits for it). A
+        running local server is reused unless it was started with other settings or has died."""
         if self.remote is not None:
             return True
+        from SynPoSlicerLib.engine import ServerProcess, server_key
+        options = self.serverOptions(parameterNode)
+        if self.server is not None and (self.server.key != server_key(self.pythonForServer, **options)
+                                        or not self.server.running()):
+            self.stopServer()
         if self.server is None:
-            from SynPoSlicerLib.engine import ServerProcess
-            self.server = ServerProcess(self.pythonForServer, **self.serverOptions(parameterNode)).start()
+            self.server = ServerProcess(self.pythonForServer, **options).start()
         return self.server.ready()
+
+    # -- the timer that drives runs: the logic's, so a run survives its panel or effect
+    def addListener(self, callback):
+        if callback not in self._listeners:
+            self._listeners.append(callback)
+
+    def removeListener(self, callback):
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
+    def startPolling(self):
+        """Step the current run every 250 ms until it ends, calling `poll()` (a hook: the module's
+        Qt timer, the web page's asyncio task). Without one, `process()` steps the run itself."""
+
+    def stopPolling(self):
+        """The run has ended: stop calling `poll()` (a hook)."""
+
+    def poll(self):
+        """One timer tick: a step, then every listener told; the timer stops once the run has ended."""
+        self.step()
+        for callback in list(self._listeners):
+            try:
+                callback()
+            except Exception as exc:         # a closed panel must not stop the run
+                logging.warning("SynPo: a view of the run failed to update: %s" % exc)
+        if not self.active():
+            self.stopPolling()
 
     # -- preview
     def settings(self, parameterNode):
@@ -99,25 +153,32 @@ class PreviewLogic:
             raise ValueError("A preview is already running; wait for it or cancel it.")
         self.discard()
         inputs = mrml.extract_inputs(volumeNode, segmentationNode, segmentIds)
-        self.volumeNode, self.segmentIds = volumeNode, list(segmentIds)
+        self.volumeNode, self.segmentationNode, self.segmentIds = volumeNode, segmentationNode, list(segmentIds)
         self.segmentNames = [segmentationNode.GetSegmentation().GetSegment(s).GetName() for s in segmentIds]
-        self._pending = (inputs, self.settings(parameterNode), parameterNode)
+        self._pending = (inputs, self.settings(parameterNode), parameterNode, volumeFingerprint(inputs))
         self.state, self.message = "starting", "Starting the SynPo server..."
         self.job = None
+        self.startPolling()
 
     def step(self):
         """Advance the current preview by one short request. Returns the state."""
         from synpo.errors import SynPoError
         try:
             if self.state == "starting":
-                inputs, settings, parameterNode = self._pending
+                inputs, settings, parameterNode, fingerprint = self._pending
                 if self.serverReady(parameterNode):
                     from SynPoSlicerLib.engine import RemoteJob
-                    self.job = RemoteJob(self.client(), inputs.image, inputs.spacing, inputs.support, settings)
-                    self.state, self.message = "running", "Sending the volume to the server..."
+                    known = self._sessions.get(fingerprint)
+                    self.job = RemoteJob(self.client(), inputs.image, inputs.spacing, inputs.support, settings,
+                                         session_id=known)
+                    self.state = "running"
+                    self.message = ("The volume is on the server already: embeddings reused." if known
+                                    else "Sending the volume to the server...")
             elif self.state == "running":
                 self.job.step()
-                self.message = "SynPo: %s" % self.job.stage
+                if self.job.session_id and self._pending is not None:
+                    self._sessions[self._pending[3]] = self.job.session_id
+                self.message = "SynPo: %s%s" % (self.job.stage, " (embeddings reused)" if self.job.reused else "")
                 if self.job.state == "done":
                     self.finishPreview()
                 elif self.job.state in ("failed", "cancelled"):
@@ -146,6 +207,7 @@ class PreviewLogic:
         corrected = int(painted.reshape(len(painted), -1).any(1).sum())
         self.state, self.message = "running", "Updating from %d corrected and %d emptied slice(s)..." % (
             corrected, sum(len(v) for v in absent.values()))
+        self.startPolling()
 
     def active(self):
         return self.state in ("starting", "running")
@@ -156,7 +218,7 @@ class PreviewLogic:
         return self.job.done, self.job.total
 
     def process(self, volumeNode, segmentationNode, segmentIds, parameterNode, timeout=3600.0):
-        """The whole preview without a GUI (scripts, the self-test): returns the state."""
+        """The whole preview without the GUI (scripts, the self-test): returns the state."""
         import time
         self.startPreview(volumeNode, segmentationNode, segmentIds, parameterNode)
         deadline = time.time() + timeout
@@ -166,13 +228,13 @@ class PreviewLogic:
         return self.state
 
     def cancel(self):
+        """Stop the current run, on the server too: the cancel request is sent now (not at the next
+        timer tick, which may never come if no timer runs)."""
         if self.job is not None and self.job.active():
-            self.job.cancel()
+            self.job.cancel(now=True)
+            self.state, self.message = "cancelled", "Cancelled; the scene is unchanged."
         elif self.state == "starting":
             self.state, self.message = "cancelled", "Cancelled; the scene is unchanged."
-
-    def showLayers(self, opacity):
-        """The confidence over the volume in the application's slice views (a hook)."""
 
     def finishPreview(self, opacity=0.5):
         """Build the preview nodes from the finished job (main thread)."""
@@ -195,6 +257,12 @@ class PreviewLogic:
                         % (present, "\n".join(extent_summary(self.result, names))))
         for line in collapse_warnings(self.result, names):
             self.message += "\nWarning: " + line
+
+    def showLayers(self, opacity):
+        """The confidence over the volume in the application's slice views (a hook)."""
+
+    def setOverlayOpacity(self, value):
+        """The confidence layer's opacity in the application's slice views (a hook)."""
 
     def sliceIndexInViews(self, sliceNodes):
         """The slice (across the preview's slicing axis) at the centre of the first of `sliceNodes`
@@ -231,18 +299,43 @@ class PreviewLogic:
         used = mrml.rerun_slice(self.preview, self.volumeNode, axis, sliceIndex, label, decode)
         return "Slice %d of %s decoded again from %d point(s)." % (sliceIndex, self.segmentNames[label - 1], used)
 
-    def applyWith(self, segmentationNode, editorLogic, saveState=None):
-        """Write the preview into the segments it was made for: one undo step of `editorLogic` (a
-        vtkSlicerSegmentEditorLogic), through its masking settings (apply.py). Then the preview
-        is removed."""
+    def segmentEditorWidget(self):
+        """The application's Segment Editor widget, whose masking settings and undo Apply uses (a
+        hook: None where there is none)."""
+        return None
+
+    def apply(self, segmentationNode=None, editorLogic=None, saveState=None, write=None):
+        """Write the preview into the segmentation and segments it was made for (recorded at
+        Preview, whatever node the panel or the Segment Editor shows now): one Segment Editor undo
+        step, through the editor's masking settings where this Slicer has them (apply.py). Refused,
+        with the preview kept, where Slicer would write nothing; then the preview is removed.
+
+        `write(segmentationNode, segmentId, orientedLabelmap)`: the writer (the SynPo effect passes
+        its own modifySegmentByLabelmap); else Slicer 5.10+'s vtkSlicerSegmentEditorLogic with the
+        editor's masking, else (Slicer 5.8) the segmentation node's own API."""
         from SynPoSlicerLib import apply as applying
         if self.preview is None:
             raise ValueError("Nothing to apply: run a preview first.")
-        applying.apply_labels(editorLogic, segmentationNode, self.volumeNode, self.preview.labels, self.segmentIds,
-                              saveState)
+        target = self.segmentationNode if self.segmentationNode is not None else segmentationNode
+        editor = self.segmentEditorWidget() if write is None and editorLogic is None else None
+        editorNode = editor.mrmlSegmentEditorNode() if editor is not None else None
+        applying.check_writable(target, self.volumeNode, self.segmentIds, editorNode)
+        if editor is not None and saveState is None:
+            # The editor's undo saves the segmentation it shows: show the target first, so that its
+            # Ctrl+Z restores the target (not the candidates the user may have been correcting).
+            editor.setSegmentationNode(target)
+            saveState = editor.saveStateForUndo
+        if write is None:
+            if editorLogic is None and applying.has_editor_logic():
+                editorLogic = applying.editor_logic(target.GetScene(), target, self.volumeNode, editorNode)
+            write = applying.logic_writer(editorLogic) if editorLogic is not None else applying.node_writer()
+            if saveState is None and editorLogic is not None:
+                saveState = editorLogic.SaveStateForUndo
+        changed = applying.write_preview(target, self.volumeNode, self.preview.labels, self.segmentIds, write,
+                                         saveState)
         names = ", ".join(self.segmentNames)
         self.discard()
-        return names
+        return "Applied to %s (%d voxel(s) changed): %s" % (names, sum(changed.values()), self.UNDO_HINT)
 
     def discard(self):
         if self.preview is not None:
@@ -252,8 +345,10 @@ class PreviewLogic:
             self.state = "idle"
 
     def onSceneClosed(self):
-        """The scene is closed: the preview's nodes are gone with it; a run is cancelled."""
+        """File > Close Scene: the preview's nodes are gone with the scene; a run is cancelled. The
+        server and its sessions stay (a volume loaded again is recognised by its content)."""
         if self.job is not None and self.job.active():
             self.job.cancel(now=True)
         self.preview, self.volumeNode, self.result, self.job = None, None, None, None
+        self.segmentationNode = None
         self.state, self.message = "idle", ""

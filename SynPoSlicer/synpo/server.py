@@ -28,6 +28,7 @@ import os
 import secrets
 import socket
 import sys
+import time
 from typing import Optional
 
 import numpy as np
@@ -320,6 +321,8 @@ def add_arguments(p) -> None:
     p.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate (with --tls-key)")
     p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     p.add_argument("--ready-file", metavar="FILE", help="write the server's URL to FILE once it accepts requests")
+    p.add_argument("--parent-pid", type=int, metavar="PID",
+                   help="exit when process PID ends (the program that started this server, e.g. 3D Slicer)")
     p.add_argument("--access-log", action="store_true", help="log every request's method, path and status")
     p.add_argument("--quiet", action="store_true", help="log warnings only")
 
@@ -341,6 +344,10 @@ def check_arguments(args) -> None:
         raise SynPoError("--session-ttl must be > 0")
     if not 0 <= args.port <= 65535:
         raise SynPoError("--port must be 0..65535")
+    if getattr(args, "parent_pid", None) is not None:
+        from .lifeline import alive
+        if args.parent_pid <= 0 or not alive(args.parent_pid):
+            raise SynPoError("--parent-pid %d: no such process" % args.parent_pid)
 
 
 def run_server(args) -> int:
@@ -381,5 +388,18 @@ def run_server(args) -> int:
             handle.write(url + "\n")
     config = uvicorn.Config(app, log_level="warning" if args.quiet else "info", access_log=args.access_log and not args.quiet,
                             ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key, timeout_keep_alive=30)
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    if getattr(args, "parent_pid", None) is not None:
+        from .lifeline import watch_parent
+        watch_parent(args.parent_pid, lambda: _parent_gone(server, args.parent_pid))
+    server.run(sockets=[sock])
     return 0
+
+
+def _parent_gone(server, pid: int, grace: float = 10.0) -> None:
+    """The process that started the server is gone: stop accepting requests and exit (running
+    requests get `grace` seconds; a run in progress in a worker thread does not hold the exit)."""
+    logging.getLogger(__name__).warning("process %d that started this server has ended; exiting", pid)
+    server.should_exit = True
+    time.sleep(grace)
+    os._exit(0)

@@ -32,12 +32,19 @@ STEP_SECONDS = 0.25          # between two requests of a running preview (the mo
 
 
 class WebLogic(PreviewLogic):
-    """The module's workflow with the page's slice views."""
+    """The module's workflow with the page's slice views; an asyncio task for a timer."""
 
-    def __init__(self, slicer_app, server_options):
+    UNDO_HINT = "'Undo apply' takes it back; Save downloads the segmentation."
+
+    def __init__(self, slicer_app, server_options, start_polling=None):
         PreviewLogic.__init__(self)
         self.slicer_app = slicer_app
         self.options = dict(server_options)
+        self.start_polling = start_polling
+
+    def startPolling(self):
+        if self.start_polling is not None:
+            self.start_polling()
 
     def serverOptions(self, parameterNode):
         return dict(self.options)
@@ -77,7 +84,7 @@ class SynPoWeb(TrameApp):
         self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, self.server)
         self.layout_manager.register_layout_dict(LayoutManager.default_grid_configuration())
         self.layout_manager.set_layout("Axial Primary")
-        self.logic = WebLogic(self.slicer_app, server_options or {})
+        self.logic = WebLogic(self.slicer_app, server_options or {}, self._start_runner)
         if remote:
             self.logic.useServer(remote[0], remote[1])
         self.parameters = self.scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "SynPo web")
@@ -323,7 +330,8 @@ class SynPoWeb(TrameApp):
 
     def cancel(self):
         self.logic.cancel()
-        self._say("Cancelling...")
+        self._refresh()
+        self._say(self.logic.message)
 
     def _start_runner(self):
         self._refresh()
@@ -333,7 +341,8 @@ class SynPoWeb(TrameApp):
     async def _run(self):
         """The module's timer, as an asyncio task: one short request per tick."""
         while self.logic.active():
-            state = self.logic.step()
+            self.logic.poll()
+            state = self.logic.state
             with self.state:
                 self._refresh()
                 self._say(self.logic.message, error=state == "failed")
@@ -381,13 +390,13 @@ class SynPoWeb(TrameApp):
         try:
             self.stop_correcting()
             self.apply_logic = applying.editor_logic(self.scene, self.segmentation, self.volume)
-            names = self.logic.applyWith(self.segmentation, self.apply_logic)
+            text = self.logic.apply(editorLogic=self.apply_logic)
         except (SynPoError, ValueError) as exc:
             return self._say(str(exc), error=True)
         self.slicer_app.display_manager.show_volume_in_slice_foreground(None)
         self._activate_segmentation(self.segmentation)
         self._refresh()
-        self._say("Applied to %s. 'Undo apply' takes it back; Save downloads the segmentation." % names)
+        self._say(text)
 
     def undo_apply(self):
         if self.apply_logic is not None and self.apply_logic.CanUndo():

@@ -1,0 +1,64 @@
+"""`synpo serve --parent-pid PID`: the server ends itself when the program that started it is gone.
+
+Slicer starts the local server through its launcher (PythonSlicer runs python-real as its own child,
+SynPoSlicerLib/process.py), so the server's direct parent is the launcher, not Slicer: the module
+passes Slicer's own process id. When Slicer quits normally the module ends the process tree; when it
+crashes or is killed nothing would, and the server would stay with its models in memory. This
+watch closes that gap: every `interval` seconds it checks that PID is still the same process
+(psutil's creation time where psutil is installed, so a reused PID does not fool it), and calls
+`on_exit` once it is not.
+"""
+import os
+import threading
+import time
+from typing import Callable, Optional
+
+
+def _creation_time(pid: int) -> Optional[float]:
+    try:
+        import psutil
+        return psutil.Process(pid).create_time()
+    except Exception:
+        return None
+
+
+def alive(pid: int, created: Optional[float] = None) -> bool:
+    """Whether process `pid` exists (and, given `created`, is the same process as then)."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return False
+            return created is None or abs(proc.create_time() - created) < 1e-3
+        except psutil.Error:
+            return False
+    if os.name == "nt":                     # without psutil: no portable check; assume alive
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def watch_parent(pid: int, on_exit: Callable[[], None], interval: float = 1.0) -> threading.Thread:
+    """Start a daemon thread that calls `on_exit()` once process `pid` has gone. Raises ValueError
+    when `pid` is not running now (the caller would be orphaned from the start)."""
+    created = _creation_time(pid)
+    if not alive(pid, created):
+        raise ValueError("--parent-pid %d: no such process" % pid)
+
+    def run():
+        while alive(pid, created):
+            time.sleep(interval)
+        on_exit()
+
+    thread = threading.Thread(target=run, name="synpo-parent-watch", daemon=True)
+    thread.start()
+    return thread

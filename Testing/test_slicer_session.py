@@ -1,0 +1,510 @@
+"""How Slicer itself runs the module and the effect, reproduced mechanism by mechanism (issue 24).
+
+Each test names the Slicer (or CTK) source whose behaviour it reproduces:
+- the launcher: commontk/AppLauncher Base/ctkAppLauncher.cpp (ctkAppLauncherInternal::runProcess
+  starts python-real with a QProcess, forwards no signal, exits when the child exits);
+- the scripted-effect loader: Modules/Loadable/Segmentations/EditorEffects/
+  qSlicerSegmentEditorScriptedEffect.cxx, setPythonSource (module = folder name, class = file
+  name + "Effect"; the file executed as that module, qSlicerScriptedUtils::loadSourceAsModule);
+- effect activation: Modules/Loadable/Segmentations/Widgets/qMRMLSegmentEditorWidget.cxx,
+  updateEffectsSectionFromMRML (deactivate() on switching effect) and Modules/Scripted/
+  SegmentEditor/SegmentEditor.py, SegmentEditorWidget.exit (setActiveEffect(None) on leaving);
+- the effect's write in 5.10: qSlicerSegmentEditorAbstractEffect::modifySegmentByLabelmap delegates
+  to vtkSlicerSegmentEditorLogic::ModifySegmentByLabelmap with the editor's parameter node.
+"""
+import contextlib
+import importlib
+import importlib.util
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import types
+
+import numpy as np
+import psutil
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODULE_DIR = os.path.join(HERE, "..", "SynPoSlicer")
+sys.path.insert(0, MODULE_DIR)
+
+import slicer  # noqa: E402  (slicer-core)
+
+from test_slicer_logic import _parameters, add_volume, scene_case, server  # noqa: E402,F401  (fixtures)
+from SynPoSlicerLib import mrml  # noqa: E402
+
+
+# ------------------------------------------------------------------ the launcher
+LAUNCHER = '''#!{python}
+"""A stand-in for CTK's app launcher (PythonSlicer): runs the real interpreter as its child with
+the same arguments, forwards no signal (SIGTERM is caught and ignored), exits with the child's code."""
+import signal, subprocess, sys
+signal.signal(signal.SIGTERM, lambda *args: None)
+child = subprocess.Popen([{python!r}] + sys.argv[1:])
+while True:
+    try:
+        sys.exit(child.wait())
+    except InterruptedError:
+        pass
+'''
+
+
+@pytest.fixture
+def launcher(tmp_path):
+    path = tmp_path / "PythonSlicer"
+    path.write_text(LAUNCHER.format(python=sys.executable))
+    path.chmod(0o755)
+    return str(path)
+
+
+def _wait_ready(proc, timeout=120):
+    deadline = time.time() + timeout
+    while not proc.ready():
+        assert time.time() < deadline, proc.log_tail()
+        time.sleep(0.2)
+
+
+def _port_open(url):
+    host, port = url.split("//")[1].rsplit(":", 1)
+    with contextlib.closing(socket.socket()) as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex((host, int(port))) == 0
+
+
+def _gone(pids, timeout=30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in pids):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_the_launcher_stand_in_keeps_the_server_when_only_it_is_terminated(launcher):
+    """The mechanism the fix is for: terminating the launcher we started leaves python-real serving."""
+    from SynPoSlicerLib.engine import ServerProcess
+    from SynPoSlicerLib.process import end_tree
+    proc = ServerProcess(launcher, device="cpu", features="sam").start()
+    try:
+        _wait_ready(proc)
+        (real,) = psutil.Process(proc.proc.pid).children()
+        proc.proc.terminate()                              # what stop() did before
+        time.sleep(1.0)
+        assert real.is_running() and _port_open(proc.url)  # the launcher ignored it; the server serves on
+        proc.proc.kill()                                   # even killing the launcher leaves its child
+        proc.proc.wait(10)
+        time.sleep(0.5)
+        assert real.is_running() and _port_open(proc.url)
+        real.kill()
+    finally:
+        if proc.proc is not None:
+            end_tree(proc.proc)
+
+
+def test_stop_ends_the_whole_tree_behind_a_launcher(launcher):
+    from SynPoSlicerLib.engine import ServerProcess
+    proc = ServerProcess(launcher, device="cpu", features="sam").start()
+    _wait_ready(proc)
+    pids = [proc.proc.pid] + [c.pid for c in psutil.Process(proc.proc.pid).children(recursive=True)]
+    assert len(pids) == 2
+    url = proc.url
+    proc.stop()
+    assert _gone(pids, 20) and not _port_open(url) and not proc.running()
+
+
+SLICER_STAND_IN = '''
+import sys, time
+sys.path.insert(0, {module_dir!r})
+from SynPoSlicerLib.engine import ServerProcess
+proc = ServerProcess({launcher!r}, device="cpu", features="sam").start()
+while not proc.ready():
+    time.sleep(0.2)
+with open({out!r}, "w") as handle:
+    handle.write("%s %d" % (proc.url, proc.proc.pid))
+time.sleep(600)
+'''
+
+
+def test_no_server_is_left_when_slicer_is_killed(launcher, tmp_path):
+    """Slicer (here a stand-in process that starts the server as the module does) SIGKILLed: the
+    server notices (--parent-pid) and exits; the launcher exits with it."""
+    out = tmp_path / "started"
+    script = tmp_path / "slicer_stand_in.py"
+    script.write_text(SLICER_STAND_IN.format(module_dir=os.path.abspath(MODULE_DIR), launcher=launcher, out=str(out)))
+    slicer_proc = subprocess.Popen([sys.executable, str(script)])
+    try:
+        deadline = time.time() + 120
+        while not out.exists() or not out.read_text():
+            assert slicer_proc.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+        url, launcher_pid = out.read_text().split()
+        pids = [int(launcher_pid)] + [c.pid for c in psutil.Process(int(launcher_pid)).children(recursive=True)]
+        assert len(pids) == 2 and _port_open(url)
+        slicer_proc.kill()
+        slicer_proc.wait(10)
+        assert _gone(pids, 30), "the server outlived the process that started it"
+        assert not _port_open(url)
+    finally:
+        if slicer_proc.poll() is None:
+            slicer_proc.kill()
+
+
+def test_parent_pid_must_exist():
+    from synpo.lifeline import alive, watch_parent
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert alive(os.getpid()) and not alive(dead.pid)
+    with pytest.raises(ValueError, match="no such process"):
+        watch_parent(dead.pid, lambda: None)
+
+
+def test_windows_start_hides_the_console(monkeypatch):
+    """slicer.util.launchConsoleProcess (Base/Python/slicer/util.py) hides PythonSlicer.exe's console
+    with STARTUPINFO(dwFlags=STARTF_USESHOWWINDOW, wShowWindow=SW_HIDE); so does the server's start."""
+    from SynPoSlicerLib.process import start_options
+
+    class StartupInfo:
+        dwFlags, wShowWindow = 0, 1
+    monkeypatch.setattr(subprocess, "STARTUPINFO", StartupInfo, raising=False)
+    options = start_options(windows=True)
+    assert options["startupinfo"].dwFlags & 1 and options["startupinfo"].wShowWindow == 0
+    assert options["creationflags"] & 0x200                  # CREATE_NEW_PROCESS_GROUP
+    assert start_options(windows=False) == {"start_new_session": True}
+
+
+# ------------------------------------------------------------------ the module and the effect in a session
+class FakeTimer:
+    """qt.QTimer as the logic uses it; the test fires timeout() where Qt's event loop would."""
+
+    def __init__(self):
+        self.active, self.callback = False, None
+
+    def setInterval(self, ms):
+        pass
+
+    def connect(self, signal_name, callback):
+        self.callback = callback
+
+    def start(self):
+        self.active = True
+
+    def stop(self):
+        self.active = False
+
+
+class Settings:
+    values = {}
+
+    def value(self, key, default=None):
+        return self.values.get(key, default)
+
+    def setValue(self, key, value):
+        self.values[key] = value
+
+
+@pytest.fixture
+def sandbox(monkeypatch):
+    """Stand-ins for what slicer-core lacks (Qt, the scripted-module base classes, the Segment Editor
+    effects package), and sys.modules restored afterwards (reloads must not leak into other tests)."""
+    saved = dict(sys.modules)
+    qt = types.ModuleType("qt")
+    qt.QSettings = Settings
+    qt.QTimer = FakeTimer
+    qt.QIcon = lambda *a: None
+    Settings.values = {}
+    monkeypatch.setitem(sys.modules, "qt", qt)
+    base = types.ModuleType("slicer.ScriptedLoadableModule")
+    for cls in ("ScriptedLoadableModule", "ScriptedLoadableModuleTest", "ScriptedLoadableModuleWidget"):
+        setattr(base, cls, type(cls, (), {}))
+    base.ScriptedLoadableModuleLogic = type("ScriptedLoadableModuleLogic", (), {"__init__": lambda self: None})
+    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", base)
+    monkeypatch.setattr(slicer.util, "setSliceViewerLayers", lambda **kwargs: None, raising=False)
+
+    @contextlib.contextmanager
+    def raising(message, waitCursor=False):               # errors reach the test instead of a dialog
+        yield
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", raising, raising=False)
+    monkeypatch.setattr(slicer, "qSlicerSegmentEditorAbstractEffect",
+                        types.SimpleNamespace(ModificationModeSet=0), raising=False)
+    effects = types.ModuleType("SegmentEditorEffects")
+
+    class AbstractScriptedSegmentEditorEffect:
+        def __init__(self, scriptedEffect):
+            self.scriptedEffect = scriptedEffect
+    effects.AbstractScriptedSegmentEditorEffect = AbstractScriptedSegmentEditorEffect
+    monkeypatch.setitem(sys.modules, "SegmentEditorEffects", effects)
+    pythonqt = types.ModuleType("qSlicerSegmentationsEditorEffectsPythonQt")
+    pythonqt.qSlicerSegmentEditorScriptedEffect = ScriptedEffect
+    monkeypatch.setitem(sys.modules, "qSlicerSegmentationsEditorEffectsPythonQt", pythonqt)
+    spec = importlib.util.spec_from_file_location("SynPoSlicer", os.path.join(MODULE_DIR, "SynPoSlicer.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["SynPoSlicer"] = module                     # what the effect's `import SynPoSlicer` finds
+    spec.loader.exec_module(module)
+    yield module
+    for name in list(sys.modules):
+        if name not in saved:
+            del sys.modules[name]
+    sys.modules.update(saved)
+
+
+def load_scripted_effect(path):
+    """qSlicerSegmentEditorScriptedEffect::setPythonSource: the module name is the folder's, the class
+    the file's base name (+ "Effect" unless it ends so); PyImport_AddModule(module) and, if that module
+    has no such class yet, the file is executed as that module (loadSourceAsModule -> load_source)."""
+    module_name = os.path.basename(os.path.dirname(path))
+    class_name = os.path.basename(path).split(".")[0]
+    if not class_name.endswith("Effect"):
+        class_name += "Effect"
+    if not path.endswith((".py", ".pyc")):
+        return None
+    module = sys.modules.get(module_name)
+    if module is None or not hasattr(module, class_name):
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        fresh = importlib.util.module_from_spec(spec)
+        if module is not None:                            # load_source re-executes in the existing module
+            fresh = module
+            fresh.__file__ = path
+        sys.modules[module_name] = fresh
+        spec.loader.exec_module(fresh)
+        module = fresh
+    cls = getattr(module, class_name, None)
+    if not isinstance(cls, type):
+        raise RuntimeError("Failed to load segment editor scripted effect: class %s was not found in %s"
+                           % (class_name, path))
+    return cls
+
+
+class ScriptedEffect:
+    """qSlicerSegmentEditorScriptedEffect: setPythonSource instantiates the Python class with itself;
+    in Slicer 5.10 its modifySegmentByLabelmap and saveStateForUndo go to the Segment Editor logic on
+    the editor's parameter node (set with `editor`)."""
+    editor = None
+
+    def __init__(self, parent=None):
+        self.python = None
+
+    def setPythonSource(self, path):
+        self.python = load_scripted_effect(path)(self)
+        return True
+
+    def self(self):
+        return self.python
+
+    def parameterSetNode(self):
+        return self.editor.GetSegmentEditorNode()
+
+    def saveStateForUndo(self):
+        self.editor.SaveStateForUndo()
+
+    def modifySegmentByLabelmap(self, segmentationNode, segmentId, labelmap, mode):
+        self.editor.ModifySegmentByLabelmap(segmentationNode, segmentId, labelmap, self.editor.ModificationModeSet,
+                                            False, False)
+
+
+EFFECT_FILE = os.path.join(os.path.abspath(MODULE_DIR), "SegmentEditorSynPoLib", "SegmentEditorEffect.py")
+
+
+def test_the_effect_still_clones_after_a_developer_mode_reload(sandbox):
+    effect = ScriptedEffect()
+    assert effect.setPythonSource(EFFECT_FILE)              # registerEditorEffect
+    assert type(effect.self().clone().self()).__name__ == "SegmentEditorEffect"
+    # Developer mode: the panel's setup drops the helper modules; the effect's module is Slicer's.
+    effect_module = sys.modules["SegmentEditorSynPoLib"]
+    sandbox.reloadHelpers()
+    assert sys.modules["SegmentEditorSynPoLib"] is effect_module
+    # Even a reload of the package itself (what the old reloadHelpers did) leaves it clonable:
+    importlib.reload(sys.modules["SegmentEditorSynPoLib"])
+    assert sys.modules["SegmentEditorSynPoLib"].__file__.endswith("__init__.py")
+    clone = effect.self().clone()
+    assert type(clone.self()).__name__ == "SegmentEditorEffect"
+
+
+def test_one_exception_class_per_error_after_a_reload(sandbox):
+    import SynPoSlicerLib.engine  # noqa: F401  (loaded before the reload, as in a running Slicer)
+    import synpo.client  # noqa: F401
+    sandbox.reloadHelpers()
+    from SynPoSlicerLib import engine
+    from synpo import client, errors
+    assert engine.ServerError is client.ServerError
+    assert issubclass(engine.ServerError, errors.SynPoError)
+
+
+def _editor_logic(c, segmentation):
+    node = slicer.vtkMRMLSegmentEditorNode()               # not registered with the scene's factory
+    node.SetSingletonTag("SegmentEditor")
+    node = c["scene"].AddNode(node)
+    node.SetAndObserveSegmentationNode(segmentation)
+    node.SetAndObserveSourceVolumeNode(c["volume"])
+    node.SetSelectedSegmentID(c["target"])
+    logic = slicer.vtkSlicerSegmentEditorLogic()
+    logic.SetMRMLScene(c["scene"])
+    logic.SetSegmentEditorNode(node)
+    return logic
+
+
+def _shared_logic(module, c):
+    """The shared logic, its parameter node in the test's scene (ScriptedLoadableModuleLogic.
+    getParameterNode keeps it in slicer.mrmlScene, which slicer-core does not have)."""
+    logic = module.sharedLogic()
+    params = _parameters(logic, c["scene"])
+    logic.getParameterNode = lambda: params
+    return logic
+
+
+def _drive(logic, until, timeout=300):
+    """Qt's event loop: the logic's timer fires while it is active."""
+    deadline = time.time() + timeout
+    while logic._timer is not None and logic._timer.active and not until():
+        logic._timer.callback()
+        time.sleep(0.05)
+        assert time.time() < deadline, logic.message
+
+
+def _use_server(server):
+    Settings.values = {"SynPoSlicer/ServerURL": server.url, "SynPoSlicer/TokenFile": server.token_file}
+
+
+def test_a_run_survives_deactivate_and_apply_writes_the_previewed_segmentation(sandbox, scene_case, server):
+    c = scene_case
+    _use_server(server)
+    ScriptedEffect.editor = _editor_logic(c, c["seg"])
+    effect = ScriptedEffect()
+    effect.setPythonSource(EFFECT_FILE)
+    python = effect.self()
+    logic = _shared_logic(sandbox, c)
+    python.activate()
+    python.onPreview()
+    assert logic.active() and logic._timer.active
+    _drive(logic, lambda: logic.job is not None and logic.job.state == "running")
+    python.deactivate()                                    # the user picks Paint, or leaves the editor
+    _drive(logic, lambda: not logic.active())
+    assert logic.state == "previewed", logic.message
+    python.activate()                                      # back to SynPo
+    # The user corrected the candidates in the editor: the editor now shows that segmentation.
+    ScriptedEffect.editor.GetSegmentEditorNode().SetAndObserveSegmentationNode(logic.preview.candidates)
+    before = mrml.segment_array(c["seg"], c["target"], c["volume"])
+    labels = logic.preview.labels.copy()
+    python.onApply()
+    after = mrml.segment_array(c["seg"], c["target"], c["volume"]).astype(bool)
+    assert np.array_equal(after, labels == 1) and not np.array_equal(after, before.astype(bool))
+    assert logic.preview is None and mrml.temporary_nodes(c["scene"]) == []
+    assert ScriptedEffect.editor.GetSegmentEditorNode().GetSegmentationNode() is c["seg"]
+    ScriptedEffect.editor.Undo()                           # one step takes the whole preview back
+    assert np.array_equal(mrml.segment_array(c["seg"], c["target"], c["volume"]), before)
+
+
+def test_cancel_after_deactivate_ends_the_run_on_the_server(sandbox, scene_case, server):
+    c = scene_case
+    _use_server(server)
+    ScriptedEffect.editor = _editor_logic(c, c["seg"])
+    effect = ScriptedEffect()
+    effect.setPythonSource(EFFECT_FILE)
+    python = effect.self()
+    logic = _shared_logic(sandbox, c)
+    other = add_volume(c["scene"], c["image"] + 7.0, c["matrix"], "not embedded yet")
+    ScriptedEffect.editor.GetSegmentEditorNode().SetAndObserveSourceVolumeNode(other)
+    python.activate()
+    python.onPreview()
+    _drive(logic, lambda: logic.job is not None and logic.job.state == "running")
+    python.deactivate()
+    sid, rid = logic.job.session_id, logic.job.run_id
+    python.activate()
+    python.onCancel()
+    assert server.client().wait(sid, rid)["state"] == "cancelled"
+    assert not logic.active() and mrml.temporary_nodes(c["scene"]) == []
+
+
+def test_the_effects_preview_takes_the_dependency_step(sandbox, scene_case, monkeypatch):
+    c = scene_case
+    asked = []
+    monkeypatch.setattr(sandbox, "ensureDependencies", lambda optional=False: asked.append(optional) or False)
+    ScriptedEffect.editor = _editor_logic(c, c["seg"])
+    effect = ScriptedEffect()
+    effect.setPythonSource(EFFECT_FILE)
+    _shared_logic(sandbox, c)
+    effect.self().onPreview()                              # no server configured: Slicer's own Python
+    assert asked == [False] and sandbox.sharedLogic().state == "idle"
+
+
+def test_two_previews_and_an_update_use_one_server_and_one_upload(sandbox, scene_case, launcher):
+    """The local server as the module starts it (behind a launcher), kept for the session."""
+    c = scene_case
+    Settings.values = {"SynPoSlicer/ServerPython": launcher}
+    logic = sandbox.sharedLogic()
+    params = _parameters(logic, c["scene"])
+    try:
+        for attempt in range(2):
+            assert sandbox.prepareServer(logic, *sandbox.serverSettings(), features="sam")
+            logic.startPreview(c["volume"], c["seg"], [c["target"]], params)
+            messages = []
+            _drive(logic, lambda: messages.append(logic.message) or not logic.active(), timeout=400)
+            assert logic.state == "previewed", logic.message
+            assert any("embeddings reused" in m for m in messages) == (attempt == 1), messages
+            if attempt == 0:
+                first_server, first_pid = logic.server, logic.server.proc.pid
+        assert logic.server is first_server and logic.server.proc.pid == first_pid
+        # An update: erase the candidate on one slice -> that slice is marked absent.
+        slices = [k for k in range(logic.preview.labels.shape[0]) if (logic.preview.labels[k] == 1).any() and k != 4]
+        labels = logic.preview.labels.copy()
+        labels[slices[0]] = 0
+        sid = logic.preview.candidates.GetSegmentation().GetNthSegmentID(0)
+        mrml.write_labels(logic.preview.candidates, c["volume"], labels.astype(np.uint8), {1: "target"}, {1: sid})
+        logic.startUpdate(params)
+        _drive(logic, lambda: not logic.active())
+        assert logic.state == "previewed", logic.message
+        assert logic.server is first_server
+        sessions = logic.client().json("GET", "/v1/sessions")
+        assert len(sessions["sessions"]) == 1                 # one upload of the volume
+        pids = [first_pid] + [p.pid for p in psutil.Process(first_pid).children(recursive=True)]
+        # Other settings (another features choice) restart it, and the old tree is gone.
+        params.SetParameter("Features", "auto")
+        logic.startPreview(c["volume"], c["seg"], [c["target"]], params)
+        _drive(logic, lambda: logic.server is not first_server, timeout=60)
+        assert _gone(pids, 20)
+    finally:
+        logic.discard()
+        logic.stopServer()
+
+
+def test_apply_without_the_segment_editor_logic_of_5_10(sandbox, scene_case, server, monkeypatch):
+    """Slicer 5.8 has no vtkSlicerSegmentEditorLogic: the panel's Apply writes through the
+    segmentation node's own API."""
+    c = scene_case
+    logic = sandbox.sharedLogic()
+    logic.useServer(server.url, server.token_file)
+    params = _parameters(logic, c["scene"])
+    assert logic.process(c["volume"], c["seg"], [c["target"]], params, timeout=300) == "previewed"
+    monkeypatch.delattr(slicer, "vtkSlicerSegmentEditorLogic")
+    other_before = mrml.segment_array(c["seg"], c["other"], c["volume"])
+    labels = logic.preview.labels.copy()
+    message = logic.apply()
+    assert "Applied to target" in message
+    assert np.array_equal(mrml.segment_array(c["seg"], c["target"], c["volume"]).astype(bool), labels == 1)
+    assert np.array_equal(mrml.segment_array(c["seg"], c["other"], c["volume"]), other_before)
+
+
+def test_apply_refuses_where_slicer_would_write_nothing(sandbox, scene_case, server):
+    c = scene_case
+    logic = sandbox.sharedLogic()
+    logic.useServer(server.url, server.token_file)
+    params = _parameters(logic, c["scene"])
+    assert logic.process(c["volume"], c["seg"], [c["target"]], params, timeout=300) == "previewed"
+    editor = _editor_logic(c, c["seg"])
+    node = editor.GetSegmentEditorNode()
+    # "Editable intensity range" excluding every voxel: Slicer writes nothing -> refused, preview kept.
+    node.SetSourceVolumeIntensityMask(True)
+    node.SetSourceVolumeIntensityMaskRange(1e6, 2e6)
+    from synpo.errors import InputError
+    with pytest.raises(InputError, match="wrote nothing"):
+        logic.apply(editorLogic=editor)
+    assert logic.preview is not None
+    node.SetSourceVolumeIntensityMask(False)
+    c["seg"].GetSegmentation().RemoveSegment(c["target"])
+    with pytest.raises(InputError, match="no longer"):
+        logic.apply(editorLogic=editor)
+    assert logic.preview is not None
+    logic.discard()
