@@ -118,6 +118,18 @@ def _shot(page, settle=1.5):
     return np.asarray(Image.open(io.BytesIO(view.screenshot())).convert("RGB")).astype(int)
 
 
+def _wait_changed(page, before, what, timeout=60.0, pixels=50):
+    """The axial view once it differs from `before` on more than `pixels` pixels (a stroke is drawn by
+    the server: its frame may come late on a busy machine)."""
+    deadline = time.time() + timeout
+    while True:
+        now = _shot(page, settle=0.5)
+        if (np.abs(now - before).sum(-1) > 40).sum() > pixels:
+            time.sleep(2.0)                    # the brush's outline shows first; the paint lands with it
+            return now
+        assert time.time() < deadline, "%s did not show in the axial view" % what
+
+
 def _opacity(page, key):
     slider = page.locator("#synpo-opacity [role=slider]").first
     slider.focus()
@@ -183,8 +195,7 @@ def test_paint_preview_apply_save_in_the_browser_equals_synpo_segment(web, brows
         page.mouse.move(x0 + 0.6 * i, y0 + 4.0 * i, steps=2)
         time.sleep(0.05)
     page.mouse.up()
-    stroke = _shot(page)
-    assert (np.abs(stroke - painted_slice).sum(-1) > 40).sum() > 50, "the stroke was not painted"
+    _wait_changed(page, painted_slice, "the stroke")
     paint_path = _download(page, "#synpo-save-nifti", tmp_path / "paint.nii.gz")
     paint, _ = _read(paint_path)
     assert set(np.unique(paint)) == {0, 1, 2}
@@ -262,6 +273,7 @@ def test_paint_preview_apply_save_in_the_browser_equals_synpo_segment(web, brows
     assert "decoded again from" in _wait_message(page, "decoded again from", "failed", "No slice view", timeout=120)
     page.click("#synpo-correct")
     _wait_message(page, "Correcting")
+    before = _shot(page)
     _, box = _axial(page)
     x0, y0 = box["x"] + 0.5 * box["width"], box["y"] + 0.52 * box["height"]      # outside the liver
     page.mouse.move(x0, y0)
@@ -270,7 +282,7 @@ def test_paint_preview_apply_save_in_the_browser_equals_synpo_segment(web, brows
         page.mouse.move(x0 + 3.0 * i, y0 + 2.0 * i, steps=2)
         time.sleep(0.05)
     page.mouse.up()
-    time.sleep(1.0)
+    _wait_changed(page, before, "the correction")
     page.click("#synpo-update")
     text = _wait_message(page, "Updating from", "No corrections", timeout=60)
     assert "Updating from 1 corrected" in text, text
