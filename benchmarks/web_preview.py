@@ -64,7 +64,7 @@ def main():
                 page = browser.new_page(viewport={"width": 1400, "height": 900})
                 t0 = time.time()
                 page.goto(url)
-                page.wait_for_selector("#synpo-sample")
+                page.wait_for_selector("body[data-synpo=owner]", timeout=60000)
                 t_page = time.time()
                 page.click("#synpo-sample")
                 wait_text(page, "#synpo-message", ["Sample CT loaded"], 120)

@@ -69,6 +69,18 @@ class WebLogic(PreviewLogic):
                 view.set_foreground_opacity(value)
 
 
+def owner_only(method):
+    """A page action that only the page owning the scene may take (another tab's is ignored)."""
+    import functools
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        if not self._mine():
+            return None
+        return method(self, *args, **kwargs)
+    return guarded
+
+
 def _safe_name(name):
     base = os.path.basename(str(name or "")).strip() or "volume"
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in base)
@@ -161,6 +173,16 @@ class SynPoWeb(TrameApp):
             return "ok"
         return "busy"
 
+    def _mine(self):
+        """True when the connection calling now owns the scene (claiming it if nobody does)."""
+        web_app = getattr(self.server, "_server", None)
+        caller = getattr(web_app, "last_active_client_id", None)
+        if caller is None:
+            return True
+        if self._tab is None:
+            self._tab = caller
+        return caller == self._tab
+
     def _watch_connections(self, **_):
         protocol = getattr(self.server, "_root_protocol", None)
         if protocol is None:
@@ -210,6 +232,7 @@ class SynPoWeb(TrameApp):
             if view.get_orientation() == "Axial":
                 view.set_slice_value(float(ras[2]))
 
+    @owner_only
     def load_sample(self):
         from synpo import demo
         from synpo.io import read_volume
@@ -229,6 +252,7 @@ class SynPoWeb(TrameApp):
         self._say("Sample CT loaded with the liver painted on one slice. Add a segment and paint it on this "
                   "slice if you like, then Preview.")
 
+    @owner_only
     def load_upload(self, files):
         """An uploaded volume (one file). Anything wrong: one message; the page keeps working."""
         try:
@@ -268,6 +292,7 @@ class SynPoWeb(TrameApp):
             self.state.dirty("upload")            # the client set it: clear the field there too
 
     # ------------------------------------------------------------------ segments and tools
+    @owner_only
     def add_segment(self):
         if self.segmentation is None:
             return self._say("Load a volume first.", error=True)
@@ -283,10 +308,12 @@ class SynPoWeb(TrameApp):
         self.set_tool("paint")
         self._say("Paint segment %d on one slice (drag in the axial view; the wheel changes slice)." % n)
 
+    @owner_only
     def set_active_segment(self, sid):
         if sid and not self.correcting and self.segmentation is not None:
             self.editor.set_active_segment_id(sid)
 
+    @owner_only
     def set_tool(self, tool):
         effect = {"paint": SegmentationEffectPaint, "erase": SegmentationEffectErase}.get(tool)
         if effect is None or self.volume is None:
@@ -299,6 +326,7 @@ class SynPoWeb(TrameApp):
             active.set_brush_diameter(float(self.state.brush), BrushDiameterMode.Absolute)
         self.state.tool = tool
 
+    @owner_only
     def set_brush(self, value):
         effect = self.editor.active_effect
         if effect is not None and hasattr(effect, "set_brush_diameter"):
@@ -306,6 +334,7 @@ class SynPoWeb(TrameApp):
             effect.set_brush_diameter(float(value), BrushDiameterMode.Absolute)
 
     # ------------------------------------------------------------------ preview
+    @owner_only
     def preview(self):
         try:
             self.stop_correcting()
@@ -318,6 +347,7 @@ class SynPoWeb(TrameApp):
         self._say(self.logic.message)
         self._start_runner()
 
+    @owner_only
     def update(self):
         try:
             self.preview_started = time.monotonic()
@@ -328,6 +358,7 @@ class SynPoWeb(TrameApp):
         self._say(self.logic.message)
         self._start_runner()
 
+    @owner_only
     def cancel(self):
         self.logic.cancel()
         self._refresh()
@@ -354,9 +385,11 @@ class SynPoWeb(TrameApp):
         with self.state:
             self._refresh()
 
+    @owner_only
     def set_opacity(self, value):
         self.logic.setOverlayOpacity(float(value))
 
+    @owner_only
     def rerun_slice(self):
         """The slice in the view, decoded again from its points as they are now (of the segment being
         painted if it was previewed, else the first previewed one)."""
@@ -369,6 +402,7 @@ class SynPoWeb(TrameApp):
         except (SynPoError, ValueError) as exc:
             self._say(str(exc), error=True)
 
+    @owner_only
     def start_correcting(self):
         """Paint / erase on the candidates: the editor works on the 'SynPo candidates' segmentation."""
         if self.logic.preview is None:
@@ -386,6 +420,7 @@ class SynPoWeb(TrameApp):
                 self._activate_segmentation(self.segmentation)
             self._refresh()
 
+    @owner_only
     def apply(self):
         try:
             self.stop_correcting()
@@ -398,12 +433,14 @@ class SynPoWeb(TrameApp):
         self._refresh()
         self._say(text)
 
+    @owner_only
     def undo_apply(self):
         if self.apply_logic is not None and self.apply_logic.CanUndo():
             self.apply_logic.Undo()
             self._say("Apply undone: the segments are as they were before it.")
         self._refresh()
 
+    @owner_only
     def discard(self):
         self.stop_correcting()
         self.logic.discard()
@@ -421,6 +458,7 @@ class SynPoWeb(TrameApp):
             labels[mask & (labels == 0)] = n + 1
         return labels
 
+    @owner_only
     def download(self, kind):
         """The bytes of the segmentation file (kind: 'nifti' label map, or 'seg.nrrd')."""
         if self.segmentation is None:
@@ -465,17 +503,21 @@ class SynPoWeb(TrameApp):
             # One tab at a time: the page claims the scene when it opens; a refused tab says so.
             client.Script(
                 "window.synpoTab = window.synpoTab || Math.random().toString(36).slice(2);\n"
-                "window.synpoClaim = function (trigger) {\n"
+                "window.synpoClaim = function (trigger, tries) {\n"
                 "  trigger('%s', [window.synpoTab]).then(function (answer) {\n"
-                "    if (answer !== 'ok' && !window.synpoRefused) {\n"
-                "      window.synpoRefused = true;\n"
-                "      document.body.innerHTML = '<p id=\"synpo-refused\" style=\"font: 18px sans-serif; "
+                "    if (answer === 'ok') { document.body.setAttribute('data-synpo', 'owner'); return; }\n"
+                "    if (window.synpoRefused) { return; }\n"
+                "    if (tries > 0) {   /* a page just closed or reloaded may not have let go yet */\n"
+                "      window.setTimeout(function () { window.synpoClaim(trigger, tries - 1); }, 1000);\n"
+                "      return;\n"
+                "    }\n"
+                "    window.synpoRefused = true;\n"
+                "    document.body.innerHTML = '<p id=\"synpo-refused\" style=\"font: 18px sans-serif; "
                 "margin: 2em\">SynPo web is open in another tab or browser: one page at a time works on its "
                 "scene. Close the other page (or start another synpo web on another port) and reload.</p>';\n"
-                "    }\n"
                 "  });\n"
                 "};\n" % claim)
-            client.ClientTriggers(mounted="window.synpoClaim(trigger)")
+            client.ClientTriggers(mounted="window.synpoClaim(trigger, 8)")
             with layout.drawer as drawer:
                 drawer.width = 340
                 with v3.VContainer(classes="pa-3"):
