@@ -29,16 +29,22 @@ from trame_slicer.views import SliceLayer
 
 READABLE = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 STEP_SECONDS = 0.25          # between two requests of a running preview (the module's timer: 250 ms)
-TAB_LEASE_SECONDS = 6.0      # a tab that has not called in for this long has left (it calls every 2 s)
 
 
 class WebLogic(PreviewLogic):
-    """The module's workflow with the page's slice views."""
+    """The module's workflow with the page's slice views; an asyncio task for a timer."""
 
-    def __init__(self, slicer_app, server_options):
+    UNDO_HINT = "'Undo apply' takes it back; Save downloads the segmentation."
+
+    def __init__(self, slicer_app, server_options, start_polling=None):
         PreviewLogic.__init__(self)
         self.slicer_app = slicer_app
         self.options = dict(server_options)
+        self.start_polling = start_polling
+
+    def startPolling(self):
+        if self.start_polling is not None:
+            self.start_polling()
 
     def serverOptions(self, parameterNode):
         return dict(self.options)
@@ -50,11 +56,29 @@ class WebLogic(PreviewLogic):
         for view in self.slice_views():
             view.set_layer_volume_id(SliceLayer.Foreground, self.preview.confidence.GetID())
             view.set_foreground_opacity(opacity)
+        for view in self.slicer_app.view_manager.get_threed_views():
+            view.reset_camera()                  # the points and candidates in the 3D view
+
+    def sliceIndexInView(self):
+        scene = self.slicer_app.scene
+        return self.sliceIndexInViews([scene.GetNodeByID(view.get_view_node_id()) for view in self.slice_views()])
 
     def setOverlayOpacity(self, value):
         if self.preview is not None:
             for view in self.slice_views():
                 view.set_foreground_opacity(value)
+
+
+def owner_only(method):
+    """A page action that only the page owning the scene may take (another tab's is ignored)."""
+    import functools
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        if not self._mine():
+            return None
+        return method(self, *args, **kwargs)
+    return guarded
 
 
 def _safe_name(name):
@@ -63,7 +87,7 @@ def _safe_name(name):
 
 
 class SynPoWeb(TrameApp):
-    def __init__(self, server=None, max_upload_mb=512.0, server_options=None, remote=None, embedding_note=""):
+    def __init__(self, server=None, max_upload_mb=512.0, server_options=None, remote=None):
         super().__init__(server)
         self.max_upload_mb = float(max_upload_mb)
         self.slicer_app = SlicerApp()
@@ -72,7 +96,7 @@ class SynPoWeb(TrameApp):
         self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, self.server)
         self.layout_manager.register_layout_dict(LayoutManager.default_grid_configuration())
         self.layout_manager.set_layout("Axial Primary")
-        self.logic = WebLogic(self.slicer_app, server_options or {})
+        self.logic = WebLogic(self.slicer_app, server_options or {}, self._start_runner)
         if remote:
             self.logic.useServer(remote[0], remote[1])
         self.parameters = self.scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "SynPo web")
@@ -88,8 +112,7 @@ class SynPoWeb(TrameApp):
         self.apply_logic = None
         self.correcting = False
         self._runner = None
-        self._tab = None
-        self._tab_seen = 0.0
+        self._tab = None                  # the connection that owns the scene
         self.preview_started = 0.0
         self._state_defaults()
         self._build_ui()
@@ -107,7 +130,7 @@ class SynPoWeb(TrameApp):
         s = self.state
         s.message, s.error = "Load a volume: upload a NIfTI/NRRD file, or the bundled sample CT.", False
         s.has_volume = s.has_preview = s.running = s.can_undo = s.correcting = False
-        s.progress, s.stage = 0, ""
+        s.progress = 0
         s.segments, s.selected_segments, s.active_segment = [], [], None
         s.tool, s.brush = "none", 15.0
         s.opacity = 0.5
@@ -141,13 +164,36 @@ class SynPoWeb(TrameApp):
 
     # ------------------------------------------------------------------ tabs
     def claim(self, tab):
-        """One page at a time drives the scene: a second tab (or browser) gets a refusal while the
-        first one is open (it calls in every 2 s)."""
-        now = time.monotonic()
-        if self._tab is None or self._tab == tab or now - self._tab_seen > TAB_LEASE_SECONDS:
-            self._tab, self._tab_seen = tab, now
+        """One page at a time drives the scene: the first connection that claims it owns it until it
+        closes (a reload closes it first); any other gets "busy" and shows a refusal."""
+        web_app = getattr(self.server, "_server", None)
+        owner = getattr(web_app, "last_active_client_id", None) or tab      # the connection calling
+        if self._tab is None or self._tab == owner:
+            self._tab = owner
             return "ok"
         return "busy"
+
+    def _mine(self):
+        """True when the connection calling now owns the scene (claiming it if nobody does)."""
+        web_app = getattr(self.server, "_server", None)
+        caller = getattr(web_app, "last_active_client_id", None)
+        if caller is None:
+            return True
+        if self._tab is None:
+            self._tab = caller
+        return caller == self._tab
+
+    def _watch_connections(self, **_):
+        protocol = getattr(self.server, "_root_protocol", None)
+        if protocol is None:
+            return
+        closed = protocol.onClose
+
+        def on_close(client_id):
+            if client_id == self._tab:
+                self._tab = None
+            return closed(client_id)
+        protocol.onClose = on_close
 
     # ------------------------------------------------------------------ loading
     def _clear(self):
@@ -186,6 +232,7 @@ class SynPoWeb(TrameApp):
             if view.get_orientation() == "Axial":
                 view.set_slice_value(float(ras[2]))
 
+    @owner_only
     def load_sample(self):
         from synpo import demo
         from synpo.io import read_volume
@@ -205,6 +252,7 @@ class SynPoWeb(TrameApp):
         self._say("Sample CT loaded with the liver painted on one slice. Add a segment and paint it on this "
                   "slice if you like, then Preview.")
 
+    @owner_only
     def load_upload(self, files):
         """An uploaded volume (one file). Anything wrong: one message; the page keeps working."""
         try:
@@ -241,8 +289,10 @@ class SynPoWeb(TrameApp):
             self._say(str(exc), error=True)
         finally:
             self.state.upload = None
+            self.state.dirty("upload")            # the client set it: clear the field there too
 
     # ------------------------------------------------------------------ segments and tools
+    @owner_only
     def add_segment(self):
         if self.segmentation is None:
             return self._say("Load a volume first.", error=True)
@@ -258,10 +308,12 @@ class SynPoWeb(TrameApp):
         self.set_tool("paint")
         self._say("Paint segment %d on one slice (drag in the axial view; the wheel changes slice)." % n)
 
+    @owner_only
     def set_active_segment(self, sid):
         if sid and not self.correcting and self.segmentation is not None:
             self.editor.set_active_segment_id(sid)
 
+    @owner_only
     def set_tool(self, tool):
         effect = {"paint": SegmentationEffectPaint, "erase": SegmentationEffectErase}.get(tool)
         if effect is None or self.volume is None:
@@ -274,6 +326,7 @@ class SynPoWeb(TrameApp):
             active.set_brush_diameter(float(self.state.brush), BrushDiameterMode.Absolute)
         self.state.tool = tool
 
+    @owner_only
     def set_brush(self, value):
         effect = self.editor.active_effect
         if effect is not None and hasattr(effect, "set_brush_diameter"):
@@ -281,6 +334,7 @@ class SynPoWeb(TrameApp):
             effect.set_brush_diameter(float(value), BrushDiameterMode.Absolute)
 
     # ------------------------------------------------------------------ preview
+    @owner_only
     def preview(self):
         try:
             self.stop_correcting()
@@ -293,8 +347,10 @@ class SynPoWeb(TrameApp):
         self._say(self.logic.message)
         self._start_runner()
 
+    @owner_only
     def update(self):
         try:
+            self.preview_started = time.monotonic()
             self.logic.startUpdate(self.parameters)
         except (SynPoError, ValueError) as exc:
             return self._say(str(exc), error=True)
@@ -302,9 +358,11 @@ class SynPoWeb(TrameApp):
         self._say(self.logic.message)
         self._start_runner()
 
+    @owner_only
     def cancel(self):
         self.logic.cancel()
-        self._say("Cancelling...")
+        self._refresh()
+        self._say(self.logic.message)
 
     def _start_runner(self):
         self._refresh()
@@ -314,20 +372,37 @@ class SynPoWeb(TrameApp):
     async def _run(self):
         """The module's timer, as an asyncio task: one short request per tick."""
         while self.logic.active():
-            state = self.logic.step()
+            self.logic.poll()
+            state = self.logic.state
             with self.state:
                 self._refresh()
                 self._say(self.logic.message, error=state == "failed")
                 if state == "previewed":
                     self.state.preview_seconds = round(time.monotonic() - self.preview_started, 1)
+                    self.state.message += "\n(%.0f s from the click)" % self.state.preview_seconds
                     self.logic.setOverlayOpacity(float(self.state.opacity))
             await asyncio.sleep(STEP_SECONDS if self.logic.active() else 0)
         with self.state:
             self._refresh()
 
+    @owner_only
     def set_opacity(self, value):
         self.logic.setOverlayOpacity(float(value))
 
+    @owner_only
+    def rerun_slice(self):
+        """The slice in the view, decoded again from its points as they are now (of the segment being
+        painted if it was previewed, else the first previewed one)."""
+        try:
+            if self.logic.preview is None:
+                raise ValueError("Run a preview first.")
+            sid = self.state.active_segment if self.state.active_segment in self.logic.segmentIds \
+                else self.logic.segmentIds[0]
+            self._say(self.logic.rerunSlice(self.logic.sliceIndexInView(), sid))
+        except (SynPoError, ValueError) as exc:
+            self._say(str(exc), error=True)
+
+    @owner_only
     def start_correcting(self):
         """Paint / erase on the candidates: the editor works on the 'SynPo candidates' segmentation."""
         if self.logic.preview is None:
@@ -345,24 +420,27 @@ class SynPoWeb(TrameApp):
                 self._activate_segmentation(self.segmentation)
             self._refresh()
 
+    @owner_only
     def apply(self):
         try:
             self.stop_correcting()
             self.apply_logic = applying.editor_logic(self.scene, self.segmentation, self.volume)
-            names = self.logic.applyWith(self.segmentation, self.apply_logic)
+            text = self.logic.apply(editorLogic=self.apply_logic)
         except (SynPoError, ValueError) as exc:
             return self._say(str(exc), error=True)
         self.slicer_app.display_manager.show_volume_in_slice_foreground(None)
         self._activate_segmentation(self.segmentation)
         self._refresh()
-        self._say("Applied to %s. 'Undo apply' takes it back; Save downloads the segmentation." % names)
+        self._say(text)
 
+    @owner_only
     def undo_apply(self):
         if self.apply_logic is not None and self.apply_logic.CanUndo():
             self.apply_logic.Undo()
             self._say("Apply undone: the segments are as they were before it.")
         self._refresh()
 
+    @owner_only
     def discard(self):
         self.stop_correcting()
         self.logic.discard()
@@ -380,6 +458,7 @@ class SynPoWeb(TrameApp):
             labels[mask & (labels == 0)] = n + 1
         return labels
 
+    @owner_only
     def download(self, kind):
         """The bytes of the segmentation file (kind: 'nifti' label map, or 'seg.nrrd')."""
         if self.segmentation is None:
@@ -399,9 +478,20 @@ class SynPoWeb(TrameApp):
         return self.server.protocol.addAttachment(data)
 
     # ------------------------------------------------------------------ page
+    def _upload_handler(self):
+        """The file input's handler: a file over the limit is refused in the browser, before it is
+        sent (the server checks again)."""
+        limit = int(self.max_upload_mb * 1024 * 1024)
+        say = ("message = $event.name + ' is ' + ($event.size / 1048576).toFixed(1) + ' MB; this server takes "
+               "uploads up to %g MB (synpo web --max-upload-mb).'; error = true; upload = null"
+               % self.max_upload_mb)
+        return "if ($event && !Array.isArray($event) && $event.size > %d) { %s } else { trigger('%s', [$event]) }" % (
+            limit, say, self.server.controller.trigger_name(self.load_upload))
+
     def _build_ui(self):
         ctrl = self.server.controller
         claim = ctrl.trigger_name(self.claim)
+        ctrl.on_server_ready.add(self._watch_connections)
         nifti = ctrl.trigger_name(lambda: self.download("nifti"))
         segnrrd = ctrl.trigger_name(lambda: self.download("seg.nrrd"))
         self.state.change("brush")(lambda brush, **_: self.set_brush(brush))
@@ -410,21 +500,24 @@ class SynPoWeb(TrameApp):
         with SinglePageWithDrawerLayout(self.server, full_height=True) as layout:
             layout.title.set_text("SynPo")
             layout.root.theme = "dark"
-            # One tab at a time: this page claims the scene now and every 2 s; a refused tab says so.
+            # One tab at a time: the page claims the scene when it opens; a refused tab says so.
             client.Script(
                 "window.synpoTab = window.synpoTab || Math.random().toString(36).slice(2);\n"
-                "window.synpoClaim = function (trigger) {\n"
+                "window.synpoClaim = function (trigger, tries) {\n"
                 "  trigger('%s', [window.synpoTab]).then(function (answer) {\n"
-                "    if (answer !== 'ok' && !window.synpoRefused) {\n"
-                "      window.synpoRefused = true;\n"
-                "      document.body.innerHTML = '<p id=\"synpo-refused\" style=\"font: 18px sans-serif; "
+                "    if (answer === 'ok') { document.body.setAttribute('data-synpo', 'owner'); return; }\n"
+                "    if (window.synpoRefused) { return; }\n"
+                "    if (tries > 0) {   /* a page just closed or reloaded may not have let go yet */\n"
+                "      window.setTimeout(function () { window.synpoClaim(trigger, tries - 1); }, 1000);\n"
+                "      return;\n"
+                "    }\n"
+                "    window.synpoRefused = true;\n"
+                "    document.body.innerHTML = '<p id=\"synpo-refused\" style=\"font: 18px sans-serif; "
                 "margin: 2em\">SynPo web is open in another tab or browser: one page at a time works on its "
                 "scene. Close the other page (or start another synpo web on another port) and reload.</p>';\n"
-                "    }\n"
                 "  });\n"
                 "};\n" % claim)
-            client.ClientTriggers(mounted="window.synpoClaim(trigger); "
-                                          "window.setInterval(function () { window.synpoClaim(trigger); }, 2000)")
+            client.ClientTriggers(mounted="window.synpoClaim(trigger, 8)")
             with layout.drawer as drawer:
                 drawer.width = 340
                 with v3.VContainer(classes="pa-3"):
@@ -434,7 +527,7 @@ class SynPoWeb(TrameApp):
                         v3.VFileInput(id="synpo-upload", v_model=("upload", None), label="Upload a volume",
                                       density="compact", hide_details=True, accept=",".join(READABLE),
                                       disabled=("running",),
-                                      update_modelValue=(self.load_upload, "[$event]"))
+                                      update_modelValue=self._upload_handler())
                     v3.VDivider(classes="my-2")
                     v3.VSelect(id="synpo-active", label="Segment to paint", items=("segments",),
                                v_model=("active_segment",), density="compact", hide_details=True,
@@ -447,7 +540,7 @@ class SynPoWeb(TrameApp):
                             v3.VBtn("Paint", value="paint", id="synpo-paint", size="small")
                             v3.VBtn("Erase", value="erase", id="synpo-erase", size="small")
                             v3.VBtn("View", value="none", id="synpo-view", size="small")
-                    v3.VSlider(label="Brush (mm)", v_model=("brush",), min=2, max=60, step=1, density="compact",
+                    v3.VSlider(id="synpo-brush", label="Brush (mm)", v_model=("brush",), min=2, max=60, step=1, density="compact",
                                hide_details=True, thumb_label=True, classes="mt-2")
                     v3.VDivider(classes="my-2")
                     v3.VSelect(id="synpo-selected", label="Segments to propagate", items=("segments",),
@@ -460,12 +553,15 @@ class SynPoWeb(TrameApp):
                                 disabled=("!running",))
                     v3.VProgressLinear(id="synpo-progress", model_value=("progress",), height=8,
                                        color=("running ? 'amber' : 'green'",), classes="mt-2")
-                    v3.VSlider(label="Overlay", v_model=("opacity",), min=0, max=1, step=0.05, density="compact",
-                               hide_details=True, disabled=("!has_preview",), classes="mt-2")
+                    with html.Div(id="synpo-opacity"):
+                        v3.VSlider(label="Overlay", v_model=("opacity",), min=0, max=1, step=0.05,
+                                   density="compact", hide_details=True, disabled=("!has_preview",), classes="mt-2")
                     with v3.VRow(dense=True, classes="ma-0 mt-1"):
                         v3.VBtn("Correct", id="synpo-correct", click=self.start_correcting, size="small",
                                 disabled=("!has_preview || running",), classes="mr-1")
                         v3.VBtn("Update", id="synpo-update", click=self.update, size="small",
+                                disabled=("!has_preview || running",), classes="mr-1")
+                        v3.VBtn("Re-run slice", id="synpo-rerun", click=self.rerun_slice, size="small",
                                 disabled=("!has_preview || running",))
                     with v3.VRow(dense=True, classes="ma-0 mt-2"):
                         v3.VBtn("Apply", id="synpo-apply", click=self.apply, color="success", size="small",
@@ -487,7 +583,6 @@ class SynPoWeb(TrameApp):
                              style=("error ? 'color: #ff6b6b; white-space: pre-wrap; font-size: 12px' : "
                                     "'white-space: pre-wrap; font-size: 12px'",),
                              classes="mt-3")
-                    html.Div("{{ stage }}", id="synpo-state", style="display: none")
             with layout.content:
                 with v3.VContainer(fluid=True, classes="fill-height pa-0"):
                     self.layout_manager.initialize_layout_grid(layout)

@@ -97,8 +97,16 @@ def run(args) -> int:
     password = read_secret(args.password_file, "password") if args.password_file else None
     remote = None
     if args.server:
-        from synpo.client import find_token
+        from synpo.client import Client, ServerError, find_token
         remote = (args.server, find_token(args.token_file))
+        client = Client(remote[0], remote[1], 10.0)
+        client.health()                                 # a wrong URL: one line, before the page starts
+        try:
+            client.session("synpo-web-token-check")    # a wrong token: 401, a right one: 404
+        except ServerError as exc:
+            if exc.status in (401, 403):
+                raise SynPoError("the server at %s refused the token%s" % (
+                    args.server, " in %s" % args.token_file if args.token_file else "")) from None
     os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
     # trame reads sys.argv for its own options: ours are parsed already.
     sys.argv = sys.argv[:1]
@@ -115,10 +123,6 @@ def run(args) -> int:
     if remote is None:
         app.logic.serverReady(app.parameters)          # start the local server now (it loads the models)
         atexit.register(app.logic.stopServer)
-    else:
-        health = app.logic.client().health()           # a wrong URL or token: one line, before the page
-        if not health:
-            raise SynPoError("the server at %s does not answer" % args.server)
 
     if password is not None:
         server.controller.on_server_bind.add(lambda wslink_server: wslink_server.app.middlewares.append(
