@@ -942,3 +942,32 @@ def test_a_gap_between_two_supports_changes_hands_where_their_walks_agree_best()
     assert split_gap(0, 10, up, equal) == 5                     # everywhere equal: the middle
     assert split_gap(0, 10, {1: box(0, 6), 2: box(0, 6)}, {8: box(0, 6), 9: box(0, 6)}) == 2   # never met
     assert split_gap(0, 10, {}, {5: box(0, 6)}) == 0             # s1's walk stopped at once: s2 owns the gap
+
+
+@pytest.mark.parametrize("levels, look_ahead, expected, bridged", [
+    ((0.9, 0.9, 0.9, 0.55, 0.9, 0.9, 0.9), False, [1, 2], []),             # one dip ends the walk
+    ((0.9, 0.9, 0.9, 0.55, 0.9, 0.9, 0.9), True, [1, 2, 3, 4, 5, 6], [3]),   # ... not with the look-ahead
+    ((0.9, 0.9, 0.9, 0.55, 0.55, 0.9, 0.9), True, [1, 2], []),            # two: the organ ended there
+    ((0.9, 0.9, 0.9, 0.9, 0.0, 0.0, 0.0), True, [1, 2, 3], []),           # an abrupt end stays where it is
+])
+def test_the_look_ahead_bridges_one_bad_slice_but_not_an_end(levels, look_ahead, expected, bridged):
+    from synpo.walk import _Context, _walk
+    n = len(levels)
+    conf = np.zeros((n, 40, 40), np.float32)
+    for t, level in enumerate(levels):
+        conf[t, 10:30, 10:30] = level
+    cfg = SynPoConfig().with_(volume={"look_ahead": look_ahead})
+    store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
+    store.ensure(range(n))
+    ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None, lambda k=1: None)
+    masks, records = {}, []
+    _walk(ctx, 1, 0, conf[0] > 0.5, n, +1, 10.0, masks, records)
+    assert sorted(masks) == expected
+    assert sorted(r.index for r in records) == list(range(1, n))          # every slice once
+    assert [r.index for r in records if r.reason.startswith("bridged")] == bridged
+    for t in bridged:                                                     # the shape between its neighbours
+        assert np.array_equal(masks[t], masks[t - 1]) and records[t - 1].status == "interpolated"
+        assert "confidence drop" in records[t - 1].reason
+    if expected[-1] < n - 1:                                              # the slice that ended the walk says why
+        end = next(r for r in records if r.index == expected[-1] + 1)
+        assert end.status == "absent" and end.reason in ("confidence drop", "too small", "low confidence")

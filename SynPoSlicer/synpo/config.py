@@ -128,6 +128,10 @@ class VolumeConfig:
     # ... on the first step away from a painted slice: the paint's own mean confidence is its
     # self-similarity (its prototypes come from it), not a decoded slice's (min_overlap_first).
     min_confidence_ratio_first: float = 0.5
+    # Look-ahead: when a slice is judged absent, the next slice is decoded from the same neighbour;
+    # if it is judged present, the walk goes on and the slice between gets the shape between them
+    # (status "interpolated", reason "bridged (...)"): one bad slice inside an organ does not end it.
+    look_ahead: bool = False
     # Between two supports of a target (a correction and the first paint): "nearest" gives each
     # slice to the nearer support; "agreement" walks both across the gap and hands over where their
     # masks agree best (volume.split_gap). `synpo evaluate --corrections 3`, whole volume after

@@ -163,6 +163,23 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
             ctx.prefetch([v for v in range(u, stop, step)[:ctx.embeds.batch_size] if v not in ctx.absent]
                          if ctx.stride == 1 else [u])
             new, rec = ctx.decode(label, u, prev, min_area, prev_score, first=painted and t == start)
+            if new is None and ctx.cfg.volume.look_ahead and ahead(u + step) and u + step not in ctx.absent:
+                # One slice judged absent does not end the walk when the slice after it, decoded
+                # from the same neighbour, is judged present: slice u gets the shape between them.
+                v = u + step
+                ctx.prefetch([v])
+                after, rec_after = ctx.decode(label, v, prev, min_area, prev_score, first=painted and t == start,
+                                              tick=False)
+                if after is not None:
+                    mid = interpolate_between(prev, after, 1, ctx.spacing_rc)[0]
+                    rec.status, rec.reason = "interpolated", "bridged (%s; the next slice goes on)" % rec.reason
+                    for w, m, r in ((u, mid, rec), (v, after, rec_after)):
+                        records.append(r)
+                        ctx.report(r, m)
+                        masks[w] = m
+                    ctx.tick()
+                    prev, prev_score, t = after, rec_after.score, v
+                    continue
         records.append(rec)
         ctx.report(rec, new)
         if new is None:
