@@ -446,3 +446,19 @@ def test_stability_noise_is_relative_seeded_per_slice_and_order_free():
         rel = (a.cache[i] / base.cache[i].float() - 1.0).abs()
         assert 0 < rel.max() < 1e-4 and a.cache[i].dtype == torch.float32
     assert not torch.equal(st.NoisyStore(base, 1e-5, 1).stack([0]), a.stack([0]))   # another seed, other noise
+
+
+def test_loss_breakdown_ends_counts_absent_slices_segmented_and_labelled_slices_missed(tmp_path):
+    lb = _load_script("loss_breakdown")
+    with open(str(tmp_path / "results.csv"), "w") as f:
+        f.write("volume,label,method,position,dice_labelled,dice_volume,fp_slices,seconds\n"
+                "v1,1,synpo,0.5,0.9,0.8,2,1\nv2,1,synpo,0.5,0.7,0.6,0,1\nv1,2,synpo,0.5,1.0,1.0,0,1\n"
+                "v1,1,copy,0.5,0.1,0.1,9,0\n")
+    with open(str(tmp_path / "per_slice.csv"), "w") as f:
+        f.write("volume,label,method,position,slice_rank,relative_position,dice\n"
+                "v1,1,synpo,0.5,0,0.0,0.0\nv1,1,synpo,0.5,1,1.0,0.9\nv2,1,synpo,0.5,0,0.0,0.0\n"
+                "v2,1,synpo,0.5,1,1.0,0.0\nv1,2,synpo,0.5,0,0.0,1.0\nv1,1,copy,0.5,0,0.0,0.0\n")
+    t = lb.main([str(tmp_path), "--ends"])
+    assert t[1]["n"] == 2 and t[1]["dice_volume"] == pytest.approx(0.7) and t[1]["dice_labelled"] == pytest.approx(0.8)
+    assert t[1]["absent_segmented"] == pytest.approx(1.0) and t[1]["labelled_missed"] == pytest.approx(1.5)
+    assert t[2]["labelled_missed"] == 0 and t["all"]["n"] == 3 and t["all"]["lowest"] == pytest.approx(0.6)

@@ -19,6 +19,7 @@ largest Dice change, and how many organ-volumes change by more than 0.01 and 0.0
 import argparse
 import os
 import sys
+import threading
 from typing import Dict, List
 
 import numpy as np
@@ -32,7 +33,9 @@ from synpo.config import configured  # noqa: E402
 from synpo.embeddings import EmbeddingStore, store_key  # noqa: E402
 from synpo.evaluate import dice, find_pairs, support_slice  # noqa: E402
 from synpo.io import read_volume, write_json  # noqa: E402
-from synpo.session import Models, Session  # noqa: E402
+from synpo.session import Models  # noqa: E402
+from synpo.volume import VolumeRun  # noqa: E402
+from synpo.walk_rules import Step, judge_step  # noqa: E402
 
 
 class NoisyStore(EmbeddingStore):
@@ -55,14 +58,39 @@ class NoisyStore(EmbeddingStore):
             self.cache[i] = f * (1.0 + self.noise * torch.randn(f.shape, generator=g))
 
 
+class StepLog:
+    """A judge (walk_rules.Judge) that answers as judge_step does and keeps each step's figures."""
+
+    def __init__(self):
+        self.steps: Dict[tuple, dict] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, step: Step, vc) -> str:
+        why = judge_step(step, vc)
+        ratio = step.score / step.prev_score if step.prev_score else float("nan")
+        with self.lock:
+            self.steps[(step.label, step.index)] = {
+                "area/min": step.area / step.min_area if step.min_area else float("nan"), "ratio": ratio,
+                "sam_iou": step.sam_iou, "overlap": step.overlap, "first": step.first, "rule": why or "go"}
+        return why
+
+
+def segment(image, geom, support, models: Models, cfg, stores: Dict, cache):
+    """(result, StepLog) of one run, as `synpo evaluate` runs it, on `stores`."""
+    run = VolumeRun(image.astype(np.float32, copy=False), geom.spacing, support, models.sam, models.dino, cfg,
+                    None, models.confidence_from, 0, None)
+    run.judge = log = StepLog()
+    return run.segment(None, None, stores, cache, None, False), log
+
+
 def organ_decisions(records, label: int) -> Dict[int, tuple]:
-    """{slice: (status, reason, score, sam_iou, overlap)} of one label's records."""
-    return {r.index: (r.status, r.reason or "", r.score, r.sam_iou, r.overlap_prev)
-            for r in records if r.label == label}
+    """{slice: (status, reason)} of one label's records."""
+    return {r.index: (r.status, r.reason or "") for r in records if r.label == label}
 
 
-def compare(name: str, gt: np.ndarray, labels: List[int], a, b) -> List[dict]:
-    """Per organ: Dice and length in runs a and b, and the slices decided differently."""
+def compare(name: str, gt: np.ndarray, labels: List[int], a, b, log_a: StepLog, log_b: StepLog) -> List[dict]:
+    """Per organ: Dice and length in runs a and b, and the slices decided differently with the
+    rules' figures in both runs."""
     rows = []
     for v in labels:
         pa, pb, g = a.labels == v, b.labels == v, gt == v
@@ -72,8 +100,9 @@ def compare(name: str, gt: np.ndarray, labels: List[int], a, b) -> List[dict]:
         flips = []
         for t in sorted(set(ra) | set(rb)):
             x, y = ra.get(t), rb.get(t)
-            if x is None or y is None or x[:2] != y[:2]:
-                flips.append({"slice": t, "a": x, "b": y})
+            if x != y:
+                flips.append({"slice": t, "a": x, "b": y, "step_a": log_a.steps.get((v, t)),
+                              "step_b": log_b.steps.get((v, t)), "truth": bool(g[t].any())})
         changed = [t for t in range(len(pa)) if not np.array_equal(pa[t], pb[t])]
         rows.append({"volume": name, "label": v, "dice_a": da, "dice_b": db, "dice_change": db - da,
                      "length_a": la, "length_b": lb, "slices_changed": len(changed), "flips": flips})
@@ -81,7 +110,7 @@ def compare(name: str, gt: np.ndarray, labels: List[int], a, b) -> List[dict]:
 
 
 def run_volume(img: str, lab: str, models: Models, other: Models, cfg, noise: float, seed: int,
-               cache) -> List[dict]:
+               cache) -> tuple:
     image, geom = read_volume(img)
     gt, _ = read_volume(lab, "label", label=True)
     labels = [int(v) for v in np.unique(gt) if v != 0]
@@ -89,20 +118,18 @@ def run_volume(img: str, lab: str, models: Models, other: Models, cfg, noise: fl
     for v in labels:
         s = support_slice(gt == v, 0.5)
         support[s][gt[s] == v] = v
-    session = Session(image, geom.spacing, models, cache)
-    a = session.run(support, cfg)
+    stores: Dict = {}
+    a, log_a = segment(image, geom, support, models, cfg, stores, cache)
     if other is not None:                    # the same volume through another runtime's encoder
-        b = Session(image, geom.spacing, other, cache).run(support, cfg)
+        b, log_b = segment(image, geom, support, other, cfg, {}, cache)
     else:
-        perturbed = Session(image, geom.spacing, models, cache)
         key = store_key("query", "sam", models.sam, a.support.axis)
-        perturbed.stores[key] = NoisyStore(session.stores[key], noise, seed)
-        b = perturbed.run(support, cfg)
+        b, log_b = segment(image, geom, support, models, cfg, {key: NoisyStore(stores[key], noise, seed)}, cache)
     name = os.path.basename(img).split(".")[0]
     ends = organ_ends(a.records, gt, labels, cfg)
     for r in ends:
         r["volume"] = name
-    return compare(name, gt, labels, a, b), ends
+    return compare(name, gt, labels, a, b, log_a, log_b), ends
 
 
 def summary(rows: List[dict]) -> dict:
@@ -115,12 +142,14 @@ def summary(rows: List[dict]) -> dict:
             "mean_dice_b": float(np.mean([r["dice_b"] for r in rows]))}
 
 
-def _fmt(d) -> str:
-    if d is None:
+def _fmt(decision, step) -> str:
+    if decision is None:
         return "-"
-    status, reason, score, iou, overlap = d
-    return "%s%s (score %.4f, SAM IoU %.4f, overlap %.4f)" % (status, " [%s]" % reason if reason else "",
-                                                            score, iou, overlap)
+    out = decision[0] + (" [%s]" % decision[1] if decision[1] else "")
+    if step:
+        out += " (area/min %.3f, ratio %.4f, SAM IoU %.4f, overlap %.4f%s)" % (
+            step["area/min"], step["ratio"], step["sam_iou"], step["overlap"], ", first" if step["first"] else "")
+    return out
 
 
 def main(argv=None) -> dict:
@@ -151,10 +180,13 @@ def main(argv=None) -> dict:
                     dataset, r["volume"], r["label"], r["dice_a"], r["dice_b"], r["dice_change"],
                     r["length_a"], r["length_b"]), flush=True)
                 for f in r["flips"]:
-                    print("    slice %d: %s  |  %s" % (f["slice"], _fmt(f["a"]), _fmt(f["b"])), flush=True)
+                    print("    slice %d (organ %s): %s  |  %s" % (f["slice"], "there" if f["truth"] else "absent",
+                                                           _fmt(f["a"], f["step_a"]), _fmt(f["b"], f["step_b"])),
+                          flush=True)
             rows += got
             ends += got_ends
-        out[dataset] = {"summary": summary(rows), "rows": rows, "ends": ends_report(ends, dataset + " (run a)")}
+        out[dataset] = {"summary": summary(rows), "rows": rows, "ends": ends,
+                        "ends_summary": ends_report(ends, dataset + " (run a)")}
     print("\n| data set | organ-volumes | mean Dice (a / b) | p95 abs Dice change | max | > 0.01 | > 0.05 "
           "| length changed (max) |")
     print("|---|---|---|---|---|---|---|---|")
