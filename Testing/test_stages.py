@@ -945,10 +945,11 @@ def test_a_gap_between_two_supports_changes_hands_where_their_walks_agree_best()
 
 
 @pytest.mark.parametrize("levels, look_ahead, expected, bridged", [
-    ((0.9, 0.9, 0.9, 0.55, 0.9, 0.9, 0.9), False, [1, 2], []),             # one dip ends the walk
-    ((0.9, 0.9, 0.9, 0.55, 0.9, 0.9, 0.9), True, [1, 2, 3, 4, 5, 6], [3]),   # ... not with the look-ahead
-    ((0.9, 0.9, 0.9, 0.55, 0.55, 0.9, 0.9), True, [1, 2], []),            # two: the organ ended there
-    ((0.9, 0.9, 0.9, 0.9, 0.0, 0.0, 0.0), True, [1, 2, 3], []),           # an abrupt end stays where it is
+    ((0.9, 0.9, 0.9, 0.55, 0.9, 0.9, 0.9), "off", [1, 2], []),             # one dip ends the walk
+    ((0.9, 0.9, 0.9, 0.55, 0.9, 0.9, 0.9), "any", [1, 2, 3, 4, 5, 6], [3]),   # ... not with the look-ahead
+    ((0.9, 0.9, 0.9, 0.55, 0.9, 0.9, 0.9), "jump", [1, 2], []),            # (a confidence drop is no jump)
+    ((0.9, 0.9, 0.9, 0.55, 0.55, 0.9, 0.9), "any", [1, 2], []),            # two: the organ ended there
+    ((0.9, 0.9, 0.9, 0.9, 0.0, 0.0, 0.0), "any", [1, 2, 3], []),           # an abrupt end stays where it is
 ])
 def test_the_look_ahead_bridges_one_bad_slice_but_not_an_end(levels, look_ahead, expected, bridged):
     from synpo.walk import _Context, _walk
@@ -971,3 +972,26 @@ def test_the_look_ahead_bridges_one_bad_slice_but_not_an_end(levels, look_ahead,
     if expected[-1] < n - 1:                                              # the slice that ended the walk says why
         end = next(r for r in records if r.index == expected[-1] + 1)
         assert end.status == "absent" and end.reason in ("confidence drop", "too small", "low confidence")
+
+
+@pytest.mark.parametrize("look_ahead, expected", [("off", [1, 2]), ("jump", [1, 2, 3, 4, 5])])
+def test_the_look_ahead_after_a_jump_onto_a_neighbour(look_ahead, expected):
+    """Slice 3's confidence lies on a look-alike beside the organ (its mask leaves the previous one);
+    slice 4 has the organ again: "jump" bridges slice 3 with the organ's shape, not the look-alike's."""
+    from synpo.walk import _Context, _walk
+    n = 6
+    conf = np.zeros((n, 40, 40), np.float32)
+    conf[:, 5:20, 5:20] = 0.9
+    conf[3] = 0.0
+    conf[3, 22:37, 22:37] = 0.9                                         # the look-alike, on slice 3 only
+    cfg = SynPoConfig().with_(volume={"look_ahead": look_ahead, "search_margin": 2.0})
+    store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
+    store.ensure(range(n))
+    ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None, lambda k=1: None)
+    masks, records = {}, []
+    _walk(ctx, 1, 0, conf[0] > 0.5, n, +1, 10.0, masks, records)
+    assert sorted(masks) == expected
+    third = next(r for r in records if r.index == 3)
+    assert third.reason.endswith("left the previous mask") or "left the previous mask" in third.reason
+    if look_ahead == "jump":
+        assert third.status == "interpolated" and not masks[3][25:35, 25:35].any() and masks[3][8:17, 8:17].all()

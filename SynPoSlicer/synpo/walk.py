@@ -163,7 +163,9 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
             ctx.prefetch([v for v in range(u, stop, step)[:ctx.embeds.batch_size] if v not in ctx.absent]
                          if ctx.stride == 1 else [u])
             new, rec = ctx.decode(label, u, prev, min_area, prev_score, first=painted and t == start)
-            if new is None and ctx.cfg.volume.look_ahead and ahead(u + step) and u + step not in ctx.absent:
+            look = ctx.cfg.volume.look_ahead
+            if (new is None and (look == "any" or (look == "jump" and rec.reason == "left the previous mask"))
+                    and ahead(u + step) and u + step not in ctx.absent):
                 # One slice judged absent does not end the walk when the slice after it, decoded
                 # from the same neighbour, is judged present: slice u gets the shape between them.
                 v = u + step
