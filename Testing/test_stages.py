@@ -69,14 +69,51 @@ def test_support_on_two_orthogonal_planes_is_refused():
     lab = _label()
     lab[5, 2:15, 2:25] = 1        # axial plane
     lab[1:9, 2:15, 12] = 1        # sagittal plane crossing it
-    with pytest.raises(InputError, match="not confined to parallel slices"):
+    with pytest.raises(InputError, match="not confined to parallel slices.*slice 12 across i"):
         support.find_support(lab)
 
 
-def test_support_full_3d_label_is_refused():
+def test_support_labels_painted_across_different_axes_are_refused():
     lab = _label()
-    lab[2:8, 4:12, 4:12] = 1
-    with pytest.raises(InputError, match="not confined"):
+    lab[4, 2:10, 2:10] = 1        # axial
+    lab[2:8, 12:18, 25] = 2       # sagittal
+    with pytest.raises(InputError, match="label 2 is also painted on slice 25 across i"):
+        support.find_support(lab)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_support_every_slice_of_an_organ_lies_across_its_thinnest_axis(axis):
+    """Adjacent painted slices, up to the whole organ: the axis with the fewest painted slices."""
+    lab = _label((30, 30, 30))
+    box = [slice(5, 25)] * 3
+    box[axis] = slice(10, 14)                 # 4 adjacent slices across `axis`, 20 x 20 on each
+    lab[tuple(box)] = 3
+    found = support.find_support(lab)
+    assert found.axis == axis
+    assert found.slices == {3: [10, 11, 12, 13]}
+
+
+def test_support_adjacent_slices_and_organs_on_neighbouring_slices():
+    """The issue's case: one organ on its middle slice and on two corrected slices, two of them
+    adjacent, another organ on the next slices; the paint spans many rows and columns."""
+    lab = _label((40, 60, 80))
+    for k in (10, 20, 21):
+        lab[k, 5:50, 5:70] = 1
+    lab[22, 30:40, 10:30] = 2
+    lab[23, 30:40, 10:30] = 2
+    found = support.find_support(lab)
+    assert found.axis == 0
+    assert found.slices == {1: [10, 20, 21], 2: [22, 23]}
+
+
+def test_support_ambiguous_paint_names_the_tied_axes():
+    lab = _label()
+    lab[3, 4, 2:9] = 1                        # a line: on one slice across k and across j
+    with pytest.raises(InputError, match="ambiguous.*across k and j"):
+        support.find_support(lab)
+    lab = _label()
+    lab[3, 4, 5] = 1                          # a dot
+    with pytest.raises(InputError, match="ambiguous.*across k, j and i"):
         support.find_support(lab)
 
 
