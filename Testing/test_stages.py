@@ -365,7 +365,7 @@ def test_a_strided_walk_decodes_every_third_slice_and_finds_the_end_slice_by_sli
 
 
 def test_store_reuses_identical_decodings_and_bounds_what_it_keeps(monkeypatch):
-    from synpo import volume
+    from synpo import embeddings
     store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
     store.ensure(range(3))
     region = np.zeros((40, 40), dtype=bool)
@@ -384,7 +384,7 @@ def test_store_reuses_identical_decodings_and_bounds_what_it_keeps(monkeypatch):
     assert np.array_equal(first[0], again[0]) and again[0].sum() == 100 and again[1:] == first[1:]
     store.decode(sam, 1, Prompts(np.array([[12.0, 12.0]]), np.zeros((0, 2)), (10, 10, 20, 20), region), cfg)
     assert len(calls) == 2                                   # another slice: decoded
-    monkeypatch.setattr(volume, "DECODED_KEPT_BYTES", 2 * 200)   # two 40 x 40 masks (200 bytes each)
+    monkeypatch.setattr(embeddings, "DECODED_KEPT_BYTES", 2 * 200)   # two 40 x 40 masks (200 bytes each)
     store.decode(sam, 2, Prompts(np.array([[12.0, 12.0]]), np.zeros((0, 2)), (10, 10, 21, 20), region), cfg)
     assert len(store.decoded) == 2 and store.decoded_bytes == 400
     store.decode(sam, 0, Prompts(np.array([[12.0, 12.0]]), np.zeros((0, 2)), (10, 10, 20, 20), region), cfg)
