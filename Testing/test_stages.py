@@ -328,6 +328,40 @@ def test_walk_stops_where_the_confidence_drops(levels, ratio, expected):
                                                                           (5, "not reached", "")]
 
 
+def test_a_walk_stops_at_a_held_end_and_says_why():
+    """A correction's walk keeps the previous run's end (volume.correction_holds_ends)."""
+    from synpo.volume import _Context, _walk
+    conf = np.zeros((8, 40, 40), np.float32)
+    conf[:, 10:30, 10:30] = 0.9                              # the target on every slice
+    store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
+    store.ensure(range(8))
+    ctx = _Context(_BoxFiller(), store, conf, SynPoConfig(), {"prompts": 0.0, "decode": 0.0}, None,
+                   lambda k=1: None, held=(5,))
+    masks, records = {}, []
+    _walk(ctx, 1, 1, conf[1] > 0.5, 8, +1, 10.0, masks, records)
+    assert sorted(masks) == [2, 3, 4]
+    assert [(r.index, r.status, r.reason) for r in records[3:]] == [(5, "absent", "previous end kept"),
+                                                                      (6, "not reached", ""), (7, "not reached", "")]
+
+
+def test_corrections_inside_the_previous_extent_hold_its_ends():
+    from synpo.result import SliceRecord, VolumeResult
+    from synpo.session import Session
+    from synpo.support import Support
+    session = Session.__new__(Session)
+    session.support_image = None
+    statuses = {t: "present" for t in range(4, 10)}
+    statuses.update({3: "absent", 6: "support", 10: "absent"})
+    records = [SliceRecord(1, t, st) for t, st in statuses.items()]
+    session.result = VolumeResult(np.zeros((14, 8, 8), np.uint8), {}, records, Support(0, [1], {1: [6]}), "mr",
+                                  ["sam"], {})
+    merged = np.zeros((14, 8, 8), np.int32)
+    merged[6, 2:5, 2:5] = 1                                  # the first paint
+    merged[8, 2:5, 2:5] = 1                                  # a correction inside slices 4-9: holds 3 and 10
+    merged[12, 2:5, 2:5] = 1                                 # one beyond them: walks freely
+    assert session.held_ends(merged, 0) == {1: {8: [3, 10]}}
+
+
 @pytest.mark.parametrize("absent, present, interpolated, end", [
     ((), [3, 6, 9, 12, 13], [1, 2, 4, 5, 7, 8, 10, 11], (14, "confidence drop")),   # the end, slice by slice
     ((8,), [3, 6, 7], [1, 2, 4, 5], (8, "marked absent")),                      # never jumps over a mark
