@@ -344,6 +344,29 @@ def test_a_walk_stops_at_a_held_end_and_says_why():
                                                                       (6, "not reached", ""), (7, "not reached", "")]
 
 
+def test_a_corrections_walk_that_leaves_the_previous_masks_gives_way_to_them():
+    """walk.keep_previous: where a correction's walk parts from the previous run's masks (IoU below
+    volume.correction_keep_iou), the previous masks stand from there on, as far as they go."""
+    from synpo.volume import _Context, _walk
+    conf = np.zeros((9, 40, 40), np.float32)
+    conf[:, 10:30, 10:30] = 0.9                              # what the new walk follows
+    previous = np.zeros((9, 40, 40), np.uint8)
+    previous[1:4, 10:30, 10:30] = 2                          # agrees on slices 1-3
+    previous[4:7, 30:38, 30:38] = 2                          # elsewhere on 4-6: the walk left it there
+    store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
+    store.ensure(range(9))
+    ctx = _Context(_BoxFiller(), store, conf, SynPoConfig(), {"prompts": 0.0, "decode": 0.0}, None,
+                   lambda k=1: None, held=(8,), previous=(previous, 2))
+    masks, records = {}, []
+    _walk(ctx, 2, 1, conf[1] > 0.5, 9, +1, 10.0, masks, records)
+    assert sorted(masks) == [2, 3, 4, 5, 6]
+    for t in (4, 5, 6):
+        assert np.array_equal(masks[t], previous[t] == 2)
+    assert [(r.index, r.status, r.reason) for r in records] == [
+        (2, "present", ""), (3, "present", ""), (4, "present", "previous kept"), (5, "present", "previous kept"),
+        (6, "present", "previous kept"), (7, "not reached", ""), (8, "not reached", "")]
+
+
 def test_corrections_inside_the_previous_extent_hold_its_ends():
     from synpo.result import SliceRecord, VolumeResult
     from synpo.session import Session
