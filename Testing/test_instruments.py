@@ -438,3 +438,19 @@ def test_loss_breakdown_splits_the_loss_into_walk_and_mask():
     assert f["loss_walk"] == pytest.approx((0.6 + 0.4) / 4) and f["loss_mask"] == pytest.approx(0.1 / 4)
     assert f["oracle_mean"] - f["synpo_mean"] == pytest.approx(f["loss_walk"] + f["loss_mask"])
     assert f["synpo_reached"] == pytest.approx(0.85) and f["oracle_missed"] == pytest.approx(0.5)
+
+
+def test_changed_slices_counts_the_slices_an_update_changed():
+    from synpo.outputs import changed_slices
+    from synpo.result import VolumeResult
+    from synpo.support import Support
+    before = np.zeros((6, 5, 7), np.uint8)
+    before[1:4, 1:3, 1:3] = 1
+    after = before.copy()
+    after[2, 0, 0] = 2                            # slices across axis 2 (i): columns 0 and 5 change
+    after[4, 4, 5] = 1
+    def result(labels):
+        return VolumeResult(labels, {}, [], Support(2, [1, 2], {1: [1], 2: [0]}), "mr", ["sam"], {})
+    assert changed_slices(result(before), result(after)) == [0, 5]
+    assert changed_slices(result(before), result(before)) == []
+    assert changed_slices(result(before[:3]), result(after)) == []
