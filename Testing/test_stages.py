@@ -376,12 +376,16 @@ def test_corrections_inside_the_previous_extent_hold_its_ends():
     statuses = {t: "present" for t in range(4, 10)}
     statuses.update({3: "absent", 6: "support", 10: "absent"})
     records = [SliceRecord(1, t, st) for t, st in statuses.items()]
-    session.result = VolumeResult(np.zeros((14, 8, 8), np.uint8), {}, records, Support(0, [1], {1: [6]}), "mr",
-                                  ["sam"], {})
+    labels = np.zeros((14, 8, 8), np.uint8)
+    labels[4:10, 2:5, 2:6] = 1                               # the previous masks: 9 of 12 pixels agree below
+    labels[7, :, :] = 0
+    labels[7, 5:8, 5:8] = 1                                  # ... but not on slice 7
+    session.result = VolumeResult(labels, {}, records, Support(0, [1], {1: [6]}), "mr", ["sam"], {})
     merged = np.zeros((14, 8, 8), np.int32)
     merged[6, 2:5, 2:5] = 1                                  # the first paint
-    merged[8, 2:5, 2:5] = 1                                  # a correction inside slices 4-9: holds 3 and 10
-    merged[12, 2:5, 2:5] = 1                                 # one beyond them: walks freely
+    merged[8, 2:5, 2:5] = 1                                  # a correction inside slices 4-9 agreeing: holds 3, 10
+    merged[7, 2:5, 2:5] = 1                                  # one where the previous walk was elsewhere: free
+    merged[12, 2:5, 2:5] = 1                                 # one beyond the extent: free
     assert session.held_ends(merged, 0) == {1: {8: [3, 10]}}
 
 

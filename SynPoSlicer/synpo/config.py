@@ -147,6 +147,11 @@ class VolumeConfig:
     # left the organ the previous walk followed (the user's supports around it agreed with that
     # walk); it ends there and the previous masks stand beyond. 0 = off. Set a priori (not swept).
     correction_keep_iou: float = 0.25
+    # Both only when the previous run's mask on the corrected slice agreed with the new paint
+    # (IoU at least this): the previous walk followed the organ there, the correction refines it.
+    # Where it did not (the correction says the previous walk was on something else), its ends and
+    # masks are no evidence, and the correction walks freely. Set a priori (not swept).
+    correction_trust_iou: float = 0.5
     # Thin slices: a walk decodes every n-th slice, n the most slices within this thickness (mm),
     # and fills the slices between by shape-based interpolation (interpolate.py); the organ's ends
     # are still found slice by slice. 0 = decode every slice. Slices of 3 mm and more (every
@@ -267,6 +272,7 @@ def validate(cfg: SynPoConfig) -> SynPoConfig:
         (0.0 <= v.min_overlap_first <= 1.0, "volume.min_overlap_first must be in [0, 1]"),
         (v.ownership in ("nearest", "agreement"), "volume.ownership must be nearest or agreement"),
         (0.0 <= v.correction_keep_iou <= 1.0, "volume.correction_keep_iou must be in [0, 1]"),
+        (0.0 <= v.correction_trust_iou <= 1.0, "volume.correction_trust_iou must be in [0, 1]"),
         (v.walk_spacing_mm >= 0.0, "volume.walk_spacing_mm must be >= 0 (0: every slice)"),
         (0.0 <= cfg.gate.quantiles[0] < cfg.gate.quantiles[1] <= 1.0,
          "gate.quantiles must be two fractions, low < high, in [0, 1]"),

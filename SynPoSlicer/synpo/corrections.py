@@ -70,7 +70,7 @@ def scored_without(pred: np.ndarray, gt: np.ndarray, left_out: Set[int]) -> Tupl
     p, g = pred[keep], gt[keep]
     total = p.sum() + g.sum()
     dice = float(2.0 * np.logical_and(p, g).sum() / total) if total else 1.0
-    fp = int((p.reshape(len(p), -1).any(1) & ~g.reshape(len(g), -1).any(1)).sum())
+    fp = int((p.any(axis=(1, 2)) & ~g.any(axis=(1, 2))).sum())
     return dice, fp
 
 

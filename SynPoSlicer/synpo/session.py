@@ -169,12 +169,17 @@ class Session:
         return self.run(merged, cfg if cfg is not None else self.cfg, self.support_image, progress, cancel, on_slice,
                         confidence_everywhere=confidence_everywhere, axis=axis,
                         absent={v: sorted(s) for v, s in marks.items() if s},
-                        held_ends=self.held_ends(merged, axis), previous=self.result.labels)
+                        held_ends=self.held_ends(merged, axis, cfg if cfg is not None else self.cfg),
+                        previous=self.result.labels)
 
-    def held_ends(self, merged: np.ndarray, axis: int) -> Dict[int, Dict[int, List[int]]]:
+    def held_ends(self, merged: np.ndarray, axis: int, cfg: Optional[SynPoConfig] = None
+                  ) -> Dict[int, Dict[int, List[int]]]:
         """{label: {new support slice: [the previous run's ends]}} for the corrections painted inside
-        the label's previous extent (volume.correction_holds_ends): their walks stop one slice past
-        the first and last slice the last run found the label on."""
+        the label's previous extent on which the previous mask agreed with the new paint
+        (IoU >= volume.correction_trust_iou: the previous walk followed the organ there;
+        volume.correction_holds_ends): their walks stop one slice past the first and last slice
+        the last run found the label on, and are judged against the previous masks."""
+        trust = (cfg if cfg is not None else default_config()).volume.correction_trust_iou
         from .result import FOUND
         prev = self.result
         if prev is None or self.support_image is not None:
@@ -188,7 +193,9 @@ class Session:
                 continue
             lo, hi = min(found), max(found)
             painted = np.flatnonzero((m == v).reshape(n, -1).any(1))
-            new = [int(s) for s in painted if s not in prev.support.slices.get(v, ()) and lo <= s <= hi]
+            before = to_slices(prev.labels, axis)
+            new = [int(s) for s in painted if s not in prev.support.slices.get(v, ()) and lo <= s <= hi
+                   and _iou(before[s] == v, m[s] == v) >= trust]
             ends = [t for t in (lo - 1, hi + 1) if 0 <= t < n]
             if new and ends:
                 out[v] = {s: ends for s in new}
@@ -255,3 +262,7 @@ class Session:
         seen = {id(a): a for a in arrays if a is not None}         # a map shared by stores and result counts once
         return total + sum(_nbytes(a) for a in seen.values())
 
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
