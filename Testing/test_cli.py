@@ -122,6 +122,15 @@ def test_paint_not_on_parallel_slices(case, capsys):
     _no_outputs(case)
 
 
+def test_paint_whose_orientation_cannot_be_told_names_the_tied_axes(case, capsys):
+    s = np.zeros_like(case["support_array"])
+    s[6, 30, 20:40] = 1                       # a line: one slice across k and across j
+    p = _write(s, case["dir"] / "line.nii.gz")
+    msg = run_error(capsys, ["segment", case["image"], p, "-o", case["out"]])
+    assert "ambiguous" in msg and "across k and j" in msg
+    _no_outputs(case)
+
+
 def test_nan_and_inf_and_constant_images(case, capsys):
     for name, value in (("nan", np.nan), ("inf", np.inf)):
         a = case["array"].copy()

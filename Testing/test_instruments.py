@@ -308,9 +308,48 @@ def test_evaluate_corrections_writes_the_curve(tiny_dataset, tmp_path):
         kind = r["action"].split()[0]
         assert kind in ("paint", "absent", "none")
     assert float(rows[0]["dice_volume"]) > 0.7
+    # The anchor on the same painted slices: one painted slice fills nothing (Dice 0 elsewhere),
+    # each painted correction adds a slice.
+    assert int(rows[0]["painted"]) == 1 and float(rows[0]["fill_dice"]) == 0.0
+    for a, b in zip(rows, rows[1:]):
+        assert int(b["painted"]) == int(a["painted"]) + (b["action"].startswith("paint"))
+    assert int(rows[0]["fill_even_090"]) >= 2
     md = open(str(out / "corrections.md")).read()
-    assert md.count("\n") == 5 and "| 0 | 1 |" in md
+    assert "| 0 | 1 | 1.00 |" in md and "Fill between slices" in md and "Monotone corrections" in md
+    assert "| Dice 0.95 |" in md
     assert open(str(out / "corrections.png"), "rb").read(4) == b"\x89PNG"
+
+
+def test_fill_between_slices_interpolates_only_between_painted_slices():
+    from synpo.fill_between import even_slices, fill_between_slices
+    yy, xx = np.mgrid[:40, :40]
+    gt = np.zeros((20, 40, 40), bool)
+    for k in range(4, 18):                       # a cone: the disc grows by one pixel a slice
+        gt[k] = (yy - 20) ** 2 + (xx - 20) ** 2 < (3 + k - 4) ** 2
+    out = fill_between_slices({k: gt[k] for k in (5, 12, 13, 17)}, gt.shape)
+    assert not out[:5].any() and not out[18:].any()          # no extrapolation beyond the outer slices
+    for k in (5, 12, 13, 17):
+        assert np.array_equal(out[k], gt[k])                 # the paint as painted
+    for k in (6, 9, 11, 15, 16):                             # gaps filled, also after adjacent slices 12-13
+        inter = (out[k] & gt[k]).sum()
+        assert 2 * inter / (out[k].sum() + gt[k].sum()) > 0.6, k
+    assert even_slices(4, 17, 2) == [4, 17] and even_slices(4, 17, 1) == [10] and len(even_slices(0, 9, 4)) == 4
+
+
+def test_monotonicity_and_cost_figures():
+    from synpo.corrections import CorrectionScore, cost, monotonicity
+    def row(v, k, d, painted, fill):
+        return CorrectionScore("v%d" % v, 1, k, d, 0, 1.0, "", painted, fill, 3, 0)
+    scores = [row(1, 0, 0.80, 1, 0.0), row(1, 1, 0.92, 2, 0.5), row(1, 2, 0.96, 3, 0.91),
+              row(2, 0, 0.90, 1, 0.0), row(2, 1, 0.897, 1, 0.0), row(2, 2, 0.85, 2, 0.6)]
+    m = monotonicity(scores)
+    assert m["steps"] == 4 and m["held"] == 0.75 and m["down_beyond_floor"] == 1
+    assert m["worst"] == pytest.approx(-0.047) and m["organs_held"] == 0.5
+    c = cost(scores)
+    assert c["synpo"][0.90] == (1.5, 1.0)                    # organ 1 at 2 slices, organ 2 at once
+    assert c["synpo"][0.95] == (np.inf, 0.5)                 # organ 2 never: the median is not reached
+    assert c["fill_same"][0.90] == (np.inf, 0.5)
+    assert c["fill_even"][0.90] == (3.0, 1.0) and c["fill_even"][0.95][1] == 0.0
 
 
 def test_the_simulated_annotator_picks_the_slice_with_the_most_wrong_pixels():
@@ -462,3 +501,19 @@ def test_loss_breakdown_ends_counts_absent_slices_segmented_and_labelled_slices_
     assert t[1]["n"] == 2 and t[1]["dice_volume"] == pytest.approx(0.7) and t[1]["dice_labelled"] == pytest.approx(0.8)
     assert t[1]["absent_segmented"] == pytest.approx(1.0) and t[1]["labelled_missed"] == pytest.approx(1.5)
     assert t[2]["labelled_missed"] == 0 and t["all"]["n"] == 3 and t["all"]["lowest"] == pytest.approx(0.6)
+
+
+def test_changed_slices_counts_the_slices_an_update_changed():
+    from synpo.outputs import changed_slices
+    from synpo.result import VolumeResult
+    from synpo.support import Support
+    before = np.zeros((6, 5, 7), np.uint8)
+    before[1:4, 1:3, 1:3] = 1
+    after = before.copy()
+    after[2, 0, 0] = 2                            # slices across axis 2 (i): columns 0 and 5 change
+    after[4, 4, 5] = 1
+    def result(labels):
+        return VolumeResult(labels, {}, [], Support(2, [1, 2], {1: [1], 2: [0]}), "mr", ["sam"], {})
+    assert changed_slices(result(before), result(after)) == [0, 5]
+    assert changed_slices(result(before), result(before)) == []
+    assert changed_slices(result(before[:3]), result(after)) == []

@@ -231,11 +231,18 @@ def test_developer_reload_drops_the_helper_packages_but_not_the_effects_module(m
     import sys
     import types
     module = _module_with_stand_ins(monkeypatch)
-    for name in ("SynPoSlicerLib.fake_helper", "synpo.fake_engine_part", "SegmentEditorSynPoLib", "unrelated_module"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    module.reloadHelpers()
-    assert "SynPoSlicerLib.fake_helper" not in sys.modules and "synpo.fake_engine_part" not in sys.modules
-    assert "SegmentEditorSynPoLib" in sys.modules and "unrelated_module" in sys.modules
+    saved = dict(sys.modules)
+    try:
+        for name in ("SynPoSlicerLib.fake_helper", "synpo.fake_engine_part", "SegmentEditorSynPoLib",
+                     "unrelated_module"):
+            sys.modules[name] = types.ModuleType(name)
+        module.reloadHelpers()
+        assert "SynPoSlicerLib.fake_helper" not in sys.modules and "synpo.fake_engine_part" not in sys.modules
+        assert "SegmentEditorSynPoLib" in sys.modules and "unrelated_module" in sys.modules
+    finally:                       # later tests must keep the classes they imported (one SynPoError)
+        for name in [n for n in sys.modules if n not in saved]:
+            del sys.modules[name]
+        sys.modules.update(saved)
 
 
 def test_the_panel_says_what_slicer_58_can_do(monkeypatch):

@@ -203,6 +203,33 @@ def test_segment_through_the_server_equals_a_local_run(server, files, remote_run
     assert seg.GetSpacing() == image.GetSpacing() and seg.GetOrigin() == image.GetOrigin()
 
 
+def test_paint_on_adjacent_slices_is_a_support_through_the_server_and_locally(server, files, remote_run, tmp_path,
+                                                                              capsys):
+    """Any parallel paint is a support: the organ painted on two adjacent slices and a third one
+    (the issue's refused second round) runs through `synpo segment --server` and locally, alike."""
+    _, mask = ellipsoid_volume(shape=SHAPE, centre=(SHAPE[0] // 2, 24, 28), radii=(SHAPE[0] / 2 - 0.5, 12, 15))
+    paint = np.zeros(mask.shape, dtype=np.uint8)
+    for k in (2, 4, 5):
+        paint[k][mask[k]] = 1
+    support = write(paint, tmp_path / "adjacent.nii.gz")
+    outs = []
+    for where, extra in (("remote", ["--server", server.url, "--token-file", server.token_file]),
+                         ("local", ["--device", "cpu", "--features", "sam", "--embedding-cache",
+                                    os.path.join(server.folder, "emb")])):
+        out = tmp_path / ("%s.nii.gz" % where)
+        code = main(["segment", files["image"], support, "-o", str(out), "--points-out",
+                     str(tmp_path / ("%s.json" % where)), "--quiet"] + extra)
+        assert code == 0, capsys.readouterr().err
+        outs.append(sitk.GetArrayFromImage(sitk.ReadImage(str(out))))
+    assert np.array_equal(outs[0], outs[1])
+    for k in (2, 4, 5):
+        assert np.array_equal(outs[0][k] == 1, mask[k])          # each painted slice kept exactly
+    points = json.load(open(str(tmp_path / "remote.json")))
+    statuses = {s["slice"]: s["status"] for s in points["slices"] if s["label"] == 1}
+    assert [k for k, st in sorted(statuses.items()) if st == "support"] == [2, 4, 5]
+    assert outs[0][3].any()                                      # the slice between them was decided
+
+
 def test_outputs_get_the_users_usual_permissions(remote_run):
     out, _ = remote_run
     mask = os.umask(0)

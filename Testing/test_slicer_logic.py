@@ -336,6 +336,32 @@ def test_bad_inputs_get_messages(scene_case):
         mrml.extract_inputs(c["volume"], seg2, [sid])
 
 
+def test_any_parallel_paint_is_a_support_and_previews(scene_case, server):
+    """Paint on adjacent slices, up to every slice of the object: the slicing axis is the one across
+    which the paint is thinnest (the engine's find_support, the same code as the CLI and server)."""
+    c = scene_case
+    adjacent = np.zeros(c["mask"].shape, dtype=bool)
+    adjacent[3:5] = c["mask"][3:5]
+    sid = add_segment(c["seg"], c["volume"], adjacent, "adjacent")
+    inputs = mrml.extract_inputs(c["volume"], c["seg"], [sid])
+    assert inputs.axis == 0 and np.array_equal(inputs.support == 1, adjacent)
+    job = run_job(RemoteJob(server.client(timeout=10), inputs.image, inputs.spacing, inputs.support))
+    assert job.state == "done" and job.error == "", job.error
+    assert job.result.support.slices == {1: [3, 4]}
+    assert (job.result.labels[2] == 1).any()                  # it walked beyond the painted slices
+    # Every slice of the object, seen sagittally thin: painted on 4 adjacent i columns only.
+    sagittal = np.zeros(c["mask"].shape, dtype=bool)
+    sagittal[:, :, 28:32] = c["mask"][:, :, 28:32]
+    sid2 = add_segment(c["seg"], c["volume"], sagittal, "sagittal")
+    assert mrml.extract_inputs(c["volume"], c["seg"], [sid2]).axis == 2
+    # A dot cannot tell its orientation: the message names the tied axes.
+    dot = np.zeros(c["mask"].shape, dtype=bool)
+    dot[4, 22, 30] = True
+    sid3 = add_segment(c["seg"], c["volume"], dot, "dot")
+    with pytest.raises(InputError, match="ambiguous.*across k, j and i"):
+        mrml.extract_inputs(c["volume"], c["seg"], [sid3])
+
+
 def test_update_from_the_users_corrections_of_the_candidates(scene_case, server):
     """The user erases the candidate on one slice and repaints it on another: Update sends the
     repainted slice as a support and the erased one as absent, on the same server session."""

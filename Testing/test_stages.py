@@ -69,14 +69,51 @@ def test_support_on_two_orthogonal_planes_is_refused():
     lab = _label()
     lab[5, 2:15, 2:25] = 1        # axial plane
     lab[1:9, 2:15, 12] = 1        # sagittal plane crossing it
-    with pytest.raises(InputError, match="not confined to parallel slices"):
+    with pytest.raises(InputError, match="not confined to parallel slices.*slice 12 across i"):
         support.find_support(lab)
 
 
-def test_support_full_3d_label_is_refused():
+def test_support_labels_painted_across_different_axes_are_refused():
     lab = _label()
-    lab[2:8, 4:12, 4:12] = 1
-    with pytest.raises(InputError, match="not confined"):
+    lab[4, 2:10, 2:10] = 1        # axial
+    lab[2:8, 12:18, 25] = 2       # sagittal
+    with pytest.raises(InputError, match="label 2 is also painted on slice 25 across i"):
+        support.find_support(lab)
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_support_every_slice_of_an_organ_lies_across_its_thinnest_axis(axis):
+    """Adjacent painted slices, up to the whole organ: the axis with the fewest painted slices."""
+    lab = _label((30, 30, 30))
+    box = [slice(5, 25)] * 3
+    box[axis] = slice(10, 14)                 # 4 adjacent slices across `axis`, 20 x 20 on each
+    lab[tuple(box)] = 3
+    found = support.find_support(lab)
+    assert found.axis == axis
+    assert found.slices == {3: [10, 11, 12, 13]}
+
+
+def test_support_adjacent_slices_and_organs_on_neighbouring_slices():
+    """The issue's case: one organ on its middle slice and on two corrected slices, two of them
+    adjacent, another organ on the next slices; the paint spans many rows and columns."""
+    lab = _label((40, 60, 80))
+    for k in (10, 20, 21):
+        lab[k, 5:50, 5:70] = 1
+    lab[22, 30:40, 10:30] = 2
+    lab[23, 30:40, 10:30] = 2
+    found = support.find_support(lab)
+    assert found.axis == 0
+    assert found.slices == {1: [10, 20, 21], 2: [22, 23]}
+
+
+def test_support_ambiguous_paint_names_the_tied_axes():
+    lab = _label()
+    lab[3, 4, 2:9] = 1                        # a line: on one slice across k and across j
+    with pytest.raises(InputError, match="ambiguous.*across k and j"):
+        support.find_support(lab)
+    lab = _label()
+    lab[3, 4, 5] = 1                          # a dot
+    with pytest.raises(InputError, match="ambiguous.*across k, j and i"):
         support.find_support(lab)
 
 
@@ -289,6 +326,67 @@ def test_walk_stops_where_the_confidence_drops(levels, ratio, expected):
     if expected[-1] == 3:
         assert [(r.index, r.status, r.reason) for r in records[3:]] == [(4, "absent", "confidence drop"),
                                                                           (5, "not reached", "")]
+
+
+def test_a_walk_stops_at_a_held_end_and_says_why():
+    """A correction's walk keeps the previous run's end (volume.correction_holds_ends)."""
+    from synpo.volume import _Context, _walk
+    conf = np.zeros((8, 40, 40), np.float32)
+    conf[:, 10:30, 10:30] = 0.9                              # the target on every slice
+    store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
+    store.ensure(range(8))
+    ctx = _Context(_BoxFiller(), store, conf, SynPoConfig(), {"prompts": 0.0, "decode": 0.0}, None,
+                   lambda k=1: None, held=(5,))
+    masks, records = {}, []
+    _walk(ctx, 1, 1, conf[1] > 0.5, 8, +1, 10.0, masks, records)
+    assert sorted(masks) == [2, 3, 4]
+    assert [(r.index, r.status, r.reason) for r in records[3:]] == [(5, "absent", "previous end kept"),
+                                                                      (6, "not reached", ""), (7, "not reached", "")]
+
+
+def test_a_corrections_walk_that_leaves_the_previous_masks_gives_way_to_them():
+    """walk.keep_previous: where a correction's walk parts from the previous run's masks (IoU below
+    volume.correction_keep_iou), the previous masks stand from there on, as far as they go."""
+    from synpo.volume import _Context, _walk
+    conf = np.zeros((9, 40, 40), np.float32)
+    conf[:, 10:30, 10:30] = 0.9                              # what the new walk follows
+    previous = np.zeros((9, 40, 40), np.uint8)
+    previous[1:4, 10:30, 10:30] = 2                          # agrees on slices 1-3
+    previous[4:7, 30:38, 30:38] = 2                          # elsewhere on 4-6: the walk left it there
+    store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
+    store.ensure(range(9))
+    ctx = _Context(_BoxFiller(), store, conf, SynPoConfig(), {"prompts": 0.0, "decode": 0.0}, None,
+                   lambda k=1: None, held=(8,), previous=(previous, 2))
+    masks, records = {}, []
+    _walk(ctx, 2, 1, conf[1] > 0.5, 9, +1, 10.0, masks, records)
+    assert sorted(masks) == [2, 3, 4, 5, 6]
+    for t in (4, 5, 6):
+        assert np.array_equal(masks[t], previous[t] == 2)
+    assert [(r.index, r.status, r.reason) for r in records] == [
+        (2, "present", ""), (3, "present", ""), (4, "present", "previous kept"), (5, "present", "previous kept"),
+        (6, "present", "previous kept"), (7, "not reached", ""), (8, "not reached", "")]
+
+
+def test_corrections_inside_the_previous_extent_hold_its_ends():
+    from synpo.result import SliceRecord, VolumeResult
+    from synpo.session import Session
+    from synpo.support import Support
+    session = Session.__new__(Session)
+    session.support_image = None
+    statuses = {t: "present" for t in range(4, 10)}
+    statuses.update({3: "absent", 6: "support", 10: "absent"})
+    records = [SliceRecord(1, t, st) for t, st in statuses.items()]
+    labels = np.zeros((14, 8, 8), np.uint8)
+    labels[4:10, 2:5, 2:6] = 1                               # the previous masks: 9 of 12 pixels agree below
+    labels[7, :, :] = 0
+    labels[7, 5:8, 5:8] = 1                                  # ... but not on slice 7
+    session.result = VolumeResult(labels, {}, records, Support(0, [1], {1: [6]}), "mr", ["sam"], {})
+    merged = np.zeros((14, 8, 8), np.int32)
+    merged[6, 2:5, 2:5] = 1                                  # the first paint
+    merged[8, 2:5, 2:5] = 1                                  # a correction inside slices 4-9 agreeing: holds 3, 10
+    merged[7, 2:5, 2:5] = 1                                  # one where the previous walk was elsewhere: free
+    merged[12, 2:5, 2:5] = 1                                 # one beyond the extent: free
+    assert session.held_ends(merged, 0) == {1: {8: [3, 10]}}
 
 
 @pytest.mark.parametrize("absent, present, interpolated, end", [

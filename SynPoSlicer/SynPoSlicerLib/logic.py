@@ -250,12 +250,12 @@ class PreviewLogic:
     def finishPreview(self, opacity=0.5):
         """Build the preview nodes from the finished job (main thread)."""
         from SynPoSlicerLib import mrml
-        from synpo.outputs import collapse_warnings, extent_summary
+        from synpo.outputs import changed_slices, collapse_warnings, extent_summary
         from synpo.result import FOUND
         if self.volumeNode is None or self.volumeNode.GetScene() is None:
             self.state, self.message = "cancelled", "The volume was closed; nothing was shown."
             return
-        self.result = self.job.result
+        before, self.result = (self.result if self.preview is not None else None), self.job.result
         if self.preview is not None:                 # an update replaces the preview it corrected
             self.preview.remove()
         self.preview = mrml.show_preview(self.volumeNode, self.result, self.segmentIds, self.segmentNames)
@@ -268,6 +268,9 @@ class PreviewLogic:
                         % (present, "\n".join(extent_summary(self.result, names))))
         for line in collapse_warnings(self.result, names):
             self.message += "\nWarning: " + line
+        if before is not None:                       # after Update: what the corrections changed
+            self.message = "Updated: %d slice(s) changed.\n%s" % (len(changed_slices(before, self.result)),
+                                                                  self.message)
 
     def showLayers(self, opacity):
         """The confidence over the volume in the application's slice views (a hook)."""

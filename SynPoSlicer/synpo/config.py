@@ -140,6 +140,23 @@ class VolumeConfig:
     # 0.9274 -> 0.9028 / 0.9144 / 0.8960 / 0.9296; cardiac 0.8419 / 0.8250 / 0.8505 / 0.8809 ->
     # 0.8419 / 0.8599 / 0.8840 / 0.8982 (one support: no gap, nothing changes).
     ownership: str = "agreement"
+    # A correction painted inside a label's previous extent (between the first and last slice the
+    # last run found it on) re-walks the organ around itself but keeps the previous run's ends:
+    # its walks stop where the last run's did (the slice past each end), so a new support cannot
+    # carry the label past the ends its neighbouring supports found onto a structure beside it (a
+    # spleen correction walking onto the kidney below the spleen). A correction painted outside
+    # that extent walks freely (it says the organ goes on there). Measured in docs/corrections.md.
+    correction_holds_ends: bool = True
+    # ... and such a correction's walks are judged against what they replace: where one's mask
+    # overlaps the previous run's mask of the label on that slice by less than this IoU, it has
+    # left the organ the previous walk followed (the user's supports around it agreed with that
+    # walk); it ends there and the previous masks stand beyond. 0 = off. Set a priori (not swept).
+    correction_keep_iou: float = 0.25
+    # Both only when the previous run's mask on the corrected slice agreed with the new paint
+    # (IoU at least this): the previous walk followed the organ there, the correction refines it.
+    # Where it did not (the correction says the previous walk was on something else), its ends and
+    # masks are no evidence, and the correction walks freely. Set a priori (not swept).
+    correction_trust_iou: float = 0.5
     # Thin slices: a walk decodes every n-th slice, n the most slices within this thickness (mm),
     # and fills the slices between by shape-based interpolation (interpolate.py); the organ's ends
     # are still found slice by slice. 0 = decode every slice. Slices of 3 mm and more (every
@@ -260,6 +277,8 @@ def validate(cfg: SynPoConfig) -> SynPoConfig:
         (0.0 <= v.min_overlap_first <= 1.0, "volume.min_overlap_first must be in [0, 1]"),
         (v.ownership in ("nearest", "agreement"), "volume.ownership must be nearest or agreement"),
         (v.look_ahead in ("off", "jump", "any"), "volume.look_ahead must be off, jump or any"),
+        (0.0 <= v.correction_keep_iou <= 1.0, "volume.correction_keep_iou must be in [0, 1]"),
+        (0.0 <= v.correction_trust_iou <= 1.0, "volume.correction_trust_iou must be in [0, 1]"),
         (v.walk_spacing_mm >= 0.0, "volume.walk_spacing_mm must be >= 0 (0: every slice)"),
         (0.0 <= cfg.gate.quantiles[0] < cfg.gate.quantiles[1] <= 1.0,
          "gate.quantiles must be two fractions, low < high, in [0, 1]"),

@@ -9,6 +9,12 @@ pixels that it has not touched yet:
 Then the session runs again (Session.add_support: the same embeddings). Scores: whole-volume
 Dice of each organ with every slice painted or marked for it left out (those are the user's, not
 SynPo's), false-positive slices, and the seconds of each re-run.
+
+The anchor (fill_between.py): Slicer's *Fill between slices* on the same organ's same painted
+slices at each round (the one-shot paint plus every correction's paint; a slice marked absent is
+not painted), scored the same way. The user's cost: the painted slices each needs to reach a Dice
+(COST_DICE), along the rounds, and for Fill between slices also with n slices spread evenly over
+the organ (what its users do, choosing the slices themselves).
 """
 import os
 import time
@@ -29,6 +35,15 @@ class CorrectionScore:
     fp_slices: int
     seconds: float            # the run's wall time (all organs)
     action: str               # what the annotator did before this round: "", "paint N", "absent N", "none"
+    painted: int = 1          # slices painted for this organ so far (the one-shot slice and the corrections')
+    fill_dice: float = float("nan")   # Fill between slices on the same painted slices, scored the same way
+    # Fill between slices with n slices spread evenly over the organ: the fewest n reaching each
+    # COST_DICE (0 when never, i.e. not before every labelled slice is painted).
+    fill_even_090: int = 0
+    fill_even_095: int = 0
+
+
+COST_DICE = (0.90, 0.95)      # the Dice levels whose cost in painted slices is reported
 
 
 def worst_slice(pred: np.ndarray, gt: np.ndarray, touched: Set[int]) -> Optional[Tuple[str, int]]:
@@ -55,8 +70,36 @@ def scored_without(pred: np.ndarray, gt: np.ndarray, left_out: Set[int]) -> Tupl
     p, g = pred[keep], gt[keep]
     total = p.sum() + g.sum()
     dice = float(2.0 * np.logical_and(p, g).sum() / total) if total else 1.0
-    fp = int((p.reshape(len(p), -1).any(1) & ~g.reshape(len(g), -1).any(1)).sum())
+    fp = int((p.any(axis=(1, 2)) & ~g.any(axis=(1, 2))).sum())
     return dice, fp
+
+
+def fill_dice(gt: np.ndarray, painted: Set[int], left_out: Set[int], spacing_kji=None) -> float:
+    """Dice of Fill between slices from the ground truth on `painted`, scored like SynPo."""
+    from .fill_between import fill_between_slices
+    pred = fill_between_slices({t: gt[t] for t in painted}, gt.shape, spacing_kji)
+    return scored_without(pred, gt, left_out)[0]
+
+
+def even_fill_cost(gt: np.ndarray, spacing_kji=None, levels: Sequence[float] = COST_DICE) -> List[int]:
+    """For each level: the fewest slices, spread evenly over the organ's labelled range, from which
+    Fill between slices reaches that Dice on the others (0: not before every labelled slice)."""
+    from .fill_between import even_slices
+    zs = np.flatnonzero(gt.reshape(len(gt), -1).any(1))
+    out = [0] * len(levels)
+    last = None
+    for n in range(1, int(zs[-1] - zs[0]) + 2):
+        chosen = even_slices(int(zs[0]), int(zs[-1]), n)
+        if chosen == last:
+            continue
+        last = chosen
+        d = fill_dice(gt, set(chosen), set(chosen), spacing_kji)
+        for i, level in enumerate(levels):
+            if not out[i] and d >= level:
+                out[i] = len(chosen)
+        if all(out):
+            break
+    return out
 
 
 def evaluate_corrections(pairs: Sequence[tuple], models, cfg, rounds: int, labels: Optional[Sequence[int]] = None,
@@ -74,6 +117,9 @@ def evaluate_corrections(pairs: Sequence[tuple], models, cfg, rounds: int, label
             s = support_slice(gt == v, 0.5)
             support[s][gt[s] == v] = v
         touched: Dict[int, Set[int]] = {v: {support_slice(gt == v, 0.5)} for v in wanted}
+        painted: Dict[int, Set[int]] = {v: set(touched[v]) for v in wanted}
+        spacing_kji = tuple(reversed(tuple(geom.spacing)))
+        cost = {v: even_fill_cost(gt == v, spacing_kji) for v in wanted}
         session = Session(image, geom.spacing, models, embedding_cache)
         t0 = time.perf_counter()
         result = session.run(support, cfg, axis=0)
@@ -82,9 +128,13 @@ def evaluate_corrections(pairs: Sequence[tuple], models, cfg, rounds: int, label
         for k in range(rounds + 1):
             for v in wanted:
                 dice, fp = scored_without(result.labels == v, gt == v, touched[v])
-                scores.append(CorrectionScore(name, v, k, dice, fp, seconds, actions[v]))
-                log("%s label %d after %d correction(s)%s: dice_volume %.3f fp_slices %d (%.1f s)"
-                    % (name, v, k, " (%s)" % actions[v] if actions[v] else "", dice, fp, seconds))
+                anchor = fill_dice(gt == v, painted[v], touched[v], spacing_kji)
+                scores.append(CorrectionScore(name, v, k, dice, fp, seconds, actions[v], len(painted[v]), anchor,
+                                              *cost[v]))
+                log("%s label %d after %d correction(s)%s: dice_volume %.3f fp_slices %d (%.1f s); "
+                    "fill between %d painted slices %.3f"
+                    % (name, v, k, " (%s)" % actions[v] if actions[v] else "", dice, fp, seconds,
+                       len(painted[v]), anchor))
             if k == rounds:
                 break
             paint, absent = np.zeros_like(gt), {}
@@ -98,6 +148,7 @@ def evaluate_corrections(pairs: Sequence[tuple], models, cfg, rounds: int, label
                 actions[v] = "%s %d" % (kind, t)
                 if kind == "paint":
                     paint[t][gt[t] == v] = v
+                    painted[v].add(t)
                 else:
                     absent.setdefault(v, []).append(t)
             t0 = time.perf_counter()
@@ -107,12 +158,56 @@ def evaluate_corrections(pairs: Sequence[tuple], models, cfg, rounds: int, label
 
 
 def summarize_rounds(scores: Sequence[CorrectionScore]) -> Dict[int, Dict[str, float]]:
-    """Per round: mean Dice, false-positive slices per organ, mean seconds per run."""
+    """Per round: mean Dice (SynPo, Fill between slices), painted slices per organ, false-positive
+    slices per organ, mean seconds per run."""
     out = {}
     for k in sorted({s.round for s in scores}):
         rows = [s for s in scores if s.round == k]
         runs = {(s.volume, s.round): s.seconds for s in rows}
         out[k] = {"n": len(rows), "dice_volume": float(np.mean([s.dice_volume for s in rows])),
+                  "fill_dice": float(np.mean([s.fill_dice for s in rows])),
+                  "painted": float(np.mean([s.painted for s in rows])),
                   "fp_slices_per_organ": float(np.mean([s.fp_slices for s in rows])),
-                  "seconds_per_run": float(np.mean(list(runs.values())))}
+                  "seconds_per_run": float(np.mean(list(runs.values()))),
+                  "seconds_max": float(np.max(list(runs.values())))}
+    return out
+
+
+def _organs(scores: Sequence[CorrectionScore]) -> Dict[Tuple[str, int], List[CorrectionScore]]:
+    out: Dict[Tuple[str, int], List[CorrectionScore]] = {}
+    for s in sorted(scores, key=lambda s: s.round):
+        out.setdefault((s.volume, s.label), []).append(s)
+    return out
+
+
+def monotonicity(scores: Sequence[CorrectionScore], tolerance: float = 0.005, floor: float = 0.02
+                 ) -> Dict[str, float]:
+    """Over every organ and round k >= 1: the share of steps with Dice_k >= Dice_(k-1) - tolerance,
+    the steps down by more than `floor`, and the worst step (issue 28's rule, per organ-volume)."""
+    steps = []
+    for rows in _organs(scores).values():
+        steps += [b.dice_volume - a.dice_volume for a, b in zip(rows, rows[1:])]
+    steps = np.array(steps) if steps else np.zeros(0)
+    organs = _organs(scores).values()
+    per_organ = [all(b.dice_volume >= a.dice_volume - tolerance for a, b in zip(r, r[1:])) for r in organs]
+    return {"steps": int(len(steps)), "held": float(np.mean(steps >= -tolerance)) if len(steps) else 1.0,
+            "organs_held": float(np.mean(per_organ)) if per_organ else 1.0,
+            "down_beyond_floor": int((steps < -floor).sum()), "worst": float(steps.min()) if len(steps) else 0.0}
+
+
+def cost(scores: Sequence[CorrectionScore], levels: Sequence[float] = COST_DICE) -> Dict[str, Dict[float, tuple]]:
+    """Painted slices to reach each Dice level, per method: (median over organ-volumes, share of
+    organ-volumes that reached it). Along the rounds (SynPo; Fill between slices on the same
+    slices), a never-reached organ counts as infinite; `fill_even`: n slices spread evenly."""
+    organs = list(_organs(scores).values())
+    out: Dict[str, Dict[float, tuple]] = {"synpo": {}, "fill_same": {}, "fill_even": {}}
+    for i, level in enumerate(levels):
+        for method, attr in (("synpo", "dice_volume"), ("fill_same", "fill_dice")):
+            need = []
+            for rows in organs:
+                hit = [r.painted for r in rows if getattr(r, attr) >= level]
+                need.append(min(hit) if hit else np.inf)
+            out[method][level] = (float(np.median(need)), float(np.mean(np.isfinite(need))))
+        even = [float(getattr(rows[0], "fill_even_%03d" % round(level * 100)) or np.inf) for rows in organs]
+        out["fill_even"][level] = (float(np.median(even)), float(np.mean(np.isfinite(even))))
     return out

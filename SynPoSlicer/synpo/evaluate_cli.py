@@ -31,7 +31,8 @@ def add_arguments(p) -> None:
     p.add_argument("--corrections", type=int, metavar="N",
                    help="instead of the protocols: a simulated annotator corrects each organ N times (paints the "
                         "ground truth on its worst slice, or marks its worst false-positive slice absent) and "
-                        "SynPo runs again after each round; writes corrections.csv / .md / .png")
+                        "SynPo runs again after each round; Slicer's Fill between slices runs on the same painted "
+                        "slices (needs itk-morphologicalcontourinterpolation); writes corrections.csv / .md / .png")
     p.add_argument("--embedding-cache", metavar="DIR", help="keep embeddings on disk between runs")
     p.add_argument("--quiet", action="store_true")
 
@@ -121,7 +122,8 @@ def run_corrections(args, pairs, cfg, sam, dino, use, log) -> int:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from .corrections import evaluate_corrections, summarize_rounds
+    import numpy as np
+    from .corrections import COST_DICE, cost, evaluate_corrections, monotonicity, summarize_rounds
     from .session import Models
     scores = evaluate_corrections(pairs, Models.of(sam, dino, use), cfg, args.corrections, args.labels, log,
                                   args.embedding_cache)
@@ -132,21 +134,47 @@ def run_corrections(args, pairs, cfg, sam, dino, use, log) -> int:
         writer.writeheader()
         writer.writerows(s.__dict__ for s in scores)
     summary = summarize_rounds(scores)
-    lines = ["| corrections per organ | organs | Dice (whole volume, corrected slices left out) | "
-             "false-positive slices / organ | seconds per run |", "|---|---|---|---|---|"]
+    name = os.path.basename(os.path.normpath(args.data))
+    lines = ["| corrections per organ | organs | painted slices / organ | SynPo Dice | Fill between slices Dice "
+             "(same slices) | SynPo - Fill | false-positive slices / organ | seconds per run (max) |",
+             "|---|---|---|---|---|---|---|---|"]
     for k, s in summary.items():
-        lines.append("| %d | %d | %.4f | %.2f | %.1f%s |" % (k, s["n"], s["dice_volume"], s["fp_slices_per_organ"],
-                                                             s["seconds_per_run"], " (first run)" if k == 0 else ""))
+        lines.append("| %d | %d | %.2f | %.4f | %.4f | %+.4f | %.2f | %.1f (%.1f)%s |"
+                     % (k, s["n"], s["painted"], s["dice_volume"], s["fill_dice"], s["dice_volume"] - s["fill_dice"],
+                        s["fp_slices_per_organ"], s["seconds_per_run"], s["seconds_max"],
+                        " (first run)" if k == 0 else ""))
+    lines += ["", "Whole-volume Dice over the slices neither painted nor marked for the organ; Fill between "
+              "slices: Slicer's effect (ITK morphological contour interpolation) on the organ's painted slices.", "",
+              "| painted slices to reach | SynPo (median; share reached) | Fill between slices, same slices | "
+              "Fill between slices, slices spread evenly |", "|---|---|---|---|"]
+    need = cost(scores)
+    for level in COST_DICE:
+        cells = []
+        for method in ("synpo", "fill_same", "fill_even"):
+            med, share = need[method][level]
+            cells.append("%s; %.0f %%" % ("%.0f" % med if np.isfinite(med) else "not reached", 100 * share))
+        lines.append("| Dice %.2f | %s |" % (level, " | ".join(cells)))
+    mono = monotonicity(scores)
+    lines += ["", "Monotone corrections (per organ and round, Dice_k+1 >= Dice_k - 0.005): %.1f %% of %d steps; "
+              "%.1f %% of organ-volumes at every step; %d steps down by more than 0.02; worst step %+.4f."
+              % (100 * mono["held"], mono["steps"], 100 * mono["organs_held"], mono["down_beyond_floor"],
+                 mono["worst"])]
     with open(written[0], "w") as handle:
         handle.write("\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(list(summary), [s["dice_volume"] for s in summary.values()], marker="o",
-            label=os.path.basename(os.path.normpath(args.data)))
-    ax.set_xlabel("corrections per organ")
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    x = [s["painted"] for s in summary.values()]
+    ax.plot(x, [s["dice_volume"] for s in summary.values()], marker="o", label="SynPo")
+    ax.plot(x, [s["fill_dice"] for s in summary.values()], marker="s", linestyle="--",
+            label="Fill between slices (same slices)")
+    for k, (xi, s) in enumerate(zip(x, summary.values())):
+        ax.annotate("k=%d" % k, (xi, s["dice_volume"]), textcoords="offset points", xytext=(0, 6), fontsize=7,
+                    ha="center")
+    ax.set_xlabel("painted slices per organ (mean)")
     ax.set_ylabel("Dice, whole volume")
-    ax.set_xticks(list(summary))
+    ax.set_title(name, fontsize=9)
+    ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(written[2], dpi=100)
     plt.close(fig)

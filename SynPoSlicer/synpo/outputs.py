@@ -56,6 +56,16 @@ def points_document(result: VolumeResult, geometry: Geometry, image_path: str = 
             "warnings": collapse_warnings(result), "slices": slices}
 
 
+def changed_slices(before: VolumeResult, after: VolumeResult) -> List[int]:
+    """The slices (across the later run's slicing axis) on which an update changed any label:
+    what the preview reports after Update (empty when the grids differ: nothing comparable)."""
+    if before.labels.shape != after.labels.shape:
+        return []
+    axis = after.support.axis
+    a, b = np.moveaxis(before.labels, axis, 0), np.moveaxis(after.labels, axis, 0)
+    return [int(t) for t in np.flatnonzero((a != b).reshape(len(a), -1).any(1))]
+
+
 def extent_summary(result: VolumeResult, names: Dict[int, str] = None) -> List[str]:
     """One line per label: the slices where it was found and why each end of its walk stopped,
     e.g. "liver: slices 12-35; ends at 11 (confidence drop) and 36 (too small)"."""

@@ -100,7 +100,9 @@ class Session:
             progress: Optional[Progress] = None, cancel: Optional[Callable[[], bool]] = None,
             on_slice: Optional[SliceReport] = None, confidence_from: Optional[Sequence[str]] = None,
             confidence_everywhere: bool = False, axis: Optional[int] = None,
-            absent: Optional[Dict[int, Sequence[int]]] = None) -> VolumeResult:
+            absent: Optional[Dict[int, Sequence[int]]] = None,
+            held_ends: Optional[Dict[int, Dict[int, Sequence[int]]]] = None,
+            previous: Optional[np.ndarray] = None) -> VolumeResult:
         """Segment the volume from the paint in `support` (a label map on the image's grid, or on
         `support_image`'s when it was painted on another patient's volume). Embeddings, confidence
         maps and decoded masks of earlier runs are reused wherever this run's inputs leave them valid.
@@ -122,7 +124,7 @@ class Session:
                                 confidence_from=tuple(confidence_from or self.models.confidence_from),
                                 embedding_cache=self.embedding_cache,
                                 on_slice=on_slice, confidence_everywhere=confidence_everywhere, axis=axis,
-                                absent=absent)
+                                absent=absent, held_ends=held_ends, previous=previous)
         self.support, self.support_image, self.cfg, self.result = support, support_image, cfg, result
         self.absent = {int(v): sorted(int(t) for t in s) for v, s in (absent or {}).items() if len(s)}
         self.last_used = time.monotonic()
@@ -166,7 +168,38 @@ class Session:
             marks.setdefault(int(v), set()).update(int(s) for s in slices)
         return self.run(merged, cfg if cfg is not None else self.cfg, self.support_image, progress, cancel, on_slice,
                         confidence_everywhere=confidence_everywhere, axis=axis,
-                        absent={v: sorted(s) for v, s in marks.items() if s})
+                        absent={v: sorted(s) for v, s in marks.items() if s},
+                        held_ends=self.held_ends(merged, axis, cfg if cfg is not None else self.cfg),
+                        previous=self.result.labels)
+
+    def held_ends(self, merged: np.ndarray, axis: int, cfg: Optional[SynPoConfig] = None
+                  ) -> Dict[int, Dict[int, List[int]]]:
+        """{label: {new support slice: [the previous run's ends]}} for the corrections painted inside
+        the label's previous extent on which the previous mask agreed with the new paint
+        (IoU >= volume.correction_trust_iou: the previous walk followed the organ there;
+        volume.correction_holds_ends): their walks stop one slice past the first and last slice
+        the last run found the label on, and are judged against the previous masks."""
+        trust = (cfg if cfg is not None else default_config()).volume.correction_trust_iou
+        from .result import FOUND
+        prev = self.result
+        if prev is None or self.support_image is not None:
+            return {}
+        m = to_slices(merged, axis)
+        n = m.shape[0]
+        out: Dict[int, Dict[int, List[int]]] = {}
+        for v in prev.support.labels:
+            found = [r.index for r in prev.records if r.label == v and r.status in FOUND]
+            if not found:
+                continue
+            lo, hi = min(found), max(found)
+            painted = np.flatnonzero((m == v).reshape(n, -1).any(1))
+            before = to_slices(prev.labels, axis)
+            new = [int(s) for s in painted if s not in prev.support.slices.get(v, ()) and lo <= s <= hi
+                   and _iou(before[s] == v, m[s] == v) >= trust]
+            ends = [t for t in (lo - 1, hi + 1) if 0 <= t < n]
+            if new and ends:
+                out[v] = {s: ends for s in new}
+        return out
 
     # ------------------------------------------------------------------ one slice
 
@@ -229,3 +262,7 @@ class Session:
         seen = {id(a): a for a in arrays if a is not None}         # a map shared by stores and result counts once
         return total + sum(_nbytes(a) for a in seen.values())
 
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0

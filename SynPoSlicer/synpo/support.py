@@ -21,20 +21,47 @@ def _occupied(mask: np.ndarray, axis: int) -> np.ndarray:
     return np.flatnonzero(mask.any(axis=other))
 
 
-def _is_sparse(indices: np.ndarray) -> bool:
-    """Painted slices count as separate supports: one or two, no two adjacent, or at most half the span."""
-    if len(indices) <= 2 or np.all(np.diff(indices) > 1):
-        return True
-    span = int(indices[-1] - indices[0] + 1)
-    return len(indices) <= span // 2
+def _plane_across(mask: np.ndarray, other: int, axis: int, min_side: int = 3) -> Optional[int]:
+    """The first slice across `other` holding a painted plane 1 voxel thick across `other` (nothing
+    painted on either side of it), at least `min_side` voxels on each of at least `min_side`
+    consecutive slices across `axis`: a slice painted across `other` inside paint across `axis`.
+    None when there is none (paint on slices across `axis`, adjacent or not, has no such plane
+    unless the organ is 1 voxel thin there over 3 slices)."""
+    lone = mask.copy()
+    before = [slice(None)] * 3
+    after = [slice(None)] * 3
+    before[other], after[other] = slice(0, -1), slice(1, None)
+    lone[tuple(before)] &= ~mask[tuple(after)]
+    lone[tuple(after)] &= ~mask[tuple(before)]
+    stack = np.moveaxis(lone, (other, axis), (0, 1))       # [slice across other, slice across axis, rest]
+    rows = stack.sum(axis=2) >= min_side                   # [other, axis]: enough lone voxels
+    for s in np.flatnonzero(rows.sum(axis=1) >= min_side):
+        run = best = 0
+        for hit in rows[s]:
+            run = run + 1 if hit else 0
+            best = max(best, run)
+        if best >= min_side:
+            return int(s)
+    return None
+
+
+def _axis_list(axes: List[int]) -> str:
+    names = ["kji"[a] for a in axes]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def find_support(label: np.ndarray, axis: Optional[int] = None) -> Support:
-    """Find the axis across which the paint is confined and the painted slices.
+    """Find the slicing axis and the painted slices.
+
+    The slicing axis is the one across which the paint is thinnest: the fewest painted slices,
+    counted per label and summed (adjacent slices, organs painted on neighbouring slices and an
+    organ painted on every one of its slices all qualify). Refused when two axes tie (a dot or a
+    line: the orientation cannot be told; the message names the tied axes), and when a label is
+    also painted on a slice across another axis (two crossing planes).
 
     axis: the slicing axis when it is known (the first support's, for corrections): then every
-    painted slice across it is a support slice, adjacent ones included.
-    Raises InputError for empty paint or paint not confined to parallel slices.
+    painted slice across it is a support slice.
+    Raises InputError for empty, ambiguous or crossing paint.
     """
     if label.ndim != 3:
         raise InputError("support label is %dD; a 3D label map is needed" % label.ndim)
@@ -49,17 +76,29 @@ def find_support(label: np.ndarray, axis: Optional[int] = None) -> Support:
             raise InputError("the slicing axis must be 0, 1 or 2 (k, j, i), not %r" % (axis,))
         return Support(axis=int(axis), labels=labels,
                        slices={v: [int(s) for s in _occupied(label == v, axis)] for v in labels})
-    counts = [len(_occupied(painted, a)) for a in range(3)]
-    # An axis qualifies when each label's paint is confined to separate slices across it.
-    candidates = [a for a in np.argsort(counts, kind="stable")
-                  if all(_is_sparse(_occupied(label == v, a)) for v in labels)]
-    if not candidates:
+    masks, occupied = {}, {}
+    for v in labels:                   # each label's paint cropped to its bounding box
+        m = label == v
+        occupied[v] = [_occupied(m, a) for a in range(3)]
+        masks[v] = m[tuple(slice(o[0], o[-1] + 1) for o in occupied[v])]
+    counts = [sum(len(occupied[v][a]) for v in labels) for a in range(3)]
+    tied = [a for a in range(3) if counts[a] == min(counts)]
+    if len(tied) > 1:
         raise InputError(
-            "support paint is not confined to parallel slices (it covers %s consecutive slices along "
-            "k, j, i): paint the target on one slice, or on a few separate parallel slices"
-            % "/".join(str(c) for c in counts))
-    axis = int(candidates[0])
-    slices = {v: [int(s) for s in _occupied(label == v, axis)] for v in labels}
+            "support paint is ambiguous: it lies on as many slices across %s (%d; %s painted slices along "
+            "k, j, i), so the slicing axis cannot be told: paint the target as a 2D region on one slice, "
+            "or on a few parallel slices" % (_axis_list(tied), counts[tied[0]], "/".join(map(str, counts))))
+    axis = tied[0]
+    for v in labels:
+        for other in (a for a in range(3) if a != axis):
+            s = _plane_across(masks[v], other, axis)
+            if s is not None:
+                raise InputError(
+                    "support paint is not confined to parallel slices: it is thinnest across %s (%s painted "
+                    "slices along k, j, i) but label %d is also painted on slice %d across %s: paint the "
+                    "target on one slice, or on a few parallel slices"
+                    % ("kji"[axis], "/".join(map(str, counts)), v, s + int(occupied[v][other][0]), "kji"[other]))
+    slices = {v: [int(s) for s in occupied[v][axis]] for v in labels}
     return Support(axis=axis, labels=labels, slices=slices)
 
 

@@ -56,7 +56,9 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
                    embedding_cache: Optional[str] = None,
                    on_slice: Optional[SliceReport] = None,
                    confidence_everywhere: bool = False, axis: Optional[int] = None,
-                   absent: Optional[Dict[int, Sequence[int]]] = None) -> VolumeResult:
+                   absent: Optional[Dict[int, Sequence[int]]] = None,
+                   held_ends: Optional[Dict[int, Dict[int, Sequence[int]]]] = None,
+                   previous: Optional[np.ndarray] = None) -> VolumeResult:
     """Segment every slice of `image` ([k, j, i]) from the paint in `support_label`.
 
     support_image: the volume the support was painted on, when it is not `image`
@@ -73,8 +75,13 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
     slices across it, adjacent ones included, is support. Else it is found from the paint.
     absent: {label: slices across the axis} where the user says the label is absent (an erased
     false positive): a walk ends there and never crosses it.
+    held_ends: {label: {support slice: slices}}: the walks from that support end at those slices
+    (a correction painted inside the organ's previous extent keeps the previous run's ends:
+    Session.add_support, volume.correction_holds_ends). previous: the previous run's label
+    volume ([k, j, i]), against which those supports' walks are judged (walk.keep_previous).
     """
-    run = VolumeRun(image, spacing_ijk, support_label, sam, dino, cfg, support_image, confidence_from, axis, absent)
+    run = VolumeRun(image, spacing_ijk, support_label, sam, dino, cfg, support_image, confidence_from, axis, absent,
+                    held_ends, previous)
     return run.segment(progress, cancel, stores if stores is not None else {}, embedding_cache, on_slice,
                        confidence_everywhere)
 
@@ -93,8 +100,12 @@ class VolumeRun:
 
     def __init__(self, image: np.ndarray, spacing_ijk, support_label: np.ndarray, sam, dino, cfg: SynPoConfig,
                  support_image: Optional[np.ndarray], confidence_from: Optional[Sequence[str]],
-                 axis: Optional[int], absent: Optional[Dict[int, Sequence[int]]]):
+                 axis: Optional[int], absent: Optional[Dict[int, Sequence[int]]],
+                 held_ends: Optional[Dict[int, Dict[int, Sequence[int]]]] = None,
+                 previous: Optional[np.ndarray] = None):
         validate(cfg)
+        self.held = {int(v): {int(s): tuple(int(t) for t in ts) for s, ts in d.items()}
+                     for v, d in (held_ends or {}).items()} if cfg.volume.correction_holds_ends else {}
         self.timings = {k: 0.0 for k in ("intensity", "encode_sam", "encode_dinov2", "confidence", "prompts",
                                          "decode")}
         t0 = time.perf_counter()
@@ -114,6 +125,8 @@ class VolumeRun:
         self.timings["intensity"] = time.perf_counter() - t0
 
         self.axis = axis = support.axis
+        self.previous = (to_slices(previous, axis) if previous is not None and self.held
+                         and cfg.volume.correction_keep_iou > 0 else None)
         self.query = np.ascontiguousarray(to_slices(norm, axis))
         self.ref = np.ascontiguousarray(to_slices(ref_norm, axis)) if cross else self.query
         del norm, ref_norm                  # (a copy when the slicing axis is not k: keep only one)
@@ -226,9 +239,13 @@ class VolumeRun:
         leaves the rest of the organ as the other supports had it (the same maps, the same decoded
         masks), instead of blending its features into every slice's prototypes."""
         def context(conf, idx, masks):
+            held = () if self.cross else self.held.get(label, {}).get(idx[0], ())
+            # A ring's filled shape and hole are not the label's ring: judged by their ends only.
+            previous = ((self.previous, label) if held and self.previous is not None and label not in self.rings
+                        else None)
             return _Context(self.sam, self.q_stores["sam"], conf, self.cfg, timings, self.stopped, self.tick,
                             self.target_range(idx, masks), report, self.absent.get(label, ()), self.judge,
-                            self.stride, self.spacing_rc)
+                            self.stride, self.spacing_rc, held, previous)
 
         def min_area(masks):
             return self.cfg.volume.min_area_fraction * float(np.mean([m.sum() for m in masks]))

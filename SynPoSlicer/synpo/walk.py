@@ -75,7 +75,7 @@ class _Context:
 
     def __init__(self, sam, embeds, conf, cfg, timings, cancel, tick, gate_range=None,
                  on_slice: Optional[SliceReport] = None, absent: Sequence[int] = (), judge: Judge = judge_step,
-                 stride: int = 1, spacing_rc=(1.0, 1.0)):
+                 stride: int = 1, spacing_rc=(1.0, 1.0), held: Sequence[int] = (), previous=None):
         self.sam, self.embeds, self.conf, self.cfg = sam, embeds, conf, cfg
         self.judge = judge
         self.stride, self.spacing_rc = stride, spacing_rc   # walk every stride-th slice (thin slices)
@@ -83,6 +83,10 @@ class _Context:
         self.gate_range = gate_range             # the target's grey-value range (gate.py), or None
         self.on_slice = on_slice
         self.absent = set(absent)                # slices the user marked "target absent": walks end there
+        self.held = set(held) - self.absent      # the previous run's ends, kept for a correction's walks
+        # (slices, label): the previous run's label volume (slicing axis first) for a correction's
+        # walks: where such a walk parts from it entirely, the previous masks are kept (keep_previous).
+        self.previous = previous
 
     def prefetch(self, indices: Sequence[int]) -> None:
         """The next slices of a walk are embedded when it reaches them, a batch at a time (a
@@ -136,7 +140,7 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
         jump = t + step * ctx.stride
         between = range(t + step, jump + step, step)
         if (ctx.stride > 1 and (single_until - t) * step <= 0 and ahead(jump)
-                and not any(u in ctx.absent for u in between)):
+                and not any(u in ctx.absent or u in ctx.held for u in between)):
             ctx.prefetch([jump])
             new, rec = ctx.decode(label, jump, prev, min_area, prev_score, first=painted and t == start, tick=False)
             if new is not None:
@@ -155,17 +159,19 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
         u = t + step
         if not ahead(u):
             return
-        if u in ctx.absent:                      # the user said so: no decoding, the walk ends here
+        if u in ctx.absent or u in ctx.held:     # the user said so: no decoding, the walk ends here
             new, rec = None, _record(label, u, "absent")
-            rec.reason = "marked absent"
+            rec.reason = "marked absent" if u in ctx.absent else "previous end kept"
             ctx.tick()
         else:
-            ctx.prefetch([v for v in range(u, stop, step)[:ctx.embeds.batch_size] if v not in ctx.absent]
+            ctx.prefetch([v for v in range(u, stop, step)[:ctx.embeds.batch_size]
+                          if v not in ctx.absent and v not in ctx.held]
                          if ctx.stride == 1 else [u])
             new, rec = ctx.decode(label, u, prev, min_area, prev_score, first=painted and t == start)
             look = ctx.cfg.volume.look_ahead
             if (new is None and (look == "any" or (look == "jump" and rec.reason == "left the previous mask"))
-                    and ahead(u + step) and u + step not in ctx.absent):
+                    and ahead(u + step) and u + step not in ctx.absent
+                    and u + step not in ctx.held):
                 # One slice judged absent does not end the walk when the slice after it, decoded
                 # from the same neighbour, is judged present: slice u gets the shape between them.
                 v = u + step
@@ -182,6 +188,9 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
                     ctx.tick()
                     prev, prev_score, t = after, rec_after.score, v
                     continue
+        if new is not None and ctx.previous is not None and keep_previous(ctx, label, u, new, stop, step, masks,
+                                                                          records):
+            return
         records.append(rec)
         ctx.report(rec, new)
         if new is None:
@@ -194,6 +203,43 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
             return
         masks[u] = new
         prev, prev_score, t = new, rec.score, u
+
+
+def keep_previous(ctx: _Context, label: int, u: int, new: np.ndarray, stop: int, step: int,
+                  masks: Dict[int, np.ndarray], records: List[SliceRecord]) -> bool:
+    """A correction's walk judged against what it replaces (volume.correction_keep_iou): where its
+    mask on slice u overlaps the previous run's mask of the label there by less than the IoU
+    limit, it has left the organ the previous walk followed; the walk ends and the previous masks
+    stand from u on (as far as the previous run found the label). True when it ended (slice u,
+    decoded, is counted done already)."""
+    stack, value = ctx.previous
+    old = stack[u] == value
+    if not old.any():
+        return False
+    union = np.logical_or(old, new).sum()
+    if union and np.logical_and(old, new).sum() / union >= ctx.cfg.volume.correction_keep_iou:
+        return False
+    first = u
+    while (stop - u) * step > 0:
+        old = stack[u] == value
+        if not old.any():
+            break
+        masks[u] = old
+        rec = _record(label, u, "present")
+        rec.reason = "previous kept"
+        records.append(rec)
+        ctx.report(rec, old)
+        if u != first:
+            ctx.tick()
+        u += step
+    if u == first:
+        return False
+    while (stop - u) * step > 0:
+        records.append(_record(label, u, "not reached"))
+        ctx.report(records[-1], None)
+        ctx.tick()
+        u += step
+    return True
 
 
 def walk_stride(walk_spacing_mm: float, slice_spacing_mm: float) -> int:
