@@ -268,3 +268,39 @@ def test_usage_errors_are_one_line_before_anything_starts(case, tmp_path, capsys
     assert main(["cohort", case["ref"], case["labels"], str(case["queries"]), "-o", str(out)] + MODEL) == 2
     assert "it is not a cohort output" in capsys.readouterr().err
     assert (out / "case2_synpo.nii.gz").read_bytes() == b"the user's own file"
+
+
+def test_the_shared_reference_embeddings_spare_every_query_the_reference_slices(case):
+    """inject_reference puts the reference task's embeddings where a query's run looks for them:
+    the run embeds query slices only, and its result is the one it gets on its own."""
+    from synpo.cohort import _reference_slices, inject_reference
+    from synpo.config import configured
+    from synpo.io import read_volume
+    from synpo.session import Models, Session
+    from synpo.support import find_support, in_plane_spacing
+    from synpo.volume import EmbeddingStore
+    cfg = configured(LOOSE)
+    models = Models.load("vit_b", "sam", device="cpu")
+    ref, ref_geometry = read_volume(case["ref"])
+    labels, _ = read_volume(case["labels"], label=True)
+    support = find_support(labels)
+    slices = _reference_slices(ref, cfg, support.axis)
+    frame = models.sam.frame(slices.shape[1], slices.shape[2], in_plane_spacing(ref_geometry.spacing, support.axis))
+    store = EmbeddingStore(models.sam, slices, frame, 1, case["cache"])     # as the reference task does
+    painted = sorted({s for v in support.slices.values() for s in v})
+    store.ensure(painted)
+    features = {"axis": support.axis, "encoders": {"sam": (frame, {i: store.cache[i] for i in painted})}}
+    image, geometry = read_volume(str(case["queries"] / "case2.nii.gz"))
+    embedded = []
+    original = models.sam.embed
+
+    def counting(batch, fr):
+        embedded.extend(np.asarray(batch))
+        return original(batch, fr)
+    models.sam.embed = counting
+    session = Session(image, geometry.spacing, models)              # no disk cache: every slice is embedded here
+    assert inject_reference(session, features, ref, cfg, geometry.spacing)
+    result = session.run(labels, cfg, support_image=ref)
+    assert len(embedded) == len(result.computed) > 0
+    assert not any(np.array_equal(e, slices[s]) for e in embedded for s in painted)
+    assert np.array_equal(result.labels, case["expected"]["case2"])
