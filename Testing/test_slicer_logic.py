@@ -450,16 +450,12 @@ def test_what_the_user_sees_points_overlay_and_candidate(axial_case, server):
     preview.remove()
 
 
-def _module_logic(monkeypatch):
-    """The module's SynPoSlicerLogic on slicer-core: stand-ins only for Qt and the scripted-module
-    base classes, which slicer-core does not have."""
-    import importlib.util
+def install_module_stand_ins(monkeypatch, settings, timer):
+    """What slicer-core lacks for the module file: Qt (QSettings, QTimer given) and the
+    scripted-module base classes."""
     import types
     qt = types.ModuleType("qt")
-    qt.QSettings = lambda: types.SimpleNamespace(value=lambda key, default=None: default, setValue=lambda *a: None)
-    # The logic's timer: these tests step the logic themselves (test_slicer_session.py fires a timer).
-    qt.QTimer = lambda: types.SimpleNamespace(setInterval=lambda ms: None, connect=lambda *a: None,
-                                              start=lambda: None, stop=lambda: None)
+    qt.QSettings, qt.QTimer, qt.QIcon = settings, timer, (lambda *a: None)
     monkeypatch.setitem(sys.modules, "qt", qt)
     base = types.ModuleType("slicer.ScriptedLoadableModule")
     for cls in ("ScriptedLoadableModule", "ScriptedLoadableModuleTest", "ScriptedLoadableModuleWidget"):
@@ -467,6 +463,18 @@ def _module_logic(monkeypatch):
     base.ScriptedLoadableModuleLogic = type("ScriptedLoadableModuleLogic", (), {"__init__": lambda self: None})
     monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", base)
     monkeypatch.setattr(slicer.util, "setSliceViewerLayers", lambda **kwargs: None, raising=False)
+
+
+def _module_logic(monkeypatch):
+    """The module's SynPoSlicerLogic on slicer-core: stand-ins only for Qt and the scripted-module
+    base classes, which slicer-core does not have."""
+    import importlib.util
+    import types
+    settings = lambda: types.SimpleNamespace(value=lambda key, default=None: default, setValue=lambda *a: None)
+    # The logic's timer: these tests step the logic themselves (test_slicer_session.py fires a timer).
+    timer = lambda: types.SimpleNamespace(setInterval=lambda ms: None, connect=lambda *a: None,
+                                          start=lambda: None, stop=lambda: None)
+    install_module_stand_ins(monkeypatch, settings, timer)
     path = os.path.join(os.path.dirname(__file__), "..", "SynPoSlicer", "SynPoSlicer.py")
     spec = importlib.util.spec_from_file_location("SynPoSlicerForTest", path)
     module = importlib.util.module_from_spec(spec)

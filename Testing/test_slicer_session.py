@@ -34,7 +34,7 @@ sys.path.insert(0, MODULE_DIR)
 
 import slicer  # noqa: E402  (slicer-core)
 
-from test_slicer_logic import _parameters, add_volume, scene_case, server  # noqa: E402,F401  (fixtures)
+from test_slicer_logic import _parameters, add_volume, install_module_stand_ins, scene_case, server  # noqa: E402,F401
 from SynPoSlicerLib import mrml  # noqa: E402
 
 
@@ -211,18 +211,8 @@ def sandbox(monkeypatch):
     """Stand-ins for what slicer-core lacks (Qt, the scripted-module base classes, the Segment Editor
     effects package), and sys.modules restored afterwards (reloads must not leak into other tests)."""
     saved = dict(sys.modules)
-    qt = types.ModuleType("qt")
-    qt.QSettings = Settings
-    qt.QTimer = FakeTimer
-    qt.QIcon = lambda *a: None
     Settings.values = {}
-    monkeypatch.setitem(sys.modules, "qt", qt)
-    base = types.ModuleType("slicer.ScriptedLoadableModule")
-    for cls in ("ScriptedLoadableModule", "ScriptedLoadableModuleTest", "ScriptedLoadableModuleWidget"):
-        setattr(base, cls, type(cls, (), {}))
-    base.ScriptedLoadableModuleLogic = type("ScriptedLoadableModuleLogic", (), {"__init__": lambda self: None})
-    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", base)
-    monkeypatch.setattr(slicer.util, "setSliceViewerLayers", lambda **kwargs: None, raising=False)
+    install_module_stand_ins(monkeypatch, Settings, FakeTimer)
 
     @contextlib.contextmanager
     def raising(message, waitCursor=False):               # errors reach the test instead of a dialog
@@ -323,14 +313,22 @@ def test_the_effect_still_clones_after_a_developer_mode_reload(sandbox):
     assert type(clone.self()).__name__ == "SegmentEditorEffect"
 
 
-def test_one_exception_class_per_error_after_a_reload(sandbox):
+def test_developer_reload_gives_one_exception_class_and_stops_the_old_server(sandbox):
+    """slicer.util.reloadScriptedModule re-executes SynPoSlicer.py under the same module name
+    (imp.load_module): reproduced by executing the file again in the module's namespace."""
     import SynPoSlicerLib.engine  # noqa: F401  (loaded before the reload, as in a running Slicer)
     import synpo.client  # noqa: F401
-    sandbox.reloadHelpers()
+    stopped = []
+    old = sandbox.sharedLogic()
+    old.stopServer = lambda: stopped.append("server")
+    spec = importlib.util.spec_from_file_location("SynPoSlicer", os.path.join(MODULE_DIR, "SynPoSlicer.py"))
+    spec.loader.exec_module(sandbox)                        # the Reload button
+    assert stopped == ["server"] and sandbox.sharedLogic() is not old
     from SynPoSlicerLib import engine
     from synpo import client, errors
     assert engine.ServerError is client.ServerError
     assert issubclass(engine.ServerError, errors.SynPoError)
+    assert sys.modules["SynPoSlicerLib.logic"].PreviewLogic in type(sandbox.sharedLogic()).__mro__
 
 
 def _editor_logic(c, segmentation):
@@ -364,18 +362,19 @@ def _drive(logic, until, timeout=300):
         assert time.time() < deadline, logic.message
 
 
-def _use_server(server):
+def _effect_with_server(module, c, server):
+    """The SynPo effect as Slicer registers it, on an editor showing the test's segmentation, the panel's
+    settings naming `server`; returns (the effect's Python object, the shared logic)."""
     Settings.values = {"SynPoSlicer/ServerURL": server.url, "SynPoSlicer/TokenFile": server.token_file}
+    ScriptedEffect.editor = _editor_logic(c, c["seg"])
+    effect = ScriptedEffect()
+    effect.setPythonSource(EFFECT_FILE)
+    return effect.self(), _shared_logic(module, c)
 
 
 def test_a_run_survives_deactivate_and_apply_writes_the_previewed_segmentation(sandbox, scene_case, server):
     c = scene_case
-    _use_server(server)
-    ScriptedEffect.editor = _editor_logic(c, c["seg"])
-    effect = ScriptedEffect()
-    effect.setPythonSource(EFFECT_FILE)
-    python = effect.self()
-    logic = _shared_logic(sandbox, c)
+    python, logic = _effect_with_server(sandbox, c, server)
     python.activate()
     python.onPreview()
     assert logic.active() and logic._timer.active
@@ -399,12 +398,7 @@ def test_a_run_survives_deactivate_and_apply_writes_the_previewed_segmentation(s
 
 def test_cancel_after_deactivate_ends_the_run_on_the_server(sandbox, scene_case, server):
     c = scene_case
-    _use_server(server)
-    ScriptedEffect.editor = _editor_logic(c, c["seg"])
-    effect = ScriptedEffect()
-    effect.setPythonSource(EFFECT_FILE)
-    python = effect.self()
-    logic = _shared_logic(sandbox, c)
+    python, logic = _effect_with_server(sandbox, c, server)
     other = add_volume(c["scene"], c["image"] + 7.0, c["matrix"], "not embedded yet")
     ScriptedEffect.editor.GetSegmentEditorNode().SetAndObserveSourceVolumeNode(other)
     python.activate()
@@ -508,3 +502,26 @@ def test_apply_refuses_where_slicer_would_write_nothing(sandbox, scene_case, ser
         logic.apply(editorLogic=editor)
     assert logic.preview is not None
     logic.discard()
+
+
+def test_apply_masks_around_the_segment_it_writes_not_the_one_selected(sandbox, scene_case, server):
+    """The editable-area mask is built around the editor node's selected segment
+    (vtkSlicerSegmentEditorLogic::UpdateMaskLabelmap -> GenerateEditMask): with "outside all segments",
+    writing the target while the user has another segment selected must still protect that one."""
+    from test_slicer_logic import _finished_structure
+    c = scene_case
+    finished, done = _finished_structure(c)
+    logic = sandbox.sharedLogic()
+    logic.useServer(server.url, server.token_file)
+    params = _parameters(logic, c["scene"])
+    assert logic.process(c["volume"], c["seg"], [c["target"]], params, timeout=300) == "previewed"
+    labels = logic.preview.labels.copy()
+    assert (done & (labels == 1)).any()
+    editor = _editor_logic(c, c["seg"])
+    node = editor.GetSegmentEditorNode()
+    node.SetSelectedSegmentID(finished)                    # the user last worked on "finished"
+    node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments)
+    logic.apply(editorLogic=editor)
+    assert np.array_equal(mrml.segment_array(c["seg"], finished, c["volume"]).astype(bool), done)
+    target = mrml.segment_array(c["seg"], c["target"], c["volume"]).astype(bool)
+    assert np.array_equal(target, (labels == 1) & ~done)

@@ -127,7 +127,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def writeSegment(self, segmentationNode, segmentId, labelmap):
         """The editor's own write, masking settings included (qSlicerSegmentEditorAbstractEffect::
-        modifySegmentByLabelmap)."""
+        modifySegmentByLabelmap). Its editable-area mask is built around the parameter node's selected
+        segment (qMRMLSegmentEditorWidgetPrivate::updateMaskLabelmap, 5.10's UpdateMaskLabelmap):
+        the segment written is selected first."""
+        self.scriptedEffect.parameterSetNode().SetSelectedSegmentID(segmentId)
         self.scriptedEffect.modifySegmentByLabelmap(segmentationNode, segmentId, labelmap,
                                                     slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
 
@@ -144,9 +147,20 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             node = self.scriptedEffect.parameterSetNode()
             target = logic.segmentationNode
             check_writable(target, logic.volumeNode, logic.segmentIds, node)
+            selected = node.GetSelectedSegmentID()
             if node.GetSegmentationNode() is not target:
+                # The widget then selects the first segment and sets the source volume to the
+                # segmentation's reference geometry node, possibly none
+                # (qMRMLSegmentEditorWidget::updateWidgetFromSegmentationNode): set both back.
                 node.SetAndObserveSegmentationNode(target)
-            message = logic.apply(target, write=self.writeSegment, saveState=self.scriptedEffect.saveStateForUndo)
+                selected = None
+            node.SetAndObserveSourceVolumeNode(logic.volumeNode)
+            check_writable(target, logic.volumeNode, logic.segmentIds, node)
+            try:
+                message = logic.apply(target, write=self.writeSegment,
+                                      saveState=self.scriptedEffect.saveStateForUndo)
+            finally:
+                node.SetSelectedSegmentID(selected if selected else logic.segmentIds[0])
             if self.statusLabel is not None:
                 self.statusLabel.text = message
         self.updateGUIFromMRML()

@@ -80,6 +80,9 @@ def editor_logic(scene, segmentation_node, volume_node, editor_node=None):
 def logic_writer(logic) -> Callable:
     """Write through a vtkSlicerSegmentEditorLogic: the editor node's masking settings apply."""
     def write(segmentation_node, segment_id, labelmap):
+        # The editable-area mask is built around the editor node's *selected* segment
+        # (vtkSlicerSegmentEditorLogic::UpdateMaskLabelmap -> GenerateEditMask): select the one written.
+        logic.GetSegmentEditorNode().SetSelectedSegmentID(segment_id)
         logic.ModifySegmentByLabelmap(segmentation_node, segment_id, labelmap, logic.ModificationModeSet,
                                       False, False)
     return write

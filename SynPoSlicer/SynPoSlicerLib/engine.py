@@ -31,6 +31,19 @@ def default_python() -> str:
     return found or sys.executable
 
 
+def base_environment(python: str) -> dict:
+    """The environment the server starts in. Inside Slicer, a Python other than PythonSlicer gets the
+    environment Slicer itself was started with (slicer.util.startupEnvironment, as
+    launchConsoleProcess does): Slicer's PYTHONHOME, PYTHONPATH and library paths would break it."""
+    slicer = sys.modules.get("slicer")
+    in_slicer = slicer is not None and getattr(slicer, "app", None) is not None
+    if in_slicer and not os.path.basename(python).lower().startswith("pythonslicer"):
+        startup = getattr(getattr(slicer, "util", None), "startupEnvironment", None)
+        if startup is not None:
+            return dict(startup())
+    return dict(os.environ)
+
+
 def server_key(python: Optional[str], device: str, sam: str, features: str, extra: Sequence[str] = ()) -> tuple:
     """What a local server is started with; a running server serves every preview with the same key."""
     return (python or default_python(), device, sam, features, tuple(extra))
@@ -63,7 +76,7 @@ class ServerProcess:
     def start(self) -> "ServerProcess":
         from synpo.server import make_token_file
         make_token_file(self.token_file)
-        env = dict(os.environ)
+        env = base_environment(self.python)
         env["PYTHONPATH"] = MODULE_DIR + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.setdefault("PYTHONUNBUFFERED", "1")
         cmd = [self.python, "-m", "synpo.cli", "serve", "--port", "0", "--token-file", self.token_file,

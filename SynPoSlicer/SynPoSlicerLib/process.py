@@ -62,9 +62,9 @@ def end_tree(proc: subprocess.Popen, grace: float = 5.0) -> None:
     group = _process_group(proc)
     _signal_all(proc, children, group, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _any_alive(proc, children):
+    while time.monotonic() < deadline and _any_alive(proc, children, group):
         time.sleep(0.05)
-    if _any_alive(proc, children):
+    if _any_alive(proc, children, group):
         _signal_all(proc, children, group, getattr(signal, "SIGKILL", signal.SIGTERM))
     try:
         proc.wait(grace)
@@ -73,14 +73,11 @@ def end_tree(proc: subprocess.Popen, grace: float = 5.0) -> None:
 
 
 def _process_group(proc: subprocess.Popen) -> Optional[int]:
-    """The child's own process group (it was started with start_new_session), never ours."""
-    if os.name == "nt" or not hasattr(os, "getpgid"):
+    """The child's own process group: started with start_new_session, its group id is its pid (known
+    even after the launcher has exited and been reaped); never ours."""
+    if os.name == "nt" or not hasattr(os, "killpg"):
         return None
-    try:
-        group = os.getpgid(proc.pid)
-    except OSError:
-        return None
-    return group if group != os.getpgid(0) else None
+    return proc.pid if proc.pid != os.getpgid(0) else None
 
 
 def _signal_all(proc, children, group, sig) -> None:
@@ -101,9 +98,15 @@ def _signal_all(proc, children, group, sig) -> None:
             pass
 
 
-def _any_alive(proc, children) -> bool:
+def _any_alive(proc, children, group=None) -> bool:
     if proc.poll() is None:
         return True
+    if group is not None:
+        try:
+            os.killpg(group, 0)              # some process of the group (python-real) is left
+            return True
+        except OSError:
+            pass
     for child in children:
         try:
             if child.is_running() and child.status() != "zombie":

@@ -5,6 +5,7 @@
                   [--device auto|cpu|cuda] [--confidence-out CONF.nii.gz] [--points-out POINTS.json]
                   [--set SECTION.FIELD=VALUE ...] [--quiet]
     synpo demo [-o DIR]
+    synpo cohort REF_IMAGE REF_LABELS QUERY... -o OUTDIR [--scheduler ADDRESS] ...
     synpo evaluate DATA_DIR [-o DIR] ...
     synpo benchmark IMAGE SUPPORT [-o REPORT.json] ...
     synpo download MODEL
@@ -199,6 +200,11 @@ def cmd_benchmark(args) -> int:
     return 0
 
 
+def cmd_cohort(args) -> int:
+    from .cohort import run_cohort
+    return run_cohort(args)
+
+
 def cmd_evaluate(args) -> int:
     from .evaluate_cli import run_evaluate
     return run_evaluate(args)
@@ -299,6 +305,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_option(bench)
     bench.add_argument("--quiet", action="store_true")
     bench.set_defaults(func=cmd_benchmark)
+
+    cohort = sub.add_parser("cohort", help="segment many volumes from one labelled reference, on Dask",
+                            description="Segment each QUERY from the slices painted in REF_LABELS on REF_IMAGE "
+                            "(as `synpo segment QUERY REF_LABELS --support-image REF_IMAGE`), one Dask task per "
+                            "volume, on a local cluster or --scheduler's; writes OUTDIR/<name>_synpo.nii.gz and "
+                            "OUTDIR/cohort.csv, and a re-run skips the volumes done with the same settings. "
+                            "Exit status: 0 all done, 1 some failed, 2 usage error, 130 interrupted (docs/cohort.md).")
+    from .cohort import add_arguments as add_cohort_arguments
+    add_cohort_arguments(cohort)
+    add_set_option(cohort)
+    cohort.set_defaults(func=cmd_cohort)
 
     ev = sub.add_parser("evaluate", help="measure SynPo and baselines on labelled volumes")
     from .evaluate_cli import add_arguments

@@ -268,6 +268,12 @@ def validate(cfg: SynPoConfig) -> SynPoConfig:
     return cfg
 
 
+# `synpo cohort` on a local cluster: torch threads per worker process (one volume at a time each);
+# the workers are the cores / this. CHAOS, reference image_1, 4 volumes, 2 busy cores (docs/cohort.md):
+# 1 worker x 2 threads 233.8 s, 2 workers x 1 thread 237.6 s: no difference measured; 1 keeps the most
+# volumes in flight.
+COHORT_THREADS_PER_WORKER = 1
+
 DEFAULT_CONFIG = SynPoConfig()
 
 

@@ -150,7 +150,7 @@ def write_volume(array: np.ndarray, geometry: Geometry, path) -> None:
 
 def write_json(obj, path) -> None:
     path, folder = _atomic_target(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
     try:
         with os.fdopen(fd, "w") as handle:
             json.dump(obj, handle, indent=1)

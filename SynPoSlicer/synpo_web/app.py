@@ -34,8 +34,6 @@ STEP_SECONDS = 0.25          # between two requests of a running preview (the mo
 class WebLogic(PreviewLogic):
     """The module's workflow with the page's slice views; an asyncio task for a timer."""
 
-    UNDO_HINT = "'Undo apply' takes it back; Save downloads the segmentation."
-
     def __init__(self, slicer_app, server_options, start_polling=None):
         PreviewLogic.__init__(self)
         self.slicer_app = slicer_app
@@ -425,7 +423,9 @@ class SynPoWeb(TrameApp):
         try:
             self.stop_correcting()
             self.apply_logic = applying.editor_logic(self.scene, self.segmentation, self.volume)
-            text = self.logic.apply(editorLogic=self.apply_logic)
+            names = self.logic.applyWith(editorLogic=self.apply_logic)
+            text = "Applied to %s (%d voxel(s) changed): 'Undo apply' takes it back; Save downloads the " \
+                   "segmentation." % (names, self.logic.appliedVoxels)
         except (SynPoError, ValueError) as exc:
             return self._say(str(exc), error=True)
         self.slicer_app.display_manager.show_volume_in_slice_foreground(None)
@@ -483,7 +483,8 @@ class SynPoWeb(TrameApp):
         sent (the server checks again)."""
         limit = int(self.max_upload_mb * 1024 * 1024)
         say = ("message = $event.name + ' is ' + ($event.size / 1048576).toFixed(1) + ' MB; this server takes "
-               "uploads up to %g MB (synpo web --max-upload-mb).'; error = true; upload = null"
+               "uploads up to %g MB (synpo web --max-upload-mb).'; error = true; "
+               "window.setTimeout(() => { upload = null }, 0)"
                % self.max_upload_mb)
         return "if ($event && !Array.isArray($event) && $event.size > %d) { %s } else { trigger('%s', [$event]) }" % (
             limit, say, self.server.controller.trigger_name(self.load_upload))

@@ -1,0 +1,626 @@
+"""`synpo cohort`: one labelled reference segments a cohort of volumes, one Dask task per volume.
+
+    synpo cohort REF_IMAGE REF_LABELS QUERY... -o OUTDIR [--workers N] [--threads-per-worker T]
+                 [--scheduler ADDRESS] [--confidence] [--points] [model and --set options as `synpo segment`]
+
+The reference's labels are painted on a few slices of REF_IMAGE (several labels, several slices
+per label); each query volume is segmented from them as `synpo segment QUERY REF_LABELS
+--support-image REF_IMAGE` would, with the same outputs. What Dask adds:
+
+- a `distributed.LocalCluster` on this machine by default (worker processes = cores / threads per
+  worker, each with a stated memory limit), or any running cluster with --scheduler (a Slurm one
+  through dask-jobqueue: docs/cohort.md);
+- the models loaded once per worker (`SynPoModels`, a worker plugin; a restarted worker loads
+  them again), the reference's support slices embedded once (one task) and shared by all;
+- one task per query volume; the console prints a line per finished volume, and the dashboard's address.
+
+Nothing lost, nothing twice: every output file appears complete or not at all (synpo.io writes a
+temporary file and renames it); OUTDIR/cohort.csv, rewritten atomically after every volume, holds a
+row per volume with a hash of the settings, and a re-run skips the volumes done with the same
+settings (and the same query file) whose outputs are all there; a worker that dies mid-task leaves
+a temporary file at most (removed when the volume is done again) and Dask runs its task again; a
+volume that cannot be read or segmented is a row with its error and the others go on; Ctrl+C (or
+SIGTERM) cancels the tasks, closes the cluster and keeps the rows written so far.
+
+Exit status: 0 every volume done, 1 some failed, 2 usage error (nothing started), 130 interrupted.
+"""
+import csv
+import glob
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict
+from typing import Dict, List, Optional, Tuple
+
+from .errors import SynPoError
+
+PLUGIN_NAME = "synpo-models"
+CSV_NAME = "cohort.csv"
+COLUMNS = ["name", "status", "organs_found", "slices_per_organ", "warnings", "seconds", "settings_hash", "error",
+           "query", "query_stamp"]
+VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+OUTPUT_TAGS = ("_synpo", "_confidence", "_points")
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+# --------------------------------------------------------------------------- inputs and outputs
+
+def volume_name(path: str) -> str:
+    base = os.path.basename(path)
+    for ext in VOLUME_EXTENSIONS:
+        if base.lower().endswith(ext):
+            return base[: -len(ext)]
+    return base.split(".")[0]
+
+
+def expand_queries(items: List[str], exclude: List[str], outdir: str) -> List[str]:
+    """QUERY arguments -> volume files: a file as it is, a folder's volume files (not recursive),
+    a glob pattern's matches; sorted within each argument, duplicates once. Files in OUTDIR and
+    the `exclude` files (the reference labels) are left out of folders and patterns."""
+    out: List[str] = []
+    seen = set()
+    skip = {os.path.realpath(p) for p in exclude}
+    out_real = os.path.realpath(outdir)
+
+    def add(path: str, listed: bool) -> None:
+        real = os.path.realpath(path)
+        if real in seen:
+            return
+        if listed and (real in skip or os.path.dirname(real) == out_real):
+            return
+        seen.add(real)
+        out.append(path)
+
+    for item in items:
+        if os.path.isdir(item):
+            files = sorted(os.path.join(item, f) for f in os.listdir(item)
+                           if f.lower().endswith(VOLUME_EXTENSIONS) and not f.startswith("."))
+            if not files:
+                raise SynPoError("query folder %s holds no volume files (%s)" % (item, ", ".join(VOLUME_EXTENSIONS)))
+            for f in files:
+                add(f, True)
+        elif os.path.exists(item):
+            add(item, False)
+        elif glob.has_magic(item):
+            files = sorted(f for f in glob.glob(item) if os.path.isfile(f))
+            if not files:
+                raise SynPoError("no file matches the query pattern %s" % item)
+            for f in files:
+                add(f, True)
+        else:
+            raise SynPoError("query file not found: %s" % item)
+    if not out:
+        raise SynPoError("no query volumes")
+    return out
+
+
+def output_paths(outdir: str, name: str, confidence: bool, points: bool, labels: List[int]) -> Dict[str, str]:
+    """The files one query gets: labels (always), confidence (and one per label when several), points."""
+    from .outputs import confidence_paths
+    paths = {"labels": os.path.join(outdir, name + "_synpo.nii.gz")}
+    if confidence:
+        paths["confidence"] = os.path.join(outdir, name + "_confidence.nii.gz")
+        for v, p in confidence_paths(paths["confidence"], labels).items():
+            paths["confidence_label%d" % v] = p
+    if points:
+        paths["points"] = os.path.join(outdir, name + "_points.json")
+    return paths
+
+
+def file_stamp(path: str) -> str:
+    """size:mtime of a query file: a replaced file is segmented again on a re-run."""
+    st = os.stat(path)
+    return "%d:%d" % (st.st_size, st.st_mtime_ns)
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def settings_hash(args, cfg) -> str:
+    """What decides a volume's outputs, hashed: the models asked for, the configuration with its
+    overrides and the reference files' content. (Which outputs are asked for is not in it: a volume
+    is done again when one of the files asked for now is missing.)"""
+    from . import __version__
+    settings = {
+        "synpo": __version__, "sam": args.sam, "features": args.features, "dinov2": args.dinov2,
+        "precision": args.precision, "runtime": args.runtime, "config": asdict(cfg),
+        "reference": [sha256_file(args.ref_image), sha256_file(args.ref_labels)],
+        "confidence_all": bool(args.confidence_all),
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_rows(path: str) -> Dict[str, dict]:
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            if not reader.fieldnames or "name" not in reader.fieldnames or "settings_hash" not in reader.fieldnames:
+                raise SynPoError("%s is not a synpo cohort table (no name / settings_hash columns); choose "
+                                 "another output folder" % path)
+            return {row["name"]: {c: row.get(c, "") or "" for c in COLUMNS} for row in reader}
+    except (OSError, csv.Error, UnicodeDecodeError) as exc:
+        raise SynPoError("cannot read %s: %s" % (path, exc)) from None
+
+
+def write_rows(path: str, rows: Dict[str, dict]) -> None:
+    """The whole table, atomically (a temporary file renamed over it)."""
+    from .io import _publish
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            for name in sorted(rows):
+                writer.writerow(rows[name])
+        _publish(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def remove_stale_temporaries(paths) -> None:
+    """Temporary files synpo.io left for these outputs (a process killed before its rename)."""
+    for path in paths:
+        folder, base = os.path.split(os.path.abspath(path))
+        for tmp in glob.glob(os.path.join(glob.escape(folder), ".tmp-*-" + glob.escape(base))):
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+class FolderLock:
+    """One cohort at a time writes an OUTDIR (an flock on OUTDIR/.cohort.lock; released when the
+    process ends, however it ends)."""
+
+    def __init__(self, folder: str):
+        self.path = os.path.join(folder, ".cohort.lock")
+        self.handle = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:              # pragma: no cover - not POSIX: no lock
+            return self
+        self.handle = open(self.path, "a")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.handle.close()
+            raise SynPoError("another synpo cohort is writing to %s; wait for it or choose another output folder"
+                             % os.path.dirname(self.path)) from None
+        return self
+
+    def __exit__(self, *exc):
+        if self.handle is not None:
+            self.handle.close()
+
+
+# --------------------------------------------------------------------------- on the workers
+
+try:
+    from distributed.diagnostics.plugin import WorkerPlugin
+except ImportError:                      # the module imports without Dask; running a cohort needs it
+    WorkerPlugin = object
+
+
+class SynPoModels(WorkerPlugin):
+    """Loads the models once per worker (again on a worker that restarts); tasks take them from
+    the worker (worker_models)."""
+
+    idempotent = False
+
+    def __init__(self, spec: dict, threads: Optional[int]):
+        self.spec, self.threads = dict(spec), threads
+        self.models = None
+
+    async def setup(self, worker):
+        import asyncio
+        import torch
+        threads = self.threads
+        if not threads:                  # the cores this process may use, shared by its task slots
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            threads = max(1, cores // max(1, worker.state.nthreads))
+        torch.set_num_threads(int(threads))
+        from .session import Models
+        loop = asyncio.get_running_loop()     # the worker's event loop keeps answering meanwhile
+        self.models = await loop.run_in_executor(None, lambda: Models.load(quiet=True, **self.spec))
+
+    def teardown(self, worker):
+        self.models = None
+
+
+def worker_models():
+    from distributed import get_worker
+    plugin = get_worker().plugins.get(PLUGIN_NAME)
+    if plugin is None or plugin.models is None:
+        raise SynPoError("the worker has no SynPo models (its plugin failed to load them; see the worker's log)")
+    return plugin.models
+
+
+def _reference_slices(ref_image, cfg, axis: int):
+    """The reference's normalised slices across the slicing axis, as VolumeRun takes them."""
+    import numpy as np
+    from .intensity import normalize
+    from .support import to_slices
+    return np.ascontiguousarray(to_slices(normalize(ref_image, cfg.intensity)[0], axis))
+
+
+def reference_features(reference, cfg, embedding_cache: Optional[str]) -> dict:
+    """Task: the reference's support slices embedded by each encoder, once for the whole cohort.
+    Returns {"models": what the worker loaded, "axis", "spacing_rc", "encoders": {name: (frame,
+    {slice: fp16 embedding})}}; a query task whose frame matches uses them (inject_reference)."""
+    from .features import batch_size_for
+    from .support import find_support, in_plane_spacing
+    from .volume import EmbeddingStore
+    ref_image, ref_labels, ref_spacing = reference
+    models = worker_models()
+    support = find_support(ref_labels)
+    slices = _reference_slices(ref_image, cfg, support.axis)
+    spacing_rc = in_plane_spacing(ref_spacing, support.axis)
+    wanted = sorted({s for v in support.slices.values() for s in v})
+    out = {}
+    for name, enc in (("sam", models.sam), ("dinov2", models.dino)):
+        if name == "sam" or name in models.confidence_from:
+            frame = enc.frame(slices.shape[1], slices.shape[2], spacing_rc)
+            store = EmbeddingStore(enc, slices, frame, batch_size_for(enc.device, getattr(enc, "name", ""),
+                                                                      cfg.volume.batch_size), embedding_cache)
+            store.ensure(wanted)          # as VolumeRun.open_stores embeds them: the same batches
+            out[name] = (frame, {i: store.cache[i] for i in wanted})
+    return {"models": models.describe(), "axis": support.axis, "encoders": out}
+
+
+def inject_reference(session, features: dict, ref_image, cfg, spacing_ijk) -> bool:
+    """Put the shared reference embeddings where the session's run looks for them (the support
+    stores); False when this query's frame differs (its run then embeds the reference itself)."""
+    from .features import batch_size_for
+    from .support import in_plane_spacing
+    from .volume import EmbeddingStore, store_key
+    axis = features["axis"]
+    slices = None
+    models = session.models
+    used = False
+    for name, (frame, cache) in features["encoders"].items():
+        enc = models.sam if name == "sam" else models.dino
+        if slices is None:
+            slices = _reference_slices(ref_image, cfg, axis)
+        if enc.frame(slices.shape[1], slices.shape[2], in_plane_spacing(spacing_ijk, axis)) != frame:
+            continue
+        store = EmbeddingStore(enc, slices, frame, batch_size_for(enc.device, getattr(enc, "name", ""),
+                                                                  cfg.volume.batch_size))
+        store.cache.update(cache)
+        session.stores[store_key("support", name, enc, axis)] = store
+        used = True
+    return used
+
+
+def _summary(result) -> Tuple[str, str, List[str]]:
+    """(organs found, slices per organ, warnings) of a result, as the table writes them."""
+    import numpy as np
+    from .outputs import collapse_warnings
+    from .support import to_slices
+    labels = to_slices(result.labels, result.support.axis)
+    found, counts, warnings = [], [], list(collapse_warnings(result))
+    for v in result.support.labels:
+        n = int((labels == v).reshape(len(labels), -1).any(1).sum())
+        counts.append("%d:%d" % (v, n))
+        if n:
+            found.append(str(v))
+        else:
+            warnings.append("label %d: not found" % v)
+    return " ".join(found), " ".join(counts), warnings
+
+
+def segment_query(query: str, name: str, outdir: str, reference, features: dict, cfg, options: dict) -> dict:
+    """Task: one query volume segmented and written; returns its table row. Never raises for the
+    volume's own problems: they are its row's error (a dying worker is Dask's to retry)."""
+    t0 = time.perf_counter()
+    row = {c: "" for c in COLUMNS}
+    row.update(name=name, query=query, settings_hash=options["hash"])
+    try:
+        row["query_stamp"] = file_stamp(query)
+        from .io import read_volume
+        from .outputs import write_result
+        from .session import Session
+        ref_image, ref_labels, _ = reference
+        models = worker_models()
+        image, geometry = read_volume(query, "query image")
+        paths = output_paths(outdir, name, options["confidence"], options["points"], options["labels"])
+        remove_stale_temporaries(paths.values())
+        session = Session(image, geometry.spacing, models, options["embedding_cache"])
+        inject_reference(session, features, ref_image, cfg, geometry.spacing)
+        result = session.run(ref_labels, cfg, support_image=ref_image,
+                             confidence_everywhere=options["confidence_all"])
+        write_result(result, geometry, paths["labels"], paths.get("confidence"), paths.get("points"), query)
+        row["organs_found"], row["slices_per_organ"], warnings = _summary(result)
+        row.update(status="done", warnings=" | ".join(warnings))
+    except SynPoError as exc:
+        row.update(status="failed", error=str(exc))
+    except MemoryError:
+        row.update(status="failed", error="out of memory")
+    except Exception as exc:              # the volume's problem, one line; the cohort goes on
+        row.update(status="failed", error=("%s: %s" % (type(exc).__name__, exc)).splitlines()[0][:500])
+    row["seconds"] = "%.1f" % (time.perf_counter() - t0)
+    return row
+
+
+# --------------------------------------------------------------------------- the client
+
+def add_arguments(p) -> None:
+    from .cli import FEATURE_CHOICES, add_runtime_option
+    from .config import COHORT_THREADS_PER_WORKER
+    p.add_argument("ref_image", metavar="REF_IMAGE", help="the reference volume the labels were painted on")
+    p.add_argument("ref_labels", metavar="REF_LABELS",
+                   help="label map on REF_IMAGE's grid: each label painted on one or a few parallel slices")
+    p.add_argument("queries", metavar="QUERY", nargs="+",
+                   help="volumes to segment: files, folders (their volume files) or glob patterns in quotes")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR",
+                   help="folder for <name>_synpo.nii.gz per query and cohort.csv (created if missing)")
+    p.add_argument("--confidence", action="store_true", help="also write <name>_confidence.nii.gz")
+    p.add_argument("--confidence-all", action="store_true",
+                   help="compute the confidence of every slice (embeds every slice of every query)")
+    p.add_argument("--points", action="store_true", help="also write <name>_points.json (prompt points per slice)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="a running Dask scheduler (tcp://HOST:PORT, e.g. a dask-jobqueue SLURMCluster's); by "
+                        "default a local cluster is started. Workers read the queries and write OUTDIR: the "
+                        "paths must be the same on every worker")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="local cluster: worker processes (default: cores / threads per worker)")
+    p.add_argument("--threads-per-worker", type=int, metavar="T",
+                   help="torch threads of one worker's inference (default %d on a local cluster; on a remote "
+                        "one, the worker's cores / its task slots)" % COHORT_THREADS_PER_WORKER)
+    p.add_argument("--memory-limit", metavar="SIZE", default="auto",
+                   help="local cluster: memory per worker (e.g. 6GB; default auto = this machine's memory / "
+                        "workers); a worker beyond it is restarted and its volume retried")
+    p.add_argument("--dashboard", metavar="ADDRESS", default=":8787",
+                   help="local cluster: the dashboard's address (default :8787; none: no dashboard)")
+    p.add_argument("--sam", default="litemedsam", choices=("litemedsam", "vit_b", "vit_l", "vit_h"))
+    p.add_argument("--features", default="auto", choices=FEATURE_CHOICES)
+    p.add_argument("--dinov2", default="small", choices=("small", "base", "large", "giant"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    p.add_argument("--modality", default=None, choices=("ct", "mr"))
+    add_runtime_option(p)
+    p.add_argument("--embedding-cache", metavar="DIR",
+                   help="keep embeddings in DIR (shared by the workers) so a re-run only decodes")
+    p.add_argument("--quiet", action="store_true", help="only the summary line and errors")
+
+
+def _check_reference(args):
+    from .io import read_volume
+    from .support import find_support
+    ref, ref_geometry = read_volume(args.ref_image, "reference image")
+    labels, lab_geometry = read_volume(args.ref_labels, "reference labels", label=True)
+    if not lab_geometry.same_grid(ref_geometry):
+        raise SynPoError("reference labels grid (%s) differs from the reference image grid (%s)"
+                         % (lab_geometry.describe(), ref_geometry.describe()))
+    return ref, labels, ref_geometry, find_support(labels)
+
+
+def _local_cluster(args, say):
+    import psutil
+    from dask.utils import format_bytes, parse_bytes
+    from distributed import LocalCluster
+    from .config import COHORT_THREADS_PER_WORKER
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = args.threads_per_worker or COHORT_THREADS_PER_WORKER
+    workers = args.workers or max(1, cores // threads)
+    if args.memory_limit in (None, "auto"):
+        memory = int(psutil.virtual_memory().total // workers)
+    else:
+        try:
+            memory = int(parse_bytes(args.memory_limit))
+        except (ValueError, TypeError):
+            raise SynPoError("--memory-limit %r: give a size such as 6GB" % args.memory_limit) from None
+    dashboard = None if str(args.dashboard).lower() == "none" else args.dashboard
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit=memory,
+                           dashboard_address=dashboard, silence_logs=logging.ERROR)
+    say("cohort: local cluster, %d worker process%s x %d thread%s, memory limit %s per worker"
+        % (workers, "es" if workers > 1 else "", threads, "s" if threads > 1 else "", format_bytes(memory)))
+    return cluster, threads
+
+
+def run_cohort(args) -> int:
+    from .cli import _same_file
+    from .config import configured
+    say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
+    if args.workers is not None and args.workers < 1:
+        raise SynPoError("--workers must be >= 1")
+    if args.threads_per_worker is not None and args.threads_per_worker < 1:
+        raise SynPoError("--threads-per-worker must be >= 1")
+    if args.scheduler and (args.workers or args.memory_limit not in (None, "auto")):
+        raise SynPoError("--workers and --memory-limit size a local cluster; with --scheduler the cluster is yours")
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        raise SynPoError("synpo cohort needs Dask: pip install \"dask[distributed]\" (or pip install synpo[cohort])") \
+            from None
+    outdir = args.output
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise SynPoError("output path is not a folder: %s" % outdir)
+    parent = os.path.dirname(os.path.abspath(outdir))
+    if not os.path.isdir(parent):
+        raise SynPoError("output folder's parent does not exist: %s" % parent)
+    ref_image, ref_labels, ref_geometry, support = _check_reference(args)
+    cfg = configured(args.set, args.modality)
+    queries = expand_queries(args.queries, [args.ref_labels], outdir)
+    names: Dict[str, str] = {}
+    for q in queries:
+        name = volume_name(q)
+        if name in names:
+            raise SynPoError("two queries are both named %s (%s, %s): outputs are named after the file; rename one"
+                             % (name, names[name], q))
+        names[name] = q
+    labels = list(support.labels)
+    os.makedirs(outdir, exist_ok=True)
+    with FolderLock(outdir):
+        csv_path = os.path.join(outdir, CSV_NAME)
+        remove_stale_temporaries([csv_path])          # a cohort killed while writing its table
+        rows = read_rows(csv_path)
+        digest = settings_hash(args, cfg)
+        inputs = [args.ref_image, args.ref_labels] + queries
+        todo, skipped, redone = [], [], []
+        for name, q in names.items():
+            paths = output_paths(outdir, name, args.confidence, args.points, labels)
+            for p in paths.values():
+                for src in inputs:
+                    if _same_file(p, src):
+                        raise SynPoError("output %s would overwrite the input %s; choose another output folder"
+                                         % (p, src))
+            old = rows.get(name)
+            if old is None:
+                mine = [p for p in paths.values() if os.path.exists(p)]
+                if mine:
+                    raise SynPoError("%s exists but %s has no row for %s: it is not a cohort output; remove it or "
+                                     "choose another output folder" % (mine[0], CSV_NAME, name))
+            elif (old["status"] == "done" and old["settings_hash"] == digest
+                  and os.path.abspath(old["query"]) == os.path.abspath(q)
+                  and old["query_stamp"] == file_stamp(q) and all(os.path.exists(p) for p in paths.values())):
+                skipped.append(name)
+                continue
+            elif old["status"] == "done":
+                redone.append(name)
+            todo.append(name)
+        say("cohort: %d volume%s, %d already done with these settings (skipped), %d to segment -> %s"
+            % (len(names), "s" if len(names) != 1 else "", len(skipped), len(todo), csv_path))
+        if redone:
+            say("cohort: %d volume%s done earlier with other settings or another file: segmented again, "
+                "outputs replaced" % (len(redone), "s" if len(redone) != 1 else ""))
+        if not todo:
+            return _finish(rows, list(names), say)
+        options = {"hash": digest, "confidence": bool(args.confidence), "points": bool(args.points),
+                   "n_painted": len({s for v in support.slices.values() for s in v}),
+                   "confidence_all": bool(args.confidence_all), "labels": labels,
+                   "embedding_cache": args.embedding_cache}
+        return _run_tasks(args, cfg, (ref_image, ref_labels, tuple(ref_geometry.spacing)), todo, names, rows,
+                          csv_path, options, say)
+
+
+def _terminate_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say) -> int:
+    from distributed import Client, as_completed
+    cluster = None
+    client = None
+    futures = []
+    done = 0
+    previous = None
+    try:                              # SIGTERM (kill, a batch system's scancel) stops as cleanly as Ctrl+C
+        previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    except ValueError:                # not the main thread: leave it alone
+        pass
+    try:
+        if args.scheduler:
+            try:
+                client = Client(args.scheduler, timeout="30s")
+            except (OSError, TimeoutError) as exc:
+                raise SynPoError("cannot reach the Dask scheduler at %s: %s" % (args.scheduler, exc)) from None
+            threads = args.threads_per_worker
+            n = len(client.scheduler_info().get("workers", {}))
+            say("cohort: scheduler %s, %d worker%s now" % (args.scheduler, n, "s" if n != 1 else ""))
+        else:
+            cluster, threads = _local_cluster(args, say)
+            client = Client(cluster)
+        if (str(args.dashboard).lower() != "none" if cluster is not None
+                else "dashboard" in client.scheduler_info().get("services", {})):
+            say("cohort: dashboard %s" % client.dashboard_link)
+        spec = {"sam": args.sam, "features": args.features, "dinov2": args.dinov2, "device": args.device,
+                "precision": args.precision, "runtime": args.runtime}
+        try:
+            client.register_plugin(SynPoModels(spec, threads), name=PLUGIN_NAME)
+        except SynPoError:
+            raise
+        except Exception as exc:
+            raise SynPoError("a worker could not load the models: %s" % _one_line(exc)) from None
+        ref_future = client.scatter([reference], broadcast=True, hash=False)[0]
+        run_id = uuid.uuid4().hex[:8]     # task keys unique to this run: two cohorts on one cluster never share one
+        features = client.submit(reference_features, ref_future, cfg, options["embedding_cache"], pure=False,
+                                 key="synpo-reference-" + run_id)
+        try:                     # every volume needs it: its failure is the cohort's, not a volume's
+            described = features.result()["models"]
+        except SynPoError as exc:
+            raise SynPoError("the reference: %s" % exc) from None
+        except Exception as exc:
+            raise SynPoError("the reference could not be embedded: %s" % _one_line(exc)) from None
+        say("cohort: models %s; the reference's %d painted slice%s embedded once"
+            % (json.dumps(described, sort_keys=True), options["n_painted"], "s" if options["n_painted"] > 1 else ""))
+        for name in todo:
+            futures.append(client.submit(segment_query, os.path.abspath(names[name]), name,
+                                         os.path.abspath(args.output), ref_future, features, cfg, options,
+                                         pure=False, key="synpo-%s-%s" % (name, run_id)))
+        by_key = {f.key: name for f, name in zip(futures, todo)}
+        for future in as_completed(futures):
+            name = by_key[future.key]
+            try:
+                row = future.result()
+            except Exception as exc:      # the task's worker died too often
+                row = {c: "" for c in COLUMNS}
+                row.update(name=name, status="failed", query=os.path.abspath(names[name]),
+                           settings_hash=options["hash"], error=_task_error(exc))
+            rows[name] = row
+            write_rows(csv_path, rows)
+            done += 1
+            say("[%d/%d] %s: %s" % (done, len(todo), name, _describe(row)))
+        return _finish(rows, list(names), say)
+    except KeyboardInterrupt:
+        for f in futures:
+            f.cancel()
+        sys.stderr.write("synpo: interrupted: %d of %d volumes finished and recorded in %s; run the same command "
+                         "again to segment the rest\n" % (done, len(todo), csv_path))
+        return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if client is not None:
+            if args.scheduler:
+                try:
+                    client.unregister_worker_plugin(PLUGIN_NAME)
+                except Exception:
+                    pass
+            client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _one_line(exc) -> str:
+    text = str(exc).strip().splitlines()
+    return ("%s: %s" % (type(exc).__name__, text[0]) if text else type(exc).__name__)[:500]
+
+
+def _task_error(exc) -> str:
+    if type(exc).__name__ == "KilledWorker":
+        return "its worker died while segmenting it, again and again (out of memory? see --memory-limit)"
+    return _one_line(exc)
+
+
+def _describe(row: dict) -> str:
+    if row["status"] != "done":
+        return "FAILED: %s" % row["error"]
+    return "done in %s s, slices per label %s%s" % (row["seconds"], row["slices_per_organ"] or "-",
+                                                   "; " + row["warnings"] if row["warnings"] else "")
+
+
+def _finish(rows: Dict[str, dict], names: List[str], say) -> int:
+    failed = [n for n in names if rows.get(n, {}).get("status") != "done"]
+    which = " (%s%s)" % (", ".join(failed[:10]), " ..." if len(failed) > 10 else "") if failed else ""
+    print("cohort: %d of %d volumes done, %d failed%s" % (len(names) - len(failed), len(names), len(failed), which),
+          flush=True)
+    return EXIT_SOME_FAILED if failed else EXIT_OK

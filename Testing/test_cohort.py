@@ -1,0 +1,270 @@
+"""`synpo cohort` on Dask: a LocalCluster with two worker processes segments small volumes as
+`synpo segment --support-image` does; a worker killed mid-write, Ctrl+C with a resumption, and an
+unreadable volume each leave every output once and the table right.
+
+The model is conftest's tiny SAM ViT (random weights) standing in for vit_b, in this process and,
+through a Dask preload, in every worker process: these tests check the cohort's plumbing (the
+same outputs as `synpo segment`, retries, resumption), not segmentation quality."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import ellipsoid_volume, save_volume, synpo_cmd
+
+distributed = pytest.importorskip("distributed")
+
+import dask  # noqa: E402
+from synpo import features  # noqa: E402
+from synpo.cli import main  # noqa: E402
+
+TINY_ARCH = (32, 2, 2, (1,))                       # conftest's vit_tiny
+# Random weights decode poor masks and SAM's IoU is low: the walks' stop rules are loosened so
+# that they go on and the outputs hold something to compare (the same settings for both commands).
+LOOSE = ["volume.min_sam_iou=-1", "volume.min_overlap=0", "volume.min_overlap_first=0",
+         "volume.min_confidence_ratio=0", "volume.min_confidence_ratio_first=0"]
+MODEL = ["--device", "cpu", "--features", "sam", "--sam", "vit_b"] + [a for s in LOOSE for a in ("--set", s)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_vit_b(tiny_sam_checkpoint, tmp_path_factory):
+    """vit_b built as the tiny ViT and loaded from its checkpoint, here and in Dask's workers."""
+    preload = tmp_path_factory.mktemp("preload") / "synpo_tiny_vit_b.py"
+    preload.write_text("from synpo import features\nfeatures.SAM_VIT_ARCHS['vit_b'] = %r\n" % (TINY_ARCH,))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(features.SAM_VIT_ARCHS, "vit_b", TINY_ARCH)
+        mp.setenv("SYNPO_VIT_B_CHECKPOINT", tiny_sam_checkpoint)
+        mp.setenv("DASK_DISTRIBUTED__WORKER__PRELOAD", json.dumps([str(preload)]))    # the CLI's own clusters
+        with dask.config.set({"distributed.worker.preload": [str(preload)]}):          # this process's
+            yield
+
+
+def _volume(seed, shift=0):
+    """Two structures: a bright ellipsoid (label 1) and a darker box (label 2), on 6 slices."""
+    image, mask = ellipsoid_volume(shape=(6, 40, 48), centre=(2.5, 17 + shift, 20), radii=(2.6, 9, 11), seed=seed)
+    box = np.zeros(mask.shape, dtype=bool)
+    box[1:5, 26 + shift:34 + shift, 32:42] = True
+    image[box] = 420.0 + np.random.default_rng(seed).normal(0, 10, int(box.sum()))
+    return image, mask, box
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cohort")
+    image, mask, box = _volume(0)
+    labels = np.zeros(mask.shape, dtype=np.uint8)
+    for s in (1, 3):                               # two painted slices per label
+        labels[s][mask[s]] = 1
+        labels[s][box[s]] = 2
+    ref = save_volume(image, folder / "ref.nii.gz")
+    ref_labels = save_volume(labels, folder / "ref_labels.nii.gz")
+    queries = folder / "queries"
+    queries.mkdir()
+    for i in (1, 2, 3):
+        save_volume(_volume(i, shift=i - 2)[0], queries / ("case%d.nii.gz" % i))
+    cache = str(folder / "embeddings")
+    expected = {}
+    for i in (1, 2, 3):                            # what `synpo segment --support-image` writes
+        out = folder / ("segment_case%d.nii.gz" % i)
+        assert main(["segment", str(queries / ("case%d.nii.gz" % i)), ref_labels, "-o", str(out),
+                     "--support-image", ref, "--embedding-cache", cache, "--quiet"] + MODEL) == 0
+        expected["case%d" % i] = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    return {"dir": folder, "ref": ref, "labels": ref_labels, "queries": queries, "cache": cache,
+            "expected": expected}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from distributed import Client, LocalCluster
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as c:
+        with Client(c) as client:
+            yield c, client
+
+
+def _rows(outdir):
+    with open(os.path.join(str(outdir), "cohort.csv"), newline="") as handle:
+        return {r["name"]: r for r in csv.DictReader(handle)}
+
+
+def _labels(path):
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def _no_temporaries(outdir):
+    assert [p for p in os.listdir(str(outdir)) if p.startswith(".tmp")] == []
+
+
+def test_outputs_equal_segment_runs_and_a_bad_volume_is_one_row(case, cluster, tmp_path, capsys):
+    (case["queries"] / "broken.nii.gz").write_bytes(b"not a volume")
+    out = tmp_path / "out"
+    try:
+        code = main(["cohort", case["ref"], case["labels"], str(case["queries"]), "-o", str(out), "--points",
+                     "--scheduler", cluster[0].scheduler_address, "--embedding-cache", case["cache"]] + MODEL)
+    finally:
+        (case["queries"] / "broken.nii.gz").unlink()
+    printed = capsys.readouterr().out
+    assert code == 1, printed                                     # "some failed"
+    assert "cohort: 3 of 4 volumes done, 1 failed (broken)" in printed
+    rows = _rows(out)
+    assert sorted(rows) == ["broken", "case1", "case2", "case3"]
+    assert rows["broken"]["status"] == "failed" and "cannot read query image" in rows["broken"]["error"]
+    for name, expected in case["expected"].items():
+        assert rows[name]["status"] == "done" and rows[name]["error"] == ""
+        assert rows[name]["settings_hash"] == rows["broken"]["settings_hash"] != ""
+        got = _labels(out / (name + "_synpo.nii.gz"))
+        assert np.array_equal(got, expected), name
+        assert (expected == 1).any() and (expected == 2).any()        # something to compare
+        found = [int(v) for v in np.unique(expected) if v]
+        assert rows[name]["organs_found"] == " ".join(map(str, found))
+        counts = dict(kv.split(":") for kv in rows[name]["slices_per_organ"].split())
+        assert counts == {str(v): str(int(expected.reshape(6, -1).__eq__(v).any(1).sum())) for v in (1, 2)}
+        assert os.path.exists(str(out / (name + "_points.json")))
+    assert not os.path.exists(str(out / "broken_synpo.nii.gz"))
+    _no_temporaries(out)
+    # The cluster is the user's: the cohort's plugin is gone from it afterwards.
+    assert "synpo-models" not in cluster[1].run(lambda dask_worker: list(dask_worker.plugins)).popitem()[1]
+    # Again with the same settings: nothing to do, no cluster needed; with other settings: all again.
+    argv = ["cohort", case["ref"], case["labels"], str(case["queries"]), "-o", str(out),
+            "--scheduler", "tcp://127.0.0.1:9", "--embedding-cache", case["cache"]] + MODEL
+    assert main(argv) == 0
+    assert "3 already done with these settings (skipped), 0 to segment" in capsys.readouterr().out
+    argv[argv.index("--scheduler") + 1] = cluster[0].scheduler_address
+    argv[3] = str(case["queries"] / "case1.nii.gz")
+    assert main(argv + ["--set", "prompts.top_k=32"]) == 0
+    assert "1 volume done earlier with other settings or another file: segmented again" in capsys.readouterr().out
+    again = _rows(out)
+    assert sorted(again) == ["broken", "case1", "case2", "case3"]
+    assert again["case1"]["settings_hash"] != rows["case1"]["settings_hash"]
+    assert again["case3"] == rows["case3"]
+    _no_temporaries(out)
+
+
+class KillOnFirstPublish(distributed.WorkerPlugin):
+    """On the workers: the first output file that is about to be renamed into place SIGKILLs its
+    worker instead (once in the whole cluster, a marker file says so): a worker dying mid-write."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def setup(self, worker):
+        from synpo import io
+        original = io._publish
+
+        def publish(tmp, path):
+            try:
+                fd = os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return original(tmp, path)
+            os.write(fd, path.encode())
+            os.close(fd)
+            os.kill(os.getpid(), signal.SIGKILL)
+        io._publish = publish
+
+
+def test_a_worker_killed_mid_write_leaves_every_output_once(case, cluster, tmp_path, capsys):
+    c, client = cluster
+    marker = str(tmp_path / "killed")
+    client.register_plugin(KillOnFirstPublish(marker), name="kill-once")
+    out = tmp_path / "out"
+    try:
+        code = main(["cohort", case["ref"], case["labels"], str(case["queries"]), "-o", str(out),
+                     "--scheduler", c.scheduler_address, "--embedding-cache", case["cache"]] + MODEL)
+    finally:
+        try:                   # a restarted worker may not have it yet
+            client.unregister_worker_plugin("kill-once")
+        except KeyError:
+            pass
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert os.path.exists(marker), "no worker was killed"
+    assert open(marker).read().endswith("_synpo.nii.gz")
+    rows = _rows(out)
+    assert sorted(rows) == ["case1", "case2", "case3"] and all(r["status"] == "done" for r in rows.values())
+    _no_temporaries(out)
+    assert sorted(os.listdir(str(out))) == [".cohort.lock", "case1_synpo.nii.gz", "case2_synpo.nii.gz",
+                                            "case3_synpo.nii.gz", "cohort.csv"]
+    for name, expected in case["expected"].items():
+        assert np.array_equal(_labels(out / (name + "_synpo.nii.gz")), expected)
+
+
+def test_ctrl_c_stops_cleanly_and_a_rerun_does_only_the_rest(case, tmp_path):
+    """A query that never finishes reading (a FIFO nobody writes) holds the cohort; SIGINT stops
+    it: exit 130, the finished volumes recorded, its worker processes gone. The re-run skips
+    them and segments the rest."""
+    psutil = pytest.importorskip("psutil")
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    for i in (1, 2):
+        os.link(str(case["queries"] / ("case%d.nii.gz" % i)), str(queries / ("case%d.nii.gz" % i)))
+    stuck = queries / "case3.nii.gz"
+    os.mkfifo(str(stuck))
+    out = tmp_path / "out"
+    cmd = synpo_cmd() + ["cohort", case["ref"], case["labels"], str(queries), "-o", str(out), "--workers", "2",
+                         "--dashboard", "none", "--embedding-cache", case["cache"]] + MODEL
+    # SIGINT as a terminal delivers it (a background job's children would inherit "ignore SIGINT")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            rows = _rows(out) if os.path.exists(str(out / "cohort.csv")) else {}
+            if sorted(rows) == ["case1", "case2"] or proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stdout + stderr
+    assert "synpo: interrupted: 2 of 3 volumes finished and recorded" in stderr
+    assert "Traceback" not in stderr
+    assert len(children) >= 2
+    _, alive = psutil.wait_procs(children, timeout=20)    # the worker stuck on the FIFO too
+    assert alive == []
+    rows = _rows(out)
+    assert sorted(rows) == ["case1", "case2"] and all(r["status"] == "done" for r in rows.values())
+    before = {n: os.stat(str(out / (n + "_synpo.nii.gz"))).st_mtime_ns for n in rows}
+    _no_temporaries(out)
+
+    stuck.unlink()
+    os.link(str(case["queries"] / "case3.nii.gz"), str(stuck))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "cohort: 3 volumes, 2 already done with these settings (skipped), 1 to segment" in proc.stdout
+    assert "cohort: 3 of 3 volumes done, 0 failed" in proc.stdout
+    assert {n: os.stat(str(out / (n + "_synpo.nii.gz"))).st_mtime_ns for n in before} == before
+    rows = _rows(out)
+    assert sorted(rows) == ["case1", "case2", "case3"] and all(r["status"] == "done" for r in rows.values())
+    for name, expected in case["expected"].items():
+        assert np.array_equal(_labels(out / (name + "_synpo.nii.gz")), expected)
+
+
+def test_usage_errors_are_one_line_before_anything_starts(case, tmp_path, capsys):
+    out = tmp_path / "out"
+    for argv, says in (
+        ([case["ref"], case["labels"], str(tmp_path / "nope.nii.gz")], "query file not found"),
+        ([case["ref"], case["labels"], str(tmp_path / "*.nrrd")], "no file matches the query pattern"),
+        ([case["ref"], case["ref"], str(case["queries"])], "non-integer values"),
+        ([case["ref"], case["labels"], str(case["queries"]), "--workers", "0"], "--workers must be >= 1"),
+    ):
+        assert main(["cohort"] + argv + ["-o", str(out)] + MODEL) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("synpo: error: ") and says in err[0], err
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    os.link(str(case["queries"] / "case1.nii.gz"), str(twin / "case1.nii.gz"))
+    assert main(["cohort", case["ref"], case["labels"], str(case["queries"]), str(twin), "-o", str(out)] + MODEL) == 2
+    assert "two queries are both named case1" in capsys.readouterr().err
+    out.mkdir(exist_ok=True)
+    (out / "case2_synpo.nii.gz").write_bytes(b"the user's own file")
+    assert main(["cohort", case["ref"], case["labels"], str(case["queries"]), "-o", str(out)] + MODEL) == 2
+    assert "it is not a cohort output" in capsys.readouterr().err
+    assert (out / "case2_synpo.nii.gz").read_bytes() == b"the user's own file"
