@@ -138,8 +138,14 @@ class SynPoWeb(TrameApp):
     def _say(self, text, error=False):
         self.state.message, self.state.error = text, bool(error)
 
+    def _render(self):
+        """Ask every view for a new frame (a scene change made outside the views' own events)."""
+        for view in self.slicer_app.view_manager.get_views():
+            view.schedule_render()
+
     def _refresh(self):
         """The state the page shows, from the scene and the logic."""
+        self._render()
         s = self.state
         s.has_volume = self.volume is not None
         s.has_preview = self.logic.preview is not None
