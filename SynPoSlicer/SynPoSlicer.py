@@ -28,7 +28,7 @@ if "_SHARED_LOGIC" in globals():
 _SHARED_LOGIC = []
 
 # The workflow without Qt (shared with `synpo web`); imports nothing heavy.
-from SynPoSlicerLib.logic import PreviewLogic  # noqa: E402
+from SynPoSlicerLib.logic import PARAMETERS, PreviewLogic, volumeFingerprint  # noqa: E402,F401
 
 MODELS = ("litemedsam", "vit_b", "vit_l", "vit_h")
 FEATURES = ("auto", "synergy", "sam", "dinov2")
@@ -502,8 +502,8 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class SynPoSlicerLogic(ScriptedLoadableModuleLogic, PreviewLogic):
     """The module's work, usable without the GUI (see `process`): the workflow itself (states,
     server, preview, update, re-run, apply) is SynPoSlicerLib.logic.PreviewLogic, shared with
-    `synpo web`; this class adds what needs Slicer's application: its settings, its slice views
-    and its Segment Editor.
+    `synpo web`; this class adds what needs Slicer's application: its settings, its Qt timer, its
+    slice views and its Segment Editor.
     """
 
     def __init__(self):
@@ -519,6 +519,22 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic, PreviewLogic):
         qt.QSettings().setValue("SynPoSlicer/CacheFolder", path)
         os.environ["SYNPO_CACHE"] = path
 
+    # -- the timer that drives runs: the logic's, so a run survives its panel or effect
+    def startPolling(self):
+        """Step the current run from a Qt timer every 250 ms until it ends. The timer belongs to the
+        logic: the Segment Editor calls the effect's deactivate() when the user switches effect or
+        leaves the editor (qMRMLSegmentEditorWidget::setActiveEffect), which must not stop a run."""
+        if self._timer is None:
+            self._timer = qt.QTimer()
+            self._timer.setInterval(250)
+            self._timer.connect("timeout()", self.poll)
+        self._timer.start()
+
+    def stopPolling(self):
+        if self._timer is not None:
+            self._timer.stop()
+
+    # -- Slicer's views and editor
     def showLayers(self, opacity):
         slicer.util.setSliceViewerLayers(background=self.volumeNode, foreground=self.preview.confidence,
                                          foregroundOpacity=opacity)
@@ -534,59 +550,9 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic, PreviewLogic):
         widgets = [layout.sliceWidget(name) for name in layout.sliceViewNames()]
         return self.sliceIndexInViews([w.mrmlSliceNode() for w in widgets if w is not None and w.isVisible()])
 
-    def startPolling(self):
-        """Step the current run from a Qt timer every 250 ms until it ends. The timer belongs to the
-        logic: the Segment Editor calls the effect's deactivate() when the user switches effect or
-        leaves the editor (qMRMLSegmentEditorWidget::updateEffectsSectionFromMRML, SegmentEditor.py's
-        exit()), which must not stop a run."""
-        if self._timer is None:
-            self._timer = qt.QTimer()
-            self._timer.setInterval(250)
-            self._timer.connect("timeout()", self.poll)
-        self._timer.start()
-
-    def stopPolling(self):
-        if self._timer is not None:
-            self._timer.stop()
-
-    def apply(self, segmentationNode=None, editorLogic=None, saveState=None, write=None):
-        """Write the preview into the segmentation and segments it was made for (recorded at
-        Preview, whatever node the panel or the Segment Editor shows now): one Segment Editor undo
-        step, through the editor's masking settings where this Slicer has them (PreviewLogic.applyWith).
-        In Slicer the Segment Editor is switched to that segmentation first, so that its Ctrl+Z
-        (saveStateForUndo saves the segmentation it shows) takes the preview back."""
-        from SynPoSlicerLib import apply as applying
-        if self.preview is None:
-            raise ValueError("Nothing to apply: run a preview first.")
-        target = self.segmentationNode if self.segmentationNode is not None else segmentationNode
-        editor = None
-        if write is None and editorLogic is None:
-            segmenteditor = getattr(getattr(slicer, "modules", None), "segmenteditor", None)
-            editor = segmenteditor.widgetRepresentation().self().editor if segmenteditor is not None else None
-        selected = None
-        if editor is not None:
-            editorNode = editor.mrmlSegmentEditorNode()
-            # Without a Segment Editor logic (5.8) the node's API writes and the masking is not used.
-            masking = editorNode if applying.has_editor_logic() else None
-            applying.check_writable(target, self.volumeNode, self.segmentIds, masking)
-            if editorNode.GetSegmentationNode() is target:
-                selected = editorNode.GetSelectedSegmentID()
-            # Switching selects the first segment and sets the source volume to the segmentation's
-            # reference geometry node (qMRMLSegmentEditorWidget::updateWidgetFromSegmentationNode).
-            editor.setSegmentationNode(target)
-            editor.setSourceVolumeNode(self.volumeNode) if hasattr(editor, "setSourceVolumeNode") \
-                else editor.setMasterVolumeNode(self.volumeNode)
-            saveState = saveState or editor.saveStateForUndo
-            if masking is not None:
-                applying.check_writable(target, self.volumeNode, self.segmentIds, editorNode)
-                editorLogic = applying.editor_logic(target.GetScene(), target, self.volumeNode, editorNode)
-        try:
-            names = self.applyWith(target, editorLogic, saveState, write)
-        finally:
-            if editor is not None:
-                editor.mrmlSegmentEditorNode().SetSelectedSegmentID(selected or self.segmentIds[0])
-        return "Applied to %s (%d voxel(s) changed): Ctrl+Z in the Segment Editor takes it back." % (
-            names, self.appliedVoxels)
+    def segmentEditorWidget(self):
+        segmenteditor = getattr(getattr(slicer, "modules", None), "segmenteditor", None)
+        return segmenteditor.widgetRepresentation().self().editor if segmenteditor is not None else None
 
 
 class SynPoSlicerTest(ScriptedLoadableModuleTest):

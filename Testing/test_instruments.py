@@ -399,3 +399,66 @@ def test_loss_breakdown_splits_the_loss_into_walk_and_mask():
     assert f["loss_walk"] == pytest.approx((0.6 + 0.4) / 4) and f["loss_mask"] == pytest.approx(0.1 / 4)
     assert f["oracle_mean"] - f["synpo_mean"] == pytest.approx(f["loss_walk"] + f["loss_mask"])
     assert f["synpo_reached"] == pytest.approx(0.85) and f["oracle_missed"] == pytest.approx(0.5)
+
+
+def test_walk_ends_sets_each_walk_against_the_truth():
+    """too far / right / too short per walk, the rule that ended it, and the rule nearest to stopping
+    the first slice past the organ that a walk accepted."""
+    from synpo.result import SliceRecord
+    wd = _load_script("walk_decisions")
+    gt = np.zeros((12, 4, 4), np.uint8)
+    gt[3:9, 1:3, 1:3] = 1                                    # the organ: slices 3-8, support on 5
+    recs = [SliceRecord(1, 5, "support", score=0.9)]
+    recs += [SliceRecord(1, t, "present", score=0.8, sam_iou=0.9, overlap_prev=0.9) for t in (4, 6, 7, 8)]
+    recs += [SliceRecord(1, 9, "present", score=0.6, sam_iou=0.52, overlap_prev=0.9),      # one slice too far
+             SliceRecord(1, 10, "absent", reason="left the previous mask"), SliceRecord(1, 11, "not reached"),
+             SliceRecord(1, 3, "absent", reason="too small")]                                # one too short
+    recs += [SliceRecord(1, t, "not reached") for t in (0, 1, 2)]
+    rows = {r["step"]: r for r in wd.walk_ends(recs, gt, 1, SynPoConfig())}
+    assert (rows[-1]["last"], rows[-1]["truth_last"], rows[-1]["error"], rows[-1]["stopped_by"]) == (4, 3, -1, "too small")
+    assert (rows[1]["last"], rows[1]["truth_last"], rows[1]["error"]) == (9, 8, 1)
+    assert rows[1]["stopped_by"] == "left the previous mask"
+    m = rows[1]["margins"]
+    assert m["low SAM IoU"] == pytest.approx(0.02) and min(m, key=lambda k: m[k] if m[k] is not None else 9) == \
+        "low SAM IoU"
+    f = wd.ends_report([dict(r, volume="v") for r in rows.values()], "test")
+    assert (f["too_far"], f["right"], f["too_short"], f["slices_too_far"], f["organs"]) == (1, 0, 1, 1, 1)
+
+
+def test_stability_noise_is_relative_seeded_per_slice_and_order_free():
+    import torch
+    from synpo.embeddings import EmbeddingStore
+    st = _load_script("stability")
+
+    class Enc:
+        name, device = "fake", "cpu"
+
+        def embed(self, slices, frame):
+            return torch.stack([torch.full((2, 3, 3), float(s.mean()) + 1.0) for s in slices])
+    slices = np.random.default_rng(0).random((4, 8, 8)).astype(np.float32)
+    base = EmbeddingStore(Enc(), slices, "frame", 1)
+    a, b = st.NoisyStore(base, 1e-5, 0), st.NoisyStore(base, 1e-5, 0)
+    a.ensure([0, 1, 2])
+    b.ensure([2])
+    b.ensure([1, 0])
+    for i in (0, 1, 2):
+        assert torch.equal(a.cache[i], b.cache[i])                       # whatever the order
+        rel = (a.cache[i] / base.cache[i].float() - 1.0).abs()
+        assert 0 < rel.max() < 1e-4 and a.cache[i].dtype == torch.float32
+    assert not torch.equal(st.NoisyStore(base, 1e-5, 1).stack([0]), a.stack([0]))   # another seed, other noise
+
+
+def test_loss_breakdown_ends_counts_absent_slices_segmented_and_labelled_slices_missed(tmp_path):
+    lb = _load_script("loss_breakdown")
+    with open(str(tmp_path / "results.csv"), "w") as f:
+        f.write("volume,label,method,position,dice_labelled,dice_volume,fp_slices,seconds\n"
+                "v1,1,synpo,0.5,0.9,0.8,2,1\nv2,1,synpo,0.5,0.7,0.6,0,1\nv1,2,synpo,0.5,1.0,1.0,0,1\n"
+                "v1,1,copy,0.5,0.1,0.1,9,0\n")
+    with open(str(tmp_path / "per_slice.csv"), "w") as f:
+        f.write("volume,label,method,position,slice_rank,relative_position,dice\n"
+                "v1,1,synpo,0.5,0,0.0,0.0\nv1,1,synpo,0.5,1,1.0,0.9\nv2,1,synpo,0.5,0,0.0,0.0\n"
+                "v2,1,synpo,0.5,1,1.0,0.0\nv1,2,synpo,0.5,0,0.0,1.0\nv1,1,copy,0.5,0,0.0,0.0\n")
+    t = lb.main([str(tmp_path), "--ends"])
+    assert t[1]["n"] == 2 and t[1]["dice_volume"] == pytest.approx(0.7) and t[1]["dice_labelled"] == pytest.approx(0.8)
+    assert t[1]["absent_segmented"] == pytest.approx(1.0) and t[1]["labelled_missed"] == pytest.approx(1.5)
+    assert t[2]["labelled_missed"] == 0 and t["all"]["n"] == 3 and t["all"]["lowest"] == pytest.approx(0.6)

@@ -198,7 +198,7 @@ def test_only_the_slices_the_walk_reaches_are_embedded(served_tiny_sam):
 
 
 def test_labels_walked_in_parallel_give_what_one_at_a_time_gives(served_tiny_sam, monkeypatch):
-    from synpo import volume
+    from synpo import walk
     from synpo.volume import Cancelled
     sam = features.SamModel.load("vit_tiny", "cpu")
     image, mask = ellipsoid_volume(shape=(6, 40, 48), centre=(3, 20, 24), radii=(2.5, 9, 11))
@@ -227,7 +227,7 @@ def test_labels_walked_in_parallel_give_what_one_at_a_time_gives(served_tiny_sam
                        SynPoConfig().with_(volume={"label_workers": 2}), cancel=cancel)
     assert torch.get_num_threads() == threads
     # A worker's own error is what the caller sees, not the Cancelled it causes in the other.
-    real = volume.select_prompts
+    real = walk.select_prompts
     seen = [0]
 
     def failing(*args, **kwargs):
@@ -235,7 +235,7 @@ def test_labels_walked_in_parallel_give_what_one_at_a_time_gives(served_tiny_sam
         if seen[0] == 2:
             raise RuntimeError("boom")
         return real(*args, **kwargs)
-    monkeypatch.setattr(volume, "select_prompts", failing)
+    monkeypatch.setattr(walk, "select_prompts", failing)
     with pytest.raises(RuntimeError, match="boom"):
         segment_volume(image, (1.0, 1.0, 2.0), support, sam, None, SynPoConfig().with_(volume={"label_workers": 2}))
     assert torch.get_num_threads() == threads

@@ -328,7 +328,7 @@ def test_a_strided_walk_decodes_every_third_slice_and_finds_the_end_slice_by_sli
 
 
 def test_store_reuses_identical_decodings_and_bounds_what_it_keeps(monkeypatch):
-    from synpo import volume
+    from synpo import embeddings
     store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
     store.ensure(range(3))
     region = np.zeros((40, 40), dtype=bool)
@@ -347,7 +347,7 @@ def test_store_reuses_identical_decodings_and_bounds_what_it_keeps(monkeypatch):
     assert np.array_equal(first[0], again[0]) and again[0].sum() == 100 and again[1:] == first[1:]
     store.decode(sam, 1, Prompts(np.array([[12.0, 12.0]]), np.zeros((0, 2)), (10, 10, 20, 20), region), cfg)
     assert len(calls) == 2                                   # another slice: decoded
-    monkeypatch.setattr(volume, "DECODED_KEPT_BYTES", 2 * 200)   # two 40 x 40 masks (200 bytes each)
+    monkeypatch.setattr(embeddings, "DECODED_KEPT_BYTES", 2 * 200)   # two 40 x 40 masks (200 bytes each)
     store.decode(sam, 2, Prompts(np.array([[12.0, 12.0]]), np.zeros((0, 2)), (10, 10, 21, 20), region), cfg)
     assert len(store.decoded) == 2 and store.decoded_bytes == 400
     store.decode(sam, 0, Prompts(np.array([[12.0, 12.0]]), np.zeros((0, 2)), (10, 10, 20, 20), region), cfg)
@@ -942,3 +942,56 @@ def test_a_gap_between_two_supports_changes_hands_where_their_walks_agree_best()
     assert split_gap(0, 10, up, equal) == 5                     # everywhere equal: the middle
     assert split_gap(0, 10, {1: box(0, 6), 2: box(0, 6)}, {8: box(0, 6), 9: box(0, 6)}) == 2   # never met
     assert split_gap(0, 10, {}, {5: box(0, 6)}) == 0             # s1's walk stopped at once: s2 owns the gap
+
+
+@pytest.mark.parametrize("levels, look_ahead, expected, bridged", [
+    ((0.9, 0.9, 0.9, 0.55, 0.9, 0.9, 0.9), "off", [1, 2], []),             # one dip ends the walk
+    ((0.9, 0.9, 0.9, 0.55, 0.9, 0.9, 0.9), "any", [1, 2, 3, 4, 5, 6], [3]),   # ... not with the look-ahead
+    ((0.9, 0.9, 0.9, 0.55, 0.9, 0.9, 0.9), "jump", [1, 2], []),            # (a confidence drop is no jump)
+    ((0.9, 0.9, 0.9, 0.55, 0.55, 0.9, 0.9), "any", [1, 2], []),            # two: the organ ended there
+    ((0.9, 0.9, 0.9, 0.9, 0.0, 0.0, 0.0), "any", [1, 2, 3], []),           # an abrupt end stays where it is
+])
+def test_the_look_ahead_bridges_one_bad_slice_but_not_an_end(levels, look_ahead, expected, bridged):
+    from synpo.walk import _Context, _walk
+    n = len(levels)
+    conf = np.zeros((n, 40, 40), np.float32)
+    for t, level in enumerate(levels):
+        conf[t, 10:30, 10:30] = level
+    cfg = SynPoConfig().with_(volume={"look_ahead": look_ahead})
+    store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
+    store.ensure(range(n))
+    ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None, lambda k=1: None)
+    masks, records = {}, []
+    _walk(ctx, 1, 0, conf[0] > 0.5, n, +1, 10.0, masks, records)
+    assert sorted(masks) == expected
+    assert sorted(r.index for r in records) == list(range(1, n))          # every slice once
+    assert [r.index for r in records if r.reason.startswith("bridged")] == bridged
+    for t in bridged:                                                     # the shape between its neighbours
+        assert np.array_equal(masks[t], masks[t - 1]) and records[t - 1].status == "interpolated"
+        assert "confidence drop" in records[t - 1].reason
+    if expected[-1] < n - 1:                                              # the slice that ended the walk says why
+        end = next(r for r in records if r.index == expected[-1] + 1)
+        assert end.status == "absent" and end.reason in ("confidence drop", "too small", "low confidence")
+
+
+@pytest.mark.parametrize("look_ahead, expected", [("off", [1, 2]), ("jump", [1, 2, 3, 4, 5])])
+def test_the_look_ahead_after_a_jump_onto_a_neighbour(look_ahead, expected):
+    """Slice 3's confidence lies on a look-alike beside the organ (its mask leaves the previous one);
+    slice 4 has the organ again: "jump" bridges slice 3 with the organ's shape, not the look-alike's."""
+    from synpo.walk import _Context, _walk
+    n = 6
+    conf = np.zeros((n, 40, 40), np.float32)
+    conf[:, 5:20, 5:20] = 0.9
+    conf[3] = 0.0
+    conf[3, 22:37, 22:37] = 0.9                                         # the look-alike, on slice 3 only
+    cfg = SynPoConfig().with_(volume={"look_ahead": look_ahead, "search_margin": 2.0})
+    store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
+    store.ensure(range(n))
+    ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None, lambda k=1: None)
+    masks, records = {}, []
+    _walk(ctx, 1, 0, conf[0] > 0.5, n, +1, 10.0, masks, records)
+    assert sorted(masks) == expected
+    third = next(r for r in records if r.index == 3)
+    assert third.reason.endswith("left the previous mask") or "left the previous mask" in third.reason
+    if look_ahead == "jump":
+        assert third.status == "interpolated" and not masks[3][25:35, 25:35].any() and masks[3][8:17, 8:17].all()

@@ -12,6 +12,14 @@ must let through ("go") and the ones it must stop ("stop"). For each figure, fir
 the paint) and later steps apart, it prints the quantiles of both kinds, and for each rule at its
 configured threshold the go-steps it stops and the stop-steps it lets through; for each data set
 apart, so a threshold can be chosen on some and checked on the others.
+
+With --ends, the walks run with the configured rules instead (as the product does) and every
+walk's end is set against the truth: per walk (each side of each organ's support), its last
+accepted slice against the organ's last labelled slice on that side (too far / right / too short,
+in slices), the rule that ended it (the reason of the slice after its last), and for walks that
+went too far, the rules' figures on the first wrong slice they let through, each as its margin
+over the rule's limit (the rule nearest to stopping it). `organ_ends` is the same measure for any
+result (benchmarks/stability.py prints it for its first run).
 """
 import argparse
 import csv
@@ -88,6 +96,85 @@ def record_volume(img_path: str, lab_path: str, dataset: str, models: Models, cf
     return run.judge.rows
 
 
+def walk_ends(records, gt: np.ndarray, label: int, cfg) -> List[dict]:
+    """Every walk of one label (a result's records, slices on axis 0): each side of each support
+    slice, up to the next support. error = last accepted slice - the organ's last labelled slice on
+    that side, counted along the walk (+: too far, -: too short); stopped_by: the reason of the
+    slice after the last accepted one ("volume end" when none, "next support" between supports);
+    margins: on the first slice past the organ that the walk accepted, each rule's figure minus
+    its limit (the smallest is the rule nearest to stopping it)."""
+    vc = cfg.volume
+    recs = {r.index: r for r in records if r.label == label}
+    supports = sorted(t for t, r in recs.items() if r.status == "support")
+    labelled = np.flatnonzero((gt == label).reshape(len(gt), -1).any(1))
+    accepted = ("present", "interpolated")
+    out = []
+    for k, s in enumerate(supports):
+        for step in (-1, +1):
+            bound = (supports[k - 1] if k > 0 else -1) if step < 0 else \
+                (supports[k + 1] if k + 1 < len(supports) else len(gt))
+            last, t = s, s + step
+            while t != bound and t in recs and recs[t].status in accepted:
+                last, t = t, t + step
+            side = [u for u in labelled if (u - s) * step >= 0 and (bound - u) * step > 0]
+            truth = max(side, key=lambda u: (u - s) * step) if side else s
+            if t == bound:
+                stopped = "volume end" if bound in (-1, len(gt)) else "next support"
+            else:
+                r = recs.get(t)
+                stopped = (r.reason or r.status) if r is not None else "not decoded"
+            row = {"label": label, "support": s, "step": step, "last": last, "truth_last": int(truth),
+                   "error": int((last - truth) * step), "stopped_by": stopped, "margins": {}}
+            if row["error"] > 0:
+                w = recs[truth + step]             # the first slice past the organ, accepted
+                p = recs.get(truth)
+                first = p is not None and p.status == "support"
+                ratio_limit = vc.min_confidence_ratio_first if first else vc.min_confidence_ratio
+                row["margins"] = {
+                    "confidence drop": (w.score / p.score - ratio_limit) if p is not None and p.score else None,
+                    "low SAM IoU": w.sam_iou - vc.min_sam_iou,
+                    "left the previous mask": w.overlap_prev - (vc.min_overlap_first if first else vc.min_overlap),
+                    "low confidence": w.score - vc.min_confidence}
+            out.append(row)
+    return out
+
+
+def organ_ends(records, gt: np.ndarray, labels, cfg) -> List[dict]:
+    """walk_ends of every label in `labels`."""
+    return [row for v in labels for row in walk_ends(records, gt, v, cfg)]
+
+
+def ends_report(rows: List[dict], title: str) -> dict:
+    """Prints and returns the ends of `rows` (walk_ends rows, one data set or all)."""
+    err = np.array([r["error"] for r in rows]) if rows else np.zeros(0, int)
+    organs = len({(r.get("volume"), r["label"]) for r in rows})
+    f = {"walks": len(rows), "too_far": int((err > 0).sum()), "right": int((err == 0).sum()),
+         "too_short": int((err < 0).sum()), "slices_too_far": int(err[err > 0].sum()),
+         "slices_too_short": int(-err[err < 0].sum()), "organs": organs}
+    print("\n== ends, %s: %d walks of %d organ-volumes: %d too far (%d slices, %.2f per organ), %d right, "
+          "%d too short (%d slices, %.2f per organ)" % (title, f["walks"], organs, f["too_far"], f["slices_too_far"],
+                                                        f["slices_too_far"] / max(1, organs), f["right"],
+                                                        f["too_short"], f["slices_too_short"],
+                                                        f["slices_too_short"] / max(1, organs)))
+    by: Dict[str, List[int]] = {}
+    for r in rows:
+        by.setdefault(r["stopped_by"], []).append(r["error"])
+    for why, errs in sorted(by.items(), key=lambda kv: -len(kv[1])):
+        e = np.array(errs)
+        print("  stopped by %-24s %3d walks: %3d too far (%d slices), %3d right, %3d too short (%d slices)"
+              % (why, len(e), (e > 0).sum(), e[e > 0].sum(), (e == 0).sum(), (e < 0).sum(), -e[e < 0].sum()))
+    near: Dict[str, int] = {}
+    for r in rows:
+        m = {k: v for k, v in r["margins"].items() if v is not None}
+        if m:
+            k = min(m, key=m.get)
+            near[k] = near.get(k, 0) + 1
+    if near:
+        print("  too-far walks, the rule nearest to stopping the first wrong slice: %s"
+              % ", ".join("%s %d" % kv for kv in sorted(near.items(), key=lambda kv: -kv[1])))
+    return f
+
+
 def quantiles(values) -> str:
     v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
     if not len(v):
@@ -125,7 +212,11 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--embedding-cache", metavar="DIR")
     ap.add_argument("-o", "--output", help="write every step as CSV here")
+    ap.add_argument("--ends", action="store_true",
+                    help="the configured rules walk (not the truth); report every walk's end against the truth")
     args = ap.parse_args(argv)
+    if args.ends:
+        return ends_main(args)
     cfg = configured(args.set)
     models = Models.load("litemedsam", "sam", "small", args.device, "auto", True, "torch")
     rows: List[dict] = []
@@ -143,6 +234,38 @@ def main(argv=None) -> None:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
             writer.writeheader()
             writer.writerows(rows)
+
+
+def ends_main(args) -> Dict[str, dict]:
+    """--ends: each volume segmented as `synpo evaluate` does (each organ painted on its middle
+    labelled slice, one run), every walk's end set against the truth."""
+    from synpo.session import Session
+    cfg = configured(args.set)
+    models = Models.load("litemedsam", "sam", "small", args.device, "auto", True, "torch")
+    per_set: Dict[str, List[dict]] = {}
+    for folder in args.data:
+        dataset = os.path.basename(os.path.normpath(folder))
+        for img, lab in find_pairs(folder)[: args.limit]:
+            image, geom = read_volume(img)
+            gt, _ = read_volume(lab, "label", label=True)
+            present = [int(v) for v in np.unique(gt) if v != 0]
+            wanted = [v for v in (args.labels or present) if v in present]
+            support = np.zeros_like(gt)
+            for v in wanted:
+                s = support_slice(gt == v, 0.5)
+                support[s][gt[s] == v] = v
+            result = Session(image, geom.spacing, models, args.embedding_cache).run(support, cfg)
+            name = os.path.basename(img).split(".")[0]
+            rows = organ_ends(result.records, gt, wanted, cfg)
+            for r in rows:
+                r["volume"] = name
+            per_set.setdefault(dataset, []).extend(rows)
+            print("%s %s: %s" % (dataset, name, " ".join("%d%s%+d" % (r["label"], "v^"[r["step"] > 0], r["error"])
+                                                          for r in rows)), flush=True)
+    out = {ds: ends_report(rows, ds) for ds, rows in per_set.items()}
+    if len(per_set) > 1:
+        out["all"] = ends_report([r for rows in per_set.values() for r in rows], "all")
+    return out
 
 
 if __name__ == "__main__":

@@ -1,21 +1,31 @@
-"""The preview workflow without Qt: one server, one preview, stepped by the caller's timer.
+"""The preview workflow without Qt: one server, one preview, stepped by the application's timer.
 
 Shared by the Slicer module (SynPoSlicer.SynPoSlicerLogic adds what needs Slicer's application:
-its settings, its layout's slice views, its Segment Editor) and by `synpo web` (synpo_web, on
-slicer-core in a browser page). Nothing here waits on the segmentation: `step()` makes one short
-request to the server and returns (engine.RemoteJob), so a Qt timer or an asyncio task drives it.
-Python 3.9, no torch.
+its settings, its Qt timer, its layout's slice views, its Segment Editor) and by `synpo web`
+(synpo_web: slicer-core in a browser page, an asyncio task for a timer). Nothing here waits on the
+segmentation: `step()` makes one short request to the server and returns (engine.RemoteJob).
+Python 3.9, no torch, no Qt.
 
-The run is driven by the application's timer through `startPolling()` (a hook: Slicer's module
-starts a Qt timer that belongs to the logic, not to a panel or an effect instance, so a run goes on
-when the Segment Editor deactivates the effect) and `poll()` (one step, then every listener told).
-One local server serves the whole session (restarted only when its settings change), and a volume
-previewed again reuses its session on the server (embeddings reused).
+The run is driven by the application's timer through `startPolling()` (the module's Qt timer
+belongs to the logic, not to a panel or an effect instance, so a run goes on when the Segment
+Editor deactivates the effect) and `poll()` (one step, then every listener told). One local server
+serves the whole session (restarted only when its settings change), and a volume previewed again
+reuses its session on the server (embeddings reused).
 """
+import logging
 
 # The panel's settings and their defaults (a vtkMRMLScriptedModuleNode's parameters).
 PARAMETERS = {"Model": "litemedsam", "Features": "auto", "TopK": "64", "PositivePoints": "3",
               "NegativePoints": "3", "SearchMargin": "0.07", "IntensityGate": "true", "Opacity": "0.5"}
+
+
+def volumeFingerprint(inputs):
+    """The volume's content and grid, hashed: a preview of the same volume reuses its server session."""
+    import hashlib
+    digest = hashlib.sha1()
+    digest.update(repr((inputs.image.shape, str(inputs.image.dtype), tuple(inputs.spacing))).encode())
+    digest.update(inputs.image.tobytes())
+    return digest.hexdigest()
 
 
 class PreviewLogic:
@@ -23,11 +33,15 @@ class PreviewLogic:
 
     idle -> starting (a local `synpo serve` is starting) -> running (the preview's RemoteJob steps)
     -> previewed (preview nodes in the scene) -> idle after apply or discard; failed / cancelled
-    leave the scene as it was. The engine never runs in this process.
+    leave the scene as it was. The engine never runs in this process: `step()` makes one short
+    request to the server and returns, so the application's thread never waits on the segmentation.
 
-    Hooks for the application: `showLayers(opacity)` puts the confidence over the volume in the
-    slice views; `serverOptions()` the `synpo serve` options of a server started here.
+    Hooks for the application: startPolling / stopPolling (its timer, which calls `poll()`),
+    showLayers / setOverlayOpacity (its slice views), segmentEditorWidget (its Segment Editor),
+    serverOptions (a local server's options), UNDO_HINT (how the user takes Apply back).
     """
+
+    UNDO_HINT = "Ctrl+Z in the Segment Editor takes it back."
 
     def __init__(self):
         self.state = "idle"
@@ -50,7 +64,7 @@ class PreviewLogic:
             if not node.GetParameter(key):
                 node.SetParameter(key, value)
 
-    # -- the server
+    # -- environment
     def deviceDescription(self):
         if self.remote is not None:
             return "server %s" % self.remote[0]
@@ -84,7 +98,7 @@ class PreviewLogic:
             self._sessions = {}
 
     def serverOptions(self, parameterNode):
-        """ServerProcess keyword arguments of a server started here."""
+        """ServerProcess keyword arguments of a server started here (a hook)."""
         return dict(device="auto", sam=parameterNode.GetParameter("Model"),
                     features=parameterNode.GetParameter("Features"))
 
@@ -152,7 +166,7 @@ class PreviewLogic:
         inputs = mrml.extract_inputs(volumeNode, segmentationNode, segmentIds)
         self.volumeNode, self.segmentationNode, self.segmentIds = volumeNode, segmentationNode, list(segmentIds)
         self.segmentNames = [segmentationNode.GetSegmentation().GetSegment(s).GetName() for s in segmentIds]
-        self._pending = (inputs, self.settings(parameterNode), parameterNode, volume_fingerprint(inputs))
+        self._pending = (inputs, self.settings(parameterNode), parameterNode, volumeFingerprint(inputs))
         self.state, self.message = "starting", "Starting the SynPo server..."
         self.job = None
         self.startPolling()
@@ -215,7 +229,7 @@ class PreviewLogic:
         return self.job.done, self.job.total
 
     def process(self, volumeNode, segmentationNode, segmentIds, parameterNode, timeout=3600.0):
-        """The whole preview without a GUI (scripts, the self-test): returns the state."""
+        """The whole preview without the GUI (scripts, the self-test): returns the state."""
         import time
         self.startPreview(volumeNode, segmentationNode, segmentIds, parameterNode)
         deadline = time.time() + timeout
@@ -232,9 +246,6 @@ class PreviewLogic:
             self.state, self.message = "cancelled", "Cancelled; the scene is unchanged."
         elif self.state == "starting":
             self.state, self.message = "cancelled", "Cancelled; the scene is unchanged."
-
-    def showLayers(self, opacity):
-        """The confidence over the volume in the application's slice views (a hook)."""
 
     def finishPreview(self, opacity=0.5):
         """Build the preview nodes from the finished job (main thread)."""
@@ -257,6 +268,12 @@ class PreviewLogic:
                         % (present, "\n".join(extent_summary(self.result, names))))
         for line in collapse_warnings(self.result, names):
             self.message += "\nWarning: " + line
+
+    def showLayers(self, opacity):
+        """The confidence over the volume in the application's slice views (a hook)."""
+
+    def setOverlayOpacity(self, value):
+        """The confidence layer's opacity in the application's slice views (a hook)."""
 
     def sliceIndexInViews(self, sliceNodes):
         """The slice (across the preview's slicing axis) at the centre of the first of `sliceNodes`
@@ -293,35 +310,63 @@ class PreviewLogic:
         used = mrml.rerun_slice(self.preview, self.volumeNode, axis, sliceIndex, label, decode)
         return "Slice %d of %s decoded again from %d point(s)." % (sliceIndex, self.segmentNames[label - 1], used)
 
-    def applyWith(self, segmentationNode=None, editorLogic=None, saveState=None, write=None):
+    def segmentEditorWidget(self):
+        """The application's Segment Editor widget, whose masking settings and undo Apply uses (a
+        hook: None where there is none)."""
+        return None
+
+    def apply(self, segmentationNode=None, editorLogic=None, saveState=None, write=None):
         """Write the preview into the segmentation and segments it was made for (recorded at
-        Preview, whatever node a view shows now): one undo step (`saveState`, else `editorLogic`'s
-        own history), through the editor's masking settings where there is a Segment Editor logic
-        (apply.py). Refused, with the preview kept, where Slicer would write nothing; then the
-        preview is removed. Returns the segment names; `appliedVoxels` the voxels that changed.
+        Preview, whatever node the panel or the Segment Editor shows now): one Segment Editor undo
+        step, through the editor's masking settings where this Slicer has them (apply.py). Refused,
+        with the preview kept, where Slicer would write nothing; then the preview is removed.
 
         `write(segmentationNode, segmentId, orientedLabelmap)`: the writer (the SynPo effect passes
-        its own modifySegmentByLabelmap); else `editorLogic` (a vtkSlicerSegmentEditorLogic), else
-        one made on `editorNode`'s settings (Slicer 5.10+), else the segmentation node's own API."""
+        its own modifySegmentByLabelmap); else Slicer 5.10+'s vtkSlicerSegmentEditorLogic with the
+        editor's masking, else (Slicer 5.8) the segmentation node's own API."""
         from SynPoSlicerLib import apply as applying
         if self.preview is None:
             raise ValueError("Nothing to apply: run a preview first.")
         target = self.segmentationNode if self.segmentationNode is not None else segmentationNode
+        editor = self.segmentEditorWidget() if write is None and editorLogic is None else None
+        selected = None
+        if editor is not None:
+            editorNode = editor.mrmlSegmentEditorNode()
+            # Without a Segment Editor logic (Slicer 5.8) the node's API writes: no masking to check.
+            masking = editorNode if applying.has_editor_logic() else None
+            applying.check_writable(target, self.volumeNode, self.segmentIds, masking)
+            if editorNode.GetSegmentationNode() is target:
+                selected = editorNode.GetSelectedSegmentID()
+            # The editor's undo saves the segmentation it shows: show the target first, so that its
+            # Ctrl+Z restores the target (not the candidates the user may have been correcting).
+            # Switching selects the first segment and sets the source volume to the segmentation's
+            # reference geometry node (qMRMLSegmentEditorWidget::updateWidgetFromSegmentationNode):
+            # the volume is set back; the selection is restored after writing.
+            editor.setSegmentationNode(target)
+            editor.setSourceVolumeNode(self.volumeNode) if hasattr(editor, "setSourceVolumeNode") \
+                else editor.setMasterVolumeNode(self.volumeNode)
+            saveState = saveState or editor.saveStateForUndo
+            if masking is not None:
+                applying.check_writable(target, self.volumeNode, self.segmentIds, editorNode)
+                editorLogic = applying.editor_logic(target.GetScene(), target, self.volumeNode, editorNode)
+        elif editorLogic is not None:
+            applying.check_writable(target, self.volumeNode, self.segmentIds, editorLogic.GetSegmentEditorNode())
         if write is None:
             if editorLogic is None and applying.has_editor_logic():
                 editorLogic = applying.editor_logic(target.GetScene(), target, self.volumeNode)
-            if editorLogic is not None:
-                applying.check_writable(target, self.volumeNode, self.segmentIds, editorLogic.GetSegmentEditorNode())
-                write = applying.logic_writer(editorLogic)
-                saveState = saveState or editorLogic.SaveStateForUndo
-            else:
-                write = applying.node_writer()
-        changed = applying.write_preview(target, self.volumeNode, self.preview.labels, self.segmentIds, write,
-                                         saveState)
+            write = applying.logic_writer(editorLogic) if editorLogic is not None else applying.node_writer()
+            if saveState is None and editorLogic is not None:
+                saveState = editorLogic.SaveStateForUndo
+        try:
+            changed = applying.write_preview(target, self.volumeNode, self.preview.labels, self.segmentIds, write,
+                                             saveState)
+        finally:
+            if editor is not None:
+                editor.mrmlSegmentEditorNode().SetSelectedSegmentID(selected or self.segmentIds[0])
         names = ", ".join(self.segmentNames)
         self.appliedVoxels = sum(changed.values())
         self.discard()
-        return names
+        return "Applied to %s (%d voxel(s) changed): %s" % (names, sum(changed.values()), self.UNDO_HINT)
 
     def discard(self):
         if self.preview is not None:
@@ -331,18 +376,11 @@ class PreviewLogic:
             self.state = "idle"
 
     def onSceneClosed(self):
-        """The scene is closed: the preview's nodes are gone with it; a run is cancelled."""
+        """File > Close Scene: the preview's nodes are gone with the scene; a run is cancelled. The
+        server and its sessions stay (a volume loaded again is recognised by its content)."""
         if self.job is not None and self.job.active():
             self.job.cancel(now=True)
         self.preview, self.volumeNode, self.result, self.job = None, None, None, None
         self.segmentationNode = None
         self.state, self.message = "idle", ""
 
-
-def volume_fingerprint(inputs):
-    """The volume's content and grid, hashed: a preview of the same volume reuses its server session."""
-    import hashlib
-    digest = hashlib.sha1()
-    digest.update(repr((inputs.image.shape, str(inputs.image.dtype), tuple(inputs.spacing))).encode())
-    digest.update(inputs.image.tobytes())
-    return digest.hexdigest()

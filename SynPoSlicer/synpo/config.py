@@ -128,6 +128,11 @@ class VolumeConfig:
     # ... on the first step away from a painted slice: the paint's own mean confidence is its
     # self-similarity (its prototypes come from it), not a decoded slice's (min_overlap_first).
     min_confidence_ratio_first: float = 0.5
+    # Look-ahead: when a slice is judged absent, the next slice is decoded from the same neighbour;
+    # if it is judged present, the walk goes on and the slice between gets the shape between them
+    # (status "interpolated", reason "bridged (...)"): one bad slice inside an organ does not end it.
+    # "off"; "jump": only after "left the previous mask"; "any": after any rule (not a user's mark).
+    look_ahead: str = "off"
     # Between two supports of a target (a correction and the first paint): "nearest" gives each
     # slice to the nearer support; "agreement" walks both across the gap and hands over where their
     # masks agree best (volume.split_gap). `synpo evaluate --corrections 3`, whole volume after
@@ -254,6 +259,7 @@ def validate(cfg: SynPoConfig) -> SynPoConfig:
         (0.0 <= v.min_confidence_ratio_first <= 1.0, "volume.min_confidence_ratio_first must be in [0, 1]"),
         (0.0 <= v.min_overlap_first <= 1.0, "volume.min_overlap_first must be in [0, 1]"),
         (v.ownership in ("nearest", "agreement"), "volume.ownership must be nearest or agreement"),
+        (v.look_ahead in ("off", "jump", "any"), "volume.look_ahead must be off, jump or any"),
         (v.walk_spacing_mm >= 0.0, "volume.walk_spacing_mm must be >= 0 (0: every slice)"),
         (0.0 <= cfg.gate.quantiles[0] < cfg.gate.quantiles[1] <= 1.0,
          "gate.quantiles must be two fractions, low < high, in [0, 1]"),

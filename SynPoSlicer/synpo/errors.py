@@ -11,3 +11,7 @@ class InputError(SynPoError):
 
 class ModelError(SynPoError):
     """A model is unknown, missing, not downloadable, or corrupt."""
+
+
+class Cancelled(SynPoError):
+    """The caller's cancel() returned True; nothing was produced."""

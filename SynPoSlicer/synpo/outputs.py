@@ -133,6 +133,6 @@ def write_result(result: VolumeResult, geometry: Geometry, out: str, confidence_
     if points_out:
         write_json(points_document(result, geometry, os.path.abspath(image_path) if image_path else ""), points_out)
         written.append(points_out)
-    write_volume(result.labels, geometry, out)                 # uint8 when the labels fit (volume.py)
+    write_volume(result.labels, geometry, out)                 # uint8 when the labels fit (assembly.py)
     written.append(out)
     return written

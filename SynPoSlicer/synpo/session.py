@@ -86,7 +86,7 @@ class Session:
                              % (list(spacing_ijk),))
         self.image, self.spacing, self.models = image, spacing, models
         self.embedding_cache = embedding_cache
-        self.stores: Dict = {}                   # embeddings, confidence maps, decoded masks (volume.py)
+        self.stores: Dict = {}                   # embeddings, confidence maps, decoded masks (embeddings.py)
         self.support: Optional[np.ndarray] = None          # the last run's support label map
         self.support_image: Optional[np.ndarray] = None
         self.cfg: SynPoConfig = default_config()

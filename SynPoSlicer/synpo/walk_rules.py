@@ -1,4 +1,4 @@
-"""Whether a walk goes on: the stop rules judged on one decoded slice (volume.py's walks).
+"""Whether a walk goes on: the stop rules judged on one decoded slice (walk.py's walks).
 
 A walk outwards from a support decodes the next slice and asks `judge_step` whether the target is
 still there. The rules and their thresholds are in config.VolumeConfig; `Step` carries what they

@@ -34,6 +34,8 @@ STEP_SECONDS = 0.25          # between two requests of a running preview (the mo
 class WebLogic(PreviewLogic):
     """The module's workflow with the page's slice views; an asyncio task for a timer."""
 
+    UNDO_HINT = "'Undo apply' takes it back; Save downloads the segmentation."
+
     def __init__(self, slicer_app, server_options, start_polling=None):
         PreviewLogic.__init__(self)
         self.slicer_app = slicer_app
@@ -429,9 +431,7 @@ class SynPoWeb(TrameApp):
         try:
             self.stop_correcting()
             self.apply_logic = applying.editor_logic(self.scene, self.segmentation, self.volume)
-            names = self.logic.applyWith(editorLogic=self.apply_logic)
-            text = "Applied to %s (%d voxel(s) changed): 'Undo apply' takes it back; Save downloads the " \
-                   "segmentation." % (names, self.logic.appliedVoxels)
+            text = self.logic.apply(editorLogic=self.apply_logic)
         except (SynPoError, ValueError) as exc:
             return self._say(str(exc), error=True)
         self.slicer_app.display_manager.show_volume_in_slice_foreground(None)

@@ -1,0 +1,84 @@
+"""Assembly: each label's masks into one label volume (where two labels overlap, the more
+confident wins), an enclosed label kept within its encloser, the user's paint kept exactly."""
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from .decode import fill_holes
+from .result import SliceRecord, VolumeResult
+from .support import from_slices
+
+
+def assemble(run, per_label: list) -> VolumeResult:
+    """The VolumeResult of a run (VolumeRun) from its labels' (masks, confidence, records, stage
+    seconds, slices computed), in the order of run.support.labels."""
+    conf_out: Dict[int, np.ndarray] = {}
+    found: Dict[int, Dict[int, np.ndarray]] = {}         # label -> slice -> mask
+    records: List[SliceRecord] = []
+    computed: set = set()
+    for label, (masks, conf, recs, seconds, slices) in zip(run.support.labels, per_label):
+        found[label], conf_out[label] = masks, conf
+        records += recs
+        computed.update(slices)
+        for k, v in seconds.items():
+            run.timings[k] += v
+    if run.cfg.volume.enclosed_follow:
+        follow_enclosing(found, records, enclosing_labels(run.paint, run.support.labels), run.support.slices)
+    labels_out = _assemble(found, conf_out, (run.n, run.H, run.W), run.support.labels)
+    if not run.cross:
+        # The support slices keep the user's paint exactly: every painted voxel keeps its value.
+        for s, p in run.paint.items():
+            painted = p != 0
+            labels_out[s][painted] = p[painted]
+    records.sort(key=lambda r: (r.label, r.index))
+    axis = run.axis
+    conf_out = {v: np.ascontiguousarray(from_slices(c, axis)) if axis else c for v, c in conf_out.items()}
+    return VolumeResult(np.ascontiguousarray(from_slices(labels_out, axis)), conf_out, records, run.support,
+                        run.modality, list(run.confidence_from), run.timings, sorted(computed))
+
+
+def enclosing_labels(paint: Dict[int, np.ndarray], labels: Sequence[int], inside: float = 0.95) -> Dict[int, List[int]]:
+    """{label: [labels enclosing it]}: B encloses A when A and B are painted together on at least
+    one support slice and, on every such slice, at least `inside` of A's paint lies within B's
+    paint with its holes filled (the blood pool within the myocardium's ring)."""
+    out: Dict[int, List[int]] = {}
+    for a in labels:
+        for b in labels:
+            if a == b:
+                continue
+            shared = [p for p in paint.values() if (p == a).any() and (p == b).any()]
+            if shared and all(np.logical_and(p == a, fill_holes(p == b)).sum() >= inside * (p == a).sum()
+                              for p in shared):
+                out.setdefault(a, []).append(b)
+    return out
+
+
+def follow_enclosing(found: Dict[int, Dict[int, np.ndarray]], records: List[SliceRecord],
+                     enclosing: Dict[int, List[int]], support_slices: Dict[int, List[int]]) -> None:
+    """Drop (in place) an enclosed label's masks on slices where a label enclosing it is neither
+    found nor painted; their records become "absent" with the reason."""
+    for inner, outers in sorted(enclosing.items(), key=lambda kv: len(kv[1])):
+        keep = set.intersection(*[set(found[o]) | set(support_slices[o]) for o in outers])
+        dropped = set(found[inner]) - keep
+        for t in dropped:
+            del found[inner][t]
+        for rec in records:
+            if rec.label == inner and rec.index in dropped:
+                rec.status, rec.reason = "absent", "outside label %s" % ", ".join(map(str, outers))
+
+
+def _assemble(found: Dict[int, Dict[int, np.ndarray]], conf: Dict[int, np.ndarray], shape, labels) -> np.ndarray:
+    """One label volume from each label's masks; where masks of two labels overlap, the label
+    with the higher confidence there wins (uint8 when the labels fit, else int32)."""
+    out = np.zeros(shape, dtype=np.uint8 if max(labels) < 256 else np.int32)
+    for t in sorted({t for masks in found.values() for t in masks}):
+        best = None
+        for label in labels:
+            m = found[label].get(t)
+            if m is None:
+                continue
+            c = np.where(m, conf[label][t], -1.0)
+            win = m if best is None else m & (c > best)
+            out[t][win] = label
+            best = c if best is None else np.maximum(best, c)
+    return out

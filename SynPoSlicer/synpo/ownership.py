@@ -1,0 +1,100 @@
+"""Ownership between supports: which start's walk gives each slice when a label has several
+support slices, and the confidence that goes with it (each slice's map is its owner's)."""
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+from .result import SliceRecord
+from .slice_confidence import SliceConfidence
+from .walk import _walk
+
+def walk_ranges(starts: Sequence[int], n: int) -> Dict[int, Tuple[int, int]]:
+    """{start: (low, high)}: the walks from `start` go down to low + 1 and up to high - 1; between
+    two starts, each slice belongs to the nearer one (the lower one on a tie)."""
+    order = sorted(starts)
+    out = {}
+    for pos, s in enumerate(order):
+        low = -1 if pos == 0 else (order[pos - 1] + s) // 2
+        high = n if pos == len(order) - 1 else (s + order[pos + 1]) // 2 + 1
+        out[s] = (low, high)
+    return out
+
+
+def _propagate(ctx, label: int, n: int, starts: Dict[int, np.ndarray], min_area, records: List[SliceRecord],
+               painted: bool = True, ownership: str = "nearest") -> Tuple[Dict[int, np.ndarray], Dict[int, int]]:
+    """Walk outwards from every start slice; returns (masks {slice: mask}, owner {slice: start whose
+    walk gave that slice}). ctx and min_area are one for all starts, or {start: ...}: each support's
+    walk with its own confidence and area. painted: the starts are the user's paint (not a decoded
+    start slice, as across patients).
+    ownership: between two starts, "nearest" gives each slice to the nearer start (walk_ranges);
+    "agreement" walks both across the gap and splits it where their masks agree best (split_gap)."""
+    def walk(s, stop, step, into_masks, into_records):
+        c = ctx[s] if isinstance(ctx, dict) else ctx
+        a = min_area[s] if isinstance(min_area, dict) else min_area
+        _walk(c, label, s, starts[s], stop, step, a, into_masks, into_records, painted)
+
+    masks: Dict[int, np.ndarray] = dict(starts)
+    order = sorted(starts)
+    if ownership == "nearest" or len(order) == 1:
+        owner = {}
+        for s, (low, high) in walk_ranges(order, n).items():
+            walk(s, low, -1, masks, records)
+            walk(s, high, +1, masks, records)
+            owner.update({t: s for t in range(low + 1, high)})
+        return masks, owner
+    owner = {s: s for s in order}
+    walk(order[0], -1, -1, masks, records)
+    walk(order[-1], n, +1, masks, records)
+    owner.update({t: order[0] for t in range(order[0])})
+    owner.update({t: order[-1] for t in range(order[-1] + 1, n)})
+    for s1, s2 in zip(order, order[1:]):
+        up, up_records, down, down_records = {}, [], {}, []
+        walk(s1, s2, +1, up, up_records)
+        walk(s2, s1, -1, down, down_records)
+        split = split_gap(s1, s2, up, down)
+        masks.update({t: m for t, m in up.items() if t <= split})
+        masks.update({t: m for t, m in down.items() if t > split})
+        records += [r for r in up_records if r.index <= split] + [r for r in down_records if r.index > split]
+        owner.update({t: s1 if t <= split else s2 for t in range(s1 + 1, s2)})
+    return masks, owner
+
+
+def split_gap(s1: int, s2: int, up: Dict[int, np.ndarray], down: Dict[int, np.ndarray]) -> int:
+    """Where the gap between starts s1 < s2 changes hands: slices s1 < t <= split from s1's walk up
+    (`up`), split < t < s2 from s2's walk down (`down`). Each walk is best near its own start; they
+    hand over on the slice where both found the target and their masks agree best (IoU; the slice
+    nearest the middle on a tie). Where the walks never met (one stopped before the other's
+    reach), each keeps what it found."""
+    both = [t for t in range(s1 + 1, s2) if t in up and t in down]
+    if not both:
+        return max(up, default=s1)
+    middle = (s1 + s2) / 2.0
+
+    def agreement(t):
+        inter = np.logical_and(up[t], down[t]).sum()
+        union = np.logical_or(up[t], down[t]).sum()
+        return (inter / union if union else 1.0, -abs(t - middle))
+    return max(both, key=agreement)
+
+
+class OwnedConfidence:
+    """A target's confidence when each support slice walks with its own maps: slice t's map is
+    the one of the support whose walk gave t (owner, from _propagate). SliceConfidence's interface."""
+
+    def __init__(self, confs: Dict[int, SliceConfidence], owner: Dict[int, int], n: int):
+        self.confs, self.n = confs, n
+        self.owner = dict(owner)
+
+    def prepare(self, indices: Sequence[int]) -> None:
+        for s, conf in self.confs.items():
+            conf.prepare([t for t in indices if self.owner.get(int(t)) == s])
+
+    def computed(self) -> List[int]:
+        return sorted(t for s, c in self.confs.items() for t in c.computed() if self.owner.get(t) == s)
+
+    def dense(self) -> np.ndarray:
+        first = next(iter(self.confs.values()))
+        out = np.zeros((self.n, first.frame.H, first.frame.W), dtype=np.float32)
+        for t in self.computed():
+            out[t] = self.confs[self.owner[t]].maps[t]
+        return out

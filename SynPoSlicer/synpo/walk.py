@@ -1,0 +1,204 @@
+"""The walk: from a start slice outwards, one slice at a time, until the target is judged absent.
+
+Each query slice is decoded with prompts taken from its own confidence map, restricted to a search
+region around the mask of the slice next to it (towards the start); whether the target is still
+there is judged by the stop rules of walk_rules.py. The first slice judged "target absent" ends the
+walk in that direction (an organ is one contiguous run of slices), so slices beyond it come out
+empty. Who walks which slices, between several starts, is ownership.py's.
+"""
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .config import SynPoConfig
+from .embeddings import EmbeddingStore
+from .errors import Cancelled
+from .gate import apply_gate
+from .interpolate import between as interpolate_between
+from .prompts import Prompts, select_prompts
+from .result import SliceRecord
+from .slice_confidence import SliceConfidence
+from .walk_rules import Judge, Step, judge_step
+
+# Called as each slice's decision is made: (record, its mask in the slice frame or None). Labels are
+# walked in parallel threads, so it is called from those threads. A slice reported here is
+# provisional: the result may still change it (labels overlapping, an enclosed label outside its
+# encloser), and the VolumeResult is what counts.
+SliceReport = Callable[[SliceRecord, Optional[np.ndarray]], None]
+
+
+def _search_region(prev: np.ndarray, margin: float, min_px: int) -> np.ndarray:
+    ys, xs = np.nonzero(prev)
+    H, W = prev.shape
+    region = np.zeros_like(prev, dtype=bool)
+    if len(xs) == 0:
+        region[:] = True
+        return region
+    my = max(min_px, int(round(margin * (ys.max() - ys.min() + 1))))
+    mx = max(min_px, int(round(margin * (xs.max() - xs.min() + 1))))
+    region[max(0, ys.min() - my):min(H, ys.max() + 1 + my), max(0, xs.min() - mx):min(W, xs.max() + 1 + mx)] = True
+    return region
+
+
+def _record(label: int, index: int, status: str, prompts: Optional[Prompts] = None, score: float = 0.0,
+            sam_iou: float = 0.0, box=None) -> SliceRecord:
+    rec = SliceRecord(label, index, status, float(score), float(sam_iou))
+    if prompts is not None:
+        rec.positive = np.asarray(prompts.positive, dtype=float).tolist()
+        rec.negative = np.asarray(prompts.negative, dtype=float).tolist()
+        rec.box = [int(v) for v in box] if box is not None else None
+    return rec
+
+
+def decode_prompted(sam, store: "EmbeddingStore", t: int, conf: np.ndarray, cfg: SynPoConfig,
+                    region: Optional[np.ndarray] = None, expected: Optional[np.ndarray] = None, gate_range=None,
+                    timings: Optional[Dict[str, float]] = None):
+    """SynPo's per-slice step: prompts from slice t's confidence map `conf` (H, W) within `region`
+    (select_prompts), SAM's decoding (reused when these inputs were decoded before) and the
+    intensity gate. Returns (mask, SAM's IoU, box, prompts); adds its seconds to
+    timings["prompts"] and timings["decode"] when given."""
+    t0 = time.perf_counter()
+    prompts = select_prompts(conf, cfg.prompts, region, expected)
+    t1 = time.perf_counter()
+    mask, sam_iou, box = store.decode(sam, t, prompts, cfg.decode)
+    if gate_range is not None:
+        mask = apply_gate(mask, store.slices[t], gate_range, cfg.gate)
+    if timings is not None:
+        timings["prompts"] += t1 - t0
+        timings["decode"] += time.perf_counter() - t1
+    return mask, sam_iou, box, prompts
+
+
+class _Context:
+    """What the per-label propagation needs, bundled."""
+
+    def __init__(self, sam, embeds, conf, cfg, timings, cancel, tick, gate_range=None,
+                 on_slice: Optional[SliceReport] = None, absent: Sequence[int] = (), judge: Judge = judge_step,
+                 stride: int = 1, spacing_rc=(1.0, 1.0)):
+        self.sam, self.embeds, self.conf, self.cfg = sam, embeds, conf, cfg
+        self.judge = judge
+        self.stride, self.spacing_rc = stride, spacing_rc   # walk every stride-th slice (thin slices)
+        self.timings, self.cancel, self.tick = timings, cancel, tick
+        self.gate_range = gate_range             # the target's grey-value range (gate.py), or None
+        self.on_slice = on_slice
+        self.absent = set(absent)                # slices the user marked "target absent": walks end there
+
+    def prefetch(self, indices: Sequence[int]) -> None:
+        """The next slices of a walk are embedded when it reaches them, a batch at a time (a
+        confidence given as a ready array, as tests do, needs nothing)."""
+        if isinstance(self.conf, SliceConfidence):
+            self.conf.prepare(indices)
+
+    def report(self, rec: SliceRecord, mask: Optional[np.ndarray]) -> None:
+        if self.on_slice is not None:
+            self.on_slice(rec, mask)
+
+    def decode(self, label: int, t: int, prev: Optional[np.ndarray], min_area: float,
+               prev_score: Optional[float] = None, expected: Optional[np.ndarray] = None, first: bool = False,
+               tick: bool = True):
+        """Decode slice t next to `prev` (the neighbouring mask, None for a first slice) and judge
+        whether the target is there (self.judge: walk_rules.judge_step); prev_score is the
+        neighbouring mask's mean confidence; expected, the target's guessed shape (select_prompts);
+        first: prev is a painted slice; tick: count the slice as done (a walk's trial jump does not)."""
+        if self.cancel is not None and self.cancel():
+            raise Cancelled("cancelled")
+        vc = self.cfg.volume
+        region = _search_region(prev, vc.search_margin, vc.search_min_px) if prev is not None else None
+        mask, sam_iou, box, prompts = decode_prompted(self.sam, self.embeds, t, self.conf[t], self.cfg, region,
+                                                      expected, self.gate_range, self.timings)
+        if tick:
+            self.tick()
+        area = int(mask.sum())
+        score = float(self.conf[t][mask].mean()) if area else 0.0
+        overlap = float(np.logical_and(mask, prev).sum() / area) if prev is not None and area else 0.0
+        reason = self.judge(Step(label, t, first, mask, area, prev, min_area, score, prev_score, sam_iou, overlap), vc)
+        rec = _record(label, t, "absent" if reason else "present", prompts, score, sam_iou, box)
+        rec.overlap_prev, rec.reason = overlap, reason
+        return (None if reason else mask), rec
+
+
+def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, step: int, min_area: float,
+          masks: Dict[int, np.ndarray], records: List[SliceRecord], painted: bool = True) -> None:
+    """Walk from `start` (whose mask is `mask`; painted: the user's paint) towards `stop` by `step`
+    (+1 or -1). With ctx.stride > 1 (a thin-slice volume) the walk decodes every stride-th slice
+    and fills the slices between by shape-based interpolation (interpolate.py); where a strided
+    slice is judged absent, the slices up to it are walked one by one, so the organ's end is found
+    slice by slice as without a stride."""
+    prev, t = mask, start
+    prev_score = float(ctx.conf[start][mask].mean()) if mask.any() else None
+    single_until = start                         # after a failed jump: single steps up to here
+
+    def ahead(u: int) -> bool:                   # u lies before the end of this walk's range
+        return (stop - u) * step > 0
+
+    while True:
+        jump = t + step * ctx.stride
+        between = range(t + step, jump + step, step)
+        if (ctx.stride > 1 and (single_until - t) * step <= 0 and ahead(jump)
+                and not any(u in ctx.absent for u in between)):
+            ctx.prefetch([jump])
+            new, rec = ctx.decode(label, jump, prev, min_area, prev_score, first=painted and t == start, tick=False)
+            if new is not None:
+                for u, m in zip(between, interpolate_between(prev, new, ctx.stride - 1, ctx.spacing_rc)):
+                    masks[u] = m
+                    records.append(_record(label, u, "interpolated"))
+                    ctx.report(records[-1], m)
+                    ctx.tick()
+                records.append(rec)
+                ctx.report(rec, new)
+                ctx.tick()
+                masks[jump] = new
+                prev, prev_score, t = new, rec.score, jump
+                continue
+            single_until = jump                  # the organ ends before `jump`: find where, slice by slice
+        u = t + step
+        if not ahead(u):
+            return
+        if u in ctx.absent:                      # the user said so: no decoding, the walk ends here
+            new, rec = None, _record(label, u, "absent")
+            rec.reason = "marked absent"
+            ctx.tick()
+        else:
+            ctx.prefetch([v for v in range(u, stop, step)[:ctx.embeds.batch_size] if v not in ctx.absent]
+                         if ctx.stride == 1 else [u])
+            new, rec = ctx.decode(label, u, prev, min_area, prev_score, first=painted and t == start)
+            look = ctx.cfg.volume.look_ahead
+            if (new is None and (look == "any" or (look == "jump" and rec.reason == "left the previous mask"))
+                    and ahead(u + step) and u + step not in ctx.absent):
+                # One slice judged absent does not end the walk when the slice after it, decoded
+                # from the same neighbour, is judged present: slice u gets the shape between them.
+                v = u + step
+                ctx.prefetch([v])
+                after, rec_after = ctx.decode(label, v, prev, min_area, prev_score, first=painted and t == start,
+                                              tick=False)
+                if after is not None:
+                    mid = interpolate_between(prev, after, 1, ctx.spacing_rc)[0]
+                    rec.status, rec.reason = "interpolated", "bridged (%s; the next slice goes on)" % rec.reason
+                    for w, m, r in ((u, mid, rec), (v, after, rec_after)):
+                        records.append(r)
+                        ctx.report(r, m)
+                        masks[w] = m
+                    ctx.tick()
+                    prev, prev_score, t = after, rec_after.score, v
+                    continue
+        records.append(rec)
+        ctx.report(rec, new)
+        if new is None:
+            u += step
+            while ahead(u):                      # the organ ended: the rest of this side is empty
+                records.append(_record(label, u, "not reached"))
+                ctx.report(records[-1], None)
+                ctx.tick()
+                u += step
+            return
+        masks[u] = new
+        prev, prev_score, t = new, rec.score, u
+
+
+def walk_stride(walk_spacing_mm: float, slice_spacing_mm: float) -> int:
+    """How many slices a walk's step spans: the most whose thickness stays within walk_spacing_mm
+    (1: every slice; 0 mm turns striding off)."""
+    if walk_spacing_mm <= 0 or slice_spacing_mm <= 0:
+        return 1
+    return max(1, int(np.floor(walk_spacing_mm / slice_spacing_mm + 1e-6)))
