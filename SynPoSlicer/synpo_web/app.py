@@ -248,7 +248,8 @@ class SynPoWeb(TrameApp):
         self._show_volume(image, geometry, "SynPo sample CT")
         self.volume.GetDisplayNode().SetAutoWindowLevel(False)
         self.volume.GetDisplayNode().SetWindowLevel(400, 40)
-        mrml.write_labels(self.segmentation, self.volume, (support != 0).astype(np.uint8), {1: "liver"})
+        ids = mrml.write_labels(self.segmentation, self.volume, (support != 0).astype(np.uint8), {1: "liver"})
+        self.segmentation.GetSegmentation().GetSegment(ids[1]).SetColor(0.9, 0.35, 0.3)     # always the same
         self._activate_segmentation(self.segmentation)
         painted = np.flatnonzero((support != 0).reshape(len(support), -1).any(1))
         if len(painted):
