@@ -103,10 +103,16 @@ def _wait_message(page, *texts, timeout=120.0):
 
 def _axial(page):
     """The axial view: the largest of the page's view images."""
-    views = page.locator("img.image-display-area")
-    boxes = [views.nth(i).bounding_box() for i in range(views.count())]
-    best = max((i for i in range(len(boxes)) if boxes[i]), key=lambda i: boxes[i]["width"] * boxes[i]["height"])
-    return views.nth(best), boxes[best]
+    deadline = time.time() + 60                # the first frames may come late on a busy machine
+    while True:
+        views = page.locator("img.image-display-area")
+        boxes = [views.nth(i).bounding_box() for i in range(views.count())]
+        shown = [i for i in range(len(boxes)) if boxes[i] and boxes[i]["width"] > 50]
+        if shown:
+            best = max(shown, key=lambda i: boxes[i]["width"] * boxes[i]["height"])
+            return views.nth(best), boxes[best]
+        assert time.time() < deadline, "the page shows no view"
+        time.sleep(0.5)
 
 
 def _shot(page, settle=1.5):
@@ -183,10 +189,13 @@ def test_paint_preview_apply_save_in_the_browser_equals_synpo_segment(web, brows
     deadline = time.time() + 60
     while True:
         painted_slice = _shot(page, settle=0.5)
-        liver = (painted_slice.max(-1) - painted_slice.min(-1)) > 50
+        liver = (painted_slice.max(-1) - painted_slice.min(-1)) > 30
         if liver.sum() > 2000:
             break
         assert time.time() < deadline, "the painted liver is not drawn in the axial view"
+        _, box = _axial(page)                  # a busy machine: hover the view, as a user would
+        page.mouse.move(box["x"] + 5, box["y"] + 5)
+        page.mouse.move(box["x"] + 10, box["y"] + 10)
     time.sleep(1.0)
     painted_slice = _shot(page)
 
@@ -292,11 +301,9 @@ def test_paint_preview_apply_save_in_the_browser_equals_synpo_segment(web, brows
         time.sleep(0.05)
     page.mouse.up()
     _wait_changed(page, before, "the correction")
-    page.click("#synpo-update")
-    text = _wait_message(page, "Updating from", "No corrections", timeout=60)
-    assert "Updating from 1 corrected" in text, text
-    _wait_message(page, "Preview ready", "failed", timeout=900)
-    assert "failed" not in _message(page)
+    page.click("#synpo-update")                          # the page said "Correcting..." until now
+    text = _wait_message(page, "Preview ready", "No corrections", "failed", timeout=900)
+    assert "Preview ready" in text, text
     page.click("#synpo-discard")
     _wait_message(page, "Preview discarded")
 

@@ -140,8 +140,14 @@ class SynPoWeb(TrameApp):
     def _say(self, text, error=False):
         self.state.message, self.state.error = text, bool(error)
 
+    def _render(self):
+        """Ask every view for a new frame (a scene change made outside the views' own events)."""
+        for view in self.slicer_app.view_manager.get_views():
+            view.schedule_render()
+
     def _refresh(self):
         """The state the page shows, from the scene and the logic."""
+        self._render()
         s = self.state
         s.has_volume = self.volume is not None
         s.has_preview = self.logic.preview is not None
@@ -242,7 +248,8 @@ class SynPoWeb(TrameApp):
         self._show_volume(image, geometry, "SynPo sample CT")
         self.volume.GetDisplayNode().SetAutoWindowLevel(False)
         self.volume.GetDisplayNode().SetWindowLevel(400, 40)
-        mrml.write_labels(self.segmentation, self.volume, (support != 0).astype(np.uint8), {1: "liver"})
+        ids = mrml.write_labels(self.segmentation, self.volume, (support != 0).astype(np.uint8), {1: "liver"})
+        self.segmentation.GetSegmentation().GetSegment(ids[1]).SetColor(0.9, 0.35, 0.3)     # always the same
         self._activate_segmentation(self.segmentation)
         painted = np.flatnonzero((support != 0).reshape(len(support), -1).any(1))
         if len(painted):
@@ -483,7 +490,8 @@ class SynPoWeb(TrameApp):
         sent (the server checks again)."""
         limit = int(self.max_upload_mb * 1024 * 1024)
         say = ("message = $event.name + ' is ' + ($event.size / 1048576).toFixed(1) + ' MB; this server takes "
-               "uploads up to %g MB (synpo web --max-upload-mb).'; error = true; upload = null"
+               "uploads up to %g MB (synpo web --max-upload-mb).'; error = true; "
+               "window.setTimeout(() => { upload = null }, 0)"
                % self.max_upload_mb)
         return "if ($event && !Array.isArray($event) && $event.size > %d) { %s } else { trigger('%s', [$event]) }" % (
             limit, say, self.server.controller.trigger_name(self.load_upload))
