@@ -386,7 +386,9 @@ def test_corrections_inside_the_previous_extent_hold_its_ends():
     merged[8, 2:5, 2:5] = 1                                  # a correction inside slices 4-9 agreeing: holds 3, 10
     merged[7, 2:5, 2:5] = 1                                  # one where the previous walk was elsewhere: free
     merged[12, 2:5, 2:5] = 1                                 # one beyond the extent: free
-    assert session.held_ends(merged, 0) == {1: {8: [3, 10]}}
+    on = SynPoConfig().with_(volume={"correction_holds_ends": True})
+    assert session.held_ends(merged, 0, on) == {1: {8: [3, 10]}}
+    assert session.held_ends(merged, 0) == {}                # off by default (config.py)
 
 
 @pytest.mark.parametrize("absent, present, interpolated, end", [

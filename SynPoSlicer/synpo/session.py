@@ -179,10 +179,10 @@ class Session:
         (IoU >= volume.correction_trust_iou: the previous walk followed the organ there;
         volume.correction_holds_ends): their walks stop one slice past the first and last slice
         the last run found the label on, and are judged against the previous masks."""
-        trust = (cfg if cfg is not None else default_config()).volume.correction_trust_iou
+        vc = (cfg if cfg is not None else default_config()).volume
         from .result import FOUND
         prev = self.result
-        if prev is None or self.support_image is not None:
+        if prev is None or self.support_image is not None or not vc.correction_holds_ends:
             return {}
         m = to_slices(merged, axis)
         n = m.shape[0]
@@ -195,7 +195,7 @@ class Session:
             painted = np.flatnonzero((m == v).reshape(n, -1).any(1))
             before = to_slices(prev.labels, axis)
             new = [int(s) for s in painted if s not in prev.support.slices.get(v, ()) and lo <= s <= hi
-                   and _iou(before[s] == v, m[s] == v) >= trust]
+                   and _iou(before[s] == v, m[s] == v) >= vc.correction_trust_iou]
             ends = [t for t in (lo - 1, hi + 1) if 0 <= t < n]
             if new and ends:
                 out[v] = {s: ends for s in new}
