@@ -1044,6 +1044,19 @@ def test_a_gap_between_two_supports_changes_hands_where_their_walks_agree_best()
     assert split_gap(0, 10, {}, {5: box(0, 6)}) == 0             # s1's walk stopped at once: s2 owns the gap
 
 
+def _walk_up(conf, cfg):
+    """One walk upwards from slice 0 (painted where conf[0] > 0.5) over the confidence maps `conf`,
+    with box prompts decoded as boxes; returns (masks, records)."""
+    from synpo.walk import _Context, _walk
+    n = len(conf)
+    store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
+    store.ensure(range(n))
+    ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None, lambda k=1: None)
+    masks, records = {}, []
+    _walk(ctx, 1, 0, conf[0] > 0.5, n, +1, 10.0, masks, records)
+    return masks, records
+
+
 @pytest.mark.parametrize("levels, look_ahead, expected, bridged", [
     ((0.9, 0.9, 0.9, 0.55, 0.9, 0.9, 0.9), "off", [1, 2], []),             # one dip ends the walk
     ((0.9, 0.9, 0.9, 0.55, 0.9, 0.9, 0.9), "any", [1, 2, 3, 4, 5, 6], [3]),   # ... not with the look-ahead
@@ -1052,17 +1065,11 @@ def test_a_gap_between_two_supports_changes_hands_where_their_walks_agree_best()
     ((0.9, 0.9, 0.9, 0.9, 0.0, 0.0, 0.0), "any", [1, 2, 3], []),           # an abrupt end stays where it is
 ])
 def test_the_look_ahead_bridges_one_bad_slice_but_not_an_end(levels, look_ahead, expected, bridged):
-    from synpo.walk import _Context, _walk
     n = len(levels)
     conf = np.zeros((n, 40, 40), np.float32)
     for t, level in enumerate(levels):
         conf[t, 10:30, 10:30] = level
-    cfg = SynPoConfig().with_(volume={"look_ahead": look_ahead})
-    store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
-    store.ensure(range(n))
-    ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None, lambda k=1: None)
-    masks, records = {}, []
-    _walk(ctx, 1, 0, conf[0] > 0.5, n, +1, 10.0, masks, records)
+    masks, records = _walk_up(conf, SynPoConfig().with_(volume={"look_ahead": look_ahead}))
     assert sorted(masks) == expected
     assert sorted(r.index for r in records) == list(range(1, n))          # every slice once
     assert [r.index for r in records if r.reason.startswith("bridged")] == bridged
@@ -1078,18 +1085,12 @@ def test_the_look_ahead_bridges_one_bad_slice_but_not_an_end(levels, look_ahead,
 def test_the_look_ahead_after_a_jump_onto_a_neighbour(look_ahead, expected):
     """Slice 3's confidence lies on a look-alike beside the organ (its mask leaves the previous one);
     slice 4 has the organ again: "jump" bridges slice 3 with the organ's shape, not the look-alike's."""
-    from synpo.walk import _Context, _walk
     n = 6
     conf = np.zeros((n, 40, 40), np.float32)
     conf[:, 5:20, 5:20] = 0.9
     conf[3] = 0.0
     conf[3, 22:37, 22:37] = 0.9                                         # the look-alike, on slice 3 only
-    cfg = SynPoConfig().with_(volume={"look_ahead": look_ahead, "search_margin": 2.0})
-    store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
-    store.ensure(range(n))
-    ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None, lambda k=1: None)
-    masks, records = {}, []
-    _walk(ctx, 1, 0, conf[0] > 0.5, n, +1, 10.0, masks, records)
+    masks, records = _walk_up(conf, SynPoConfig().with_(volume={"look_ahead": look_ahead, "search_margin": 2.0}))
     assert sorted(masks) == expected
     third = next(r for r in records if r.index == 3)
     assert third.reason.endswith("left the previous mask") or "left the previous mask" in third.reason

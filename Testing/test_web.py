@@ -136,6 +136,19 @@ def _wait_changed(page, before, what, timeout=60.0, pixels=50):
         assert time.time() < deadline, "%s did not show in the axial view" % what
 
 
+def _stroke(page, fx, fy, dx, dy, moves=12):
+    """A mouse stroke on the axial view, as a user paints: from the fraction (fx, fy) of the view,
+    `moves` moves of (dx, dy) pixels with the button held."""
+    _, box = _axial(page)
+    x0, y0 = box["x"] + fx * box["width"], box["y"] + fy * box["height"]
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    for i in range(1, moves + 1):
+        page.mouse.move(x0 + dx * i, y0 + dy * i, steps=2)
+        time.sleep(0.05)
+    page.mouse.up()
+
+
 def _opacity(page, key):
     slider = page.locator("#synpo-opacity [role=slider]").first
     slider.focus()
@@ -202,14 +215,7 @@ def test_paint_preview_apply_save_in_the_browser_equals_synpo_segment(web, brows
     # A new segment, painted with the mouse: a stroke on the spleen (right of the screen).
     page.click("#synpo-add")
     _wait_message(page, "Paint segment 2")
-    _, box = _axial(page)
-    x0, y0 = box["x"] + 0.885 * box["width"], box["y"] + 0.46 * box["height"]
-    page.mouse.move(x0, y0)
-    page.mouse.down()
-    for i in range(1, 13):
-        page.mouse.move(x0 + 0.6 * i, y0 + 4.0 * i, steps=2)
-        time.sleep(0.05)
-    page.mouse.up()
+    _stroke(page, 0.885, 0.46, 0.6, 4.0)
     _wait_changed(page, painted_slice, "the stroke")
     paint_path = _download(page, "#synpo-save-nifti", tmp_path / "paint.nii.gz")
     paint, _ = _read(paint_path)
@@ -292,14 +298,7 @@ def test_paint_preview_apply_save_in_the_browser_equals_synpo_segment(web, brows
     page.click("#synpo-correct")
     _wait_message(page, "Correcting")
     before = _shot(page)
-    _, box = _axial(page)
-    x0, y0 = box["x"] + 0.5 * box["width"], box["y"] + 0.52 * box["height"]      # outside the liver
-    page.mouse.move(x0, y0)
-    page.mouse.down()
-    for i in range(1, 13):
-        page.mouse.move(x0 + 3.0 * i, y0 + 2.0 * i, steps=2)
-        time.sleep(0.05)
-    page.mouse.up()
+    _stroke(page, 0.5, 0.52, 3.0, 2.0)                     # outside the liver
     _wait_changed(page, before, "the correction")
     page.click("#synpo-update")                          # the page said "Correcting..." until now
     text = _wait_message(page, "Preview ready", "No corrections", "failed", timeout=900)

@@ -39,6 +39,7 @@ from dataclasses import asdict
 from typing import Dict, List, Optional, Tuple
 
 from .errors import SynPoError
+from .weights import sha256_of
 
 PLUGIN_NAME = "synpo-models"
 CSV_NAME = "cohort.csv"
@@ -120,14 +121,6 @@ def file_stamp(path: str) -> str:
     return "%d:%d" % (st.st_size, st.st_mtime_ns)
 
 
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def settings_hash(args, cfg) -> str:
     """What decides a volume's outputs, hashed: the models asked for, the configuration with its
     overrides and the reference files' content. (Which outputs are asked for is not in it: a volume
@@ -136,7 +129,7 @@ def settings_hash(args, cfg) -> str:
     settings = {
         "synpo": __version__, "sam": args.sam, "features": args.features, "dinov2": args.dinov2,
         "precision": args.precision, "runtime": args.runtime, "config": asdict(cfg),
-        "reference": [sha256_file(args.ref_image), sha256_file(args.ref_labels)],
+        "reference": [sha256_of(args.ref_image), sha256_of(args.ref_labels)],
         "confidence_all": bool(args.confidence_all),
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
