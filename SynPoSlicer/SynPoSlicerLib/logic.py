@@ -54,6 +54,7 @@ class PreviewLogic:
         self.pythonForServer = None
         self._pending = None             # the inputs of a preview waiting for the server
         self._sessions = {}              # volume fingerprint -> session id on the current server
+        self._fingerprints = {}          # (volume node id, its image's MTime) -> fingerprint: hashed once
         self._listeners = []             # views of the run told after each step (panel, effect instances)
         self.volumeNode = None
         self.segmentationNode = None     # the segmentation the preview was made for: Apply writes there
@@ -157,6 +158,15 @@ class PreviewLogic:
                 "volume.search_margin=%s" % float(parameterNode.GetParameter("SearchMargin")),
                 "gate.enabled=%s" % ("false" if parameterNode.GetParameter("IntensityGate") == "false" else "true")]
 
+    def fingerprint(self, volumeNode, inputs):
+        """volumeFingerprint, computed once per state of the volume node (a large CT's hash costs
+        a fraction of a second on the GUI thread; a second preview of it costs nothing)."""
+        image = volumeNode.GetImageData()
+        key = (volumeNode.GetID(), image.GetMTime() if image is not None else 0, volumeNode.GetMTime())
+        if key not in self._fingerprints:
+            self._fingerprints = {key: volumeFingerprint(inputs)}        # only the latest is kept
+        return self._fingerprints[key]
+
     def startPreview(self, volumeNode, segmentationNode, segmentIds, parameterNode):
         """Check the inputs and queue a preview; `step()` carries it out."""
         from SynPoSlicerLib import mrml
@@ -166,7 +176,7 @@ class PreviewLogic:
         inputs = mrml.extract_inputs(volumeNode, segmentationNode, segmentIds)
         self.volumeNode, self.segmentationNode, self.segmentIds = volumeNode, segmentationNode, list(segmentIds)
         self.segmentNames = [segmentationNode.GetSegmentation().GetSegment(s).GetName() for s in segmentIds]
-        self._pending = (inputs, self.settings(parameterNode), parameterNode, volumeFingerprint(inputs))
+        self._pending = (inputs, self.settings(parameterNode), parameterNode, self.fingerprint(volumeNode, inputs))
         self.state, self.message = "starting", "Starting the SynPo server..."
         self.job = None
         self.startPolling()
