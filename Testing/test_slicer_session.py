@@ -114,6 +114,7 @@ def test_stop_ends_the_whole_tree_behind_a_launcher(launcher):
     url = proc.url
     proc.stop()
     assert _gone(pids, 20) and not _port_open(url) and not proc.running()
+    assert not os.path.exists(proc.folder)        # the token went with it
 
 
 SLICER_STAND_IN = '''

@@ -75,6 +75,7 @@ class ServerProcess:
 
     def start(self) -> "ServerProcess":
         from synpo.server import make_token_file
+        os.makedirs(self.folder, mode=0o700, exist_ok=True)     # again after a stop()
         make_token_file(self.token_file)
         env = base_environment(self.python)
         env["PYTHONPATH"] = MODULE_DIR + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -125,10 +126,13 @@ class ServerProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self) -> None:
-        """End the server's whole process tree (not only the launcher we started)."""
+        """End the server's whole process tree (not only the launcher we started), then remove its
+        folder (token, ready file, log): a stopped server leaves no credential behind. A server that
+        failed to start has already put its log's last lines into the error it raised."""
         if self.proc is not None:
             end_tree(self.proc)
         self.proc, self.url = None, None
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 class RemoteJob:
