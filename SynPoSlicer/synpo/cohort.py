@@ -395,14 +395,34 @@ def add_arguments(p) -> None:
     p.add_argument("--quiet", action="store_true", help="only the summary line and errors")
 
 
-def _check_reference(args):
+def read_reference(image_path: str, labels_path: str):
+    """(image, labels, geometry) of the reference; SynPoError when unreadable or on two grids."""
     from .io import read_volume
-    from .support import find_support
-    ref, ref_geometry = read_volume(args.ref_image, "reference image")
-    labels, lab_geometry = read_volume(args.ref_labels, "reference labels", label=True)
+    ref, ref_geometry = read_volume(image_path, "reference image")
+    labels, lab_geometry = read_volume(labels_path, "reference labels", label=True)
     if not lab_geometry.same_grid(ref_geometry):
         raise SynPoError("reference labels grid (%s) differs from the reference image grid (%s)"
                          % (lab_geometry.describe(), ref_geometry.describe()))
+    return ref, labels, ref_geometry
+
+
+def load_reference(image_path: str, labels_path: str, stamps: Tuple[str, str]):
+    """Task: the reference as the query tasks take it, (image, labels, spacing), read on a worker
+    from the files the client checked (workers read the queries from the same shared paths).
+
+    A task and not scattered data: Dask's active memory manager (ReduceReplicas, on by default)
+    drops a broadcast's extra copies, and scattered data dies with the worker holding it ("lost
+    scattered data, which can't be recovered"), failing every task still to run; a task's result
+    is computed again elsewhere."""
+    if (file_stamp(image_path), file_stamp(labels_path)) != tuple(stamps):
+        raise SynPoError("the reference image or labels changed while the cohort ran; run it again")
+    ref, labels, geometry = read_reference(image_path, labels_path)
+    return ref, labels, tuple(geometry.spacing)
+
+
+def _check_reference(args):
+    from .support import find_support
+    ref, labels, ref_geometry = read_reference(args.ref_image, args.ref_labels)
     return ref, labels, ref_geometry, find_support(labels)
 
 
@@ -501,8 +521,9 @@ def run_cohort(args) -> int:
                    "n_painted": len({s for v in support.slices.values() for s in v}),
                    "confidence_all": bool(args.confidence_all), "labels": labels,
                    "embedding_cache": args.embedding_cache}
-        return _run_tasks(args, cfg, (ref_image, ref_labels, tuple(ref_geometry.spacing)), todo, names, rows,
-                          csv_path, options, say)
+        reference = (os.path.abspath(args.ref_image), os.path.abspath(args.ref_labels),
+                     (file_stamp(args.ref_image), file_stamp(args.ref_labels)))
+        return _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say)
 
 
 def _terminate_as_interrupt(signum, frame):
@@ -543,8 +564,8 @@ def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say) 
             raise
         except Exception as exc:
             raise SynPoError("a worker could not load the models: %s" % _one_line(exc)) from None
-        ref_future = client.scatter([reference], broadcast=True, hash=False)[0]
         run_id = uuid.uuid4().hex[:8]     # task keys unique to this run: two cohorts on one cluster never share one
+        ref_future = client.submit(load_reference, *reference, pure=False, key="synpo-reference-image-" + run_id)
         features = client.submit(reference_features, ref_future, cfg, options["embedding_cache"], pure=False,
                                  key="synpo-reference-" + run_id)
         try:                     # every volume needs it: its failure is the cohort's, not a volume's
