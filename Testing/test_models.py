@@ -392,8 +392,36 @@ def test_openvino_encoder_gives_pytorchs_embeddings_and_keeps_its_ir(tmp_path):
         out = enc(x)
         assert out.shape == ref.shape and float((out - ref).abs().max()) < 1e-4
     assert openvino_runtime.pick_runtime("openvino", torch.device("cpu")) == "openvino"
-    assert openvino_runtime.pick_runtime("auto", torch.device("cpu")) == "torch"
+    assert openvino_runtime.pick_runtime("auto", torch.device("cpu")) == "openvino"      # installed here
+    assert openvino_runtime.pick_runtime("auto", torch.device("cpu"), "vit_b") == "torch"  # not measured
+    assert openvino_runtime.pick_runtime("auto", torch.device("cuda")) == "torch"
+    assert openvino_runtime.pick_runtime("torch", torch.device("cpu")) == "torch"
     with pytest.raises(ModelError, match="runs on the CPU"):
         openvino_runtime.pick_runtime("openvino", torch.device("cuda"))
     with pytest.raises(ModelError, match="unknown runtime"):
         openvino_runtime.pick_runtime("tensorrt", torch.device("cpu"))
+
+
+def test_auto_runtime_without_openvino_or_when_it_fails_is_pytorch(monkeypatch, capsys):
+    """"auto" on a CPU: PyTorch when openvino is not importable, and when converting fails (said
+    on stderr unless quiet); asked for explicitly, the failure is an error."""
+    import torch
+    from synpo import openvino_runtime
+    from synpo.errors import ModelError
+    monkeypatch.setattr(openvino_runtime, "available", lambda: False)
+    assert openvino_runtime.pick_runtime("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(ModelError, match="needs the openvino package"):
+        openvino_runtime.pick_runtime("openvino", torch.device("cpu"))
+    monkeypatch.setattr(openvino_runtime, "available", lambda: True)
+
+    class Broken:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("Cannot create CPU plugin")
+    monkeypatch.setattr(openvino_runtime, "OpenVinoEncoder", Broken)
+    sam, _, _ = features.load_models("litemedsam", "sam", device="cpu", quiet=False)
+    assert sam.runtime == "torch" and sam._ov is None
+    assert "OpenVINO could not run litemedsam's encoder (Cannot create CPU plugin): using PyTorch" in capsys.readouterr().err
+    with pytest.raises(ModelError, match="OpenVINO could not run litemedsam's encoder"):
+        features.load_models("litemedsam", "sam", device="cpu", runtime="openvino")
+    sam, _, _ = features.load_models("litemedsam", "sam", device="cpu", runtime="torch")
+    assert sam.runtime == "torch"

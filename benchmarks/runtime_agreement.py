@@ -5,8 +5,8 @@
 For every volume of the folder, every organ painted on its middle labelled slice, all organs in
 one run, once with each runtime: the mask IoU of every label-slice where either mask is
 non-empty (the smallest, and how many are identical), whether the label maps are equal, and the
-encoder's seconds per slice for each runtime (from runs that embedded the slices, so give the
-cache only for runtimes whose embeddings you want reused).
+encoder's seconds per slice for each runtime (from runs that embedded the slices: a cache that
+already holds a runtime's embeddings gives no time for it; the cache keeps each runtime's apart).
 """
 import argparse
 import os
@@ -25,7 +25,7 @@ from synpo.volume import sam_store  # noqa: E402
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folder")
-    p.add_argument("--embedding-cache", help="reuse PyTorch embeddings from here (OpenVINO's are computed)")
+    p.add_argument("--embedding-cache", help="reuse either runtime's embeddings from here (kept apart by runtime)")
     args = p.parse_args()
     runtimes = {name: Models.load("litemedsam", "sam", device="cpu", runtime=name) for name in ("torch", "openvino")}
     ious, equal_maps, seconds = [], [], {name: [] for name in runtimes}
@@ -38,7 +38,7 @@ def main() -> None:
             support[s][gt[s] == v] = v
         results = {}
         for name, models in runtimes.items():
-            session = Session(image, geom.spacing, models, args.embedding_cache if name == "torch" else None)
+            session = Session(image, geom.spacing, models, args.embedding_cache)
             results[name] = session.run(support)
             store = sam_store(session.stores)
             if results[name].timings["encode_sam"] > 0:

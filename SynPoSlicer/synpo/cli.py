@@ -25,8 +25,8 @@ FEATURE_CHOICES = ("auto", "synergy", "sam", "dinov2")
 
 def add_runtime_option(p) -> None:
     p.add_argument("--runtime", default="auto", choices=("auto", "torch", "openvino"),
-                   help="the SAM encoder's runtime: auto = PyTorch; openvino (CPU, pip install openvino) is about "
-                        "1.9x faster here but moves a few masks (docs/service.md)")
+                   help="the SAM encoder's runtime: auto = OpenVINO for LiteMedSAM on a CPU when installed "
+                        "(pip install openvino; 2x faster, the same walks: docs/service.md), else PyTorch")
 
 
 def add_set_option(p) -> None:

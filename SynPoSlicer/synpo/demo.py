@@ -112,8 +112,9 @@ def run_demo(folder: str = "synpo-demo", device: str = "auto", quiet: bool = Fal
     summary = {"dice_labelled": d_lab, "dice_volume": d_vol, "fp_slices": fp, "files": written,
                "features": result.features, "seconds": result.timings}
     if not quiet:
-        print("SynPo demo: liver of the bundled CT from one painted slice (k=%d), LiteMedSAM, features %s"
-              % (result.support.slices[1][0], "+".join(result.features)))
+        print("SynPo demo: liver of the bundled CT from one painted slice (k=%d), LiteMedSAM (%s), features %s"
+              % (result.support.slices[1][0], "OpenVINO" if sam.runtime == "openvino" else "PyTorch",
+                 "+".join(result.features)))
         print("Dice vs the reference segmentation: %.3f (whole volume, %d slices)" % (d_vol, image.shape[0]))
         print("wrote:\n  " + "\n  ".join(written))
     return summary

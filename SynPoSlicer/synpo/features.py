@@ -422,7 +422,8 @@ def load_models(sam_name: str = "litemedsam", features: str = "auto", dinov2_siz
     features: "sam", "dinov2", "synergy" (both; downloads DINOv2, or fails with a message), or
     "auto" (synergy when DINOv2 weights are on disk, else SAM only, said in one line on stderr
     unless quiet). precision: the encoders' autocast ("auto" = fp16 on CUDA, fp32 on CPU).
-    runtime: the SAM encoder's ("auto" = PyTorch; "openvino" on a CPU, openvino_runtime.py).
+    runtime: the SAM encoder's ("auto" = OpenVINO for LiteMedSAM on a CPU when installed, else
+    PyTorch; "torch"; "openvino": openvino_runtime.py).
     """
     dev = pick_device(device)
     sam = SamModel.load(sam_name, dev)
@@ -443,8 +444,19 @@ def load_models(sam_name: str = "litemedsam", features: str = "auto", dinov2_siz
         if enc is not None:
             enc.precision = dtype
     from .openvino_runtime import pick_runtime
-    chosen = pick_runtime(runtime, dev)
+    chosen = pick_runtime(runtime, dev, sam_name)
     if chosen == "openvino" and dtype is not None:
-        raise ModelError("--runtime openvino runs in fp32; drop --precision %s" % precision)
-    sam.use_runtime(chosen)
+        if runtime == "openvino":
+            raise ModelError("--runtime openvino runs in fp32; drop --precision %s" % precision)
+        chosen = "torch"                  # "auto" with a reduced precision asked for: PyTorch's autocast
+    try:
+        sam.use_runtime(chosen)
+    except Exception as exc:              # the conversion or the CPU plugin failed
+        if runtime == "openvino":
+            raise ModelError("OpenVINO could not run %s's encoder: %s" % (sam_name, exc)) from None
+        if not quiet:
+            sys.stderr.write("synpo: OpenVINO could not run %s's encoder (%s): using PyTorch (--runtime torch "
+                             "says so from the start).\n" % (sam_name, str(exc).splitlines()[0] if str(exc) else
+                                                              type(exc).__name__))
+        sam.use_runtime("torch")
     return sam, dino, use
