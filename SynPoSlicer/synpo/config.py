@@ -203,6 +203,10 @@ class GateConfig:
     min_component: float = 0.0
     # The gate for a support painted on another scan too (its range from that scan).
     cross: bool = False
+    # Only what a walk's mask adds beyond the neighbouring slice's mask is gated; the pixels inside
+    # it are kept whatever their grey value (an organ whose other slices hold tissue the support
+    # slice lacks: a CT kidney's darker medulla and pelvis below or above a cortex-only support).
+    beyond_previous: bool = False
 
 
 @dataclass(frozen=True)
