@@ -7,8 +7,8 @@ neighbour, a bad mask on the slices reached, or the assembly giving its pixels t
 Each volume, each position: every wanted organ painted on the labelled slice at that position of
 its range (as `synpo evaluate --positions`), one run (--alone: one run per organ, painted alone, so
 no other label can take its pixels in the assembly). Per organ-volume it prints the whole-volume
-Dice and the Dice lost to each cause, as whole-volume Dice points (each slice's share of the
-organ's overlap and areas):
+Dice and the Dice lost to each cause, as whole-volume Dice points that add up to 1 - Dice (each
+cause's pixels over the predicted plus the true pixels):
 - missed: labelled slices left empty (the walk ended before them or judged them absent);
 - extra: slices segmented where the organ is absent;
 - neighbour: on labelled slices, the mask's pixels on another labelled organ (which one);
@@ -41,8 +41,8 @@ def loss_parts(pred: np.ndarray, gt: np.ndarray, label: int) -> Dict[str, object
     labelled = g.reshape(len(g), -1).any(1)
     reached = p.reshape(len(p), -1).any(1)
     denom = P + G
-    # Loss in Dice points: a missed slice loses its organ pixels (2 * |G_t| / denom in the numerator
-    # against the perfect case, where P would equal G); extra pixels add to the denominator.
+    # 1 - Dice = ((P - I) + (G - I)) / (P + G): P - I is extra + neighbour + outside, G - I is
+    # missed + left out.
     missed = float(g[labelled & ~reached].sum())
     extra = float(p[~labelled].sum())
     on_lab = labelled & reached
@@ -115,10 +115,10 @@ def main(argv=None) -> None:
                 for v in [u for u in group if u in wanted]:
                     f = loss_parts(result.labels, gt, v)
                     d = f["denom"]
-                    nb = ", ".join("%d %.3f" % (k, 2 * n / d) for k, n in sorted(f["neighbour_px"].items()))
+                    nb = ", ".join("%d %.3f" % (k, n / d) for k, n in sorted(f["neighbour_px"].items()))
                     print("%s label %d at %.2f: Dice %.3f | slices %d, missed %d (%.3f), extra %d (%.3f) | "
                           "neighbour %s | outside %.3f, left out %.3f" % (
-                              name, v, pos, f["dice"], f["labelled"], f["missed_slices"], 2 * f["missed_px"] / d,
+                              name, v, pos, f["dice"], f["labelled"], f["missed_slices"], f["missed_px"] / d,
                               f["extra_slices"], f["extra_px"] / d, nb or "-", f["outside_px"] / d,
                               f["left_out_px"] / d), flush=True)
                     if args.verbose:
