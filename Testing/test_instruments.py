@@ -440,6 +440,23 @@ def test_loss_breakdown_splits_the_loss_into_walk_and_mask():
     assert f["synpo_reached"] == pytest.approx(0.85) and f["oracle_missed"] == pytest.approx(0.5)
 
 
+def test_organ_slices_splits_one_minus_dice_into_its_causes():
+    module = _load_script("organ_slices")
+    gt = np.zeros((4, 10, 10), np.uint8)
+    gt[0:3, 2:6, 2:6] = 2                                  # the organ on slices 0-2
+    gt[1, 6:9, 2:6] = 6                                    # a neighbour below it on slice 1
+    pred = np.zeros_like(gt)
+    pred[1, 2:9, 2:6] = 2                                  # slice 1: the organ and the neighbour
+    pred[2, 2:6, 2:4] = 2                                  # slice 2: half the organ
+    pred[2, 0, 0] = 2                                      # ... and a pixel outside every organ
+    pred[3, 2:4, 2:4] = 2                                  # slice 3: the organ is absent there
+    f = module.loss_parts(pred, gt, 2)
+    assert f["missed_slices"] == 1 and f["missed_px"] == 16 and f["extra_slices"] == 1 and f["extra_px"] == 4
+    assert f["neighbour_px"] == {6: 12.0} and f["outside_px"] == 1 and f["left_out_px"] == 8
+    parts = f["missed_px"] + f["extra_px"] + sum(f["neighbour_px"].values()) + f["outside_px"] + f["left_out_px"]
+    assert 1 - f["dice"] == pytest.approx(parts / f["denom"])
+
+
 def test_walk_ends_sets_each_walk_against_the_truth():
     """too far / right / too short per walk, the rule that ended it, and the rule nearest to stopping
     the first slice past the organ that a walk accepted."""

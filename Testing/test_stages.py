@@ -996,6 +996,39 @@ def test_walk_gates_each_decoded_mask_with_the_targets_range():
     assert 0 < spilled[0] < spilled[1] < spilled[2]
 
 
+@pytest.mark.parametrize("beyond_previous", [False, True])
+def test_the_gate_keeps_an_organs_own_darker_part_inside_the_previous_mask(beyond_previous):
+    """A CT kidney below its middle: a dark medulla opening onto the hilum, absent from the support
+    slice, so outside the support's grey-value range. Gated everywhere it is cut away on every slice
+    the walk reaches; with gate.beyond_previous only what a mask adds beyond its neighbour's is gated:
+    the medulla inside the previous mask stays, the neighbour beside the organ is still dropped."""
+    from synpo.gate import organ_range
+    from synpo.volume import _Context, _walk
+    img, organ = _organ_and_neighbour()
+    medulla = np.zeros_like(organ)
+    medulla[25:40, 12:24] = True                             # open at the organ's lower edge: no hole
+    dark = img.copy()
+    dark[medulla] = 0.15
+    conf = np.zeros((4, 60, 60), np.float32)
+    conf[:, 10:40, 10:45] = 0.9                              # the confidence fires on both
+    cfg = SynPoConfig().with_(gate={"beyond_previous": beyond_previous})
+    store = _Store(Frame.fit(60, 60, (1.0, 1.0), 60))
+    store.slices = np.stack([img, dark, dark, dark])
+    store.ensure(range(4))
+    rng = organ_range([img], [organ], cfg.gate)
+    assert rng[0] > 0.15                                     # the medulla's grey value is outside the range
+    ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None, lambda k=1: None, rng)
+    masks, records = {}, []
+    _walk(ctx, 1, 0, organ, 4, +1, 10.0, masks, records)
+    assert sorted(masks) == [1, 2, 3]
+    near = ndimage.binary_dilation(organ, np.ones((3, 3)))
+    for t in (1, 2, 3):
+        assert (masks[t] & ~near).sum() == 0                 # never the neighbour
+        assert (organ & ~medulla & ~masks[t]).sum() == 0     # the bright organ always
+        kept = (masks[t] & medulla).sum()                    # (off: its rim, smoothed into the organ's grey)
+        assert kept == medulla.sum() if beyond_previous else kept < 0.25 * medulla.sum()
+
+
 def test_the_first_step_from_the_paint_has_its_own_limits():
     from synpo.config import VolumeConfig
     from synpo.walk_rules import Step, judge_step

@@ -214,6 +214,7 @@ def main(argv=None) -> None:
     ap.add_argument("-o", "--output", help="write every step as CSV here")
     ap.add_argument("--ends", action="store_true",
                     help="the configured rules walk (not the truth); report every walk's end against the truth")
+    ap.add_argument("--by-label", action="store_true", help="with --ends: the ends of each label apart too")
     args = ap.parse_args(argv)
     if args.ends:
         return ends_main(args)
@@ -263,6 +264,11 @@ def ends_main(args) -> Dict[str, dict]:
             print("%s %s: %s" % (dataset, name, " ".join("%d%s%+d" % (r["label"], "v^"[r["step"] > 0], r["error"])
                                                           for r in rows)), flush=True)
     out = {ds: ends_report(rows, ds) for ds, rows in per_set.items()}
+    if args.by_label:
+        for ds, rows in per_set.items():
+            for v in sorted({r["label"] for r in rows}):
+                out["%s label %d" % (ds, v)] = ends_report([r for r in rows if r["label"] == v],
+                                                           "%s label %d" % (ds, v))
     if len(per_set) > 1:
         out["all"] = ends_report([r for rows in per_set.values() for r in rows], "all")
     return out

@@ -203,6 +203,14 @@ class GateConfig:
     min_component: float = 0.0
     # The gate for a support painted on another scan too (its range from that scan).
     cross: bool = False
+    # Only what a walk's mask adds beyond the neighbouring slice's mask is gated; the pixels inside
+    # it are kept whatever their grey value (an organ whose other slices hold tissue the support
+    # slice lacks: a CT kidney's darker medulla and pelvis below or above a cortex-only support).
+    # OFF: BTCV image_0's right kidney 0.831 -> 0.943 (liver, kidneys, spleen 0.945 -> 0.950), but
+    # benchmarks/out_of_sample.py, whole volume, CHAOS / cardiac / ACDC / BTCV (13 organs): 0.9110 /
+    # 0.8622 / 0.8623 / 0.7270 -> 0.9088 / 0.8612 / 0.8660 / 0.7285: out of sample it nets nothing
+    # (docs/research.md, issue 25).
+    beyond_previous: bool = False
 
 
 @dataclass(frozen=True)

@@ -55,9 +55,11 @@ def organ_range(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], cfg: 
     return lo - widen, hi + widen
 
 
-def apply_gate(mask: np.ndarray, image: np.ndarray, rng: Optional[Range], cfg: GateConfig) -> np.ndarray:
+def apply_gate(mask: np.ndarray, image: np.ndarray, rng: Optional[Range], cfg: GateConfig,
+               keep: Optional[np.ndarray] = None) -> np.ndarray:
     """`mask` without the pixels outside the organ's range `rng` (module docstring); the mask
-    itself when rng is None or the mask is empty."""
+    itself when rng is None or the mask is empty. keep: (H, W) bool, pixels of the mask kept
+    whatever their grey value (GateConfig.beyond_previous: the neighbouring slice's mask)."""
     if rng is None or not mask.any():
         return mask
     ys, xs = np.nonzero(mask)
@@ -65,6 +67,8 @@ def apply_gate(mask: np.ndarray, image: np.ndarray, rng: Optional[Range], cfg: G
     m = mask[y0:y1, x0:x1]
     values = _smoothed(image, cfg.sigma_px, (x0, y0, x1, y1))
     inside = m & (values >= rng[0]) & (values <= rng[1])
+    if keep is not None:
+        inside |= m & keep[y0:y1, x0:x1]
     labels, n = ndimage.label(inside)
     out = np.zeros_like(mask)
     if n == 0:

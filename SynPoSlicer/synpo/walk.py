@@ -53,17 +53,19 @@ def _record(label: int, index: int, status: str, prompts: Optional[Prompts] = No
 
 def decode_prompted(sam, store: "EmbeddingStore", t: int, conf: np.ndarray, cfg: SynPoConfig,
                     region: Optional[np.ndarray] = None, expected: Optional[np.ndarray] = None, gate_range=None,
-                    timings: Optional[Dict[str, float]] = None):
+                    timings: Optional[Dict[str, float]] = None, prev: Optional[np.ndarray] = None):
     """SynPo's per-slice step: prompts from slice t's confidence map `conf` (H, W) within `region`
     (select_prompts), SAM's decoding (reused when these inputs were decoded before) and the
-    intensity gate. Returns (mask, SAM's IoU, box, prompts); adds its seconds to
+    intensity gate (with gate.beyond_previous, only on what the mask adds beyond `prev`, the
+    neighbouring slice's mask). Returns (mask, SAM's IoU, box, prompts); adds its seconds to
     timings["prompts"] and timings["decode"] when given."""
     t0 = time.perf_counter()
     prompts = select_prompts(conf, cfg.prompts, region, expected)
     t1 = time.perf_counter()
     mask, sam_iou, box = store.decode(sam, t, prompts, cfg.decode)
     if gate_range is not None:
-        mask = apply_gate(mask, store.slices[t], gate_range, cfg.gate)
+        keep = prev if cfg.gate.beyond_previous and prev is not None and prev.shape == mask.shape else None
+        mask = apply_gate(mask, store.slices[t], gate_range, cfg.gate, keep)
     if timings is not None:
         timings["prompts"] += t1 - t0
         timings["decode"] += time.perf_counter() - t1
@@ -110,7 +112,7 @@ class _Context:
         vc = self.cfg.volume
         region = _search_region(prev, vc.search_margin, vc.search_min_px) if prev is not None else None
         mask, sam_iou, box, prompts = decode_prompted(self.sam, self.embeds, t, self.conf[t], self.cfg, region,
-                                                      expected, self.gate_range, self.timings)
+                                                      expected, self.gate_range, self.timings, prev)
         if tick:
             self.tick()
         area = int(mask.sum())
