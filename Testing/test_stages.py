@@ -1096,3 +1096,25 @@ def test_the_look_ahead_after_a_jump_onto_a_neighbour(look_ahead, expected):
     assert third.reason.endswith("left the previous mask") or "left the previous mask" in third.reason
     if look_ahead == "jump":
         assert third.status == "interpolated" and not masks[3][25:35, 25:35].any() and masks[3][8:17, 8:17].all()
+
+
+def test_after_a_correction_a_voxel_two_labels_claim_stays_with_its_previous_owner():
+    """assembly._assemble with the previous run's labels (volume.overlap_keeps_owner): where two
+    labels' masks overlap, the label that had the voxel before keeps it, even against a more
+    confident newcomer; where the previous run gave it to neither, the more confident one wins."""
+    from synpo.assembly import _assemble
+    a = np.zeros((1, 6, 6), bool)
+    a[0, 1:4, 1:4] = True                                    # label 1 (the neighbour, accepted)
+    b = np.zeros((1, 6, 6), bool)
+    b[0, 2:5, 2:5] = True                                    # label 2 (a corrected walk running onto it)
+    found = {1: {0: a[0]}, 2: {0: b[0]}}
+    conf = {1: np.full((1, 6, 6), 0.5, np.float32), 2: np.full((1, 6, 6), 0.9, np.float32)}
+    previous = np.zeros((1, 6, 6), np.uint8)
+    previous[0, 1:4, 1:4] = 1                                # label 1 had its square
+    previous[0, 3, 3] = 0                                    # ... but for one voxel of the overlap
+    first = _assemble(found, conf, (1, 6, 6), [1, 2])
+    assert (first[0][2:4, 2:4] == 2).all()                   # no previous run: the more confident wins
+    again = _assemble(found, conf, (1, 6, 6), [1, 2], previous)
+    assert again[0][2, 2] == 1 and again[0][2, 3] == 1 and again[0][3, 2] == 1   # kept by its owner
+    assert again[0][3, 3] == 2                               # owned by neither before: confidence decides
+    assert (again[0][4, 2:5] == 2).all() and again[0][1, 1] == 1                 # the rest as before

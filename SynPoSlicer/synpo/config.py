@@ -152,6 +152,10 @@ class VolumeConfig:
     # 0.9008 / 0.9314 / 0.9358) and 86.7 % -> 85.7 % on cmr_bssfp. The trust and keep limits were
     # set a priori (0.5, 0.25), not swept; without the trust gate CHAOS held 88.0 %.
     correction_holds_ends: bool = False
+    # After a correction, a voxel claimed by two labels' masks goes to the label that had it in the
+    # previous run, when that label is one of them (else the more confident label, as in a first run):
+    # a corrected walk that runs onto a neighbouring organ does not take the neighbour's accepted voxels.
+    overlap_keeps_owner: bool = False
     correction_keep_iou: float = 0.25
     correction_trust_iou: float = 0.5
     # Thin slices: a walk decodes every n-th slice, n the most slices within this thickness (mm),

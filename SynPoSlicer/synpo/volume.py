@@ -127,6 +127,9 @@ class VolumeRun:
         self.axis = axis = support.axis
         self.previous = (to_slices(previous, axis) if previous is not None and self.held
                          and cfg.volume.correction_keep_iou > 0 else None)
+        # The previous run's labels, where two labels' masks overlap (assembly: the previous owner wins).
+        self.previous_labels = (to_slices(previous, axis) if previous is not None and not cross
+                                and previous.shape == image.shape and cfg.volume.overlap_keeps_owner else None)
         self.query = np.ascontiguousarray(to_slices(norm, axis))
         self.ref = np.ascontiguousarray(to_slices(ref_norm, axis)) if cross else self.query
         del norm, ref_norm                  # (a copy when the slicing axis is not k: keep only one)
