@@ -1118,3 +1118,30 @@ def test_after_a_correction_a_voxel_two_labels_claim_stays_with_its_previous_own
     assert again[0][2, 2] == 1 and again[0][2, 3] == 1 and again[0][3, 2] == 1   # kept by its owner
     assert again[0][3, 3] == 2                               # owned by neither before: confidence decides
     assert (again[0][4, 2:5] == 2).all() and again[0][1, 1] == 1                 # the rest as before
+
+
+def test_a_corrections_held_ends_stay_held_in_later_rounds_until_paint_lies_past_them():
+    """volume.correction_holds_persist: the ends held for a correction in the round it was painted
+    stay held when later rounds run (no longer a new support), but an end the user painted the
+    label on or beyond is let go."""
+    from synpo.result import SliceRecord, VolumeResult
+    from synpo.session import Session
+    from synpo.support import Support
+    session = Session.__new__(Session)
+    session.support_image = None
+    records = [SliceRecord(1, t, "present") for t in range(4, 10)]
+    labels = np.zeros((14, 8, 8), np.uint8)
+    labels[4:10, 2:5, 2:5] = 1
+    session.result = VolumeResult(labels, {}, records, Support(0, [1], {1: [6, 8]}), "mr", ["sam"], {})
+    session.held = {1: {8: [3, 10]}}                         # held when slice 8 was painted, a round ago
+    merged = np.zeros((14, 8, 8), np.int32)
+    merged[6, 2:5, 2:5] = 1
+    merged[8, 2:5, 2:5] = 1
+    hold = {"correction_holds_ends": True, "correction_trust_iou": 0.0}
+    on = SynPoConfig().with_(volume=dict(hold, correction_holds_persist=True))
+    assert session.held_ends(merged, 0, on) == {1: {8: [3, 10]}}
+    assert session.held_ends(merged, 0, SynPoConfig().with_(volume=hold)) == {}   # only the round it was painted
+    merged[11, 2:5, 2:5] = 1                                 # painted past the upper end: that end goes
+    assert session.held_ends(merged, 0, on) == {1: {8: [3]}}
+    merged[8] = 0                                            # its paint gone: nothing held for it
+    assert session.held_ends(merged, 0, on) == {}

@@ -152,6 +152,9 @@ class VolumeConfig:
     # 0.9008 / 0.9314 / 0.9358) and 86.7 % -> 85.7 % on cmr_bssfp. The trust and keep limits were
     # set a priori (0.5, 0.25), not swept; without the trust gate CHAOS held 88.0 %.
     correction_holds_ends: bool = False
+    # ... and a correction's held ends stay held in the later rounds (while no paint of its label lies
+    # on or past them), not only in the round it was painted.
+    correction_holds_persist: bool = False
     # After a correction, a voxel claimed by two labels' masks goes to the label that had it in the
     # previous run, when that label is one of them (else the more confident label, as in a first run):
     # a corrected walk that runs onto a neighbouring organ does not take the neighbour's accepted voxels.
