@@ -1145,3 +1145,30 @@ def test_a_corrections_held_ends_stay_held_in_later_rounds_until_paint_lies_past
     assert session.held_ends(merged, 0, on) == {1: {8: [3]}}
     merged[8] = 0                                            # its paint gone: nothing held for it
     assert session.held_ends(merged, 0, on) == {}
+
+
+@pytest.mark.parametrize("collision, others_at, expected, last", [
+    (0.0, (10, 30), [2, 3, 4], (5, "absent", "previous end kept")),               # a hard end
+    (0.3, (10, 30), [2, 3, 4, 5], (6, "absent", "past the previous end onto label 2")),
+    (0.3, (32, 40), [2, 3, 4, 5, 6, 7], None),                                   # beside label 2: goes on
+])
+def test_a_held_end_made_soft_lets_a_correction_extend_the_organ_but_not_onto_another_label(
+        collision, others_at, expected, last):
+    """volume.correction_collision: past a held end a correction's walk goes on while its masks stay
+    off the other labels' voxels of the previous run."""
+    from synpo.volume import _Context, _walk
+    conf = np.zeros((8, 40, 40), np.float32)
+    conf[:, 10:30, 10:30] = 0.9                              # the target on every slice
+    others = np.zeros((8, 40, 40), np.uint8)
+    others[6:, others_at[0]:others_at[1], 10:30] = 2         # label 2 in the previous run, from slice 6 on
+    others[1:5, 10:30, 10:30] = 1                            # the label's own previous masks
+    cfg = SynPoConfig().with_(volume={"correction_collision": collision})
+    store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
+    store.ensure(range(8))
+    ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None,
+                   lambda k=1: None, held=(5,), others=others)
+    masks, records = {}, []
+    _walk(ctx, 1, 1, conf[1] > 0.5, 8, +1, 10.0, masks, records)
+    assert sorted(masks) == expected
+    if last is not None:
+        assert [(r.index, r.status, r.reason) for r in records if r.index == last[0]] == [last]

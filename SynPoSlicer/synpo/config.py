@@ -155,6 +155,10 @@ class VolumeConfig:
     # ... and a correction's held ends stay held in the later rounds (while no paint of its label lies
     # on or past them), not only in the round it was painted.
     correction_holds_persist: bool = False
+    # With correction_holds_ends: > 0 makes a held end soft: a correction's walk goes on past it while
+    # no more than this fraction of its mask lies on another label's voxels of the previous run (a
+    # spleen correction may extend the spleen, not walk onto the kidney below it). 0: a hard end.
+    correction_collision: float = 0.0
     # After a correction, a voxel claimed by two labels' masks goes to the label that had it in the
     # previous run, when that label is one of them (else the more confident label, as in a first run):
     # a corrected walk that runs onto a neighbouring organ does not take the neighbour's accepted voxels.
@@ -283,6 +287,7 @@ def validate(cfg: SynPoConfig) -> SynPoConfig:
         (v.look_ahead in ("off", "jump", "any"), "volume.look_ahead must be off, jump or any"),
         (0.0 <= v.correction_keep_iou <= 1.0, "volume.correction_keep_iou must be in [0, 1]"),
         (0.0 <= v.correction_trust_iou <= 1.0, "volume.correction_trust_iou must be in [0, 1]"),
+        (0.0 <= v.correction_collision <= 1.0, "volume.correction_collision must be in [0, 1]"),
         (v.walk_spacing_mm >= 0.0, "volume.walk_spacing_mm must be >= 0 (0: every slice)"),
         (0.0 <= cfg.gate.quantiles[0] < cfg.gate.quantiles[1] <= 1.0,
          "gate.quantiles must be two fractions, low < high, in [0, 1]"),
