@@ -355,7 +355,8 @@ def test_a_corrections_walk_that_leaves_the_previous_masks_gives_way_to_them():
     previous[4:7, 30:38, 30:38] = 2                          # elsewhere on 4-6: the walk left it there
     store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
     store.ensure(range(9))
-    ctx = _Context(_BoxFiller(), store, conf, SynPoConfig(), {"prompts": 0.0, "decode": 0.0}, None,
+    cfg = SynPoConfig().with_(volume={"correction_keep_iou": 0.25})   # (0 by default: config.py)
+    ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None,
                    lambda k=1: None, held=(8,), previous=(previous, 2))
     masks, records = {}, []
     _walk(ctx, 2, 1, conf[1] > 0.5, 9, +1, 10.0, masks, records)
@@ -386,9 +387,12 @@ def test_corrections_inside_the_previous_extent_hold_its_ends():
     merged[8, 2:5, 2:5] = 1                                  # a correction inside slices 4-9 agreeing: holds 3, 10
     merged[7, 2:5, 2:5] = 1                                  # one where the previous walk was elsewhere: free
     merged[12, 2:5, 2:5] = 1                                 # one beyond the extent: free
-    on = SynPoConfig().with_(volume={"correction_holds_ends": True})
+    session.held = {}
+    on = SynPoConfig().with_(volume={"correction_holds_ends": True, "correction_trust_iou": 0.5})
     assert session.held_ends(merged, 0, on) == {1: {8: [3, 10]}}
-    assert session.held_ends(merged, 0) == {}                # off by default (config.py)
+    off = SynPoConfig().with_(volume={"correction_holds_ends": False})
+    assert session.held_ends(merged, 0, off) == {}
+    assert session.held_ends(merged, 0) == {1: {7: [3, 10], 8: [3, 10]}}   # today's defaults: no trust gate
 
 
 @pytest.mark.parametrize("absent, present, interpolated, end", [
@@ -1140,7 +1144,8 @@ def test_a_corrections_held_ends_stay_held_in_later_rounds_until_paint_lies_past
     hold = {"correction_holds_ends": True, "correction_trust_iou": 0.0}
     on = SynPoConfig().with_(volume=dict(hold, correction_holds_persist=True))
     assert session.held_ends(merged, 0, on) == {1: {8: [3, 10]}}
-    assert session.held_ends(merged, 0, SynPoConfig().with_(volume=hold)) == {}   # only the round it was painted
+    once = SynPoConfig().with_(volume=dict(hold, correction_holds_persist=False))
+    assert session.held_ends(merged, 0, once) == {}          # only the round it was painted
     merged[11, 2:5, 2:5] = 1                                 # painted past the upper end: that end goes
     assert session.held_ends(merged, 0, on) == {1: {8: [3]}}
     merged[8] = 0                                            # its paint gone: nothing held for it
