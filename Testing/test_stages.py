@@ -1177,3 +1177,27 @@ def test_a_held_end_made_soft_lets_a_correction_extend_the_organ_but_not_onto_an
     assert sorted(masks) == expected
     if last is not None:
         assert [(r.index, r.status, r.reason) for r in records if r.index == last[0]] == [last]
+
+
+@pytest.mark.parametrize("strict, held, expected", [
+    (True, (2,), [], ),                  # the paint was the previous end: ordinary limits, the drop ends it
+    (False, (2,), [2, 3, 4, 5]),         # the first step's looser limits let it on
+    (True, (), [2, 3, 4, 5]),            # no held end: the first step is a first step
+])
+def test_past_a_held_end_the_first_step_from_the_paint_gets_the_ordinary_limits(strict, held, expected):
+    """volume.correction_strict_past_end: a correction painted on the organ's previous last slice
+    walks on past it only if the step passes the ordinary stop rules."""
+    from synpo.volume import _Context, _walk
+    conf = np.zeros((6, 40, 40), np.float32)
+    conf[1, 10:30, 10:30] = 0.9                              # the painted slice
+    conf[2:, 10:30, 10:30] = 0.55                            # ratio 0.61: above the first step's 0.5, below 0.7
+    cfg = SynPoConfig().with_(volume={"correction_strict_past_end": strict})
+    store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
+    store.ensure(range(6))
+    ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None,
+                   lambda k=1: None, held=held, others=np.zeros((6, 40, 40), np.uint8))
+    masks, records = {}, []
+    _walk(ctx, 1, 1, conf[1] > 0.5, 6, +1, 10.0, masks, records)
+    assert sorted(masks) == expected
+    if not expected:
+        assert (records[0].index, records[0].status, records[0].reason) == (2, "absent", "confidence drop")

@@ -182,6 +182,9 @@ class VolumeConfig:
     # (CHAOS image_2 spleen after 2 corrections 0.818 -> 0.831; cmr_bssfp image_1 myocardium after 4
     # and 5: 0.799 -> 0.813, 0.807 -> 0.827).
     correction_collision: float = 0.3
+    # Past a soft held end, a correction's first step away from its paint is judged by the ordinary
+    # stop rules, not the first step's looser ones (a correction on the organ's previous last slice).
+    correction_strict_past_end: bool = False
     correction_keep_iou: float = 0.0
     correction_trust_iou: float = 0.0
     # Thin slices: a walk decodes every n-th slice, n the most slices within this thickness (mm),

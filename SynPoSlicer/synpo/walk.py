@@ -191,7 +191,10 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
             ctx.prefetch([v for v in range(u, stop, step)[:ctx.embeds.batch_size]
                           if not ctx.hard_end(v)]
                          if ctx.stride == 1 else [u])
-            new, rec = ctx.decode(label, u, prev, min_area, prev_score, first=painted and t == start)
+            # Past a held end the first step away from the paint gets no looser limits: the previous
+            # walk ended there (volume.correction_strict_past_end).
+            loose = painted and t == start and not (past_held and ctx.cfg.volume.correction_strict_past_end)
+            new, rec = ctx.decode(label, u, prev, min_area, prev_score, first=loose)
             other = ctx.collides(label, u, new) if past_held and new is not None else 0
             if other:                            # past the previous end onto another label's voxels
                 new, rec.status, rec.reason = None, "absent", "past the previous end onto label %d" % other
