@@ -1201,3 +1201,21 @@ def test_past_a_held_end_the_first_step_from_the_paint_gets_the_ordinary_limits(
     assert sorted(masks) == expected
     if not expected:
         assert (records[0].index, records[0].status, records[0].reason) == (2, "absent", "confidence drop")
+
+
+@pytest.mark.parametrize("hard, expected", [((2,), []), ((), [2, 3, 4, 5])])
+def test_a_held_end_next_to_the_paint_can_stay_hard(hard, expected):
+    """volume.correction_hard_next: a correction on the organ's previous last slice keeps the end
+    next to it hard, though held ends are soft (correction_collision > 0)."""
+    from synpo.volume import _Context, _walk
+    conf = np.zeros((6, 40, 40), np.float32)
+    conf[:, 10:30, 10:30] = 0.9
+    store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
+    store.ensure(range(6))
+    ctx = _Context(_BoxFiller(), store, conf, SynPoConfig(), {"prompts": 0.0, "decode": 0.0}, None,
+                   lambda k=1: None, held=(2,), others=np.zeros((6, 40, 40), np.uint8), hard_held=hard)
+    masks, records = {}, []
+    _walk(ctx, 1, 1, conf[1] > 0.5, 6, +1, 10.0, masks, records)
+    assert sorted(masks) == expected
+    if not expected:
+        assert (records[0].index, records[0].status, records[0].reason) == (2, "absent", "previous end kept")

@@ -188,6 +188,9 @@ class VolumeConfig:
     # cmr_bssfp (CHAOS Dice after 4 / 5 corrections 0.9317 / 0.9365 -> 0.9320 / 0.9366; cmr_bssfp the
     # same), not the right-ventricle case it was made for (docs/corrections.md).
     correction_strict_past_end: bool = False
+    # A correction painted on the organ's previous first or last slice keeps the end next to it hard
+    # (the previous walk found nothing there; the paint says nothing about it).
+    correction_hard_next: bool = False
     correction_keep_iou: float = 0.0
     correction_trust_iou: float = 0.0
     # Thin slices: a walk decodes every n-th slice, n the most slices within this thickness (mm),

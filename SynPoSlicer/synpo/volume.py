@@ -252,7 +252,8 @@ class VolumeRun:
             return _Context(self.sam, self.q_stores["sam"], conf, self.cfg, timings, self.stopped, self.tick,
                             self.target_range(idx, masks), report, self.absent.get(label, ()), self.judge,
                             self.stride, self.spacing_rc, held, previous,
-                            self.previous_all if held else None)
+                            self.previous_all if held else None,
+                            [e for e in held if abs(e - idx[0]) == 1] if self.cfg.volume.correction_hard_next else ())
 
         def min_area(masks):
             return self.cfg.volume.min_area_fraction * float(np.mean([m.sum() for m in masks]))

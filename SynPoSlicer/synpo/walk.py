@@ -76,7 +76,7 @@ class _Context:
     def __init__(self, sam, embeds, conf, cfg, timings, cancel, tick, gate_range=None,
                  on_slice: Optional[SliceReport] = None, absent: Sequence[int] = (), judge: Judge = judge_step,
                  stride: int = 1, spacing_rc=(1.0, 1.0), held: Sequence[int] = (), previous=None,
-                 others: Optional[np.ndarray] = None):
+                 others: Optional[np.ndarray] = None, hard_held: Sequence[int] = ()):
         self.sam, self.embeds, self.conf, self.cfg = sam, embeds, conf, cfg
         self.judge = judge
         self.stride, self.spacing_rc = stride, spacing_rc   # walk every stride-th slice (thin slices)
@@ -92,10 +92,11 @@ class _Context:
         # (volume.correction_collision > 0): past it the walk goes on while its masks stay off the
         # other labels' previous voxels.
         self.others = others if others is not None and cfg.volume.correction_collision > 0 else None
+        self.hard_held = set(hard_held) & self.held     # held ends that stay hard even so
 
     def hard_end(self, u: int) -> bool:
         """Slice u ends every walk of this context without decoding (marked absent, or a held end)."""
-        return u in self.absent or (u in self.held and self.others is None)
+        return u in self.absent or (u in self.held and (self.others is None or u in self.hard_held))
 
     def collides(self, label: int, t: int, mask: np.ndarray) -> int:
         """The other label whose previous voxels hold more than correction_collision of `mask` on
