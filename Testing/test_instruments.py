@@ -345,6 +345,14 @@ def test_monotonicity_and_cost_figures():
     m = monotonicity(scores)
     assert m["steps"] == 4 and m["held"] == 0.75 and m["down_beyond_floor"] == 1
     assert m["worst"] == pytest.approx(-0.047) and m["organs_held"] == 0.5
+    assert m["same_steps"] == 0                              # no "before" figures: nothing on the same slices
+    # The previous round's prediction on this round's slices: organ 2's step to 0.85 came from the
+    # slice left out (the previous prediction scored 0.852 without it), its first step from the
+    # prediction (0.91 -> 0.897 on the same slices).
+    for s, same in zip([scores[1], scores[2], scores[4], scores[5]], (0.81, 0.95, 0.91, 0.852)):
+        s.dice_before_same = same
+    m = monotonicity(scores)
+    assert m["same_steps"] == 4 and m["held_same"] == 0.75 and m["down_beyond_floor_same"] == 0
     c = cost(scores)
     assert c["synpo"][0.90] == (1.5, 1.0)                    # organ 1 at 2 slices, organ 2 at once
     assert c["synpo"][0.95] == (np.inf, 0.5)                 # organ 2 never: the median is not reached

@@ -355,7 +355,8 @@ def test_a_corrections_walk_that_leaves_the_previous_masks_gives_way_to_them():
     previous[4:7, 30:38, 30:38] = 2                          # elsewhere on 4-6: the walk left it there
     store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
     store.ensure(range(9))
-    ctx = _Context(_BoxFiller(), store, conf, SynPoConfig(), {"prompts": 0.0, "decode": 0.0}, None,
+    cfg = SynPoConfig().with_(volume={"correction_keep_iou": 0.25})   # (0 by default: config.py)
+    ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None,
                    lambda k=1: None, held=(8,), previous=(previous, 2))
     masks, records = {}, []
     _walk(ctx, 2, 1, conf[1] > 0.5, 9, +1, 10.0, masks, records)
@@ -386,9 +387,12 @@ def test_corrections_inside_the_previous_extent_hold_its_ends():
     merged[8, 2:5, 2:5] = 1                                  # a correction inside slices 4-9 agreeing: holds 3, 10
     merged[7, 2:5, 2:5] = 1                                  # one where the previous walk was elsewhere: free
     merged[12, 2:5, 2:5] = 1                                 # one beyond the extent: free
-    on = SynPoConfig().with_(volume={"correction_holds_ends": True})
+    session.held = {}
+    on = SynPoConfig().with_(volume={"correction_holds_ends": True, "correction_trust_iou": 0.5})
     assert session.held_ends(merged, 0, on) == {1: {8: [3, 10]}}
-    assert session.held_ends(merged, 0) == {}                # off by default (config.py)
+    off = SynPoConfig().with_(volume={"correction_holds_ends": False})
+    assert session.held_ends(merged, 0, off) == {}
+    assert session.held_ends(merged, 0) == {1: {7: [3, 10], 8: [3, 10]}}   # today's defaults: no trust gate
 
 
 @pytest.mark.parametrize("absent, present, interpolated, end", [
@@ -1129,3 +1133,122 @@ def test_the_look_ahead_after_a_jump_onto_a_neighbour(look_ahead, expected):
     assert third.reason.endswith("left the previous mask") or "left the previous mask" in third.reason
     if look_ahead == "jump":
         assert third.status == "interpolated" and not masks[3][25:35, 25:35].any() and masks[3][8:17, 8:17].all()
+
+
+def test_after_a_correction_a_voxel_two_labels_claim_stays_with_its_previous_owner():
+    """assembly._assemble with the previous run's labels (volume.overlap_keeps_owner): where two
+    labels' masks overlap, the label that had the voxel before keeps it, even against a more
+    confident newcomer; where the previous run gave it to neither, the more confident one wins."""
+    from synpo.assembly import _assemble
+    a = np.zeros((1, 6, 6), bool)
+    a[0, 1:4, 1:4] = True                                    # label 1 (the neighbour, accepted)
+    b = np.zeros((1, 6, 6), bool)
+    b[0, 2:5, 2:5] = True                                    # label 2 (a corrected walk running onto it)
+    found = {1: {0: a[0]}, 2: {0: b[0]}}
+    conf = {1: np.full((1, 6, 6), 0.5, np.float32), 2: np.full((1, 6, 6), 0.9, np.float32)}
+    previous = np.zeros((1, 6, 6), np.uint8)
+    previous[0, 1:4, 1:4] = 1                                # label 1 had its square
+    previous[0, 3, 3] = 0                                    # ... but for one voxel of the overlap
+    first = _assemble(found, conf, (1, 6, 6), [1, 2])
+    assert (first[0][2:4, 2:4] == 2).all()                   # no previous run: the more confident wins
+    again = _assemble(found, conf, (1, 6, 6), [1, 2], previous)
+    assert again[0][2, 2] == 1 and again[0][2, 3] == 1 and again[0][3, 2] == 1   # kept by its owner
+    assert again[0][3, 3] == 2                               # owned by neither before: confidence decides
+    assert (again[0][4, 2:5] == 2).all() and again[0][1, 1] == 1                 # the rest as before
+
+
+def test_a_corrections_held_ends_stay_held_in_later_rounds_until_paint_lies_past_them():
+    """volume.correction_holds_persist: the ends held for a correction in the round it was painted
+    stay held when later rounds run (no longer a new support), but an end the user painted the
+    label on or beyond is let go."""
+    from synpo.result import SliceRecord, VolumeResult
+    from synpo.session import Session
+    from synpo.support import Support
+    session = Session.__new__(Session)
+    session.support_image = None
+    records = [SliceRecord(1, t, "present") for t in range(4, 10)]
+    labels = np.zeros((14, 8, 8), np.uint8)
+    labels[4:10, 2:5, 2:5] = 1
+    session.result = VolumeResult(labels, {}, records, Support(0, [1], {1: [6, 8]}), "mr", ["sam"], {})
+    session.held = {1: {8: [3, 10]}}                         # held when slice 8 was painted, a round ago
+    merged = np.zeros((14, 8, 8), np.int32)
+    merged[6, 2:5, 2:5] = 1
+    merged[8, 2:5, 2:5] = 1
+    hold = {"correction_holds_ends": True, "correction_trust_iou": 0.0}
+    on = SynPoConfig().with_(volume=dict(hold, correction_holds_persist=True))
+    assert session.held_ends(merged, 0, on) == {1: {8: [3, 10]}}
+    once = SynPoConfig().with_(volume=dict(hold, correction_holds_persist=False))
+    assert session.held_ends(merged, 0, once) == {}          # only the round it was painted
+    merged[11, 2:5, 2:5] = 1                                 # painted past the upper end: that end goes
+    assert session.held_ends(merged, 0, on) == {1: {8: [3]}}
+    merged[8] = 0                                            # its paint gone: nothing held for it
+    assert session.held_ends(merged, 0, on) == {}
+
+
+@pytest.mark.parametrize("collision, others_at, expected, last", [
+    (0.0, (10, 30), [2, 3, 4], (5, "absent", "previous end kept")),               # a hard end
+    (0.3, (10, 30), [2, 3, 4, 5], (6, "absent", "past the previous end onto label 2")),
+    (0.3, (32, 40), [2, 3, 4, 5, 6, 7], None),                                   # beside label 2: goes on
+])
+def test_a_held_end_made_soft_lets_a_correction_extend_the_organ_but_not_onto_another_label(
+        collision, others_at, expected, last):
+    """volume.correction_collision: past a held end a correction's walk goes on while its masks stay
+    off the other labels' voxels of the previous run."""
+    from synpo.volume import _Context, _walk
+    conf = np.zeros((8, 40, 40), np.float32)
+    conf[:, 10:30, 10:30] = 0.9                              # the target on every slice
+    others = np.zeros((8, 40, 40), np.uint8)
+    others[6:, others_at[0]:others_at[1], 10:30] = 2         # label 2 in the previous run, from slice 6 on
+    others[1:5, 10:30, 10:30] = 1                            # the label's own previous masks
+    cfg = SynPoConfig().with_(volume={"correction_collision": collision})
+    store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
+    store.ensure(range(8))
+    ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None,
+                   lambda k=1: None, held=(5,), others=others)
+    masks, records = {}, []
+    _walk(ctx, 1, 1, conf[1] > 0.5, 8, +1, 10.0, masks, records)
+    assert sorted(masks) == expected
+    if last is not None:
+        assert [(r.index, r.status, r.reason) for r in records if r.index == last[0]] == [last]
+
+
+@pytest.mark.parametrize("strict, held, expected", [
+    (True, (2,), [], ),                  # the paint was the previous end: ordinary limits, the drop ends it
+    (False, (2,), [2, 3, 4, 5]),         # the first step's looser limits let it on
+    (True, (), [2, 3, 4, 5]),            # no held end: the first step is a first step
+])
+def test_past_a_held_end_the_first_step_from_the_paint_gets_the_ordinary_limits(strict, held, expected):
+    """volume.correction_strict_past_end: a correction painted on the organ's previous last slice
+    walks on past it only if the step passes the ordinary stop rules."""
+    from synpo.volume import _Context, _walk
+    conf = np.zeros((6, 40, 40), np.float32)
+    conf[1, 10:30, 10:30] = 0.9                              # the painted slice
+    conf[2:, 10:30, 10:30] = 0.55                            # ratio 0.61: above the first step's 0.5, below 0.7
+    cfg = SynPoConfig().with_(volume={"correction_strict_past_end": strict})
+    store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
+    store.ensure(range(6))
+    ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None,
+                   lambda k=1: None, held=held, others=np.zeros((6, 40, 40), np.uint8))
+    masks, records = {}, []
+    _walk(ctx, 1, 1, conf[1] > 0.5, 6, +1, 10.0, masks, records)
+    assert sorted(masks) == expected
+    if not expected:
+        assert (records[0].index, records[0].status, records[0].reason) == (2, "absent", "confidence drop")
+
+
+@pytest.mark.parametrize("hard, expected", [((2,), []), ((), [2, 3, 4, 5])])
+def test_a_held_end_next_to_the_paint_can_stay_hard(hard, expected):
+    """volume.correction_hard_next: a correction on the organ's previous last slice keeps the end
+    next to it hard, though held ends are soft (correction_collision > 0)."""
+    from synpo.volume import _Context, _walk
+    conf = np.zeros((6, 40, 40), np.float32)
+    conf[:, 10:30, 10:30] = 0.9
+    store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
+    store.ensure(range(6))
+    ctx = _Context(_BoxFiller(), store, conf, SynPoConfig(), {"prompts": 0.0, "decode": 0.0}, None,
+                   lambda k=1: None, held=(2,), others=np.zeros((6, 40, 40), np.uint8), hard_held=hard)
+    masks, records = {}, []
+    _walk(ctx, 1, 1, conf[1] > 0.5, 6, +1, 10.0, masks, records)
+    assert sorted(masks) == expected
+    if not expected:
+        assert (records[0].index, records[0].status, records[0].reason) == (2, "absent", "previous end kept")

@@ -56,7 +56,8 @@ def load(folder, data=None):
         else:
             n_painted = int(r.get("painted") or 0)
         out.append(CorrectionScore(r["volume"], int(r["label"]), int(r["round"]), float(r["dice_volume"]),
-                                   int(r["fp_slices"]), float(r["seconds"]), r["action"], n_painted, fill, *even))
+                                   int(r["fp_slices"]), float(r["seconds"]), r["action"], n_painted, fill, *even,
+                                   dice_before_same=float(r.get("dice_before_same") or "nan")))
     return out
 
 
@@ -80,6 +81,10 @@ def main(argv):
         print("\nsteps %d; held (>= -0.005) %.1f %%; organ-volumes held at every step %.1f %%; down by > 0.02: %d; "
               "worst step %+.4f\n" % (m["steps"], 100 * m["held"], 100 * m["organs_held"], m["down_beyond_floor"],
                                       m["worst"]))
+        if m["same_steps"]:
+            print("on the same slices (the slice painted or marked at step k+1 left out of both rounds): held %.1f %% "
+                  "of %d steps; down by > 0.02: %d\n" % (100 * m["held_same"], m["same_steps"],
+                                                         m["down_beyond_floor_same"]))
         if scores[0].painted:
             need = cost(scores)
             for level in COST_DICE:

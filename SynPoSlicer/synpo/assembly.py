@@ -1,6 +1,6 @@
 """Assembly: each label's masks into one label volume (where two labels overlap, the more
 confident wins), an enclosed label kept within its encloser, the user's paint kept exactly."""
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -24,7 +24,8 @@ def assemble(run, per_label: list) -> VolumeResult:
             run.timings[k] += v
     if run.cfg.volume.enclosed_follow:
         follow_enclosing(found, records, enclosing_labels(run.paint, run.support.labels), run.support.slices)
-    labels_out = _assemble(found, conf_out, (run.n, run.H, run.W), run.support.labels)
+    labels_out = _assemble(found, conf_out, (run.n, run.H, run.W), run.support.labels,
+                           getattr(run, "previous_labels", None))
     if not run.cross:
         # The support slices keep the user's paint exactly: every painted voxel keeps its value.
         for s, p in run.paint.items():
@@ -67,12 +68,18 @@ def follow_enclosing(found: Dict[int, Dict[int, np.ndarray]], records: List[Slic
                 rec.status, rec.reason = "absent", "outside label %s" % ", ".join(map(str, outers))
 
 
-def _assemble(found: Dict[int, Dict[int, np.ndarray]], conf: Dict[int, np.ndarray], shape, labels) -> np.ndarray:
+def _assemble(found: Dict[int, Dict[int, np.ndarray]], conf: Dict[int, np.ndarray], shape, labels,
+              previous: Optional[np.ndarray] = None) -> np.ndarray:
     """One label volume from each label's masks; where masks of two labels overlap, the label
-    with the higher confidence there wins (uint8 when the labels fit, else int32)."""
+    with the higher confidence there wins (uint8 when the labels fit, else int32). With `previous`
+    (the last run's label volume, slices first: a re-run after corrections), a voxel two labels
+    claim goes to the label that had it in the last run, when that label is one of them
+    (volume.overlap_keeps_owner): a correction's walk does not take an accepted neighbour's voxels."""
     out = np.zeros(shape, dtype=np.uint8 if max(labels) < 256 else np.int32)
     for t in sorted({t for masks in found.values() for t in masks}):
         best = None
+        claims = np.zeros(shape[1:], dtype=np.int16) if previous is not None else None
+        claimed_by_previous = np.zeros(shape[1:], dtype=bool) if previous is not None else None
         for label in labels:
             m = found[label].get(t)
             if m is None:
@@ -81,4 +88,10 @@ def _assemble(found: Dict[int, Dict[int, np.ndarray]], conf: Dict[int, np.ndarra
             win = m if best is None else m & (c > best)
             out[t][win] = label
             best = c if best is None else np.maximum(best, c)
+            if claims is not None:
+                claims += m
+                claimed_by_previous |= m & (previous[t] == label)
+        if claims is not None:
+            keep = (claims > 1) & claimed_by_previous
+            out[t][keep] = previous[t][keep]
     return out

@@ -41,6 +41,10 @@ class CorrectionScore:
     # COST_DICE (0 when never, i.e. not before every labelled slice is painted).
     fill_even_090: int = 0
     fill_even_095: int = 0
+    # The previous round's prediction scored on this round's slices (the slice just painted or marked
+    # left out of both): Dice_k - this is what the correction itself changed on the other slices,
+    # Dice_k - Dice_(k-1) also holds the change of the scored slices (nan in round 0).
+    dice_before_same: float = float("nan")
 
 
 COST_DICE = (0.90, 0.95)      # the Dice levels whose cost in painted slices is reported
@@ -125,12 +129,14 @@ def evaluate_corrections(pairs: Sequence[tuple], models, cfg, rounds: int, label
         result = session.run(support, cfg, axis=0)
         seconds = time.perf_counter() - t0
         actions = {v: "" for v in wanted}
+        before = None
         for k in range(rounds + 1):
             for v in wanted:
                 dice, fp = scored_without(result.labels == v, gt == v, touched[v])
                 anchor = fill_dice(gt == v, painted[v], touched[v], spacing_kji)
+                same = scored_without(before == v, gt == v, touched[v])[0] if before is not None else float("nan")
                 scores.append(CorrectionScore(name, v, k, dice, fp, seconds, actions[v], len(painted[v]), anchor,
-                                              *cost[v]))
+                                              *cost[v], dice_before_same=same))
                 log("%s label %d after %d correction(s)%s: dice_volume %.3f fp_slices %d (%.1f s); "
                     "fill between %d painted slices %.3f"
                     % (name, v, k, " (%s)" % actions[v] if actions[v] else "", dice, fp, seconds,
@@ -152,6 +158,7 @@ def evaluate_corrections(pairs: Sequence[tuple], models, cfg, rounds: int, label
                 else:
                     absent.setdefault(v, []).append(t)
             t0 = time.perf_counter()
+            before = result.labels
             result = session.add_support(paint if paint.any() else None, absent, cfg)
             seconds = time.perf_counter() - t0
     return scores
@@ -190,9 +197,17 @@ def monotonicity(scores: Sequence[CorrectionScore], tolerance: float = 0.005, fl
     steps = np.array(steps) if steps else np.zeros(0)
     organs = _organs(scores).values()
     per_organ = [all(b.dice_volume >= a.dice_volume - tolerance for a, b in zip(r, r[1:])) for r in organs]
+    # The same rule on the same slices: each step's change with the slice it painted or marked left out
+    # of both rounds (the scored slices' change taken out: a painted slice that was better than the
+    # organ's average lowers Dice_k+1 though no other slice changed).
+    same = np.array([b.dice_volume - b.dice_before_same for r in organs for b in r[1:]
+                     if b.dice_before_same == b.dice_before_same])
     return {"steps": int(len(steps)), "held": float(np.mean(steps >= -tolerance)) if len(steps) else 1.0,
             "organs_held": float(np.mean(per_organ)) if per_organ else 1.0,
-            "down_beyond_floor": int((steps < -floor).sum()), "worst": float(steps.min()) if len(steps) else 0.0}
+            "down_beyond_floor": int((steps < -floor).sum()), "worst": float(steps.min()) if len(steps) else 0.0,
+            "same_steps": int(len(same)),
+            "held_same": float(np.mean(same >= -tolerance)) if len(same) else float("nan"),
+            "down_beyond_floor_same": int((same < -floor).sum())}
 
 
 def cost(scores: Sequence[CorrectionScore], levels: Sequence[float] = COST_DICE) -> Dict[str, Dict[float, tuple]]:

@@ -159,6 +159,10 @@ def run_corrections(args, pairs, cfg, sam, dino, use, log) -> int:
               "%.1f %% of organ-volumes at every step; %d steps down by more than 0.02; worst step %+.4f."
               % (100 * mono["held"], mono["steps"], 100 * mono["organs_held"], mono["down_beyond_floor"],
                  mono["worst"])]
+    if mono["same_steps"]:
+        lines += ["On the same slices (the slice painted or marked at step k+1 left out of both rounds: what the "
+                  "correction changed elsewhere): %.1f %% of %d steps held; %d down by more than 0.02."
+                  % (100 * mono["held_same"], mono["same_steps"], mono["down_beyond_floor_same"])]
     with open(written[0], "w") as handle:
         handle.write("\n".join(lines) + "\n")
     fig, ax = plt.subplots(figsize=(5.5, 3.8))

@@ -92,6 +92,7 @@ class Session:
         self.cfg: SynPoConfig = default_config()
         self.result: Optional[VolumeResult] = None
         self.absent: Dict[int, List[int]] = {}              # the last run's absent marks
+        self.held: Dict[int, Dict[int, List[int]]] = {}     # the last run's held ends (held_ends)
         self.last_used = time.monotonic()
 
     # ------------------------------------------------------------------ runs
@@ -127,6 +128,7 @@ class Session:
                                 absent=absent, held_ends=held_ends, previous=previous)
         self.support, self.support_image, self.cfg, self.result = support, support_image, cfg, result
         self.absent = {int(v): sorted(int(t) for t in s) for v, s in (absent or {}).items() if len(s)}
+        self.held = {int(v): {int(k): [int(t) for t in ts] for k, ts in d.items()} for v, d in (held_ends or {}).items()}
         self.last_used = time.monotonic()
         return result
 
@@ -199,6 +201,17 @@ class Session:
             ends = [t for t in (lo - 1, hi + 1) if 0 <= t < n]
             if new and ends:
                 out[v] = {s: ends for s in new}
+        if vc.correction_holds_persist:
+            # An earlier correction's ends stay held while it is painted and no paint of its label lies
+            # on or past one of them (the user painted the organ there: that end was wrong).
+            for v, by_slice in self.held.items():
+                painted = set(int(s) for s in np.flatnonzero((m == v).reshape(n, -1).any(1)))
+                for s, ends in by_slice.items():
+                    if s not in painted or s in out.get(v, {}):
+                        continue
+                    kept = [e for e in ends if not any((p - e) * (e - s) >= 0 for p in painted)]
+                    if kept:
+                        out.setdefault(v, {})[s] = kept
         return out
 
     # ------------------------------------------------------------------ one slice

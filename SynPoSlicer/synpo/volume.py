@@ -127,6 +127,12 @@ class VolumeRun:
         self.axis = axis = support.axis
         self.previous = (to_slices(previous, axis) if previous is not None and self.held
                          and cfg.volume.correction_keep_iou > 0 else None)
+        # ... for a held correction's walk past the previous end (volume.correction_collision).
+        self.previous_all = (to_slices(previous, axis) if previous is not None and self.held
+                             and cfg.volume.correction_collision > 0 else None)
+        # The previous run's labels, where two labels' masks overlap (assembly: the previous owner wins).
+        self.previous_labels = (to_slices(previous, axis) if previous is not None and not cross
+                                and previous.shape == image.shape and cfg.volume.overlap_keeps_owner else None)
         self.query = np.ascontiguousarray(to_slices(norm, axis))
         self.ref = np.ascontiguousarray(to_slices(ref_norm, axis)) if cross else self.query
         del norm, ref_norm                  # (a copy when the slicing axis is not k: keep only one)
@@ -245,7 +251,9 @@ class VolumeRun:
                         else None)
             return _Context(self.sam, self.q_stores["sam"], conf, self.cfg, timings, self.stopped, self.tick,
                             self.target_range(idx, masks), report, self.absent.get(label, ()), self.judge,
-                            self.stride, self.spacing_rc, held, previous)
+                            self.stride, self.spacing_rc, held, previous,
+                            self.previous_all if held else None,
+                            [e for e in held if abs(e - idx[0]) == 1] if self.cfg.volume.correction_hard_next else ())
 
         def min_area(masks):
             return self.cfg.volume.min_area_fraction * float(np.mean([m.sum() for m in masks]))

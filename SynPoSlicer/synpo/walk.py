@@ -77,7 +77,8 @@ class _Context:
 
     def __init__(self, sam, embeds, conf, cfg, timings, cancel, tick, gate_range=None,
                  on_slice: Optional[SliceReport] = None, absent: Sequence[int] = (), judge: Judge = judge_step,
-                 stride: int = 1, spacing_rc=(1.0, 1.0), held: Sequence[int] = (), previous=None):
+                 stride: int = 1, spacing_rc=(1.0, 1.0), held: Sequence[int] = (), previous=None,
+                 others: Optional[np.ndarray] = None, hard_held: Sequence[int] = ()):
         self.sam, self.embeds, self.conf, self.cfg = sam, embeds, conf, cfg
         self.judge = judge
         self.stride, self.spacing_rc = stride, spacing_rc   # walk every stride-th slice (thin slices)
@@ -89,6 +90,28 @@ class _Context:
         # (slices, label): the previous run's label volume (slicing axis first) for a correction's
         # walks: where such a walk parts from it entirely, the previous masks are kept (keep_previous).
         self.previous = previous
+        # The previous run's label volume (slicing axis first) when a held end is not a hard end
+        # (volume.correction_collision > 0): past it the walk goes on while its masks stay off the
+        # other labels' previous voxels.
+        self.others = others if others is not None and cfg.volume.correction_collision > 0 else None
+        self.hard_held = set(hard_held) & self.held     # held ends that stay hard even so
+
+    def hard_end(self, u: int) -> bool:
+        """Slice u ends every walk of this context without decoding (marked absent, or a held end)."""
+        return u in self.absent or (u in self.held and (self.others is None or u in self.hard_held))
+
+    def collides(self, label: int, t: int, mask: np.ndarray) -> int:
+        """The other label whose previous voxels hold more than correction_collision of `mask` on
+        slice t (0: none)."""
+        area = int(mask.sum())
+        if not area:
+            return 0
+        under = self.others[t][mask]
+        under = under[(under != 0) & (under != label)]
+        if len(under) <= self.cfg.volume.correction_collision * area:
+            return 0
+        values, counts = np.unique(under, return_counts=True)
+        return int(values[np.argmax(counts)])
 
     def prefetch(self, indices: Sequence[int]) -> None:
         """The next slices of a walk are embedded when it reaches them, a batch at a time (a
@@ -134,6 +157,7 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
     prev, t = mask, start
     prev_score = float(ctx.conf[start][mask].mean()) if mask.any() else None
     single_until = start                         # after a failed jump: single steps up to here
+    past_held = False                            # past a held end (volume.correction_collision)
 
     def ahead(u: int) -> bool:                   # u lies before the end of this walk's range
         return (stop - u) * step > 0
@@ -142,7 +166,7 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
         jump = t + step * ctx.stride
         between = range(t + step, jump + step, step)
         if (ctx.stride > 1 and (single_until - t) * step <= 0 and ahead(jump)
-                and not any(u in ctx.absent or u in ctx.held for u in between)):
+                and not past_held and not any(u in ctx.absent or u in ctx.held for u in between)):
             ctx.prefetch([jump])
             new, rec = ctx.decode(label, jump, prev, min_area, prev_score, first=painted and t == start, tick=False)
             if new is not None:
@@ -161,19 +185,25 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
         u = t + step
         if not ahead(u):
             return
-        if u in ctx.absent or u in ctx.held:     # the user said so: no decoding, the walk ends here
+        past_held = past_held or (u in ctx.held and ctx.others is not None)
+        if ctx.hard_end(u):                      # the user said so: no decoding, the walk ends here
             new, rec = None, _record(label, u, "absent")
             rec.reason = "marked absent" if u in ctx.absent else "previous end kept"
             ctx.tick()
         else:
             ctx.prefetch([v for v in range(u, stop, step)[:ctx.embeds.batch_size]
-                          if v not in ctx.absent and v not in ctx.held]
+                          if not ctx.hard_end(v)]
                          if ctx.stride == 1 else [u])
-            new, rec = ctx.decode(label, u, prev, min_area, prev_score, first=painted and t == start)
+            # Past a held end the first step away from the paint gets no looser limits: the previous
+            # walk ended there (volume.correction_strict_past_end).
+            loose = painted and t == start and not (past_held and ctx.cfg.volume.correction_strict_past_end)
+            new, rec = ctx.decode(label, u, prev, min_area, prev_score, first=loose)
+            other = ctx.collides(label, u, new) if past_held and new is not None else 0
+            if other:                            # past the previous end onto another label's voxels
+                new, rec.status, rec.reason = None, "absent", "past the previous end onto label %d" % other
             look = ctx.cfg.volume.look_ahead
             if (new is None and (look == "any" or (look == "jump" and rec.reason == "left the previous mask"))
-                    and ahead(u + step) and u + step not in ctx.absent
-                    and u + step not in ctx.held):
+                    and ahead(u + step) and not ctx.hard_end(u + step) and not past_held):
                 # One slice judged absent does not end the walk when the slice after it, decoded
                 # from the same neighbour, is judged present: slice u gets the shape between them.
                 v = u + step

@@ -1,0 +1,74 @@
+"""Seconds of an Update after one correction (issue 28, item 5: <= 10 s on CPU for the development
+volumes): per volume, the one-shot run (every organ painted on its middle labelled slice), then the
+simulated annotator's first correction of every organ (corrections.worst_slice: its worst slice
+painted or marked absent) and the re-run through Session.add_support, timed. Prints the load
+average before and after (the development machine is shared).
+
+    python benchmarks/correction_rerun.py DATA [DATA ...] [--set SECTION.FIELD=VALUE ...]
+
+CPU, LiteMedSAM, SAM features, --embedding-cache /tmp/emb (SYNPO_EMBEDDINGS to change it).
+"""
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "SynPoSlicer"))
+from synpo.config import configured  # noqa: E402
+from synpo.corrections import worst_slice  # noqa: E402
+from synpo.evaluate import find_pairs, support_slice  # noqa: E402
+from synpo.features import load_models  # noqa: E402
+from synpo.io import read_volume  # noqa: E402
+from synpo.session import Models, Session  # noqa: E402
+
+
+def main(argv):
+    sets = argv[argv.index("--set") + 1:] if "--set" in argv else []
+    folders = argv[:argv.index("--set")] if "--set" in argv else argv
+    if not folders:
+        print(__doc__)
+        return 2
+    cfg = configured(sets)
+    sam, dino, use = load_models("litemedsam", "sam", "small", "cpu", True)
+    models = Models.of(sam, dino, use)
+    print("load average before: %.2f %.2f %.2f" % os.getloadavg())
+    reruns = []
+    for folder in folders:
+        for img, lab in find_pairs(folder):
+            image, geom = read_volume(img)
+            gt, _ = read_volume(lab, "label", label=True)
+            wanted = [int(v) for v in np.unique(gt) if v != 0]
+            support = np.zeros_like(gt)
+            for v in wanted:
+                s = support_slice(gt == v, 0.5)
+                support[s][gt[s] == v] = v
+            session = Session(image, geom.spacing, models, os.environ.get("SYNPO_EMBEDDINGS", "/tmp/emb"))
+            t0 = time.perf_counter()
+            result = session.run(support, cfg, axis=0)
+            first = time.perf_counter() - t0
+            paint, absent = np.zeros_like(gt), {}
+            for v in wanted:
+                step = worst_slice(result.labels == v, gt == v, {support_slice(gt == v, 0.5)})
+                if step is None:
+                    continue
+                kind, t = step
+                if kind == "paint":
+                    paint[t][gt[t] == v] = v
+                else:
+                    absent.setdefault(v, []).append(t)
+            t0 = time.perf_counter()
+            session.add_support(paint if paint.any() else None, absent, cfg)
+            again = time.perf_counter() - t0
+            reruns.append(again)
+            print("%s %s: %d organs, first run %.1f s, Update after one correction %.1f s"
+                  % (os.path.basename(os.path.normpath(folder)), os.path.basename(img).split(".")[0], len(wanted),
+                     first, again))
+    print("Update after one correction: mean %.1f s, max %.1f s over %d volumes"
+          % (float(np.mean(reruns)), float(np.max(reruns)), len(reruns)))
+    print("load average after: %.2f %.2f %.2f" % os.getloadavg())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
