@@ -22,8 +22,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dinov2", default="small", choices=("small", "base", "large", "giant"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--no-baselines", action="store_true", help="SynPo only")
-    p.add_argument("--runtime", default="auto", choices=("auto", "torch", "openvino"),
-                   help="the SAM encoder's runtime (auto: PyTorch; openvino: faster on a CPU, a few masks differ)")
+    from .cli import add_runtime_option
+    add_runtime_option(p)
     p.add_argument("--ablations", action="store_true",
                    help="intra protocol: also SynPo with one part changed at a time (no intensity gate, no "
                         "refinement, points given to SAM with Gaussian / uniform / no negatives, raw top-k "

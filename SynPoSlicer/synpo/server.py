@@ -306,8 +306,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dinov2", default="small", choices=("small", "base", "large", "giant"))
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
-    p.add_argument("--runtime", default="auto", choices=("auto", "torch", "openvino"),
-                   help="the SAM encoder's runtime: auto = PyTorch; openvino (CPU) is faster, a few masks differ")
+    from .cli import add_runtime_option
+    add_runtime_option(p)
     p.add_argument("--max-memory-mb", type=int, default=8192,
                    help="sessions together hold at most this much (images, embeddings, results); beyond it the "
                         "least recently used idle sessions are evicted (default 8192)")
