@@ -17,7 +17,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "SynPoSlicer"))
 from synpo.config import configured  # noqa: E402
 from synpo.corrections import worst_slice  # noqa: E402
-from synpo.evaluate import find_pairs, support_slice  # noqa: E402
+from synpo.evaluate import find_pairs, middle_paint, support_slice  # noqa: E402
 from synpo.features import load_models  # noqa: E402
 from synpo.io import read_volume  # noqa: E402
 from synpo.session import Models, Session  # noqa: E402
@@ -38,11 +38,7 @@ def main(argv):
         for img, lab in find_pairs(folder):
             image, geom = read_volume(img)
             gt, _ = read_volume(lab, "label", label=True)
-            wanted = [int(v) for v in np.unique(gt) if v != 0]
-            support = np.zeros_like(gt)
-            for v in wanted:
-                s = support_slice(gt == v, 0.5)
-                support[s][gt[s] == v] = v
+            support, wanted = middle_paint(gt)
             session = Session(image, geom.spacing, models, os.environ.get("SYNPO_EMBEDDINGS", "/tmp/emb"))
             t0 = time.perf_counter()
             result = session.run(support, cfg, axis=0)

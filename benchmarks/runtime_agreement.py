@@ -16,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "SynPoSlicer"))
 
-from synpo.evaluate import find_pairs, support_slice  # noqa: E402
+from synpo.evaluate import find_pairs, middle_paint  # noqa: E402
 from synpo.io import read_volume  # noqa: E402
 from synpo.session import Models, Session  # noqa: E402
 from synpo.volume import sam_store  # noqa: E402
@@ -32,10 +32,7 @@ def main() -> None:
     for img_path, lab_path in find_pairs(args.folder):
         image, geom = read_volume(img_path)
         gt, _ = read_volume(lab_path, "label", label=True)
-        support = np.zeros_like(gt)
-        for v in [int(x) for x in np.unique(gt) if x]:
-            s = support_slice(gt == v, 0.5)
-            support[s][gt[s] == v] = v
+        support, _ = middle_paint(gt)
         results = {}
         for name, models in runtimes.items():
             session = Session(image, geom.spacing, models, args.embedding_cache)

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from benchmarks.walk_decisions import ends_report, organ_ends  # noqa: E402
 from synpo.config import configured  # noqa: E402
 from synpo.embeddings import EmbeddingStore, store_key  # noqa: E402
-from synpo.evaluate import dice, find_pairs, support_slice  # noqa: E402
+from synpo.evaluate import dice, find_pairs, middle_paint  # noqa: E402
 from synpo.io import read_volume, write_json  # noqa: E402
 from synpo.session import Models  # noqa: E402
 from synpo.volume import VolumeRun  # noqa: E402
@@ -113,11 +113,7 @@ def run_volume(img: str, lab: str, models: Models, other: Models, cfg, noise: fl
                cache) -> tuple:
     image, geom = read_volume(img)
     gt, _ = read_volume(lab, "label", label=True)
-    labels = [int(v) for v in np.unique(gt) if v != 0]
-    support = np.zeros_like(gt)
-    for v in labels:
-        s = support_slice(gt == v, 0.5)
-        support[s][gt[s] == v] = v
+    support, labels = middle_paint(gt)
     stores: Dict = {}
     a, log_a = segment(image, geom, support, models, cfg, stores, cache)
     if other is not None:                    # the same volume through another runtime's encoder

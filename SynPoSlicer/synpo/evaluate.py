@@ -136,6 +136,17 @@ def support_slice(gt_mask: np.ndarray, position: float, axis: int = 0) -> int:
     return int(zs[min(len(zs) - 1, int(position * len(zs)))])
 
 
+def middle_paint(gt: np.ndarray, position: float = 0.5) -> Tuple[np.ndarray, List[int]]:
+    """(support, labels): every label of `gt` (K, H, W) painted with its truth on the slice at
+    `position` of its labelled range (the intra protocol's support), and the labels painted."""
+    labels = [int(v) for v in np.unique(gt) if v != 0]
+    support = np.zeros_like(gt)
+    for v in labels:
+        s = support_slice(gt == v, position)
+        support[s][gt[s] == v] = v
+    return support, labels
+
+
 def find_pairs(folder: str) -> List[tuple]:
     """(image, label) pairs named image_N / label_N (or ct / labels) in a folder."""
     pairs = []
