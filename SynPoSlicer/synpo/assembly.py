@@ -25,7 +25,7 @@ def assemble(run, per_label: list) -> VolumeResult:
     if run.cfg.volume.enclosed_follow:
         follow_enclosing(found, records, enclosing_labels(run.paint, run.support.labels), run.support.slices)
     labels_out = _assemble(found, conf_out, (run.n, run.H, run.W), run.support.labels,
-                           getattr(run, "previous_labels", None))
+                           run.previous_labels)
     if not run.cross:
         # The support slices keep the user's paint exactly: every painted voxel keeps its value.
         for s, p in run.paint.items():
