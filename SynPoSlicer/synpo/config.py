@@ -121,6 +121,11 @@ class VolumeConfig:
     # limits sit well below both (a first step of a small organ moves further, relative to its
     # size, than the 0.6 limit allows: two BTCV-like kidneys stopped at 0.55-0.58).
     min_overlap_first: float = 0.4
+    # The overlap above is measured against the previous slice's mask grown by this many mm in
+    # plane (0: the mask itself). An organ's outline moves between slices by a distance, not by a
+    # fraction of its size: a small or oblique structure (an adrenal gland, a vein) leaves its own
+    # previous mask by most of its width while a liver barely moves.
+    overlap_tolerance_mm: float = 0.0
     # ... or when the mask's mean confidence falls below this fraction of the previous
     # slice's (the support's, for the first step): a sudden drop means the walk has left the
     # organ for a look-alike beside it (the left atrium above the left ventricle). 0 = off.
@@ -327,6 +332,7 @@ def validate(cfg: SynPoConfig) -> SynPoConfig:
         (0.0 <= v.min_confidence_ratio <= 1.0, "volume.min_confidence_ratio must be in [0, 1]"),
         (0.0 <= v.min_confidence_ratio_first <= 1.0, "volume.min_confidence_ratio_first must be in [0, 1]"),
         (0.0 <= v.min_overlap_first <= 1.0, "volume.min_overlap_first must be in [0, 1]"),
+        (v.overlap_tolerance_mm >= 0.0, "volume.overlap_tolerance_mm must be >= 0"),
         (v.ownership in ("nearest", "agreement"), "volume.ownership must be nearest or agreement"),
         (v.look_ahead in ("off", "jump", "any"), "volume.look_ahead must be off, jump or any"),
         (0.0 <= v.correction_keep_iou <= 1.0, "volume.correction_keep_iou must be in [0, 1]"),
