@@ -224,7 +224,7 @@ class VolumeConfig:
     # volume.gap_choice=paint_shape` (or gap_confidence=blend / nearest) against correction_keeps_reach
     # alone (docs/corrections.md): paint_shape CHAOS 95 -> 96 % of the steps held but cmr_bssfp 88.6 ->
     # 86.7 % (7 steps down by more than 0.02, against 5); blend CHAOS 95 -> 92 %, cmr_bssfp 88.6 ->
-    # 84.8 %. Both left off.
+    # 84.8 %; nearest CHAOS 95 -> 90 %, Dice after 1 0.9165 -> 0.9075. All left off.
     # Between two supports (ownership "agreement"): "split" hands the gap over at one slice where the
     # two walks agree best (split_gap); "paint_shape" gives each slice of the gap, where both walks
     # found the target, to the walk whose mask agrees better (IoU) with the shape interpolated
