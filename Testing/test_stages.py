@@ -1331,3 +1331,31 @@ def test_a_walk_between_two_supports_uses_both_supports_maps_by_distance():
     assert [nearest[t][0, 0] for t in range(1, 9)] == [2, 2, 2, 2, 6, 6, 6, 6]
     blend.prepare([1, 3, 7])                                   # each support computes the slices it weighs
     assert confs[2].asked == [1, 3] and confs[6].asked == [3, 7]
+
+
+@pytest.mark.parametrize("tolerance, expected", [(0.0, [1]), (2.0, [1, 2, 3, 4, 5])])
+def test_the_overlap_rule_measures_a_small_structures_move_in_mm(tolerance, expected):
+    """A small structure moving 2 px (2 mm) a slice (a vein, an adrenal gland cut obliquely) leaves
+    half of its own previous mask: the overlap rule ends its walk, unless the previous mask is grown
+    by volume.overlap_tolerance_mm before the overlap is measured."""
+    n = 6
+    conf = np.zeros((n, 40, 40), np.float32)
+    for t in range(n):
+        conf[t, 18:22, 8 + 2 * t:12 + 2 * t] = 0.9
+    masks, records = _walk_up(conf, SynPoConfig().with_(volume={"overlap_tolerance_mm": tolerance}))
+    assert sorted(masks) == expected
+    if expected[-1] < n - 1:
+        assert next(r for r in records if r.index == expected[-1] + 1).reason == "left the previous mask"
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 2.0])
+def test_a_jump_onto_a_look_alike_beyond_the_tolerance_still_ends_the_walk(tolerance):
+    n = 6
+    conf = np.zeros((n, 40, 40), np.float32)
+    conf[:, 5:20, 5:20] = 0.9
+    conf[3] = 0.0
+    conf[3, 22:37, 22:37] = 0.9                                         # the look-alike, 3 px away: beyond 2 mm
+    cfg = SynPoConfig().with_(volume={"search_margin": 2.0, "overlap_tolerance_mm": tolerance})
+    masks, records = _walk_up(conf, cfg)
+    assert sorted(masks) == [1, 2]
+    assert next(r for r in records if r.index == 3).reason == "left the previous mask"

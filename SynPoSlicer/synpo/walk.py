@@ -10,6 +10,7 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from .config import SynPoConfig
 from .embeddings import EmbeddingStore
@@ -118,6 +119,14 @@ class _Context:
         values, counts = np.unique(under, return_counts=True)
         return int(values[np.argmax(counts)])
 
+    def near(self, prev: np.ndarray) -> np.ndarray:
+        """`prev` grown by volume.overlap_tolerance_mm in plane (what "inside the previous mask"
+        means for the overlap rule)."""
+        tol = self.cfg.volume.overlap_tolerance_mm
+        if tol <= 0 or not prev.any():
+            return prev
+        return ndimage.distance_transform_edt(~prev, sampling=self.spacing_rc) <= tol
+
     def prefetch(self, indices: Sequence[int]) -> None:
         """The next slices of a walk are embedded when it reaches them, a batch at a time (a
         confidence given as a ready array, as tests do, needs nothing)."""
@@ -145,7 +154,7 @@ class _Context:
             self.tick()
         area = int(mask.sum())
         score = float(self.conf[t][mask].mean()) if area else 0.0
-        overlap = float(np.logical_and(mask, prev).sum() / area) if prev is not None and area else 0.0
+        overlap = float(np.logical_and(mask, self.near(prev)).sum() / area) if prev is not None and area else 0.0
         reason = self.judge(Step(label, t, first, mask, area, prev, min_area, score, prev_score, sam_iou, overlap), vc)
         rec = _record(label, t, "absent" if reason else "present", prompts, score, sam_iou, box)
         rec.overlap_prev, rec.reason = overlap, reason
