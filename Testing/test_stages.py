@@ -1254,6 +1254,85 @@ def test_a_held_end_next_to_the_paint_can_stay_hard(hard, expected):
         assert (records[0].index, records[0].status, records[0].reason) == (2, "absent", "previous end kept")
 
 
+@pytest.mark.parametrize("case, reach, expected", [
+    ("ends", True, [2, 3, 4, 5]),           # judged absent on 4 where the previous run went on to 5
+    ("ends", False, [2, 3]),
+    ("onto", True, [2, 3, 4, 5]),           # on 4 the mask lies half on label 2's previous voxels
+    ("onto", False, [2, 3, 4, 5, 6, 7]),
+    ("marked", True, [2, 3, 4]),            # ... but never past a slice the user marked absent (5)
+])
+def test_a_rerun_walk_towards_the_end_keeps_the_previous_reach(case, reach, expected):
+    """volume.correction_keeps_reach (walk.keep_reach): a re-run's walk towards the volume's end that
+    ends, or runs onto another label's previous voxels, where the previous run still found the
+    label keeps the previous masks from there to the previous end."""
+    from synpo.volume import _Context, _walk
+    conf = np.zeros((8, 40, 40), np.float32)
+    conf[:8 if case == "onto" else 4, 10:30, 10:30] = 0.9
+    previous = np.zeros((8, 40, 40), np.uint8)
+    previous[1:4, 10:30, 10:30] = 1
+    previous[4:6, 10:20, 10:30] = 1                          # the previous reach: slices 4-5, the upper half
+    if case == "onto":
+        previous[4:, 20:30, 10:30] = 2                       # label 2 beside it from slice 4 on
+    store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
+    store.ensure(range(8))
+    ctx = _Context(_BoxFiller(), store, conf, SynPoConfig(), {"prompts": 0.0, "decode": 0.0}, None,
+                   lambda k=1: None, absent=(5,) if case == "marked" else (), reach=previous if reach else None)
+    masks, records = {}, []
+    _walk(ctx, 1, 1, conf[1] > 0.5, 8, +1, 10.0, masks, records)
+    assert sorted(masks) == expected
+    assert sorted(r.index for r in records) == list(range(2, 8))          # every slice once
+    if case == "marked":
+        assert [(r.index, r.status, r.reason) for r in records if r.index >= 4] == [
+            (4, "present", "previous kept (confidence drop)"), (5, "absent", "marked absent"), (6, "not reached", ""),
+            (7, "not reached", "")]
+    elif reach:
+        for t in (4, 5):
+            assert np.array_equal(masks[t], previous[t] == 1)
+        kept = [(r.index, r.status, r.reason) for r in records if r.index in (4, 5, 6)]
+        assert kept[0][:2] == (4, "present") and kept[0][2].startswith("previous kept (")
+        assert kept[0][2] == ("previous kept (onto label 2)" if case == "onto" else kept[0][2])
+        assert kept[1:] == [(5, "present", "previous kept"), (6, "not reached", "")]
+
+
+def test_a_gap_slice_goes_to_the_walk_closer_to_the_shape_between_the_two_paints():
+    """ownership.choose_by_paint (volume.gap_choice "paint_shape"): between supports 0 and 6 each
+    slice goes to the walk whose mask overlaps the shape interpolated between the paints more; a
+    slice only one walk found goes to it; on a tie, to the nearer support."""
+    from synpo.ownership import choose_by_paint
+    box = lambda a, b: np.pad(np.ones((b - a, 4), bool), ((a, 12 - b), (0, 0)))   # noqa: E731
+    paint, off = box(2, 8), box(0, 3)                          # the same paint on both supports
+    up = {1: paint, 2: paint, 3: off, 4: paint, 5: off}        # s1's walk, off the organ on 3 and 5
+    down = {1: off, 2: off, 3: paint, 4: off, 5: paint}        # s2's walk, off it on 1, 2 and 4
+    assert choose_by_paint(0, 6, up, down, paint, paint) == {1: 0, 2: 0, 3: 6, 4: 0, 5: 6}
+    assert choose_by_paint(0, 6, up, up, paint, paint) == {1: 0, 2: 0, 3: 0, 4: 6, 5: 6}   # ties: the nearer
+    assert choose_by_paint(0, 6, {1: paint}, {4: paint}, paint, paint) == {1: 0, 2: 0, 3: 0, 4: 6, 5: 6}
+
+
+def test_a_walk_between_two_supports_uses_both_supports_maps_by_distance():
+    """ownership.GapConfidence (volume.gap_confidence): between supports 2 and 6, slice 3 gets 3/4 of
+    support 2's map and 1/4 of support 6's ("blend") or support 2's alone ("nearest"); on and beyond
+    the supports, each support's own map."""
+    from synpo.ownership import GapConfidence
+
+    class Maps:                                                # a support's maps: its index everywhere
+        def __init__(self, s):
+            self.s, self.asked = s, []
+
+        def prepare(self, indices):
+            self.asked += list(indices)
+
+        def __getitem__(self, t):
+            return np.full((2, 2), float(self.s), np.float32)
+    confs = {2: Maps(2), 6: Maps(6)}
+    blend = GapConfidence(confs, "blend")
+    assert blend[3][0, 0] == 0.75 * 2 + 0.25 * 6 and blend[4][0, 0] == 4.0
+    assert blend[0][0, 0] == 2.0 and blend[2][0, 0] == 2.0 and blend[6][0, 0] == 6.0 and blend[9][0, 0] == 6.0
+    nearest = GapConfidence(confs, "nearest")
+    assert [nearest[t][0, 0] for t in range(1, 9)] == [2, 2, 2, 2, 6, 6, 6, 6]
+    blend.prepare([1, 3, 7])                                   # each support computes the slices it weighs
+    assert confs[2].asked == [1, 3] and confs[6].asked == [3, 7]
+
+
 @pytest.mark.parametrize("tolerance, expected", [(0.0, [1]), (2.0, [1, 2, 3, 4, 5])])
 def test_the_overlap_rule_measures_a_small_structures_move_in_mm(tolerance, expected):
     """A small structure moving 2 px (2 mm) a slice (a vein, an adrenal gland cut obliquely) leaves

@@ -3,7 +3,8 @@ the same simulated annotator and the same SynPo figures (corrections.evaluate_co
 every round's label volume and each label's own masks before assembly, saved for
 benchmarks/corrections_why.py.
 
-    python benchmarks/corrections_fast.py DATA OUT.pkl ROUNDS [VOLUME,VOLUME] [--set SECTION.FIELD=VALUE ...]
+    python benchmarks/corrections_fast.py DATA OUT.pkl ROUNDS [VOLUME,VOLUME] [--labels 1,2,3]
+        [--set SECTION.FIELD=VALUE ...]
 
 CPU, LiteMedSAM, SAM features, --embedding-cache /tmp/emb. Prints per volume its organs' Dice per
 round, then the mean Dice per round and the monotonicity figures (monotonicity(): held, and held
@@ -31,6 +32,11 @@ def main(argv):
     data, out, rounds = argv[0], argv[1], int(argv[2])
     rest = argv[3:]
     volumes = rest.pop(0).split(",") if rest and not rest[0].startswith("--") else None
+    labels = None
+    if "--labels" in rest:                                   # only these labels (as evaluate --labels)
+        i = rest.index("--labels")
+        labels = [int(v) for v in rest[i + 1].split(",")]
+        del rest[i:i + 2]
     cfg = configured([a for a in rest if a != "--set"])
     raw, captured = {}, []
     assemble, run = V.VolumeRun.assemble, S.Session.run
@@ -53,7 +59,7 @@ def main(argv):
     scores, per_volume, t0 = [], [], time.time()
     for pair in pairs:
         captured.clear()
-        got = C.evaluate_corrections([pair], models, cfg, rounds, None, log=lambda *a: None,
+        got = C.evaluate_corrections([pair], models, cfg, rounds, labels, log=lambda *a: None,
                                      embedding_cache=os.environ.get("SYNPO_EMBEDDINGS", "/tmp/emb"))
         scores += got
         name = os.path.basename(pair[0]).split(".")[0]

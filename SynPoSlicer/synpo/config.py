@@ -195,7 +195,10 @@ class VolumeConfig:
     # With correction_holds_ends: > 0 makes a held end soft: a correction's walk goes on past it while
     # no more than this fraction of its mask lies on another label's voxels of the previous run (a
     # spleen correction may extend the spleen, not walk onto the kidney below it). 0: a hard end.
-    # 0.3 set a priori, not swept; against the overlap owner alone it changed 3 organ-steps, all up
+    # Swept (corrections_fast.py, the defaults before correction_keeps_reach): 0.2, 0.3, 0.4 and 0.5
+    # give the same Dice to 4 decimals at every k and the same steps held (CHAOS 91 %, cmr_bssfp
+    # 87.6 %): no walk past a held end had 20-50 % of its mask on another label. Kept at 0.3; against
+    # the overlap owner alone it changed 3 organ-steps, all up
     # (CHAOS image_2 spleen after 2 corrections 0.818 -> 0.831; cmr_bssfp image_1 myocardium after 4
     # and 5: 0.799 -> 0.813, 0.807 -> 0.827).
     correction_collision: float = 0.3
@@ -216,6 +219,38 @@ class VolumeConfig:
     correction_hard_next: bool = True
     correction_keep_iou: float = 0.0
     correction_trust_iou: float = 0.0
+    # In a re-run after corrections, a walk beyond the label's outermost support that judges the label
+    # absent on a slice where the previous run found it, or whose mask there lies on another label's
+    # previous voxels (more than correction_collision of it), the previous mask there continuing the
+    # walk's (overlap >= min_overlap_first of its area), keeps the previous masks from there to the
+    # previous end: a correction that re-starts the walk near an end does not take back the reach
+    # the previous walk had (walk.keep_reach; a CHAOS spleen correction's walk ran onto the kidney
+    # one slice before the previous end, the spleen lost that slice: 0.872 -> 0.831).
+    # `benchmarks/corrections_fast.py DATA OUT 5 --set volume.correction_keeps_reach=true` against
+    # the defaults before it (Dice after k = 1..5; steps held; steps down by more than 0.02):
+    #   CHAOS 0.9146 / 0.9231 / 0.9292 / 0.9314 / 0.9356, 91 %, 3 -> 0.9165 / 0.9251 / 0.9332 / 0.9334 /
+    #   0.9371, 95 %, 1; cmr_bssfp 0.8704 / 0.8905 / 0.8998 / 0.9053 / 0.9109, 87.6 %, 5 -> 0.8690 /
+    #   0.8891 / 0.9003 / 0.9055 / 0.9101, 88.6 %, 5 (one organ changed: image_5's right ventricle kept
+    #   a previous slice past its end, 0.864 -> 0.835 after 1); reported on acdc_cine: the same figures
+    #   to 4 decimals (0.8976 / 0.9105 / 0.9159 / 0.9254 / 0.9199, 87.1 %); btcv_ct (spleen, kidneys,
+    #   liver, 3 rounds) 0.9542 / 0.9557 / 0.9567 -> 0.9544 / 0.9556 / 0.9566, 95 % either way.
+    correction_keeps_reach: bool = True
+    # Measured with `benchmarks/corrections_fast.py DATA OUT 5 --set volume.correction_keeps_reach=true
+    # volume.gap_choice=paint_shape` (or gap_confidence=blend / nearest) against correction_keeps_reach
+    # alone (docs/corrections.md): paint_shape CHAOS 95 -> 96 % of the steps held but cmr_bssfp 88.6 ->
+    # 86.7 % (7 steps down by more than 0.02, against 5); blend CHAOS 95 -> 92 %, cmr_bssfp 88.6 ->
+    # 84.8 %; nearest CHAOS 95 -> 90 %, Dice after 1 0.9165 -> 0.9075. All left off.
+    # Between two supports (ownership "agreement"): "split" hands the gap over at one slice where the
+    # two walks agree best (split_gap); "paint_shape" gives each slice of the gap, where both walks
+    # found the target, to the walk whose mask agrees better (IoU) with the shape interpolated
+    # between the two supports' paint (ownership.choose_by_paint): the walk closer to what both
+    # paints say the organ is there. (Only after corrections: a first run has one support a label.)
+    gap_choice: str = "split"
+    # The confidence a walk uses on a slice between two supports: "own" (its support's prototypes),
+    # "nearest" (the nearer support's, whichever walks), "blend" (both supports' maps weighted by
+    # the distance: a corrected slice teaches the slices near it). Beyond the outermost support
+    # every option is the outermost support's own map (ownership.GapConfidence).
+    gap_confidence: str = "own"
     # Thin slices: a walk decodes every n-th slice, n the most slices within this thickness (mm),
     # and fills the slices between by shape-based interpolation (interpolate.py); the organ's ends
     # are still found slice by slice. 0 = decode every slice. Slices of 3 mm and more (every
@@ -345,6 +380,8 @@ def validate(cfg: SynPoConfig) -> SynPoConfig:
         (v.overlap_tolerance_mm >= 0.0, "volume.overlap_tolerance_mm must be >= 0"),
         (v.ownership in ("nearest", "agreement"), "volume.ownership must be nearest or agreement"),
         (v.look_ahead in ("off", "jump", "any"), "volume.look_ahead must be off, jump or any"),
+        (v.gap_choice in ("split", "paint_shape"), "volume.gap_choice must be split or paint_shape"),
+        (v.gap_confidence in ("own", "nearest", "blend"), "volume.gap_confidence must be own, nearest or blend"),
         (0.0 <= v.correction_keep_iou <= 1.0, "volume.correction_keep_iou must be in [0, 1]"),
         (0.0 <= v.correction_trust_iou <= 1.0, "volume.correction_trust_iou must be in [0, 1]"),
         (0.0 <= v.correction_collision <= 1.0, "volume.correction_collision must be in [0, 1]"),

@@ -1,9 +1,11 @@
 """Ownership between supports: which start's walk gives each slice when a label has several
 support slices, and the confidence that goes with it (each slice's map is its owner's)."""
+import bisect
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from .interpolate import between as interpolate_between
 from .result import SliceRecord
 from .slice_confidence import SliceConfidence
 from .walk import _walk
@@ -21,13 +23,16 @@ def walk_ranges(starts: Sequence[int], n: int) -> Dict[int, Tuple[int, int]]:
 
 
 def _propagate(ctx, label: int, n: int, starts: Dict[int, np.ndarray], min_area, records: List[SliceRecord],
-               painted: bool = True, ownership: str = "nearest") -> Tuple[Dict[int, np.ndarray], Dict[int, int]]:
+               painted: bool = True, ownership: str = "nearest", gap_choice: str = "split"
+               ) -> Tuple[Dict[int, np.ndarray], Dict[int, int]]:
     """Walk outwards from every start slice; returns (masks {slice: mask}, owner {slice: start whose
     walk gave that slice}). ctx and min_area are one for all starts, or {start: ...}: each support's
     walk with its own confidence and area. painted: the starts are the user's paint (not a decoded
     start slice, as across patients).
     ownership: between two starts, "nearest" gives each slice to the nearer start (walk_ranges);
-    "agreement" walks both across the gap and splits it where their masks agree best (split_gap)."""
+    "agreement" walks both across the gap and splits it where their masks agree best (split_gap), or
+    with gap_choice "paint_shape" gives each slice to the walk closer to the paints' shape there
+    (choose_by_paint)."""
     def walk(s, stop, step, into_masks, into_records):
         c = ctx[s] if isinstance(ctx, dict) else ctx
         a = min_area[s] if isinstance(min_area, dict) else min_area
@@ -51,12 +56,42 @@ def _propagate(ctx, label: int, n: int, starts: Dict[int, np.ndarray], min_area,
         up, up_records, down, down_records = {}, [], {}, []
         walk(s1, s2, +1, up, up_records)
         walk(s2, s1, -1, down, down_records)
-        split = split_gap(s1, s2, up, down)
-        masks.update({t: m for t, m in up.items() if t <= split})
-        masks.update({t: m for t, m in down.items() if t > split})
-        records += [r for r in up_records if r.index <= split] + [r for r in down_records if r.index > split]
-        owner.update({t: s1 if t <= split else s2 for t in range(s1 + 1, s2)})
+        if gap_choice == "paint_shape":
+            c = ctx[s1] if isinstance(ctx, dict) else ctx
+            gap = choose_by_paint(s1, s2, up, down, starts[s1], starts[s2], c.spacing_rc)
+        else:
+            split = split_gap(s1, s2, up, down)
+            gap = {t: s1 if t <= split else s2 for t in range(s1 + 1, s2)}
+        masks.update({t: m for t, m in up.items() if gap.get(t) == s1})
+        masks.update({t: m for t, m in down.items() if gap.get(t) == s2})
+        records += [r for r in up_records if gap.get(r.index) == s1] + [r for r in down_records
+                                                                         if gap.get(r.index) == s2]
+        owner.update(gap)
     return masks, owner
+
+
+def choose_by_paint(s1: int, s2: int, up: Dict[int, np.ndarray], down: Dict[int, np.ndarray],
+                    paint1: np.ndarray, paint2: np.ndarray, spacing_rc=(1.0, 1.0)) -> Dict[int, int]:
+    """{slice: s1 or s2} for the slices between supports s1 < s2: where both walks found the target,
+    the walk whose mask overlaps the shape interpolated between the two paints more (IoU; the
+    nearer support on a tie); where one walk found it, that walk; where neither, the nearer."""
+    shapes = interpolate_between(paint1, paint2, s2 - s1 - 1, spacing_rc)
+    out = {}
+    for t in range(s1 + 1, s2):
+        nearer = s1 if t - s1 <= s2 - t else s2
+        a, b = up.get(t), down.get(t)
+        if a is not None and b is not None:
+            ref = shapes[t - s1 - 1]
+            ia, ib = _iou(a, ref), _iou(b, ref)
+            out[t] = nearer if ia == ib else (s1 if ia > ib else s2)
+        else:
+            out[t] = s1 if a is not None else s2 if b is not None else nearer
+    return out
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
 def split_gap(s1: int, s2: int, up: Dict[int, np.ndarray], down: Dict[int, np.ndarray]) -> int:
@@ -98,3 +133,41 @@ class OwnedConfidence:
         for t in self.computed():
             out[t] = self.confs[self.owner[t]].maps[t]
         return out
+
+
+class GapConfidence:
+    """A target's confidence for walks between supports (volume.gap_confidence): slice t between
+    supports s1 < t < s2 gets the nearer support's map ("nearest") or both maps weighted by the
+    distance ("blend"); on a support and beyond the outermost ones, that support's own map.
+    Shared by every walk of the target (SliceConfidence's interface for the walk)."""
+
+    def __init__(self, confs: Dict[int, SliceConfidence], mode: str = "blend"):
+        self.confs, self.mode = confs, mode
+        self.order = sorted(confs)
+
+    def weights(self, t: int) -> Dict[int, float]:
+        order = self.order
+        if t <= order[0]:
+            return {order[0]: 1.0}
+        if t >= order[-1]:
+            return {order[-1]: 1.0}
+        i = bisect.bisect_right(order, t)
+        s1, s2 = order[i - 1], order[i]
+        if t == s1:
+            return {s1: 1.0}
+        w2 = (t - s1) / float(s2 - s1)
+        if self.mode == "nearest":
+            return {s1 if w2 <= 0.5 else s2: 1.0}
+        return {s1: 1.0 - w2, s2: w2}
+
+    def prepare(self, indices: Sequence[int]) -> None:
+        for s, conf in self.confs.items():
+            conf.prepare([t for t in indices if s in self.weights(int(t))])
+
+    def __getitem__(self, t: int) -> np.ndarray:
+        w = self.weights(int(t))
+        if len(w) == 1:
+            (s, _), = w.items()
+            return self.confs[s][t]
+        out = sum(np.float32(wt) * self.confs[s][t] for s, wt in w.items())
+        return np.asarray(out, dtype=np.float32)

@@ -25,7 +25,7 @@ from .embeddings import (DECODED_KEPT_BYTES, STORAGE_DTYPE, EmbeddingStore, get_
 from .errors import Cancelled, InputError, SynPoError
 from .gate import organ_range
 from .intensity import normalize
-from .ownership import OwnedConfidence, _propagate, split_gap, walk_ranges  # noqa: F401
+from .ownership import GapConfidence, OwnedConfidence, _propagate, split_gap, walk_ranges  # noqa: F401
 from .result import SliceRecord, VolumeResult
 from .rings import band_around, find_rings, ring_label, ring_parts, ring_thickness  # noqa: F401
 from .slice_confidence import SliceConfidence
@@ -133,6 +133,9 @@ class VolumeRun:
         # The previous run's labels, where two labels' masks overlap (assembly: the previous owner wins).
         self.previous_labels = (to_slices(previous, axis) if previous is not None and not cross
                                 and previous.shape == image.shape and cfg.volume.overlap_keeps_owner else None)
+        # ... where a re-run's walk towards the volume's end stops short of them (volume.correction_keeps_reach).
+        self.previous_reach = (to_slices(previous, axis) if previous is not None and not cross
+                               and previous.shape == image.shape and cfg.volume.correction_keeps_reach else None)
         self.query = np.ascontiguousarray(to_slices(norm, axis))
         self.ref = np.ascontiguousarray(to_slices(ref_norm, axis)) if cross else self.query
         del norm, ref_norm                  # (a copy when the slicing axis is not k: keep only one)
@@ -253,7 +256,8 @@ class VolumeRun:
                             self.target_range(idx, masks), report, self.absent.get(label, ()), self.judge,
                             self.stride, self.spacing_rc, held, previous,
                             self.previous_all if held else None,
-                            [e for e in held if abs(e - idx[0]) == 1] if self.cfg.volume.correction_hard_next else ())
+                            [e for e in held if abs(e - idx[0]) == 1] if self.cfg.volume.correction_hard_next else (),
+                            self.previous_reach if label not in self.rings else None)
 
         def min_area(masks):
             return self.cfg.volume.min_area_fraction * float(np.mean([m.sum() for m in masks]))
@@ -271,14 +275,18 @@ class VolumeRun:
             return masks, conf
         confs = {s: self.confidence_for([s], [m]) for s, m in zip(sup_idx, sup_masks)}
         before = {s: c.seconds for s, c in confs.items()}
-        ctxs = {s: context(confs[s], [s], [m]) for s, m in zip(sup_idx, sup_masks)}
+        # Between supports, a walk may use the nearer support's map or a blend (volume.gap_confidence).
+        walk_conf = (GapConfidence(confs, self.cfg.volume.gap_confidence)
+                     if len(confs) > 1 and self.cfg.volume.gap_confidence != "own" else None)
+        ctxs = {s: context(walk_conf or confs[s], [s], [m]) for s, m in zip(sup_idx, sup_masks)}
         starts = dict(zip(sup_idx, sup_masks))
         for s, m in zip(sup_idx, sup_masks):
             records.append(_record(label, s, "support", score=float(confs[s][s][m].mean())))
             ctxs[s].report(records[-1], m)
             self.tick()
         masks, owner = _propagate(ctxs, label, self.n, starts, {s: min_area([m]) for s, m in starts.items()},
-                                  records, ownership=self.cfg.volume.ownership)
+                                  records, ownership=self.cfg.volume.ownership,
+                                  gap_choice=self.cfg.volume.gap_choice)
         # No prediction of a label on its own support slice: the paint stands there (assemble).
         for s in sup_idx:
             masks.pop(s, None)

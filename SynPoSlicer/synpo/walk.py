@@ -79,7 +79,8 @@ class _Context:
     def __init__(self, sam, embeds, conf, cfg, timings, cancel, tick, gate_range=None,
                  on_slice: Optional[SliceReport] = None, absent: Sequence[int] = (), judge: Judge = judge_step,
                  stride: int = 1, spacing_rc=(1.0, 1.0), held: Sequence[int] = (), previous=None,
-                 others: Optional[np.ndarray] = None, hard_held: Sequence[int] = ()):
+                 others: Optional[np.ndarray] = None, hard_held: Sequence[int] = (),
+                 reach: Optional[np.ndarray] = None):
         self.sam, self.embeds, self.conf, self.cfg = sam, embeds, conf, cfg
         self.judge = judge
         self.stride, self.spacing_rc = stride, spacing_rc   # walk every stride-th slice (thin slices)
@@ -96,6 +97,10 @@ class _Context:
         # other labels' previous voxels.
         self.others = others if others is not None and cfg.volume.correction_collision > 0 else None
         self.hard_held = set(hard_held) & self.held     # held ends that stay hard even so
+        # The previous run's label volume (slicing axis first) in a re-run after corrections
+        # (volume.correction_keeps_reach): a walk beyond the outermost support that ends where the
+        # previous run still found the label keeps the previous masks from there (keep_reach).
+        self.reach = reach
 
     def hard_end(self, u: int) -> bool:
         """Slice u ends every walk of this context without decoding (marked absent, or a held end)."""
@@ -125,7 +130,7 @@ class _Context:
     def prefetch(self, indices: Sequence[int]) -> None:
         """The next slices of a walk are embedded when it reaches them, a batch at a time (a
         confidence given as a ready array, as tests do, needs nothing)."""
-        if isinstance(self.conf, SliceConfidence):
+        if isinstance(self.conf, SliceConfidence) or hasattr(self.conf, "prepare"):   # (GapConfidence too)
             self.conf.prepare(indices)
 
     def report(self, rec: SliceRecord, mask: Optional[np.ndarray]) -> None:
@@ -232,6 +237,9 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
         if new is not None and ctx.previous is not None and keep_previous(ctx, label, u, new, stop, step, masks,
                                                                           records):
             return
+        if (ctx.reach is not None and not past_held and not ctx.hard_end(u) and stop in (-1, len(ctx.reach))
+                and keep_reach(ctx, label, u, new, prev, stop, step, masks, records, rec)):
+            return
         records.append(rec)
         ctx.report(rec, new)
         if new is None:
@@ -278,6 +286,54 @@ def keep_previous(ctx: _Context, label: int, u: int, new: np.ndarray, stop: int,
     while (stop - u) * step > 0:
         records.append(_record(label, u, "not reached"))
         ctx.report(records[-1], None)
+        ctx.tick()
+        u += step
+    return True
+
+
+def keep_reach(ctx: _Context, label: int, u: int, new: Optional[np.ndarray], prev: np.ndarray, stop: int,
+               step: int, masks: Dict[int, np.ndarray], records: List[SliceRecord], rec: SliceRecord) -> bool:
+    """A re-run's walk towards the volume's end judged the label absent on slice u (new None, rec
+    says why), or its mask there lies on another label's previous voxels (more than
+    volume.correction_collision of it), where the previous run found the label, its mask there
+    continuing the walk's (overlap with it >= volume.min_overlap_first of its area): the previous
+    masks stand from u on, as far as the previous run found the label (and no mark or held end
+    stops it): a correction does not take back an accepted reach (volume.correction_keeps_reach).
+    True when it kept them (rec, slice u's record, is changed to say so)."""
+    stack = ctx.reach
+    old = stack[u] == label
+    area = int(old.sum())
+    if not area or np.logical_and(old, prev).sum() < ctx.cfg.volume.min_overlap_first * area:
+        return False
+    why = rec.reason
+    if new is not None:
+        under = stack[u][new]
+        under = under[(under != 0) & (under != label)]
+        if not new.any() or len(under) <= ctx.cfg.volume.correction_collision * new.sum():
+            return False
+        values, counts = np.unique(under, return_counts=True)
+        why = "onto label %d" % int(values[np.argmax(counts)])
+    first = u
+    while (stop - u) * step > 0 and not ctx.hard_end(u) and u not in ctx.held:
+        old = stack[u] == label
+        if not old.any():
+            break
+        masks[u] = old
+        r = rec if u == first else _record(label, u, "present")
+        r.status, r.reason = "present", ("previous kept (%s)" % why if u == first else "previous kept")
+        records.append(r)
+        ctx.report(r, old)
+        if u != first:
+            ctx.tick()
+        u += step
+    while (stop - u) * step > 0:
+        if ctx.hard_end(u):
+            r = _record(label, u, "absent")
+            r.reason = "marked absent" if u in ctx.absent else "previous end kept"
+        else:
+            r = _record(label, u, "not reached")
+        records.append(r)
+        ctx.report(r, None)
         ctx.tick()
         u += step
     return True
