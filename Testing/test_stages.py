@@ -1252,3 +1252,68 @@ def test_a_held_end_next_to_the_paint_can_stay_hard(hard, expected):
     assert sorted(masks) == expected
     if not expected:
         assert (records[0].index, records[0].status, records[0].reason) == (2, "absent", "previous end kept")
+
+
+def _squares(sizes, levels, n=None):
+    """Confidence maps of a square target centred on (20, 20): slice t holds a sizes[t]-pixel square
+    at confidence levels[t] (size 0: nothing)."""
+    n = n or len(sizes)
+    conf = np.zeros((n, 40, 40), np.float32)
+    for t, (size, level) in enumerate(zip(sizes, levels)):
+        a = 20 - size // 2
+        conf[t, a:a + size, a:a + size] = level
+    return conf
+
+
+@pytest.mark.parametrize("sizes, levels, taper, expected", [
+    # Past the organ's end the mask shrinks to a quarter of the previous one on a look-alike whose
+    # confidence is 0.84 of the organ's: no single rule stops it (too small, drop, overlap all pass).
+    ((20, 20, 18, 16, 8, 6), (0.9, 0.9, 0.9, 0.9, 0.6, 0.6), 0.0, [1, 2, 3, 4, 5]),
+    ((20, 20, 18, 16, 8, 6), (0.9, 0.9, 0.9, 0.9, 0.6, 0.6), 0.5, [1, 2, 3]),
+    # The organ tapers as fast, its confidence holding: the walk goes on to its tip.
+    ((20, 20, 18, 16, 8, 6), (0.9, 0.9, 0.9, 0.9, 0.9, 0.9), 0.5, [1, 2, 3, 4, 5]),
+    # An abrupt end (nothing on slice 4) ends it as before, whatever the rule.
+    ((20, 20, 18, 16, 0, 0), (0.9, 0.9, 0.9, 0.9, 0.0, 0.0), 0.5, [1, 2, 3]),
+])
+def test_a_walk_that_shrinks_and_loses_confidence_together_has_tapered_off(sizes, levels, taper, expected):
+    """volume.taper_area_change: two weak signals on one step, agreeing, end the walk."""
+    masks, records = _walk_up(_squares(sizes, levels), SynPoConfig().with_(volume={"taper_area_change": taper}))
+    assert sorted(masks) == expected
+    if expected == [1, 2, 3] and levels[4] > 0:
+        end = next(r for r in records if r.index == 4)
+        assert end.status == "absent" and end.reason.startswith("tapered off (area 0.20, confidence 0.84")
+
+
+@pytest.mark.parametrize("levels, falling, expected", [
+    # The walk slides onto a similar neighbour whose confidence fades slice by slice: each step
+    # passes the confidence-drop limit (0.7 of its neighbour), the trend does not.
+    ((0.95, 0.95, 0.84, 0.74, 0.65, 0.57), 0.0, [1, 2, 3, 4, 5]),
+    ((0.95, 0.95, 0.84, 0.74, 0.65, 0.57), 0.9, [1, 2]),
+    # One lower slice inside the organ (its confidence back on the next) is no trend.
+    ((0.95, 0.95, 0.84, 0.84, 0.95, 0.95), 0.9, [1, 2, 3, 4, 5]),
+])
+def test_a_walk_whose_confidence_keeps_falling_ends_where_the_trend_is_clear(levels, falling, expected):
+    """volume.falling_ratio: the confidence fell on each of the last falling_steps (2) steps."""
+    masks, records = _walk_up(_squares((20,) * 6, levels), SynPoConfig().with_(volume={"falling_ratio": falling}))
+    assert sorted(masks) == expected
+    if expected == [1, 2]:
+        end = next(r for r in records if r.index == 3)
+        assert end.status == "absent" and end.reason == "confidence falling (0.88, 0.88 over the last 2 slices)"
+
+
+def test_the_trend_rules_leave_the_first_step_alone_and_read_the_walks_history():
+    from synpo.config import VolumeConfig
+    from synpo.walk_rules import Step, judge_step
+    vc = VolumeConfig(taper_area_change=0.5, falling_ratio=0.9)
+    mask, prev = np.ones((4, 4), bool), np.ones((4, 4), bool)
+
+    def step(first, area, score, history):
+        return Step(1, 3, first, mask, area, prev, 1.0, score, history[-1][1], 0.9, 1.0, tuple(history))
+    assert judge_step(step(False, 40, 0.8, [(100, 0.9)]), vc).startswith("tapered off")
+    assert judge_step(step(True, 40, 0.8, [(100, 0.9)]), vc) == ""           # next to the paint: never
+    assert judge_step(step(False, 60, 0.8, [(100, 0.9)]), vc) == ""          # shrank, not enough
+    assert judge_step(step(False, 40, 0.85, [(100, 0.9)]), vc) == ""         # confidence held
+    # falling: the paint's self-similarity (history[0]) is not one of the steps counted
+    assert judge_step(step(False, 100, 0.7, [(100, 1.0), (100, 0.8)]), vc) == ""
+    assert judge_step(step(False, 100, 0.64, [(100, 1.0), (100, 0.9), (100, 0.8)]), vc).startswith(
+        "confidence falling")

@@ -52,9 +52,11 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 class Recorder:
     """A judge (walk_rules.Judge) that records each step and answers from the ground truth."""
 
-    def __init__(self, gt: np.ndarray, cfg, dataset: str, volume: str, support_area: Dict[int, float]):
+    def __init__(self, gt: np.ndarray, cfg, dataset: str, volume: str, support_area: Dict[int, float],
+                 image: np.ndarray = None, support_grey: Dict[int, tuple] = None):
         self.gt, self.cfg, self.dataset, self.volume = gt, cfg, dataset, volume
         self.support_area = support_area
+        self.image, self.support_grey = image, support_grey or {}   # grey values: mean, std under the paint
         self.rows: List[dict] = []
         self.lock = threading.Lock()
 
@@ -73,7 +75,17 @@ class Recorder:
                "sam_iou": step.sam_iou, "overlap": step.overlap if step.prev is not None else float("nan"),
                "area_change": step.area / prev_area if prev_area > 0 else float("nan"),
                "area_frac": step.area / max(1.0, self.support_area.get(step.label, 1.0)),
-               "rule": judge_step(step, vc) or "go"}
+               "rule": judge_step(step, vc) or "go",
+               # the walk so far (Step.history: the paint first, prev last), for trend rules
+               "hist_areas": ";".join(str(a) for a, _ in step.history),
+               "hist_scores": ";".join("%.4f" % c for _, c in step.history)}
+        if self.image is not None and step.label in self.support_grey and step.area:
+            mu, sd = self.support_grey[step.label]
+            v = self.image[step.index][step.mask]
+            row["grey_z"] = float((v.mean() - mu) / sd) if sd > 0 else float("nan")
+            row["grey_sd_ratio"] = float(v.std() / sd) if sd > 0 else float("nan")
+        else:
+            row["grey_z"] = row["grey_sd_ratio"] = float("nan")
         with self.lock:
             self.rows.append(row)
         return "" if go else "past the organ"
@@ -85,13 +97,15 @@ def record_volume(img_path: str, lab_path: str, dataset: str, models: Models, cf
     present = [int(v) for v in np.unique(gt) if v != 0]
     wanted = [v for v in (labels or present) if v in present]
     support = np.zeros_like(gt)
-    areas = {}
+    areas, grey = {}, {}
     for v in wanted:
         s = support_slice(gt == v, 0.5)
         support[s][gt[s] == v] = v
         areas[v] = float((gt[s] == v).sum())
+        under = np.asarray(image[s][gt[s] == v], dtype=float)
+        grey[v] = (float(under.mean()), float(under.std()))
     run = VolumeRun(image, geom.spacing, support, models.sam, models.dino, cfg, None, models.confidence_from, 0, None)
-    run.judge = Recorder(gt, cfg, dataset, os.path.basename(img_path).split(".")[0], areas)
+    run.judge = Recorder(gt, cfg, dataset, os.path.basename(img_path).split(".")[0], areas, image, grey)
     run.segment(None, None, {}, cache, None, False)
     return run.judge.rows
 

@@ -128,6 +128,23 @@ class VolumeConfig:
     # ... on the first step away from a painted slice: the paint's own mean confidence is its
     # self-similarity (its prototypes come from it), not a decoded slice's (min_overlap_first).
     min_confidence_ratio_first: float = 0.5
+    # Trend rules (issue 25: where an organ ends; benchmarks/replay_rules.py replays them on the
+    # recorded walks of benchmarks/walk_decisions.py). No single figure separates the steps that
+    # continue an organ from the ones past its end; these stop a walk where two weak signals agree.
+    # A tapering end: a later step whose mask shrinks to under taper_area_change of the previous
+    # slice's while its mean confidence falls under taper_ratio of the previous slice's ("tapered
+    # off"). 0 = off.
+    taper_area_change: float = 0.0
+    taper_ratio: float = 0.9
+    # A fading end: the mean confidence fell under falling_ratio of the slice before on each of the
+    # last falling_steps decoded steps, this one included ("confidence falling"). 0 = off.
+    falling_ratio: float = 0.0
+    falling_steps: int = 2
+    # Re-growth after a taper: once the walk's masks have shrunk under regrow_below of the paint's
+    # area, a mask over regrow_after x the walk's smallest one is a neighbour, not the organ growing
+    # again ("grew again after tapering"). 0 = off.
+    regrow_after: float = 0.0
+    regrow_below: float = 0.5
     # Look-ahead: when a slice is judged absent, the next slice is decoded from the same neighbour;
     # if it is judged present, the walk goes on and the slice between gets the shape between them
     # (status "interpolated", reason "bridged (...)"): one bad slice inside an organ does not end it.
@@ -329,6 +346,12 @@ def validate(cfg: SynPoConfig) -> SynPoConfig:
         (0.0 <= v.min_overlap_first <= 1.0, "volume.min_overlap_first must be in [0, 1]"),
         (v.ownership in ("nearest", "agreement"), "volume.ownership must be nearest or agreement"),
         (v.look_ahead in ("off", "jump", "any"), "volume.look_ahead must be off, jump or any"),
+        (0.0 <= v.taper_area_change <= 1.0, "volume.taper_area_change must be in [0, 1] (0: off)"),
+        (0.0 <= v.taper_ratio <= 1.0, "volume.taper_ratio must be in [0, 1]"),
+        (0.0 <= v.falling_ratio <= 1.0, "volume.falling_ratio must be in [0, 1] (0: off)"),
+        (v.falling_steps >= 1, "volume.falling_steps must be >= 1"),
+        (v.regrow_after == 0.0 or v.regrow_after > 1.0, "volume.regrow_after must be 0 (off) or > 1"),
+        (0.0 < v.regrow_below <= 1.0, "volume.regrow_below must be in (0, 1]"),
         (0.0 <= v.correction_keep_iou <= 1.0, "volume.correction_keep_iou must be in [0, 1]"),
         (0.0 <= v.correction_trust_iou <= 1.0, "volume.correction_trust_iou must be in [0, 1]"),
         (0.0 <= v.correction_collision <= 1.0, "volume.correction_collision must be in [0, 1]"),
