@@ -1317,3 +1317,39 @@ def test_the_trend_rules_leave_the_first_step_alone_and_read_the_walks_history()
     assert judge_step(step(False, 100, 0.7, [(100, 1.0), (100, 0.8)]), vc) == ""
     assert judge_step(step(False, 100, 0.64, [(100, 1.0), (100, 0.9), (100, 0.8)]), vc).startswith(
         "confidence falling")
+    fade = VolumeConfig(fade_ratio=0.75)
+    assert judge_step(step(False, 100, 0.59, [(100, 1.0), (100, 0.85), (100, 0.8), (100, 0.7)]), fade).startswith(
+        "faded (confidence 0.74 of the walk's median 0.80)")
+    assert judge_step(step(False, 100, 0.61, [(100, 1.0), (100, 0.85), (100, 0.8), (100, 0.7)]), fade) == ""
+    # the paint's self-similarity alone is no walk to compare with
+    assert judge_step(step(False, 100, 0.72, [(100, 1.0)]), fade) == ""
+
+
+@pytest.mark.parametrize("regrow, expected", [(0.0, [1, 2, 3, 4, 5]), (1.3, [1, 2, 3])])
+def test_a_walk_that_grows_again_after_its_organ_tapered_has_reached_a_neighbour(regrow, expected):
+    """volume.regrow_after: the organ tapers to a tip (slices 1-3); beyond it a touching neighbour of
+    the same look grows again slice by slice, each mask mostly inside the previous one."""
+    sizes = (20, 16, 12, 8, 10, 12, 14)
+    masks, records = _walk_up(_squares(sizes, (0.9,) * 7), SynPoConfig().with_(volume={"regrow_after": regrow}))
+    assert sorted(masks) == expected
+    if regrow:
+        end = next(r for r in records if r.index == 4)
+        assert end.status == "absent" and end.reason.startswith("grew again after tapering (area 1.")
+
+
+@pytest.mark.parametrize("levels, fade, expected", [
+    # Past the base the walk slides onto a look-alike (the atrium above the ventricle) whose
+    # confidence fades slice by slice: each step keeps 0.83-0.89 of the one before (no "confidence
+    # drop"), but slice 6 holds 0.67 of what the walk's own slices held.
+    ((0.9, 0.9, 0.9, 0.9, 0.8, 0.7, 0.6, 0.5), 0.0, [1, 2, 3, 4, 5, 6, 7]),
+    ((0.9, 0.9, 0.9, 0.9, 0.8, 0.7, 0.6, 0.5), 0.75, [1, 2, 3, 4, 5]),
+    # An organ whose confidence sags and holds (0.8 of its best) goes on.
+    ((0.9, 0.9, 0.9, 0.9, 0.8, 0.75, 0.72, 0.72), 0.75, [1, 2, 3, 4, 5, 6, 7]),
+])
+def test_a_walk_that_fades_onto_a_look_alike_ends_against_its_own_median(levels, fade, expected):
+    """volume.fade_ratio: the mask's confidence against the median of the walk's decoded slices."""
+    masks, records = _walk_up(_squares((20,) * 8, levels), SynPoConfig().with_(volume={"fade_ratio": fade}))
+    assert sorted(masks) == expected
+    if expected[-1] == 5:
+        end = next(r for r in records if r.index == 6)
+        assert end.status == "absent" and end.reason.startswith("faded (confidence 0.67 of the walk's median")

@@ -131,6 +131,20 @@ def drop(change: float, ratio: float, frac: float = 1e9) -> Callable:
                       and r["area_frac"] < frac)
 
 
+def faded(c: float, ref: str = "max") -> Callable:
+    """The mask's confidence under c x the walk's best (or median) decoded slice's so far: a
+    gradual fade that no single step's ratio shows."""
+    import statistics
+
+    def rule(r):
+        s = r["scores"][1:]
+        if r["first"] or not s:
+            return False
+        base = max(s) if ref == "max" else statistics.median(s)
+        return r["score"] < c * base
+    return rule
+
+
 def none(r) -> bool:
     return False
 
@@ -151,14 +165,17 @@ for lim in (0.3, 0.4, 0.5):
     CANDIDATES["product < %.1f" % lim] = product(lim)
 for z in (1.0, 1.5, 2.0, 3.0):
     CANDIDATES["grey |z| > %.1f" % z] = grey(z)
+for c in (0.65, 0.7, 0.75, 0.8, 0.85):
+    CANDIDATES["faded < %.2f x walk's best" % c] = faded(c)
+    CANDIDATES["faded < %.2f x walk's median" % c] = faded(c, "median")
 for c in (0.4, 0.5, 0.6):
     for d in (0.85, 0.9, 0.95, 1.0):
         CANDIDATES["drop area<%.1f, ratio<%.2f" % (c, d)] = drop(c, d)
     for f in (0.2, 0.3):
         CANDIDATES["drop area<%.1f, frac<%.1f" % (c, f)] = drop(c, 9.0, f)
         CANDIDATES["drop area<%.1f, ratio<0.95, frac<%.1f" % (c, f)] = drop(c, 0.95, f)
-for g in (1.3, 1.6, 2.0):
-    for t in (0.3, 0.5):
+for g in (1.1, 1.2, 1.3, 1.6, 2.0):
+    for t in (0.3, 0.5, 0.7, 1.0):
         CANDIDATES["regrow > %.1f x low, low < %.1f paint" % (g, t)] = regrow(g, t)
 
 
@@ -192,14 +209,47 @@ def replay(walks, rule: Callable) -> Dict[str, dict]:
     return out
 
 
+def replay_rules(walks, rule: Callable) -> Dict[str, dict]:
+    """Walks recorded with --rules (the configured rules walking, every step recorded up to the one
+    that ended it): the slices a candidate takes away. Each walk now ends on the first step the
+    configured rules or the candidate judge absent; of the slices it no longer accepts, those
+    without the organ (absent slices segmented before) and those with it (labelled slices lost)."""
+    out: Dict[str, dict] = defaultdict(lambda: defaultdict(int))
+    for key, steps in walks.items():
+        f = out[key[0]]
+        f["walks"] += 1
+        end = next((i for i, r in enumerate(steps) if r["rule"] != "go"), len(steps))
+        new = next((i for i, r in enumerate(steps[:end]) if rule(r)), end)
+        for r in steps[:end]:
+            f["absent accepted" if r["organ_present"] != "True" else "present accepted"] += 1
+        cut = steps[new:end]
+        f["absent removed"] += sum(r["organ_present"] != "True" for r in cut)
+        f["present lost"] += sum(r["organ_present"] == "True" for r in cut)
+        f["good lost"] += sum(r["truth"] == "go" for r in cut)
+        f["walks cut"] += bool(cut)
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("steps", help="walk_decisions.py -o CSV")
     ap.add_argument("names", nargs="*", help="candidates to replay (default: all)")
+    ap.add_argument("--rules", action="store_true", help="the CSV holds the configured rules' walks "
+                    "(walk_decisions.py --rules): count the slices each candidate takes away")
     args = ap.parse_args(argv)
     walks = load(args.steps)
     names = args.names or list(CANDIDATES)
     sets = sorted({k[0] for k in walks})
+    if args.rules:
+        print("%-48s " % "candidate" + " | ".join("%-34s" % s for s in sets))
+        print("%-48s " % "" + " | ".join("%-34s" % "absent -removed/of, present lost (go)" for _ in sets))
+        for name in names:
+            res = replay_rules(walks, CANDIDATES[name])
+            print("%-48s " % name + " | ".join(
+                "%3d/%3d  %3d (%3d) cut %2d        " % (res[s]["absent removed"], res[s]["absent accepted"],
+                                                      res[s]["present lost"], res[s]["good lost"],
+                                                      res[s]["walks cut"]) for s in sets))
+        return
     print("%-48s " % "candidate" + " | ".join("%-40s" % s for s in sets))
     print("%-48s " % "" + " | ".join("%-40s" % "far(absent)/right/short(slices) go-stop wrong-stop" for _ in sets))
     for name in names:

@@ -53,8 +53,9 @@ class Recorder:
     """A judge (walk_rules.Judge) that records each step and answers from the ground truth."""
 
     def __init__(self, gt: np.ndarray, cfg, dataset: str, volume: str, support_area: Dict[int, float],
-                 image: np.ndarray = None, support_grey: Dict[int, tuple] = None):
+                 image: np.ndarray = None, support_grey: Dict[int, tuple] = None, rules: bool = False):
         self.gt, self.cfg, self.dataset, self.volume = gt, cfg, dataset, volume
+        self.rules = rules           # answer with the configured rules (the product's walks), not the truth
         self.support_area = support_area
         self.image, self.support_grey = image, support_grey or {}   # grey values: mean, std under the paint
         self.rows: List[dict] = []
@@ -88,10 +89,13 @@ class Recorder:
             row["grey_z"] = row["grey_sd_ratio"] = float("nan")
         with self.lock:
             self.rows.append(row)
+        if self.rules:
+            return judge_step(step, vc)
         return "" if go else "past the organ"
 
 
-def record_volume(img_path: str, lab_path: str, dataset: str, models: Models, cfg, labels, cache) -> List[dict]:
+def record_volume(img_path: str, lab_path: str, dataset: str, models: Models, cfg, labels, cache,
+                  rules: bool = False) -> List[dict]:
     image, geom = read_volume(img_path)
     gt, _ = read_volume(lab_path, "label", label=True)
     present = [int(v) for v in np.unique(gt) if v != 0]
@@ -105,7 +109,7 @@ def record_volume(img_path: str, lab_path: str, dataset: str, models: Models, cf
         under = np.asarray(image[s][gt[s] == v], dtype=float)
         grey[v] = (float(under.mean()), float(under.std()))
     run = VolumeRun(image, geom.spacing, support, models.sam, models.dino, cfg, None, models.confidence_from, 0, None)
-    run.judge = Recorder(gt, cfg, dataset, os.path.basename(img_path).split(".")[0], areas, image, grey)
+    run.judge = Recorder(gt, cfg, dataset, os.path.basename(img_path).split(".")[0], areas, image, grey, rules)
     run.segment(None, None, {}, cache, None, False)
     return run.judge.rows
 
@@ -229,6 +233,9 @@ def main(argv=None) -> None:
     ap.add_argument("--ends", action="store_true",
                     help="the configured rules walk (not the truth); report every walk's end against the truth")
     ap.add_argument("--by-label", action="store_true", help="with --ends: the ends of each label apart too")
+    ap.add_argument("--rules", action="store_true",
+                    help="record the walks the configured rules make (every step, past the organ's end too), "
+                         "not the truth-steered ones (benchmarks/replay_rules.py --rules)")
     args = ap.parse_args(argv)
     if args.ends:
         return ends_main(args)
@@ -238,7 +245,7 @@ def main(argv=None) -> None:
     for folder in args.data:
         dataset = os.path.basename(os.path.normpath(folder))
         for img, lab in find_pairs(folder)[: args.limit]:
-            got = record_volume(img, lab, dataset, models, cfg, args.labels, args.embedding_cache)
+            got = record_volume(img, lab, dataset, models, cfg, args.labels, args.embedding_cache, args.rules)
             print("%s %s: %d steps" % (dataset, os.path.basename(img), len(got)), flush=True)
             rows += got
     for dataset in sorted({r["dataset"] for r in rows}):

@@ -140,6 +140,10 @@ class VolumeConfig:
     # last falling_steps decoded steps, this one included ("confidence falling"). 0 = off.
     falling_ratio: float = 0.0
     falling_steps: int = 2
+    # A faded walk: the mask's mean confidence under fade_ratio x the median of the walk's decoded
+    # slices so far (the paint's self-similarity not counted): a gradual slide onto a look-alike
+    # that no single step's ratio shows ("faded"). 0 = off.
+    fade_ratio: float = 0.0
     # Re-growth after a taper: once the walk's masks have shrunk under regrow_below of the paint's
     # area, a mask over regrow_after x the walk's smallest one is a neighbour, not the organ growing
     # again ("grew again after tapering"). 0 = off.
@@ -349,6 +353,7 @@ def validate(cfg: SynPoConfig) -> SynPoConfig:
         (0.0 <= v.taper_area_change <= 1.0, "volume.taper_area_change must be in [0, 1] (0: off)"),
         (0.0 <= v.taper_ratio <= 1.0, "volume.taper_ratio must be in [0, 1]"),
         (0.0 <= v.falling_ratio <= 1.0, "volume.falling_ratio must be in [0, 1] (0: off)"),
+        (0.0 <= v.fade_ratio <= 1.0, "volume.fade_ratio must be in [0, 1] (0: off)"),
         (v.falling_steps >= 1, "volume.falling_steps must be >= 1"),
         (v.regrow_after == 0.0 or v.regrow_after > 1.0, "volume.regrow_after must be 0 (off) or > 1"),
         (0.0 < v.regrow_below <= 1.0, "volume.regrow_below must be in (0, 1]"),
