@@ -2,7 +2,9 @@
 
     .venv/bin/python benchmarks/walk_decisions.py ../shared/data/chaos_t2 ../shared/data/cmr_bssfp \
         ../shared/data/acdc_cine --embedding-cache /tmp/emb -o steps.csv
-    .venv/bin/python benchmarks/replay_rules.py steps.csv
+    .venv/bin/python benchmarks/replay_rules.py steps.csv [NAME ...]
+    .venv/bin/python benchmarks/walk_decisions.py ... --rules -o steps-rules.csv
+    .venv/bin/python benchmarks/replay_rules.py --rules steps-rules.csv
 
 walk_decisions.py steers every walk by the ground truth and records each step's figures up to and
 including its first wrong step (a mask with Dice < 0.5 against the organ on its slice, or a slice
@@ -13,8 +15,14 @@ or not at all ("too far": the wrong slice accepted; "onto absent" when the organ
 the false-positive slices the issue counts), and the go-steps the candidate alone stops. A walk
 whose every step continues its organ (it reached the volume's end) is right when nothing stops it.
 
+With --rules (a CSV of the configured rules' own walks, every step recorded past the organ's end
+too), per data set: the absent slices the walks accepted that the candidate would remove, the
+labelled slices it would lose (in brackets those whose mask matched the organ), and the walks it cuts.
+Ring labels (the myocardium) count their filled-shape and hole walks apart.
+
 The candidates (each a function of one recorded row and its walk's history: Step.history) are
-listed in CANDIDATES; a name on the command line replays only those.
+listed in CANDIDATES; a name on the command line replays only those. Figures: docs/research.md,
+"Where organs end: rules on the walk's trend".
 """
 import argparse
 import csv
@@ -131,6 +139,13 @@ def drop(change: float, ratio: float, frac: float = 1e9) -> Callable:
                       and r["area_frac"] < frac)
 
 
+def faded_holding(c: float, hold: float) -> Callable:
+    """faded (against the walk's median) while the mask does not shrink under `hold` x the previous
+    one: a look-alike keeps its size, a tapering organ's end shrinks as its confidence falls."""
+    f = faded(c, "median")
+    return lambda r: f(r) and r["area_change"] >= hold
+
+
 def faded(c: float, ref: str = "max") -> Callable:
     """The mask's confidence under c x the walk's best (or median) decoded slice's so far: a
     gradual fade that no single step's ratio shows."""
@@ -168,6 +183,8 @@ for z in (1.0, 1.5, 2.0, 3.0):
 for c in (0.65, 0.7, 0.75, 0.8, 0.85):
     CANDIDATES["faded < %.2f x walk's best" % c] = faded(c)
     CANDIDATES["faded < %.2f x walk's median" % c] = faded(c, "median")
+    for h in (0.6, 0.8):
+        CANDIDATES["faded < %.2f x median, area change >= %.1f" % (c, h)] = faded_holding(c, h)
 for c in (0.4, 0.5, 0.6):
     for d in (0.85, 0.9, 0.95, 1.0):
         CANDIDATES["drop area<%.1f, ratio<%.2f" % (c, d)] = drop(c, d)

@@ -13,6 +13,12 @@ the paint) and later steps apart, it prints the quantiles of both kinds, and for
 configured threshold the go-steps it stops and the stop-steps it lets through; for each data set
 apart, so a threshold can be chosen on some and checked on the others.
 
+Each row also holds the walk so far (Step.history: hist_areas, hist_scores, the paint first) and the
+mask's mean grey value against the paint's (grey_z, in the paint's standard deviations), so a rule on
+the walk's trend can be replayed on the CSV (benchmarks/replay_rules.py). With --rules the configured
+rules walk instead of the truth and every step is recorded up to the one that ended the walk, past
+the organ's end too (replay_rules.py --rules counts the slices a candidate would take away).
+
 With --ends, the walks run with the configured rules instead (as the product does) and every
 walk's end is set against the truth: per walk (each side of each organ's support), its last
 accepted slice against the organ's last labelled slice on that side (too far / right / too short,

@@ -52,27 +52,17 @@ def judge_step(step: Step, vc: VolumeConfig) -> str:
 
 
 def trend(step: Step, vc: VolumeConfig) -> str:
-    """The trend rules of a later step (config.VolumeConfig.taper_area_change, regrow_after,
-    fade_ratio, falling_ratio): "" or the reason, with the figures that ended the walk."""
+    """The trend rules of a later step (config.VolumeConfig.regrow_after, falling_ratio): "" or the
+    reason, with the figures that ended the walk."""
     if not step.history:
         return ""
-    prev_area, prev_score = step.history[-1]
-    change = step.area / prev_area if prev_area else 1.0
-    ratio = step.score / prev_score if prev_score else 1.0
-    if vc.taper_area_change > 0 and change < vc.taper_area_change and ratio < vc.taper_ratio:
-        return "tapered off (area %.2f, confidence %.2f of the previous slice's)" % (change, ratio)
     if vc.regrow_after > 0 and len(step.history) > 1:
         low = min(a for a, _ in step.history[1:])
         if low < vc.regrow_below * step.history[0][0] and step.area > vc.regrow_after * low:
             return "grew again after tapering (area %.1f x the walk's smallest)" % (step.area / max(low, 1))
     # The paint's own score (history[0]) is its self-similarity, not a decoded slice's: not counted.
-    walked = [c for _, c in step.history[1:]]
-    if vc.fade_ratio > 0 and walked:
-        typical = float(np.median(walked))
-        if step.score < vc.fade_ratio * typical:
-            return "faded (confidence %.2f of the walk's median %.2f)" % (step.score / typical, typical)
+    scores = [c for _, c in step.history[1:]] + [step.score]
     n = vc.falling_steps
-    scores = walked + [step.score]
     if vc.falling_ratio > 0 and n > 0 and len(scores) > n and all(
             scores[-k] < vc.falling_ratio * scores[-k - 1] for k in range(1, n + 1)):
         return "confidence falling (%s over the last %d slices)" % (
