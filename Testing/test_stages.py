@@ -1265,6 +1265,27 @@ def _squares(sizes, levels, n=None):
     return conf
 
 
+@pytest.mark.parametrize("sizes, levels, sudden, expected", [
+    # A ventricle ends at the valve plane: its full-size masks end on slice 4, where the walk finds a
+    # small look-alike (the atrium's edge) at 0.81 of its confidence: no single rule stops it.
+    ((20, 20, 20, 20, 8, 8), (0.9, 0.9, 0.9, 0.9, 0.6, 0.6), 0.0, [1, 2, 3, 4, 5]),
+    ((20, 20, 20, 20, 8, 8), (0.9, 0.9, 0.9, 0.9, 0.6, 0.6), 0.5, [1, 2, 3]),
+    # A taper shrinks as much on one step, but after steps that shrank too: the walk goes on to its tip.
+    ((20, 20, 16, 12, 6, 4), (0.9, 0.9, 0.9, 0.9, 0.75, 0.75), 0.5, [1, 2, 3, 4, 5]),
+    # The same sudden shrink with the confidence held (an organ's own narrow end): the walk goes on.
+    ((20, 20, 20, 20, 8, 8), (0.9, 0.9, 0.9, 0.9, 0.9, 0.9), 0.5, [1, 2, 3, 4, 5]),
+])
+def test_a_walk_whose_organ_ends_abruptly_stops_at_the_sudden_shrink(sizes, levels, sudden, expected):
+    """volume.sudden_area_change: a shrink under the limit right after a step that held its size,
+    with the confidence falling, ends the walk; a taper (shrinking step after step) does not."""
+    masks, records = _walk_up(_squares(sizes, levels), SynPoConfig().with_(volume={"sudden_area_change": sudden}))
+    assert sorted(masks) == expected
+    if expected == [1, 2, 3]:
+        end = next(r for r in records if r.index == 4)
+        assert end.status == "absent" and end.reason == \
+            "ended abruptly (area 0.13 of the previous slice's after 1.00; confidence 0.81)"
+
+
 @pytest.mark.parametrize("levels, falling, expected", [
     # The walk slides onto a similar neighbour whose confidence fades slice by slice: each step
     # passes the confidence-drop limit (0.7 of its neighbour), the trend does not.
@@ -1303,6 +1324,13 @@ def test_the_trend_rules_leave_the_first_step_alone_and_read_the_walks_history()
         "grew again after tapering (area 1.4")
     assert judge_step(step(False, 120, 0.8, [(300, 0.8), (200, 0.8), (100, 0.8)]), vc) == ""   # not 1.3 x
     assert judge_step(step(False, 140, 0.8, [(150, 0.8), (110, 0.8), (100, 0.8)]), vc) == ""   # never tapered
+    # sudden: under 0.5 x the previous mask right after a step that held (> 0.8 x), confidence < 0.95 x
+    sd = VolumeConfig(sudden_area_change=0.5)
+    assert judge_step(step(False, 40, 0.8, [(300, 0.9), (100, 0.9), (95, 0.9)]), sd).startswith("ended abruptly")
+    assert judge_step(step(False, 40, 0.8, [(300, 0.9), (150, 0.9), (95, 0.9)]), sd) == ""   # already shrinking
+    assert judge_step(step(False, 40, 0.87, [(300, 0.9), (100, 0.9), (95, 0.9)]), sd) == ""  # confidence held
+    assert judge_step(step(False, 50, 0.8, [(300, 0.9), (100, 0.9), (95, 0.9)]), sd) == ""   # 0.53 x: not under
+    assert judge_step(step(False, 40, 0.8, [(100, 0.9), (95, 0.9)]), sd) == ""               # the paint's step
 
 
 @pytest.mark.parametrize("regrow, expected", [(0.0, [1, 2, 3, 4, 5]), (1.3, [1, 2, 3])])

@@ -160,6 +160,18 @@ def faded(c: float, ref: str = "max") -> Callable:
     return rule
 
 
+def sudden(change: float, before: float, ratio: float = 9.0) -> Callable:
+    """An abrupt end: the mask shrinks under `change` x the previous one on this step after the
+    previous step held (its area change over `before`): a valve plane, not a taper (and the
+    confidence ratio under `ratio`)."""
+    def rule(r):
+        a = r["areas"]
+        if r["first"] or len(a) < 3:
+            return False
+        return r["area_change"] < change and a[-1] > before * a[-2] and r["ratio"] < ratio
+    return rule
+
+
 def none(r) -> bool:
     return False
 
@@ -191,6 +203,10 @@ for c in (0.4, 0.5, 0.6):
     for f in (0.2, 0.3):
         CANDIDATES["drop area<%.1f, frac<%.1f" % (c, f)] = drop(c, 9.0, f)
         CANDIDATES["drop area<%.1f, ratio<0.95, frac<%.1f" % (c, f)] = drop(c, 0.95, f)
+for c in (0.5, 0.6, 0.7):
+    for b in (0.8, 0.9):
+        CANDIDATES["sudden area<%.1f after >%.1f" % (c, b)] = sudden(c, b)
+        CANDIDATES["sudden area<%.1f after >%.1f, ratio<0.95" % (c, b)] = sudden(c, b, 0.95)
 for g in (1.1, 1.2, 1.3, 1.6, 2.0):
     for t in (0.3, 0.5, 0.7, 1.0):
         CANDIDATES["regrow > %.1f x low, low < %.1f paint" % (g, t)] = regrow(g, t)

@@ -52,10 +52,17 @@ def judge_step(step: Step, vc: VolumeConfig) -> str:
 
 
 def trend(step: Step, vc: VolumeConfig) -> str:
-    """The trend rules of a later step (config.VolumeConfig.regrow_after, falling_ratio): "" or the
-    reason, with the figures that ended the walk."""
+    """The trend rules of a later step (config.VolumeConfig.sudden_area_change, regrow_after,
+    falling_ratio): "" or the reason, with the figures that ended the walk."""
     if not step.history:
         return ""
+    areas = [a for a, _ in step.history]
+    if vc.sudden_area_change > 0 and len(areas) >= 3 and areas[-1] and areas[-2]:
+        change, held = step.area / areas[-1], areas[-1] / areas[-2]
+        ratio = step.score / step.history[-1][1] if step.history[-1][1] else 1.0
+        if change < vc.sudden_area_change and held > vc.sudden_after and ratio < vc.sudden_ratio:
+            return "ended abruptly (area %.2f of the previous slice's after %.2f; confidence %.2f)" % (
+                change, held, ratio)
     if vc.regrow_after > 0 and len(step.history) > 1:
         low = min(a for a, _ in step.history[1:])
         if low < vc.regrow_below * step.history[0][0] and step.area > vc.regrow_after * low:
