@@ -542,3 +542,41 @@ def test_changed_slices_counts_the_slices_an_update_changed():
     assert changed_slices(result(before), result(after)) == [0, 5]
     assert changed_slices(result(before), result(before)) == []
     assert changed_slices(result(before[:3]), result(after)) == []
+
+
+def test_replay_rules_ends_each_recorded_walk_where_a_candidate_first_fires(tmp_path):
+    """benchmarks/replay_rules.py on a hand-made walk_decisions CSV: one organ painted on slice 5,
+    walking up past its end onto an absent slice, and down along a tapering end."""
+    rr = _load_script("replay_rules")
+    fields = ["dataset", "volume", "label", "slice", "first", "truth", "dice", "organ_present", "score", "ratio",
+              "sam_iou", "overlap", "area_change", "area_frac", "rule", "hist_areas", "hist_scores", "grey_z",
+              "grey_sd_ratio"]
+
+    def row(t, first, truth, present, change, ratio, rule, hist):
+        return {"dataset": "d", "volume": "v", "label": 1, "slice": t, "first": first, "truth": truth, "dice": 0.9,
+                "organ_present": present, "score": 0.8, "ratio": ratio, "sam_iou": 0.9, "overlap": 0.9,
+                "area_change": change, "area_frac": 0.5, "rule": rule, "hist_areas": ";".join(["100"] * hist),
+                "hist_scores": ";".join(["0.9"] * hist), "grey_z": 0.0, "grey_sd_ratio": 1.0}
+    truth_steered = [row(6, True, "go", True, 1.0, 1.0, "go", 1), row(7, False, "go", True, 1.0, 1.0, "go", 2),
+                     row(8, False, "stop", False, 0.4, 0.85, "go", 3),          # past the end, let through
+                     row(4, True, "go", True, 1.0, 1.0, "go", 1), row(3, False, "go", True, 0.4, 0.85, "go", 2),
+                     row(2, False, "stop", False, 0.1, 0.9, "too small", 3)]    # the taper, then its end
+    path = tmp_path / "steps.csv"
+    with open(str(path), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(truth_steered)
+    walks = rr.load(str(path))
+    assert sorted((k[3], [r["slice"] for r in w]) for k, w in walks.items()) == [(-1, [4, 3, 2]), (1, [6, 7, 8])]
+    f = rr.replay(walks, rr.CANDIDATES["configured"])["d"]
+    assert (f["too far"], f["onto absent"], f["right"], f["too short"]) == (1, 1, 1, 0)
+    f = rr.replay(walks, rr.drop(0.5, 0.9))["d"]                               # shrank and lost confidence
+    assert (f["too far"], f["right"], f["too short"], f["slices short"], f["go stopped by it"]) == (0, 1, 1, 1, 1)
+    # the product's walks (--rules): the candidate takes the absent slice 8 away and the present slice 3
+    rules_walks = truth_steered[:3] + [row(9, False, "stop", False, 0.1, 0.9, "too small", 4)] + truth_steered[3:]
+    with open(str(path), "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rules_walks)
+    g = rr.replay_rules(rr.load(str(path)), rr.drop(0.5, 0.9))["d"]
+    assert (g["absent accepted"], g["absent removed"], g["present lost"], g["walks cut"]) == (1, 1, 1, 2)

@@ -1359,3 +1359,95 @@ def test_a_jump_onto_a_look_alike_beyond_the_tolerance_still_ends_the_walk(toler
     masks, records = _walk_up(conf, cfg)
     assert sorted(masks) == [1, 2]
     assert next(r for r in records if r.index == 3).reason == "left the previous mask"
+
+
+def _squares(sizes, levels, n=None):
+    """Confidence maps of a square target centred on (20, 20): slice t holds a sizes[t]-pixel square
+    at confidence levels[t] (size 0: nothing)."""
+    n = n or len(sizes)
+    conf = np.zeros((n, 40, 40), np.float32)
+    for t, (size, level) in enumerate(zip(sizes, levels)):
+        a = 20 - size // 2
+        conf[t, a:a + size, a:a + size] = level
+    return conf
+
+
+@pytest.mark.parametrize("sizes, levels, sudden, expected", [
+    # A ventricle ends at the valve plane: its full-size masks end on slice 4, where the walk finds a
+    # small look-alike (the atrium's edge) at 0.81 of its confidence: no single rule stops it.
+    ((20, 20, 20, 20, 8, 8), (0.9, 0.9, 0.9, 0.9, 0.6, 0.6), 0.0, [1, 2, 3, 4, 5]),
+    ((20, 20, 20, 20, 8, 8), (0.9, 0.9, 0.9, 0.9, 0.6, 0.6), 0.5, [1, 2, 3]),
+    # A taper shrinks as much on one step, but after steps that shrank too: the walk goes on to its tip.
+    ((20, 20, 16, 12, 6, 4), (0.9, 0.9, 0.9, 0.9, 0.75, 0.75), 0.5, [1, 2, 3, 4, 5]),
+    # The same sudden shrink with the confidence held (an organ's own narrow end): the walk goes on.
+    ((20, 20, 20, 20, 8, 8), (0.9, 0.9, 0.9, 0.9, 0.9, 0.9), 0.5, [1, 2, 3, 4, 5]),
+])
+def test_a_walk_whose_organ_ends_abruptly_stops_at_the_sudden_shrink(sizes, levels, sudden, expected):
+    """volume.sudden_area_change: a shrink under the limit right after a step that held its size,
+    with the confidence falling, ends the walk; a taper (shrinking step after step) does not."""
+    masks, records = _walk_up(_squares(sizes, levels), SynPoConfig().with_(volume={"sudden_area_change": sudden}))
+    assert sorted(masks) == expected
+    if expected == [1, 2, 3]:
+        end = next(r for r in records if r.index == 4)
+        assert end.status == "absent" and end.reason == \
+            "ended abruptly (area 0.13 of the previous slice's after 1.00; confidence 0.81)"
+
+
+@pytest.mark.parametrize("levels, falling, expected", [
+    # The walk slides onto a similar neighbour whose confidence fades slice by slice: each step
+    # passes the confidence-drop limit (0.7 of its neighbour), the trend does not.
+    ((0.95, 0.95, 0.84, 0.74, 0.65, 0.57), 0.0, [1, 2, 3, 4, 5]),
+    ((0.95, 0.95, 0.84, 0.74, 0.65, 0.57), 0.9, [1, 2]),
+    # One lower slice inside the organ (its confidence back on the next) is no trend.
+    ((0.95, 0.95, 0.84, 0.84, 0.95, 0.95), 0.9, [1, 2, 3, 4, 5]),
+    # An abrupt end stays where it is.
+    ((0.95, 0.95, 0.95, 0.0, 0.0, 0.0), 0.9, [1, 2]),
+])
+def test_a_walk_whose_confidence_keeps_falling_ends_where_the_trend_is_clear(levels, falling, expected):
+    """volume.falling_ratio: the confidence fell on each of the last falling_steps (2) steps."""
+    masks, records = _walk_up(_squares((20,) * 6, levels), SynPoConfig().with_(volume={"falling_ratio": falling}))
+    assert sorted(masks) == expected
+    if expected == [1, 2] and levels[3] > 0:
+        end = next(r for r in records if r.index == 3)
+        assert end.status == "absent" and end.reason == "confidence falling (0.88, 0.88 over the last 2 slices)"
+
+
+def test_the_trend_rules_leave_the_first_step_alone_and_read_the_walks_history():
+    from synpo.config import VolumeConfig
+    from synpo.walk_rules import Step, judge_step
+    vc = VolumeConfig(falling_ratio=0.9, regrow_after=1.3)
+    mask, prev = np.ones((4, 4), bool), np.ones((4, 4), bool)
+
+    def step(first, area, score, history):
+        return Step(1, 3, first, mask, area, prev, 1.0, score, history[-1][1], 0.9, 1.0, tuple(history))
+    # falling: the paint's self-similarity (history[0]) is not one of the steps counted
+    assert judge_step(step(False, 100, 0.72, [(100, 1.0), (100, 0.8)]), vc) == ""
+    assert judge_step(step(False, 100, 0.64, [(100, 1.0), (100, 0.9), (100, 0.8)]), vc) == \
+        "confidence falling (0.89, 0.80 over the last 2 slices)"
+    assert judge_step(step(True, 100, 0.64, [(100, 1.0), (100, 0.9), (100, 0.8)]), vc) == ""   # next to the paint
+    assert judge_step(step(False, 100, 0.75, [(100, 1.0), (100, 0.9), (100, 0.8)]), vc) == ""  # one fall only
+    # regrow: the walk's smallest mask (not the paint) under half the paint's area, then 1.3 x it
+    assert judge_step(step(False, 140, 0.8, [(300, 0.8), (200, 0.8), (100, 0.8)]), vc).startswith(
+        "grew again after tapering (area 1.4")
+    assert judge_step(step(False, 120, 0.8, [(300, 0.8), (200, 0.8), (100, 0.8)]), vc) == ""   # not 1.3 x
+    assert judge_step(step(False, 140, 0.8, [(150, 0.8), (110, 0.8), (100, 0.8)]), vc) == ""   # never tapered
+    # sudden: under 0.5 x the previous mask right after a step that held (> 0.8 x), confidence < 0.95 x
+    sd = VolumeConfig(sudden_area_change=0.5)
+    assert judge_step(step(False, 40, 0.8, [(300, 0.9), (100, 0.9), (95, 0.9)]), sd).startswith("ended abruptly")
+    assert judge_step(step(False, 40, 0.8, [(300, 0.9), (150, 0.9), (95, 0.9)]), sd) == ""   # already shrinking
+    assert judge_step(step(False, 40, 0.87, [(300, 0.9), (100, 0.9), (95, 0.9)]), sd) == ""  # confidence held
+    assert judge_step(step(False, 50, 0.8, [(300, 0.9), (100, 0.9), (95, 0.9)]), sd) == ""   # 0.53 x: not under
+    assert judge_step(step(False, 40, 0.8, [(100, 0.9), (95, 0.9)]), sd) == ""               # the paint's step
+
+
+@pytest.mark.parametrize("regrow, expected", [(0.0, [1, 2, 3, 4, 5]), (1.3, [1, 2, 3])])
+def test_a_walk_that_grows_again_after_its_organ_tapered_has_reached_a_neighbour(regrow, expected):
+    """volume.regrow_after: the organ tapers to a tip (slices 1-3); beyond it a touching neighbour of
+    the same look grows again slice by slice, each mask mostly inside the previous one."""
+    sizes = (20, 16, 12, 8, 10, 12, 14)
+    masks, records = _walk_up(_squares(sizes, (0.9,) * 7), SynPoConfig().with_(volume={"regrow_after": regrow,
+                                                                        "overlap_tolerance_mm": 0.0}))
+    assert sorted(masks) == expected
+    if regrow:
+        end = next(r for r in records if r.index == 4)
+        assert end.status == "absent" and end.reason.startswith("grew again after tapering (area 1.")

@@ -13,6 +13,12 @@ the paint) and later steps apart, it prints the quantiles of both kinds, and for
 configured threshold the go-steps it stops and the stop-steps it lets through; for each data set
 apart, so a threshold can be chosen on some and checked on the others.
 
+Each row also holds the walk so far (Step.history: hist_areas, hist_scores, the paint first) and the
+mask's mean grey value against the paint's (grey_z, in the paint's standard deviations), so a rule on
+the walk's trend can be replayed on the CSV (benchmarks/replay_rules.py). With --rules the configured
+rules walk instead of the truth and every step is recorded up to the one that ended the walk, past
+the organ's end too (replay_rules.py --rules counts the slices a candidate would take away).
+
 With --ends, the walks run with the configured rules instead (as the product does) and every
 walk's end is set against the truth: per walk (each side of each organ's support), its last
 accepted slice against the organ's last labelled slice on that side (too far / right / too short,
@@ -52,9 +58,12 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 class Recorder:
     """A judge (walk_rules.Judge) that records each step and answers from the ground truth."""
 
-    def __init__(self, gt: np.ndarray, cfg, dataset: str, volume: str, support_area: Dict[int, float]):
+    def __init__(self, gt: np.ndarray, cfg, dataset: str, volume: str, support_area: Dict[int, float],
+                 image: np.ndarray = None, support_grey: Dict[int, tuple] = None, rules: bool = False):
         self.gt, self.cfg, self.dataset, self.volume = gt, cfg, dataset, volume
+        self.rules = rules           # answer with the configured rules (the product's walks), not the truth
         self.support_area = support_area
+        self.image, self.support_grey = image, support_grey or {}   # grey values: mean, std under the paint
         self.rows: List[dict] = []
         self.lock = threading.Lock()
 
@@ -73,25 +82,40 @@ class Recorder:
                "sam_iou": step.sam_iou, "overlap": step.overlap if step.prev is not None else float("nan"),
                "area_change": step.area / prev_area if prev_area > 0 else float("nan"),
                "area_frac": step.area / max(1.0, self.support_area.get(step.label, 1.0)),
-               "rule": judge_step(step, vc) or "go"}
+               "rule": judge_step(step, vc) or "go",
+               # the walk so far (Step.history: the paint first, prev last), for trend rules
+               "hist_areas": ";".join(str(a) for a, _ in step.history),
+               "hist_scores": ";".join("%.4f" % c for _, c in step.history)}
+        if self.image is not None and step.label in self.support_grey and step.area:
+            mu, sd = self.support_grey[step.label]
+            v = self.image[step.index][step.mask]
+            row["grey_z"] = float((v.mean() - mu) / sd) if sd > 0 else float("nan")
+            row["grey_sd_ratio"] = float(v.std() / sd) if sd > 0 else float("nan")
+        else:
+            row["grey_z"] = row["grey_sd_ratio"] = float("nan")
         with self.lock:
             self.rows.append(row)
+        if self.rules:
+            return judge_step(step, vc)
         return "" if go else "past the organ"
 
 
-def record_volume(img_path: str, lab_path: str, dataset: str, models: Models, cfg, labels, cache) -> List[dict]:
+def record_volume(img_path: str, lab_path: str, dataset: str, models: Models, cfg, labels, cache,
+                  rules: bool = False) -> List[dict]:
     image, geom = read_volume(img_path)
     gt, _ = read_volume(lab_path, "label", label=True)
     present = [int(v) for v in np.unique(gt) if v != 0]
     wanted = [v for v in (labels or present) if v in present]
     support = np.zeros_like(gt)
-    areas = {}
+    areas, grey = {}, {}
     for v in wanted:
         s = support_slice(gt == v, 0.5)
         support[s][gt[s] == v] = v
         areas[v] = float((gt[s] == v).sum())
+        under = np.asarray(image[s][gt[s] == v], dtype=float)
+        grey[v] = (float(under.mean()), float(under.std()))
     run = VolumeRun(image, geom.spacing, support, models.sam, models.dino, cfg, None, models.confidence_from, 0, None)
-    run.judge = Recorder(gt, cfg, dataset, os.path.basename(img_path).split(".")[0], areas)
+    run.judge = Recorder(gt, cfg, dataset, os.path.basename(img_path).split(".")[0], areas, image, grey, rules)
     run.segment(None, None, {}, cache, None, False)
     return run.judge.rows
 
@@ -215,6 +239,9 @@ def main(argv=None) -> None:
     ap.add_argument("--ends", action="store_true",
                     help="the configured rules walk (not the truth); report every walk's end against the truth")
     ap.add_argument("--by-label", action="store_true", help="with --ends: the ends of each label apart too")
+    ap.add_argument("--rules", action="store_true",
+                    help="record the walks the configured rules make (every step, past the organ's end too), "
+                         "not the truth-steered ones (benchmarks/replay_rules.py --rules)")
     args = ap.parse_args(argv)
     if args.ends:
         return ends_main(args)
@@ -224,7 +251,7 @@ def main(argv=None) -> None:
     for folder in args.data:
         dataset = os.path.basename(os.path.normpath(folder))
         for img, lab in find_pairs(folder)[: args.limit]:
-            got = record_volume(img, lab, dataset, models, cfg, args.labels, args.embedding_cache)
+            got = record_volume(img, lab, dataset, models, cfg, args.labels, args.embedding_cache, args.rules)
             print("%s %s: %d steps" % (dataset, os.path.basename(img), len(got)), flush=True)
             rows += got
     for dataset in sorted({r["dataset"] for r in rows}):

@@ -139,11 +139,12 @@ class _Context:
 
     def decode(self, label: int, t: int, prev: Optional[np.ndarray], min_area: float,
                prev_score: Optional[float] = None, expected: Optional[np.ndarray] = None, first: bool = False,
-               tick: bool = True):
+               tick: bool = True, history=()):
         """Decode slice t next to `prev` (the neighbouring mask, None for a first slice) and judge
         whether the target is there (self.judge: walk_rules.judge_step); prev_score is the
         neighbouring mask's mean confidence; expected, the target's guessed shape (select_prompts);
-        first: prev is a painted slice; tick: count the slice as done (a walk's trial jump does not)."""
+        first: prev is a painted slice; tick: count the slice as done (a walk's trial jump does not);
+        history: (area, score) of the walk's accepted slices up to prev (walk_rules.Step.history)."""
         if self.cancel is not None and self.cancel():
             raise Cancelled("cancelled")
         vc = self.cfg.volume
@@ -155,7 +156,8 @@ class _Context:
         area = int(mask.sum())
         score = float(self.conf[t][mask].mean()) if area else 0.0
         overlap = float(np.logical_and(mask, self.near(prev)).sum() / area) if prev is not None and area else 0.0
-        reason = self.judge(Step(label, t, first, mask, area, prev, min_area, score, prev_score, sam_iou, overlap), vc)
+        reason = self.judge(Step(label, t, first, mask, area, prev, min_area, score, prev_score, sam_iou, overlap,
+                                tuple(history)), vc)
         rec = _record(label, t, "absent" if reason else "present", prompts, score, sam_iou, box)
         rec.overlap_prev, rec.reason = overlap, reason
         return (None if reason else mask), rec
@@ -170,6 +172,7 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
     slice by slice as without a stride."""
     prev, t = mask, start
     prev_score = float(ctx.conf[start][mask].mean()) if mask.any() else None
+    history = [(int(mask.sum()), prev_score if prev_score is not None else 0.0)]   # Step.history
     single_until = start                         # after a failed jump: single steps up to here
     past_held = False                            # past a held end (volume.correction_collision)
 
@@ -182,7 +185,8 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
         if (ctx.stride > 1 and (single_until - t) * step <= 0 and ahead(jump)
                 and not past_held and not any(u in ctx.absent or u in ctx.held for u in between)):
             ctx.prefetch([jump])
-            new, rec = ctx.decode(label, jump, prev, min_area, prev_score, first=painted and t == start, tick=False)
+            new, rec = ctx.decode(label, jump, prev, min_area, prev_score, first=painted and t == start, tick=False,
+                                  history=history)
             if new is not None:
                 for u, m in zip(between, interpolate_between(prev, new, ctx.stride - 1, ctx.spacing_rc)):
                     masks[u] = m
@@ -194,6 +198,7 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
                 ctx.tick()
                 masks[jump] = new
                 prev, prev_score, t = new, rec.score, jump
+                history.append((int(new.sum()), rec.score))
                 continue
             single_until = jump                  # the organ ends before `jump`: find where, slice by slice
         u = t + step
@@ -211,7 +216,7 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
             # Past a held end the first step away from the paint gets no looser limits: the previous
             # walk ended there (volume.correction_strict_past_end).
             loose = painted and t == start and not (past_held and ctx.cfg.volume.correction_strict_past_end)
-            new, rec = ctx.decode(label, u, prev, min_area, prev_score, first=loose)
+            new, rec = ctx.decode(label, u, prev, min_area, prev_score, first=loose, history=history)
             other = ctx.collides(label, u, new) if past_held and new is not None else 0
             if other:                            # past the previous end onto another label's voxels
                 new, rec.status, rec.reason = None, "absent", "past the previous end onto label %d" % other
@@ -223,7 +228,7 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
                 v = u + step
                 ctx.prefetch([v])
                 after, rec_after = ctx.decode(label, v, prev, min_area, prev_score, first=painted and t == start,
-                                              tick=False)
+                                              tick=False, history=history)
                 if after is not None:
                     mid = interpolate_between(prev, after, 1, ctx.spacing_rc)[0]
                     rec.status, rec.reason = "interpolated", "bridged (%s; the next slice goes on)" % rec.reason
@@ -233,6 +238,7 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
                         masks[w] = m
                     ctx.tick()
                     prev, prev_score, t = after, rec_after.score, v
+                    history.append((int(after.sum()), rec_after.score))
                     continue
         if new is not None and ctx.previous is not None and keep_previous(ctx, label, u, new, stop, step, masks,
                                                                           records):
@@ -252,6 +258,7 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
             return
         masks[u] = new
         prev, prev_score, t = new, rec.score, u
+        history.append((int(new.sum()), rec.score))
 
 
 def keep_previous(ctx: _Context, label: int, u: int, new: np.ndarray, stop: int, step: int,

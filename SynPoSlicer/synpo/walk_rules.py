@@ -6,7 +6,7 @@ look at, so an instrument (benchmarks/walk_decisions.py) can record the same fig
 step and compare the steps that continue the organ with the ones that leave it.
 """
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
@@ -27,6 +27,9 @@ class Step:
     prev_score: Optional[float]      # ... inside prev (on prev's slice)
     sam_iou: float                   # SAM's own predicted IoU of the mask
     overlap: float                   # fraction of mask inside prev
+    # The walk so far, (area, mean confidence) of each accepted slice from its start (the paint) to
+    # prev (last): the trend rules look at how the organ has been changing, not only at one step.
+    history: Tuple[Tuple[int, float], ...] = ()
 
 
 # judge(step, volume config) -> "" (the target goes on) or the reason it is judged absent.
@@ -44,4 +47,31 @@ def judge_step(step: Step, vc: VolumeConfig) -> str:
         (step.sam_iou < vc.min_sam_iou, "low SAM IoU"),
         (step.prev is not None and step.overlap < overlap, "left the previous mask"),
     ]
-    return next((why for failed, why in reasons if failed), "")
+    why = next((why for failed, why in reasons if failed), "")
+    return why or ("" if step.first else trend(step, vc))
+
+
+def trend(step: Step, vc: VolumeConfig) -> str:
+    """The trend rules of a later step (config.VolumeConfig.sudden_area_change, regrow_after,
+    falling_ratio): "" or the reason, with the figures that ended the walk."""
+    if not step.history:
+        return ""
+    areas = [a for a, _ in step.history]
+    if vc.sudden_area_change > 0 and len(areas) >= 3 and areas[-1] and areas[-2]:
+        change, held = step.area / areas[-1], areas[-1] / areas[-2]
+        ratio = step.score / step.history[-1][1] if step.history[-1][1] else 1.0
+        if change < vc.sudden_area_change and held > vc.sudden_after and ratio < vc.sudden_ratio:
+            return "ended abruptly (area %.2f of the previous slice's after %.2f; confidence %.2f)" % (
+                change, held, ratio)
+    if vc.regrow_after > 0 and len(step.history) > 1:
+        low = min(a for a, _ in step.history[1:])
+        if low < vc.regrow_below * step.history[0][0] and step.area > vc.regrow_after * low:
+            return "grew again after tapering (area %.1f x the walk's smallest)" % (step.area / max(low, 1))
+    # The paint's own score (history[0]) is its self-similarity, not a decoded slice's: not counted.
+    scores = [c for _, c in step.history[1:]] + [step.score]
+    n = vc.falling_steps
+    if vc.falling_ratio > 0 and n > 0 and len(scores) > n and all(
+            scores[-k] < vc.falling_ratio * scores[-k - 1] for k in range(1, n + 1)):
+        return "confidence falling (%s over the last %d slices)" % (
+            ", ".join("%.2f" % (scores[-k] / scores[-k - 1]) for k in range(n, 0, -1)), n)
+    return ""
