@@ -1451,3 +1451,18 @@ def test_a_walk_that_grows_again_after_its_organ_tapered_has_reached_a_neighbour
     if regrow:
         end = next(r for r in records if r.index == 4)
         assert end.status == "absent" and end.reason.startswith("grew again after tapering (area 1.")
+
+
+@pytest.mark.parametrize("min_size, expected", [(0.0, [1, 2, 3, 4, 5]), (0.25, [1, 2, 3])])
+def test_the_overlap_tolerance_is_not_given_past_a_tapering_end(min_size, expected):
+    """volume.overlap_tolerance_min_size: the organ tapers (20, 16, 12, 8 px squares); on slice 4 a
+    touching neighbour of the same look sits 4 px aside, half inside the last mask, all of it
+    within 2 mm of it. Once the mask has shrunk under the fraction of the paint, the overlap is
+    measured on the mask itself and the walk ends there."""
+    conf = _squares((20, 16, 12, 8, 0, 0), (0.9,) * 6)
+    conf[4:, 16:24, 20:28] = 0.9                                       # the neighbour, 4 px to the right
+    cfg = SynPoConfig().with_(volume={"overlap_tolerance_mm": 2.0, "overlap_tolerance_min_size": min_size})
+    masks, records = _walk_up(conf, cfg)
+    assert sorted(masks) == expected
+    if expected[-1] == 3:
+        assert next(r for r in records if r.index == 4).reason == "left the previous mask"

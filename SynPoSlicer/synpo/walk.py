@@ -119,11 +119,16 @@ class _Context:
         values, counts = np.unique(under, return_counts=True)
         return int(values[np.argmax(counts)])
 
-    def near(self, prev: np.ndarray) -> np.ndarray:
+    def near(self, prev: Optional[np.ndarray], start_area: int = 0) -> Optional[np.ndarray]:
         """`prev` grown by volume.overlap_tolerance_mm in plane (what "inside the previous mask"
-        means for the overlap rule)."""
-        tol = self.cfg.volume.overlap_tolerance_mm
-        if tol <= 0 or not prev.any():
+        means for the overlap rule); not grown where prev has shrunk under
+        volume.overlap_tolerance_min_size of the walk's start mask (`start_area` px): an organ's
+        tapering end, where a step onto a touching neighbour would hug the last mask."""
+        vc = self.cfg.volume
+        tol = vc.overlap_tolerance_mm
+        if prev is None or tol <= 0 or not prev.any():
+            return prev
+        if start_area and prev.sum() < vc.overlap_tolerance_min_size * start_area:
             return prev
         return ndimage.distance_transform_edt(~prev, sampling=self.spacing_rc) <= tol
 
@@ -155,7 +160,8 @@ class _Context:
             self.tick()
         area = int(mask.sum())
         score = float(self.conf[t][mask].mean()) if area else 0.0
-        overlap = float(np.logical_and(mask, self.near(prev)).sum() / area) if prev is not None and area else 0.0
+        near = self.near(prev, history[0][0] if history else 0)
+        overlap = float(np.logical_and(mask, near).sum() / area) if prev is not None and area else 0.0
         reason = self.judge(Step(label, t, first, mask, area, prev, min_area, score, prev_score, sam_iou, overlap,
                                 tuple(history)), vc)
         rec = _record(label, t, "absent" if reason else "present", prompts, score, sam_iou, box)
