@@ -478,7 +478,8 @@ def test_walk_ends_sets_each_walk_against_the_truth():
              SliceRecord(1, 10, "absent", reason="left the previous mask"), SliceRecord(1, 11, "not reached"),
              SliceRecord(1, 3, "absent", reason="too small")]                                # one too short
     recs += [SliceRecord(1, t, "not reached") for t in (0, 1, 2)]
-    rows = {r["step"]: r for r in wd.walk_ends(recs, gt, 1, SynPoConfig())}
+    cfg = SynPoConfig().with_(volume={"min_sam_iou": 0.5})                                # the margins below use it
+    rows = {r["step"]: r for r in wd.walk_ends(recs, gt, 1, cfg)}
     assert (rows[-1]["last"], rows[-1]["truth_last"], rows[-1]["error"], rows[-1]["stopped_by"]) == (4, 3, -1, "too small")
     assert (rows[1]["last"], rows[1]["truth_last"], rows[1]["error"]) == (9, 8, 1)
     assert rows[1]["stopped_by"] == "left the previous mask"
