@@ -5,6 +5,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from .decode import iou
 from .interpolate import between as interpolate_between
 from .result import SliceRecord
 from .slice_confidence import SliceConfidence
@@ -82,16 +83,11 @@ def choose_by_paint(s1: int, s2: int, up: Dict[int, np.ndarray], down: Dict[int,
         a, b = up.get(t), down.get(t)
         if a is not None and b is not None:
             ref = shapes[t - s1 - 1]
-            ia, ib = _iou(a, ref), _iou(b, ref)
+            ia, ib = iou(a, ref), iou(b, ref)
             out[t] = nearer if ia == ib else (s1 if ia > ib else s2)
         else:
             out[t] = s1 if a is not None else s2 if b is not None else nearer
     return out
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
 def split_gap(s1: int, s2: int, up: Dict[int, np.ndarray], down: Dict[int, np.ndarray]) -> int:
