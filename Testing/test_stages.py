@@ -1212,6 +1212,57 @@ def test_a_held_end_made_soft_lets_a_correction_extend_the_organ_but_not_onto_an
         assert [(r.index, r.status, r.reason) for r in records if r.index == last[0]] == [last]
 
 
+def test_the_search_region_widens_while_the_walk_grows():
+    """volume.search_min_px_growing: the next slice's search region (the previous mask's box grown
+    by search_margin, at least search_min_px) takes at least this margin while the walk's masks grow,
+    so a target growing by more than search_min_px a side is not cut at the box; the first step
+    (no trend yet) and a shrinking step keep the ordinary margin."""
+    from synpo.volume import _Context, _walk
+    got = {}
+    for margin in (0, 8):
+        conf = np.zeros((6, 60, 60), np.float32)
+        for t, n in {1: 16, 2: 20, 3: 28, 4: 36, 5: 30}.items():      # grows 8 px a side, then shrinks
+            conf[t, 10:10 + n, 10:10 + n] = 0.9
+        cfg = SynPoConfig().with_(volume={"search_min_px_growing": margin})
+        store = _Store(Frame.fit(60, 60, (1.0, 1.0), 60))
+        store.ensure(range(6))
+        ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None, lambda k=1: None)
+        masks, records = {}, []
+        _walk(ctx, 1, 1, conf[1] > 0.5, 6, +1, 10.0, masks, records)
+        got[margin] = (masks, conf)
+    (off, conf), (on, _) = got[0], got[8]
+    assert (off[2] == on[2]).all()                           # the first step: no trend, the same region
+    for t in (3, 4):                                         # growing: cut at 4 px, whole at 8
+        assert not off[t][conf[t] > 0.5].all() and on[t][conf[t] > 0.5].all()
+    assert on[5].sum() < on[4].sum()                         # shrinking again: the walk follows it
+
+
+@pytest.mark.parametrize("growth, expected, last", [
+    (0.0, [2, 3, 4, 5, 6, 7], None),                                           # off: it goes on
+    (1.0, [2, 3, 4, 5], (6, "absent", "past the previous end, growing (area 1.49 of the previous slice's)")),
+    (1.5, [2, 3, 4, 5, 6, 7], None),                                           # 1.49 and 1.29: under the limit
+])
+def test_past_a_held_end_a_correction_walk_ends_where_its_mask_grows(growth, expected, last):
+    """volume.correction_past_end_growth: past the previous run's end an organ tapers; a correction's
+    mask that grows beyond `growth` x the previous slice's there ends the walk (before the held end,
+    slices 2-4, the same growth is let through)."""
+    from synpo.volume import _Context, _walk
+    conf = np.zeros((8, 60, 60), np.float32)
+    sides = {1: 16, 2: 16, 3: 20, 4: 20, 5: 16, 6: 20, 7: 23}  # grows at 3 (before the end) and at 6, 7
+    for t, n in sides.items():
+        conf[t, 10:10 + n, 10:10 + n] = 0.9
+    cfg = SynPoConfig().with_(volume={"correction_past_end_growth": growth, "sudden_area_change": 0.0})
+    store = _Store(Frame.fit(60, 60, (1.0, 1.0), 60))
+    store.ensure(range(8))
+    ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None,
+                   lambda k=1: None, held=(5,), others=np.zeros((8, 60, 60), np.uint8))
+    masks, records = {}, []
+    _walk(ctx, 1, 1, conf[1] > 0.5, 8, +1, 10.0, masks, records)
+    assert sorted(masks) == expected
+    if last is not None:
+        assert [(r.index, r.status, r.reason) for r in records if r.index == last[0]] == [last]
+
+
 @pytest.mark.parametrize("strict, held, expected", [
     (True, (2,), [], ),                  # the paint was the previous end: ordinary limits, the drop ends it
     (False, (2,), [2, 3, 4, 5]),         # the first step's looser limits let it on

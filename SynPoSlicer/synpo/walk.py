@@ -153,7 +153,11 @@ class _Context:
         if self.cancel is not None and self.cancel():
             raise Cancelled("cancelled")
         vc = self.cfg.volume
-        region = _search_region(prev, vc.search_margin, vc.search_min_px) if prev is not None else None
+        # While the walk's masks grow (the last accepted mask larger than the one before it), the
+        # search region's margin is at least volume.search_min_px_growing (0: the same as otherwise).
+        growing = len(history) >= 2 and history[-1][0] > history[-2][0] and vc.search_min_px_growing > 0
+        min_px = vc.search_min_px_growing if growing else vc.search_min_px
+        region = _search_region(prev, vc.search_margin, min_px) if prev is not None else None
         mask, sam_iou, box, prompts = decode_prompted(self.sam, self.embeds, t, self.conf[t], self.cfg, region,
                                                       expected, self.gate_range, self.timings, prev)
         if tick:
@@ -226,6 +230,15 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
             other = ctx.collides(label, u, new) if past_held and new is not None else 0
             if other:                            # past the previous end onto another label's voxels
                 new, rec.status, rec.reason = None, "absent", "past the previous end onto label %d" % other
+            grow = ctx.cfg.volume.correction_past_end_growth
+            if (past_held and new is not None and grow > 0 and not (painted and t == start)
+                    and new.sum() > grow * prev.sum()):
+                # Past where the previous run found the organ's end, an organ tapers; a mask that grows
+                # there has left it (CHAOS image_2: a liver correction walked on into the heart). Not
+                # the first step from a paint: a decoded mask is compared with decoded masks only.
+                rec.reason = "past the previous end, growing (area %.2f of the previous slice's)" % (
+                    new.sum() / prev.sum())
+                new, rec.status = None, "absent"
             look = ctx.cfg.volume.look_ahead
             if (new is None and (look == "any" or (look == "jump" and rec.reason == "left the previous mask"))
                     and ahead(u + step) and not ctx.hard_end(u + step) and not past_held):
