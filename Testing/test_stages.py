@@ -1213,24 +1213,27 @@ def test_a_held_end_made_soft_lets_a_correction_extend_the_organ_but_not_onto_an
 
 
 def test_the_search_region_widens_while_the_walk_grows():
-    """volume.search_min_px_growing: the next slice's search region (the previous mask's box grown
-    by search_margin, at least search_min_px) takes at least this margin while the walk's masks grow,
-    so a target growing by more than search_min_px a side is not cut at the box; the first step
-    (no trend yet) and a shrinking step keep the ordinary margin."""
+    """volume.search_growing_slices: the next slice's search region (the previous mask's box grown
+    by search_margin, at least search_min_px) takes at least this many slice distances (in plane)
+    while the walk's masks grow, so a target growing by more than search_min_px a side is not cut at
+    the box; the first step (no trend yet) and a shrinking step keep the ordinary margin."""
     from synpo.volume import _Context, _walk
     got = {}
-    for margin in (0, 8):
+    for margin in (0.0, 1.6):                                # x 5 mm slices / 1 mm pixels: 8 px
         conf = np.zeros((6, 60, 60), np.float32)
         for t, n in {1: 16, 2: 20, 3: 28, 4: 36, 5: 30}.items():      # grows 8 px a side, then shrinks
             conf[t, 10:10 + n, 10:10 + n] = 0.9
-        cfg = SynPoConfig().with_(volume={"search_min_px_growing": margin})
+        cfg = SynPoConfig().with_(volume={"search_growing_slices": margin})
         store = _Store(Frame.fit(60, 60, (1.0, 1.0), 60))
         store.ensure(range(6))
-        ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None, lambda k=1: None)
+        ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None, lambda k=1: None,
+                       slice_mm=5.0)
+        assert ctx.search_min_px([(10, 0.9), (20, 0.9)]) == (8 if margin else 4)
+        assert ctx.search_min_px([(20, 0.9), (10, 0.9)]) == ctx.search_min_px([(20, 0.9)]) == 4
         masks, records = {}, []
         _walk(ctx, 1, 1, conf[1] > 0.5, 6, +1, 10.0, masks, records)
         got[margin] = (masks, conf)
-    (off, conf), (on, _) = got[0], got[8]
+    (off, conf), (on, _) = got[0.0], got[1.6]
     assert (off[2] == on[2]).all()                           # the first step: no trend, the same region
     for t in (3, 4):                                         # growing: cut at 4 px, whole at 8
         assert not off[t][conf[t] > 0.5].all() and on[t][conf[t] > 0.5].all()

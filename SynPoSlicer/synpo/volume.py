@@ -144,7 +144,8 @@ class VolumeRun:
             raise InputError("the support image's slices are %dx%d but the image's are %dx%d; resample one onto "
                              "the other's in-plane grid" % (self.ref.shape[1], self.ref.shape[2], self.H, self.W))
         self.spacing_rc = in_plane_spacing(spacing_ijk, axis)
-        self.stride = walk_stride(cfg.volume.walk_spacing_mm, slice_spacing(spacing_ijk, axis))
+        self.slice_mm = slice_spacing(spacing_ijk, axis)
+        self.stride = walk_stride(cfg.volume.walk_spacing_mm, self.slice_mm)
         # Only the painted slices of the support are needed, not a copy of its volume.
         self.paint = {s: np.array(to_slices(support_label, axis)[s])
                       for s in sorted({s for v in support.slices.values() for s in v})}
@@ -257,7 +258,7 @@ class VolumeRun:
                             self.stride, self.spacing_rc, held, previous,
                             self.previous_all if held else None,
                             [e for e in held if abs(e - idx[0]) == 1] if self.cfg.volume.correction_hard_next else (),
-                            self.previous_reach if label not in self.rings else None)
+                            self.previous_reach if label not in self.rings else None, self.slice_mm)
 
         def min_area(masks):
             return self.cfg.volume.min_area_fraction * float(np.mean([m.sum() for m in masks]))

@@ -80,10 +80,11 @@ class _Context:
                  on_slice: Optional[SliceReport] = None, absent: Sequence[int] = (), judge: Judge = judge_step,
                  stride: int = 1, spacing_rc=(1.0, 1.0), held: Sequence[int] = (), previous=None,
                  others: Optional[np.ndarray] = None, hard_held: Sequence[int] = (),
-                 reach: Optional[np.ndarray] = None):
+                 reach: Optional[np.ndarray] = None, slice_mm: float = 0.0):
         self.sam, self.embeds, self.conf, self.cfg = sam, embeds, conf, cfg
         self.judge = judge
         self.stride, self.spacing_rc = stride, spacing_rc   # walk every stride-th slice (thin slices)
+        self.slice_mm = slice_mm                 # the distance between neighbouring slices (0: unknown)
         self.timings, self.cancel, self.tick = timings, cancel, tick
         self.gate_range = gate_range             # the target's grey-value range (gate.py), or None
         self.on_slice = on_slice
@@ -101,6 +102,19 @@ class _Context:
         # (volume.correction_keeps_reach): a walk beyond the outermost support that ends where the
         # previous run still found the label keeps the previous masks from there (keep_reach).
         self.reach = reach
+
+    def search_min_px(self, history=()) -> int:
+        """The search region's least margin (pixels) for the next slice: volume.search_min_px, and
+        while the walk's masks grow (the last accepted mask larger than the one before it) at least
+        volume.search_growing_slices x the distance to the next slice, in plane (a boundary inclined
+        at 50 degrees to the slices moves in plane by 1.2 x the slice distance from one slice to the
+        next: a growing organ is not cut at the previous mask's box)."""
+        vc = self.cfg.volume
+        growing = len(history) >= 2 and history[-1][0] > history[-2][0]
+        if not growing or vc.search_growing_slices <= 0 or self.slice_mm <= 0:
+            return vc.search_min_px
+        pixel = float(np.mean(self.spacing_rc)) or 1.0
+        return max(vc.search_min_px, int(round(vc.search_growing_slices * self.slice_mm / pixel)))
 
     def hard_end(self, u: int) -> bool:
         """Slice u ends every walk of this context without decoding (marked absent, or a held end)."""
@@ -153,11 +167,8 @@ class _Context:
         if self.cancel is not None and self.cancel():
             raise Cancelled("cancelled")
         vc = self.cfg.volume
-        # While the walk's masks grow (the last accepted mask larger than the one before it), the
-        # search region's margin is at least volume.search_min_px_growing (0: the same as otherwise).
-        growing = len(history) >= 2 and history[-1][0] > history[-2][0] and vc.search_min_px_growing > 0
-        min_px = vc.search_min_px_growing if growing else vc.search_min_px
-        region = _search_region(prev, vc.search_margin, min_px) if prev is not None else None
+        region = (_search_region(prev, vc.search_margin, self.search_min_px(history)) if prev is not None
+                  else None)
         mask, sam_iou, box, prompts = decode_prompted(self.sam, self.embeds, t, self.conf[t], self.cfg, region,
                                                       expected, self.gate_range, self.timings, prev)
         if tick:
