@@ -1230,6 +1230,7 @@ def test_the_search_region_widens_while_the_walk_grows():
                        slice_mm=5.0)
         assert ctx.search_min_px([(10, 0.9), (20, 0.9)]) == (8 if margin else 4)
         assert ctx.search_min_px([(20, 0.9), (10, 0.9)]) == ctx.search_min_px([(20, 0.9)]) == 4
+        assert ctx.search_min_px([(20, 0.9), (19, 0.9)]) == (8 if margin else 4)   # holding counts (0.9)
         masks, records = {}, []
         _walk(ctx, 1, 1, conf[1] > 0.5, 6, +1, 10.0, masks, records)
         got[margin] = (masks, conf)

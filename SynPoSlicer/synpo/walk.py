@@ -110,7 +110,7 @@ class _Context:
         at 50 degrees to the slices moves in plane by 1.2 x the slice distance from one slice to the
         next: a growing organ is not cut at the previous mask's box)."""
         vc = self.cfg.volume
-        growing = len(history) >= 2 and history[-1][0] > history[-2][0]
+        growing = len(history) >= 2 and history[-1][0] > vc.search_growing_ratio * history[-2][0]
         if not growing or vc.search_growing_slices <= 0 or self.slice_mm <= 0:
             return vc.search_min_px
         pixel = float(np.mean(self.spacing_rc)) or 1.0
