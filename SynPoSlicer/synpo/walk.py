@@ -105,10 +105,10 @@ class _Context:
 
     def search_min_px(self, history=()) -> int:
         """The search region's least margin (pixels) for the next slice: volume.search_min_px, and
-        while the walk's masks grow (the last accepted mask larger than the one before it) at least
-        volume.search_growing_slices x the distance to the next slice, in plane (a boundary inclined
-        at 50 degrees to the slices moves in plane by 1.2 x the slice distance from one slice to the
-        next: a growing organ is not cut at the previous mask's box)."""
+        while the walk's masks grow or hold (the last accepted mask over volume.search_growing_ratio
+        x the one before it) at least volume.search_growing_slices x the distance between neighbouring
+        slices, in plane (a boundary inclined at 58 degrees to the slices moves in plane by 1.6 x that
+        distance from one slice to the next: a growing organ is not cut at the previous mask's box)."""
         vc = self.cfg.volume
         growing = len(history) >= 2 and history[-1][0] > vc.search_growing_ratio * history[-2][0]
         if not growing or vc.search_growing_slices <= 0 or self.slice_mm <= 0:
@@ -242,14 +242,13 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
             if other:                            # past the previous end onto another label's voxels
                 new, rec.status, rec.reason = None, "absent", "past the previous end onto label %d" % other
             grow = ctx.cfg.volume.correction_past_end_growth
-            if (past_held and new is not None and grow > 0 and not (painted and t == start)
-                    and new.sum() > grow * prev.sum()):
+            change = new.sum() / prev.sum() if past_held and new is not None and grow > 0 else 0.0
+            if change > grow and not (painted and t == start):
                 # Past where the previous run found the organ's end, an organ tapers; a mask that grows
                 # there has left it (CHAOS image_2: a liver correction walked on into the heart). Not
                 # the first step from a paint: a decoded mask is compared with decoded masks only.
-                rec.reason = "past the previous end, growing (area %.2f of the previous slice's)" % (
-                    new.sum() / prev.sum())
                 new, rec.status = None, "absent"
+                rec.reason = "past the previous end, growing (area %.2f of the previous slice's)" % change
             look = ctx.cfg.volume.look_ahead
             if (new is None and (look == "any" or (look == "jump" and rec.reason == "left the previous mask"))
                     and ahead(u + step) and not ctx.hard_end(u + step) and not past_held):
