@@ -90,6 +90,11 @@ def test_overrides_parse():
     assert configured([]) == SynPoConfig()
     with pytest.raises(SynPoError, match="top_k must be >= 1"):       # overrides are validated
         configured(["prompts.top_k=0"])
+    for bad, says in (("volume.search_growing_slices=-1", "search_growing_slices must be >= 0"),
+                      ("volume.search_growing_ratio=0", "search_growing_ratio must be > 0"),
+                      ("volume.correction_past_end_growth=-0.5", "correction_past_end_growth must be >= 0")):
+        with pytest.raises(SynPoError, match=says):
+            configured([bad])
 
 
 def test_evaluate_writes_tables_and_plot(tiny_dataset, tmp_path, capsys):
