@@ -132,6 +132,18 @@ def regrow(grow: float, tapered: float) -> Callable:
     return rule
 
 
+def taper_overlap(limit: float, below: float, grow: float = 0.0) -> Callable:
+    """Past the widest slice (the last accepted mask under `below` x the walk's largest) less than
+    `limit` of the mask inside the previous one (grown as for the overlap rule), and (grow > 0) the
+    mask over `grow` x the previous one: an organ past its widest slice lies within its previous
+    outline (CHAOS image_5's liver walking into the heart: area 1.23 x, 0.79 inside)."""
+    def rule(r):
+        a = r["areas"]
+        return (not r["first"] and len(a) >= 2 and a[-1] < below * max(a) and r["overlap"] < limit
+                and r["area_change"] > grow)
+    return rule
+
+
 def drop(change: float, ratio: float, frac: float = 1e9) -> Callable:
     """One step's sharp shrink with a confidence fall: area change under `change`, confidence ratio
     under `ratio` (and the mask under `frac` x the paint's area)."""
@@ -207,6 +219,11 @@ for c in (0.5, 0.6, 0.7):
     for b in (0.8, 0.9):
         CANDIDATES["sudden area<%.1f after >%.1f" % (c, b)] = sudden(c, b)
         CANDIDATES["sudden area<%.1f after >%.1f, ratio<0.95" % (c, b)] = sudden(c, b, 0.95)
+for o in (0.8, 0.85, 0.9):
+    for b in (0.8, 0.6, 0.4):
+        CANDIDATES["taper overlap < %.2f, last < %.1f x largest" % (o, b)] = taper_overlap(o, b)
+        for g in (1.1, 1.2):
+            CANDIDATES["taper overlap < %.2f, last < %.1f x largest, grows > %.1f" % (o, b, g)] = taper_overlap(o, b, g)
 for g in (1.1, 1.2, 1.3, 1.6, 2.0):
     for t in (0.3, 0.5, 0.7, 1.0):
         CANDIDATES["regrow > %.1f x low, low < %.1f paint" % (g, t)] = regrow(g, t)
