@@ -586,3 +586,19 @@ def test_replay_rules_ends_each_recorded_walk_where_a_candidate_first_fires(tmp_
         writer.writerows(rules_walks)
     g = rr.replay_rules(rr.load(str(path)), rr.drop(0.5, 0.9))["d"]
     assert (g["absent accepted"], g["absent removed"], g["present lost"], g["walks cut"]) == (1, 1, 1, 2)
+
+
+def test_kidney_sinus_finds_the_slices_whose_truth_encloses_a_hole():
+    """benchmarks/kidney_sinus.py: the kidney slices painted through the hilum (a hole of at least 0.1
+    of the filled outline), and not a slice whose hole is smaller or open."""
+    sinus = _load_script("kidney_sinus")
+    yy, xx = np.mgrid[:40, :40]
+    r = np.hypot(yy - 20, xx - 20)
+    gt = np.zeros((4, 40, 40), np.uint8)
+    gt[0][(r <= 10) & (r > 4.5)] = 2          # hole 0.2 of the outline: found
+    gt[1][(r <= 10) & (r > 2.5)] = 2          # hole 0.06: not
+    gt[2][(r <= 10) & (r > 4.5) & ~((xx > 20) & (abs(yy - 20) < 2))] = 3   # opened: no enclosed hole
+    gt[3][(r <= 10) & (r > 4.5)] = 3
+    found = list(sinus.sinus_slices(gt))
+    assert [(lab, k) for lab, k, _ in found] == [(2, 0), (3, 3)]
+    assert all(0.15 < hole < 0.25 for _, _, hole in found)
