@@ -16,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "SynPoSlicer"))
 from synpo.io import read_volume  # noqa: E402
-from synpo.decode import fill_holes  # noqa: E402
+from synpo.rings import ring_parts  # noqa: E402
 from synpo.session import Session, Models  # noqa: E402
 from synpo.features import load_models  # noqa: E402
 from synpo.config import SynPoConfig  # noqa: E402
@@ -29,12 +29,9 @@ def sinus_slices(gt: np.ndarray, labels=(2, 3), min_hole: float = 0.1):
     for lab in labels:
         for k in range(gt.shape[0]):
             m = gt[k] == lab
-            if m.sum() < 20:
-                continue
-            filled = fill_holes(m)
-            hole = float((filled & ~m).sum() / filled.sum())
-            if hole >= min_hole:
-                yield lab, k, hole
+            parts = ring_parts([m], min_hole) if m.sum() >= 20 else None   # the run's own ring test
+            if parts is not None:
+                yield lab, k, float(parts[1][0].sum() / parts[0][0].sum())
 
 
 def main(argv):
