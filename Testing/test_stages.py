@@ -1368,6 +1368,39 @@ def test_a_rerun_walk_towards_the_end_keeps_the_previous_reach(case, reach, expe
         assert kept[1:] == [(5, "present", "previous kept"), (6, "not reached", "")]
 
 
+@pytest.mark.parametrize("case, grow", [("end", 0.0), ("end", 2.0), ("under", 2.0)])
+def test_a_rerun_walk_past_a_paint_does_not_outgrow_the_previous_masks(case, grow):
+    """volume.correction_outgrows_previous (walk.keep_reach): a re-run's walk from a paint towards
+    the volume's end whose mask on a slice is over that many times the previous run's mask of the
+    label there, times what the paint outgrew the previous mask on its own slice, keeps the previous
+    masks from that slice to the previous end (a ventricle painted on its last slice: the paint's
+    size walked on past the valve plane). Off (0), the walk goes on; and it goes on where the
+    previous run was as small on the paint's slice ("under": an organ it under-segmented throughout)."""
+    from synpo.volume import _Context, _walk
+    conf = np.zeros((8, 40, 40), np.float32)
+    conf[:6, 10:30, 10:30] = 0.9                             # a 20 x 20 look-alike on slices 0-5
+    previous = np.zeros((8, 40, 40), np.uint8)
+    previous[1:3, 10:30, 10:30] = 1 if case == "end" else 0
+    previous[1:6, 15:25, 15:25] = 1                          # the previous run: 10 x 10 on slices 3-5
+    store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
+    store.ensure(range(8))
+    cfg = SynPoConfig().with_(volume={"correction_outgrows_previous": grow})
+    ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None,
+                   lambda k=1: None, reach=previous)
+    masks, records = {}, []
+    _walk(ctx, 1, 1, conf[1] > 0.5, 8, +1, 10.0, masks, records)       # the paint: 20 x 20 on slice 1
+    assert sorted(masks) == [2, 3, 4, 5]
+    assert sorted(r.index for r in records) == list(range(2, 8))          # every slice once
+    reasons = {r.index: r.reason for r in records}
+    if case == "end" and grow:
+        assert masks[2].sum() >= 400                                      # as large as before: decoded
+        assert all(np.array_equal(masks[t], previous[t] == 1) for t in (3, 4, 5))
+        assert reasons[3] == "previous kept (%.1f x the previous mask, the paint 1.0 x)" % (masks[2].sum() / 100.0)
+        assert reasons[4] == "previous kept"
+    else:
+        assert all(masks[t].sum() >= 400 for t in (2, 3, 4, 5)) and not reasons[3]
+
+
 def test_a_gap_slice_goes_to_the_walk_closer_to_the_shape_between_the_two_paints():
     """ownership.choose_by_paint (volume.gap_choice "paint_shape"): between supports 0 and 6 each
     slice goes to the walk whose mask overlaps the shape interpolated between the paints more; a

@@ -195,6 +195,11 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
     prev_score = float(ctx.conf[start][mask].mean()) if mask.any() else None
     history = [(int(mask.sum()), prev_score if prev_score is not None else 0.0)]   # Step.history
     single_until = start                         # after a failed jump: single steps up to here
+    # How much larger the paint is than the previous run's mask of the label on the paint's slice
+    # (keep_reach's volume.correction_outgrows_previous: a walk may outgrow the previous masks by
+    # as much as the paint outgrew them; inf where the previous run had nothing there).
+    before = int((ctx.reach[start] == label).sum()) if ctx.reach is not None and painted else 0
+    outgrown = max(1.0, mask.sum() / before) if before else float("inf")
     past_held = False                            # past a held end (volume.correction_collision)
 
     def ahead(u: int) -> bool:                   # u lies before the end of this walk's range
@@ -273,7 +278,7 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
                                                                           records):
             return
         if (ctx.reach is not None and not past_held and not ctx.hard_end(u) and stop in (-1, len(ctx.reach))
-                and keep_reach(ctx, label, u, new, prev, stop, step, masks, records, rec)):
+                and keep_reach(ctx, label, u, new, prev, stop, step, masks, records, rec, outgrown)):
             return
         records.append(rec)
         ctx.report(rec, new)
@@ -328,10 +333,13 @@ def keep_previous(ctx: _Context, label: int, u: int, new: np.ndarray, stop: int,
 
 
 def keep_reach(ctx: _Context, label: int, u: int, new: Optional[np.ndarray], prev: np.ndarray, stop: int,
-               step: int, masks: Dict[int, np.ndarray], records: List[SliceRecord], rec: SliceRecord) -> bool:
+               step: int, masks: Dict[int, np.ndarray], records: List[SliceRecord], rec: SliceRecord,
+               outgrown: float = float("inf")) -> bool:
     """A re-run's walk towards the volume's end judged the label absent on slice u (new None, rec
     says why), or its mask there lies on another label's previous voxels (more than
-    volume.correction_collision of it), where the previous run found the label, its mask there
+    volume.correction_collision of it) or is over volume.correction_outgrows_previous x `outgrown` x
+    the previous run's mask of the label there (when > 0; `outgrown`: the paint's area over the
+    previous run's mask on the paint's slice, at least 1), where the previous run found the label, its mask there
     continuing the walk's (overlap with it >= volume.min_overlap_first of its area): the previous
     masks stand from u on, as far as the previous run found the label (and no mark or held end
     stops it): a correction does not take back an accepted reach (volume.correction_keeps_reach).
@@ -345,10 +353,19 @@ def keep_reach(ctx: _Context, label: int, u: int, new: Optional[np.ndarray], pre
     if new is not None:
         under = stack[u][new]
         under = under[(under != 0) & (under != label)]
-        if not new.any() or len(under) <= ctx.cfg.volume.correction_collision * new.sum():
+        grow = ctx.cfg.volume.correction_outgrows_previous
+        if new.any() and len(under) > ctx.cfg.volume.correction_collision * new.sum():
+            values, counts = np.unique(under, return_counts=True)
+            why = "onto label %d" % int(values[np.argmax(counts)])
+        elif grow > 0 and new.sum() > grow * outgrown * area:
+            # The walk from a paint carries the paint's size onto a slice where the previous run's
+            # mask was far smaller, by more than the paint corrected the previous run on its own slice:
+            # near an organ's end (a ventricle at its base) that is the paint's shape walked past the
+            # organ; an organ the previous run under-segmented throughout grows by about the paint's
+            # own factor (volume.correction_outgrows_previous).
+            why = "%.1f x the previous mask, the paint %.1f x" % (new.sum() / area, outgrown)
+        else:
             return False
-        values, counts = np.unique(under, return_counts=True)
-        why = "onto label %d" % int(values[np.argmax(counts)])
     first = u
     while (stop - u) * step > 0 and not ctx.hard_end(u) and u not in ctx.held:
         old = stack[u] == label
