@@ -1368,14 +1368,16 @@ def test_a_rerun_walk_towards_the_end_keeps_the_previous_reach(case, reach, expe
         assert kept[1:] == [(5, "present", "previous kept"), (6, "not reached", "")]
 
 
-@pytest.mark.parametrize("case, grow", [("end", 0.0), ("end", 2.0), ("under", 2.0)])
-def test_a_rerun_walk_past_a_paint_does_not_outgrow_the_previous_masks(case, grow):
+@pytest.mark.parametrize("case, grow, stride", [("end", 0.0, 1), ("end", 2.0, 1), ("end", 2.0, 2), ("under", 2.0, 1)])
+def test_a_rerun_walk_past_a_paint_does_not_outgrow_the_previous_masks(case, grow, stride):
     """volume.correction_outgrows_previous (walk.keep_reach): a re-run's walk from a paint towards
     the volume's end whose mask on a slice is over that many times the previous run's mask of the
     label there, times what the paint outgrew the previous mask on its own slice, keeps the previous
     masks from that slice to the previous end (a ventricle painted on its last slice: the paint's
     size walked on past the valve plane). Off (0), the walk goes on; and it goes on where the
-    previous run was as small on the paint's slice ("under": an organ it under-segmented throughout)."""
+    previous run was as small on the paint's slice ("under": an organ it under-segmented throughout).
+    A walk that jumps `stride` slices at a time (thin slices) steps slice by slice where a jump's
+    mask would be kept back, so the same slices are kept."""
     from synpo.volume import _Context, _walk
     conf = np.zeros((8, 40, 40), np.float32)
     conf[:6, 10:30, 10:30] = 0.9                             # a 20 x 20 look-alike on slices 0-5
@@ -1386,7 +1388,7 @@ def test_a_rerun_walk_past_a_paint_does_not_outgrow_the_previous_masks(case, gro
     store.ensure(range(8))
     cfg = SynPoConfig().with_(volume={"correction_outgrows_previous": grow})
     ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None,
-                   lambda k=1: None, reach=previous)
+                   lambda k=1: None, reach=previous, stride=stride)
     masks, records = {}, []
     _walk(ctx, 1, 1, conf[1] > 0.5, 8, +1, 10.0, masks, records)       # the paint: 20 x 20 on slice 1
     assert sorted(masks) == [2, 3, 4, 5]
@@ -1395,7 +1397,7 @@ def test_a_rerun_walk_past_a_paint_does_not_outgrow_the_previous_masks(case, gro
     if case == "end" and grow:
         assert masks[2].sum() >= 400                                      # as large as before: decoded
         assert all(np.array_equal(masks[t], previous[t] == 1) for t in (3, 4, 5))
-        assert reasons[3] == "previous kept (%.1f x the previous mask, the paint 1.0 x)" % (masks[2].sum() / 100.0)
+        assert reasons[3] == "previous kept (%.2f x the previous mask, the paint 1.00 x)" % (masks[2].sum() / 100.0)
         assert reasons[4] == "previous kept"
     else:
         assert all(masks[t].sum() >= 400 for t in (2, 3, 4, 5)) and not reasons[3]

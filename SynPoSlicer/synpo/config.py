@@ -314,10 +314,10 @@ class VolumeConfig:
     correction_keeps_reach: bool = True
     # ... and where that walk's mask is over this many times the previous run's mask of the label on
     # the same slice, times what the paint outgrew the previous run's mask on the paint's own slice
-    # (at least 1; 0: off): a paint near an organ's end carries the paint's size past the organ
+    # (that factor taken as at least 1; G 0: off, else >= 1): a paint near an organ's end carries the paint's size past the organ
     # (cmr_bssfp: a right ventricle painted on its last slice below the valve plane walked on into the
-    # atrium with masks 2.2-3.2 x the previous run's there: "previous kept (3.2 x the previous mask,
-    # the paint 1.4 x)"), while an organ the previous run under-segmented throughout grows about as
+    # atrium with masks 2.2-3.2 x the previous run's there: "previous kept (3.18 x the previous mask,
+    # the paint 1.40 x)"), while an organ the previous run under-segmented throughout grows about as
     # much as its paint did (btcv_ct image_0's right kidney: 2.5-3.2 x beyond a paint 2.4 x).
     # `benchmarks/corrections_fast.py DATA OUT 5 --set volume.correction_outgrows_previous=G`, Dice
     # after k = 1..5; steps held; steps down by more than 0.02; worst step:
@@ -500,7 +500,8 @@ def validate(cfg: SynPoConfig) -> SynPoConfig:
         (v.search_growing_slices >= 0.0, "volume.search_growing_slices must be >= 0 (0: off)"),
         (v.search_growing_ratio > 0.0, "volume.search_growing_ratio must be > 0"),
         (v.correction_past_end_growth >= 0.0, "volume.correction_past_end_growth must be >= 0 (0: off)"),
-        (v.correction_outgrows_previous >= 0.0, "volume.correction_outgrows_previous must be >= 0 (0: off)"),
+        (v.correction_outgrows_previous == 0.0 or v.correction_outgrows_previous >= 1.0,
+         "volume.correction_outgrows_previous must be 0 (off) or >= 1"),
         (0.0 <= v.correction_keep_iou <= 1.0, "volume.correction_keep_iou must be in [0, 1]"),
         (0.0 <= v.correction_trust_iou <= 1.0, "volume.correction_trust_iou must be in [0, 1]"),
         (0.0 <= v.correction_collision <= 1.0, "volume.correction_collision must be in [0, 1]"),

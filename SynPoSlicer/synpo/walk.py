@@ -213,6 +213,9 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
             ctx.prefetch([jump])
             new, rec = ctx.decode(label, jump, prev, min_area, prev_score, first=painted and t == start, tick=False,
                                   history=history)
+            if (new is not None and ctx.reach is not None and stop in (-1, len(ctx.reach))
+                    and reach_objection(ctx, label, jump, new, outgrown)):
+                new = None                       # slice by slice, where keep_reach decides
             if new is not None:
                 for u, m in zip(between, interpolate_between(prev, new, ctx.stride - 1, ctx.spacing_rc)):
                     masks[u] = m
@@ -336,11 +339,9 @@ def keep_reach(ctx: _Context, label: int, u: int, new: Optional[np.ndarray], pre
                step: int, masks: Dict[int, np.ndarray], records: List[SliceRecord], rec: SliceRecord,
                outgrown: float = float("inf")) -> bool:
     """A re-run's walk towards the volume's end judged the label absent on slice u (new None, rec
-    says why), or its mask there lies on another label's previous voxels (more than
-    volume.correction_collision of it) or is over volume.correction_outgrows_previous x `outgrown` x
-    the previous run's mask of the label there (when > 0; `outgrown`: the paint's area over the
-    previous run's mask on the paint's slice, at least 1), where the previous run found the label, its mask there
-    continuing the walk's (overlap with it >= volume.min_overlap_first of its area): the previous
+    says why), or its mask there should give way to the previous run's (reach_objection: on another
+    label's previous voxels, or outgrowing the previous mask), where the previous run found the
+    label, its mask there continuing the walk's (overlap with it >= volume.min_overlap_first of its area): the previous
     masks stand from u on, as far as the previous run found the label (and no mark or held end
     stops it): a correction does not take back an accepted reach (volume.correction_keeps_reach).
     True when it kept them (rec, slice u's record, is changed to say so)."""
@@ -351,20 +352,8 @@ def keep_reach(ctx: _Context, label: int, u: int, new: Optional[np.ndarray], pre
         return False
     why = rec.reason
     if new is not None:
-        under = stack[u][new]
-        under = under[(under != 0) & (under != label)]
-        grow = ctx.cfg.volume.correction_outgrows_previous
-        if new.any() and len(under) > ctx.cfg.volume.correction_collision * new.sum():
-            values, counts = np.unique(under, return_counts=True)
-            why = "onto label %d" % int(values[np.argmax(counts)])
-        elif grow > 0 and new.sum() > grow * outgrown * area:
-            # The walk from a paint carries the paint's size onto a slice where the previous run's
-            # mask was far smaller, by more than the paint corrected the previous run on its own slice:
-            # near an organ's end (a ventricle at its base) that is the paint's shape walked past the
-            # organ; an organ the previous run under-segmented throughout grows by about the paint's
-            # own factor (volume.correction_outgrows_previous).
-            why = "%.1f x the previous mask, the paint %.1f x" % (new.sum() / area, outgrown)
-        else:
+        why = reach_objection(ctx, label, u, new, outgrown)
+        if not why:
             return False
     first = u
     while (stop - u) * step > 0 and not ctx.hard_end(u) and u not in ctx.held:
@@ -390,6 +379,29 @@ def keep_reach(ctx: _Context, label: int, u: int, new: Optional[np.ndarray], pre
         ctx.tick()
         u += step
     return True
+
+
+def reach_objection(ctx: _Context, label: int, u: int, new: np.ndarray, outgrown: float) -> str:
+    """Why a re-run's mask `new` on slice u should give way to the previous run's (keep_reach), or "":
+    it lies on another label's previous voxels (more than volume.correction_collision of it), or it
+    is over volume.correction_outgrows_previous x `outgrown` x the previous run's mask of the label
+    there (`outgrown`: what the walk's paint outgrew the previous mask on its own slice, >= 1)."""
+    old = int((ctx.reach[u] == label).sum())
+    if not old or not new.any():
+        return ""
+    under = ctx.reach[u][new]
+    under = under[(under != 0) & (under != label)]
+    if len(under) > ctx.cfg.volume.correction_collision * new.sum():
+        values, counts = np.unique(under, return_counts=True)
+        return "onto label %d" % int(values[np.argmax(counts)])
+    grow = ctx.cfg.volume.correction_outgrows_previous
+    if grow > 0 and new.sum() > grow * outgrown * old:
+        # The walk from a paint carries the paint's size onto a slice where the previous run's mask
+        # was far smaller, by more than the paint corrected the previous run on its own slice: near an
+        # organ's end (a ventricle at its base) that is the paint's shape walked past the organ; an
+        # organ the previous run under-segmented throughout grows by about the paint's own factor.
+        return "%.2f x the previous mask, the paint %.2f x" % (new.sum() / old, outgrown)
+    return ""
 
 
 def walk_stride(walk_spacing_mm: float, slice_spacing_mm: float) -> int:
