@@ -195,10 +195,12 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
     prev_score = float(ctx.conf[start][mask].mean()) if mask.any() else None
     history = [(int(mask.sum()), prev_score if prev_score is not None else 0.0)]   # Step.history
     single_until = start                         # after a failed jump: single steps up to here
+    # A re-run's walk towards the volume's end, beyond the outermost support: keep_reach judges it.
+    towards_end = ctx.reach is not None and stop in (-1, len(ctx.reach))
     # How much larger the paint is than the previous run's mask of the label on the paint's slice
     # (keep_reach's volume.correction_outgrows_previous: a walk may outgrow the previous masks by
     # as much as the paint outgrew them; inf where the previous run had nothing there).
-    before = int((ctx.reach[start] == label).sum()) if ctx.reach is not None and painted else 0
+    before = int((ctx.reach[start] == label).sum()) if towards_end and painted else 0
     outgrown = max(1.0, mask.sum() / before) if before else float("inf")
     past_held = False                            # past a held end (volume.correction_collision)
 
@@ -213,8 +215,7 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
             ctx.prefetch([jump])
             new, rec = ctx.decode(label, jump, prev, min_area, prev_score, first=painted and t == start, tick=False,
                                   history=history)
-            if (new is not None and ctx.reach is not None and stop in (-1, len(ctx.reach))
-                    and reach_objection(ctx, label, jump, new, outgrown)):
+            if new is not None and towards_end and reach_objection(ctx, label, jump, new, outgrown):
                 new = None                       # slice by slice, where keep_reach decides
             if new is not None:
                 for u, m in zip(between, interpolate_between(prev, new, ctx.stride - 1, ctx.spacing_rc)):
@@ -280,7 +281,7 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
         if new is not None and ctx.previous is not None and keep_previous(ctx, label, u, new, stop, step, masks,
                                                                           records):
             return
-        if (ctx.reach is not None and not past_held and not ctx.hard_end(u) and stop in (-1, len(ctx.reach))
+        if (towards_end and not past_held and not ctx.hard_end(u)
                 and keep_reach(ctx, label, u, new, prev, stop, step, masks, records, rec, outgrown)):
             return
         records.append(rec)
@@ -341,8 +342,8 @@ def keep_reach(ctx: _Context, label: int, u: int, new: Optional[np.ndarray], pre
     """A re-run's walk towards the volume's end judged the label absent on slice u (new None, rec
     says why), or its mask there should give way to the previous run's (reach_objection: on another
     label's previous voxels, or outgrowing the previous mask), where the previous run found the
-    label, its mask there continuing the walk's (overlap with it >= volume.min_overlap_first of its area): the previous
-    masks stand from u on, as far as the previous run found the label (and no mark or held end
+    label, its mask there continuing the walk's (overlap with it >= volume.min_overlap_first of its
+    area): the previous masks stand from u on, as far as the previous run found the label (and no mark or held end
     stops it): a correction does not take back an accepted reach (volume.correction_keeps_reach).
     True when it kept them (rec, slice u's record, is changed to say so)."""
     stack = ctx.reach
