@@ -1417,6 +1417,44 @@ def test_a_gap_slice_goes_to_the_walk_closer_to_the_shape_between_the_two_paints
     assert choose_by_paint(0, 6, {1: paint}, {4: paint}, paint, paint) == {1: 0, 2: 0, 3: 0, 4: 6, 5: 6}
 
 
+def test_a_gap_slice_gets_what_the_other_walk_and_the_shape_between_the_paints_agree_on(monkeypatch):
+    """ownership.add_agreed (volume.gap_choice "split_and_shape"): between supports 0 and 6 the walks
+    hand over where they agree best (split_gap), and each slice's owner gets the pixels that the
+    other support's walk and the shape interpolated between the two paints both hold; a pixel only
+    one of them holds is not added, and nothing of the owner's mask is taken away. Through
+    _propagate, with the walks replaced by fixed masks: the masks, owners and records' reasons."""
+    from synpo import ownership
+    from synpo.result import SliceRecord
+    rows = lambda a, b: np.pad(np.ones((b - a, 12), bool), ((a, 12 - b), (0, 0)))   # noqa: E731
+    paint, short = rows(2, 10), rows(2, 6)                     # both paints rows 2-9; a mask that lost 6-9
+    up = {1: paint, 2: paint, 3: paint, 4: paint, 5: short}    # support 0's walk
+    down = {1: short, 2: short, 3: paint, 4: short, 5: short}  # support 6's walk
+    assert ownership.split_gap(0, 6, up, down) == 3            # they agree on 3 and 5; 3 is the middle
+    gap = {1: 0, 2: 0, 3: 0, 4: 6, 5: 6}
+    added = ownership.add_agreed(0, 6, up, down, paint, paint, gap)
+    assert list(added) == [4] and np.array_equal(added[4][0], paint) and added[4][1] == 48
+    assert ownership.add_agreed(0, 6, up, down, short, short, gap) == {}       # rows 6-9 not in the shape
+    assert ownership.add_agreed(0, 6, up, down, paint, paint, {t: 0 for t in gap}) == {}   # up holds all
+
+    def fake_walk(ctx, label, s, start, stop, step, min_area, into_masks, into_records, painted):
+        for t in range(s + step, stop, step):
+            into_masks[t] = (up if s == 0 else down)[t]
+            into_records.append(SliceRecord(label, t, "present"))
+
+    class Ctx:
+        spacing_rc = (1.0, 1.0)
+    monkeypatch.setattr(ownership, "_walk", fake_walk)
+    note = "48 px added where the other support's walk and the shape between the paints agree"
+    for choice, slice_4, reason_4 in (("split", short, ""), ("split_and_shape", paint, note)):
+        records = []
+        masks, owner = ownership._propagate(Ctx(), 1, 7, {0: paint, 6: paint}, 1.0, records,
+                                            ownership="agreement", gap_choice=choice)
+        assert [owner[t] for t in range(1, 6)] == [0, 0, 0, 6, 6]
+        assert all(np.array_equal(masks[t], paint) for t in (1, 2, 3)) and np.array_equal(masks[5], short)
+        assert np.array_equal(masks[4], slice_4)
+        assert {r.index: r.reason for r in records} == {1: "", 2: "", 3: "", 4: reason_4, 5: ""}
+
+
 def test_a_walk_between_two_supports_uses_both_supports_maps_by_distance():
     """ownership.GapConfidence (volume.gap_confidence): between supports 2 and 6, slice 3 gets 3/4 of
     support 2's map and 1/4 of support 6's ("blend") or support 2's alone ("nearest"); on and beyond

@@ -65,8 +65,18 @@ def _propagate(ctx, label: int, n: int, starts: Dict[int, np.ndarray], min_area,
             gap = {t: s1 if t <= split else s2 for t in range(s1 + 1, s2)}
         masks.update({t: m for t, m in up.items() if gap.get(t) == s1})
         masks.update({t: m for t, m in down.items() if gap.get(t) == s2})
-        records += [r for r in up_records if gap.get(r.index) == s1] + [r for r in down_records
-                                                                         if gap.get(r.index) == s2]
+        chosen = [r for r in up_records if gap.get(r.index) == s1] + [r for r in down_records
+                                                                       if gap.get(r.index) == s2]
+        if gap_choice == "split_and_shape":
+            c = ctx[s1] if isinstance(ctx, dict) else ctx
+            added = add_agreed(s1, s2, up, down, starts[s1], starts[s2], gap, c.spacing_rc)
+            notes = {r.index: r for r in chosen}
+            for t, (mask, extra) in added.items():
+                masks[t] = mask
+                if t in notes:
+                    note = "%d px added where the other support's walk and the shape between the paints agree" % extra
+                    notes[t].reason = "%s; %s" % (notes[t].reason, note) if notes[t].reason else note
+        records += chosen
         owner.update(gap)
     return masks, owner
 
@@ -87,6 +97,27 @@ def choose_by_paint(s1: int, s2: int, up: Dict[int, np.ndarray], down: Dict[int,
             out[t] = nearer if ia == ib else (s1 if ia > ib else s2)
         else:
             out[t] = s1 if a is not None else s2 if b is not None else nearer
+    return out
+
+
+def add_agreed(s1: int, s2: int, up: Dict[int, np.ndarray], down: Dict[int, np.ndarray],
+               paint1: np.ndarray, paint2: np.ndarray, gap: Dict[int, int], spacing_rc=(1.0, 1.0)
+               ) -> Dict[int, Tuple[np.ndarray, int]]:
+    """{slice: ((H, W) bool mask, pixels added)} for the slices between supports s1 < s2 that both
+    walks found, where the other walk adds something: the owning walk's mask (gap: {slice: s1 or
+    s2}, split_gap's) plus the pixels that the other support's walk and the shape interpolated
+    between the two paints (interpolate.between) both hold. Nothing of the owner's mask is taken
+    away; a pixel only one of the two other witnesses holds is not added."""
+    both = [t for t in range(s1 + 1, s2) if t in up and t in down]
+    if not both:
+        return {}
+    shapes = interpolate_between(paint1, paint2, s2 - s1 - 1, spacing_rc)
+    out = {}
+    for t in both:
+        own, other = (up[t], down[t]) if gap.get(t) == s1 else (down[t], up[t])
+        extra = other & shapes[t - s1 - 1] & ~own
+        if extra.any():
+            out[t] = (own | extra, int(extra.sum()))
     return out
 
 
