@@ -517,6 +517,50 @@ def test_ring_band_has_the_support_thickness():
     assert not band_around(np.zeros((5, 5), bool), 3.0, (1.0, 1.0)).any()
 
 
+@pytest.mark.parametrize("mode", ["interpolated", "mean"])
+def test_a_rings_band_between_two_ring_supports_has_the_thickness_between_theirs(mode):
+    """rings.ring_label with two ring supports (slices 0 and 4, bands 3 and 7 px thick around the
+    same blood pool) and the walked hole on slices 1-3: volume.ring_thickness "interpolated" makes the
+    band on slice t as thick as the two supports' interpolated there (4, 5, 6 px), "mean" 5 px on
+    every slice. The walks are replaced by fixed masks (the run's interface, not its models)."""
+    from synpo.config import configured
+    from synpo.rings import band_around, ring_label, ring_thickness, thickness_along
+    yy, xx = np.mgrid[:60, :60]
+    r = np.hypot(yy - 30, xx - 30)
+    hole = r < 8
+    rings = {0: (r >= 8) & (r < 11), 4: (r >= 8) & (r < 15)}
+
+    class Conf:
+        def prepare(self, indices):
+            pass
+
+        def computed(self):
+            return []
+
+        def dense(self):
+            return np.zeros((5, 60, 60), np.float32)
+
+    class Run:
+        cfg = configured(["volume.ring_thickness=%s" % mode])
+        spacing_rc, on_slice, query = (1.0, 1.0), None, np.zeros((5, 60, 60), np.float32)
+
+        def segment_target(self, label, idx, masks, records, seconds):
+            return {t: hole for t in (1, 2, 3)}, Conf()           # the filled shape's walk and the hole's
+
+        def target_range(self, idx, masks):
+            return None
+    masks, _, _ = ring_label(Run(), 1, [0, 4], [rings[0], rings[4]], ([hole | rings[0], hole | rings[4]],
+                                                                      {0: hole, 4: hole}), [], {})
+    along = thickness_along({0: 3.0, 4: 7.0}, mode)
+    expected = [4.0, 5.0, 6.0] if mode == "interpolated" else [5.0, 5.0, 5.0]
+    assert [along(t) for t in (1, 2, 3)] == expected and along(-1) == along(0) and along(9) == along(4)
+    widths = [int(masks[t][30, 30:].sum()) for t in (1, 2, 3)]       # the band's width along a radius
+    assert widths == ([4, 5, 6] if mode == "interpolated" else [5, 5, 5])
+    assert all(not (masks[t] & hole).any() for t in (1, 2, 3))
+    measured = [ring_thickness([rings[s]], [hole], (1.0, 1.0)) for s in (0, 4)]   # about 3 and 7
+    assert np.array_equal(masks[2], band_around(hole, float(np.mean(measured)), (1.0, 1.0)))
+
+
 def test_position_prior_maps_the_support_box_through_the_body_box():
     from synpo.position import body_box, expected_region, expected_shape
     sup = np.zeros((100, 100), np.float32)

@@ -391,6 +391,21 @@ class VolumeConfig:
     # 0.9201, the rest the same. No middle-slice paint of the four sets has a hole in 0.1-0.2:
     # `synpo evaluate` is unchanged there.
     ring_min_hole: float = 0.2
+    # A ring's band around its walked hole is as thick as the ring supports': "mean" their average on
+    # every slice (the only choice before the seventh session), "interpolated" linearly between the
+    # two ring supports around a slice (the outermost one's beyond them): a correction painted near
+    # the base or the apex teaches the thickness there. One ring support (a first run): the same.
+    # `benchmarks/corrections_fast.py DATA OUT 5 --set volume.ring_thickness=interpolated`, Dice after
+    # k = 1..5, steps held, down by more than 0.02, mean -> interpolated; chosen on acdc_cine (14
+    # volumes, the larger ring set), reported on cmr_bssfp:
+    #   acdc_cine 0.9030 / 0.9139 / 0.9206 / 0.9249 / 0.9213, 86.2 % (same slices 95.2 %), 14 ->
+    #             0.9036 / 0.9161 / 0.9216 / 0.9258 / 0.9207, 86.7 % (96.2 %), 14
+    #   cmr_bssfp 0.8697 / 0.8900 / 0.8990 / 0.9081 / 0.9154, 89.5 %, 4 ->
+    #             0.8697 / 0.8903 / 0.9012 / 0.9096 / 0.9142, 89.5 %, 5
+    # (the myocardium alone: acdc_cine 0.8247 / 0.8367 / 0.8463 / 0.8599 / 0.8534 -> 0.8265 / 0.8424 /
+    # 0.8494 / 0.8619 / 0.8528; cmr_bssfp 0.8212 / 0.8465 / 0.8561 / 0.8729 / 0.8876 -> 0.8212 / 0.8476 /
+    # 0.8627 / 0.8768 / 0.8826). No ring on chaos_t2 or btcv_ct (docs/corrections.md).
+    ring_thickness: str = "interpolated"
     # Cross-patient (a support from another volume): prompts are searched only where the
     # support's box falls relative to the body (position.py), widened by position_margin
     # x the query body's size.
@@ -497,6 +512,7 @@ def validate(cfg: SynPoConfig) -> SynPoConfig:
         (v.batch_size >= 1, "volume.batch_size must be >= 1"),
         (v.label_workers >= 1, "volume.label_workers must be >= 1"),
         (0.0 <= v.ring_min_hole < 1.0, "volume.ring_min_hole must be in [0, 1)"),
+        (v.ring_thickness in ("mean", "interpolated"), "volume.ring_thickness must be mean or interpolated"),
         (0.0 <= v.min_confidence_ratio <= 1.0, "volume.min_confidence_ratio must be in [0, 1]"),
         (0.0 <= v.min_confidence_ratio_first <= 1.0, "volume.min_confidence_ratio_first must be in [0, 1]"),
         (0.0 <= v.min_overlap_first <= 1.0, "volume.min_overlap_first must be in [0, 1]"),

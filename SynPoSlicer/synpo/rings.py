@@ -1,7 +1,8 @@
 """Rings: a label painted as a closed band around a hole (the myocardium around the blood pool).
 A box drawn around a ring makes SAM segment the bright hole, not the band, so the hole is walked
-as a target of its own and the ring is the band of the support's thickness around it."""
-from typing import Dict, List, Sequence
+as a target of its own and the ring is the band of the support's thickness around it (between
+two ring supports, the thickness interpolated between theirs)."""
+from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 
@@ -29,16 +30,16 @@ def ring_label(run, label: int, sup_idx: List[int], sup_masks: List[np.ndarray],
                records: List[SliceRecord], seconds: Dict[str, float]):
     """A ring (the myocardium around the blood pool): a box drawn around a ring makes SAM
     segment the bright hole, not the band. So the hole is propagated as a target of its own and
-    the ring is the band of the support's thickness around it; the filled shape's walk decides
-    where the label is present (its mask stands where no hole is found)."""
+    the ring is the band of the support's thickness around it (thickness_along); the filled shape's
+    walk decides where the label is present (its mask stands where no hole is found)."""
     filled, holes = ring
     hole_idx = sorted(holes)
     outer, conf_outer = run.segment_target(label, sup_idx, filled, records, seconds)
     inner, conf_inner = run.segment_target(label, hole_idx, [holes[s] for s in hole_idx], [], seconds)
-    thickness = ring_thickness([sup_masks[sup_idx.index(s)] for s in hole_idx], [holes[s] for s in hole_idx],
-                               run.spacing_rc)
+    thickness = thickness_along({s: ring_thickness([sup_masks[sup_idx.index(s)]], [holes[s]], run.spacing_rc)
+                                 for s in hole_idx}, run.cfg.volume.ring_thickness)
     band_range = run.target_range(sup_idx, sup_masks)
-    masks = {t: apply_gate(band_around(inner[t], thickness, run.spacing_rc), run.query[t], band_range,
+    masks = {t: apply_gate(band_around(inner[t], thickness(t), run.spacing_rc), run.query[t], band_range,
                            run.cfg.gate) if t in inner else m for t, m in outer.items()}
     # The hole's map on every slice the filled shape's walk computed: the ring's confidence
     # (which decides overlaps between labels) is then what every slice's maps give.
@@ -60,6 +61,19 @@ def ring_parts(masks: Sequence[np.ndarray], min_hole: float):
     if all(h.sum() >= min_hole * max(1, f.sum()) for f, h in zip(filled, holes)):
         return filled, holes
     return None
+
+
+def thickness_along(each: Dict[int, float], mode: str = "interpolated") -> Callable[[int], float]:
+    """Slice index -> the band's thickness (mm) there, from each ring support slice's own
+    ({support slice: thickness}): "interpolated" linearly between the two supports around a slice
+    and the outermost support's beyond them (a correction painted near the base teaches the
+    thickness near the base); "mean" their average on every slice."""
+    order = sorted(each)
+    values = [each[s] for s in order]
+    if mode == "mean":
+        mean = float(np.mean(values))
+        return lambda t: mean
+    return lambda t: float(np.interp(t, order, values))
 
 
 def ring_thickness(rings: Sequence[np.ndarray], holes: Sequence[np.ndarray], spacing_rc) -> float:
