@@ -522,8 +522,11 @@ def test_a_rings_band_between_two_ring_supports_has_the_thickness_between_theirs
     """rings.ring_label with two ring supports (slices 0 and 4, bands 3 and 7 px thick around the
     same blood pool) and the walked hole on slices 1-3: volume.ring_thickness "interpolated" makes the
     band on slice t as thick as the two supports' interpolated there (4, 5, 6 px), "mean" 5 px on
-    every slice. The walks are replaced by fixed masks (the run's interface, not its models)."""
+    every slice; a note of pixels added to the filled shape's mask does not stay on a slice the band
+    gives. The walks are replaced by fixed masks (the run's interface, not its models)."""
     from synpo.config import configured
+    from synpo.ownership import ADDED
+    from synpo.result import SliceRecord
     from synpo.rings import band_around, ring_label, ring_thickness, thickness_along
     yy, xx = np.mgrid[:60, :60]
     r = np.hypot(yy - 30, xx - 30)
@@ -545,12 +548,16 @@ def test_a_rings_band_between_two_ring_supports_has_the_thickness_between_theirs
         spacing_rc, on_slice, query = (1.0, 1.0), None, np.zeros((5, 60, 60), np.float32)
 
         def segment_target(self, label, idx, masks, records, seconds):
+            records.append(SliceRecord(label, 2, "present", reason="previous kept; 12 " + ADDED))
             return {t: hole for t in (1, 2, 3)}, Conf()           # the filled shape's walk and the hole's
 
         def target_range(self, idx, masks):
             return None
+    records = []
     masks, _, _ = ring_label(Run(), 1, [0, 4], [rings[0], rings[4]], ([hole | rings[0], hole | rings[4]],
-                                                                      {0: hole, 4: hole}), [], {})
+                                                                      {0: hole, 4: hole}), records, {})
+    # The filled shape's note on pixels added between the supports is not the band's: dropped.
+    assert [r.reason for r in records] == ["previous kept"]
     along = thickness_along({0: 3.0, 4: 7.0}, mode)
     expected = [4.0, 5.0, 6.0] if mode == "interpolated" else [5.0, 5.0, 5.0]
     assert [along(t) for t in (1, 2, 3)] == expected and along(-1) == along(0) and along(9) == along(4)
@@ -1130,6 +1137,8 @@ def test_shape_based_interpolation_moves_and_grows_a_disc_between_two_slices():
     assert abs(radius - 9) < 1.0
     assert between(a, a, 2)[0].tolist() == a.tolist()           # the same shape stays itself
     assert between(a, b, 0) == []
+    some = between(a, b, 3, only=[3, 1])                        # just those positions, in that order
+    assert [m.tolist() for m in some] == [mid[2].tolist(), mid[0].tolist()]
 
 
 def test_a_gap_between_two_supports_changes_hands_where_their_walks_agree_best():

@@ -9,7 +9,7 @@ inside), in millimetres of the slice's pixel spacing. Both masks are first moved
 the intermediate slice should have (w of the way from a's to b's): a shape that shifts by more
 than its size between the two slices is carried along instead of vanishing halfway.
 """
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -27,16 +27,19 @@ def signed_distance(mask: np.ndarray, spacing_rc: Sequence[float] = (1.0, 1.0)) 
     return (outside - inside).astype(np.float32)
 
 
-def between(a: np.ndarray, b: np.ndarray, n: int, spacing_rc: Sequence[float] = (1.0, 1.0)) -> List[np.ndarray]:
-    """The n masks between a and b (exclusive), evenly spaced: [(H, W) bool] * n."""
+def between(a: np.ndarray, b: np.ndarray, n: int, spacing_rc: Sequence[float] = (1.0, 1.0),
+            only: Optional[Sequence[int]] = None) -> List[np.ndarray]:
+    """The n masks between a and b (exclusive), evenly spaced: [(H, W) bool] * n; with `only`
+    (positions 1..n), just those masks, in that order (each one costs two distance maps)."""
     if n <= 0:
         return []
+    positions = list(range(1, n + 1)) if only is None else list(only)
     a, b = np.asarray(a, bool), np.asarray(b, bool)
     if not a.any() or not b.any():
-        return [np.zeros(a.shape, bool) for _ in range(n)]
+        return [np.zeros(a.shape, bool) for _ in positions]
     ca, cb = np.argwhere(a).mean(axis=0), np.argwhere(b).mean(axis=0)
     out = []
-    for i in range(1, n + 1):
+    for i in positions:
         w = i / (n + 1.0)
         da = signed_distance(_moved(a, w * (cb - ca)), spacing_rc)
         db = signed_distance(_moved(b, (w - 1.0) * (cb - ca)), spacing_rc)

@@ -74,7 +74,7 @@ def _propagate(ctx, label: int, n: int, starts: Dict[int, np.ndarray], min_area,
             for t, (mask, extra) in added.items():
                 masks[t] = mask
                 if t in notes:
-                    note = "%d px added where the other support's walk and the shape between the paints agree" % extra
+                    note = "%d %s" % (extra, ADDED)
                     notes[t].reason = "%s; %s" % (notes[t].reason, note) if notes[t].reason else note
         records += chosen
         owner.update(gap)
@@ -100,6 +100,10 @@ def choose_by_paint(s1: int, s2: int, up: Dict[int, np.ndarray], down: Dict[int,
     return out
 
 
+# The record's note on a gap slice that add_agreed added to ("N " + ADDED).
+ADDED = "px added where the other support's walk and the shape between the paints agree"
+
+
 def add_agreed(s1: int, s2: int, up: Dict[int, np.ndarray], down: Dict[int, np.ndarray],
                paint1: np.ndarray, paint2: np.ndarray, gap: Dict[int, int], spacing_rc=(1.0, 1.0)
                ) -> Dict[int, Tuple[np.ndarray, int]]:
@@ -108,14 +112,17 @@ def add_agreed(s1: int, s2: int, up: Dict[int, np.ndarray], down: Dict[int, np.n
     s2}, split_gap's) plus the pixels that the other support's walk and the shape interpolated
     between the two paints (interpolate.between) both hold. Nothing of the owner's mask is taken
     away; a pixel only one of the two other witnesses holds is not added."""
-    both = [t for t in range(s1 + 1, s2) if t in up and t in down]
-    if not both:
+    pairs = {t: (up[t], down[t]) if gap.get(t) == s1 else (down[t], up[t])
+             for t in range(s1 + 1, s2) if t in up and t in down}
+    candidates = [t for t, (own, other) in pairs.items() if (other & ~own).any()]
+    if not candidates:
         return {}
-    shapes = interpolate_between(paint1, paint2, s2 - s1 - 1, spacing_rc)
+    # The shape only where the other walk holds something the owner does not (a distance map each).
+    shapes = interpolate_between(paint1, paint2, s2 - s1 - 1, spacing_rc, only=[t - s1 for t in candidates])
     out = {}
-    for t in both:
-        own, other = (up[t], down[t]) if gap.get(t) == s1 else (down[t], up[t])
-        extra = other & shapes[t - s1 - 1] & ~own
+    for t, shape in zip(candidates, shapes):
+        own, other = pairs[t]
+        extra = other & shape & ~own
         if extra.any():
             out[t] = (own | extra, int(extra.sum()))
     return out

@@ -24,7 +24,8 @@ class SliceRecord:
     score: float = 0.0             # mean fused confidence inside the mask
     sam_iou: float = 0.0
     overlap_prev: float = 0.0      # fraction of this mask inside the neighbouring (previous) mask
-    reason: str = ""               # why an "absent" slice was judged so
+    reason: str = ""               # why an "absent" slice was judged so; on a present or interpolated
+                                   # one, what changed its mask ("previous kept", "bridged", "N px added")
     positive: List[List[float]] = field(default_factory=list)   # x (column), y (row) in the slice
     negative: List[List[float]] = field(default_factory=list)
     box: Optional[List[int]] = None

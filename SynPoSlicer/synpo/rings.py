@@ -8,6 +8,7 @@ import numpy as np
 
 from .decode import fill_holes
 from .gate import apply_gate
+from .ownership import ADDED
 from .result import SliceRecord
 
 
@@ -41,6 +42,11 @@ def ring_label(run, label: int, sup_idx: List[int], sup_masks: List[np.ndarray],
     band_range = run.target_range(sup_idx, sup_masks)
     masks = {t: apply_gate(band_around(inner[t], thickness(t), run.spacing_rc), run.query[t], band_range,
                            run.cfg.gate) if t in inner else m for t, m in outer.items()}
+    # Where the band stands, the filled shape's mask is not the ring's: its note on pixels added
+    # between two supports (ownership.add_agreed) does not describe the slice.
+    for rec in records:
+        if rec.index in inner and ADDED in rec.reason:
+            rec.reason = "; ".join(part for part in rec.reason.split("; ") if ADDED not in part)
     # The hole's map on every slice the filled shape's walk computed: the ring's confidence
     # (which decides overlaps between labels) is then what every slice's maps give.
     conf_inner.prepare(conf_outer.computed())
