@@ -93,7 +93,8 @@ def test_overrides_parse():
     for bad, says in (("volume.search_growing_slices=-1", "search_growing_slices must be >= 0"),
                       ("volume.search_growing_ratio=0", "search_growing_ratio must be > 0"),
                       ("volume.correction_past_end_growth=-0.5", "correction_past_end_growth must be >= 0"),
-                      ("volume.correction_outgrows_previous=0.5", "correction_outgrows_previous must be 0 \\(off\\) or >= 1")):
+                      ("volume.correction_outgrows_previous=0.5",
+                       "correction_outgrows_previous must be 0 \\(off\\) or >= 1")):
         with pytest.raises(SynPoError, match=says):
             configured([bad])
 

@@ -509,8 +509,8 @@ def test_ring_band_has_the_support_thickness():
     r = np.hypot(yy - 30, xx - 30)
     hole = r < 8
     ring = (r >= 8) & (r < 14)                                       # 6 pixels thick
-    assert ring_thickness([ring], [hole], (1.0, 1.0)) == pytest.approx(6.0, abs=1.0)
-    assert ring_thickness([ring], [hole], (2.0, 2.0)) == pytest.approx(12.0, abs=2.0)   # in mm
+    assert ring_thickness(ring, hole, (1.0, 1.0)) == pytest.approx(6.0, abs=1.0)
+    assert ring_thickness(ring, hole, (2.0, 2.0)) == pytest.approx(12.0, abs=2.0)   # in mm
     band = band_around(r < 10, 6.0, (1.0, 1.0))                     # around a larger hole
     assert not (band & (r < 10)).any()
     assert band[30, 30 + 12] and band[30, 30 + 15] and not band[30, 30 + 17]
@@ -564,7 +564,7 @@ def test_a_rings_band_between_two_ring_supports_has_the_thickness_between_theirs
     widths = [int(masks[t][30, 30:].sum()) for t in (1, 2, 3)]       # the band's width along a radius
     assert widths == ([4, 5, 6] if mode == "interpolated" else [5, 5, 5])
     assert all(not (masks[t] & hole).any() for t in (1, 2, 3))
-    measured = [ring_thickness([rings[s]], [hole], (1.0, 1.0)) for s in (0, 4)]   # about 3 and 7
+    measured = [ring_thickness(rings[s], hole, (1.0, 1.0)) for s in (0, 4)]   # about 3 and 7
     assert np.array_equal(masks[2], band_around(hole, float(np.mean(measured)), (1.0, 1.0)))
 
 

@@ -314,7 +314,8 @@ class VolumeConfig:
     correction_keeps_reach: bool = True
     # ... and where that walk's mask is over this many times the previous run's mask of the label on
     # the same slice, times what the paint outgrew the previous run's mask on the paint's own slice
-    # (that factor taken as at least 1; G 0: off, else >= 1): a paint near an organ's end carries the paint's size past the organ
+    # (that factor taken as at least 1; G 0: off, else >= 1): a paint near an organ's end carries the
+    # paint's size past the organ
     # (cmr_bssfp: a right ventricle painted on its last slice below the valve plane walked on into the
     # atrium with masks 2.2-3.2 x the previous run's there: "previous kept (3.18 x the previous mask,
     # the paint 1.40 x)"), while an organ the previous run under-segmented throughout grows about as

@@ -37,7 +37,7 @@ def ring_label(run, label: int, sup_idx: List[int], sup_masks: List[np.ndarray],
     hole_idx = sorted(holes)
     outer, conf_outer = run.segment_target(label, sup_idx, filled, records, seconds)
     inner, conf_inner = run.segment_target(label, hole_idx, [holes[s] for s in hole_idx], [], seconds)
-    thickness = thickness_along({s: ring_thickness([sup_masks[sup_idx.index(s)]], [holes[s]], run.spacing_rc)
+    thickness = thickness_along({s: ring_thickness(sup_masks[sup_idx.index(s)], holes[s], run.spacing_rc)
                                  for s in hole_idx}, run.cfg.volume.ring_thickness)
     band_range = run.target_range(sup_idx, sup_masks)
     masks = {t: apply_gate(band_around(inner[t], thickness(t), run.spacing_rc), run.query[t], band_range,
@@ -82,15 +82,12 @@ def thickness_along(each: Dict[int, float], mode: str = "interpolated") -> Calla
     return lambda t: float(np.interp(t, order, values))
 
 
-def ring_thickness(rings: Sequence[np.ndarray], holes: Sequence[np.ndarray], spacing_rc) -> float:
-    """Thickness (mm) of the support's rings: the distance T for which the band around the hole
-    (`band_around`) has the ring's area, averaged over the support slices."""
+def ring_thickness(ring: np.ndarray, hole: np.ndarray, spacing_rc) -> float:
+    """Thickness (mm) of one support slice's ring: the distance T for which the band around its
+    hole (`band_around`) has the ring's area (thickness_along goes from slice to slice)."""
     from scipy import ndimage
-    out = []
-    for r, h in zip(rings, holes):
-        d = np.sort(ndimage.distance_transform_edt(~h, sampling=spacing_rc)[~h])
-        out.append(float(d[min(len(d), int(r.sum())) - 1]))
-    return float(np.mean(out))
+    d = np.sort(ndimage.distance_transform_edt(~hole, sampling=spacing_rc)[~hole])
+    return float(d[min(len(d), int(ring.sum())) - 1])
 
 
 def band_around(hole: np.ndarray, thickness: float, spacing_rc) -> np.ndarray:
