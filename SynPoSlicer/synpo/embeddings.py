@@ -17,7 +17,7 @@ from .config import DecodeConfig, SynPoConfig
 from .decode import decode_slice, decoder_inputs
 from .errors import Cancelled, SynPoError
 from .features import batch_size_for
-from .prompts import Prompts
+from .prompts import PromptCache, Prompts
 
 STORAGE_DTYPE = torch.float16          # embeddings as kept between runs
 DECODED_KEPT_BYTES = 64 << 20         # decoded masks kept per store for re-runs (8 KB each at 256 x 256)
@@ -46,6 +46,9 @@ class EmbeddingStore:
         self.decoded_bytes = 0
         self.decode_reuses = 0
         self._decoded_lock = threading.Lock()      # labels are walked in parallel threads
+        # The prompts of these slices by their exact inputs (walk.decode_prompted): a re-run's walks
+        # that a correction leaves alone skip the prompt selection too.
+        self.prompts = PromptCache(DECODED_KEPT_BYTES // 2)
         # Slices being encoded by one thread: another thread that needs them waits for them.
         self._claims: Dict[int, threading.Event] = {}
         self._claims_lock = threading.Lock()

@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import ModelError, SynPoError
 from . import weights
-from .sam_decoder import decode_single_mask
+from .sam_decoder import decode_single_mask, positions_as_rows
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -253,6 +253,7 @@ class SamModel:
         self.device = device
         self.grid = 64
         self._dense_pe = None
+        self._key_pe = None
         self.precision: Optional[torch.dtype] = None      # encoder autocast dtype (None = fp32)
         self.runtime = "torch"                            # or "openvino" (use_runtime)
         self._ov = None
@@ -270,6 +271,12 @@ class SamModel:
             with torch.no_grad():
                 self._dense_pe = self.net.prompt_encoder.get_dense_pe()
         return self._dense_pe
+
+    def key_pe(self) -> torch.Tensor:
+        """dense_pe() as the (h*w, C) rows the decoder works on (sam_decoder.positions_as_rows), kept."""
+        if self._key_pe is None:
+            self._key_pe = positions_as_rows(self.dense_pe())
+        return self._key_pe
 
     @staticmethod
     def load(name: str = "litemedsam", device: str = "auto", allow_download: bool = True) -> "SamModel":
@@ -350,7 +357,7 @@ class SamModel:
         if box_xy is not None and window_margin is not None:
             window = self.decode_window(frame, box_xy, window_margin, embedding.shape[-2:])
         low, iou = decode_single_mask(self.net.mask_decoder, embedding.to(dev, torch.float32).view(1, *embedding.shape[-3:]),
-                                      self.dense_pe(), sparse, dense, window)
+                                      self.dense_pe(), sparse, dense, window, key_pe=self.key_pe())
         low = low[0, 0].float()
         logits = frame.input_map_to_slice(low[None])[0]
         return logits.cpu(), low.cpu(), float(iou[0, 0])

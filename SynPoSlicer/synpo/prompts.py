@@ -11,8 +11,11 @@
   member of its set, so a prompt always lies on a pixel of its set.
 Everything is seeded: the same map gives the same prompts.
 """
+import hashlib
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -43,19 +46,24 @@ def _kmeans_points(points_xy: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 def top_k_pixels(conf: np.ndarray, k: int, allowed: Optional[np.ndarray] = None) -> np.ndarray:
     """(k, 2) x, y of the k highest values of conf (ties broken by position, deterministic)."""
-    scores = conf if allowed is None else np.where(allowed, conf, -np.inf)
-    flat = scores.ravel()
-    k = min(k, int(np.isfinite(flat).sum()))
+    flat = conf.ravel()
+    # Only the allowed pixels are ranked (the search region is often a small part of the slice:
+    # selecting among all of them, with -inf outside, took most of select_prompts' time).
+    where = None if allowed is None else np.flatnonzero(np.asarray(allowed).ravel())
+    values = flat if where is None else flat[where]
+    k = min(k, int(np.isfinite(values).sum()))
     if k <= 0:
         return np.zeros((0, 2), dtype=int)
-    if k < flat.size:
+    if k < values.size:
         # Partial selection (a full sort of the slice showed in the profile): everything above
         # the k-th largest value, then the ties at that value by pixel index.
-        kth = np.partition(flat, flat.size - k)[flat.size - k]
-        above = np.flatnonzero(flat > kth)
-        idx = np.concatenate([above, np.flatnonzero(flat == kth)[:k - len(above)]])
+        kth = np.partition(values, values.size - k)[values.size - k]
+        above = np.flatnonzero(values > kth)
+        idx = np.concatenate([above, np.flatnonzero(values == kth)[:k - len(above)]])
     else:
-        idx = np.arange(flat.size)
+        idx = np.arange(values.size)
+    if where is not None:
+        idx = where[idx]                             # ascending in both: ties keep the pixel order
     idx = idx[np.lexsort((idx, -flat[idx]))]         # by value, ties to the lower pixel index
     ys, xs = np.unravel_index(idx, conf.shape)
     return np.stack([xs, ys], 1)
@@ -141,3 +149,55 @@ def select_prompts(conf: np.ndarray, cfg: PromptConfig = PromptConfig(),
         positive = pos_set[: cfg.n_positive_points].astype(float)
         negative = neg_set[: cfg.n_negative_points].astype(float)
     return Prompts(positive, negative, box, region)
+
+
+class PromptCache:
+    """Prompts by their exact inputs, for re-runs: a walk that a correction leaves alone asks for
+    the same slice with the same confidence map, search region and settings again, and
+    select_prompts (seeded, deterministic) would give the same prompts. Kept least recently used
+    out first, up to `kept_bytes` (the regions are kept as bits). Thread-safe (labels are walked in
+    parallel threads)."""
+
+    def __init__(self, kept_bytes: int = 32 << 20):
+        self.kept_bytes = kept_bytes
+        self.entries: "OrderedDict[bytes, tuple]" = OrderedDict()
+        self.bytes = 0
+        self.reuses = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(t: int, conf: np.ndarray, cfg: PromptConfig, search: Optional[np.ndarray] = None,
+            expected: Optional[np.ndarray] = None) -> bytes:
+        """Everything select_prompts' result depends on: slice t's confidence map (H, W), the
+        settings, the search region and the expected shape (None or (H, W) bool)."""
+        conf = np.ascontiguousarray(conf)
+        digest = hashlib.blake2b(repr((int(t), cfg, conf.shape, str(conf.dtype), search is None,
+                                       expected is None)).encode(), digest_size=20)
+        digest.update(conf.tobytes())
+        for part in (search, expected):
+            if part is not None:
+                digest.update(np.packbits(np.asarray(part, dtype=bool)).tobytes())
+        return digest.digest()
+
+    def get_or_select(self, key: bytes, select: Callable[[], Prompts]) -> Prompts:
+        """The prompts kept under `key`, or select() kept there."""
+        with self._lock:
+            hit = self.entries.get(key)
+            if hit is not None:
+                self.entries.move_to_end(key)
+                self.reuses += 1
+        if hit is not None:
+            positive, negative, box, bits, shape = hit
+            region = np.unpackbits(bits, count=shape[0] * shape[1]).reshape(shape).astype(bool)
+            return Prompts(positive.copy(), negative.copy(), box, region)
+        prompts = select()
+        bits = np.packbits(prompts.region)
+        entry = (np.array(prompts.positive, copy=True), np.array(prompts.negative, copy=True), prompts.box, bits,
+                 prompts.region.shape)
+        with self._lock:
+            if key not in self.entries:
+                self.entries[key] = entry
+                self.bytes += bits.nbytes
+            while self.bytes > self.kept_bytes and self.entries:
+                self.bytes -= self.entries.popitem(last=False)[1][3].nbytes
+        return prompts

@@ -123,21 +123,29 @@ def _upscale_single(mask_decoder, keys: Tensor, h: int, w: int, hyper: Tensor) -
     return m.reshape(4 * h, 4 * w)
 
 
+def positions_as_rows(image_pe: Tensor) -> Tensor:
+    """SAM's dense positional encoding (1, C, h, w) as (h*w, C) rows, contiguous (the layout
+    decode_single_mask works in; the same for every decode, so a caller may keep it)."""
+    C = image_pe.shape[1]
+    return image_pe[0].reshape(C, -1).t().contiguous()
+
+
 def decode_single_mask(mask_decoder, image_embedding: Tensor, image_pe: Tensor, sparse: Tensor,
                        dense: Tensor, window: Optional[Tuple[int, int, int, int]] = None,
-                       outside: float = OUTSIDE_LOGIT) -> Tuple[Tensor, Tensor]:
+                       outside: float = OUTSIDE_LOGIT, key_pe: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """mask_decoder(image_embedding (1, C, h, w), image_pe, sparse (1, P, C), dense (1, C, h, w),
     multimask_output=False): low-resolution logits (1, 1, 4h, 4w) and predicted IoU (1, 1).
 
     window: (row0, row1, col0, col1), embedding cells (half-open): only these cells are
     upscaled; the logits elsewhere are `outside`. The transformer still sees every cell.
+    key_pe: positions_as_rows(image_pe), when the caller keeps it.
     """
     _, C, h, w = image_embedding.shape
     transformer = mask_decoder.transformer
     tokens = torch.cat([mask_decoder.iou_token.weight, mask_decoder.mask_tokens.weight, sparse[0]], 0)
     # Positions as rows, contiguous: every later product, sum and norm runs on this layout.
     keys = (image_embedding + dense)[0].reshape(C, h * w).t().contiguous()     # (N, C)
-    key_pe = image_pe[0].reshape(C, h * w).t().contiguous()
+    key_pe = positions_as_rows(image_pe) if key_pe is None else key_pe
     queries = tokens
     for layer in transformer.layers:
         queries, keys = _two_way_block(layer, queries, keys, tokens, key_pe)
