@@ -356,7 +356,7 @@ class SamModel:
         window = None
         if box_xy is not None and window_margin is not None:
             window = self.decode_window(frame, box_xy, window_margin, embedding.shape[-2:])
-        low, iou = decode_single_mask(self.net.mask_decoder, embedding.to(dev, torch.float32).view(1, *embedding.shape[-3:]),
+        low, iou = decode_single_mask(self.net.mask_decoder, embedding.to(dev).view(1, *embedding.shape[-3:]),
                                       self.dense_pe(), sparse, dense, window, key_pe=self.key_pe())
         low = low[0, 0].float()
         logits = frame.input_map_to_slice(low[None])[0]

@@ -133,8 +133,8 @@ def positions_as_rows(image_pe: Tensor) -> Tensor:
 def decode_single_mask(mask_decoder, image_embedding: Tensor, image_pe: Tensor, sparse: Tensor,
                        dense: Tensor, window: Optional[Tuple[int, int, int, int]] = None,
                        outside: float = OUTSIDE_LOGIT, key_pe: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    """mask_decoder(image_embedding (1, C, h, w), image_pe, sparse (1, P, C), dense (1, C, h, w),
-    multimask_output=False): low-resolution logits (1, 1, 4h, 4w) and predicted IoU (1, 1).
+    """mask_decoder(image_embedding (1, C, h, w; float16 is taken exactly), image_pe, sparse (1, P, C),
+    dense (1, C, h, w), multimask_output=False): low-resolution logits (1, 1, 4h, 4w) and predicted IoU (1, 1).
 
     window: (row0, row1, col0, col1), embedding cells (half-open): only these cells are
     upscaled; the logits elsewhere are `outside`. The transformer still sees every cell.
@@ -143,8 +143,10 @@ def decode_single_mask(mask_decoder, image_embedding: Tensor, image_pe: Tensor, 
     _, C, h, w = image_embedding.shape
     transformer = mask_decoder.transformer
     tokens = torch.cat([mask_decoder.iou_token.weight, mask_decoder.mask_tokens.weight, sparse[0]], 0)
-    # Positions as rows, contiguous: every later product, sum and norm runs on this layout.
-    keys = (image_embedding + dense)[0].reshape(C, h * w).t().contiguous()     # (N, C)
+    # Positions as rows, contiguous: every later product, sum and norm runs on this layout. The sum,
+    # the transposition and the embedding's float16 -> float32 (exact) in one pass, not three.
+    keys = torch.empty(h * w, C, dtype=torch.promote_types(image_embedding.dtype, dense.dtype), device=dense.device)
+    torch.add(image_embedding[0].reshape(C, h * w).t(), dense[0].reshape(C, h * w).t(), out=keys)   # (N, C)
     key_pe = positions_as_rows(image_pe) if key_pe is None else key_pe
     queries = tokens
     for layer in transformer.layers:
