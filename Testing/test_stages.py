@@ -466,7 +466,7 @@ def test_store_reuses_identical_decodings_and_bounds_what_it_keeps(monkeypatch):
     sam, cfg = Counting(), DecodeConfig(refine=False)
     first = store.decode(sam, 0, Prompts(np.array([[12.0, 12.0]]), np.zeros((0, 2)), (10, 10, 20, 20), region), cfg)
     again = store.decode(sam, 0, Prompts(np.array([[15.0, 15.0]]), np.zeros((0, 2)), (10, 10, 20, 20), region), cfg)
-    assert len(calls) == 1 and store.decode_reuses == 1
+    assert len(calls) == 1 and store.decode_reuses == 1 and store.decodes == 1
     assert np.array_equal(first[0], again[0]) and again[0].sum() == 100 and again[1:] == first[1:]
     store.decode(sam, 1, Prompts(np.array([[12.0, 12.0]]), np.zeros((0, 2)), (10, 10, 20, 20), region), cfg)
     assert len(calls) == 2                                   # another slice: decoded

@@ -8,6 +8,7 @@ average before and after (the development machine is shared).
 
 --one-at-a-time: the same corrections, one organ per Update, in label order (a Slicer user who
 paints one organ's correction and presses Update, then the next): the seconds of each Update.
+Each run also prints the slices SAM decoded (not reused): the work, without the shared CPU's noise.
 
 CPU, LiteMedSAM, SAM features, --embedding-cache /tmp/emb (SYNPO_EMBEDDINGS to change it).
 """
@@ -24,6 +25,7 @@ from synpo.evaluate import find_pairs, middle_paint, support_slice  # noqa: E402
 from synpo.features import load_models  # noqa: E402
 from synpo.io import read_volume  # noqa: E402
 from synpo.session import Models, Session  # noqa: E402
+from synpo.volume import sam_store  # noqa: E402
 
 
 def main(argv):
@@ -60,24 +62,29 @@ def main(argv):
                     absent.setdefault(v, []).append(t)
             name = "%s %s" % (os.path.basename(os.path.normpath(folder)), os.path.basename(img).split(".")[0])
             if one_at_a_time:
-                each = []
+                each, decoded = [], []
                 for v in wanted:
                     mine = np.where(paint == v, paint, 0)
                     if not mine.any() and v not in absent:
                         continue
+                    before = sam_store(session.stores).decodes
                     t0 = time.perf_counter()
                     session.add_support(mine if mine.any() else None, {v: absent[v]} if v in absent else {}, cfg)
                     each.append(time.perf_counter() - t0)
+                    decoded.append(sam_store(session.stores).decodes - before)
                 reruns.extend(each)
-                print("%s: %d organs, first run %.1f s, Updates correcting one organ each: %s s"
-                      % (name, len(wanted), first, " ".join("%.1f" % x for x in each)), flush=True)
+                print("%s: %d organs, first run %.1f s, Updates correcting one organ each: %s s (slices decoded: %s)"
+                      % (name, len(wanted), first, " ".join("%.1f" % x for x in each),
+                         " ".join(str(x) for x in decoded)), flush=True)
                 continue
+            before = sam_store(session.stores).decodes
             t0 = time.perf_counter()
             session.add_support(paint if paint.any() else None, absent, cfg)
             again = time.perf_counter() - t0
             reruns.append(again)
-            print("%s: %d organs, first run %.1f s, Update after one correction %.1f s"
-                  % (name, len(wanted), first, again), flush=True)
+            print("%s: %d organs, first run %.1f s (%d slices decoded), Update after one correction %.1f s "
+                  "(%d slices decoded)" % (name, len(wanted), first, before, again,
+                                           sam_store(session.stores).decodes - before), flush=True)
     print("Update after %s: mean %.1f s, max %.1f s over %d Updates"
           % ("one organ's correction" if one_at_a_time else "every organ's first correction at once",
              float(np.mean(reruns)), float(np.max(reruns)), len(reruns)))

@@ -45,6 +45,7 @@ class EmbeddingStore:
         self.decoded: "OrderedDict[tuple, tuple]" = OrderedDict()
         self.decoded_bytes = 0
         self.decode_reuses = 0
+        self.decodes = 0                           # slices decoded (not reused), for the benchmarks
         self._decoded_lock = threading.Lock()      # labels are walked in parallel threads
         # The prompts of these slices by their exact inputs (walk.decode_prompted): a re-run's walks
         # that a correction leaves alone skip the prompt selection too.
@@ -161,6 +162,7 @@ class EmbeddingStore:
         dec = decode_slice(sam, self.cache[t], self.frame, prompts, cfg)
         bits = np.packbits(dec.mask)
         with self._decoded_lock:
+            self.decodes += 1
             if key not in self.decoded:
                 self.decoded[key] = (bits, dec.iou, dec.box)
                 self.decoded_bytes += bits.nbytes
