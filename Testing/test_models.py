@@ -263,6 +263,15 @@ def test_a_rerun_reuses_the_prompts_of_unchanged_slices(served_tiny_sam, monkeyp
     assert calls
     fresh = segment_volume(image, (1.0, 1.0, 2.0), support, sam, None, other)
     assert np.array_equal(fresh.labels, third.labels)
+    # A session's memory (the server's eviction budget) counts the prompts it keeps.
+    from synpo.session import Models, Session
+    session = Session(image, (1.0, 1.0, 2.0), Models.of(sam))
+    session.run(support)
+    kept = sam_store(session.stores).prompts.bytes
+    assert kept > 0
+    total = session.memory_bytes()
+    sam_store(session.stores).prompts.bytes = 0
+    assert session.memory_bytes() == total - kept
 
 
 def test_litemedsam_batch_norms_fold_into_convolutions():

@@ -267,7 +267,7 @@ class Session:
         for value in self.stores.values():
             if isinstance(value, EmbeddingStore):
                 arrays.append(value.slices)
-                total += sum(_nbytes(t) for t in value.cache.values()) + value.decoded_bytes
+                total += sum(_nbytes(t) for t in value.cache.values()) + value.decoded_bytes + value.prompts.bytes
             else:
                 arrays.append(value)
         if self.result is not None:

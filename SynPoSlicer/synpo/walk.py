@@ -56,10 +56,10 @@ def decode_prompted(sam, store: "EmbeddingStore", t: int, conf: np.ndarray, cfg:
                     region: Optional[np.ndarray] = None, expected: Optional[np.ndarray] = None, gate_range=None,
                     timings: Optional[Dict[str, float]] = None, prev: Optional[np.ndarray] = None):
     """SynPo's per-slice step: prompts from slice t's confidence map `conf` (H, W) within `region`
-    (select_prompts; the same inputs again reuse the store's PromptCache), SAM's decoding (reused when these inputs were decoded before) and the
-    intensity gate (with gate.beyond_previous, only on what the mask adds beyond `prev`, the
-    neighbouring slice's mask). Returns (mask, SAM's IoU, box, prompts); adds its seconds to
-    timings["prompts"] and timings["decode"] when given."""
+    (select_prompts; the same inputs again reuse the store's PromptCache), SAM's decoding (reused
+    when these inputs were decoded before) and the intensity gate (with gate.beyond_previous, only
+    on what the mask adds beyond `prev`, the neighbouring slice's mask). Returns (mask, SAM's IoU,
+    box, prompts); adds its seconds to timings["prompts"] and timings["decode"] when given."""
     t0 = time.perf_counter()
     cache = getattr(store, "prompts", None)           # an EmbeddingStore's PromptCache (re-runs)
     if cache is None:
