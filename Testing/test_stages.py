@@ -1695,3 +1695,43 @@ def test_the_overlap_tolerance_is_not_given_past_a_tapering_end(min_size, expect
     assert sorted(masks) == expected
     if expected[-1] == 3:
         assert next(r for r in records if r.index == 4).reason == "left the previous mask"
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.05])
+def test_a_target_in_two_pieces_is_followed_piece_by_piece_until_they_join(fraction):
+    """volume.piece_fraction: a neighbouring mask in several pieces (each at least this fraction of
+    the largest) is decoded piece by piece, each with its own piece's search region, and the slice's
+    mask is their union; once the pieces join, the walk goes on with one box over the whole. Off (0),
+    the prompts keep the heavier confident component and the smaller piece is lost from the first
+    step (a liver's left lobe beside the right lobe, BTCV image_0)."""
+    from synpo.walk import _Context, _walk, pieces_of
+    conf = np.zeros((6, 60, 60), np.float32)
+    for t in range(6):
+        conf[t, 10:30, 5:25] = 0.9                            # the large piece
+    for t in (0, 1, 2):
+        conf[t, 12:22, 40:48] = 0.9                           # the small piece, apart
+    for t in (3, 4, 5):
+        conf[t, 12:22, 25:48] = 0.9                           # ... grown until it joins the large one
+    cfg = SynPoConfig().with_(volume={"piece_fraction": fraction})
+    store = _Store(Frame.fit(60, 60, (1.0, 1.0), 60))
+    store.ensure(range(6))
+    ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None, lambda k=1: None)
+    masks, records = {}, []
+    _walk(ctx, 1, 0, conf[0] > 0.5, 6, +1, 10.0, masks, records)
+    small = np.zeros((60, 60), bool)
+    small[12:22, 40:48] = True
+    if fraction:
+        for t in (1, 2):                                      # both pieces (the refinement box's
+            want = conf[t] > 0.5                              # margin adds a pixel), nothing between
+            assert masks[t][want].all() and not masks[t][~ndimage.binary_dilation(want, np.ones((3, 3)))].any()
+            assert len(records[t - 1].positive) > 3           # the prompts of both pieces
+            assert records[t - 1].reason == "2 pieces of the previous mask, each decoded"
+        assert len(pieces_of(masks[3], fraction)) == 2        # growing towards each other ...
+        assert len(pieces_of(masks[4], fraction)) == 1        # ... joined ...
+        assert masks[5][conf[5] > 0.5].all()                  # ... and one box over the whole after
+    else:
+        assert not masks[1][small].any()                      # the small piece is gone from the first step
+    assert [len(p) for p in (pieces_of(conf[0] > 0.5, 0.05), pieces_of(conf[0] > 0.5, 0.5),
+                             pieces_of(conf[0] > 0.5, 0.0))] == [2, 1, 1]
+    with pytest.raises(SynPoError, match="piece_fraction"):
+        validate(SynPoConfig().with_(volume={"piece_fraction": 1.5}))

@@ -42,6 +42,14 @@ def per_volume(scores) -> Dict[str, Dict[str, float]]:
     return {m: {v: float(np.mean(d)) for v, d in vols.items()} for m, vols in out.items()}
 
 
+def per_label(scores) -> Dict[str, Dict[str, float]]:
+    """{candidate: {label: mean whole-volume Dice over the volumes}} (the organs' own figures)."""
+    out: Dict[str, Dict[str, List[float]]] = {}
+    for s in scores:
+        out.setdefault(s.method, {}).setdefault(str(s.label), []).append(s.dice_volume)
+    return {m: {v: float(np.mean(d)) for v, d in labels.items()} for m, labels in out.items()}
+
+
 def best(table: Dict[str, Dict[str, float]], volumes: List[str]) -> str:
     """The candidate with the highest mean over `volumes` (the defaults win a tie)."""
     names = list(table)
@@ -86,7 +94,7 @@ def main(argv=None) -> dict:
     from synpo.features import load_models
     variants = variants_for(configured(args.set), args.vary)
     sam, dino, use = load_models("litemedsam", "sam", "small", args.device, True)
-    tables = {}
+    tables, labels = {}, {}
     for folder in args.data:
         pairs = find_pairs(folder)[: args.limit]
         if not pairs:
@@ -95,6 +103,7 @@ def main(argv=None) -> dict:
         scores = evaluate_intra(pairs, sam, dino, variants[0].cfg, None, (0.5,), False, lambda msg: None,
                                 confidence_from=use, embedding_cache=args.embedding_cache, variants=variants)
         tables[ds] = per_volume(scores)
+        labels[ds] = per_label(scores)
         print("%s: %d volumes x %d candidates done" % (ds, len(pairs), len(variants)), flush=True)
     figures = choose_and_score(tables)
     print("\n| data set | volumes | defaults | in-sample best (choice) | leave-one-volume-out | "
@@ -108,7 +117,12 @@ def main(argv=None) -> dict:
     for name in tables[next(iter(tables))]:
         print("  %-40s %s" % (name, "  ".join("%s %.4f" % (ds, np.mean(list(t[name].values())))
                                               for ds, t in tables.items())))
-    report = {"candidates": [v.name for v in variants], "tables": tables, "figures": figures}
+    print("\nper candidate, mean whole-volume Dice per label:")
+    for ds, table in labels.items():
+        for name, row in table.items():
+            print("  %-12s %-40s %s" % (ds, name, "  ".join("%s %.4f" % (k, d) for k, d in row.items())))
+    report = {"candidates": [v.name for v in variants], "tables": tables, "labels": labels,
+              "figures": figures}
     if args.output:
         write_json(report, args.output)
     return report

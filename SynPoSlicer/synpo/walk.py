@@ -172,10 +172,14 @@ class _Context:
         if self.cancel is not None and self.cancel():
             raise Cancelled("cancelled")
         vc = self.cfg.volume
-        region = (_search_region(prev, vc.search_margin, self.search_min_px(history)) if prev is not None
-                  else None)
-        mask, sam_iou, box, prompts = decode_prompted(self.sam, self.embeds, t, self.conf[t], self.cfg, region,
-                                                      expected, self.gate_range, self.timings, prev)
+        pieces = pieces_of(prev, vc.piece_fraction) if prev is not None else []
+        if len(pieces) > 1:
+            mask, sam_iou, box, prompts = self.decode_pieces(t, pieces, expected, history)
+        else:
+            region = (_search_region(prev, vc.search_margin, self.search_min_px(history)) if prev is not None
+                      else None)
+            mask, sam_iou, box, prompts = decode_prompted(self.sam, self.embeds, t, self.conf[t], self.cfg,
+                                                          region, expected, self.gate_range, self.timings, prev)
         if tick:
             self.tick()
         area = int(mask.sum())
@@ -186,7 +190,44 @@ class _Context:
                                 tuple(history)), vc)
         rec = _record(label, t, "absent" if reason else "present", prompts, score, sam_iou, box)
         rec.overlap_prev, rec.reason = overlap, reason
+        if len(pieces) > 1 and not reason:
+            rec.reason = "%d pieces of the previous mask, each decoded" % len(pieces)
         return (None if reason else mask), rec
+
+    def decode_pieces(self, t: int, pieces: List[np.ndarray], expected, history):
+        """Slice t decoded once per piece of the neighbouring mask (each with the search region of
+        its own piece): the union of the masks, SAM's IoU weighted by their areas, the union of the
+        boxes, the prompts together."""
+        vc = self.cfg.volume
+        out = []
+        for piece in pieces:
+            region = _search_region(piece, vc.search_margin, self.search_min_px(history))
+            out.append(decode_prompted(self.sam, self.embeds, t, self.conf[t], self.cfg, region, expected,
+                                       self.gate_range, self.timings, piece))
+        mask = np.logical_or.reduce([o[0] for o in out])
+        areas = np.array([o[0].sum() for o in out], dtype=float)
+        sam_iou = float((areas * [o[1] for o in out]).sum() / areas.sum()) if areas.sum() else \
+            float(max(o[1] for o in out))
+        boxes = [o[2] for o in out if o[2] is not None]
+        box = ((min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes),
+                max(b[3] for b in boxes)) if boxes else None)
+        prompts = Prompts(np.concatenate([np.asarray(o[3].positive, float).reshape(-1, 2) for o in out]),
+                          np.concatenate([np.asarray(o[3].negative, float).reshape(-1, 2) for o in out]),
+                          box, np.logical_or.reduce([o[3].region for o in out]))
+        return mask, sam_iou, box, prompts
+
+
+def pieces_of(mask: np.ndarray, fraction: float) -> List[np.ndarray]:
+    """The mask's connected pieces of at least `fraction` of the largest, largest first ([mask] when
+    fraction <= 0 or the mask is in one piece)."""
+    if fraction <= 0:
+        return [mask]
+    lab, n = ndimage.label(mask)
+    if n < 2:
+        return [mask]
+    sizes = ndimage.sum(mask, lab, np.arange(1, n + 1))
+    order = np.argsort(-sizes, kind="stable")
+    return [lab == 1 + int(i) for i in order if sizes[i] >= fraction * sizes[order[0]]]
 
 
 def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, step: int, min_area: float,
