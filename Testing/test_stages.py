@@ -1698,12 +1698,13 @@ def test_the_overlap_tolerance_is_not_given_past_a_tapering_end(min_size, expect
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.05])
-def test_a_target_in_two_pieces_is_followed_piece_by_piece_until_they_join(fraction):
+def test_a_target_in_two_pieces_is_followed_piece_by_piece_until_they_grow_together(fraction):
     """volume.piece_fraction: a neighbouring mask in several pieces (each at least this fraction of
-    the largest) is decoded piece by piece, each with its own piece's search region, and the slice's
-    mask is their union; once the pieces join, the walk goes on with one box over the whole. Off (0),
-    the prompts keep the heavier confident component and the smaller piece is lost from the first
-    step (a liver's left lobe beside the right lobe, BTCV image_0)."""
+    the largest) is decoded piece by piece too, each with its own piece's search region, and the
+    slice's mask is their union, unless the slice decoded as one (one box over the previous mask)
+    holds what the pieces found and more: there the pieces have grown together. Off (0), the prompts
+    keep the heavier confident component and the smaller piece is lost from the first step (a
+    liver's left lobe beside the right lobe, BTCV image_0)."""
     from synpo.walk import _Context, _walk, pieces_of
     conf = np.zeros((6, 60, 60), np.float32)
     for t in range(6):
@@ -1711,7 +1712,7 @@ def test_a_target_in_two_pieces_is_followed_piece_by_piece_until_they_join(fract
     for t in (0, 1, 2):
         conf[t, 12:22, 40:48] = 0.9                           # the small piece, apart
     for t in (3, 4, 5):
-        conf[t, 12:22, 25:48] = 0.9                           # ... grown until it joins the large one
+        conf[t, 12:22, 25:48] = 0.9                           # ... grown into the large one
     cfg = SynPoConfig().with_(volume={"piece_fraction": fraction})
     store = _Store(Frame.fit(60, 60, (1.0, 1.0), 60))
     store.ensure(range(6))
@@ -1726,12 +1727,37 @@ def test_a_target_in_two_pieces_is_followed_piece_by_piece_until_they_join(fract
             assert masks[t][want].all() and not masks[t][~ndimage.binary_dilation(want, np.ones((3, 3)))].any()
             assert len(records[t - 1].positive) > 3           # the prompts of both pieces
             assert records[t - 1].reason == "2 pieces of the previous mask, each decoded"
-        assert len(pieces_of(masks[3], fraction)) == 2        # growing towards each other ...
-        assert len(pieces_of(masks[4], fraction)) == 1        # ... joined ...
-        assert masks[5][conf[5] > 0.5].all()                  # ... and one box over the whole after
+        # Slice 3: one box over both pieces finds them and the part between: decoded as one.
+        assert records[2].reason == "2 pieces of the previous mask grown together: decoded as one"
+        for t in (3, 4, 5):
+            assert len(pieces_of(masks[t], fraction)) == 1 and masks[t][conf[t] > 0.5].all()
     else:
         assert not masks[1][small].any()                      # the small piece is gone from the first step
+        assert all(r.reason == "" for r in records if r.status == "present")
     assert [len(p) for p in (pieces_of(conf[0] > 0.5, 0.05), pieces_of(conf[0] > 0.5, 0.5),
                              pieces_of(conf[0] > 0.5, 0.0))] == [2, 1, 1]
     with pytest.raises(SynPoError, match="piece_fraction"):
         validate(SynPoConfig().with_(volume={"piece_fraction": 1.5}))
+
+
+def test_pieces_grown_together_only_where_the_whole_holds_them_and_more():
+    """walk.grown_together: the slice decoded as one replaces the pieces' union only where it holds
+    that union and more (a ventricle's two pieces at its base, one ventricle on the next slice); not
+    where it kept one piece of them (a liver's lobe lost) or lies elsewhere."""
+    from synpo.walk import grown_together
+    a = np.zeros((20, 40), bool)
+    a[5:15, 2:12] = True                                      # piece A's mask
+    b = np.zeros((20, 40), bool)
+    b[5:15, 28:34] = True                                     # piece B's mask
+    union = a | b
+    organ = np.zeros((20, 40), bool)
+    organ[4:16, 1:35] = True                                  # one organ over both and between
+    elsewhere = np.zeros((20, 40), bool)
+    elsewhere[0:4, 0:40] = True
+    assert grown_together(organ, union, 0.9)                  # holds the pieces and more
+    assert not grown_together(a, union, 0.9)                  # one piece of them
+    assert not grown_together(elsewhere, union, 0.9)          # another structure
+    assert not grown_together(union.copy(), union, 0.9)       # the same: the pieces stand
+    assert not grown_together(np.zeros_like(a), union, 0.9)
+    with pytest.raises(SynPoError, match="piece_holds"):
+        validate(SynPoConfig().with_(volume={"piece_holds": 0.0}))

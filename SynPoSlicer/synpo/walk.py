@@ -172,14 +172,19 @@ class _Context:
         if self.cancel is not None and self.cancel():
             raise Cancelled("cancelled")
         vc = self.cfg.volume
+        region = (_search_region(prev, vc.search_margin, self.search_min_px(history)) if prev is not None
+                  else None)
+        mask, sam_iou, box, prompts = decode_prompted(self.sam, self.embeds, t, self.conf[t], self.cfg,
+                                                      region, expected, self.gate_range, self.timings, prev)
         pieces = pieces_of(prev, vc.piece_fraction) if prev is not None else []
+        note = ""
         if len(pieces) > 1:
-            mask, sam_iou, box, prompts = self.decode_pieces(t, pieces, expected, history)
-        else:
-            region = (_search_region(prev, vc.search_margin, self.search_min_px(history)) if prev is not None
-                      else None)
-            mask, sam_iou, box, prompts = decode_prompted(self.sam, self.embeds, t, self.conf[t], self.cfg,
-                                                          region, expected, self.gate_range, self.timings, prev)
+            parts = self.decode_pieces(t, pieces, expected, history)
+            if grown_together(mask, parts[0], vc.piece_holds):
+                note = "%d pieces of the previous mask grown together: decoded as one" % len(pieces)
+            else:
+                mask, sam_iou, box, prompts = parts
+                note = "%d pieces of the previous mask, each decoded" % len(pieces)
         if tick:
             self.tick()
         area = int(mask.sum())
@@ -190,8 +195,8 @@ class _Context:
                                 tuple(history)), vc)
         rec = _record(label, t, "absent" if reason else "present", prompts, score, sam_iou, box)
         rec.overlap_prev, rec.reason = overlap, reason
-        if len(pieces) > 1 and not reason:
-            rec.reason = "%d pieces of the previous mask, each decoded" % len(pieces)
+        if note and not reason:
+            rec.reason = note
         return (None if reason else mask), rec
 
     def decode_pieces(self, t: int, pieces: List[np.ndarray], expected, history):
@@ -215,6 +220,18 @@ class _Context:
                           np.concatenate([np.asarray(o[3].negative, float).reshape(-1, 2) for o in out]),
                           box, np.logical_or.reduce([o[3].region for o in out]))
         return mask, sam_iou, box, prompts
+
+
+def grown_together(whole: np.ndarray, pieces: np.ndarray, holds: float) -> bool:
+    """Whether the slice decoded as one (`whole`, one box over the previous mask) holds what the
+    pieces decoded on their own found (at least `holds` of it) and more (they hold less than `holds`
+    of it): pieces of one organ that grow together (a ventricle at its base), where each piece's
+    own search region would cut the organ. Otherwise the pieces stand: the whole kept one piece
+    (the prompts keep one confident component: a liver's left lobe lost) or lies elsewhere."""
+    if not whole.any():
+        return False
+    both = int(np.logical_and(whole, pieces).sum())
+    return both >= holds * int(pieces.sum()) and both < holds * int(whole.sum())
 
 
 def pieces_of(mask: np.ndarray, fraction: float) -> List[np.ndarray]:
