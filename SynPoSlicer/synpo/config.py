@@ -101,21 +101,22 @@ class VolumeConfig:
     # dilated by this fraction of its bounding-box size (at least search_min_px).
     search_margin: float = 0.07
     # A neighbouring mask (or paint) in several pieces, each at least this fraction of the largest:
-    # the slice is decoded once per piece, each with its own piece's search region, and its mask is
-    # their union (walk._Context.decode_pieces); pieces that join go on as one. 0: off (the prompts
-    # then keep the heavier confident component, and a lobe beside the organ's main piece was lost
-    # from the first step: BTCV image_0's liver 0.880 -> 0.973). benchmarks/out_of_sample.py
-    # --vary volume.piece_fraction 0.05 0.15 0.3 (0.01 0.02 on btcv_ct), CHAOS / cmr_bssfp / ACDC /
-    # BTCV 13 organs: 0 0.9105 / 0.8657 / 0.8912 / 0.7595; 0.01: BTCV 0.7713; 0.02: 0.7713; 0.05:
-    # 0.9104 / 0.8657 / 0.8909 / 0.7714; 0.15: 0.9105 / 0.8657 / 0.8909 / 0.7686; 0.3: 0.9105 /
-    # 0.8657 / 0.8912 / 0.7672. Chosen on BTCV (liver 0.939 -> 0.962, portal veins 0.378 -> 0.486):
-    # the other sets have almost no organ in pieces, so they cannot choose it (unchanged within 0.0003).
+    # the slice is decoded once per piece too, each with its own piece's search region, and its mask
+    # is their union (walk._Context.decode_pieces). 0: off (the prompts keep the heavier confident
+    # component, and a lobe beside the organ's main piece was lost from the first step: BTCV image_0's
+    # liver 0.880 -> 0.973). benchmarks/out_of_sample.py --vary volume.piece_fraction, without
+    # piece_holds, CHAOS / cmr_bssfp / ACDC / BTCV 13 organs: 0: 0.9105 / 0.8657 / 0.8912 / 0.7595;
+    # 0.01 and 0.02: BTCV 0.7713; 0.05: 0.9104 / 0.8657 / 0.8909 / 0.7714; 0.15: 0.9105 / 0.8657 /
+    # 0.8909 / 0.7686; 0.3: 0.9105 / 0.8657 / 0.8912 / 0.7672. Chosen on BTCV (the other sets have
+    # almost no organ in pieces and cannot choose it).
     piece_fraction: float = 0.05
     # ... unless the slice decoded as one (as without pieces) holds at least this fraction of what
     # the pieces found and more (walk.grown_together): pieces that grow into one organ. Without it
     # the pieces rule cost cmr_bssfp's corrections 0.004-0.006 at k = 1-3 (a right ventricle painted
     # at its base in two pieces, one ventricle on the next slice: image_5 after 1 correction 0.836 ->
-    # 0.773); with 0.9 no k is lower than without the pieces rule (details: docs/research.md).
+    # 0.773); with 0.9, no k lower than without the pieces rule, and BTCV 0.7711 (liver 0.939 ->
+    # 0.962, portal and splenic veins 0.378 -> 0.487), CHAOS 0.9104, cmr_bssfp 0.8657, ACDC 0.8912.
+    # Other tests of "grown together", tried and dropped: docs/research.md, "An organ in pieces".
     piece_holds: float = 0.9
     search_min_px: int = 4
     # ... and while the walk's masks grow, at least this many times the distance to the next slice
