@@ -1186,8 +1186,8 @@ def _walk_up(conf, cfg):
     """One walk upwards from slice 0 (painted where conf[0] > 0.5) over the confidence maps `conf`,
     with box prompts decoded as boxes; returns (masks, records)."""
     from synpo.walk import _Context, _walk
-    n = len(conf)
-    store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
+    n, H, W = conf.shape
+    store = _Store(Frame.fit(H, W, (1.0, 1.0), max(H, W)))
     store.ensure(range(n))
     ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None, lambda k=1: None)
     masks, records = {}, []
@@ -1705,7 +1705,7 @@ def test_a_target_in_two_pieces_is_followed_piece_by_piece_until_they_grow_toget
     holds what the pieces found and more: there the pieces have grown together. Off (0), the prompts
     keep the heavier confident component and the smaller piece is lost from the first step (a
     liver's left lobe beside the right lobe, BTCV image_0)."""
-    from synpo.walk import _Context, _walk, pieces_of
+    from synpo.walk import pieces_of
     conf = np.zeros((6, 60, 60), np.float32)
     for t in range(6):
         conf[t, 10:30, 5:25] = 0.9                            # the large piece
@@ -1713,12 +1713,7 @@ def test_a_target_in_two_pieces_is_followed_piece_by_piece_until_they_grow_toget
         conf[t, 12:22, 40:48] = 0.9                           # the small piece, apart
     for t in (3, 4, 5):
         conf[t, 12:22, 25:48] = 0.9                           # ... grown into the large one
-    cfg = SynPoConfig().with_(volume={"piece_fraction": fraction})
-    store = _Store(Frame.fit(60, 60, (1.0, 1.0), 60))
-    store.ensure(range(6))
-    ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None, lambda k=1: None)
-    masks, records = {}, []
-    _walk(ctx, 1, 0, conf[0] > 0.5, 6, +1, 10.0, masks, records)
+    masks, records = _walk_up(conf, SynPoConfig().with_(volume={"piece_fraction": fraction}))
     small = np.zeros((60, 60), bool)
     small[12:22, 40:48] = True
     if fraction:
