@@ -4,7 +4,9 @@ Each query slice is decoded with prompts taken from its own confidence map, rest
 region around the mask of the slice next to it (towards the start); whether the target is still
 there is judged by the stop rules of walk_rules.py. The first slice judged "target absent" ends the
 walk in that direction (an organ is one contiguous run of slices), so slices beyond it come out
-empty. Who walks which slices, between several starts, is ownership.py's.
+empty. A neighbouring mask in several pieces is also decoded piece by piece (volume.piece_fraction,
+_Context.decode_pieces, grown_together). Who walks which slices, between several starts, is
+ownership.py's.
 """
 import time
 from typing import Callable, Dict, List, Optional, Sequence
