@@ -34,20 +34,13 @@ from synpo.errors import SynPoError  # noqa: E402
 from synpo.evaluate import evaluate_intra, find_pairs  # noqa: E402
 
 
-def per_volume(scores) -> Dict[str, Dict[str, float]]:
-    """{candidate: {volume: mean whole-volume Dice over its organs}}."""
+def mean_dice(scores, by: str = "volume") -> Dict[str, Dict[str, float]]:
+    """{candidate: {volume (by="volume") or label (by="label"): mean whole-volume Dice}}: per volume
+    over its organs, or per organ over the volumes."""
     out: Dict[str, Dict[str, List[float]]] = {}
     for s in scores:
-        out.setdefault(s.method, {}).setdefault(s.volume, []).append(s.dice_volume)
-    return {m: {v: float(np.mean(d)) for v, d in vols.items()} for m, vols in out.items()}
-
-
-def per_label(scores) -> Dict[str, Dict[str, float]]:
-    """{candidate: {label: mean whole-volume Dice over the volumes}} (the organs' own figures)."""
-    out: Dict[str, Dict[str, List[float]]] = {}
-    for s in scores:
-        out.setdefault(s.method, {}).setdefault(str(s.label), []).append(s.dice_volume)
-    return {m: {v: float(np.mean(d)) for v, d in labels.items()} for m, labels in out.items()}
+        out.setdefault(s.method, {}).setdefault(str(getattr(s, by)), []).append(s.dice_volume)
+    return {m: {k: float(np.mean(d)) for k, d in groups.items()} for m, groups in out.items()}
 
 
 def best(table: Dict[str, Dict[str, float]], volumes: List[str]) -> str:
@@ -102,8 +95,8 @@ def main(argv=None) -> dict:
         ds = os.path.basename(os.path.normpath(folder))
         scores = evaluate_intra(pairs, sam, dino, variants[0].cfg, None, (0.5,), False, lambda msg: None,
                                 confidence_from=use, embedding_cache=args.embedding_cache, variants=variants)
-        tables[ds] = per_volume(scores)
-        labels[ds] = per_label(scores)
+        tables[ds] = mean_dice(scores)
+        labels[ds] = mean_dice(scores, "label")
         print("%s: %d volumes x %d candidates done" % (ds, len(pairs), len(variants)), flush=True)
     figures = choose_and_score(tables)
     print("\n| data set | volumes | defaults | in-sample best (choice) | leave-one-volume-out | "
