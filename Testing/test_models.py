@@ -98,7 +98,8 @@ def test_device_choice():
 
 def test_precision_choice_and_fp16_overflow_falls_back_to_fp32():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert features.pick_precision("auto", cuda) is torch.float16
+    # fp32 by default on CUDA too: fp16 was slower and lost Dice with LiteMedSAM on an H200 (pick_precision)
+    assert features.pick_precision("auto", cuda) is None and features.pick_precision("fp16", cuda) is torch.float16
     assert features.pick_precision("auto", cpu) is None and features.pick_precision("fp32", cuda) is None
     assert features.pick_precision("bf16", cuda) is torch.bfloat16
     with pytest.raises(SynPoError, match="needs a CUDA device"):
@@ -120,6 +121,33 @@ def test_precision_choice_and_fp16_overflow_falls_back_to_fp32():
     assert calls == [True, False] and torch.equal(out, x * 2.0) and out.dtype == torch.float32
     calls.clear()
     assert torch.equal(features.run_encoder(overflowing, x, cpu, None), x * 2.0) and calls == [False]
+
+
+def test_fp32_on_cuda_is_ieee_not_tf32_and_the_process_flags_come_back():
+    """PyTorch runs cuDNN convolutions in TF32 by default (torch.backends.cudnn.allow_tf32 is True),
+    which moved Dice by up to 0.036 against the CPU on an H200. The flags are process-wide and need
+    no GPU to read or set: inside full_fp32 both are off on CUDA, untouched on the CPU, and whatever
+    the caller had is back afterwards, also after an error."""
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, True
+        seen = []
+        with features.full_fp32(torch.device("cpu")):
+            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        with pytest.raises(RuntimeError, match="inside"):
+            with features.full_fp32(torch.device("cuda")):
+                seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+                raise RuntimeError("inside")
+        assert seen == [(True, True), (False, False)]
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+
+        def forward(x):
+            seen.append(torch.backends.cudnn.allow_tf32)
+            return x
+        features.run_encoder(forward, torch.ones(1), torch.device("cuda"), None)
+        assert seen[-1] is False and torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
 
 
 def test_synergy_pipeline_with_tiny_models(served_tiny_sam, tiny_dinov2_dir, monkeypatch):

@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--dinov2", default="small", choices=("small", "base", "large", "giant"))
     seg.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     seg.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                     help="encoder precision: auto = fp16 on CUDA, fp32 on CPU")
+                     help="encoder precision: auto = fp32 (IEEE, no TF32) on CUDA and CPU")
     seg.add_argument("--modality", default=None, choices=("ct", "mr"),
                      help="override the automatic choice (CT in Hounsfield units: a soft-tissue window; a CT already "
                           "windowed to 8-bit grey values is taken as it is and reported as ct-windowed; MR: "
@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dinov2", default="small", choices=("small", "base", "large", "giant"))
     bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     bench.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                       help="encoder precision: auto = fp16 on CUDA, fp32 on CPU")
+                       help="encoder precision: auto = fp32 (IEEE, no TF32) on CUDA and CPU")
     add_set_option(bench)
     add_runtime_option(bench)
     bench.add_argument("--quiet", action="store_true")

@@ -10,6 +10,7 @@ longest *physical* side fills the encoder's input (pixels of an anisotropic
 slice are not squares), pads bottom/right, and reports the valid region
 through `Frame`.
 """
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -38,17 +39,17 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def pick_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
-    """Encoder autocast dtype: None = float32. "auto" = fp16 on a CUDA GPU, else fp32.
+    """Encoder autocast dtype: None = float32. "auto" = float32 on every device.
 
-    fp16, not bf16: with LiteMedSAM under autocast (measured on a CPU, no GPU at hand; README)
-    bf16 embeddings were 4-5 % off the fp32 ones and the ground-truth-box masks 0.94-0.99 IoU of
-    fp32's, fp16 embeddings 0.7 % off and the masks 0.98-1.00 IoU.
+    Measured on an NVIDIA H200 (benchmarks/gpu_check.py, docs/research.md "On a GPU"): with
+    LiteMedSAM, fp16 autocast was slower than fp32 (encoder 0.021 against 0.013 s a slice) and cost
+    Dice (CHAOS and a BTCV volume, 34 organ-volumes: mean -0.006 against the CPU, one organ -0.14);
+    bf16 -0.002, one organ -0.05. fp16 and bf16 stay on offer for the ViT encoders, which they speed
+    up (SAM ViT-B 0.042 -> 0.026 s a slice); their effect on Dice is unmeasured (no weights here).
     An fp16 overflow is caught: that batch is encoded again in fp32 (`run_encoder`).
     """
-    if name == "fp32" or (name == "auto" and device.type != "cuda"):
+    if name in ("auto", "fp32"):
         return None
-    if name == "auto":
-        return torch.float16
     if name in ("bf16", "fp16"):
         if device.type != "cuda":
             raise SynPoError("--precision %s needs a CUDA device; the CPU runs in fp32" % name)
@@ -56,10 +57,26 @@ def pick_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
     raise SynPoError("unknown precision %r; use auto, fp32, bf16 or fp16" % name)
 
 
+@contextlib.contextmanager
+def full_fp32(device: torch.device):
+    """On CUDA, convolutions and matrix products in IEEE fp32 rather than TF32 while inside: PyTorch
+    runs cuDNN convolutions in TF32 by default on Ampere and newer GPUs (torch.backends.cudnn.allow_tf32),
+    a 10-bit mantissa that moved whole-volume Dice by up to 0.036 against the CPU on an H200. The
+    process-wide flags are restored on leaving."""
+    if device.type != "cuda":
+        yield
+        return
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+
+
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
-    import contextlib
     if dtype is None:
-        return contextlib.nullcontext()
+        return full_fp32(device)
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
@@ -69,7 +86,8 @@ def run_encoder(forward, x: torch.Tensor, device: torch.device, dtype: Optional[
     with _autocast(device, dtype):
         out = forward(x)
     if dtype is not None and not bool(torch.isfinite(out).all()):
-        out = forward(x)
+        with full_fp32(device):
+            out = forward(x)
     return out.float()
 
 
@@ -351,13 +369,14 @@ class SamModel:
             corners = frame.to_input_xy(np.asarray(box_xy, dtype=float).reshape(2, 2)).reshape(1, 4)
             boxes = torch.as_tensor(corners, dtype=torch.float32, device=dev)
         masks = mask_logits.to(dev).view(1, 1, *mask_logits.shape[-2:]) if mask_logits is not None else None
-        sparse, dense = self.net.prompt_encoder(points=points, boxes=boxes, masks=masks)
-        # segment_anything's MaskDecoder with multimask_output=False, in fewer operations (sam_decoder.py).
         window = None
         if box_xy is not None and window_margin is not None:
             window = self.decode_window(frame, box_xy, window_margin, embedding.shape[-2:])
-        low, iou = decode_single_mask(self.net.mask_decoder, embedding.to(dev).view(1, *embedding.shape[-3:]),
-                                      self.dense_pe(), sparse, dense, window, key_pe=self.key_pe())
+        with full_fp32(dev):
+            sparse, dense = self.net.prompt_encoder(points=points, boxes=boxes, masks=masks)
+            # segment_anything's MaskDecoder with multimask_output=False, in fewer operations (sam_decoder.py).
+            low, iou = decode_single_mask(self.net.mask_decoder, embedding.to(dev).view(1, *embedding.shape[-3:]),
+                                          self.dense_pe(), sparse, dense, window, key_pe=self.key_pe())
         low = low[0, 0].float()
         logits = frame.input_map_to_slice(low[None])[0]
         return logits.cpu(), low.cpu(), float(iou[0, 0])
