@@ -244,6 +244,13 @@ def test_confidence_volume_in_chunks_equals_one_pass_and_embeddings_kept_in_fp16
     again = volume.EmbeddingStore(enc, img, store.frame, 4, str(tmp_path))     # from the disk cache
     again.ensure(range(len(img)))
     assert enc.calls == len(img) and torch.equal(again.cache[3], store.cache[3])
+    # Another runtime's or a GPU's embeddings are kept apart from the CPU's (embeddings.EmbeddingStore).
+    paths = {store.disk_path}
+    for attribute, value in (("runtime", "openvino"), ("device", torch.device("cuda"))):
+        other = _PoolEncoder()
+        setattr(other, attribute, value)
+        paths.add(volume.EmbeddingStore(other, img, store.frame, 4, str(tmp_path)).disk_path)
+    assert len(paths) == 3
     args = ({"sam": store}, {"sam": store}, [5], [lab[5]], range(len(img)), ("sam",), SynPoConfig())
     from synpo import slice_confidence
     monkeypatch.setattr(slice_confidence, "CONFIDENCE_CHUNK", 3)

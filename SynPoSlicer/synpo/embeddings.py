@@ -63,6 +63,8 @@ class EmbeddingStore:
                 key += "|%s" % encoder.precision
             if getattr(encoder, "runtime", "torch") != "torch":       # so do another runtime's (by ~1e-6)
                 key += "|%s" % encoder.runtime
+            if getattr(getattr(encoder, "device", None), "type", "cpu") != "cpu":   # and a GPU's (IEEE fp32:
+                key += "|%s" % encoder.device.type                    # Dice within 3e-4 of the CPU's, research.md)
             digest.update(key.encode())
             digest.update(np.ascontiguousarray(slices).tobytes())
             self.disk_path = os.path.join(disk_dir, "%s-%s.pt" % (encoder.name, digest.hexdigest()[:20]))
