@@ -143,10 +143,12 @@ def decode_single_mask(mask_decoder, image_embedding: Tensor, image_pe: Tensor, 
     _, C, h, w = image_embedding.shape
     transformer = mask_decoder.transformer
     tokens = torch.cat([mask_decoder.iou_token.weight, mask_decoder.mask_tokens.weight, sparse[0]], 0)
-    # Positions as rows, contiguous: every later product, sum and norm runs on this layout. The sum,
-    # the transposition and the embedding's float16 -> float32 (exact) in one pass, not three.
-    keys = torch.empty(h * w, C, dtype=torch.promote_types(image_embedding.dtype, dense.dtype), device=dense.device)
-    torch.add(image_embedding[0].reshape(C, h * w).t(), dense[0].reshape(C, h * w).t(), out=keys)   # (N, C)
+    # Positions as rows, contiguous: every later product, sum and norm runs on this layout. The sum
+    # (with the embedding's float16 -> float32, exact) in the channels-first layout both inputs are
+    # stored in, then one transposing copy: the same values as a sum written straight into the rows,
+    # whose strided reads of both inputs took 2.5 x as long with a mask prompt's dense map (9.4 ->
+    # 3.8 ms on one CPU thread; 4.5 -> 3.5 ms with the constant no-mask map).
+    keys = torch.add(image_embedding[0].reshape(C, h * w), dense[0].reshape(C, h * w)).t().contiguous()   # (N, C)
     key_pe = positions_as_rows(image_pe) if key_pe is None else key_pe
     queries = tokens
     for layer in transformer.layers:
