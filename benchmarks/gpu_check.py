@@ -9,6 +9,9 @@ files packed here, and the run reads nothing else:
         [--embedding-cache /tmp/emb]
     .venv/bin/python benchmarks/gpu_check.py compare cpu.json gpu.json
 
+`run --update` then makes the simulated annotator's first correction of every organ at once and
+times the Update (benchmarks/correction_rerun.py's measure, issue 28's "<= 10 s").
+
 `pack` writes one NAME.npz per volume (image as int16 where that is exact, label as uint8, the
 spacing) and the bundled sample CT with its support. `run` loads LiteMedSAM (SAM features alone,
 as every figure in docs/research.md) once per precision and, per volume, paints every organ on its
@@ -61,7 +64,8 @@ def pack(out: str, sets, limit: int) -> None:
         print("%s %s %s" % (name, image.shape, arrays["image"].dtype), flush=True)
 
 
-def run(pack_dir: str, device: str, precisions, output: str, embedding_cache=None, runtime: str = "auto") -> None:
+def run(pack_dir: str, device: str, precisions, output: str, embedding_cache=None, runtime: str = "auto",
+        update: bool = False) -> None:
     import torch
     from synpo.benchmark import _run
     from synpo.config import default_config
@@ -92,13 +96,46 @@ def run(pack_dir: str, device: str, precisions, output: str, embedding_cache=Non
             row = {"volume": name, "precision": precision, "describe": models.describe(), "model_load_s": load_s,
                    "shape": list(image.shape), "dice": dices, "first": first, "again": again,
                    "again_same_labels": same}
+            if update and "support" not in data.files:
+                row["update"] = _update(session, result, gt, labels, cfg)
             report["runs"].append(row)
             print("%s %s: dice %s | first %.2f s (encode %.2f s), again %.2f s, same labels %s%s" % (
                 name, precision, " ".join("%s:%.4f" % kv for kv in dices.items()), first["wall_s"],
                 first["stages_s"]["encode_sam"], again["wall_s"], same,
                 (", CUDA peak %.0f MB" % first["cuda_peak_mb"]) if "cuda_peak_mb" in first else ""), flush=True)
+            if "update" in row:
+                print("  Update after every organ's first correction at once: %.2f s, %d slices decoded"
+                      % (row["update"]["seconds"], row["update"]["decoded"]), flush=True)
     with open(output, "w") as handle:
         json.dump(report, handle, indent=1)
+
+
+def _update(session, result, gt, labels, cfg) -> dict:
+    """The simulated annotator's first correction of every organ at once (its worst slice painted or
+    marked absent, corrections.worst_slice), and the Update's seconds: benchmarks/correction_rerun.py's
+    measure, here for a GPU."""
+    import torch
+    from synpo.corrections import worst_slice
+    from synpo.evaluate import support_slice
+    from synpo.volume import sam_store
+    paint, absent = np.zeros_like(gt), {}
+    for v in labels:
+        step = worst_slice(result.labels == v, gt == v, {support_slice(gt == v, 0.5)})
+        if step is None:
+            continue
+        kind, t = step
+        if kind == "paint":
+            paint[t][gt[t] == v] = v
+        else:
+            absent.setdefault(v, []).append(t)
+    before = sam_store(session.stores).decodes
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    session.add_support(paint if paint.any() else None, absent, cfg)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return {"seconds": time.perf_counter() - t0, "decoded": sam_store(session.stores).decodes - before}
 
 
 def compare(paths) -> None:
@@ -135,6 +172,8 @@ def main() -> None:
     r.add_argument("--precision", default="auto", help="comma-separated: auto, fp32, fp16, bf16")
     r.add_argument("--runtime", default="auto")
     r.add_argument("--embedding-cache")
+    r.add_argument("--update", action="store_true",
+                   help="then every organ's first correction at once, and the Update's seconds")
     r.add_argument("-o", "--output", required=True)
     c = sub.add_parser("compare")
     c.add_argument("reports", nargs="+")
@@ -142,7 +181,8 @@ def main() -> None:
     if args.cmd == "pack":
         pack(args.out, args.sets, args.limit)
     elif args.cmd == "run":
-        run(args.pack, args.device, args.precision.split(","), args.output, args.embedding_cache, args.runtime)
+        run(args.pack, args.device, args.precision.split(","), args.output, args.embedding_cache, args.runtime,
+            args.update)
     else:
         compare(args.reports)
 
