@@ -65,16 +65,16 @@ def pack(out: str, sets, limit: int) -> None:
 
 
 def run(pack_dir: str, device: str, precisions, output: str, embedding_cache=None, runtime: str = "auto",
-        update: bool = False) -> None:
+        update: bool = False, sets=()) -> None:
     import torch
     from synpo.benchmark import _run
-    from synpo.config import default_config
+    from synpo.config import configured
     from synpo.session import Models, Session
     files = sorted(glob.glob(os.path.join(pack_dir, "*.npz")))
     if not files:
         raise SystemExit("no .npz volumes in %s (run `pack` first)" % pack_dir)
-    cfg = default_config()
-    report = {"device": device, "torch": torch.__version__, "runs": []}
+    cfg = configured(list(sets))
+    report = {"device": device, "torch": torch.__version__, "set": list(sets), "runs": []}
     if torch.cuda.is_available():
         report["device_name"] = torch.cuda.get_device_name(0)
     for precision in precisions:
@@ -172,6 +172,8 @@ def main() -> None:
     r.add_argument("--precision", default="auto", help="comma-separated: auto, fp32, fp16, bf16")
     r.add_argument("--runtime", default="auto")
     r.add_argument("--embedding-cache")
+    r.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="a setting other than the default (config.py), as `synpo segment --set`")
     r.add_argument("--update", action="store_true",
                    help="then every organ's first correction at once, and the Update's seconds")
     r.add_argument("-o", "--output", required=True)
@@ -182,7 +184,7 @@ def main() -> None:
         pack(args.out, args.sets, args.limit)
     elif args.cmd == "run":
         run(args.pack, args.device, args.precision.split(","), args.output, args.embedding_cache, args.runtime,
-            args.update)
+            args.update, args.set)
     else:
         compare(args.reports)
 
