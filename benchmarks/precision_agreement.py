@@ -8,9 +8,10 @@ against fp32, the mask's IoU against the fp32 mask, and each mask's Dice against
     python benchmarks/precision_agreement.py IMAGE LABEL [--slices 14,18,22,26]
         [--precisions fp32,fp16,bf16] [--model litemedsam] [--device auto] [-o report.json]
 
-On a CUDA GPU this is what decides `--precision auto`. A CPU can run the same autocast
-(slowly: ~55 s a slice for LiteMedSAM in fp16 or bf16 on two AVX2 cores), which is how the
-README's figures were taken where no GPU was at hand.
+A CPU can run the same autocast (slowly: ~55 s a slice for LiteMedSAM in fp16 or bf16 on two
+AVX2 cores). Per slice from ground-truth boxes it chose fp16 as the CUDA default while no GPU was
+at hand; whole volumes on a GPU (benchmarks/gpu_check.py, docs/research.md "On a GPU") then
+showed fp16 losing Dice and time, and `--precision auto` became fp32.
 """
 import argparse
 import json

@@ -447,7 +447,7 @@ def load_models(sam_name: str = "litemedsam", features: str = "auto", dinov2_siz
 
     features: "sam", "dinov2", "synergy" (both; downloads DINOv2, or fails with a message), or
     "auto" (synergy when DINOv2 weights are on disk, else SAM only, said in one line on stderr
-    unless quiet). precision: the encoders' autocast ("auto" = fp16 on CUDA, fp32 on CPU).
+    unless quiet). precision: the encoders' autocast ("auto" = none: IEEE fp32 everywhere, pick_precision).
     runtime: the SAM encoder's ("auto" = OpenVINO for LiteMedSAM on a CPU when installed, else
     PyTorch; "torch"; "openvino": openvino_runtime.py).
     """
