@@ -382,6 +382,17 @@ def test_the_simulated_annotator_picks_the_slice_with_the_most_wrong_pixels():
     dice, fp = scored_without(pred, gt, set())
     assert fp == 1
 
+    # A round over two organs: organ 1 painted on its slice 1, organ 2's false slice 4 marked absent.
+    from synpo.corrections import next_corrections
+    labels, truth = np.where(pred, 1, 0), np.where(gt, 1, 0)
+    labels[4] = np.where(pred[4], 2, 0)
+    truth[0, 0:3, 0:3] = labels[0, 0:3, 0:3] = 2           # organ 2 right on slice 0
+    touched = {1: {2}, 2: {0}}
+    paint, absent, steps = next_corrections(labels, truth, [1, 2], touched)
+    assert steps == {1: ("paint", 1), 2: ("absent", 4)} and absent == {2: [4]}
+    assert np.array_equal(paint[1], truth[1]) and not paint[[0, 2, 3, 4]].any()
+    assert touched == {1: {1, 2}, 2: {0, 4}}
+
 
 def test_out_of_sample_chooses_without_the_volume_it_scores():
     oos = _load_script("out_of_sample")

@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "SynPoSlicer"))
 from synpo.config import configured  # noqa: E402
-from synpo.corrections import worst_slice  # noqa: E402
+from synpo.corrections import next_corrections  # noqa: E402
 from synpo.evaluate import find_pairs, middle_paint, support_slice  # noqa: E402
 from synpo.features import load_models  # noqa: E402
 from synpo.io import read_volume  # noqa: E402
@@ -50,16 +50,8 @@ def main(argv):
             t0 = time.perf_counter()
             result = session.run(support, cfg, axis=0)
             first = time.perf_counter() - t0
-            paint, absent = np.zeros_like(gt), {}
-            for v in wanted:
-                step = worst_slice(result.labels == v, gt == v, {support_slice(gt == v, 0.5)})
-                if step is None:
-                    continue
-                kind, t = step
-                if kind == "paint":
-                    paint[t][gt[t] == v] = v
-                else:
-                    absent.setdefault(v, []).append(t)
+            paint, absent, _ = next_corrections(result.labels, gt, wanted,
+                                                {v: {support_slice(gt == v, 0.5)} for v in wanted})
             name = "%s %s" % (os.path.basename(os.path.normpath(folder)), os.path.basename(img).split(".")[0])
             if one_at_a_time:
                 each, decoded = [], []

@@ -112,22 +112,13 @@ def run(pack_dir: str, device: str, precisions, output: str, embedding_cache=Non
 
 def _update(session, result, gt, labels, cfg) -> dict:
     """The simulated annotator's first correction of every organ at once (its worst slice painted or
-    marked absent, corrections.worst_slice), and the Update's seconds: benchmarks/correction_rerun.py's
+    marked absent, corrections.next_corrections), and the Update's seconds: benchmarks/correction_rerun.py's
     measure, here for a GPU."""
     import torch
-    from synpo.corrections import worst_slice
+    from synpo.corrections import next_corrections
     from synpo.evaluate import support_slice
     from synpo.volume import sam_store
-    paint, absent = np.zeros_like(gt), {}
-    for v in labels:
-        step = worst_slice(result.labels == v, gt == v, {support_slice(gt == v, 0.5)})
-        if step is None:
-            continue
-        kind, t = step
-        if kind == "paint":
-            paint[t][gt[t] == v] = v
-        else:
-            absent.setdefault(v, []).append(t)
+    paint, absent, _ = next_corrections(result.labels, gt, labels, {v: {support_slice(gt == v, 0.5)} for v in labels})
     before = sam_store(session.stores).decodes
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -68,6 +68,26 @@ def worst_slice(pred: np.ndarray, gt: np.ndarray, touched: Set[int]) -> Optional
     return best
 
 
+def next_corrections(labels: np.ndarray, gt: np.ndarray, wanted: Sequence[int], touched: Dict[int, Set[int]]
+                     ) -> Tuple[np.ndarray, Dict[int, List[int]], Dict[int, Optional[Tuple[str, int]]]]:
+    """The simulated annotator's next round: for every organ in `wanted`, its worst_slice among the
+    slices not in touched[v] (labels and gt: label volumes, slices on axis 0). Returns the paint (gt
+    copied on the slices to paint, else 0), the slices marked absent per organ, and each organ's
+    step (None when nothing is wrong), as Session.add_support takes them; touched grows by the steps."""
+    paint, absent, steps = np.zeros_like(gt), {}, {}
+    for v in wanted:
+        step = steps[v] = worst_slice(labels == v, gt == v, touched[v])
+        if step is None:
+            continue
+        kind, t = step
+        touched[v].add(t)
+        if kind == "paint":
+            paint[t][gt[t] == v] = v
+        else:
+            absent.setdefault(v, []).append(t)
+    return paint, absent, steps
+
+
 def scored_without(pred: np.ndarray, gt: np.ndarray, left_out: Set[int]) -> Tuple[float, int]:
     """(Dice over the slices not in left_out, false-positive slices among them)."""
     keep = np.array([t not in left_out for t in range(len(gt))])
@@ -143,20 +163,11 @@ def evaluate_corrections(pairs: Sequence[tuple], models, cfg, rounds: int, label
                        len(painted[v]), anchor))
             if k == rounds:
                 break
-            paint, absent = np.zeros_like(gt), {}
-            for v in wanted:
-                step = worst_slice(result.labels == v, gt == v, touched[v])
-                if step is None:
-                    actions[v] = "none"
-                    continue
-                kind, t = step
-                touched[v].add(t)
-                actions[v] = "%s %d" % (kind, t)
-                if kind == "paint":
-                    paint[t][gt[t] == v] = v
-                    painted[v].add(t)
-                else:
-                    absent.setdefault(v, []).append(t)
+            paint, absent, steps = next_corrections(result.labels, gt, wanted, touched)
+            for v, step in steps.items():
+                actions[v] = "none" if step is None else "%s %d" % step
+                if step is not None and step[0] == "paint":
+                    painted[v].add(step[1])
             t0 = time.perf_counter()
             before = result.labels
             result = session.add_support(paint if paint.any() else None, absent, cfg)
