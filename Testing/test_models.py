@@ -146,6 +146,25 @@ def test_fp32_on_cuda_is_ieee_not_tf32_and_the_process_flags_come_back():
             return x
         features.run_encoder(forward, torch.ones(1), torch.device("cuda"), None)
         assert seen[-1] is False and torch.backends.cudnn.allow_tf32 is True
+
+        # Two label workers decoding at once: the one that leaves first must not turn TF32 back on
+        # under the other, and the flags come back when both are out.
+        import threading
+        inside, first_out, during = threading.Event(), threading.Event(), []
+
+        def worker():
+            with features.full_fp32(torch.device("cuda")):
+                inside.set()
+                first_out.wait(5)
+                during.append(torch.backends.cudnn.allow_tf32)
+
+        other = threading.Thread(target=worker)
+        with features.full_fp32(torch.device("cuda")):   # in first, out first
+            other.start()
+            inside.wait(5)
+        first_out.set()
+        other.join(5)
+        assert during == [False] and torch.backends.cudnn.allow_tf32 is True
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
 

@@ -13,6 +13,7 @@ through `Frame`.
 import contextlib
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
@@ -57,21 +58,34 @@ def pick_precision(name: str, device: torch.device) -> Optional[torch.dtype]:
     raise SynPoError("unknown precision %r; use auto, fp32, bf16 or fp16" % name)
 
 
+_fp32_lock = threading.Lock()
+_fp32_users = 0                                  # threads inside full_fp32 on CUDA
+_fp32_saved = (True, False)                      # the flags they found, restored when the last one leaves
+
+
 @contextlib.contextmanager
 def full_fp32(device: torch.device):
     """On CUDA, convolutions and matrix products in IEEE fp32 rather than TF32 while inside: PyTorch
     runs cuDNN convolutions in TF32 by default on Ampere and newer GPUs (torch.backends.cudnn.allow_tf32),
     a 10-bit mantissa that moved whole-volume Dice by up to 0.036 against the CPU on an H200. The
-    process-wide flags are restored on leaving."""
+    flags are process-wide and the label workers decode in parallel threads: the first thread in
+    turns TF32 off, the last one out restores what the first found."""
+    global _fp32_users, _fp32_saved
     if device.type != "cuda":
         yield
         return
-    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    with _fp32_lock:
+        if _fp32_users == 0:
+            _fp32_saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        _fp32_users += 1
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+        with _fp32_lock:
+            _fp32_users -= 1
+            if _fp32_users == 0:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = _fp32_saved
 
 
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
