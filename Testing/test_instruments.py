@@ -615,3 +615,36 @@ def test_kidney_sinus_finds_the_slices_whose_truth_encloses_a_hole():
     found = list(sinus.sinus_slices(gt))
     assert [(lab, k) for lab, k, _ in found] == [(2, 0), (3, 3)]
     assert all(0.15 < hole < 0.25 for _, _, hole in found)
+
+
+def test_gpu_check_scores_every_run_against_the_first_files_first_precision(tmp_path, capsys):
+    """benchmarks/gpu_check.py compare: each precision of each report against the first report's
+    first precision, organ by organ (a report with several precisions must not mix its rows into
+    the reference); pack keeps grey values exactly (int16 only where that is exact)."""
+    import json
+    gc = _load_script("gpu_check")
+
+    def run(precision, dices, seconds):
+        return {"volume": "v", "precision": precision, "describe": {}, "dice": dices,
+                "first": {"wall_s": seconds}, "again": {"wall_s": seconds / 10}}
+
+    reference = {"device": "cpu", "runs": [run("fp32", {"1": 0.90, "2": 0.80}, 10.0),
+                                           run("fp16", {"1": 0.10, "2": 0.10}, 10.0)]}
+    gpu = {"device": "cuda", "device_name": "GPU", "runs": [run("fp16", {"1": 0.80, "2": 0.80}, 2.0),
+                                                           run("fp32", {"1": 0.90, "2": 0.81}, 1.0)]}
+    paths = [str(tmp_path / "cpu.json"), str(tmp_path / "gpu.json")]
+    for path, report in zip(paths, (reference, gpu)):
+        with open(path, "w") as handle:
+            json.dump(report, handle)
+    gc.compare(paths)
+    lines = {" ".join(line.split()[:3]): line for line in capsys.readouterr().out.splitlines()}
+    assert "mean +0.0000, largest |0.0000|, 0 differ" in lines["cpu.json cpu fp32:"]
+    assert "mean -0.7500, largest |0.8000|, 2 differ" in lines["cpu.json cpu fp16:"]
+    assert "mean -0.0500, largest |0.1000|, 1 differ" in lines["gpu.json GPU fp16:"]
+    assert "mean +0.0050, largest |0.0100|, 1 differ" in lines["gpu.json GPU fp32:"]
+    assert "first 1.0-1.0 (mean 1.0)" in lines["gpu.json GPU fp32:"]
+
+    whole = np.array([[-1024.0, 3071.0]], dtype=np.float32)
+    assert gc._compact(whole).dtype == np.int16 and np.array_equal(gc._compact(whole), whole)
+    assert gc._compact(whole + 0.5).dtype == np.float32
+    assert gc._compact(np.array([40000.0], dtype=np.float32)).dtype == np.float32
