@@ -524,6 +524,35 @@ def test_ring_band_has_the_support_thickness():
     assert not band_around(np.zeros((5, 5), bool), 3.0, (1.0, 1.0)).any()
 
 
+def test_a_rings_band_keeps_the_supports_thickness_direction_by_direction():
+    """volume.ring_bins: a myocardium-like ring 3 px thick on its left (a septum) and 9 px on its
+    right around a round blood pool. The uniform band (ring_thickness) is 6 px all round; the band
+    with the support's sector profile (rings.ring_profile) has the ring's area, matches the ring far
+    better, and around a larger hole on another slice stays thin on the left and thick on the right."""
+    from synpo.rings import band_around, ring_profile, ring_thickness
+    yy, xx = np.mgrid[:80, :80]
+    r = np.hypot(yy - 40, xx - 40)
+    hole = r < 10
+    outer = np.hypot(yy - 40, xx - 43) < 16                          # 3 px on the left, 9 on the right
+    ring = outer & ~hole
+    sp = (1.0, 1.0)
+    T = ring_thickness(ring, hole, sp)
+    profile = ring_profile(ring, hole, sp, 16)
+    assert profile.shape == (16,) and profile.min() < 0.7 < 1.3 < profile.max()
+
+    def dice(a, b):
+        return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+    uniform, shaped = band_around(hole, T, sp), band_around(hole, T, sp, profile)
+    assert abs(int(shaped.sum()) - int(ring.sum())) < 0.05 * ring.sum()
+    assert dice(shaped, ring) > 0.9 and dice(shaped, ring) > dice(uniform, ring) + 0.08
+    big = band_around(r < 14, T, sp, profile)                        # the next slice's larger pool
+    row = big[40]
+    assert row[40 - 14 - 4] == 0 and row[40 - 14 - 2] and row[40 + 14 + 8] and not row[40 + 14 + 11]
+    assert np.array_equal(band_around(hole, T, sp, None), uniform)
+    assert np.allclose(ring_profile(np.zeros_like(ring), hole, sp, 8), 1.0)   # nothing to measure: uniform
+
+
 @pytest.mark.parametrize("mode", ["interpolated", "mean"])
 def test_a_rings_band_between_two_ring_supports_has_the_thickness_between_theirs(mode):
     """rings.ring_label with two ring supports (slices 0 and 4, bands 3 and 7 px thick around the

@@ -1,10 +1,12 @@
 """Rings: a label painted as a closed band around a hole (the myocardium around the blood pool).
 A box drawn around a ring makes SAM segment the bright hole, not the band, so the hole is walked
 as a target of its own and the ring is the band of the support's thickness around it (between
-two ring supports, the thickness interpolated between theirs)."""
-from typing import Callable, Dict, List, Sequence
+two ring supports, the thickness interpolated between theirs), sector by sector around the hole's
+centre as thick as the support's wall there (volume.ring_bins: a septum thinner than the free wall)."""
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from .decode import fill_holes
 from .gate import apply_gate
@@ -37,11 +39,14 @@ def ring_label(run, label: int, sup_idx: List[int], sup_masks: List[np.ndarray],
     hole_idx = sorted(holes)
     outer, conf_outer = run.segment_target(label, sup_idx, filled, records, seconds)
     inner, conf_inner = run.segment_target(label, hole_idx, [holes[s] for s in hole_idx], [], seconds)
+    vc = run.cfg.volume
     thickness = thickness_along({s: ring_thickness(sup_masks[sup_idx.index(s)], holes[s], run.spacing_rc)
-                                 for s in hole_idx}, run.cfg.volume.ring_thickness)
+                                 for s in hole_idx}, vc.ring_thickness)
+    profile = profile_along({s: ring_profile(sup_masks[sup_idx.index(s)], holes[s], run.spacing_rc, vc.ring_bins)
+                             for s in hole_idx}, vc.ring_thickness) if vc.ring_bins else (lambda t: None)
     band_range = run.target_range(sup_idx, sup_masks)
-    masks = {t: apply_gate(band_around(inner[t], thickness(t), run.spacing_rc), run.query[t], band_range,
-                           run.cfg.gate) if t in inner else m for t, m in outer.items()}
+    masks = {t: apply_gate(band_around(inner[t], thickness(t), run.spacing_rc, profile(t)), run.query[t],
+                           band_range, run.cfg.gate) if t in inner else m for t, m in outer.items()}
     # Where the band stands, the filled shape's mask is not the ring's: its note on pixels added
     # between two supports (ownership.add_agreed) does not describe the slice.
     for rec in records:
@@ -82,18 +87,77 @@ def thickness_along(each: Dict[int, float], mode: str = "interpolated") -> Calla
     return lambda t: float(np.interp(t, order, values))
 
 
+def profile_along(each: Dict[int, np.ndarray], mode: str = "interpolated") -> Callable[[int], np.ndarray]:
+    """Slice index -> the band's relative thickness per sector (ring_profile) there, from each ring
+    support slice's own, as thickness_along goes between them."""
+    order = sorted(each)
+    stack = np.array([each[s] for s in order])                      # (supports, bins)
+    if mode == "mean":
+        mean = stack.mean(0)
+        return lambda t: mean
+    return lambda t: np.array([np.interp(t, order, stack[:, b]) for b in range(stack.shape[1])])
+
+
+def _sector_position(hole: np.ndarray, bins: int) -> np.ndarray:
+    """(H, W) each pixel's angle around the hole's centre, in sectors (0..bins), sector b's middle
+    at b + 0.5 (angles in pixel rows and columns)."""
+    cy, cx = ndimage.center_of_mass(hole)
+    yy, xx = np.mgrid[:hole.shape[0], :hole.shape[1]]
+    return (np.arctan2(yy - cy, xx - cx) + np.pi) / (2 * np.pi) * bins
+
+
+def _sector_scale(profile: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """(H, W) the profile's value at each pixel's angle, linear between sector middles (cyclic)."""
+    bins = len(profile)
+    pos = position - 0.5
+    i0 = np.floor(pos).astype(int)
+    f = pos - i0
+    return profile[i0 % bins] * (1.0 - f) + profile[(i0 + 1) % bins] * f
+
+
+def ring_profile(ring: np.ndarray, hole: np.ndarray, spacing_rc, bins: int) -> np.ndarray:
+    """(bins,) one support slice's band thickness in each sector around its hole's centre, relative to
+    the ring's uniform thickness (ring_thickness): band_around(hole, T, profile=it) has the ring's
+    area at T = ring_thickness. A sector the ring does not reach takes the others' mean."""
+    d = ndimage.distance_transform_edt(~hole, sampling=spacing_rc)
+    position = _sector_position(hole, bins)
+    sector = np.minimum(position.astype(int), bins - 1)
+    raw = np.full(bins, np.nan)
+    for b in range(bins):
+        inside = ring & (sector == b)
+        if inside.any():
+            raw[b] = np.percentile(d[inside], 90)
+    if np.isnan(raw).all():
+        return np.ones(bins)
+    raw[np.isnan(raw)] = np.nanmean(raw)
+    T = ring_thickness(ring, hole, spacing_rc)
+    if T <= 0:
+        return np.ones(bins)
+    outside = d > 0
+    lo, hi = 0.0, 4.0                                                # scale k: area(d <= k raw) = ring's
+    shape = _sector_scale(raw, position)
+    for _ in range(30):
+        k = 0.5 * (lo + hi)
+        if (outside & (d <= k * shape)).sum() < ring.sum():
+            lo = k
+        else:
+            hi = k
+    return raw * 0.5 * (lo + hi) / T
+
+
 def ring_thickness(ring: np.ndarray, hole: np.ndarray, spacing_rc) -> float:
     """Thickness (mm) of one support slice's ring: the distance T for which the band around its
     hole (`band_around`) has the ring's area (thickness_along goes from slice to slice)."""
-    from scipy import ndimage
     d = np.sort(ndimage.distance_transform_edt(~hole, sampling=spacing_rc)[~hole])
     return float(d[min(len(d), int(ring.sum())) - 1])
 
 
-def band_around(hole: np.ndarray, thickness: float, spacing_rc) -> np.ndarray:
-    """The pixels outside `hole` within `thickness` (mm) of it."""
-    from scipy import ndimage
+def band_around(hole: np.ndarray, thickness: float, spacing_rc, profile: Optional[np.ndarray] = None) -> np.ndarray:
+    """The pixels outside `hole` within `thickness` (mm) of it; with a sector profile (ring_profile),
+    within thickness x the profile at the pixel's angle around the hole's centre."""
     if not hole.any():
         return hole.copy()
     d = ndimage.distance_transform_edt(~hole, sampling=spacing_rc)
-    return (d > 0) & (d <= thickness)
+    if profile is None:
+        return (d > 0) & (d <= thickness)
+    return (d > 0) & (d <= thickness * _sector_scale(np.asarray(profile, float), _sector_position(hole, len(profile))))
