@@ -439,7 +439,9 @@ class VolumeConfig:
     # k = 0..5, steps held, down by more than 0.02: cmr_bssfp 0.8459 / 0.8697 / 0.8903 / 0.9016 /
     # 0.9109 / 0.9142, 89.5 %, 5 -> 0.8472 / 0.8711 / 0.8934 / 0.9043 / 0.9121 / 0.9215, 89.5 %, 3;
     # acdc_cine 0.8756 / 0.9036 / 0.9161 / 0.9216 / 0.9258 / 0.9207, 86.7 %, 14 -> 0.8776 / 0.9084 /
-    # 0.9226 / 0.9296 / 0.9351 / 0.9322, 87.6 %, 13. No ring on chaos_t2 or btcv_ct.
+    # 0.9226 / 0.9296 / 0.9351 / 0.9322, 87.6 %, 13. No ring on chaos_t2 or btcv_ct. The wall's
+    # percentile per sector, 75 / 90 / 100 (`--vary` on the same two sets, built and removed): cmr_bssfp
+    # 0.8670 / 0.8669 / 0.8666, acdc_cine 0.8930 / 0.8930 / 0.8932: flat; 90 stays.
     ring_bins: int = 8
     # Cross-patient (a support from another volume): prompts are searched only where the
     # support's box falls relative to the body (position.py), widened by position_margin
