@@ -551,6 +551,11 @@ def test_a_rings_band_keeps_the_supports_thickness_direction_by_direction():
     assert row[40 - 14 - 4] == 0 and row[40 - 14 - 2] and row[40 + 14 + 8] and not row[40 + 14 + 11]
     assert np.array_equal(band_around(hole, T, sp, None), uniform)
     assert np.allclose(ring_profile(np.zeros_like(ring), hole, sp, 8), 1.0)   # nothing to measure: uniform
+    # between two ring supports the profile goes as the thickness does (rings.thickness_along)
+    from synpo.rings import thickness_along
+    a, b = np.full(16, 0.5), np.full(16, 1.5)
+    assert np.allclose(thickness_along({0: a, 4: b})(1), 0.75) and np.allclose(thickness_along({0: a, 4: b})(9), 1.5)
+    assert np.allclose(thickness_along({0: a, 4: b}, "mean")(1), 1.0) and thickness_along({0: 3.0, 4: 7.0})(1) == 4.0
 
 
 @pytest.mark.parametrize("mode", ["interpolated", "mean"])

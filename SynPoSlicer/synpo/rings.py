@@ -42,8 +42,8 @@ def ring_label(run, label: int, sup_idx: List[int], sup_masks: List[np.ndarray],
     vc = run.cfg.volume
     thickness = thickness_along({s: ring_thickness(sup_masks[sup_idx.index(s)], holes[s], run.spacing_rc)
                                  for s in hole_idx}, vc.ring_thickness)
-    profile = profile_along({s: ring_profile(sup_masks[sup_idx.index(s)], holes[s], run.spacing_rc, vc.ring_bins)
-                             for s in hole_idx}, vc.ring_thickness) if vc.ring_bins else (lambda t: None)
+    profile = thickness_along({s: ring_profile(sup_masks[sup_idx.index(s)], holes[s], run.spacing_rc, vc.ring_bins)
+                               for s in hole_idx}, vc.ring_thickness) if vc.ring_bins else (lambda t: None)
     band_range = run.target_range(sup_idx, sup_masks)
     masks = {t: apply_gate(band_around(inner[t], thickness(t), run.spacing_rc, profile(t)), run.query[t],
                            band_range, run.cfg.gate) if t in inner else m for t, m in outer.items()}
@@ -74,28 +74,23 @@ def ring_parts(masks: Sequence[np.ndarray], min_hole: float):
     return None
 
 
-def thickness_along(each: Dict[int, float], mode: str = "interpolated") -> Callable[[int], float]:
+def thickness_along(each: Dict[int, object], mode: str = "interpolated") -> Callable[[int], object]:
     """Slice index -> the band's thickness (mm) there, from each ring support slice's own
     ({support slice: thickness}): "interpolated" linearly between the two supports around a slice
     and the outermost support's beyond them (a correction painted near the base teaches the
-    thickness near the base); "mean" their average on every slice."""
+    thickness near the base); "mean" their average on every slice. The same for each support's
+    sector profile ({support slice: (bins,) array}, ring_profile): an array per slice."""
     order = sorted(each)
-    values = [each[s] for s in order]
+    values = np.array([each[s] for s in order], dtype=float)        # (supports,) or (supports, bins)
+    if values.ndim == 1:
+        if mode == "mean":
+            mean = float(np.mean(values))
+            return lambda t: mean
+        return lambda t: float(np.interp(t, order, values))
     if mode == "mean":
-        mean = float(np.mean(values))
-        return lambda t: mean
-    return lambda t: float(np.interp(t, order, values))
-
-
-def profile_along(each: Dict[int, np.ndarray], mode: str = "interpolated") -> Callable[[int], np.ndarray]:
-    """Slice index -> the band's relative thickness per sector (ring_profile) there, from each ring
-    support slice's own, as thickness_along goes between them."""
-    order = sorted(each)
-    stack = np.array([each[s] for s in order])                      # (supports, bins)
-    if mode == "mean":
-        mean = stack.mean(0)
-        return lambda t: mean
-    return lambda t: np.array([np.interp(t, order, stack[:, b]) for b in range(stack.shape[1])])
+        profile = values.mean(0)
+        return lambda t: profile
+    return lambda t: np.array([np.interp(t, order, column) for column in values.T])
 
 
 def _sector_position(hole: np.ndarray, bins: int) -> np.ndarray:
