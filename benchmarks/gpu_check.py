@@ -57,7 +57,9 @@ def pack(out: str, sets, limit: int) -> None:
     for name, img, lab, sup in jobs:
         image, geom = read_volume(img)
         gt, _ = read_volume(lab, "label", label=True)
-        arrays = {"image": _compact(image), "label": gt.astype(np.uint8), "spacing": np.asarray(geom.spacing)}
+        # uint8 would wrap cmr_bssfp's labels 500 and 600 to 244 and 88.
+        arrays = {"image": _compact(image), "label": gt.astype(np.uint8 if gt.max() < 256 else np.uint16),
+                  "spacing": np.asarray(geom.spacing)}
         if sup:
             arrays["support"] = read_volume(sup, "support", label=True)[0].astype(np.uint8)
         np.savez_compressed(os.path.join(out, name + ".npz"), **arrays)
