@@ -588,7 +588,7 @@ def test_a_rings_band_between_two_ring_supports_has_the_thickness_between_theirs
         cfg = configured(["volume.ring_thickness=%s" % mode])
         spacing_rc, on_slice, query = (1.0, 1.0), None, np.zeros((5, 60, 60), np.float32)
 
-        def segment_target(self, label, idx, masks, records, seconds):
+        def segment_target(self, label, idx, masks, records, seconds, reach=None):
             records.append(SliceRecord(label, 2, "present", reason="previous kept; 12 " + ADDED))
             return {t: hole for t in (1, 2, 3)}, Conf()           # the filled shape's walk and the hole's
 
@@ -607,6 +607,69 @@ def test_a_rings_band_between_two_ring_supports_has_the_thickness_between_theirs
     assert all(not (masks[t] & hole).any() for t in (1, 2, 3))
     measured = [ring_thickness(rings[s], hole, (1.0, 1.0)) for s in (0, 4)]   # about 3 and 7
     assert np.array_equal(masks[2], band_around(hole, float(np.mean(measured)), (1.0, 1.0)))
+
+
+@pytest.mark.parametrize("keeps", [True, False])
+def test_a_rings_rerun_walks_keep_the_previous_filled_shape_and_hole_where_they_end_short(keeps):
+    """volume.ring_keeps_reach (rings.ring_reach, walk.keep_reach): after a correction, the walk of a
+    ring's filled shape that judges a slice absent where the previous run still had the ring keeps
+    the previous filled shape from there to the previous end (the blood pool's own label inside the
+    hole counted as the ring's), and the hole's walk the previous hole; ring_label hands both stacks
+    to the walks. Off, the walks get none (a ring's walks kept nothing before)."""
+    from synpo.config import configured
+    from synpo.rings import ring_label, ring_reach
+    from synpo.volume import _Context, _walk
+    yy, xx = np.mgrid[:40, :40]
+    r = np.hypot(yy - 20, xx - 20)
+    previous = np.zeros((8, 40, 40), np.uint8)
+    previous[1:6][:, r < 6] = 3                               # the blood pool, its own label
+    previous[1:6][:, (r >= 6) & (r < 10)] = 2                 # the myocardium around it, slices 1-5
+    previous[1:6, 0:3, 0:3] = 1                               # another label, left alone
+    outer, inner = ring_reach(previous, 2)
+    assert np.array_equal(outer[1:6] == 2, np.broadcast_to(r < 10, (5, 40, 40)))
+    assert np.array_equal(inner[1:6] == 2, np.broadcast_to(r < 6, (5, 40, 40)))
+    assert not (inner == 3).any() and (outer[1:6, 0:3, 0:3] == 1).all() and not outer[[0, 6, 7]].any()
+    # The filled shape's re-run walk from a paint on slice 1: its look-alike ends at slice 3.
+    conf = np.zeros((8, 40, 40), np.float32)
+    conf[:4][:, r < 10] = 0.9
+    store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
+    store.ensure(range(8))
+    ctx = _Context(_BoxFiller(), store, conf, SynPoConfig(), {"prompts": 0.0, "decode": 0.0}, None,
+                   lambda k=1: None, reach=outer)
+    masks, records = {}, []
+    _walk(ctx, 2, 1, conf[1] > 0.5, 8, +1, 10.0, masks, records)
+    assert sorted(masks) == [2, 3, 4, 5]
+    assert all(np.array_equal(masks[t], r < 10) for t in (4, 5))
+    assert [r.reason for r in records if r.index == 4][0].startswith("previous kept (")
+
+    handed = []
+
+    class Conf:
+        def prepare(self, indices):
+            pass
+
+        def computed(self):
+            return []
+
+        def dense(self):
+            return np.zeros((8, 40, 40), np.float32)
+
+    class Run:
+        cfg = configured(["volume.ring_keeps_reach=%s" % str(keeps).lower()])
+        spacing_rc, on_slice, query, previous_reach = (1.0, 1.0), None, np.zeros((8, 40, 40), np.float32), previous
+
+        def segment_target(self, label, idx, masks, records, seconds, reach=None):
+            handed.append(reach)
+            return {}, Conf()
+
+        def target_range(self, idx, masks):
+            return None
+    ring = previous[1] == 2
+    ring_label(Run(), 2, [1], [ring], ([r < 10], {1: r < 6}), [], {})
+    if keeps:
+        assert np.array_equal(handed[0], outer) and np.array_equal(handed[1], inner)
+    else:
+        assert handed == [None, None]
 
 
 def test_position_prior_maps_the_support_box_through_the_body_box():

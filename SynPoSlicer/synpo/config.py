@@ -443,6 +443,18 @@ class VolumeConfig:
     # percentile per sector, 75 / 90 / 100 (`--vary` on the same two sets, built and removed): cmr_bssfp
     # 0.8670 / 0.8669 / 0.8666, acdc_cine 0.8930 / 0.8930 / 0.8932: flat; 90 stays.
     ring_bins: int = 8
+    # After a correction, a ring's walks (its filled shape's and its hole's) keep the previous run's
+    # filled shape and hole where they end short of the previous run's reach, as the other labels'
+    # walks do (correction_keeps_reach; rings.ring_reach): a myocardium corrected on slice 4 whose
+    # filled shape's walk judged slice 0 "too small" lost slice 0, and its blood pool with it (acdc_cine
+    # image_6, where it does not act: the filled shape's walk had shrunk to 221 px on slice 1, under
+    # min_overlap_first of the previous 2302 px on slice 0). `benchmarks/corrections_fast.py DATA OUT 5
+    # --set volume.ring_keeps_reach=B`, k = 0..5, steps held, down by more than 0.02, worst step,
+    # false -> true: acdc_cine 0.8776 / 0.9084 / 0.9226 / 0.9296 / 0.9351 / 0.9322, 87.6 %, 13, -0.128
+    # -> ... / 0.9351, 87.6 %, 12, -0.067 (one organ-step: image_8's myocardium after 5, 0.760 ->
+    # 0.882); cmr_bssfp 0.8472 / 0.8711 / 0.8934 / 0.9043 / 0.9121 / 0.9215, 89.5 %, 3 either way. No
+    # ring on chaos_t2 or btcv_ct; a first run has no previous run: one-shot figures cannot change.
+    ring_keeps_reach: bool = True
     # Cross-patient (a support from another volume): prompts are searched only where the
     # support's box falls relative to the body (position.py), widened by position_margin
     # x the query body's size.

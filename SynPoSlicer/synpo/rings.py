@@ -37,9 +37,12 @@ def ring_label(run, label: int, sup_idx: List[int], sup_masks: List[np.ndarray],
     walk decides where the label is present (its mask stands where no hole is found)."""
     filled, holes = ring
     hole_idx = sorted(holes)
-    outer, conf_outer = run.segment_target(label, sup_idx, filled, records, seconds)
-    inner, conf_inner = run.segment_target(label, hole_idx, [holes[s] for s in hole_idx], [], seconds)
     vc = run.cfg.volume
+    previous = getattr(run, "previous_reach", None)
+    reach = ring_reach(previous, label) if previous is not None and vc.ring_keeps_reach else (None, None)
+    outer, conf_outer = run.segment_target(label, sup_idx, filled, records, seconds, reach=reach[0])
+    inner, conf_inner = run.segment_target(label, hole_idx, [holes[s] for s in hole_idx], [], seconds,
+                                           reach=reach[1])
     thickness = thickness_along({s: ring_thickness(sup_masks[sup_idx.index(s)], holes[s], run.spacing_rc)
                                  for s in hole_idx}, vc.ring_thickness)
     profile = thickness_along({s: ring_profile(sup_masks[sup_idx.index(s)], holes[s], run.spacing_rc, vc.ring_bins)
@@ -62,6 +65,21 @@ def ring_label(run, label: int, sup_idx: List[int], sup_masks: List[np.ndarray],
             run.on_slice(rec, masks.get(rec.index, sup_masks[sup_idx.index(rec.index)]
                                          if rec.status == "support" else None))
     return masks, conf, computed
+
+
+def ring_reach(previous: np.ndarray, label: int):
+    """(filled, hole): the previous run's labels (n, H, W) with the ring's filled shape, and with
+    its hole, as `label` on every slice (the ring's own band 0 in the second): what a re-run's walks
+    of the ring's filled shape and of its hole keep where they end short of the previous run's
+    reach (walk.keep_reach, volume.ring_keeps_reach). Another label inside the hole (the blood
+    pool's own label) is the ring's there: the filled shape covers it."""
+    band = previous == label
+    filled = np.zeros_like(band)
+    for t in np.flatnonzero(band.any(axis=(1, 2))):
+        filled[t] = fill_holes(band[t])
+    outer = np.where(filled, label, previous).astype(previous.dtype)
+    inner = np.where(filled & ~band, label, np.where(band, 0, previous)).astype(previous.dtype)
+    return outer, inner
 
 
 def ring_parts(masks: Sequence[np.ndarray], min_hole: float):

@@ -240,9 +240,11 @@ class VolumeRun:
 
     def segment_target(self, label: int, sup_idx: List[int], sup_masks: List[np.ndarray],
                        records: List[SliceRecord], timings: Dict[str, float],
-                       report: Optional[SliceReport] = None):
+                       report: Optional[SliceReport] = None, reach: Optional[np.ndarray] = None):
         """(propagated masks {slice: mask}, its confidence) of one target shape; its stage seconds
-        are added to `timings`.
+        are added to `timings`. `reach`: the previous run's labels as this shape's walks keep them
+        where a re-run ends early (keep_reach; default the previous run's own labels, none for a
+        ring, whose filled shape and hole rings.ring_reach gives).
 
         Within a volume, each support slice's walks use that support alone: its prototypes, its
         area and its grey values. A correction painted later re-starts the walk around itself and
@@ -258,6 +260,7 @@ class VolumeRun:
                             self.stride, self.spacing_rc, held, previous,
                             self.previous_all if held else None,
                             [e for e in held if abs(e - idx[0]) == 1] if self.cfg.volume.correction_hard_next else (),
+                            reach if reach is not None else
                             self.previous_reach if label not in self.rings else None, self.slice_mm)
 
         def min_area(masks):
