@@ -346,7 +346,8 @@ class VolumeConfig:
     #        0.8987 / 0.9053 / 0.9131, 86.7 %, 3, -0.025
     #   2.0: CHAOS 0.9185 / 0.9308 / 0.9303 / 0.9351 / 0.9370, 91 %, 1; cmr_bssfp 0.8670 / 0.8887 / 0.8987 /
     #        0.9045 / 0.9134, 85.7 %, 4
-    # Part of the reach rule (nothing without correction_keeps_reach); not on ring labels' walks.
+    # Part of the reach rule (nothing without correction_keeps_reach); on a ring label's walks (its
+    # filled shape's and its hole's) since ring_keeps_reach, measured with it there.
     # Chosen on chaos_t2 and cmr_bssfp (each prefers 1.5; no k below "off" by more than 0.0003),
     # reported on acdc_cine (the same figures as off: no walk there outgrew its previous masks so) and
     # btcv_ct (docs/corrections.md). Without the paint's factor (G x the previous mask alone, 2.0) it
