@@ -640,7 +640,7 @@ def test_a_rings_rerun_walks_keep_the_previous_filled_shape_and_hole_where_they_
     _walk(ctx, 2, 1, conf[1] > 0.5, 8, +1, 10.0, masks, records)
     assert sorted(masks) == [2, 3, 4, 5]
     assert all(np.array_equal(masks[t], r < 10) for t in (4, 5))
-    assert [r.reason for r in records if r.index == 4][0].startswith("previous kept (")
+    assert [rec.reason for rec in records if rec.index == 4][0].startswith("previous kept (")
 
     handed = []
 
