@@ -558,6 +558,20 @@ def test_a_rings_band_keeps_the_supports_thickness_direction_by_direction():
     assert np.allclose(thickness_along({0: a, 4: b}, "mean")(1), 1.0) and thickness_along({0: 3.0, 4: 7.0})(1) == 4.0
 
 
+def _fixed_conf(shape):
+    """A target's confidence as ring_label uses it (prepare, computed, dense), all zeros of `shape`."""
+    class Conf:
+        def prepare(self, indices):
+            pass
+
+        def computed(self):
+            return []
+
+        def dense(self):
+            return np.zeros(shape, np.float32)
+    return Conf
+
+
 @pytest.mark.parametrize("mode", ["interpolated", "mean"])
 def test_a_rings_band_between_two_ring_supports_has_the_thickness_between_theirs(mode):
     """rings.ring_label with two ring supports (slices 0 and 4, bands 3 and 7 px thick around the
@@ -574,15 +588,7 @@ def test_a_rings_band_between_two_ring_supports_has_the_thickness_between_theirs
     hole = r < 8
     rings = {0: (r >= 8) & (r < 11), 4: (r >= 8) & (r < 15)}
 
-    class Conf:
-        def prepare(self, indices):
-            pass
-
-        def computed(self):
-            return []
-
-        def dense(self):
-            return np.zeros((5, 60, 60), np.float32)
+    Conf = _fixed_conf((5, 60, 60))
 
     class Run:
         cfg = configured(["volume.ring_thickness=%s" % mode])
@@ -643,16 +649,7 @@ def test_a_rings_rerun_walks_keep_the_previous_filled_shape_and_hole_where_they_
     assert [rec.reason for rec in records if rec.index == 4][0].startswith("previous kept (")
 
     handed = []
-
-    class Conf:
-        def prepare(self, indices):
-            pass
-
-        def computed(self):
-            return []
-
-        def dense(self):
-            return np.zeros((8, 40, 40), np.float32)
+    Conf = _fixed_conf((8, 40, 40))
 
     class Run:
         cfg = configured(["volume.ring_keeps_reach=%s" % str(keeps).lower()])
