@@ -143,26 +143,25 @@ def ring_profile(ring: np.ndarray, hole: np.ndarray, spacing_rc, bins: int) -> n
     if np.isnan(raw).all():
         return np.ones(bins)
     raw[np.isnan(raw)] = np.nanmean(raw)
-    T = ring_thickness(ring, hole, spacing_rc)
+    outside = d > 0
+    T = _with_area(d[outside], ring.sum())
     if T <= 0:
         return np.ones(bins)
-    outside = d > 0
-    lo, hi = 0.0, 4.0                                                # scale k: area(d <= k raw) = ring's
-    shape = _sector_scale(raw, position)
-    for _ in range(30):
-        k = 0.5 * (lo + hi)
-        if (outside & (d <= k * shape)).sum() < ring.sum():
-            lo = k
-        else:
-            hi = k
-    return raw * 0.5 * (lo + hi) / T
+    k = _with_area((d / _sector_scale(raw, position))[outside], ring.sum())   # area(d <= k raw) = ring's
+    return raw * k / T
+
+
+def _with_area(values: np.ndarray, area: int) -> float:
+    """The least v with `area` of `values` (one per pixel outside the hole) <= v: the limit whose
+    band has the ring's area."""
+    v = np.sort(values)
+    return float(v[min(len(v), int(area)) - 1])
 
 
 def ring_thickness(ring: np.ndarray, hole: np.ndarray, spacing_rc) -> float:
     """Thickness (mm) of one support slice's ring: the distance T for which the band around its
     hole (`band_around`) has the ring's area (thickness_along goes from slice to slice)."""
-    d = np.sort(ndimage.distance_transform_edt(~hole, sampling=spacing_rc)[~hole])
-    return float(d[min(len(d), int(ring.sum())) - 1])
+    return _with_area(ndimage.distance_transform_edt(~hole, sampling=spacing_rc)[~hole], ring.sum())
 
 
 def band_around(hole: np.ndarray, thickness: float, spacing_rc, profile: Optional[np.ndarray] = None) -> np.ndarray:
