@@ -394,6 +394,26 @@ def test_lean_mask_decoder_equals_segment_anything(geometry, monkeypatch):
             for bad in [(0, h + 1, 0, w), (3, 3, 0, w), (-1, 4, 0, w)]:
                 with pytest.raises(ValueError, match="window"):
                     decode_single_mask(decoder, emb, pe, sparse, dense, bad)
+            # The transformer given only the cells of `attend`: what segment_anything's decoder
+            # returns for the embedding, positions and dense prompt cut to those cells, there
+            # (upscaled within the window's part of them), `outside` elsewhere.
+            a0, a1, b0, b1 = 1, h - 2, 3, w - 2
+            cut = (slice(None), slice(None), slice(a0, a1), slice(b0, b1))
+            want_cut, want_cut_iou = decoder(image_embeddings=emb[cut], image_pe=pe[cut],
+                                             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense[cut],
+                                             multimask_output=False)
+            part, part_iou = decode_single_mask(decoder, emb, pe, sparse, dense, (r0, r1, c0, c1), outside=-7.0,
+                                                attend=(a0, a1, b0, b1))
+            want = torch.full_like(want_low, -7.0)
+            want[..., 4 * a0:4 * a1, 4 * b0:4 * b1] = want_cut
+            want[~inside] = -7.0
+            assert float((part - want).abs().max()) <= 1e-9 * max(scale, 1.0)
+            assert torch.allclose(part_iou, want_cut_iou, atol=1e-9, rtol=1e-9)
+            assert not torch.allclose(part_iou, want_iou, atol=1e-6)     # the cut is seen
+            every, _ = decode_single_mask(decoder, emb, pe, sparse, dense, attend=(0, h, 0, w))
+            assert float((every - want_low).abs().max()) <= 1e-9 * max(scale, 1.0)
+            with pytest.raises(ValueError, match="attention window"):
+                decode_single_mask(decoder, emb, pe, sparse, dense, attend=(0, h + 1, 0, w))
 
 
 def test_decode_window_covers_the_widened_box_in_the_cells_of_the_slice():
@@ -412,6 +432,38 @@ def test_decode_window_covers_the_widened_box_in_the_cells_of_the_slice():
     assert window(frame, (0, 0, 199, 99), 0.5, (64, 64)) == (0, 49, 0, 64)
     with pytest.raises(ValueError, match="margin"):
         window(frame, (0, 0, 10, 10), -0.1, (64, 64))
+    # The transformer's cells (decode.attend_cells): grown about the window's centre to at least n
+    # cells a side, kept inside the grid; a larger window, or a smaller grid, as it is.
+    assert features.at_least((10, 19, 27, 43), 24, (64, 64)) == (2, 26, 23, 47)
+    assert features.at_least((0, 5, 60, 64), 24, (64, 64)) == (0, 24, 40, 64)
+    assert features.at_least((0, 33, 0, 64), 24, (64, 64)) == (0, 33, 0, 64)
+    assert features.at_least((3, 9, 3, 9), 24, (16, 64)) == (0, 16, 0, 24)
+
+
+def test_decode_attends_to_the_cells_around_its_box_only_when_asked():
+    """SamModel.decode(attend_margin=, attend_cells=) hands sam_decoder the cells of the box widened
+    by the margin (at least the decoding window; grown to attend_cells): the bundled LiteMedSAM's
+    logits are then `outside` beyond those cells and differ within; a margin that covers the grid
+    gives every cell, the same logits as without it."""
+    from synpo.sam_decoder import OUTSIDE_LOGIT
+    sam = features.SamModel.load("litemedsam", "cpu", allow_download=False)
+    frame = sam.frame(256, 256, (1.0, 1.0))
+    emb = torch.randn(256, 64, 64, generator=torch.Generator().manual_seed(0))
+    box = (100, 100, 140, 130)
+    full, _, iou = sam.decode(emb, frame, box_xy=box, window_margin=0.5)
+    same, _, same_iou = sam.decode(emb, frame, box_xy=box, window_margin=0.5, attend_margin=10.0)
+    assert torch.equal(full, same) and same_iou == iou
+    # Without a decoding window the logits are formed wherever the transformer looked.
+    whole, _, _ = sam.decode(emb, frame, box_xy=box)
+    near, _, near_iou = sam.decode(emb, frame, box_xy=box, attend_margin=0.5)
+    cells = sam.decode_window(frame, box, 0.5, (64, 64))       # 4 slice pixels a cell here
+    r0, r1, c0, c1 = (4 * v for v in cells)
+    outside = torch.ones_like(near, dtype=torch.bool)
+    outside[r0:r1, c0:c1] = False
+    assert bool((near[outside] == OUTSIDE_LOGIT).all()) and bool((whole[outside] > OUTSIDE_LOGIT).any())
+    assert not torch.allclose(near[r0:r1, c0:c1], whole[r0:r1, c0:c1], atol=1e-3) and near_iou != iou
+    grown, _, _ = sam.decode(emb, frame, box_xy=box, window_margin=0.5, attend_margin=0.5, attend_cells=40)
+    assert not torch.allclose(grown[r0:r1, c0:c1], near[r0:r1, c0:c1], atol=1e-3)
 
 
 def test_absent_marks_end_the_walk_and_corrections_on_adjacent_slices_are_supports(served_tiny_sam):

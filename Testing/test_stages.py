@@ -923,7 +923,7 @@ class _BoxRecorder:
         self.rect, self.boxes = rect, []
 
     def decode(self, embedding, frame, box_xy=None, points_xy=None, point_labels=None, mask_logits=None,
-               window_margin=None):
+               window_margin=None, attend_margin=None, attend_cells=0):
         self.boxes.append(tuple(box_xy))
         x0, y0, x1, y1 = self.rect
         logits = torch.full((frame.H, frame.W), -5.0)
@@ -976,7 +976,7 @@ class _TwoPasses:
         self.rects, self.calls = (a, b), 0
 
     def decode(self, embedding, frame, box_xy=None, points_xy=None, point_labels=None, mask_logits=None,
-               window_margin=None):
+               window_margin=None, attend_margin=None, attend_cells=0):
         first = self.calls == 0
         self.calls += 1
         x0, y0, x1, y1 = self.rects[0] if first else self.rects[1]
@@ -1009,7 +1009,7 @@ class _BoxFiller:
     """A stand-in SAM that segments exactly the box it is given."""
 
     def decode(self, embedding, frame, box_xy=None, points_xy=None, point_labels=None, mask_logits=None,
-               window_margin=None):
+               window_margin=None, attend_margin=None, attend_cells=0):
         x0, y0, x1, y1 = box_xy
         logits = torch.full((frame.H, frame.W), -5.0)
         logits[y0:y1, x0:x1] = 5.0

@@ -108,7 +108,8 @@ def decode_slice(model, embedding, frame, prompts: Prompts, cfg: DecodeConfig = 
     if xy is not None and len(xy) == 0 and box is None:
         return _nothing(frame)
     logits, low, score = model.decode(embedding, frame, box_xy=box, points_xy=xy, point_labels=labels,
-                                      window_margin=cfg.window_margin)
+                                      window_margin=cfg.window_margin, attend_margin=cfg.attend_margin,
+                                      attend_cells=cfg.attend_cells)
     logits = logits.numpy()
     mask = logits > cfg.mask_threshold
     if cfg.refine and mask.any():
@@ -117,7 +118,8 @@ def decode_slice(model, embedding, frame, prompts: Prompts, cfg: DecodeConfig = 
         if box2 is not None:
             logits2, _, score2 = model.decode(embedding, frame, box_xy=box2 if cfg.use_box else None,
                                               points_xy=xy, point_labels=labels, mask_logits=low,
-                                              window_margin=cfg.window_margin)
+                                              window_margin=cfg.window_margin, attend_margin=cfg.attend_margin,
+                                              attend_cells=cfg.attend_cells)
             logits2 = logits2.numpy()
             mask2 = keep_prompted(logits2 > cfg.mask_threshold, prompts)
             if cfg.refine_blend > 0:

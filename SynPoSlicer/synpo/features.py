@@ -270,6 +270,17 @@ def load_state(model: PromptableModel, path: str) -> None:
                              % (path, part, str(exc).splitlines()[0][:200])) from None
 
 
+def at_least(window: Tuple[int, int, int, int], cells: int, grid_hw) -> Tuple[int, int, int, int]:
+    """A (row0, row1, col0, col1) half-open window of cells grown about its centre to at least
+    `cells` rows and columns (the whole grid where it has fewer), kept inside the grid."""
+    out = []
+    for (a, b), n in zip((window[:2], window[2:]), (int(grid_hw[0]), int(grid_hw[1]))):
+        want = min(max(cells, b - a), n)
+        a = min(max(0, (a + b - want) // 2), n - want)
+        out += [a, a + want]
+    return tuple(out)
+
+
 class SamModel:
     """A SAM-family model: image embeddings (cached by the caller) and prompt decoding."""
 
@@ -363,12 +374,16 @@ class SamModel:
     def decode(self, embedding: torch.Tensor, frame: Frame, box_xy: Optional[Sequence[float]] = None,
                points_xy: Optional[np.ndarray] = None, point_labels: Optional[np.ndarray] = None,
                mask_logits: Optional[torch.Tensor] = None,
-               window_margin: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor, float]:
+               window_margin: Optional[float] = None,
+               attend_margin: Optional[float] = None, attend_cells: int = 0) -> Tuple[torch.Tensor, torch.Tensor, float]:
         """Decode prompts given in slice pixel coordinates (x=column, y=row).
 
         window_margin: with a box, only the embedding cells within the box widened by this
         fraction of its size on each side (and one cell) are upscaled to logits; the rest
         of the slice is background (None: every cell).
+        attend_margin, attend_cells: with a box, the transformer sees only the cells of the box
+        widened by attend_margin (at least by window_margin) and grown to attend_cells a side
+        (None: every cell; config.DecodeConfig.attend_margin says what it costs).
         Returns (logits over the slice (H, W), low-res logits (256, 256) for a
         refinement pass, predicted IoU).
         """
@@ -386,11 +401,16 @@ class SamModel:
         window = None
         if box_xy is not None and window_margin is not None:
             window = self.decode_window(frame, box_xy, window_margin, embedding.shape[-2:])
+        attend = None
+        if box_xy is not None and attend_margin is not None:
+            attend = self.decode_window(frame, box_xy, max(attend_margin, window_margin or 0.0), embedding.shape[-2:])
+            attend = at_least(attend, attend_cells, embedding.shape[-2:])
         with full_fp32(dev):
             sparse, dense = self.net.prompt_encoder(points=points, boxes=boxes, masks=masks)
             # segment_anything's MaskDecoder with multimask_output=False, in fewer operations (sam_decoder.py).
             low, iou = decode_single_mask(self.net.mask_decoder, embedding.to(dev).view(1, *embedding.shape[-3:]),
-                                          self.dense_pe(), sparse, dense, window, key_pe=self.key_pe())
+                                          self.dense_pe(), sparse, dense, window, key_pe=self.key_pe(),
+                                          attend=attend)
         low = low[0, 0].float()
         logits = frame.input_map_to_slice(low[None])[0]
         return logits.cpu(), low.cpu(), float(iou[0, 0])

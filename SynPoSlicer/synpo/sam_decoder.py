@@ -132,14 +132,21 @@ def positions_as_rows(image_pe: Tensor) -> Tensor:
 
 def decode_single_mask(mask_decoder, image_embedding: Tensor, image_pe: Tensor, sparse: Tensor,
                        dense: Tensor, window: Optional[Tuple[int, int, int, int]] = None,
-                       outside: float = OUTSIDE_LOGIT, key_pe: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                       outside: float = OUTSIDE_LOGIT, key_pe: Optional[Tensor] = None,
+                       attend: Optional[Tuple[int, int, int, int]] = None) -> Tuple[Tensor, Tensor]:
     """mask_decoder(image_embedding (1, C, h, w; float16 is taken exactly), image_pe, sparse (1, P, C),
     dense (1, C, h, w), multimask_output=False): low-resolution logits (1, 1, 4h, 4w) and predicted IoU (1, 1).
 
     window: (row0, row1, col0, col1), embedding cells (half-open): only these cells are
     upscaled; the logits elsewhere are `outside`. The transformer still sees every cell.
     key_pe: positions_as_rows(image_pe), when the caller keeps it.
+    attend: (row0, row1, col0, col1), embedding cells (half-open): the transformer sees only these
+    (segment_anything's decoder given the embedding, positions and dense prompt cut to them); the
+    logits elsewhere are `outside`. An approximation: the prompt tokens attend over fewer cells.
     """
+    if attend is not None and tuple(attend) != (0, image_embedding.shape[-2], 0, image_embedding.shape[-1]):
+        return _decode_attending(mask_decoder, image_embedding, image_pe, sparse, dense, window, outside,
+                                 key_pe, attend)
     _, C, h, w = image_embedding.shape
     transformer = mask_decoder.transformer
     tokens = torch.cat([mask_decoder.iou_token.weight, mask_decoder.mask_tokens.weight, sparse[0]], 0)
@@ -167,3 +174,23 @@ def decode_single_mask(mask_decoder, image_embedding: Tensor, image_pe: Tensor, 
         low[4 * r0:4 * r1, 4 * c0:4 * c1] = _upscale_single(mask_decoder, inside, r1 - r0, c1 - c0, hyper)
     iou = mask_decoder.iou_prediction_head(queries[0])[:1]
     return low[None, None], iou[None]
+
+
+def _decode_attending(mask_decoder, image_embedding, image_pe, sparse, dense, window, outside, key_pe, attend):
+    """decode_single_mask with the transformer given only the cells of `attend` (half-open rows, cols)."""
+    _, C, h, w = image_embedding.shape
+    a0, a1, b0, b1 = attend
+    if not (0 <= a0 < a1 <= h and 0 <= b0 < b1 <= w):
+        raise ValueError("attention window %s is not inside the %d x %d embedding" % (attend, h, w))
+    key_pe = positions_as_rows(image_pe) if key_pe is None else key_pe
+    sub_pe = key_pe.view(h, w, C)[a0:a1, b0:b1].reshape(-1, C)
+    emb = image_embedding[:, :, a0:a1, b0:b1]
+    den = dense[:, :, a0:a1, b0:b1] if dense.shape[-1] == w else dense
+    if window is None:
+        window = (0, h, 0, w)
+    r0, r1, c0, c1 = max(window[0], a0), min(window[1], a1), max(window[2], b0), min(window[3], b1)
+    low_sub, iou = decode_single_mask(mask_decoder, emb, None, sparse, den.expand(1, C, a1 - a0, b1 - b0),
+                                      (r0 - a0, r1 - a0, c0 - b0, c1 - b0), outside, key_pe=sub_pe)
+    low = low_sub.new_full((1, 1, 4 * h, 4 * w), outside)
+    low[..., 4 * a0:4 * a1, 4 * b0:4 * b1] = low_sub
+    return low, iou
