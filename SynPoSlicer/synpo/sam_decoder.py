@@ -184,12 +184,10 @@ def _decode_attending(mask_decoder, image_embedding, image_pe, sparse, dense, wi
         raise ValueError("attention window %s is not inside the %d x %d embedding" % (attend, h, w))
     key_pe = positions_as_rows(image_pe) if key_pe is None else key_pe
     sub_pe = key_pe.view(h, w, C)[a0:a1, b0:b1].reshape(-1, C)
-    emb = image_embedding[:, :, a0:a1, b0:b1]
-    den = dense[:, :, a0:a1, b0:b1] if dense.shape[-1] == w else dense
-    if window is None:
-        window = (0, h, 0, w)
-    r0, r1, c0, c1 = max(window[0], a0), min(window[1], a1), max(window[2], b0), min(window[3], b1)
-    low_sub, iou = decode_single_mask(mask_decoder, emb, None, sparse, den.expand(1, C, a1 - a0, b1 - b0),
+    cut = (slice(None), slice(None), slice(a0, a1), slice(b0, b1))
+    r0, r1, c0, c1 = window if window is not None else (0, h, 0, w)
+    r0, r1, c0, c1 = max(r0, a0), min(r1, a1), max(c0, b0), min(c1, b1)
+    low_sub, iou = decode_single_mask(mask_decoder, image_embedding[cut], None, sparse, dense[cut],
                                       (r0 - a0, r1 - a0, c0 - b0, c1 - b0), outside, key_pe=sub_pe)
     low = low_sub.new_full((1, 1, 4 * h, 4 * w), outside)
     low[..., 4 * a0:4 * a1, 4 * b0:4 * b1] = low_sub
