@@ -1359,6 +1359,43 @@ def test_after_a_correction_a_voxel_two_labels_claim_stays_with_its_previous_own
     assert (again[0][4, 2:5] == 2).all() and again[0][1, 1] == 1                 # the rest as before
 
 
+
+@pytest.mark.parametrize("kept_on_5, ratio, painted, dropped", [
+    (4, 0.25, [2], True),        # 4 of 64 px left on the last slice: dropped
+    (4, 0.0, [2], False),        # off
+    (4, 0.25, [2, 5], False),    # a painted slice is never dropped
+    (20, 0.25, [2], False),      # 20 of 64 (0.31): a tip, kept
+])
+def test_a_labels_last_slice_that_keeps_a_sliver_after_assembly_is_dropped(kept_on_5, ratio, painted, dropped):
+    """assembly.drop_thin_ends (volume.tip_ratio): label 1 is walked over slices 0-5 (8 x 8 squares);
+    on slice 5 a more confident label 2 covers all but `kept_on_5` of its voxels, so the assembled
+    volume keeps a sliver of label 1 there. Label 1's first slice (0) is whole: not touched."""
+    from synpo.assembly import _assemble, drop_thin_ends
+    from synpo.result import SliceRecord
+    n = 6
+    one, two = {}, {}
+    for t in range(n):
+        one[t] = np.zeros((12, 12), bool)
+        one[t][2:10, 2:10] = True
+    two[5] = np.zeros((12, 12), bool)
+    two[5][2:10, 2:10] = True
+    two[5][2:2 + kept_on_5 // 4, 2:6] = False               # label 1 keeps kept_on_5 voxels (4 a row)
+    conf = {1: np.full((n, 12, 12), 0.5, np.float32), 2: np.full((n, 12, 12), 0.9, np.float32)}
+    records = [SliceRecord(1, t, "present") for t in range(n)] + [SliceRecord(2, 5, "present")]
+    out = _assemble({1: one, 2: two}, conf, (n, 12, 12), [1, 2])
+    assert (out[5] == 1).sum() == kept_on_5
+    drop_thin_ends(out, records, [1, 2], {1: painted, 2: [5]}, ratio)
+    assert ((out[5] == 1).sum() == 0) == dropped
+    assert (out[5] == 2).sum() == 64 - kept_on_5              # the other label keeps its voxels
+    assert all((out[t] == 1).sum() == 64 for t in range(5))    # the rest of label 1 untouched
+    rec = records[5]
+    if dropped:
+        assert rec.status == "absent" and rec.reason == "the label's last slice: 4 px, 0.06 of the slice before it"
+    else:
+        assert rec.status == "present" and rec.reason == ""
+    assert all(r.status == "present" for r in records[:5] + records[6:])
+
+
 def test_a_corrections_held_ends_stay_held_in_later_rounds_until_paint_lies_past_them():
     """volume.correction_holds_persist: the ends held for a correction in the round it was painted
     stay held when later rounds run (no longer a new support), but an end the user painted the

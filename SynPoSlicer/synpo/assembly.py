@@ -26,6 +26,7 @@ def assemble(run, per_label: list) -> VolumeResult:
         follow_enclosing(found, records, enclosing_labels(run.paint, run.support.labels), run.support.slices)
     labels_out = _assemble(found, conf_out, (run.n, run.H, run.W), run.support.labels,
                            run.previous_labels)
+    drop_thin_ends(labels_out, records, run.support.labels, run.support.slices, run.cfg.volume.tip_ratio)
     if not run.cross:
         # The support slices keep the user's paint exactly: every painted voxel keeps its value.
         for s, p in run.paint.items():
@@ -66,6 +67,31 @@ def follow_enclosing(found: Dict[int, Dict[int, np.ndarray]], records: List[Slic
         for rec in records:
             if rec.label == inner and rec.index in dropped:
                 rec.status, rec.reason = "absent", "outside label %s" % ", ".join(map(str, outers))
+
+
+def drop_thin_ends(labels_out: np.ndarray, records: List[SliceRecord], labels: Sequence[int],
+                   support_slices: Dict[int, List[int]], ratio: float) -> None:
+    """In place, on the assembled label volume (slices first): at each end of a label's extent, a
+    slice the label was not painted on that holds under `ratio` of the label's pixels on the slice
+    next to it (inwards) is cleared of the label; its record becomes "absent" with the reason. Such
+    a last slice is mostly a sliver beyond the organ's end or on a neighbour that kept the contested
+    voxels (volume.tip_ratio)."""
+    if ratio <= 0:
+        return
+    for label in labels:
+        areas = (labels_out == label).reshape(len(labels_out), -1).sum(1)
+        zs = np.flatnonzero(areas)
+        if len(zs) < 2:
+            continue
+        for end, inward in ((int(zs[0]), int(zs[0]) + 1), (int(zs[-1]), int(zs[-1]) - 1)):
+            if end in support_slices.get(label, ()) or not areas[inward] or areas[end] >= ratio * areas[inward]:
+                continue
+            labels_out[end][labels_out[end] == label] = 0
+            why = "the label's last slice: %d px, %.2f of the slice before it" % (
+                areas[end], areas[end] / areas[inward])
+            for rec in records:
+                if rec.label == label and rec.index == end:
+                    rec.status, rec.reason = "absent", why
 
 
 def _assemble(found: Dict[int, Dict[int, np.ndarray]], conf: Dict[int, np.ndarray], shape, labels,
