@@ -914,6 +914,8 @@ def test_config_validation_and_overrides():
         validate(SynPoConfig().with_(decode={"window_margin": -0.5}))
     with pytest.raises(SynPoError, match="label_workers"):
         validate(SynPoConfig().with_(volume={"label_workers": 0}))
+    with pytest.raises(SynPoError, match=r"volume.tip_ratio must be in \[0, 1\]"):
+        validate(SynPoConfig().with_(volume={"tip_ratio": 1.5}))
 
 
 class _BoxRecorder:

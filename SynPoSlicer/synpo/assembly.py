@@ -26,12 +26,13 @@ def assemble(run, per_label: list) -> VolumeResult:
         follow_enclosing(found, records, enclosing_labels(run.paint, run.support.labels), run.support.slices)
     labels_out = _assemble(found, conf_out, (run.n, run.H, run.W), run.support.labels,
                            run.previous_labels)
-    drop_thin_ends(labels_out, records, run.support.labels, run.support.slices, run.cfg.volume.tip_ratio)
     if not run.cross:
         # The support slices keep the user's paint exactly: every painted voxel keeps its value.
         for s, p in run.paint.items():
             painted = p != 0
             labels_out[s][painted] = p[painted]
+    # In the volume as the user gets it (overlaps settled, the paint restored): thin last slices go.
+    drop_thin_ends(labels_out, records, run.support.labels, run.support.slices, run.cfg.volume.tip_ratio)
     records.sort(key=lambda r: (r.label, r.index))
     axis = run.axis
     conf_out = {v: np.ascontiguousarray(from_slices(c, axis)) if axis else c for v, c in conf_out.items()}

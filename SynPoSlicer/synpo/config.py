@@ -242,13 +242,14 @@ class VolumeConfig:
     regrow_after: float = 0.0
     regrow_below: float = 0.5
     # A label's last slice after assembly: at each end of a label's extent in the assembled label
-    # volume (where overlapping labels have given their voxels to the more confident one), a slice
-    # that is not painted and keeps under tip_ratio x the label's area on the slice before it is
+    # volume (overlapping labels' voxels given to the more confident one, the paint restored), a slice
+    # that is not painted and keeps under tip_ratio x the label's area on the slice next to it is
     # dropped (assembly.drop_thin_ends; its record says so). 0 = off. Chosen on btcv_ct (0.15 / 0.2 /
     # 0.25 / 0.3 / 0.4: Dice 0.7711 / 0.7711 / 0.7712 / 0.7711 / 0.7708, absent slices segmented per
-    # organ 1.57 / 1.55 / 1.54 / 1.54 / 1.54 against 1.58 off), reported on the others: Dice unchanged
-    # on chaos_t2, cmr_bssfp and acdc_cine, CHAOS's absent slices 0.75 -> 0.55 per organ (early-stop
-    # slices 1.00 -> 1.10); docs/research.md, "A label's last slice" (sixteenth session).
+    # organ 1.57 / 1.55 / 1.54 / 1.54 / 1.54 against 1.58 off). On the others Dice moves by <= 0.0001
+    # (chaos_t2 0.9104 -> 0.9105), CHAOS's absent slices 0.75 -> 0.50 per organ, labelled slices
+    # missed 1.00 -> 1.10; cmr_bssfp unchanged, acdc_cine one slice missed more. docs/research.md,
+    # "A label's last slice" (sixteenth session).
     tip_ratio: float = 0.25
     # Look-ahead: when a slice is judged absent, the next slice is decoded from the same neighbour;
     # if it is judged present, the walk goes on and the slice between gets the shape between them
@@ -604,6 +605,7 @@ def validate(cfg: SynPoConfig) -> SynPoConfig:
         (0.0 <= v.falling_ratio <= 1.0, "volume.falling_ratio must be in [0, 1] (0: off)"),
         (v.falling_steps >= 1, "volume.falling_steps must be >= 1"),
         (0.0 <= v.sudden_area_change <= 1.0, "volume.sudden_area_change must be in [0, 1] (0: off)"),
+        (0.0 <= v.tip_ratio <= 1.0, "volume.tip_ratio must be in [0, 1] (0: off)"),
         (v.sudden_after >= 0.0, "volume.sudden_after must be >= 0"),
         (v.sudden_ratio >= 0.0, "volume.sudden_ratio must be >= 0"),
         (v.regrow_after == 0.0 or v.regrow_after > 1.0, "volume.regrow_after must be 0 (off) or > 1"),
