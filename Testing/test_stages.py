@@ -1398,6 +1398,36 @@ def test_a_labels_last_slice_that_keeps_a_sliver_after_assembly_is_dropped(kept_
     assert all(r.status == "present" for r in records[:5] + records[6:])
 
 
+
+def test_a_rerun_is_judged_against_the_labels_as_they_were_before_the_trim():
+    """Session.untrimmed_labels: the voxels assembly.drop_thin_ends took off (VolumeResult.trimmed)
+    are put back into the labels an Update's walks are judged against (walk.keep_reach), on the
+    slicing axis of the last run, without overwriting a voxel another label holds."""
+    from synpo.assembly import drop_thin_ends
+    from synpo.result import SliceRecord, VolumeResult
+    from synpo.session import Session
+    from synpo.support import Support, from_slices
+    stack = np.zeros((4, 6, 6), np.uint8)                     # slices first: label 1 on slices 0-3
+    stack[:3, 1:5, 1:5] = 1
+    stack[3, 1, 1:3] = 1                                      # a 2-voxel last slice
+    stack[3, 2, 2] = 2                                        # another label's voxel beside it
+    records = [SliceRecord(1, t, "present") for t in range(4)]
+    trimmed = drop_thin_ends(stack, records, [1, 2], {1: [1], 2: [3]}, 0.25)
+    assert list(trimmed) == [1] and list(trimmed[1]) == [3] and int(trimmed[1][3].sum()) == 2
+    assert not (stack[3] == 1).any() and records[3].status == "absent"
+    stack[3, 1, 1] = 2                                        # (a voxel another label holds is never overwritten)
+    session = Session.__new__(Session)
+    axis = 2                                                  # the run sliced along the last array axis
+    session.result = VolumeResult(from_slices(stack, axis).copy(), {}, records, Support(axis, [1, 2], {1: [1], 2: [3]}),
+                                  "mr", ["sam"], {}, [], trimmed)
+    before = np.moveaxis(session.untrimmed_labels(), axis, 0)
+    assert before[3, 1, 2] == 1 and before[3, 1, 1] == 2 and before[3, 2, 2] == 2
+    assert np.array_equal(before[:3], stack[:3]) and (before[3] != 0).sum() == 3
+    assert (session.result.labels != 0).sum() == (stack != 0).sum()   # the result itself is not changed
+    session.result.trimmed = {}
+    assert session.untrimmed_labels() is session.result.labels
+
+
 def test_a_corrections_held_ends_stay_held_in_later_rounds_until_paint_lies_past_them():
     """volume.correction_holds_persist: the ends held for a correction in the round it was painted
     stay held when later rounds run (no longer a new support), but an end the user painted the

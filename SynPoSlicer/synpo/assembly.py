@@ -32,12 +32,12 @@ def assemble(run, per_label: list) -> VolumeResult:
             painted = p != 0
             labels_out[s][painted] = p[painted]
     # In the volume as the user gets it (overlaps settled, the paint restored): thin last slices go.
-    drop_thin_ends(labels_out, records, run.support.labels, run.support.slices, run.cfg.volume.tip_ratio)
+    trimmed = drop_thin_ends(labels_out, records, run.support.labels, run.support.slices, run.cfg.volume.tip_ratio)
     records.sort(key=lambda r: (r.label, r.index))
     axis = run.axis
     conf_out = {v: np.ascontiguousarray(from_slices(c, axis)) if axis else c for v, c in conf_out.items()}
     return VolumeResult(np.ascontiguousarray(from_slices(labels_out, axis)), conf_out, records, run.support,
-                        run.modality, list(run.confidence_from), run.timings, sorted(computed))
+                        run.modality, list(run.confidence_from), run.timings, sorted(computed), trimmed)
 
 
 def enclosing_labels(paint: Dict[int, np.ndarray], labels: Sequence[int], inside: float = 0.95) -> Dict[int, List[int]]:
@@ -71,14 +71,15 @@ def follow_enclosing(found: Dict[int, Dict[int, np.ndarray]], records: List[Slic
 
 
 def drop_thin_ends(labels_out: np.ndarray, records: List[SliceRecord], labels: Sequence[int],
-                   support_slices: Dict[int, List[int]], ratio: float) -> None:
+                   support_slices: Dict[int, List[int]], ratio: float) -> Dict[int, Dict[int, np.ndarray]]:
     """In place, on the assembled label volume (slices first): at each end of a label's extent, a
     slice the label was not painted on that holds under `ratio` of the label's pixels on the slice
     next to it (inwards) is cleared of the label; its record becomes "absent" with the reason. Such
     a last slice is mostly a sliver beyond the organ's end or on a neighbour that kept the contested
-    voxels (volume.tip_ratio)."""
+    voxels (volume.tip_ratio). Returns {label: {slice: (H, W) bool}}, the voxels taken off."""
+    trimmed: Dict[int, Dict[int, np.ndarray]] = {}
     if ratio <= 0:
-        return
+        return trimmed
     for label in labels:
         areas = (labels_out == label).reshape(len(labels_out), -1).sum(1)
         zs = np.flatnonzero(areas)
@@ -87,12 +88,14 @@ def drop_thin_ends(labels_out: np.ndarray, records: List[SliceRecord], labels: S
         for end, inward in ((int(zs[0]), int(zs[0]) + 1), (int(zs[-1]), int(zs[-1]) - 1)):
             if end in support_slices.get(label, ()) or not areas[inward] or areas[end] >= ratio * areas[inward]:
                 continue
-            labels_out[end][labels_out[end] == label] = 0
+            trimmed.setdefault(label, {})[end] = labels_out[end] == label
+            labels_out[end][trimmed[label][end]] = 0
             why = "the label's last slice: %d px, %.2f of the slice before it" % (
                 areas[end], areas[end] / areas[inward])
             for rec in records:
                 if rec.label == label and rec.index == end:
                     rec.status, rec.reason = "absent", why
+    return trimmed
 
 
 def _assemble(found: Dict[int, Dict[int, np.ndarray]], conf: Dict[int, np.ndarray], shape, labels,

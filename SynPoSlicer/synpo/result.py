@@ -49,6 +49,11 @@ class VolumeResult:
     features: List[str]
     timings: Dict[str, float]
     computed: List[int] = field(default_factory=list)     # slices whose embeddings and confidence were computed
+    # label -> slice along the slicing axis -> (H, W) bool: the voxels assembly.drop_thin_ends took off
+    # a label's last slices (volume.tip_ratio). Not in `labels`; a re-run compares its walks with the
+    # labels as they were before that trim (Session.add_support), so an Update neither loses nor
+    # re-adds them behind the rule's back.
+    trimmed: Dict[int, Dict[int, np.ndarray]] = field(default_factory=dict, repr=False)
 
 
 def support_to_dict(support: Support) -> dict:

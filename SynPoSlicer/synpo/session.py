@@ -172,7 +172,22 @@ class Session:
                         confidence_everywhere=confidence_everywhere, axis=axis,
                         absent={v: sorted(s) for v, s in marks.items() if s},
                         held_ends=self.held_ends(merged, axis, cfg if cfg is not None else self.cfg),
-                        previous=self.result.labels)
+                        previous=self.untrimmed_labels())
+
+    def untrimmed_labels(self) -> np.ndarray:
+        """The last run's labels with the voxels assembly.drop_thin_ends took off its labels' last slices
+        put back (VolumeResult.trimmed): what a re-run's walks are judged against (walk.keep_reach), so
+        a slice the rule trimmed is walked and trimmed again as before, not re-added by a re-walk that
+        finds no previous mask there."""
+        labels = self.result.labels
+        if not self.result.trimmed:
+            return labels
+        out = np.array(labels, copy=True)
+        view = to_slices(out, self.result.support.axis)
+        for label, by_slice in self.result.trimmed.items():
+            for t, mask in by_slice.items():
+                view[t][mask & (view[t] == 0)] = label
+        return out
 
     def held_ends(self, merged: np.ndarray, axis: int, cfg: Optional[SynPoConfig] = None
                   ) -> Dict[int, Dict[int, List[int]]]:
