@@ -249,9 +249,9 @@ class VolumeConfig:
     # organ 1.57 / 1.55 / 1.54 / 1.54 / 1.54 against 1.58 off). On the others Dice moves by <= 0.0001
     # (chaos_t2 0.9104 -> 0.9105), CHAOS's absent slices 0.75 -> 0.50 per organ, labelled slices
     # missed 1.00 -> 1.10; cmr_bssfp unchanged, acdc_cine one slice missed more. An Update's walks are
-    # judged against the labels before the trim (Session.untrimmed_labels). Corrections (3 rounds)
-    # within 0.0002 of the rule off on every set. docs/research.md, "A label's last slice" (sixteenth
-    # session).
+    # judged against the labels before the trim (Session.untrimmed_labels). Corrections (3 rounds):
+    # Dice after k within 0.0015 of the rule off on every set. docs/research.md, "A label's last
+    # slice" (sixteenth session).
     tip_ratio: float = 0.25
     # Look-ahead: when a slice is judged absent, the next slice is decoded from the same neighbour;
     # if it is judged present, the walk goes on and the slice between gets the shape between them
