@@ -1399,6 +1399,45 @@ def test_a_labels_last_slice_that_keeps_a_sliver_after_assembly_is_dropped(kept_
 
 
 
+
+@pytest.mark.parametrize("rings, gap, hole_on, dropped", [
+    ([2], 1, range(1, 5), [0, 5]),   # the right ventricle against the myocardium's ring: not beyond it
+    ([2], 1, range(1, 6), [0]),      # the blood pool found on 5 (the ring's walk ended early): kept there
+    ([2], 4, range(1, 5), []),       # 4 px away on its support slice: not against it
+    ([], 1, range(1, 5), []),        # no ring (an abdomen): nothing
+])
+def test_a_label_against_a_rings_outside_is_kept_within_the_walls_extent(rings, gap, hole_on, dropped):
+    """assembly.follow_walls (volume.wall_follow): label 2 is a ring (slices 1-4) around label 3 (found
+    on `hole_on`); label 1, painted on slice 2 `gap` px from the ring's outside, was walked over 0-5;
+    label 4, far from the ring, over 0-5 too."""
+    from synpo.assembly import enclosing_labels, follow_walls
+    from synpo.result import SliceRecord
+    H = W = 24
+    ring = np.zeros((H, W), bool)
+    ring[4:16, 4:16] = True
+    ring[7:13, 7:13] = False                                   # the hole: label 3
+    hole = np.zeros((H, W), bool)
+    hole[7:13, 7:13] = True
+    side = np.zeros((H, W), bool)
+    side[4:16, 15 + gap:15 + gap + 4] = True                   # label 1, right of the ring
+    far = np.zeros((H, W), bool)
+    far[20:23, 1:4] = True                                     # label 4
+    paint = {2: np.zeros((H, W), np.uint8)}
+    for lab, m in ((2, ring), (3, hole), (1, side), (4, far)):
+        paint[2][m] = lab
+    found = {2: {t: ring for t in range(1, 5)}, 3: {t: hole for t in hole_on},
+             1: {t: side for t in range(6)}, 4: {t: far for t in range(6)}}
+    records = [SliceRecord(lab, t, "present") for lab in (1, 4) for t in range(6)]
+    enclosing = enclosing_labels(paint, [1, 2, 3, 4])
+    assert enclosing == {3: [2]}
+    follow_walls(found, records, rings, enclosing, paint, {1: [2], 2: [2], 3: [2], 4: [2]})
+    assert sorted(found[1]) == [t for t in range(6) if t not in dropped]
+    assert sorted(found[4]) == list(range(6)) and sorted(found[2]) == [1, 2, 3, 4]
+    gone = [r for r in records if r.status == "absent"]
+    assert [(r.label, r.index) for r in gone] == [(1, t) for t in dropped]
+    assert all(r.reason == "beyond label 2, which it lies against" for r in gone)
+
+
 def test_a_rerun_is_judged_against_the_labels_as_they_were_before_the_trim():
     """Session.untrimmed_labels: the voxels assembly.drop_thin_ends took off (VolumeResult.trimmed)
     are put back into the labels an Update's walks are judged against (walk.keep_reach), on the

@@ -3,6 +3,7 @@ confident wins), an enclosed label kept within its encloser, the user's paint ke
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
+from scipy import ndimage
 
 from .decode import fill_holes
 from .result import SliceRecord, VolumeResult
@@ -22,8 +23,13 @@ def assemble(run, per_label: list) -> VolumeResult:
         computed.update(slices)
         for k, v in seconds.items():
             run.timings[k] += v
+    enclosing = enclosing_labels(run.paint, run.support.labels)
+    if run.cfg.volume.wall_follow and not run.cross:
+        # Before the enclosed labels follow their encloser: a blood pool found where the myocardium's
+        # walk ended early still holds the right ventricle there.
+        follow_walls(found, records, sorted(getattr(run, "rings", {})), enclosing, run.paint, run.support.slices)
     if run.cfg.volume.enclosed_follow:
-        follow_enclosing(found, records, enclosing_labels(run.paint, run.support.labels), run.support.slices)
+        follow_enclosing(found, records, enclosing, run.support.slices)
     labels_out = _assemble(found, conf_out, (run.n, run.H, run.W), run.support.labels,
                            run.previous_labels)
     if not run.cross:
@@ -68,6 +74,46 @@ def follow_enclosing(found: Dict[int, Dict[int, np.ndarray]], records: List[Slic
         for rec in records:
             if rec.label == inner and rec.index in dropped:
                 rec.status, rec.reason = "absent", "outside label %s" % ", ".join(map(str, outers))
+
+
+def follow_walls(found: Dict[int, Dict[int, np.ndarray]], records: List[SliceRecord], rings: Sequence[int],
+                 enclosing: Dict[int, List[int]], paint: Dict[int, np.ndarray],
+                 support_slices: Dict[int, List[int]], near_px: float = 2.0) -> None:
+    """Drop (in place) a label's masks on slices where no wall it lies against is found: a label
+    whose paint lies within `near_px` of a ring's mask (or paint) on one of its support slices, and
+    is not enclosed by it (the right ventricle against the myocardium), is kept only on slices where
+    the ring, or a label the ring encloses (the blood pool), is found or painted; its other records
+    become "absent" with the reason (volume.wall_follow). A slice the label is painted on stays."""
+    for ring in rings:
+        wall = [ring] + [a for a, outers in enclosing.items() if ring in outers]
+        present = set()
+        for w in wall:
+            present |= set(found.get(w, {})) | set(support_slices.get(w, ()))
+        for label in found:
+            if label in wall or ring in enclosing.get(label, ()):
+                continue
+            if not any(_near(paint[s] == label, _ring_on(found, paint, ring, s), near_px)
+                       for s in support_slices.get(label, ())):
+                continue
+            dropped = {t for t in found[label] if t not in present and t not in support_slices.get(label, ())}
+            for t in dropped:
+                del found[label][t]
+            for rec in records:
+                if rec.label == label and rec.index in dropped:
+                    rec.status, rec.reason = "absent", "beyond label %d, which it lies against" % ring
+
+
+def _ring_on(found, paint, ring: int, s: int) -> np.ndarray:
+    """The ring's voxels on slice s: its mask there, or its paint."""
+    m = found.get(ring, {}).get(s)
+    return m if m is not None else paint[s] == ring
+
+
+def _near(a: np.ndarray, b: np.ndarray, px: float) -> bool:
+    """Whether some pixel of a lies within px of b (Euclidean, in pixels)."""
+    if not a.any() or not b.any():
+        return False
+    return bool((ndimage.distance_transform_edt(~b)[a] <= px).any())
 
 
 def drop_thin_ends(labels_out: np.ndarray, records: List[SliceRecord], labels: Sequence[int],
