@@ -71,9 +71,7 @@ def follow_enclosing(found: Dict[int, Dict[int, np.ndarray]], records: List[Slic
         dropped = set(found[inner]) - keep
         for t in dropped:
             del found[inner][t]
-        for rec in records:
-            if rec.label == inner and rec.index in dropped:
-                rec.status, rec.reason = "absent", "outside label %s" % ", ".join(map(str, outers))
+        mark_absent(records, inner, dropped, "outside label %s" % ", ".join(map(str, outers)))
 
 
 def follow_walls(found: Dict[int, Dict[int, np.ndarray]], records: List[SliceRecord], rings: Sequence[int],
@@ -98,9 +96,7 @@ def follow_walls(found: Dict[int, Dict[int, np.ndarray]], records: List[SliceRec
             dropped = {t for t in found[label] if t not in present and t not in support_slices.get(label, ())}
             for t in dropped:
                 del found[label][t]
-            for rec in records:
-                if rec.label == label and rec.index in dropped:
-                    rec.status, rec.reason = "absent", "beyond label %d, which it lies against" % ring
+            mark_absent(records, label, dropped, "beyond label %d, which it lies against" % ring)
 
 
 def _ring_on(found, paint, ring: int, s: int) -> np.ndarray:
@@ -126,8 +122,12 @@ def drop_thin_ends(labels_out: np.ndarray, records: List[SliceRecord], labels: S
     trimmed: Dict[int, Dict[int, np.ndarray]] = {}
     if ratio <= 0:
         return trimmed
+    # Every label's pixels per slice in one pass over the volume (not one pass per label).
+    values = np.sort(np.asarray(labels, dtype=np.int64))
+    counts = np.stack([np.bincount(np.searchsorted(values, t[np.isin(t, values)]), minlength=len(values))
+                       for t in labels_out]) if len(values) else np.zeros((len(labels_out), 0), np.int64)
     for label in labels:
-        areas = (labels_out == label).reshape(len(labels_out), -1).sum(1)
+        areas = counts[:, int(np.searchsorted(values, label))]
         zs = np.flatnonzero(areas)
         if len(zs) < 2:
             continue
@@ -138,10 +138,15 @@ def drop_thin_ends(labels_out: np.ndarray, records: List[SliceRecord], labels: S
             labels_out[end][trimmed[label][end]] = 0
             why = "the label's last slice: %d px, %.2f of the slice before it" % (
                 areas[end], areas[end] / areas[inward])
-            for rec in records:
-                if rec.label == label and rec.index == end:
-                    rec.status, rec.reason = "absent", why
+            mark_absent(records, label, {end}, why)
     return trimmed
+
+
+def mark_absent(records: List[SliceRecord], label: int, slices, why: str) -> None:
+    """The records of `label` on `slices` become "absent", with the reason `why`."""
+    for rec in records:
+        if rec.label == label and rec.index in slices:
+            rec.status, rec.reason = "absent", why
 
 
 def _assemble(found: Dict[int, Dict[int, np.ndarray]], conf: Dict[int, np.ndarray], shape, labels,

@@ -424,10 +424,9 @@ class VolumeConfig:
     # A label painted against a ring's outside (within 2 px of the ring's mask on its support
     # slice, not enclosed by it: the right ventricle against the myocardium) is kept only on slices
     # where the ring or what it encloses is found (assembly.follow_walls). Only rings (ring_min_hole)
-    # trigger it. cmr_bssfp 0.8669 -> 0.8755 (absent
-    # slices per organ 0.76 -> 0.38, no labelled slice lost), acdc_cine 0.8929 -> 0.8932, chaos_t2 and
-    # btcv_ct unchanged; corrections on cmr_bssfp 92.1 -> 95.2 % of steps held (docs/research.md,
-    # "A wall's extent", sixteenth session).
+    # trigger it. cmr_bssfp 0.8669 -> 0.8755 (absent slices per organ 0.76 -> 0.38, no labelled
+    # slice lost), acdc_cine 0.8929 -> 0.8932, chaos_t2 and btcv_ct unchanged; corrections on
+    # cmr_bssfp 92.1 -> 95.2 % of steps held (docs/research.md, "A wall's extent", sixteenth session).
     wall_follow: bool = True
     # Rings: a label whose support masks are closed bands around a hole of at least this
     # fraction of the filled area (the myocardium around the blood pool) is segmented as
