@@ -1775,15 +1775,71 @@ def test_a_walk_between_two_supports_uses_both_supports_maps_by_distance():
 def test_the_overlap_rule_measures_a_small_structures_move_in_mm(tolerance, expected):
     """A small structure moving 2 px (2 mm) a slice (a vein, an adrenal gland cut obliquely) leaves
     half of its own previous mask: the overlap rule ends its walk, unless the previous mask is grown
-    by volume.overlap_tolerance_mm before the overlap is measured."""
+    by volume.overlap_tolerance_mm before the overlap is measured (the walk's drift left out: it
+    follows such a move too, test_a_walk_follows_a_structure_that_moves_in_plane)."""
     n = 6
     conf = np.zeros((n, 40, 40), np.float32)
     for t in range(n):
         conf[t, 18:22, 8 + 2 * t:12 + 2 * t] = 0.9
-    masks, records = _walk_up(conf, SynPoConfig().with_(volume={"overlap_tolerance_mm": tolerance}))
+    masks, records = _walk_up(conf, SynPoConfig().with_(volume={"overlap_tolerance_mm": tolerance,
+                                                                "follow_drift": False}))
     assert sorted(masks) == expected
     if expected[-1] < n - 1:
         assert next(r for r in records if r.index == expected[-1] + 1).reason == "left the previous mask"
+
+
+def _moving_bar(n, step=5, width=8):
+    """Confidence maps of a 4 x `width` bar moving `step` px a slice to the right (a vein or an
+    adrenal gland cut obliquely): slice t holds it at columns 4 + step * t ..."""
+    conf = np.zeros((n, 30, 60), np.float32)
+    for t in range(n):
+        conf[t, 12:16, 4 + step * t:4 + step * t + width] = 0.9
+    return conf
+
+
+@pytest.mark.parametrize("follow, expected", [(False, [1, 2, 3]), (True, [1, 2, 3, 4, 5, 6])])
+def test_a_walk_follows_a_structure_that_moves_in_plane(follow, expected):
+    """A small structure moving further than the search margin each slice: its masks are cut at the
+    previous mask's search region, lag behind and leave the previous mask (the walk ends at slice 3).
+    With volume.follow_drift the search region and the overlap rule also take the previous mask
+    moved as the walk's last step moved it (walk.drift_of): the walk follows the bar to the volume's
+    end with whole masks."""
+    n = 7
+    conf = _moving_bar(n)
+    masks, records = _walk_up(conf, SynPoConfig().with_(volume={"follow_drift": follow}))
+    assert sorted(masks) == expected
+    if follow:
+        assert all(np.array_equal(masks[t], conf[t] > 0.5) for t in range(2, n))
+    else:
+        assert masks[3].sum() < (conf[3] > 0.5).sum()                   # cut at the search region
+        assert next(r for r in records if r.index == 4).reason == "left the previous mask"
+
+
+def test_the_drift_is_the_last_steps_move_and_a_moved_mask_does_not_wrap():
+    from synpo.walk import drift_of, shift_mask
+    a = np.zeros((10, 10), bool)
+    a[2:4, 2:4] = True
+    b = np.roll(a, (3, -1), (0, 1))
+    assert drift_of(a, b) == (3.0, -1.0)
+    assert drift_of(None, b) is None and drift_of(a, np.zeros_like(a)) is None
+    assert np.array_equal(shift_mask(a, (3, -1)), b)
+    assert not shift_mask(a, (0, 9)).any() and shift_mask(a, (0, 7))[2:4, 9].all()
+    assert shift_mask(a, (0, 7)).sum() == 2 and not shift_mask(a, (-12, 0)).any()
+
+
+@pytest.mark.parametrize("follow", [False, True])
+def test_a_structure_that_stops_moving_is_no_license_to_jump(follow):
+    """The drift is the walk's own last move: a bar that moved and then holds still keeps its walk; a
+    look-alike appearing off the bar's path beyond the tolerance still ends the walk, with the drift
+    or without it."""
+    n = 6
+    conf = _moving_bar(n, step=3)
+    conf[4] = 0.0
+    conf[4, 20:24, 4:12] = 0.9                                           # off the path, 8 rows below
+    cfg = SynPoConfig().with_(volume={"follow_drift": follow, "search_margin": 2.0})
+    masks, records = _walk_up(conf, cfg)
+    assert sorted(masks) == [1, 2, 3]
+    assert next(r for r in records if r.index == 4).reason == "left the previous mask"
 
 
 @pytest.mark.parametrize("tolerance", [0.0, 2.0])

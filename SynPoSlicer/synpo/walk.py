@@ -44,6 +44,34 @@ def _search_region(prev: np.ndarray, margin: float, min_px: int) -> np.ndarray:
     return region
 
 
+def shift_mask(mask: np.ndarray, drift) -> np.ndarray:
+    """`mask` moved by drift (rows, columns; rounded to whole pixels), nothing wrapping round."""
+    dy, dx = int(round(drift[0])), int(round(drift[1]))
+    out = np.zeros_like(mask)
+    H, W = mask.shape
+    if abs(dy) >= H or abs(dx) >= W:
+        return out
+    out[max(0, dy):H + min(0, dy), max(0, dx):W + min(0, dx)] = mask[max(0, -dy):H + min(0, -dy),
+                                                                     max(0, -dx):W + min(0, -dx)]
+    return out
+
+
+def drift_of(before: Optional[np.ndarray], prev: Optional[np.ndarray]):
+    """(rows, columns) from before's centre to prev's: how far the walk moved in plane over its last
+    step (None without two non-empty masks)."""
+    if before is None or prev is None or not before.any() or not prev.any():
+        return None
+    a, b = np.argwhere(before).mean(0), np.argwhere(prev).mean(0)
+    return (float(b[0] - a[0]), float(b[1] - a[1]))
+
+
+def follows(vc, prev: Optional[np.ndarray], drift) -> bool:
+    """Whether a step follows the walk's drift (volume.follow_drift): the last step moved the mask's
+    centre by at least volume.drift_min_fraction of the mask's size (the square root of its area)."""
+    return bool(vc.follow_drift and prev is not None and drift is not None
+                and np.hypot(*drift) >= vc.drift_min_fraction * np.sqrt(prev.sum()))
+
+
 def _record(label: int, index: int, status: str, prompts: Optional[Prompts] = None, score: float = 0.0,
             sam_iou: float = 0.0, box=None) -> SliceRecord:
     rec = SliceRecord(label, index, status, float(score), float(sam_iou))
@@ -165,17 +193,23 @@ class _Context:
 
     def decode(self, label: int, t: int, prev: Optional[np.ndarray], min_area: float,
                prev_score: Optional[float] = None, expected: Optional[np.ndarray] = None, first: bool = False,
-               tick: bool = True, history=()):
+               tick: bool = True, history=(), drift=None):
         """Decode slice t next to `prev` (the neighbouring mask, None for a first slice) and judge
         whether the target is there (self.judge: walk_rules.judge_step); prev_score is the
         neighbouring mask's mean confidence; expected, the target's guessed shape (select_prompts);
         first: prev is a painted slice; tick: count the slice as done (a walk's trial jump does not);
-        history: (area, score) of the walk's accepted slices up to prev (walk_rules.Step.history)."""
+        history: (area, score) of the walk's accepted slices up to prev (walk_rules.Step.history);
+        drift: (rows, columns) the walk's last step moved its mask (drift_of; None: unknown)."""
         if self.cancel is not None and self.cancel():
             raise Cancelled("cancelled")
         vc = self.cfg.volume
         region = (_search_region(prev, vc.search_margin, self.search_min_px(history)) if prev is not None
                   else None)
+        # A structure moving in plane (volume.follow_drift): the previous mask moved as the walk's
+        # last step moved it widens the search region and counts for the overlap rule.
+        moved = shift_mask(prev, drift) if follows(vc, prev, drift) else None
+        if moved is not None and moved.any():
+            region = region | _search_region(moved, vc.search_margin, self.search_min_px(history))
         mask, sam_iou, box, prompts = decode_prompted(self.sam, self.embeds, t, self.conf[t], self.cfg,
                                                       region, expected, self.gate_range, self.timings, prev)
         pieces = pieces_of(prev, vc.piece_fraction) if prev is not None else []
@@ -193,6 +227,9 @@ class _Context:
         score = float(self.conf[t][mask].mean()) if area else 0.0
         near = self.near(prev, history[0][0] if history else 0)
         overlap = float(np.logical_and(mask, near).sum() / area) if prev is not None and area else 0.0
+        if moved is not None and moved.any() and area:
+            overlap = max(overlap, float(np.logical_and(mask, self.near(moved, history[0][0] if history else 0)).sum()
+                                         / area))
         reason = self.judge(Step(label, t, first, mask, area, prev, min_area, score, prev_score, sam_iou, overlap,
                                 tuple(history)), vc)
         rec = _record(label, t, "absent" if reason else "present", prompts, score, sam_iou, box)
@@ -257,6 +294,7 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
     slice is judged absent, the slices up to it are walked one by one, so the organ's end is found
     slice by slice as without a stride."""
     prev, t = mask, start
+    behind = None                                # the accepted mask before prev (drift_of)
     prev_score = float(ctx.conf[start][mask].mean()) if mask.any() else None
     history = [(int(mask.sum()), prev_score if prev_score is not None else 0.0)]   # Step.history
     single_until = start                         # after a failed jump: single steps up to here
@@ -292,7 +330,7 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
                 ctx.report(rec, new)
                 ctx.tick()
                 masks[jump] = new
-                prev, prev_score, t = new, rec.score, jump
+                behind, prev, prev_score, t = None, new, rec.score, jump
                 history.append((int(new.sum()), rec.score))
                 continue
             single_until = jump                  # the organ ends before `jump`: find where, slice by slice
@@ -311,7 +349,8 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
             # Past a held end the first step away from the paint gets no looser limits: the previous
             # walk ended there (volume.correction_strict_past_end).
             loose = painted and t == start and not (past_held and ctx.cfg.volume.correction_strict_past_end)
-            new, rec = ctx.decode(label, u, prev, min_area, prev_score, first=loose, history=history)
+            new, rec = ctx.decode(label, u, prev, min_area, prev_score, first=loose, history=history,
+                                  drift=drift_of(behind, prev))
             other = ctx.collides(label, u, new) if past_held and new is not None else 0
             if other:                            # past the previous end onto another label's voxels
                 new, rec.status, rec.reason = None, "absent", "past the previous end onto label %d" % other
@@ -340,7 +379,7 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
                         ctx.report(r, m)
                         masks[w] = m
                     ctx.tick()
-                    prev, prev_score, t = after, rec_after.score, v
+                    behind, prev, prev_score, t = mid, after, rec_after.score, v
                     history.append((int(after.sum()), rec_after.score))
                     continue
         if new is not None and ctx.previous is not None and keep_previous(ctx, label, u, new, stop, step, masks,
@@ -360,7 +399,7 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
                 u += step
             return
         masks[u] = new
-        prev, prev_score, t = new, rec.score, u
+        behind, prev, prev_score, t = prev, new, rec.score, u
         history.append((int(new.sum()), rec.score))
 
 
