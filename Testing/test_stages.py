@@ -615,6 +615,50 @@ def test_a_rings_band_between_two_ring_supports_has_the_thickness_between_theirs
     assert np.array_equal(masks[2], band_around(hole, float(np.mean(measured)), (1.0, 1.0)))
 
 
+def test_a_rings_band_is_drawn_around_the_label_it_encloses():
+    """volume.ring_around_enclosed (assembly.band_around_enclosed): the ring's hole walked from its
+    own supports shrank on slices 1-2 (a myocardium corrected on slice 0 whose hole's walk lost the
+    blood pool), while the blood pool's own walk (its label, painted elsewhere) holds it there: the
+    band is drawn around the blood pool's mask on those slices, with the ring's thickness, and left as
+    it was on a slice where the blood pool is not found (3). rings.ring_label hands the band's rule
+    and the slices it stands on to the assembly (run.ring_bands)."""
+    from synpo.assembly import band_around_enclosed
+    from synpo.config import configured
+    from synpo.rings import ring_label
+    yy, xx = np.mgrid[:60, :60]
+    r = np.hypot(yy - 30, xx - 30)
+    pool, shrunk = r < 10, r < 4
+    ring = (r >= 10) & (r < 14)
+    Conf = _fixed_conf((5, 60, 60))
+
+    class Run:
+        cfg = configured([])
+        spacing_rc, on_slice, query = (1.0, 1.0), None, np.zeros((5, 60, 60), np.float32)
+        ring_bands = {}
+
+        def segment_target(self, label, idx, masks, records, seconds, reach=None):
+            return {t: shrunk for t in (1, 2, 3)}, Conf()         # the filled shape's walk and the hole's
+
+        def target_range(self, idx, masks):
+            return None
+    run = Run()
+    masks, _, _ = ring_label(run, 2, [0], [ring], ([pool | ring], {0: pool}), [], {})
+    assert sorted(run.ring_bands) == [2] and run.ring_bands[2][1] == [1, 2, 3]
+    band = run.ring_bands[2][0]
+    assert (masks[1] & pool).sum() >= 0.9 * masks[1].sum()          # a small ring inside the pool
+    found = {2: dict(masks), 3: {1: pool, 2: pool}}
+    band_around_enclosed(found, run.ring_bands, {3: [2]}, {0: np.where(ring, 2, np.where(pool, 3, 0))})
+    for t in (1, 2):
+        assert np.array_equal(found[2][t], band(t, pool))
+        assert not (found[2][t] & pool).any() and (found[2][t] & ring).sum() >= 0.9 * ring.sum()
+        assert (found[2][t] & ~ring).sum() <= 0.1 * ring.sum()       # the support's ring, as thick
+    assert np.array_equal(found[2][3], masks[3])                    # no blood pool found there: as walked
+    # A label the ring does not enclose leaves it alone.
+    found = {2: dict(masks), 3: {1: pool}}
+    band_around_enclosed(found, run.ring_bands, {}, {})
+    assert np.array_equal(found[2][1], masks[1])
+
+
 @pytest.mark.parametrize("keeps", [True, False])
 def test_a_rings_rerun_walks_keep_the_previous_filled_shape_and_hole_where_they_end_short(keeps):
     """volume.ring_keeps_reach (rings.ring_reach, walk.keep_reach): after a correction, the walk of a

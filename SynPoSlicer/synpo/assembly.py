@@ -24,6 +24,8 @@ def assemble(run, per_label: list) -> VolumeResult:
         for k, v in seconds.items():
             run.timings[k] += v
     enclosing = enclosing_labels(run.paint, run.support.labels)
+    if run.cfg.volume.ring_around_enclosed and not run.cross:
+        band_around_enclosed(found, getattr(run, "ring_bands", {}), enclosing, run.paint)
     if run.cfg.volume.wall_follow and not run.cross:
         # Before the enclosed labels follow their encloser: a blood pool found where the myocardium's
         # walk ended early still holds the right ventricle there.
@@ -44,6 +46,28 @@ def assemble(run, per_label: list) -> VolumeResult:
     conf_out = {v: np.ascontiguousarray(from_slices(c, axis)) if axis else c for v, c in conf_out.items()}
     return VolumeResult(np.ascontiguousarray(from_slices(labels_out, axis)), conf_out, records, run.support,
                         run.modality, list(run.confidence_from), run.timings, sorted(computed), trimmed)
+
+
+def band_around_enclosed(found: Dict[int, Dict[int, np.ndarray]], ring_bands: Dict[int, tuple],
+                         enclosing: Dict[int, List[int]], paint: Dict[int, np.ndarray]) -> None:
+    """A ring's band (rings.ring_label: the band of the supports' thickness around its walked hole)
+    drawn around the label it encloses instead (the blood pool within the myocardium), on the slices
+    where that label is found or painted: the hole's own walk starts from the ring's supports only,
+    the enclosed label's from its own, which a correction may have painted elsewhere
+    (volume.ring_around_enclosed). `found` is changed in place."""
+    for ring, (band, banded) in ring_bands.items():
+        inside = [a for a, encs in enclosing.items() if ring in encs]
+        if len(inside) != 1 or ring not in found:
+            continue
+        a = inside[0]
+        for t in banded:
+            if t not in found[ring]:
+                continue
+            hole = found.get(a, {}).get(t)
+            if hole is None and t in paint and (paint[t] == a).any():
+                hole = paint[t] == a
+            if hole is not None and hole.any():
+                found[ring][t] = band(t, hole)
 
 
 def enclosing_labels(paint: Dict[int, np.ndarray], labels: Sequence[int], inside: float = 0.95) -> Dict[int, List[int]]:

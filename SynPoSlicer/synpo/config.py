@@ -504,6 +504,18 @@ class VolumeConfig:
     # 0.882); cmr_bssfp 0.8472 / 0.8711 / 0.8934 / 0.9043 / 0.9121 / 0.9215, 89.5 %, 3 either way. No
     # ring on chaos_t2 or btcv_ct; a first run has no previous run: one-shot figures cannot change.
     ring_keeps_reach: bool = True
+    # A ring's band is drawn around the label it encloses (the blood pool inside the myocardium) on
+    # the slices where that label is found or painted, instead of around the hole walked from the
+    # ring's own supports (assembly.band_around_enclosed): after corrections the two walks start
+    # from different paints, and a hole walked from a myocardium's correction can lose the blood
+    # pool that the pool's own walk, painted nearby, holds (acdc_cine image_6's myocardium after 2
+    # corrections 0.700 -> 0.877). A first run: both walks start from the same paint (no slice
+    # changed on cmr_bssfp or ACDC). `benchmarks/corrections_fast.py DATA OUT 3 --set
+    # volume.ring_around_enclosed=B`, k = 0..3, steps held, down by more than 0.02, false -> true:
+    # acdc_cine 0.8786 / 0.9121 / 0.9153 / 0.9280, 92.1 %, 6 -> 0.8786 / 0.9143 / 0.9221 / 0.9321,
+    # 92.9 %, 4 (chosen here); cmr_bssfp 0.8570 / 0.8857 / 0.9028 / 0.9091, 95.2 %, 1 -> 0.8570 /
+    # 0.8856 / 0.9021 / 0.9098, 95.2 %, 1. No ring on chaos_t2 or btcv_ct.
+    ring_around_enclosed: bool = True
     # Cross-patient (a support from another volume): prompts are searched only where the
     # support's box falls relative to the body (position.py), widened by position_margin
     # x the query body's size.

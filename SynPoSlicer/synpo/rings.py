@@ -48,8 +48,15 @@ def ring_label(run, label: int, sup_idx: List[int], sup_masks: List[np.ndarray],
     profile = thickness_along({s: ring_profile(sup_masks[sup_idx.index(s)], holes[s], run.spacing_rc, vc.ring_bins)
                                for s in hole_idx}, vc.ring_thickness) if vc.ring_bins else (lambda t: None)
     band_range = run.target_range(sup_idx, sup_masks)
-    masks = {t: apply_gate(band_around(inner[t], thickness(t), run.spacing_rc, profile(t)), run.query[t],
-                           band_range, run.cfg.gate) if t in inner else m for t, m in outer.items()}
+    def band(t: int, hole: np.ndarray) -> np.ndarray:
+        return apply_gate(band_around(hole, thickness(t), run.spacing_rc, profile(t)), run.query[t], band_range,
+                          run.cfg.gate)
+
+    masks = {t: band(t, inner[t]) if t in inner else m for t, m in outer.items()}
+    # The band's rule and the slices it stands on, for the assembly (assembly.band_around_enclosed).
+    bands = getattr(run, "ring_bands", None)
+    if bands is not None:
+        bands[label] = (band, sorted(t for t in outer if t in inner))
     # Where the band stands, the filled shape's mask is not the ring's: its note on pixels added
     # between two supports (ownership.add_agreed) does not describe the slice.
     for rec in records:

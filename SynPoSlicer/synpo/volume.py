@@ -159,6 +159,7 @@ class VolumeRun:
         # A label is a ring when one of its support slices is a closed band around a hole (the
         # myocardium); a correction painted where it is not (the apex) is a filled shape of it.
         self.rings = find_rings(self.paint, support, cfg.volume.ring_min_hole)
+        self.ring_bands: Dict[int, tuple] = {}   # ring label -> (band(t, hole), slices banded): rings.ring_label
         self.judge: Judge = judge_step             # the stop rules (an instrument may record them)
         self.failed = threading.Event()           # a label worker failed: the others stop too
         self._done, self._tick_lock = 0, threading.Lock()
