@@ -1859,6 +1859,32 @@ def test_a_walk_follows_a_structure_that_moves_in_plane(follow, expected):
         assert next(r for r in records if r.index == 4).reason == "left the previous mask"
 
 
+@pytest.mark.parametrize("follow", [False, True])
+def test_a_thin_slice_walk_follows_the_drift_at_its_own_pace(follow):
+    """A thin-slice walk decodes every third slice (walk._Context.stride, volume.walk_spacing_mm) and
+    its drift is per jump: a bar moving 2 px a slice moves 6 px a jump, beyond the search margin.
+    Without the drift the jumps' masks are cut at the search region and a failed jump falls back to
+    single steps; with it every jump holds and decodes the whole bar from slice 6 on (a single step
+    would take the drift's pace scaled to one slice: walk._walk's drift_to)."""
+    from synpo.walk import _Context, _walk
+    n = 13
+    conf = _moving_bar(n, step=2)
+    store = _Store(Frame.fit(30, 60, (1.0, 1.0), 60))
+    store.ensure(range(n))
+    cfg = SynPoConfig().with_(volume={"follow_drift": follow})
+    ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None, lambda k=1: None,
+                   stride=3)
+    masks, records = {}, []
+    _walk(ctx, 1, 0, conf[0] > 0.5, n, +1, 10.0, masks, records)
+    assert sorted(masks) == list(range(1, n))
+    decoded = [r.index for r in records if r.status == "present"]
+    whole = [t for t in range(5, n) if np.array_equal(masks[t], conf[t] > 0.5)]
+    if follow:                                   # every jump holds: 4 decodes, the whole bar from slice 5
+        assert decoded == [3, 6, 9, 12] and whole == list(range(5, n))
+    else:                                        # a jump cut short, single steps, a cut mask on slice 9
+        assert decoded == [3, 4, 5, 6, 9, 10, 11, 12] and 9 not in whole
+
+
 def test_the_drift_is_the_last_steps_move_and_a_moved_mask_does_not_wrap():
     from synpo.walk import drift_of, shift_mask
     a = np.zeros((10, 10), bool)

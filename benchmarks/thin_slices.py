@@ -1,7 +1,7 @@
 """Decode every n-th slice and interpolate between: Dice and seconds per walk spacing.
 
     .venv/bin/python benchmarks/thin_slices.py DATA [--slice-mm 1.0] [--walk-mm 0 2 3 4.5]
-        [--labels ...] [--limit N] [--embedding-cache DIR] [-o report.json]
+        [--labels ...] [--limit N] [--set SECTION.FIELD=VALUE ...] [--embedding-cache DIR] [-o report.json]
 
 DATA: a folder of image_N / label_N volumes (or ct / labels). With --slice-mm, each volume and its
 labels are first resampled along the slice axis to that thickness (linear / nearest neighbour,
@@ -53,6 +53,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--embedding-cache", metavar="DIR")
+    ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="config overrides for every setting (as `synpo segment --set`)")
     ap.add_argument("-o", "--output")
     args = ap.parse_args(argv)
     pairs = find_pairs(args.data)[: args.limit]
@@ -60,7 +62,7 @@ def main(argv=None) -> dict:
         raise SynPoError("no image_N/label_N (or ct/labels) volumes in %s" % args.data)
     from synpo.features import load_models
     sam, dino, use = load_models("litemedsam", "sam", "small", args.device, True)
-    base = configured()
+    base = configured(args.set)
     variants = [Variant("walk %g mm" % mm, base.with_(volume={"walk_spacing_mm": float(mm)})) for mm in args.walk_mm]
     with tempfile.TemporaryDirectory() as folder:
         if args.slice_mm:

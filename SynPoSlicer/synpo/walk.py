@@ -294,7 +294,16 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
     slice is judged absent, the slices up to it are walked one by one, so the organ's end is found
     slice by slice as without a stride."""
     prev, t = mask, start
-    behind = None                                # the accepted mask before prev (drift_of)
+    behind = None                                # (mask, slice) accepted before prev: the walk's drift
+
+    def drift_to(x: int):
+        """How far the walk's mask moves in plane from prev's slice to slice x, at the pace of its
+        last step (drift_of, scaled by the slices between): None before two accepted masks."""
+        moved = drift_of(behind[0], prev) if behind is not None and behind[1] != t else None
+        if moved is None:
+            return None
+        scale = (x - t) / float(t - behind[1])
+        return (moved[0] * scale, moved[1] * scale)
     prev_score = float(ctx.conf[start][mask].mean()) if mask.any() else None
     history = [(int(mask.sum()), prev_score if prev_score is not None else 0.0)]   # Step.history
     single_until = start                         # after a failed jump: single steps up to here
@@ -317,7 +326,7 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
                 and not past_held and not any(u in ctx.absent or u in ctx.held for u in between)):
             ctx.prefetch([jump])
             new, rec = ctx.decode(label, jump, prev, min_area, prev_score, first=painted and t == start, tick=False,
-                                  history=history)
+                                  history=history, drift=drift_to(jump))
             if new is not None and towards_end and reach_objection(ctx, label, jump, new, outgrown):
                 new = None                       # slice by slice, where keep_reach decides
             if new is not None:
@@ -330,7 +339,7 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
                 ctx.report(rec, new)
                 ctx.tick()
                 masks[jump] = new
-                behind, prev, prev_score, t = None, new, rec.score, jump
+                behind, prev, prev_score, t = (prev, t), new, rec.score, jump
                 history.append((int(new.sum()), rec.score))
                 continue
             single_until = jump                  # the organ ends before `jump`: find where, slice by slice
@@ -350,7 +359,7 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
             # walk ended there (volume.correction_strict_past_end).
             loose = painted and t == start and not (past_held and ctx.cfg.volume.correction_strict_past_end)
             new, rec = ctx.decode(label, u, prev, min_area, prev_score, first=loose, history=history,
-                                  drift=drift_of(behind, prev))
+                                  drift=drift_to(u))
             other = ctx.collides(label, u, new) if past_held and new is not None else 0
             if other:                            # past the previous end onto another label's voxels
                 new, rec.status, rec.reason = None, "absent", "past the previous end onto label %d" % other
@@ -370,7 +379,7 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
                 v = u + step
                 ctx.prefetch([v])
                 after, rec_after = ctx.decode(label, v, prev, min_area, prev_score, first=painted and t == start,
-                                              tick=False, history=history)
+                                              tick=False, history=history, drift=drift_to(v))
                 if after is not None:
                     mid = interpolate_between(prev, after, 1, ctx.spacing_rc)[0]
                     rec.status, rec.reason = "interpolated", "bridged (%s; the next slice goes on)" % rec.reason
@@ -379,7 +388,7 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
                         ctx.report(r, m)
                         masks[w] = m
                     ctx.tick()
-                    behind, prev, prev_score, t = mid, after, rec_after.score, v
+                    behind, prev, prev_score, t = (mid, u), after, rec_after.score, v
                     history.append((int(after.sum()), rec_after.score))
                     continue
         if new is not None and ctx.previous is not None and keep_previous(ctx, label, u, new, stop, step, masks,
@@ -399,7 +408,7 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
                 u += step
             return
         masks[u] = new
-        behind, prev, prev_score, t = prev, new, rec.score, u
+        behind, prev, prev_score, t = (prev, t), new, rec.score, u
         history.append((int(new.sum()), rec.score))
 
 
