@@ -1885,6 +1885,39 @@ def test_a_thin_slice_walk_follows_the_drift_at_its_own_pace(follow):
         assert decoded == [3, 4, 5, 6, 9, 10, 11, 12] and 9 not in whole
 
 
+@pytest.mark.parametrize("follow", [False, True])
+def test_a_structure_in_pieces_is_followed_piece_by_piece(follow):
+    """Two bars moving 5 px a slice: the neighbouring mask is in two pieces, decoded piece by piece
+    (volume.piece_fraction), each piece's search region moved with the walk's drift too: followed
+    whole to the end with the drift; without it the pieces' masks are cut and the walk ends."""
+    n = 8
+    conf = np.zeros((n, 40, 80), np.float32)
+    for t in range(n):
+        conf[t, 6:10, 4 + 5 * t:12 + 5 * t] = 0.9
+        conf[t, 28:32, 4 + 5 * t:12 + 5 * t] = 0.9
+    masks, records = _walk_up(conf, SynPoConfig().with_(volume={"follow_drift": follow}))
+    if follow:
+        assert sorted(masks) == list(range(1, n))
+        assert all(np.array_equal(masks[t], conf[t] > 0.5) for t in range(2, n))
+    else:
+        assert sorted(masks) == [1, 2, 3]
+        assert next(r for r in records if r.index == 4).reason == "left the previous mask"
+
+
+def test_the_drift_threshold_is_on_the_move_per_slice():
+    """walk.follows: a 10 x 10 mask (size 10) followed from a move of 2 px a slice (0.2 of its size)
+    on; a thin-slice jump of 3 slices at 1 px a slice moves 3 px but is not followed (the fraction
+    was chosen on moves per slice)."""
+    from synpo.walk import follows
+    vc = SynPoConfig().volume
+    prev = np.zeros((30, 30), bool)
+    prev[5:15, 5:15] = True
+    assert follows(vc, prev, (0.0, 2.0)) and not follows(vc, prev, (1.0, 1.0))
+    assert follows(vc, prev, (0.0, 3.0)) and not follows(vc, prev, (0.0, 3.0), pace=(0.0, 1.0))
+    assert not follows(SynPoConfig().with_(volume={"follow_drift": False}).volume, prev, (0.0, 9.0))
+    assert not follows(vc, prev, None)
+
+
 def test_the_drift_is_the_last_steps_move_and_a_moved_mask_does_not_wrap():
     from synpo.walk import drift_of, shift_mask
     a = np.zeros((10, 10), bool)
