@@ -65,13 +65,13 @@ def drift_of(before: Optional[np.ndarray], prev: Optional[np.ndarray]):
     return (float(b[0] - a[0]), float(b[1] - a[1]))
 
 
-def follows(vc, prev: Optional[np.ndarray], drift, pace=None) -> bool:
-    """Whether a step follows the walk's drift (volume.follow_drift): the mask's centre moves by at
-    least volume.drift_min_fraction of the mask's size (the square root of its area) a slice. `pace`:
-    the move per slice when `drift` spans several (a thin-slice walk's jump); default `drift`."""
-    step = drift if pace is None else pace
+def follows(vc, prev: Optional[np.ndarray], drift) -> bool:
+    """Whether a step follows the walk's drift (volume.follow_drift): the mask's centre is expected to
+    move by at least volume.drift_min_fraction of the mask's size (the square root of its area) from
+    prev's slice to the slice decoded. A thin-slice walk's jump (volume.walk_spacing_mm, 3 mm) spans
+    about the distance of one 3 mm slice, on which the fraction was chosen."""
     return bool(vc.follow_drift and prev is not None and drift is not None
-                and np.hypot(*step) >= vc.drift_min_fraction * np.sqrt(prev.sum()))
+                and np.hypot(*drift) >= vc.drift_min_fraction * np.sqrt(prev.sum()))
 
 
 def _record(label: int, index: int, status: str, prompts: Optional[Prompts] = None, score: float = 0.0,
@@ -195,14 +195,14 @@ class _Context:
 
     def decode(self, label: int, t: int, prev: Optional[np.ndarray], min_area: float,
                prev_score: Optional[float] = None, expected: Optional[np.ndarray] = None, first: bool = False,
-               tick: bool = True, history=(), drift=None, pace=None):
+               tick: bool = True, history=(), drift=None):
         """Decode slice t next to `prev` (the neighbouring mask, None for a first slice) and judge
         whether the target is there (self.judge: walk_rules.judge_step); prev_score is the
         neighbouring mask's mean confidence; expected, the target's guessed shape (select_prompts);
         first: prev is a painted slice; tick: count the slice as done (a walk's trial jump does not);
         history: (area, score) of the walk's accepted slices up to prev (walk_rules.Step.history);
         drift: (rows, columns) the walk's mask is expected to move from prev's slice to t (drift_of;
-        None: unknown); pace: the same per slice (default drift)."""
+        None: unknown)."""
         if self.cancel is not None and self.cancel():
             raise Cancelled("cancelled")
         vc = self.cfg.volume
@@ -210,7 +210,7 @@ class _Context:
                   else None)
         # A structure moving in plane (volume.follow_drift): the previous mask moved as the walk's
         # last step moved it widens the search region and counts for the overlap rule.
-        moved = shift_mask(prev, drift) if follows(vc, prev, drift, pace) else None
+        moved = shift_mask(prev, drift) if follows(vc, prev, drift) else None
         if moved is not None and moved.any():
             region = region | _search_region(moved, vc.search_margin, self.search_min_px(history))
         mask, sam_iou, box, prompts = decode_prompted(self.sam, self.embeds, t, self.conf[t], self.cfg,
@@ -302,16 +302,15 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
     prev, t = mask, start
     behind = None                                # (mask, slice) accepted before prev: the walk's drift
 
-    def drift_to(x: int) -> dict:
-        """decode's drift and pace for slice x: how far the walk's mask moves in plane from prev's
-        slice to x, and per slice, at the pace of its last step (drift_of over the slices between
-        its last two accepted masks); none before two accepted masks."""
+    def drift_to(x: int):
+        """How far the walk's mask moves in plane from prev's slice to slice x, at the pace of its
+        last step (drift_of over the slices between its last two accepted masks, scaled to the
+        slices to x): None before two accepted masks."""
         moved = drift_of(behind[0], prev) if behind is not None and behind[1] != t else None
         if moved is None:
-            return {}
-        per = 1.0 / abs(t - behind[1])
-        pace = (moved[0] * per, moved[1] * per)
-        return {"drift": (pace[0] * abs(x - t), pace[1] * abs(x - t)), "pace": pace}
+            return None
+        scale = abs(x - t) / float(abs(t - behind[1]))
+        return (moved[0] * scale, moved[1] * scale)
     prev_score = float(ctx.conf[start][mask].mean()) if mask.any() else None
     history = [(int(mask.sum()), prev_score if prev_score is not None else 0.0)]   # Step.history
     single_until = start                         # after a failed jump: single steps up to here
@@ -334,7 +333,7 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
                 and not past_held and not any(u in ctx.absent or u in ctx.held for u in between)):
             ctx.prefetch([jump])
             new, rec = ctx.decode(label, jump, prev, min_area, prev_score, first=painted and t == start, tick=False,
-                                  history=history, **drift_to(jump))
+                                  history=history, drift=drift_to(jump))
             if new is not None and towards_end and reach_objection(ctx, label, jump, new, outgrown):
                 new = None                       # slice by slice, where keep_reach decides
             if new is not None:
@@ -367,7 +366,7 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
             # walk ended there (volume.correction_strict_past_end).
             loose = painted and t == start and not (past_held and ctx.cfg.volume.correction_strict_past_end)
             new, rec = ctx.decode(label, u, prev, min_area, prev_score, first=loose, history=history,
-                                  **drift_to(u))
+                                  drift=drift_to(u))
             other = ctx.collides(label, u, new) if past_held and new is not None else 0
             if other:                            # past the previous end onto another label's voxels
                 new, rec.status, rec.reason = None, "absent", "past the previous end onto label %d" % other
@@ -387,7 +386,7 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
                 v = u + step
                 ctx.prefetch([v])
                 after, rec_after = ctx.decode(label, v, prev, min_area, prev_score, first=painted and t == start,
-                                              tick=False, history=history, **drift_to(v))
+                                              tick=False, history=history, drift=drift_to(v))
                 if after is not None:
                     mid = interpolate_between(prev, after, 1, ctx.spacing_rc)[0]
                     rec.status, rec.reason = "interpolated", "bridged (%s; the next slice goes on)" % rec.reason
