@@ -41,16 +41,17 @@ def between(a: np.ndarray, b: np.ndarray, n: int, spacing_rc: Sequence[float] = 
     out = []
     for i in positions:
         w = i / (n + 1.0)
-        da = signed_distance(_moved(a, w * (cb - ca)), spacing_rc)
-        db = signed_distance(_moved(b, (w - 1.0) * (cb - ca)), spacing_rc)
+        da = signed_distance(shift_mask(a, w * (cb - ca)), spacing_rc)
+        db = signed_distance(shift_mask(b, (w - 1.0) * (cb - ca)), spacing_rc)
         with np.errstate(invalid="ignore"):         # inf - inf where a moved mask left the slice
             blend = (1.0 - w) * da + w * db
         out.append(np.nan_to_num(blend, nan=1.0) < 0.0)
     return out
 
 
-def _moved(mask: np.ndarray, shift_rc) -> np.ndarray:
-    """The mask moved by shift_rc (rows, columns), rounded to whole pixels."""
+def shift_mask(mask: np.ndarray, shift_rc) -> np.ndarray:
+    """The mask moved by shift_rc (rows, columns), rounded to whole pixels, nothing wrapping round
+    (also the walk's drift: walk._Context.decode)."""
     dr, dc = (int(round(float(v))) for v in shift_rc)
     if dr == 0 and dc == 0:
         return mask

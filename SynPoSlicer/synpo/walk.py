@@ -18,7 +18,7 @@ from .config import SynPoConfig
 from .embeddings import EmbeddingStore
 from .errors import Cancelled
 from .gate import apply_gate
-from .interpolate import between as interpolate_between
+from .interpolate import between as interpolate_between, shift_mask
 from .prompts import Prompts, select_prompts
 from .result import SliceRecord
 from .slice_confidence import SliceConfidence
@@ -42,18 +42,6 @@ def _search_region(prev: np.ndarray, margin: float, min_px: int) -> np.ndarray:
     mx = max(min_px, int(round(margin * (xs.max() - xs.min() + 1))))
     region[max(0, ys.min() - my):min(H, ys.max() + 1 + my), max(0, xs.min() - mx):min(W, xs.max() + 1 + mx)] = True
     return region
-
-
-def shift_mask(mask: np.ndarray, drift) -> np.ndarray:
-    """`mask` moved by drift (rows, columns; rounded to whole pixels), nothing wrapping round."""
-    dy, dx = int(round(drift[0])), int(round(drift[1]))
-    out = np.zeros_like(mask)
-    H, W = mask.shape
-    if abs(dy) >= H or abs(dx) >= W:
-        return out
-    out[max(0, dy):H + min(0, dy), max(0, dx):W + min(0, dx)] = mask[max(0, -dy):H + min(0, -dy),
-                                                                     max(0, -dx):W + min(0, -dx)]
-    return out
 
 
 def drift_of(before: Optional[np.ndarray], prev: Optional[np.ndarray]):
@@ -206,13 +194,10 @@ class _Context:
         if self.cancel is not None and self.cancel():
             raise Cancelled("cancelled")
         vc = self.cfg.volume
-        region = (_search_region(prev, vc.search_margin, self.search_min_px(history)) if prev is not None
-                  else None)
         # A structure moving in plane (volume.follow_drift): the previous mask moved as the walk's
         # last step moved it widens the search region and counts for the overlap rule.
         moved = shift_mask(prev, drift) if follows(vc, prev, drift) else None
-        if moved is not None and moved.any():
-            region = region | _search_region(moved, vc.search_margin, self.search_min_px(history))
+        region = self.region_of(prev, history, moved) if prev is not None else None
         mask, sam_iou, box, prompts = decode_prompted(self.sam, self.embeds, t, self.conf[t], self.cfg,
                                                       region, expected, self.gate_range, self.timings, prev)
         pieces = pieces_of(prev, vc.piece_fraction) if prev is not None else []
@@ -241,17 +226,22 @@ class _Context:
             rec.reason = note
         return (None if reason else mask), rec
 
+    def region_of(self, mask: np.ndarray, history, moved: Optional[np.ndarray] = None) -> np.ndarray:
+        """The search region around `mask` (volume.search_margin, search_min_px), and around `moved`
+        too (the mask moved with the walk's drift) when given."""
+        margin, min_px = self.cfg.volume.search_margin, self.search_min_px(history)
+        region = _search_region(mask, margin, min_px)
+        if moved is not None and moved.any():
+            region = region | _search_region(moved, margin, min_px)
+        return region
+
     def decode_pieces(self, t: int, pieces: List[np.ndarray], expected, history, drift=None):
         """Slice t decoded once per piece of the neighbouring mask (each with the search region of
         its own piece, and of the piece moved by `drift` when the walk follows one): the union of
         the masks, SAM's IoU weighted by their areas, the union of the boxes, the prompts together."""
-        vc = self.cfg.volume
         out = []
         for piece in pieces:
-            region = _search_region(piece, vc.search_margin, self.search_min_px(history))
-            moved = shift_mask(piece, drift) if drift is not None else None
-            if moved is not None and moved.any():
-                region = region | _search_region(moved, vc.search_margin, self.search_min_px(history))
+            region = self.region_of(piece, history, shift_mask(piece, drift) if drift is not None else None)
             out.append(decode_prompted(self.sam, self.embeds, t, self.conf[t], self.cfg, region, expected,
                                        self.gate_range, self.timings, piece))
         mask = np.logical_or.reduce([o[0] for o in out])
