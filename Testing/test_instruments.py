@@ -95,7 +95,8 @@ def test_overrides_parse():
                       ("volume.search_growing_ratio=0", "search_growing_ratio must be > 0"),
                       ("volume.correction_past_end_growth=-0.5", "correction_past_end_growth must be >= 0"),
                       ("volume.correction_outgrows_previous=0.5",
-                       "correction_outgrows_previous must be 0 \\(off\\) or >= 1")):
+                       "correction_outgrows_previous must be 0 \\(off\\) or >= 1"),
+                      ("volume.gap_larger_arrival=1.5", "gap_larger_arrival must be in \\[0, 1\\]")):
         with pytest.raises(SynPoError, match=says):
             configured([bad])
 

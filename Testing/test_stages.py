@@ -1790,6 +1790,57 @@ def test_a_gap_slice_gets_what_the_other_walk_and_the_shape_between_the_paints_a
         assert {r.index: r.reason for r in records} == {1: "", 2: "", 3: "", 4: reason_4, 5: ""}
 
 
+def test_a_gap_slice_goes_to_the_larger_of_the_two_walks_masks(monkeypatch):
+    """ownership.prefer_larger (volume.gap_larger_wins): between a support painted where the organ is
+    small (0) and one where it is large (6), the walk up from the small paint lags behind an organ that
+    widens (each step may grow only by the search margin); the walks agree best on slice 5, so the
+    split hands the whole gap to the lagging walk. With gap_larger_wins each slice both walks found
+    goes to the larger mask, and its record says so; a tie stays with the split's owner. A walk that
+    leaked over the whole slice is larger too: with volume.gap_larger_arrival it takes nothing, as
+    its mask next to the small paint (slice 1) is far from the shape between the two paints there.
+    Through _propagate, with the walks replaced by fixed masks."""
+    from synpo import ownership
+    from synpo.result import SliceRecord
+    rows = lambda a, b: np.pad(np.ones((b - a, 12), bool), ((a, 20 - b), (0, 0)))   # noqa: E731
+    organ = {0: rows(8, 10), 1: rows(6, 12), 2: rows(4, 14), 3: rows(2, 16), 4: rows(1, 18), 5: rows(0, 19),
+             6: rows(0, 20)}
+    up = {1: rows(7, 11), 2: rows(6, 12), 3: rows(5, 13), 4: rows(3, 16), 5: rows(1, 18)}   # lagging
+    down = {t: organ[t] for t in range(1, 6)}
+    leak = {t: rows(0, 20) for t in range(1, 6)}
+    assert ownership.split_gap(0, 6, up, down) == 5 and ownership.split_gap(0, 6, up, leak) == 5
+    gap = {t: 0 for t in range(1, 6)}
+    handed_all = {t: (int(organ[t].sum()), int(up[t].sum())) for t in range(1, 6)}
+    assert ownership.prefer_larger(0, 6, up, down, gap) == ({t: 6 for t in gap}, handed_all)
+    assert ownership.prefer_larger(0, 6, up, dict(up), gap) == (gap, {})          # a tie: the split's owner
+    assert ownership.prefer_larger(0, 6, up, down, gap, organ[0], organ[6], arrival=0.3)[0] == {t: 6 for t in gap}
+    assert ownership.prefer_larger(0, 6, up, leak, gap)[0] == {t: 6 for t in gap}
+    assert ownership.prefer_larger(0, 6, up, leak, gap, organ[0], organ[6], arrival=0.3) == (gap, {})
+    assert ownership.prefer_larger(5, 6, {}, {}, {}, organ[5], organ[6], arrival=0.3) == ({}, {})   # no gap
+
+    class Ctx:
+        spacing_rc = (1.0, 1.0)
+    for walked_down, larger, arrival, owners in ((down, False, 0.0, [0] * 5), (down, True, 0.0, [6] * 5),
+                                                 (down, True, 0.3, [6] * 5), (leak, True, 0.3, [0] * 5)):
+        def fake_walk(ctx, label, s, start, stop, step, min_area, into_masks, into_records, painted):
+            walked = up if s == 0 else walked_down
+            for t in range(s + step, stop, step):
+                into_masks[t] = walked[t]
+                into_records.append(SliceRecord(label, t, "present"))
+        monkeypatch.setattr(ownership, "_walk", fake_walk)
+        records = []
+        masks, owner = ownership._propagate(Ctx(), 1, 7, {0: organ[0], 6: organ[6]}, 1.0, records,
+                                            ownership="agreement", gap_choice="split", larger_wins=larger,
+                                            larger_arrival=arrival)
+        assert [owner[t] for t in range(1, 6)] == owners
+        reasons = {r.index: r.reason for r in records}
+        assert sorted(reasons) == [1, 2, 3, 4, 5]                 # one record a slice, the owner's
+        if owners[0] == 6:
+            assert all(np.array_equal(masks[t], organ[t]) for t in range(1, 6))
+            assert reasons == {t: ownership.LARGER % handed_all[t] for t in range(1, 6)}
+        else:
+            assert all(np.array_equal(masks[t], up[t]) for t in range(1, 6)) and not any(reasons.values())
+
+
 def test_a_walk_between_two_supports_uses_both_supports_maps_by_distance():
     """ownership.GapConfidence (volume.gap_confidence): between supports 2 and 6, slice 3 gets 3/4 of
     support 2's map and 1/4 of support 6's ("blend") or support 2's alone ("nearest"); on and beyond

@@ -1,7 +1,7 @@
 """Ownership between supports: which start's walk gives each slice when a label has several
 support slices, and the confidence that goes with it (each slice's map is its owner's)."""
 import bisect
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -24,8 +24,8 @@ def walk_ranges(starts: Sequence[int], n: int) -> Dict[int, Tuple[int, int]]:
 
 
 def _propagate(ctx, label: int, n: int, starts: Dict[int, np.ndarray], min_area, records: List[SliceRecord],
-               painted: bool = True, ownership: str = "nearest", gap_choice: str = "split"
-               ) -> Tuple[Dict[int, np.ndarray], Dict[int, int]]:
+               painted: bool = True, ownership: str = "nearest", gap_choice: str = "split",
+               larger_wins: bool = False, larger_arrival: float = 0.0) -> Tuple[Dict[int, np.ndarray], Dict[int, int]]:
     """Walk outwards from every start slice; returns (masks {slice: mask}, owner {slice: start whose
     walk gave that slice}). ctx and min_area are one for all starts, or {start: ...}: each support's
     walk with its own confidence and area. painted: the starts are the user's paint (not a decoded
@@ -54,7 +54,7 @@ def _propagate(ctx, label: int, n: int, starts: Dict[int, np.ndarray], min_area,
     owner.update({t: order[0] for t in range(order[0])})
     owner.update({t: order[-1] for t in range(order[-1] + 1, n)})
     for s1, s2 in zip(order, order[1:]):
-        up, up_records, down, down_records = {}, [], {}, []
+        up, up_records, down, down_records, handed = {}, [], {}, [], {}
         walk(s1, s2, +1, up, up_records)
         walk(s2, s1, -1, down, down_records)
         if gap_choice == "paint_shape":
@@ -63,10 +63,18 @@ def _propagate(ctx, label: int, n: int, starts: Dict[int, np.ndarray], min_area,
         else:
             split = split_gap(s1, s2, up, down)
             gap = {t: s1 if t <= split else s2 for t in range(s1 + 1, s2)}
+            if larger_wins:
+                c = ctx[s1] if isinstance(ctx, dict) else ctx
+                gap, handed = prefer_larger(s1, s2, up, down, gap, starts[s1], starts[s2], c.spacing_rc,
+                                            larger_arrival)
         masks.update({t: m for t, m in up.items() if gap.get(t) == s1})
         masks.update({t: m for t, m in down.items() if gap.get(t) == s2})
         chosen = [r for r in up_records if gap.get(r.index) == s1] + [r for r in down_records
                                                                        if gap.get(r.index) == s2]
+        for r in chosen:
+            if r.index in handed:
+                note = LARGER % handed[r.index]
+                r.reason = "%s; %s" % (r.reason, note) if r.reason else note
         if gap_choice == "split_and_shape":
             c = ctx[s1] if isinstance(ctx, dict) else ctx
             added = add_agreed(s1, s2, up, down, starts[s1], starts[s2], gap, c.spacing_rc)
@@ -98,6 +106,46 @@ def choose_by_paint(s1: int, s2: int, up: Dict[int, np.ndarray], down: Dict[int,
         else:
             out[t] = s1 if a is not None else s2 if b is not None else nearer
     return out
+
+
+# The record's note on a gap slice that prefer_larger handed over against the split.
+LARGER = "%d px against the other support's walk's %d px: the larger mask kept"
+
+
+def prefer_larger(s1: int, s2: int, up: Dict[int, np.ndarray], down: Dict[int, np.ndarray],
+                  gap: Dict[int, int], paint1: Optional[np.ndarray] = None, paint2: Optional[np.ndarray] = None,
+                  spacing_rc=(1.0, 1.0), arrival: float = 0.0
+                  ) -> Tuple[Dict[int, int], Dict[int, Tuple[int, int]]]:
+    """(gap, handed): {slice: s1 or s2} for the slices between supports s1 < s2 with each slice
+    that both walks found given to the walk whose mask is larger there (the split's owner keeps a
+    tie), and {slice: (pixels kept, pixels of the other walk)} for those handed over against `gap`.
+
+    Between a support painted where the organ is small (its end) and one where it is large, the
+    walk from the small paint grows into the organ a slice at a time (its search region is its
+    previous mask's box, widened a little), so it lags where the organ widens quickly; the walk
+    from the large paint comes down over the organ as it narrows. Where the two disagree, the
+    smaller mask is most often the lagging one (docs/corrections.md, "The larger of two walks").
+    A walk that leaked into a neighbour is larger too, and it does not arrive where the other
+    paint says the organ is: with `arrival` > 0 (and both paints), a walk takes slices only if its
+    mask on the slice next to the other support overlaps the shape interpolated between the two
+    paints there (interpolate.between) by IoU >= arrival."""
+    takers = {s1: True, s2: True}
+    if arrival > 0 and paint1 is not None and paint2 is not None and gap:
+        near1, near2 = interpolate_between(paint1, paint2, s2 - s1 - 1, spacing_rc, only=[1, s2 - s1 - 1])
+        takers = {s1: up.get(s2 - 1) is not None and iou(up[s2 - 1], near2) >= arrival,
+                  s2: down.get(s1 + 1) is not None and iou(down[s1 + 1], near1) >= arrival}
+    out, handed = dict(gap), {}
+    for t, owner in gap.items():
+        a, b = up.get(t), down.get(t)
+        other_start = s2 if owner == s1 else s1
+        if a is None or b is None or not takers[other_start]:
+            continue
+        mine, other = (a, b) if owner == s1 else (b, a)
+        na, nb = int(mine.sum()), int(other.sum())
+        if nb > na:
+            out[t] = other_start
+            handed[t] = (nb, na)
+    return out, handed
 
 
 # The record's note on a gap slice that add_agreed added to ("N " + ADDED).

@@ -291,7 +291,9 @@ class VolumeRun:
             self.tick()
         masks, owner = _propagate(ctxs, label, self.n, starts, {s: min_area([m]) for s, m in starts.items()},
                                   records, ownership=self.cfg.volume.ownership,
-                                  gap_choice=self.cfg.volume.gap_choice)
+                                  gap_choice=self.cfg.volume.gap_choice,
+                                  larger_wins=self.cfg.volume.gap_larger_wins,
+                                  larger_arrival=self.cfg.volume.gap_larger_arrival)
         # No prediction of a label on its own support slice: the paint stands there (assemble).
         for s in sup_idx:
             masks.pop(s, None)
