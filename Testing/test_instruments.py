@@ -96,7 +96,9 @@ def test_overrides_parse():
                       ("volume.correction_past_end_growth=-0.5", "correction_past_end_growth must be >= 0"),
                       ("volume.correction_outgrows_previous=0.5",
                        "correction_outgrows_previous must be 0 \\(off\\) or >= 1"),
-                      ("volume.gap_larger_arrival=1.5", "gap_larger_arrival must be in \\[0, 1\\]")):
+                      ("volume.gap_larger_arrival=1.5", "gap_larger_arrival must be in \\[0, 1\\]"),
+                      ("volume.ring_fit_range=[1.1,1.2]", "ring_fit_range must be \\[low, high\\]"),
+                      ("volume.ring_fit_share=1", "ring_fit_share must be in \\(0, 1\\)")):
         with pytest.raises(SynPoError, match=says):
             configured([bad])
 

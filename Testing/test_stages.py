@@ -591,7 +591,7 @@ def test_a_rings_band_between_two_ring_supports_has_the_thickness_between_theirs
     Conf = _fixed_conf((5, 60, 60))
 
     class Run:
-        cfg = configured(["volume.ring_thickness=%s" % mode])
+        cfg = configured(["volume.ring_thickness=%s" % mode, "volume.ring_fit_grey=false"])   # the thickness alone
         spacing_rc, on_slice, query = (1.0, 1.0), None, np.zeros((5, 60, 60), np.float32)
 
         def segment_target(self, label, idx, masks, records, seconds, reach=None):
@@ -615,6 +615,39 @@ def test_a_rings_band_between_two_ring_supports_has_the_thickness_between_theirs
     assert np.array_equal(masks[2], band_around(hole, float(np.mean(measured)), (1.0, 1.0)))
 
 
+def test_a_rings_outer_edge_follows_the_walls_grey_values():
+    """rings.GreyFit (volume.ring_fit_grey): the band of the supports' thickness (5 px) around a hole,
+    where the wall is 6 px thick on the left (fat outside it, brighter than the wall) and 4 px on the
+    right (lung, darker): each sector's edge moves to where the wall's grey values end, within the
+    limits (0.8-1.25 of the band's reach). A wall beyond the limits stops at them; without the slice's
+    image, or with nothing to go by (no support values and a band too thin for its own), the band
+    stays as it was."""
+    from scipy import ndimage
+    from synpo.rings import GreyFit, band_around
+    yy, xx = np.mgrid[:80, :80]
+    hole = np.hypot(yy - 40, xx - 40) <= 12
+    d = ndimage.distance_transform_edt(~hole)
+    wall = (d > 0) & (d <= np.where(xx < 40, 6.0, 4.0))
+    image = np.where(hole, 0.9, np.where(wall, 0.5, np.where(xx < 40, 0.95, 0.1)))
+    image = image + np.random.default_rng(0).normal(0, 0.02, image.shape)
+    plain = band_around(hole, 5.0, (1.0, 1.0))
+    fitted = band_around(hole, 5.0, (1.0, 1.0), fit=GreyFit(image[wall]), image=image)
+    dice = lambda a, b: 2 * (a & b).sum() / (a.sum() + b.sum())          # noqa: E731
+    assert dice(plain, wall) < 0.9 and dice(fitted, wall) > 0.99
+    left, right = xx < 35, xx > 45
+    assert d[plain & left].max() == d[plain & right].max() == 5.0
+    assert d[fitted & left].max() == 6.0 and d[fitted & right].max() == 4.0
+    tight = band_around(hole, 5.0, (1.0, 1.0), fit=GreyFit(image[wall], 0.9, 1.1), image=image)
+    across_row = lambda band: (int(band[40, :40].sum()), int(band[40, 40:].sum()))   # noqa: E731
+    assert across_row(plain) == (5, 5) and across_row(fitted) == (6, 4) and across_row(tight) == (5, 4)
+    assert 5.0 < d[tight & left].max() <= 5.5                              # held at 1.1 x the reach
+    assert np.array_equal(band_around(hole, 5.0, (1.0, 1.0), fit=GreyFit(image[wall])), plain)   # no image
+    across = band_around(hole, 5.0, (1.0, 1.0), fit=GreyFit(None), image=image)   # this slice's range alone
+    assert dice(across, wall) > dice(plain, wall) + 0.02     # (its band's core takes in some lung: less)
+    thin = band_around(hole, 1.0, (1.0, 1.0))
+    assert np.array_equal(band_around(hole, 1.0, (1.0, 1.0), fit=GreyFit(None), image=image), thin)
+
+
 def test_a_rings_band_is_drawn_around_the_label_it_encloses():
     """volume.ring_around_enclosed (assembly.band_around_enclosed): the ring's hole walked from its
     own supports shrank on slices 1-2 (a myocardium corrected on slice 0 whose hole's walk lost the
@@ -632,7 +665,7 @@ def test_a_rings_band_is_drawn_around_the_label_it_encloses():
     Conf = _fixed_conf((5, 60, 60))
 
     class Run:
-        cfg = configured([])
+        cfg = configured(["volume.ring_fit_grey=false"])            # the band's hole alone
         spacing_rc, on_slice, query = (1.0, 1.0), None, np.zeros((5, 60, 60), np.float32)
         ring_bands = {}
 
@@ -696,7 +729,7 @@ def test_a_rings_rerun_walks_keep_the_previous_filled_shape_and_hole_where_they_
     Conf = _fixed_conf((8, 40, 40))
 
     class Run:
-        cfg = configured(["volume.ring_keeps_reach=%s" % str(keeps).lower()])
+        cfg = configured(["volume.ring_keeps_reach=%s" % str(keeps).lower(), "volume.ring_fit_grey=false"])
         spacing_rc, on_slice, query, previous_reach = (1.0, 1.0), None, np.zeros((8, 40, 40), np.float32), previous
 
         def segment_target(self, label, idx, masks, records, seconds, reach=None):

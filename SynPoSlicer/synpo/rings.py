@@ -48,9 +48,13 @@ def ring_label(run, label: int, sup_idx: List[int], sup_masks: List[np.ndarray],
     profile = thickness_along({s: ring_profile(sup_masks[sup_idx.index(s)], holes[s], run.spacing_rc, vc.ring_bins)
                                for s in hole_idx}, vc.ring_thickness) if vc.ring_bins else (lambda t: None)
     band_range = run.target_range(sup_idx, sup_masks)
+    fit = (GreyFit(None if run.cross else np.concatenate([run.ref[s][m] for s, m in zip(sup_idx, sup_masks)]),
+                   *vc.ring_fit_range, share=vc.ring_fit_share, sectors=vc.ring_fit_sectors)
+           if vc.ring_fit_grey else None)
+
     def band(t: int, hole: np.ndarray) -> np.ndarray:
-        return apply_gate(band_around(hole, thickness(t), run.spacing_rc, profile(t)), run.query[t], band_range,
-                          run.cfg.gate)
+        return apply_gate(band_around(hole, thickness(t), run.spacing_rc, profile(t), fit, run.query[t]),
+                          run.query[t], band_range, run.cfg.gate)
 
     masks = {t: band(t, inner[t]) if t in inner else m for t, m in outer.items()}
     # The band's rule and the slices it stands on, for the assembly (assembly.band_around_enclosed).
@@ -171,12 +175,76 @@ def ring_thickness(ring: np.ndarray, hole: np.ndarray, spacing_rc) -> float:
     return _with_area(ndimage.distance_transform_edt(~hole, sampling=spacing_rc)[~hole], ring.sum())
 
 
-def band_around(hole: np.ndarray, thickness: float, spacing_rc, profile: Optional[np.ndarray] = None) -> np.ndarray:
+def band_around(hole: np.ndarray, thickness: float, spacing_rc, profile: Optional[np.ndarray] = None,
+                fit: Optional["GreyFit"] = None, image: Optional[np.ndarray] = None) -> np.ndarray:
     """The pixels outside `hole` within `thickness` (mm) of it; with a sector profile (ring_profile),
-    within thickness x the profile at the pixel's angle around the hole's centre."""
+    within thickness x the profile at the pixel's angle around the hole's centre. With a GreyFit and
+    the slice's (H, W) image, each sector's outer edge moved to where the wall's grey values end
+    (GreyFit.limits)."""
     if not hole.any():
         return hole.copy()
     d = ndimage.distance_transform_edt(~hole, sampling=spacing_rc)
-    if profile is None:
-        return (d > 0) & (d <= thickness)
-    return (d > 0) & (d <= thickness * _sector_scale(np.asarray(profile, float), _sector_position(hole, len(profile))))
+    reach = (np.full(hole.shape, float(thickness)) if profile is None else
+             thickness * _sector_scale(np.asarray(profile, float), _sector_position(hole, len(profile))))
+    band = (d > 0) & (d <= reach)
+    if fit is None or image is None or not band.any():
+        return band
+    return (d > 0) & (d <= reach * fit.limits(hole, d, reach, band, image, min(spacing_rc)))
+
+
+class GreyFit:
+    """A ring's outer edge from the slice's grey values (volume.ring_fit_grey): the band of the
+    supports' thickness is drawn around the walked hole, but a wall is thicker or thinner from
+    slice to slice and side to side than the supports'. In each of `sectors` sectors around the
+    hole's centre, the band's outer limit (a fraction r of its reach, the band's own limit, each
+    pixel at d / reach) goes out from r = low to at most r = high for as long as at least `share`
+    of the pixels it takes in lie in the wall's grey range: the limit is where the running sum of
+    (in range - share) over the pixels by r is highest. The wall's grey range is the mean of the
+    ring supports' 5th-95th percentile (paint) and this slice's (the band's pixels at least two
+    pixels out from the hole): the supports' alone drifts with the coil's profile away from them.
+    support_values None (supports on another scan, whose grey values are on another scale): this
+    slice's alone."""
+
+    def __init__(self, support_values: Optional[np.ndarray], low: float = 0.8, high: float = 1.25,
+                 share: float = 0.7, sectors: int = 12, percentiles=(5.0, 95.0)):
+        self.percentiles = tuple(percentiles)
+        self.range = (None if support_values is None or not len(support_values)
+                      else np.percentile(np.asarray(support_values, float), self.percentiles))
+        self.low, self.high, self.share, self.sectors = float(low), float(high), float(share), int(sectors)
+
+    def grey_range(self, image: np.ndarray, band: np.ndarray, d: np.ndarray, pixel_mm: float):
+        """(low, high) of the wall's grey values on this slice, or None (nothing to go by)."""
+        core = band & (d >= 2.0 * pixel_mm)
+        here = np.percentile(image[core], self.percentiles) if core.sum() >= 20 else None
+        if here is None or self.range is None:
+            return None if here is None and self.range is None else tuple(here if self.range is None else self.range)
+        return tuple((np.asarray(self.range) + here) / 2.0)
+
+    def limits(self, hole: np.ndarray, d: np.ndarray, reach: np.ndarray, band: np.ndarray, image: np.ndarray,
+               pixel_mm: float) -> np.ndarray:
+        """(H, W) the fraction of `reach` each pixel's sector keeps (one value per sector)."""
+        grey = self.grey_range(image, band, d, pixel_mm)
+        if grey is None:
+            return np.ones(hole.shape)
+        lo, hi = grey
+        like = (image >= lo) & (image <= hi)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.where(reach > 0, d / reach, np.inf)
+        sector = np.minimum(_sector_position(hole, self.sectors).astype(int), self.sectors - 1)
+        out = np.full(hole.shape, 1.0)
+        shell = (d > 0) & (r > self.low) & (r <= self.high)
+        for b in range(self.sectors):
+            inside = shell & (sector == b)
+            if not (band & (sector == b)).any():
+                continue                                   # the band does not reach this side: leave it
+            rv = r[inside]
+            if not len(rv):
+                out[sector == b] = self.low
+                continue
+            order = np.argsort(rv, kind="stable")
+            rv, gain = rv[order], np.where(like[inside][order], 1.0 - self.share, -self.share)
+            ends = np.r_[np.flatnonzero(np.diff(rv) > 0), len(rv) - 1]     # the last pixel of each r
+            scores = np.r_[0.0, np.cumsum(gain)[ends]]
+            limits = np.r_[self.low, rv[ends]]
+            out[sector == b] = limits[int(np.argmax(scores))]
+        return out
