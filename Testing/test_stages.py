@@ -580,7 +580,7 @@ def test_a_rings_band_between_two_ring_supports_has_the_thickness_between_theirs
     every slice; a note of pixels added to the filled shape's mask does not stay on a slice the band
     gives. The walks are replaced by fixed masks (the run's interface, not its models)."""
     from synpo.config import configured
-    from synpo.ownership import ADDED
+    from synpo.ownership import ADDED, LARGER
     from synpo.result import SliceRecord
     from synpo.rings import band_around, ring_label, ring_thickness, thickness_along
     yy, xx = np.mgrid[:60, :60]
@@ -595,7 +595,8 @@ def test_a_rings_band_between_two_ring_supports_has_the_thickness_between_theirs
         spacing_rc, on_slice, query = (1.0, 1.0), None, np.zeros((5, 60, 60), np.float32)
 
         def segment_target(self, label, idx, masks, records, seconds, reach=None):
-            records.append(SliceRecord(label, 2, "present", reason="previous kept; 12 " + ADDED))
+            records.append(SliceRecord(label, 2, "present", reason="previous kept; 12 " + ADDED + "; "
+                                       + LARGER % (900, 700)))
             return {t: hole for t in (1, 2, 3)}, Conf()           # the filled shape's walk and the hole's
 
         def target_range(self, idx, masks):
@@ -603,7 +604,8 @@ def test_a_rings_band_between_two_ring_supports_has_the_thickness_between_theirs
     records = []
     masks, _, _ = ring_label(Run(), 1, [0, 4], [rings[0], rings[4]], ([hole | rings[0], hole | rings[4]],
                                                                       {0: hole, 4: hole}), records, {})
-    # The filled shape's note on pixels added between the supports is not the band's: dropped.
+    # The filled shape's notes on pixels added between the supports and on the larger of two walks
+    # are not the band's: dropped.
     assert [r.reason for r in records] == ["previous kept"]
     along = thickness_along({0: 3.0, 4: 7.0}, mode)
     expected = [4.0, 5.0, 6.0] if mode == "interpolated" else [5.0, 5.0, 5.0]
@@ -646,6 +648,12 @@ def test_a_rings_outer_edge_follows_the_walls_grey_values():
     assert dice(across, wall) > dice(plain, wall) + 0.02     # (its band's core takes in some lung: less)
     thin = band_around(hole, 1.0, (1.0, 1.0))
     assert np.array_equal(band_around(hole, 1.0, (1.0, 1.0), fit=GreyFit(None), image=image), thin)
+    for reach in (5.0, 4.6, 3.7):            # the limit chosen is the band drawn: no pixel at it lost to rounding
+        grey = (d > 0) & (d <= 1.1 * reach)
+        fit = GreyFit(np.full(10, 0.5), 0.85, 1.2)
+        limits = fit.limits(hole, d, d / reach, (d > 0) & (d <= reach), np.where(grey, 0.5, 0.0), 1.0)
+        drawn = band_around(hole, reach, (1.0, 1.0), fit=fit, image=np.where(grey, 0.5, 0.0))
+        assert np.array_equal(drawn, (d > 0) & (d / reach <= limits)) and (drawn & ~grey).sum() == 0
 
 
 def test_a_rings_band_is_drawn_around_the_label_it_encloses():

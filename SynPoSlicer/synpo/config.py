@@ -523,7 +523,7 @@ class VolumeConfig:
     # A ring's outer edge fitted to the slice's grey values (rings.GreyFit): in ring_fit_sectors
     # sectors around the hole, the band's limit moves between ring_fit_range[0] and [1] of its
     # reach for as long as ring_fit_share of the pixels it takes in lie in the wall's grey range
-    # (the mean of the ring supports' 5-95th percentile and the slice's band's own). Where the
+    # (the mean of the label's support paint's 5-95th percentile and the slice's band's own). Where the
     # myocardium's band went wrong (cmr_bssfp, saved runs): 8050 of its wrong pixels lay outside
     # the wall, 7581 of the wall's missed ones were left to the background; an oracle of one
     # thickness per slice gave 0.8164 -> 0.849, one per sector 0.906. Measured with
@@ -533,7 +533,7 @@ class VolumeConfig:
     #   0.85-1.25 0.8182 / 0.8520; 0.85-1.2 0.8224 / 0.8514; 0.9-1.15 0.8239 / 0.8505;
     #   (0.8-1.25) share 0.5 0.8156 / 0.8458, 0.8 0.8180 / 0.8484; 16 sectors 0.8193 / 0.8495.
     # Each set's best range chosen on the other: cmr_bssfp gets 0.85-1.25 (+0.0018), acdc_cine
-    # 0.9-1.15 (+0.0138); 0.85-1.2 taken, between them and within 0.001 of each set's best. Whole
+    # 0.9-1.15 (+0.0138); 0.85-1.2 taken, between them and within 0.0015 of each set's best. Whole
     # volume (every label): cmr_bssfp 0.8755 -> 0.8776, acdc_cine 0.8939 -> 0.8989; no other set has a
     # ring (chaos_t2 and btcv_ct label volumes identical). Corrections (`benchmarks/corrections_fast.py
     # DATA OUT 3`), Dice after k = 0..3, held (same slices), down by more than 0.02: cmr_bssfp 0.8570 /

@@ -10,7 +10,9 @@ from scipy import ndimage
 
 from .decode import fill_holes
 from .gate import apply_gate
-from .ownership import ADDED
+from .ownership import ADDED, LARGER
+
+LARGER_NOTE = LARGER.split("%d px: ")[-1]      # the note's fixed words ("the larger mask kept")
 from .result import SliceRecord
 
 
@@ -63,9 +65,12 @@ def ring_label(run, label: int, sup_idx: List[int], sup_masks: List[np.ndarray],
         bands[label] = (band, sorted(t for t in outer if t in inner))
     # Where the band stands, the filled shape's mask is not the ring's: its note on pixels added
     # between two supports (ownership.add_agreed) does not describe the slice.
+    # Nor does its note on the larger of two walks (ownership.prefer_larger): the pixels it counts are
+    # the filled shape's.
     for rec in records:
-        if rec.index in inner and ADDED in rec.reason:
-            rec.reason = "; ".join(part for part in rec.reason.split("; ") if ADDED not in part)
+        if rec.index in inner and (ADDED in rec.reason or LARGER_NOTE in rec.reason):
+            rec.reason = "; ".join(part for part in rec.reason.split("; ")
+                                   if ADDED not in part and LARGER_NOTE not in part)
     # The hole's map on every slice the filled shape's walk computed: the ring's confidence
     # (which decides overlaps between labels) is then what every slice's maps give.
     conf_inner.prepare(conf_outer.computed())
@@ -189,7 +194,9 @@ def band_around(hole: np.ndarray, thickness: float, spacing_rc, profile: Optiona
     band = (d > 0) & (d <= reach)
     if fit is None or image is None or not band.any():
         return band
-    return (d > 0) & (d <= reach * fit.limits(hole, d, reach, band, image, min(spacing_rc)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(reach > 0, d / reach, np.inf)          # each pixel's place in the band: 1 at its edge
+    return (d > 0) & (r <= fit.limits(hole, d, r, band, image, max(spacing_rc)))
 
 
 class GreyFit:
@@ -200,8 +207,9 @@ class GreyFit:
     pixel at d / reach) goes out from r = low to at most r = high for as long as at least `share`
     of the pixels it takes in lie in the wall's grey range: the limit is where the running sum of
     (in range - share) over the pixels by r is highest. The wall's grey range is the mean of the
-    ring supports' 5th-95th percentile (paint) and this slice's (the band's pixels at least two
-    pixels out from the hole): the supports' alone drifts with the coil's profile away from them.
+    label's support paint's 5th-95th percentile (the ring's and, where painted, its filled shape's)
+    and this slice's (the band's pixels at least two pixels, of the coarser in-plane size, out from
+    the hole): the supports' alone drifts with the coil's profile away from them.
     support_values None (supports on another scan, whose grey values are on another scale): this
     slice's alone."""
 
@@ -213,23 +221,23 @@ class GreyFit:
         self.low, self.high, self.share, self.sectors = float(low), float(high), float(share), int(sectors)
 
     def grey_range(self, image: np.ndarray, band: np.ndarray, d: np.ndarray, pixel_mm: float):
-        """(low, high) of the wall's grey values on this slice, or None (nothing to go by)."""
+        """(low, high) of the wall's grey values on this slice, or None (nothing to go by). pixel_mm:
+        the coarser in-plane pixel size: the band's core lies at least two of them out."""
         core = band & (d >= 2.0 * pixel_mm)
         here = np.percentile(image[core], self.percentiles) if core.sum() >= 20 else None
         if here is None or self.range is None:
             return None if here is None and self.range is None else tuple(here if self.range is None else self.range)
         return tuple((np.asarray(self.range) + here) / 2.0)
 
-    def limits(self, hole: np.ndarray, d: np.ndarray, reach: np.ndarray, band: np.ndarray, image: np.ndarray,
+    def limits(self, hole: np.ndarray, d: np.ndarray, r: np.ndarray, band: np.ndarray, image: np.ndarray,
                pixel_mm: float) -> np.ndarray:
-        """(H, W) the fraction of `reach` each pixel's sector keeps (one value per sector)."""
+        """(H, W) the limit on r (each pixel's distance to the hole, d mm, over the band's reach there)
+        that each pixel's sector keeps (one value per sector): the band is r <= it."""
         grey = self.grey_range(image, band, d, pixel_mm)
         if grey is None:
             return np.ones(hole.shape)
         lo, hi = grey
         like = (image >= lo) & (image <= hi)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            r = np.where(reach > 0, d / reach, np.inf)
         sector = np.minimum(_sector_position(hole, self.sectors).astype(int), self.sectors - 1)
         out = np.full(hole.shape, 1.0)
         shell = (d > 0) & (r > self.low) & (r <= self.high)
