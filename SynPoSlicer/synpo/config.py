@@ -538,8 +538,8 @@ class VolumeConfig:
     # ring (chaos_t2 and btcv_ct label volumes identical). Corrections (`benchmarks/corrections_fast.py
     # DATA OUT 3`), Dice after k = 0..3, held (same slices), down by more than 0.02: cmr_bssfp 0.8570 /
     # 0.8874 / 0.9054 / 0.9158, 96.8 % (98.4 %), 0 -> 0.8595 / 0.8910 / 0.9063 / 0.9195, 96.8 %
-    # (98.4 %), 0; acdc_cine 0.8786 / 0.9143 / 0.9229 / 0.9333, 92.9 % (96.8 %), 4 -> 0.8846 / 0.9188 /
-    # 0.9255 / 0.9350, 91.3 % (98.4 %), 5, all 11 falls the scoring's (corrections_why.py).
+    # (98.4 %), 0; acdc_cine 0.8786 / 0.9143 / 0.9229 / 0.9333, 92.9 % (96.8 %), 4 -> 0.8846 / 0.9187 /
+    # 0.9254 / 0.9350, 91.3 % (98.4 %), 5, all 11 falls the scoring's (corrections_why.py).
     ring_fit_grey: bool = True
     ring_fit_range: Tuple[float, float] = (0.85, 1.2)
     ring_fit_share: float = 0.7
