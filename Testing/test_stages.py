@@ -1447,6 +1447,40 @@ def test_after_a_correction_a_voxel_two_labels_claim_stays_with_its_previous_own
 
 
 
+def test_a_labels_edge_grows_by_a_pixel_where_the_grey_values_are_its_paints():
+    """assembly.grow_edges (volume.edge_grow): label 1's mask (rows 10-19 of a 20 x 20 organ at rows
+    10-29, cols 10-29) grows by one pixel into the background whose grey value lies within its paint's
+    10-90th percentile: the row below it (the organ's), not the column beside it (darker, not the
+    organ's). A pixel two labels would take stays background; a painted slice and a skipped (ring)
+    label are left as they are; the grown pixel never takes another label's."""
+    from synpo.assembly import grow_edges
+    image = np.full((3, 40, 40), 0.1, np.float32)
+    image[:, 10:30, 10:30] = np.linspace(0.55, 0.65, 20)[None, :, None]    # the organ, brighter downwards
+    image[:, 10:30, 30] = 0.3                                               # darker tissue beside it
+    paint = {0: np.zeros((40, 40), np.uint8)}
+    paint[0][10:30, 10:30] = 1
+    paint[0][32:36, 10:30] = 2                                              # label 2 painted alike
+    image[0, 32:36, 10:30] = np.linspace(0.55, 0.65, 4)[:, None]
+    labels = np.zeros((3, 40, 40), np.uint8)
+    labels[0] = paint[0]
+    labels[1:, 10:20, 10:30] = 1                                            # slices 1-2: the top half found
+    labels[2, 21, 10:30] = 2                                                # label 2 right below on slice 2
+    before = labels.copy()
+    grow_edges(labels, image, paint, [1, 2])
+    assert np.array_equal(labels[0], before[0])                             # the painted slice as painted
+    grown = (labels[1] == 1) & (before[1] == 0)
+    assert np.array_equal(np.argwhere(grown)[:, 0], np.full(20, 20))        # row 20, cols 10-29
+    assert not (labels[1][:, 30] == 1).any() and not (labels[1][9] == 1).any()   # beside and above: not the organ
+    assert (labels[2][20] == 0).all()                                       # between 1 and 2: both claim it
+    assert np.array_equal(np.unique(np.argwhere((labels[2] == 2) & (before[2] == 0))[:, 0]), [22])  # its free side
+    labels = before.copy()
+    grow_edges(labels, image, paint, [1, 2], skip=[1])                     # label 1 a ring: left as it is
+    assert np.array_equal(labels == 1, before == 1) and (labels[2][20, 10:30] == 2).all()   # row 20 now 2's
+    narrow = before.copy()
+    grow_edges(narrow, image, paint, [1, 2], percentiles=(0.0, 1.0))       # a range that misses row 20
+    assert np.array_equal(narrow, before)
+
+
 @pytest.mark.parametrize("kept_on_5, ratio, painted, dropped", [
     (4, 0.25, [2], True),        # 4 of 64 px left on the last slice: dropped
     (4, 0.0, [2], False),        # off
@@ -1526,7 +1560,8 @@ def test_a_label_against_a_rings_outside_is_kept_within_the_walls_extent(rings, 
 def test_a_rerun_is_judged_against_the_labels_as_they_were_before_the_trim():
     """Session.untrimmed_labels: the voxels assembly.drop_thin_ends took off (VolumeResult.trimmed)
     are put back into the labels an Update's walks are judged against (walk.keep_reach), on the
-    slicing axis of the last run, without overwriting a voxel another label holds."""
+    slicing axis of the last run, without overwriting a voxel another label holds; the rim
+    assembly.grow_edges gave (VolumeResult.grown) is taken off."""
     from synpo.assembly import drop_thin_ends
     from synpo.result import SliceRecord, VolumeResult
     from synpo.session import Session
@@ -1550,6 +1585,14 @@ def test_a_rerun_is_judged_against_the_labels_as_they_were_before_the_trim():
     assert (session.result.labels != 0).sum() == (stack != 0).sum()   # the result itself is not changed
     session.result.trimmed = {}
     assert session.untrimmed_labels() is session.result.labels
+    rim = np.zeros((6, 6), bool)
+    rim[0, 1:5] = True                                        # a rim assembly.grow_edges gave label 1 on slice 0
+    grown_stack = stack.copy()
+    grown_stack[0][rim] = 1
+    session.result = VolumeResult(from_slices(grown_stack, axis).copy(), {}, records,
+                                  Support(axis, [1, 2], {1: [1], 2: [3]}), "mr", ["sam"], {}, [], trimmed, {0: rim})
+    before = np.moveaxis(session.untrimmed_labels(), axis, 0)   # the rim off, the trim put back
+    assert not before[0][rim].any() and np.array_equal(before[0], stack[0]) and before[3, 1, 2] == 1
 
 
 def test_a_corrections_held_ends_stay_held_in_later_rounds_until_paint_lies_past_them():

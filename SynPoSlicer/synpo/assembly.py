@@ -41,11 +41,13 @@ def assemble(run, per_label: list) -> VolumeResult:
             labels_out[s][painted] = p[painted]
     # In the volume as the user gets it (overlaps settled, the paint restored): thin last slices go.
     trimmed = drop_thin_ends(labels_out, records, run.support.labels, run.support.slices, run.cfg.volume.tip_ratio)
+    grown = (grow_edges(labels_out, run.ref, run.paint, run.support.labels, sorted(getattr(run, "rings", {})),
+                        run.cfg.volume.edge_grow_percentiles) if run.cfg.volume.edge_grow and not run.cross else {})
     records.sort(key=lambda r: (r.label, r.index))
     axis = run.axis
     conf_out = {v: np.ascontiguousarray(from_slices(c, axis)) if axis else c for v, c in conf_out.items()}
     return VolumeResult(np.ascontiguousarray(from_slices(labels_out, axis)), conf_out, records, run.support,
-                        run.modality, list(run.confidence_from), run.timings, sorted(computed), trimmed)
+                        run.modality, list(run.confidence_from), run.timings, sorted(computed), trimmed, grown)
 
 
 def band_around_enclosed(found: Dict[int, Dict[int, np.ndarray]], ring_bands: Dict[int, tuple],
@@ -164,6 +166,54 @@ def drop_thin_ends(labels_out: np.ndarray, records: List[SliceRecord], labels: S
                 areas[end], areas[end] / areas[inward])
             mark_absent(records, label, {end}, why)
     return trimmed
+
+
+def grow_edges(labels_out: np.ndarray, images: np.ndarray, paint: Dict[int, np.ndarray], labels: Sequence[int],
+               skip: Sequence[int] = (), percentiles=(10.0, 90.0)) -> Dict[int, np.ndarray]:
+    """In place, on the assembled label volume (slices first, images the same slices' grey values):
+    each label's mask grows by one pixel (4-neighbours) into the background pixels whose grey value
+    lies within the percentiles of the label's paint on the nearest support slice; a pixel two labels
+    would take stays background,
+    the painted slices and the `skip` labels (rings, whose edge rings.GreyFit draws) are left as
+    they are. LiteMedSAM's masks run a little small on MR and CT alike (the larger of two walks
+    was the better one on 18 of 40 organ-rounds of cmr_bssfp's corrections and the worse on none);
+    the rim it misses looks like the organ's paint (volume.edge_grow). Returns {slice: (H, W) bool},
+    the pixels given (VolumeResult.grown: a re-run's walks are judged against the labels without them)."""
+    ranges, grown = {}, {}                   # label -> {support slice: (low, high)}
+    for label in labels:
+        if label in skip:
+            continue
+        values = {s: images[s][p == label] for s, p in paint.items() if (p == label).any()}
+        own = {s: np.percentile(v, percentiles) for s, v in values.items() if len(v) >= 20}
+        if not own and values:                # only slivers painted: all of them together
+            own = {min(values): np.percentile(np.concatenate(list(values.values())), percentiles)}
+        if own:
+            ranges[label] = own
+    if not ranges:
+        return grown
+    painted = {s: set(int(v) for v in np.unique(p) if v) for s, p in paint.items()}
+    for t, slice_labels in enumerate(labels_out):
+        present = [v for v in ranges if v not in painted.get(t, ())]
+        if not present or not slice_labels.any():
+            continue
+        free = slice_labels == 0
+        claims = np.zeros(free.shape, np.int16)
+        winner = np.zeros_like(slice_labels)
+        for label in present:
+            mask = slice_labels == label
+            if not mask.any():
+                continue
+            # The nearest support's paint (the lower on a tie): MR grey values drift along the volume,
+            # and a correction's paint speaks for the slices near it, as its walk does.
+            lo, hi = ranges[label][min(ranges[label], key=lambda s: (abs(s - t), s))]
+            rim = ndimage.binary_dilation(mask) & free & (images[t] >= lo) & (images[t] <= hi)
+            claims += rim
+            winner[rim] = label
+        take = claims == 1
+        if take.any():
+            slice_labels[take] = winner[take]
+            grown[t] = take
+    return grown
 
 
 def mark_absent(records: List[SliceRecord], label: int, slices, why: str) -> None:

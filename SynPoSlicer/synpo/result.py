@@ -54,6 +54,9 @@ class VolumeResult:
     # labels as they were before that trim (Session.add_support), so an Update neither loses nor
     # re-adds them behind the rule's back.
     trimmed: Dict[int, Dict[int, np.ndarray]] = field(default_factory=dict, repr=False)
+    # slice along the slicing axis -> (H, W) bool: the voxels assembly.grow_edges gave a label's rim
+    # (volume.edge_grow). In `labels`; a re-run compares its walks with the labels without them.
+    grown: Dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
 
 def support_to_dict(support: Support) -> dict:

@@ -175,15 +175,20 @@ class Session:
                         previous=self.untrimmed_labels())
 
     def untrimmed_labels(self) -> np.ndarray:
-        """The last run's labels with the voxels assembly.drop_thin_ends took off its labels' last slices
-        put back (VolumeResult.trimmed): what a re-run's walks are judged against (walk.keep_reach), so
-        a slice the rule trimmed is walked and trimmed again as before, not re-added by a re-walk that
-        finds no previous mask there."""
+        """The last run's labels as its walks and the assembly's overlaps gave them: the rim
+        assembly.grow_edges added taken off (VolumeResult.grown) and the voxels assembly.drop_thin_ends
+        took off its labels' last slices put back (VolumeResult.trimmed). What a re-run's walks are
+        judged against (walk.keep_reach) and whose owner keeps a voxel two labels claim, so a slice the
+        trim rule took is walked and trimmed again as before, not re-added by a re-walk that finds no
+        previous mask there, and a neighbour's grown rim is no claim on a label's voxels."""
         labels = self.result.labels
-        if not self.result.trimmed:
+        grown = getattr(self.result, "grown", {})
+        if not self.result.trimmed and not grown:
             return labels
         out = np.array(labels, copy=True)
         view = to_slices(out, self.result.support.axis)
+        for t, rim in grown.items():
+            view[t][rim] = 0
         for label, by_slice in self.result.trimmed.items():
             for t, mask in by_slice.items():
                 view[t][mask & (view[t] == 0)] = label
