@@ -199,16 +199,23 @@ def grow_edges(labels_out: np.ndarray, images: np.ndarray, paint: Dict[int, np.n
         free = slice_labels == 0
         claims = np.zeros(free.shape, np.int16)
         winner = np.zeros_like(slice_labels)
+        boxes = ndimage.find_objects(slice_labels)            # box of label v at boxes[v - 1]
+        H, W = free.shape
         for label in present:
-            mask = slice_labels == label
-            if not mask.any():
+            box = boxes[label - 1] if label - 1 < len(boxes) else None
+            if box is None:
                 continue
+            # The label's box and one pixel round it: the rim lies there.
+            r0, r1 = max(box[0].start - 1, 0), min(box[0].stop + 1, H)
+            c0, c1 = max(box[1].start - 1, 0), min(box[1].stop + 1, W)
+            mask = slice_labels[r0:r1, c0:c1] == label
             # The nearest support's paint (the lower on a tie): MR grey values drift along the volume,
             # and a correction's paint speaks for the slices near it, as its walk does.
             lo, hi = ranges[label][min(ranges[label], key=lambda s: (abs(s - t), s))]
-            rim = ndimage.binary_dilation(mask) & free & (images[t] >= lo) & (images[t] <= hi)
-            claims += rim
-            winner[rim] = label
+            grey = images[t][r0:r1, c0:c1]
+            rim = ndimage.binary_dilation(mask) & free[r0:r1, c0:c1] & (grey >= lo) & (grey <= hi)
+            claims[r0:r1, c0:c1] += rim
+            winner[r0:r1, c0:c1][rim] = label
         take = claims == 1
         if take.any():
             slice_labels[take] = winner[take]
