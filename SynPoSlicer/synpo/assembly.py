@@ -172,13 +172,13 @@ def grow_edges(labels_out: np.ndarray, images: np.ndarray, paint: Dict[int, np.n
                skip: Sequence[int] = (), percentiles=(10.0, 90.0)) -> Dict[int, np.ndarray]:
     """In place, on the assembled label volume (slices first, images the same slices' grey values):
     each label's mask grows by one pixel (4-neighbours) into the background pixels whose grey value
-    lies within the percentiles of the label's paint on the nearest support slice; a pixel two labels
-    would take stays background,
-    the painted slices and the `skip` labels (rings, whose edge rings.GreyFit draws) are left as
-    they are. LiteMedSAM's masks run a little small on MR and CT alike (the larger of two walks
-    was the better one on 18 of 40 organ-rounds of cmr_bssfp's corrections and the worse on none);
-    the rim it misses looks like the organ's paint (volume.edge_grow). Returns {slice: (H, W) bool},
-    the pixels given (VolumeResult.grown: a re-run's walks are judged against the labels without them)."""
+    lies within the percentiles of the label's paint on the nearest support slice. A pixel two labels
+    would take stays background; the painted slices and the `skip` labels (rings, whose edge
+    rings.GreyFit draws) are left as they are. LiteMedSAM's masks run a little small (between two
+    supports the larger of two walks was the better one on 18 of cmr_bssfp's 40 organ-rounds and the
+    worse on none), and the rim they miss looks like the organ's paint (volume.edge_grow). Returns
+    {slice: (H, W) bool}, the pixels given (VolumeResult.grown: a re-run's walks are judged against
+    the labels without them)."""
     ranges, grown = {}, {}                   # label -> {support slice: (low, high)}
     for label in labels:
         if label in skip:
