@@ -41,8 +41,10 @@ def assemble(run, per_label: list) -> VolumeResult:
             labels_out[s][painted] = p[painted]
     # In the volume as the user gets it (overlaps settled, the paint restored): thin last slices go.
     trimmed = drop_thin_ends(labels_out, records, run.support.labels, run.support.slices, run.cfg.volume.tip_ratio)
+    vc = run.cfg.volume
+    grow = vc.edge_grow and not run.cross and (vc.edge_grow_ct or not str(run.modality).startswith("ct"))
     grown = (grow_edges(labels_out, run.ref, run.paint, run.support.labels, sorted(getattr(run, "rings", {})),
-                        run.cfg.volume.edge_grow_percentiles) if run.cfg.volume.edge_grow and not run.cross else {})
+                        vc.edge_grow_percentiles) if grow else {})
     records.sort(key=lambda r: (r.label, r.index))
     axis = run.axis
     conf_out = {v: np.ascontiguousarray(from_slices(c, axis)) if axis else c for v, c in conf_out.items()}
