@@ -553,9 +553,9 @@ class VolumeConfig:
     # 0.0018 / 0.0045. Each set's percentiles chosen on the other three: 10-90 for chaos_t2 and
     # cmr_bssfp, 5-95 for acdc_cine and btcv_ct (+0.0000, -0.0004); 10-90 taken, the best mean over
     # the four (0.8674; 5-95 0.8674, 15-85 0.8671) and above the defaults on every set. In the pipeline
-    # (`synpo evaluate`-style saved runs): 0.9138 / 0.8804 / 0.8994 / 0.7763 (btcv_ct liver, kidneys
-    # and spleen 0.9505 -> 0.9504; its oesophagus 0.708 -> 0.689, gallbladder 0.780 -> 0.772, portal
-    # and splenic veins 0.481 -> 0.491, adrenals 0.591 / 0.646 -> 0.603 / 0.650).
+    # (`synpo evaluate`): 0.9138 / 0.8804 / 0.8994, and on CT (edge_grow_ct) btcv_ct 0.7763 (liver,
+    # kidneys and spleen 0.9505 -> 0.9504; oesophagus 0.708 -> 0.689, gallbladder 0.780 -> 0.772,
+    # portal and splenic veins 0.481 -> 0.491, adrenals 0.591 / 0.646 -> 0.603 / 0.650).
     edge_grow: bool = True
     # ... on CT too ("ct" and "ct-windowed" volumes). Off: on CT the rim gave btcv_ct +0.0010 (its
     # oesophagus and gallbladder lose, a thin tube's rim being its neighbour's wall) and cost the
