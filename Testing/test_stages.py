@@ -1481,6 +1481,34 @@ def test_a_labels_edge_grows_by_a_pixel_where_the_grey_values_are_its_paints():
     assert np.array_equal(narrow, before)
 
 
+@pytest.mark.parametrize("modality, on_ct, grows", [("mr", False, True), ("ct", False, False), ("ct-windowed", False, False),
+                                                   ("ct", True, True)])
+def test_the_rim_is_grown_on_mr_and_on_ct_only_when_asked(modality, on_ct, grows):
+    """assembly.assemble: the rim of volume.edge_grow on an MR volume; on CT only with
+    volume.edge_grow_ct (off by default: the bundled CT sample lost Dice with it). The rim is
+    recorded in VolumeResult.grown."""
+    from types import SimpleNamespace
+    from synpo.assembly import assemble
+    from synpo.config import configured
+    from synpo.support import Support
+    n, H, W = 3, 30, 30
+    image = np.full((n, H, W), 0.1, np.float32)
+    image[:, 5:25, 5:25] = 0.6                                # the organ, as painted
+    paint = np.zeros((H, W), np.uint8)
+    paint[5:25, 5:25] = 1
+    walked = np.zeros((H, W), bool)
+    walked[6:24, 6:24] = True                                 # the walk's mask one pixel short all round
+    run = SimpleNamespace(cfg=configured(["volume.edge_grow_ct=%s" % str(on_ct).lower()]), cross=False,
+                          paint={0: paint}, support=Support(0, [1], {1: [0]}), n=n, H=H, W=W, previous_labels=None,
+                          ref=image, modality=modality, axis=0, timings={}, confidence_from=["sam"], rings={},
+                          ring_bands={})
+    conf = np.zeros((n, H, W), np.float32)
+    result = assemble(run, [({1: walked, 2: walked}, conf, [], {}, [1, 2])])
+    assert (result.labels[0] == 1).sum() == 400                                  # the paint as painted
+    assert (result.labels[1] == 1).sum() == (324 + 4 * 18 if grows else 324)   # the four sides (4-neighbours)
+    assert sorted(result.grown) == ([1, 2] if grows else [])
+
+
 @pytest.mark.parametrize("kept_on_5, ratio, painted, dropped", [
     (4, 0.25, [2], True),        # 4 of 64 px left on the last slice: dropped
     (4, 0.0, [2], False),        # off
