@@ -109,7 +109,8 @@ def choose_by_paint(s1: int, s2: int, up: Dict[int, np.ndarray], down: Dict[int,
 
 
 # The record's note on a gap slice that prefer_larger handed over against the split.
-LARGER = "%d px against the other support's walk's %d px: the larger mask kept"
+LARGER_KEPT = "the larger mask kept"
+LARGER = "%d px against the other support's walk's %d px: " + LARGER_KEPT
 
 
 def prefer_larger(s1: int, s2: int, up: Dict[int, np.ndarray], down: Dict[int, np.ndarray],

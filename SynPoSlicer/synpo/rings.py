@@ -10,9 +10,7 @@ from scipy import ndimage
 
 from .decode import fill_holes
 from .gate import apply_gate
-from .ownership import ADDED, LARGER
-
-LARGER_NOTE = LARGER.split("%d px: ")[-1]      # the note's fixed words ("the larger mask kept")
+from .ownership import ADDED, LARGER_KEPT
 from .result import SliceRecord
 
 
@@ -68,9 +66,9 @@ def ring_label(run, label: int, sup_idx: List[int], sup_masks: List[np.ndarray],
     # Nor does its note on the larger of two walks (ownership.prefer_larger): the pixels it counts are
     # the filled shape's.
     for rec in records:
-        if rec.index in inner and (ADDED in rec.reason or LARGER_NOTE in rec.reason):
+        if rec.index in inner and (ADDED in rec.reason or LARGER_KEPT in rec.reason):
             rec.reason = "; ".join(part for part in rec.reason.split("; ")
-                                   if ADDED not in part and LARGER_NOTE not in part)
+                                   if ADDED not in part and LARGER_KEPT not in part)
     # The hole's map on every slice the filled shape's walk computed: the ring's confidence
     # (which decides overlaps between labels) is then what every slice's maps give.
     conf_inner.prepare(conf_outer.computed())
@@ -242,17 +240,18 @@ class GreyFit:
         out = np.full(hole.shape, 1.0)
         shell = (d > 0) & (r > self.low) & (r <= self.high)
         for b in range(self.sectors):
-            inside = shell & (sector == b)
-            if not (band & (sector == b)).any():
+            side = sector == b
+            if not (band & side).any():
                 continue                                   # the band does not reach this side: leave it
+            inside = shell & side
             rv = r[inside]
             if not len(rv):
-                out[sector == b] = self.low
+                out[side] = self.low
                 continue
             order = np.argsort(rv, kind="stable")
             rv, gain = rv[order], np.where(like[inside][order], 1.0 - self.share, -self.share)
             ends = np.r_[np.flatnonzero(np.diff(rv) > 0), len(rv) - 1]     # the last pixel of each r
             scores = np.r_[0.0, np.cumsum(gain)[ends]]
             limits = np.r_[self.low, rv[ends]]
-            out[sector == b] = limits[int(np.argmax(scores))]
+            out[side] = limits[int(np.argmax(scores))]
         return out

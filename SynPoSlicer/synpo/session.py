@@ -182,7 +182,7 @@ class Session:
         trim rule took is walked and trimmed again as before, not re-added by a re-walk that finds no
         previous mask there, and a neighbour's grown rim is no claim on a label's voxels."""
         labels = self.result.labels
-        grown = getattr(self.result, "grown", {})
+        grown = self.result.grown
         if not self.result.trimmed and not grown:
             return labels
         out = np.array(labels, copy=True)
