@@ -253,10 +253,18 @@ def test_labels_walked_in_parallel_give_what_one_at_a_time_gives(served_tiny_sam
     support[3][mask[3]] = 1
     support[3][:, 24:][mask[3][:, 24:]] = 2                 # two organs side by side
     threads = torch.get_num_threads()
-    runs = {w: segment_volume(image, (1.0, 1.0, 2.0), support, sam, None,
-                              SynPoConfig().with_(volume={"label_workers": w})) for w in (1, 2)}
-    assert torch.get_num_threads() == threads              # the workers' share of threads is given back
+    # 0: auto (one worker per CPU thread torch uses: here as many as the labels when it uses two).
+    torch.set_num_threads(2)
+    try:
+        runs = {w: segment_volume(image, (1.0, 1.0, 2.0), support, sam, None,
+                                  SynPoConfig().with_(volume={"label_workers": w})) for w in (1, 2, 0)}
+        assert torch.get_num_threads() == 2                # the workers' share of threads is given back
+    finally:
+        torch.set_num_threads(threads)
     one, two = runs[1], runs[2]
+    assert np.array_equal(runs[0].labels, one.labels)
+    assert [(r.label, r.index, r.status, r.box) for r in runs[0].records] == \
+        [(r.label, r.index, r.status, r.box) for r in one.records]
     assert set(np.unique(one.labels)) == {0, 1, 2}
     assert np.array_equal(one.labels, two.labels)
     assert [(r.label, r.index, r.status, r.box) for r in one.records] == \
@@ -557,3 +565,20 @@ def test_auto_runtime_without_openvino_or_when_it_fails_is_pytorch(monkeypatch, 
         features.load_models("litemedsam", "sam", device="cpu", runtime="openvino")
     sam, _, _ = features.load_models("litemedsam", "sam", device="cpu", runtime="torch")
     assert sam.runtime == "torch"
+
+
+def test_label_workers_auto_follow_the_cpu_threads_torch_uses():
+    from synpo.volume import label_worker_count
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        assert label_worker_count(0, 13, "cpu") == 3       # one per CPU thread ...
+        assert label_worker_count(0, 2, "cpu") == 2        # ... never more than the labels
+        torch.set_num_threads(1)
+        assert label_worker_count(0, 13, "cpu") == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert label_worker_count(0, 13, "cuda") == 2          # a GPU: 2, as before
+    assert label_worker_count(4, 13, "cpu") == 4 and label_worker_count(4, 2, "cpu") == 2
+    assert label_worker_count(1, 13, "cuda") == 1
+

@@ -997,8 +997,9 @@ def test_config_validation_and_overrides():
             SynPoConfig().with_(**{section: {field_: value}})
     with pytest.raises(SynPoError, match="window_margin"):
         validate(SynPoConfig().with_(decode={"window_margin": -0.5}))
-    with pytest.raises(SynPoError, match="label_workers"):
-        validate(SynPoConfig().with_(volume={"label_workers": 0}))
+    with pytest.raises(SynPoError, match=r"label_workers must be >= 0 \(0: one per CPU thread\)"):
+        validate(SynPoConfig().with_(volume={"label_workers": -1}))
+    validate(SynPoConfig().with_(volume={"label_workers": 0}))          # auto
     with pytest.raises(SynPoError, match=r"volume.tip_ratio must be in \[0, 1\]"):
         validate(SynPoConfig().with_(volume={"tip_ratio": 1.5}))
 

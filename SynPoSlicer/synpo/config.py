@@ -600,8 +600,14 @@ class VolumeConfig:
     batch_size: int = 1
     # Labels (organs) walked at the same time, in threads: one label's prompt selection and
     # mask clean-up (numpy) run while another's SAM decoder runs (torch). 2-core CPU,
-    # decoding 24 slices: one at a time 2.08 s, two workers 1.66 s.
-    label_workers: int = 2
+    # decoding 24 slices: one at a time 2.08 s, two workers 1.66 s. 0 = auto (volume.label_worker_count):
+    # on a CPU one worker per CPU thread torch uses (at most one per label), each decoding on one
+    # thread: the decoder hardly gains from a second thread of its own, the labels do. BTCV
+    # image_2, every organ's first correction at once (13 labels, 304 slices decoded; /tmp script
+    # over Session.add_support on the 2-core development CPU): 1 worker with both threads 26.3 s,
+    # 2 workers with one each 14.9-15.8 s, 3 / 4 workers (more than the cores) 16.4 / 18.3 s. On a
+    # GPU 2, as before (not measured there). Not measured beyond 2 cores (no such machine here).
+    label_workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -696,7 +702,7 @@ def validate(cfg: SynPoConfig) -> SynPoConfig:
         (c.n_prototypes_cross >= 1, "confidence.n_prototypes_cross must be >= 1"),
         (0.0 <= c.sam_weight <= 1.0, "confidence.sam_weight must be in [0, 1]"),
         (v.batch_size >= 1, "volume.batch_size must be >= 1"),
-        (v.label_workers >= 1, "volume.label_workers must be >= 1"),
+        (v.label_workers >= 0, "volume.label_workers must be >= 0 (0: one per CPU thread)"),
         (0.0 <= v.piece_fraction <= 1.0, "volume.piece_fraction must be in [0, 1]"),
         (0.0 < v.piece_holds <= 1.0, "volume.piece_holds must be in (0, 1]"),
         (0.0 <= v.ring_min_hole < 1.0, "volume.ring_min_hole must be in [0, 1)"),

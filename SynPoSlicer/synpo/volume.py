@@ -189,7 +189,8 @@ class VolumeRun:
         # Labels are independent: their walks run in parallel threads (torch and most of numpy release
         # the GIL, so one label's prompt selection overlaps another's decoding). Each label's result is
         # what a walk on its own gives.
-        workers = min(self.cfg.volume.label_workers, len(self.support.labels))
+        workers = label_worker_count(self.cfg.volume.label_workers, len(self.support.labels),
+                                     getattr(getattr(self.sam, "device", None), "type", "cpu"))
         try:
             per_label = _run_labels(self.segment_label, self.support.labels, workers)
         finally:
@@ -324,6 +325,20 @@ class VolumeRun:
     def assemble(self, per_label: list) -> VolumeResult:
         """The labels' masks into one label volume (assembly.py)."""
         return assemble(self, per_label)
+
+
+def label_worker_count(setting: int, labels: int, device_type: str = "cpu") -> int:
+    """Threads walking labels at once (config.VolumeConfig.label_workers): `setting` when > 0;
+    0 (auto): on a CPU as many as the CPU threads torch uses (torch.get_num_threads(): what
+    --threads, OMP_NUM_THREADS or a Dask worker's share set), each then decoding on one thread;
+    on a GPU 2. Never more than the labels."""
+    if setting > 0:
+        wanted = setting
+    elif device_type == "cpu":
+        wanted = torch.get_num_threads()
+    else:
+        wanted = 2
+    return max(1, min(wanted, labels))
 
 
 def _run_labels(segment_label: Callable, labels: Sequence[int], workers: int) -> list:
