@@ -581,4 +581,3 @@ def test_label_workers_auto_follow_the_cpu_threads_torch_uses():
     assert label_worker_count(0, 13, "cuda") == 2          # a GPU: 2, as before
     assert label_worker_count(4, 13, "cpu") == 4 and label_worker_count(4, 2, "cpu") == 2
     assert label_worker_count(1, 13, "cuda") == 1
-

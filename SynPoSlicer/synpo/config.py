@@ -605,7 +605,7 @@ class VolumeConfig:
     # thread: the decoder hardly gains from a second thread of its own, the labels do. BTCV
     # image_2, every organ's first correction at once (13 labels, 304 slices decoded; /tmp script
     # over Session.add_support on the 2-core development CPU): 1 worker with both threads 26.3 s,
-    # 2 workers with one each 14.9-15.8 s, 3 / 4 workers (more than the cores) 16.4 / 18.3 s. On a
+    # 2 workers with one each 14.9-16.1 s, 3 / 4 workers (more than the cores) 16.4 / 18.3 s. On a
     # GPU 2, as before (not measured there). Not measured beyond 2 cores (no such machine here).
     label_workers: int = 0
 
