@@ -23,14 +23,16 @@ def assemble(run, per_label: list) -> VolumeResult:
         computed.update(slices)
         for k, v in seconds.items():
             run.timings[k] += v
+    vc = run.cfg.volume
+    rings = sorted(getattr(run, "rings", {}))
     enclosing = enclosing_labels(run.paint, run.support.labels)
-    if run.cfg.volume.ring_around_enclosed and not run.cross:
+    if vc.ring_around_enclosed and not run.cross:
         band_around_enclosed(found, getattr(run, "ring_bands", {}), enclosing, run.paint)
-    if run.cfg.volume.wall_follow and not run.cross:
+    if vc.wall_follow and not run.cross:
         # Before the enclosed labels follow their encloser: a blood pool found where the myocardium's
         # walk ended early still holds the right ventricle there.
-        follow_walls(found, records, sorted(getattr(run, "rings", {})), enclosing, run.paint, run.support.slices)
-    if run.cfg.volume.enclosed_follow:
+        follow_walls(found, records, rings, enclosing, run.paint, run.support.slices)
+    if vc.enclosed_follow:
         follow_enclosing(found, records, enclosing, run.support.slices)
     labels_out = _assemble(found, conf_out, (run.n, run.H, run.W), run.support.labels,
                            run.previous_labels)
@@ -40,11 +42,10 @@ def assemble(run, per_label: list) -> VolumeResult:
             painted = p != 0
             labels_out[s][painted] = p[painted]
     # In the volume as the user gets it (overlaps settled, the paint restored): thin last slices go.
-    trimmed = drop_thin_ends(labels_out, records, run.support.labels, run.support.slices, run.cfg.volume.tip_ratio)
-    vc = run.cfg.volume
+    trimmed = drop_thin_ends(labels_out, records, run.support.labels, run.support.slices, vc.tip_ratio)
     grow = vc.edge_grow and not run.cross and (vc.edge_grow_ct or not str(run.modality).startswith("ct"))
-    grown = (grow_edges(labels_out, run.ref, run.paint, run.support.labels, sorted(getattr(run, "rings", {})),
-                        vc.edge_grow_percentiles) if grow else {})
+    grown = (grow_edges(labels_out, run.ref, run.paint, run.support.labels, rings, vc.edge_grow_percentiles)
+             if grow else {})
     records.sort(key=lambda r: (r.label, r.index))
     axis = run.axis
     conf_out = {v: np.ascontiguousarray(from_slices(c, axis)) if axis else c for v, c in conf_out.items()}

@@ -223,9 +223,9 @@ class GreyFit:
         the coarser in-plane pixel size: the band's core lies at least two of them out."""
         core = band & (d >= 2.0 * pixel_mm)
         here = np.percentile(image[core], self.percentiles) if core.sum() >= 20 else None
-        if here is None or self.range is None:
-            return None if here is None and self.range is None else tuple(here if self.range is None else self.range)
-        return tuple((np.asarray(self.range) + here) / 2.0)
+        if here is None:
+            return None if self.range is None else tuple(self.range)
+        return tuple(here if self.range is None else (self.range + here) / 2.0)
 
     def limits(self, hole: np.ndarray, d: np.ndarray, r: np.ndarray, band: np.ndarray, image: np.ndarray,
                pixel_mm: float) -> np.ndarray:

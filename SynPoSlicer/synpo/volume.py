@@ -330,8 +330,8 @@ class VolumeRun:
 def label_worker_count(setting: int, labels: int, device_type: str = "cpu") -> int:
     """Threads walking labels at once (config.VolumeConfig.label_workers): `setting` when > 0;
     0 (auto): on a CPU as many as the CPU threads torch uses (torch.get_num_threads(): what
-    OMP_NUM_THREADS, torch.set_num_threads or `synpo cohort --threads-per-worker` set), each then decoding on one thread;
-    on a GPU 2. Never more than the labels."""
+    OMP_NUM_THREADS, torch.set_num_threads or `synpo cohort --threads-per-worker` set), each
+    then decoding on one thread; on a GPU 2. Never more than the labels."""
     if setting > 0:
         wanted = setting
     elif device_type == "cpu":
