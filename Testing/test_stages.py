@@ -656,6 +656,87 @@ def test_a_rings_outer_edge_follows_the_walls_grey_values():
         assert np.array_equal(drawn, (d > 0) & (d / reach <= limits)) and (drawn & ~grey).sum() == 0
 
 
+def test_a_rings_band_reads_each_slices_own_grey_values():
+    """volume.ring_grey_per_slice: intensity.normalize_each_slice scales each slice to its own
+    percentiles (a slice twice as dark reads the same; a flat slice keeps the volume's values);
+    VolumeRun gives a ring label's run those values on MR within a volume (not on CT, not without a
+    ring, not with the option off); rings.ring_label fits the band and its gate's range on them, so
+    a slice darker than the paint's gets the band the wall's grey values draw."""
+    from scipy import ndimage
+    from synpo.config import IntensityConfig, SynPoConfig, configured
+    from synpo.intensity import normalize_each_slice
+    from synpo.rings import band_around, ring_label
+    from synpo.volume import VolumeRun
+    rng = np.random.default_rng(0)
+    base = rng.uniform(100, 900, (20, 20)).astype(np.float32)
+    raw = np.stack([base, base * 0.5 + 20, np.full((20, 20), 7.0, np.float32)])
+    fallback = np.full(raw.shape, 0.25, np.float32)
+    each = normalize_each_slice(raw, fallback, IntensityConfig())
+    assert np.allclose(each[0], each[1], atol=1e-5) and each.min() == 0.0 and each.max() == 1.0
+    assert np.array_equal(each[2], fallback[2])
+    with pytest.raises(ValueError, match="differ in shape"):
+        normalize_each_slice(raw, fallback[:2])
+
+    # The slice 2 is the support's anatomy with the wall 6 px thick on the left, 4 on the right, all
+    # of it half as bright: on the volume's values the wall's grey range (from the support, 0.5) is
+    # not the slice's (0.25), on the slice's own it is.
+    yy, xx = np.mgrid[:80, :80]
+    hole = np.hypot(yy - 40, xx - 40) <= 12
+    d = ndimage.distance_transform_edt(~hole)
+    wall0 = (d > 0) & (d <= 5.0)
+    wall2 = (d > 0) & (d <= np.where(xx < 40, 6.0, 4.0))
+    def scene(wall, scale):
+        return scale * np.where(hole, 0.9, np.where(wall, 0.5, np.where(xx < 40, 0.95, 0.1)))
+    query = np.stack([scene(wall0, 1.0), scene(wall2, 0.5), scene(wall2, 0.5)]).astype(np.float32)
+    query += rng.normal(0, 0.01, query.shape).astype(np.float32)
+    own = np.stack([query[t] / np.percentile(query[t], 99.5) for t in range(3)]).astype(np.float32)
+    Conf = _fixed_conf((3, 80, 80))
+
+    class Run:
+        cfg = configured([])
+        spacing_rc, on_slice, cross, ring_bands = (1.0, 1.0), None, False, {}
+        ring_grey = None
+
+        def __init__(self):
+            self.query = self.ref = query
+
+        def segment_target(self, label, idx, masks, records, seconds, reach=None):
+            return {t: hole for t in (1, 2)}, Conf()
+
+        def target_range(self, idx, masks):
+            from synpo.gate import organ_range
+            return organ_range([self.ref[s] for s in idx], masks, self.cfg.gate)
+    support = [wall0]
+    plain = band_around(hole, 5.0, (1.0, 1.0))
+    run = Run()
+    volume_wise, _, _ = ring_label(run, 2, [0], support, ([hole | wall0], {0: hole}), [], {})
+    run = Run()
+    run.ring_grey = own
+    slice_wise, _, _ = ring_label(run, 2, [0], support, ([hole | wall0], {0: hole}), [], {})
+    dice = lambda a, b: 2 * (a & b).sum() / (a.sum() + b.sum())          # noqa: E731
+    # On the slice's own values the band follows the wall (the gate keeps it, the fit draws the thin
+    # side); on the volume's the gate, set on the paint's brighter wall, cuts into it.
+    assert dice(slice_wise[2], wall2) > 0.95 > dice(plain, wall2)
+    assert dice(volume_wise[2], wall2) < dice(slice_wise[2], wall2) - 0.1
+    assert int(slice_wise[2][40, 40:].sum()) == 4 and int(volume_wise[2][40, 40:].sum()) < 4
+
+    # Which runs get slice-wise values.
+    image = np.zeros((4, 40, 40), np.float32)
+    image[:] = rng.uniform(0, 300, (4, 40, 40))
+    r = np.hypot(*np.mgrid[-20:20, -20:20])
+    paint = np.zeros(image.shape, np.int32)
+    paint[1][(r >= 6) & (r < 9)] = 2                                   # a ring
+    def made(img, lab, cfg=SynPoConfig()):
+        return VolumeRun(img, (1.0, 1.0, 1.0), lab, None, None, cfg, None, None, 0, None).ring_grey
+    grey = made(image, paint)
+    assert grey is not None and grey.shape == image.shape and grey.min() == 0.0 and grey.max() == 1.0
+    assert made(image, paint, configured(["volume.ring_grey_per_slice=false"])) is None
+    filled = np.where(r < 9, 2, 0)[None].repeat(4, 0) * (np.arange(4) == 1)[:, None, None]
+    assert made(image, filled.astype(np.int32)) is None                 # no ring
+    ct = np.round(image * 4 - 1000)                                    # Hounsfield units
+    assert made(ct, paint) is None
+
+
 def test_a_rings_band_is_drawn_around_the_label_it_encloses():
     """volume.ring_around_enclosed (assembly.band_around_enclosed): the ring's hole walked from its
     own supports shrank on slices 1-2 (a myocardium corrected on slice 0 whose hole's walk lost the

@@ -541,6 +541,22 @@ class VolumeConfig:
     # (98.4 %), 0; acdc_cine 0.8786 / 0.9143 / 0.9229 / 0.9333, 92.9 % (96.8 %), 4 -> 0.8846 / 0.9187 /
     # 0.9254 / 0.9350, 91.3 % (98.4 %), 5, all 11 falls the scoring's (corrections_why.py).
     ring_fit_grey: bool = True
+    # ... and a ring's band (its grey fit and its gate's range) reads each slice's grey values
+    # normalised on that slice alone (its own intensity.mr_percentiles; intensity.normalize_each_slice),
+    # not the volume's: within a volume, on MR.
+    # Measured with `synpo evaluate DATA --no-baselines --device cpu --features sam` (whole volume, the
+    # means of results.csv; twentieth session, `/tmp` wrappers, then as built): cmr_bssfp 0.8804 ->
+    # 0.8805, acdc_cine 0.8994 -> 0.9023 (its myocardium 0.8514 -> 0.8598), chaos_t2 and btcv_ct
+    # without a ring. Chosen on cmr_bssfp (+0.0001), reported on acdc_cine. Corrections
+    # (`benchmarks/corrections_fast.py DATA OUT 3 --set volume.ring_grey_per_slice=false|true`), Dice
+    # after k = 0..3, held (same slices), down by more than 0.02: cmr_bssfp 0.8630 / 0.8959 / 0.9118 /
+    # 0.9255, 96.8 % (98.4 %), 0 -> 0.8631 / 0.8961 / 0.9122 / 0.9260, 98.4 % (100 %), 0; acdc_cine
+    # 0.8853 / 0.9205 / 0.9269 / 0.9351, 89.7 % (96.0 %), 3 (0) -> 0.8886 / 0.9211 / 0.9259 / 0.9341,
+    # 88.9 % (95.2 %), 3 (0). Every grey-value rule on slice-wise values (gate, rim, ring): chaos_t2
+    # 0.9133, cmr_bssfp 0.8802, acdc_cine 0.9039 (not taken: CHAOS and cmr_bssfp lower); the encoder
+    # given slice-wise values too: 0.9021 / 0.8731 / 0.9036, the encoder alone 0.9041 / 0.8728 /
+    # 0.8991 (docs/research.md).
+    ring_grey_per_slice: bool = True
     # Each label's mask grown by one pixel into the background whose grey value lies within the
     # edge_grow_percentiles of the label's paint on the nearest support slice (assembly.grow_edges;
     # rings excluded, painted slices kept; the rim is not what an Update's walks are judged against):

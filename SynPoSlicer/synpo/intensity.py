@@ -69,3 +69,22 @@ def normalize(volume: np.ndarray, cfg: IntensityConfig = IntensityConfig()):
     out -= low
     out /= max(high - low, 1e-6)
     return out, modality
+
+
+def normalize_each_slice(slices: np.ndarray, fallback: np.ndarray, cfg: IntensityConfig = IntensityConfig()) -> np.ndarray:
+    """slices (n, H, W), an MR volume's raw values with the slicing axis first -> (n, H, W) float32 in
+    [0, 1], each slice cut to its own `cfg.mr_percentiles` and scaled (the way LiteMedSAM's training
+    images were). A slice whose two percentiles are equal keeps `fallback`'s (n, H, W) values (the
+    volume's normalisation). Used for a ring's grey values (volume.ring_grey_per_slice)."""
+    if slices.shape != fallback.shape:
+        raise ValueError("slices %s and fallback %s differ in shape" % (slices.shape, fallback.shape))
+    out = np.empty(slices.shape, np.float32)
+    for s in range(slices.shape[0]):
+        plane = slices[s].astype(np.float32)
+        low, high = (float(v) for v in np.percentile(plane, cfg.mr_percentiles))
+        if high <= low:
+            out[s] = fallback[s]
+            continue
+        np.clip(plane, low, high, out=plane)
+        out[s] = (plane - low) / (high - low)
+    return out

@@ -9,7 +9,7 @@ import numpy as np
 from scipy import ndimage
 
 from .decode import fill_holes
-from .gate import apply_gate
+from .gate import apply_gate, organ_range
 from .ownership import ADDED, LARGER_KEPT
 from .result import SliceRecord
 
@@ -47,14 +47,20 @@ def ring_label(run, label: int, sup_idx: List[int], sup_masks: List[np.ndarray],
                                  for s in hole_idx}, vc.ring_thickness)
     profile = thickness_along({s: ring_profile(sup_masks[sup_idx.index(s)], holes[s], run.spacing_rc, vc.ring_bins)
                                for s in hole_idx}, vc.ring_thickness) if vc.ring_bins else (lambda t: None)
-    band_range = run.target_range(sup_idx, sup_masks)
-    fit = (GreyFit(None if run.cross else np.concatenate([run.ref[s][m] for s, m in zip(sup_idx, sup_masks)]),
+    # The band's grey values: each slice normalised on its own where the run has them
+    # (volume.ring_grey_per_slice: within a volume, MR), else the volume's.
+    grey = getattr(run, "ring_grey", None)
+    query = run.query if grey is None else grey
+    band_range = (run.target_range(sup_idx, sup_masks) if grey is None
+                  else organ_range([grey[s] for s in sup_idx], sup_masks, run.cfg.gate))
+    fit = (GreyFit(None if run.cross else np.concatenate([(run.ref if grey is None else grey)[s][m]
+                                                          for s, m in zip(sup_idx, sup_masks)]),
                    *vc.ring_fit_range, share=vc.ring_fit_share, sectors=vc.ring_fit_sectors)
            if vc.ring_fit_grey else None)
 
     def band(t: int, hole: np.ndarray) -> np.ndarray:
-        return apply_gate(band_around(hole, thickness(t), run.spacing_rc, profile(t), fit, run.query[t]),
-                          run.query[t], band_range, run.cfg.gate)
+        return apply_gate(band_around(hole, thickness(t), run.spacing_rc, profile(t), fit, query[t]),
+                          query[t], band_range, run.cfg.gate)
 
     masks = {t: band(t, inner[t]) if t in inner else m for t, m in outer.items()}
     # The band's rule and the slices it stands on, for the assembly (assembly.band_around_enclosed).

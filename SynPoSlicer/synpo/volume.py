@@ -24,7 +24,7 @@ from .embeddings import (DECODED_KEPT_BYTES, STORAGE_DTYPE, EmbeddingStore, get_
                          store_key)
 from .errors import Cancelled, InputError, SynPoError
 from .gate import organ_range
-from .intensity import normalize
+from .intensity import normalize, normalize_each_slice
 from .ownership import GapConfidence, OwnedConfidence, _propagate, split_gap, walk_ranges  # noqa: F401
 from .result import SliceRecord, VolumeResult
 from .rings import band_around, find_rings, ring_label, ring_parts, ring_thickness  # noqa: F401
@@ -159,6 +159,11 @@ class VolumeRun:
         # A label is a ring when one of its support slices is a closed band around a hole (the
         # myocardium); a correction painted where it is not (the apex) is a filled shape of it.
         self.rings = find_rings(self.paint, support, cfg.volume.ring_min_hole)
+        # A ring's band reads each MR slice's grey values normalised on that slice alone
+        # (volume.ring_grey_per_slice; rings.ring_label); None: the query's own.
+        self.ring_grey = (normalize_each_slice(to_slices(image, axis), self.query, cfg.intensity)
+                          if self.rings and cfg.volume.ring_grey_per_slice and self.modality == "mr" and not cross
+                          else None)
         self.ring_bands: Dict[int, tuple] = {}   # ring label -> (band(t, hole), slices banded): rings.ring_label
         self.judge: Judge = judge_step             # the stop rules (an instrument may record them)
         self.failed = threading.Event()           # a label worker failed: the others stop too
