@@ -65,10 +65,15 @@ def normalize(volume: np.ndarray, cfg: IntensityConfig = IntensityConfig()):
         low, high = (float(v) for v in np.percentile(volume, cfg.mr_percentiles))
         if high <= low:
             low, high = float(volume.min()), float(volume.max())
-    out = np.clip(volume, low, high)              # one new volume; the rest in place
+    return _clip_scale(volume, low, high), modality
+
+
+def _clip_scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """values (float32) cut to [low, high] and scaled to [0, 1]: one new array, the rest in place."""
+    out = np.clip(values, low, high)
     out -= low
     out /= max(high - low, 1e-6)
-    return out, modality
+    return out
 
 
 def normalize_each_slice(slices: np.ndarray, fallback: np.ndarray, cfg: IntensityConfig = IntensityConfig()) -> np.ndarray:
@@ -80,11 +85,7 @@ def normalize_each_slice(slices: np.ndarray, fallback: np.ndarray, cfg: Intensit
         raise ValueError("slices %s and fallback %s differ in shape" % (slices.shape, fallback.shape))
     out = np.empty(slices.shape, np.float32)
     for s in range(slices.shape[0]):
-        plane = slices[s].astype(np.float32)
+        plane = slices[s].astype(np.float32, copy=False)
         low, high = (float(v) for v in np.percentile(plane, cfg.mr_percentiles))
-        if high <= low:
-            out[s] = fallback[s]
-            continue
-        np.clip(plane, low, high, out=plane)
-        out[s] = (plane - low) / (high - low)
+        out[s] = fallback[s] if high <= low else _clip_scale(plane, low, high)
     return out
