@@ -413,6 +413,57 @@ def test_cancel_after_deactivate_ends_the_run_on_the_server(sandbox, scene_case,
     assert not logic.active() and mrml.temporary_nodes(c["scene"]) == []
 
 
+def _edit_candidates(logic, c, erase):
+    """The user erases the candidate on slice `erase` of 'SynPo candidates' in the Segment Editor."""
+    edited = (logic.preview.labels == 1).astype(np.uint8)
+    edited[erase] = 0
+    sid = logic.preview.candidates.GetSegmentation().GetNthSegmentID(0)
+    mrml.write_labels(logic.preview.candidates, c["volume"], edited, {1: "target"}, {1: sid})
+    return edited
+
+
+def test_apply_writes_the_candidates_as_edited_even_without_update(sandbox, scene_case, server):
+    """Paint or erase on the candidates, then Apply without Update: the edit is written as drawn (it
+    was dropped: Apply wrote the engine's labels and then removed the edited candidates)."""
+    c = scene_case
+    python, logic = _effect_with_server(sandbox, c, server)
+    python.statusLabel = types.SimpleNamespace(text="")
+    python.activate()
+    python.onPreview()
+    _drive(logic, lambda: not logic.active())
+    assert logic.state == "previewed", logic.message
+    erase = next(t for t in range(len(logic.preview.labels)) if t != 4 and (logic.preview.labels[t] == 1).any())
+    edited = _edit_candidates(logic, c, erase)
+    assert logic.editedSlices() == 1
+    python.onApply()
+    after = mrml.segment_array(c["seg"], c["target"], c["volume"]).astype(bool)
+    assert not after[erase].any() and np.array_equal(after, edited == 1)
+    assert "edits of the candidates on 1 slice(s)" in python.statusLabel.text
+
+
+def test_the_effects_cancel_stops_an_update_and_asks_before_discarding_edits(sandbox, scene_case, server,
+                                                                              monkeypatch):
+    c = scene_case
+    python, logic = _effect_with_server(sandbox, c, server)
+    python.statusLabel = types.SimpleNamespace(text="")
+    python.activate()
+    python.onPreview()
+    _drive(logic, lambda: not logic.active())
+    erase = next(t for t in range(len(logic.preview.labels)) if t != 4 and (logic.preview.labels[t] == 1).any())
+    _edit_candidates(logic, c, erase)
+    python.onUpdate()
+    assert logic.active()
+    python.onCancel()                                      # during the Update: the run stops, nothing else
+    assert not logic.active() and logic.preview is not None and logic.editedSlices() == 1
+    answers = []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay",
+                        lambda text, **kw: answers.append(text) or len(answers) > 1, raising=False)
+    python.onCancel()                                      # no run: discarding the edits asks first; "Cancel"
+    assert len(answers) == 1 and "1 slice(s)" in answers[0] and logic.preview is not None
+    python.onCancel()                                      # "OK"
+    assert logic.preview is None and mrml.temporary_nodes(c["scene"]) == []
+
+
 def test_the_effects_preview_takes_the_dependency_step(sandbox, scene_case, monkeypatch):
     c = scene_case
     asked = []

@@ -44,8 +44,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return ("<html>Segment the selected segment on every slice from the slice(s) you painted, with no "
                 "training (SynPo).<p><b>Preview</b> shows the candidate, the confidence map and the prompt "
                 "points; correct it by painting or erasing on the 'SynPo candidates' segmentation and press "
-                "<b>Update</b>; <b>Apply</b> writes it through the masking settings below, as one undo step; "
-                "<b>Cancel</b> leaves no trace. Server and model settings are in the SynPo module.</html>")
+                "<b>Update</b>; <b>Apply</b> writes what the candidates show through the masking settings below, as one undo "
+                "step; <b>Cancel</b> stops a run, and with no run discards the preview (nothing written). Server and model settings are in the SynPo module.</html>")
 
     def logic(self):
         import SynPoSlicer
@@ -166,11 +166,23 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.updateGUIFromMRML()
 
     def onCancel(self):
+        """While a run goes on: stop it, as the panel's Cancel does (a cancelled Update keeps the
+        preview it was correcting, the user's edits of the candidates included). With no run: discard
+        the preview, after asking when the user edited the candidates (the edits would go with it)."""
         logic = self.logic()
-        logic.cancel()
-        logic.discard()
+        if logic.active():
+            logic.cancel()
+            text = logic.message
+        else:
+            edited = logic.editedSlices()
+            if edited and not slicer.util.confirmOkCancelDisplay(
+                    "Discard the preview and your edits of the SynPo candidates on %d slice(s)?" % edited,
+                    windowTitle="SynPo"):
+                return
+            logic.discard()
+            text = "Discarded; nothing was written."
         if self.statusLabel is not None:
-            self.statusLabel.text = "Cancelled; nothing was written."
+            self.statusLabel.text = text
         self.updateGUIFromMRML()
 
 

@@ -274,7 +274,8 @@ class PreviewLogic:
         names = {i + 1: name for i, name in enumerate(self.segmentNames)}
         self.state = "previewed"
         self.message = ("Preview ready: target on %d slice(s). Green/red points are the prompts; move them and "
-                        "'Re-run slice', then Apply or Discard.\n%s"
+                        "'Re-run slice'; paint or erase on the candidates and Update to carry corrections through the "
+                        "volume; then Apply (what the candidates show) or Discard.\n%s"
                         % (present, "\n".join(extent_summary(self.result, names))))
         for line in collapse_warnings(self.result, names):
             self.message += "\nWarning: " + line
@@ -329,7 +330,9 @@ class PreviewLogic:
         return None
 
     def apply(self, segmentationNode=None, editorLogic=None, saveState=None, write=None):
-        """Write the preview into the segmentation and segments it was made for (recorded at
+        """Write the preview, as the candidates show it (the user's paint and erasing there included,
+        mrml.shown_labels: an edit not carried through by Update is written as drawn, never dropped),
+        into the segmentation and segments it was made for (recorded at
         Preview, whatever node the panel or the Segment Editor shows now): one Segment Editor undo
         step, through the editor's masking settings where this Slicer has them (apply.py). Refused,
         with the preview kept, where Slicer would write nothing; then the preview is removed.
@@ -370,16 +373,28 @@ class PreviewLogic:
             write = applying.logic_writer(editorLogic) if editorLogic is not None else applying.node_writer()
             if saveState is None and editorLogic is not None:
                 saveState = editorLogic.SaveStateForUndo
+        # What the candidates show: the user's edits there are written as drawn, even without Update.
+        from SynPoSlicerLib import mrml
+        labels, edited = mrml.shown_labels(self.preview, self.volumeNode, self.result.support.axis)
         try:
-            changed = applying.write_preview(target, self.volumeNode, self.preview.labels, self.segmentIds, write,
-                                             saveState)
+            changed = applying.write_preview(target, self.volumeNode, labels, self.segmentIds, write, saveState)
         finally:
             if editor is not None:
                 editor.mrmlSegmentEditorNode().SetSelectedSegmentID(selected or self.segmentIds[0])
         names = ", ".join(self.segmentNames)
         self.appliedVoxels = sum(changed.values())
         self.discard()
-        return "Applied to %s (%d voxel(s) changed): %s" % (names, sum(changed.values()), self.UNDO_HINT)
+        edits = (" Your edits of the candidates on %d slice(s) were written as drawn (Update would have carried "
+                 "them through the volume)." % edited) if edited else ""
+        return "Applied to %s (%d voxel(s) changed): %s%s" % (names, sum(changed.values()), self.UNDO_HINT, edits)
+
+    def editedSlices(self):
+        """How many slices of the candidates the user painted or erased on since the preview (0
+        without a preview)."""
+        from SynPoSlicerLib import mrml
+        if self.preview is None or self.volumeNode is None:
+            return 0
+        return mrml.shown_labels(self.preview, self.volumeNode, self.result.support.axis)[1]
 
     def discard(self):
         if self.preview is not None:

@@ -351,24 +351,46 @@ def rerun_slice(preview: "PreviewNodes", volume_node, axis: int, slice_index: in
     return len(pos) + len(neg)
 
 
+def _edits(preview: "PreviewNodes", volume_node, axis: int):
+    """(label, slice, the label's mask there now) for each slice (across the preview's axis) on which
+    the user changed the label's segment of the candidates segmentation since the preview."""
+    segmentation = preview.candidates.GetSegmentation()
+    for label in range(1, len(preview.segment_ids) + 1):
+        sid = segmentation.GetNthSegmentID(label - 1)
+        now = np.moveaxis(segment_array(preview.candidates, sid, volume_node).astype(bool), axis, 0)
+        was = np.moveaxis(preview.labels == label, axis, 0)
+        for t in np.flatnonzero((now != was).reshape(len(now), -1).any(1)):
+            yield label, int(t), now[t]
+
+
 def edited_slices(preview: "PreviewNodes", volume_node, axis: int):
     """What the user changed in the candidates segmentation since the preview, per label and slice
     (across the preview's axis): (paint [k, j, i] with each corrected slice's new mask as its label
     value, {label: slices the user emptied}: the organ is absent there)."""
     paint = np.zeros(preview.labels.shape, dtype=preview.labels.dtype)
     absent: Dict[int, List[int]] = {}
-    segmentation = preview.candidates.GetSegmentation()
-    for label in range(1, len(preview.segment_ids) + 1):
-        sid = segmentation.GetNthSegmentID(label - 1)
-        now = np.moveaxis(segment_array(preview.candidates, sid, volume_node).astype(bool), axis, 0)
-        was = np.moveaxis(preview.labels == label, axis, 0)
-        target = np.moveaxis(paint, axis, 0)
-        for t in np.flatnonzero((now != was).reshape(len(now), -1).any(1)):
-            if now[t].any():
-                target[t][now[t]] = label
-            else:
-                absent.setdefault(label, []).append(int(t))
+    target = np.moveaxis(paint, axis, 0)
+    for label, t, now in _edits(preview, volume_node, axis):
+        if now.any():
+            target[t][now] = label
+        else:
+            absent.setdefault(label, []).append(t)
     return paint, absent
+
+
+def shown_labels(preview: "PreviewNodes", volume_node, axis: int):
+    """The candidates as the user sees them: the preview's labels ([k, j, i]) with every slice the
+    user painted or erased on the candidates segmentation as it is now (a label painted over
+    another's voxels takes them), and how many slices were edited. What Apply writes, so that an
+    edit not carried through the volume by Update is written as drawn, not dropped."""
+    out = np.array(preview.labels, copy=True)
+    view = np.moveaxis(out, axis, 0)
+    edited = set()
+    for label, t, now in _edits(preview, volume_node, axis):
+        view[t][view[t] == label] = 0
+        view[t][now] = label
+        edited.add(t)
+    return out, len(edited)
 
 
 # ------------------------------------------------------------------ writing segments
