@@ -13,17 +13,32 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
+
+
+def retireLogic(logic):
+    """A shared logic being replaced (developer mode's Reload): its run, preview and server stop, and
+    the application and scene connections sharedLogic made for it are undone (else each Reload left
+    one more aboutToQuit connection and scene observer, each keeping an old logic alive)."""
+    try:
+        logic.cancel()
+        logic.discard()
+        logic.stopServer()
+    except Exception as exc:
+        logging.warning("SynPo: could not stop the previous server on reload: %s" % exc)
+    for undo in getattr(logic, "_connections", ()):
+        try:
+            undo()
+        except Exception as exc:
+            logging.warning("SynPo: could not disconnect the previous logic on reload: %s" % exc)
+    logic._connections = []
+
+
 # Developer mode's Reload re-executes this file under the same module name (slicer.util.
 # reloadScriptedModule): the logic of the code being replaced stops its run and its server, and the
 # helper packages are dropped so that the imports below load the edited code (reloadHelpers).
 if "_SHARED_LOGIC" in globals():
     for _previous in _SHARED_LOGIC:  # noqa: F821  (the previous execution's)
-        try:
-            _previous.cancel()
-            _previous.discard()
-            _previous.stopServer()
-        except Exception as _exc:
-            logging.warning("SynPo: could not stop the previous server on reload: %s" % _exc)
+        retireLogic(_previous)
     reloadHelpers()  # noqa: F821  (the previous execution's; it only drops modules)
 _SHARED_LOGIC = []
 
@@ -104,13 +119,17 @@ def sharedLogic():
     one timer): created on first use, its server stopped when Slicer quits."""
     if not _SHARED_LOGIC:
         logic = SynPoSlicerLogic()
+        logic._connections = []                  # undone by retireLogic (Reload)
         app = getattr(slicer, "app", None)
         if app is not None:
-            app.connect("aboutToQuit()", logic.stopServer)
+            stop = logic.stopServer              # one object: what disconnect() is given must be it
+            app.connect("aboutToQuit()", stop)
+            logic._connections.append(lambda: app.disconnect("aboutToQuit()", stop))
         scene = getattr(slicer, "mrmlScene", None)
         if scene is not None:
             # File > Close Scene, whether or not the panel was ever opened (the effect alone).
-            scene.AddObserver(scene.StartCloseEvent, lambda caller, event: logic.onSceneClosed())
+            tag = scene.AddObserver(scene.StartCloseEvent, lambda caller, event: logic.onSceneClosed())
+            logic._connections.append(lambda: scene.RemoveObserver(tag))
         _SHARED_LOGIC.append(logic)
     return _SHARED_LOGIC[0]
 
@@ -332,9 +351,7 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         (slicer.util.reloadScriptedModule), so the top of the file no longer sees the previous
         logic: stop its run, preview and server here, drop the helper packages, then reload."""
         for logic in _SHARED_LOGIC:
-            logic.cancel()
-            logic.discard()
-            logic.stopServer()
+            retireLogic(logic)
         del _SHARED_LOGIC[:]
         reloadHelpers()
         ScriptedLoadableModuleWidget.onReload(self)
@@ -344,6 +361,10 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # the shared logic (the Segment Editor effect may still use them); only this panel goes.
         if self.logic is not None:
             self.logic.removeListener(self.onLogicProgress)
+        # Reload hides the old panel rather than deleting it (slicer.util.reloadScriptedModule): its
+        # selectors must no longer write into the parameter node the new panel shows.
+        self._updatingGUI = True
+        self._parameterNode = None
         self.removeObservers()
 
     def onSceneStartClose(self, caller, event):
@@ -521,6 +542,15 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic, PreviewLogic):
         qt.QSettings().setValue("SynPoSlicer/CacheFolder", path)
         os.environ["SYNPO_CACHE"] = path
 
+    def serverOptions(self, parameterNode):
+        """The local server gets the cache folder setting in its environment, whoever starts it (the
+        panel, or the Segment Editor effect when the panel was never opened) and whatever Python runs
+        it (a Python other than PythonSlicer starts from slicer.util.startupEnvironment: Slicer's
+        environment at its start, without SYNPO_CACHE set since). A changed folder starts a new server."""
+        options = PreviewLogic.serverOptions(self, parameterNode)
+        options["environment"] = {"SYNPO_CACHE": self.cacheFolder()}
+        return options
+
     # -- the timer that drives runs: the logic's, so a run survives its panel or effect
     def startPolling(self):
         """Step the current run from a Qt timer every 250 ms until it ends. The timer belongs to the
@@ -569,9 +599,13 @@ class SynPoSlicerTest(ScriptedLoadableModuleTest):
         self.test_preview_apply_undo()
 
     def test_preview_apply_undo(self):
-        import numpy as np
+        import sys
         from SynPoSlicerLib import mrml
         from synpo import demo
+        url, tokenFile, python = serverSettings()
+        if not url and not python and sys.version_info < (3, 10):
+            self.delayDisplay("Skipped: %s" % versionNote())   # Slicer 5.8 without a server to use
+            return
         self.delayDisplay("Loading the bundled CT and its liver support slice")
         volume = slicer.util.loadVolume(demo.SAMPLE_IMAGE)
         support = slicer.util.loadLabelVolume(demo.SAMPLE_SUPPORT)
@@ -581,12 +615,23 @@ class SynPoSlicerTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.RemoveNode(support)
         segmentId = seg.GetSegmentation().GetNthSegmentID(0)
         painted = mrml.segment_array(seg, segmentId, volume)
-
         logic = SynPoSlicerLogic()
+        logic.useServer(url, tokenFile, python)      # the panel's server settings, as a Preview uses them
+        try:
+            self._preview_apply_undo(logic, volume, seg, segmentId, painted)
+        finally:
+            logic.discard()
+            logic.stopServer()                       # also when an assertion failed
+        self.delayDisplay("Test passed")
+
+    def _preview_apply_undo(self, logic, volume, seg, segmentId, painted):
+        import numpy as np
+        from SynPoSlicerLib import mrml
+        from synpo import demo
         params = logic.getParameterNode()
         logic.setDefaultParameters(params)
         params.SetParameter("Features", "sam")
-        self.delayDisplay("Preview (a local SynPo server, offline LiteMedSAM)")
+        self.delayDisplay("Preview (a SynPo server, offline LiteMedSAM)")
         state = logic.process(volume, seg, [segmentId], params)
         self.assertEqual(state, "previewed", logic.message)
         truth = slicer.util.loadLabelVolume(demo.SAMPLE_TRUTH)
@@ -604,5 +649,3 @@ class SynPoSlicerTest(ScriptedLoadableModuleTest):
         self.assertEqual(mrml.temporary_nodes(slicer.mrmlScene), [])
         editor.undo()
         self.assertTrue(np.array_equal(mrml.segment_array(seg, segmentId, volume), painted))
-        logic.stopServer()
-        self.delayDisplay("Test passed")

@@ -41,9 +41,9 @@ from SynPoSlicerLib import mrml  # noqa: E402
 # ------------------------------------------------------------------ the launcher
 LAUNCHER = '''#!{python}
 """A stand-in for CTK's app launcher (PythonSlicer): runs the real interpreter as its child with
-the same arguments, forwards no signal (SIGTERM is caught and ignored), exits with the child's code."""
-import signal, subprocess, sys
-signal.signal(signal.SIGTERM, lambda *args: None)
+the same arguments, forwards no signal and installs no handler (SIGTERM ends it, not its child), exits
+with the child's code."""
+import subprocess, sys
 child = subprocess.Popen([{python!r}] + sys.argv[1:])
 while True:
     try:
@@ -93,16 +93,38 @@ def test_the_launcher_stand_in_keeps_the_server_when_only_it_is_terminated(launc
         _wait_ready(proc)
         (real,) = psutil.Process(proc.proc.pid).children()
         proc.proc.terminate()                              # what stop() did before
-        time.sleep(1.0)
-        assert real.is_running() and _port_open(proc.url)  # the launcher ignored it; the server serves on
-        proc.proc.kill()                                   # even killing the launcher leaves its child
-        proc.proc.wait(10)
+        assert proc.proc.wait(10) == -signal.SIGTERM      # the launcher has no handler: it ends ...
         time.sleep(0.5)
-        assert real.is_running() and _port_open(proc.url)
+        assert real.is_running() and _port_open(proc.url)  # ... and python-real, its child, serves on
         real.kill()
     finally:
         if proc.proc is not None:
             end_tree(proc.proc)
+
+
+def test_the_cache_folder_setting_reaches_a_server_the_effect_starts(sandbox, scene_case, monkeypatch, tmp_path):
+    """The panel never opened (the effect alone), a Python other than PythonSlicer for the server: it
+    starts from slicer.util.startupEnvironment (Slicer's environment when it started, before the
+    module set SYNPO_CACHE; qSlicerCoreApplication::startupEnvironment), yet gets the cache folder
+    setting (it got ~/.cache/synpo and downloaded the weights there again)."""
+    monkeypatch.delenv("SYNPO_CACHE", raising=False)
+    at_start = dict(os.environ)
+    monkeypatch.setattr(slicer, "app", App(), raising=False)
+    monkeypatch.setattr(slicer.util, "startupEnvironment", lambda: dict(at_start), raising=False)
+    folder = str(tmp_path / "models")
+    Settings.values = {"SynPoSlicer/CacheFolder": folder, "SynPoSlicer/ServerPython": sys.executable}
+    logic = _shared_logic(sandbox, scene_case)
+    assert sandbox.prepareServer(logic, *sandbox.serverSettings(), features="sam")
+    try:
+        logic.serverReady(logic.getParameterNode())
+        assert psutil.Process(logic.server.proc.pid).environ().get("SYNPO_CACHE") == folder
+        first = logic.server
+        Settings.values["SynPoSlicer/CacheFolder"] = str(tmp_path / "elsewhere")
+        logic.serverReady(logic.getParameterNode())          # another folder: another server
+        assert logic.server is not first and not first.running()
+        assert psutil.Process(logic.server.proc.pid).environ().get("SYNPO_CACHE") == str(tmp_path / "elsewhere")
+    finally:
+        logic.stopServer()
 
 
 def test_stop_ends_the_whole_tree_behind_a_launcher(launcher):
@@ -205,6 +227,20 @@ class Settings:
 
     def setValue(self, key, value):
         self.values[key] = value
+
+
+class App:
+    """slicer.app's signal connections to Python callables (PythonQt: connect / disconnect by signal
+    and callable)."""
+
+    def __init__(self):
+        self.connections = []
+
+    def connect(self, signal_name, callback):
+        self.connections.append((signal_name, callback))
+
+    def disconnect(self, signal_name, callback):
+        self.connections.remove((signal_name, callback))
 
 
 @pytest.fixture
@@ -314,22 +350,30 @@ def test_the_effect_still_clones_after_a_developer_mode_reload(sandbox):
     assert type(clone.self()).__name__ == "SegmentEditorEffect"
 
 
-def test_developer_reload_gives_one_exception_class_and_stops_the_old_server(sandbox):
+def test_developer_reload_gives_one_exception_class_and_stops_the_old_server(sandbox, monkeypatch):
     """slicer.util.reloadScriptedModule re-executes SynPoSlicer.py under the same module name
-    (imp.load_module): reproduced by executing the file again in the module's namespace."""
+    (imp.load_module): reproduced by executing the file again in the module's namespace. The old
+    logic's aboutToQuit connection and scene observer go with it (each Reload added one more)."""
     import SynPoSlicerLib.engine  # noqa: F401  (loaded before the reload, as in a running Slicer)
     import synpo.client  # noqa: F401
+    app, scene = App(), slicer.vtkMRMLScene()
+    monkeypatch.setattr(slicer, "app", app, raising=False)
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
     stopped = []
     old = sandbox.sharedLogic()
+    assert len(app.connections) == 1 and scene.HasObserver(scene.StartCloseEvent)
     old.stopServer = lambda: stopped.append("server")
     spec = importlib.util.spec_from_file_location("SynPoSlicer", os.path.join(MODULE_DIR, "SynPoSlicer.py"))
     spec.loader.exec_module(sandbox)                        # the Reload button
-    assert stopped == ["server"] and sandbox.sharedLogic() is not old
+    assert stopped == ["server"] and app.connections == [] and not scene.HasObserver(scene.StartCloseEvent)
+    assert sandbox.sharedLogic() is not old and len(app.connections) == 1
     from SynPoSlicerLib import engine
     from synpo import client, errors
     assert engine.ServerError is client.ServerError
     assert issubclass(engine.ServerError, errors.SynPoError)
     assert sys.modules["SynPoSlicerLib.logic"].PreviewLogic in type(sandbox.sharedLogic()).__mro__
+    sandbox.retireLogic(sandbox.sharedLogic())
+    assert app.connections == [] and not scene.HasObserver(scene.StartCloseEvent)
 
 
 def _editor_logic(c, segmentation):

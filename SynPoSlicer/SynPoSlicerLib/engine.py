@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -44,9 +44,11 @@ def base_environment(python: str) -> dict:
     return dict(os.environ)
 
 
-def server_key(python: Optional[str], device: str, sam: str, features: str, extra: Sequence[str] = ()) -> tuple:
+def server_key(python: Optional[str], device: str, sam: str, features: str, extra: Sequence[str] = (),
+               environment: Optional[Dict[str, str]] = None) -> tuple:
     """What a local server is started with; a running server serves every preview with the same key."""
-    return (python or default_python(), device, sam, features, tuple(extra))
+    key = (python or default_python(), device, sam, features, tuple(extra))
+    return key + (tuple(sorted(environment.items())),) if environment else key
 
 
 class ServerProcess:
@@ -56,13 +58,18 @@ class ServerProcess:
     it and everything it started: in Slicer the child is the PythonSlicer launcher, which runs the
     real interpreter as its own child (process.py). The server watches this process (--parent-pid)
     and exits by itself when it dies. Its output goes to a log file, shown to the user when it fails
-    to start. `key` names what the server was started with (Python, model, device, features): the
-    module reuses a running server for every preview with the same key."""
+    to start. `key` names what the server was started with (Python, model, device, features, the
+    variables `environment` adds): the module reuses a running server for every preview with the
+    same key."""
 
     def __init__(self, python: Optional[str] = None, device: str = "auto", sam: str = "litemedsam",
-                 features: str = "auto", extra: Sequence[str] = (), parent_pid: Optional[int] = None):
+                 features: str = "auto", extra: Sequence[str] = (), parent_pid: Optional[int] = None,
+                 environment: Optional[Dict[str, str]] = None):
         self.python = python or default_python()
-        self.key = server_key(python, device, sam, features, extra)
+        self.key = server_key(python, device, sam, features, extra, environment)
+        # Variables set for the server on top of base_environment (the module's cache folder:
+        # slicer.util.startupEnvironment is Slicer's environment at its start, without later changes).
+        self.environment = dict(environment or {})
         self.parent_pid = os.getpid() if parent_pid is None else parent_pid
         self.options = ["--device", device, "--sam", sam, "--features", features] + list(extra)
         self.folder = tempfile.mkdtemp(prefix="synpo-server-")
@@ -78,6 +85,7 @@ class ServerProcess:
         os.makedirs(self.folder, mode=0o700, exist_ok=True)     # again after a stop()
         make_token_file(self.token_file)
         env = base_environment(self.python)
+        env.update(self.environment)
         env["PYTHONPATH"] = MODULE_DIR + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.setdefault("PYTHONUNBUFFERED", "1")
         cmd = [self.python, "-m", "synpo.cli", "serve", "--port", "0", "--token-file", self.token_file,
