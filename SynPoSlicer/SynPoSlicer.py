@@ -19,12 +19,11 @@ def retireLogic(logic):
     """A shared logic being replaced (developer mode's Reload): its run, preview and server stop, and
     the application and scene connections sharedLogic made for it are undone (else each Reload left
     one more aboutToQuit connection and scene observer, each keeping an old logic alive)."""
-    try:
-        logic.cancel()
-        logic.discard()
-        logic.stopServer()
-    except Exception as exc:
-        logging.warning("SynPo: could not stop the previous server on reload: %s" % exc)
+    for step in (logic.cancel, logic.discard, logic.stopServer):     # each on its own: the server stops
+        try:
+            step()
+        except Exception as exc:
+            logging.warning("SynPo: could not %s the previous logic on reload: %s" % (step.__name__, exc))
     for undo in getattr(logic, "_connections", ()):
         try:
             undo()
@@ -122,7 +121,7 @@ def sharedLogic():
         logic._connections = []                  # undone by retireLogic (Reload)
         app = getattr(slicer, "app", None)
         if app is not None:
-            stop = logic.stopServer              # one object: what disconnect() is given must be it
+            stop = logic.stopServer              # (PythonQt matches a handler by ==: a bound method does)
             app.connect("aboutToQuit()", stop)
             logic._connections.append(lambda: app.disconnect("aboutToQuit()", stop))
         scene = getattr(slicer, "mrmlScene", None)
@@ -281,6 +280,14 @@ def prepareServer(logic, url, tokenFile, python, features):
     if url or python:
         return True
     return ensureDependencies(features in ("synergy", "dinov2"))
+
+
+def confirmDiscard(logic):
+    """Whether the preview may be discarded (the panel's Discard, the effect's Cancel with no run):
+    yes, unless the user edited the candidates and says no when asked (the edits would go with it)."""
+    edited = logic.editedSlices()
+    return not edited or slicer.util.confirmOkCancelDisplay(
+        "Discard the preview and your edits of the SynPo candidates on %d slice(s)?" % edited, windowTitle="SynPo")
 
 
 class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -508,6 +515,8 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
 
     def onDiscard(self):
+        if not confirmDiscard(self.logic):
+            return
         self.logic.discard()
         self.showMessage("Preview discarded; the scene is as it was.")
         self.updateButtons()
@@ -535,8 +544,10 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic, PreviewLogic):
         self._timer = None
 
     def cacheFolder(self):
-        return qt.QSettings().value("SynPoSlicer/CacheFolder", os.path.join(os.path.expanduser("~"), ".cache",
-                                                                           "synpo"))
+        """The panel's setting; until it is set, where `synpo` itself would download ($SYNPO_CACHE,
+        else $XDG_CACHE_HOME/synpo, else ~/.cache/synpo)."""
+        from synpo.weights import cache_dir
+        return qt.QSettings().value("SynPoSlicer/CacheFolder", cache_dir())
 
     def setCacheFolder(self, path):
         qt.QSettings().setValue("SynPoSlicer/CacheFolder", path)

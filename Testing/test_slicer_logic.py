@@ -116,8 +116,7 @@ def test_preview_points_land_at_their_ras_positions_and_discard_removes_everythi
     conf = slicer.util.arrayFromVolume(preview.confidence)
     assert conf.shape == c["image"].shape and np.allclose(mrml.ijk_to_ras(preview.confidence), c["matrix"])
     # The candidate mask found the object on the slices next to the paint.
-    cand = mrml.segment_array(preview.candidates, preview.candidates.GetSegmentation().GetNthSegmentID(0),
-                              c["volume"])
+    cand = mrml.segment_array(preview.candidates, preview.candidate_ids[1], c["volume"])
     inter = (cand[3:6].astype(bool) & c["mask"][3:6]).sum()
     assert 2 * inter / (cand[3:6].sum() + c["mask"][3:6].sum()) > 0.7
     # Temporary: neither the nodes nor their display nodes are saved with the scene.
@@ -154,9 +153,23 @@ def test_preview_follows_the_volumes_parent_transform(scene_case, server):
     transform.SetMatrixTransformToParent(m)
     c["volume"].SetAndObserveTransformNodeID(transform.GetID())
     c["seg"].SetAndObserveTransformNodeID(transform.GetID())
-    _, preview = _preview(c, server)
+    job, preview = _preview(c, server)
     for node in preview.nodes():
         assert node.GetTransformNodeID() == transform.GetID()
+    # Re-run slice rewrites the candidate there (the server gives the same mask back): it lands where it
+    # was, under the transform, so no slice reads as edited and Apply writes the preview unchanged (the
+    # labelmap imported outside the candidates' transform was shifted by its inverse: every slice
+    # "edited", 2041 voxels moved).
+    t = 3
+    same = preview.labels[t] == 1
+    assert same.any()
+    mrml.rerun_slice(preview, c["volume"], 0, t, 1, lambda pos, neg: same)
+    assert mrml.shown_labels(preview, c["volume"], 0)[1] == 0
+    assert np.array_equal(mrml.shown_labels(preview, c["volume"], 0)[0], job.result.labels)
+    # The user removes the candidates' segment: reading them says so (Apply and Update refuse with it).
+    preview.candidates.GetSegmentation().RemoveSegment(preview.candidate_ids[1])
+    with pytest.raises(InputError, match="was removed"):
+        mrml.edited_slices(preview, c["volume"], 0)
     preview.remove()
 
 
@@ -248,8 +261,7 @@ def test_rerun_one_slice_from_edited_points_on_the_server(scene_case, server):
     got = preview.labels[t] == 1
     assert 2 * (got & c["mask"][t]).sum() / (got.sum() + c["mask"][t].sum()) > 0.6
     assert np.array_equal(np.delete(preview.labels, t, 0), np.delete(before, t, 0))    # other slices untouched
-    cand = mrml.segment_array(preview.candidates, preview.candidates.GetSegmentation().GetNthSegmentID(0),
-                              c["volume"])
+    cand = mrml.segment_array(preview.candidates, preview.candidate_ids[1], c["volume"])
     assert np.array_equal(cand.astype(bool), preview.labels == 1)                   # the preview layer follows
     # Deleting the last positive point empties the slice.
     preview.positive.RemoveNthControlPoint(preview.positive.GetNumberOfControlPoints() - 1)

@@ -508,6 +508,25 @@ def test_the_effects_cancel_stops_an_update_and_asks_before_discarding_edits(san
     assert logic.preview is None and mrml.temporary_nodes(c["scene"]) == []
 
 
+def test_removed_candidates_apply_refuses_and_cancel_discards(sandbox, scene_case, server, monkeypatch):
+    """The user deleted the 'SynPo candidates' node: Apply says so and writes nothing (it cannot show
+    what it would write); Cancel discards without asking (no edit is left to lose)."""
+    from synpo.errors import InputError
+    c = scene_case
+    python, logic = _effect_with_server(sandbox, c, server)
+    python.activate()
+    python.onPreview()
+    _drive(logic, lambda: not logic.active())
+    before = mrml.segment_array(c["seg"], c["target"], c["volume"])
+    c["scene"].RemoveNode(logic.preview.candidates)
+    with pytest.raises(InputError, match="candidates' segmentation was removed"):
+        python.onApply()
+    assert np.array_equal(mrml.segment_array(c["seg"], c["target"], c["volume"]), before)
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, **kw: pytest.fail(text), raising=False)
+    python.onCancel()
+    assert logic.preview is None and mrml.temporary_nodes(c["scene"]) == []
+
+
 def test_the_effects_preview_takes_the_dependency_step(sandbox, scene_case, monkeypatch):
     c = scene_case
     asked = []

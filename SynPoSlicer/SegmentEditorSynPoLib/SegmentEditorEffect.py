@@ -169,15 +169,13 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         """While a run goes on: stop it, as the panel's Cancel does (a cancelled Update keeps the
         preview it was correcting, the user's edits of the candidates included). With no run: discard
         the preview, after asking when the user edited the candidates (the edits would go with it)."""
+        import SynPoSlicer
         logic = self.logic()
         if logic.active():
             logic.cancel()
             text = logic.message
         else:
-            edited = logic.editedSlices()
-            if edited and not slicer.util.confirmOkCancelDisplay(
-                    "Discard the preview and your edits of the SynPo candidates on %d slice(s)?" % edited,
-                    windowTitle="SynPo"):
+            if not SynPoSlicer.confirmDiscard(logic):
                 return
             logic.discard()
             text = "Discarded; nothing was written."

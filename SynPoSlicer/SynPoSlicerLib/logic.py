@@ -341,8 +341,12 @@ class PreviewLogic:
         its own modifySegmentByLabelmap); else Slicer 5.10+'s vtkSlicerSegmentEditorLogic with the
         editor's masking, else (Slicer 5.8) the segmentation node's own API."""
         from SynPoSlicerLib import apply as applying
+        from SynPoSlicerLib import mrml
         if self.preview is None:
             raise ValueError("Nothing to apply: run a preview first.")
+        # What the candidates show: the user's edits there are written as drawn, even without Update
+        # (read first: nothing is switched or written when the candidates cannot be read).
+        labels, edited = mrml.shown_labels(self.preview, self.volumeNode, self.result.support.axis)
         target = self.segmentationNode if self.segmentationNode is not None else segmentationNode
         editor = self.segmentEditorWidget() if write is None and editorLogic is None else None
         selected = None
@@ -373,9 +377,6 @@ class PreviewLogic:
             write = applying.logic_writer(editorLogic) if editorLogic is not None else applying.node_writer()
             if saveState is None and editorLogic is not None:
                 saveState = editorLogic.SaveStateForUndo
-        # What the candidates show: the user's edits there are written as drawn, even without Update.
-        from SynPoSlicerLib import mrml
-        labels, edited = mrml.shown_labels(self.preview, self.volumeNode, self.result.support.axis)
         try:
             changed = applying.write_preview(target, self.volumeNode, labels, self.segmentIds, write, saveState)
         finally:
@@ -390,11 +391,15 @@ class PreviewLogic:
 
     def editedSlices(self):
         """How many slices of the candidates the user painted or erased on since the preview (0
-        without a preview)."""
+        without a preview, or when the user removed the candidates: nothing left to lose)."""
         from SynPoSlicerLib import mrml
-        if self.preview is None or self.volumeNode is None:
+        from synpo.errors import InputError
+        if self.preview is None or self.volumeNode is None or self.volumeNode.GetScene() is None:
             return 0
-        return mrml.shown_labels(self.preview, self.volumeNode, self.result.support.axis)[1]
+        try:
+            return mrml.shown_labels(self.preview, self.volumeNode, self.result.support.axis)[1]
+        except InputError:
+            return 0
 
     def discard(self):
         if self.preview is not None:

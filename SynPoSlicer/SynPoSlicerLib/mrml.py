@@ -200,6 +200,7 @@ class PreviewNodes:
     negative: object = None
     labels: Optional[np.ndarray] = None          # [k, j, i] candidate labels (the engine's output)
     segment_ids: List[str] = field(default_factory=list)
+    candidate_ids: Dict[int, str] = field(default_factory=dict)   # label -> its segment in `candidates`
 
     def nodes(self) -> list:
         return [n for n in (self.confidence, self.candidates, self.positive, self.negative) if n is not None]
@@ -274,8 +275,9 @@ def show_preview(volume_node, result, segment_ids: Sequence[str], names: Sequenc
         preview.candidates = _new_node(scene, "vtkMRMLSegmentationNode", "SynPo candidates")
         preview.candidates.CreateDefaultDisplayNodes()            # shown in the slice views
         preview.candidates.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-        write_labels(preview.candidates, volume_node, result.labels,
-                     {v: (names[v - 1] if v - 1 < len(names) else "label %d" % v) for v in result.support.labels})
+        preview.candidate_ids = write_labels(
+            preview.candidates, volume_node, result.labels,
+            {v: (names[v - 1] if v - 1 < len(names) else "label %d" % v) for v in result.support.labels})
 
         pos_ras, pos_txt, neg_ras, neg_txt = [], [], [], []
         for rec in result.records:
@@ -345,18 +347,29 @@ def rerun_slice(preview: "PreviewNodes", volume_node, axis: int, slice_index: in
     mask = decode(pos, neg) if len(pos) else np.zeros_like(current)
     view[slice_index][current] = 0
     view[slice_index][mask & (view[slice_index] == 0)] = label
-    sid = preview.candidates.GetSegmentation().GetNthSegmentID(label - 1)     # candidates are in label order
+    sid = candidate_segment(preview, label)
     name = preview.candidates.GetSegmentation().GetSegment(sid).GetName()
     write_labels(preview.candidates, volume_node, preview.labels, {label: name}, {label: sid})
     return len(pos) + len(neg)
 
 
+def candidate_segment(preview: "PreviewNodes", label: int) -> str:
+    """The ID of label's segment in the candidates segmentation; InputError when the user removed the
+    candidates node or that segment (the candidates can no longer be read)."""
+    node, sid = preview.candidates, preview.candidate_ids.get(label)
+    if node is None or node.GetScene() is None:
+        raise InputError("The 'SynPo candidates' segmentation was removed: Preview again, or Discard.")
+    if sid is None or node.GetSegmentation().GetSegment(sid) is None:
+        raise InputError("The segment of label %d in 'SynPo candidates' was removed: Preview again, or Discard."
+                         % label)
+    return sid
+
+
 def _edits(preview: "PreviewNodes", volume_node, axis: int):
     """(label, slice, the label's mask there now) for each slice (across the preview's axis) on which
     the user changed the label's segment of the candidates segmentation since the preview."""
-    segmentation = preview.candidates.GetSegmentation()
-    for label in range(1, len(preview.segment_ids) + 1):
-        sid = segmentation.GetNthSegmentID(label - 1)
+    for label in sorted(preview.candidate_ids):
+        sid = candidate_segment(preview, label)
         now = np.moveaxis(segment_array(preview.candidates, sid, volume_node).astype(bool), axis, 0)
         was = np.moveaxis(preview.labels == label, axis, 0)
         for t in np.flatnonzero((now != was).reshape(len(now), -1).any(1)):
@@ -415,6 +428,11 @@ def write_labels(segmentation_node, volume_node, labels: np.ndarray, names: Dict
             labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__synpo_labels__")
             slicer.util.updateVolumeFromArray(labelmap, (labels == value).astype(np.uint8))
             _set_ijk_to_ras(labelmap, ijk_to_ras(volume_node))
+            # In the segmentation's own coordinates: the import maps the labelmap's world position
+            # into the segmentation's frame (vtkSlicerSegmentationsModuleLogic::
+            # ImportLabelmapToSegmentationNode), so a labelmap outside the transform the candidates
+            # follow would land shifted by its inverse.
+            labelmap.SetAndObserveTransformNodeID(segmentation_node.GetTransformNodeID())
             ids = vtk.vtkStringArray()
             ids.InsertNextValue(sid)
             if not logic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node, ids):
