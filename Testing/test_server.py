@@ -125,6 +125,36 @@ def test_oversized_body_gets_413(server, chunked):
     assert session_count(server) == before
 
 
+def _finish(upload, limit=100000):
+    """Step an Upload as the Slicer module's timer does; (its answer, the steps it took)."""
+    for steps in range(1, limit):
+        answer = upload.step()
+        if answer is not None:
+            return answer, steps
+    raise AssertionError("the upload never ended")
+
+
+def test_a_session_sent_a_step_at_a_time_is_the_same_session(server):
+    """client.Upload, as the Slicer module sends a volume (short steps on its timer, never one long
+    call): the session holds the image, and refusals read as they do for create_session."""
+    client = server.client()
+    image = np.random.default_rng(3).normal(size=(6, 40, 50)).astype(np.float32)
+    upload = client.session_upload(image, (0.8, 0.8, 2.5), chunk=4096)
+    sid, steps = _finish(upload)
+    assert steps > 2 * image.nbytes // 4096 - 4          # compressed, then sent, a chunk per step
+    assert upload.progress()[0] == upload.progress()[1]
+    info = client.session(sid)
+    assert info["shape_kji"] == [6, 40, 50] and info["spacing_ijk"] == [0.8, 0.8, 2.5]
+    before = session_count(server)
+    with pytest.raises(ServerError, match="HTTP 401") as refused:
+        _finish(server.client(token="wrong").session_upload(image, (1, 1, 1), chunk=4096))
+    assert refused.value.status == 401
+    big = np.random.default_rng(0).normal(size=(40, 128, 128)).astype(np.float32)     # over the 2 MB limit
+    with pytest.raises(ServerError, match="--max-body-mb") as refused:
+        _finish(client.session_upload(big, (1, 1, 1), chunk=65536))
+    assert refused.value.status == 413 and session_count(server) == before
+
+
 @pytest.mark.parametrize("body, meta, says", [
     (b"not a message", None, "not a SynPo wire message"),
     (None, {"spacing": [1, 1]}, "meta.spacing must be 3 numbers"),

@@ -101,6 +101,31 @@ def _preview(c, server):
     return job, mrml.show_preview(c["volume"], job.result, [c["target"]], ["target"])
 
 
+def test_the_volume_goes_up_in_short_steps_and_cancel_stops_it(scene_case, server, monkeypatch):
+    """The module's timer sends the volume a chunk per tick (PythonQt holds the GIL while Qt idles: a
+    Python thread would not run, and one call froze Slicer for seconds on a large CT); the status
+    line says how far it is, and Cancel during it leaves no session behind."""
+    c = scene_case
+    monkeypatch.setattr(RemoteJob, "UPLOAD_CHUNK", 2048)
+    monkeypatch.setattr(RemoteJob, "UPLOAD_SECONDS", 0.0)     # one chunk per step
+    inputs = mrml.extract_inputs(c["volume"], c["seg"], [c["target"]])
+    client = server.client(timeout=10)
+    sessions = len(client.json("GET", "/v1/sessions")["sessions"])
+    job = RemoteJob(client, inputs.image, inputs.spacing, inputs.support)
+    stages = []
+    while job.state == "upload":
+        job.step()
+        stages.append(job.stage)
+    assert len(stages) > inputs.image.nbytes // 2048 and stages[0].startswith("sending the volume (")
+    assert run_job(job).state == "done", job.error
+    cancelled = RemoteJob(client, inputs.image, inputs.spacing, inputs.support)
+    for _ in range(5):
+        cancelled.step()
+    cancelled.cancel()
+    assert cancelled.state == "cancelled" and cancelled._upload is None
+    assert len(client.json("GET", "/v1/sessions")["sessions"]) == sessions + 1     # only the finished job's
+
+
 def test_preview_points_land_at_their_ras_positions_and_discard_removes_everything(scene_case, server):
     c = scene_case
     n_before = c["scene"].GetNumberOfNodes()

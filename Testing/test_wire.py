@@ -59,3 +59,23 @@ def test_a_decompression_bomb_stops_at_the_limit():
     with pytest.raises(InputError) as err:
         wire.unpack(bomb, max_bytes=16 << 20)
     assert "more than this server accepts" in str(err.value)
+
+
+def test_the_packer_gives_packs_message_a_bounded_step_at_a_time():
+    rng = np.random.default_rng(1)
+    arrays = {"image": rng.integers(-1000, 2000, (7, 33, 41)).astype(np.int16), "empty": np.zeros((0, 3), np.float32),
+              "mask": rng.random((9, 11)) > 0.5}
+    whole = wire.pack(arrays, {"spacing": [1.0, 1.0, 2.5]})
+    packer = wire.Packer(arrays, {"spacing": [1.0, 1.0, 2.5]}, chunk=1000)
+    steps, done = 0, [0]
+    while not packer.step():
+        steps += 1
+        assert packer.done - done[-1] <= 1000          # never more than a chunk compressed in one step
+        done.append(packer.done)
+    assert packer.done == packer.total == sum(a.nbytes for a in arrays.values())
+    assert steps >= arrays["image"].nbytes // 1000
+    assert packer.message() == whole
+    with pytest.raises(RuntimeError):
+        wire.Packer(arrays, chunk=10).message()
+    with pytest.raises(InputError, match="dtype"):
+        wire.Packer({"x": np.zeros(3, np.complex64)})

@@ -91,16 +91,18 @@ class Client:
             raise ServerError(self._reason(exc), exc.code) from None
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise ServerError("cannot reach the SynPo server at %s (%s): is `synpo serve` running there?"
-                              % (self.url, reason or type(exc).__name__)) from None
+            raise self.unreachable(reason or type(exc).__name__) from None
 
     def _reason(self, exc) -> str:
         try:
             text = exc.read()
-            reason = json.loads(text.decode("utf-8")).get("error") or ""
         except Exception:
-            reason = ""
-        return "the SynPo server said: %s (HTTP %d)" % (reason or exc.reason or "error", exc.code)
+            text = b""
+        return server_said(text, exc.reason, exc.code)
+
+    def unreachable(self, reason) -> ServerError:
+        return ServerError("cannot reach the SynPo server at %s (%s): is `synpo serve` running there?"
+                           % (self.url, reason))
 
     def json(self, method: str, path: str, payload: Optional[dict] = None, timeout: Optional[float] = None) -> dict:
         body = json.dumps(payload).encode("utf-8") if payload is not None else None
@@ -124,10 +126,15 @@ class Client:
         return self.json("GET", "/v1/health", timeout=min(self.timeout, 10.0))
 
     def create_session(self, image: np.ndarray, spacing_ijk: Sequence[float]) -> str:
-        body = wire.pack({"image": wire.compact_image(np.asarray(image))},
-                         {"spacing": [float(s) for s in spacing_ijk]})
+        body = wire.pack(*_session_message(image, spacing_ijk))
         data, _ = self.request("POST", "/v1/sessions", body, wire.CONTENT_TYPE, timeout=max(self.timeout, 600.0))
         return json.loads(data.decode("utf-8"))["session"]
+
+    def session_upload(self, image: np.ndarray, spacing_ijk: Sequence[float], chunk: int = 4 << 20) -> "Upload":
+        """create_session a step at a time (Upload): `Upload.step()` returns the session's ID once the
+        server has it, else None; each step compresses or sends at most `chunk` bytes."""
+        return Upload(self, "/v1/sessions", *_session_message(image, spacing_ijk), chunk=chunk,
+                      answer=lambda reply: reply["session"])
 
     def session(self, sid: str) -> dict:
         return self.json("GET", "/v1/sessions/%s" % sid)
@@ -204,6 +211,120 @@ class Client:
                 self.cancel(sid, rid)
                 cancelled = True
             time.sleep(interval)
+
+
+def server_said(text: bytes, reason: str, code: int) -> str:
+    """The one line of an HTTP error answer: the server's JSON "error" when it gave one."""
+    try:
+        said = json.loads(text.decode("utf-8")).get("error") or ""
+    except Exception:
+        said = ""
+    return "the SynPo server said: %s (HTTP %d)" % (said or reason or "error", code)
+
+
+def _session_message(image: np.ndarray, spacing_ijk: Sequence[float]):
+    """(arrays, meta) of a new session's message."""
+    return {"image": wire.compact_image(np.asarray(image))}, {"spacing": [float(s) for s in spacing_ijk]}
+
+
+class Upload:
+    """A POST of a wire message, a step at a time: compressing it (wire.Packer), sending it, waiting
+    for the answer. Each step() is short (at most `chunk` bytes compressed or sent; the answer is
+    read only once it has arrived), so the Slicer module's timer can drive it on the main thread,
+    where PythonQt holds the GIL while Qt idles (a Python thread would not run) and a one-call upload
+    froze Slicer for seconds on a large CT. step() returns answer(the JSON reply) once done, else
+    None; ServerError as Client.request gives it. Behind a proxy configured for the URL, the body is
+    sent in one request (urllib's proxy handling)."""
+
+    def __init__(self, client: "Client", path: str, arrays: Dict[str, np.ndarray], meta: dict,
+                 chunk: int = 4 << 20, answer: Callable[[dict], object] = lambda reply: reply,
+                 timeout: float = 600.0):
+        self.client, self.path, self.chunk, self.answer = client, path, max(1, int(chunk)), answer
+        self.timeout = max(client.timeout, timeout)
+        self.packer = wire.Packer(arrays, meta, chunk=self.chunk)
+        self.body: Optional[bytes] = None
+        self.sent = 0
+        self.conn: Optional[http.client.HTTPConnection] = None
+        self._since = 0.0
+
+    def progress(self) -> Tuple[int, int]:
+        """(done, total): compressing counts the arrays' bytes, sending the message's."""
+        total = self.packer.total + (len(self.body) if self.body is not None else self.packer.total)
+        return self.packer.done + self.sent, max(1, total)
+
+    def waiting(self) -> bool:
+        """Everything is sent: only the server's answer is left (a step then only looks for it)."""
+        return self.body is not None and self.conn is not None and self.sent >= len(self.body)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    def _open(self) -> None:
+        parsed = urllib.parse.urlparse(self.client.url)
+        if parsed.scheme == "https":
+            conn = http.client.HTTPSConnection(parsed.hostname, parsed.port, timeout=self.timeout,
+                                               context=self.client.context)
+        else:
+            conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=self.timeout)
+        conn.putrequest("POST", (parsed.path.rstrip("/") or "") + self.path)
+        conn.putheader("Accept", "application/json")
+        if self.client.token:
+            conn.putheader("Authorization", "Bearer " + self.client.token)
+        conn.putheader("Content-Type", wire.CONTENT_TYPE)
+        conn.putheader("Content-Length", str(len(self.body)))
+        conn.endheaders()
+        self.conn, self._since = conn, time.monotonic()
+
+    def _proxied(self) -> bool:
+        host = urllib.parse.urlparse(self.client.url).hostname or ""
+        scheme = urllib.parse.urlparse(self.client.url).scheme
+        return bool(urllib.request.getproxies().get(scheme)) and not urllib.request.proxy_bypass(host)
+
+    def step(self):
+        import select
+        if self.body is None:
+            if not self.packer.step():
+                return None
+            self.body = self.packer.message()
+            if self._proxied():
+                data, _ = self.client.request("POST", self.path, self.body, wire.CONTENT_TYPE, timeout=self.timeout)
+                self.sent = len(self.body)
+                return self.answer(json.loads(data.decode("utf-8")))
+            return None
+        try:
+            if self.conn is None:
+                self._open()
+                return None
+            answered = bool(select.select([self.conn.sock], [], [], 0)[0])
+            if self.sent < len(self.body) and not answered:
+                end = min(len(self.body), self.sent + self.chunk)
+                try:
+                    self.conn.sock.sendall(memoryview(self.body)[self.sent:end])
+                    self.sent = end
+                    return None
+                except OSError:
+                    # The server answered before the whole body arrived (413 on its Content-Length,
+                    # 401) and closed: that answer, read below, is what the user is told.
+                    pass
+            elif not answered:
+                if time.monotonic() - self._since > self.timeout:
+                    raise socket.timeout("no answer in %.0f s" % self.timeout)
+                return None
+            response = self.conn.getresponse()
+            data = response.read()
+            status, reason = response.status, response.reason
+        except (http.client.HTTPException, ConnectionError, socket.timeout, OSError) as exc:
+            self.close()
+            raise self.client.unreachable(getattr(exc, "reason", None) or str(exc) or type(exc).__name__) from None
+        self.close()
+        if status >= 400:
+            raise ServerError(server_said(data, reason, status), status)
+        try:
+            return self.answer(json.loads(data.decode("utf-8")))
+        except (ValueError, KeyError, TypeError):
+            raise ServerError("the server at %s answered something unexpected" % self.client.url) from None
 
 
 def run_remote(client: Client, image: np.ndarray, spacing_ijk, support: np.ndarray, settings: Sequence[str] = (),

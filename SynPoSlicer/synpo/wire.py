@@ -14,7 +14,7 @@ Written by the server and by `client.py`; Python 3.9 syntax (the Slicer module i
 import json
 import struct
 import zlib
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -29,17 +29,56 @@ MAX_HEADER = 1 << 24
 
 def pack(arrays: Dict[str, np.ndarray], meta: Optional[dict] = None) -> bytes:
     """One message holding `arrays` (name -> ndarray) and `meta` (JSON-serialisable)."""
-    entries, blobs = [], []
-    for name, a in arrays.items():
-        a = np.ascontiguousarray(a)
-        if a.dtype.name not in DTYPES:
-            raise InputError("array %s has dtype %s; one of %s is needed" % (name, a.dtype, ", ".join(DTYPES)))
-        a = a.astype(a.dtype.newbyteorder("<"), copy=False)
-        blob = zlib.compress(memoryview(a).cast("B"), LEVEL) if a.size else b""
-        entries.append({"name": name, "dtype": a.dtype.name, "shape": list(a.shape), "size": len(blob)})
-        blobs.append(blob)
-    header = json.dumps({"meta": meta or {}, "arrays": entries}).encode("utf-8")
-    return b"".join([MAGIC, struct.pack(">I", len(header)), header] + blobs)
+    packer = Packer(arrays, meta, chunk=0)
+    while not packer.step():
+        pass
+    return packer.message()
+
+
+class Packer:
+    """pack() a step at a time: each step() compresses at most `chunk` bytes of the arrays (0: an
+    array at once), so that a caller driven by a GUI timer (Slicer's main thread) stays responsive
+    while a large volume is compressed. step() returns True once every array is compressed; then
+    message() is the message pack() gives (the same arrays and meta once unpacked)."""
+
+    def __init__(self, arrays: Dict[str, np.ndarray], meta: Optional[dict] = None, chunk: int = 4 << 20):
+        self.meta, self.chunk = meta or {}, int(chunk)
+        self._todo = []
+        for name, a in arrays.items():
+            a = np.ascontiguousarray(a)
+            if a.dtype.name not in DTYPES:
+                raise InputError("array %s has dtype %s; one of %s is needed" % (name, a.dtype, ", ".join(DTYPES)))
+            self._todo.append((name, a.astype(a.dtype.newbyteorder("<"), copy=False)))
+        self.total = sum(a.nbytes for _, a in self._todo)
+        self.done = 0                               # bytes of the arrays compressed so far
+        self._entries: List[dict] = []
+        self._blobs: List[bytes] = []
+        self._index, self._pos, self._parts, self._z = 0, 0, [], None
+
+    def step(self) -> bool:
+        if self._index == len(self._todo):
+            return True
+        name, a = self._todo[self._index]
+        raw = memoryview(a).cast("B") if a.size else memoryview(b"")
+        if self._z is None:
+            self._z = zlib.compressobj(LEVEL)
+        end = len(raw) if self.chunk <= 0 else min(len(raw), self._pos + self.chunk)
+        if end > self._pos:
+            self._parts.append(self._z.compress(raw[self._pos:end]))
+        self.done += end - self._pos
+        self._pos = end
+        if end == len(raw):
+            blob = b"".join(self._parts + [self._z.flush()]) if a.size else b""
+            self._entries.append({"name": name, "dtype": a.dtype.name, "shape": list(a.shape), "size": len(blob)})
+            self._blobs.append(blob)
+            self._index, self._pos, self._parts, self._z = self._index + 1, 0, [], None
+        return self._index == len(self._todo)
+
+    def message(self) -> bytes:
+        if self._index != len(self._todo):
+            raise RuntimeError("Packer.message() before every array is compressed")
+        header = json.dumps({"meta": self.meta, "arrays": self._entries}).encode("utf-8")
+        return b"".join([MAGIC, struct.pack(">I", len(header)), header] + self._blobs)
 
 
 def _inflate(blob: bytes, expected: int, name: str) -> bytes:
