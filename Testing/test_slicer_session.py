@@ -457,27 +457,33 @@ def test_cancel_after_deactivate_ends_the_run_on_the_server(sandbox, scene_case,
     assert not logic.active() and mrml.temporary_nodes(c["scene"]) == []
 
 
-def _edit_candidates(logic, c, erase):
-    """The user erases the candidate on slice `erase` of 'SynPo candidates' in the Segment Editor."""
+def _previewed_effect(module, c, server):
+    """The SynPo effect's Preview, run to its end: (the effect's Python object, the shared logic)."""
+    python, logic = _effect_with_server(module, c, server)
+    python.statusLabel = types.SimpleNamespace(text="")
+    python.activate()
+    python.onPreview()
+    _drive(logic, lambda: not logic.active())
+    assert logic.state == "previewed", logic.message
+    return python, logic
+
+
+def _edit_candidates(logic, c):
+    """The user erases the candidate on one slice (not the painted one) of 'SynPo candidates' in the
+    Segment Editor: (that slice, the candidates now)."""
+    erase = next(t for t in range(len(logic.preview.labels)) if t != 4 and (logic.preview.labels[t] == 1).any())
     edited = (logic.preview.labels == 1).astype(np.uint8)
     edited[erase] = 0
-    sid = logic.preview.candidates.GetSegmentation().GetNthSegmentID(0)
-    mrml.write_labels(logic.preview.candidates, c["volume"], edited, {1: "target"}, {1: sid})
-    return edited
+    mrml.write_labels(logic.preview.candidates, c["volume"], edited, {1: "target"}, {1: logic.preview.candidate_ids[1]})
+    return erase, edited
 
 
 def test_apply_writes_the_candidates_as_edited_even_without_update(sandbox, scene_case, server):
     """Paint or erase on the candidates, then Apply without Update: the edit is written as drawn (it
     was dropped: Apply wrote the engine's labels and then removed the edited candidates)."""
     c = scene_case
-    python, logic = _effect_with_server(sandbox, c, server)
-    python.statusLabel = types.SimpleNamespace(text="")
-    python.activate()
-    python.onPreview()
-    _drive(logic, lambda: not logic.active())
-    assert logic.state == "previewed", logic.message
-    erase = next(t for t in range(len(logic.preview.labels)) if t != 4 and (logic.preview.labels[t] == 1).any())
-    edited = _edit_candidates(logic, c, erase)
+    python, logic = _previewed_effect(sandbox, c, server)
+    erase, edited = _edit_candidates(logic, c)
     assert logic.editedSlices() == 1
     python.onApply()
     after = mrml.segment_array(c["seg"], c["target"], c["volume"]).astype(bool)
@@ -488,13 +494,8 @@ def test_apply_writes_the_candidates_as_edited_even_without_update(sandbox, scen
 def test_the_effects_cancel_stops_an_update_and_asks_before_discarding_edits(sandbox, scene_case, server,
                                                                               monkeypatch):
     c = scene_case
-    python, logic = _effect_with_server(sandbox, c, server)
-    python.statusLabel = types.SimpleNamespace(text="")
-    python.activate()
-    python.onPreview()
-    _drive(logic, lambda: not logic.active())
-    erase = next(t for t in range(len(logic.preview.labels)) if t != 4 and (logic.preview.labels[t] == 1).any())
-    _edit_candidates(logic, c, erase)
+    python, logic = _previewed_effect(sandbox, c, server)
+    _edit_candidates(logic, c)
     python.onUpdate()
     assert logic.active()
     python.onCancel()                                      # during the Update: the run stops, nothing else
@@ -513,10 +514,7 @@ def test_removed_candidates_apply_refuses_and_cancel_discards(sandbox, scene_cas
     what it would write); Cancel discards without asking (no edit is left to lose)."""
     from synpo.errors import InputError
     c = scene_case
-    python, logic = _effect_with_server(sandbox, c, server)
-    python.activate()
-    python.onPreview()
-    _drive(logic, lambda: not logic.active())
+    python, logic = _previewed_effect(sandbox, c, server)
     before = mrml.segment_array(c["seg"], c["target"], c["volume"])
     c["scene"].RemoveNode(logic.preview.candidates)
     with pytest.raises(InputError, match="candidates' segmentation was removed"):
