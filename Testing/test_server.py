@@ -142,7 +142,7 @@ def test_a_session_sent_a_step_at_a_time_is_the_same_session(server):
     upload = client.session_upload(image, (0.8, 0.8, 2.5), chunk=4096)
     sid, steps = _finish(upload)
     assert steps > 2 * image.nbytes // 4096 - 4          # compressed, then sent, a chunk per step
-    assert upload.progress()[0] == upload.progress()[1]
+    assert upload.progress() == 100
     info = client.session(sid)
     assert info["shape_kji"] == [6, 40, 50] and info["spacing_ijk"] == [0.8, 0.8, 2.5]
     before = session_count(server)
@@ -153,6 +153,68 @@ def test_a_session_sent_a_step_at_a_time_is_the_same_session(server):
     with pytest.raises(ServerError, match="--max-body-mb") as refused:
         _finish(client.session_upload(big, (1, 1, 1), chunk=65536))
     assert refused.value.status == 413 and session_count(server) == before
+    # Cancelled half way (the connection closed mid-body): no session, and no traceback in the log.
+    cancelled = client.session_upload(image, (1, 1, 1), chunk=4096)
+    while cancelled.sent < 3 * 4096:
+        assert cancelled.step() is None
+    cancelled.close()
+    time.sleep(1.0)
+    assert session_count(server) == before
+    with open(server.log.name) as log:
+        assert "Exception in ASGI application" not in log.read()
+
+
+def test_a_step_of_an_upload_never_waits_for_a_slow_link():
+    """A server that takes the connection but reads nothing (a link slower than the body): each step
+    hands the socket what it takes without waiting and returns (sendall of a 4 MB chunk blocked the
+    step, Slicer's interface with it, until the link had carried it all)."""
+    import socket as sockets
+    from synpo.client import Client
+    listener = sockets.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    try:
+        client = Client("http://127.0.0.1:%d" % listener.getsockname()[1], "token", timeout=30.0)
+        image = np.random.default_rng(5).normal(size=(40, 256, 256)).astype(np.float32)    # 10 MB, incompressible
+        upload = client.session_upload(image, (1, 1, 1), chunk=4 << 20)
+        while upload.body is None or upload.conn is None:
+            upload.step()
+        longest, sent = 0.0, []
+        for _ in range(20):
+            started = time.monotonic()
+            assert upload.step() is None
+            longest = max(longest, time.monotonic() - started)
+            sent.append(upload.sent)
+        assert longest < 0.5 and 0 < sent[-1] < len(upload.body) and sent[-1] == sent[-5]     # stalled, not blocked
+        upload.close()
+    finally:
+        listener.close()
+
+
+def test_a_session_sent_a_step_at_a_time_over_https(tmp_path):
+    """TLS 1.3 sends session tickets after the handshake: the socket is readable with no answer in it.
+    Taken for the answer, the upload stopped sending and waited until the server's timeout."""
+    import shutil
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command to make a certificate with")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    srv = Server(str(tmp_path), "--tls-cert", cert, "--tls-key", key)
+    try:
+        assert srv.url.startswith("https://")
+        from synpo.client import Client
+        client = Client(srv.url, srv.token, timeout=20.0, cafile=cert)
+        image = np.random.default_rng(4).normal(size=(6, 40, 50)).astype(np.float32)
+        started = time.monotonic()
+        sid, steps = _finish(client.session_upload(image, (1.0, 1.0, 2.0), chunk=8192))
+        assert time.monotonic() - started < 15.0 and steps > image.nbytes // 8192
+        assert client.session(sid)["shape_kji"] == [6, 40, 50]
+        with pytest.raises(ServerError, match="HTTP 401"):
+            _finish(Client(srv.url, "wrong", timeout=20.0, cafile=cert).session_upload(image, (1, 1, 1), chunk=8192))
+    finally:
+        srv.stop()
 
 
 @pytest.mark.parametrize("body, meta, says", [

@@ -209,8 +209,8 @@ class RemoteJob:
                 session = self._upload.step()
                 while session is None and not self._upload.waiting() and time.monotonic() < deadline:
                     session = self._upload.step()
-                self.done, self.total = self._upload.progress()
-                self.stage = "sending the volume (%d %%)" % (100 * self.done // self.total)
+                self.done, self.total = self._upload.progress(), 100
+                self.stage = "sending the volume (%d %%)" % self.done
                 if session is not None:
                     self.session_id, self._upload, self.state = session, None, "start"
                     self.done, self.total = 0, 1

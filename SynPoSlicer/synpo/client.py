@@ -247,10 +247,11 @@ class Upload:
         self.conn: Optional[http.client.HTTPConnection] = None
         self._since = 0.0
 
-    def progress(self) -> Tuple[int, int]:
-        """(done, total): compressing counts the arrays' bytes, sending the message's."""
+    def progress(self) -> int:
+        """Per cent done: compressing counts the arrays' bytes, sending the message's (a per cent, not
+        bytes: a progress bar's maximum is a 32-bit int)."""
         total = self.packer.total + (len(self.body) if self.body is not None else self.packer.total)
-        return self.packer.done + self.sent, max(1, total)
+        return int(100 * (self.packer.done + self.sent) // max(1, total))
 
     def waiting(self) -> bool:
         """Everything is sent: only the server's answer is left (a step then only looks for it)."""
@@ -275,15 +276,16 @@ class Upload:
         conn.putheader("Content-Type", wire.CONTENT_TYPE)
         conn.putheader("Content-Length", str(len(self.body)))
         conn.endheaders()
-        self.conn, self._since = conn, time.monotonic()
+        self.conn, self._since = conn, time.monotonic()     # _since: the last byte sent (timeout)
 
     def _proxied(self) -> bool:
         host = urllib.parse.urlparse(self.client.url).hostname or ""
         scheme = urllib.parse.urlparse(self.client.url).scheme
         return bool(urllib.request.getproxies().get(scheme)) and not urllib.request.proxy_bypass(host)
 
+    PIECE = 64 << 10                       # bytes handed to the socket at a time, only while it takes them
+
     def step(self):
-        import select
         if self.body is None:
             if not self.packer.step():
                 return None
@@ -297,22 +299,18 @@ class Upload:
             if self.conn is None:
                 self._open()
                 return None
-            answered = bool(select.select([self.conn.sock], [], [], 0)[0])
-            if self.sent < len(self.body) and not answered:
-                end = min(len(self.body), self.sent + self.chunk)
-                try:
-                    self.conn.sock.sendall(memoryview(self.body)[self.sent:end])
-                    self.sent = end
-                    return None
-                except OSError:
-                    # The server answered before the whole body arrived (413 on its Content-Length,
-                    # 401) and closed: that answer, read below, is what the user is told.
-                    pass
-            elif not answered:
-                if time.monotonic() - self._since > self.timeout:
-                    raise socket.timeout("no answer in %.0f s" % self.timeout)
+            # An answer may come before the whole body is sent (401, or 413 on the Content-Length):
+            # that answer, not the broken pipe that would follow, is what the user is told.
+            arrived = self._arrived()
+            if arrived is None and self.sent < len(self.body):
+                self._send()
                 return None
-            response = self.conn.getresponse()
+            if arrived is None:
+                if time.monotonic() - self._since > self.timeout:
+                    raise socket.timeout("no answer %.0f s after the last byte was sent" % self.timeout)
+                return None
+            response = http.client.HTTPResponse(_Replayed(arrived, self.conn.sock), method="POST")
+            response.begin()
             data = response.read()
             status, reason = response.status, response.reason
         except (http.client.HTTPException, ConnectionError, socket.timeout, OSError) as exc:
@@ -325,6 +323,71 @@ class Upload:
             return self.answer(json.loads(data.decode("utf-8")))
         except (ValueError, KeyError, TypeError):
             raise ServerError("the server at %s answered something unexpected" % self.client.url) from None
+
+    def _send(self) -> None:
+        """Up to `chunk` bytes of the body, a piece at a time while the socket takes them without
+        waiting (a slow link never holds the step); a refused write is left to _arrived()."""
+        import select
+        sock, limit = self.conn.sock, min(len(self.body), self.sent + self.chunk)
+        while self.sent < limit and select.select([], [sock], [], 0.01)[1]:
+            sock.setblocking(False)
+            try:
+                n = sock.send(memoryview(self.body)[self.sent:min(limit, self.sent + self.PIECE)])
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                n = 0
+            except OSError:                      # the server answered and closed: read its answer next
+                return
+            finally:
+                sock.settimeout(self.timeout)
+            if n <= 0:
+                return
+            self.sent += n
+            self._since = time.monotonic()
+
+    def _arrived(self) -> Optional[bytes]:
+        """The answer's first bytes once some have arrived, else None. Read, not just polled: a TLS
+        socket is readable for records that carry no data (TLS 1.3's session tickets, sent after the
+        handshake), and answering then blocked until the server gave up waiting for the body."""
+        import select
+        sock = self.conn.sock
+        if not select.select([sock], [], [], 0)[0]:
+            return None
+        sock.setblocking(False)
+        try:
+            data = sock.recv(65536)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return None
+        finally:
+            sock.settimeout(self.timeout)
+        if not data:
+            raise ConnectionError("the server closed the connection without an answer")
+        return data
+
+
+class _Replayed:
+    """A socket for http.client.HTTPResponse whose first bytes were already read (Upload._arrived)."""
+
+    def __init__(self, first: bytes, sock):
+        self.first, self.sock = first, sock
+
+    def makefile(self, mode: str):
+        import io
+
+        replay = self
+
+        class Raw(io.RawIOBase):
+            def readable(self):
+                return True
+
+            def readinto(self, buffer):
+                if replay.first:
+                    n = min(len(buffer), len(replay.first))
+                    buffer[:n] = replay.first[:n]
+                    replay.first = replay.first[n:]
+                    return n
+                return replay.sock.recv_into(buffer)
+
+        return io.BufferedReader(Raw())
 
 
 def run_remote(client: Client, image: np.ndarray, spacing_ijk, support: np.ndarray, settings: Sequence[str] = (),

@@ -83,6 +83,7 @@ def create_app(service, token: str, max_body_bytes: int, max_array_bytes: Option
     from fastapi.responses import JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 
     from .result import support_to_dict
     from .service import Busy, NotFound
@@ -140,12 +141,17 @@ def create_app(service, token: str, max_body_bytes: int, max_array_bytes: Option
 
     async def body_of(request: Request) -> bytes:
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise Refused(413, "the request body is larger than this server accepts (%d MB, --max-body-mb)"
-                              % (max_body_bytes >> 20))
-            chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_body_bytes:
+                    raise Refused(413, "the request body is larger than this server accepts (%d MB, --max-body-mb)"
+                                  % (max_body_bytes >> 20))
+                chunks.append(chunk)
+        except ClientDisconnect:
+            # A client that stopped sending (the Slicer module's Cancel during an upload): nothing was
+            # made; no traceback in the log.
+            raise Refused(400, "the client went away before the whole request body arrived") from None
         return b"".join(chunks)
 
     async def message_of(request: Request):
