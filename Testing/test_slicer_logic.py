@@ -297,6 +297,27 @@ def test_rerun_one_slice_from_edited_points_on_the_server(scene_case, server):
     preview.remove()
 
 
+def test_edits_in_the_segments_left_count_when_the_user_removed_one(scene_case):
+    """Two previewed labels; the user edits one's candidate and deletes the other's segment: reading
+    every label refuses (Apply, Update), the edits still there are counted (Discard asks about them)."""
+    c = scene_case
+    labels = np.zeros(c["mask"].shape, np.uint8)
+    labels[2:6, 10:20, 10:20] = 1
+    labels[2:6, 25:35, 30:40] = 2
+    candidates = c["scene"].AddNewNodeByClass("vtkMRMLSegmentationNode", "SynPo candidates")
+    candidates.SetReferenceImageGeometryParameterFromVolumeNode(c["volume"])
+    ids = mrml.write_labels(candidates, c["volume"], labels, {1: "a", 2: "b"})
+    preview = mrml.PreviewNodes(candidates=candidates, labels=labels.copy(), segment_ids=["x", "y"], candidate_ids=ids)
+    assert mrml.shown_labels(preview, c["volume"], 0)[1] == 0
+    edited = labels.copy()
+    edited[3][edited[3] == 1] = 0
+    mrml.write_labels(candidates, c["volume"], edited, {1: "a"}, {1: ids[1]})
+    candidates.GetSegmentation().RemoveSegment(ids[2])
+    with pytest.raises(InputError, match="label 2 .* was removed"):
+        mrml.shown_labels(preview, c["volume"], 0)
+    assert mrml.shown_labels(preview, c["volume"], 0, readable_only=True)[1] == 1
+
+
 def test_points_of_another_segment_are_not_used_for_a_rerun(scene_case):
     c = scene_case
     node = c["scene"].AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "p")

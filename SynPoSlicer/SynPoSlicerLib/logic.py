@@ -390,14 +390,15 @@ class PreviewLogic:
         return "Applied to %s (%d voxel(s) changed): %s%s" % (names, sum(changed.values()), self.UNDO_HINT, edits)
 
     def editedSlices(self):
-        """How many slices of the candidates the user painted or erased on since the preview (0
-        without a preview, or when the user removed the candidates: nothing left to lose)."""
+        """How many slices of the candidates the user painted or erased on since the preview, in the
+        segments still there (0 without a preview, or when the user removed the candidates: nothing
+        left to lose)."""
         from SynPoSlicerLib import mrml
         from synpo.errors import InputError
         if self.preview is None or self.volumeNode is None or self.volumeNode.GetScene() is None:
             return 0
         try:
-            return mrml.shown_labels(self.preview, self.volumeNode, self.result.support.axis)[1]
+            return mrml.shown_labels(self.preview, self.volumeNode, self.result.support.axis, readable_only=True)[1]
         except InputError:
             return 0
 

@@ -365,11 +365,17 @@ def candidate_segment(preview: "PreviewNodes", label: int) -> str:
     return sid
 
 
-def _edits(preview: "PreviewNodes", volume_node, axis: int):
+def _edits(preview: "PreviewNodes", volume_node, axis: int, readable_only: bool = False):
     """(label, slice, the label's mask there now) for each slice (across the preview's axis) on which
-    the user changed the label's segment of the candidates segmentation since the preview."""
+    the user changed the label's segment of the candidates segmentation since the preview;
+    readable_only: the labels whose segment the user removed are left out (else InputError)."""
     for label in sorted(preview.candidate_ids):
-        sid = candidate_segment(preview, label)
+        try:
+            sid = candidate_segment(preview, label)
+        except InputError:
+            if readable_only:
+                continue
+            raise
         now = np.moveaxis(segment_array(preview.candidates, sid, volume_node).astype(bool), axis, 0)
         was = np.moveaxis(preview.labels == label, axis, 0)
         for t in np.flatnonzero((now != was).reshape(len(now), -1).any(1)):
@@ -391,7 +397,7 @@ def edited_slices(preview: "PreviewNodes", volume_node, axis: int):
     return paint, absent
 
 
-def shown_labels(preview: "PreviewNodes", volume_node, axis: int):
+def shown_labels(preview: "PreviewNodes", volume_node, axis: int, readable_only: bool = False):
     """The candidates as the user sees them: the preview's labels ([k, j, i]) with every slice the
     user painted or erased on the candidates segmentation as it is now (a label painted over
     another's voxels takes them), and how many slices were edited. What Apply writes, so that an
@@ -399,7 +405,7 @@ def shown_labels(preview: "PreviewNodes", volume_node, axis: int):
     out = np.array(preview.labels, copy=True)
     view = np.moveaxis(out, axis, 0)
     edited = set()
-    for label, t, now in _edits(preview, volume_node, axis):
+    for label, t, now in _edits(preview, volume_node, axis, readable_only):
         view[t][view[t] == label] = 0
         view[t][now] = label
         edited.add(t)
