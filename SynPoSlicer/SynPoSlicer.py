@@ -14,7 +14,6 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
 from slicer.util import VTKObservationMixin
 
 
-
 def retireLogic(logic):
     """A shared logic being replaced (developer mode's Reload): its run, preview and server stop, and
     the application and scene connections sharedLogic made for it are undone (else each Reload left

@@ -44,8 +44,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return ("<html>Segment the selected segment on every slice from the slice(s) you painted, with no "
                 "training (SynPo).<p><b>Preview</b> shows the candidate, the confidence map and the prompt "
                 "points; correct it by painting or erasing on the 'SynPo candidates' segmentation and press "
-                "<b>Update</b>; <b>Apply</b> writes what the candidates show through the masking settings below, as one undo "
-                "step; <b>Cancel</b> stops a run, and with no run discards the preview (nothing written). Server and model settings are in the SynPo module.</html>")
+                "<b>Update</b>; <b>Apply</b> writes what the candidates show through the masking settings "
+                "below, as one undo step; <b>Cancel</b> stops a run, and with no run discards the preview "
+                "(nothing written). Server and model settings are in the SynPo module.</html>")
 
     def logic(self):
         import SynPoSlicer

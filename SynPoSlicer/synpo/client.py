@@ -10,6 +10,7 @@ keep this file to 3.9 syntax). Every failure is a `ServerError` (a SynPoError) w
     result = client.result(sid, rid)                 # a result.VolumeResult
 """
 import http.client
+import io
 import json
 import os
 import socket
@@ -236,6 +237,8 @@ class Upload:
     None; ServerError as Client.request gives it. Behind a proxy configured for the URL, the body is
     sent in one request (urllib's proxy handling)."""
 
+    PIECE = 64 << 10                       # bytes handed to the socket at a time, only while it takes them
+
     def __init__(self, client: "Client", path: str, arrays: Dict[str, np.ndarray], meta: dict,
                  chunk: int = 4 << 20, answer: Callable[[dict], object] = lambda reply: reply,
                  timeout: float = 600.0):
@@ -279,11 +282,9 @@ class Upload:
         self.conn, self._since = conn, time.monotonic()     # _since: the last byte sent (timeout)
 
     def _proxied(self) -> bool:
-        host = urllib.parse.urlparse(self.client.url).hostname or ""
-        scheme = urllib.parse.urlparse(self.client.url).scheme
-        return bool(urllib.request.getproxies().get(scheme)) and not urllib.request.proxy_bypass(host)
-
-    PIECE = 64 << 10                       # bytes handed to the socket at a time, only while it takes them
+        parsed = urllib.parse.urlparse(self.client.url)
+        return (bool(urllib.request.getproxies().get(parsed.scheme))
+                and not urllib.request.proxy_bypass(parsed.hostname or ""))
 
     def step(self):
         if self.body is None:
@@ -371,23 +372,26 @@ class _Replayed:
         self.first, self.sock = first, sock
 
     def makefile(self, mode: str):
-        import io
+        return io.BufferedReader(_ReplayedStream(self.first, self.sock))
 
-        replay = self
 
-        class Raw(io.RawIOBase):
-            def readable(self):
-                return True
+class _ReplayedStream(io.RawIOBase):
+    """`first`, then what the socket still receives."""
 
-            def readinto(self, buffer):
-                if replay.first:
-                    n = min(len(buffer), len(replay.first))
-                    buffer[:n] = replay.first[:n]
-                    replay.first = replay.first[n:]
-                    return n
-                return replay.sock.recv_into(buffer)
+    def __init__(self, first: bytes, sock):
+        super().__init__()
+        self.first, self.sock = first, sock
 
-        return io.BufferedReader(Raw())
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.first:
+            n = min(len(buffer), len(self.first))
+            buffer[:n] = self.first[:n]
+            self.first = self.first[n:]
+            return n
+        return self.sock.recv_into(buffer)
 
 
 def run_remote(client: Client, image: np.ndarray, spacing_ijk, support: np.ndarray, settings: Sequence[str] = (),
