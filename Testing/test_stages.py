@@ -1452,14 +1452,15 @@ def test_a_gap_between_two_supports_changes_hands_where_their_walks_agree_best()
     assert split_gap(0, 10, {}, {5: box(0, 6)}) == 0             # s1's walk stopped at once: s2 owns the gap
 
 
-def _walk_up(conf, cfg):
+def _walk_up(conf, cfg, spacing_rc=(1.0, 1.0)):
     """One walk upwards from slice 0 (painted where conf[0] > 0.5) over the confidence maps `conf`,
-    with box prompts decoded as boxes; returns (masks, records)."""
+    with box prompts decoded as boxes; returns (masks, records). spacing_rc: a pixel's size (mm)."""
     from synpo.walk import _Context, _walk
     n, H, W = conf.shape
     store = _Store(Frame.fit(H, W, (1.0, 1.0), max(H, W)))
     store.ensure(range(n))
-    ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None, lambda k=1: None)
+    ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None, lambda k=1: None,
+                   spacing_rc=spacing_rc)
     masks, records = {}, []
     _walk(ctx, 1, 0, conf[0] > 0.5, n, +1, 10.0, masks, records)
     return masks, records
@@ -2257,7 +2258,7 @@ def test_a_walk_whose_confidence_keeps_falling_ends_where_the_trend_is_clear(lev
 def test_the_trend_rules_leave_the_first_step_alone_and_read_the_walks_history():
     from synpo.config import VolumeConfig
     from synpo.walk_rules import Step, judge_step
-    vc = VolumeConfig(falling_ratio=0.9, regrow_after=1.3)
+    vc = VolumeConfig(falling_ratio=0.9, regrow_after=1.3, regrow_below=0.5, regrow_reference="paint")
     mask, prev = np.ones((4, 4), bool), np.ones((4, 4), bool)
 
     def step(first, area, score, history):
@@ -2282,17 +2283,66 @@ def test_the_trend_rules_leave_the_first_step_alone_and_read_the_walks_history()
     assert judge_step(step(False, 40, 0.8, [(100, 0.9), (95, 0.9)]), sd) == ""               # the paint's step
 
 
+def test_regrowth_measured_from_the_widest_mask_and_only_for_a_large_organ():
+    """volume.regrow_reference "peak": the walk's widest mask (paint included) is the reference, so an
+    organ that grew past its paint and then tapered is caught growing again; regrow_min_cm2: only a
+    walk whose paint covers that many square centimetres (pixel_mm2 from the volume's spacing)."""
+    from synpo.config import VolumeConfig
+    from synpo.walk_rules import Step, judge_step
+    mask, prev = np.ones((4, 4), bool), np.ones((4, 4), bool)
+
+    def step(area, history, pixel_mm2=1.0):
+        return Step(1, 3, False, mask, area, prev, 1.0, 0.8, 0.8, 0.9, 1.0, tuple(history), pixel_mm2)
+    # the paint 6000 px, the walk widens to 10000, tapers to 5000 (over half the paint), then 7000
+    walk = [(6000, 0.8), (8000, 0.8), (10000, 0.8), (7500, 0.8), (5000, 0.8)]
+    paint = VolumeConfig(regrow_after=1.3, regrow_below=0.8, regrow_reference="paint", regrow_min_cm2=0)
+    peak = VolumeConfig(regrow_after=1.3, regrow_below=0.8, regrow_reference="peak", regrow_min_cm2=0)
+    assert judge_step(step(7000, walk), paint) == ""          # 5000 is not under 0.8 x the paint's 6000
+    assert judge_step(step(7000, walk), peak) == \
+        "grew again after tapering (area 1.4 x the walk's smallest, 0.50 x its widest mask)"
+    assert judge_step(step(6000, walk), peak) == ""           # 1.2 x the smallest: not over 1.3 x
+    # the slices before the widest mask are not "after" it: a walk still growing is left alone
+    assert judge_step(step(12000, walk[:3]), peak) == ""
+    # the gate: 6000 px of 1 mm^2 is 60 cm^2; at 0.5 mm^2 a pixel the same walk is 30 cm^2
+    gated = VolumeConfig(regrow_after=1.3, regrow_below=0.8, regrow_reference="peak", regrow_min_cm2=50)
+    assert judge_step(step(7000, walk), gated).startswith("grew again after tapering")
+    assert judge_step(step(7000, walk, pixel_mm2=0.5), gated) == ""
+    with pytest.raises(SynPoError, match="regrow_reference"):
+        validate(SynPoConfig().with_(volume={"regrow_reference": "widest"}))
+
+
 @pytest.mark.parametrize("regrow, expected", [(0.0, [1, 2, 3, 4, 5]), (1.3, [1, 2, 3])])
 def test_a_walk_that_grows_again_after_its_organ_tapered_has_reached_a_neighbour(regrow, expected):
     """volume.regrow_after: the organ tapers to a tip (slices 1-3); beyond it a touching neighbour of
     the same look grows again slice by slice, each mask mostly inside the previous one."""
     sizes = (20, 16, 12, 8, 10, 12, 14)
-    masks, records = _walk_up(_squares(sizes, (0.9,) * 7), SynPoConfig().with_(volume={"regrow_after": regrow,
-                                                                        "overlap_tolerance_mm": 0.0}))
+    masks, records = _walk_up(_squares(sizes, (0.9,) * 7), SynPoConfig().with_(volume={
+        "regrow_after": regrow, "regrow_below": 0.5, "regrow_reference": "paint", "regrow_min_cm2": 0.0,
+        "overlap_tolerance_mm": 0.0}))
     assert sorted(masks) == expected
     if regrow:
         end = next(r for r in records if r.index == 4)
         assert end.status == "absent" and end.reason.startswith("grew again after tapering (area 1.")
+
+
+@pytest.mark.parametrize("reference, pixel_mm, expected", [
+    ("paint", 1.0, [1, 2, 3, 4, 5, 6]),    # the taper never fell under 0.8 x the paint: not seen
+    ("peak", 1.0, [1, 2, 3, 4]),           # under 0.8 x the widest mask, then 1.3 x: the neighbour
+    ("peak", 0.5, [1, 2, 3, 4, 5, 6]),     # the same walk at half the pixel size: under 1 cm^2, left alone
+])
+def test_a_large_organ_that_widened_past_its_paint_stops_where_a_neighbour_grows(reference, pixel_mm, expected):
+    """A liver painted below its widest slice: its walk widens (14 -> 20 px squares), tapers to its
+    dome (16, 14) and, beyond, a touching neighbour of the same look (the heart) grows (17, 19).
+    volume.regrow_reference "peak" measures the taper from the widest mask; regrow_min_cm2 keeps
+    the rule to organs whose paint covers that many square centimetres (here 1.5: 196 px of 1 mm^2)."""
+    cfg = SynPoConfig().with_(volume={"regrow_after": 1.3, "regrow_below": 0.8, "regrow_reference": reference,
+                                      "regrow_min_cm2": 1.5})
+    masks, records = _walk_up(_squares((14, 18, 20, 16, 14, 17, 19), (0.9,) * 7), cfg, (pixel_mm, pixel_mm))
+    assert sorted(masks) == expected
+    if expected[-1] == 4:
+        end = next(r for r in records if r.index == 5)
+        assert end.status == "absent" and end.reason == \
+            "grew again after tapering (area 1.4 x the walk's smallest, 0.53 x its widest mask)"
 
 
 @pytest.mark.parametrize("min_size, expected", [(0.0, [1, 2, 3, 4, 5]), (0.25, [1, 2, 3])])

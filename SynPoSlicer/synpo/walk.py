@@ -110,6 +110,7 @@ class _Context:
         self.judge = judge
         self.stride, self.spacing_rc = stride, spacing_rc   # walk every stride-th slice (thin slices)
         self.slice_mm = slice_mm                 # the distance between neighbouring slices (0: unknown)
+        self.pixel_mm2 = float(spacing_rc[0]) * float(spacing_rc[1])    # one pixel's area (mm^2)
         self.timings, self.cancel, self.tick = timings, cancel, tick
         self.gate_range = gate_range             # the target's grey-value range (gate.py), or None
         self.on_slice = on_slice
@@ -219,7 +220,7 @@ class _Context:
             overlap = max(overlap, float(np.logical_and(mask, self.near(moved, history[0][0] if history else 0)).sum()
                                          / area))
         reason = self.judge(Step(label, t, first, mask, area, prev, min_area, score, prev_score, sam_iou, overlap,
-                                tuple(history)), vc)
+                                tuple(history), self.pixel_mm2), vc)
         rec = _record(label, t, "absent" if reason else "present", prompts, score, sam_iou, box)
         rec.overlap_prev, rec.reason = overlap, reason
         if note and not reason:

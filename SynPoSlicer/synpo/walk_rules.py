@@ -30,6 +30,7 @@ class Step:
     # The walk so far, (area, mean confidence) of each accepted slice from its start (the paint) to
     # prev (last): the trend rules look at how the organ has been changing, not only at one step.
     history: Tuple[Tuple[int, float], ...] = ()
+    pixel_mm2: float = 0.0           # one pixel's area in mm^2 (0: unknown)
 
 
 # judge(step, volume config) -> "" (the target goes on) or the reason it is judged absent.
@@ -51,6 +52,14 @@ def judge_step(step: Step, vc: VolumeConfig) -> str:
     return why or ("" if step.first else trend(step, vc))
 
 
+def large_enough(step: Step, min_cm2: float) -> bool:
+    """The walk's start mask (history[0]: the paint) covers at least min_cm2 square centimetres
+    (0: any size; an unknown pixel size counts as large enough)."""
+    if min_cm2 <= 0 or step.pixel_mm2 <= 0 or not step.history:
+        return True
+    return step.history[0][0] * step.pixel_mm2 >= 100.0 * min_cm2
+
+
 def trend(step: Step, vc: VolumeConfig) -> str:
     """The trend rules of a later step (config.VolumeConfig.sudden_area_change, regrow_after,
     falling_ratio): "" or the reason, with the figures that ended the walk."""
@@ -63,10 +72,15 @@ def trend(step: Step, vc: VolumeConfig) -> str:
         if change < vc.sudden_area_change and held > vc.sudden_after and ratio < vc.sudden_ratio:
             return "ended abruptly (area %.2f of the previous slice's after %.2f; confidence %.2f)" % (
                 change, held, ratio)
-    if vc.regrow_after > 0 and len(step.history) > 1:
-        low = min(a for a, _ in step.history[1:])
-        if low < vc.regrow_below * step.history[0][0] and step.area > vc.regrow_after * low:
-            return "grew again after tapering (area %.1f x the walk's smallest)" % (step.area / max(low, 1))
+    if vc.regrow_after > 0 and len(step.history) > 1 and large_enough(step, vc.regrow_min_cm2):
+        # From the paint (regrow_reference "paint") or from the walk's widest mask, the paint included
+        # ("peak"): the smallest mask after it, and whether this one outgrows it.
+        top = 0 if vc.regrow_reference == "paint" else int(np.argmax(areas))
+        later = areas[top + 1:]
+        low = min(later) if later else 0
+        if later and low < vc.regrow_below * areas[top] and step.area > vc.regrow_after * low:
+            return "grew again after tapering (area %.1f x the walk's smallest, %.2f x its %s)" % (
+                step.area / max(low, 1), low / max(areas[top], 1), "paint" if top == 0 else "widest mask")
     # The paint's own score (history[0]) is its self-similarity, not a decoded slice's: not counted.
     scores = [c for _, c in step.history[1:]] + [step.score]
     n = vc.falling_steps
