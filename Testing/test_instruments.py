@@ -487,6 +487,17 @@ def test_organ_slices_splits_one_minus_dice_into_its_causes():
     assert 1 - f["dice"] == pytest.approx(parts / f["denom"])
 
 
+def test_label_ends_tells_an_annotation_that_stops_from_an_organ_that_tapers():
+    module = _load_script("label_ends")
+    truth = np.array([0, 0, 30, 100, 100, 90, 80, 0, 0, 0])      # tapers below, stops abruptly above
+    mask = np.array([0, 5, 40, 90, 100, 90, 70, 60, 50, 0])      # one slice beyond the first, two beyond the last
+    assert module.beyond_ends(truth, mask, 0.5) == [("tapering", 1), ("abrupt", 2)]
+    assert module.beyond_ends(truth, mask, 0.9) == [("tapering", 1), ("tapering", 2)]    # 80 < 0.9 x 90
+    # a walk that stops on the last labelled slice, and one whose mask reaches the volume's edge
+    assert module.beyond_ends(truth, np.where(truth > 0, 1, 0), 0.5) == [("tapering", 0), ("abrupt", 0)]
+    assert module.beyond_ends(np.array([50, 50, 0]), np.array([1, 1, 1]), 0.5) == [("abrupt", 0), ("abrupt", 1)]
+
+
 def test_walk_ends_sets_each_walk_against_the_truth():
     """too far / right / too short per walk, the rule that ended it, and the rule nearest to stopping
     the first slice past the organ that a walk accepted."""
