@@ -518,6 +518,29 @@ def test_non_loopback_host_without_a_token_file_is_refused_at_start(tmp_path):
     assert proc.stderr.startswith("synpo: error: --host 0.0.0.0 is reachable from other machines: give --token-file")
 
 
+def test_an_owned_folder_must_hold_the_token_file_and_go_with_a_parent_pid(tmp_path):
+    """--owned-folder is removed when the --parent-pid process has gone: refused unless it is the
+    folder of --token-file (a mistyped path never removes a user's folder), and without --parent-pid."""
+    import argparse
+    from synpo.errors import SynPoError
+    from synpo.server import add_arguments, check_arguments, make_token_file
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    folder = tmp_path / "synpo-server-x"
+    folder.mkdir()
+    token = str(folder / "token")
+    make_token_file(token)
+    me = str(os.getpid())
+    check_arguments(parser.parse_args(["--token-file", token, "--parent-pid", me, "--owned-folder", str(folder)]))
+    for argv in (["--token-file", token, "--owned-folder", str(folder)],                    # no parent
+                 ["--token-file", token, "--parent-pid", me, "--owned-folder", str(tmp_path)],  # not its folder
+                 ["--parent-pid", me, "--owned-folder", str(folder)],                         # no token file
+                 ["--token-file", token, "--parent-pid", me, "--owned-folder", str(folder / "none")]):
+        with pytest.raises(SynPoError, match="--owned-folder DIR goes with --parent-pid, and DIR must be the folder"):
+            check_arguments(parser.parse_args(argv))
+    assert os.path.isfile(token)
+
+
 def test_client_side_needs_no_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
             "import synpo.client, synpo.wire, synpo.outputs, synpo.result, synpo.io\n"

@@ -100,6 +100,7 @@ def test_the_launcher_stand_in_keeps_the_server_when_only_it_is_terminated(launc
     finally:
         if proc.proc is not None:
             end_tree(proc.proc)
+        proc.stop()                                        # its folder (token, log) too
 
 
 def test_the_cache_folder_setting_reaches_a_server_the_effect_starts(sandbox, scene_case, monkeypatch, tmp_path):
@@ -147,14 +148,16 @@ proc = ServerProcess({launcher!r}, device="cpu", features="sam").start()
 while not proc.ready():
     time.sleep(0.2)
 with open({out!r}, "w") as handle:
-    handle.write("%s %d" % (proc.url, proc.proc.pid))
+    handle.write("%s %d %s" % (proc.url, proc.proc.pid, proc.folder))
 time.sleep(600)
 '''
 
 
 def test_no_server_is_left_when_slicer_is_killed(launcher, tmp_path):
     """Slicer (here a stand-in process that starts the server as the module does) SIGKILLed: the
-    server notices (--parent-pid) and exits; the launcher exits with it."""
+    server notices (--parent-pid) and exits; the launcher exits with it; the server's folder (its
+    token, ready file and log), which Slicer would have removed on a normal stop, goes with it
+    (--owned-folder)."""
     out = tmp_path / "started"
     script = tmp_path / "slicer_stand_in.py"
     script.write_text(SLICER_STAND_IN.format(module_dir=os.path.abspath(MODULE_DIR), launcher=launcher, out=str(out)))
@@ -164,13 +167,15 @@ def test_no_server_is_left_when_slicer_is_killed(launcher, tmp_path):
         while not out.exists() or not out.read_text():
             assert slicer_proc.poll() is None and time.time() < deadline
             time.sleep(0.2)
-        url, launcher_pid = out.read_text().split()
+        url, launcher_pid, folder = out.read_text().split()
+        assert os.path.isfile(os.path.join(folder, "token"))
         pids = [int(launcher_pid)] + [c.pid for c in psutil.Process(int(launcher_pid)).children(recursive=True)]
         assert len(pids) == 2 and _port_open(url)
         slicer_proc.kill()
         slicer_proc.wait(10)
         assert _gone(pids, 30), "the server outlived the process that started it"
         assert not _port_open(url)
+        assert not os.path.exists(folder), "a dead server's token was left behind"
     finally:
         if slicer_proc.poll() is None:
             slicer_proc.kill()

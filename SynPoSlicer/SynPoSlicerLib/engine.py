@@ -89,7 +89,8 @@ class ServerProcess:
         env["PYTHONPATH"] = MODULE_DIR + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         env.setdefault("PYTHONUNBUFFERED", "1")
         cmd = [self.python, "-m", "synpo.cli", "serve", "--port", "0", "--token-file", self.token_file,
-               "--ready-file", self.ready_file, "--parent-pid", str(self.parent_pid)] + self.options
+               "--ready-file", self.ready_file, "--parent-pid", str(self.parent_pid),
+               "--owned-folder", self.folder] + self.options
         log = open(self.log_file, "w")
         try:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -136,7 +137,9 @@ class ServerProcess:
     def stop(self) -> None:
         """End the server's whole process tree (not only the launcher we started), then remove its
         folder (token, ready file, log): a stopped server leaves no credential behind. A server that
-        failed to start has already put its log's last lines into the error it raised."""
+        failed to start has already put its log's last lines into the error it raised. When the
+        program that started it dies instead (a crashed Slicer), the server removes the folder
+        itself on its way out (`synpo serve --owned-folder`)."""
         if self.proc is not None:
             end_tree(self.proc)
         self.proc, self.url = None, None

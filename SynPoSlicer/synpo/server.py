@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import socket
 import sys
 import time
@@ -329,6 +330,10 @@ def add_arguments(p) -> None:
     p.add_argument("--ready-file", metavar="FILE", help="write the server's URL to FILE once it accepts requests")
     p.add_argument("--parent-pid", type=int, metavar="PID",
                    help="exit when process PID ends (the program that started this server, e.g. 3D Slicer)")
+    p.add_argument("--owned-folder", metavar="DIR",
+                   help="a folder made for this server alone, holding its --token-file (and its ready file and log): "
+                        "removed when the --parent-pid process has ended and the server exits, since nobody is "
+                        "left to remove it (SynPoSlicerLib.engine.ServerProcess's folder)")
     p.add_argument("--access-log", action="store_true", help="log every request's method, path and status")
     p.add_argument("--quiet", action="store_true", help="log warnings only")
 
@@ -354,6 +359,13 @@ def check_arguments(args) -> None:
         from .lifeline import alive
         if args.parent_pid <= 0 or not alive(args.parent_pid):
             raise SynPoError("--parent-pid %d: no such process" % args.parent_pid)
+    owned = getattr(args, "owned_folder", None)
+    if owned:
+        # Only a folder that holds this server's token file: a mistyped path never removes a user's folder.
+        inside = args.token_file and os.path.dirname(os.path.abspath(args.token_file)) == os.path.abspath(owned)
+        if getattr(args, "parent_pid", None) is None or not os.path.isdir(owned) or not inside:
+            raise SynPoError("--owned-folder DIR goes with --parent-pid, and DIR must be the folder that holds "
+                             "--token-file")
 
 
 def run_server(args) -> int:
@@ -397,15 +409,22 @@ def run_server(args) -> int:
     server = uvicorn.Server(config)
     if getattr(args, "parent_pid", None) is not None:
         from .lifeline import watch_parent
-        watch_parent(args.parent_pid, lambda: _parent_gone(server, args.parent_pid))
+        watch_parent(args.parent_pid, lambda: _parent_gone(server, args.parent_pid,
+                                                           owned=getattr(args, "owned_folder", None)))
     server.run(sockets=[sock])
     return 0
 
 
-def _parent_gone(server, pid: int, grace: float = 10.0) -> None:
+def _parent_gone(server, pid: int, grace: float = 10.0, owned: Optional[str] = None) -> None:
     """The process that started the server is gone: stop accepting requests and exit (running
-    requests get `grace` seconds; a run in progress in a worker thread does not hold the exit)."""
+    requests get `grace` seconds; a run in progress in a worker thread does not hold the exit).
+    owned: the folder made for this server (--owned-folder), removed with its token: the program
+    that made it, which removes it on a normal stop, has ended (a crashed 3D Slicer)."""
     logging.getLogger(__name__).warning("process %d that started this server has ended; exiting", pid)
     server.should_exit = True
+    if owned:
+        # At once: uvicorn's shutdown usually ends the process before the grace period does. (On
+        # Windows the log, this process's own open output, stays until the process has ended.)
+        shutil.rmtree(owned, ignore_errors=True)
     time.sleep(grace)
     os._exit(0)
