@@ -498,6 +498,19 @@ def test_label_ends_tells_an_annotation_that_stops_from_an_organ_that_tapers():
     assert module.beyond_ends(np.array([50, 50, 0]), np.array([1, 1, 1]), 0.5) == [("abrupt", 0), ("abrupt", 1)]
 
 
+def test_truth_walks_finds_where_a_trend_rule_would_end_the_truths_own_walk():
+    from synpo.config import VolumeConfig
+    module = _load_script("truth_walks")
+    # an organ that widens past its middle slice, tapers, then grows again (a second organ's label
+    # value would not; this is one label whose truth regrows, as a vessel's does)
+    areas = np.array([0, 300, 500, 400, 600, 800, 1000, 700, 500, 900, 0])
+    vc = VolumeConfig(regrow_after=1.3, regrow_below=0.8, regrow_reference="peak", regrow_min_cm2=60)
+    assert module.truth_cuts(areas, 5, vc, 1.0) == []                  # 800 px of 1 mm^2: under 60 cm^2
+    cuts = module.truth_cuts(areas, 5, vc, 10.0)                        # 80 cm^2: judged
+    assert cuts == [(9, 1, "grew again after tapering (area 1.8 x the walk's smallest, 0.50 x its widest mask)")]
+    assert module.truth_cuts(areas, 5, VolumeConfig(regrow_after=0.0), 10.0) == []   # the rule off
+
+
 def test_walk_ends_sets_each_walk_against_the_truth():
     """too far / right / too short per walk, the rule that ended it, and the rule nearest to stopping
     the first slice past the organ that a walk accepted."""

@@ -261,7 +261,7 @@ class VolumeConfig:
     # above), for organs whose paint covers at least regrow_min_cm2 square centimetres: a liver
     # tapering to its dome or its caudal tip while the walk's masks grow again onto the heart or the
     # bowel (CHAOS image_5's liver, both ends). On the truth's own areas, walked the same way from the
-    # middle slice, the rule at 1.1-1.3 never cuts any of the 13 development organ-volumes with a paint
+    # middle slice (benchmarks/truth_walks.py), the rule at 1.1-1.3 never cuts any of the 13 development organ-volumes with a paint
     # over 60 cm^2 (10 livers, a spleen, two stomachs); ungated it cuts 18 of 148 (BTCV's vessels,
     # oesophagus and a 33 cm^2 stomach; no cardiac or CHAOS organ). `benchmarks/out_of_sample.py
     # ../shared/data/chaos_t2 ../shared/data/btcv_ct --set volume.regrow_reference=peak --set
