@@ -501,8 +501,7 @@ def test_label_ends_tells_an_annotation_that_stops_from_an_organ_that_tapers():
 def test_truth_walks_finds_where_a_trend_rule_would_end_the_truths_own_walk():
     from synpo.config import VolumeConfig
     module = _load_script("truth_walks")
-    # an organ that widens past its middle slice, tapers, then grows again (a second organ's label
-    # value would not; this is one label whose truth regrows, as a vessel's does)
+    # a truth that widens past its middle slice, tapers, then grows again (as a vessel's label can)
     areas = np.array([0, 300, 500, 400, 600, 800, 1000, 700, 500, 900, 0])
     vc = VolumeConfig(regrow_after=1.3, regrow_below=0.8, regrow_reference="peak", regrow_min_cm2=60)
     assert module.truth_cuts(areas, 5, vc, 1.0) == []                  # 800 px of 1 mm^2: under 60 cm^2

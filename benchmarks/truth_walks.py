@@ -37,7 +37,7 @@ def truth_cuts(areas: np.ndarray, start: int, vc, pixel_mm2: float, label: int =
                         pixel_mm2)
             why = trend(step, vc) if len(history) > 1 else ""
             if why:
-                lost = int(np.count_nonzero(areas[k::d] if d > 0 else areas[k::-1]))
+                lost = int(np.count_nonzero(areas[k::d]))             # from k outwards
                 cuts.append((k, lost, why))
                 break
             history.append((int(areas[k]), 1.0))

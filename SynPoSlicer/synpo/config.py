@@ -261,11 +261,12 @@ class VolumeConfig:
     # above), for organs whose paint covers at least regrow_min_cm2 square centimetres: a liver
     # tapering to its dome or its caudal tip while the walk's masks grow again onto the heart or the
     # bowel (CHAOS image_5's liver, both ends). On the truth's own areas, walked the same way from the
-    # middle slice (benchmarks/truth_walks.py), the rule at 1.1-1.3 never cuts any of the 13 development organ-volumes with a paint
-    # over 60 cm^2 (10 livers, a spleen, two stomachs); ungated it cuts 18 of 148 (BTCV's vessels,
-    # oesophagus and a 33 cm^2 stomach; no cardiac or CHAOS organ). `benchmarks/out_of_sample.py
-    # ../shared/data/chaos_t2 ../shared/data/btcv_ct --set volume.regrow_reference=peak --set
-    # volume.regrow_below=0.8 --set volume.regrow_min_cm2=60 --vary volume.regrow_after 1.2 1.3 1.5`:
+    # middle slice (benchmarks/truth_walks.py), the rule at 1.1-1.3 never cuts any of the 13
+    # development organ-volumes with a paint over 60 cm^2 (10 livers, a spleen, two stomachs); ungated
+    # it cuts 18 of 148 (BTCV's vessels, oesophagus and a 33 cm^2 stomach; no cardiac or CHAOS organ).
+    # `benchmarks/out_of_sample.py ../shared/data/chaos_t2 ../shared/data/btcv_ct --set
+    # volume.regrow_reference=peak --set volume.regrow_below=0.8 --set volume.regrow_min_cm2=60 --vary
+    # volume.regrow_after 1.2 1.3 1.5`:
     # chaos_t2 0.9138 -> 0.9180 / 0.9179 / 0.9148 (liver 0.866 -> 0.882; one volume changes), btcv_ct
     # 0.7753 unchanged; no cardiac paint reaches 60 cm^2 (largest 41).
     regrow_after: float = 1.3
