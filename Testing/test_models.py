@@ -581,3 +581,31 @@ def test_label_workers_auto_follow_the_cpu_threads_torch_uses():
     assert label_worker_count(0, 13, "cuda") == 2          # a GPU: 2, as before
     assert label_worker_count(4, 13, "cpu") == 4 and label_worker_count(4, 2, "cpu") == 2
     assert label_worker_count(1, 13, "cuda") == 1
+
+
+def test_an_update_keeps_the_previous_masks_only_where_its_walks_agree_under_the_same_settings(served_tiny_sam):
+    """volume.correction_agree_iou through Session.add_support: an Update's walk that agrees with
+    the previous run's masks ends there and the previous masks stand beyond (undecoded); after a
+    change of settings the previous masks came from other settings, and every walk goes to its end
+    as a run from scratch with the new settings would."""
+    from synpo.session import Models, Session
+    sam, image, support = _one_organ(12, 6)
+    cfg = SynPoConfig().with_(volume={"min_overlap": 0.0, "min_confidence": 0.0, "min_confidence_ratio": 0.0,
+                                      "min_sam_iou": -10.0, "min_area_fraction": 0.0})
+    changed = cfg.with_(prompts={"top_k": 16})
+    for settings in (cfg, changed, changed.with_(volume={"correction_agree_iou": 0.0})):
+        session = Session(image, (1.0, 1.0, 2.0), Models.of(sam))
+        first = session.run(support, cfg)
+        paint = np.zeros_like(support)
+        paint[8][first.labels[8] == 1] = 1                   # a correction that agrees with the first run
+        again = session.add_support(paint, cfg=settings)
+        assert session.cfg == settings                       # what the next Update is compared with
+        kept = [r.index for r in again.records if r.reason == "previous kept"
+                or r.reason.startswith("previous kept (the walk agreed with it on slice")]
+        if settings is cfg:
+            assert kept and all(np.array_equal(again.labels[t], first.labels[t]) for t in kept)
+        else:
+            assert not kept
+            if settings is changed:
+                other = again.labels
+    assert np.array_equal(other, again.labels)               # as with the rule off

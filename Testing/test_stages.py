@@ -2419,3 +2419,46 @@ def test_pieces_grown_together_only_where_the_whole_holds_them_and_more():
     assert not grown_together(np.zeros_like(a), union, 0.9)
     with pytest.raises(SynPoError, match="piece_holds"):
         validate(SynPoConfig().with_(volume={"piece_holds": 0.0}))
+
+
+@pytest.mark.parametrize("case", ["off", "on", "stride", "marked", "ring"])
+def test_a_rerun_walk_that_agrees_with_the_previous_run_keeps_its_masks_beyond(case):
+    """volume.correction_agree_iou (walk.keep_agreed): a re-run's walk whose accepted mask agrees
+    with the previous run's mask of the label on that slice (IoU at or over the limit) ends there:
+    the previous masks stand beyond it, as far as the previous run found the label and no mark stops
+    it, undecoded (an Update recomputes only what the correction changes); a walk that jumps two
+    slices at a time (thin slices) the same from the slice it jumped to. Not for a ring's filled
+    shape or hole (agree off: their previous shapes are derived from the ring, not what their walks
+    gave)."""
+    from synpo.volume import _Context, _walk
+    conf = np.zeros((8, 40, 40), np.float32)
+    conf[:, 10:30, 10:30] = 0.9                              # the stand-in SAM decodes rows / columns 9-30 here
+    previous = np.zeros((8, 40, 40), np.uint8)
+    previous[1:4, 9:31, 9:31] = 1                            # the previous run: the same square ...
+    previous[4:7, 11:33, 9:31] = 1                           # ... then moved 2 rows (IoU 0.83), up to slice 6
+    store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
+    store.ensure(range(8))
+    cfg = SynPoConfig().with_(volume={"correction_agree_iou": 0.0 if case == "off" else 0.9})
+    ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None, lambda k=1: None,
+                   absent=(5,) if case == "marked" else (), reach=previous, agree=case != "ring",
+                   stride=2 if case == "stride" else 1)
+    masks, records = {}, []
+    _walk(ctx, 1, 1, conf[1] > 0.5, 8, +1, 10.0, masks, records)
+    assert sorted(r.index for r in records) == list(range(2, 8))          # every slice once
+    got = {r.index: (r.status, r.reason) for r in records}
+    square = previous[2] == 1
+    if case in ("off", "ring"):
+        assert all(np.array_equal(masks[t], square) for t in range(2, 8))
+        assert not any("agreed" in r.reason for r in records) and all(r.reason == "" for r in records)
+        return
+    kept_from = 4 if case == "stride" else 3
+    assert np.array_equal(masks[kept_from - 1], square) and 2 in masks       # decoded (2: interpolated, stride)
+    assert [got[t] for t in range(2, kept_from)] == ([("interpolated", ""), ("present", "")] if case == "stride"
+                                                     else [("present", "")])
+    last = 4 if case == "marked" else 6
+    for t in range(kept_from, last + 1):
+        note = "previous kept (the walk agreed with it on slice %d)" % (kept_from - 1) if t == kept_from else ""
+        assert np.array_equal(masks[t], previous[t] == 1) and got[t] == ("present", note or "previous kept")
+    if case == "marked":
+        assert got[5] == ("absent", "marked absent") and 5 not in masks and 6 not in masks
+    assert got[7] == ("not reached", "") and 7 not in masks

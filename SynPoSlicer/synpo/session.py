@@ -142,7 +142,9 @@ class Session:
           and the slice becomes one of its supports (a walk re-starts from it both ways);
         - absent: {label: slices} where the label is absent (the user erased a false positive):
           the label's walks end there; a mark takes the label's paint off that slice.
-        Embeddings, the maps of unchanged supports and decodings the change leaves alone are reused."""
+        Embeddings, the maps of unchanged supports and decodings the change leaves alone are reused,
+        and a walk that agrees with the last run's masks ends there, the last run's masks standing
+        beyond it (volume.correction_agree_iou; only under the last run's settings)."""
         if self.support is None:
             raise SynPoError("no support yet: run the session once before adding corrections")
         axis = self.result.support.axis
@@ -168,11 +170,17 @@ class Session:
                 if 0 <= int(s) < len(m):
                     m[int(s)][m[int(s)] == int(v)] = 0
             marks.setdefault(int(v), set()).update(int(s) for s in slices)
-        return self.run(merged, cfg if cfg is not None else self.cfg, self.support_image, progress, cancel, on_slice,
-                        confidence_everywhere=confidence_everywhere, axis=axis,
-                        absent={v: sorted(s) for v, s in marks.items() if s},
-                        held_ends=self.held_ends(merged, axis, cfg if cfg is not None else self.cfg),
-                        previous=self.untrimmed_labels())
+        cfg = cfg if cfg is not None else self.cfg
+        # The previous masks stand where a walk agrees with them (volume.correction_agree_iou) only when
+        # they came from these settings: after a change of settings every walk goes to its end.
+        same = cfg == self.cfg
+        result = self.run(merged, cfg if same else cfg.with_(volume={"correction_agree_iou": 0.0}),
+                          self.support_image, progress, cancel, on_slice,
+                          confidence_everywhere=confidence_everywhere, axis=axis,
+                          absent={v: sorted(s) for v, s in marks.items() if s},
+                          held_ends=self.held_ends(merged, axis, cfg), previous=self.untrimmed_labels())
+        self.cfg = cfg
+        return result
 
     def untrimmed_labels(self) -> np.ndarray:
         """The last run's labels as its walks and the assembly's overlaps gave them: the rim

@@ -268,7 +268,8 @@ class VolumeRun:
                             self.previous_all if held else None,
                             [e for e in held if abs(e - idx[0]) == 1] if self.cfg.volume.correction_hard_next else (),
                             reach if reach is not None else
-                            self.previous_reach if label not in self.rings else None, self.slice_mm)
+                            self.previous_reach if label not in self.rings else None, self.slice_mm,
+                            agree=reach is None and label not in self.rings)
 
         def min_area(masks):
             return self.cfg.volume.min_area_fraction * float(np.mean([m.sum() for m in masks]))

@@ -105,7 +105,7 @@ class _Context:
                  on_slice: Optional[SliceReport] = None, absent: Sequence[int] = (), judge: Judge = judge_step,
                  stride: int = 1, spacing_rc=(1.0, 1.0), held: Sequence[int] = (), previous=None,
                  others: Optional[np.ndarray] = None, hard_held: Sequence[int] = (),
-                 reach: Optional[np.ndarray] = None, slice_mm: float = 0.0):
+                 reach: Optional[np.ndarray] = None, slice_mm: float = 0.0, agree: bool = False):
         self.sam, self.embeds, self.conf, self.cfg = sam, embeds, conf, cfg
         self.judge = judge
         self.stride, self.spacing_rc = stride, spacing_rc   # walk every stride-th slice (thin slices)
@@ -128,6 +128,9 @@ class _Context:
         # (volume.correction_keeps_reach): a walk beyond the outermost support that ends where the
         # previous run still found the label keeps the previous masks from there (keep_reach).
         self.reach = reach
+        # reach is the label's own previous masks (not a ring's derived shapes): a walk that agrees
+        # with them ends (keep_agreed).
+        self.agree = agree and reach is not None
 
     def search_min_px(self, history=()) -> int:
         """The search region's least margin (pixels) for the next slice: volume.search_min_px, and
@@ -337,6 +340,9 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
                 ctx.report(rec, new)
                 ctx.tick()
                 masks[jump] = new
+                if agrees(ctx, label, jump, new):
+                    keep_agreed(ctx, label, jump, stop, step, masks, records)
+                    return
                 behind, prev, prev_score, t = (prev, t), new, rec.score, jump
                 history.append((int(new.sum()), rec.score))
                 continue
@@ -406,8 +412,62 @@ def _walk(ctx: _Context, label: int, start: int, mask: np.ndarray, stop: int, st
                 u += step
             return
         masks[u] = new
+        if agrees(ctx, label, u, new):
+            keep_agreed(ctx, label, u, stop, step, masks, records)
+            return
         behind, prev, prev_score, t = (prev, t), new, rec.score, u
         history.append((int(new.sum()), rec.score))
+
+
+def agrees(ctx: _Context, label: int, u: int, new: np.ndarray) -> bool:
+    """Whether a re-run's accepted mask on slice u agrees with the previous run's mask of the label
+    there (ctx.agree: the label's own previous masks): IoU >= volume.correction_agree_iou (0: never)."""
+    limit = ctx.cfg.volume.correction_agree_iou
+    if limit <= 0 or not ctx.agree:
+        return False
+    old = ctx.reach[u] == label
+    union = np.logical_or(old, new).sum()
+    return bool(union) and np.logical_and(old, new).sum() / union >= limit
+
+
+def keep_agreed(ctx: _Context, label: int, u: int, stop: int, step: int,
+                masks: Dict[int, np.ndarray], records: List[SliceRecord]) -> None:
+    """A re-run's walk whose accepted mask on slice u agrees with the previous run's there (agrees)
+    has nothing left to change: the walk ends, and the previous masks stand beyond u, undecoded
+    (previous_stands). An Update recomputes only the slices a correction changes."""
+    previous_stands(ctx, label, u + step, stop, step, masks, records,
+                    first_reason="previous kept (the walk agreed with it on slice %d)" % u)
+
+
+def previous_stands(ctx: _Context, label: int, u: int, stop: int, step: int, masks: Dict[int, np.ndarray],
+                    records: List[SliceRecord], rec: Optional[SliceRecord] = None, first_reason: str = "") -> None:
+    """The previous run's masks of the label (ctx.reach) stand from slice u on, towards `stop`, as far
+    as the previous run found the label and no mark or held end stops the walk; the rest of this
+    side is absent (a mark, a held end) or not reached. rec: slice u's record when u was decoded
+    (and counted) already, reused; first_reason: slice u's note ("previous kept" on the others)."""
+    first = u
+    while (stop - u) * step > 0 and not ctx.hard_end(u) and u not in ctx.held:
+        old = ctx.reach[u] == label
+        if not old.any():
+            break
+        masks[u] = old
+        r = rec if u == first and rec is not None else _record(label, u, "present")
+        r.status, r.reason = "present", first_reason if u == first and first_reason else "previous kept"
+        records.append(r)
+        ctx.report(r, old)
+        if u != first or rec is None:
+            ctx.tick()
+        u += step
+    while (stop - u) * step > 0:
+        if ctx.hard_end(u):
+            r = _record(label, u, "absent")
+            r.reason = "marked absent" if u in ctx.absent else "previous end kept"
+        else:
+            r = _record(label, u, "not reached")
+        records.append(r)
+        ctx.report(r, None)
+        ctx.tick()
+        u += step
 
 
 def keep_previous(ctx: _Context, label: int, u: int, new: np.ndarray, stop: int, step: int,
@@ -467,29 +527,7 @@ def keep_reach(ctx: _Context, label: int, u: int, new: Optional[np.ndarray], pre
         why = reach_objection(ctx, label, u, new, outgrown)
         if not why:
             return False
-    first = u
-    while (stop - u) * step > 0 and not ctx.hard_end(u) and u not in ctx.held:
-        old = stack[u] == label
-        if not old.any():
-            break
-        masks[u] = old
-        r = rec if u == first else _record(label, u, "present")
-        r.status, r.reason = "present", ("previous kept (%s)" % why if u == first else "previous kept")
-        records.append(r)
-        ctx.report(r, old)
-        if u != first:
-            ctx.tick()
-        u += step
-    while (stop - u) * step > 0:
-        if ctx.hard_end(u):
-            r = _record(label, u, "absent")
-            r.reason = "marked absent" if u in ctx.absent else "previous end kept"
-        else:
-            r = _record(label, u, "not reached")
-        records.append(r)
-        ctx.report(r, None)
-        ctx.tick()
-        u += step
+    previous_stands(ctx, label, u, stop, step, masks, records, rec, "previous kept (%s)" % why)
     return True
 
 
