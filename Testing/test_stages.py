@@ -2421,33 +2421,41 @@ def test_pieces_grown_together_only_where_the_whole_holds_them_and_more():
         validate(SynPoConfig().with_(volume={"piece_holds": 0.0}))
 
 
-@pytest.mark.parametrize("case", ["off", "on", "stride", "marked", "ring"])
+@pytest.mark.parametrize("case", ["off", "on", "stride", "marked", "ring", "assembled", "overridden"])
 def test_a_rerun_walk_that_agrees_with_the_previous_run_keeps_its_masks_beyond(case):
     """volume.correction_agree_iou (walk.keep_agreed): a re-run's walk whose accepted mask agrees
     with the previous run's mask of the label on that slice (IoU at or over the limit) ends there:
     the previous masks stand beyond it, as far as the previous run found the label and no mark stops
     it, undecoded (an Update recomputes only what the correction changes); a walk that jumps two
     slices at a time (thin slices) the same from the slice it jumped to. Not for a ring's filled
-    shape or hole (agree off: their previous shapes are derived from the ring, not what their walks
-    gave)."""
+    shape or hole (agree None: their previous shapes are derived from the ring, not what their walks
+    gave). The previous masks are the label's own walked masks: where the assembly gave a strip of
+    them to label 2, the assembled labels alone do not agree ("assembled"), the walk's own masks
+    (VolumeResult.overridden given back) do, and the strip is kept as the label's ("overridden")."""
     from synpo.volume import _Context, _walk
     conf = np.zeros((8, 40, 40), np.float32)
     conf[:, 10:30, 10:30] = 0.9                              # the stand-in SAM decodes rows / columns 9-30 here
     previous = np.zeros((8, 40, 40), np.uint8)
     previous[1:4, 9:31, 9:31] = 1                            # the previous run: the same square ...
     previous[4:7, 11:33, 9:31] = 1                           # ... then moved 2 rows (IoU 0.83), up to slice 6
+    strip = np.zeros((40, 40), bool)
+    strip[9:31, 25:31] = True
+    if case in ("assembled", "overridden"):
+        previous[2:4][:, strip] = 2                          # the assembly gave label 2 a strip of label 1's masks
     store = _Store(Frame.fit(40, 40, (1.0, 1.0), 40))
     store.ensure(range(8))
     cfg = SynPoConfig().with_(volume={"correction_agree_iou": 0.0 if case == "off" else 0.9})
     ctx = _Context(_BoxFiller(), store, conf, cfg, {"prompts": 0.0, "decode": 0.0}, None, lambda k=1: None,
-                   absent=(5,) if case == "marked" else (), reach=previous, agree=case != "ring",
+                   absent=(5,) if case == "marked" else (), reach=previous,
+                   agree=None if case == "ring" else {2: strip, 3: strip} if case == "overridden" else {},
                    stride=2 if case == "stride" else 1)
     masks, records = {}, []
     _walk(ctx, 1, 1, conf[1] > 0.5, 8, +1, 10.0, masks, records)
     assert sorted(r.index for r in records) == list(range(2, 8))          # every slice once
     got = {r.index: (r.status, r.reason) for r in records}
-    square = previous[2] == 1
-    if case in ("off", "ring"):
+    square = np.zeros((40, 40), bool)
+    square[9:31, 9:31] = True                                # what the stand-in decodes
+    if case in ("off", "ring", "assembled"):
         assert all(np.array_equal(masks[t], square) for t in range(2, 8))
         assert not any("agreed" in r.reason for r in records) and all(r.reason == "" for r in records)
         return
@@ -2458,7 +2466,39 @@ def test_a_rerun_walk_that_agrees_with_the_previous_run_keeps_its_masks_beyond(c
     last = 4 if case == "marked" else 6
     for t in range(kept_from, last + 1):
         note = "previous kept (the walk agreed with it on slice %d)" % (kept_from - 1) if t == kept_from else ""
-        assert np.array_equal(masks[t], previous[t] == 1) and got[t] == ("present", note or "previous kept")
+        own = (previous[t] == 1) | (strip if case == "overridden" and t == 3 else False)
+        assert np.array_equal(masks[t], own) and got[t] == ("present", note or "previous kept")
     if case == "marked":
         assert got[5] == ("absent", "marked absent") and 5 not in masks and 6 not in masks
     assert got[7] == ("not reached", "") and 7 not in masks
+
+
+def test_the_assembly_records_what_it_overrides_of_each_labels_walked_masks():
+    """assembly.assemble -> VolumeResult.overridden: where two labels' walked masks overlap and the
+    more confident label takes the voxels, the other label's lost voxels are kept per slice (an
+    Update's walks compare with each label's own masks, walk.keep_agreed); the winner, and slices
+    without a loss, hold nothing."""
+    from types import SimpleNamespace
+    from synpo.assembly import assemble
+    from synpo.config import configured
+    from synpo.support import Support
+    n, H, W = 3, 30, 30
+    image = np.full((n, H, W), 0.5, np.float32)
+    paint = np.zeros((H, W), np.uint8)
+    paint[2:12, 2:12] = 1
+    paint[14:24, 2:12] = 2
+    one, two = np.zeros((H, W), bool), np.zeros((H, W), bool)
+    one[2:14, 2:12] = True                                    # label 1's walk reaches two rows into label 2's
+    two[12:24, 2:12] = True
+    run = SimpleNamespace(cfg=configured(["volume.edge_grow=false", "volume.tip_ratio=0"]), cross=False,
+                          paint={0: paint}, support=Support(0, [1, 2], {1: [0], 2: [0]}), n=n, H=H, W=W,
+                          previous_labels=None, ref=image, modality="mr", axis=0, timings={}, confidence_from=["sam"],
+                          rings={}, ring_bands={})
+    conf1, conf2 = np.full((n, H, W), 0.4, np.float32), np.full((n, H, W), 0.6, np.float32)
+    result = assemble(run, [({1: one, 2: one.copy()}, conf1, [], {}, [1, 2]),
+                            ({1: two, 2: two.copy()}, conf2, [], {}, [1, 2])])
+    assert (result.labels[1] == 2).sum() == 120 and (result.labels[1] == 1).sum() == 100
+    assert sorted(result.overridden) == [1] and sorted(result.overridden[1]) == [1, 2]
+    lost = np.zeros((H, W), bool)
+    lost[12:14, 2:12] = True
+    assert all(np.array_equal(result.overridden[1][t], lost) for t in (1, 2))

@@ -25,6 +25,9 @@ def assemble(run, per_label: list) -> VolumeResult:
             run.timings[k] += v
     vc = run.cfg.volume
     rings = sorted(getattr(run, "rings", {}))
+    # Each label's masks as its walks gave them (the steps below replace or drop entries, never
+    # change a mask in place): what the assembly overrides of them is kept (VolumeResult.overridden).
+    walked = {label: dict(masks) for label, masks in found.items() if label not in rings}
     enclosing = enclosing_labels(run.paint, run.support.labels)
     if vc.ring_around_enclosed and not run.cross:
         band_around_enclosed(found, getattr(run, "ring_bands", {}), enclosing, run.paint)
@@ -41,6 +44,12 @@ def assemble(run, per_label: list) -> VolumeResult:
         for s, p in run.paint.items():
             painted = p != 0
             labels_out[s][painted] = p[painted]
+    overridden = {}
+    for label, masks in walked.items():
+        lost = {t: m & (labels_out[t] != label) for t, m in masks.items()}
+        lost = {t: m for t, m in lost.items() if m.any()}
+        if lost:
+            overridden[label] = lost
     # In the volume as the user gets it (overlaps settled, the paint restored): thin last slices go.
     trimmed = drop_thin_ends(labels_out, records, run.support.labels, run.support.slices, vc.tip_ratio)
     grow = vc.edge_grow and not run.cross and (vc.edge_grow_ct or not str(run.modality).startswith("ct"))
@@ -50,7 +59,8 @@ def assemble(run, per_label: list) -> VolumeResult:
     axis = run.axis
     conf_out = {v: np.ascontiguousarray(from_slices(c, axis)) if axis else c for v, c in conf_out.items()}
     return VolumeResult(np.ascontiguousarray(from_slices(labels_out, axis)), conf_out, records, run.support,
-                        run.modality, list(run.confidence_from), run.timings, sorted(computed), trimmed, grown)
+                        run.modality, list(run.confidence_from), run.timings, sorted(computed), trimmed, grown,
+                        overridden)
 
 
 def band_around_enclosed(found: Dict[int, Dict[int, np.ndarray]], ring_bands: Dict[int, tuple],

@@ -411,15 +411,18 @@ class VolumeConfig:
     # cost btcv_ct image_0's right kidney 0.966 -> 0.893 after 1 correction.
     correction_outgrows_previous: float = 1.5
     # In a re-run after corrections, a walk whose accepted mask on a slice agrees with the previous
-    # run's mask of the label there (IoU >= correction_agree_iou) ends: from there on the correction
-    # changes nothing, and the previous masks stand beyond, undecoded (walk.keep_agreed: "previous
-    # kept (the walk agreed with it on slice N)"). Not on a ring's filled shape or hole (their previous
-    # shapes are derived from the ring: applied to them it cost cmr_bssfp 0.8961 -> 0.8907 after 1).
-    # 0: off. An Update recomputes only what a correction changes (issue 28, item 5): BTCV, every one
-    # of the 13 organs corrected at once (`benchmarks/correction_rerun.py ../shared/data/btcv_ct --set
-    # volume.correction_agree_iou=V`, 2-core CPU), off / 0.95 / 0.9: slices decoded per Update
-    # 207-304 / 64-211 / 64-176, seconds mean 14.3 / 8.1 / 7.5, max 19.2 / 12.9 / 10.9, the organs' Dice
-    # after the Update 0.8312 / 0.8310 / 0.8311. `benchmarks/corrections_fast.py DATA OUT 3 --set
+    # run's mask of the label there (its own walked mask, VolumeResult.overridden given back; IoU >=
+    # correction_agree_iou) ends: from there on the correction changes nothing, and the previous
+    # masks stand beyond, undecoded (walk.keep_agreed: "previous kept (the walk agreed with it on
+    # slice N)"). Not on a ring's filled shape or hole (their previous shapes are derived from the
+    # ring: applied to them it cost cmr_bssfp 0.8961 -> 0.8907 after 1); needs correction_keeps_reach
+    # (its previous labels). 0: off. An Update recomputes only what a correction changes (issue 28,
+    # item 5): BTCV, every one of the 13 organs corrected at once (`benchmarks/correction_rerun.py
+    # ../shared/data/btcv_ct --set volume.correction_agree_iou=V`, 2-core CPU; a first version that
+    # compared with the assembled labels), off / 0.95 / 0.9: slices decoded per Update 207-304 /
+    # 64-211 / 64-176, seconds mean 14.3 / 8.1 / 7.5, max 19.2 / 12.9 / 10.9, the organs' Dice after the
+    # Update 0.8312 / 0.8310 / 0.8311; as built (0.9, the walks' own masks, kept slices' confidence
+    # maps computed) 64-167 slices, 7.7 / 10.8 s, 0.8310. `benchmarks/corrections_fast.py DATA OUT 3 --set
     # volume.correction_agree_iou=V`, Dice after k = 1 / 2 / 3, steps held (on the same slices):
     #   off: chaos_t2 0.9254 / 0.9316 / 0.9349, 96.7 % (95.0 %); cmr_bssfp 0.8961 / 0.9122 / 0.9260,
     #        98.4 % (100 %); acdc_cine 0.9211 / 0.9259 / 0.9341, 88.9 % (95.2 %); btcv_ct (liver, kidneys,
@@ -428,7 +431,9 @@ class VolumeConfig:
     #        0.9213 / 0.9268 / 0.9352, 89.7 % (96.8 %); 0.9562 / 0.9568 / 0.9570, 98.3 % (98.3 %)
     #   0.9: 0.9252 / 0.9313 / 0.9351, 100 % (100 %); 0.8953 / 0.9107 / 0.9256, 100 % (100 %);
     #        0.9211 / 0.9267 / 0.9350, 89.7 % (97.6 %); 0.9561 / 0.9569 / 0.9577, 100 % (100 %)
-    # No set moves by more than 0.0015 at any k and every set holds more steps; 0.9 is the fastest.
+    #   as built (0.9): 0.9252 / 0.9314 / 0.9352, 100 % (100 %); 0.8952 / 0.9106 / 0.9249, 98.4 %
+    #        (100 %); 0.9210 / 0.9263 / 0.9347, 89.7 % (97.6 %); 0.9561 / 0.9569 / 0.9577, 100 % (100 %)
+    # No set moves by more than 0.0016 at any k and no set holds fewer steps; 0.9 is the fastest.
     # The first run is untouched (no previous run).
     correction_agree_iou: float = 0.9
     # Measured with `benchmarks/corrections_fast.py DATA OUT 5 --set volume.correction_keeps_reach=true

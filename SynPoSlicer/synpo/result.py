@@ -57,6 +57,11 @@ class VolumeResult:
     # slice along the slicing axis -> (H, W) bool: the voxels assembly.grow_edges gave a label's rim
     # (volume.edge_grow). In `labels`; a re-run compares its walks with the labels without them.
     grown: Dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    # label -> slice along the slicing axis -> (H, W) bool: the voxels of the label's own walked mask
+    # that the assembly gave to another label or dropped (an overlap, an enclosed label outside its
+    # encloser). Not in `labels` as the label's; with them a re-run has each walk's own previous masks
+    # (walk.keep_agreed: a walk that agrees with them keeps them, not what the assembly left of them).
+    overridden: Dict[int, Dict[int, np.ndarray]] = field(default_factory=dict, repr=False)
 
 
 def support_to_dict(support: Support) -> dict:

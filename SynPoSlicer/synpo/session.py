@@ -103,7 +103,8 @@ class Session:
             confidence_everywhere: bool = False, axis: Optional[int] = None,
             absent: Optional[Dict[int, Sequence[int]]] = None,
             held_ends: Optional[Dict[int, Dict[int, Sequence[int]]]] = None,
-            previous: Optional[np.ndarray] = None) -> VolumeResult:
+            previous: Optional[np.ndarray] = None,
+            previous_overridden: Optional[Dict[int, Dict[int, np.ndarray]]] = None) -> VolumeResult:
         """Segment the volume from the paint in `support` (a label map on the image's grid, or on
         `support_image`'s when it was painted on another patient's volume). Embeddings, confidence
         maps and decoded masks of earlier runs are reused wherever this run's inputs leave them valid.
@@ -125,7 +126,8 @@ class Session:
                                 confidence_from=tuple(confidence_from or self.models.confidence_from),
                                 embedding_cache=self.embedding_cache,
                                 on_slice=on_slice, confidence_everywhere=confidence_everywhere, axis=axis,
-                                absent=absent, held_ends=held_ends, previous=previous)
+                                absent=absent, held_ends=held_ends, previous=previous,
+                                previous_overridden=previous_overridden)
         self.support, self.support_image, self.cfg, self.result = support, support_image, cfg, result
         self.absent = {int(v): sorted(int(t) for t in s) for v, s in (absent or {}).items() if len(s)}
         self.held = {int(v): {int(k): [int(t) for t in ts] for k, ts in d.items()} for v, d in (held_ends or {}).items()}
@@ -178,7 +180,8 @@ class Session:
                           self.support_image, progress, cancel, on_slice,
                           confidence_everywhere=confidence_everywhere, axis=axis,
                           absent={v: sorted(s) for v, s in marks.items() if s},
-                          held_ends=self.held_ends(merged, axis, cfg), previous=self.untrimmed_labels())
+                          held_ends=self.held_ends(merged, axis, cfg), previous=self.untrimmed_labels(),
+                          previous_overridden=self.result.overridden)
         self.cfg = cfg
         return result
 

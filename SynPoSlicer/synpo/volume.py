@@ -58,7 +58,8 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
                    confidence_everywhere: bool = False, axis: Optional[int] = None,
                    absent: Optional[Dict[int, Sequence[int]]] = None,
                    held_ends: Optional[Dict[int, Dict[int, Sequence[int]]]] = None,
-                   previous: Optional[np.ndarray] = None) -> VolumeResult:
+                   previous: Optional[np.ndarray] = None,
+                   previous_overridden: Optional[Dict[int, Dict[int, np.ndarray]]] = None) -> VolumeResult:
     """Segment every slice of `image` ([k, j, i]) from the paint in `support_label`.
 
     support_image: the volume the support was painted on, when it is not `image`
@@ -78,10 +79,12 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
     held_ends: {label: {support slice: slices}}: the walks from that support end at those slices
     (a correction painted inside the organ's previous extent keeps the previous run's ends:
     Session.add_support, volume.correction_holds_ends). previous: the previous run's label
-    volume ([k, j, i]), against which those supports' walks are judged (walk.keep_previous).
+    volume ([k, j, i]), against which those supports' walks are judged (walk.keep_previous);
+    previous_overridden: its VolumeResult.overridden (the previous walks' own masks, with `previous`:
+    walk.keep_agreed).
     """
     run = VolumeRun(image, spacing_ijk, support_label, sam, dino, cfg, support_image, confidence_from, axis, absent,
-                    held_ends, previous)
+                    held_ends, previous, previous_overridden)
     return run.segment(progress, cancel, stores if stores is not None else {}, embedding_cache, on_slice,
                        confidence_everywhere)
 
@@ -102,7 +105,8 @@ class VolumeRun:
                  support_image: Optional[np.ndarray], confidence_from: Optional[Sequence[str]],
                  axis: Optional[int], absent: Optional[Dict[int, Sequence[int]]],
                  held_ends: Optional[Dict[int, Dict[int, Sequence[int]]]] = None,
-                 previous: Optional[np.ndarray] = None):
+                 previous: Optional[np.ndarray] = None,
+                 previous_overridden: Optional[Dict[int, Dict[int, np.ndarray]]] = None):
         validate(cfg)
         self.held = {int(v): {int(s): tuple(int(t) for t in ts) for s, ts in d.items()}
                      for v, d in (held_ends or {}).items()} if cfg.volume.correction_holds_ends else {}
@@ -136,6 +140,9 @@ class VolumeRun:
         # ... where a re-run's walk towards the volume's end stops short of them (volume.correction_keeps_reach).
         self.previous_reach = (to_slices(previous, axis) if previous is not None and not cross
                                and previous.shape == image.shape and cfg.volume.correction_keeps_reach else None)
+        # ... and each label's own walked masks there (with what the assembly overrode of them), which a
+        # re-run's walk that agrees with them keeps (volume.correction_agree_iou, walk.keep_agreed).
+        self.previous_overridden = previous_overridden or {}
         self.query = np.ascontiguousarray(to_slices(norm, axis))
         self.ref = np.ascontiguousarray(to_slices(ref_norm, axis)) if cross else self.query
         del norm, ref_norm                  # (a copy when the slicing axis is not k: keep only one)
@@ -269,7 +276,8 @@ class VolumeRun:
                             [e for e in held if abs(e - idx[0]) == 1] if self.cfg.volume.correction_hard_next else (),
                             reach if reach is not None else
                             self.previous_reach if label not in self.rings else None, self.slice_mm,
-                            agree=reach is None and label not in self.rings)
+                            agree=(self.previous_overridden.get(label, {}) if reach is None and label not in self.rings
+                                   else None))
 
         def min_area(masks):
             return self.cfg.volume.min_area_fraction * float(np.mean([m.sum() for m in masks]))

@@ -105,7 +105,8 @@ class _Context:
                  on_slice: Optional[SliceReport] = None, absent: Sequence[int] = (), judge: Judge = judge_step,
                  stride: int = 1, spacing_rc=(1.0, 1.0), held: Sequence[int] = (), previous=None,
                  others: Optional[np.ndarray] = None, hard_held: Sequence[int] = (),
-                 reach: Optional[np.ndarray] = None, slice_mm: float = 0.0, agree: bool = False):
+                 reach: Optional[np.ndarray] = None, slice_mm: float = 0.0,
+                 agree: Optional[Dict[int, np.ndarray]] = None):
         self.sam, self.embeds, self.conf, self.cfg = sam, embeds, conf, cfg
         self.judge = judge
         self.stride, self.spacing_rc = stride, spacing_rc   # walk every stride-th slice (thin slices)
@@ -128,9 +129,17 @@ class _Context:
         # (volume.correction_keeps_reach): a walk beyond the outermost support that ends where the
         # previous run still found the label keeps the previous masks from there (keep_reach).
         self.reach = reach
-        # reach is the label's own previous masks (not a ring's derived shapes): a walk that agrees
-        # with them ends (keep_agreed).
-        self.agree = agree and reach is not None
+        # With reach, the label's own previous walks (not a ring's derived shapes): {slice: the voxels
+        # of its walked mask the assembly gave away} (VolumeResult.overridden; None: off). A walk that
+        # agrees with its previous masks ends there and keeps them beyond (keep_agreed).
+        self.agree = agree if reach is not None else None
+
+    def previous_own(self, label: int, u: int) -> np.ndarray:
+        """The label's own previous walked mask on slice u: its previous voxels and what the
+        assembly gave away of its mask there (self.agree)."""
+        own = self.reach[u] == label
+        extra = self.agree.get(u) if self.agree else None
+        return own | extra if extra is not None else own
 
     def search_min_px(self, history=()) -> int:
         """The search region's least margin (pixels) for the next slice: volume.search_min_px, and
@@ -423,9 +432,9 @@ def agrees(ctx: _Context, label: int, u: int, new: np.ndarray) -> bool:
     """Whether a re-run's accepted mask on slice u agrees with the previous run's mask of the label
     there (ctx.agree: the label's own previous masks): IoU >= volume.correction_agree_iou (0: never)."""
     limit = ctx.cfg.volume.correction_agree_iou
-    if limit <= 0 or not ctx.agree:
+    if limit <= 0 or ctx.agree is None:
         return False
-    old = ctx.reach[u] == label
+    old = ctx.previous_own(label, u)
     union = np.logical_or(old, new).sum()
     return bool(union) and np.logical_and(old, new).sum() / union >= limit
 
@@ -436,28 +445,35 @@ def keep_agreed(ctx: _Context, label: int, u: int, stop: int, step: int,
     has nothing left to change: the walk ends, and the previous masks stand beyond u, undecoded
     (previous_stands). An Update recomputes only the slices a correction changes."""
     previous_stands(ctx, label, u + step, stop, step, masks, records,
-                    first_reason="previous kept (the walk agreed with it on slice %d)" % u)
+                    first_reason="previous kept (the walk agreed with it on slice %d)" % u, own=True)
 
 
 def previous_stands(ctx: _Context, label: int, u: int, stop: int, step: int, masks: Dict[int, np.ndarray],
-                    records: List[SliceRecord], rec: Optional[SliceRecord] = None, first_reason: str = "") -> None:
-    """The previous run's masks of the label (ctx.reach) stand from slice u on, towards `stop`, as far
-    as the previous run found the label and no mark or held end stops the walk; the rest of this
-    side is absent (a mark, a held end) or not reached. rec: slice u's record when u was decoded
-    (and counted) already, reused; first_reason: slice u's note ("previous kept" on the others)."""
+                    records: List[SliceRecord], rec: Optional[SliceRecord] = None, first_reason: str = "",
+                    own: bool = False) -> None:
+    """The previous run's masks of the label (ctx.reach; own: its walks' own masks, previous_own)
+    stand from slice u on, towards `stop`, as far as the previous run found the label and no mark or
+    held end stops the walk; the rest of this side is absent (a mark, a held end) or not reached.
+    rec: slice u's record when u was decoded (and counted) already, reused; first_reason: slice u's
+    note ("previous kept" on the others). The kept slices get their confidence maps, as walked
+    slices do (the preview's overlay; the assembly's overlaps)."""
     first = u
+    kept = {}                                    # slice -> the previous mask kept there
     while (stop - u) * step > 0 and not ctx.hard_end(u) and u not in ctx.held:
-        old = ctx.reach[u] == label
+        old = ctx.previous_own(label, u) if own else ctx.reach[u] == label
         if not old.any():
             break
-        masks[u] = old
-        r = rec if u == first and rec is not None else _record(label, u, "present")
-        r.status, r.reason = "present", first_reason if u == first and first_reason else "previous kept"
+        kept[u] = old
+        u += step
+    ctx.prefetch(list(kept))
+    for t, old in kept.items():
+        masks[t] = old
+        r = rec if t == first and rec is not None else _record(label, t, "present")
+        r.status, r.reason = "present", first_reason if t == first and first_reason else "previous kept"
         records.append(r)
         ctx.report(r, old)
-        if u != first or rec is None:
+        if t != first or rec is None:
             ctx.tick()
-        u += step
     while (stop - u) * step > 0:
         if ctx.hard_end(u):
             r = _record(label, u, "absent")
