@@ -2502,3 +2502,20 @@ def test_the_assembly_records_what_it_overrides_of_each_labels_walked_masks():
     lost = np.zeros((H, W), bool)
     lost[12:14, 2:12] = True
     assert all(np.array_equal(result.overridden[1][t], lost) for t in (1, 2))
+
+
+def test_a_sessions_memory_counts_the_masks_its_result_keeps_for_the_next_update():
+    """Session.memory_bytes (the server's eviction budget) counts the masks a result keeps for the
+    next Update beside its labels: the trimmed tips, the grown rims and what the assembly overrode
+    of each label's walked masks (VolumeResult.trimmed, grown, overridden)."""
+    from synpo.result import VolumeResult
+    from synpo.session import Session
+    from synpo.support import Support
+    session = Session.__new__(Session)
+    session.image, session.support, session.support_image, session.stores = np.zeros((4, 8, 8), np.float32), None, None, {}
+    session.result = VolumeResult(np.zeros((4, 8, 8), np.uint8), {}, [], Support(0, [1], {1: [1]}), "mr", ["sam"], {})
+    bare = session.memory_bytes()
+    session.result.trimmed = {1: {3: np.zeros((8, 8), bool)}}
+    session.result.grown = {2: np.zeros((8, 8), bool)}
+    session.result.overridden = {1: {0: np.zeros((8, 8), bool), 2: np.zeros((8, 8), bool)}}
+    assert session.memory_bytes() == bare + 4 * 64

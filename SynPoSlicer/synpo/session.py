@@ -302,7 +302,9 @@ class Session:
             else:
                 arrays.append(value)
         if self.result is not None:
-            arrays += [self.result.labels] + list(self.result.confidence.values())
+            arrays += [self.result.labels] + list(self.result.confidence.values()) + list(self.result.grown.values())
+            arrays += [m for kept in (self.result.trimmed, self.result.overridden) for by_slice in kept.values()
+                       for m in by_slice.values()]
         seen = {id(a): a for a in arrays if a is not None}         # a map shared by stores and result counts once
         return total + sum(_nbytes(a) for a in seen.values())
 
