@@ -26,8 +26,10 @@ def assemble(run, per_label: list) -> VolumeResult:
     vc = run.cfg.volume
     rings = sorted(getattr(run, "rings", {}))
     # Each label's masks as its walks gave them (the steps below replace or drop entries, never
-    # change a mask in place): what the assembly overrides of them is kept (VolumeResult.overridden).
-    walked = {label: dict(masks) for label, masks in found.items() if label not in rings}
+    # change a mask in place): what the assembly overrides of them is kept (VolumeResult.overridden),
+    # for the next Update's walks (walk.keep_agreed) when its rule is on; not across patients.
+    agree = vc.correction_agree_iou > 0 and vc.correction_keeps_reach and not run.cross
+    walked = {label: dict(masks) for label, masks in found.items() if label not in rings} if agree else {}
     enclosing = enclosing_labels(run.paint, run.support.labels)
     if vc.ring_around_enclosed and not run.cross:
         band_around_enclosed(found, getattr(run, "ring_bands", {}), enclosing, run.paint)
@@ -44,12 +46,12 @@ def assemble(run, per_label: list) -> VolumeResult:
         for s, p in run.paint.items():
             painted = p != 0
             labels_out[s][painted] = p[painted]
-    overridden = {}
+    overridden: Dict[int, Dict[int, np.ndarray]] = {}
     for label, masks in walked.items():
-        lost = {t: m & (labels_out[t] != label) for t, m in masks.items()}
-        lost = {t: m for t, m in lost.items() if m.any()}
-        if lost:
-            overridden[label] = lost
+        for t, m in masks.items():
+            lost = m & (labels_out[t] != label)
+            if lost.any():
+                overridden.setdefault(label, {})[t] = lost
     # In the volume as the user gets it (overlaps settled, the paint restored): thin last slices go.
     trimmed = drop_thin_ends(labels_out, records, run.support.labels, run.support.slices, vc.tip_ratio)
     grow = vc.edge_grow and not run.cross and (vc.edge_grow_ct or not str(run.modality).startswith("ct"))
