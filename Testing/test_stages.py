@@ -594,7 +594,7 @@ def test_a_rings_band_between_two_ring_supports_has_the_thickness_between_theirs
         cfg = configured(["volume.ring_thickness=%s" % mode, "volume.ring_fit_grey=false"])   # the thickness alone
         spacing_rc, on_slice, query = (1.0, 1.0), None, np.zeros((5, 60, 60), np.float32)
 
-        def segment_target(self, label, idx, masks, records, seconds, reach=None):
+        def segment_target(self, label, idx, masks, records, seconds, reach=None, also_absent=()):
             records.append(SliceRecord(label, 2, "present", reason="previous kept; 12 " + ADDED + "; "
                                        + LARGER % (900, 700)))
             return {t: hole for t in (1, 2, 3)}, Conf()           # the filled shape's walk and the hole's
@@ -700,7 +700,7 @@ def test_a_rings_band_reads_each_slices_own_grey_values():
         def __init__(self):
             self.query = self.ref = query
 
-        def segment_target(self, label, idx, masks, records, seconds, reach=None):
+        def segment_target(self, label, idx, masks, records, seconds, reach=None, also_absent=()):
             return {t: hole for t in (1, 2)}, Conf()
 
         def target_range(self, idx, masks):
@@ -758,7 +758,7 @@ def test_a_rings_band_is_drawn_around_the_label_it_encloses():
         spacing_rc, on_slice, query = (1.0, 1.0), None, np.zeros((5, 60, 60), np.float32)
         ring_bands = {}
 
-        def segment_target(self, label, idx, masks, records, seconds, reach=None):
+        def segment_target(self, label, idx, masks, records, seconds, reach=None, also_absent=()):
             return {t: shrunk for t in (1, 2, 3)}, Conf()         # the filled shape's walk and the hole's
 
         def target_range(self, idx, masks):
@@ -821,7 +821,7 @@ def test_a_rings_rerun_walks_keep_the_previous_filled_shape_and_hole_where_they_
         cfg = configured(["volume.ring_keeps_reach=%s" % str(keeps).lower(), "volume.ring_fit_grey=false"])
         spacing_rc, on_slice, query, previous_reach = (1.0, 1.0), None, np.zeros((8, 40, 40), np.float32), previous
 
-        def segment_target(self, label, idx, masks, records, seconds, reach=None):
+        def segment_target(self, label, idx, masks, records, seconds, reach=None, also_absent=()):
             handed.append(reach)
             return {}, Conf()
 
@@ -833,6 +833,40 @@ def test_a_rings_rerun_walks_keep_the_previous_filled_shape_and_hole_where_they_
         assert np.array_equal(handed[0], outer) and np.array_equal(handed[1], inner)
     else:
         assert handed == [None, None]
+
+
+def test_a_rings_hole_ends_on_a_support_painted_without_a_hole():
+    """rings.ring_label: a support of the ring's label painted without a hole (the base's open band,
+    the apex: a filled shape of the ring) tells the hole's walks that the hole is absent there
+    (segment_target's also_absent, which the walk treats as an absent mark); the filled shape's
+    walks get no such mark. Past that support the filled shape's mask stands, not a band around a
+    hole walked on from the ring's support (cmr_bssfp image_1's slice 11: 1128 px against 95)."""
+    from synpo.config import configured
+    from synpo.rings import ring_label
+    yy, xx = np.mgrid[:40, :40]
+    r = np.hypot(yy - 20, xx - 20)
+    ring, sliver = (r >= 6) & (r < 10), (r < 10) & (yy < 14)
+    handed = []
+    Conf = _fixed_conf((8, 40, 40))
+
+    class Run:
+        cfg = configured(["volume.ring_fit_grey=false"])
+        spacing_rc, on_slice, query = (1.0, 1.0), None, np.zeros((8, 40, 40), np.float32)
+
+        def segment_target(self, label, idx, masks, records, seconds, reach=None, also_absent=()):
+            handed.append((list(idx), list(also_absent)))
+            if len(handed) == 1:                                 # the filled shape: slices 2-5
+                return {t: (sliver if t == 5 else r < 10) for t in (2, 3, 5)}, Conf()
+            # The hole's walk from slice 1 ends on the first slice marked absent (walk.hard_end).
+            end = min(also_absent, default=8)
+            return {t: r < 6 for t in range(2, 8) if t < end}, Conf()
+
+        def target_range(self, idx, masks):
+            return None
+    masks, _, _ = ring_label(Run(), 2, [1, 4], [ring, sliver], ([r < 10, sliver], {1: r < 6}), [], {})
+    assert handed == [([1, 4], []), ([1], [4])]
+    assert np.array_equal(masks[5], sliver)                      # the filled shape's walk, not a band
+    assert all(np.array_equal(masks[t] & (r < 6), np.zeros((40, 40), bool)) for t in (2, 3))   # bands there
 
 
 def test_position_prior_maps_the_support_box_through_the_body_box():

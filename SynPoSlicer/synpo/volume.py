@@ -254,11 +254,14 @@ class VolumeRun:
 
     def segment_target(self, label: int, sup_idx: List[int], sup_masks: List[np.ndarray],
                        records: List[SliceRecord], timings: Dict[str, float],
-                       report: Optional[SliceReport] = None, reach: Optional[np.ndarray] = None):
+                       report: Optional[SliceReport] = None, reach: Optional[np.ndarray] = None,
+                       also_absent: Sequence[int] = ()):
         """(propagated masks {slice: mask}, its confidence) of one target shape; its stage seconds
         are added to `timings`. `reach`: the previous run's labels as this shape's walks keep them
         where a re-run ends early (keep_reach; default the previous run's own labels, none for a
-        ring, whose filled shape and hole rings.ring_reach gives).
+        ring, whose filled shape and hole rings.ring_reach gives). `also_absent`: slices where this
+        shape is absent beside the label's absent marks (a ring's hole: its supports painted without
+        a hole), its walks end there as at a mark.
 
         Within a volume, each support slice's walks use that support alone: its prototypes, its
         area and its grey values. A correction painted later re-starts the walk around itself and
@@ -270,7 +273,8 @@ class VolumeRun:
             previous = ((self.previous, label) if held and self.previous is not None and label not in self.rings
                         else None)
             return _Context(self.sam, self.q_stores["sam"], conf, self.cfg, timings, self.stopped, self.tick,
-                            self.target_range(idx, masks), report, self.absent.get(label, ()), self.judge,
+                            self.target_range(idx, masks), report,
+                            tuple(self.absent.get(label, ())) + tuple(also_absent), self.judge,
                             self.stride, self.spacing_rc, held, previous,
                             self.previous_all if held else None,
                             [e for e in held if abs(e - idx[0]) == 1] if self.cfg.volume.correction_hard_next else (),
