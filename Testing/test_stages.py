@@ -2112,6 +2112,36 @@ def test_the_overlap_rule_measures_a_small_structures_move_in_mm(tolerance, expe
         assert next(r for r in records if r.index == expected[-1] + 1).reason == "left the previous mask"
 
 
+@pytest.mark.parametrize("retry, tapering, expected", [
+    (0.0, False, [1, 2]),                 # off: the confident blob beside the vein ends the walk
+    (0.01, False, [1, 2, 3, 4, 5]),       # decoded again in the previous mask's box: the vein goes on
+    (0.01, True, [1, 2]),                 # a structure that was shrinking is not decoded again
+])
+def test_a_step_that_left_the_previous_mask_is_decoded_again_in_its_box(retry, tapering, expected):
+    """A vein of constant size whose confidence dips just under prompts.box_threshold on slice 3,
+    where a small confident blob sits beside it in the search region: the prompts' box is the
+    blob's, the mask leaves the previous one and the walk ends ("left the previous mask"). With
+    volume.left_retry the slice is decoded once more in the previous mask's box (widened by that
+    fraction) and kept, since it passes every rule; not where the walk's masks were shrinking
+    (volume.left_retry_holds: the last mask under that fraction of the one before it, an organ's
+    end). (The stand-in SAM fills its box, so the widening is kept under a pixel here.)"""
+    n = 6
+    conf = np.zeros((n, 40, 40), np.float32)
+    for t in range(n):
+        rows = slice(16, 24) if not (tapering and t >= 2) else slice(18, 22)
+        conf[t, rows, 10:18] = 0.49 if t == 3 else 0.65
+    conf[3, 14:18, 19:22] = 0.9                                   # the blob beside the vein
+    cfg = SynPoConfig().with_(volume={"left_retry": retry, "left_retry_holds": 0.8, "follow_drift": False})
+    masks, records = _walk_up(conf, cfg)
+    assert sorted(masks) == expected
+    third = next(r for r in records if r.index == 3)
+    if expected[-1] == 2:
+        assert third.reason == "left the previous mask"
+    else:
+        assert third.status == "present" and third.reason.startswith("decoded again in the previous mask's box")
+        assert np.array_equal(masks[3], conf[3] == np.float32(0.49))  # the vein, not the blob
+
+
 def _moving_bar(n, step=5, width=8):
     """Confidence maps of a 4 x `width` bar moving `step` px a slice to the right (a vein or an
     adrenal gland cut obliquely): slice t holds it at columns 4 + step * t ..."""

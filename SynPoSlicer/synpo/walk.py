@@ -19,7 +19,7 @@ from .embeddings import EmbeddingStore
 from .errors import Cancelled
 from .gate import apply_gate
 from .interpolate import between as interpolate_between, shift_mask
-from .prompts import Prompts, select_prompts
+from .prompts import Prompts, _kmeans_points, box_of, select_prompts, top_k_pixels, widen
 from .result import SliceRecord
 from .slice_confidence import SliceConfidence
 from .walk_rules import Judge, Step, judge_step
@@ -224,20 +224,56 @@ class _Context:
                 note = "%d pieces of the previous mask, each decoded" % len(pieces)
         if tick:
             self.tick()
-        area = int(mask.sum())
-        score = float(self.conf[t][mask].mean()) if area else 0.0
-        near = self.near(prev, history[0][0] if history else 0)
-        overlap = float(np.logical_and(mask, near).sum() / area) if prev is not None and area else 0.0
-        if moved is not None and moved.any() and area:
-            overlap = max(overlap, float(np.logical_and(mask, self.near(moved, history[0][0] if history else 0)).sum()
-                                         / area))
-        reason = self.judge(Step(label, t, first, mask, area, prev, min_area, score, prev_score, sam_iou, overlap,
-                                tuple(history), self.pixel_mm2), vc)
+
+        def judged(mask, sam_iou):
+            area = int(mask.sum())
+            score = float(self.conf[t][mask].mean()) if area else 0.0
+            near = self.near(prev, history[0][0] if history else 0)
+            overlap = float(np.logical_and(mask, near).sum() / area) if prev is not None and area else 0.0
+            if moved is not None and moved.any() and area:
+                overlap = max(overlap, float(np.logical_and(mask, self.near(moved, history[0][0] if history else 0)
+                                                            ).sum() / area))
+            reason = self.judge(Step(label, t, first, mask, area, prev, min_area, score, prev_score, sam_iou,
+                                     overlap, tuple(history), self.pixel_mm2), vc)
+            return reason, score, overlap
+
+        reason, score, overlap = judged(mask, sam_iou)
+        holding = not history or len(history) < 2 or history[-1][0] >= vc.left_retry_holds * history[-2][0]
+        if reason == "left the previous mask" and vc.left_retry > 0 and prev is not None and prev.any() and holding:
+            again = self.decode_in_previous_box(t, moved if moved is not None and moved.any() else prev)
+            if again is not None and again[0].sum() >= vc.left_retry_holds * prev.sum():
+                why2, score2, overlap2 = judged(again[0], again[1])
+                if not why2:
+                    mask, sam_iou, box, prompts = again
+                    reason, score, overlap = why2, score2, overlap2
+                    note = "decoded again in the previous mask's box (the confident region had left it)"
         rec = _record(label, t, "absent" if reason else "present", prompts, score, sam_iou, box)
         rec.overlap_prev, rec.reason = overlap, reason
         if note and not reason:
             rec.reason = note
         return (None if reason else mask), rec
+
+    def decode_in_previous_box(self, t: int, prev: np.ndarray):
+        """Slice t decoded with the box of `prev` (the neighbouring mask, or it moved by the walk's
+        drift) widened by volume.left_retry of its size, the positives prev's most confident pixels
+        on slice t (volume.left_retry): (mask, SAM's IoU, box, prompts), or None."""
+        cfg = self.cfg
+        conf = self.conf[t]
+        positive = top_k_pixels(conf, cfg.prompts.top_k, prev)
+        if len(positive) == 0:
+            return None
+        if cfg.prompts.kmeans:
+            positive = _kmeans_points(positive, cfg.prompts.n_positive_points, cfg.prompts.seed)
+        box = widen(box_of(prev), cfg.volume.left_retry, prev.shape)
+        prompts = Prompts(np.asarray(positive, float), np.zeros((0, 2)), box, prev.copy())
+        t0 = time.perf_counter()
+        mask, sam_iou, box = self.embeds.decode(self.sam, t, prompts, cfg.decode)
+        if self.gate_range is not None:
+            keep = prev if cfg.gate.beyond_previous else None
+            mask = apply_gate(mask, self.embeds.slices[t], self.gate_range, cfg.gate, keep)
+        if self.timings is not None:
+            self.timings["decode"] += time.perf_counter() - t0
+        return mask, sam_iou, box, prompts
 
     def region_of(self, mask: np.ndarray, history, moved: Optional[np.ndarray] = None) -> np.ndarray:
         """The search region around `mask` (volume.search_margin, search_min_px), and around `moved`
