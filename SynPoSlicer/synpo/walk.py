@@ -241,7 +241,8 @@ class _Context:
         holding = not history or len(history) < 2 or history[-1][0] >= vc.left_retry_holds * history[-2][0]
         if reason == "left the previous mask" and vc.left_retry > 0 and prev is not None and prev.any() and holding:
             again = self.decode_in_previous_box(t, moved if moved is not None and moved.any() else prev)
-            if again is not None and again[0].sum() >= vc.left_retry_holds * prev.sum():
+            if again is not None and vc.left_retry_holds * prev.sum() <= again[0].sum() <= prev.sum() / max(
+                    vc.left_retry_holds, 1e-6):
                 why2, score2, overlap2 = judged(again[0], again[1])
                 if not why2:
                     mask, sam_iou, box, prompts = again
