@@ -1117,6 +1117,10 @@ def test_config_validation_and_overrides():
     validate(SynPoConfig().with_(volume={"label_workers": 0}))          # auto
     with pytest.raises(SynPoError, match=r"volume.tip_ratio must be in \[0, 1\]"):
         validate(SynPoConfig().with_(volume={"tip_ratio": 1.5}))
+    with pytest.raises(SynPoError, match=r"volume.left_retry must be >= 0"):
+        validate(SynPoConfig().with_(volume={"left_retry": -0.1}))
+    with pytest.raises(SynPoError, match=r"volume.left_retry_holds must be in \[0, 1\]"):
+        validate(SynPoConfig().with_(volume={"left_retry_holds": 1.25}))
 
 
 class _BoxRecorder:

@@ -801,6 +801,7 @@ def validate(cfg: SynPoConfig) -> SynPoConfig:
         (0.0 <= v.min_confidence_ratio_first <= 1.0, "volume.min_confidence_ratio_first must be in [0, 1]"),
         (0.0 <= v.min_overlap_first <= 1.0, "volume.min_overlap_first must be in [0, 1]"),
         (v.left_retry >= 0.0, "volume.left_retry must be >= 0"),
+        (0.0 <= v.left_retry_holds <= 1.0, "volume.left_retry_holds must be in [0, 1]"),
         (v.overlap_tolerance_mm >= 0.0, "volume.overlap_tolerance_mm must be >= 0"),
         (0.0 <= v.overlap_tolerance_min_size <= 1.0, "volume.overlap_tolerance_min_size must be in [0, 1]"),
         (v.ownership in ("nearest", "agreement"), "volume.ownership must be nearest or agreement"),
