@@ -238,7 +238,9 @@ class _Context:
             return reason, score, overlap
 
         reason, score, overlap = judged(mask, sam_iou)
-        holding = not history or len(history) < 2 or history[-1][0] >= vc.left_retry_holds * history[-2][0]
+        # (A walk's first step, history the paint alone, holds; a start without history, cross_start's
+        # carried-over guess, is not decoded again.)
+        holding = bool(history) and (len(history) < 2 or history[-1][0] >= vc.left_retry_holds * history[-2][0])
         if reason == "left the previous mask" and vc.left_retry > 0 and prev is not None and prev.any() and holding:
             again = self.decode_in_previous_box(t, moved if moved is not None and moved.any() else prev)
             if again is not None and vc.left_retry_holds * prev.sum() <= again[0].sum() <= prev.sum() / max(
@@ -257,8 +259,10 @@ class _Context:
     def decode_in_previous_box(self, t: int, prev: np.ndarray):
         """Slice t decoded with the box of `prev` (the neighbouring mask, or it moved by the walk's
         drift) widened by volume.left_retry of its size, the positives prev's most confident pixels
-        on slice t (volume.left_retry): (mask, SAM's IoU, box, prompts), or None."""
+        on slice t, prev as the prompts' region (the refinement keeps the components that overlap it)
+        and as what the intensity gate leaves alone: (mask, SAM's IoU, box, prompts), or None."""
         cfg = self.cfg
+        t0 = time.perf_counter()
         conf = self.conf[t]
         positive = top_k_pixels(conf, cfg.prompts.top_k, prev)
         if len(positive) == 0:
@@ -267,13 +271,14 @@ class _Context:
             positive = _kmeans_points(positive, cfg.prompts.n_positive_points, cfg.prompts.seed)
         box = widen(box_of(prev), cfg.volume.left_retry, prev.shape)
         prompts = Prompts(np.asarray(positive, float), np.zeros((0, 2)), box, prev.copy())
-        t0 = time.perf_counter()
+        t1 = time.perf_counter()
         mask, sam_iou, box = self.embeds.decode(self.sam, t, prompts, cfg.decode)
         if self.gate_range is not None:
             keep = prev if cfg.gate.beyond_previous else None
             mask = apply_gate(mask, self.embeds.slices[t], self.gate_range, cfg.gate, keep)
         if self.timings is not None:
-            self.timings["decode"] += time.perf_counter() - t0
+            self.timings["prompts"] += t1 - t0
+            self.timings["decode"] += time.perf_counter() - t1
         return mask, sam_iou, box, prompts
 
     def region_of(self, mask: np.ndarray, history, moved: Optional[np.ndarray] = None) -> np.ndarray:
