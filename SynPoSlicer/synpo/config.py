@@ -193,8 +193,9 @@ class VolumeConfig:
     # cava followed past where its label stops).
     left_retry: float = 0.0
     # ... only while the walk's masks hold their size: the previous mask at least this fraction of the
-    # one before it (a walk's first step, from the paint, counts as holding), and the mask decoded again within this fraction and its inverse of the previous
-    # one (an organ's tapering end is not decoded again; nor is a neighbour taken in with it: the
+    # one before it (a walk's first step, from the paint, counts as holding), and the mask decoded
+    # again within this fraction and its inverse of the previous one (an organ's tapering end is not
+    # decoded again; nor is a neighbour taken in with it: the
     # upper bound, added after BTCV image_2's aorta took 477 px where the truth has 208 in an Update,
     # gives BTCV 0.7780 on the first run, the other sets unchanged). With left_retry 0.1, --vary
     # volume.left_retry_holds 0.6 0.8 0.9: CHAOS 0.9154 (neither test) -> 0.9176 / 0.9179 / 0.9179, BTCV

@@ -87,13 +87,22 @@ def decode_prompted(sam, store: "EmbeddingStore", t: int, conf: np.ndarray, cfg:
     else:
         prompts = cache.get_or_select(cache.key(t, conf, cfg.prompts, region, expected),
                                       lambda: select_prompts(conf, cfg.prompts, region, expected))
+    return decode_given(sam, store, t, prompts, cfg, gate_range, timings, prev, time.perf_counter() - t0)
+
+
+def decode_given(sam, store: "EmbeddingStore", t: int, prompts: Prompts, cfg: SynPoConfig, gate_range=None,
+                 timings: Optional[Dict[str, float]] = None, prev: Optional[np.ndarray] = None,
+                 prompt_seconds: float = 0.0):
+    """Slice t decoded from the given prompts (reused when decoded before) and gated as in
+    decode_prompted: (mask, SAM's IoU, box, prompts); prompt_seconds (choosing the prompts) and the
+    decoding's seconds are added to timings when given."""
     t1 = time.perf_counter()
     mask, sam_iou, box = store.decode(sam, t, prompts, cfg.decode)
     if gate_range is not None:
         keep = prev if cfg.gate.beyond_previous and prev is not None and prev.shape == mask.shape else None
         mask = apply_gate(mask, store.slices[t], gate_range, cfg.gate, keep)
     if timings is not None:
-        timings["prompts"] += t1 - t0
+        timings["prompts"] += prompt_seconds
         timings["decode"] += time.perf_counter() - t1
     return mask, sam_iou, box, prompts
 
@@ -238,10 +247,10 @@ class _Context:
             return reason, score, overlap
 
         reason, score, overlap = judged(mask, sam_iou)
-        # (A walk's first step, history the paint alone, holds; a start without history, cross_start's
-        # carried-over guess, is not decoded again.)
-        holding = bool(history) and (len(history) < 2 or history[-1][0] >= vc.left_retry_holds * history[-2][0])
-        if reason == "left the previous mask" and vc.left_retry > 0 and prev is not None and prev.any() and holding:
+        # Holding its size: a walk's first step (history the paint alone) does; a start without history
+        # (cross_start's carried-over guess) is not decoded again.
+        if (reason == "left the previous mask" and vc.left_retry > 0 and prev is not None and prev.any()
+                and history and (len(history) < 2 or history[-1][0] >= vc.left_retry_holds * history[-2][0])):
             again = self.decode_in_previous_box(t, moved if moved is not None and moved.any() else prev)
             if again is not None and vc.left_retry_holds * prev.sum() <= again[0].sum() <= prev.sum() / max(
                     vc.left_retry_holds, 1e-6):
@@ -271,15 +280,8 @@ class _Context:
             positive = _kmeans_points(positive, cfg.prompts.n_positive_points, cfg.prompts.seed)
         box = widen(box_of(prev), cfg.volume.left_retry, prev.shape)
         prompts = Prompts(np.asarray(positive, float), np.zeros((0, 2)), box, prev.copy())
-        t1 = time.perf_counter()
-        mask, sam_iou, box = self.embeds.decode(self.sam, t, prompts, cfg.decode)
-        if self.gate_range is not None:
-            keep = prev if cfg.gate.beyond_previous else None
-            mask = apply_gate(mask, self.embeds.slices[t], self.gate_range, cfg.gate, keep)
-        if self.timings is not None:
-            self.timings["prompts"] += t1 - t0
-            self.timings["decode"] += time.perf_counter() - t1
-        return mask, sam_iou, box, prompts
+        return decode_given(self.sam, self.embeds, t, prompts, cfg, self.gate_range, self.timings, prev,
+                            time.perf_counter() - t0)
 
     def region_of(self, mask: np.ndarray, history, moved: Optional[np.ndarray] = None) -> np.ndarray:
         """The search region around `mask` (volume.search_margin, search_min_px), and around `moved`
