@@ -281,12 +281,15 @@ def prepareServer(logic, url, tokenFile, python, features):
     return ensureDependencies(features in ("synergy", "dinov2"))
 
 
-def confirmDiscard(logic):
-    """Whether the preview may be discarded (the panel's Discard, the effect's Cancel with no run):
-    yes, unless the user edited the candidates and says no when asked (the edits would go with it)."""
+def confirmDiscard(logic, replacing=False):
+    """Whether the preview may be discarded (the panel's Discard, the effect's Cancel with no run;
+    replacing: a new Preview, which discards the one shown first, logic.startPreview): yes, unless
+    the user edited the candidates and says no when asked (the edits would go with it)."""
     edited = logic.editedSlices()
-    return not edited or slicer.util.confirmOkCancelDisplay(
-        "Discard the preview and your edits of the SynPo candidates on %d slice(s)?" % edited, windowTitle="SynPo")
+    question = ("A new preview replaces this one: discard your edits of the SynPo candidates on %d slice(s)? "
+                "(Update carries them through the volume instead.)" if replacing else
+                "Discard the preview and your edits of the SynPo candidates on %d slice(s)?")
+    return not edited or slicer.util.confirmOkCancelDisplay(question % edited, windowTitle="SynPo")
 
 
 class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -472,6 +475,8 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 else editor.setMasterVolumeNode(volume)
 
     def onPreview(self):
+        if not confirmDiscard(self.logic, replacing=True):
+            return
         self.onServerSettingsChanged()
         with slicer.util.tryWithErrorDisplay("SynPo could not start the preview.", waitCursor=True):
             if not prepareServer(self.logic, *serverSettings(), features=self.ui.featuresSelector.currentText):

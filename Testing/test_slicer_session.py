@@ -514,6 +514,27 @@ def test_the_effects_cancel_stops_an_update_and_asks_before_discarding_edits(san
     assert logic.preview is None and mrml.temporary_nodes(c["scene"]) == []
 
 
+def test_a_new_preview_asks_before_it_replaces_edited_candidates(sandbox, scene_case, server, monkeypatch):
+    """Preview again after editing the candidates: the new preview would discard the shown one
+    (logic.startPreview) and the edits with it, so the effect asks first (as Discard and Cancel do);
+    "Cancel" keeps the preview and the edits, "OK" runs the new preview."""
+    c = scene_case
+    python, logic = _previewed_effect(sandbox, c, server)
+    erase, edited = _edit_candidates(logic, c)
+    answers = []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay",
+                        lambda text, **kw: answers.append(text) or len(answers) > 1, raising=False)
+    python.onPreview()                                     # "Cancel": nothing starts, nothing is lost
+    assert len(answers) == 1 and "1 slice(s)" in answers[0] and "new preview" in answers[0]
+    assert not logic.active() and logic.editedSlices() == 1
+    assert np.array_equal(mrml.segment_array(logic.preview.candidates, logic.preview.candidate_ids[1], c["volume"]),
+                          edited)
+    python.onPreview()                                     # "OK": the new preview runs
+    assert len(answers) == 2
+    _drive(logic, lambda: not logic.active())
+    assert logic.state == "previewed" and logic.editedSlices() == 0
+
+
 def test_removed_candidates_apply_refuses_and_cancel_discards(sandbox, scene_case, server, monkeypatch):
     """The user deleted the 'SynPo candidates' node: Apply says so and writes nothing (it cannot show
     what it would write); Cancel discards without asking (no edit is left to lose)."""

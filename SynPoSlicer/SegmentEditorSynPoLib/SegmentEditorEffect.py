@@ -101,6 +101,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def onPreview(self):
         import SynPoSlicer
         logic = self.logic()
+        if not SynPoSlicer.confirmDiscard(logic, replacing=True):       # a new preview replaces the edited one
+            return
         with slicer.util.tryWithErrorDisplay("SynPo could not start the preview.", waitCursor=True):
             parameters = logic.getParameterNode()
             logic.setDefaultParameters(parameters)
