@@ -356,6 +356,40 @@ def test_slices_are_reported_as_they_are_decided(server, files, remote_run):
     c.delete_session(sid)
 
 
+def test_a_result_fetched_a_step_at_a_time_is_the_result(server, files, remote_run):
+    """client.ResultDownload (the Slicer module's fetch, a step per timer tick): the first request
+    only starts the packing (202, at once), then parts of `chunk` bytes, then the message
+    decompressed a chunk a step; the same VolumeResult as result(). A server that answers the whole
+    message at once (before parts existed) is taken as it is; a bad offset is refused."""
+    c = server.client()
+    sid = c.create_session(files["array"], (1, 1, 2))
+    rid = c.start_run(sid, files["support_array"])
+    c.wait(sid, rid)
+    whole = c.result(sid, rid, "max")
+    download = c.result_download(sid, rid, "max", chunk=1024)
+    assert download.step() is None and download.total is None         # packing started: nothing yet
+    got, steps = None, 0
+    while got is None:
+        got, steps = download.step(), steps + 1
+        assert steps < 10000
+    assert download.total > 4 * 1024 and steps > download.total // 1024   # in parts, then unpacked in steps
+    for old in (got, None):
+        if old is None:                                # a server without parts: the offset is not sent on
+            exchange = c.exchange
+            c.exchange = lambda method, path, *a, **k: exchange(method, path.split("&offset=")[0], *a, **k)
+            old_download = c.result_download(sid, rid, "max", chunk=1024)
+            while old is None:
+                old = old_download.step()
+            assert old_download.total == old_download.received and old_download.total > 4 * 1024
+            del c.exchange
+        assert np.array_equal(old.labels, whole.labels)
+        assert np.array_equal(old.confidence[1], whole.confidence[1])
+        assert [r.to_dict() for r in old.records] == [r.to_dict() for r in whole.records]
+    with pytest.raises(ServerError, match="offset must be"):
+        c.exchange("GET", "/v1/sessions/%s/runs/%s/result?offset=-1" % (sid, rid))
+    c.delete_session(sid)
+
+
 def test_redecode_through_the_server_equals_a_local_redecode(server, files, remote_run):
     from synpo.session import Models, Session
     c = server.client()

@@ -126,6 +126,35 @@ def test_the_volume_goes_up_in_short_steps_and_cancel_stops_it(scene_case, serve
     assert len(client.json("GET", "/v1/sessions")["sessions"]) == sessions + 1     # only the finished job's
 
 
+def test_the_result_comes_down_in_short_steps_and_cancel_stops_it(scene_case, server, monkeypatch):
+    """The result too, a step per tick (client.ResultDownload): one call froze Slicer while the server
+    packed a large result and Slicer unpacked it. The status line says how far it is; the result is
+    the server's; Cancel while it comes down ends the job with nothing shown."""
+    c = scene_case
+    inputs = mrml.extract_inputs(c["volume"], c["seg"], [c["target"]])
+    client = server.client(timeout=10)
+    first = run_job(RemoteJob(client, inputs.image, inputs.spacing, inputs.support))
+    monkeypatch.setattr(RemoteJob, "UPLOAD_CHUNK", 2048)
+    monkeypatch.setattr(RemoteJob, "UPLOAD_SECONDS", 0.0)     # one request or one chunk per step
+    for cancel in (False, True):
+        job = RemoteJob(client, None, (), inputs.support, session_id=first.session_id)
+        while job.state != "fetch":
+            assert job.step() in RemoteJob.ACTIVE, job.error
+        stages = []
+        while job.state == "fetch" and not (cancel and len(stages) == 3):
+            job.step()
+            stages.append(job.stage)
+        if cancel:
+            job.cancel()
+            assert job.state == "cancelled" and job.result is None and not job.active()
+            continue
+        assert job.state == "done", job.error
+        assert len(stages) > 10 and stages[0].startswith("receiving the result (")
+        whole = client.result(job.session_id, job.run_id, "max")
+        assert np.array_equal(job.result.labels, whole.labels)
+        assert np.array_equal(job.result.confidence[1], whole.confidence[1])
+
+
 def test_preview_points_land_at_their_ras_positions_and_discard_removes_everything(scene_case, server):
     c = scene_case
     n_before = c["scene"].GetNumberOfNodes()

@@ -79,3 +79,38 @@ def test_the_packer_gives_packs_message_a_bounded_step_at_a_time():
         wire.Packer(arrays, chunk=10).message()
     with pytest.raises(InputError, match="dtype"):
         wire.Packer({"x": np.zeros(3, np.complex64)})
+
+
+def test_the_unpacker_gives_unpacks_arrays_a_bounded_step_at_a_time():
+    """wire.Unpacker: what unpack() gives, decompressing at most `chunk` bytes a step (a result
+    unpacked on Slicer's main thread between timer ticks), and the same refusals, step by step."""
+    rng = np.random.default_rng(2)
+    arrays = {"labels": rng.integers(0, 3, (6, 40, 30)).astype(np.uint8), "empty": np.zeros((0, 2), np.int32),
+              "confidence": rng.random((6, 40, 30)).astype(np.float32)}
+    message = wire.pack(arrays, {"records": [1, 2]})
+    unpacker = wire.Unpacker(message, chunk=1000)
+    steps, done = 0, [0]
+    while not unpacker.step():
+        steps += 1
+        assert unpacker.done - done[-1] <= 1000        # never more than a chunk decompressed in one step
+        done.append(unpacker.done)
+    assert steps >= sum(a.nbytes for a in arrays.values()) // 1000
+    assert unpacker.meta == {"records": [1, 2]} and unpacker.done == unpacker.total
+    for k, a in arrays.items():
+        assert unpacker.arrays[k].dtype == a.dtype and np.array_equal(unpacker.arrays[k], a)
+    for make, says in [
+        (lambda: _message([{"name": "a", "dtype": "uint8", "shape": [4000], "size": len(zlib.compress(bytes(9000)))}],
+                          [zlib.compress(bytes(9000))]), "does not match its declared shape"),
+        (lambda: _message([{"name": "a", "dtype": "uint8", "shape": [9000], "size": len(zlib.compress(bytes(4000)))}],
+                          [zlib.compress(bytes(4000))]), "4000 bytes of data for a declared 9000"),
+        (lambda: _message([{"name": "a", "dtype": "uint8", "shape": [9000], "size": 30}],
+                          [zlib.compress(bytes(9000))[:30]]), "does not match its declared shape"),
+        (lambda: wire.pack({"a": np.zeros(3000)}) + b"junk", "after its last array"),
+    ]:
+        with pytest.raises(InputError) as err:
+            unpacker = wire.Unpacker(make(), chunk=1000)
+            while not unpacker.step():
+                pass
+        assert says in str(err.value)
+    with pytest.raises(InputError, match="not a SynPo wire message"):
+        wire.Unpacker(b"nope")                          # the header is read on construction

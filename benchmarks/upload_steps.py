@@ -2,8 +2,11 @@
 `Client.create_session` call (what the module did) against `RemoteJob`'s steps (what it does: a
 step per tick of its 250 ms Qt timer, at most RemoteJob.UPLOAD_SECONDS of compressing or sending
 each), on a CT-like volume (HU values, exact in int16) sent to a local `synpo serve`.
+With --result, the same for the run's result coming back (labels and the confidence map of the
+whole volume): one `Client.result` call against RemoteJob's "fetch" steps (client.ResultDownload);
+the run is a small blob painted on one slice of the volume (its walk ends within a few slices).
 
-    .venv/bin/python benchmarks/upload_steps.py [--shape 300 512 512]
+    .venv/bin/python benchmarks/upload_steps.py [--shape 300 512 512] [--result]
 
 Prints the one call's seconds (the freeze), and the steps' count, the longest step and the total.
 """
@@ -26,6 +29,7 @@ from SynPoSlicerLib.engine import RemoteJob  # noqa: E402
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", type=int, nargs=3, default=[300, 512, 512])
+    ap.add_argument("--result", action="store_true", help="also time the result coming back")
     args = ap.parse_args(argv)
     folder = tempfile.mkdtemp(prefix="synpo-upload-")
     env = dict(os.environ, PYTHONPATH=os.path.join(HERE, "..", "SynPoSlicer"))
@@ -53,6 +57,27 @@ def main(argv=None):
         print("%s voxels: one call %.2f s (the interface frozen that long); RemoteJob %d steps, the longest %.2f s, "
               "%.2f s in all (%s)" % ("x".join(map(str, args.shape)), one, steps, longest,
                                        time.perf_counter() - t0, job.state if not job.error else job.error))
+        if args.result:
+            support = np.zeros(image.shape, np.uint8)
+            k, j, i = (n // 2 for n in image.shape)
+            support[k, j - 20:j + 20, i - 20:i + 20] = 1
+            job = RemoteJob(client, image, (0.8, 0.8, 2.5), support)
+            while job.state != "fetch" and job.active():
+                job.step()
+                time.sleep(0.05)
+            t0 = time.perf_counter()
+            client.result(job.session_id, job.run_id, "max")
+            one = time.perf_counter() - t0
+            steps, longest, t0 = 0, 0.0, time.perf_counter()
+            while job.state == "fetch":
+                s0 = time.perf_counter()
+                job.step()
+                took = time.perf_counter() - s0
+                steps, longest = steps + 1, max(longest, took)
+                time.sleep(max(0.0, 0.25 - took))
+            print("the result (labels and confidence of every voxel): one call %.2f s; RemoteJob %d steps, the "
+                  "longest %.2f s, %.2f s in all (%s)" % (one, steps, longest, time.perf_counter() - t0,
+                                                          job.state if not job.error else job.error))
     finally:
         server.terminate()
         server.wait(10)

@@ -180,6 +180,7 @@ class RemoteJob:
         self._cancel = False
         self._busy_until = time.monotonic() + 60.0
         self._upload = None                 # the volume being sent (client.Upload), in state "upload"
+        self._download = None               # the result being received (client.ResultDownload), in "fetch"
 
     def active(self) -> bool:
         return self.state in self.ACTIVE
@@ -188,10 +189,11 @@ class RemoteJob:
         """Ask the server to stop; the next step says when it has. now: send the request at once
         (the job is about to be dropped, e.g. the scene is closing)."""
         self._cancel = True
-        if self.state in ("upload", "start"):
+        if self.state in ("upload", "start", "fetch"):      # (the run is done: its result is not fetched)
             if self._upload is not None:
                 self._upload.close()
                 self._upload = None
+            self._download = None
             self.state, self.stage = "cancelled", "cancelled"
         elif now and self.state == "running":
             try:
@@ -246,8 +248,20 @@ class RemoteJob:
                 elif st["state"] in ("failed", "cancelled"):
                     self.state, self.error = st["state"], st["error"]
             elif self.state == "fetch":
-                self.result = self.client.result(self.session_id, self.run_id, confidence="max")
-                self.state, self.stage = "done", "done"
+                # A step at a time too (client.ResultDownload): the result in one call froze Slicer
+                # while the server packed it and Slicer unpacked it (about 3 s for a 300-slice CT).
+                if self._download is None:
+                    self._download = self.client.result_download(self.session_id, self.run_id, "max",
+                                                                 self.UPLOAD_CHUNK)
+                deadline = time.monotonic() + self.UPLOAD_SECONDS
+                result = self._download.step()
+                while result is None and self._download.total is not None and time.monotonic() < deadline:
+                    result = self._download.step()
+                self.done, self.total = self._download.progress(), 100
+                self.stage = "receiving the result (%d %%)" % self.done
+                if result is not None:
+                    self.result, self._download = result, None
+                    self.state, self.stage = "done", "done"
         except ServerError as exc:
             if self._upload is not None:
                 self._upload.close()

@@ -79,6 +79,12 @@ class Client:
     def request(self, method: str, path: str, body: Optional[bytes] = None, content_type: str = "",
                 timeout: Optional[float] = None) -> Tuple[bytes, str]:
         """(body, content type) of the answer; ServerError with the server's one-line reason."""
+        data, headers, _ = self.exchange(method, path, body, content_type, timeout)
+        return data, headers.get("Content-Type", "")
+
+    def exchange(self, method: str, path: str, body: Optional[bytes] = None, content_type: str = "",
+                 timeout: Optional[float] = None):
+        """(body, headers, status) of a successful answer (2xx); ServerError as request() gives it."""
         headers = {"Accept": "application/json, %s" % wire.CONTENT_TYPE}
         if self.token:
             headers["Authorization"] = "Bearer " + self.token
@@ -87,7 +93,7 @@ class Client:
         req = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout or self.timeout, context=self.context) as answer:
-                return answer.read(), answer.headers.get("Content-Type", "")
+                return answer.read(), answer.headers, answer.status
         except urllib.error.HTTPError as exc:
             raise ServerError(self._reason(exc), exc.code) from None
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout, OSError) as exc:
@@ -178,16 +184,12 @@ class Client:
         and as the maximum) or "labels" (one map per label)."""
         arrays, meta = self.arrays("GET", "/v1/sessions/%s/runs/%s/result?confidence=%s" % (sid, rid, confidence),
                                    timeout=max(self.timeout, 600.0))
-        support = support_from_dict(meta["support"])
-        conf = {}
-        if "confidence" in arrays:
-            conf = {v: arrays["confidence"] for v in support.labels}
-        for v in support.labels:
-            if "confidence_%d" % v in arrays:
-                conf[v] = arrays["confidence_%d" % v]
-        return VolumeResult(arrays["labels"], conf, [SliceRecord.from_dict(r) for r in meta["records"]], support,
-                            meta["modality"], list(meta["features"]), dict(meta["timings"]),
-                            [int(t) for t in meta.get("computed", [])])
+        return _volume_result(arrays, meta)
+
+    def result_download(self, sid: str, rid: str, confidence: str = "none", chunk: int = 4 << 20
+                        ) -> "ResultDownload":
+        """result() a step at a time (ResultDownload)."""
+        return ResultDownload(self, sid, rid, confidence, chunk)
 
     def redecode(self, sid: str, slice_index: int, positive, negative, label: Optional[int] = None,
                  axis: Optional[int] = None) -> Tuple[np.ndarray, float]:
@@ -226,6 +228,75 @@ def server_said(text: bytes, reason: str, code: int) -> str:
 def _session_message(image: np.ndarray, spacing_ijk: Sequence[float]):
     """(arrays, meta) of a new session's message."""
     return {"image": wire.compact_image(np.asarray(image))}, {"spacing": [float(s) for s in spacing_ijk]}
+
+
+def _volume_result(arrays: Dict[str, np.ndarray], meta: dict) -> VolumeResult:
+    """The VolumeResult of a result message's arrays and meta."""
+    support = support_from_dict(meta["support"])
+    conf = {}
+    if "confidence" in arrays:
+        conf = {v: arrays["confidence"] for v in support.labels}
+    for v in support.labels:
+        if "confidence_%d" % v in arrays:
+            conf[v] = arrays["confidence_%d" % v]
+    return VolumeResult(arrays["labels"], conf, [SliceRecord.from_dict(r) for r in meta["records"]], support,
+                        meta["modality"], list(meta["features"]), dict(meta["timings"]),
+                        [int(t) for t in meta.get("computed", [])])
+
+
+class ResultDownload:
+    """Client.result a step at a time, for a caller on a GUI thread (the Slicer module's timer, where
+    one call froze Slicer while the server packed a large result and Slicer unpacked it). Each
+    step() is one request for a part of the result (at most `chunk` bytes; the server answers at
+    once, "packing" while it packs the message in a thread of its own) or decompresses at most `chunk`
+    bytes of it (wire.Unpacker). step() returns the VolumeResult once done, else None; ServerError as
+    Client.request gives it. A server that answers the whole message at once (one that does not
+    send parts) is taken as it is."""
+
+    def __init__(self, client: "Client", sid: str, rid: str, confidence: str = "none", chunk: int = 4 << 20):
+        self.client, self.chunk = client, max(1, int(chunk))
+        self.path = "/v1/sessions/%s/runs/%s/result?confidence=%s" % (sid, rid, confidence)
+        self.parts: List[bytes] = []
+        self.received = 0
+        self.total: Optional[int] = None          # the message's bytes, once the server has packed it
+        self.unpacker: Optional[wire.Unpacker] = None
+
+    def progress(self) -> int:
+        """Per cent done: receiving counts half, decompressing the other half."""
+        if self.unpacker is not None:
+            return 50 + int(50 * self.unpacker.done // max(1, self.unpacker.total))
+        return int(50 * self.received // max(1, self.total or 1)) if self.total else 0
+
+    def step(self) -> Optional[VolumeResult]:
+        if self.unpacker is None:
+            data, headers, status = self.client.exchange("GET", "%s&offset=%d&length=%d"
+                                                         % (self.path, self.received, self.chunk))
+            if status == 202:                      # still packing on the server
+                return None
+            total = headers.get(wire.PART_TOTAL)
+            if total is None:                      # the whole message in one answer
+                self.parts, self.received, self.total = [data], len(data), len(data)
+            else:
+                self.total = int(total)
+                if not data and self.received < self.total:
+                    raise ServerError("the server at %s sent %d of the result's %d bytes, then nothing"
+                                      % (self.client.url, self.received, self.total))
+                self.parts.append(data)
+                self.received += len(data)
+            if self.received < self.total:
+                return None
+            try:
+                self.unpacker = wire.Unpacker(b"".join(self.parts), chunk=self.chunk)
+            except SynPoError as exc:
+                raise ServerError("the server's answer is malformed: %s" % exc) from None
+            self.parts = []
+            return None
+        try:
+            if not self.unpacker.step():
+                return None
+        except SynPoError as exc:
+            raise ServerError("the server's answer is malformed: %s" % exc) from None
+        return _volume_result(self.unpacker.arrays, self.unpacker.meta)
 
 
 class Upload:

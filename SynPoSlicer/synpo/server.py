@@ -15,6 +15,9 @@ wire.py messages, the rest JSON; every error is {"error": "one line"} with a 4xx
     GET    /v1/sessions/{sid}/runs/{rid}/slices?since=N wire: those slices' masks
     POST   /v1/sessions/{sid}/runs/{rid}/cancel
     GET    /v1/sessions/{sid}/runs/{rid}/result?confidence=none|max|labels   wire: labels (+ confidence)
+           ...&offset=N&length=M                        that message in parts: 202 {"state": "packing"} until
+                                                        it is packed, then its bytes N..N+M, the message's
+                                                        length in the header X-SynPo-Total
     POST   /v1/sessions/{sid}/redecode                  JSON: slice, positive, negative, label, axis -> wire: mask
 
 The server never opens a path a client names, never logs tokens or image content, and binds
@@ -246,10 +249,13 @@ def create_app(service, token: str, max_body_bytes: int, max_array_bytes: Option
         return {"run": rid, "state": run.state, "cancel": "requested"}
 
     @app.get("/v1/sessions/{sid}/runs/{rid}/result")
-    async def run_result(sid: str, rid: str, confidence: str = "none"):
+    async def run_result(sid: str, rid: str, confidence: str = "none", offset: Optional[int] = None,
+                         length: int = 4 << 20):
         run = service.get_run(service.get(sid), rid)
         if confidence not in ("none", "max", "labels"):
             raise Refused(400, "confidence must be none, max or labels")
+        if offset is not None and (offset < 0 or length < 1):
+            raise Refused(400, "offset must be >= 0 and length >= 1")
         if run.state != "done":
             raise Busy("run %s is %s%s" % (rid, run.state, (": " + run.error) if run.error else ""))
         result = run.result
@@ -268,7 +274,17 @@ def create_app(service, token: str, max_body_bytes: int, max_array_bytes: Option
                     "modality": result.modality, "features": list(result.features),
                     "timings": {k: round(v, 4) for k, v in result.timings.items()}, "computed": result.computed}
             return wire.pack(arrays, meta)
-        return Response(await run_in_threadpool(build), media_type=wire.CONTENT_TYPE)
+        if offset is None:
+            return Response(await run_in_threadpool(build), media_type=wire.CONTENT_TYPE)
+        # In parts (client.ResultDownload: a client on a GUI thread): packed once, in a thread; each
+        # request answers at once, 202 while packing, else `length` bytes from `offset` and the total.
+        message = run.packed_result(confidence, build)
+        if message is None:
+            return JSONResponse({"state": "packing"}, status_code=202)
+        part = message[offset:offset + length]
+        if offset + len(part) >= len(message):
+            run.drop_packed(confidence)
+        return Response(part, media_type="application/octet-stream", headers={wire.PART_TOTAL: str(len(message))})
 
     @app.post("/v1/sessions/{sid}/redecode")
     async def redecode(sid: str, request: Request):

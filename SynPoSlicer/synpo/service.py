@@ -51,6 +51,35 @@ class Run:
         self.lock = threading.Lock()
         self.created = time.time()
         self.seconds = 0.0
+        self._packed: Dict[str, object] = {}   # a result's message being fetched in parts: bytes, "packing", or an error
+
+    def packed_result(self, key: str, build) -> Optional[bytes]:
+        """The message build() gives for `key`, packed once in a thread of its own: None while it
+        is being packed (the first call starts it), so that each request for a part of it answers at
+        once; an error raised while packing is raised here (once)."""
+        with self.lock:
+            held = self._packed.get(key)
+            if held is None:
+                self._packed[key] = "packing"
+                threading.Thread(target=self._pack, args=(key, build), daemon=True).start()
+                return None
+            if isinstance(held, BaseException):
+                del self._packed[key]
+                raise held
+        return None if isinstance(held, str) else held
+
+    def _pack(self, key: str, build) -> None:
+        try:
+            message = build()
+        except BaseException as exc:                # handed to the next request for it
+            message = exc
+        with self.lock:
+            self._packed[key] = message
+
+    def drop_packed(self, key: str) -> None:
+        """Forget a message whose last part was sent (a request for it again packs it again)."""
+        with self.lock:
+            self._packed.pop(key, None)
 
     def progress(self, stage: str, done: int, total: int) -> None:
         self.stage, self.done, self.total = stage, int(done), max(1, int(total))

@@ -25,6 +25,8 @@ CONTENT_TYPE = "application/x-synpo-wire"
 DTYPES = ("bool", "uint8", "int8", "uint16", "int16", "uint32", "int32", "int64", "float32", "float64")
 LEVEL = 1                 # zlib level: 1 is several times faster than 6 and compresses medical volumes nearly as well
 MAX_HEADER = 1 << 24
+# The header of a message's part (a result fetched in parts): the whole message's length in bytes.
+PART_TOTAL = "X-SynPo-Total"
 
 
 def pack(arrays: Dict[str, np.ndarray], meta: Optional[dict] = None) -> bytes:
@@ -81,42 +83,60 @@ class Packer:
         return b"".join([MAGIC, struct.pack(">I", len(header)), header] + self._blobs)
 
 
-def _inflate(blob: bytes, expected: int, name: str) -> bytes:
-    d = zlib.decompressobj()
-    try:
-        out = d.decompress(blob, expected)
-        if d.unconsumed_tail or not d.eof:
-            raise InputError("array %s: its data does not match its declared shape" % name)
-    except zlib.error:
-        raise InputError("array %s: its data is not valid zlib" % name) from None
-    if len(out) != expected:
-        raise InputError("array %s: %d bytes of data for a declared %d" % (name, len(out), expected))
-    return out
-
-
 def unpack(data: bytes, max_bytes: int = 1 << 34) -> Tuple[Dict[str, np.ndarray], dict]:
     """(arrays, meta) of a message; InputError with a one-line reason for anything malformed,
     or arrays that would take more than `max_bytes` once decompressed."""
-    data = memoryview(data)
-    if bytes(data[:len(MAGIC)]) != MAGIC:
-        raise InputError("the body is not a SynPo wire message (%s)" % CONTENT_TYPE)
-    pos = len(MAGIC)
-    if len(data) < pos + 4:
-        raise InputError("the message is truncated")
-    (n,) = struct.unpack(">I", data[pos:pos + 4])
-    pos += 4
-    if n > MAX_HEADER or len(data) < pos + n:
-        raise InputError("the message header is truncated or too large")
-    try:
-        header = json.loads(bytes(data[pos:pos + n]).decode("utf-8"))
-        entries, meta = header["arrays"], header.get("meta", {})
-        if not isinstance(entries, list) or not isinstance(meta, dict):
-            raise ValueError
-    except (ValueError, KeyError, TypeError):
-        raise InputError("the message header is not valid JSON of the expected form") from None
-    pos += n
-    arrays, total = {}, 0
-    for e in entries:
+    unpacker = Unpacker(data, max_bytes, chunk=0)
+    while not unpacker.step():
+        pass
+    return unpacker.arrays, unpacker.meta
+
+
+class Unpacker:
+    """unpack() a step at a time: each step() decompresses at most `chunk` bytes of an array (0: an
+    array at once), so that a caller driven by a GUI timer (Slicer's main thread) stays responsive
+    while a large result is decompressed. The header is read (and refused if malformed) on
+    construction; step() returns True once every array is read, then `arrays` and `meta` are what
+    unpack() gives. Every check of unpack() is made, in the same order."""
+
+    def __init__(self, data: bytes, max_bytes: int = 1 << 34, chunk: int = 4 << 20):
+        self.data, self.max_bytes, self.chunk = memoryview(data), int(max_bytes), int(chunk)
+        data = self.data
+        if bytes(data[:len(MAGIC)]) != MAGIC:
+            raise InputError("the body is not a SynPo wire message (%s)" % CONTENT_TYPE)
+        pos = len(MAGIC)
+        if len(data) < pos + 4:
+            raise InputError("the message is truncated")
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        pos += 4
+        if n > MAX_HEADER or len(data) < pos + n:
+            raise InputError("the message header is truncated or too large")
+        try:
+            header = json.loads(bytes(data[pos:pos + n]).decode("utf-8"))
+            entries, meta = header["arrays"], header.get("meta", {})
+            if not isinstance(entries, list) or not isinstance(meta, dict):
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            raise InputError("the message header is not valid JSON of the expected form") from None
+        self.meta: dict = meta
+        self.arrays: Dict[str, np.ndarray] = {}
+        self.total = 0                   # bytes of the arrays once decompressed, so far declared
+        self.done = 0                    # ... decompressed so far
+        self._entries, self._pos, self._index = entries, pos + n, 0
+        self._current = None             # [name, dtype, shape, blob, out buffer, decompressor, blob given]
+        self._filled = 0                 # bytes of the current array decompressed
+
+    def step(self) -> bool:
+        if self._current is None:
+            if self._index == len(self._entries):
+                if self._pos != len(self.data):
+                    raise InputError("the message has %d bytes after its last array" % (len(self.data) - self._pos))
+                return True
+            self._begin(self._entries[self._index])
+        self._inflate()
+        return False
+
+    def _begin(self, e) -> None:
         try:
             name, dtype, shape, size = str(e["name"]), str(e["dtype"]), [int(s) for s in e["shape"]], int(e["size"])
         except (KeyError, TypeError, ValueError):
@@ -127,18 +147,41 @@ def unpack(data: bytes, max_bytes: int = 1 << 34) -> Tuple[Dict[str, np.ndarray]
             raise InputError("array %s has an invalid shape or size" % name)
         dt = np.dtype(dtype).newbyteorder("<")
         nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-        total += nbytes
-        if total > max_bytes:
+        self.total += nbytes
+        if self.total > self.max_bytes:
             raise InputError("the arrays would take %d MB decompressed, more than this server accepts (%d MB)"
-                             % (total >> 20, max_bytes >> 20))
-        if len(data) < pos + size:
+                             % (self.total >> 20, self.max_bytes >> 20))
+        if len(self.data) < self._pos + size:
             raise InputError("array %s is truncated" % name)
-        raw = _inflate(bytes(data[pos:pos + size]), nbytes, name) if nbytes else b""
-        pos += size
-        arrays[name] = np.frombuffer(raw, dtype=dt).reshape(shape).astype(dt.newbyteorder("="), copy=False)
-    if pos != len(data):
-        raise InputError("the message has %d bytes after its last array" % (len(data) - pos))
-    return arrays, meta
+        blob = self.data[self._pos:self._pos + size]
+        self._pos += size
+        self._current = [name, dt, shape, blob, bytearray(nbytes), zlib.decompressobj(), False]
+
+    def _inflate(self) -> None:
+        """At most `chunk` more bytes of the current array (all of it with chunk 0), and the array
+        once they are all there. Never more than its declared shape holds (a decompression bomb
+        stops there)."""
+        name, dt, shape, blob, out, d, fed = self._current
+        expected, filled = len(out), self._filled
+        if expected:
+            try:
+                room = expected - filled
+                got = d.decompress(d.unconsumed_tail if fed else bytes(blob),
+                                   room if self.chunk <= 0 else min(room, self.chunk))
+            except zlib.error:
+                raise InputError("array %s: its data is not valid zlib" % name) from None
+            self._current[6] = True
+            out[filled:filled + len(got)] = got
+            filled += len(got)
+            self._filled, self.done = filled, self.done + len(got)
+            if got and filled < expected and not d.eof:
+                return                                      # more to decompress at the next step
+            if d.unconsumed_tail or not d.eof:
+                raise InputError("array %s: its data does not match its declared shape" % name)
+            if filled != expected:
+                raise InputError("array %s: %d bytes of data for a declared %d" % (name, filled, expected))
+        self.arrays[name] = np.frombuffer(out, dtype=dt).reshape(shape).astype(dt.newbyteorder("="), copy=False)
+        self._current, self._filled, self._index = None, 0, self._index + 1
 
 
 def compact_image(image: np.ndarray) -> np.ndarray:
