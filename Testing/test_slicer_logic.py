@@ -103,8 +103,9 @@ def _preview(c, server):
 
 def test_the_volume_goes_up_in_short_steps_and_cancel_stops_it(scene_case, server, monkeypatch):
     """The module's timer sends the volume a chunk per tick (PythonQt holds the GIL while Qt idles: a
-    Python thread would not run, and one call froze Slicer for seconds on a large CT); the status
-    line says how far it is, and Cancel during it leaves no session behind."""
+    Python thread would not run, and one call froze Slicer for seconds on a large CT), then the run's
+    support the same way; the status line says how far it is, and Cancel during it leaves no session
+    behind."""
     c = scene_case
     monkeypatch.setattr(RemoteJob, "UPLOAD_CHUNK", 2048)
     monkeypatch.setattr(RemoteJob, "UPLOAD_SECONDS", 0.0)     # one chunk per step
@@ -117,6 +118,11 @@ def test_the_volume_goes_up_in_short_steps_and_cancel_stops_it(scene_case, serve
         job.step()
         stages.append(job.stage)
     assert len(stages) > inputs.image.nbytes // 2048 and stages[0].startswith("sending the volume (")
+    starting = 0
+    while job.state == "start":                             # the run's support label map: also in steps
+        job.step()
+        starting += 1
+    assert starting > inputs.support.nbytes // 2048 and job.state == "running", job.error
     assert run_job(job).state == "done", job.error
     cancelled = RemoteJob(client, inputs.image, inputs.spacing, inputs.support)
     for _ in range(5):

@@ -179,7 +179,7 @@ class RemoteJob:
         self._arrived: List[Tuple] = []
         self._cancel = False
         self._busy_until = time.monotonic() + 60.0
-        self._upload = None                 # the volume being sent (client.Upload), in state "upload"
+        self._upload = None                 # the volume ("upload") or the run ("start") being sent (client.Upload)
         self._download = None               # the result being received (client.ResultDownload), in "fetch"
 
     def active(self) -> bool:
@@ -221,9 +221,21 @@ class RemoteJob:
                     self.done, self.total = 0, 1
             elif self.state == "start":
                 try:
-                    self.run_id = self.client.start_run(self.session_id, self.support, self.settings, add=self.add,
-                                                        absent=self.absent)
+                    # A step at a time as well (client.run_upload): a large CT's support label map took
+                    # half a second to pack.
+                    if self._upload is None:
+                        self._upload = self.client.run_upload(self.session_id, self.support, self.settings,
+                                                              add=self.add, absent=self.absent,
+                                                              chunk=self.UPLOAD_CHUNK)
+                    deadline = time.monotonic() + self.UPLOAD_SECONDS
+                    run = self._upload.step()
+                    while run is None and not self._upload.waiting() and time.monotonic() < deadline:
+                        run = self._upload.step()
+                    if run is None:
+                        return self.state
+                    self.run_id, self._upload = run, None
                 except ServerError as exc:
+                    self._upload = None                 # (Upload.step closed its connection)
                     # The server evicted or expired the session this preview meant to reuse: send the
                     # volume again (a correction has nothing to resend: it fails with the message).
                     if exc.status == 409 and time.monotonic() < self._busy_until:

@@ -155,17 +155,17 @@ class Client:
         """Start a run; `add`: `support` holds paint on new slices, merged into the last run's support;
         confidence_all: the confidence of every slice, not only of those the walks reach;
         absent: {label: slices} where the label is absent (walks end there)."""
-        arrays = {}
-        if support is not None:
-            support = np.asarray(support)
-            arrays["support"] = support.astype(np.int32) if support.dtype.kind == "f" else support
-        if support_image is not None:
-            arrays["support_image"] = wire.compact_image(np.asarray(support_image))
-        meta = {"set": list(settings), "modality": modality, "mode": "add" if add else "new",
-                "confidence_all": bool(confidence_all),
-                "absent": {str(int(k)): [int(t) for t in v] for k, v in (absent or {}).items()}}
+        arrays, meta = _run_message(support, settings, modality, support_image, add, confidence_all, absent)
         data, _ = self.request("POST", "/v1/sessions/%s/runs" % sid, wire.pack(arrays, meta), wire.CONTENT_TYPE)
         return json.loads(data.decode("utf-8"))["run"]
+
+    def run_upload(self, sid: str, support: Optional[np.ndarray], settings: Sequence[str] = (), add: bool = False,
+                   absent: Optional[Dict[int, Sequence[int]]] = None, chunk: int = 4 << 20) -> "Upload":
+        """start_run a step at a time (Upload): `Upload.step()` returns the run's ID once the server
+        has started it, else None (a support label map of a large CT took half a second to pack)."""
+        return Upload(self, "/v1/sessions/%s/runs" % sid, *_run_message(support, settings, None, None, add, False,
+                                                                          absent),
+                      chunk=chunk, answer=lambda reply: reply["run"])
 
     def status(self, sid: str, rid: str, since: int = 0) -> dict:
         return self.json("GET", "/v1/sessions/%s/runs/%s?since=%d" % (sid, rid, since))
@@ -228,6 +228,20 @@ def server_said(text: bytes, reason: str, code: int) -> str:
 def _session_message(image: np.ndarray, spacing_ijk: Sequence[float]):
     """(arrays, meta) of a new session's message."""
     return {"image": wire.compact_image(np.asarray(image))}, {"spacing": [float(s) for s in spacing_ijk]}
+
+
+def _run_message(support, settings, modality, support_image, add, confidence_all, absent):
+    """(arrays, meta) of a new run's message."""
+    arrays = {}
+    if support is not None:
+        support = np.asarray(support)
+        arrays["support"] = support.astype(np.int32) if support.dtype.kind == "f" else support
+    if support_image is not None:
+        arrays["support_image"] = wire.compact_image(np.asarray(support_image))
+    meta = {"set": list(settings), "modality": modality, "mode": "add" if add else "new",
+            "confidence_all": bool(confidence_all),
+            "absent": {str(int(k)): [int(t) for t in v] for k, v in (absent or {}).items()}}
+    return arrays, meta
 
 
 def _volume_result(arrays: Dict[str, np.ndarray], meta: dict) -> VolumeResult:
