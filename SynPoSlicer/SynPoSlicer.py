@@ -132,6 +132,12 @@ def sharedLogic():
     return _SHARED_LOGIC[0]
 
 
+def existingLogic():
+    """The shared logic if one was created, else None (never creates one: the effect's cleanup at
+    Slicer's exit, when SynPo was never used, has nothing to undo)."""
+    return _SHARED_LOGIC[0] if _SHARED_LOGIC else None
+
+
 # The bundled CT and its one painted liver slice, offered in the Sample Data module.
 SAMPLE_FILES = (("sample_ct.nii.gz", "SynPoSampleCT", "VolumeFile",
                  "SHA256:a206029fe837099fef796aa401197e35f46d7b286ade5a87741764fb710bdfd4"),

@@ -355,6 +355,28 @@ def test_the_effect_still_clones_after_a_developer_mode_reload(sandbox):
     assert type(clone.self()).__name__ == "SegmentEditorEffect"
 
 
+def test_the_effects_cleanup_at_exit_creates_no_logic_when_synpo_was_never_used(sandbox, monkeypatch):
+    """Slicer's Segment Editor widget calls each registered effect's cleanup() when it is destroyed, at
+    exit too (Modules/Loadable/Segmentations/Widgets/qMRMLSegmentEditorWidget.cxx,
+    qMRMLSegmentEditorWidgetPrivate's destructor), and deactivate() on leaving the editor:
+    with SynPo never used, neither creates the shared logic (its aboutToQuit connection and scene
+    observer) just to remove a listener; once one exists, they stop its progress reaching the effect."""
+    app, scene = App(), slicer.vtkMRMLScene()
+    monkeypatch.setattr(slicer, "app", app, raising=False)
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    effect = ScriptedEffect()
+    effect.setPythonSource(EFFECT_FILE)
+    effect.self().deactivate()
+    effect.self().cleanup()
+    assert sandbox.existingLogic() is None and app.connections == [] and not scene.HasObserver(scene.StartCloseEvent)
+    logic = sandbox.sharedLogic()
+    effect.self().activate()
+    assert effect.self().onLogicProgress in logic._listeners
+    effect.self().cleanup()
+    assert effect.self().onLogicProgress not in logic._listeners and sandbox.existingLogic() is logic
+    sandbox.retireLogic(logic)
+
+
 def test_developer_reload_gives_one_exception_class_and_stops_the_old_server(sandbox, monkeypatch):
     """slicer.util.reloadScriptedModule re-executes SynPoSlicer.py under the same module name
     (imp.load_module): reproduced by executing the file again in the module's namespace. The old

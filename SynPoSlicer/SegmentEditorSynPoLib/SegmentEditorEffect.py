@@ -77,10 +77,18 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def deactivate(self):
         """Another effect or another module: stop showing progress here; the run goes on."""
-        self.logic().removeListener(self.onLogicProgress)
+        self.stopListening()
 
     def cleanup(self):
-        self.logic().removeListener(self.onLogicProgress)
+        """The Segment Editor widget is destroyed (Slicer calls each effect's cleanup, at exit too)."""
+        self.stopListening()
+
+    def stopListening(self):
+        """No progress shown here from now on; a logic that was never created is not created for it."""
+        import SynPoSlicer
+        logic = SynPoSlicer.existingLogic()
+        if logic is not None:
+            logic.removeListener(self.onLogicProgress)
 
     def updateGUIFromMRML(self):
         if not hasattr(self, "previewButton"):
