@@ -245,7 +245,10 @@ def ensureDependencies(optional=False):
             import tempfile
             with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as handle:
                 handle.write("\n".join(core_constraints()) + "\n")
-            slicer.util.pip_install(requirements + ["-c", handle.name])
+            try:
+                slicer.util.pip_install(requirements + ["-c", handle.name])
+            finally:
+                os.remove(handle.name)                  # (delete=False: pip opens it by name, Windows too)
     except Exception as exc:
         slicer.util.errorDisplay("Installing SynPo's packages failed: %s. Check the internet connection, or use "
                                  "a SynPo server instead (the Server field)." % exc, windowTitle="SynPo",

