@@ -135,12 +135,13 @@ def test_the_volume_goes_up_in_short_steps_and_cancel_stops_it(scene_case, serve
 def test_the_result_comes_down_in_short_steps_and_cancel_stops_it(scene_case, server, monkeypatch):
     """The result too, a step per tick (client.ResultDownload): one call froze Slicer while the server
     packed a large result and Slicer unpacked it. The status line says how far it is; the result is
-    the server's; Cancel while it comes down ends the job with nothing shown."""
+    the server's; Cancel while it comes down ends the job with nothing shown, and the server forgets
+    the message it had packed."""
     c = scene_case
     inputs = mrml.extract_inputs(c["volume"], c["seg"], [c["target"]])
     client = server.client(timeout=10)
     first = run_job(RemoteJob(client, inputs.image, inputs.spacing, inputs.support))
-    monkeypatch.setattr(RemoteJob, "UPLOAD_CHUNK", 2048)
+    monkeypatch.setattr(RemoteJob, "DOWNLOAD_CHUNK", 2048)
     monkeypatch.setattr(RemoteJob, "UPLOAD_SECONDS", 0.0)     # one request or one chunk per step
     for cancel in (False, True):
         job = RemoteJob(client, None, (), inputs.support, session_id=first.session_id)
@@ -151,8 +152,11 @@ def test_the_result_comes_down_in_short_steps_and_cancel_stops_it(scene_case, se
             job.step()
             stages.append(job.stage)
         if cancel:
-            job.cancel()
+            job.cancel(now=True)                                # as the module's Cancel does
             assert job.state == "cancelled" and job.result is None and not job.active()
+            # The server forgot the message it had packed for the parts: asked again, it packs it anew.
+            again = client.result_download(job.session_id, job.run_id, "max", chunk=2048)
+            assert again.step() is None and again.packing and again.total is None
             continue
         assert job.state == "done", job.error
         assert len(stages) > 10 and stages[0].startswith("receiving the result (")

@@ -114,3 +114,22 @@ def test_the_unpacker_gives_unpacks_arrays_a_bounded_step_at_a_time():
         assert says in str(err.value)
     with pytest.raises(InputError, match="not a SynPo wire message"):
         wire.Unpacker(b"nope")                          # the header is read on construction
+
+
+@pytest.mark.parametrize("chunk", [0, 4096])
+def test_a_header_alone_takes_no_memory(chunk):
+    """A message that declares a large array but carries a few bytes is refused without reserving the
+    declared size (the server unpacks what any token holder sends): memory follows the data."""
+    import tracemalloc
+    blob = zlib.compress(bytes(10))
+    message = _message([{"name": "x", "dtype": "uint8", "shape": [512 << 20], "size": len(blob)}], [blob])
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match="10 bytes of data for a declared"):
+            unpacker = wire.Unpacker(message, chunk=chunk)
+            while not unpacker.step():
+                pass
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20

@@ -158,6 +158,9 @@ class RemoteJob:
     # Seconds of sending per step(): Slicer's 250 ms timer then leaves the interface a twentieth of a
     # second between steps (clicks, Cancel, repaints) and the volume goes up at most 1.25x slower.
     UPLOAD_SECONDS = 0.2
+    # Bytes of the result asked for at a time: a blocking request, so small enough for a slow link
+    # (0.8 s at 10 Mbit/s), and decompressed at a time.
+    DOWNLOAD_CHUNK = 1 << 20
 
     def __init__(self, client: Client, image: Optional[np.ndarray], spacing_ijk, support: Optional[np.ndarray],
                  settings: Sequence[str] = (), session_id: Optional[str] = None, add: bool = False,
@@ -189,7 +192,12 @@ class RemoteJob:
         """Ask the server to stop; the next step says when it has. now: send the request at once
         (the job is about to be dropped, e.g. the scene is closing)."""
         self._cancel = True
-        if self.state in ("upload", "start", "fetch"):      # (the run is done: its result is not fetched)
+        if self.state == "fetch" and self._download is not None and now:
+            try:                                # the run is done: the server only forgets what it packed
+                self.client.cancel(self.session_id, self.run_id)
+            except ServerError:
+                pass
+        if self.state in ("upload", "start", "fetch"):      # (a run done: its result is not fetched)
             if self._upload is not None:
                 self._upload.close()
                 self._upload = None
@@ -264,10 +272,10 @@ class RemoteJob:
                 # while the server packed it and Slicer unpacked it (about 3 s for a 300-slice CT).
                 if self._download is None:
                     self._download = self.client.result_download(self.session_id, self.run_id, "max",
-                                                                 self.UPLOAD_CHUNK)
+                                                                 self.DOWNLOAD_CHUNK)
                 deadline = time.monotonic() + self.UPLOAD_SECONDS
                 result = self._download.step()
-                while result is None and self._download.total is not None and time.monotonic() < deadline:
+                while result is None and not self._download.packing and time.monotonic() < deadline:
                     result = self._download.step()
                 self.done, self.total = self._download.progress(), 100
                 self.stage = "receiving the result (%d %%)" % self.done

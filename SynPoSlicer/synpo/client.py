@@ -273,6 +273,7 @@ class ResultDownload:
         self.parts: List[bytes] = []
         self.received = 0
         self.total: Optional[int] = None          # the message's bytes, once the server has packed it
+        self.packing = False                      # the last answer: the server is still packing it
         self.unpacker: Optional[wire.Unpacker] = None
 
     def progress(self) -> int:
@@ -283,9 +284,14 @@ class ResultDownload:
 
     def step(self) -> Optional[VolumeResult]:
         if self.unpacker is None:
-            data, headers, status = self.client.exchange("GET", "%s&offset=%d&length=%d"
-                                                         % (self.path, self.received, self.chunk))
-            if status == 202:                      # still packing on the server
+            # The first request waits as long as result() did: a server without parts packs the whole
+            # message before it answers. Parts come at once (202 while packing); a part gets a minute.
+            first = self.total is None and not self.packing
+            data, headers, status = self.client.exchange(
+                "GET", "%s&offset=%d&length=%d" % (self.path, self.received, self.chunk),
+                timeout=max(self.client.timeout, 600.0 if first else 60.0))
+            self.packing = status == 202
+            if self.packing:                       # still packing on the server
                 return None
             total = headers.get(wire.PART_TOTAL)
             if total is None:                      # the whole message in one answer

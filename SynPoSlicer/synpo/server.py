@@ -246,6 +246,7 @@ def create_app(service, token: str, max_body_bytes: int, max_array_bytes: Option
     async def cancel_run(sid: str, rid: str):
         run = service.get_run(service.get(sid), rid)
         run.cancel_event.set()
+        run.drop_packed()                   # a client that stops fetching the result in parts says so
         return {"run": rid, "state": run.state, "cancel": "requested"}
 
     @app.get("/v1/sessions/{sid}/runs/{rid}/result")

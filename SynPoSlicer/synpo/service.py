@@ -51,7 +51,9 @@ class Run:
         self.lock = threading.Lock()
         self.created = time.time()
         self.seconds = 0.0
-        self._packed: Dict[str, object] = {}   # a result's message being fetched in parts: bytes, "packing", or an error
+        # A result's message being fetched in parts: bytes, "packing", or the error packing raised. Held
+        # until its last part is sent or the client cancels; else with the run (not in the memory budget).
+        self._packed: Dict[str, object] = {}
 
     def packed_result(self, key: str, build) -> Optional[bytes]:
         """The message build() gives for `key`, packed once in a thread of its own: None while it
@@ -74,12 +76,17 @@ class Run:
         except BaseException as exc:                # handed to the next request for it
             message = exc
         with self.lock:
-            self._packed[key] = message
+            if isinstance(self._packed.get(key), str):      # not dropped (cancelled) meanwhile
+                self._packed[key] = message
 
-    def drop_packed(self, key: str) -> None:
-        """Forget a message whose last part was sent (a request for it again packs it again)."""
+    def drop_packed(self, key: Optional[str] = None) -> None:
+        """Forget a message whose last part was sent, or (no key) every one: the client cancelled
+        (a request for it again packs it again)."""
         with self.lock:
-            self._packed.pop(key, None)
+            if key is None:
+                self._packed.clear()
+            else:
+                self._packed.pop(key, None)
 
     def progress(self, stage: str, done: int, total: int) -> None:
         self.stage, self.done, self.total = stage, int(done), max(1, int(total))
