@@ -27,6 +27,20 @@ from synpo.client import Client  # noqa: E402
 from SynPoSlicerLib.engine import RemoteJob  # noqa: E402
 
 
+def timed_steps(job, state: str) -> str:
+    """Step `job` while it is in `state`, a step per tick of the module's 250 ms timer: the steps'
+    count, the longest step and the seconds in all."""
+    steps, longest, t0 = 0, 0.0, time.perf_counter()
+    while job.state == state:
+        s0 = time.perf_counter()
+        job.step()
+        took = time.perf_counter() - s0
+        steps, longest = steps + 1, max(longest, took)
+        time.sleep(max(0.0, 0.25 - took))              # the rest of the timer's 250 ms
+    return "%d steps, the longest %.2f s, %.2f s in all (%s)" % (steps, longest, time.perf_counter() - t0,
+                                                                job.state if not job.error else job.error)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", type=int, nargs=3, default=[300, 512, 512])
@@ -48,16 +62,8 @@ def main(argv=None):
         client.delete_session(client.create_session(image, (0.8, 0.8, 2.5)))
         one = time.perf_counter() - t0
         job = RemoteJob(client, image, (0.8, 0.8, 2.5), np.zeros(image.shape, np.uint8))
-        steps, longest, t0 = 0, 0.0, time.perf_counter()
-        while job.state == "upload":
-            s0 = time.perf_counter()
-            job.step()
-            took = time.perf_counter() - s0
-            steps, longest = steps + 1, max(longest, took)
-            time.sleep(max(0.0, 0.25 - took))          # the rest of the timer's 250 ms
-        print("%s voxels: one call %.2f s (the interface frozen that long); RemoteJob %d steps, the longest %.2f s, "
-              "%.2f s in all (%s)" % ("x".join(map(str, args.shape)), one, steps, longest,
-                                       time.perf_counter() - t0, job.state if not job.error else job.error))
+        print("%s voxels: one call %.2f s (the interface frozen that long); RemoteJob %s"
+              % ("x".join(map(str, args.shape)), one, timed_steps(job, "upload")))
         if args.result:
             support = np.zeros(image.shape, np.uint8)
             k, j, i = (n // 2 for n in image.shape)
@@ -74,16 +80,8 @@ def main(argv=None):
             t0 = time.perf_counter()
             client.result(job.session_id, job.run_id, "max")
             one = time.perf_counter() - t0
-            steps, longest, t0 = 0, 0.0, time.perf_counter()
-            while job.state == "fetch":
-                s0 = time.perf_counter()
-                job.step()
-                took = time.perf_counter() - s0
-                steps, longest = steps + 1, max(longest, took)
-                time.sleep(max(0.0, 0.25 - took))
-            print("the result (labels and confidence of every voxel): one call %.2f s; RemoteJob %d steps, the "
-                  "longest %.2f s, %.2f s in all (%s)" % (one, steps, longest, time.perf_counter() - t0,
-                                                          job.state if not job.error else job.error))
+            print("the result (labels and confidence of every voxel): one call %.2f s; RemoteJob %s"
+                  % (one, timed_steps(job, "fetch")))
     finally:
         server.terminate()
         server.wait(10)
