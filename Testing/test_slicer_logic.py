@@ -130,6 +130,14 @@ def test_the_volume_goes_up_in_short_steps_and_cancel_stops_it(scene_case, serve
     cancelled.cancel()
     assert cancelled.state == "cancelled" and cancelled._upload is None
     assert len(client.json("GET", "/v1/sessions")["sessions"]) == sessions + 1     # only the finished job's
+    # Cancel once the run's message is sent, before its answer is read: the server started the run;
+    # it is found and cancelled, not left running unseen (the session would stay busy for the next preview).
+    late = RemoteJob(client, inputs.image + 3.0, inputs.spacing, inputs.support)     # not embedded: a long run
+    while not (late.state == "start" and late._upload is not None and late._upload.waiting()):
+        assert late.step() in RemoteJob.ACTIVE, late.error
+    late.cancel(now=True)
+    assert late.state == "cancelled" and late.run_id is not None
+    assert client.wait(late.session_id, late.run_id)["state"] == "cancelled"
 
 
 def test_the_result_comes_down_in_short_steps_and_cancel_stops_it(scene_case, server, monkeypatch):

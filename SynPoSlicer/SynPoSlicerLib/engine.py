@@ -192,6 +192,20 @@ class RemoteJob:
         """Ask the server to stop; the next step says when it has. now: send the request at once
         (the job is about to be dropped, e.g. the scene is closing)."""
         self._cancel = True
+        if self.state == "start" and self._upload is not None and self._upload.waiting():
+            # The run's message is sent: the server has started the run, or is about to. Its answer
+            # (at once) names the run, which is then cancelled, not left running unseen.
+            try:
+                deadline, run = time.monotonic() + 5.0, None
+                while run is None and time.monotonic() < deadline:
+                    run = self._upload.step()
+                    if run is None:
+                        time.sleep(0.01)
+                if run is not None:
+                    self.run_id = run
+                    self.client.cancel(self.session_id, run)
+            except ServerError:
+                pass
         if self.state == "fetch" and self._download is not None and now:
             try:                                # the run is done: the server only forgets what it packed
                 self.client.cancel(self.session_id, self.run_id)
