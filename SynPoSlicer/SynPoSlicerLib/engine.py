@@ -188,6 +188,15 @@ class RemoteJob:
     def active(self) -> bool:
         return self.state in self.ACTIVE
 
+    def _advance(self, transfer):
+        """Step `transfer` (client.Upload or client.ResultDownload) for up to UPLOAD_SECONDS, or until
+        it only waits on the server: its answer once done, else None."""
+        deadline = time.monotonic() + self.UPLOAD_SECONDS
+        answer = transfer.step()
+        while answer is None and not transfer.waiting() and time.monotonic() < deadline:
+            answer = transfer.step()
+        return answer
+
     def cancel(self, now: bool = False) -> None:
         """Ask the server to stop; the next step says when it has. now: send the request at once
         (the job is about to be dropped, e.g. the scene is closing)."""
@@ -232,10 +241,7 @@ class RemoteJob:
                 # Slicer's main thread for seconds, Cancel included.
                 if self._upload is None:
                     self._upload = self.client.session_upload(self.image, self.spacing, self.UPLOAD_CHUNK)
-                deadline = time.monotonic() + self.UPLOAD_SECONDS
-                session = self._upload.step()
-                while session is None and not self._upload.waiting() and time.monotonic() < deadline:
-                    session = self._upload.step()
+                session = self._advance(self._upload)
                 self.done, self.total = self._upload.progress(), 100
                 self.stage = "sending the volume (%d %%)" % self.done
                 if session is not None:
@@ -249,10 +255,7 @@ class RemoteJob:
                         self._upload = self.client.run_upload(self.session_id, self.support, self.settings,
                                                               add=self.add, absent=self.absent,
                                                               chunk=self.UPLOAD_CHUNK)
-                    deadline = time.monotonic() + self.UPLOAD_SECONDS
-                    run = self._upload.step()
-                    while run is None and not self._upload.waiting() and time.monotonic() < deadline:
-                        run = self._upload.step()
+                    run = self._advance(self._upload)
                     if run is None:
                         return self.state
                     self.run_id, self._upload = run, None
@@ -287,10 +290,7 @@ class RemoteJob:
                 if self._download is None:
                     self._download = self.client.result_download(self.session_id, self.run_id, "max",
                                                                  self.DOWNLOAD_CHUNK)
-                deadline = time.monotonic() + self.UPLOAD_SECONDS
-                result = self._download.step()
-                while result is None and not self._download.packing and time.monotonic() < deadline:
-                    result = self._download.step()
+                result = self._advance(self._download)
                 self.done, self.total = self._download.progress(), 100
                 self.stage = "receiving the result (%d %%)" % self.done
                 if result is not None:

@@ -276,6 +276,10 @@ class ResultDownload:
         self.packing = False                      # the last answer: the server is still packing it
         self.unpacker: Optional[wire.Unpacker] = None
 
+    def waiting(self) -> bool:
+        """The server is still packing the result: only a later request can get it (as Upload.waiting)."""
+        return self.packing
+
     def progress(self) -> int:
         """Per cent done: receiving counts half, decompressing the other half."""
         if self.unpacker is not None:
