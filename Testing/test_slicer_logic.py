@@ -155,10 +155,13 @@ def test_the_result_comes_down_in_short_steps_and_cancel_stops_it(scene_case, se
         job = RemoteJob(client, None, (), inputs.support, session_id=first.session_id)
         while job.state != "fetch":
             assert job.step() in RemoteJob.ACTIVE, job.error
-        stages = []
+        stages, shown = [], []
         while job.state == "fetch" and not (cancel and len(stages) == 3):
             job.step()
             stages.append(job.stage)
+            shown.append(job.done)
+        # The bar only goes forward (it fell back when the confidence, larger than the labels, began).
+        assert shown == sorted(shown), shown
         if cancel:
             job.cancel(now=True)                                # as the module's Cancel does
             assert job.state == "cancelled" and job.result is None and not job.active()
@@ -171,6 +174,48 @@ def test_the_result_comes_down_in_short_steps_and_cancel_stops_it(scene_case, se
         whole = client.result(job.session_id, job.run_id, "max")
         assert np.array_equal(job.result.labels, whole.labels)
         assert np.array_equal(job.result.confidence[1], whole.confidence[1])
+
+
+def test_a_cancel_as_the_server_answers_leaves_nothing_unseen(scene_case, server, monkeypatch):
+    """Cancel once the volume is sent, before the server's answer is read: the server has made the
+    session; the job reads its name, and the module's next preview of this volume uses it (the volume
+    is not sent again, no session is left unseen). And Cancel (not at once) while the run ends: the
+    result is not fetched, the job ends cancelled."""
+    c = scene_case
+    monkeypatch.setattr(RemoteJob, "UPLOAD_CHUNK", 2048)
+    monkeypatch.setattr(RemoteJob, "UPLOAD_SECONDS", 0.0)     # one chunk per step
+    logic = _module_logic(monkeypatch)
+    logic.useServer(server.url, server.token_file)
+    params = _parameters(logic, c["scene"])
+    client = server.client(timeout=10)
+    volume = add_volume(c["scene"], c["image"] + 7.0, c["matrix"], "cancelled upload")
+    before = set(s["session"] for s in client.json("GET", "/v1/sessions")["sessions"])
+    logic.startPreview(volume, c["seg"], [c["target"]], params)
+    deadline = time.time() + 60
+    while not (logic.job is not None and logic.job._upload is not None and logic.job._upload.waiting()):
+        assert logic.step() in ("starting", "running") and time.time() < deadline, logic.message
+    logic.cancel()
+    assert logic.state == "cancelled" and logic.job.state == "cancelled"
+    made = set(s["session"] for s in client.json("GET", "/v1/sessions")["sessions"]) - before
+    assert made == {logic.job.session_id}
+    messages = []
+    logic.startPreview(volume, c["seg"], [c["target"]], params)
+    while logic.active():
+        logic.step()
+        messages.append(logic.message)
+        time.sleep(0.02)
+    assert logic.state == "previewed", logic.message
+    assert any("The volume is on the server already" in m for m in messages), messages
+    assert set(s["session"] for s in client.json("GET", "/v1/sessions")["sessions"]) - before == made
+    logic.discard()
+    # Cancel without "now" (the next step sends it) while the run ends on the server.
+    inputs = mrml.extract_inputs(c["volume"], c["seg"], [c["target"]])
+    job = RemoteJob(client, inputs.image, inputs.spacing, inputs.support)
+    while job.state != "running":
+        assert job.step() in RemoteJob.ACTIVE, job.error
+    job.cancel()
+    assert client.wait(job.session_id, job.run_id)["state"] == "done"     # it ended before the cancel went
+    assert run_job(job).state == "cancelled" and job.result is None
 
 
 def test_preview_points_land_at_their_ras_positions_and_discard_removes_everything(scene_case, server):

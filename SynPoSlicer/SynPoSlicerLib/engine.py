@@ -201,20 +201,20 @@ class RemoteJob:
         """Ask the server to stop; the next step says when it has. now: send the request at once
         (the job is about to be dropped, e.g. the scene is closing)."""
         self._cancel = True
-        if self.state == "start" and self._upload is not None and self._upload.waiting():
-            # The run's message is sent: the server has started the run, or is about to. Its answer
-            # (at once) names the run, which is then cancelled, not left running unseen.
-            try:
-                deadline, run = time.monotonic() + 5.0, None
-                while run is None and time.monotonic() < deadline:
-                    run = self._upload.step()
-                    if run is None:
-                        time.sleep(0.01)
-                if run is not None:
-                    self.run_id = run
-                    self.client.cancel(self.session_id, run)
-            except ServerError:
-                pass
+        if self.state in ("upload", "start") and self._upload is not None and self._upload.waiting():
+            # The message is sent: the server has made the session ("upload") or started the run
+            # ("start"), or is about to. Its answer names it: the session is kept for the next
+            # preview of this volume (the logic records session_id; the volume is not sent again),
+            # the run is cancelled, neither is left on the server unseen.
+            answer = self._answer_of(self._upload)
+            if answer is not None and self.state == "upload":
+                self.session_id = answer
+            elif answer is not None:
+                self.run_id = answer
+                try:
+                    self.client.cancel(self.session_id, answer)
+                except ServerError:
+                    pass
         if self.state == "fetch" and self._download is not None and now:
             try:                                # the run is done: the server only forgets what it packed
                 self.client.cancel(self.session_id, self.run_id)
@@ -232,6 +232,20 @@ class RemoteJob:
             except ServerError:
                 pass
             self.state, self.stage = "cancelled", "cancelled"
+
+    @staticmethod
+    def _answer_of(upload, seconds: float = 5.0):
+        """The answer to an upload whose message is all sent (the server answers at once), waited
+        for at most `seconds`; None if none came or the server refused it."""
+        try:
+            deadline, answer = time.monotonic() + seconds, None
+            while answer is None and time.monotonic() < deadline:
+                answer = upload.step()
+                if answer is None:
+                    time.sleep(0.01)
+            return answer
+        except ServerError:
+            return None
 
     def step(self) -> str:
         """Advance by one request; returns the state. Errors end the job with `error` set."""
@@ -280,7 +294,10 @@ class RemoteJob:
                 if st["next"] > self._since:
                     arrived, self._since = self.client.slices(self.session_id, self.run_id, self._since)
                     self._arrived += arrived
-                if st["state"] == "done":
+                if st["state"] == "done" and self._cancel:
+                    # Cancelled (without now) while the run was ending: its result is not fetched.
+                    self.state, self.stage = "cancelled", "cancelled"
+                elif st["state"] == "done":
                     self.state = "fetch"
                 elif st["state"] in ("failed", "cancelled"):
                     self.state, self.error = st["state"], st["error"]

@@ -197,8 +197,7 @@ class PreviewLogic:
                                     else "Sending the volume to the server...")
             elif self.state == "running":
                 self.job.step()
-                if self.job.session_id and self._pending is not None:
-                    self._sessions[self._pending[3]] = self.job.session_id
+                self._rememberSession()
                 self.message = "SynPo: %s%s" % (self.job.stage, " (embeddings reused)" if self.job.reused else "")
                 if self.job.state == "done":
                     self.finishPreview()
@@ -209,6 +208,11 @@ class PreviewLogic:
         except (SynPoError, ValueError) as exc:
             self.state, self.message = "failed", "SynPo failed: %s" % exc
         return self.state
+
+    def _rememberSession(self):
+        """The server session that holds the pending preview's volume, for the next preview of it."""
+        if self.job is not None and self.job.session_id and self._pending is not None:
+            self._sessions[self._pending[3]] = self.job.session_id
 
     def startUpdate(self, parameterNode):
         """Run again from the user's edits of the candidates (mrml.edited_slices): corrected slices
@@ -253,6 +257,7 @@ class PreviewLogic:
         timer tick, which may never come if no timer runs)."""
         if self.job is not None and self.job.active():
             self.job.cancel(now=True)
+            self._rememberSession()          # a volume sent before Cancel is not sent again
             self.state, self.message = "cancelled", "Cancelled; the scene is unchanged."
         elif self.state == "starting":
             self.state, self.message = "cancelled", "Cancelled; the scene is unchanged."

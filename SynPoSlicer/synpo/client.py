@@ -283,7 +283,7 @@ class ResultDownload:
     def progress(self) -> int:
         """Per cent done: receiving counts half, decompressing the other half."""
         if self.unpacker is not None:
-            return 50 + int(50 * self.unpacker.done // max(1, self.unpacker.total))
+            return 50 + int(50 * self.unpacker.done // max(1, self.unpacker.declared))
         return int(50 * self.received // max(1, self.total or 1)) if self.total else 0
 
     def step(self) -> Optional[VolumeResult]:

@@ -11,6 +11,7 @@ accepted, and the total is bounded by the caller's limit. No pickle, no paths.
 
 Written by the server and by `client.py`; Python 3.9 syntax (the Slicer module imports it).
 """
+import math
 import json
 import struct
 import zlib
@@ -92,6 +93,16 @@ def unpack(data: bytes, max_bytes: int = 1 << 34) -> Tuple[Dict[str, np.ndarray]
     return unpacker.arrays, unpacker.meta
 
 
+def _declared_bytes(entry) -> int:
+    """Bytes an array entry of a header says it holds decompressed; 0 if the entry is malformed."""
+    try:
+        shape = [int(v) for v in entry["shape"]]
+        itemsize = np.dtype(str(entry["dtype"])).itemsize if str(entry["dtype"]) in DTYPES else 0
+    except (KeyError, TypeError, ValueError):
+        return 0
+    return math.prod(shape) * itemsize if all(v >= 0 for v in shape) else 0
+
+
 class Unpacker:
     """unpack() a step at a time: each step() decompresses at most `chunk` bytes of an array (0: an
     array at once), so that a caller driven by a GUI timer (Slicer's main thread) stays responsive
@@ -124,6 +135,10 @@ class Unpacker:
         self.arrays: Dict[str, np.ndarray] = {}
         self.total = 0                   # bytes of the arrays once decompressed, so far declared
         self.done = 0                    # ... decompressed so far
+        # ... all of them, as the header declares them (for progress: `total` grows array by array,
+        # so done / total fell back when a larger array began). Arithmetic only, nothing reserved; a
+        # malformed entry counts 0 here and is refused when step() reaches it.
+        self.declared = sum(_declared_bytes(e) for e in entries)
         self._entries, self._pos, self._index = entries, pos + n, 0
         self._current = None             # [name, dtype, shape, blob, bytes declared, decompressor, pieces out]
         self._filled = self._fed = 0     # bytes of the current array decompressed; of its blob given to zlib
