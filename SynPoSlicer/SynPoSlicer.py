@@ -18,7 +18,9 @@ def retireLogic(logic):
     """A shared logic being replaced (developer mode's Reload): its run, preview and server stop, and
     the application and scene connections sharedLogic made for it are undone (else each Reload left
     one more aboutToQuit connection and scene observer, each keeping an old logic alive)."""
-    for step in (logic.cancel, logic.discard, logic.stopServer):     # each on its own: the server stops
+    def settle():                     # a cancelled job's answer: its run cancelled, not left running
+        logic.settle(5.0)
+    for step in (logic.cancel, settle, logic.discard, logic.stopServer):   # each on its own: the server stops
         try:
             step()
         except Exception as exc:

@@ -135,7 +135,10 @@ def test_the_volume_goes_up_in_short_steps_and_cancel_stops_it(scene_case, serve
     late = RemoteJob(client, inputs.image + 3.0, inputs.spacing, inputs.support)     # not embedded: a long run
     while not (late.state == "start" and late._upload is not None and late._upload.waiting()):
         assert late.step() in RemoteJob.ACTIVE, late.error
-    late.cancel(now=True)
+    late.cancel(now=True)                                   # returns at once; the next steps read the answer
+    while late.state == "cancelling":
+        late.step()
+        time.sleep(0.01)
     assert late.state == "cancelled" and late.run_id is not None
     assert client.wait(late.session_id, late.run_id)["state"] == "cancelled"
 
@@ -195,7 +198,11 @@ def test_a_cancel_as_the_server_answers_leaves_nothing_unseen(scene_case, server
     while not (logic.job is not None and logic.job._upload is not None and logic.job._upload.waiting()):
         assert logic.step() in ("starting", "running") and time.time() < deadline, logic.message
     logic.cancel()
-    assert logic.state == "cancelled" and logic.job.state == "cancelled"
+    assert logic.state == "cancelled" and not logic.active()
+    while logic.settling():                                   # the timer goes on until the answer is read
+        logic.poll()
+        time.sleep(0.01)
+    assert logic.job.state == "cancelled"
     made = set(s["session"] for s in client.json("GET", "/v1/sessions")["sessions"]) - before
     assert made == {logic.job.session_id}
     messages = []
@@ -216,6 +223,44 @@ def test_a_cancel_as_the_server_answers_leaves_nothing_unseen(scene_case, server
     job.cancel()
     assert client.wait(job.session_id, job.run_id)["state"] == "done"     # it ended before the cancel went
     assert run_job(job).state == "cancelled" and job.result is None
+
+
+def test_cancel_never_waits_for_the_servers_answer(monkeypatch):
+    """Cancel runs on Slicer's main thread (the panel's and the effect's Cancel, File > Close Scene):
+    with the message sent and the server's answer not come, it returns at once; the job reads the
+    answer in later steps, for at most SETTLE_SECONDS, and the logic keeps polling meanwhile."""
+    class Silent:                                  # an Upload whose answer never comes
+        closed = False
+        def waiting(self):
+            return True
+        def step(self):
+            return None
+        def close(self):
+            Silent.closed = True
+    monkeypatch.setattr(RemoteJob, "SETTLE_SECONDS", 0.3)
+    for state in ("upload", "start"):
+        job = RemoteJob(None, None, (), None, session_id="s" if state == "start" else None)
+        job.state, job._upload = state, Silent()
+        began = time.monotonic()
+        job.cancel(now=True)
+        assert time.monotonic() - began < 0.05 and job.state == "cancelling" and job.active()
+        while job.state == "cancelling":
+            job.step()
+        assert job.state == "cancelled" and Silent.closed and 0.3 <= time.monotonic() - began < 2.0
+    logic = _module_logic(monkeypatch)
+    logic.job = RemoteJob(None, None, (), None)
+    logic.job.state, logic.job._upload = "upload", Silent()
+    logic._pending = (None, [], None, "fingerprint")
+    stopped = []
+    monkeypatch.setattr(logic, "stopPolling", lambda: stopped.append(True))
+    logic.state = "running"
+    logic.onSceneClosed()
+    assert logic.state == "idle" and logic.settling()
+    logic.poll()
+    assert not stopped                                  # the timer goes on for the settling job
+    time.sleep(0.35)
+    logic.poll()
+    assert stopped and not logic.settling()
 
 
 def test_preview_points_land_at_their_ras_positions_and_discard_removes_everything(scene_case, server):

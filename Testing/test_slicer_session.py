@@ -364,11 +364,34 @@ def test_the_effects_cleanup_at_exit_creates_no_logic_when_synpo_was_never_used(
     app, scene = App(), slicer.vtkMRMLScene()
     monkeypatch.setattr(slicer, "app", app, raising=False)
     monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
-    effect = ScriptedEffect()
-    effect.setPythonSource(EFFECT_FILE)
+    qt = sys.modules["qt"]
+
+    class Widget:
+        def __init__(self, text=""):
+            self.text, self.enabled, self.wordWrap = text, True, False
+
+        def connect(self, signal, slot):
+            pass
+
+    class Layout:
+        def addWidget(self, widget):
+            pass
+    for name, cls in (("QPushButton", Widget), ("QLabel", Widget), ("QHBoxLayout", Layout)):
+        monkeypatch.setattr(qt, name, cls, raising=False)
+    monkeypatch.setattr(ScriptedEffect, "addOptionsWidget", lambda self, widget: None, raising=False)
+    registered = ScriptedEffect()
+    registered.setPythonSource(EFFECT_FILE)                # registerEditorEffect
+    # Opening the Segment Editor: qMRMLSegmentEditorWidget::updateEffectList copies every registered
+    # effect (qSlicerSegmentEditorEffectFactory::copyEffects -> clone()) and sets each copy up
+    # (setupOptionsFrame, which refreshes its buttons); EffectParameterModified reaches updateGUIFromMRML.
+    effect = registered.self().clone()
+    effect.self().setupOptionsFrame()
+    effect.self().updateGUIFromMRML()
+    effect.self().activate()                                # chosen, not used: no run to follow
     effect.self().deactivate()
     effect.self().cleanup()
     assert sandbox.existingLogic() is None and app.connections == [] and not scene.HasObserver(scene.StartCloseEvent)
+    assert effect.self().previewButton.enabled and not effect.self().applyButton.enabled
     logic = sandbox.sharedLogic()
     effect.self().activate()
     assert effect.self().onLogicProgress in logic._listeners
@@ -555,6 +578,22 @@ def test_a_new_preview_asks_before_it_replaces_edited_candidates(sandbox, scene_
     assert len(answers) == 2
     _drive(logic, lambda: not logic.active())
     assert logic.state == "previewed" and logic.editedSlices() == 0
+    # Where the dialog mostly appears: the editor shows the 'SynPo candidates' the user corrects. The
+    # new preview is of the segments the preview was made for (the candidates go with the old one).
+    _edit_candidates(logic, c)
+    node = ScriptedEffect.editor.GetSegmentEditorNode()
+    node.SetAndObserveSegmentationNode(logic.preview.candidates)
+    node.SetSelectedSegmentID(logic.preview.candidate_ids[1])
+    python.onPreview()
+    assert len(answers) == 3 and logic.active() and logic.segmentationNode is c["seg"]
+    assert logic.segmentIds == [c["target"]]
+    _drive(logic, lambda: not logic.active())
+    assert logic.state == "previewed" and logic.editedSlices() == 0, logic.message
+    # The module's logic refuses a preview painted on the candidates, before anything is discarded.
+    candidates = logic.preview.candidates
+    with pytest.raises(ValueError, match="'SynPo candidates' holds the preview"):
+        logic.startPreview(c["volume"], candidates, [logic.preview.candidate_ids[1]], logic.getParameterNode())
+    assert logic.preview is not None and logic.preview.candidates is candidates and logic.state == "previewed"
 
 
 def test_removed_candidates_apply_refuses_and_cancel_discards(sandbox, scene_case, server, monkeypatch):

@@ -70,9 +70,19 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.cancelButton.connect("clicked()", self.onCancel)
         self.updateGUIFromMRML()
 
+    def existingLogic(self):
+        """The shared logic if something created it, else None: the Segment Editor widget sets up, shows
+        and refreshes every registered effect's copy (qMRMLSegmentEditorWidget::updateEffectList calls
+        setupOptionsFrame on each, EffectParameterModified reaches updateGUIFromMRML), SynPo unused
+        or not; only the buttons create the logic."""
+        import SynPoSlicer
+        return SynPoSlicer.existingLogic()
+
     def activate(self):
         """The user chose SynPo (again): follow the shared logic's run, whichever effect started it."""
-        self.logic().addListener(self.onLogicProgress)
+        logic = self.existingLogic()
+        if logic is not None:
+            logic.addListener(self.onLogicProgress)
         self.onLogicProgress()
 
     def deactivate(self):
@@ -93,18 +103,25 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def updateGUIFromMRML(self):
         if not hasattr(self, "previewButton"):
             return
-        logic = self.logic()
-        running = logic.active()
-        has_preview = logic.preview is not None
+        logic = self.existingLogic()
+        running = logic is not None and logic.active()
+        has_preview = logic is not None and logic.preview is not None
         self.previewButton.enabled = not running
         self.updateButton.enabled = has_preview and not running
         self.applyButton.enabled = has_preview and not running
         self.cancelButton.enabled = running or has_preview
 
-    def _inputs(self):
+    def _inputs(self, logic):
+        """(volume, segmentation, segment IDs) to preview: the editor's, or, while it shows the 'SynPo
+        candidates' the user was correcting, the segments the current preview was made for (a new
+        preview replaces the candidates: it cannot be painted on them)."""
         node = self.scriptedEffect.parameterSetNode()
+        segmentation = node.GetSegmentationNode()
+        if logic.preview is not None and segmentation is not None and segmentation is logic.preview.candidates:
+            return logic.volumeNode, logic.segmentationNode, list(logic.segmentIds)
         volume = node.GetSourceVolumeNode() if hasattr(node, "GetSourceVolumeNode") else node.GetMasterVolumeNode()
-        return volume, node.GetSegmentationNode(), node.GetSelectedSegmentID()
+        segmentId = node.GetSelectedSegmentID()
+        return volume, segmentation, [segmentId] if segmentId else []
 
     def onPreview(self):
         import SynPoSlicer
@@ -118,8 +135,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             if not SynPoSlicer.prepareServer(logic, *SynPoSlicer.serverSettings(),
                                              features=parameters.GetParameter("Features")):
                 return
-            volume, segmentation, segmentId = self._inputs()
-            logic.startPreview(volume, segmentation, [segmentId] if segmentId else [], parameters)
+            volume, segmentation, segmentIds = self._inputs(logic)
+            logic.startPreview(volume, segmentation, segmentIds, parameters)
             logic.addListener(self.onLogicProgress)
         self.onLogicProgress()
 
@@ -133,7 +150,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def onLogicProgress(self):
         """Called by the shared logic after each step of a run, and when this effect is shown again."""
         if self.statusLabel is not None:
-            self.statusLabel.text = self.logic().message
+            logic = self.existingLogic()
+            self.statusLabel.text = logic.message if logic is not None else ""
         self.updateGUIFromMRML()
 
     def writeSegment(self, segmentationNode, segmentId, labelmap):

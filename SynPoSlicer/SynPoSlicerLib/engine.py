@@ -149,11 +149,13 @@ class ServerProcess:
 class RemoteJob:
     """One preview on a server, advanced by step() from a timer; every step is one short request.
 
-    States: "upload" -> "start" -> "running" -> "fetch" -> "done", or "failed" / "cancelled".
+    States: "upload" -> "start" -> "running" -> "fetch" -> "done", or "failed" / "cancelled"; a
+    job cancelled while the server's answer to its message is due is "cancelling" until it has read
+    it (steps go on, as after any cancel, until the job is no longer active).
     `new_slices()` hands over the slices decided since the last call (record, mask or None), so
     the preview can grow as the server works; `result` is the VolumeResult once done."""
 
-    ACTIVE = ("upload", "start", "running", "fetch")
+    ACTIVE = ("upload", "start", "running", "fetch", "cancelling")
     UPLOAD_CHUNK = 4 << 20              # bytes compressed or sent at a time (about 0.05 s on a CPU core)
     # Seconds of sending per step(): Slicer's 250 ms timer then leaves the interface a twentieth of a
     # second between steps (clicks, Cancel, repaints) and the volume goes up at most 1.25x slower.
@@ -161,6 +163,8 @@ class RemoteJob:
     # Bytes of the result asked for at a time: a blocking request, so small enough for a slow link
     # (0.8 s at 10 Mbit/s), and decompressed at a time.
     DOWNLOAD_CHUNK = 1 << 20
+    # How long a cancelled job looks for the server's answer to a message sent before Cancel.
+    SETTLE_SECONDS = 5.0
 
     def __init__(self, client: Client, image: Optional[np.ndarray], spacing_ijk, support: Optional[np.ndarray],
                  settings: Sequence[str] = (), session_id: Optional[str] = None, add: bool = False,
@@ -184,6 +188,7 @@ class RemoteJob:
         self._busy_until = time.monotonic() + 60.0
         self._upload = None                 # the volume ("upload") or the run ("start") being sent (client.Upload)
         self._download = None               # the result being received (client.ResultDownload), in "fetch"
+        self._settling = None               # ("upload" | "start", deadline) while "cancelling"
 
     def active(self) -> bool:
         return self.state in self.ACTIVE
@@ -201,20 +206,17 @@ class RemoteJob:
         """Ask the server to stop; the next step says when it has. now: send the request at once
         (the job is about to be dropped, e.g. the scene is closing)."""
         self._cancel = True
+        if self.state == "cancelling":
+            return
         if self.state in ("upload", "start") and self._upload is not None and self._upload.waiting():
-            # The message is sent: the server has made the session ("upload") or started the run
-            # ("start"), or is about to. Its answer names it: the session is kept for the next
-            # preview of this volume (the logic records session_id; the volume is not sent again),
-            # the run is cancelled, neither is left on the server unseen.
-            answer = self._answer_of(self._upload)
-            if answer is not None and self.state == "upload":
-                self.session_id = answer
-            elif answer is not None:
-                self.run_id = answer
-                try:
-                    self.client.cancel(self.session_id, answer)
-                except ServerError:
-                    pass
+            # The message is sent: the server makes the session ("upload") or starts the run ("start")
+            # and answers at once. The answer is read by the next steps (never waited for here: this
+            # runs on Slicer's main thread), at most SETTLE_SECONDS: a session is kept for the next
+            # preview of this volume (the logic records session_id), a run is cancelled; neither is
+            # left on the server unseen.
+            self._settling = (self.state, time.monotonic() + self.SETTLE_SECONDS)
+            self.state, self.stage = "cancelling", "cancelling"
+            return
         if self.state == "fetch" and self._download is not None and now:
             try:                                # the run is done: the server only forgets what it packed
                 self.client.cancel(self.session_id, self.run_id)
@@ -233,24 +235,12 @@ class RemoteJob:
                 pass
             self.state, self.stage = "cancelled", "cancelled"
 
-    @staticmethod
-    def _answer_of(upload, seconds: float = 5.0):
-        """The answer to an upload whose message is all sent (the server answers at once), waited
-        for at most `seconds`; None if none came or the server refused it."""
-        try:
-            deadline, answer = time.monotonic() + seconds, None
-            while answer is None and time.monotonic() < deadline:
-                answer = upload.step()
-                if answer is None:
-                    time.sleep(0.01)
-            return answer
-        except ServerError:
-            return None
-
     def step(self) -> str:
         """Advance by one request; returns the state. Errors end the job with `error` set."""
         try:
-            if self.state == "upload":
+            if self.state == "cancelling":
+                self._settle()
+            elif self.state == "upload":
                 # A step at a time (client.Upload): a large CT compressed and sent in one call froze
                 # Slicer's main thread for seconds, Cancel included.
                 if self._upload is None:
@@ -319,6 +309,26 @@ class RemoteJob:
                 self._upload = None
             self.state, self.error = "failed", str(exc)
         return self.state
+
+    def _settle(self) -> None:
+        """A step of "cancelling": the server's answer to the message sent before Cancel, if it has come."""
+        origin, deadline = self._settling
+        try:
+            answer = self._upload.step()
+        except ServerError:
+            answer, deadline = None, 0.0                       # refused: nothing was made
+        if answer is not None and origin == "upload":
+            self.session_id = answer
+        elif answer is not None:
+            self.run_id = answer
+            try:
+                self.client.cancel(self.session_id, answer)
+            except ServerError:
+                pass
+        if answer is not None or time.monotonic() >= deadline:
+            self._upload.close()
+            self._upload = None
+            self.state, self.stage = "cancelled", "cancelled"
 
     def new_slices(self) -> List[Tuple]:
         out, self._arrived = self._arrived, []

@@ -54,6 +54,7 @@ class PreviewLogic:
         self.pythonForServer = None
         self._pending = None             # the inputs of a preview waiting for the server
         self._sessions = {}              # volume fingerprint -> session id on the current server
+        self._settling = []              # (job, fingerprint): cancelled jobs still reading an answer
         self._fingerprints = {}          # (volume node id, its image's MTime) -> fingerprint: hashed once
         self._listeners = []             # views of the run told after each step (panel, effect instances)
         self.volumeNode = None
@@ -141,12 +142,17 @@ class PreviewLogic:
         except Exception as exc:             # anything step() does not expect ends the run, once
             logging.exception("SynPo: the run failed")
             self.state, self.message = "failed", "SynPo failed: %s" % exc
+        try:
+            self.settle()
+        except Exception as exc:
+            logging.warning("SynPo: a cancelled run's answer could not be read: %s" % exc)
+            self._settling = []
         for callback in list(self._listeners):
             try:
                 callback()
             except Exception as exc:         # a closed view must not stop the run
                 logging.warning("SynPo: a view of the run failed to update: %s" % exc)
-        if not self.active():
+        if not self.active() and not self.settling():
             self.stopPolling()
 
     # -- preview
@@ -172,8 +178,12 @@ class PreviewLogic:
         from SynPoSlicerLib import mrml
         if self.state in ("starting", "running"):
             raise ValueError("A preview is already running; wait for it or cancel it.")
-        self.discard()
+        if self.preview is not None and segmentationNode is not None and segmentationNode is self.preview.candidates:
+            raise ValueError("'SynPo candidates' holds the preview: choose the segmentation you painted the "
+                             "target on (or press Update to run again from your corrections of the candidates).")
+        # The inputs first: a bad input leaves the current preview (and the user's edits of it) as it is.
         inputs = mrml.extract_inputs(volumeNode, segmentationNode, segmentIds)
+        self.discard()
         self.volumeNode, self.segmentationNode, self.segmentIds = volumeNode, segmentationNode, list(segmentIds)
         self.segmentNames = [segmentationNode.GetSegmentation().GetSegment(s).GetName() for s in segmentIds]
         self._pending = (inputs, self.settings(parameterNode), parameterNode, self.fingerprint(volumeNode, inputs))
@@ -209,10 +219,43 @@ class PreviewLogic:
             self.state, self.message = "failed", "SynPo failed: %s" % exc
         return self.state
 
-    def _rememberSession(self):
-        """The server session that holds the pending preview's volume, for the next preview of it."""
-        if self.job is not None and self.job.session_id and self._pending is not None:
-            self._sessions[self._pending[3]] = self.job.session_id
+    def _rememberSession(self, job=None, fingerprint=None):
+        """The server session that holds a preview's volume (the current job's, else `job`'s), for
+        the next preview of that volume."""
+        job = self.job if job is None else job
+        if fingerprint is None and self._pending is not None:
+            fingerprint = self._pending[3]
+        if job is not None and job.session_id and fingerprint is not None:
+            self._sessions[fingerprint] = job.session_id
+
+    def _cancelJob(self):
+        """Cancel the current job now. One whose message the server is answering just then reads
+        the answer in later ticks (poll: the server's new session is kept for the next preview, a
+        run it started is cancelled), without holding Slicer's main thread meanwhile."""
+        self.job.cancel(now=True)
+        self._rememberSession()                       # a volume sent before Cancel is not sent again
+        entry = (self.job, self._pending[3] if self._pending is not None else None)
+        if self.job.state == "cancelling" and entry not in self._settling:
+            self._settling.append(entry)
+
+    def settling(self):
+        """Cancelled jobs are still reading the server's answer: the timer should go on (poll)."""
+        return bool(self._settling)
+
+    def settle(self, seconds=0.0):
+        """A step of each cancelled job still reading an answer; with `seconds`, until they are done or
+        that long has passed (a logic about to go: developer-mode Reload)."""
+        import time
+        deadline = time.monotonic() + seconds
+        while True:
+            for job, fingerprint in list(self._settling):
+                job.step()
+                if job.state != "cancelling":
+                    self._settling.remove((job, fingerprint))
+                    self._rememberSession(job, fingerprint)
+            if not self._settling or time.monotonic() >= deadline:
+                return
+            time.sleep(0.01)
 
     def startUpdate(self, parameterNode):
         """Run again from the user's edits of the candidates (mrml.edited_slices): corrected slices
@@ -256,8 +299,7 @@ class PreviewLogic:
         """Stop the current run, on the server too: the cancel request is sent now (not at the next
         timer tick, which may never come if no timer runs)."""
         if self.job is not None and self.job.active():
-            self.job.cancel(now=True)
-            self._rememberSession()          # a volume sent before Cancel is not sent again
+            self._cancelJob()
             self.state, self.message = "cancelled", "Cancelled; the scene is unchanged."
         elif self.state == "starting":
             self.state, self.message = "cancelled", "Cancelled; the scene is unchanged."
@@ -418,7 +460,7 @@ class PreviewLogic:
         """File > Close Scene: the preview's nodes are gone with the scene; a run is cancelled. The
         server and its sessions stay (a volume loaded again is recognised by its content)."""
         if self.job is not None and self.job.active():
-            self.job.cancel(now=True)
+            self._cancelJob()
         self.preview, self.volumeNode, self.result, self.job = None, None, None, None
         self.segmentationNode = None
         self.state, self.message = "idle", ""

@@ -378,7 +378,7 @@ class SynPoWeb(TrameApp):
 
     async def _run(self):
         """The module's timer, as an asyncio task: one short request per tick."""
-        while self.logic.active():
+        while self.logic.active() or self.logic.settling():
             self.logic.poll()
             state = self.logic.state
             with self.state:
@@ -388,7 +388,7 @@ class SynPoWeb(TrameApp):
                     self.state.preview_seconds = round(time.monotonic() - self.preview_started, 1)
                     self.state.message += "\n(%.0f s from the click)" % self.state.preview_seconds
                     self.logic.setOverlayOpacity(float(self.state.opacity))
-            await asyncio.sleep(STEP_SECONDS if self.logic.active() else 0)
+            await asyncio.sleep(STEP_SECONDS if self.logic.active() or self.logic.settling() else 0)
         with self.state:
             self._refresh()
 
