@@ -225,7 +225,7 @@ def test_a_cancel_as_the_server_answers_leaves_nothing_unseen(scene_case, server
     assert run_job(job).state == "cancelled" and job.result is None
 
 
-def test_cancel_never_waits_for_the_servers_answer(monkeypatch):
+def test_cancel_never_waits_for_the_servers_answer(monkeypatch, tmp_path):
     """Cancel runs on Slicer's main thread (the panel's and the effect's Cancel, File > Close Scene):
     with the message sent and the server's answer not come, it returns at once; the job reads the
     answer in later steps, for at most SETTLE_SECONDS, and the logic keeps polling meanwhile."""
@@ -261,6 +261,22 @@ def test_cancel_never_waits_for_the_servers_answer(monkeypatch):
     time.sleep(0.35)
     logic.poll()
     assert stopped and not logic.settling()
+    # A session answered after the server was switched is not recorded for the new one.
+    class Answering(Silent):
+        def step(self):
+            return "old-session"
+    logic.job = RemoteJob(None, None, (), None)
+    logic.job.state, logic.job._upload, logic.state = "upload", Answering(), "running"
+    logic.cancel()
+    token = tmp_path / "token"
+    token.write_text("t")
+    logic.useServer("http://127.0.0.1:9", str(token))
+    logic.settle()
+    assert not logic.settling() and logic.job.session_id == "old-session" and logic._sessions == {}
+    logic.job.state, logic.job._upload, logic.job.session_id, logic.state = "upload", Answering(), None, "running"
+    logic.cancel()
+    logic.settle()
+    assert logic._sessions == {"fingerprint": "old-session"}     # (the same server: kept)
 
 
 def test_preview_points_land_at_their_ras_positions_and_discard_removes_everything(scene_case, server):

@@ -594,6 +594,10 @@ def test_a_new_preview_asks_before_it_replaces_edited_candidates(sandbox, scene_
     with pytest.raises(ValueError, match="'SynPo candidates' holds the preview"):
         logic.startPreview(c["volume"], candidates, [logic.preview.candidate_ids[1]], logic.getParameterNode())
     assert logic.preview is not None and logic.preview.candidates is candidates and logic.state == "previewed"
+    overlay = logic.preview.confidence                      # a scalar volume every volume selector lists
+    with pytest.raises(ValueError, match="the preview's overlay"):
+        logic.startPreview(overlay, c["seg"], [c["target"]], logic.getParameterNode())
+    assert logic.preview is not None and logic.preview.confidence is overlay and overlay.GetScene() is not None
 
 
 def test_removed_candidates_apply_refuses_and_cancel_discards(sandbox, scene_case, server, monkeypatch):

@@ -54,7 +54,8 @@ class PreviewLogic:
         self.pythonForServer = None
         self._pending = None             # the inputs of a preview waiting for the server
         self._sessions = {}              # volume fingerprint -> session id on the current server
-        self._settling = []              # (job, fingerprint): cancelled jobs still reading an answer
+        self._settling = []              # (job, fingerprint, server epoch): cancelled jobs still reading an answer
+        self._serverEpoch = 0            # which server the sessions are on: changed by useServer, stopServer
         self._fingerprints = {}          # (volume node id, its image's MTime) -> fingerprint: hashed once
         self._listeners = []             # views of the run told after each step (panel, effect instances)
         self.volumeNode = None
@@ -81,6 +82,7 @@ class PreviewLogic:
         remote = (url, find_token(tokenFile or None)) if url else None
         if remote != self.remote:
             self._sessions = {}              # sessions live on the server they were made on
+            self._serverEpoch += 1           # (and a cancelled job settling now is not recorded)
         if remote is not None:
             self.stopServer()                # the local server is no longer used
         self.remote = remote
@@ -98,6 +100,7 @@ class PreviewLogic:
             self.server.stop()
             self.server = None
             self._sessions = {}
+            self._serverEpoch += 1
 
     def serverOptions(self, parameterNode):
         """ServerProcess keyword arguments of a server started here (a hook)."""
@@ -181,6 +184,9 @@ class PreviewLogic:
         if self.preview is not None and segmentationNode is not None and segmentationNode is self.preview.candidates:
             raise ValueError("'SynPo candidates' holds the preview: choose the segmentation you painted the "
                              "target on (or press Update to run again from your corrections of the candidates).")
+        if self.preview is not None and volumeNode is not None and volumeNode in self.preview.nodes():
+            raise ValueError("'%s' is the preview's overlay: choose the scanned volume as the input."
+                             % volumeNode.GetName())
         # The inputs first: a bad input leaves the current preview (and the user's edits of it) as it is.
         inputs = mrml.extract_inputs(volumeNode, segmentationNode, segmentIds)
         self.discard()
@@ -234,7 +240,7 @@ class PreviewLogic:
         run it started is cancelled), without holding Slicer's main thread meanwhile."""
         self.job.cancel(now=True)
         self._rememberSession()                       # a volume sent before Cancel is not sent again
-        entry = (self.job, self._pending[3] if self._pending is not None else None)
+        entry = (self.job, self._pending[3] if self._pending is not None else None, self._serverEpoch)
         if self.job.state == "cancelling" and entry not in self._settling:
             self._settling.append(entry)
 
@@ -248,11 +254,13 @@ class PreviewLogic:
         import time
         deadline = time.monotonic() + seconds
         while True:
-            for job, fingerprint in list(self._settling):
+            for entry in list(self._settling):
+                job, fingerprint, epoch = entry
                 job.step()
                 if job.state != "cancelling":
-                    self._settling.remove((job, fingerprint))
-                    self._rememberSession(job, fingerprint)
+                    self._settling.remove(entry)
+                    if epoch == self._serverEpoch:       # not a session of a server no longer used
+                        self._rememberSession(job, fingerprint)
             if not self._settling or time.monotonic() >= deadline:
                 return
             time.sleep(0.01)
@@ -290,14 +298,16 @@ class PreviewLogic:
         import time
         self.startPreview(volumeNode, segmentationNode, segmentIds, parameterNode)
         deadline = time.time() + timeout
-        while self.active() and time.time() < deadline:
+        while (self.active() or self.settling()) and time.time() < deadline:
             self.step()
+            self.settle()
             time.sleep(0.1)
         return self.state
 
     def cancel(self):
-        """Stop the current run, on the server too: the cancel request is sent now (not at the next
-        timer tick, which may never come if no timer runs)."""
+        """Stop the current run, on the server too: the cancel request is sent now, or, where the
+        server's answer naming the run is still due, read by the next poll() (settling(); a caller
+        with no timer calls settle(seconds))."""
         if self.job is not None and self.job.active():
             self._cancelJob()
             self.state, self.message = "cancelled", "Cancelled; the scene is unchanged."
