@@ -74,7 +74,9 @@ class Server:
         self.ready = os.path.join(folder, "ready")
         self.token_file = os.path.join(folder, "token")
         args = synpo_cmd() + ["serve", "--port", "0", "--device", "cpu", "--features", "sam", "--token-out",
-                              self.token_file, "--ready-file", self.ready, "--session-ttl", "600"] + list(extra)
+                              self.token_file, "--ready-file", self.ready, "--session-ttl", "600",
+                              # gone with this test process, even if it crashes (no server left on CI)
+                              "--parent-pid", str(os.getpid())] + list(extra)
         self.log = open(os.path.join(folder, "server.log"), "w")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 120
