@@ -133,3 +133,14 @@ def test_a_header_alone_takes_no_memory(chunk):
     finally:
         tracemalloc.stop()
     assert peak < 8 << 20
+
+
+@pytest.mark.parametrize("chunk", [0, 64])
+def test_a_shape_whose_size_overflows_int64_is_refused_by_the_size_limit(chunk):
+    """2^40 x 2^40 x 16 bytes wrapped to 0 in an int64 product: the declared size passed the limit and
+    the array ended in numpy's ValueError (not a clear refusal). The size is counted exactly."""
+    message = _message([{"name": "x", "dtype": "uint8", "shape": [1 << 40, 1 << 40, 16], "size": 0}], [b""])
+    with pytest.raises(InputError, match="more than this server accepts"):
+        unpacker = wire.Unpacker(message, chunk=chunk)
+        while not unpacker.step():
+            pass

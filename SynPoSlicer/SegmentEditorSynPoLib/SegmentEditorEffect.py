@@ -95,8 +95,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def stopListening(self):
         """No progress shown here from now on; a logic that was never created is not created for it."""
-        import SynPoSlicer
-        logic = SynPoSlicer.existingLogic()
+        logic = self.existingLogic()
         if logic is not None:
             logic.removeListener(self.onLogicProgress)
 

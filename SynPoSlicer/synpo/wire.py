@@ -93,14 +93,19 @@ def unpack(data: bytes, max_bytes: int = 1 << 34) -> Tuple[Dict[str, np.ndarray]
     return unpacker.arrays, unpacker.meta
 
 
+def _nbytes(shape, dtype: str) -> int:
+    """Bytes of an array of `shape` and `dtype` (one of DTYPES), in exact integers: a product over
+    int64 wrapped for a huge declared shape and slipped past the size limit."""
+    return math.prod(shape) * np.dtype(dtype).itemsize
+
+
 def _declared_bytes(entry) -> int:
     """Bytes an array entry of a header says it holds decompressed; 0 if the entry is malformed."""
     try:
-        shape = [int(v) for v in entry["shape"]]
-        itemsize = np.dtype(str(entry["dtype"])).itemsize if str(entry["dtype"]) in DTYPES else 0
+        shape, dtype = [int(v) for v in entry["shape"]], str(entry["dtype"])
     except (KeyError, TypeError, ValueError):
         return 0
-    return math.prod(shape) * itemsize if all(v >= 0 for v in shape) else 0
+    return _nbytes(shape, dtype) if dtype in DTYPES and all(v >= 0 for v in shape) else 0
 
 
 class Unpacker:
@@ -163,7 +168,7 @@ class Unpacker:
         if any(s < 0 for s in shape) or size < 0 or len(shape) > 8:
             raise InputError("array %s has an invalid shape or size" % name)
         dt = np.dtype(dtype).newbyteorder("<")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        nbytes = _nbytes(shape, dtype)
         self.total += nbytes
         if self.total > self.max_bytes:
             raise InputError("the arrays would take %d MB decompressed, more than this server accepts (%d MB)"
