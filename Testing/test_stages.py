@@ -1314,6 +1314,23 @@ def test_collapse_warnings_name_a_label_that_came_back_as_its_paint_alone_and_wh
     assert lines[1].startswith("label 3: only the painted slice 0") and "1 (low SAM IoU)" in lines[1]
 
 
+def test_no_collapse_warning_where_there_was_no_slice_to_walk_to():
+    """A one-slice volume, or a label painted on every slice: no walk had a first step, so "the walk
+    stopped on its first step, paint a neighbouring slice" would be wrong."""
+    from types import SimpleNamespace
+    from synpo.outputs import collapse_warnings
+    from synpo.result import SliceRecord, VolumeResult
+    one = VolumeResult(np.zeros((1, 4, 4), np.uint8), {}, [SliceRecord(1, 0, "support")],
+                       SimpleNamespace(labels=[1], axis=0), "ct", ["sam"], {})
+    assert collapse_warnings(one) == []
+    every = VolumeResult(np.zeros((4, 3, 2), np.uint8), {}, [SliceRecord(1, t, "support") for t in range(2)],
+                         SimpleNamespace(labels=[1], axis=2), "ct", ["sam"], {})
+    assert collapse_warnings(every) == []                   # axis 2 has 2 slices, both painted
+    short = VolumeResult(np.zeros((4, 3, 3), np.uint8), {}, [SliceRecord(1, t, "support") for t in range(2)],
+                         SimpleNamespace(labels=[1], axis=2), "ct", ["sam"], {})
+    assert len(collapse_warnings(short)) == 1               # slice 2 was there to walk to
+
+
 def test_redecode_without_positive_points_is_empty_and_calls_no_model():
     """The user deleted every positive point: nothing to decode, an empty mask, background logits."""
     from synpo.decode import redecode_with_points

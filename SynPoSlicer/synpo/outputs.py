@@ -70,6 +70,7 @@ def extent_summary(result: VolumeResult, names: Dict[int, str] = None) -> List[s
     """One line per label: the slices where it was found and why each end of its walk stopped,
     e.g. "liver: slices 12-35; ends at 11 (confidence drop) and 36 (too small)"."""
     lines = []
+    slices = result.labels.shape[getattr(result.support, "axis", 0)]
     for label in result.support.labels:
         recs = sorted((r for r in result.records if r.label == label), key=lambda r: r.index)
         found = [r.index for r in recs if r.status in FOUND]
@@ -94,11 +95,14 @@ def collapse_warnings(result: VolumeResult, names: Dict[int, str] = None) -> Lis
     """One line per label whose result is its painted slice(s) alone (every walk stopped on its
     first step), with the reason each first step gave; [] when every label grew beyond its paint."""
     lines = []
+    slices = result.labels.shape[getattr(result.support, "axis", 0)]
     for label in result.support.labels:
         recs = sorted((r for r in result.records if r.label == label), key=lambda r: r.index)
         painted = [r.index for r in recs if r.status == "support"]
         if not painted or any(r.status in FOUND and r.status != "support" for r in recs):
             continue
+        if not {p + d for p in painted for d in (-1, 1)} & (set(range(slices)) - set(painted)):
+            continue                          # nothing to walk to: a one-slice volume, or every slice painted
         first = ["%d (%s)" % (r.index, r.reason or "absent") for r in recs
                  if r.status == "absent" and any(abs(r.index - p) == 1 for p in painted)]
         name = (names or {}).get(label, "label %d" % label)
