@@ -225,6 +225,58 @@ def test_a_cancel_as_the_server_answers_leaves_nothing_unseen(scene_case, server
     assert run_job(job).state == "cancelled" and job.result is None
 
 
+def test_a_preview_right_after_cancel_waits_for_the_cancelled_upload_and_settling_tells_no_view(
+        scene_case, server, monkeypatch):
+    """Preview, Cancel once the volume is sent (the server's answer not read yet), Preview again at
+    once: the new preview waits for that answer (the session the cancelled upload made) instead of
+    sending the volume again; the server holds one new session. A tick that only settles the
+    cancelled job tells no view (the panel's message is the user's last action's, e.g. Apply's)."""
+    c = scene_case
+    monkeypatch.setattr(RemoteJob, "UPLOAD_CHUNK", 2048)
+    monkeypatch.setattr(RemoteJob, "UPLOAD_SECONDS", 0.0)     # one chunk per step
+    logic = _module_logic(monkeypatch)
+    logic.useServer(server.url, server.token_file)
+    params = _parameters(logic, c["scene"])
+    client = server.client(timeout=10)
+    sessions = lambda: set(s["session"] for s in client.json("GET", "/v1/sessions")["sessions"])  # noqa: E731
+    volume = add_volume(c["scene"], c["image"] + 11.0, c["matrix"], "previewed again at once")
+    before = sessions()
+    told = []
+    logic.addListener(lambda: told.append(logic.message))
+    logic.startPreview(volume, c["seg"], [c["target"]], params)
+    deadline = time.time() + 60
+    while not (logic.job is not None and logic.job._upload is not None and logic.job._upload.waiting()):
+        assert logic.step() in ("starting", "running") and time.time() < deadline, logic.message
+    first, upload = logic.job, logic.job._upload
+    held = {"open": False}
+    answer = upload.step
+    upload.step = lambda: answer() if held["open"] else None  # the server's answer, read when let through
+    logic.cancel()
+    assert first.state == "cancelling" and logic.settling()
+    logic.poll()
+    assert told == ["Cancelled; the scene is unchanged."]     # the state changed: the views are told
+    for _ in range(3):
+        logic.poll()
+    assert told == ["Cancelled; the scene is unchanged."] and logic.settling()   # settling alone: nobody
+    logic.startPreview(volume, c["seg"], [c["target"]], params)
+    for _ in range(3):
+        logic.poll()
+        assert logic.state == "starting" and logic.job is None, logic.message
+    assert "Waiting for the server's answer" in logic.message
+    held["open"] = True
+    messages = []
+    while logic.active():
+        logic.poll()
+        messages.append(logic.message)
+        assert time.time() < deadline + 120, logic.message
+        time.sleep(0.02)
+    assert logic.state == "previewed", logic.message
+    assert first.state == "cancelled" and logic.job.session_id == first.session_id
+    assert any("The volume is on the server already" in m for m in messages), messages
+    assert sessions() - before == {first.session_id}
+    logic.discard()
+
+
 def test_cancel_never_waits_for_the_servers_answer(monkeypatch, tmp_path):
     """Cancel runs on Slicer's main thread (the panel's and the effect's Cancel, File > Close Scene):
     with the message sent and the server's answer not come, it returns at once; the job reads the

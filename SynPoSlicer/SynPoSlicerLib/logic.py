@@ -58,6 +58,7 @@ class PreviewLogic:
         self._serverEpoch = 0            # which server the sessions are on: changed by useServer, stopServer
         self._fingerprints = {}          # (volume node id, its image's MTime) -> fingerprint: hashed once
         self._listeners = []             # views of the run told after each step (panel, effect instances)
+        self._told = None                # (state, message) the listeners were last told
         self.volumeNode = None
         self.segmentationNode = None     # the segmentation the preview was made for: Apply writes there
         self.segmentIds, self.segmentNames = [], []
@@ -138,23 +139,30 @@ class PreviewLogic:
         """Called by poll() once the run has ended (a hook)."""
 
     def poll(self):
-        """One timer tick: a step, then every listener told; polling stops once the run has ended."""
+        """One timer tick: cancelled jobs settled, a step, then every listener told (on a tick of a run,
+        or when the state or message changed: a tick that only settles a cancelled job leaves the views,
+        and what the user's last action wrote there, alone); polling stops once nothing is left to do.
+        Settling comes first: a preview queued just after Cancel finds the session the cancelled upload
+        made (step() waits for it, at most RemoteJob.SETTLE_SECONDS) instead of sending the volume again."""
         import logging
-        try:
-            self.step()
-        except Exception as exc:             # anything step() does not expect ends the run, once
-            logging.exception("SynPo: the run failed")
-            self.state, self.message = "failed", "SynPo failed: %s" % exc
+        ran = self.active()
         try:
             self.settle()
         except Exception as exc:
             logging.warning("SynPo: a cancelled run's answer could not be read: %s" % exc)
             self._settling = []
-        for callback in list(self._listeners):
-            try:
-                callback()
-            except Exception as exc:         # a closed view must not stop the run
-                logging.warning("SynPo: a view of the run failed to update: %s" % exc)
+        try:
+            self.step()
+        except Exception as exc:             # anything step() does not expect ends the run, once
+            logging.exception("SynPo: the run failed")
+            self.state, self.message = "failed", "SynPo failed: %s" % exc
+        if ran or (self.state, self.message) != self._told:
+            self._told = (self.state, self.message)
+            for callback in list(self._listeners):
+                try:
+                    callback()
+                except Exception as exc:     # a closed view must not stop the run
+                    logging.warning("SynPo: a view of the run failed to update: %s" % exc)
         if not self.active() and not self.settling():
             self.stopPolling()
 
@@ -203,7 +211,10 @@ class PreviewLogic:
         try:
             if self.state == "starting":
                 inputs, settings, parameterNode, fingerprint = self._pending
-                if self.serverReady(parameterNode):
+                if fingerprint not in self._sessions and any(
+                        f == fingerprint and epoch == self._serverEpoch for _, f, epoch in self._settling):
+                    self.message = "Waiting for the server's answer to the cancelled upload of this volume..."
+                elif self.serverReady(parameterNode):
                     from SynPoSlicerLib.engine import RemoteJob
                     known = self._sessions.get(fingerprint)
                     self.job = RemoteJob(self.client(), inputs.image, inputs.spacing, inputs.support, settings,
@@ -299,8 +310,8 @@ class PreviewLogic:
         self.startPreview(volumeNode, segmentationNode, segmentIds, parameterNode)
         deadline = time.time() + timeout
         while (self.active() or self.settling()) and time.time() < deadline:
+            self.settle()                    # first, as poll() does
             self.step()
-            self.settle()
             time.sleep(0.1)
         return self.state
 

@@ -379,12 +379,16 @@ class SynPoWeb(TrameApp):
     async def _run(self):
         """The module's timer, as an asyncio task: one short request per tick."""
         while self.logic.active() or self.logic.settling():
+            ran = self.logic.active()
             self.logic.poll()
             state = self.logic.state
             with self.state:
                 self._refresh()
-                self._say(self.logic.message, error=state == "failed")
-                if state == "previewed":
+                # A tick that only settled a cancelled job leaves the page's message alone: it is the
+                # user's last action's (Apply, Load sample), not the run's.
+                if ran:
+                    self._say(self.logic.message, error=state == "failed")
+                if ran and state == "previewed":
                     self.state.preview_seconds = round(time.monotonic() - self.preview_started, 1)
                     self.state.message += "\n(%.0f s from the click)" % self.state.preview_seconds
                     self.logic.setOverlayOpacity(float(self.state.opacity))
