@@ -509,8 +509,7 @@ class SynPoSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateButtons()
 
     def onCancel(self):
-        self.logic.cancel()
-        self.showMessage("Cancelling...")
+        self.logic.cancel()                  # tells this panel (onLogicProgress): message and buttons
 
     def onRerunSlice(self):
         with slicer.util.tryWithErrorDisplay("SynPo could not re-run the slice.", waitCursor=True):

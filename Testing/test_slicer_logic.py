@@ -253,8 +253,8 @@ def test_a_preview_right_after_cancel_waits_for_the_cancelled_upload_and_settlin
     upload.step = lambda: answer() if held["open"] else None  # the server's answer, read when let through
     logic.cancel()
     assert first.state == "cancelling" and logic.settling()
+    assert told == ["Cancelled; the scene is unchanged."]     # the views are told at once, not at a tick
     logic.poll()
-    assert told == ["Cancelled; the scene is unchanged."]     # the state changed: the views are told
     for _ in range(3):
         logic.poll()
     assert told == ["Cancelled; the scene is unchanged."] and logic.settling()   # settling alone: nobody

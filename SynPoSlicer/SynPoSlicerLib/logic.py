@@ -157,14 +157,19 @@ class PreviewLogic:
             logging.exception("SynPo: the run failed")
             self.state, self.message = "failed", "SynPo failed: %s" % exc
         if ran or (self.state, self.message) != self._told:
-            self._told = (self.state, self.message)
-            for callback in list(self._listeners):
-                try:
-                    callback()
-                except Exception as exc:     # a closed view must not stop the run
-                    logging.warning("SynPo: a view of the run failed to update: %s" % exc)
+            self._tell()
         if not self.active() and not self.settling():
             self.stopPolling()
+
+    def _tell(self):
+        """Every listener (the panel, the effect's copies) told the state and message as they are now."""
+        import logging
+        self._told = (self.state, self.message)
+        for callback in list(self._listeners):
+            try:
+                callback()
+            except Exception as exc:             # a closed view must not stop the run
+                logging.warning("SynPo: a view of the run failed to update: %s" % exc)
 
     # -- preview
     def settings(self, parameterNode):
@@ -324,6 +329,9 @@ class PreviewLogic:
             self.state, self.message = "cancelled", "Cancelled; the scene is unchanged."
         elif self.state == "starting":
             self.state, self.message = "cancelled", "Cancelled; the scene is unchanged."
+        else:
+            return
+        self._tell()          # now, not at the next tick: the views' next action (Apply) is not overwritten
 
     def finishPreview(self, opacity=0.5):
         """Build the preview nodes from the finished job (main thread)."""
