@@ -74,6 +74,23 @@ def test_unreadable_file(case, capsys):
     _no_outputs(case)
 
 
+def test_a_compressed_file_cut_short_is_refused(case, capsys):
+    """ITK reads a .nii.gz cut short (a download stopped early) without a word, the rest zeros: it is
+    refused with one line. A file named .gz that is not gzip is left to the reader."""
+    whole = open(case["image"], "rb").read()
+    assert whole[:2] == b"\x1f\x8b"
+    cut = case["dir"] / "cut.nii.gz"
+    cut.write_bytes(whole[:len(whole) // 2])
+    msg = run_error(capsys, ["segment", str(cut), case["support"], "-o", case["out"]])
+    assert "damaged or cut short" in msg
+    _no_outputs(case)
+    import gzip
+    plain = case["dir"] / "plain.nii.gz"
+    plain.write_bytes(gzip.decompress(whole))                     # an uncompressed NIfTI named .nii.gz
+    from synpo.io import read_volume
+    assert read_volume(str(plain))[0].shape == read_volume(case["image"])[0].shape
+
+
 def test_2d_image(case, capsys):
     p = _write(case["array"][0], case["dir"] / "flat.nii.gz")
     assert "2D" in run_error(capsys, ["segment", p, case["support"], "-o", case["out"]])

@@ -143,6 +143,17 @@ def test_outputs_equal_segment_runs_and_a_bad_volume_is_one_row(case, cluster, t
     assert again["case1"]["settings_hash"] != rows["case1"]["settings_hash"]
     assert again["case3"] == rows["case3"]
     _no_temporaries(out)
+    # case1 segmented again (other settings) from a file that no longer reads: its row says failed, and
+    # the earlier run's output is not left beside it.
+    saved = (case["queries"] / "case1.nii.gz").read_bytes()
+    try:
+        (case["queries"] / "case1.nii.gz").write_bytes(b"not a volume any more")
+        assert main(argv + ["--set", "prompts.top_k=48"]) == 1
+    finally:
+        (case["queries"] / "case1.nii.gz").write_bytes(saved)
+    assert _rows(out)["case1"]["status"] == "failed" and not os.path.exists(str(out / "case1_synpo.nii.gz"))
+    assert os.path.exists(str(out / "case2_synpo.nii.gz"))
+    _no_temporaries(out)
 
 
 class KillOnFirstPublish(distributed.WorkerPlugin):
@@ -279,6 +290,15 @@ def test_usage_errors_are_one_line_before_anything_starts(case, tmp_path, capsys
     assert main(["cohort", case["ref"], case["labels"], str(case["queries"]), "-o", str(out)] + MODEL) == 2
     assert "it is not a cohort output" in capsys.readouterr().err
     assert (out / "case2_synpo.nii.gz").read_bytes() == b"the user's own file"
+    fresh = tmp_path / "never"
+    for extra, says in ((["--scheduler", "nonsense"], "is not a scheduler address"),
+                        (["--scheduler", "http://127.0.0.1:8786"], "is not a scheduler address"),
+                        (["--memory-limit=-2GB"], "at least 512"), (["--memory-limit", "10kB"], "at least 512")):
+        assert main(["cohort", case["ref"], case["labels"], str(case["queries"]), "-o", str(fresh)] + extra
+                    + MODEL) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
+        assert not fresh.exists()                                 # nothing made before the refusal
 
 
 def test_the_shared_reference_embeddings_spare_every_query_the_reference_slices(case):

@@ -326,6 +326,7 @@ def segment_query(query: str, name: str, outdir: str, reference, features: dict,
     t0 = time.perf_counter()
     row = {c: "" for c in COLUMNS}
     row.update(name=name, query=query, settings_hash=options["hash"])
+    paths = output_paths(outdir, name, options["confidence"], options["points"], options["labels"])
     try:
         row["query_stamp"] = file_stamp(query)
         from .io import read_volume
@@ -334,7 +335,6 @@ def segment_query(query: str, name: str, outdir: str, reference, features: dict,
         ref_image, ref_labels, _ = reference
         models = worker_models()
         image, geometry = read_volume(query, "query image")
-        paths = output_paths(outdir, name, options["confidence"], options["points"], options["labels"])
         remove_stale_temporaries(paths.values())
         session = Session(image, geometry.spacing, models, options["embedding_cache"])
         inject_reference(session, features, ref_image, cfg, geometry.spacing)
@@ -349,6 +349,12 @@ def segment_query(query: str, name: str, outdir: str, reference, features: dict,
         row.update(status="failed", error="out of memory")
     except Exception as exc:              # the volume's problem, one line; the cohort goes on
         row.update(status="failed", error=("%s: %s" % (type(exc).__name__, exc)).splitlines()[0][:500])
+    if row["status"] == "failed":
+        # A volume segmented again (other settings, another file) that fails keeps no output of the
+        # earlier run beside its "failed" row (run_cohort only runs volumes whose outputs are its own).
+        for p in paths.values():
+            if os.path.exists(p):
+                os.unlink(p)
     row["seconds"] = "%.1f" % (time.perf_counter() - t0)
     return row
 
@@ -428,7 +434,7 @@ def _check_reference(args):
 
 def _local_cluster(args, say):
     import psutil
-    from dask.utils import format_bytes, parse_bytes
+    from dask.utils import format_bytes
     from distributed import LocalCluster
     from .config import COHORT_THREADS_PER_WORKER
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -437,16 +443,42 @@ def _local_cluster(args, say):
     if args.memory_limit in (None, "auto"):
         memory = int(psutil.virtual_memory().total // workers)
     else:
-        try:
-            memory = int(parse_bytes(args.memory_limit))
-        except (ValueError, TypeError):
-            raise SynPoError("--memory-limit %r: give a size such as 6GB" % args.memory_limit) from None
+        memory = memory_limit(args.memory_limit)
     dashboard = None if str(args.dashboard).lower() == "none" else args.dashboard
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit=memory,
                            dashboard_address=dashboard, silence_logs=logging.ERROR)
     say("cohort: local cluster, %d worker process%s x %d thread%s, memory limit %s per worker"
-        % (workers, "es" if workers > 1 else "", threads, "s" if threads > 1 else "", format_bytes(memory)))
+        % (workers, "es" if workers > 1 else "", threads, "s" if threads > 1 else "",
+           format_bytes(memory) if memory else "none"))
     return cluster, threads
+
+
+# A worker holds torch and the models (LiteMedSAM: about 0.6 GB resident): a smaller limit only restarts it.
+MIN_WORKER_MEMORY = 512 * 2 ** 20
+
+
+def memory_limit(text: str) -> int:
+    """--memory-limit in bytes (0: no limit, as Dask reads it); SynPoError for anything else than a size
+    of at least MIN_WORKER_MEMORY."""
+    from dask.utils import format_bytes, parse_bytes
+    try:
+        memory = int(parse_bytes(text))
+    except (ValueError, TypeError):
+        raise SynPoError("--memory-limit %r: give a size such as 6GB" % text) from None
+    if memory != 0 and not MIN_WORKER_MEMORY <= memory:
+        raise SynPoError("--memory-limit %r: give a size of at least %s per worker (0: no limit)"
+                         % (text, format_bytes(MIN_WORKER_MEMORY)))
+    return memory
+
+
+def check_scheduler_address(address: str) -> None:
+    """SynPoError unless `address` reads as a Dask scheduler's (tcp://HOST:PORT, HOST:PORT, tls://...)."""
+    from distributed.comm.addressing import get_address_host_port
+    try:
+        get_address_host_port(address)
+    except ValueError as exc:
+        raise SynPoError("--scheduler %r is not a scheduler address (%s): give tcp://HOST:PORT" % (address, exc)) \
+            from None
 
 
 def run_cohort(args) -> int:
@@ -464,6 +496,10 @@ def run_cohort(args) -> int:
     except ImportError:
         raise SynPoError("synpo cohort needs Dask: pip install \"dask[distributed]\" (or pip install synpo[cohort])") \
             from None
+    if args.scheduler:
+        check_scheduler_address(args.scheduler)
+    elif args.memory_limit not in (None, "auto"):
+        memory_limit(args.memory_limit)
     outdir = args.output
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise SynPoError("output path is not a folder: %s" % outdir)
@@ -545,7 +581,7 @@ def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say) 
         if args.scheduler:
             try:
                 client = Client(args.scheduler, timeout="30s")
-            except (OSError, TimeoutError) as exc:
+            except (OSError, TimeoutError, ValueError) as exc:
                 raise SynPoError("cannot reach the Dask scheduler at %s: %s" % (args.scheduler, exc)) from None
             threads = args.threads_per_worker
             n = len(client.scheduler_info().get("workers", {}))

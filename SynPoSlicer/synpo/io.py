@@ -59,6 +59,25 @@ def geometry_of(image) -> Geometry:
                     tuple(image.GetOrigin()), tuple(image.GetDirection()))
 
 
+def check_gzip_whole(path: str, what: str = "image") -> None:
+    """A gzip-compressed file (.gz) read to its end once: ITK's reader fills a file cut short (a download
+    stopped early) with zeros and reads it without a word, and the volume would be segmented as if whole."""
+    import gzip
+    import zlib
+    if not path.lower().endswith(".gz"):
+        return
+    with open(path, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            return                            # not gzip whatever its name: the reader decides
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 22):
+                pass
+    except (EOFError, OSError, zlib.error) as exc:
+        raise InputError("cannot read %s %s: the compressed file is damaged or cut short (%s)"
+                         % (what, path, str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__)) from None
+
+
 def read_volume(path, what: str = "image", label: bool = False):
     """Read a 3D scalar volume. Returns (array[k, j, i], Geometry). Raises InputError."""
     sitk = _sitk()
@@ -67,6 +86,7 @@ def read_volume(path, what: str = "image", label: bool = False):
         raise InputError("%s file not found: %s" % (what, path))
     if os.path.isdir(path):
         raise InputError("%s path is a folder, not a volume file: %s" % (what, path))
+    check_gzip_whole(path, what)
     try:
         image = sitk.ReadImage(path)
     except RuntimeError as exc:
