@@ -66,6 +66,20 @@ def synpo_cmd():
     return [SYNPO] if os.path.exists(SYNPO) else [sys.executable, "-m", "synpo.cli"]
 
 
+# What the web app's tests import, and the pip package that brings each.
+WEB_MODULES = (("trame_slicer", "trame-slicer"), ("slicer", "slicer-core"))
+
+
+def missing_module(modules=WEB_MODULES):
+    """Why a test of these (module, pip package) pairs cannot run (one is not installed), or None."""
+    for module, package in modules:
+        try:
+            __import__(module)
+        except ImportError:
+            return "%s is not installed (pip install 'synpo[web,test]')" % package
+    return None
+
+
 class Server:
     """A `synpo serve` process on a free loopback port."""
 

@@ -179,31 +179,42 @@ def test_the_result_comes_down_in_short_steps_and_cancel_stops_it(scene_case, se
         assert np.array_equal(job.result.confidence[1], whole.confidence[1])
 
 
+def _stepped_logic(monkeypatch, server, scene):
+    """(logic, parameters, client, sessions()) for a preview whose volume goes one 2 KB chunk per step."""
+    monkeypatch.setattr(RemoteJob, "UPLOAD_CHUNK", 2048)
+    monkeypatch.setattr(RemoteJob, "UPLOAD_SECONDS", 0.0)     # one chunk per step
+    logic = _module_logic(monkeypatch)
+    logic.useServer(server.url, server.token_file)
+    client = server.client(timeout=10)
+    return (logic, _parameters(logic, scene), client,
+            lambda: set(s["session"] for s in client.json("GET", "/v1/sessions")["sessions"]))
+
+
+def _step_until_sent(logic, seconds=60):
+    """Step a preview until its volume is all sent and the server's answer is due (not read)."""
+    deadline = time.time() + seconds
+    while not (logic.job is not None and logic.job._upload is not None and logic.job._upload.waiting()):
+        assert logic.step() in ("starting", "running") and time.time() < deadline, logic.message
+
+
 def test_a_cancel_as_the_server_answers_leaves_nothing_unseen(scene_case, server, monkeypatch):
     """Cancel once the volume is sent, before the server's answer is read: the server has made the
     session; the job reads its name, and the module's next preview of this volume uses it (the volume
     is not sent again, no session is left unseen). And Cancel (not at once) while the run ends: the
     result is not fetched, the job ends cancelled."""
     c = scene_case
-    monkeypatch.setattr(RemoteJob, "UPLOAD_CHUNK", 2048)
-    monkeypatch.setattr(RemoteJob, "UPLOAD_SECONDS", 0.0)     # one chunk per step
-    logic = _module_logic(monkeypatch)
-    logic.useServer(server.url, server.token_file)
-    params = _parameters(logic, c["scene"])
-    client = server.client(timeout=10)
+    logic, params, client, sessions = _stepped_logic(monkeypatch, server, c["scene"])
     volume = add_volume(c["scene"], c["image"] + 7.0, c["matrix"], "cancelled upload")
-    before = set(s["session"] for s in client.json("GET", "/v1/sessions")["sessions"])
+    before = sessions()
     logic.startPreview(volume, c["seg"], [c["target"]], params)
-    deadline = time.time() + 60
-    while not (logic.job is not None and logic.job._upload is not None and logic.job._upload.waiting()):
-        assert logic.step() in ("starting", "running") and time.time() < deadline, logic.message
+    _step_until_sent(logic)
     logic.cancel()
     assert logic.state == "cancelled" and not logic.active()
     while logic.settling():                                   # the timer goes on until the answer is read
         logic.poll()
         time.sleep(0.01)
     assert logic.job.state == "cancelled"
-    made = set(s["session"] for s in client.json("GET", "/v1/sessions")["sessions"]) - before
+    made = sessions() - before
     assert made == {logic.job.session_id}
     messages = []
     logic.startPreview(volume, c["seg"], [c["target"]], params)
@@ -213,7 +224,7 @@ def test_a_cancel_as_the_server_answers_leaves_nothing_unseen(scene_case, server
         time.sleep(0.02)
     assert logic.state == "previewed", logic.message
     assert any("The volume is on the server already" in m for m in messages), messages
-    assert set(s["session"] for s in client.json("GET", "/v1/sessions")["sessions"]) - before == made
+    assert sessions() - before == made
     logic.discard()
     # Cancel without "now" (the next step sends it) while the run ends on the server.
     inputs = mrml.extract_inputs(c["volume"], c["seg"], [c["target"]])
@@ -232,21 +243,14 @@ def test_a_preview_right_after_cancel_waits_for_the_cancelled_upload_and_settlin
     sending the volume again; the server holds one new session. A tick that only settles the
     cancelled job tells no view (the panel's message is the user's last action's, e.g. Apply's)."""
     c = scene_case
-    monkeypatch.setattr(RemoteJob, "UPLOAD_CHUNK", 2048)
-    monkeypatch.setattr(RemoteJob, "UPLOAD_SECONDS", 0.0)     # one chunk per step
-    logic = _module_logic(monkeypatch)
-    logic.useServer(server.url, server.token_file)
-    params = _parameters(logic, c["scene"])
-    client = server.client(timeout=10)
-    sessions = lambda: set(s["session"] for s in client.json("GET", "/v1/sessions")["sessions"])  # noqa: E731
+    logic, params, client, sessions = _stepped_logic(monkeypatch, server, c["scene"])
     volume = add_volume(c["scene"], c["image"] + 11.0, c["matrix"], "previewed again at once")
     before = sessions()
     told = []
     logic.addListener(lambda: told.append(logic.message))
     logic.startPreview(volume, c["seg"], [c["target"]], params)
+    _step_until_sent(logic)
     deadline = time.time() + 60
-    while not (logic.job is not None and logic.job._upload is not None and logic.job._upload.waiting()):
-        assert logic.step() in ("starting", "running") and time.time() < deadline, logic.message
     first, upload = logic.job, logic.job._upload
     held = {"open": False}
     answer = upload.step

@@ -23,7 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MODULE = os.path.join(HERE, "..", "SynPoSlicer")
 sys.path.insert(0, MODULE)
 
-from conftest import synpo_cmd  # noqa: E402
+from conftest import WEB_MODULES, missing_module, synpo_cmd  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 VIEWPORT = {"width": 1400, "height": 900}
@@ -32,13 +32,7 @@ VIEWPORT = {"width": 1400, "height": 900}
 def _missing():
     if not os.path.exists(CHROMIUM):
         return "no Chromium (Debian: apt-get install chromium)"
-    for module, package in (("playwright.sync_api", "playwright"), ("trame_slicer", "trame-slicer"),
-                            ("slicer", "slicer-core")):
-        try:
-            __import__(module)
-        except ImportError:
-            return "%s is not installed (pip install 'synpo[web,test]')" % package
-    return None
+    return missing_module((("playwright.sync_api", "playwright"),) + WEB_MODULES)
 
 
 pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))

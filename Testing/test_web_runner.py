@@ -6,20 +6,13 @@ import sys
 
 import pytest
 
+from conftest import missing_module
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODULE = os.path.join(HERE, "..", "SynPoSlicer")
 
 
-def _missing():
-    for module, package in (("trame_slicer", "trame-slicer"), ("slicer", "slicer-core")):
-        try:
-            __import__(module)
-        except ImportError:
-            return "%s is not installed (pip install 'synpo[web,test]')" % package
-    return None
-
-
-pytestmark = pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
+pytestmark = pytest.mark.skipif(missing_module() is not None, reason=str(missing_module()))
 
 
 SETTLING_SCENARIO = """
