@@ -465,7 +465,7 @@ def memory_limit(text: str) -> int:
         memory = int(parse_bytes(text))
     except (ValueError, TypeError):
         raise SynPoError("--memory-limit %r: give a size such as 6GB" % text) from None
-    if memory != 0 and not MIN_WORKER_MEMORY <= memory:
+    if memory != 0 and memory < MIN_WORKER_MEMORY:
         raise SynPoError("--memory-limit %r: give a size of at least %s per worker (0: no limit)"
                          % (text, format_bytes(MIN_WORKER_MEMORY)))
     return memory

@@ -75,7 +75,7 @@ def check_gzip_whole(path: str, what: str = "image") -> None:
                 pass
     except (EOFError, OSError, zlib.error) as exc:
         raise InputError("cannot read %s %s: the compressed file is damaged or cut short (%s)"
-                         % (what, path, str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__)) from None
+                         % (what, path, (str(exc) or type(exc).__name__).splitlines()[0][:120])) from None
 
 
 def read_volume(path, what: str = "image", label: bool = False):

@@ -70,7 +70,6 @@ def extent_summary(result: VolumeResult, names: Dict[int, str] = None) -> List[s
     """One line per label: the slices where it was found and why each end of its walk stopped,
     e.g. "liver: slices 12-35; ends at 11 (confidence drop) and 36 (too small)"."""
     lines = []
-    slices = result.labels.shape[getattr(result.support, "axis", 0)]
     for label in result.support.labels:
         recs = sorted((r for r in result.records if r.label == label), key=lambda r: r.index)
         found = [r.index for r in recs if r.status in FOUND]

@@ -388,10 +388,10 @@ class SynPoWeb(TrameApp):
                 # user's last action's (Apply, Load sample), not the run's.
                 if ran:
                     self._say(self.logic.message, error=state == "failed")
-                if ran and state == "previewed":
-                    self.state.preview_seconds = round(time.monotonic() - self.preview_started, 1)
-                    self.state.message += "\n(%.0f s from the click)" % self.state.preview_seconds
-                    self.logic.setOverlayOpacity(float(self.state.opacity))
+                    if state == "previewed":
+                        self.state.preview_seconds = round(time.monotonic() - self.preview_started, 1)
+                        self.state.message += "\n(%.0f s from the click)" % self.state.preview_seconds
+                        self.logic.setOverlayOpacity(float(self.state.opacity))
             await asyncio.sleep(STEP_SECONDS if self.logic.active() or self.logic.settling() else 0)
         with self.state:
             self._refresh()
