@@ -128,6 +128,70 @@ def test_the_cache_folder_setting_reaches_a_server_the_effect_starts(sandbox, sc
         logic.stopServer()
 
 
+FAILING_PYTHON = """#!{python}
+import sys
+with open({starts!r}, "a") as handle:
+    handle.write("started\\n")
+{body}
+"""
+
+
+def test_a_server_that_dies_while_starting_is_said_once_not_started_again(tmp_path):
+    """A local server that exits before it is ready (here as `synpo serve --device cuda` exits where
+    there is no CUDA): the preview fails with the server's own words (ServerProcess.ready), and the
+    ticks that follow do not start it again (serverReady took its death for a crash after serving and
+    started a new one on every tick: 13 servers in a minute, the page on "Starting the SynPo server").
+    A server that dies after it has served is started again on the next preview, as before."""
+    from synpo.errors import SynPoError
+    from SynPoSlicerLib.logic import PARAMETERS, PreviewLogic
+    params = type("P", (), {"GetParameter": lambda self, key: PARAMETERS[key]})()
+    starts = tmp_path / "starts"
+
+    def python(name, body):
+        path = tmp_path / name
+        path.write_text(FAILING_PYTHON.format(python=sys.executable, starts=str(starts), body=body))
+        path.chmod(0o755)
+        return str(path)
+
+    logic = PreviewLogic()
+    logic.useServer("", "", python("dies", 'print("synpo: error: --device cuda was asked for, but CUDA is not '
+                                           'available here; use --device cpu")\nsys.exit(2)'))
+    try:
+        deadline = time.time() + 60
+
+        def started():
+            return starts.read_text().count("started") if starts.exists() else 0
+        with pytest.raises(SynPoError, match=r"stopped while starting \(exit 2\).*CUDA is not available"):
+            while not logic.serverReady(params):           # the module's timer ticks
+                assert time.time() < deadline and started() <= 1, "started %d times" % started()
+                time.sleep(0.05)
+        assert started() == 1 and logic.server is None
+        # The next preview tries again (the user may have fixed the cause): once.
+        with pytest.raises(SynPoError, match="stopped while starting"):
+            while not logic.serverReady(params):
+                assert time.time() < deadline and started() <= 2, "started %d times" % started()
+                time.sleep(0.05)
+        assert started() == 2
+
+        # One that serves, then dies: started again.
+        starts.write_text("")
+        serves = python("serves", 'import time\nready = sys.argv[sys.argv.index("--ready-file") + 1]\n'
+                                  'open(ready, "w").write("http://127.0.0.1:9")\ntime.sleep(1.0)')
+        logic.useServer("", "", serves)
+        while not logic.serverReady(params):
+            assert time.time() < deadline
+            time.sleep(0.05)
+        first = logic.server
+        first.proc.wait(30)
+        logic.serverReady(params)
+        assert logic.server is not first and logic.server.running()
+        while started() < 2:                                      # (the new one's first line)
+            assert time.time() < deadline
+            time.sleep(0.05)
+    finally:
+        logic.stopServer()
+
+
 def test_stop_ends_the_whole_tree_behind_a_launcher(launcher):
     from SynPoSlicerLib.engine import ServerProcess
     proc = ServerProcess(launcher, device="cpu", features="sam").start()

@@ -110,17 +110,24 @@ class PreviewLogic:
 
     def serverReady(self, parameterNode):
         """True when a server answers; starts the local one if needed (never waits for it). A
-        running local server is reused unless it was started with other settings or has died."""
+        running local server is reused unless it was started with other settings or has died after
+        serving. One that dies while starting (CUDA asked for where there is none, a Python without
+        SynPo) is not started again: SynPoError with its log's last lines (ServerProcess.ready), and
+        the next preview tries afresh."""
         if self.remote is not None:
             return True
         from SynPoSlicerLib.engine import ServerProcess, server_key
         options = self.serverOptions(parameterNode)
         if self.server is not None and (self.server.key != server_key(self.pythonForServer, **options)
-                                        or not self.server.running()):
+                                        or (self.server.url and not self.server.running())):
             self.stopServer()
         if self.server is None:
             self.server = ServerProcess(self.pythonForServer, **options).start()
-        return self.server.ready()
+        try:
+            return self.server.ready()
+        except Exception:
+            self.stopServer()                # (its folder and log go: the error holds the log's end)
+            raise
 
     # -- who drives the run, who watches it
     def addListener(self, callback):
