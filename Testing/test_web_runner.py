@@ -70,3 +70,53 @@ def test_a_cancelled_upload_settling_leaves_the_pages_message_alone(tmp_path):
     out = subprocess.run([sys.executable, str(script), HERE], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=600)
     assert out.returncode == 0 and "settled; the page says: Sample CT loaded" in out.stdout, out.stdout[-3000:]
+
+
+def _web(args, env=None, **kwargs):
+    from conftest import synpo_cmd
+    full = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    full["PYTHONPATH"] = os.path.abspath(MODULE) + (os.pathsep + full["PYTHONPATH"] if full.get("PYTHONPATH") else "")
+    return subprocess.Popen(synpo_cmd() + ["web"] + args, env=full, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, universal_newlines=True, **kwargs)
+
+
+def test_a_server_given_with_its_token_file_or_synpo_token_serves_the_page(tmp_path):
+    """`synpo web --server URL --token-file FILE` (and the token in $SYNPO_TOKEN instead): the page
+    starts on that server. The command checked the token, then gave the page's logic the token where
+    it takes the token file (PreviewLogic.useServer): every start with a right token ended in "cannot
+    read the token file <the token>", the secret printed on the console."""
+    import time
+    from conftest import Server
+    server = Server(str(tmp_path))
+    try:
+        for name, args, env in (("file", ["--token-file", server.token_file], {}),
+                                ("environment", [], {"SYNPO_TOKEN": server.token})):
+            ready = str(tmp_path / ("ready-" + name))
+            proc = _web(["--port", "0", "--server", server.url, "--ready-file", ready] + args, env)
+            try:
+                deadline = time.time() + 180
+                while not os.path.exists(ready) and proc.poll() is None and time.time() < deadline:
+                    time.sleep(0.2)
+                assert os.path.exists(ready), (name, proc.poll(), proc.stdout.read() if proc.poll() is not None else "")
+            finally:
+                proc.terminate()
+                out = proc.communicate(timeout=30)[0]
+            assert server.token not in out, out
+    finally:
+        server.stop()
+
+
+def test_a_port_in_use_is_one_line_before_anything_starts(tmp_path):
+    """A --port another program listens on: one `synpo: error:` line, exit 2, and no `synpo serve`
+    started (trame's bind failed after the local server had started, with a traceback)."""
+    import socket
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        proc = _web(["--port", str(taken.getsockname()[1]), "--device", "cpu"])
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        taken.close()
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("synpo: error: cannot listen"), out

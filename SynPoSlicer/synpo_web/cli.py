@@ -71,6 +71,27 @@ def check_arguments(args) -> None:
         raise SynPoError("--max-upload-mb must be > 0")
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse a port something already listens on (one line, before the local server is started:
+    trame's bind failed later, with a traceback). Port 0 (any free port) always binds."""
+    import socket
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise SynPoError("--host %s: %s" % (host, exc.strerror or exc)) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        if hasattr(socket, "SO_REUSEADDR") and os.name != "nt":   # as aiohttp binds: a port in TIME_WAIT is free
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise SynPoError("cannot listen on %s port %d: %s (another program uses it? give another --port, or "
+                             "--port 0 for any free one)" % (host, port, exc.strerror or exc)) from None
+
+
 def basic_auth_middleware(password: str):
     """aiohttp middleware: every request (the page, its files, the websocket) needs the password."""
     import base64
@@ -95,11 +116,14 @@ def basic_auth_middleware(password: str):
 def run(args) -> int:
     check_arguments(args)
     password = read_secret(args.password_file, "password") if args.password_file else None
+    check_port(args.host, args.port)
     remote = None
     if args.server:
         from synpo.client import Client, ServerError, find_token
-        remote = (args.server, find_token(args.token_file))
-        client = Client(remote[0], remote[1], 10.0)
+        # The page's logic takes the token *file* (PreviewLogic.useServer, as the module's Token file
+        # field; "" = $SYNPO_TOKEN, else serve's default file); the token itself is only checked here.
+        remote = (args.server, args.token_file or "")
+        client = Client(args.server, find_token(args.token_file), 10.0)
         client.health()                                 # a wrong URL: one line, before the page starts
         try:
             client.session("synpo-web-token-check")    # a wrong token: 401, a right one: 404
@@ -140,6 +164,8 @@ def run(args) -> int:
     try:
         server.start(port=args.port, host=args.host, open_browser=False, show_connection_info=False,
                      disable_logging=True)
+    except OSError as exc:                              # taken between check_port and now
+        raise SynPoError("cannot listen on %s port %d: %s" % (args.host, args.port, exc.strerror or exc)) from None
     finally:
         app.logic.stopServer()
     return 0
