@@ -170,6 +170,8 @@ def test_bad_uploads_get_one_message_and_the_page_keeps_working(web, browser):
                                                   "buffer": b"this is not a volume" * 5}])
     text = _wait_message(page, "could not be read", "not a volume", "cannot")
     assert "scan.nii.gz" in text and len(text.strip().splitlines()) == 1
+    # Named by the user's name for it, not the server's temporary path it was read from.
+    assert "synpo-web-" not in text and "/tmp" not in text and "scan.nii.gz scan.nii.gz" not in text, text
     assert "Traceback" not in page.inner_text("body")
     # Beyond --max-upload-mb (0.002 MB here): refused with the limit named.
     page.set_input_files("#synpo-upload", files=[{"name": "big.nrrd", "mimeType": "application/octet-stream",

@@ -86,6 +86,16 @@ def _safe_name(name):
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in base)
 
 
+def _without_paths(text, folder, name):
+    """A reader's message as the page's user should see it: the upload's name in place of the temporary
+    path it was read from on the server (said once: read_volume names the file as `what` and path),
+    and no process addresses (ITK's "PNGImageIO(0x55b3...)")."""
+    import re
+    path = os.path.join(folder, name)
+    text = text.replace("%s %s" % (name, path), name).replace(path, name).replace(folder, "")
+    return re.sub(r"\(0x[0-9a-fA-F]+\)", "", text)
+
+
 class SynPoWeb(TrameApp):
     def __init__(self, server=None, max_upload_mb=512.0, server_options=None, remote=None):
         super().__init__(server)
@@ -279,11 +289,12 @@ class SynPoWeb(TrameApp):
                     handle.write(upload.content)
                 try:
                     image, geometry = read_volume(path, name)
-                except SynPoError:
-                    raise
+                except SynPoError as exc:
+                    raise SynPoError(_without_paths(str(exc), folder, name)) from None
                 except Exception as exc:          # a reader's own error: one line
-                    raise SynPoError("%s could not be read as a volume: %s" % (name, str(exc).splitlines()[0]
-                                                                               if str(exc) else type(exc).__name__))
+                    said = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                    raise SynPoError("%s could not be read as a volume: %s"
+                                     % (name, _without_paths(said, folder, name))) from None
             if image.ndim != 3:
                 raise SynPoError("%s is not a 3D scalar volume." % name)
             self._clear()
