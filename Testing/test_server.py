@@ -223,9 +223,17 @@ def test_a_session_sent_a_step_at_a_time_over_https(tmp_path):
     (None, {"spacing": [1, 1, -2]}, "voxel spacing must be 3 positive numbers"),
     ("constant", {"spacing": [1, 1, 2]}, "constant"),
     ("2d", {"spacing": [1, 1, 2]}, "3D volume is needed"),
+    ("empty", {"spacing": [1, 1, 2]}, "is empty"),                        # (a 500 before)
+    ("deep", None, "not valid JSON"),                                     # a header nested 100,000 deep (a 500)
 ])
 def test_malformed_sessions_get_400_with_one_line(server, body, meta, says):
+    import struct
     image, _ = volume()
+    if body == "empty":
+        body = wire.pack({"image": np.zeros((0, 16, 16), np.float32)}, meta)
+    elif body == "deep":
+        header = b"[" * 100000
+        body = wire.MAGIC + struct.pack(">I", len(header)) + header
     if body is None:
         body = wire.pack({"image": image}, meta)
     elif body == "constant":
@@ -410,6 +418,13 @@ def test_redecode_through_the_server_equals_a_local_redecode(server, files, remo
     with pytest.raises(ServerError) as err:
         c.redecode(sid, t, [], neg)
     assert err.value.status == 400 and "positive point" in str(err.value)
+    # Points off the slice, not numbers, or beyond any click count: 400, one line (a 500 before; 100,000
+    # points made SAM ask for 320 GB).
+    for bad_pos, says in (([[-500.0, -500.0]], "lie on the slice"), ([[float("nan"), 1.0]], "finite"),
+                          ([[1.0, 1.0]] * 300, "at most")):
+        with pytest.raises(ServerError) as err:
+            c.redecode(sid, t, bad_pos, neg)
+        assert err.value.status == 400 and says in str(err.value), str(err.value)
     c.delete_session(sid)
 
 
@@ -542,6 +557,70 @@ def test_server_errors_reach_the_cli_as_one_line_and_nothing_is_written(server, 
                  "--token-file", str(bad)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "cannot reach the SynPo server at http://127.0.0.1:9" in err and not out.exists()
+
+
+def test_absent_marks_that_are_not_lists_are_refused(server):
+    """meta.absent {"1": "12"}: 400 (the string was read as slices 1 and 2)."""
+    c = server.client()
+    image, support = volume()
+    sid = c.create_session(image, (1, 1, 2))
+    try:
+        body = wire.pack({"support": support}, {"absent": {"1": "12"}})
+        status, answer = raw(server, "POST", "/v1/sessions/%s/runs" % sid, body,
+                             auth(server, **{"Content-Type": wire.CONTENT_TYPE}))
+        assert status == 400 and "meta.absent must map labels to lists" in answer["error"], answer
+    finally:
+        c.delete_session(sid)
+
+
+def test_a_second_server_on_a_busy_port_leaves_the_first_ones_token(server, tmp_path):
+    """`synpo serve` again on the port of a running one, writing the same token file (both default to
+    ~/.cache/synpo/server-token and port 8765): refused with one line, and the running server's
+    clients keep their token (the refused one had written a new token first)."""
+    before = open(server.token_file).read()
+    port = server.url.rsplit(":", 1)[1]
+    proc = subprocess.run(synpo_cmd() + ["serve", "--port", port, "--token-out", server.token_file, "--device",
+                                         "cpu", "--features", "sam"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "cannot listen" in proc.stderr, proc.stderr
+    assert open(server.token_file).read() == before
+    assert server.client().json("GET", "/v1/sessions") is not None                # the token still works
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--session-ttl", "nan"], "--session-ttl must be a number of seconds > 0"),
+    (["--session-ttl", "inf"], "--session-ttl must be a number of seconds > 0"),
+    (["--tls-cert", "GARBAGE", "--tls-key", "GARBAGE"], "cannot be loaded"),
+    (["--ready-file", "missing/ready"], "give a file in an existing folder"),
+    (["--token-out", "."], "give a file in an existing folder"),
+])
+def test_bad_serve_options_are_one_line_before_anything_starts(tmp_path, argv, says):
+    """Each was a traceback (after the ready file named a dead server, for a bad certificate) or, for
+    nan / inf, a server whose health answer was a 500."""
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate")
+    argv = [str(garbage) if a == "GARBAGE" else str(tmp_path / a) if a.startswith("missing") else a for a in argv]
+    proc = subprocess.run(synpo_cmd() + ["serve", "--port", "0", "--token-out", str(tmp_path / "t")] + argv,
+                          capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and says in lines[0], proc.stderr
+
+
+def test_a_server_stopped_during_a_run_exits_cleanly(tmp_path):
+    """Ctrl+C while a run is inside the encoder: exit status 0 (the interpreter's finalisation under the
+    run's thread aborted the process: exit 134, "terminate called without an active exception")."""
+    srv = Server(str(tmp_path))
+    try:
+        c = srv.client()
+        image, support = volume(seed=11, shape=(14, 48, 56))
+        sid = c.create_session(image, (1, 1, 2))
+        rid = c.start_run(sid, support)
+        deadline = time.time() + 120
+        while c.status(sid, rid)["done"] == 0 and time.time() < deadline:
+            time.sleep(0.05)
+        srv.proc.send_signal(signal.SIGINT)
+        assert srv.proc.wait(60) == 0
+    finally:
+        srv.stop()
 
 
 def test_non_loopback_host_without_a_token_file_is_refused_at_start(tmp_path):

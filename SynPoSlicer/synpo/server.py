@@ -27,6 +27,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -55,17 +56,27 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+MAX_REDECODE_POINTS = 256             # a user clicks a handful; 100,000 made SAM ask for 320 GB
+
+
 def make_token_file(path: str) -> str:
     """A fresh random token written to `path`, readable by the user only; returns the token."""
     token = secrets.token_urlsafe(32)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, mode=0o700, exist_ok=True)
+    if os.path.isdir(path):
+        raise SynPoError("the token file %s is a folder" % path)
     tmp = path + ".tmp-%d" % os.getpid()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(token + "\n")
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(token + "\n")
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise SynPoError("cannot write the token file %s: %s" % (path, exc.strerror or exc)) from None
     return token
 
 
@@ -218,6 +229,8 @@ def create_app(service, token: str, max_body_bytes: int, max_array_bytes: Option
         try:
             if not isinstance(absent, dict):
                 raise ValueError
+            if any(not isinstance(v, list) for v in absent.values()):
+                raise TypeError                    # ("12" read as slices 1 and 2)
             settings["absent"] = {int(k): [int(t) for t in v] for k, v in absent.items()}
         except (TypeError, ValueError):
             raise Refused(400, "meta.absent must map labels to lists of slice indices, e.g. {\"1\": [12, 13]}") from None
@@ -294,7 +307,7 @@ def create_app(service, token: str, max_body_bytes: int, max_array_bytes: Option
             body = json.loads((await body_of(request)) or b"{}")
             if not isinstance(body, dict):
                 raise ValueError
-        except ValueError:
+        except (ValueError, RecursionError):
             raise Refused(400, "the body must be a JSON object: slice, positive, negative (and label, axis)") from None
         if not isinstance(body.get("slice"), int):
             raise Refused(400, "slice must be an integer slice index")
@@ -303,6 +316,10 @@ def create_app(service, token: str, max_body_bytes: int, max_array_bytes: Option
             neg = np.asarray(body.get("negative", []), dtype=float).reshape(-1, 2)
         except (TypeError, ValueError):
             raise Refused(400, "positive and negative must be lists of [x, y] points") from None
+        if not (np.all(np.isfinite(pos)) and np.all(np.isfinite(neg))):
+            raise Refused(400, "positive and negative points must be finite numbers")
+        if len(pos) + len(neg) > MAX_REDECODE_POINTS:       # (SAM's cost grows with the square of the count)
+            raise Refused(400, "at most %d points in all" % MAX_REDECODE_POINTS)
         label, axis = body.get("label"), body.get("axis")
         if label is not None and not isinstance(label, int) or axis is not None and not isinstance(axis, int):
             raise Refused(400, "label and axis must be integers")
@@ -365,11 +382,22 @@ def check_arguments(args) -> None:
     for path in (args.tls_cert, args.tls_key):
         if path and not os.path.isfile(path):
             raise SynPoError("TLS file not found: %s" % path)
+    if args.tls_cert:                    # (uvicorn loads them after the ready file is written: a traceback)
+        import ssl
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(args.tls_cert, args.tls_key)
+        except (ssl.SSLError, OSError) as exc:
+            raise SynPoError("--tls-cert %s / --tls-key %s cannot be loaded: %s" % (
+                args.tls_cert, args.tls_key, getattr(exc, "reason", None) or exc)) from None
+    for option in ("ready_file", "token_out"):
+        path = getattr(args, option, None)
+        if path and (os.path.isdir(path) or not os.path.isdir(os.path.dirname(os.path.abspath(path)))):
+            raise SynPoError("--%s %s: give a file in an existing folder" % (option.replace("_", "-"), path))
     for name in ("max_memory_mb", "max_body_mb", "max_runs"):
         if getattr(args, name) < 1:
             raise SynPoError("--%s must be >= 1" % name.replace("_", "-"))
-    if args.session_ttl <= 0:
-        raise SynPoError("--session-ttl must be > 0")
+    if not math.isfinite(args.session_ttl) or args.session_ttl <= 0:
+        raise SynPoError("--session-ttl must be a number of seconds > 0")
     if not 0 <= args.port <= 65535:
         raise SynPoError("--port must be 0..65535")
     if getattr(args, "parent_pid", None) is not None:
@@ -396,9 +424,6 @@ def run_server(args) -> int:
                         format="synpo serve: %(message)s", stream=sys.stderr)
     if args.token_file:
         token, where = read_token_file(args.token_file), args.token_file
-    else:
-        where = args.token_out or default_token_path()
-        token = make_token_file(where)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -407,6 +432,9 @@ def run_server(args) -> int:
     except OSError as exc:
         raise SynPoError("cannot listen on %s:%d: %s" % (args.host, args.port, exc.strerror or exc)) from None
     sock.listen(128)                 # connections wait in the backlog until the server accepts them
+    if not args.token_file:          # only now: a second server refused its port left the first one's token alone
+        where = args.token_out or default_token_path()
+        token = make_token_file(where)
     models = Models.load(args.sam, args.features, args.dinov2, args.device, args.precision, quiet=args.quiet,
                          runtime=args.runtime)
     service = Service(models, args.max_memory_mb << 20, args.session_ttl, args.max_runs, args.embedding_cache)
@@ -419,8 +447,11 @@ def run_server(args) -> int:
     print("synpo serve: %s on %s, listening on %s; token in %s" % (models.sam_name, models.device, url, where),
           flush=True)
     if args.ready_file:
-        with open(args.ready_file, "w") as handle:
-            handle.write(url + "\n")
+        try:
+            with open(args.ready_file, "w") as handle:
+                handle.write(url + "\n")
+        except OSError as exc:
+            raise SynPoError("cannot write the ready file %s: %s" % (args.ready_file, exc.strerror or exc)) from None
     config = uvicorn.Config(app, log_level="warning" if args.quiet else "info", access_log=args.access_log and not args.quiet,
                             ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key, timeout_keep_alive=30)
     server = uvicorn.Server(config)
@@ -428,8 +459,17 @@ def run_server(args) -> int:
         from .lifeline import watch_parent
         watch_parent(args.parent_pid, lambda: _parent_gone(server, args.parent_pid,
                                                            owned=getattr(args, "owned_folder", None)))
-    server.run(sockets=[sock])
-    return 0
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:        # (uvicorn raises the captured SIGINT again once it has shut down)
+        pass
+    # Stopped (Ctrl+C, SIGTERM, the parent gone): a run may still be inside torch or OpenVINO in a worker
+    # thread, and the interpreter's finalisation under it aborted the process (exit 134, "terminate called
+    # without an active exception"). Nothing is left to write: leave without finalising.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _parent_gone(server, pid: int, grace: float = 10.0, owned: Optional[str] = None) -> None:

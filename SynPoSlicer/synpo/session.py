@@ -278,6 +278,11 @@ class Session:
         negative = np.asarray(negative, dtype=float).reshape(-1, 2)
         if len(positive) == 0:
             raise InputError("give at least one positive point to re-decode a slice")
+        rows, cols = to_slices(self.image, axis).shape[1:]
+        for p in (positive, negative):
+            if len(p) and not (np.all(np.isfinite(p)) and np.all(p >= -0.5) and np.all(p[:, 0] < cols - 0.5)
+                               and np.all(p[:, 1] < rows - 0.5)):
+                raise InputError("points must lie on the slice: x in 0..%d, y in 0..%d" % (cols - 1, rows - 1))
         store = self.sam_store(axis)
         t = int(slice_index)
         store.ensure([t])

@@ -134,7 +134,7 @@ class Unpacker:
             entries, meta = header["arrays"], header.get("meta", {})
             if not isinstance(entries, list) or not isinstance(meta, dict):
                 raise ValueError
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise InputError("the message header is not valid JSON of the expected form") from None
         self.meta: dict = meta
         self.arrays: Dict[str, np.ndarray] = {}
