@@ -66,9 +66,12 @@ def check_gzip_whole(path: str, what: str = "image") -> None:
     import zlib
     if not path.lower().endswith(".gz"):
         return
-    with open(path, "rb") as f:
-        if f.read(2) != b"\x1f\x8b":
-            return                            # not gzip whatever its name: the reader decides
+    try:
+        with open(path, "rb") as f:
+            if f.read(2) != b"\x1f\x8b":
+                return                        # not gzip whatever its name: the reader decides
+    except OSError as exc:                    # (unreadable: no permission)
+        raise InputError("cannot read %s %s: %s" % (what, path, exc.strerror or exc)) from None
     try:
         with gzip.open(path, "rb") as f:
             while f.read(1 << 22):
@@ -120,6 +123,8 @@ def read_volume(path, what: str = "image", label: bool = False):
 def check_image_values(array: np.ndarray, what: str = "image") -> None:
     if array.ndim != 3:
         raise InputError("%s is %dD; a 3D volume is needed" % (what, array.ndim))
+    if array.size == 0:
+        raise InputError("%s is empty (shape %s)" % (what, "x".join(str(n) for n in array.shape)))
     if not np.all(np.isfinite(array)):
         raise InputError("%s contains NaN or infinite values" % what)
     if float(array.max()) == float(array.min()):
