@@ -215,6 +215,55 @@ def test_output_may_not_overwrite_an_input(case, capsys):
     assert "does not exist" in msg
 
 
+def test_outputs_and_the_token_file_checked_before_the_run(case, capsys):
+    """Each was found only after the whole run (a traceback, nothing written), or not at all: a confidence
+    output that is not a volume file, the points written over the server's token file, a token file an
+    HTTP header cannot carry."""
+    msg = run_error(capsys, ["segment", case["image"], case["support"], "-o", case["out"],
+                             "--confidence-out", str(case["dir"] / "conf.txt")])
+    assert "--confidence-out" in msg and ".nii.gz" in msg
+    token = case["dir"] / "token"
+    token.write_text("a-token-of-the-server-0123456789\n")
+    msg = run_error(capsys, ["segment", case["image"], case["support"], "-o", case["out"], "--server",
+                             "http://127.0.0.1:9", "--token-file", str(token), "--points-out", str(token)])
+    assert "would overwrite the input" in msg and token.read_text() == "a-token-of-the-server-0123456789\n"
+    for content in (b"abc\ndef-0123456789abcdef", b"\xff\xfe-0123456789abcdef"):
+        token.write_bytes(content)
+        msg = run_error(capsys, ["segment", case["image"], case["support"], "-o", case["out"], "--server",
+                                 "http://127.0.0.1:9", "--token-file", str(token)])
+        assert "does not hold one token" in msg
+    assert not os.path.exists(case["out"])
+
+
+def test_a_server_url_of_another_service_is_one_line(case, capsys):
+    """--server at a port where another program answers {"status": "ok"} (a mistyped port): one line,
+    not a KeyError traceback."""
+    import http.server
+    import threading
+
+    class Other(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b'{"status": "ok"}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    other = http.server.HTTPServer(("127.0.0.1", 0), Other)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        token = case["dir"] / "token"
+        token.write_text("a-token-of-the-server-0123456789")
+        msg = run_error(capsys, ["segment", case["image"], case["support"], "-o", case["out"], "--server",
+                                 "http://127.0.0.1:%d" % other.server_address[1], "--token-file", str(token)])
+        assert "not as a SynPo server" in msg
+    finally:
+        other.shutdown()
+
+
 def test_console_script_exit_status_without_traceback(case):
     """The installed entry point, as a user runs it."""
     exe = os.path.join(os.path.dirname(sys.executable), "synpo")

@@ -167,3 +167,41 @@ def test_cross_patient_takes_the_structure_at_the_supports_place_relative_to_the
     got = result.labels == 1
     assert score(got, left)[1] > 0.7
     assert (got & right).sum() == 0
+
+
+def test_cross_patient_support_image_of_another_slice_size_is_resized_to_the_querys():
+    """A reference whose slices are another size than the query's (ACDC's volumes are 200-232 x 256;
+    a cohort's reference is one of them): its image and paint are resized to the query's slices
+    (support.fit_slices), and the structure at the paint's place is segmented. Before, every such
+    query failed ("the support image's slices are ... resample one onto the other's")."""
+    from synpo.config import SynPoConfig
+    from synpo.errors import InputError
+    from synpo.features import SamModel
+    from synpo.support import find_support, fit_slices, fit_support
+    from synpo.volume import segment_volume
+    ref, ref_left, _ = _two_kidneys((10, 72, 120), (6, 5, 66, 115), seed=1)
+    query, left, right = _two_kidneys((10, 96, 96), (20, 20, 90, 80), seed=2)
+    support = np.zeros(ref.shape, dtype=np.uint8)
+    support[5][ref_left[5]] = 1
+    sam = SamModel.load("litemedsam", "cpu")
+    result = segment_volume(query, (1.0, 1.0, 3.0), support, sam, None, SynPoConfig(), support_image=ref)
+    got = result.labels == 1
+    assert result.labels.shape == query.shape
+    assert score(got, left)[1] > 0.7
+    assert (got & right).sum() == 0
+
+    # The resize itself: labels keep their values (nearest), an image is interpolated; pixel centres on
+    # pixel centres (a size kept is the identity); a speck of paint lost in it is a clear error.
+    labels = np.zeros((2, 4, 6), dtype=np.int32)
+    labels[1, 1:3, 2:5] = 300
+    fitted = fit_slices(labels, 0, (8, 12), 0)
+    assert fitted.shape == (2, 8, 12) and fitted.dtype == labels.dtype and set(np.unique(fitted)) == {0, 300}
+    assert fitted[1].sum() == 300 * 4 * labels[1].astype(bool).sum()
+    ramp = np.tile(np.arange(6, dtype=np.float32), (1, 4, 1))
+    assert np.allclose(fit_slices(ramp, 0, (4, 6), 1), ramp)
+    wide = fit_slices(ramp, 0, (4, 11), 1)[0, 0]
+    assert np.all(np.diff(wide) >= 0) and wide[0] == 0 and wide[-1] == 5
+    speck = np.zeros((3, 40, 40), dtype=np.uint8)
+    speck[1, 20:23, 20:23] = 1                     # between the pixel centres a 4 x 4 slice samples
+    with pytest.raises(InputError, match="lost when the support image's slices"):
+        fit_support(np.zeros((3, 4, 4)), np.zeros((3, 40, 40)), speck, find_support(speck))

@@ -67,6 +67,8 @@ def check_outputs(outputs: List[Optional[str]], inputs: List[Optional[str]]) -> 
         folder = os.path.dirname(os.path.abspath(out))
         if not os.path.isdir(folder):
             raise SynPoError("output folder does not exist: %s" % folder)
+        if not os.access(folder, os.W_OK | os.X_OK):       # (found after the run, with a traceback)
+            raise SynPoError("cannot write to the output folder %s" % folder)
         if os.path.isdir(out):
             raise SynPoError("output path is a folder: %s" % out)
         for src in inputs:
@@ -83,9 +85,10 @@ def cmd_segment(args) -> int:
     from .support import find_support
 
     check_outputs([args.output, args.confidence_out, args.points_out],
-                  [args.image, args.support, args.support_image, args.absent])
-    if not args.output.endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")):
-        raise SynPoError("output %s: use a .nii.gz, .nii, .nrrd or .mha file name" % args.output)
+                  [args.image, args.support, args.support_image, args.absent, args.token_file])
+    for option, path in (("output", args.output), ("--confidence-out", args.confidence_out)):
+        if path and not path.lower().endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")):
+            raise SynPoError("%s %s: use a .nii.gz, .nii, .nrrd or .mha file name" % (option, path))
     image, geometry = read_volume(args.image, "image")
     support, sup_geometry = read_volume(args.support, "support label", label=True)
     ref = None
@@ -98,6 +101,11 @@ def cmd_segment(args) -> int:
         raise SynPoError("support label grid (%s) differs from the image grid (%s); paint on the image's grid "
                          "or pass --support-image" % (sup_geometry.describe(), geometry.describe()))
     found = find_support(support)             # bad paint is reported before any model loads
+    if ref is not None and not args.quiet:
+        from .support import to_slices
+        have, want = to_slices(ref, found.axis).shape[1:], to_slices(image, found.axis).shape[1:]
+        if have != want:
+            print("note: the support image's slices (%dx%d) are resized to the image's (%dx%d)" % (have + want))
     absent = None
     if args.absent:
         from .support import absent_from_map, absent_marks
@@ -142,7 +150,11 @@ def _segment_remote(args, image, geometry, support, ref, progress, absent=None):
         raise SynPoError("--embedding-cache is the server's with --server: start it with "
                          "`synpo serve --embedding-cache DIR`")
     client = Client(args.server, find_token(args.token_file))
-    models = client.health()["models"]
+    health = client.health()
+    models = health.get("models") if isinstance(health, dict) else None
+    if not isinstance(models, dict):
+        raise SynPoError("%s answers, but not as a SynPo server (no models in its health answer): is the URL's port "
+                         "`synpo serve`'s?" % args.server)
     asked = {"sam": args.sam, "device": args.device}
     for key, value in asked.items():
         if value not in ("auto", models.get(key)) and not (key == "device" and str(models.get(key)).startswith(value)):
@@ -154,8 +166,25 @@ def _segment_remote(args, image, geometry, support, ref, progress, absent=None):
             raise SynPoError("the server at %s fuses %s features, not --features %s"
                              % (args.server, "+".join(models.get("features", [])), args.features))
     confidence = "labels" if args.confidence_out else "none"
-    return run_remote(client, image, geometry.spacing, support, args.set, args.modality, ref, confidence, progress,
-                      args.confidence_all, absent)
+    # Ended by SIGTERM or SIGHUP (kill, a closed terminal) as by Ctrl+C: the run cancelled, the session
+    # deleted (run_remote); else they stayed on the server until its --session-ttl.
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    kept = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            try:
+                kept[name] = signal.signal(getattr(signal, name), interrupt)
+            except ValueError:              # not the main thread
+                pass
+    try:
+        return run_remote(client, image, geometry.spacing, support, args.set, args.modality, ref, confidence,
+                          progress, args.confidence_all, absent)
+    finally:
+        for name, handler in kept.items():
+            signal.signal(getattr(signal, name), handler)
 
 
 def cmd_web(args) -> int:

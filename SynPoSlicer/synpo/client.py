@@ -48,20 +48,29 @@ def find_token(token_file: Optional[str] = None) -> str:
     """The token from `token_file`, else $SYNPO_TOKEN, else the file `synpo serve` writes by default."""
     if token_file:
         path = token_file
-    elif os.environ.get("SYNPO_TOKEN"):
-        return os.environ["SYNPO_TOKEN"].strip()
+    elif os.environ.get("SYNPO_TOKEN", "").strip():
+        token = os.environ["SYNPO_TOKEN"].strip()
+        if any(c.isspace() or not c.isprintable() or ord(c) > 127 for c in token):
+            raise SynPoError("$SYNPO_TOKEN does not hold one token (printable ASCII without spaces)")
+        return token
     else:
         path = default_token_path()
         if not os.path.isfile(path):
             raise SynPoError("no token: give --token-file FILE (the file the server reads or wrote), or set "
                              "SYNPO_TOKEN; %s does not exist" % path)
     try:
-        with open(path) as handle:
+        with open(path, encoding="ascii") as handle:
             token = handle.read().strip()
     except OSError as exc:
         raise SynPoError("cannot read the token file %s: %s" % (path, exc.strerror or exc)) from None
-    if not token:
+    except UnicodeDecodeError:
+        token = None
+    if token == "":
         raise SynPoError("the token file %s is empty" % path)
+    if token is None or any(c.isspace() or not c.isprintable() for c in token):
+        # (an HTTP header cannot carry it: a traceback from http.client before)
+        raise SynPoError("the token file %s does not hold one token (one line of printable ASCII without spaces)"
+                         % path)
     return token
 
 

@@ -111,6 +111,51 @@ def from_slices(stack: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(stack, 0, axis)
 
 
+def fit_slices(volume: np.ndarray, axis: int, shape_rc, order: int) -> np.ndarray:
+    """`volume` ([k, j, i]) with each slice across `axis` resized to shape_rc (rows, cols), pixel
+    centres mapped onto pixel centres: order 1 (bilinear, float32) for an image, 0 (nearest) for a
+    label map (its values kept). Another patient's support image (synpo segment --support-image, a
+    cohort's reference) is taken to the query's slice size this way: the encoders see each slice
+    resized to their own input size anyway, and the pixel grid, not the spacing, is what the
+    cross-patient start compared before (slices of one size with other spacings were taken as they are)."""
+    stack = to_slices(volume, axis)
+    n, h, w = stack.shape
+    rows, cols = int(shape_rc[0]), int(shape_rc[1])
+    r = np.clip((np.arange(rows) + 0.5) * h / rows - 0.5, 0, h - 1)
+    c = np.clip((np.arange(cols) + 0.5) * w / cols - 0.5, 0, w - 1)
+    if order == 0:
+        ri, ci = np.round(r).astype(np.intp), np.round(c).astype(np.intp)
+        out = stack[:, ri[:, None], ci[None, :]]
+    else:
+        r0, c0 = np.floor(r).astype(np.intp), np.floor(c).astype(np.intp)
+        r1, c1 = np.minimum(r0 + 1, h - 1), np.minimum(c0 + 1, w - 1)
+        fr, fc = (r - r0).astype(np.float32)[:, None], (c - c0).astype(np.float32)[None, :]
+        x = stack.astype(np.float32, copy=False)
+        top = x[:, r0[:, None], c0[None, :]] * (1 - fc) + x[:, r0[:, None], c1[None, :]] * fc
+        bottom = x[:, r1[:, None], c0[None, :]] * (1 - fc) + x[:, r1[:, None], c1[None, :]] * fc
+        out = top * (1 - fr) + bottom * fr
+    return np.ascontiguousarray(from_slices(out, axis))
+
+
+def fit_support(image: np.ndarray, support_image: np.ndarray, support_label: np.ndarray, support: Support):
+    """(support image, support label) with their slices across support.axis at the image's slice
+    size (fit_slices; as they are when the sizes agree). InputError when a label's paint is lost in
+    the resize (a speck painted on a much larger slice)."""
+    axis = support.axis
+    want = to_slices(image, axis).shape[1:]
+    have = to_slices(support_image, axis).shape[1:]
+    if have == want:
+        return support_image, support_label
+    fitted = fit_slices(support_label, axis, want, 0)
+    for v, slices in support.slices.items():
+        for s in slices:
+            if not (to_slices(fitted, axis)[s] == v).any():
+                raise InputError("label %d's paint on slice %d is lost when the support image's slices (%dx%d) are "
+                                 "resized to the image's (%dx%d): paint a larger area" % (v, s, have[0], have[1],
+                                                                                          want[0], want[1]))
+    return fit_slices(support_image, axis, want, 1), fitted
+
+
 def slice_spacing(spacing_ijk, axis: int) -> float:
     """The spacing between slices taken across array axis `axis` of [k, j, i]."""
     return float(tuple(reversed(tuple(spacing_ijk)))[axis])

@@ -29,7 +29,7 @@ from .ownership import GapConfidence, OwnedConfidence, _propagate, split_gap, wa
 from .result import SliceRecord, VolumeResult
 from .rings import band_around, find_rings, ring_label, ring_parts, ring_thickness  # noqa: F401
 from .slice_confidence import SliceConfidence
-from .support import absent_marks, find_support, in_plane_spacing, slice_spacing, to_slices
+from .support import absent_marks, find_support, fit_support, in_plane_spacing, slice_spacing, to_slices
 from .walk import (SliceReport, _Context, _record, _search_region, _walk, decode_prompted,  # noqa: F401
                    walk_stride)
 from .walk_rules import Judge, judge_step
@@ -123,6 +123,8 @@ class VolumeRun:
             raise InputError("support label grid %s differs from the support image grid %s"
                              % (support_label.shape, support_image.shape))
         self.support = support = find_support(support_label, axis)
+        if cross:
+            support_image, support_label = fit_support(image, support_image, support_label, support)
         self.absent = absent_marks(absent, support, image.shape[support.axis])
         norm, self.modality = normalize(image, cfg.intensity)
         ref_norm = normalize(support_image, cfg.intensity)[0] if cross else norm
@@ -147,9 +149,6 @@ class VolumeRun:
         self.ref = np.ascontiguousarray(to_slices(ref_norm, axis)) if cross else self.query
         del norm, ref_norm                  # (a copy when the slicing axis is not k: keep only one)
         self.n, self.H, self.W = self.query.shape
-        if cross and self.ref.shape[1:] != (self.H, self.W):
-            raise InputError("the support image's slices are %dx%d but the image's are %dx%d; resample one onto "
-                             "the other's in-plane grid" % (self.ref.shape[1], self.ref.shape[2], self.H, self.W))
         self.spacing_rc = in_plane_spacing(spacing_ijk, axis)
         self.slice_mm = slice_spacing(spacing_ijk, axis)
         self.stride = walk_stride(cfg.volume.walk_spacing_mm, self.slice_mm)
