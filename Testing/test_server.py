@@ -546,6 +546,10 @@ def test_server_errors_reach_the_cli_as_one_line_and_nothing_is_written(server, 
                  "--token-file", server.token_file, "--sam", "vit_b"])
     err = capsys.readouterr().err
     assert code == 2 and "runs sam=litemedsam, not vit_b" in err and not out.exists()
+    code = main(["segment", files["image"], files["support"], "-o", str(out), "--server", server.url,
+                 "--token-file", server.token_file, "--precision", "fp16"])      # (ran in fp32 without a word)
+    err = capsys.readouterr().err
+    assert code == 2 and "runs precision=fp32, not fp16" in err and not out.exists()
     bad = tmp_path / "bad-token"
     bad.write_text("x" * 40)
     code = main(["segment", files["image"], files["support"], "-o", str(out), "--server", server.url,

@@ -155,11 +155,17 @@ def _segment_remote(args, image, geometry, support, ref, progress, absent=None):
     if not isinstance(models, dict):
         raise SynPoError("%s answers, but not as a SynPo server (no models in its health answer): is the URL's port "
                          "`synpo serve`'s?" % args.server)
-    asked = {"sam": args.sam, "device": args.device}
+    # (--precision and --runtime were not compared: a local fp16 run refused on a CPU ran in fp32 on a CPU server)
+    named = {"bf16": "bfloat16", "fp16": "float16"}           # (Models.describe names torch's dtypes)
+    asked = {"sam": args.sam, "device": args.device, "precision": args.precision,
+             "runtime": getattr(args, "runtime", "auto")}
     for key, value in asked.items():
-        if value not in ("auto", models.get(key)) and not (key == "device" and str(models.get(key)).startswith(value)):
+        runs = models.get(key)
+        if runs is None and key in ("precision", "runtime"):      # (a server from before it said so)
+            continue
+        if value not in ("auto", runs, named.get(value)) and not (key == "device" and str(runs).startswith(value)):
             raise SynPoError("the server at %s runs %s=%s, not %s; start a server with --%s %s or drop --%s"
-                             % (args.server, key, models.get(key), value, key, value, key))
+                             % (args.server, key, runs, value, key, value, key))
     if args.features in ("sam", "dinov2", "synergy"):
         want = {"sam": ["sam"], "dinov2": ["dinov2"], "synergy": ["sam", "dinov2"]}[args.features]
         if sorted(models.get("features", [])) != want:
