@@ -152,34 +152,13 @@ def _two_kidneys(shape, body_box, seed):
     return image.astype(np.float32), blobs[0], blobs[1]
 
 
-def test_cross_patient_takes_the_structure_at_the_supports_place_relative_to_the_body():
-    """Two look-alike structures (left and right); the support, painted on another 'patient' whose
-    body lies elsewhere in the field of view, names the left one: only the left one is segmented."""
+def _the_left_one_from_another_patient(ref_shape, ref_body_box):
+    """The query's two look-alike structures segmented from the left one painted on a reference of
+    `ref_shape` with its body at `ref_body_box`: only the left one comes back."""
     from synpo.config import SynPoConfig
     from synpo.features import SamModel
     from synpo.volume import segment_volume
-    ref, ref_left, _ = _two_kidneys((10, 96, 96), (8, 4, 88, 92), seed=1)
-    query, left, right = _two_kidneys((10, 96, 96), (20, 20, 90, 80), seed=2)
-    support = np.zeros(ref.shape, dtype=np.uint8)
-    support[5][ref_left[5]] = 1
-    sam = SamModel.load("litemedsam", "cpu")
-    result = segment_volume(query, (1.0, 1.0, 3.0), support, sam, None, SynPoConfig(), support_image=ref)
-    got = result.labels == 1
-    assert score(got, left)[1] > 0.7
-    assert (got & right).sum() == 0
-
-
-def test_cross_patient_support_image_of_another_slice_size_is_resized_to_the_querys():
-    """A reference whose slices are another size than the query's (ACDC's volumes are 200-232 x 256;
-    a cohort's reference is one of them): its image and paint are resized to the query's slices
-    (support.fit_slices), and the structure at the paint's place is segmented. Before, every such
-    query failed ("the support image's slices are ... resample one onto the other's")."""
-    from synpo.config import SynPoConfig
-    from synpo.errors import InputError
-    from synpo.features import SamModel
-    from synpo.support import find_support, fit_slices, fit_support
-    from synpo.volume import segment_volume
-    ref, ref_left, _ = _two_kidneys((10, 72, 120), (6, 5, 66, 115), seed=1)
+    ref, ref_left, _ = _two_kidneys(ref_shape, ref_body_box, seed=1)
     query, left, right = _two_kidneys((10, 96, 96), (20, 20, 90, 80), seed=2)
     support = np.zeros(ref.shape, dtype=np.uint8)
     support[5][ref_left[5]] = 1
@@ -189,6 +168,22 @@ def test_cross_patient_support_image_of_another_slice_size_is_resized_to_the_que
     assert result.labels.shape == query.shape
     assert score(got, left)[1] > 0.7
     assert (got & right).sum() == 0
+
+
+def test_cross_patient_takes_the_structure_at_the_supports_place_relative_to_the_body():
+    """Two look-alike structures (left and right); the support, painted on another 'patient' whose
+    body lies elsewhere in the field of view, names the left one: only the left one is segmented."""
+    _the_left_one_from_another_patient((10, 96, 96), (8, 4, 88, 92))
+
+
+def test_cross_patient_support_image_of_another_slice_size_is_resized_to_the_querys():
+    """A reference whose slices are another size than the query's (ACDC's volumes are 200-232 x 256;
+    a cohort's reference is one of them): its image and paint are resized to the query's slices
+    (support.fit_slices), and the structure at the paint's place is segmented. Before, every such
+    query failed ("the support image's slices are ... resample one onto the other's")."""
+    from synpo.errors import InputError
+    from synpo.support import find_support, fit_slices, fit_support
+    _the_left_one_from_another_patient((10, 72, 120), (6, 5, 66, 115))
 
     # The resize itself: labels keep their values (nearest), an image is interpolated; pixel centres on
     # pixel centres (a size kept is the identity); a speck of paint lost in it is a clear error.
