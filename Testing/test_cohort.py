@@ -134,14 +134,29 @@ def test_outputs_equal_segment_runs_and_a_bad_volume_is_one_row(case, cluster, t
             "--scheduler", "tcp://127.0.0.1:9", "--embedding-cache", case["cache"]] + MODEL
     assert main(argv) == 0
     assert "3 already done with these settings (skipped), 0 to segment" in capsys.readouterr().out
+    # Each row names the files its run wrote; a table from before that column: its volumes' files count as written.
+    assert rows["case3"]["outputs"] == "case3_points.json case3_synpo.nii.gz" and rows["broken"]["outputs"] == ""
+    with open(str(out / "cohort.csv"), newline="") as handle:
+        table = list(csv.reader(handle))
+    keep = [i for i, c in enumerate(table[0]) if c != "outputs"]
+    with open(str(out / "cohort.csv"), "w", newline="") as handle:
+        csv.writer(handle).writerows([[r[i] for i in keep] for r in table])
+    assert main(argv + ["--points"]) == 0
+    assert "3 already done with these settings (skipped), 0 to segment" in capsys.readouterr().out
     argv[argv.index("--scheduler") + 1] = cluster[0].scheduler_address
     argv[3] = str(case["queries"] / "case1.nii.gz")
     assert main(argv + ["--set", "prompts.top_k=32"]) == 0
-    assert "1 volume done earlier with other settings or another file: segmented again" in capsys.readouterr().out
+    assert "1 volume done earlier with other settings, another file or other outputs asked for (or one missing): " \
+           "segmented again" in capsys.readouterr().out
     again = _rows(out)
     assert sorted(again) == ["broken", "case1", "case2", "case3"]
     assert again["case1"]["settings_hash"] != rows["case1"]["settings_hash"]
     assert again["case3"] == rows["case3"]
+    # Its points were the earlier run's: gone with it (they had held, and then passed for, this run's).
+    assert again["case1"]["outputs"] == "case1_synpo.nii.gz" and not (out / "case1_points.json").exists()
+    assert main(argv + ["--set", "prompts.top_k=32", "--points"]) == 0
+    assert "0 already done with these settings (skipped), 1 to segment" in capsys.readouterr().out
+    assert json.loads((out / "case1_points.json").read_text())["labels"] == [1, 2]
     _no_temporaries(out)
     # case1 segmented again (other settings) from a file that no longer reads: its row says failed, and
     # the earlier run's output is not left beside it.
@@ -152,8 +167,16 @@ def test_outputs_equal_segment_runs_and_a_bad_volume_is_one_row(case, cluster, t
     finally:
         (case["queries"] / "case1.nii.gz").write_bytes(saved)
     assert _rows(out)["case1"]["status"] == "failed" and not os.path.exists(str(out / "case1_synpo.nii.gz"))
+    assert not (out / "case1_points.json").exists()          # (not asked for this time: the earlier run's)
     assert os.path.exists(str(out / "case2_synpo.nii.gz"))
     _no_temporaries(out)
+    # A file of the user's with an output's name that no run wrote: left alone, and never taken as an output.
+    (out / "case1_points.json").write_text("the user's own notes")
+    assert main(argv) == 0
+    assert _rows(out)["case1"]["outputs"] == "case1_synpo.nii.gz"
+    assert main(argv + ["--points"]) == 2
+    assert "case1_points.json exists but cohort.csv has no record of writing it" in capsys.readouterr().err
+    assert (out / "case1_points.json").read_text() == "the user's own notes"
 
 
 class KillOnFirstPublish(distributed.WorkerPlugin):
@@ -290,10 +313,19 @@ def test_usage_errors_are_one_line_before_anything_starts(case, tmp_path, capsys
     assert main(["cohort", case["ref"], case["labels"], str(case["queries"]), "-o", str(out)] + MODEL) == 2
     assert "it is not a cohort output" in capsys.readouterr().err
     assert (out / "case2_synpo.nii.gz").read_bytes() == b"the user's own file"
+    (out / ".cohort.lock").unlink()
+    (out / ".cohort.lock").mkdir()
+    (out / "case2_synpo.nii.gz").unlink()
+    assert main(["cohort", case["ref"], case["labels"], str(case["queries"]), "-o", str(out)] + MODEL) == 2
+    assert "cannot write to the output folder" in capsys.readouterr().err
+    assert main(["cohort", case["ref"], case["labels"], str(case["queries"]), "-o", ""] + MODEL) == 2
+    assert "--output is empty" in capsys.readouterr().err
     fresh = tmp_path / "never"
     for extra, says in ((["--scheduler", "nonsense"], "is not a scheduler address"),
                         (["--scheduler", "http://127.0.0.1:8786"], "is not a scheduler address"),
-                        (["--memory-limit=-2GB"], "at least 512"), (["--memory-limit", "10kB"], "at least 512")):
+                        (["--memory-limit=-2GB"], "at least 512"), (["--memory-limit", "10kB"], "at least 512"),
+                        (["--memory-limit", "0.5"], "at least 512"), (["--dashboard", "notaport"], "give :PORT"),
+                        (["--dashboard", "nohost.invalid:8787"], "host nohost.invalid")):
         assert main(["cohort", case["ref"], case["labels"], str(case["queries"]), "-o", str(fresh)] + extra
                     + MODEL) == 2
         err = capsys.readouterr().err.strip().splitlines()

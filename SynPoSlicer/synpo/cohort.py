@@ -44,7 +44,7 @@ from .weights import sha256_of
 PLUGIN_NAME = "synpo-models"
 CSV_NAME = "cohort.csv"
 COLUMNS = ["name", "status", "organs_found", "slices_per_organ", "warnings", "seconds", "settings_hash", "error",
-           "query", "query_stamp"]
+           "query", "query_stamp", "outputs"]
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 OUTPUT_TAGS = ("_synpo", "_confidence", "_points")
 
@@ -81,7 +81,11 @@ def expand_queries(items: List[str], exclude: List[str], outdir: str) -> List[st
 
     for item in items:
         if os.path.isdir(item):
-            files = sorted(os.path.join(item, f) for f in os.listdir(item)
+            try:
+                listed = os.listdir(item)
+            except OSError as exc:
+                raise SynPoError("cannot list the query folder %s: %s" % (item, exc.strerror or exc)) from None
+            files = sorted(os.path.join(item, f) for f in listed
                            if f.lower().endswith(VOLUME_EXTENSIONS) and not f.startswith("."))
             if not files:
                 raise SynPoError("query folder %s holds no volume files (%s)" % (item, ", ".join(VOLUME_EXTENSIONS)))
@@ -139,12 +143,18 @@ def read_rows(path: str) -> Dict[str, dict]:
     if not os.path.exists(path):
         return {}
     try:
-        with open(path, newline="") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:      # (a spreadsheet may add a BOM)
             reader = csv.DictReader(handle)
             if not reader.fieldnames or "name" not in reader.fieldnames or "settings_hash" not in reader.fieldnames:
                 raise SynPoError("%s is not a synpo cohort table (no name / settings_hash columns); choose "
                                  "another output folder" % path)
-            return {row["name"]: {c: row.get(c, "") or "" for c in COLUMNS} for row in reader}
+            legacy = "outputs" not in reader.fieldnames     # a table from before the column: None, see run_cohort
+            rows = {}
+            for row in reader:
+                rows[row["name"]] = {c: row.get(c, "") or "" for c in COLUMNS}
+                if legacy:
+                    rows[row["name"]]["outputs"] = None
+            return rows
     except (OSError, csv.Error, UnicodeDecodeError) as exc:
         raise SynPoError("cannot read %s: %s" % (path, exc)) from None
 
@@ -191,7 +201,11 @@ class FolderLock:
             import fcntl
         except ImportError:              # pragma: no cover - not POSIX: no lock
             return self
-        self.handle = open(self.path, "a")
+        try:
+            self.handle = open(self.path, "a")
+        except OSError as exc:
+            raise SynPoError("cannot write to the output folder %s: %s" % (os.path.dirname(self.path),
+                                                                        exc.strerror or exc)) from None
         try:
             fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -320,9 +334,13 @@ def _summary(result) -> Tuple[str, str, List[str]]:
     return " ".join(found), " ".join(counts), warnings
 
 
-def segment_query(query: str, name: str, outdir: str, reference, features: dict, cfg, options: dict) -> dict:
-    """Task: one query volume segmented and written; returns its table row. Never raises for the
-    volume's own problems: they are its row's error (a dying worker is Dask's to retry)."""
+def segment_query(query: str, name: str, outdir: str, reference, features: dict, cfg, options: dict,
+                  earlier: Tuple[str, ...] = ()) -> dict:
+    """Task: one query volume segmented and written; returns its table row (`outputs`: the files it
+    wrote). Never raises for the volume's own problems: they are its row's error (a dying worker is
+    Dask's to retry). `earlier`: files an earlier run wrote for this volume that this run does not
+    ask for (its confidence, its points): removed once this run is done or has failed, so the folder
+    holds one run's outputs per volume (a later run that asks for them must make them again)."""
     t0 = time.perf_counter()
     row = {c: "" for c in COLUMNS}
     row.update(name=name, query=query, settings_hash=options["hash"])
@@ -342,7 +360,8 @@ def segment_query(query: str, name: str, outdir: str, reference, features: dict,
                              confidence_everywhere=options["confidence_all"])
         write_result(result, geometry, paths["labels"], paths.get("confidence"), paths.get("points"), query)
         row["organs_found"], row["slices_per_organ"], warnings = _summary(result)
-        row.update(status="done", warnings=" | ".join(warnings))
+        row.update(status="done", warnings=" | ".join(warnings),
+                   outputs=" ".join(sorted(os.path.basename(p) for p in paths.values() if os.path.exists(p))))
     except SynPoError as exc:
         row.update(status="failed", error=str(exc))
     except MemoryError:
@@ -355,6 +374,9 @@ def segment_query(query: str, name: str, outdir: str, reference, features: dict,
         for p in paths.values():
             if os.path.exists(p):
                 os.unlink(p)
+    for p in earlier:
+        if os.path.exists(p):
+            os.unlink(p)
     row["seconds"] = "%.1f" % (time.perf_counter() - t0)
     return row
 
@@ -460,15 +482,33 @@ MIN_WORKER_MEMORY = 512 * 2 ** 20
 def memory_limit(text: str) -> int:
     """--memory-limit in bytes (0: no limit, as Dask reads it); SynPoError for anything else than a size
     of at least MIN_WORKER_MEMORY."""
+    import re
     from dask.utils import format_bytes, parse_bytes
     try:
         memory = int(parse_bytes(text))
     except (ValueError, TypeError):
         raise SynPoError("--memory-limit %r: give a size such as 6GB" % text) from None
-    if memory != 0 and memory < MIN_WORKER_MEMORY:
+    zero = re.fullmatch(r"\s*0*(\.0*)?\s*[a-zA-Z]*\s*", str(text)) is not None
+    if (memory != 0 or not zero) and memory < MIN_WORKER_MEMORY:       # ("0.5": Dask rounds it to 0 bytes)
         raise SynPoError("--memory-limit %r: give a size of at least %s per worker (0: no limit)"
                          % (text, format_bytes(MIN_WORKER_MEMORY)))
     return memory
+
+
+def check_dashboard_address(address: str) -> None:
+    """SynPoError unless `address` is [HOST]:PORT or PORT with a port number and a host this machine
+    resolves (LocalCluster failed on it after the cluster had begun to start, with a traceback)."""
+    import socket
+    host, _, port = str(address).rpartition(":")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise SynPoError("--dashboard %r: give :PORT or HOST:PORT (e.g. :8787), or none" % address)
+    host = host.strip("[]")
+    if host:
+        try:
+            socket.getaddrinfo(host, int(port))
+        except (socket.gaierror, UnicodeError) as exc:
+            raise SynPoError("--dashboard %r: host %s: %s" % (address, host, getattr(exc, "strerror", None) or exc)) \
+                from None
 
 
 def check_scheduler_address(address: str) -> None:
@@ -482,7 +522,6 @@ def check_scheduler_address(address: str) -> None:
 
 
 def run_cohort(args) -> int:
-    from .cli import _same_file
     from .config import configured
     say = (lambda msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
     if args.workers is not None and args.workers < 1:
@@ -500,7 +539,11 @@ def run_cohort(args) -> int:
         check_scheduler_address(args.scheduler)
     elif args.memory_limit not in (None, "auto"):
         memory_limit(args.memory_limit)
+    if str(args.dashboard).lower() != "none" and not args.scheduler:
+        check_dashboard_address(args.dashboard)
     outdir = args.output
+    if not outdir:
+        raise SynPoError("-o/--output is empty: give the output folder")
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise SynPoError("output path is not a folder: %s" % outdir)
     parent = os.path.dirname(os.path.abspath(outdir))
@@ -517,14 +560,55 @@ def run_cohort(args) -> int:
                              % (name, names[name], q))
         names[name] = q
     labels = list(support.labels)
-    os.makedirs(outdir, exist_ok=True)
+    created = not os.path.exists(outdir)
+    try:
+        os.makedirs(outdir, exist_ok=True)
+    except OSError as exc:
+        raise SynPoError("cannot make the output folder %s: %s" % (outdir, exc.strerror or exc)) from None
+    try:
+        return _run_in(args, outdir, names, labels, support, cfg, queries, say)
+    except SynPoError:
+        if created:                   # a usage error made nothing: not even the folder it would have written
+            _remove_if_only_lock(outdir)
+        raise
+
+
+def _remove_if_only_lock(outdir: str) -> None:
+    try:
+        if os.listdir(outdir) in ([], [".cohort.lock"]):
+            if os.path.exists(os.path.join(outdir, ".cohort.lock")):
+                os.unlink(os.path.join(outdir, ".cohort.lock"))
+            os.rmdir(outdir)
+    except OSError:
+        pass
+
+
+def _recorded(row: Optional[dict], outdir: str, name: str, labels: List[int]) -> Optional[set]:
+    """The output files (base names) an earlier run recorded for this volume; for a table from before
+    the `outputs` column, the cohort output files of this volume that exist (what that version took
+    as its own); None without a row. Only names of this volume's outputs count (a table edited by
+    hand names no other file to remove)."""
+    if row is None:
+        return None
+    if row.get("outputs") is None:
+        every = output_paths(outdir, name, True, True, labels).values()
+        return {os.path.basename(p) for p in every if os.path.exists(p)}
+    return {b for b in row["outputs"].split()
+            if os.path.basename(b) == b and any(b.startswith(name + tag) for tag in OUTPUT_TAGS)}
+
+
+def _run_in(args, outdir, names, labels, support, cfg, queries, say) -> int:
+    from .cli import _same_file
     with FolderLock(outdir):
         csv_path = os.path.join(outdir, CSV_NAME)
         remove_stale_temporaries([csv_path])          # a cohort killed while writing its table
         rows = read_rows(csv_path)
+        for name, row in rows.items():                # a table from before the `outputs` column, once
+            if row.get("outputs") is None:
+                row["outputs"] = " ".join(sorted(_recorded(row, outdir, name, labels)))
         digest = settings_hash(args, cfg)
         inputs = [args.ref_image, args.ref_labels] + queries
-        todo, skipped, redone = [], [], []
+        todo, skipped, redone, earlier = [], [], [], {}
         for name, q in names.items():
             paths = output_paths(outdir, name, args.confidence, args.points, labels)
             for p in paths.values():
@@ -533,24 +617,29 @@ def run_cohort(args) -> int:
                         raise SynPoError("output %s would overwrite the input %s; choose another output folder"
                                          % (p, src))
             old = rows.get(name)
-            if old is None:
-                mine = [p for p in paths.values() if os.path.exists(p)]
-                if mine:
-                    raise SynPoError("%s exists but %s has no row for %s: it is not a cohort output; remove it or "
-                                     "choose another output folder" % (mine[0], CSV_NAME, name))
-            elif (old["status"] == "done" and old["settings_hash"] == digest
-                  and os.path.abspath(old["query"]) == os.path.abspath(q)
-                  and old["query_stamp"] == file_stamp(q) and all(os.path.exists(p) for p in paths.values())):
+            recorded = _recorded(old, outdir, name, labels)
+            # A file with an output's name that no run of this cohort wrote (none recorded it) is the user's.
+            foreign = [p for p in paths.values() if os.path.exists(p)
+                       and (recorded is None or os.path.basename(p) not in recorded)]
+            if foreign:
+                raise SynPoError("%s exists but %s has no record of writing it for %s: it is not a cohort output (or "
+                                 "an interrupted run's); remove it or choose another output folder"
+                                 % (foreign[0], CSV_NAME, name))
+            if (old is not None and old["status"] == "done" and old["settings_hash"] == digest
+                    and os.path.abspath(old["query"]) == os.path.abspath(q)
+                    and old["query_stamp"] == file_stamp(q) and all(os.path.exists(p) for p in paths.values())):
                 skipped.append(name)
                 continue
-            elif old["status"] == "done":
+            if old is not None and old["status"] == "done":
                 redone.append(name)
+            asked = {os.path.basename(p) for p in paths.values()}
+            earlier[name] = tuple(os.path.join(os.path.abspath(outdir), b) for b in sorted((recorded or set()) - asked))
             todo.append(name)
         say("cohort: %d volume%s, %d already done with these settings (skipped), %d to segment -> %s"
             % (len(names), "s" if len(names) != 1 else "", len(skipped), len(todo), csv_path))
         if redone:
-            say("cohort: %d volume%s done earlier with other settings or another file: segmented again, "
-                "outputs replaced" % (len(redone), "s" if len(redone) != 1 else ""))
+            say("cohort: %d volume%s done earlier with other settings, another file or other outputs asked for "
+                "(or one missing): segmented again, outputs replaced" % (len(redone), "s" if len(redone) != 1 else ""))
         if not todo:
             return _finish(rows, list(names), say)
         options = {"hash": digest, "confidence": bool(args.confidence), "points": bool(args.points),
@@ -559,14 +648,14 @@ def run_cohort(args) -> int:
                    "embedding_cache": args.embedding_cache}
         reference = (os.path.abspath(args.ref_image), os.path.abspath(args.ref_labels),
                      (file_stamp(args.ref_image), file_stamp(args.ref_labels)))
-        return _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say)
+        return _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say, earlier)
 
 
 def _terminate_as_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say) -> int:
+def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say, earlier) -> int:
     from distributed import Client, as_completed
     cluster = None
     client = None
@@ -615,6 +704,7 @@ def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say) 
         for name in todo:
             futures.append(client.submit(segment_query, os.path.abspath(names[name]), name,
                                          os.path.abspath(args.output), ref_future, features, cfg, options,
+                                         earlier.get(name, ()),
                                          pure=False, key="synpo-%s-%s" % (name, run_id)))
         by_key = {f.key: name for f, name in zip(futures, todo)}
         for future in as_completed(futures):
@@ -625,6 +715,11 @@ def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say) 
                 row = {c: "" for c in COLUMNS}
                 row.update(name=name, status="failed", query=os.path.abspath(names[name]),
                            settings_hash=options["hash"], error=_task_error(exc))
+                # What its attempts or an earlier run left is still this cohort's (a re-run replaces it).
+                ours = set(os.path.basename(p) for p in earlier.get(name, ())) | set(
+                    os.path.basename(p) for p in output_paths(args.output, name, options["confidence"],
+                                                              options["points"], options["labels"]).values())
+                row["outputs"] = " ".join(sorted(b for b in ours if os.path.exists(os.path.join(args.output, b))))
             rows[name] = row
             write_rows(csv_path, rows)
             done += 1
@@ -633,8 +728,8 @@ def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say) 
     except KeyboardInterrupt:
         for f in futures:
             f.cancel()
-        sys.stderr.write("synpo: interrupted: %d of %d volumes finished and recorded in %s; run the same command "
-                         "again to segment the rest\n" % (done, len(todo), csv_path))
+        sys.stderr.write("synpo: interrupted: %d of %d volumes finished%s; run the same command again to segment "
+                         "the rest\n" % (done, len(todo), " and recorded in %s" % csv_path if done else ""))
         return EXIT_INTERRUPTED
     finally:
         if previous is not None:
