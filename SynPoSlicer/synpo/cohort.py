@@ -467,8 +467,13 @@ def _local_cluster(args, say):
     else:
         memory = memory_limit(args.memory_limit)
     dashboard = None if str(args.dashboard).lower() == "none" else args.dashboard
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit=memory,
-                           dashboard_address=dashboard, silence_logs=logging.ERROR)
+    try:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit=memory,
+                               dashboard_address=dashboard, silence_logs=logging.ERROR)
+    except Exception as exc:             # (a worker process that cannot start: a traceback before)
+        cause = exc.__cause__ or exc.__context__
+        raise SynPoError("the local Dask cluster did not start: %s%s" % (
+            _one_line(exc), " (%s)" % _one_line(cause) if cause is not None else "")) from None
     say("cohort: local cluster, %d worker process%s x %d thread%s, memory limit %s per worker"
         % (workers, "es" if workers > 1 else "", threads, "s" if threads > 1 else "",
            format_bytes(memory) if memory else "none"))
