@@ -87,7 +87,7 @@ def cmd_segment(args) -> int:
     check_outputs([args.output, args.confidence_out, args.points_out],
                   [args.image, args.support, args.support_image, args.absent, args.token_file])
     for option, path in (("output", args.output), ("--confidence-out", args.confidence_out)):
-        if path and not path.lower().endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")):
+        if path and not path.endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")):   # (ITK: lower case)
             raise SynPoError("%s %s: use a .nii.gz, .nii, .nrrd or .mha file name" % (option, path))
     image, geometry = read_volume(args.image, "image")
     support, sup_geometry = read_volume(args.support, "support label", label=True)

@@ -463,7 +463,8 @@ def run_server(args) -> int:
         server.run(sockets=[sock])
     except KeyboardInterrupt:        # (uvicorn raises the captured SIGINT again once it has shut down)
         pass
-    # Stopped (Ctrl+C, SIGTERM, the parent gone): a run may still be inside torch or OpenVINO in a worker
+    # Stopped (Ctrl+C, the parent gone; SIGTERM's default action, which uvicorn raises again, ends the process
+    # before this line with status 143): a run may still be inside torch or OpenVINO in a worker
     # thread, and the interpreter's finalisation under it aborted the process (exit 134, "terminate called
     # without an active exception"). Nothing is left to write: leave without finalising.
     logging.shutdown()
@@ -478,10 +479,10 @@ def _parent_gone(server, pid: int, grace: float = 10.0, owned: Optional[str] = N
     owned: the folder made for this server (--owned-folder), removed with its token: the program
     that made it, which removes it on a normal stop, has ended (a crashed 3D Slicer)."""
     logging.getLogger(__name__).warning("process %d that started this server has ended; exiting", pid)
-    server.should_exit = True
     if owned:
-        # At once: uvicorn's shutdown usually ends the process before the grace period does. (On
-        # Windows the log, this process's own open output, stays until the process has ended.)
+        # Before the server is told to stop: its main thread leaves with os._exit once uvicorn has shut
+        # down. (On Windows the log, this process's own open output, stays until the process has ended.)
         shutil.rmtree(owned, ignore_errors=True)
+    server.should_exit = True
     time.sleep(grace)
     os._exit(0)
