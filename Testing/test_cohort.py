@@ -135,7 +135,8 @@ def test_outputs_equal_segment_runs_and_a_bad_volume_is_one_row(case, cluster, t
     assert main(argv) == 0
     assert "3 already done with these settings (skipped), 0 to segment" in capsys.readouterr().out
     # Each row names the files its run wrote; a table from before that column: its volumes' files count as written.
-    assert rows["case3"]["outputs"] == "case3_points.json case3_synpo.nii.gz" and rows["broken"]["outputs"] == ""
+    assert json.loads(rows["case3"]["outputs"]) == ["case3_points.json", "case3_synpo.nii.gz"]
+    assert rows["broken"]["outputs"] == ""
     with open(str(out / "cohort.csv"), newline="") as handle:
         table = list(csv.reader(handle))
     keep = [i for i, c in enumerate(table[0]) if c != "outputs"]
@@ -153,7 +154,7 @@ def test_outputs_equal_segment_runs_and_a_bad_volume_is_one_row(case, cluster, t
     assert again["case1"]["settings_hash"] != rows["case1"]["settings_hash"]
     assert again["case3"] == rows["case3"]
     # Its points were the earlier run's: gone with it (they had held, and then passed for, this run's).
-    assert again["case1"]["outputs"] == "case1_synpo.nii.gz" and not (out / "case1_points.json").exists()
+    assert json.loads(again["case1"]["outputs"]) == ["case1_synpo.nii.gz"] and not (out / "case1_points.json").exists()
     assert main(argv + ["--set", "prompts.top_k=32", "--points"]) == 0
     assert "0 already done with these settings (skipped), 1 to segment" in capsys.readouterr().out
     assert json.loads((out / "case1_points.json").read_text())["labels"] == [1, 2]
@@ -173,7 +174,7 @@ def test_outputs_equal_segment_runs_and_a_bad_volume_is_one_row(case, cluster, t
     # A file of the user's with an output's name that no run wrote: left alone, and never taken as an output.
     (out / "case1_points.json").write_text("the user's own notes")
     assert main(argv) == 0
-    assert _rows(out)["case1"]["outputs"] == "case1_synpo.nii.gz"
+    assert json.loads(_rows(out)["case1"]["outputs"]) == ["case1_synpo.nii.gz"]
     assert main(argv + ["--points"]) == 2
     assert "case1_points.json exists but cohort.csv has no record of writing it" in capsys.readouterr().err
     assert (out / "case1_points.json").read_text() == "the user's own notes"
@@ -259,7 +260,8 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_does_only_the_rest(case, tmp_path):
         deadline = time.time() + 240
         while time.time() < deadline:
             rows = _rows(out) if os.path.exists(str(out / "cohort.csv")) else {}
-            if sorted(rows) == ["case1", "case2"] or proc.poll() is not None:
+            if sorted(n for n, r in rows.items() if r["status"] == "done") == ["case1", "case2"] or \
+                    proc.poll() is not None:
                 break
             time.sleep(0.5)
         children = psutil.Process(proc.pid).children(recursive=True)
@@ -275,8 +277,10 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_does_only_the_rest(case, tmp_path):
     _, alive = psutil.wait_procs(children, timeout=20)    # the worker stuck on the FIFO too
     assert alive == []
     rows = _rows(out)
-    assert sorted(rows) == ["case1", "case2"] and all(r["status"] == "done" for r in rows.values())
-    before = {n: os.stat(str(out / (n + "_synpo.nii.gz"))).st_mtime_ns for n in rows}
+    # The one not finished is "started" (with the outputs it may have written: known as the cohort's).
+    assert {n: r["status"] for n, r in rows.items()} == {"case1": "done", "case2": "done", "case3": "started"}
+    assert json.loads(rows["case3"]["outputs"]) == ["case3_synpo.nii.gz"]
+    before = {n: os.stat(str(out / (n + "_synpo.nii.gz"))).st_mtime_ns for n in ("case1", "case2")}
     _no_temporaries(out)
 
     stuck.unlink()
@@ -290,6 +294,35 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_does_only_the_rest(case, tmp_path):
     assert sorted(rows) == ["case1", "case2", "case3"] and all(r["status"] == "done" for r in rows.values())
     for name, expected in case["expected"].items():
         assert np.array_equal(_labels(out / (name + "_synpo.nii.gz")), expected)
+
+
+def test_output_names_in_the_table_are_exact_and_may_hold_spaces(case, cluster, tmp_path, capsys):
+    """A query named "case 1" resumes (its outputs' names were split at the space: the next run took its
+    own output for a user's file); a table edited by hand that names a file which is not exactly one of the
+    volume's outputs never gets that file removed."""
+    from synpo.cohort import is_output_name
+    assert is_output_name("case 1_synpo.nii.gz", "case 1") and is_output_name("c_confidence_label12.nii.gz", "c")
+    for other in ("case 1_synpo_reviewed.nii.gz", "case 1_points.json.bak", "case 1_confidence_labelx.nii.gz",
+                  "../case 1_synpo.nii.gz", "case 11_synpo.nii.gz"):
+        assert not is_output_name(other, "case 1"), other
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    os.link(str(case["queries"] / "case1.nii.gz"), str(queries / "case 1.nii.gz"))
+    out = tmp_path / "out"
+    argv = ["cohort", case["ref"], case["labels"], str(queries), "-o", str(out), "--scheduler",
+            cluster[0].scheduler_address, "--embedding-cache", case["cache"]] + MODEL
+    assert main(argv) == 0
+    assert main(argv) == 0
+    assert "1 already done with these settings (skipped), 0 to segment" in capsys.readouterr().out
+    with open(str(out / "cohort.csv"), newline="") as handle:
+        table = list(csv.reader(handle))
+    column = table[0].index("outputs")
+    table[1][column] = json.dumps(["case 1_synpo.nii.gz", "case 1_synpo_reviewed.nii.gz"])
+    with open(str(out / "cohort.csv"), "w", newline="") as handle:
+        csv.writer(handle).writerows(table)
+    (out / "case 1_synpo_reviewed.nii.gz").write_text("the user's reviewed copy")
+    assert main(argv + ["--set", "prompts.top_k=32"]) == 0
+    assert (out / "case 1_synpo_reviewed.nii.gz").read_text() == "the user's reviewed copy"
 
 
 def test_usage_errors_are_one_line_before_anything_starts(case, tmp_path, capsys):

@@ -46,8 +46,8 @@ CSV_NAME = "cohort.csv"
 COLUMNS = ["name", "status", "organs_found", "slices_per_organ", "warnings", "seconds", "settings_hash", "error",
            "query", "query_stamp", "outputs"]
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
-OUTPUT_TAGS = ("_synpo", "_confidence", "_points")
 
+UNKNOWN_OUTPUTS = "?"                # a row from a table written before the `outputs` column, not yet in a run
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -148,12 +148,12 @@ def read_rows(path: str) -> Dict[str, dict]:
             if not reader.fieldnames or "name" not in reader.fieldnames or "settings_hash" not in reader.fieldnames:
                 raise SynPoError("%s is not a synpo cohort table (no name / settings_hash columns); choose "
                                  "another output folder" % path)
-            legacy = "outputs" not in reader.fieldnames     # a table from before the column: None, see run_cohort
+            legacy = "outputs" not in reader.fieldnames     # a table from before the column: see _migrated
             rows = {}
             for row in reader:
                 rows[row["name"]] = {c: row.get(c, "") or "" for c in COLUMNS}
                 if legacy:
-                    rows[row["name"]]["outputs"] = None
+                    rows[row["name"]]["outputs"] = UNKNOWN_OUTPUTS
             return rows
     except (OSError, csv.Error, UnicodeDecodeError) as exc:
         raise SynPoError("cannot read %s: %s" % (path, exc)) from None
@@ -361,7 +361,7 @@ def segment_query(query: str, name: str, outdir: str, reference, features: dict,
         write_result(result, geometry, paths["labels"], paths.get("confidence"), paths.get("points"), query)
         row["organs_found"], row["slices_per_organ"], warnings = _summary(result)
         row.update(status="done", warnings=" | ".join(warnings),
-                   outputs=" ".join(sorted(os.path.basename(p) for p in paths.values() if os.path.exists(p))))
+                   outputs=encode_outputs(os.path.basename(p) for p in paths.values() if os.path.exists(p)))
     except SynPoError as exc:
         row.update(status="failed", error=str(exc))
     except MemoryError:
@@ -570,12 +570,7 @@ def run_cohort(args) -> int:
         os.makedirs(outdir, exist_ok=True)
     except OSError as exc:
         raise SynPoError("cannot make the output folder %s: %s" % (outdir, exc.strerror or exc)) from None
-    try:
-        return _run_in(args, outdir, names, labels, support, cfg, queries, say)
-    except SynPoError:
-        if created:                   # a usage error made nothing: not even the folder it would have written
-            _remove_if_only_lock(outdir)
-        raise
+    return _run_in(args, outdir, names, labels, support, cfg, queries, say, created)
 
 
 def _remove_if_only_lock(outdir: str) -> None:
@@ -588,72 +583,113 @@ def _remove_if_only_lock(outdir: str) -> None:
         pass
 
 
-def _recorded(row: Optional[dict], outdir: str, name: str, labels: List[int]) -> Optional[set]:
-    """The output files (base names) an earlier run recorded for this volume; for a table from before
-    the `outputs` column, the cohort output files of this volume that exist (what that version took
-    as its own); None without a row. Only names of this volume's outputs count (a table edited by
-    hand names no other file to remove)."""
+def encode_outputs(names) -> str:
+    """The `outputs` cell: a JSON list of file names (a name may hold spaces)."""
+    return json.dumps(sorted(set(names)))
+
+
+def is_output_name(base: str, name: str) -> bool:
+    """Whether `base` is the name of one of volume `name`'s output files, exactly (output_paths)."""
+    import re
+    return base in (name + "_synpo.nii.gz", name + "_confidence.nii.gz", name + "_points.json") or \
+        re.fullmatch(re.escape(name) + r"_confidence_label\d+\.nii\.gz", base) is not None
+
+
+def _recorded(row: Optional[dict], name: str) -> Optional[set]:
+    """The output files (base names) an earlier run recorded for this volume; None without a row. Only
+    exact names of this volume's outputs count: a table edited by hand names no other file to remove."""
     if row is None:
         return None
-    if row.get("outputs") is None:
-        every = output_paths(outdir, name, True, True, labels).values()
-        return {os.path.basename(p) for p in every if os.path.exists(p)}
-    return {b for b in row["outputs"].split()
-            if os.path.basename(b) == b and any(b.startswith(name + tag) for tag in OUTPUT_TAGS)}
+    try:
+        listed = json.loads(row.get("outputs") or "[]")
+    except ValueError:
+        listed = []
+    return {b for b in listed if isinstance(b, str) and is_output_name(b, name)} if isinstance(listed, list) else set()
 
 
-def _run_in(args, outdir, names, labels, support, cfg, queries, say) -> int:
-    from .cli import _same_file
+def _migrated(paths: Dict[str, str]) -> str:
+    """The `outputs` cell of a row from a table written before the column: its labels file and the
+    outputs asked for now, where they exist (what that version overwrote or skipped on), never a file
+    of that name it did not write and this run does not ask for (removed otherwise, as an earlier run's)."""
+    return encode_outputs(os.path.basename(p) for p in paths.values() if os.path.exists(p))
+
+
+def _run_in(args, outdir, names, labels, support, cfg, queries, say, created) -> int:
     with FolderLock(outdir):
-        csv_path = os.path.join(outdir, CSV_NAME)
-        remove_stale_temporaries([csv_path])          # a cohort killed while writing its table
-        rows = read_rows(csv_path)
-        for name, row in rows.items():                # a table from before the `outputs` column, once
-            if row.get("outputs") is None:
-                row["outputs"] = " ".join(sorted(_recorded(row, outdir, name, labels)))
-        digest = settings_hash(args, cfg)
-        inputs = [args.ref_image, args.ref_labels] + queries
-        todo, skipped, redone, earlier = [], [], [], {}
-        for name, q in names.items():
-            paths = output_paths(outdir, name, args.confidence, args.points, labels)
-            for p in paths.values():
-                for src in inputs:
-                    if _same_file(p, src):
-                        raise SynPoError("output %s would overwrite the input %s; choose another output folder"
-                                         % (p, src))
-            old = rows.get(name)
-            recorded = _recorded(old, outdir, name, labels)
-            # A file with an output's name that no run of this cohort wrote (none recorded it) is the user's.
-            foreign = [p for p in paths.values() if os.path.exists(p)
-                       and (recorded is None or os.path.basename(p) not in recorded)]
-            if foreign:
-                raise SynPoError("%s exists but %s has no record of writing it for %s: it is not a cohort output (or "
-                                 "an interrupted run's); remove it or choose another output folder"
-                                 % (foreign[0], CSV_NAME, name))
-            if (old is not None and old["status"] == "done" and old["settings_hash"] == digest
-                    and os.path.abspath(old["query"]) == os.path.abspath(q)
-                    and old["query_stamp"] == file_stamp(q) and all(os.path.exists(p) for p in paths.values())):
-                skipped.append(name)
-                continue
-            if old is not None and old["status"] == "done":
-                redone.append(name)
-            asked = {os.path.basename(p) for p in paths.values()}
-            earlier[name] = tuple(os.path.join(os.path.abspath(outdir), b) for b in sorted((recorded or set()) - asked))
-            todo.append(name)
-        say("cohort: %d volume%s, %d already done with these settings (skipped), %d to segment -> %s"
-            % (len(names), "s" if len(names) != 1 else "", len(skipped), len(todo), csv_path))
-        if redone:
-            say("cohort: %d volume%s done earlier with other settings, another file or other outputs asked for "
-                "(or one missing): segmented again, outputs replaced" % (len(redone), "s" if len(redone) != 1 else ""))
-        if not todo:
-            return _finish(rows, list(names), say)
-        options = {"hash": digest, "confidence": bool(args.confidence), "points": bool(args.points),
-                   "n_painted": len({s for v in support.slices.values() for s in v}),
-                   "confidence_all": bool(args.confidence_all), "labels": labels,
-                   "embedding_cache": args.embedding_cache}
-        reference = (os.path.abspath(args.ref_image), os.path.abspath(args.ref_labels),
-                     (file_stamp(args.ref_image), file_stamp(args.ref_labels)))
-        return _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say, earlier)
+        try:
+            return _plan_and_run(args, outdir, names, labels, support, cfg, queries, say)
+        except SynPoError:
+            if created:               # a usage error made nothing: not even the folder it would have written
+                _remove_if_only_lock(outdir)           # (while the lock is held: no other cohort is in it)
+            raise
+
+
+def _plan_and_run(args, outdir, names, labels, support, cfg, queries, say) -> int:
+    from .cli import _same_file
+    csv_path = os.path.join(outdir, CSV_NAME)
+    remove_stale_temporaries([csv_path])          # a cohort killed while writing its table
+    rows = read_rows(csv_path)
+    migrated = [name for name in names if rows.get(name, {}).get("outputs") == UNKNOWN_OUTPUTS]
+    for name in migrated:                         # rows from before the `outputs` column, in this run
+        rows[name]["outputs"] = _migrated(output_paths(outdir, name, args.confidence, args.points, labels))
+    digest = settings_hash(args, cfg)
+    inputs = [args.ref_image, args.ref_labels] + queries
+    todo, skipped, redone, earlier = [], [], [], {}
+    for name, q in names.items():
+        paths = output_paths(outdir, name, args.confidence, args.points, labels)
+        for p in paths.values():
+            for src in inputs:
+                if _same_file(p, src):
+                    raise SynPoError("output %s would overwrite the input %s; choose another output folder"
+                                     % (p, src))
+        old = rows.get(name)
+        recorded = _recorded(old, name)
+        # A file with an output's name that no run of this cohort wrote (none recorded it) is the user's.
+        foreign = [p for p in paths.values() if os.path.exists(p)
+                   and (recorded is None or os.path.basename(p) not in recorded)]
+        if foreign:
+            raise SynPoError("%s exists but %s has no record of writing it for %s: it is not a cohort output (or "
+                             "an interrupted run's); remove it or choose another output folder"
+                             % (foreign[0], CSV_NAME, name))
+        if (old is not None and old["status"] == "done" and old["settings_hash"] == digest
+                and os.path.abspath(old["query"]) == os.path.abspath(q)
+                and old["query_stamp"] == file_stamp(q) and all(os.path.exists(p) for p in paths.values())):
+            skipped.append(name)
+            continue
+        if old is not None and old["status"] == "done":
+            redone.append(name)
+        asked = {os.path.basename(p) for p in paths.values()}
+        earlier[name] = tuple(os.path.join(os.path.abspath(outdir), b) for b in sorted((recorded or set()) - asked))
+        todo.append(name)
+    say("cohort: %d volume%s, %d already done with these settings (skipped), %d to segment -> %s"
+        % (len(names), "s" if len(names) != 1 else "", len(skipped), len(todo), csv_path))
+    if redone:
+        say("cohort: %d volume%s done earlier with other settings, another file or other outputs asked for "
+            "(or one missing): segmented again, outputs replaced" % (len(redone), "s" if len(redone) != 1 else ""))
+    if not todo:
+        if migrated:
+            write_rows(csv_path, rows)
+        return _finish(rows, list(names), say)
+    options = {"hash": digest, "confidence": bool(args.confidence), "points": bool(args.points),
+               "n_painted": len({s for v in support.slices.values() for s in v}),
+               "confidence_all": bool(args.confidence_all), "labels": labels,
+               "embedding_cache": args.embedding_cache}
+    reference = (os.path.abspath(args.ref_image), os.path.abspath(args.ref_labels),
+                 (file_stamp(args.ref_image), file_stamp(args.ref_labels)))
+    return _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say, earlier)
+
+
+def _mark_started(todo, names, rows, csv_path, outdir, options) -> None:
+    """Each volume about to be segmented is "started" in the table, with the outputs it may write: an
+    interrupted run (Ctrl+C, a task a --scheduler finishes after the command ended, a worker killed
+    between two renames) leaves files the next run knows as this cohort's, and it segments them again."""
+    for name in todo:
+        row = rows.get(name) or dict({c: "" for c in COLUMNS}, name=name, query=os.path.abspath(names[name]))
+        asked = output_paths(outdir, name, options["confidence"], options["points"], options["labels"]).values()
+        row.update(status="started", outputs=encode_outputs((_recorded(row, name) or set())
+                                                            | {os.path.basename(p) for p in asked}))
+        rows[name] = row
+    write_rows(csv_path, rows)
 
 
 def _terminate_as_interrupt(signum, frame):
@@ -706,6 +742,7 @@ def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say, 
             raise SynPoError("the reference could not be embedded: %s" % _one_line(exc)) from None
         say("cohort: models %s; the reference's %d painted slice%s embedded once"
             % (json.dumps(described, sort_keys=True), options["n_painted"], "s" if options["n_painted"] > 1 else ""))
+        _mark_started(todo, names, rows, csv_path, args.output, options)
         for name in todo:
             futures.append(client.submit(segment_query, os.path.abspath(names[name]), name,
                                          os.path.abspath(args.output), ref_future, features, cfg, options,
@@ -724,7 +761,7 @@ def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say, 
                 ours = set(os.path.basename(p) for p in earlier.get(name, ())) | set(
                     os.path.basename(p) for p in output_paths(args.output, name, options["confidence"],
                                                               options["points"], options["labels"]).values())
-                row["outputs"] = " ".join(sorted(b for b in ours if os.path.exists(os.path.join(args.output, b))))
+                row["outputs"] = encode_outputs(b for b in ours if os.path.exists(os.path.join(args.output, b)))
             rows[name] = row
             write_rows(csv_path, rows)
             done += 1
