@@ -300,8 +300,11 @@ def test_output_names_in_the_table_are_exact_and_may_hold_spaces(case, cluster, 
     """A query named "case 1" resumes (its outputs' names were split at the space: the next run took its
     own output for a user's file); a table edited by hand that names a file which is not exactly one of the
     volume's outputs never gets that file removed."""
-    from synpo.cohort import is_output_name
+    from synpo.cohort import _unknown_outputs, is_output_name
     assert is_output_name("case 1_synpo.nii.gz", "case 1") and is_output_name("c_confidence_label12.nii.gz", "c")
+    # A cell from before the column ("?") or not a JSON list (edited by hand): read as a table before the column.
+    assert _unknown_outputs("?") and _unknown_outputs('["a_synpo.nii.gz"] a_points.json') and _unknown_outputs("{}")
+    assert not _unknown_outputs("") and not _unknown_outputs('["a_synpo.nii.gz"]')
     for other in ("case 1_synpo_reviewed.nii.gz", "case 1_points.json.bak", "case 1_confidence_labelx.nii.gz",
                   "../case 1_synpo.nii.gz", "case 11_synpo.nii.gz"):
         assert not is_output_name(other, "case 1"), other

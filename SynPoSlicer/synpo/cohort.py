@@ -607,6 +607,16 @@ def _recorded(row: Optional[dict], name: str) -> Optional[set]:
     return {b for b in listed if isinstance(b, str) and is_output_name(b, name)} if isinstance(listed, list) else set()
 
 
+def _unknown_outputs(cell: str) -> bool:
+    """A row from a table before the `outputs` column, or whose cell is not a JSON list (edited by hand)."""
+    if cell in ("", UNKNOWN_OUTPUTS):
+        return cell == UNKNOWN_OUTPUTS
+    try:
+        return not isinstance(json.loads(cell), list)
+    except ValueError:
+        return True
+
+
 def _migrated(paths: Dict[str, str]) -> str:
     """The `outputs` cell of a row from a table written before the column: its labels file and the
     outputs asked for now, where they exist (what that version overwrote or skipped on), never a file
@@ -629,7 +639,7 @@ def _plan_and_run(args, outdir, names, labels, support, cfg, queries, say) -> in
     csv_path = os.path.join(outdir, CSV_NAME)
     remove_stale_temporaries([csv_path])          # a cohort killed while writing its table
     rows = read_rows(csv_path)
-    migrated = [name for name in names if rows.get(name, {}).get("outputs") == UNKNOWN_OUTPUTS]
+    migrated = [name for name in names if name in rows and _unknown_outputs(rows[name]["outputs"])]
     for name in migrated:                         # rows from before the `outputs` column, in this run
         rows[name]["outputs"] = _migrated(output_paths(outdir, name, args.confidence, args.points, labels))
     digest = settings_hash(args, cfg)
