@@ -174,23 +174,13 @@ def _segment_remote(args, image, geometry, support, ref, progress, absent=None):
     confidence = "labels" if args.confidence_out else "none"
     # Ended by SIGTERM or SIGHUP (kill, a closed terminal) as by Ctrl+C: the run cancelled, the session
     # deleted (run_remote); else they stayed on the server until its --session-ttl.
-    import signal
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-    kept = {}
-    for name in ("SIGTERM", "SIGHUP"):
-        if hasattr(signal, name):
-            try:
-                kept[name] = signal.signal(getattr(signal, name), interrupt)
-            except ValueError:              # not the main thread
-                pass
+    from .lifeline import interrupt_on
+    restore = interrupt_on(("SIGTERM", "SIGHUP"))
     try:
         return run_remote(client, image, geometry.spacing, support, args.set, args.modality, ref, confidence,
                           progress, args.confidence_all, absent)
     finally:
-        for name, handler in kept.items():
-            signal.signal(getattr(signal, name), handler)
+        restore()
 
 
 def cmd_web(args) -> int:

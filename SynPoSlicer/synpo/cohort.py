@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -39,6 +38,7 @@ from dataclasses import asdict
 from typing import Dict, List, Optional, Tuple
 
 from .errors import SynPoError
+from .lifeline import interrupt_on
 from .weights import sha256_of
 
 PLUGIN_NAME = "synpo-models"
@@ -487,14 +487,13 @@ MIN_WORKER_MEMORY = 512 * 2 ** 20
 def memory_limit(text: str) -> int:
     """--memory-limit in bytes (0: no limit, as Dask reads it); SynPoError for anything else than a size
     of at least MIN_WORKER_MEMORY."""
-    import re
     from dask.utils import format_bytes, parse_bytes
     try:
         memory = int(parse_bytes(text))
     except (ValueError, TypeError):
         raise SynPoError("--memory-limit %r: give a size such as 6GB" % text) from None
-    zero = re.fullmatch(r"\s*0*(\.0*)?\s*[a-zA-Z]*\s*", str(text)) is not None
-    if (memory != 0 or not zero) and memory < MIN_WORKER_MEMORY:       # ("0.5": Dask rounds it to 0 bytes)
+    zero = not any(d in str(text) for d in "123456789")       # ("0.5": Dask rounds it to 0 bytes, not "no limit")
+    if (memory != 0 or not zero) and memory < MIN_WORKER_MEMORY:
         raise SynPoError("--memory-limit %r: give a size of at least %s per worker (0: no limit)"
                          % (text, format_bytes(MIN_WORKER_MEMORY)))
     return memory
@@ -595,26 +594,26 @@ def is_output_name(base: str, name: str) -> bool:
         re.fullmatch(re.escape(name) + r"_confidence_label\d+\.nii\.gz", base) is not None
 
 
+def _listed(cell: str) -> Optional[list]:
+    """The `outputs` cell read: its list ("" is none); None for a row from a table before the column, or a
+    cell that is not a JSON list (edited by hand)."""
+    try:
+        listed = json.loads(cell or "[]")
+    except ValueError:
+        return None
+    return listed if isinstance(listed, list) else None
+
+
+def _unknown_outputs(cell: str) -> bool:
+    return _listed(cell) is None
+
+
 def _recorded(row: Optional[dict], name: str) -> Optional[set]:
     """The output files (base names) an earlier run recorded for this volume; None without a row. Only
     exact names of this volume's outputs count: a table edited by hand names no other file to remove."""
     if row is None:
         return None
-    try:
-        listed = json.loads(row.get("outputs") or "[]")
-    except ValueError:
-        listed = []
-    return {b for b in listed if isinstance(b, str) and is_output_name(b, name)} if isinstance(listed, list) else set()
-
-
-def _unknown_outputs(cell: str) -> bool:
-    """A row from a table before the `outputs` column, or whose cell is not a JSON list (edited by hand)."""
-    if cell in ("", UNKNOWN_OUTPUTS):
-        return cell == UNKNOWN_OUTPUTS
-    try:
-        return not isinstance(json.loads(cell), list)
-    except ValueError:
-        return True
+    return {b for b in _listed(row.get("outputs")) or [] if isinstance(b, str) and is_output_name(b, name)}
 
 
 def _migrated(paths: Dict[str, str]) -> str:
@@ -702,21 +701,13 @@ def _mark_started(todo, names, rows, csv_path, outdir, options) -> None:
     write_rows(csv_path, rows)
 
 
-def _terminate_as_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say, earlier) -> int:
     from distributed import Client, as_completed
     cluster = None
     client = None
     futures = []
     done = 0
-    previous = None
-    try:                              # SIGTERM (kill, a batch system's scancel) stops as cleanly as Ctrl+C
-        previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
-    except ValueError:                # not the main thread: leave it alone
-        pass
+    restore = interrupt_on(("SIGTERM",))     # kill, a batch system's scancel: as cleanly as Ctrl+C
     try:
         if args.scheduler:
             try:
@@ -784,8 +775,7 @@ def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say, 
                          "the rest\n" % (done, len(todo), " and recorded in %s" % csv_path if done else ""))
         return EXIT_INTERRUPTED
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        restore()
         if client is not None:
             if args.scheduler:
                 try:

@@ -9,6 +9,7 @@ watch closes that gap: every `interval` seconds it checks that PID is still the 
 `on_exit` once it is not.
 """
 import os
+import signal
 import threading
 import time
 from typing import Callable, Optional
@@ -62,3 +63,26 @@ def watch_parent(pid: int, on_exit: Callable[[], None], interval: float = 1.0) -
     thread = threading.Thread(target=run, name="synpo-parent-watch", daemon=True)
     thread.start()
     return thread
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def interrupt_on(names=("SIGTERM",)) -> Callable[[], None]:
+    """From now on the signals `names` raise KeyboardInterrupt in the main thread, as Ctrl+C does (kill,
+    a batch system's scancel, a closed terminal: the command stops as cleanly); returns the function that
+    puts the previous handlers back. Outside the main thread (or where a signal does not exist) nothing
+    changes."""
+    previous = {}
+    for name in names:
+        if hasattr(signal, name):
+            try:
+                previous[name] = signal.signal(getattr(signal, name), _raise_interrupt)
+            except ValueError:                # not the main thread
+                pass
+
+    def restore() -> None:
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
+    return restore

@@ -282,7 +282,8 @@ class Session:
         for p in (positive, negative):
             if len(p) and not (np.all(np.isfinite(p)) and np.all(p >= -0.5) and np.all(p[:, 0] < cols - 0.5)
                                and np.all(p[:, 1] < rows - 0.5)):
-                raise InputError("points must lie on the slice: x in 0..%d, y in 0..%d" % (cols - 1, rows - 1))
+                raise InputError("points must be finite and lie on the slice: x in 0..%d, y in 0..%d"
+                                 % (cols - 1, rows - 1))
         store = self.sam_store(axis)
         t = int(slice_index)
         store.ensure([t])
