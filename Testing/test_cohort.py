@@ -239,6 +239,32 @@ def _kill_a_worker_mid_write(case, c, client, tmp_path, capsys):
         assert np.array_equal(_labels(out / (name + "_synpo.nii.gz")), expected)
 
 
+def test_a_scheduler_without_workers_is_said_and_the_cohort_runs_when_one_joins(case, tmp_path, capsys):
+    """A --scheduler that has no worker yet (a dask-jobqueue cluster before its jobs start): the
+    cohort says it waits for one, instead of hanging silently, and runs when a worker joins."""
+    import threading
+    from distributed import Client, LocalCluster
+    with LocalCluster(n_workers=0, threads_per_worker=1, processes=True, dashboard_address=None) as c:
+        with Client(c) as client:
+            def join_when_asked():              # a worker starts once the cohort has submitted work
+                deadline = time.time() + 120
+                while time.time() < deadline and not client.run_on_scheduler(
+                        lambda dask_scheduler: len(dask_scheduler.tasks)):
+                    time.sleep(0.2)
+                c.scale(1)
+            joiner = threading.Thread(target=join_when_asked, daemon=True)
+            joiner.start()
+            out = tmp_path / "out"
+            code = main(["cohort", case["ref"], case["labels"], str(case["queries"] / "case2.nii.gz"), "-o",
+                         str(out), "--scheduler", c.scheduler_address, "--embedding-cache", case["cache"]] + MODEL)
+            joiner.join(10)
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "0 workers now" in printed and "cohort: waiting for a worker to join the scheduler" in printed
+    assert printed.index("waiting for a worker") < printed.index("[1/1] case2")
+    assert np.array_equal(_labels(out / "case2_synpo.nii.gz"), case["expected"]["case2"])
+
+
 def test_ctrl_c_stops_cleanly_and_a_rerun_does_only_the_rest(case, tmp_path):
     """A query that never finishes reading (a FIFO nobody writes) holds the cohort; SIGINT stops
     it: exit 130, the finished volumes recorded, its worker processes gone. The re-run skips

@@ -717,6 +717,9 @@ def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say, 
             threads = args.threads_per_worker
             n = len(client.scheduler_info().get("workers", {}))
             say("cohort: scheduler %s, %d worker%s now" % (args.scheduler, n, "s" if n != 1 else ""))
+            if n == 0:     # its tasks wait on the scheduler until a worker joins: say so, not silence
+                say("cohort: waiting for a worker to join the scheduler (start some, e.g. a dask-jobqueue "
+                    "cluster's scale(n)); Ctrl+C stops")
         else:
             cluster, threads = _local_cluster(args, say)
             client = Client(cluster)
