@@ -33,14 +33,35 @@ def retireLogic(logic):
     logic._connections = []
 
 
-# Developer mode's Reload re-executes this file under the same module name (slicer.util.
-# reloadScriptedModule): the logic of the code being replaced stops its run and its server, and the
-# helper packages are dropped so that the imports below load the edited code (reloadHelpers).
-if "_SHARED_LOGIC" in globals():
-    for _previous in _SHARED_LOGIC:  # noqa: F821  (the previous execution's)
+def reloadHelpers():
+    """Developer mode: make an edit of SynPoSlicerLib or the client side of synpo take effect without a
+    restart. The helper modules are dropped from sys.modules, not reloaded one by one: the next import
+    loads each afresh in the order the imports ask for them, so `synpo.errors.SynPoError` stays one class
+    that `synpo.client.ServerError` and `SynPoSlicerLib.engine` share (importlib.reload in name order
+    reloaded engine before client and errors after both: two ServerError classes, neither a SynPoError).
+    `SegmentEditorSynPoLib` is left alone: it is the module Slicer's scripted-effect loader executed the
+    effect file under (qSlicerSegmentEditorScriptedEffect::setPythonSource: module name = the folder's,
+    class = the file's name); reloading it as a package re-runs its __init__.py in that namespace."""
+    import sys
+    for name in list(sys.modules):
+        if name in ("synpo", "SynPoSlicerLib") or name.startswith(("synpo.", "SynPoSlicerLib.")):
+            del sys.modules[name]
+
+
+# Developer mode's Reload executes this file again: in the module it was loaded as, or (slicer.util.
+# reloadScriptedModule in Slicer 5.10+: importlib.util.module_from_spec, then exec_module) as a new
+# module object whose globals know nothing of the previous execution, and the Python console or a
+# developer tool may call reloadScriptedModule without the panel's onReload. So the shared logic is
+# kept on the `slicer` module, which outlives every execution of this file: a logic the previous code
+# left is retired here (its run, preview and server stopped, its connections undone) and the helper
+# packages are dropped so that the imports below load the edited code (reloadHelpers).
+_AGAIN = "_SHARED_LOGIC" in globals()          # executed again in the same module
+_SHARED_LOGIC = slicer.__dict__.setdefault("_synpoSharedLogic", [])
+if _SHARED_LOGIC or _AGAIN:
+    for _previous in list(_SHARED_LOGIC):
         retireLogic(_previous)
-    reloadHelpers()  # noqa: F821  (the previous execution's; it only drops modules)
-_SHARED_LOGIC = []
+    del _SHARED_LOGIC[:]
+    reloadHelpers()
 
 # The workflow without Qt (shared with `synpo web`); imports nothing heavy.
 from SynPoSlicerLib.logic import PARAMETERS, PreviewLogic, volumeFingerprint  # noqa: E402,F401
@@ -97,21 +118,6 @@ def registerEditorEffect():
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "SegmentEditorSynPoLib", "SegmentEditorEffect.py")
     instance.setPythonSource(path.replace("\\", "/"))
     instance.self().register()
-
-
-def reloadHelpers():
-    """Developer mode: make an edit of SynPoSlicerLib or the client side of synpo take effect without a
-    restart. The helper modules are dropped from sys.modules, not reloaded one by one: the next import
-    loads each afresh in the order the imports ask for them, so `synpo.errors.SynPoError` stays one class
-    that `synpo.client.ServerError` and `SynPoSlicerLib.engine` share (importlib.reload in name order
-    reloaded engine before client and errors after both: two ServerError classes, neither a SynPoError).
-    `SegmentEditorSynPoLib` is left alone: it is the module Slicer's scripted-effect loader executed the
-    effect file under (qSlicerSegmentEditorScriptedEffect::setPythonSource: module name = the folder's,
-    class = the file's name); reloading it as a package re-runs its __init__.py in that namespace."""
-    import sys
-    for name in list(sys.modules):
-        if name in ("synpo", "SynPoSlicerLib") or name.startswith(("synpo.", "SynPoSlicerLib.")):
-            del sys.modules[name]
 
 
 def sharedLogic():

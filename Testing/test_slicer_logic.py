@@ -321,8 +321,10 @@ def test_cancel_never_waits_for_the_servers_answer(monkeypatch, tmp_path):
     class Answering(Silent):
         def step(self):
             return "old-session"
+    assert logic._pending is None                       # (the closed scene's volume is not kept)
     logic.job = RemoteJob(None, None, (), None)
     logic.job.state, logic.job._upload, logic.state = "upload", Answering(), "running"
+    logic._pending = (None, [], None, "fingerprint")
     logic.cancel()
     token = tmp_path / "token"
     token.write_text("t")

@@ -318,6 +318,7 @@ def sandbox(monkeypatch):
     effects package), and sys.modules restored afterwards (reloads must not leak into other tests)."""
     saved = dict(sys.modules)
     Settings.values = {}
+    monkeypatch.setattr(slicer, "_synpoSharedLogic", [], raising=False)   # each test's own shared logic
     install_module_stand_ins(monkeypatch, Settings, FakeTimer)
 
     @contextlib.contextmanager
@@ -395,6 +396,16 @@ class ScriptedEffect:
 
     def saveStateForUndo(self):
         self.editor.SaveStateForUndo()
+
+    def interactionNodeModified(self, interactionNode):
+        """qSlicerSegmentEditorScriptedEffect::interactionNodeModified: the Python method if the effect
+        has one (the base is not called); else qSlicerSegmentEditorAbstractEffect::interactionNodeModified,
+        which deselects the effect (selectEffect("")) in any mode but ViewTransform."""
+        method = getattr(self.python, "interactionNodeModified", None)
+        if method is not None:
+            method(interactionNode)
+        elif interactionNode.GetCurrentInteractionMode() != interactionNode.ViewTransform:
+            self.deselected = True
 
     def modifySegmentByLabelmap(self, segmentationNode, segmentId, labelmap, mode):
         self.editor.ModifySegmentByLabelmap(segmentationNode, segmentId, labelmap, self.editor.ModificationModeSet,
@@ -793,3 +804,127 @@ def test_apply_masks_around_the_segment_it_writes_not_the_one_selected(sandbox, 
     assert np.array_equal(mrml.segment_array(c["seg"], finished, c["volume"]).astype(bool), done)
     target = mrml.segment_array(c["seg"], c["target"], c["volume"]).astype(bool)
     assert np.array_equal(target, (labels == 1) & ~done)
+
+
+# ------------------------------------------------------------------ the user's scene changes under a preview
+
+def _panel_preview(module, c, server):
+    """The panel's Preview through `server`, run to its end: (the shared logic, its parameter node)."""
+    logic = module.sharedLogic()
+    logic.useServer(server.url, server.token_file)
+    params = _parameters(logic, c["scene"])
+    assert logic.process(c["volume"], c["seg"], [c["target"]], params, timeout=300) == "previewed", logic.message
+    return logic, params
+
+
+def test_a_volume_deleted_under_the_preview_is_said_by_apply_update_and_rerun(sandbox, scene_case, server):
+    """The user deletes the scanned volume in the Data module (vtkMRMLScene::RemoveNode: the node
+    object lives on, outside the scene) while the preview is shown, then presses Apply, Update or
+    Re-run slice: one message each (they raised AttributeError on the missing scene), nothing changed."""
+    from synpo.errors import InputError
+    c = scene_case
+    logic, params = _panel_preview(sandbox, c, server)
+    labels = logic.preview.labels.copy()
+    c["scene"].RemoveNode(c["volume"])
+    for press in (logic.apply, lambda: logic.startUpdate(params), lambda: logic.rerunSlice(3, c["target"])):
+        with pytest.raises(InputError, match="the volume this preview was made for has been removed"):
+            press()
+    assert np.array_equal(logic.preview.labels, labels) and logic.state == "previewed"
+    logic.discard()
+
+
+def test_rerun_slice_takes_no_points_from_a_markups_list_the_user_deleted(sandbox, scene_case, server):
+    """The user deletes 'SynPo negative' (to drop the red points) and presses Re-run slice: the removed
+    node's object still holds its control points; they are not sent to the decoder."""
+    c = scene_case
+    logic, _ = _panel_preview(sandbox, c, server)
+    t = next(r.index for r in logic.result.records if len(r.negative) and len(r.positive))
+    negative = logic.preview.negative
+    c["scene"].RemoveNode(negative)
+    assert negative.GetScene() is None and negative.GetNumberOfControlPoints() > 0
+    sent = []
+
+    def decode(pos, neg):
+        sent.append((len(pos), len(neg)))
+        return np.zeros(logic.preview.labels.shape[1:], bool)
+    mrml.rerun_slice(logic.preview, c["volume"], logic.result.support.axis, t, 1, decode)
+    assert len(sent) == 1 and sent[0][0] > 0 and sent[0][1] == 0
+    logic.discard()
+
+
+def test_a_closed_scene_or_an_ended_run_keeps_no_copy_of_the_volume(sandbox, scene_case, server):
+    """File > Close Scene (StartCloseEvent -> onSceneClosed) before the server was reached: the copy
+    of the volume made for the upload goes (it was held until the next preview: 8 bytes per voxel).
+    A finished run's job keeps no copy either, and Discard lets go of the run's result."""
+    c = scene_case
+    logic = sandbox.sharedLogic()
+    params = _parameters(logic, c["scene"])
+    logic.startPreview(c["volume"], c["seg"], [c["target"]], params)
+    assert logic._pending[0] is not None
+    logic.onSceneClosed()
+    assert logic._pending is None and logic.job is None
+    logic, _ = _panel_preview(sandbox, scene_case, server)
+    assert logic.job.image is None and logic.job.support is None and logic._pending[0] is None
+    logic.discard()
+    assert logic.result is None and logic.job is None
+
+
+def test_update_keeps_the_candidates_node_the_segment_editor_shows(sandbox, scene_case, server):
+    """The user corrects 'SynPo candidates' in the Segment Editor (its node shows that segmentation)
+    and presses Update: the same node holds the updated candidates. A new node replacing it cleared
+    the editor node's reference (vtkMRMLScene::RemoveNode removes references to a removed node), so
+    qMRMLSegmentEditorWidget::updateWidgetFromMRML disabled the effects, SynPo's Apply included."""
+    c = scene_case
+    python, logic = _previewed_effect(sandbox, c, server)
+    _edit_candidates(logic, c)
+    editor = ScriptedEffect.editor.GetSegmentEditorNode()
+    candidates, ids = logic.preview.candidates, dict(logic.preview.candidate_ids)
+    editor.SetAndObserveSegmentationNode(candidates)
+    python.onUpdate()
+    _drive(logic, lambda: not logic.active())
+    assert logic.state == "previewed", logic.message
+    assert logic.preview.candidates is candidates and candidates.GetScene() is c["scene"]
+    assert editor.GetSegmentationNode() is candidates and logic.preview.candidate_ids == ids
+    shown = mrml.segment_array(candidates, ids[1], c["volume"]).astype(bool)
+    assert np.array_equal(shown, logic.result.labels == 1) and logic.editedSlices() == 0
+    assert len(mrml.temporary_nodes(c["scene"])) == 4          # the old overlay and points went
+    logic.discard()
+    assert mrml.temporary_nodes(c["scene"]) == []
+
+
+def test_reloading_as_slicer_util_does_retires_the_previous_logic(sandbox, monkeypatch):
+    """slicer.util.reloadScriptedModule (Base/Python/slicer/util.py, 5.10+: importlib.util.
+    module_from_spec + exec_module, a new module object put in sys.modules) called from the Python
+    console or a developer tool, without the panel's onReload: the new module's globals know nothing
+    of the previous execution; the logic it left (server, preview, aboutToQuit connection, scene
+    observer) is retired all the same, and the effect's `import SynPoSlicer` gets one new logic."""
+    app, scene = App(), slicer.vtkMRMLScene()
+    monkeypatch.setattr(slicer, "app", app, raising=False)
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    old = sandbox.sharedLogic()
+    stopped = []
+    old.stopServer = lambda: stopped.append("server")
+    spec = importlib.util.spec_from_file_location("SynPoSlicer", os.path.join(MODULE_DIR, "SynPoSlicer.py"))
+    fresh = importlib.util.module_from_spec(spec)
+    sys.modules["SynPoSlicer"] = fresh
+    spec.loader.exec_module(fresh)
+    assert stopped == ["server"] and app.connections == [] and not scene.HasObserver(scene.StartCloseEvent)
+    new = sys.modules["SynPoSlicer"].sharedLogic()
+    assert new is not old and len(app.connections) == 1 and sandbox.existingLogic() is new
+    fresh.retireLogic(new)
+
+
+def test_placing_a_prompt_point_leaves_the_effect_selected(sandbox):
+    """The user clicks the Markups toolbar's place button to add a point to 'SynPo positive': the
+    interaction node goes to Place mode and the Segment Editor tells the active effect
+    (qMRMLSegmentEditorWidget observes the interaction node and calls interactionNodeModified). The
+    base implementation deselects the effect; SynPo, which acts on no click, stays selected."""
+    effect = ScriptedEffect()
+    assert effect.setPythonSource(EFFECT_FILE)
+    interaction = slicer.vtkMRMLInteractionNode()
+    interaction.SetCurrentInteractionMode(interaction.Place)
+    effect.interactionNodeModified(interaction)
+    assert not getattr(effect, "deselected", False)
+    effect.python = types.SimpleNamespace()                  # an effect without the override is deselected
+    effect.interactionNodeModified(interaction)
+    assert effect.deselected

@@ -89,6 +89,13 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         """Another effect or another module: stop showing progress here; the run goes on."""
         self.stopListening()
 
+    def interactionNodeModified(self, interactionNode):
+        """Stay active while the user places markups points (the prompt points 'SynPo positive' and
+        'SynPo negative' are markups): qSlicerSegmentEditorScriptedEffect::interactionNodeModified calls
+        this instead of the base, qSlicerSegmentEditorAbstractEffect::interactionNodeModified, which
+        deselects the effect on any mode but ViewTransform to keep an effect that acts on clicks from
+        clashing with placement. SynPo acts on no click in the views, so nothing clashes."""
+
     def cleanup(self):
         """The Segment Editor widget is destroyed (Slicer calls each effect's cleanup, at exit too)."""
         self.stopListening()

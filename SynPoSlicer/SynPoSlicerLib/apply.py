@@ -101,6 +101,13 @@ def node_writer() -> Callable:
     return write
 
 
+def check_volume(volume_node) -> None:
+    """Refuse where the volume a preview was made for is no longer in the scene (deleted in the Data
+    module): reading the candidates on its grid (mrml.segment_array) needs it."""
+    if volume_node is None or volume_node.GetScene() is None:
+        raise InputError("the volume this preview was made for has been removed; run the preview again")
+
+
 def check_writable(segmentation_node, volume_node, segment_ids: Sequence[str], editor_node=None) -> None:
     """Refuse, with a message saying what to do, where Slicer would write nothing: the segmentation
     or a segment removed since the preview; "Editable intensity range" on while the segmentation's
@@ -108,8 +115,7 @@ def check_writable(segmentation_node, volume_node, segment_ids: Sequence[str], e
     then returns without writing)."""
     if segmentation_node is None or segmentation_node.GetScene() is None:
         raise InputError("the segmentation this preview was made for has been removed; run the preview again")
-    if volume_node is None or volume_node.GetScene() is None:
-        raise InputError("the volume this preview was made for has been removed; run the preview again")
+    check_volume(volume_node)
     segmentation = segmentation_node.GetSegmentation()
     for sid in segment_ids:
         if segmentation.GetSegment(sid) is None:

@@ -234,6 +234,7 @@ class RemoteJob:
             except ServerError:
                 pass
             self.state, self.stage = "cancelled", "cancelled"
+        self._release()
 
     def step(self) -> str:
         """Advance by one request; returns the state. Errors end the job with `error` set."""
@@ -308,7 +309,13 @@ class RemoteJob:
                 self._upload.close()
                 self._upload = None
             self.state, self.error = "failed", str(exc)
+        self._release()
         return self.state
+
+    def _release(self) -> None:
+        """An ended job keeps no copy of the volume or the support (a CT's is hundreds of MB)."""
+        if not self.active():
+            self.image = self.support = None
 
     def _settle(self) -> None:
         """A step of "cancelling": the server's answer to the message sent before Cancel, if it has come."""

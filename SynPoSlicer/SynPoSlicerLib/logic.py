@@ -231,6 +231,8 @@ class PreviewLogic:
                     known = self._sessions.get(fingerprint)
                     self.job = RemoteJob(self.client(), inputs.image, inputs.spacing, inputs.support, settings,
                                          session_id=known)
+                    # The job holds the volume's copy now (until it ends); only the fingerprint stays here.
+                    self._pending = (None, None, None, fingerprint)
                     self.state = "running"
                     self.message = ("The volume is on the server already: embeddings reused." if known
                                     else "Sending the volume to the server...")
@@ -293,10 +295,12 @@ class PreviewLogic:
         become supports, emptied slices are marked absent; the same server session, so only what
         the corrections change is computed again. `step()` carries it out."""
         import numpy as np
+        from SynPoSlicerLib import apply as applying
         from SynPoSlicerLib import mrml
         from SynPoSlicerLib.engine import RemoteJob
         if self.preview is None or self.job is None:
             raise ValueError("Run a preview first, then edit the SynPo candidates segmentation.")
+        applying.check_volume(self.volumeNode)
         paint, absent = mrml.edited_slices(self.preview, self.volumeNode, self.result.support.axis)
         if not paint.any() and not absent:
             raise ValueError("No corrections yet: paint or erase on the 'SynPo candidates' segmentation first.")
@@ -349,9 +353,13 @@ class PreviewLogic:
             self.state, self.message = "cancelled", "The volume was closed; nothing was shown."
             return
         before, self.result = (self.result if self.preview is not None else None), self.job.result
-        if self.preview is not None:                 # an update replaces the preview it corrected
-            self.preview.remove()
-        self.preview = mrml.show_preview(self.volumeNode, self.result, self.segmentIds, self.segmentNames)
+        # An update replaces the preview it corrected, in the same 'SynPo candidates' node (the
+        # Segment Editor may show it: mrml.show_preview).
+        previous = self.preview
+        self.preview = mrml.show_preview(self.volumeNode, self.result, self.segmentIds, self.segmentNames,
+                                         previous=previous)
+        if previous is not None:
+            previous.remove()
         self.showLayers(opacity)
         present = sum(r.status in FOUND for r in self.result.records)
         names = {i + 1: name for i, name in enumerate(self.segmentNames)}
@@ -395,11 +403,13 @@ class PreviewLogic:
     def rerunSlice(self, sliceIndex, segmentId):
         """Decode one slice of one previewed segment again, on the server, from the points as the
         user left them."""
+        from SynPoSlicerLib import apply as applying
         from SynPoSlicerLib import mrml
         if self.preview is None:
             raise ValueError("Run a preview first.")
         if segmentId not in self.segmentIds:
             raise ValueError("Select one of the previewed segments.")
+        applying.check_volume(self.volumeNode)
         label = self.segmentIds.index(segmentId) + 1
         axis = self.result.support.axis
         client, sid = self.client(timeout=30.0), self.job.session_id
@@ -427,6 +437,7 @@ class PreviewLogic:
         from SynPoSlicerLib import mrml
         if self.preview is None:
             raise ValueError("Nothing to apply: run a preview first.")
+        applying.check_volume(self.volumeNode)
         # What the candidates show: the user's edits there are written as drawn, even without Update
         # (read first: nothing is switched or written when the candidates cannot be read).
         labels, edited = mrml.shown_labels(self.preview, self.volumeNode, self.result.support.axis)
@@ -491,13 +502,16 @@ class PreviewLogic:
             self.preview = None
         if self.state in ("previewed", "failed", "cancelled"):
             self.state = "idle"
+        if not self.active():         # the run's arrays (a volume's labels and confidence) are not kept after it
+            self.result, self.job, self._pending = None, None, None
 
     def onSceneClosed(self):
         """File > Close Scene: the preview's nodes are gone with the scene; a run is cancelled. The
         server and its sessions stay (a volume loaded again is recognised by its content)."""
         if self.job is not None and self.job.active():
             self._cancelJob()
-        self.preview, self.volumeNode, self.result, self.job = None, None, None, None
+        self.preview, self.volumeNode, self.result, self.job, self._pending = None, None, None, None, None
         self.segmentationNode = None
         self.state, self.message = "idle", ""
+        self._tell()          # the views' buttons: no preview to Apply or Update any more
 

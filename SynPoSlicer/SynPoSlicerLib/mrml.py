@@ -244,12 +244,30 @@ def _markups(scene, name: str, colour, ras: np.ndarray, descriptions: Sequence[s
     return node
 
 
-def show_preview(volume_node, result, segment_ids: Sequence[str], names: Sequence[str] = ()) -> PreviewNodes:
-    """Create the preview nodes for a `synpo.volume.VolumeResult` computed on `volume_node`."""
+def _intact_candidates(preview: Optional["PreviewNodes"], labels) -> bool:
+    """Whether `preview`'s candidates segmentation is still in the scene with a segment for each label."""
+    node = preview.candidates if preview is not None else None
+    if node is None or node.GetScene() is None:
+        return False
+    return all(preview.candidate_ids.get(v) is not None
+               and node.GetSegmentation().GetSegment(preview.candidate_ids[v]) is not None for v in labels)
+
+
+def show_preview(volume_node, result, segment_ids: Sequence[str], names: Sequence[str] = (),
+                 previous: Optional["PreviewNodes"] = None) -> PreviewNodes:
+    """Create the preview nodes for a `synpo.volume.VolumeResult` computed on `volume_node`.
+
+    previous: the preview this one replaces (an Update). Its 'SynPo candidates' segmentation, where
+    it still holds every label's segment, is kept and its segments overwritten, not replaced by a new
+    node: the Segment Editor may be showing it while the user corrects (removing a node clears the
+    editor node's reference to it, vtkMRMLScene::RemoveNode, and qMRMLSegmentEditorWidget then
+    disables the effects or deactivates the effect). On success that node moves from `previous` to
+    the new preview; the caller removes what is left of `previous`."""
     from synpo.outputs import max_confidence, slice_xy_to_ijk
     scene = volume_node.GetScene()
     matrix = ijk_to_ras(volume_node)
     preview = PreviewNodes(labels=result.labels.copy(), segment_ids=list(segment_ids))
+    reuse = _intact_candidates(previous, result.support.labels)
     try:
         conf = max_confidence(result)
         preview.confidence = _new_node(scene, "vtkMRMLScalarVolumeNode", "SynPo confidence")
@@ -272,12 +290,15 @@ def show_preview(volume_node, result, segment_ids: Sequence[str], names: Sequenc
             if colour is not None:
                 display.SetAndObserveColorNodeID(colour.GetID())
 
-        preview.candidates = _new_node(scene, "vtkMRMLSegmentationNode", "SynPo candidates")
-        preview.candidates.CreateDefaultDisplayNodes()            # shown in the slice views
-        preview.candidates.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-        preview.candidate_ids = write_labels(
-            preview.candidates, volume_node, result.labels,
-            {v: (names[v - 1] if v - 1 < len(names) else "label %d" % v) for v in result.support.labels})
+        wanted = {v: (names[v - 1] if v - 1 < len(names) else "label %d" % v) for v in result.support.labels}
+        if reuse:
+            preview.candidate_ids = write_labels(previous.candidates, volume_node, result.labels, wanted,
+                                                 previous.candidate_ids)
+        else:
+            preview.candidates = _new_node(scene, "vtkMRMLSegmentationNode", "SynPo candidates")
+            preview.candidates.CreateDefaultDisplayNodes()            # shown in the slice views
+            preview.candidates.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+            preview.candidate_ids = write_labels(preview.candidates, volume_node, result.labels, wanted)
 
         pos_ras, pos_txt, neg_ras, neg_txt = [], [], [], []
         for rec in result.records:
@@ -293,8 +314,10 @@ def show_preview(volume_node, result, segment_ids: Sequence[str], names: Sequenc
         preview.negative = _markups(scene, "SynPo negative", NEGATIVE_COLOUR,
                                     np.concatenate(neg_ras) if neg_ras else np.zeros((0, 3)), neg_txt)
     except Exception:
-        preview.remove()
+        preview.remove()                  # what this call created; a kept candidates node stays `previous`'s
         raise
+    if reuse:
+        preview.candidates, previous.candidates = previous.candidates, None
     for node in preview.nodes():
         _not_saved(node)
         # In the volume's own coordinates: under the volume's parent transform, they move with it.
@@ -318,7 +341,10 @@ def markups_points_ijk(markups_node, volume_node) -> np.ndarray:
 def slice_points(node, volume_node, axis: int, slice_index: int, segment_id: str) -> np.ndarray:
     """(n, 2) slice coordinates (x = column, y = row) of a markups node's points on one slice that
     belong to `segment_id`: the points SynPo placed for it, and the points the user added (which
-    have no description)."""
+    have no description). A list the user deleted (no longer in the scene: its object still holds
+    its points) has none."""
+    if node is None or node.GetScene() is None:
+        return np.zeros((0, 2))
     in_plane = [a for a in (0, 1, 2) if a != 2 - axis]          # (x, y) columns of (i, j, k)
     p = markups_points_ijk(node, volume_node)
     keep = []
@@ -340,6 +366,7 @@ def rerun_slice(preview: "PreviewNodes", volume_node, axis: int, slice_index: in
     n = preview.labels.shape[axis]
     if not 0 <= slice_index < n:
         raise InputError("slice %d is outside the volume (0..%d)" % (slice_index, n - 1))
+    sid = candidate_segment(preview, label)       # first: nothing changes where it cannot be written
     pos = slice_points(preview.positive, volume_node, axis, slice_index, segment_id)
     neg = slice_points(preview.negative, volume_node, axis, slice_index, segment_id)
     view = np.moveaxis(preview.labels, axis, 0)                 # a view: edits land in preview.labels
@@ -347,7 +374,6 @@ def rerun_slice(preview: "PreviewNodes", volume_node, axis: int, slice_index: in
     mask = decode(pos, neg) if len(pos) else np.zeros_like(current)
     view[slice_index][current] = 0
     view[slice_index][mask & (view[slice_index] == 0)] = label
-    sid = candidate_segment(preview, label)
     name = preview.candidates.GetSegmentation().GetSegment(sid).GetName()
     write_labels(preview.candidates, volume_node, preview.labels, {label: name}, {label: sid})
     return len(pos) + len(neg)
