@@ -302,11 +302,21 @@ def test_paint_preview_apply_save_in_the_browser_equals_synpo_segment(web, brows
     page.click("#synpo-discard")
     _wait_message(page, "Preview discarded")
 
-    # A second tab is refused while this one is open; this one keeps working.
-    second = context.new_page()
+    # A second tab (another window size) is refused while this one is open; this one keeps working,
+    # its views at their own size (the views are shared: the other tab's sizes shrank them).
+    def frames(p):
+        return p.evaluate("Array.from(document.querySelectorAll('img.image-display-area'))"
+                          ".map(i => [i.naturalWidth, i.naturalHeight])")
+    before = frames(page)
+    second = browser.new_context(viewport={"width": 500, "height": 400}).new_page()
     second.goto(web["url"])
     second.wait_for_selector("#synpo-refused", timeout=60000)
     assert "another tab" in second.inner_text("body")
+    time.sleep(12)                                   # its claims are over; its views mounted meanwhile
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.wheel(0, 120)                         # a new frame of this page's axial view
+    time.sleep(3)
+    assert frames(page) == before, (before, frames(page))
     second.close()
     assert page.locator("#synpo-preview").count() == 1
     context.close()

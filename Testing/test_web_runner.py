@@ -120,3 +120,112 @@ def test_a_port_in_use_is_one_line_before_anything_starts(tmp_path):
         taken.close()
     lines = [ln for ln in out.splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("synpo: error: cannot listen"), out
+
+
+USER_SCENARIO = """
+import asyncio, os, sys, tempfile, time
+import numpy as np
+import SimpleITK as sitk
+sys.path.insert(0, sys.argv[1])
+from conftest import Server
+from trame.app import get_server
+from synpo_web.app import SynPoWeb, _OwnerOnlyAreas
+from SynPoSlicerLib import mrml
+
+
+async def run(app):
+    deadline = time.time() + 600
+    while app._runner is not None and not app._runner.done():
+        assert time.time() < deadline, app.state.message
+        await asyncio.sleep(0.05)
+
+
+async def scenario(app):
+    # The user's edits of the candidates are not dropped by one click (the module asks: confirmDiscard).
+    app.load_sample()
+    app.preview()
+    await run(app)
+    assert app.logic.state == "previewed", app.state.message
+    labels = app.logic.preview.labels
+    t = next(t for t in range(len(labels)) if (labels[t] == 1).any())
+    edited = (labels == 1).astype(np.uint8)
+    edited[t] = 0
+    mrml.write_labels(app.logic.preview.candidates, app.volume, edited, {1: "liver"},
+                      {1: app.logic.preview.candidate_ids[1]})
+    for action, click in (("Discard", app.discard), ("Preview", app.preview), ("Load sample", app.load_sample)):
+        click()
+        assert "edits of the candidates on 1 slice(s) would be lost" in app.state.message, app.state.message
+        assert "%s again" % action in app.state.message and app.state.error
+        assert app.logic.preview is not None and app.logic.editedSlices() == 1 and not app.logic.active()
+    app.discard()
+    app.discard()                                       # asked twice: discarded
+    assert app.logic.preview is None and app.state.message.startswith("Preview discarded")
+    # 'Undo apply' restores the whole segmentation as it was before Apply: not offered once the user
+    # paints again (it took a new segment and its paint with it).
+    app.preview()
+    await run(app)
+    app.apply()
+    assert app.state.can_undo and "until you paint" in app.state.message, app.state.message
+    app.set_tool("paint")
+    assert not app.state.can_undo and app.apply_logic is None
+    # A volume beyond one voxel per byte of --max-upload-mb is refused from its header.
+    folder = tempfile.mkdtemp()
+    path = os.path.join(folder, "v.nii.gz")
+    volume = np.zeros((20, 20, 20), np.int16)
+    volume[10:, 5:15, 5:15] = 100                       # 8000 voxels in a file of a few hundred bytes
+    sitk.WriteImage(sitk.GetImageFromArray(volume), path, True)
+    content = open(path, "rb").read()
+    app.max_upload_mb = 0.005                           # 5242 voxels
+    app.load_upload({"name": "v.nii.gz", "size": len(content), "content": content})
+    assert app.state.error and "20 x 20 x 20 voxels" in app.state.message, app.state.message
+    assert app.volume.GetName() == "SynPo sample CT"
+    app.max_upload_mb = 1.0
+    app.load_upload({"name": "v.nii.gz", "size": len(content), "content": content})
+    assert not app.state.error and app.state.message.startswith("v.nii.gz loaded"), app.state.message
+    # Another tab's view sizes and events never reach the owner's views; its sizes apply once it owns them.
+    class Area:
+        def __init__(self):
+            self.sizes, self.events = [], []
+        def update_size(self, origin, size):
+            self.sizes.append(size)
+        def on_interaction(self, origin, event):
+            self.events.append(event)
+    area = Area()
+    areas = _OwnerOnlyAreas({"axial": area}, app)
+    app._areas, app._tab = areas, None
+    caller = {"id": "A"}
+    app._caller = lambda: caller["id"]
+    areas.get("axial").update_size("o", {"w": 800, "h": 600})
+    caller["id"] = "B"
+    areas.get("axial").update_size("o", {"w": 10, "h": 10})
+    areas.get("axial").on_interaction("o", {"t": "MouseWheel"})
+    assert area.sizes == [{"w": 800, "h": 600}] and area.events == [] and app._tab == "A"
+    assert app.claim("tab-b") == "busy"
+    app._tab = None                                     # A's page closed
+    assert app.claim("tab-b") == "ok" and area.sizes[-1] == {"w": 10, "h": 10}
+    print("scenario done")
+
+
+server = Server(tempfile.mkdtemp(prefix="synpo-web-user-"))
+try:
+    page = get_server("synpo-web-user", client_type="vue3")
+    asyncio.run(scenario(SynPoWeb(page, server_options={}, remote=(server.url, server.token_file))))
+finally:
+    server.stop()
+"""
+
+
+def test_edits_undo_large_volumes_and_another_tab_as_a_user_meets_them(tmp_path):
+    """What a user of the page meets after Preview (the app in a child process, clicks as calls of its
+    handlers): edits of the candidates survive one click of Discard / Preview / Load sample (a second
+    discards them); 'Undo apply' is withdrawn once the segments are edited again; a volume too large
+    for the server is refused from its header; another tab's view sizes and events are kept from the
+    owner's views (they shrank them to 10 x 10 pixels)."""
+    script = tmp_path / "user.py"
+    script.write_text(USER_SCENARIO)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.path.abspath(MODULE) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+    out = subprocess.run([sys.executable, str(script), HERE], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=900)
+    assert out.returncode == 0 and "scenario done" in out.stdout, out.stdout[-3000:]

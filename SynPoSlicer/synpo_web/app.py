@@ -27,14 +27,15 @@ from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.segmentation import SegmentationEffectErase, SegmentationEffectNoTool, SegmentationEffectPaint
 from trame_slicer.views import SliceLayer
 
-READABLE = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+# One-file formats: an upload is one file, so a header with a detached data file (.nhdr, .mhd) cannot come.
+READABLE = (".nii", ".nii.gz", ".nrrd", ".mha")
 STEP_SECONDS = 0.25          # between two requests of a running preview (the module's timer: 250 ms)
 
 
 class WebLogic(PreviewLogic):
     """The module's workflow with the page's slice views; an asyncio task for a timer."""
 
-    UNDO_HINT = "'Undo apply' takes it back; Save downloads the segmentation."
+    UNDO_HINT = "'Undo apply' takes it back until you paint, erase or add a segment; Save downloads the segmentation."
 
     def __init__(self, slicer_app, server_options, start_polling=None):
         PreviewLogic.__init__(self)
@@ -96,6 +97,45 @@ def _without_paths(text, folder, name):
     return re.sub(r"\(0x[0-9a-fA-F]+\)", "", text)
 
 
+class _OwnerOnlyAreas(dict):
+    """trame-rca's view areas (StreamManager._area_adapters, trame_rca/protocol.py: the RPCs
+    "trame.rca.size" and "trame.rca.event" look the view up with .get and call its update_size or
+    on_interaction) as the page owning the scene sees them. The views and their render windows are
+    shared by every tab: a refused tab's view sizes (10 x 10 pixels once its page was replaced) shrank
+    the owner's views, and its mouse moved the owner's slices. Another tab's sizes are kept for the
+    day it owns the page; its events are dropped."""
+
+    def __init__(self, areas, page):
+        dict.__init__(self, areas)
+        self.page = page
+
+    def get(self, name, default=None):
+        adapter = dict.get(self, name, default)
+        if adapter is None:
+            return adapter
+        return _HeldArea(self.page, name, adapter)
+
+
+class _HeldArea:
+    """One view area as a tab's RPC reaches it (_OwnerOnlyAreas)."""
+
+    def __init__(self, page, name, adapter):
+        self.page, self.name, self.adapter = page, name, adapter
+
+    def update_size(self, origin, size):
+        mine = self.page._mine()          # (a tab that takes the page now gets its sizes kept so far)
+        self.page._sizes.setdefault(self.page._caller(), {})[self.name] = (origin, size)
+        if mine:
+            self.adapter.update_size(origin, size)
+
+    def on_interaction(self, origin, event):
+        if self.page._mine():
+            self.adapter.on_interaction(origin, event)
+
+    def __getattr__(self, attribute):
+        return getattr(self.adapter, attribute)
+
+
 class SynPoWeb(TrameApp):
     def __init__(self, server=None, max_upload_mb=512.0, server_options=None, remote=None):
         super().__init__(server)
@@ -122,7 +162,10 @@ class SynPoWeb(TrameApp):
         self.apply_logic = None
         self.correcting = False
         self._runner = None
+        self._asked = None                # (action, edited slices) the user was asked to confirm
         self._tab = None                  # the connection that owns the scene
+        self._sizes = {}                  # connection -> {view area: its last size} (_HeldArea)
+        self._areas = None                # the views' areas, once the server is ready (_watch_connections)
         self.preview_started = 0.0
         self._state_defaults()
         self._build_ui()
@@ -182,22 +225,37 @@ class SynPoWeb(TrameApp):
     def claim(self, tab):
         """One page at a time drives the scene: the first connection that claims it owns it until it
         closes (a reload closes it first); any other gets "busy" and shows a refusal."""
-        web_app = getattr(self.server, "_server", None)
-        owner = getattr(web_app, "last_active_client_id", None) or tab      # the connection calling
+        owner = self._caller() or tab      # the connection calling
         if self._tab is None or self._tab == owner:
-            self._tab = owner
+            self._take(owner)
             return "ok"
         return "busy"
 
+    def _caller(self):
+        """The connection whose message is being handled (wslink sets it before every RPC)."""
+        web_app = getattr(self.server, "_server", None)
+        return getattr(web_app, "last_active_client_id", None)
+
     def _mine(self):
         """True when the connection calling now owns the scene (claiming it if nobody does)."""
-        web_app = getattr(self.server, "_server", None)
-        caller = getattr(web_app, "last_active_client_id", None)
+        caller = self._caller()
         if caller is None:
             return True
         if self._tab is None:
-            self._tab = caller
+            self._take(caller)
         return caller == self._tab
+
+    def _take(self, owner):
+        """`owner` owns the scene from now on: the views take the sizes its page last asked for (asked
+        while another tab owned it, they were kept aside)."""
+        if self._tab == owner:
+            return
+        self._tab = owner
+        if self._areas is not None:
+            for name, (origin, size) in self._sizes.get(owner, {}).items():
+                adapter = dict.get(self._areas, name)
+                if adapter is not None:
+                    adapter.update_size(origin, size)
 
     def _watch_connections(self, **_):
         protocol = getattr(self.server, "_root_protocol", None)
@@ -208,8 +266,25 @@ class SynPoWeb(TrameApp):
         def on_close(client_id):
             if client_id == self._tab:
                 self._tab = None
+            self._sizes.pop(client_id, None)
             return closed(client_id)
         protocol.onClose = on_close
+        for link in protocol.getLinkProtocols():
+            if isinstance(getattr(link, "_area_adapters", None), dict):       # trame-rca's StreamManager
+                link._area_adapters = self._areas = _OwnerOnlyAreas(link._area_adapters, self)
+
+    def _edits_may_go(self, action):
+        """True when nothing the user painted or erased on the candidates would be lost by `action`
+        (a new preview, Discard, another volume), or when they asked for it a second time with the same
+        edits (the page's form of the module's confirmDiscard question)."""
+        edited = self.logic.editedSlices()
+        if edited == 0 or self._asked == (action, edited):
+            self._asked = None
+            return True
+        self._asked = (action, edited)
+        self._say("Your edits of the candidates on %d slice(s) would be lost: Update carries them through the "
+                  "volume, Apply writes them. %s again to discard them." % (edited, action), error=True)
+        return False
 
     # ------------------------------------------------------------------ loading
     def _clear(self):
@@ -252,6 +327,8 @@ class SynPoWeb(TrameApp):
     def load_sample(self):
         from synpo import demo
         from synpo.io import read_volume
+        if not self._edits_may_go("Load sample"):
+            return
         self._clear()
         image, geometry = read_volume(demo.SAMPLE_IMAGE, "sample image")
         support, _ = read_volume(demo.SAMPLE_SUPPORT, "sample support", label=True)
@@ -277,16 +354,18 @@ class SynPoWeb(TrameApp):
                 return
             upload = ClientFile(files[0] if isinstance(files, list) else files)
             name = _safe_name(upload.name)
-            if upload.size > self.max_upload_mb * 1024 * 1024:
-                raise SynPoError("%s is %.0f MB; this server takes uploads up to %.0f MB (synpo web "
-                                 "--max-upload-mb)." % (name, upload.size / 1048576.0, self.max_upload_mb))
+            size = len(upload.content or b"")
+            if size > self.max_upload_mb * 1024 * 1024:
+                raise SynPoError("%s is %.3g MB; this server takes uploads up to %g MB (synpo web "
+                                 "--max-upload-mb)." % (name, size / 1048576.0, self.max_upload_mb))
             if not name.lower().endswith(READABLE):
                 raise SynPoError("%s is not a volume file this page reads (%s)." % (name, ", ".join(READABLE)))
             from synpo.io import read_volume
             with tempfile.TemporaryDirectory(prefix="synpo-web-") as folder:
                 path = os.path.join(folder, name)
                 with open(path, "wb") as handle:
-                    handle.write(upload.content)
+                    handle.write(upload.content or b"")
+                self._check_voxels(path, name)
                 try:
                     image, geometry = read_volume(path, name)
                 except SynPoError as exc:
@@ -297,6 +376,8 @@ class SynPoWeb(TrameApp):
                                      % (name, _without_paths(said, folder, name))) from None
             if image.ndim != 3:
                 raise SynPoError("%s is not a 3D scalar volume." % name)
+            if not self._edits_may_go("Upload the volume"):
+                return
             self._clear()
             self._show_volume(image, geometry, os.path.splitext(name)[0])
             self._activate_segmentation(self.segmentation)
@@ -309,12 +390,33 @@ class SynPoWeb(TrameApp):
             self.state.upload = None
             self.state.dirty("upload")            # the client set it: clear the field there too
 
+    def _check_voxels(self, path, name):
+        """Refuse, from the header alone, a volume larger than one voxel per byte of --max-upload-mb:
+        the page holds about 8 bytes per voxel, and a small compressed file can hold a huge mostly
+        empty volume (0.15 MB of .nii.gz: 600 x 512 x 512 voxels, 1.2 GB more memory, 10 s of a
+        frozen page)."""
+        import SimpleITK as sitk
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(path)
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            return                        # not readable: read_volume says why
+        size = list(reader.GetSize())
+        voxels = int(np.prod(size, dtype=np.float64)) * max(1, reader.GetNumberOfComponents())
+        limit = int(self.max_upload_mb * 1024 * 1024)
+        if voxels > limit:
+            raise SynPoError("%s holds %s voxels (%.0f million); this server takes volumes up to %.0f million "
+                             "voxels (one per byte of synpo web --max-upload-mb)."
+                             % (name, " x ".join(str(n) for n in size), voxels / 1e6, limit / 1e6))
+
     # ------------------------------------------------------------------ segments and tools
     @owner_only
     def add_segment(self):
         if self.segmentation is None:
             return self._say("Load a volume first.", error=True)
         self.stop_correcting()
+        self._forget_apply()
         seg = self.segmentation.GetSegmentation()
         n = seg.GetNumberOfSegments() + 1
         sid = seg.AddEmptySegment("", "segment %d" % n)
@@ -338,6 +440,8 @@ class SynPoWeb(TrameApp):
             self.editor.set_active_effect_type(SegmentationEffectNoTool)
             self.state.tool = "none"
             return
+        if not self.correcting:
+            self._forget_apply()
         active = self.editor.set_active_effect_type(effect)
         if active is not None:
             from trame_slicer.segmentation.paint_effect_parameters import BrushDiameterMode
@@ -354,6 +458,8 @@ class SynPoWeb(TrameApp):
     # ------------------------------------------------------------------ preview
     @owner_only
     def preview(self):
+        if not self._edits_may_go("Preview"):
+            return
         try:
             self.stop_correcting()
             ids = list(self.state.selected_segments or [])
@@ -455,6 +561,13 @@ class SynPoWeb(TrameApp):
         self._refresh()
         self._say(text)
 
+    def _forget_apply(self):
+        """The user edits the segments after Apply: 'Undo apply' restores the whole segmentation as it
+        was before Apply (vtkSlicerSegmentEditorLogic::Undo), so it would take those edits too; it
+        is no longer offered."""
+        self.apply_logic = None
+        self.state.can_undo = False
+
     @owner_only
     def undo_apply(self):
         if self.apply_logic is not None and self.apply_logic.CanUndo():
@@ -464,6 +577,8 @@ class SynPoWeb(TrameApp):
 
     @owner_only
     def discard(self):
+        if not self._edits_may_go("Discard"):
+            return
         self.stop_correcting()
         self.logic.discard()
         self.slicer_app.display_manager.show_volume_in_slice_foreground(None)
@@ -524,20 +639,33 @@ class SynPoWeb(TrameApp):
             layout.title.set_text("SynPo")
             layout.root.theme = "dark"
             # One tab at a time: the page claims the scene when it opens; a refused tab says so.
+            # Refused at once (a page that covers this one, so that nothing here is clicked), asked again
+            # for 8 s (a page just closed or reloaded may not have let go yet); the views stay mounted
+            # under the cover (their sizes and events reach the server but not the owner's views:
+            # _OwnerOnlyAreas).
             client.Script(
                 "window.synpoTab = window.synpoTab || Math.random().toString(36).slice(2);\n"
                 "window.synpoClaim = function (trigger, tries) {\n"
                 "  trigger('%s', [window.synpoTab]).then(function (answer) {\n"
-                "    if (answer === 'ok') { document.body.setAttribute('data-synpo', 'owner'); return; }\n"
-                "    if (window.synpoRefused) { return; }\n"
-                "    if (tries > 0) {   /* a page just closed or reloaded may not have let go yet */\n"
-                "      window.setTimeout(function () { window.synpoClaim(trigger, tries - 1); }, 1000);\n"
+                "    var cover = document.getElementById('synpo-cover');\n"
+                "    if (answer === 'ok') {\n"
+                "      if (cover) { cover.remove(); }\n"
+                "      document.body.setAttribute('data-synpo', 'owner');\n"
                 "      return;\n"
                 "    }\n"
-                "    window.synpoRefused = true;\n"
-                "    document.body.innerHTML = '<p id=\"synpo-refused\" style=\"font: 18px sans-serif; "
-                "margin: 2em\">SynPo web is open in another tab or browser: one page at a time works on its "
-                "scene. Close the other page (or start another synpo web on another port) and reload.</p>';\n"
+                "    if (!cover) {\n"
+                "      cover = document.createElement('div');\n"
+                "      cover.id = 'synpo-cover';\n"
+                "      cover.style.cssText = 'position: fixed; inset: 0; z-index: 100000; background: #202020; "
+                "color: #eee';\n"
+                "      cover.innerHTML = '<p id=\"synpo-refused\" style=\"font: 18px sans-serif; margin: 2em\">"
+                "SynPo web is open in another tab or browser: one page at a time works on its scene. Close "
+                "the other page (or start another synpo web on another port) and reload.</p>';\n"
+                "      document.body.appendChild(cover);\n"
+                "    }\n"
+                "    if (tries > 0) {\n"
+                "      window.setTimeout(function () { window.synpoClaim(trigger, tries - 1); }, 1000);\n"
+                "    }\n"
                 "  });\n"
                 "};\n" % claim)
             client.ClientTriggers(mounted="window.synpoClaim(trigger, 8)")
