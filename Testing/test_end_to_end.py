@@ -200,3 +200,72 @@ def test_cross_patient_support_image_of_another_slice_size_is_resized_to_the_que
     speck[1, 20:23, 20:23] = 1                     # between the pixel centres a 4 x 4 slice samples
     with pytest.raises(InputError, match="lost when the support image's slices"):
         fit_support(np.zeros((3, 4, 4)), np.zeros((3, 40, 40)), speck, find_support(speck))
+
+
+def test_a_reference_stored_in_another_axis_order_and_sense_is_turned_to_the_querys(tmp_path):
+    """`synpo segment --support-image`: the reference and its paint stored with their axes permuted
+    and one flipped (the same anatomy: SimpleITK's PermuteAxes and Flip keep every voxel where it is
+    in space) give the segmentation of the reference stored as the query is (io.orient_like). Before,
+    the paint's slicing axis was taken as the query's array axis (Dice 0.03 on the sample CT) and a
+    flipped reference named the mirror-image side."""
+    from synpo.cli import main
+    ref, ref_left, _ = _two_kidneys((10, 96, 96), (8, 4, 88, 92), seed=1)
+    query, left, right = _two_kidneys((10, 96, 96), (20, 20, 90, 80), seed=2)
+    support = np.zeros(ref.shape, dtype=np.uint8)
+    support[5][ref_left[5]] = 1
+
+    def image(array):
+        img = sitk.GetImageFromArray(array)
+        img.SetSpacing((1.0, 1.0, 3.0))
+        return img
+    paths = {}
+    for name, img in (("query", image(query)), ("ref", image(ref)), ("sup", image(support))):
+        paths[name] = str(tmp_path / (name + ".nii.gz"))
+        sitk.WriteImage(img, paths[name])
+    for name, array in (("ref", ref), ("sup", support)):
+        turned = sitk.Flip(sitk.PermuteAxes(image(array), [2, 0, 1]), [False, True, False])
+        paths[name + "_turned"] = str(tmp_path / (name + "_turned.nrrd"))
+        sitk.WriteImage(turned, paths[name + "_turned"])
+    cache = str(tmp_path / "embeddings")
+    outs = []
+    for ref_path, sup_path in ((paths["ref"], paths["sup"]), (paths["ref_turned"], paths["sup_turned"])):
+        outs.append(str(tmp_path / ("out%d.nii.gz" % len(outs))))
+        assert main(["segment", paths["query"], sup_path, "-o", outs[-1], "--support-image", ref_path, "--device",
+                     "cpu", "--features", "sam", "--embedding-cache", cache, "--quiet"]) == 0
+    plain, turned = (sitk.GetArrayFromImage(sitk.ReadImage(p)) for p in outs)
+    assert np.array_equal(plain, turned)
+    assert score(plain == 1, left)[1] > 0.7 and not (plain.astype(bool) & right).any()
+
+
+def test_orient_like_puts_each_voxel_where_it_is_in_space_keeps_a_tilt_and_refuses_halfway_axes():
+    from synpo.errors import InputError
+    from synpo.io import geometry_of, orient_like
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 1000, (4, 5, 6)).astype(np.int16)
+    img = sitk.GetImageFromArray(array)
+    img.SetSpacing((1.0, 2.0, 3.0))
+    img.SetOrigin((10.0, -5.0, 7.0))
+    for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0], [0, 2, 1]):
+        for flips in ([False, False, False], [True, False, True], [False, True, False]):
+            other = sitk.Flip(sitk.PermuteAxes(img, order), flips)
+            back = orient_like(sitk.GetArrayFromImage(other), geometry_of(other), geometry_of(img))
+            assert np.array_equal(back, array), (order, flips)
+    def tilted(degrees):
+        c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+        other = sitk.Image(img)
+        other.SetDirection((c, -s, 0, s, c, 0, 0, 0, 1))
+        return geometry_of(other)
+    assert orient_like(array, tilted(20), geometry_of(img)) is array          # a tilt: as stored
+    flipped = orient_like(array, tilted(160), geometry_of(img))                # i and j reversed
+    assert np.array_equal(flipped, array[:, ::-1, ::-1])
+    with pytest.raises(InputError, match="lie between the image's"):
+        orient_like(array, tilted(45), geometry_of(img))
+
+
+def test_the_same_grid_allows_header_rounding_not_a_voxel_far_from_the_origin():
+    g = Geometry((10, 10, 10), (0.5, 0.5, 0.5), (600.0, 600.0, 600.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    moved = lambda d: Geometry(g.size, g.spacing, tuple(np.add(g.origin, d)), g.direction)
+    assert g.same_grid(moved((1e-5, 0, 0))) and g.same_grid(moved((0, 0, -1e-4)))
+    assert not g.same_grid(moved((0, 0, 0.5))) and not g.same_grid(moved((0.05, 0, 0)))
+    turned = Geometry(g.size, g.spacing, g.origin, (-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    assert not g.same_grid(turned) and g.describe() != turned.describe()

@@ -93,10 +93,14 @@ def cmd_segment(args) -> int:
     support, sup_geometry = read_volume(args.support, "support label", label=True)
     ref = None
     if args.support_image:
+        from .io import orient_like
         ref, ref_geometry = read_volume(args.support_image, "support image")
         if not sup_geometry.same_grid(ref_geometry):
             raise SynPoError("support label grid (%s) differs from the support image grid (%s)"
                              % (sup_geometry.describe(), ref_geometry.describe()))
+        # Stored as the image is stored (another axis order or sense would slice it across another
+        # direction, or mirror it against the image).
+        ref, support = orient_like(ref, ref_geometry, geometry), orient_like(support, ref_geometry, geometry)
     elif not sup_geometry.same_grid(geometry):
         raise SynPoError("support label grid (%s) differs from the image grid (%s); paint on the image's grid "
                          "or pass --support-image" % (sup_geometry.describe(), geometry.describe()))

@@ -276,11 +276,11 @@ def reference_features(reference, cfg, embedding_cache: Optional[str]) -> dict:
     from .features import batch_size_for
     from .support import find_support, in_plane_spacing
     from .volume import EmbeddingStore
-    ref_image, ref_labels, ref_spacing = reference
+    ref_image, ref_labels, ref_geometry = reference
     models = worker_models()
     support = find_support(ref_labels)
     slices = _reference_slices(ref_image, cfg, support.axis)
-    spacing_rc = in_plane_spacing(ref_spacing, support.axis)
+    spacing_rc = in_plane_spacing(ref_geometry.spacing, support.axis)
     wanted = sorted({s for v in support.slices.values() for s in v})
     out = {}
     for name, enc in (("sam", models.sam), ("dinov2", models.dino)):
@@ -350,12 +350,18 @@ def segment_query(query: str, name: str, outdir: str, reference, features: dict,
         from .io import read_volume
         from .outputs import write_result
         from .session import Session
-        ref_image, ref_labels, _ = reference
+        from .io import orient_like
+        ref_image, ref_labels, ref_geometry = reference
         models = worker_models()
         image, geometry = read_volume(query, "query image")
         remove_stale_temporaries(paths.values())
         session = Session(image, geometry.spacing, models, options["embedding_cache"])
-        inject_reference(session, features, ref_image, cfg, geometry.spacing)
+        # The reference stored as this volume is (another axis order or sense: as `synpo segment
+        # --support-image` turns it); the shared embeddings are of the reference as stored.
+        turned = orient_like(ref_image, ref_geometry, geometry, "the reference")
+        if turned is ref_image:
+            inject_reference(session, features, ref_image, cfg, geometry.spacing)
+        ref_image, ref_labels = turned, orient_like(ref_labels, ref_geometry, geometry, "the reference")
         result = session.run(ref_labels, cfg, support_image=ref_image,
                              confidence_everywhere=options["confidence_all"])
         write_result(result, geometry, paths["labels"], paths.get("confidence"), paths.get("points"), query)
@@ -435,7 +441,7 @@ def read_reference(image_path: str, labels_path: str):
 
 
 def load_reference(image_path: str, labels_path: str, stamps: Tuple[str, str]):
-    """Task: the reference as the query tasks take it, (image, labels, spacing), read on a worker
+    """Task: the reference as the query tasks take it, (image, labels, geometry), read on a worker
     from the files the client checked (workers read the queries from the same shared paths).
 
     A task and not scattered data: Dask's active memory manager (ReduceReplicas, on by default)
@@ -444,8 +450,7 @@ def load_reference(image_path: str, labels_path: str, stamps: Tuple[str, str]):
     is computed again elsewhere."""
     if (file_stamp(image_path), file_stamp(labels_path)) != tuple(stamps):
         raise SynPoError("the reference image or labels changed while the cohort ran; run it again")
-    ref, labels, geometry = read_reference(image_path, labels_path)
-    return ref, labels, tuple(geometry.spacing)
+    return read_reference(image_path, labels_path)
 
 
 def _check_reference(args):

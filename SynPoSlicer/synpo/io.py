@@ -34,16 +34,51 @@ class Geometry:
         return ras
 
     def same_grid(self, other: "Geometry", tol: float = 1e-3) -> bool:
+        """The same voxels in the same places. The origins may differ by 1 % of the smallest voxel
+        (float rounding of a file's header), whatever their distance from the scanner's origin (a
+        relative tolerance let a support one whole voxel off pass far from it)."""
         return (tuple(self.size) == tuple(other.size)
                 and np.allclose(self.spacing, other.spacing, rtol=tol, atol=tol)
-                and np.allclose(self.origin, other.origin, rtol=tol, atol=tol * 10)
+                and bool(np.all(np.abs(np.subtract(self.origin, other.origin))
+                                <= 10 * tol * min(min(self.spacing), min(other.spacing))))
                 and np.allclose(self.direction, other.direction, atol=tol))
 
     def describe(self) -> str:
-        return "size %s, spacing %s, origin %s" % (
+        return "size %s, spacing %s, origin %s, directions %s" % (
             "x".join(str(s) for s in self.size),
             "x".join("%.3g" % s for s in self.spacing),
-            ",".join("%.4g" % s for s in self.origin))
+            ",".join("%.4g" % s for s in self.origin),
+            "/".join(",".join("%.3g" % v for v in np.asarray(self.direction, float).reshape(3, 3)[:, c])
+                     for c in range(3)))
+
+
+def axes_onto(src: Geometry, dst: Geometry, what: str = "the support image"):
+    """How the voxel axes of `src` lie along those of `dst`: (order, signs) with dst's index axis r
+    nearest src's index axis order[r], in the same sense where signs[r] is +1. A tilt between them
+    (another patient's gantry tilt, an oblique MR plan) is kept, as the arrays were taken before;
+    InputError only where an axis of one lies about halfway between two of the other (over 40
+    degrees from the nearest: which slices correspond is a guess)."""
+    a = np.asarray(src.direction, float).reshape(3, 3)      # columns: src's i, j, k axes in LPS
+    b = np.asarray(dst.direction, float).reshape(3, 3)
+    m = b.T @ a                                             # m[r, c]: dst axis r . src axis c
+    order = [int(np.argmax(np.abs(m[r]))) for r in range(3)]
+    if sorted(order) != [0, 1, 2] or min(abs(m[r, order[r]]) for r in range(3)) < np.cos(np.radians(40.0)):
+        raise InputError("%s's axes lie between the image's (over 40 degrees from the nearest); resample it "
+                         "to the image's orientation first" % what)
+    return order, [1 if m[r, order[r]] > 0 else -1 for r in range(3)]
+
+
+def orient_like(array: np.ndarray, src: Geometry, dst: Geometry, what: str = "the support image") -> np.ndarray:
+    """`array` ([k, j, i] on src's grid) with its axes in dst's order and sense (axes_onto): the same
+    anatomy, stored as dst stores it (the slicing axis found in a reference's paint then means the
+    same direction in the query). The array itself when they already agree."""
+    order, signs = axes_onto(src, dst, what)
+    if order == [0, 1, 2] and signs == [1, 1, 1]:
+        return array
+    # numpy axis n holds index axis 2 - n
+    out = np.transpose(array, [2 - order[2 - n] for n in range(3)])
+    flips = tuple(n for n in range(3) if signs[2 - n] < 0)
+    return np.ascontiguousarray(np.flip(out, flips) if flips else out)
 
 
 def _sitk():
