@@ -839,3 +839,42 @@ def test_the_module_starts_and_stops_its_own_server():
     finally:
         proc.stop()
     assert not proc.running()
+
+
+def test_an_update_keeps_the_candidates_node_only_for_the_same_labels():
+    """show_preview(previous=...) overwrites the previous 'SynPo candidates' node when the update has
+    the same labels (the Segment Editor may show it); when a label is gone (its only painted slice
+    erased), a new node: the kept one would go on showing that label's old candidate, which Apply
+    then writes as empty."""
+    import types
+    from synpo.support import find_support
+    mrml.register_segmentation_converters()
+    scene = slicer.vtkMRMLScene()
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "image")
+    slicer.util.updateVolumeFromArray(volume, np.zeros((6, 20, 20), np.float32))
+
+    def result(labels, support):
+        found = find_support(support)
+        return types.SimpleNamespace(labels=labels, support=found, records=[],
+                                     confidence={v: (labels == v).astype(np.float32) for v in found.labels})
+    labels = np.zeros((6, 20, 20), np.int32)
+    labels[1:5, 2:8, 2:8] = 1
+    labels[1:5, 10:18, 10:18] = 2
+    support = np.where(np.arange(6)[:, None, None] == 3, labels, 0)
+    first = mrml.show_preview(volume, result(labels, support), ["s1", "s2"], ["liver", "spleen"])
+    grown = labels.copy()
+    grown[5, 2:8, 2:8] = 1
+    second = mrml.show_preview(volume, result(grown, support), ["s1", "s2"], ["liver", "spleen"], previous=first)
+    first.remove()
+    assert second.candidates.GetScene() is scene and first.candidates is None      # kept, moved over
+    assert np.array_equal(mrml.shown_labels(second, volume, 0)[0], grown)
+    no_spleen = np.where(grown == 2, 0, grown)
+    third = mrml.show_preview(volume, result(no_spleen, np.where(support == 2, 0, support)), ["s1", "s2"],
+                              ["liver", "spleen"], previous=second)
+    kept = second.candidates
+    second.remove()
+    assert third.candidates is not kept and kept.GetScene() is None
+    assert third.candidates.GetSegmentation().GetNumberOfSegments() == 1
+    assert np.array_equal(mrml.shown_labels(third, volume, 0)[0], no_spleen)
+    third.remove()
+    assert mrml.temporary_nodes(scene) == []

@@ -195,14 +195,18 @@ async def scenario(app):
     app._areas, app._tab = areas, None
     caller = {"id": "A"}
     app._caller = lambda: caller["id"]
-    areas.get("axial").update_size("o", {"w": 800, "h": 600})
+    areas.get("axial").update_size("o", {"w": 800, "h": 600})      # before A's claim: kept for it
+    assert area.sizes == [] and app._tab is None
+    assert app.claim("tab-a") == "ok" and area.sizes == [{"w": 800, "h": 600}]
     caller["id"] = "B"
     areas.get("axial").update_size("o", {"w": 10, "h": 10})
     areas.get("axial").on_interaction("o", {"t": "MouseWheel"})
     assert area.sizes == [{"w": 800, "h": 600}] and area.events == [] and app._tab == "A"
     assert app.claim("tab-b") == "busy"
-    app._tab = None                                     # A's page closed
-    assert app.claim("tab-b") == "ok" and area.sizes[-1] == {"w": 10, "h": 10}
+    app._tab = None                                     # A's page closed (a reload)
+    areas.get("axial").update_size("o", {"w": 12, "h": 12})        # the covered tab does not take it so
+    assert app._tab is None and area.sizes == [{"w": 800, "h": 600}]
+    assert app.claim("tab-b") == "ok" and area.sizes[-1] == {"w": 12, "h": 12}
     print("scenario done")
 
 

@@ -245,12 +245,12 @@ def _markups(scene, name: str, colour, ras: np.ndarray, descriptions: Sequence[s
 
 
 def _intact_candidates(preview: Optional["PreviewNodes"], labels) -> bool:
-    """Whether `preview`'s candidates segmentation is still in the scene with a segment for each label."""
+    """Whether `preview`'s candidates segmentation is still in the scene with a segment for each of
+    `labels`, and for no other."""
     node = preview.candidates if preview is not None else None
-    if node is None or node.GetScene() is None:
-        return False
-    return all(preview.candidate_ids.get(v) is not None
-               and node.GetSegmentation().GetSegment(preview.candidate_ids[v]) is not None for v in labels)
+    if node is None or node.GetScene() is None or sorted(preview.candidate_ids) != sorted(labels):
+        return False          # (a label the update no longer has would stay shown, stale)
+    return all(node.GetSegmentation().GetSegment(preview.candidate_ids[v]) is not None for v in labels)
 
 
 def show_preview(volume_node, result, segment_ids: Sequence[str], names: Sequence[str] = (),
@@ -290,16 +290,6 @@ def show_preview(volume_node, result, segment_ids: Sequence[str], names: Sequenc
             if colour is not None:
                 display.SetAndObserveColorNodeID(colour.GetID())
 
-        wanted = {v: (names[v - 1] if v - 1 < len(names) else "label %d" % v) for v in result.support.labels}
-        if reuse:
-            preview.candidate_ids = write_labels(previous.candidates, volume_node, result.labels, wanted,
-                                                 previous.candidate_ids)
-        else:
-            preview.candidates = _new_node(scene, "vtkMRMLSegmentationNode", "SynPo candidates")
-            preview.candidates.CreateDefaultDisplayNodes()            # shown in the slice views
-            preview.candidates.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-            preview.candidate_ids = write_labels(preview.candidates, volume_node, result.labels, wanted)
-
         pos_ras, pos_txt, neg_ras, neg_txt = [], [], [], []
         for rec in result.records:
             tag = "segment %s, slice %d" % (segment_ids[rec.label - 1] if rec.label - 1 < len(segment_ids)
@@ -313,6 +303,16 @@ def show_preview(volume_node, result, segment_ids: Sequence[str], names: Sequenc
                                     np.concatenate(pos_ras) if pos_ras else np.zeros((0, 3)), pos_txt)
         preview.negative = _markups(scene, "SynPo negative", NEGATIVE_COLOUR,
                                     np.concatenate(neg_ras) if neg_ras else np.zeros((0, 3)), neg_txt)
+        # Last: a kept candidates node is overwritten only once everything else is made.
+        wanted = {v: (names[v - 1] if v - 1 < len(names) else "label %d" % v) for v in result.support.labels}
+        if reuse:
+            preview.candidate_ids = write_labels(previous.candidates, volume_node, result.labels, wanted,
+                                                 previous.candidate_ids)
+        else:
+            preview.candidates = _new_node(scene, "vtkMRMLSegmentationNode", "SynPo candidates")
+            preview.candidates.CreateDefaultDisplayNodes()            # shown in the slice views
+            preview.candidates.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+            preview.candidate_ids = write_labels(preview.candidates, volume_node, result.labels, wanted)
     except Exception:
         preview.remove()                  # what this call created; a kept candidates node stays `previous`'s
         raise

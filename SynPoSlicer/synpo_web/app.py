@@ -123,14 +123,17 @@ class _HeldArea:
         self.page, self.name, self.adapter = page, name, adapter
 
     def update_size(self, origin, size):
-        mine = self.page._mine()          # (a tab that takes the page now gets its sizes kept so far)
         self.page._sizes.setdefault(self.page._caller(), {})[self.name] = (origin, size)
-        if mine:
+        if self.page._owner():
             self.adapter.update_size(origin, size)
 
     def on_interaction(self, origin, event):
-        if self.page._mine():
+        if self.page._owner():
             self.adapter.on_interaction(origin, event)
+
+    def reset(self):
+        if self.page._owner():
+            self.adapter.reset()
 
     def __getattr__(self, attribute):
         return getattr(self.adapter, attribute)
@@ -162,7 +165,7 @@ class SynPoWeb(TrameApp):
         self.apply_logic = None
         self.correcting = False
         self._runner = None
-        self._asked = None                # (action, edited slices) the user was asked to confirm
+        self._asked = None                # (action, edited slices, preview) the user was asked to confirm
         self._tab = None                  # the connection that owns the scene
         self._sizes = {}                  # connection -> {view area: its last size} (_HeldArea)
         self._areas = None                # the views' areas, once the server is ready (_watch_connections)
@@ -245,6 +248,12 @@ class SynPoWeb(TrameApp):
             self._take(caller)
         return caller == self._tab
 
+    def _owner(self):
+        """True when the connection calling now owns the scene; never claims it (a covered tab's view
+        sizes while the owner reloads must not make it the owner: only claim() and actions do)."""
+        caller = self._caller()
+        return caller is None or caller == self._tab
+
     def _take(self, owner):
         """`owner` owns the scene from now on: the views take the sizes its page last asked for (asked
         while another tab owned it, they were kept aside)."""
@@ -278,10 +287,11 @@ class SynPoWeb(TrameApp):
         (a new preview, Discard, another volume), or when they asked for it a second time with the same
         edits (the page's form of the module's confirmDiscard question)."""
         edited = self.logic.editedSlices()
-        if edited == 0 or self._asked == (action, edited):
+        if edited == 0 or (self._asked is not None and self._asked[:2] == (action, edited)
+                           and self._asked[2] is self.logic.preview):
             self._asked = None
             return True
-        self._asked = (action, edited)
+        self._asked = (action, edited, self.logic.preview)      # (this preview's edits: not an updated one's)
         self._say("Your edits of the candidates on %d slice(s) would be lost: Update carries them through the "
                   "volume, Apply writes them. %s again to discard them." % (edited, action), error=True)
         return False
@@ -546,6 +556,10 @@ class SynPoWeb(TrameApp):
             self.correcting = False
             if self.segmentation is not None:
                 self._activate_segmentation(self.segmentation)
+            # The editor drops its tool with the switch: the page says so (a Paint button shown
+            # pressed did nothing, and pressing it again sent nothing).
+            self.editor.set_active_effect_type(SegmentationEffectNoTool)
+            self.state.tool = "none"
             self._refresh()
 
     @owner_only
