@@ -47,14 +47,29 @@ async def scenario(app):
     assert not app.logic.settling() and app.state.message == said, app.state.message
     print("settled; the page says: " + said[:40])
 
+"""
 
-server = Server(tempfile.mkdtemp(prefix="synpo-web-settling-"))
+
+SCENARIO_MAIN = """
+server = Server(tempfile.mkdtemp(prefix="synpo-web-%(name)s-"))
 try:
-    page = get_server("synpo-web-settling", client_type="vue3")
+    page = get_server("synpo-web-%(name)s", client_type="vue3")
     asyncio.run(scenario(SynPoWeb(page, server_options={}, remote=(server.url, server.token_file))))
 finally:
     server.stop()
 """
+
+
+def _run_scenario(tmp_path, name, scenario, timeout):
+    """A scenario (an `async def scenario(app)`) run on a SynPoWeb over a test server, in a child
+    process as `synpo web` runs the app: its output and exit status."""
+    script = tmp_path / (name + ".py")
+    script.write_text(scenario + SCENARIO_MAIN % {"name": name})
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.path.abspath(MODULE) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+    return subprocess.run([sys.executable, str(script), HERE], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=timeout)
 
 
 def test_a_cancelled_upload_settling_leaves_the_pages_message_alone(tmp_path):
@@ -62,13 +77,7 @@ def test_a_cancelled_upload_settling_leaves_the_pages_message_alone(tmp_path):
     kept for the next preview); those ticks must not write the run's old message over what the user's
     next action said (Load sample, Apply). The app in a child process (as `synpo web` runs it), its
     runner on asyncio, the server's answer held back until the check is done."""
-    script = tmp_path / "settling.py"
-    script.write_text(SETTLING_SCENARIO)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.path.abspath(MODULE) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
-    out = subprocess.run([sys.executable, str(script), HERE], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=600)
+    out = _run_scenario(tmp_path, "settling", SETTLING_SCENARIO, 600)
     assert out.returncode == 0 and "settled; the page says: Sample CT loaded" in out.stdout, out.stdout[-3000:]
 
 
@@ -209,13 +218,6 @@ async def scenario(app):
     assert app.claim("tab-b") == "ok" and area.sizes[-1] == {"w": 12, "h": 12}
     print("scenario done")
 
-
-server = Server(tempfile.mkdtemp(prefix="synpo-web-user-"))
-try:
-    page = get_server("synpo-web-user", client_type="vue3")
-    asyncio.run(scenario(SynPoWeb(page, server_options={}, remote=(server.url, server.token_file))))
-finally:
-    server.stop()
 """
 
 
@@ -225,11 +227,5 @@ def test_edits_undo_large_volumes_and_another_tab_as_a_user_meets_them(tmp_path)
     discards them); 'Undo apply' is withdrawn once the segments are edited again; a volume too large
     for the server is refused from its header; another tab's view sizes and events are kept from the
     owner's views (they shrank them to 10 x 10 pixels)."""
-    script = tmp_path / "user.py"
-    script.write_text(USER_SCENARIO)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.path.abspath(MODULE) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
-    out = subprocess.run([sys.executable, str(script), HERE], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True, timeout=900)
+    out = _run_scenario(tmp_path, "user", USER_SCENARIO, 900)
     assert out.returncode == 0 and "scenario done" in out.stdout, out.stdout[-3000:]
