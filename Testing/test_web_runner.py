@@ -173,8 +173,10 @@ async def scenario(app):
     # paints again (it took a new segment and its paint with it).
     app.preview()
     await run(app)
+    app.set_tool("paint")                               # a tool on when Apply switches the editor back
     app.apply()
     assert app.state.can_undo and "until you paint" in app.state.message, app.state.message
+    assert app.state.tool == "none"                     # the editor dropped it: the page says so
     app.set_tool("paint")
     assert not app.state.can_undo and app.apply_logic is None
     # A volume beyond one voxel per byte of --max-upload-mb is refused from its header.
@@ -186,7 +188,7 @@ async def scenario(app):
     content = open(path, "rb").read()
     app.max_upload_mb = 0.005                           # 5242 voxels
     app.load_upload({"name": "v.nii.gz", "size": len(content), "content": content})
-    assert app.state.error and "20 x 20 x 20 voxels" in app.state.message, app.state.message
+    assert app.state.error and "20 x 20 x 20 = 8000 voxels" in app.state.message, app.state.message
     assert app.volume.GetName() == "SynPo sample CT"
     app.max_upload_mb = 1.0
     app.load_upload({"name": "v.nii.gz", "size": len(content), "content": content})

@@ -472,9 +472,13 @@ def _local_cluster(args, say):
     else:
         memory = memory_limit(args.memory_limit)
     dashboard = None if str(args.dashboard).lower() == "none" else args.dashboard
+    # With no dashboard the scheduler still serves its HTTP routes (health, metrics), on 8787 unless
+    # told otherwise (distributed's Scheduler: default_port 8787), warning when that port is taken.
+    quiet_http = {"dashboard_address": ":0"} if dashboard is None else None
     try:
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, memory_limit=memory,
-                               dashboard_address=dashboard, silence_logs=logging.ERROR)
+                               dashboard_address=dashboard, silence_logs=logging.ERROR,
+                               scheduler_kwargs=quiet_http)
     except Exception as exc:             # (a worker process that cannot start: a traceback before)
         cause = exc.__cause__ or exc.__context__
         raise SynPoError("the local Dask cluster did not start: %s%s" % (

@@ -48,8 +48,8 @@ class Geometry:
             "x".join(str(s) for s in self.size),
             "x".join("%.3g" % s for s in self.spacing),
             ",".join("%.4g" % s for s in self.origin),
-            "/".join(",".join("%.3g" % v for v in np.asarray(self.direction, float).reshape(3, 3)[:, c])
-                     for c in range(3)))
+            "/".join(",".join("%.3g" % (v if abs(v) > 1e-9 else 0.0)            # (no "-0")
+                              for v in np.asarray(self.direction, float).reshape(3, 3)[:, c]) for c in range(3)))
 
 
 def axes_onto(src: Geometry, dst: Geometry, what: str = "the support image"):

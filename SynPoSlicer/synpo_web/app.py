@@ -306,8 +306,7 @@ class SynPoWeb(TrameApp):
                 mrml._remove(self.scene, node)
         self.volume = self.segmentation = self.geometry = self.apply_logic = None
         self.correcting = False
-        self.editor.set_active_effect_type(SegmentationEffectNoTool)
-        self.state.tool = "none"
+        self._no_tool()
 
     def _show_volume(self, image, geometry, name):
         volume = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
@@ -416,9 +415,9 @@ class SynPoWeb(TrameApp):
         voxels = int(np.prod(size, dtype=np.float64)) * max(1, reader.GetNumberOfComponents())
         limit = int(self.max_upload_mb * 1024 * 1024)
         if voxels > limit:
-            raise SynPoError("%s holds %s voxels (%.0f million); this server takes volumes up to %.0f million "
-                             "voxels (one per byte of synpo web --max-upload-mb)."
-                             % (name, " x ".join(str(n) for n in size), voxels / 1e6, limit / 1e6))
+            raise SynPoError("%s holds %s = %d voxels; this server takes volumes up to %d voxels (one per "
+                             "byte of synpo web --max-upload-mb)."
+                             % (name, " x ".join(str(n) for n in size), voxels, limit))
 
     # ------------------------------------------------------------------ segments and tools
     @owner_only
@@ -447,9 +446,7 @@ class SynPoWeb(TrameApp):
     def set_tool(self, tool):
         effect = {"paint": SegmentationEffectPaint, "erase": SegmentationEffectErase}.get(tool)
         if effect is None or self.volume is None:
-            self.editor.set_active_effect_type(SegmentationEffectNoTool)
-            self.state.tool = "none"
-            return
+            return self._no_tool()
         if not self.correcting:
             self._forget_apply()
         active = self.editor.set_active_effect_type(effect)
@@ -556,11 +553,14 @@ class SynPoWeb(TrameApp):
             self.correcting = False
             if self.segmentation is not None:
                 self._activate_segmentation(self.segmentation)
-            # The editor drops its tool with the switch: the page says so (a Paint button shown
-            # pressed did nothing, and pressing it again sent nothing).
-            self.editor.set_active_effect_type(SegmentationEffectNoTool)
-            self.state.tool = "none"
+            self._no_tool()
             self._refresh()
+
+    def _no_tool(self):
+        """The editor drops its tool when the segmentation it edits is switched: the page says so (a
+        Paint button shown pressed did nothing, and pressing it again sent nothing)."""
+        self.editor.set_active_effect_type(SegmentationEffectNoTool)
+        self.state.tool = "none"
 
     @owner_only
     def apply(self):
@@ -572,6 +572,7 @@ class SynPoWeb(TrameApp):
             return self._say(str(exc), error=True)
         self.slicer_app.display_manager.show_volume_in_slice_foreground(None)
         self._activate_segmentation(self.segmentation)
+        self._no_tool()
         self._refresh()
         self._say(text)
 
