@@ -106,7 +106,8 @@ class Session:
             previous: Optional[np.ndarray] = None,
             previous_overridden: Optional[Dict[int, Dict[int, np.ndarray]]] = None) -> VolumeResult:
         """Segment the volume from the paint in `support` (a label map on the image's grid, or on
-        `support_image`'s when it was painted on another patient's volume). Embeddings, confidence
+        `support_image`'s when it was painted on another patient's volume: arrays stored in the image's
+        axis order and sense, as `io.orient_like` turns them from their files). Embeddings, confidence
         maps and decoded masks of earlier runs are reused wherever this run's inputs leave them valid.
         confidence_from: the encoders whose confidence is fused, if not the models' (an ablation).
         confidence_everywhere: compute the confidence map of every slice, not only of the slices the
