@@ -347,10 +347,9 @@ def segment_query(query: str, name: str, outdir: str, reference, features: dict,
     paths = output_paths(outdir, name, options["confidence"], options["points"], options["labels"])
     try:
         row["query_stamp"] = file_stamp(query)
-        from .io import read_volume
+        from .io import orient_like, read_volume
         from .outputs import write_result
         from .session import Session
-        from .io import orient_like
         ref_image, ref_labels, ref_geometry = reference
         models = worker_models()
         image, geometry = read_volume(query, "query image")

@@ -369,6 +369,8 @@ class SynPoWeb(TrameApp):
                                  "--max-upload-mb)." % (name, size / 1048576.0, self.max_upload_mb))
             if not name.lower().endswith(READABLE):
                 raise SynPoError("%s is not a volume file this page reads (%s)." % (name, ", ".join(READABLE)))
+            if not self._edits_may_go("Upload the volume"):      # asked before the file is read
+                return
             from synpo.io import read_volume
             with tempfile.TemporaryDirectory(prefix="synpo-web-") as folder:
                 path = os.path.join(folder, name)
@@ -385,8 +387,6 @@ class SynPoWeb(TrameApp):
                                      % (name, _without_paths(said, folder, name))) from None
             if image.ndim != 3:
                 raise SynPoError("%s is not a 3D scalar volume." % name)
-            if not self._edits_may_go("Upload the volume"):
-                return
             self._clear()
             self._show_volume(image, geometry, os.path.splitext(name)[0])
             self._activate_segmentation(self.segmentation)
