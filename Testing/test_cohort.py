@@ -147,8 +147,8 @@ def test_outputs_equal_segment_runs_and_a_bad_volume_is_one_row(case, cluster, t
     argv[argv.index("--scheduler") + 1] = cluster[0].scheduler_address
     argv[3] = str(case["queries"] / "case1.nii.gz")
     assert main(argv + ["--set", "prompts.top_k=32"]) == 0
-    assert "1 volume done earlier with other settings, another file or other outputs asked for (or one missing): " \
-           "segmented again" in capsys.readouterr().out
+    assert "1 volume done earlier with other settings, another file or other outputs asked for (or one missing), " \
+           "or a reference taken in another layout: segmented again" in capsys.readouterr().out
     again = _rows(out)
     assert sorted(again) == ["broken", "case1", "case2", "case3"]
     assert again["case1"]["settings_hash"] != rows["case1"]["settings_hash"]
@@ -352,6 +352,39 @@ def test_output_names_in_the_table_are_exact_and_may_hold_spaces(case, cluster, 
     (out / "case 1_synpo_reviewed.nii.gz").write_text("the user's reviewed copy")
     assert main(argv + ["--set", "prompts.top_k=32"]) == 0
     assert (out / "case 1_synpo_reviewed.nii.gz").read_text() == "the user's reviewed copy"
+
+
+def test_a_row_from_before_the_reference_was_turned_is_segmented_again(case, cluster, tmp_path, capsys):
+    """A volume stored in another axis sense than the reference gets the reference turned to its layout
+    (io.orient_like), and its row says how. A row written before that column (the reference taken as
+    stored: the wrong side) is segmented again; one whose volume needs no turn is still skipped."""
+    from synpo.cohort import _same_turn
+    from synpo.io import read_geometry
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    flipped = sitk.DICOMOrient(sitk.ReadImage(str(case["queries"] / "case2.nii.gz")), "RPS")
+    sitk.WriteImage(flipped, str(queries / "flipped.nii.gz"))
+    ref_geometry = read_geometry(case["ref"])
+    assert _same_turn({"reference_turn": ""}, str(case["queries"] / "case2.nii.gz"), ref_geometry)
+    assert not _same_turn({"reference_turn": ""}, str(queries / "flipped.nii.gz"), ref_geometry)
+    assert not _same_turn({"reference_turn": ""}, case["dir"] / "missing.nii.gz", ref_geometry)
+    out = tmp_path / "out"
+    argv = ["cohort", case["ref"], case["labels"], str(queries), "-o", str(out), "--scheduler",
+            cluster[0].scheduler_address, "--embedding-cache", case["cache"]] + MODEL
+    assert main(argv) == 0
+    assert _rows(out)["flipped"]["reference_turn"] == "i<-i-,j<-j,k<-k"
+    assert main(argv) == 0
+    assert "1 already done with these settings (skipped), 0 to segment" in capsys.readouterr().out
+    with open(str(out / "cohort.csv"), newline="") as handle:
+        table = list(csv.reader(handle))
+    keep = [i for i, c in enumerate(table[0]) if c != "reference_turn"]
+    with open(str(out / "cohort.csv"), "w", newline="") as handle:        # a table from before the column
+        csv.writer(handle).writerows([[r[i] for i in keep] for r in table])
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "0 already done with these settings (skipped), 1 to segment" in printed
+    assert "or a reference taken in another layout" in printed
+    assert _rows(out)["flipped"]["reference_turn"] == "i<-i-,j<-j,k<-k"
 
 
 def test_usage_errors_are_one_line_before_anything_starts(case, tmp_path, capsys):

@@ -44,7 +44,7 @@ from .weights import sha256_of
 PLUGIN_NAME = "synpo-models"
 CSV_NAME = "cohort.csv"
 COLUMNS = ["name", "status", "organs_found", "slices_per_organ", "warnings", "seconds", "settings_hash", "error",
-           "query", "query_stamp", "outputs"]
+           "query", "query_stamp", "outputs", "reference_turn"]
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 UNKNOWN_OUTPUTS = "?"                # a row from a table written before the `outputs` column, not yet in a run
@@ -347,7 +347,7 @@ def segment_query(query: str, name: str, outdir: str, reference, features: dict,
     paths = output_paths(outdir, name, options["confidence"], options["points"], options["labels"])
     try:
         row["query_stamp"] = file_stamp(query)
-        from .io import orient_like, read_volume
+        from .io import orient_like, read_volume, turn_of
         from .outputs import write_result
         from .session import Session
         ref_image, ref_labels, ref_geometry = reference
@@ -358,6 +358,7 @@ def segment_query(query: str, name: str, outdir: str, reference, features: dict,
         # The reference stored as this volume is (another axis order or sense: as `synpo segment
         # --support-image` turns it); the shared embeddings are of the reference as stored.
         turned = orient_like(ref_image, ref_geometry, geometry, "the reference")
+        row["reference_turn"] = turn_of(ref_geometry, geometry)
         if turned is ref_image:
             inject_reference(session, features, ref_image, cfg, geometry.spacing)
         ref_image, ref_labels = turned, orient_like(ref_labels, ref_geometry, geometry, "the reference")
@@ -577,7 +578,7 @@ def run_cohort(args) -> int:
         os.makedirs(outdir, exist_ok=True)
     except OSError as exc:
         raise SynPoError("cannot make the output folder %s: %s" % (outdir, exc.strerror or exc)) from None
-    return _run_in(args, outdir, names, labels, support, cfg, queries, say, created)
+    return _run_in(args, outdir, names, labels, support, cfg, queries, say, created, ref_geometry)
 
 
 def _remove_if_only_lock(outdir: str) -> None:
@@ -631,17 +632,27 @@ def _migrated(paths: Dict[str, str]) -> str:
     return encode_outputs(os.path.basename(p) for p in paths.values() if os.path.exists(p))
 
 
-def _run_in(args, outdir, names, labels, support, cfg, queries, say, created) -> int:
+def _run_in(args, outdir, names, labels, support, cfg, queries, say, created, ref_geometry) -> int:
     with FolderLock(outdir):
         try:
-            return _plan_and_run(args, outdir, names, labels, support, cfg, queries, say)
+            return _plan_and_run(args, outdir, names, labels, support, cfg, queries, say, ref_geometry)
         except SynPoError:
             if created:               # a usage error made nothing: not even the folder it would have written
                 _remove_if_only_lock(outdir)           # (while the lock is held: no other cohort is in it)
             raise
 
 
-def _plan_and_run(args, outdir, names, labels, support, cfg, queries, say) -> int:
+def _same_turn(row: dict, query: str, ref_geometry) -> bool:
+    """Whether a done row's reference was turned for its volume as this run would turn it. A row from
+    before the `reference_turn` column (empty) took the reference as stored: right only where no turn
+    is needed (before, a reference stored in another axis order or sense than the volume was taken as
+    stored, and segmented the wrong axis or side)."""
+    from .io import read_geometry, turn_of
+    geometry = read_geometry(query)
+    return geometry is not None and row.get("reference_turn", "") == turn_of(ref_geometry, geometry)
+
+
+def _plan_and_run(args, outdir, names, labels, support, cfg, queries, say, ref_geometry) -> int:
     from .cli import _same_file
     csv_path = os.path.join(outdir, CSV_NAME)
     remove_stale_temporaries([csv_path])          # a cohort killed while writing its table
@@ -670,7 +681,8 @@ def _plan_and_run(args, outdir, names, labels, support, cfg, queries, say) -> in
                              % (foreign[0], CSV_NAME, name))
         if (old is not None and old["status"] == "done" and old["settings_hash"] == digest
                 and os.path.abspath(old["query"]) == os.path.abspath(q)
-                and old["query_stamp"] == file_stamp(q) and all(os.path.exists(p) for p in paths.values())):
+                and old["query_stamp"] == file_stamp(q) and all(os.path.exists(p) for p in paths.values())
+                and _same_turn(old, q, ref_geometry)):
             skipped.append(name)
             continue
         if old is not None and old["status"] == "done":
@@ -682,7 +694,7 @@ def _plan_and_run(args, outdir, names, labels, support, cfg, queries, say) -> in
         % (len(names), "s" if len(names) != 1 else "", len(skipped), len(todo), csv_path))
     if redone:
         say("cohort: %d volume%s done earlier with other settings, another file or other outputs asked for "
-            "(or one missing): segmented again, outputs replaced" % (len(redone), "s" if len(redone) != 1 else ""))
+            "(or one missing), or a reference taken in another layout: segmented again, outputs replaced" % (len(redone), "s" if len(redone) != 1 else ""))
     if not todo:
         if migrated:
             write_rows(csv_path, rows)

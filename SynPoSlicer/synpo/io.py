@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -79,6 +79,39 @@ def orient_like(array: np.ndarray, src: Geometry, dst: Geometry, what: str = "th
     out = np.transpose(array, [2 - order[2 - n] for n in range(3)])
     flips = tuple(n for n in range(3) if signs[2 - n] < 0)
     return np.ascontiguousarray(np.flip(out, flips) if flips else out)
+
+
+def turn_of(src: Geometry, dst: Geometry) -> str:
+    """How orient_like turns an array of src's grid to dst's layout, in words ("" when it is taken as
+    stored, "refused" where axes_onto refuses): e.g. "i<-j,j<-i,k<-k-" (dst axis <- src axis, "-" for
+    the opposite sense)."""
+    try:
+        order, signs = axes_onto(src, dst)
+    except InputError:
+        return "refused"
+    if order == [0, 1, 2] and signs == [1, 1, 1]:
+        return ""
+    return ",".join("%s<-%s%s" % ("ijk"[r], "ijk"[order[r]], "-" if signs[r] < 0 else "") for r in range(3))
+
+
+def read_geometry(path) -> Optional[Geometry]:
+    """A volume file's Geometry from its header alone (nothing decompressed); None when ITK cannot read
+    it or it is not 3D (read_volume says why when the volume is read)."""
+    reader = _sitk().ImageFileReader()
+    reader.SetFileName(os.fspath(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    size = reader.GetSize()
+    if len(size) == 4 and size[3] == 1:
+        size, spacing, origin = size[:3], reader.GetSpacing()[:3], reader.GetOrigin()[:3]
+        d = np.asarray(reader.GetDirection(), float).reshape(4, 4)[:3, :3].ravel()
+    elif len(size) == 3:
+        spacing, origin, d = reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
+    else:
+        return None
+    return Geometry(tuple(int(s) for s in size), tuple(spacing), tuple(origin), tuple(float(v) for v in d))
 
 
 def _sitk():
