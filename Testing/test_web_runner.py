@@ -81,6 +81,49 @@ def test_a_cancelled_upload_settling_leaves_the_pages_message_alone(tmp_path):
     assert out.returncode == 0 and "settled; the page says: Sample CT loaded" in out.stdout, out.stdout[-3000:]
 
 
+TOKEN_SCENARIO = """
+import asyncio, os, shutil, sys, tempfile, time
+sys.path.insert(0, sys.argv[1])
+from conftest import Server
+from trame.app import get_server
+from synpo_web.app import SynPoWeb
+
+server = Server(tempfile.mkdtemp(prefix="synpo-web-token-"))
+try:
+    token_file = os.path.join(server.folder, "token-the-page-reads")
+    with open(token_file, "w") as handle:
+        handle.write("the-token-of-the-server-before-it-restarted")
+    app = SynPoWeb(get_server("synpo-web-token", client_type="vue3"), server_options={},
+                   remote=(server.url, token_file))
+    shutil.copyfile(server.token_file, token_file)     # the restarted server wrote its new token
+    app.load_sample()
+    app.preview()
+    deadline = time.time() + 120
+    while app.logic.job is None or app.logic.job.state == "upload":  # the server made the session, or refused
+        assert time.time() < deadline and app.logic.state != "failed", app.logic.message
+        app.logic.step()
+    assert app.logic.job.state != "failed", app.logic.job.error
+    app.cancel()
+    print("the preview went up with the token in the file now")
+finally:
+    server.stop()
+"""
+
+
+def test_a_server_restarted_with_a_new_token_is_reached_on_the_next_preview(tmp_path):
+    """`synpo web --server URL --token-file F`: the server restarted since the page started, and wrote its
+    new token to F. The next Preview reads F again, as the module's Preview does (SynPoSlicer.prepareServer):
+    it was read once at start, and every request of the page was refused (401) until it was restarted."""
+    script = tmp_path / "restarted_server.py"          # (not token.py: the standard library has one)
+    script.write_text(TOKEN_SCENARIO)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.path.abspath(MODULE) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+    out = subprocess.run([sys.executable, str(script), HERE], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, universal_newlines=True, timeout=300)
+    assert out.returncode == 0 and "went up with the token in the file now" in out.stdout, out.stdout[-3000:]
+
+
 def _web(args, env=None, **kwargs):
     from conftest import synpo_cmd
     full = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))

@@ -150,8 +150,9 @@ class SynPoWeb(TrameApp):
         self.layout_manager.register_layout_dict(LayoutManager.default_grid_configuration())
         self.layout_manager.set_layout("Axial Primary")
         self.logic = WebLogic(self.slicer_app, server_options or {}, self._start_runner)
-        if remote:
-            self.logic.useServer(remote[0], remote[1])
+        self.remote = tuple(remote) if remote else None
+        if self.remote:
+            self.logic.useServer(*self.remote)
         self.parameters = self.scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "SynPo web")
         self.logic.setDefaultParameters(self.parameters)
         for key, value in (server_options or {}).items():
@@ -470,6 +471,8 @@ class SynPoWeb(TrameApp):
         try:
             self.stop_correcting()
             ids = list(self.state.selected_segments or [])
+            if self.remote:                   # the token read again, as the module's every Preview does
+                self.logic.useServer(*self.remote)      # (SynPoSlicer.prepareServer): a restarted server's
             self.preview_started = time.monotonic()
             self.logic.startPreview(self.volume, self.segmentation, ids, self.parameters)
         except (SynPoError, ValueError) as exc:
