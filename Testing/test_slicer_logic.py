@@ -10,6 +10,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "SynPoSlicer"))
 
 import slicer  # noqa: E402  (slicer-core)
 import vtk  # noqa: E402
+from vtk.util import numpy_support  # noqa: E402
 
 from conftest import Server, ellipsoid_volume  # noqa: E402
 from SynPoSlicerLib import apply as applying  # noqa: E402
@@ -467,6 +468,54 @@ def test_apply_overwrites_other_segments_only_when_the_editor_says_so(scene_case
     assert np.array_equal(mrml.segment_array(c["seg"], finished, c["volume"]).astype(bool), done)
     assert np.array_equal(target, (preview.labels == 1) & ~done)
     preview.remove()
+
+
+@pytest.mark.parametrize("writer", ["editor logic", "segmentation node"])
+def test_apply_on_a_segmentation_with_its_own_finer_grid(scene_case, writer):
+    """A segmentation oversampled x2 (Segment Editor, Specify geometry): Apply makes the target exactly
+    the preview, and the other segments on its layer keep their finer voxels. Slicer's "Set"
+    (vtkSlicerSegmentEditorLogic::ModifySegmentByLabelmap) clears the segment on the modifier's grid and
+    vtkSegmentationModifier::AppendLabelmapToSegment resamples the shared layer onto it: a modifier
+    on the volume's grid left old voxels of the target and coarsened the others."""
+    c = scene_case
+    fine = c["matrix"] @ np.array([[0.5, 0, 0, -0.25], [0, 0.5, 0, -0.25], [0, 0, 0.5, -0.25], [0, 0, 0, 1.0]])
+    shape = tuple(2 * n for n in c["mask"].shape)
+    geometry = applying.oriented_mask(np.zeros(shape, dtype=bool), fine)
+    seg = c["scene"].AddNewNodeByClass("vtkMRMLSegmentationNode", "fine")
+    seg.GetSegmentation().SetConversionParameter("Reference image geometry",
+                                                 slicer.vtkSegmentationConverter.SerializeImageGeometry(geometry))
+    old = np.zeros(shape, dtype=bool)
+    old[8:10] = np.repeat(np.repeat(c["paint"][4], 2, 0), 2, 1)            # painted on slice 4 (fine 8, 9)
+    other = np.zeros(shape, dtype=bool)
+    other[2:5, 3:6, 3:7] = True                                             # finer than the volume's voxels
+    ids = []
+    for name, array in (("target", old), ("other", other)):
+        sid = seg.GetSegmentation().AddEmptySegment(name, name)
+        module = slicer.vtkSlicerSegmentationsModuleLogic
+        assert module.SetBinaryLabelmapToSegment(applying.oriented_mask(array, fine), seg, sid, module.MODE_REPLACE)
+        ids.append(sid)
+    shared = seg.GetSegmentation().GetSegment(ids[0]).GetRepresentation("Binary labelmap")
+    assert shared is seg.GetSegmentation().GetSegment(ids[1]).GetRepresentation("Binary labelmap")
+    labels = np.zeros(c["mask"].shape, dtype=np.uint8)
+    labels[1:4][c["mask"][1:4]] = 1                                         # not slice 4: the old paint goes
+    if writer == "editor logic":
+        logic = applying.editor_logic(c["scene"], seg, c["volume"])
+        changed = applying.apply_labels(logic, seg, c["volume"], labels, [ids[0]])
+    else:
+        changed = applying.write_preview(seg, c["volume"], labels, [ids[0]], applying.node_writer())
+    assert changed[ids[0]] > 0
+    assert np.array_equal(mrml.segment_array(seg, ids[0], c["volume"]).astype(bool), labels == 1)
+    image = seg.GetBinaryLabelmapInternalRepresentation(ids[1])
+    assert np.allclose(image.GetSpacing(), 0.5 * np.linalg.norm(c["matrix"][:3, :3], axis=0))
+    m = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(m)
+    extent = image.GetExtent()
+    values = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(
+        extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
+    value = seg.GetSegmentation().GetSegment(ids[1]).GetLabelValue()
+    kept = np.zeros(shape, dtype=bool)
+    kept[extent[4]:extent[5] + 1, extent[2]:extent[3] + 1, extent[0]:extent[1] + 1] = values == value
+    assert np.array_equal(kept, other)
 
 
 def test_apply_refuses_a_removed_segment(scene_case, server):

@@ -14,7 +14,7 @@ for a Slicer without that logic class, i.e. 5.8's panel: the segment is replaced
 are left as they are). `write_preview` checks first that Slicer will write (`check_writable`) and
 afterwards that it did: never "Applied" without a change.
 """
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -38,6 +38,28 @@ def oriented_mask(mask: np.ndarray, ijk_to_world: np.ndarray):
             m.SetElement(r, c, float(ijk_to_world[r, c]))
     image.SetImageToWorldMatrix(m)
     return image
+
+
+def on_segmentation_grid(segmentation_node, labelmap):
+    """`labelmap` (vtkOrientedImageData in the segmentation node's coordinates) resampled, nearest
+    neighbour, onto the segmentation's own grid ("Reference image geometry"; as is where it has none).
+
+    Slicer's effects paint on that grid (qSlicerSegmentEditorAbstractEffect::defaultModifierLabelmap),
+    and "Set" assumes it: vtkSlicerSegmentEditorLogic::ModifySegmentByLabelmap (5.10; the effect's
+    modifySegmentByLabelmap before) clears the segment by thresholding its own labelmap, gives that the
+    modifier's image-to-world matrix (SetGeometryFromImageToWorldMatrix) and merges (MODE_MERGE_MIN):
+    on another grid (a segmentation oversampled by Specify geometry, or made on another volume) voxels
+    of the old segment outside the preview stayed, and vtkSegmentationModifier::AppendLabelmapToSegment
+    resampled the other segments sharing its layer onto the volume's coarser grid."""
+    geometry = segmentation_node.GetSegmentation().GetConversionParameter("Reference image geometry")
+    if not geometry:
+        return labelmap
+    reference = slicer.vtkOrientedImageData()
+    slicer.vtkSegmentationConverter.DeserializeImageGeometry(geometry, reference, False)
+    out = slicer.vtkOrientedImageData()
+    slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, out,
+                                                                                      False, True)
+    return out
 
 
 def volume_to_segmentation(volume_node, segmentation_node) -> np.ndarray:
@@ -165,7 +187,7 @@ def write_preview(segmentation_node, volume_node, labels: np.ndarray, segment_id
     if save_state is not None:
         save_state()
     for value, sid in enumerate(segment_ids, start=1):
-        write(segmentation_node, sid, oriented_mask(labels == value, matrix))
+        write(segmentation_node, sid, on_segmentation_grid(segmentation_node, oriented_mask(labels == value, matrix)))
     changed = {sid: int((segment_array(segmentation_node, sid, volume_node).astype(bool) != before[sid]).sum())
                for sid in segment_ids}
     wanted = sum(int(((labels == v) != before[sid]).sum()) for v, sid in enumerate(segment_ids, start=1))
@@ -174,6 +196,22 @@ def write_preview(segmentation_node, volume_node, labels: np.ndarray, segment_id
                          "editable intensity range) exclude every voxel of the preview; the preview is kept"
                          % segmentation_node.GetName())
     return changed
+
+
+def show_written(segmentation_node, segment_ids: Sequence[str]) -> List[str]:
+    """Show the segments just written where they (or their segmentation) were hidden, and return
+    their names: Slicer's effects do not paint into a hidden segment unseen either (qSlicerSegment-
+    EditorAbstractEffect::confirmCurrentSegmentVisible asks, then shows the segment and its
+    segmentation); an Apply the user asked for is shown, else it looked as if nothing happened."""
+    display = segmentation_node.GetDisplayNode()
+    if display is None:
+        return []
+    hidden = [sid for sid in segment_ids if not display.GetVisibility() or not display.GetSegmentVisibility(sid)]
+    for sid in hidden:
+        display.SetSegmentVisibility(sid, True)
+    if hidden:
+        display.SetVisibility(True)
+    return [segmentation_node.GetSegmentation().GetSegment(sid).GetName() for sid in hidden]
 
 
 def apply_labels(logic, segmentation_node, volume_node, labels: np.ndarray, segment_ids: Sequence[str],
