@@ -20,7 +20,9 @@ def retireLogic(logic):
     one more aboutToQuit connection and scene observer, each keeping an old logic alive)."""
     def settle():                     # a cancelled job's answer: its run cancelled, not left running
         logic.settle(5.0)
-    for step in (logic.cancel, settle, logic.discard, logic.stopServer):   # each on its own: the server stops
+    # stopPolling last: poll() would only stop its timer once nothing was left to settle, calling into
+    # the retired logic every 250 ms until then.
+    for step in (logic.cancel, settle, logic.discard, logic.stopServer, logic.stopPolling):   # each on its own
         try:
             step()
         except Exception as exc:

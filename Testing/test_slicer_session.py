@@ -745,7 +745,7 @@ def test_two_previews_and_an_update_use_one_server_and_one_upload(sandbox, scene
 
 def test_apply_without_the_segment_editor_logic_of_5_10(sandbox, scene_case, server, monkeypatch):
     """Slicer 5.8 has no vtkSlicerSegmentEditorLogic: the panel's Apply writes through the
-    segmentation node's own API."""
+    segmentation node's own API. A target the user had hidden is shown, and the message says so."""
     c = scene_case
     logic = sandbox.sharedLogic()
     logic.useServer(server.url, server.token_file)
@@ -754,8 +754,11 @@ def test_apply_without_the_segment_editor_logic_of_5_10(sandbox, scene_case, ser
     monkeypatch.delattr(slicer, "vtkSlicerSegmentEditorLogic")
     other_before = mrml.segment_array(c["seg"], c["other"], c["volume"])
     labels = logic.preview.labels.copy()
+    c["seg"].CreateDefaultDisplayNodes()
+    c["seg"].GetDisplayNode().SetSegmentVisibility(c["target"], False)      # the user hid the target
     message = logic.apply()
-    assert "Applied to target" in message
+    assert "Applied to target" in message and "target was hidden: shown now." in message
+    assert c["seg"].GetDisplayNode().GetSegmentVisibility(c["target"])
     assert np.array_equal(mrml.segment_array(c["seg"], c["target"], c["volume"]).astype(bool), labels == 1)
     assert np.array_equal(mrml.segment_array(c["seg"], c["other"], c["volume"]), other_before)
 
@@ -904,11 +907,13 @@ def test_reloading_as_slicer_util_does_retires_the_previous_logic(sandbox, monke
     old = sandbox.sharedLogic()
     stopped = []
     old.stopServer = lambda: stopped.append("server")
+    old.startPolling()                                     # its timer was running (a run just cancelled)
     spec = importlib.util.spec_from_file_location("SynPoSlicer", os.path.join(MODULE_DIR, "SynPoSlicer.py"))
     fresh = importlib.util.module_from_spec(spec)
     sys.modules["SynPoSlicer"] = fresh
     spec.loader.exec_module(fresh)
     assert stopped == ["server"] and app.connections == [] and not scene.HasObserver(scene.StartCloseEvent)
+    assert not old._timer.active
     new = sys.modules["SynPoSlicer"].sharedLogic()
     assert new is not old and len(app.connections) == 1 and sandbox.existingLogic() is new
     fresh.retireLogic(new)

@@ -476,11 +476,14 @@ class PreviewLogic:
         finally:
             if editor is not None:
                 editor.mrmlSegmentEditorNode().SetSelectedSegmentID(selected or self.segmentIds[0])
+        shown = applying.show_written(target, self.segmentIds)
         names = ", ".join(self.segmentNames)
         self.appliedVoxels = sum(changed.values())
         self.discard()
         edits = (" Your edits of the candidates on %d slice(s) were written as drawn (Update would have carried "
                  "them through the volume)." % edited) if edited else ""
+        if shown:
+            edits += " %s %s hidden: shown now." % (", ".join(shown), "was" if len(shown) == 1 else "were")
         return "Applied to %s (%d voxel(s) changed): %s%s" % (names, sum(changed.values()), self.UNDO_HINT, edits)
 
     def editedSlices(self):

@@ -230,10 +230,17 @@ def _markups(scene, name: str, colour, ras: np.ndarray, descriptions: Sequence[s
     node = _new_node(scene, "vtkMRMLMarkupsFiducialNode", name)
     if hasattr(node, "CreateDefaultDisplayNodes"):
         node.CreateDefaultDisplayNodes()
-    for p, text in zip(ras, descriptions):
-        index = node.AddControlPoint(float(p[0]), float(p[1]), float(p[2]))
-        node.SetNthControlPointDescription(index, text)
-        node.SetNthControlPointLabel(index, "")
+    # One Modified for all the points (vtkMRMLNode::StartModify / EndModify): each AddControlPoint and
+    # SetNthControlPoint* fires its own events otherwise, and the views update for each of a liver's
+    # ~450 points on the main thread.
+    modifying = node.StartModify()
+    try:
+        for p, text in zip(ras, descriptions):
+            index = node.AddControlPoint(float(p[0]), float(p[1]), float(p[2]))
+            node.SetNthControlPointDescription(index, text)
+            node.SetNthControlPointLabel(index, "")
+    finally:
+        node.EndModify(modifying)
     display = node.GetDisplayNode()
     if display is not None:
         display.SetSelectedColor(*colour)
