@@ -75,8 +75,8 @@ def test_unreadable_file(case, capsys):
 
 
 def test_a_compressed_file_cut_short_is_refused(case, capsys):
-    """ITK reads a .nii.gz cut short (a download stopped early) without a word, the rest zeros: it is
-    refused with one line. A file named .gz that is not gzip is left to the reader."""
+    """ITK reads a .nii.gz or .nii cut short (a download stopped early) without a word, the rest zeros:
+    it is refused with one line. A file named .gz that is not gzip is left to the reader."""
     whole = open(case["image"], "rb").read()
     assert whole[:2] == b"\x1f\x8b"
     cut = case["dir"] / "cut.nii.gz"
@@ -89,6 +89,15 @@ def test_a_compressed_file_cut_short_is_refused(case, capsys):
     plain.write_bytes(gzip.decompress(whole))                     # an uncompressed NIfTI named .nii.gz
     from synpo.io import read_volume
     assert read_volume(str(plain))[0].shape == read_volume(case["image"])[0].shape
+    # Uncompressed (.nii) and cut short: ITK fills the rest with zeros as well; its header says the size.
+    cut = case["dir"] / "cut.nii"
+    cut.write_bytes(gzip.decompress(whole)[:-1])
+    msg = run_error(capsys, ["segment", str(cut), case["support"], "-o", case["out"]])
+    assert "the file is cut short" in msg and "its header needs" in msg
+    _no_outputs(case)
+    whole_nii = case["dir"] / "whole.nii"
+    whole_nii.write_bytes(gzip.decompress(whole))
+    assert np.array_equal(read_volume(str(whole_nii))[0], read_volume(case["image"])[0])
 
 
 def test_2d_image(case, capsys):

@@ -462,3 +462,16 @@ def test_the_shared_reference_embeddings_spare_every_query_the_reference_slices(
     assert len(embedded) == len(result.computed) > 0
     assert not any(np.array_equal(e, slices[s]) for e in embedded for s in painted)
     assert np.array_equal(result.labels, case["expected"]["case2"])
+
+
+def test_stale_temporaries_are_only_the_volumes_own(tmp_path):
+    """A volume's task removes the temporary files a killed run left for its outputs (mkstemp's
+    ".tmp-" + random letters, digits or "_" + "-" + the name), never those of a volume whose name ends
+    in its name: volume "b" removed "x-b"'s file while it was being written."""
+    import tempfile
+    from synpo.cohort import remove_stale_temporaries
+    _, own = tempfile.mkstemp(prefix=".tmp-", suffix="-b_synpo.nii.gz", dir=str(tmp_path))
+    _, other = tempfile.mkstemp(prefix=".tmp-", suffix="-x-b_synpo.nii.gz", dir=str(tmp_path))
+    _, other2 = tempfile.mkstemp(prefix=".tmp-", suffix="-x_b_synpo.nii.gz", dir=str(tmp_path))
+    remove_stale_temporaries([str(tmp_path / "b_synpo.nii.gz")])
+    assert not os.path.exists(own) and os.path.exists(other) and os.path.exists(other2)

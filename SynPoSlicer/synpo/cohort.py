@@ -178,10 +178,16 @@ def write_rows(path: str, rows: Dict[str, dict]) -> None:
 
 
 def remove_stale_temporaries(paths) -> None:
-    """Temporary files synpo.io left for these outputs (a process killed before its rename)."""
+    """Temporary files synpo.io left for these outputs (a process killed before its rename): exactly
+    mkstemp's ".tmp-" + its random part (letters, digits, "_": no "-") + "-" + the output's name. A
+    wider pattern (".tmp-*-b_synpo.nii.gz") also matched volume "x-b"'s file being written."""
+    import re
     for path in paths:
         folder, base = os.path.split(os.path.abspath(path))
+        exact = re.compile(r"\.tmp-[A-Za-z0-9_]+-" + re.escape(base))
         for tmp in glob.glob(os.path.join(glob.escape(folder), ".tmp-*-" + glob.escape(base))):
+            if not exact.fullmatch(os.path.basename(tmp)):
+                continue
             try:
                 os.unlink(tmp)
             except OSError:

@@ -149,6 +149,40 @@ def check_gzip_whole(path: str, what: str = "image") -> None:
                          % (what, path, (str(exc) or type(exc).__name__).splitlines()[0][:120])) from None
 
 
+def check_nifti_whole(path: str, what: str = "image") -> None:
+    """An uncompressed NIfTI (.nii) shorter than its header says: ITK reads the missing voxels as zeros
+    without a word (a copy stopped early would be segmented as if whole). The header's dim, bitpix and
+    vox_offset (NIfTI-1: a 348-byte header; NIfTI-2: 540) give the size the file must have."""
+    import struct
+    if not path.lower().endswith(".nii"):
+        return
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(540)
+    except OSError:
+        return                                # read_volume's reader says why
+    for order in "<>":
+        if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348:           # NIfTI-1
+            dims = struct.unpack(order + "8h", head[40:56])
+            bitpix = struct.unpack(order + "h", head[72:74])[0]
+            offset = struct.unpack(order + "f", head[108:112])[0]
+        elif len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540:         # NIfTI-2
+            dims = struct.unpack(order + "8q", head[16:80])
+            bitpix = struct.unpack(order + "h", head[14:16])[0]
+            offset = struct.unpack(order + "q", head[168:176])[0]
+        else:
+            continue
+        if not 1 <= dims[0] <= 7 or bitpix <= 0 or any(d < 0 for d in dims[1:dims[0] + 1]):
+            return                            # not a header to judge by: the reader decides
+        needed = int(offset) + int(np.prod([max(int(d), 1) for d in dims[1:dims[0] + 1]], dtype=np.float64)) \
+            * bitpix // 8
+        if size < needed:
+            raise InputError("cannot read %s %s: the file is cut short (%d bytes; its header needs %d)"
+                             % (what, path, size, needed))
+        return
+
+
 def read_volume(path, what: str = "image", label: bool = False):
     """Read a 3D scalar volume. Returns (array[k, j, i], Geometry). Raises InputError."""
     sitk = _sitk()
@@ -158,6 +192,7 @@ def read_volume(path, what: str = "image", label: bool = False):
     if os.path.isdir(path):
         raise InputError("%s path is a folder, not a volume file: %s" % (what, path))
     check_gzip_whole(path, what)
+    check_nifti_whole(path, what)
     try:
         image = sitk.ReadImage(path)
     except RuntimeError as exc:
