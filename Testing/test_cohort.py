@@ -357,7 +357,8 @@ def test_output_names_in_the_table_are_exact_and_may_hold_spaces(case, cluster, 
 def test_a_row_from_before_the_reference_was_turned_is_segmented_again(case, cluster, tmp_path, capsys):
     """A volume stored in another axis sense than the reference gets the reference turned to its layout
     (io.orient_like), and its row says how. A row written before that column (the reference taken as
-    stored: the wrong side) is segmented again; one whose volume needs no turn is still skipped."""
+    stored: the wrong side) is segmented again; one whose volume needs no turn is still skipped. A
+    draft the user corrected in place is never replaced by a run with other settings."""
     from synpo.cohort import _same_turn
     from synpo.io import read_geometry
     queries = tmp_path / "queries"
@@ -385,6 +386,17 @@ def test_a_row_from_before_the_reference_was_turned_is_segmented_again(case, clu
     assert "0 already done with these settings (skipped), 1 to segment" in printed
     assert "or a reference taken in another layout" in printed
     assert _rows(out)["flipped"]["reference_turn"] == "i<-i-,j<-j,k<-k"
+    # The user corrects the draft in place: a run with other settings does not replace it unasked.
+    draft = out / "flipped_synpo.nii.gz"
+    corrected = _labels(draft)
+    corrected[0, 0, 0] = 7
+    sitk.WriteImage(sitk.GetImageFromArray(corrected), str(draft))
+    assert main(argv + ["--set", "prompts.top_k=32"]) == 2
+    err = capsys.readouterr().err
+    assert "flipped_synpo.nii.gz was changed after synpo cohort wrote it" in err and "move it out" in err
+    assert np.array_equal(_labels(draft), corrected)
+    assert main(argv) == 0                                   # the same settings: skipped, the draft kept
+    assert np.array_equal(_labels(draft), corrected)
 
 
 def test_usage_errors_are_one_line_before_anything_starts(case, tmp_path, capsys):

@@ -44,7 +44,7 @@ from .weights import sha256_of
 PLUGIN_NAME = "synpo-models"
 CSV_NAME = "cohort.csv"
 COLUMNS = ["name", "status", "organs_found", "slices_per_organ", "warnings", "seconds", "settings_hash", "error",
-           "query", "query_stamp", "outputs", "reference_turn"]
+           "query", "query_stamp", "outputs", "reference_turn", "output_stamps"]
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 UNKNOWN_OUTPUTS = "?"                # a row from a table written before the `outputs` column, not yet in a run
@@ -372,8 +372,10 @@ def segment_query(query: str, name: str, outdir: str, reference, features: dict,
                              confidence_everywhere=options["confidence_all"])
         write_result(result, geometry, paths["labels"], paths.get("confidence"), paths.get("points"), query)
         row["organs_found"], row["slices_per_organ"], warnings = _summary(result)
+        written = [p for p in paths.values() if os.path.exists(p)]
         row.update(status="done", warnings=" | ".join(warnings),
-                   outputs=encode_outputs(os.path.basename(p) for p in paths.values() if os.path.exists(p)))
+                   outputs=encode_outputs(os.path.basename(p) for p in written),
+                   output_stamps=json.dumps({os.path.basename(p): file_stamp(p) for p in written}, sort_keys=True))
     except SynPoError as exc:
         row.update(status="failed", error=str(exc))
     except MemoryError:
@@ -658,6 +660,26 @@ def _same_turn(row: dict, query: str, ref_geometry) -> bool:
     return geometry is not None and row.get("reference_turn", "") == turn_of(ref_geometry, geometry)
 
 
+def _edited_outputs(row: Optional[dict], outdir: str) -> List[str]:
+    """The outputs a done row's run wrote that have changed since (size or modification time against
+    its `output_stamps`): the user's corrections, never replaced or removed without their say. Rows
+    from before that column, or of a run that did not finish, have no stamps: nothing to compare."""
+    if row is None or row.get("status") != "done" or not row.get("output_stamps"):
+        return []
+    try:
+        stamps = json.loads(row["output_stamps"])
+    except ValueError:
+        return []
+    if not isinstance(stamps, dict):
+        return []
+    edited = []
+    for base, stamp in sorted(stamps.items()):
+        path = os.path.join(outdir, str(base))
+        if is_output_name(str(base), row["name"]) and os.path.isfile(path) and file_stamp(path) != stamp:
+            edited.append(path)
+    return edited
+
+
 def _plan_and_run(args, outdir, names, labels, support, cfg, queries, say, ref_geometry) -> int:
     from .cli import _same_file
     csv_path = os.path.join(outdir, CSV_NAME)
@@ -691,6 +713,11 @@ def _plan_and_run(args, outdir, names, labels, support, cfg, queries, say, ref_g
                 and _same_turn(old, q, ref_geometry)):
             skipped.append(name)
             continue
+        edited = _edited_outputs(old, outdir)
+        if edited:
+            raise SynPoError("%s was changed after synpo cohort wrote it (a corrected draft?), and segmenting %s again "
+                             "(other settings, another file or other outputs) would replace or remove it; move it out "
+                             "of %s first" % (edited[0], name, outdir))
         if old is not None and old["status"] == "done":
             redone.append(name)
         asked = {os.path.basename(p) for p in paths.values()}
@@ -721,8 +748,8 @@ def _mark_started(todo, names, rows, csv_path, outdir, options) -> None:
     for name in todo:
         row = rows.get(name) or dict({c: "" for c in COLUMNS}, name=name, query=os.path.abspath(names[name]))
         asked = output_paths(outdir, name, options["confidence"], options["points"], options["labels"]).values()
-        row.update(status="started", outputs=encode_outputs((_recorded(row, name) or set())
-                                                            | {os.path.basename(p) for p in asked}))
+        row.update(status="started", output_stamps="",       # (files this run may rewrite before it ends)
+                   outputs=encode_outputs((_recorded(row, name) or set()) | {os.path.basename(p) for p in asked}))
         rows[name] = row
     write_rows(csv_path, rows)
 
