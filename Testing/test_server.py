@@ -123,6 +123,11 @@ def test_oversized_body_gets_413(server, chunked):
                          chunked=chunked)
     assert status == 413 and "--max-body-mb" in answer["error"]
     assert session_count(server) == before
+    if not chunked:        # the client's create_session (synpo segment --server) says so, not "cannot reach"
+        big = np.random.default_rng(1).normal(size=(40, 256, 400)).astype(np.float32)    # 16 MB
+        with pytest.raises(ServerError) as err:
+            server.client().create_session(big, (1, 1, 1))
+        assert err.value.status == 413 and "--max-body-mb" in str(err.value)
 
 
 def _finish(upload, limit=100000):
@@ -656,6 +661,15 @@ def test_an_owned_folder_must_hold_the_token_file_and_go_with_a_parent_pid(tmp_p
         with pytest.raises(SynPoError, match="--owned-folder DIR goes with --parent-pid, and DIR must be the folder"):
             check_arguments(parser.parse_args(argv))
     assert os.path.isfile(token)
+    # The parent gone before the server checked it (3D Slicer closed while it started): the folder and its
+    # token go too (nobody else is left to remove them).
+    import subprocess
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with pytest.raises(SynPoError, match="no such process"):
+        check_arguments(parser.parse_args(["--token-file", token, "--parent-pid", str(gone.pid),
+                                           "--owned-folder", str(folder)]))
+    assert not folder.exists()
 
 
 def test_client_side_needs_no_torch():
@@ -664,3 +678,53 @@ def test_client_side_needs_no_torch():
             "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------------- the service's bookkeeping, in process
+
+def _service_case(budget=1 << 30):
+    """A Service without models (its runs fail at once) and one small session: the bookkeeping only."""
+    from synpo.service import Service
+    service = Service(None, budget, 600.0, 1, None)
+    image, support = volume(seed=3, shape=(6, 24, 28))
+    return service, service.create(image, (1, 1, 2)), support
+
+
+def _until(predicate, seconds=10.0):
+    deadline = time.time() + seconds
+    while not predicate() and time.time() < deadline:
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_a_run_cancelled_while_queued_ends_at_once():
+    """--max-runs 1 (the default): a run queued behind another session's is cancelled when asked, not
+    when the other run ends (its session stayed busy, and the module's next Preview waited on it)."""
+    service, entry, support = _service_case()
+    service.slots.acquire()                    # another session's run holds the only compute slot
+    try:
+        run = service.start_run(entry, support, {})
+        assert _until(lambda: run.state == "queued", 2.0) and entry.busy()
+        run.cancel_event.set()                 # (DELETE .../runs/ID)
+        assert _until(lambda: run.state == "cancelled", 5.0), run.state
+        assert not entry.busy()
+    finally:
+        service.slots.release()
+
+
+def test_the_session_whose_run_just_ended_is_not_evicted_before_its_client_reads_it():
+    service, entry, support = _service_case(budget=1)          # every session is over this budget
+    run = service.start_run(entry, support, {})
+    assert _until(lambda: run.state in ("done", "failed"), 10.0), run.state
+    time.sleep(0.2)                                            # (the budget is enforced after the state)
+    assert service.get(entry.id) is entry and service.get_run(entry, run.id) is run
+
+
+def test_a_run_on_a_session_removed_meanwhile_is_refused():
+    """The session is deleted (or evicted, expired) while a run's body arrives: the run is refused
+    with the reason, not computed for nobody while it holds the compute slot."""
+    from synpo.service import NotFound
+    service, entry, support = _service_case()
+    service.delete(entry.id)
+    with pytest.raises(NotFound, match="is gone: deleted by a client"):
+        service.start_run(entry, support, {})

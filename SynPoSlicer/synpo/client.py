@@ -142,9 +142,15 @@ class Client:
         return self.json("GET", "/v1/health", timeout=min(self.timeout, 10.0))
 
     def create_session(self, image: np.ndarray, spacing_ijk: Sequence[float]) -> str:
-        body = wire.pack(*_session_message(image, spacing_ijk))
-        data, _ = self.request("POST", "/v1/sessions", body, wire.CONTENT_TYPE, timeout=max(self.timeout, 600.0))
-        return json.loads(data.decode("utf-8"))["session"]
+        # (client.Upload: a refusal the server answers before it has read the body, 413 over --max-body-mb,
+        # is what the user reads, not the connection reset that follows it with urllib)
+        upload = self.session_upload(image, spacing_ijk, chunk=64 << 20)
+        while True:
+            sid = upload.step()
+            if sid is not None:
+                return sid
+            if upload.waiting():
+                time.sleep(0.005)
 
     def session_upload(self, image: np.ndarray, spacing_ijk: Sequence[float], chunk: int = 4 << 20) -> "Upload":
         """create_session a step at a time (Upload): `Upload.step()` returns the session's ID once the

@@ -399,6 +399,9 @@ def check_arguments(args) -> None:
     if getattr(args, "parent_pid", None) is not None:
         from .lifeline import alive
         if args.parent_pid <= 0 or not alive(args.parent_pid):
+            owned = getattr(args, "owned_folder", None)
+            if owned and args.token_file and os.path.dirname(os.path.abspath(args.token_file)) == os.path.abspath(owned):
+                shutil.rmtree(owned, ignore_errors=True)     # (its maker is gone: nobody else removes it)
             raise SynPoError("--parent-pid %d: no such process" % args.parent_pid)
     owned = getattr(args, "owned_folder", None)
     if owned:
@@ -453,8 +456,11 @@ def run_server(args) -> int:
     server = uvicorn.Server(config)
     if getattr(args, "parent_pid", None) is not None:
         from .lifeline import watch_parent
-        watch_parent(args.parent_pid, lambda: _parent_gone(server, args.parent_pid,
-                                                           owned=getattr(args, "owned_folder", None)))
+        try:
+            watch_parent(args.parent_pid, lambda: _parent_gone(server, args.parent_pid,
+                                                               owned=getattr(args, "owned_folder", None)))
+        except ValueError:           # it ended while the models loaded: nobody is left to remove the folder
+            _parent_gone(server, args.parent_pid, grace=0.0, owned=getattr(args, "owned_folder", None))
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:        # (uvicorn raises the captured SIGINT again once it has shut down)

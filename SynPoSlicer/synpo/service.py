@@ -185,6 +185,9 @@ class Service:
                 self.forgotten[entry.id] = why
                 while len(self.forgotten) > FORGOTTEN_KEPT:
                     self.forgotten.popitem(last=False)
+            runs = list(entry.runs.values())
+        for run in runs:                 # (a run started as it was removed computes nothing for nobody)
+            run.cancel_event.set()
         log.info("session %s removed: %s", entry.id, why)
 
     def memory_bytes(self) -> int:
@@ -240,6 +243,9 @@ class Service:
                                  % (tuple(support.shape), "support image" if support_image is not None else "image",
                                     tuple(shape)))
         with self.lock:                          # two requests at once: one run, one 409
+            if self.entries.get(entry.id) is not entry:      # deleted, evicted or expired meanwhile
+                raise NotFound("session %s is gone: %s; create it again"
+                               % (entry.id, self.forgotten.get(entry.id, "removed")))
             if entry.busy():
                 raise Busy("session %s is busy with another run; wait for it or cancel it" % entry.id)
             run = Run(secrets.token_hex(6), entry)
@@ -252,7 +258,12 @@ class Service:
 
     def _execute(self, run: Run, support, cfg, support_image, add: bool, settings: dict) -> None:
         entry = run.entry
-        with self.slots:                            # queued until a compute slot is free
+        # Queued until a compute slot is free; a cancel (or the session's deletion) ends it while it waits.
+        while not self.slots.acquire(timeout=0.2):
+            if run.cancel_event.is_set():
+                run.state = run.stage = "cancelled"
+                return
+        try:
             if run.cancel_event.is_set():
                 run.state = run.stage = "cancelled"
                 return
@@ -277,8 +288,10 @@ class Service:
                     run.state, run.stage, run.error = "failed", "failed", "%s: %s" % (type(exc).__name__, exc)
                 run.seconds = time.perf_counter() - t0
                 entry.touched = time.monotonic()
+        finally:
+            self.slots.release()
         log.info("run %s of session %s: %s in %.1f s", run.id, entry.id, run.state, run.seconds)
-        self.enforce_budget()
+        self.enforce_budget(keep=entry.id)          # (its client is about to fetch the result)
 
     def get_run(self, entry: Entry, run_id: str) -> Run:
         run = entry.runs.get(run_id)
