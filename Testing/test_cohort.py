@@ -397,19 +397,39 @@ def test_a_row_from_before_the_reference_was_turned_is_segmented_again(case, clu
     assert np.array_equal(_labels(draft), corrected)
     assert main(argv) == 0                                   # the same settings: skipped, the draft kept
     assert np.array_equal(_labels(draft), corrected)
+    # Another site's volume of the same name, into the same folder: refused, the first one's draft kept.
+    site2 = tmp_path / "site2"
+    site2.mkdir()
+    os.link(str(case["queries"] / "case3.nii.gz"), str(site2 / "flipped.nii.gz"))
+    argv[3] = str(site2)
+    assert main(argv) == 2
+    assert "holds the outputs of flipped from" in capsys.readouterr().err
+    assert np.array_equal(_labels(draft), corrected)
 
 
 def test_usage_errors_are_one_line_before_anything_starts(case, tmp_path, capsys):
     out = tmp_path / "out"
     for argv, says in (
         ([case["ref"], case["labels"], str(tmp_path / "nope.nii.gz")], "query file not found"),
-        ([case["ref"], case["labels"], str(tmp_path / "*.nrrd")], "no file matches the query pattern"),
+        ([case["ref"], case["labels"], str(tmp_path / "*.nrrd")], "matches the query pattern"),
+        ([case["ref"], case["labels"], str(case["queries"] / "*.json")], "no volume file (.nii.gz"),
         ([case["ref"], case["ref"], str(case["queries"])], "non-integer values"),
         ([case["ref"], case["labels"], str(case["queries"]), "--workers", "0"], "--workers must be >= 1"),
     ):
         assert main(["cohort"] + argv + ["-o", str(out)] + MODEL) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("synpo: error: ") and says in err[0], err
+    # A pattern takes volume files only (a BIDS sidecar beside each volume named like it was a twin).
+    sidecar = case["queries"] / "case1.json"
+    sidecar.write_text("{}")
+    try:
+        from synpo.cohort import expand_queries
+        assert expand_queries([str(case["queries"] / "case1*")], [], str(out)) == [str(case["queries"] / "case1.nii.gz")]
+    finally:
+        sidecar.unlink()
+    # The query folder given as the output folder: its volumes are outputs' neighbours, never queries.
+    assert main(["cohort", case["ref"], case["labels"], str(case["queries"]), "-o", str(case["queries"])] + MODEL) == 2
+    assert "is the output folder (-o)" in capsys.readouterr().err
     twin = tmp_path / "twin"
     twin.mkdir()
     os.link(str(case["queries"] / "case1.nii.gz"), str(twin / "case1.nii.gz"))
@@ -430,8 +450,9 @@ def test_usage_errors_are_one_line_before_anything_starts(case, tmp_path, capsys
     fresh = tmp_path / "never"
     for extra, says in ((["--scheduler", "nonsense"], "is not a scheduler address"),
                         (["--scheduler", "http://127.0.0.1:8786"], "is not a scheduler address"),
-                        (["--memory-limit=-2GB"], "at least 512"), (["--memory-limit", "10kB"], "at least 512"),
-                        (["--memory-limit", "0.5"], "at least 512"), (["--dashboard", "notaport"], "give :PORT"),
+                        (["--memory-limit=-2GB"], "at least 2"), (["--memory-limit", "10kB"], "at least 2"),
+                        (["--memory-limit", "0.5"], "at least 2"), (["--memory-limit", "1.5GiB"], "at least 2.00 GiB"),
+                        (["--dashboard", "notaport"], "give :PORT"),
                         (["--dashboard", "nohost.invalid:8787"], "host nohost.invalid")):
         assert main(["cohort", case["ref"], case["labels"], str(case["queries"]), "-o", str(fresh)] + extra
                     + MODEL) == 2

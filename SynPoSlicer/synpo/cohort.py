@@ -94,15 +94,19 @@ def expand_queries(items: List[str], exclude: List[str], outdir: str) -> List[st
         elif os.path.exists(item):
             add(item, False)
         elif glob.has_magic(item):
-            files = sorted(f for f in glob.glob(item) if os.path.isfile(f))
+            # Volume files only, as from a folder: "sub-01*" also matches a BIDS sidecar (.json).
+            files = sorted(f for f in glob.glob(item) if os.path.isfile(f) and f.lower().endswith(VOLUME_EXTENSIONS))
             if not files:
-                raise SynPoError("no file matches the query pattern %s" % item)
+                raise SynPoError("no volume file (%s) matches the query pattern %s" % (", ".join(VOLUME_EXTENSIONS), item))
             for f in files:
                 add(f, True)
         else:
             raise SynPoError("query file not found: %s" % item)
     if not out:
-        raise SynPoError("no query volumes")
+        if any(os.path.isdir(i) and os.path.realpath(i) == out_real for i in items):
+            raise SynPoError("the query folder %s is the output folder (-o), whose volumes are taken for outputs; "
+                             "choose another output folder" % outdir)
+        raise SynPoError("no query volumes (the reference labels and files in the output folder are left out)")
     return out
 
 
@@ -497,8 +501,9 @@ def _local_cluster(args, say):
     return cluster, threads
 
 
-# A worker holds torch and the models (LiteMedSAM: about 0.6 GB resident): a smaller limit only restarts it.
-MIN_WORKER_MEMORY = 512 * 2 ** 20
+# A worker holds torch and the models (LiteMedSAM: 1.04 GiB resident once loaded, measured) and Dask pauses
+# a worker at 80 % of its limit: under 2 GiB one died while loading the models, or sat paused for good.
+MIN_WORKER_MEMORY = 2 * 2 ** 30
 
 
 def memory_limit(text: str) -> int:
@@ -713,6 +718,11 @@ def _plan_and_run(args, outdir, names, labels, support, cfg, queries, say, ref_g
                 and _same_turn(old, q, ref_geometry)):
             skipped.append(name)
             continue
+        if (old is not None and old["status"] == "done" and old["query"] and os.path.isfile(old["query"])
+                and not _same_file(old["query"], q)):
+            raise SynPoError("%s holds the outputs of %s from %s, another file of that name that still exists; "
+                             "segmenting %s would replace them: choose another output folder (or remove %s's row "
+                             "from %s)" % (outdir, name, old["query"], q, name, CSV_NAME))
         edited = _edited_outputs(old, outdir)
         if edited:
             raise SynPoError("%s was changed after synpo cohort wrote it (a corrected draft?), and segmenting %s again "
@@ -776,8 +786,7 @@ def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say, 
         else:
             cluster, threads = _local_cluster(args, say)
             client = Client(cluster)
-        if (str(args.dashboard).lower() != "none" if cluster is not None
-                else "dashboard" in client.scheduler_info().get("services", {})):
+        if (str(args.dashboard).lower() != "none" if cluster is not None else _serves_dashboard(client)):
             say("cohort: dashboard %s" % client.dashboard_link)
         spec = {"sam": args.sam, "features": args.features, "dinov2": args.dinov2, "device": args.device,
                 "precision": args.precision, "runtime": args.runtime}
@@ -786,7 +795,8 @@ def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say, 
         except SynPoError:
             raise
         except Exception as exc:
-            raise SynPoError("a worker could not load the models: %s" % _one_line(exc)) from None
+            raise SynPoError("a worker could not load the models: %s (a worker that died while loading them may "
+                             "have run out of memory: see --memory-limit)" % _one_line(exc)) from None
         run_id = uuid.uuid4().hex[:8]     # task keys unique to this run: two cohorts on one cluster never share one
         ref_future = client.submit(load_reference, *reference, pure=False, key="synpo-reference-image-" + run_id)
         features = client.submit(reference_features, ref_future, cfg, options["embedding_cache"], pure=False,
@@ -841,6 +851,19 @@ def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say, 
             client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _serves_dashboard(client) -> bool:
+    """Whether the user's scheduler serves a dashboard page: its `services` list "dashboard" for its HTTP
+    routes also when it was started with --no-dashboard (the page then answers 404)."""
+    import urllib.request
+    if "dashboard" not in client.scheduler_info().get("services", {}):
+        return False
+    try:
+        with urllib.request.urlopen(client.dashboard_link, timeout=3) as answer:
+            return answer.status == 200
+    except Exception:
+        return False
 
 
 def _one_line(exc) -> str:
