@@ -124,6 +124,7 @@ def test_oversized_body_gets_413(server, chunked):
     assert status == 413 and "--max-body-mb" in answer["error"]
     assert session_count(server) == before
     if not chunked:        # the client's create_session (synpo segment --server) says so, not "cannot reach"
+        assert "the request body is %.1f MB" % (len(body) / 2 ** 20) in answer["error"]      # (not rounded down to 2)
         big = np.random.default_rng(1).normal(size=(40, 256, 400)).astype(np.float32)    # 16 MB
         with pytest.raises(ServerError) as err:
             server.client().create_session(big, (1, 1, 1))
@@ -728,3 +729,16 @@ def test_a_run_on_a_session_removed_meanwhile_is_refused():
     service.delete(entry.id)
     with pytest.raises(NotFound, match="is gone: deleted by a client"):
         service.start_run(entry, support, {})
+
+
+def test_only_the_last_result_is_kept_as_the_memory_budget_counts_it(monkeypatch):
+    """Session.memory_bytes counts the session's last result: an earlier run's whole result (1.2 GB for a
+    512 x 512 x 300 CT with per-label confidence) was kept beside it, outside --max-memory-mb."""
+    import types
+    service, entry, support = _service_case()
+    monkeypatch.setattr(entry.session, "run", lambda *a, **k: types.SimpleNamespace(labels=np.zeros(3)))
+    runs = []
+    for _ in range(2):
+        runs.append(service.start_run(entry, support, {}))
+        assert _until(lambda: runs[-1].state == "done", 10.0), runs[-1].state
+    assert runs[0].result is None and runs[1].result is not None

@@ -148,8 +148,8 @@ def create_app(service, token: str, max_body_bytes: int, max_array_bytes: Option
                 return error(401, "wrong token")
             length = request.headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > max_body_bytes:
-                return error(413, "the request body is %d MB; this server accepts at most %d MB (--max-body-mb)"
-                             % (int(length) >> 20, max_body_bytes >> 20))
+                return error(413, "the request body is %.1f MB; this server accepts at most %d MB (--max-body-mb)"
+                             % (int(length) / 2 ** 20, max_body_bytes >> 20))      # (2.9 MB read "2 MB")
         return await call_next(request)
 
     async def body_of(request: Request) -> bytes:

@@ -25,7 +25,7 @@ from .volume import Cancelled
 
 log = logging.getLogger("synpo.serve")
 
-RUNS_KEPT = 4                  # finished runs whose results a session keeps (older ones: state only)
+RUNS_KEPT = 4                  # runs a session remembers (their state); only the last done one keeps its result
 FORGOTTEN_KEPT = 1000          # ids of evicted / expired sessions remembered to say so
 
 
@@ -279,6 +279,11 @@ class Service:
                     else:
                         run.result = entry.session.run(support, cfg, support_image, absent=absent, **kwargs)
                     run.state = run.stage = "done"
+                    # The session's memory counts its last result only (Session.memory_bytes): an earlier
+                    # run's is dropped, not kept outside --max-memory-mb (its result: "no longer kept").
+                    for other in list(entry.runs.values()):
+                        if other is not run and other.result is not None:
+                            other.result = None
                 except Cancelled:
                     run.state = run.stage = "cancelled"
                 except SynPoError as exc:
