@@ -59,6 +59,8 @@ def test_missing_file(case, capsys):
 @pytest.mark.parametrize("setting, says", [("prompts.top_k=0", "prompts.top_k must be >= 1"),
                                             ("decode.nope=1", "unknown config field decode.nope"),
                                             ("decode.window_margin=wide", "decode.window_margin wants Optional[float]"),
+                                            ("volume.walk_spacing_mm=1e400", "wants float, got inf"),
+                                            ("decode.window_margin=NaN", "wants Optional[float], got nan"),
                                             ("top_k=3", "--set wants SECTION.FIELD=VALUE")])
 def test_bad_setting(case, capsys, setting, says):
     msg = run_error(capsys, ["segment", case["image"], case["support"], "-o", case["out"], "--set", setting])
@@ -299,3 +301,18 @@ def test_absent_marks_are_checked_before_any_model_loads(case, capsys):
     msg = run_error(capsys, ["segment", case["image"], case["support"], "-o", case["out"], "--absent", small])
     assert "absent marks grid" in msg
     _no_outputs(case)
+
+
+def test_label_values_beyond_int32_are_refused_not_wrapped(case, capsys):
+    """A support label 2**32 + 1 (int64) became label 1 when cast to int32, silently; the server took
+    such labels and failed after the whole walk. Both refuse it at once."""
+    from synpo.errors import InputError
+    from synpo.support import find_support
+    support = sitk.GetArrayFromImage(sitk.ReadImage(case["support"])).astype(np.int64)
+    support[support > 0] = 2 ** 32 + 1
+    big = _write(support, case["dir"] / "big_labels.nrrd")
+    msg = run_error(capsys, ["segment", case["image"], big, "-o", case["out"]])
+    assert "label values beyond" in msg and "4294967297" in msg
+    _no_outputs(case)
+    with pytest.raises(InputError, match="at most 2147483647"):
+        find_support(support)

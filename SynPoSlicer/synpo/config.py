@@ -6,6 +6,7 @@ field says what it does. Change them through `SynPoConfig(...)` or
 `dataclasses.replace`, never by editing the stage modules.
 """
 import json
+import math
 from dataclasses import dataclass, field, replace
 from typing import Dict, Optional, Sequence, Tuple, Union, get_args, get_origin, get_type_hints
 
@@ -759,8 +760,8 @@ def _fits(value, hint) -> bool:
     if origin is tuple:
         return (isinstance(value, tuple) and len(value) == len(args)
                 and all(_fits(v, a) for v, a in zip(value, args)))
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is float:              # (finite: json reads 1e400 and "Infinity" as inf, NaN as nan)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, hint)

@@ -216,6 +216,10 @@ def read_volume(path, what: str = "image", label: bool = False):
             if not np.all(np.isfinite(array)) or np.any(array != np.round(array)):
                 raise InputError("%s %s has non-integer values; a label map is needed" % (what, path))
         if array.dtype not in (np.uint8, np.int8, np.uint16, np.int16, np.int32):
+            limit = np.iinfo(np.int32)
+            if array.size and (array.max() > limit.max or array.min() < limit.min):
+                raise InputError("%s %s has label values beyond %d..%d (%d..%d); renumber its labels"
+                                 % (what, path, limit.min, limit.max, int(array.min()), int(array.max())))
             array = array.astype(np.int32)            # labels stay as compact as stored (memory)
     else:
         array = array.astype(np.float32)

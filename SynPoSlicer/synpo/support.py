@@ -50,6 +50,9 @@ def _axis_list(axes: List[int]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
+LABEL_MAX = int(np.iinfo(np.int32).max)      # the assembled label map is int32 (assembly)
+
+
 def find_support(label: np.ndarray, axis: Optional[int] = None) -> Support:
     """Find the slicing axis and the painted slices.
 
@@ -71,6 +74,9 @@ def find_support(label: np.ndarray, axis: Optional[int] = None) -> Support:
     if not painted.any():
         raise InputError("support label is empty: paint the target on one slice (no non-zero voxel found)")
     labels = sorted(int(v) for v in np.unique(label[painted]))
+    if labels[-1] > LABEL_MAX:
+        raise InputError("support label value %d is too large; label values must be at most %d"
+                         % (labels[-1], LABEL_MAX))
     if axis is not None:
         if axis not in (0, 1, 2):
             raise InputError("the slicing axis must be 0, 1 or 2 (k, j, i), not %r" % (axis,))
