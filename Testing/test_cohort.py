@@ -508,3 +508,32 @@ def test_stale_temporaries_are_only_the_volumes_own(tmp_path):
     _, other2 = tempfile.mkstemp(prefix=".tmp-", suffix="-x_b_synpo.nii.gz", dir=str(tmp_path))
     remove_stale_temporaries([str(tmp_path / "b_synpo.nii.gz")])
     assert not os.path.exists(own) and os.path.exists(other) and os.path.exists(other2)
+
+
+def test_a_detached_headers_data_file_is_part_of_its_stamp(tmp_path):
+    """A query stored as a header and a data file (.nhdr + .raw, .mhd + .raw): new voxels in the data
+    file, with the header untouched, make the next run segment it again (it was skipped as done)."""
+    from synpo.cohort import file_stamp
+    for name in ("case.nhdr", "case.mhd"):
+        folder = tmp_path / name.replace(".", "_")
+        folder.mkdir()
+        header = folder / name
+        sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 4, 5), np.int16)), str(header))
+        data = [p for p in folder.iterdir() if p != header]
+        assert len(data) == 1
+        before = file_stamp(str(header))
+        stat = os.stat(str(header))
+        data[0].write_bytes(bytes(reversed(data[0].read_bytes())) + b"")
+        os.utime(str(data[0]), ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
+        assert os.stat(str(header)).st_mtime_ns == stat.st_mtime_ns and file_stamp(str(header)) != before
+
+
+def test_a_label_map_or_another_modality_among_the_queries_is_said_in_its_row():
+    """Both are segmented all the same (a folder of image_N and label_N files; a CT among MR volumes);
+    the row's warnings say what the volume looks like."""
+    from synpo.cohort import _input_warnings
+    mr, mask = ellipsoid_volume(shape=(6, 40, 48), centre=(2.5, 17, 20), radii=(2.6, 9, 11), seed=1)
+    ct = np.where(mask, 60.0, -1000.0).astype(np.float32) + np.round(np.random.default_rng(0).normal(0, 20, mask.shape))
+    assert _input_warnings(mr, mr) == []
+    assert _input_warnings(mask.astype(np.float32) * 3, mr) == ["only 2 distinct values: a label map, not an image?"]
+    assert _input_warnings(ct, mr) == ["looks like CT, the reference like MR"]

@@ -38,7 +38,7 @@ from dataclasses import asdict
 from typing import Dict, List, Optional, Tuple
 
 from .errors import SynPoError
-from .lifeline import interrupt_on
+from .lifeline import ignore_interrupts, interrupt_on
 from .weights import sha256_of
 
 PLUGIN_NAME = "synpo-models"
@@ -124,9 +124,36 @@ def output_paths(outdir: str, name: str, confidence: bool, points: bool, labels:
 
 
 def file_stamp(path: str) -> str:
-    """size:mtime of a query file: a replaced file is segmented again on a re-run."""
+    """size:mtime of a query file: a replaced file is segmented again on a re-run. A detached header
+    (.nhdr, .mhd) adds its data file's: the voxels can change with the header untouched."""
     st = os.stat(path)
-    return "%d:%d" % (st.st_size, st.st_mtime_ns)
+    stamp = "%d:%d" % (st.st_size, st.st_mtime_ns)
+    data = _data_file(path)
+    if data is not None and os.path.isfile(data):
+        st = os.stat(data)
+        stamp += "+%d:%d" % (st.st_size, st.st_mtime_ns)
+    return stamp
+
+
+def _data_file(path: str) -> Optional[str]:
+    """The one data file a detached NRRD (`data file:`) or MetaImage (`ElementDataFile =`) header names,
+    beside it; None for other files, LIST or pattern forms, or a header that cannot be read."""
+    lower = path.lower()
+    if not lower.endswith((".nhdr", ".mhd")):
+        return None
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 16).decode("latin-1")
+    except OSError:
+        return None
+    for line in head.splitlines():
+        key, sep, value = line.partition("=" if lower.endswith(".mhd") else ":")
+        if sep and key.strip().lower() in ("data file", "datafile", "elementdatafile"):
+            value = value.strip()
+            if not value or " " in value or value.upper() in ("LIST", "LOCAL"):
+                return None
+            return os.path.join(os.path.dirname(os.path.abspath(path)), value)
+    return None
 
 
 def settings_hash(args, cfg) -> str:
@@ -327,6 +354,25 @@ def inject_reference(session, features: dict, ref_image, cfg, spacing_ijk) -> bo
     return used
 
 
+def _input_warnings(image, ref_image) -> List[str]:
+    """What a volume of the wrong kind looks like, for its row (it is segmented all the same): a label
+    map among the images (a folder of image_N and label_N files), or a modality other than the
+    reference's (a CT among MR volumes)."""
+    import numpy as np
+    from .intensity import guess_modality
+    warnings = []
+    sample = image.ravel()[::max(1, image.size // 200000)]
+    if np.allclose(sample, np.round(sample)):
+        distinct = len(np.unique(sample))
+        if distinct <= 20:
+            warnings.append("only %d distinct values: a label map, not an image?" % distinct)
+    query, reference = guess_modality(image), guess_modality(ref_image)
+    if query.startswith("ct") != reference.startswith("ct"):
+        warnings.append("looks like %s, the reference like %s" % ("CT" if query.startswith("ct") else "MR",
+                                                                  "CT" if reference.startswith("ct") else "MR"))
+    return warnings
+
+
 def _summary(result) -> Tuple[str, str, List[str]]:
     """(organs found, slices per organ, warnings) of a result, as the table writes them."""
     import numpy as np
@@ -376,6 +422,7 @@ def segment_query(query: str, name: str, outdir: str, reference, features: dict,
                              confidence_everywhere=options["confidence_all"])
         write_result(result, geometry, paths["labels"], paths.get("confidence"), paths.get("points"), query)
         row["organs_found"], row["slices_per_organ"], warnings = _summary(result)
+        warnings = _input_warnings(image, ref_image) + warnings
         written = [p for p in paths.values() if os.path.exists(p)]
         row.update(status="done", warnings=" | ".join(warnings),
                    outputs=encode_outputs(os.path.basename(p) for p in written),
@@ -842,15 +889,21 @@ def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say, 
         return EXIT_INTERRUPTED
     finally:
         restore()
-        if client is not None:
-            if args.scheduler:
-                try:
-                    client.unregister_worker_plugin(PLUGIN_NAME)
-                except Exception:
-                    pass
-            client.close()
-        if cluster is not None:
-            cluster.close()
+        # A second Ctrl+C (or kill) while the cluster closes: the closing goes on (else it ended in
+        # cli.main's "nothing was written", after every row had been, and the workers' tracebacks).
+        loud = ignore_interrupts()
+        try:
+            if client is not None:
+                if args.scheduler:
+                    try:
+                        client.unregister_worker_plugin(PLUGIN_NAME)
+                    except Exception:
+                        pass
+                client.close()
+            if cluster is not None:
+                cluster.close()
+        finally:
+            loud()
 
 
 def _serves_dashboard(client) -> bool:

@@ -74,15 +74,25 @@ def interrupt_on(names=("SIGTERM",)) -> Callable[[], None]:
     a batch system's scancel, a closed terminal: the command stops as cleanly); returns the function that
     puts the previous handlers back. Outside the main thread (or where a signal does not exist) nothing
     changes."""
+    return _handle(names, _raise_interrupt)
+
+
+def ignore_interrupts(names=("SIGINT", "SIGTERM")) -> Callable[[], None]:
+    """From now on the signals `names` are ignored (a step that must finish, such as closing a cluster
+    after the first Ctrl+C); returns the function that puts the previous handlers back."""
+    return _handle(names, signal.SIG_IGN)
+
+
+def _handle(names, handler) -> Callable[[], None]:
     previous = {}
     for name in names:
         if hasattr(signal, name):
             try:
-                previous[name] = signal.signal(getattr(signal, name), _raise_interrupt)
+                previous[name] = signal.signal(getattr(signal, name), handler)
             except ValueError:                # not the main thread
                 pass
 
     def restore() -> None:
-        for name, handler in previous.items():
-            signal.signal(getattr(signal, name), handler)
+        for name, old in previous.items():
+            signal.signal(getattr(signal, name), old)
     return restore
