@@ -273,6 +273,19 @@ def test_a_server_url_of_another_service_is_one_line(case, capsys):
         assert "not as a SynPo server" in msg
     finally:
         other.shutdown()
+    # A plain web server's 404 page at that port: the same (it read "the SynPo server said: File not found").
+    import http.server
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+    plain = http.server.HTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=plain.serve_forever, daemon=True).start()
+    try:
+        msg = run_error(capsys, ["segment", case["image"], case["support"], "-o", case["out"], "--server",
+                                 "http://127.0.0.1:%d" % plain.server_address[1], "--token-file", str(token)])
+        assert "not as a SynPo server" in msg, msg
+    finally:
+        plain.shutdown()
 
 
 def test_console_script_exit_status_without_traceback(case):

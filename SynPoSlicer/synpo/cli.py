@@ -153,8 +153,14 @@ def _segment_remote(args, image, geometry, support, ref, progress, absent=None):
     if args.embedding_cache:
         raise SynPoError("--embedding-cache is the server's with --server: start it with "
                          "`synpo serve --embedding-cache DIR`")
+    from .client import ServerError
     client = Client(args.server, find_token(args.token_file))
-    health = client.health()
+    try:
+        health = client.health()
+    except ServerError as exc:
+        if not 400 <= exc.status < 500:
+            raise
+        health = None                         # (a web server's 404 page: "the SynPo server said: File not found")
     models = health.get("models") if isinstance(health, dict) else None
     if not isinstance(models, dict):
         raise SynPoError("%s answers, but not as a SynPo server (no models in its health answer): is the URL's port "
