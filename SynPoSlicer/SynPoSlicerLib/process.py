@@ -54,7 +54,9 @@ def descendants(pid: int) -> List:
 def end_tree(proc: subprocess.Popen, grace: float = 5.0) -> None:
     """End `proc` and everything it started (the launcher's `python-real` included): terminate,
     wait up to `grace` seconds, then kill what is left. Safe to call on a process already gone."""
-    children = descendants(proc.pid)                 # listed first: they are reparented once proc dies
+    # Listed first: they are reparented once proc dies. Not once proc has been reaped: its pid may be
+    # another process's by then (what it left is in its process group, signalled below).
+    children = descendants(proc.pid) if proc.poll() is None else []
     if os.name == "nt" and not children and proc.poll() is None:
         # Without psutil on Windows: taskkill ends the tree (/T) at once (/F).
         subprocess.call(["taskkill", "/F", "/T", "/PID", str(proc.pid)], stdout=subprocess.DEVNULL,
