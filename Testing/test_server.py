@@ -227,6 +227,8 @@ def test_a_session_sent_a_step_at_a_time_over_https(tmp_path):
     (b"not a message", None, "not a SynPo wire message"),
     (None, {"spacing": [1, 1]}, "meta.spacing must be 3 numbers"),
     (None, {"spacing": [1, 1, -2]}, "voxel spacing must be 3 positive numbers"),
+    (None, {"spacing": [1, True, 2]}, "meta.spacing must be 3 numbers"),          # (read as 1 mm)
+    (None, {"spacing": [1, "2", 2]}, "meta.spacing must be 3 numbers"),
     ("constant", {"spacing": [1, 1, 2]}, "constant"),
     ("2d", {"spacing": [1, 1, 2]}, "3D volume is needed"),
     ("empty", {"spacing": [1, 1, 2]}, "is empty"),                        # (a 500 before)
@@ -570,15 +572,24 @@ def test_server_errors_reach_the_cli_as_one_line_and_nothing_is_written(server, 
 
 
 def test_absent_marks_that_are_not_lists_are_refused(server):
-    """meta.absent {"1": "12"}: 400 (the string was read as slices 1 and 2)."""
+    """meta.absent {"1": "12"}: 400 (the string was read as slices 1 and 2); a bool support image and a
+    slice index `true` are refused as well."""
     c = server.client()
     image, support = volume()
     sid = c.create_session(image, (1, 1, 2))
     try:
-        body = wire.pack({"support": support}, {"absent": {"1": "12"}})
+        for absent in ({"1": "12"}, {"1": [1.5]}, {"1": [True]}):          # (1.5 was read as slice 1)
+            body = wire.pack({"support": support}, {"absent": absent})
+            status, answer = raw(server, "POST", "/v1/sessions/%s/runs" % sid, body,
+                                 auth(server, **{"Content-Type": wire.CONTENT_TYPE}))
+            assert status == 400 and "meta.absent must map labels to lists" in answer["error"], answer
+        body = wire.pack({"support": support, "support_image": image > image.mean()}, {})
         status, answer = raw(server, "POST", "/v1/sessions/%s/runs" % sid, body,
                              auth(server, **{"Content-Type": wire.CONTENT_TYPE}))
-        assert status == 400 and "meta.absent must map labels to lists" in answer["error"], answer
+        assert status == 400 and "the support image has dtype bool" in answer["error"], answer
+        status, answer = raw(server, "POST", "/v1/sessions/%s/redecode" % sid, json.dumps(
+            {"slice": True, "positive": [[3, 4]]}).encode(), auth(server, **{"Content-Type": "application/json"}))
+        assert status == 400 and "slice must be an integer" in answer["error"], answer
     finally:
         c.delete_session(sid)
 

@@ -89,6 +89,11 @@ def read_token_file(path: str) -> str:
     return token
 
 
+def _is_int(value) -> bool:
+    """A JSON integer (true and false are ints to Python: not slice 1 and 0)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def create_app(service, token: str, max_body_bytes: int, max_array_bytes: Optional[int] = None):
     """The FastAPI application over a `service.Service`."""
     from fastapi import FastAPI, Request
@@ -192,6 +197,8 @@ def create_app(service, token: str, max_body_bytes: int, max_array_bytes: Option
         if not isinstance(spacing, list) or len(spacing) != 3:
             raise Refused(400, "meta.spacing must be 3 numbers: the voxel size in mm along i, j, k")
         try:
+            if any(isinstance(s, bool) or not isinstance(s, (int, float)) for s in spacing):
+                raise TypeError                    # (true read as 1 mm, "2" as 2 mm)
             spacing = [float(s) for s in spacing]
         except (TypeError, ValueError):
             raise Refused(400, "meta.spacing must be 3 numbers: the voxel size in mm along i, j, k") from None
@@ -227,8 +234,8 @@ def create_app(service, token: str, max_body_bytes: int, max_array_bytes: Option
         try:
             if not isinstance(absent, dict):
                 raise ValueError
-            if any(not isinstance(v, list) for v in absent.values()):
-                raise TypeError                    # ("12" read as slices 1 and 2)
+            if any(not isinstance(v, list) or not all(_is_int(t) for t in v) for v in absent.values()):
+                raise TypeError                    # ("12" read as slices 1 and 2, 1.5 as slice 1)
             settings["absent"] = {int(k): [int(t) for t in v] for k, v in absent.items()}
         except (TypeError, ValueError):
             raise Refused(400, "meta.absent must map labels to lists of slice indices, e.g. {\"1\": [12, 13]}") from None
@@ -239,8 +246,10 @@ def create_app(service, token: str, max_body_bytes: int, max_array_bytes: Option
         support = arrays.get("support")
         if support is not None and support.dtype.kind not in "iub":
             raise Refused(400, "the support has dtype %s; integer labels are needed" % support.dtype)
-        run = await run_in_threadpool(service.start_run, entry, support, settings, arrays.get("support_image"),
-                                      mode == "add")
+        support_image = arrays.get("support_image")
+        if support_image is not None and support_image.dtype.kind not in "iuf":
+            raise Refused(400, "the support image has dtype %s; a real scalar volume is needed" % support_image.dtype)
+        run = await run_in_threadpool(service.start_run, entry, support, settings, support_image, mode == "add")
         return {"run": run.id, "session": sid, "state": run.state}
 
     @app.get("/v1/sessions/{sid}/runs/{rid}")
@@ -307,7 +316,7 @@ def create_app(service, token: str, max_body_bytes: int, max_array_bytes: Option
                 raise ValueError
         except (ValueError, RecursionError):
             raise Refused(400, "the body must be a JSON object: slice, positive, negative (and label, axis)") from None
-        if not isinstance(body.get("slice"), int):
+        if not _is_int(body.get("slice")):
             raise Refused(400, "slice must be an integer slice index")
         try:
             pos = np.asarray(body.get("positive", []), dtype=float).reshape(-1, 2)
@@ -317,7 +326,7 @@ def create_app(service, token: str, max_body_bytes: int, max_array_bytes: Option
         if len(pos) + len(neg) > MAX_REDECODE_POINTS:       # (SAM's cost grows with the square of the count)
             raise Refused(400, "at most %d points in all" % MAX_REDECODE_POINTS)
         label, axis = body.get("label"), body.get("axis")
-        if label is not None and not isinstance(label, int) or axis is not None and not isinstance(axis, int):
+        if label is not None and not _is_int(label) or axis is not None and not _is_int(axis):
             raise Refused(400, "label and axis must be integers")
         import time
         t0 = time.perf_counter()

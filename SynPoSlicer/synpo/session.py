@@ -119,7 +119,11 @@ class Session:
         if support.dtype.kind not in "iub":
             raise InputError("the support label map has dtype %s; integer labels are needed" % support.dtype)
         if support_image is not None:
-            support_image = np.asarray(support_image).astype(np.float32, copy=False)
+            support_image = np.asarray(support_image)
+            if not np.issubdtype(support_image.dtype, np.number) or support_image.dtype.kind == "c":
+                raise InputError("the support image has dtype %s; a real scalar volume is needed"
+                                 % support_image.dtype)          # (as the image: a bool one is refused)
+            support_image = support_image.astype(np.float32, copy=False)
             check_image_values(support_image, "the support image")
         cfg = cfg if cfg is not None else default_config()
         result = segment_volume(self.image, self.spacing, support, self.models.sam, self.models.dino, cfg,
