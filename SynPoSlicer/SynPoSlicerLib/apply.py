@@ -51,15 +51,24 @@ def on_segmentation_grid(segmentation_node, labelmap):
     on another grid (a segmentation oversampled by Specify geometry, or made on another volume) voxels
     of the old segment outside the preview stayed, and vtkSegmentationModifier::AppendLabelmapToSegment
     resampled the other segments sharing its layer onto the volume's coarser grid."""
-    geometry = segmentation_node.GetSegmentation().GetConversionParameter("Reference image geometry")
-    if not geometry:
+    reference = _reference_geometry(segmentation_node)
+    if reference is None:
         return labelmap
-    reference = slicer.vtkOrientedImageData()
-    slicer.vtkSegmentationConverter.DeserializeImageGeometry(geometry, reference, False)
     out = slicer.vtkOrientedImageData()
     slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(labelmap, reference, out,
                                                                                       False, True)
     return out
+
+
+def _reference_geometry(segmentation_node):
+    """The segmentation's own grid ("Reference image geometry") as an empty vtkOrientedImageData, or
+    None where it has none."""
+    geometry = segmentation_node.GetSegmentation().GetConversionParameter("Reference image geometry")
+    if not geometry:
+        return None
+    image = slicer.vtkOrientedImageData()
+    slicer.vtkSegmentationConverter.DeserializeImageGeometry(geometry, image, False)
+    return image
 
 
 def volume_to_segmentation(volume_node, segmentation_node) -> np.ndarray:
@@ -159,12 +168,9 @@ def _intensity_mask_on(editor_node) -> bool:
 
 def _same_geometry(segmentation_node, volume_node, tol: float = 1e-4) -> bool:
     """Whether the segmentation's labelmap geometry is the volume's (same grid in world space)."""
-    from SynPoSlicerLib.mrml import ijk_to_ras
-    geometry = segmentation_node.GetSegmentation().GetConversionParameter("Reference image geometry")
-    if not geometry:
+    image = _reference_geometry(segmentation_node)
+    if image is None:
         return True
-    image = slicer.vtkOrientedImageData()
-    slicer.vtkSegmentationConverter.DeserializeImageGeometry(geometry, image, False)
     m = vtk.vtkMatrix4x4()
     image.GetImageToWorldMatrix(m)
     seg_matrix = np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
