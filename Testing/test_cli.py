@@ -100,6 +100,14 @@ def test_a_compressed_file_cut_short_is_refused(case, capsys):
     whole_nii = case["dir"] / "whole.nii"
     whole_nii.write_bytes(gzip.decompress(whole))
     assert np.array_equal(read_volume(str(whole_nii))[0], read_volume(case["image"])[0])
+    # The size comes from the datatype, as niftilib reads it: a bitpix that disagrees, or a vox_offset
+    # that is no number, is no reason to refuse a file ITK reads whole.
+    import struct
+    for at, value in ((72, struct.pack("<h", 64)), (108, struct.pack("<f", float("nan")))):
+        odd = bytearray(gzip.decompress(whole))
+        odd[at:at + len(value)] = value
+        whole_nii.write_bytes(bytes(odd))
+        assert read_volume(str(whole_nii))[0].shape == read_volume(case["image"])[0].shape
 
 
 def test_2d_image(case, capsys):
@@ -329,3 +337,7 @@ def test_label_values_beyond_int32_are_refused_not_wrapped(case, capsys):
     _no_outputs(case)
     with pytest.raises(InputError, match="at most 2147483647"):
         find_support(support)
+    from synpo.io import read_volume
+    as_float = _write((support > 0).astype(np.float32) * np.float32(2 ** 31), case["dir"] / "float_labels.nrrd")
+    with pytest.raises(InputError, match="label values beyond"):            # (float32: 2**31 - 1 == 2**31)
+        read_volume(as_float, "support", label=True)

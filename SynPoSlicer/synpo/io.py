@@ -149,10 +149,15 @@ def check_gzip_whole(path: str, what: str = "image") -> None:
                          % (what, path, (str(exc) or type(exc).__name__).splitlines()[0][:120])) from None
 
 
+# NIfTI datatype code -> bytes per voxel (nifti1.h)
+NIFTI_BYTES = {2: 1, 4: 2, 8: 4, 16: 4, 32: 8, 64: 8, 128: 3, 256: 1, 512: 2, 768: 4, 1024: 8, 1280: 8,
+               1536: 16, 1792: 16, 2048: 32, 2304: 4}
+
+
 def check_nifti_whole(path: str, what: str = "image") -> None:
     """An uncompressed NIfTI (.nii) shorter than its header says: ITK reads the missing voxels as zeros
-    without a word (a copy stopped early would be segmented as if whole). The header's dim, bitpix and
-    vox_offset (NIfTI-1: a 348-byte header; NIfTI-2: 540) give the size the file must have."""
+    without a word (a copy stopped early would be segmented as if whole). The header's dim, datatype
+    and vox_offset (NIfTI-1: a 348-byte header; NIfTI-2: 540) give the size the file must have."""
     import struct
     if not path.lower().endswith(".nii"):
         return
@@ -165,18 +170,21 @@ def check_nifti_whole(path: str, what: str = "image") -> None:
     for order in "<>":
         if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348:           # NIfTI-1
             dims = struct.unpack(order + "8h", head[40:56])
-            bitpix = struct.unpack(order + "h", head[72:74])[0]
+            datatype = struct.unpack(order + "h", head[70:72])[0]
             offset = struct.unpack(order + "f", head[108:112])[0]
         elif len(head) >= 540 and struct.unpack(order + "i", head[:4])[0] == 540:         # NIfTI-2
             dims = struct.unpack(order + "8q", head[16:80])
-            bitpix = struct.unpack(order + "h", head[14:16])[0]
+            datatype = struct.unpack(order + "h", head[12:14])[0]
             offset = struct.unpack(order + "q", head[168:176])[0]
         else:
             continue
-        if not 1 <= dims[0] <= 7 or bitpix <= 0 or any(d < 0 for d in dims[1:dims[0] + 1]):
+        # Bytes per voxel from the datatype code, as niftilib reads it (bitpix may disagree with it)
+        nbytes = NIFTI_BYTES.get(datatype)
+        if (not 1 <= dims[0] <= 7 or nbytes is None or not np.isfinite(offset) or offset < 0
+                or any(d < 0 for d in dims[1:dims[0] + 1])):
             return                            # not a header to judge by: the reader decides
         needed = int(offset) + int(np.prod([max(int(d), 1) for d in dims[1:dims[0] + 1]], dtype=np.float64)) \
-            * bitpix // 8
+            * nbytes
         if size < needed:
             raise InputError("cannot read %s %s: the file is cut short (%d bytes; its header needs %d)"
                              % (what, path, size, needed))
@@ -217,7 +225,8 @@ def read_volume(path, what: str = "image", label: bool = False):
                 raise InputError("%s %s has non-integer values; a label map is needed" % (what, path))
         if array.dtype not in (np.uint8, np.int8, np.uint16, np.int16, np.int32):
             limit = np.iinfo(np.int32)
-            if array.size and (array.max() > limit.max or array.min() < limit.min):
+            # (compared as Python floats: in float32, 2**31 - 1 is 2**31 and a label of 2**31 passed)
+            if array.size and (float(array.max()) > limit.max or float(array.min()) < limit.min):
                 raise InputError("%s %s has label values beyond %d..%d (%d..%d); renumber its labels"
                                  % (what, path, limit.min, limit.max, int(array.min()), int(array.max())))
             array = array.astype(np.int32)            # labels stay as compact as stored (memory)
