@@ -391,6 +391,8 @@ def test_a_row_from_before_the_reference_was_turned_is_segmented_again(case, clu
     corrected = _labels(draft)
     corrected[0, 0, 0] = 7
     sitk.WriteImage(sitk.GetImageFromArray(corrected), str(draft))
+    st = os.stat(str(draft))                                 # (saved a while after the run wrote it)
+    os.utime(str(draft), ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10 ** 9))
     assert main(argv + ["--set", "prompts.top_k=32"]) == 2
     err = capsys.readouterr().err
     assert "flipped_synpo.nii.gz was changed after synpo cohort wrote it" in err and "move it out" in err
@@ -411,8 +413,7 @@ def test_usage_errors_are_one_line_before_anything_starts(case, tmp_path, capsys
     out = tmp_path / "out"
     for argv, says in (
         ([case["ref"], case["labels"], str(tmp_path / "nope.nii.gz")], "query file not found"),
-        ([case["ref"], case["labels"], str(tmp_path / "*.nrrd")], "matches the query pattern"),
-        ([case["ref"], case["labels"], str(case["queries"] / "*.json")], "no volume file (.nii.gz"),
+        ([case["ref"], case["labels"], str(tmp_path / "*.nrrd")], "no file matches the query pattern"),
         ([case["ref"], case["ref"], str(case["queries"])], "non-integer values"),
         ([case["ref"], case["labels"], str(case["queries"]), "--workers", "0"], "--workers must be >= 1"),
     ):
@@ -423,10 +424,14 @@ def test_usage_errors_are_one_line_before_anything_starts(case, tmp_path, capsys
     sidecar = case["queries"] / "case1.json"
     sidecar.write_text("{}")
     try:
-        from synpo.cohort import expand_queries
+        from synpo.cohort import expand_queries, memory_limit
         assert expand_queries([str(case["queries"] / "case1*")], [], str(out)) == [str(case["queries"] / "case1.nii.gz")]
+        assert main(["cohort", case["ref"], case["labels"], str(case["queries"] / "*.json"), "-o", str(out)]
+                    + MODEL) == 2
+        assert "no file matches the query pattern" in capsys.readouterr().err
     finally:
         sidecar.unlink()
+    assert memory_limit("2GB") == 2 * 10 ** 9                 # (as Dask reads it)
     # The query folder given as the output folder: its volumes are outputs' neighbours, never queries.
     assert main(["cohort", case["ref"], case["labels"], str(case["queries"]), "-o", str(case["queries"])] + MODEL) == 2
     assert "is the output folder (-o)" in capsys.readouterr().err
@@ -451,7 +456,7 @@ def test_usage_errors_are_one_line_before_anything_starts(case, tmp_path, capsys
     for extra, says in ((["--scheduler", "nonsense"], "is not a scheduler address"),
                         (["--scheduler", "http://127.0.0.1:8786"], "is not a scheduler address"),
                         (["--memory-limit=-2GB"], "at least 2"), (["--memory-limit", "10kB"], "at least 2"),
-                        (["--memory-limit", "0.5"], "at least 2"), (["--memory-limit", "1.5GiB"], "at least 2.00 GiB"),
+                        (["--memory-limit", "0.5"], "at least 2"), (["--memory-limit", "1.5GiB"], "at least 2GB"),
                         (["--dashboard", "notaport"], "give :PORT"),
                         (["--dashboard", "nohost.invalid:8787"], "host nohost.invalid")):
         assert main(["cohort", case["ref"], case["labels"], str(case["queries"]), "-o", str(fresh)] + extra

@@ -46,6 +46,8 @@ CSV_NAME = "cohort.csv"
 COLUMNS = ["name", "status", "organs_found", "slices_per_organ", "warnings", "seconds", "settings_hash", "error",
            "query", "query_stamp", "outputs", "reference_turn", "output_stamps"]
 VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# Files that sit beside volumes and are none: left out of a pattern's matches.
+NOT_VOLUMES = (".json", ".bval", ".bvec", ".txt", ".tsv", ".csv", ".raw", ".raw.gz", ".zraw", ".md", ".pdf")
 
 UNKNOWN_OUTPUTS = "?"                # a row from a table written before the `outputs` column, not yet in a run
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -94,10 +96,13 @@ def expand_queries(items: List[str], exclude: List[str], outdir: str) -> List[st
         elif os.path.exists(item):
             add(item, False)
         elif glob.has_magic(item):
-            # Volume files only, as from a folder: "sub-01*" also matches a BIDS sidecar (.json).
-            files = sorted(f for f in glob.glob(item) if os.path.isfile(f) and f.lower().endswith(VOLUME_EXTENSIONS))
+            # Not the files beside a volume: "sub-01*" also matches a BIDS sidecar (.json), "case*" a
+            # detached header's data file (.raw); any other file ITK reads (.gipl, .vtk, ...) is taken.
+            matched = sorted(f for f in glob.glob(item) if os.path.isfile(f))
+            files = [f for f in matched if not f.lower().endswith(NOT_VOLUMES)]
             if not files:
-                raise SynPoError("no volume file (%s) matches the query pattern %s" % (", ".join(VOLUME_EXTENSIONS), item))
+                raise SynPoError("no file matches the query pattern %s%s" % (
+                    item, " (only %s)" % ", ".join(os.path.basename(f) for f in matched[:3]) if matched else ""))
             for f in files:
                 add(f, True)
         else:
@@ -423,10 +428,8 @@ def segment_query(query: str, name: str, outdir: str, reference, features: dict,
         write_result(result, geometry, paths["labels"], paths.get("confidence"), paths.get("points"), query)
         row["organs_found"], row["slices_per_organ"], warnings = _summary(result)
         warnings = _input_warnings(image, ref_image) + warnings
-        written = [p for p in paths.values() if os.path.exists(p)]
         row.update(status="done", warnings=" | ".join(warnings),
-                   outputs=encode_outputs(os.path.basename(p) for p in written),
-                   output_stamps=json.dumps({os.path.basename(p): file_stamp(p) for p in written}, sort_keys=True))
+                   outputs=encode_outputs(os.path.basename(p) for p in paths.values() if os.path.exists(p)))
     except SynPoError as exc:
         row.update(status="failed", error=str(exc))
     except MemoryError:
@@ -550,21 +553,20 @@ def _local_cluster(args, say):
 
 # A worker holds torch and the models (LiteMedSAM: 1.04 GiB resident once loaded, measured) and Dask pauses
 # a worker at 80 % of its limit: under 2 GiB one died while loading the models, or sat paused for good.
-MIN_WORKER_MEMORY = 2 * 2 ** 30
+MIN_WORKER_MEMORY = 2 * 10 ** 9                 # "2GB" as Dask reads it
 
 
 def memory_limit(text: str) -> int:
     """--memory-limit in bytes (0: no limit, as Dask reads it); SynPoError for anything else than a size
     of at least MIN_WORKER_MEMORY."""
-    from dask.utils import format_bytes, parse_bytes
+    from dask.utils import parse_bytes
     try:
         memory = int(parse_bytes(text))
     except (ValueError, TypeError):
         raise SynPoError("--memory-limit %r: give a size such as 6GB" % text) from None
     zero = not any(d in str(text) for d in "123456789")       # ("0.5": Dask rounds it to 0 bytes, not "no limit")
     if (memory != 0 or not zero) and memory < MIN_WORKER_MEMORY:
-        raise SynPoError("--memory-limit %r: give a size of at least %s per worker (0: no limit)"
-                         % (text, format_bytes(MIN_WORKER_MEMORY)))
+        raise SynPoError("--memory-limit %r: give a size of at least 2GB per worker (0: no limit)" % text)
     return memory
 
 
@@ -727,9 +729,20 @@ def _edited_outputs(row: Optional[dict], outdir: str) -> List[str]:
     edited = []
     for base, stamp in sorted(stamps.items()):
         path = os.path.join(outdir, str(base))
-        if is_output_name(str(base), row["name"]) and os.path.isfile(path) and file_stamp(path) != stamp:
+        if is_output_name(str(base), row["name"]) and os.path.isfile(path) and _changed(str(stamp), file_stamp(path)):
             edited.append(path)
     return edited
+
+
+def _changed(recorded: str, now: str) -> bool:
+    """Two "size:mtime_ns" stamps of one file: another size, or a time over 2 s apart (a worker on
+    another machine and the client may see the times of a shared file system at other precisions:
+    FAT's 2 s, SMB's 100 ns)."""
+    try:
+        (size0, time0), (size1, time1) = (tuple(int(x) for x in t.split(":")) for t in (recorded, now))
+    except ValueError:
+        return recorded != now
+    return size0 != size1 or abs(time0 - time1) > 2 * 10 ** 9
 
 
 def _plan_and_run(args, outdir, names, labels, support, cfg, queries, say, ref_geometry) -> int:
@@ -760,7 +773,7 @@ def _plan_and_run(args, outdir, names, labels, support, cfg, queries, say, ref_g
                              "an interrupted run's); remove it or choose another output folder"
                              % (foreign[0], CSV_NAME, name))
         if (old is not None and old["status"] == "done" and old["settings_hash"] == digest
-                and os.path.abspath(old["query"]) == os.path.abspath(q)
+                and (os.path.abspath(old["query"]) == os.path.abspath(q) or _same_file(old["query"], q))
                 and old["query_stamp"] == file_stamp(q) and all(os.path.exists(p) for p in paths.values())
                 and _same_turn(old, q, ref_geometry)):
             skipped.append(name)
@@ -876,6 +889,12 @@ def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say, 
                     os.path.basename(p) for p in output_paths(args.output, name, options["confidence"],
                                                               options["points"], options["labels"]).values())
                 row["outputs"] = encode_outputs(b for b in ours if os.path.exists(os.path.join(args.output, b)))
+            if row["status"] == "done":
+                # Stamped here, in the process that compares them on the next run (a worker on another
+                # machine may see a shared folder's times at another precision).
+                row["output_stamps"] = json.dumps({b: file_stamp(os.path.join(args.output, b))
+                                                   for b in (_listed(row["outputs"]) or [])
+                                                   if os.path.isfile(os.path.join(args.output, b))}, sort_keys=True)
             rows[name] = row
             write_rows(csv_path, rows)
             done += 1
