@@ -539,6 +539,7 @@ def test_a_label_map_or_another_modality_among_the_queries_is_said_in_its_row():
     from synpo.cohort import _input_warnings
     mr, mask = ellipsoid_volume(shape=(6, 40, 48), centre=(2.5, 17, 20), radii=(2.6, 9, 11), seed=1)
     ct = np.where(mask, 60.0, -1000.0).astype(np.float32) + np.round(np.random.default_rng(0).normal(0, 20, mask.shape))
-    assert _input_warnings(mr, mr) == []
-    assert _input_warnings(mask.astype(np.float32) * 3, mr) == ["only 2 distinct values: a label map, not an image?"]
-    assert _input_warnings(ct, mr) == ["looks like CT, the reference like MR"]
+    assert _input_warnings(mr, "mr") == []
+    assert _input_warnings(mask.astype(np.float32) * 3, "mr") == ["only 2 distinct values: a label map, not an image?"]
+    assert _input_warnings(ct, "mr") == ["looks like CT, the reference like MR"]
+    assert _input_warnings(mr, "ct-windowed") == ["looks like MR, the reference like CT"]

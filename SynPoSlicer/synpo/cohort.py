@@ -313,9 +313,11 @@ def _reference_slices(ref_image, cfg, axis: int):
 
 def reference_features(reference, cfg, embedding_cache: Optional[str]) -> dict:
     """Task: the reference's support slices embedded by each encoder, once for the whole cohort.
-    Returns {"models": what the worker loaded, "axis", "spacing_rc", "encoders": {name: (frame,
-    {slice: fp16 embedding})}}; a query task whose frame matches uses them (inject_reference)."""
+    Returns {"models": what the worker loaded, "axis", "modality" (the reference's, as guessed: the
+    query rows compare theirs), "encoders": {name: (frame, {slice: fp16 embedding})}}; a query task
+    whose frame matches uses them (inject_reference)."""
     from .features import batch_size_for
+    from .intensity import guess_modality
     from .support import find_support, in_plane_spacing
     from .volume import EmbeddingStore
     ref_image, ref_labels, ref_geometry = reference
@@ -332,7 +334,8 @@ def reference_features(reference, cfg, embedding_cache: Optional[str]) -> dict:
                                                                       cfg.volume.batch_size), embedding_cache)
             store.ensure(wanted)          # as VolumeRun.open_stores embeds them: the same batches
             out[name] = (frame, {i: store.cache[i] for i in wanted})
-    return {"models": models.describe(), "axis": support.axis, "encoders": out}
+    return {"models": models.describe(), "axis": support.axis, "modality": guess_modality(ref_image),
+            "encoders": out}
 
 
 def inject_reference(session, features: dict, ref_image, cfg, spacing_ijk) -> bool:
@@ -359,10 +362,10 @@ def inject_reference(session, features: dict, ref_image, cfg, spacing_ijk) -> bo
     return used
 
 
-def _input_warnings(image, ref_image) -> List[str]:
+def _input_warnings(image, reference_modality: str) -> List[str]:
     """What a volume of the wrong kind looks like, for its row (it is segmented all the same): a label
     map among the images (a folder of image_N and label_N files), or a modality other than the
-    reference's (a CT among MR volumes)."""
+    reference's (`reference_modality`, guessed once: a CT among MR volumes)."""
     import numpy as np
     from .intensity import guess_modality
     warnings = []
@@ -371,7 +374,7 @@ def _input_warnings(image, ref_image) -> List[str]:
         distinct = len(np.unique(sample))
         if distinct <= 20:
             warnings.append("only %d distinct values: a label map, not an image?" % distinct)
-    query, reference = guess_modality(image), guess_modality(ref_image)
+    query, reference = guess_modality(image), reference_modality
     if query.startswith("ct") != reference.startswith("ct"):
         warnings.append("looks like %s, the reference like %s" % ("CT" if query.startswith("ct") else "MR",
                                                                   "CT" if reference.startswith("ct") else "MR"))
@@ -427,7 +430,7 @@ def segment_query(query: str, name: str, outdir: str, reference, features: dict,
                              confidence_everywhere=options["confidence_all"])
         write_result(result, geometry, paths["labels"], paths.get("confidence"), paths.get("points"), query)
         row["organs_found"], row["slices_per_organ"], warnings = _summary(result)
-        warnings = _input_warnings(image, ref_image) + warnings
+        warnings = _input_warnings(image, features["modality"]) + warnings
         row.update(status="done", warnings=" | ".join(warnings),
                    outputs=encode_outputs(os.path.basename(p) for p in paths.values() if os.path.exists(p)))
     except SynPoError as exc:
@@ -773,7 +776,7 @@ def _plan_and_run(args, outdir, names, labels, support, cfg, queries, say, ref_g
                              "an interrupted run's); remove it or choose another output folder"
                              % (foreign[0], CSV_NAME, name))
         if (old is not None and old["status"] == "done" and old["settings_hash"] == digest
-                and (os.path.abspath(old["query"]) == os.path.abspath(q) or _same_file(old["query"], q))
+                and _same_file(old["query"], q)
                 and old["query_stamp"] == file_stamp(q) and all(os.path.exists(p) for p in paths.values())
                 and _same_turn(old, q, ref_geometry)):
             skipped.append(name)

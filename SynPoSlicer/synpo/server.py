@@ -246,10 +246,8 @@ def create_app(service, token: str, max_body_bytes: int, max_array_bytes: Option
         support = arrays.get("support")
         if support is not None and support.dtype.kind not in "iub":
             raise Refused(400, "the support has dtype %s; integer labels are needed" % support.dtype)
-        support_image = arrays.get("support_image")
-        if support_image is not None and support_image.dtype.kind not in "iuf":
-            raise Refused(400, "the support image has dtype %s; a real scalar volume is needed" % support_image.dtype)
-        run = await run_in_threadpool(service.start_run, entry, support, settings, support_image, mode == "add")
+        run = await run_in_threadpool(service.start_run, entry, support, settings, arrays.get("support_image"),
+                                      mode == "add")
         return {"run": run.id, "session": sid, "state": run.state}
 
     @app.get("/v1/sessions/{sid}/runs/{rid}")

@@ -20,7 +20,7 @@ import numpy as np
 from .config import configured
 from .errors import InputError, SynPoError
 from .result import VolumeResult
-from .session import Models, Session
+from .session import Models, Session, check_real
 from .volume import Cancelled
 
 log = logging.getLogger("synpo.serve")
@@ -174,10 +174,7 @@ class Service:
             return entry
 
     def delete(self, session_id: str) -> None:
-        entry = self.get(session_id)
-        for run in entry.runs.values():
-            run.cancel_event.set()
-        self._forget(entry, "deleted by a client")
+        self._forget(self.get(session_id), "deleted by a client")       # (its runs cancelled there)
 
     def _forget(self, entry: Entry, why: str) -> None:
         with self.lock:
@@ -236,6 +233,8 @@ class Service:
             raise InputError("the run needs a support label map (array 'support'), or absent marks to add")
         if add and entry.session.support is None:
             raise Busy("nothing to add to: start a run on this session before adding support slices")
+        if support_image is not None:              # (else the run failed in its thread, after a 202)
+            check_real(np.asarray(support_image), "the support image")
         if not add and support is not None:
             shape = support_image.shape if support_image is not None else entry.session.image.shape
             if tuple(support.shape) != tuple(shape):

@@ -68,6 +68,12 @@ def _nbytes(obj) -> int:
     return 0
 
 
+def check_real(array: np.ndarray, what: str) -> None:
+    """InputError unless `array` holds real numbers (not bool, complex or objects)."""
+    if not np.issubdtype(array.dtype, np.number) or array.dtype.kind == "c":
+        raise InputError("%s has dtype %s; a real scalar volume is needed" % (what, array.dtype))
+
+
 class Session:
     """One volume and everything computed on it (module docstring)."""
 
@@ -76,8 +82,7 @@ class Session:
         image = np.asarray(image)
         if image.ndim != 3:
             raise InputError("the image is %dD; a 3D volume is needed" % image.ndim)
-        if not np.issubdtype(image.dtype, np.number) or image.dtype.kind == "c":
-            raise InputError("the image has dtype %s; a real scalar volume is needed" % image.dtype)
+        check_real(image, "the image")
         image = image.astype(np.float32, copy=False)
         check_image_values(image, "the image")
         spacing = tuple(float(s) for s in spacing_ijk)
@@ -120,9 +125,7 @@ class Session:
             raise InputError("the support label map has dtype %s; integer labels are needed" % support.dtype)
         if support_image is not None:
             support_image = np.asarray(support_image)
-            if not np.issubdtype(support_image.dtype, np.number) or support_image.dtype.kind == "c":
-                raise InputError("the support image has dtype %s; a real scalar volume is needed"
-                                 % support_image.dtype)          # (as the image: a bool one is refused)
+            check_real(support_image, "the support image")           # (as the image: a bool one is refused)
             support_image = support_image.astype(np.float32, copy=False)
             check_image_values(support_image, "the support image")
         cfg = cfg if cfg is not None else default_config()
