@@ -192,6 +192,41 @@ def test_a_server_that_dies_while_starting_is_said_once_not_started_again(tmp_pa
         logic.stopServer()
 
 
+def test_a_server_that_never_answers_fails_the_preview_with_its_log(tmp_path, monkeypatch):
+    """A local server that never becomes ready (an interpreter stuck importing torch, a GPU driver
+    that never answers) showed "Starting the SynPo server..." until the user pressed Cancel. The
+    module's timer ticks (poll -> step) now show the seconds it has taken and, past
+    SERVER_START_SECONDS, end it (its whole tree, its folder) with its log's last lines."""
+    from SynPoSlicerLib import logic as logic_module
+    from SynPoSlicerLib.logic import PARAMETERS, PreviewLogic
+    params = type("P", (), {"GetParameter": lambda self, key: PARAMETERS[key]})()
+    starts = tmp_path / "starts"
+    hung = tmp_path / "hung"
+    hung.write_text(FAILING_PYTHON.format(python=sys.executable, starts=str(starts),
+                                          body='print("importing torch", flush=True)\nimport time\ntime.sleep(120)'))
+    hung.chmod(0o755)
+    monkeypatch.setattr(logic_module, "SERVER_START_SECONDS", 1.5)
+    logic = PreviewLogic()
+    logic.useServer("", "", str(hung))
+    try:
+        logic.state, logic._pending = "starting", (None, None, params, "fingerprint")
+        logic.poll()                                              # (a tick of the module's timer)
+        assert logic.state == "starting" and logic.message == "Starting the SynPo server (0 s)..."
+        server = logic.server
+        pid, folder = server.proc.pid, server.folder
+        deadline = time.time() + 30
+        while logic.state == "starting":
+            assert time.time() < deadline
+            time.sleep(0.1)
+            logic.poll()
+        assert logic.state == "failed", logic.message
+        assert "did not answer within 1 s of its start" in logic.message and "importing torch" in logic.message
+        assert logic.server is None and not os.path.exists(folder)
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        logic.stopServer()
+
+
 def test_stop_ends_the_whole_tree_behind_a_launcher(launcher):
     from SynPoSlicerLib.engine import ServerProcess
     proc = ServerProcess(launcher, device="cpu", features="sam").start()

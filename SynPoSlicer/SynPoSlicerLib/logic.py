@@ -18,6 +18,12 @@ import logging
 PARAMETERS = {"Model": "litemedsam", "Features": "auto", "TopK": "64", "PositivePoints": "3",
               "NegativePoints": "3", "SearchMargin": "0.07", "IntensityGate": "true", "Opacity": "0.5"}
 
+# A local server that has not answered this many seconds after its start is taken for hung (an
+# interpreter stuck importing torch, a GPU driver that never answers): the preview fails with its
+# log's last lines instead of showing "Starting" until the user cancels. Loading LiteMedSAM and torch
+# takes 5-20 s here; the limit leaves room for a first start on a slow disk or behind a virus scanner.
+SERVER_START_SECONDS = 300.0
+
 
 def volumeFingerprint(inputs):
     """The volume's content and grid, hashed: a preview of the same volume reuses its server session."""
@@ -129,6 +135,20 @@ class PreviewLogic:
             self.stopServer()                # (its folder and log go: the error holds the log's end)
             raise
 
+    def serverStarting(self):
+        """The message while the local server starts, with the seconds it has taken; SynPoError (the
+        server stopped, with its log's last lines) once it has taken SERVER_START_SECONDS."""
+        import time
+        from synpo.errors import SynPoError
+        waited = time.monotonic() - self.server.started
+        if waited > SERVER_START_SECONDS:
+            tail = self.server.log_tail()
+            self.stopServer()
+            raise SynPoError("the SynPo server did not answer within %d s of its start and was stopped%s; "
+                             "check 'Python for the local server' and try again"
+                             % (SERVER_START_SECONDS, (" (its log: %s)" % tail) if tail else " (its log is empty)"))
+        return "Starting the SynPo server (%d s)..." % waited
+
     # -- who drives the run, who watches it
     def addListener(self, callback):
         if callback not in self._listeners:
@@ -236,6 +256,8 @@ class PreviewLogic:
                     self.state = "running"
                     self.message = ("The volume is on the server already: embeddings reused." if known
                                     else "Sending the volume to the server...")
+                else:
+                    self.message = self.serverStarting()
             elif self.state == "running":
                 self.job.step()
                 self._rememberSession()
