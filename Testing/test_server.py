@@ -607,6 +607,47 @@ def test_a_second_server_on_a_busy_port_leaves_the_first_ones_token(server, tmp_
     assert server.client().json("GET", "/v1/sessions") is not None                # the token still works
 
 
+def test_servers_without_a_token_file_share_the_default_one(tmp_path, monkeypatch):
+    """Two `synpo serve` without --token-file on one machine (on two ports) both wrote a fresh token
+    to the default file ~/.cache/synpo/server-token: the first one's clients, reading that file
+    (`synpo segment --server URL` without --token-file), were refused (401). The second now keeps
+    the token the file holds; a file others may read is not trusted (a fresh token)."""
+    from synpo.client import Client, find_token
+    env = dict(os.environ, SYNPO_CACHE=str(tmp_path / "cache"))
+    env.pop("SYNPO_TOKEN", None)
+    procs, urls = [], []
+    try:
+        for n in range(2):
+            ready = tmp_path / ("ready%d" % n)
+            procs.append(subprocess.Popen(synpo_cmd() + ["serve", "--port", "0", "--device", "cpu", "--features",
+                                                         "sam", "--ready-file", str(ready), "--parent-pid",
+                                                         str(os.getpid())], env=env, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.PIPE, text=True))
+            deadline = time.time() + 120
+            while not ready.exists() or not ready.read_text().strip():
+                assert procs[-1].poll() is None and time.time() < deadline, procs[-1].stderr.read()
+                time.sleep(0.1)
+            urls.append(ready.read_text().strip())
+        token_file = tmp_path / "cache" / "server-token"
+        monkeypatch.setenv("SYNPO_CACHE", env["SYNPO_CACHE"])
+        monkeypatch.delenv("SYNPO_TOKEN", raising=False)
+        token = find_token()                                # as a client without --token-file reads it
+        for url in urls:
+            assert Client(url, token).json("GET", "/v1/sessions") is not None
+        assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(30)
+    from synpo.server import reusable_token
+    assert reusable_token(str(token_file)) == token
+    token_file.chmod(0o644)                                 # readable by others: not reused
+    assert reusable_token(str(token_file)) is None
+    token_file.chmod(0o600)
+    token_file.write_text("short\n")
+    assert reusable_token(str(token_file)) is None and reusable_token(str(tmp_path / "none")) is None
+
+
 @pytest.mark.parametrize("argv, says", [
     (["--session-ttl", "nan"], "--session-ttl must be a number of seconds > 0"),
     (["--session-ttl", "inf"], "--session-ttl must be a number of seconds > 0"),

@@ -78,6 +78,20 @@ def make_token_file(path: str) -> str:
     return token
 
 
+def reusable_token(path: str) -> Optional[str]:
+    """The token already in `path` when another `synpo serve` wrote it there for this user (a file of
+    this user's, which no one else may read or write, holding one token): servers started without
+    --token-file on one machine share the default token file, so a second one keeps the token the
+    first one's clients read (making a fresh one locked them out: 401). None: make a fresh one."""
+    try:
+        info = os.stat(path)
+        if os.name == "posix" and (info.st_uid != os.getuid() or info.st_mode & 0o077):
+            return None
+        return read_token_file(path)
+    except (OSError, SynPoError):
+        return None
+
+
 def read_token_file(path: str) -> str:
     try:
         with open(path) as handle:
@@ -342,7 +356,8 @@ def add_arguments(p) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default %d; 0 = any free port)" % DEFAULT_PORT)
     p.add_argument("--token-file", metavar="FILE",
                    help="read the token clients must send from FILE; without it a random token is written to "
-                        "--token-out (readable by you only)")
+                        "--token-out (readable by you only; the default file's token is kept when it holds one, "
+                        "so servers started without --token-file share it)")
     p.add_argument("--token-out", metavar="FILE", help="where a generated token is written (default: %s)"
                    % "~/.cache/synpo/server-token")
     p.add_argument("--sam", default="litemedsam", choices=("litemedsam", "vit_b", "vit_l", "vit_h"))
@@ -440,7 +455,7 @@ def run_server(args) -> int:
     sock.listen(128)                 # connections wait in the backlog until the server accepts them
     if not args.token_file:          # only now: a second server refused its port left the first one's token alone
         where = args.token_out or default_token_path()
-        token = make_token_file(where)
+        token = (None if args.token_out else reusable_token(where)) or make_token_file(where)
     models = Models.load(args.sam, args.features, args.dinov2, args.device, args.precision, quiet=args.quiet,
                          runtime=args.runtime)
     service = Service(models, args.max_memory_mb << 20, args.session_ttl, args.max_runs, args.embedding_cache)
