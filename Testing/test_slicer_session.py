@@ -103,6 +103,30 @@ def test_the_launcher_stand_in_keeps_the_server_when_only_it_is_terminated(launc
         proc.stop()                                        # its folder (token, log) too
 
 
+def test_only_this_slicers_own_launcher_inherits_its_environment(monkeypatch, tmp_path):
+    """'Python for the local server' set to another Slicer's PythonSlicer (a 5.10 beside this 5.8):
+    chosen by its file name, it got this Slicer's environment, and CTK's launcher
+    (ctkAppLauncherSettings, environment variables) puts its own paths before the inherited ones, so
+    this Slicer's python3.9 site-packages and libraries stayed on its paths. Only the launcher that
+    slicer.util._executePythonModule would run (shutil.which("PythonSlicer"), the one on Slicer's PATH)
+    inherits os.environ; every other Python starts from slicer.util.startupEnvironment."""
+    from SynPoSlicerLib.engine import base_environment
+    own, other = tmp_path / "this" / "bin", tmp_path / "other" / "bin"
+    for folder in (own, other):
+        folder.mkdir(parents=True)
+        (folder / "PythonSlicer").write_text("#!/bin/sh\n")
+        (folder / "PythonSlicer").chmod(0o755)
+    (tmp_path / "link").symlink_to(own / "PythonSlicer")
+    monkeypatch.setenv("PATH", str(own) + os.pathsep + os.environ.get("PATH", ""))
+    monkeypatch.setenv("PYTHONPATH", "/opt/Slicer-5.8/lib/Python/lib/python3.9/site-packages")
+    monkeypatch.setattr(slicer, "app", App(), raising=False)
+    monkeypatch.setattr(slicer.util, "startupEnvironment", lambda: {"AT_START": "1"}, raising=False)
+    assert base_environment(str(own / "PythonSlicer"))["PYTHONPATH"].endswith("python3.9/site-packages")
+    assert base_environment(str(tmp_path / "link")) == dict(os.environ)       # the same file
+    for python in (str(other / "PythonSlicer"), sys.executable):
+        assert base_environment(python) == {"AT_START": "1"}, python
+
+
 def test_the_cache_folder_setting_reaches_a_server_the_effect_starts(sandbox, scene_case, monkeypatch, tmp_path):
     """The panel never opened (the effect alone), a Python other than PythonSlicer for the server: it
     starts from slicer.util.startupEnvironment (Slicer's environment when it started, before the
@@ -195,36 +219,43 @@ def test_a_server_that_dies_while_starting_is_said_once_not_started_again(tmp_pa
 def test_a_server_that_never_answers_fails_the_preview_with_its_log(tmp_path, monkeypatch):
     """A local server that never becomes ready (an interpreter stuck importing torch, a GPU driver
     that never answers) showed "Starting the SynPo server..." until the user pressed Cancel. The
-    module's timer ticks (poll -> step) now show the seconds it has taken and, past
-    SERVER_START_SECONDS, end it (its whole tree, its folder) with its log's last lines."""
+    module's timer ticks (poll -> step) now show the seconds it has taken and, once its log has been
+    silent for SERVER_START_SECONDS, end it (its whole tree, its folder) with its log's last lines.
+    One whose log grows (a model's first download printing its progress) is left to go on."""
     from SynPoSlicerLib import logic as logic_module
     from SynPoSlicerLib.logic import PARAMETERS, PreviewLogic
     params = type("P", (), {"GetParameter": lambda self, key: PARAMETERS[key]})()
     starts = tmp_path / "starts"
     hung = tmp_path / "hung"
-    hung.write_text(FAILING_PYTHON.format(python=sys.executable, starts=str(starts),
-                                          body='print("importing torch", flush=True)\nimport time\ntime.sleep(120)'))
+    hung.write_text(FAILING_PYTHON.format(python=sys.executable, starts=str(starts), body=(
+        'import time\nfor n in range(int(sys.argv[-1])):\n    print("downloading %d %%" % n, flush=True)\n'
+        '    time.sleep(0.3)\nprint("importing torch", flush=True)\ntime.sleep(120)')))
     hung.chmod(0o755)
     monkeypatch.setattr(logic_module, "SERVER_START_SECONDS", 1.5)
-    logic = PreviewLogic()
-    logic.useServer("", "", str(hung))
-    try:
-        logic.state, logic._pending = "starting", (None, None, params, "fingerprint")
-        logic.poll()                                              # (a tick of the module's timer)
-        assert logic.state == "starting" and logic.message == "Starting the SynPo server (0 s)..."
-        server = logic.server
-        pid, folder = server.proc.pid, server.folder
-        deadline = time.time() + 30
-        while logic.state == "starting":
-            assert time.time() < deadline
-            time.sleep(0.1)
-            logic.poll()
-        assert logic.state == "failed", logic.message
-        assert "did not answer within 1 s of its start" in logic.message and "importing torch" in logic.message
-        assert logic.server is None and not os.path.exists(folder)
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    finally:
-        logic.stopServer()
+    for lines in (0, 10):                                   # silent at once; 3 s of progress first
+        logic = PreviewLogic()
+        logic.useServer("", "", str(hung))
+        monkeypatch.setattr(logic, "serverOptions", lambda p: dict(device="cpu", sam="litemedsam", features="sam",
+                                                                   extra=[str(lines)]))
+        try:
+            logic.state, logic._pending = "starting", (None, None, params, "fingerprint")
+            logic.poll()                                          # (a tick of the module's timer)
+            assert logic.state == "starting" and logic.message == "Starting the SynPo server (0 s)..."
+            server = logic.server
+            pid, folder = server.proc.pid, server.folder
+            deadline = time.time() + 30
+            while logic.state == "starting":
+                assert time.time() < deadline
+                time.sleep(0.1)
+                logic.poll()
+            waited = time.monotonic() - server.started
+            assert logic.state == "failed", logic.message
+            assert "its log silent for 1 s" in logic.message and "importing torch" in logic.message
+            assert (waited < 3.0) if lines == 0 else (waited > 4.0), waited
+            assert logic.server is None and not os.path.exists(folder)
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        finally:
+            logic.stopServer()
 
 
 def test_stop_ends_the_whole_tree_behind_a_launcher(launcher):

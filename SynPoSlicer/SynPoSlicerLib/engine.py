@@ -31,13 +31,21 @@ def default_python() -> str:
     return found or sys.executable
 
 
+def _same_file(a: str, b: Optional[str]) -> bool:
+    return bool(b) and os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
+
+
 def base_environment(python: str) -> dict:
-    """The environment the server starts in. Inside Slicer, a Python other than PythonSlicer gets the
-    environment Slicer itself was started with (slicer.util.startupEnvironment, as
-    launchConsoleProcess does): Slicer's PYTHONHOME, PYTHONPATH and library paths would break it."""
+    """The environment the server starts in. Inside Slicer, any Python but this Slicer's own
+    PythonSlicer gets the environment Slicer itself was started with (slicer.util.startupEnvironment,
+    as launchConsoleProcess does): this Slicer's PYTHONHOME, PYTHONPATH and library paths would break
+    it. That holds for another Slicer's PythonSlicer too (a 5.10 beside this 5.8): CTK's launcher
+    (ctkAppLauncherSettings, its environment variables) puts its own paths before the values it
+    inherits, so this Slicer's site-packages would stay on its path. This Slicer's own launcher is the
+    one on PATH, as slicer.util._executePythonModule finds it."""
     slicer = sys.modules.get("slicer")
     in_slicer = slicer is not None and getattr(slicer, "app", None) is not None
-    if in_slicer and not os.path.basename(python).lower().startswith("pythonslicer"):
+    if in_slicer and not _same_file(python, shutil.which("PythonSlicer")):
         startup = getattr(getattr(slicer, "util", None), "startupEnvironment", None)
         if startup is not None:
             return dict(startup())

@@ -18,10 +18,12 @@ import logging
 PARAMETERS = {"Model": "litemedsam", "Features": "auto", "TopK": "64", "PositivePoints": "3",
               "NegativePoints": "3", "SearchMargin": "0.07", "IntensityGate": "true", "Opacity": "0.5"}
 
-# A local server that has not answered this many seconds after its start is taken for hung (an
-# interpreter stuck importing torch, a GPU driver that never answers): the preview fails with its
-# log's last lines instead of showing "Starting" until the user cancels. Loading LiteMedSAM and torch
-# takes 5-20 s here; the limit leaves room for a first start on a slow disk or behind a virus scanner.
+# A local server that has not answered, and whose log has not grown, for this many seconds is taken for
+# hung (an interpreter stuck importing torch, a GPU driver that never answers): the preview fails with
+# its log's last lines instead of showing "Starting" until the user cancels. Loading LiteMedSAM and
+# torch takes 5-20 s here; the limit leaves room for a first start on a slow disk or behind a virus
+# scanner, and a model's first download (SAM ViT-H: 2.5 GB) goes on as long as its progress reaches
+# the log.
 SERVER_START_SECONDS = 300.0
 
 
@@ -56,6 +58,7 @@ class PreviewLogic:
         self.result = None
         self.job = None
         self.server = None               # SynPoSlicerLib.engine.ServerProcess when started here
+        self._serverLog = None           # (server, its log's size, when it last grew): serverStarting
         self.remote = None               # (url, token) of a configured server
         self.pythonForServer = None
         self._pending = None             # the inputs of a preview waiting for the server
@@ -137,17 +140,27 @@ class PreviewLogic:
 
     def serverStarting(self):
         """The message while the local server starts, with the seconds it has taken; SynPoError (the
-        server stopped, with its log's last lines) once it has taken SERVER_START_SECONDS."""
+        server stopped, with its log's last lines) once it has neither answered nor written to its
+        log for SERVER_START_SECONDS."""
+        import os
         import time
         from synpo.errors import SynPoError
-        waited = time.monotonic() - self.server.started
-        if waited > SERVER_START_SECONDS:
-            tail = self.server.log_tail()
+        now, server = time.monotonic(), self.server
+        try:
+            size = os.path.getsize(server.log_file)
+        except OSError:
+            size = 0
+        seen = self._serverLog
+        if seen is None or seen[0] is not server or seen[1] != size:
+            seen = self._serverLog = (server, size, now if seen is not None and seen[0] is server else server.started)
+        if now - seen[2] > SERVER_START_SECONDS:
+            tail = server.log_tail()
             self.stopServer()
-            raise SynPoError("the SynPo server did not answer within %d s of its start and was stopped%s; "
-                             "check 'Python for the local server' and try again"
-                             % (SERVER_START_SECONDS, (" (its log: %s)" % tail) if tail else " (its log is empty)"))
-        return "Starting the SynPo server (%d s)..." % waited
+            raise SynPoError("the SynPo server did not answer within %d s of its start, its log silent for %d s, "
+                             "and was stopped%s; check 'Python for the local server' and try again"
+                             % (now - server.started, SERVER_START_SECONDS,
+                                (" (its log: %s)" % tail) if tail else " (its log is empty)"))
+        return "Starting the SynPo server (%d s)..." % (now - server.started)
 
     # -- who drives the run, who watches it
     def addListener(self, callback):
