@@ -706,6 +706,14 @@ def test_update_from_the_users_corrections_of_the_candidates(scene_case, server)
     assert not (result.labels[erased] == 1).any()
     rec = next(r for r in result.records if r.index == erased)
     assert rec.status == "absent" and rec.reason == "marked absent"
+    # The server ended the session (idle past --session-ttl, evicted, restarted): the next Update said
+    # "session ... is gone: ...; create it again", which the page and the panel cannot do. It says what
+    # is kept and what the user can do.
+    server.client().delete_session(job.session_id)
+    again = run_job(RemoteJob(server.client(timeout=10), None, (), paint, session_id=job.session_id, add=True,
+                              absent=absent))
+    assert again.state == "failed" and "no longer holds this preview's volume" in again.error, again.error
+    assert "Apply writes them as drawn" in again.error and "deleted by a client" in again.error
     preview.remove()
 
 

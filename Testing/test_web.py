@@ -325,10 +325,23 @@ def test_paint_preview_apply_save_in_the_browser_equals_synpo_segment(web, brows
 def test_unsafe_or_inconsistent_options_are_refused_with_one_line(tmp_path):
     token = tmp_path / "token"
     token.write_text("a-token-for-a-server-that-is-not-there")
+    binary, password = tmp_path / "binary", tmp_path / "password"
+    binary.write_bytes(b"\xff\xfe\x00password-in-no-encoding\x81")
+    password.write_text("a-password-long-enough")
     for args, says in ((["--host", "0.0.0.0"], "--password-file"),
                        (["--token-file", str(tmp_path / "t")], "--token-file is for --server"),
                        (["--host", "0.0.0.0", "--password-file", str(tmp_path / "none")], "cannot read"),
-                       (["--server", "http://127.0.0.1:9", "--token-file", str(token)], "127.0.0.1:9")):
+                       (["--server", "http://127.0.0.1:9", "--token-file", str(token)], "127.0.0.1:9"),
+                       # each of these was a traceback, or (an unknown host with port 0) one line only
+                       # after the local server had started and stopped
+                       (["--max-upload-mb", "nan"], "--max-upload-mb must be"),
+                       (["--max-upload-mb", "inf"], "--max-upload-mb must be"),
+                       (["--idle-exit", "-1"], "--idle-exit must be"),
+                       (["--host", "::1", "--password-file", str(binary)], "not UTF-8"),
+                       (["--server", "http://[::1", "--token-file", str(token)], "Invalid IPv6 URL"),
+                       (["--server", "http://127.0.0.1:99999", "--token-file", str(token)], "out of range"),
+                       (["--host", "nosuchhost.invalid", "--port", "0", "--password-file", str(password)],
+                        "--host nosuchhost.invalid")):
         proc = subprocess.run(synpo_cmd() + ["web"] + args, capture_output=True, text=True, env=_env(), timeout=120)
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("synpo: error: "), proc.stderr

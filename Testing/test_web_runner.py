@@ -274,3 +274,119 @@ def test_edits_undo_large_volumes_and_another_tab_as_a_user_meets_them(tmp_path)
     owner's views (they shrank them to 10 x 10 pixels)."""
     out = _run_scenario(tmp_path, "user", USER_SCENARIO, 900)
     assert out.returncode == 0 and "scenario done" in out.stdout, out.stdout[-3000:]
+
+
+SEGMENTS_SCENARIO = """
+import asyncio, os, sys, tempfile, time
+import numpy as np
+import SimpleITK as sitk
+sys.path.insert(0, sys.argv[1])
+from conftest import Server
+from trame.app import get_server
+from synpo_web.app import SynPoWeb
+from SynPoSlicerLib import mrml
+
+
+def upload(app, name, content):
+    app.load_upload({"name": name, "size": len(content), "content": content})
+
+
+async def scenario(app):
+    folder = tempfile.mkdtemp()
+    # A small volume: two bright blocks on 12 slices.
+    image = np.zeros((12, 48, 48), np.int16)
+    image[:, 8:20, 8:22] = 300
+    image[:, 28:40, 26:42] = 600
+    path = os.path.join(folder, "two.nii.gz")
+    sitk.WriteImage(sitk.GetImageFromArray(image), path, True)
+    upload(app, "two.nii.gz", open(path, "rb").read())
+    assert app.state.message.startswith("two.nii.gz loaded"), app.state.message
+    # Save .seg.nrrd before anything is painted: Slicer's writer writes no file (a traceback on the
+    # console, nothing on the page). Now a message.
+    assert app.download("seg.nrrd") is None and "no segment has been painted" in app.state.message
+    app.add_segment()
+    app.add_segment()
+    first, second = app.segmentation.GetSegmentation().GetSegmentIDs()
+    paint = np.zeros(image.shape, np.uint8)
+    paint[6, 10:18, 10:20] = 1
+    paint[6, 30:38, 28:40] = 2
+    mrml.write_labels(app.segmentation, app.volume, paint, {1: "segment 1", 2: "segment 2"}, {1: first, 2: second})
+    # Load sample would drop the painted segments: asked first (they went without a word).
+    app.load_sample()
+    assert app.state.error and "would be lost" in app.state.message and "Load sample again" in app.state.message
+    assert app.volume.GetName().startswith("two")
+    # A header naming a data file elsewhere on the server is refused (its bytes became the volume).
+    secret = os.path.join(folder, "secret")
+    open(secret, "wb").write(b"the server's secret" * 100)
+    nrrd = ("NRRD0004\\ntype: uint8\\ndimension: 3\\nsizes: 10 10 10\\nencoding: raw\\ndata file: %s\\n\\n" % secret)
+    mha = ("ObjectType = Image\\nNDims = 3\\nDimSize = 10 10 10\\nElementType = MET_UCHAR\\n"
+           "ElementDataFile = %s\\n" % secret)
+    for name, text in (("leak.nrrd", nrrd), ("leak.mha", mha)):
+        upload(app, name, text.encode())
+        assert "would be lost" in app.state.message, app.state.message
+        upload(app, name, text.encode())                # asked twice: the file is read, and refused
+        assert app.state.error and "names a separate data file" in app.state.message, app.state.message
+        assert app.volume.GetName().startswith("two")
+    # Preview both; Correct the second one: its candidates are painted, not the first one's.
+    app.state.selected_segments = [first, second]
+    app.state.active_segment = second
+    app.set_active_segment(second)
+    app.preview()
+    deadline = time.time() + 600
+    while app._runner is not None and not app._runner.done():
+        assert time.time() < deadline, app.state.message
+        await asyncio.sleep(0.05)
+    assert app.logic.state == "previewed", app.state.message
+    ids = app.logic.preview.candidate_ids
+    app.start_correcting()
+    assert app.editor.active_segment_id == ids[2], (app.editor.active_segment_id, ids)
+    app.state.active_segment = first
+    app.set_active_segment(first)
+    assert app.editor.active_segment_id == ids[1]
+    # Apply, with segment 2 chosen on the page: the editor paints into segment 2 afterwards (it was
+    # segment 1, whatever the page showed).
+    app.state.active_segment = second
+    app.set_active_segment(second)
+    app.apply()
+    assert app.editor.active_segment_id == second == app.state.active_segment, app.editor.active_segment_id
+    print("scenario done")
+
+"""
+
+
+def test_segments_a_user_paints_are_painted_where_shown_and_never_dropped_unasked(tmp_path):
+    """The page's segments (the app in a child process, clicks as calls of its handlers): after Apply,
+    and while correcting two previewed segments, the editor paints the segment the page shows; Load
+    sample and an upload ask before dropping painted segments not saved; an uploaded header naming a
+    data file elsewhere is refused; Save .seg.nrrd with nothing painted says so."""
+    out = _run_scenario(tmp_path, "segments", SEGMENTS_SCENARIO, 900)
+    assert out.returncode == 0 and "scenario done" in out.stdout, out.stdout[-3000:]
+
+
+def test_the_page_stays_until_asked_to_end(tmp_path):
+    """trame's default (wslink's timeout, 300 s) ended `synpo web`, its scene and what was painted, five
+    minutes after the last tab closed, or after its start when no page opened (a laptop asleep, a VPN
+    dropped). It now stays (--idle-exit 0, trame_server's Server.start timeout=0: no shutdown is
+    scheduled); --idle-exit N brings the old behaviour back, after N seconds."""
+    import time
+    from conftest import Server
+    server = Server(str(tmp_path))
+    try:
+        procs = {}
+        for name, extra in (("default", []), ("idle", ["--idle-exit", "2"])):
+            ready = str(tmp_path / ("ready-" + name))
+            procs[name] = (_web(["--port", "0", "--server", server.url, "--token-file", server.token_file,
+                                 "--ready-file", ready] + extra), ready)
+        deadline = time.time() + 180
+        while not all(os.path.exists(r) for _, r in procs.values()):
+            assert time.time() < deadline and all(p.poll() is None for p, _ in procs.values())
+            time.sleep(0.2)
+        idle = procs["idle"][0]
+        assert idle.wait(60) == 0                        # no page opened: gone after 2 s
+        assert procs["default"][0].poll() is None        # the default one is still there
+    finally:
+        for proc, _ in procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+            proc.communicate(timeout=30)
+        server.stop()

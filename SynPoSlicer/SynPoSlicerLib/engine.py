@@ -154,6 +154,12 @@ class ServerProcess:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+# An Update (or a Re-run slice) needs the server's session of the preview it corrects; the server ended
+# it (idle past --session-ttl, evicted for memory, restarted): said so, with what the user can do.
+SESSION_GONE = ("the server no longer holds this preview's volume (%s). Your corrections are kept on the "
+                "candidates: Apply writes them as drawn; Preview starts again from your paint")
+
+
 class RemoteJob:
     """One preview on a server, advanced by step() from a timer; every step is one short request.
 
@@ -280,7 +286,9 @@ class RemoteJob:
                         # The session's previous run (cancelled a moment ago) is still winding down.
                         self.stage = "waiting for the previous run on the server to stop"
                         return self.state
-                    if exc.status != 404 or self.add or self.image is None:
+                    if exc.status == 404 and self.add:
+                        raise ServerError(SESSION_GONE % exc, 404) from None
+                    if exc.status != 404 or self.image is None:
                         raise
                     self.session_id, self.reused, self.state = None, False, "upload"
                     return self.state

@@ -447,9 +447,16 @@ class PreviewLogic:
         applying.check_volume(self.volumeNode)
         label = self.segmentIds.index(segmentId) + 1
         axis = self.result.support.axis
+        from synpo.client import ServerError
+        from SynPoSlicerLib.engine import SESSION_GONE
         client, sid = self.client(timeout=30.0), self.job.session_id
         decode = lambda pos, neg: client.redecode(sid, sliceIndex, pos, neg, label, axis)[0]
-        used = mrml.rerun_slice(self.preview, self.volumeNode, axis, sliceIndex, label, decode)
+        try:
+            used = mrml.rerun_slice(self.preview, self.volumeNode, axis, sliceIndex, label, decode)
+        except ServerError as exc:
+            if exc.status == 404 and "session" in str(exc):
+                raise ServerError(SESSION_GONE % exc, 404) from None
+            raise
         return "Slice %d of %s decoded again from %d point(s)." % (sliceIndex, self.segmentNames[label - 1], used)
 
     def segmentEditorWidget(self):

@@ -76,8 +76,12 @@ def find_token(token_file: Optional[str] = None) -> str:
 
 class Client:
     def __init__(self, url: str, token: str = "", timeout: float = 60.0, cafile: Optional[str] = None):
-        parsed = urllib.parse.urlparse(url)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        try:
+            parsed = urllib.parse.urlparse(url)
+            parsed.port                   # ("http://h:99999", "http://[::1": ValueError, a traceback before)
+        except ValueError as exc:
+            raise SynPoError("server URL %r: %s; give http://HOST:PORT or https://HOST:PORT" % (url, exc)) from None
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise SynPoError("server URL %r: give http://HOST:PORT or https://HOST:PORT" % url)
         self.url = url.rstrip("/")
         self.token, self.timeout = token, timeout

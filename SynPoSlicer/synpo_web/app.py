@@ -82,6 +82,29 @@ def owner_only(method):
     return guarded
 
 
+def _check_one_file(path, name):
+    """Refuse an uploaded header that names a data file of its own (NRRD's "data file", MetaImage's
+    ElementDataFile other than LOCAL): read on the server, an absolute path there gave the page the
+    bytes of any file the server's account can read (its token, a key), and /dev/stdin or a FIFO
+    froze the page. One upload is one file; the header is read as text up to its end."""
+    lower = name.lower()
+    if not lower.endswith((".nrrd", ".mha")):
+        return
+    with open(path, "rb") as handle:
+        head = handle.read(1 << 16)
+    if lower.endswith(".nrrd"):
+        end = head.find(b"\n\n")
+        lines = head[:end if end >= 0 else len(head)].splitlines()
+        detached = [ln for ln in lines if ln.split(b":", 1)[0].strip().lower() in (b"data file", b"datafile")]
+    else:
+        detached = [ln for ln in head.splitlines() if ln.split(b"=", 1)[0].strip().lower() == b"elementdatafile"
+                    and ln.split(b"=", 1)[-1].strip().upper() != b"LOCAL"][:1]
+    if detached:
+        raise SynPoError("%s names a separate data file (%s); upload a volume whose voxels are in the same file "
+                         "(.nrrd with its data attached, .mha, .nii, .nii.gz)."
+                         % (name, detached[0].decode("ascii", "replace").strip()[:80]))
+
+
 def _safe_name(name):
     base = os.path.basename(str(name or "")).strip() or "volume"
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in base)
@@ -167,6 +190,8 @@ class SynPoWeb(TrameApp):
         self.correcting = False
         self._runner = None
         self._asked = None                # (action, edited slices, preview) the user was asked to confirm
+        self._saved = None                # the segments' digest when loaded or last saved (_scene_may_go)
+        self._saved_once = False
         self._tab = None                  # the connection that owns the scene
         self._sizes = {}                  # connection -> {view area: its last size} (_HeldArea)
         self._areas = None                # the views' areas, once the server is ready (_watch_connections)
@@ -297,6 +322,40 @@ class SynPoWeb(TrameApp):
                   "volume, Apply writes them. %s again to discard them." % (edited, action), error=True)
         return False
 
+    def _segments_digest(self):
+        """A digest of the segments as the page would save them (None without a volume)."""
+        import hashlib
+        if self.segmentation is None or self.volume is None:
+            return None
+        seg = self.segmentation.GetSegmentation()
+        names = "|".join(seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments()))
+        return hashlib.sha1(names.encode("utf-8") + self.label_map().tobytes()).hexdigest()
+
+    def _scene_may_go(self, action):
+        """`_edits_may_go` for an action that replaces the whole scene (Load sample, an upload): the
+        segments painted or applied since the volume was loaded or last saved would go too (they went
+        without a word: the final Apply lost to one click of Load sample), so they are asked about the
+        same way."""
+        digest = self._segments_digest()
+        if digest is None or digest == self._saved:
+            return self._edits_may_go(action)
+        edited = self.logic.editedSlices()
+        key = (action, edited, self.logic.preview, digest)
+        if self._asked == key:
+            self._asked = None
+            return True
+        self._asked = key
+        lost = "The segments' changes since %s" % ("the last save" if self._saved_once else "loading")
+        if edited:
+            lost += " and your edits of the candidates on %d slice(s)" % edited
+        self._say("%s would be lost (Save NIfTI or Save .seg.nrrd keeps the segments). %s again to discard "
+                  "them." % (lost, action), error=True)
+        return False
+
+    def _loaded(self):
+        """The segments as loaded are the user's starting point: nothing to ask about yet."""
+        self._saved, self._saved_once = self._segments_digest(), False
+
     # ------------------------------------------------------------------ loading
     def _clear(self):
         if self.logic.active():
@@ -324,7 +383,24 @@ class SynPoWeb(TrameApp):
         self.slicer_app.display_manager.reset_views()
 
     def _activate_segmentation(self, node):
+        """The editor edits `node` now, on the segment the page shows as chosen (trame-slicer's
+        SegmentationEditor.set_active_segmentation makes the first segment active: after Apply or Update,
+        paint went into segment 1 while the page showed another)."""
         self.editor.set_active_segmentation(node, self.volume)
+        self._edit_segment(self.state.active_segment)
+
+    def _edit_segment(self, sid):
+        """The editor paints into the page's segment `sid`: itself in the user's segmentation, its
+        candidates while correcting a preview (None when it has none)."""
+        if self.correcting and self.logic.preview is not None:
+            ids, node = list(self.logic.segmentIds), self.logic.preview.candidates
+            target = self.logic.preview.candidate_ids.get(ids.index(sid) + 1) if sid in ids else None
+        else:
+            target, node = sid, self.segmentation
+        if not target or node is None or node.GetSegmentation().GetSegment(target) is None:
+            return None                      # (another volume's segment: the editor keeps its first)
+        self.editor.set_active_segment_id(target)
+        return target
 
     def _show_slice(self, k):
         """The axial view at slice k of the volume (the painted slice after loading the sample)."""
@@ -337,7 +413,7 @@ class SynPoWeb(TrameApp):
     def load_sample(self):
         from synpo import demo
         from synpo.io import read_volume
-        if not self._edits_may_go("Load sample"):
+        if not self._scene_may_go("Load sample"):
             return
         self._clear()
         image, geometry = read_volume(demo.SAMPLE_IMAGE, "sample image")
@@ -352,6 +428,7 @@ class SynPoWeb(TrameApp):
         if len(painted):
             self._show_slice(int(painted[0]))
         self._refresh()
+        self._loaded()
         self.state.selected_segments = [it["value"] for it in self.state.segments]
         self._say("Sample CT loaded with the liver painted on one slice. Add a segment and paint it on this "
                   "slice if you like, then Preview.")
@@ -370,13 +447,14 @@ class SynPoWeb(TrameApp):
                                  "--max-upload-mb)." % (name, size / 1048576.0, self.max_upload_mb))
             if not name.lower().endswith(READABLE):
                 raise SynPoError("%s is not a volume file this page reads (%s)." % (name, ", ".join(READABLE)))
-            if not self._edits_may_go("Upload the volume"):      # asked before the file is read
+            if not self._scene_may_go("Upload the volume"):      # asked before the file is read
                 return
             from synpo.io import read_volume
             with tempfile.TemporaryDirectory(prefix="synpo-web-") as folder:
                 path = os.path.join(folder, name)
                 with open(path, "wb") as handle:
                     handle.write(upload.content or b"")
+                _check_one_file(path, name)
                 self._check_voxels(path, name)
                 try:
                     image, geometry = read_volume(path, name)
@@ -392,6 +470,7 @@ class SynPoWeb(TrameApp):
             self._show_volume(image, geometry, os.path.splitext(name)[0])
             self._activate_segmentation(self.segmentation)
             self._refresh()
+            self._loaded()
             self._say("%s loaded (%s voxels). Add a segment and paint the target on one slice, then Preview."
                       % (name, " x ".join(str(n) for n in image.shape[::-1])))
         except SynPoError as exc:
@@ -440,7 +519,19 @@ class SynPoWeb(TrameApp):
 
     @owner_only
     def set_active_segment(self, sid):
-        if sid and not self.correcting and self.segmentation is not None:
+        """The segment chosen on the page; while correcting, one of the previewed segments (its
+        candidates are painted)."""
+        if not sid or self.segmentation is None:
+            return
+        if self.correcting and self._edit_segment(sid) is None:
+            self._say("While correcting, choose one of the previewed segments (%s)."
+                      % ", ".join(self.logic.segmentNames), error=True)
+            edited = self.editor.active_segment_id           # the page shows the segment still painted
+            for label, cid in self.logic.preview.candidate_ids.items():
+                if cid == edited and label <= len(self.logic.segmentIds):
+                    self.state.active_segment = self.logic.segmentIds[label - 1]
+            return
+        if not self.correcting:
             self.editor.set_active_segment_id(sid)
 
     @owner_only
@@ -545,15 +636,19 @@ class SynPoWeb(TrameApp):
         """Paint / erase on the candidates: the editor works on the 'SynPo candidates' segmentation."""
         if self.logic.preview is None:
             return self._say("Run a preview first.", error=True)
-        self._activate_segmentation(self.logic.preview.candidates)
+        if self.state.active_segment not in self.logic.segmentIds:
+            self.state.active_segment = self.logic.segmentIds[0]
         self.correcting = True
+        self._activate_segmentation(self.logic.preview.candidates)
         self.set_tool("paint")
         self._refresh()
-        self._say("Correcting: paint or erase on the candidates (one slice or more), then Update.")
+        self._say("Correcting %s: paint or erase on its candidates (one slice or more), then Update%s."
+                  % (self.logic.segmentNames[self.logic.segmentIds.index(self.state.active_segment)],
+                     "; the segment list chooses which previewed segment" if len(self.logic.segmentIds) > 1 else ""))
 
     def stop_correcting(self):
         if self.correcting:
-            self.correcting = False
+            self.correcting = False          # (first: the user's segmentation gets the page's segment)
             if self.segmentation is not None:
                 self._activate_segmentation(self.segmentation)
             self._no_tool()
@@ -619,16 +714,26 @@ class SynPoWeb(TrameApp):
         if self.segmentation is None:
             self._say("Nothing to save: load a volume and segment it first.", error=True)
             return None
-        with tempfile.TemporaryDirectory(prefix="synpo-web-") as folder:
-            if kind == "nifti":
-                from synpo.io import write_volume
-                path = os.path.join(folder, "segmentation.nii.gz")
-                write_volume(self.label_map(), self.geometry, path)
-            else:
-                path = os.path.join(folder, "segmentation.seg.nrrd")
-                self.slicer_app.io_manager.write_segmentation(self.segmentation, path)
-            with open(path, "rb") as handle:
-                data = handle.read()
+        labels = self.label_map()
+        if kind != "nifti" and not labels.any():
+            # (Slicer's writer writes no file for segments without a voxel: no download came, and no word)
+            self._say("Nothing to save as .seg.nrrd: no segment has been painted yet.", error=True)
+            return None
+        try:
+            with tempfile.TemporaryDirectory(prefix="synpo-web-") as folder:
+                if kind == "nifti":
+                    from synpo.io import write_volume
+                    path = os.path.join(folder, "segmentation.nii.gz")
+                    write_volume(labels, self.geometry, path)
+                else:
+                    path = os.path.join(folder, "segmentation.seg.nrrd")
+                    self.slicer_app.io_manager.write_segmentation(self.segmentation, path)
+                with open(path, "rb") as handle:
+                    data = handle.read()
+        except (OSError, SynPoError) as exc:
+            self._say("The segmentation could not be saved: %s" % (getattr(exc, "strerror", None) or exc), error=True)
+            return None
+        self._saved, self._saved_once = self._segments_digest(), True
         self._say("Saved the segmentation (%s)." % ("NIfTI label map" if kind == "nifti" else ".seg.nrrd"))
         return self.server.protocol.addAttachment(data)
 
@@ -700,7 +805,7 @@ class SynPoWeb(TrameApp):
                     v3.VDivider(classes="my-2")
                     v3.VSelect(id="synpo-active", label="Segment to paint", items=("segments",),
                                v_model=("active_segment",), density="compact", hide_details=True,
-                               disabled=("!has_volume || correcting",))
+                               disabled=("!has_volume",))
                     with v3.VRow(dense=True, classes="ma-0 mt-2"):
                         v3.VBtn("Add segment", id="synpo-add", click=self.add_segment, size="small",
                                 disabled=("!has_volume || running",), classes="mr-1")

@@ -1,7 +1,7 @@
 """`synpo web`: its options, the safety checks, and the trame server.
 
     synpo web [--host 127.0.0.1] [--port 8080] [--server URL --token-file F] [--password-file F]
-              [--max-upload-mb 512] [--sam litemedsam] [--features auto] [--device auto]
+              [--max-upload-mb 512] [--sam litemedsam] [--features auto] [--device auto] [--idle-exit 0]
 
 Loopback only unless --host comes with --password-file (the page then asks for it: HTTP basic
 authentication, any user name). Segmentation runs in a `synpo serve` process: one this command
@@ -10,6 +10,7 @@ starts on a free loopback port (with a fresh token), or the one at --server.
 import atexit
 import hmac
 import ipaddress
+import math
 import os
 import sys
 
@@ -36,6 +37,10 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="the local server's device")
     p.add_argument("--embedding-cache", metavar="DIR", help="the local server's embedding cache")
     p.add_argument("--ready-file", metavar="FILE", help="write the page's URL to FILE once it accepts connections")
+    p.add_argument("--idle-exit", type=float, default=0.0, metavar="SECONDS",
+                   help="end synpo web this many seconds after its last page closed, or after it started if no "
+                        "page opens (default 0: never; Ctrl+C ends it). trame's own default ended it, with the "
+                        "scene and everything painted, 5 minutes after a tab closed")
 
 
 def is_loopback(host: str) -> bool:
@@ -49,10 +54,12 @@ def is_loopback(host: str) -> bool:
 
 def read_secret(path: str, what: str) -> str:
     try:
-        with open(path) as handle:
+        with open(path, encoding="utf-8") as handle:
             secret = handle.read().strip()
     except OSError as exc:
         raise SynPoError("cannot read the %s file %s: %s" % (what, path, exc.strerror or exc)) from None
+    except UnicodeDecodeError:
+        raise SynPoError("the %s file %s is not UTF-8 text" % (what, path)) from None
     if len(secret) < 8:
         raise SynPoError("the %s in %s is shorter than 8 characters" % (what, path))
     return secret
@@ -67,20 +74,22 @@ def check_arguments(args) -> None:
         raise SynPoError("--token-file is for --server URL; without --server, synpo web starts its own server")
     if not 0 <= args.port <= 65535:
         raise SynPoError("--port %d is not a port number" % args.port)
-    if args.max_upload_mb <= 0:
-        raise SynPoError("--max-upload-mb must be > 0")
+    if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):
+        raise SynPoError("--max-upload-mb must be a number of MB > 0")
+    if not (math.isfinite(args.idle_exit) and args.idle_exit >= 0):
+        raise SynPoError("--idle-exit must be a number of seconds >= 0 (0: never)")
 
 
 def check_port(host: str, port: int) -> None:
     """Refuse a port something already listens on (one line, before the local server is started:
     trame's bind failed later, with a traceback). Port 0 (any free port) always binds."""
     import socket
-    if port == 0:
-        return
-    try:
+    try:                              # (also for port 0: an unknown host before the local server starts)
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise SynPoError("--host %s: %s" % (host, exc.strerror or exc)) from None
+    if port == 0:
+        return
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
         if hasattr(socket, "SO_REUSEADDR") and os.name != "nt":   # as aiohttp binds: a port in TIME_WAIT is free
@@ -162,8 +171,10 @@ def run(args) -> int:
             os.replace(tmp, args.ready_file)
     server.controller.on_server_ready.add(ready)
     try:
+        # timeout: trame_server.core.Server.start's "seconds to wait before stopping the server when no
+        # client is connected" (wslink's aiohttp backend, shutdown_schedule; 0 disables it).
         server.start(port=args.port, host=args.host, open_browser=False, show_connection_info=False,
-                     disable_logging=True)
+                     disable_logging=True, timeout=int(math.ceil(args.idle_exit)))
     except OSError as exc:                              # taken between check_port and now
         raise SynPoError("cannot listen on %s port %d: %s" % (args.host, args.port, exc.strerror or exc)) from None
     finally:
