@@ -189,7 +189,7 @@ class KillOnFirstPublish(distributed.WorkerPlugin):
 
     def setup(self, worker):
         from synpo import io
-        original = io._publish
+        original = io.publish
 
         def publish(tmp, path):
             try:
@@ -199,7 +199,7 @@ class KillOnFirstPublish(distributed.WorkerPlugin):
             os.write(fd, path.encode())
             os.close(fd)
             os.kill(os.getpid(), signal.SIGKILL)
-        io._publish = publish
+        io.publish = publish
 
 
 def test_a_worker_killed_mid_write_leaves_every_output_once(case, tmp_path, capsys):

@@ -607,6 +607,19 @@ def test_a_second_server_on_a_busy_port_leaves_the_first_ones_token(server, tmp_
     assert server.client().json("GET", "/v1/sessions") is not None                # the token still works
 
 
+def test_a_token_no_client_can_send_is_refused_at_start(tmp_path):
+    """A UTF-8 token file started the server, and every request was 401: an HTTP header carries printable
+    ASCII, which clients hold the token to (client.find_token)."""
+    from synpo.errors import SynPoError
+    from synpo.server import read_token_file
+    path = tmp_path / "token"
+    path.write_text("p\u00e4sswort-f\u00fcr-den-server-1234", encoding="utf-8")
+    with pytest.raises(SynPoError, match="printable ASCII"):
+        read_token_file(str(path))
+    path.write_text("an-ascii-token-1234567")
+    assert read_token_file(str(path)) == "an-ascii-token-1234567"
+
+
 def test_servers_without_a_token_file_share_the_default_one(tmp_path, monkeypatch):
     """Two `synpo serve` without --token-file on one machine (on two ports) both wrote a fresh token
     to the default file ~/.cache/synpo/server-token: the first one's clients, reading that file

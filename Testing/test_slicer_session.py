@@ -258,6 +258,26 @@ def test_a_server_that_never_answers_fails_the_preview_with_its_log(tmp_path, mo
             logic.stopServer()
 
 
+def test_a_python_that_cannot_start_leaves_no_token_and_a_relative_one_is_found(tmp_path, monkeypatch):
+    """ServerProcess with a Python that is not there: the error said so, and its folder (the token)
+    stayed behind, one per Preview. A Python given relative to the current folder was looked for in the
+    server's own folder (Popen's cwd)."""
+    import glob
+    import tempfile
+    from synpo.errors import SynPoError
+    from SynPoSlicerLib.engine import ServerProcess
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with pytest.raises(SynPoError, match="cannot start the SynPo server with /nonexistent/python3"):
+        ServerProcess("/nonexistent/python3").start()
+    assert glob.glob(str(tmp_path / "synpo-server-*")) == []
+    monkeypatch.chdir(os.path.dirname(sys.executable))
+    proc = ServerProcess(os.path.join(".", os.path.basename(sys.executable)))
+    try:
+        assert proc.python == os.path.abspath(os.path.basename(sys.executable))
+    finally:
+        proc.stop()
+
+
 def test_stop_ends_the_whole_tree_behind_a_launcher(launcher):
     from SynPoSlicerLib.engine import ServerProcess
     proc = ServerProcess(launcher, device="cpu", features="sam").start()

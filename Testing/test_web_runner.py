@@ -231,10 +231,13 @@ async def scenario(app):
     content = open(path, "rb").read()
     app.max_upload_mb = 0.005                           # 5242 voxels
     app.load_upload({"name": "v.nii.gz", "size": len(content), "content": content})
+    assert app.state.error and "changes since loading would be lost" in app.state.message, app.state.message
+    app.load_upload({"name": "v.nii.gz", "size": len(content), "content": content})    # (Apply's, not saved)
     assert app.state.error and "20 x 20 x 20 = 8000 voxels" in app.state.message, app.state.message
     assert app.volume.GetName() == "SynPo sample CT"
     app.max_upload_mb = 1.0
-    app.load_upload({"name": "v.nii.gz", "size": len(content), "content": content})
+    for _ in range(2):                                  # asked again: the segments are still not saved
+        app.load_upload({"name": "v.nii.gz", "size": len(content), "content": content})
     assert not app.state.error and app.state.message.startswith("v.nii.gz loaded"), app.state.message
     # Another tab's view sizes and events never reach the owner's views; its sizes apply once it owns them.
     class Area:

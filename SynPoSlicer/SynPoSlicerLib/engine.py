@@ -73,7 +73,9 @@ class ServerProcess:
     def __init__(self, python: Optional[str] = None, device: str = "auto", sam: str = "litemedsam",
                  features: str = "auto", extra: Sequence[str] = (), parent_pid: Optional[int] = None,
                  environment: Optional[Dict[str, str]] = None):
-        self.python = python or default_python()
+        python = python or default_python()
+        # A path relative to where the caller is, not to the server's folder (Popen's cwd): resolved now.
+        self.python = os.path.abspath(python) if (os.sep in python or (os.altsep and os.altsep in python)) else python
         self.key = server_key(python, device, sam, features, extra, environment)
         # Variables set for the server on top of base_environment (the module's cache folder:
         # slicer.util.startupEnvironment is Slicer's environment at its start, without later changes).
@@ -104,6 +106,7 @@ class ServerProcess:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env=env, cwd=self.folder, **start_options())
         except OSError as exc:
+            shutil.rmtree(self.folder, ignore_errors=True)      # (its token: no credential left behind)
             raise SynPoError("cannot start the SynPo server with %s: %s" % (self.python, exc)) from None
         finally:
             log.close()

@@ -61,7 +61,8 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def check_outputs(outputs: List[Optional[str]], inputs: List[Optional[str]]) -> None:
-    """Refuse, before any work, outputs in a missing folder, on a folder, on an input, or twice the same."""
+    """Refuse, before any work, outputs in a missing folder, on a folder, on an input, on a file the
+    user may not write (a write-protected result), or twice the same (through a link too)."""
     outs = [p for p in outputs if p]
     for out in outs:
         folder = os.path.dirname(os.path.abspath(out))
@@ -71,11 +72,32 @@ def check_outputs(outputs: List[Optional[str]], inputs: List[Optional[str]]) -> 
             raise SynPoError("cannot write to the output folder %s" % folder)
         if os.path.isdir(out):
             raise SynPoError("output path is a folder: %s" % out)
+        if os.path.lexists(out) and not os.access(out, os.W_OK):
+            raise SynPoError("output %s exists and is write-protected; choose another name or make it writable"
+                             % out)
         for src in inputs:
             if src and _same_file(out, src):
                 raise SynPoError("output %s would overwrite the input %s; choose another name" % (out, src))
-    if len(set(os.path.abspath(p) for p in outs)) != len(outs):
-        raise SynPoError("two outputs have the same path")
+    real = [os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(p))), os.path.basename(p)) for p in outs]
+    if len(set(real)) != len(outs):
+        raise SynPoError("two outputs have the same path: %s" % ", ".join(
+            p for p, r in zip(outs, real) if real.count(r) > 1))
+
+
+def _on_image_grid(array, grid, image_grid, what, quiet):
+    """A label map stored with its axes in another order or sense than the image (the same voxels:
+    one tool saved it LPS-ordered, another RAS-ordered), turned to the image's layout; SynPoError when
+    its voxels are others (it needs resampling)."""
+    from .io import on_same_grid, turn_of
+    turned = on_same_grid(array, grid, image_grid)
+    if turned is None:
+        raise SynPoError("%s grid (%s) differs from the image grid (%s): resample it onto the image (paint "
+                         "made on another patient's volume goes with --support-image)"
+                         % (what, grid.describe(), image_grid.describe()))
+    if not quiet:
+        print("note: the %s file stores the image's voxels with its axes turned (%s); read in the image's "
+              "layout" % (what, turn_of(grid, image_grid)))
+    return turned
 
 
 def cmd_segment(args) -> int:
@@ -87,7 +109,9 @@ def cmd_segment(args) -> int:
     check_outputs([args.output, args.confidence_out, args.points_out],
                   [args.image, args.support, args.support_image, args.absent, args.token_file])
     for option, path in (("output", args.output), ("--confidence-out", args.confidence_out)):
-        if path and not path.endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")):   # (ITK: lower case)
+        # Single-file formats (ITK picks the writer by the lower-case extension): a .mhd / .nhdr header
+        # named the temporary file's data file (io.stage_volume).
+        if path and not path.endswith((".nii", ".nii.gz", ".nrrd", ".mha")):
             raise SynPoError("%s %s: use a .nii.gz, .nii, .nrrd or .mha file name" % (option, path))
     image, geometry = read_volume(args.image, "image")
     support, sup_geometry = read_volume(args.support, "support label", label=True)
@@ -102,9 +126,15 @@ def cmd_segment(args) -> int:
         # direction, or mirror it against the image).
         ref, support = orient_like(ref, ref_geometry, geometry), orient_like(support, ref_geometry, geometry)
     elif not sup_geometry.same_grid(geometry):
-        raise SynPoError("support label grid (%s) differs from the image grid (%s); paint on the image's grid "
-                         "or pass --support-image" % (sup_geometry.describe(), geometry.describe()))
+        support = _on_image_grid(support, sup_geometry, geometry, "support label", args.quiet)
     found = find_support(support)             # bad paint is reported before any model loads
+    if args.confidence_out and len(found.labels) > 1:
+        # CONF_label<N> too (one per label, named once the labels are known): one of them on an input
+        # replaced the user's support file; on another output, that output.
+        from .outputs import confidence_paths
+        check_outputs([args.output, args.confidence_out, args.points_out]
+                      + list(confidence_paths(args.confidence_out, found.labels).values()),
+                      [args.image, args.support, args.support_image, args.absent, args.token_file])
     if ref is not None and not args.quiet:
         from .support import to_slices
         have, want = to_slices(ref, found.axis).shape[1:], to_slices(image, found.axis).shape[1:]
@@ -115,25 +145,30 @@ def cmd_segment(args) -> int:
         from .support import absent_from_map, absent_marks
         marks, marks_geometry = read_volume(args.absent, "absent marks", label=True)
         if not marks_geometry.same_grid(geometry):
-            raise SynPoError("absent marks grid (%s) differs from the image grid (%s)"
-                             % (marks_geometry.describe(), geometry.describe()))
+            marks = _on_image_grid(marks, marks_geometry, geometry, "absent marks", args.quiet)
         absent = absent_from_map(marks, found.axis)
         absent_marks(absent, found, image.shape[found.axis])          # checked before any model loads
     cfg = configured(args.set, args.modality)  # bad settings too
     update, close = _progress(args.quiet)
+    # Ended by SIGTERM or SIGHUP (kill, a closed terminal) as by Ctrl+C: nothing written, no temporary
+    # file left (outputs.write_result), one line.
+    from .lifeline import interrupt_on
+    restore = interrupt_on(("SIGTERM", "SIGHUP"))
     try:
         if args.server:
             result = _segment_remote(args, image, geometry, support, ref, update, absent)
         else:
             from .session import Models, Session
-            models = Models.load(args.sam, args.features, args.dinov2, args.device, args.precision, args.quiet,
-                                 args.runtime)
+            models = Models.load(args.sam, args.features, args.dinov2 or "small", args.device, args.precision,
+                                 args.quiet, args.runtime)
             session = Session(image, geometry.spacing, models, args.embedding_cache)
             result = session.run(support, cfg, support_image=ref, progress=update,
                                  confidence_everywhere=args.confidence_all, absent=absent)
+        close()
+        written = write_result(result, geometry, args.output, args.confidence_out, args.points_out, args.image)
     finally:
         close()
-    written = write_result(result, geometry, args.output, args.confidence_out, args.points_out, args.image)
+        restore()
     from .outputs import collapse_warnings
     for line in collapse_warnings(result):
         print("synpo: warning: %s" % line, file=sys.stderr)
@@ -178,9 +213,14 @@ def _segment_remote(args, image, geometry, support, ref, progress, absent=None):
                              % (args.server, key, runs, value, key, value, key))
     if args.features in ("sam", "dinov2", "synergy"):
         want = {"sam": ["sam"], "dinov2": ["dinov2"], "synergy": ["sam", "dinov2"]}[args.features]
-        if sorted(models.get("features", [])) != want:
+        if sorted(models.get("features", [])) != sorted(want):      # (synergy: was never equal, always refused)
             raise SynPoError("the server at %s fuses %s features, not --features %s"
                              % (args.server, "+".join(models.get("features", [])), args.features))
+    runs_dino = models.get("dinov2")
+    if args.dinov2 and runs_dino and "dinov2" in models.get("features", []) and runs_dino != args.dinov2:
+        # (--dinov2 large against a server on dinov2-small ran small without a word)
+        raise SynPoError("the server at %s runs DINOv2 %s, not --dinov2 %s; start a server with --dinov2 %s"
+                         % (args.server, runs_dino, args.dinov2, args.dinov2))
     confidence = "labels" if args.confidence_out else "none"
     # Ended by SIGTERM or SIGHUP (kill, a closed terminal) as by Ctrl+C: the run cancelled, the session
     # deleted (run_remote); else they stayed on the server until its --session-ttl.
@@ -269,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--features", default="auto", choices=FEATURE_CHOICES,
                      help="confidence from SAM+DINOv2 (synergy), one of them, or auto: synergy when DINOv2 "
                           "weights are on disk, else sam (default)")
-    seg.add_argument("--dinov2", default="small", choices=("small", "base", "large", "giant"))
+    seg.add_argument("--dinov2", default=None, choices=("small", "base", "large", "giant"),
+                     help="DINOv2's size (default small; with --server, the server's, checked when given)")
     seg.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     seg.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
                      help="encoder precision: auto = fp32 (IEEE, no TF32) on CUDA and CPU")

@@ -197,7 +197,7 @@ def read_rows(path: str) -> Dict[str, dict]:
 
 def write_rows(path: str, rows: Dict[str, dict]) -> None:
     """The whole table, atomically (a temporary file renamed over it)."""
-    from .io import _publish
+    from .io import publish
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
     try:
@@ -206,7 +206,7 @@ def write_rows(path: str, rows: Dict[str, dict]) -> None:
             writer.writeheader()
             for name in sorted(rows):
                 writer.writerow(rows[name])
-        _publish(tmp, path)
+        publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -81,6 +81,26 @@ def orient_like(array: np.ndarray, src: Geometry, dst: Geometry, what: str = "th
     return np.ascontiguousarray(np.flip(out, flips) if flips else out)
 
 
+def on_same_grid(array: np.ndarray, src: Geometry, dst: Geometry) -> Optional[np.ndarray]:
+    """`array` ([k, j, i] on src's grid) on dst's grid when src is dst's grid stored with its axes in
+    another order or sense (a label map saved LPS-ordered for a RAS-ordered image, the same voxels);
+    None when the voxels are not the same."""
+    try:
+        order, signs = axes_onto(src, dst)
+    except InputError:
+        return None
+    d = np.asarray(src.direction, float).reshape(3, 3)
+    first = [0 if signs[r] > 0 else src.size[order[r]] - 1 for r in range(3)]       # dst's voxel 0, per axis
+    corner = [0, 0, 0]
+    for r in range(3):
+        corner[order[r]] = first[r]
+    turned = Geometry(size=tuple(src.size[order[r]] for r in range(3)),
+                      spacing=tuple(src.spacing[order[r]] for r in range(3)),
+                      origin=tuple(src.index_to_lps(corner)[0]),
+                      direction=tuple(np.stack([signs[r] * d[:, order[r]] for r in range(3)], axis=1).ravel()))
+    return orient_like(array, src, dst) if turned.same_grid(dst) else None
+
+
 def turn_of(src: Geometry, dst: Geometry) -> str:
     """How orient_like turns an array of src's grid to dst's layout, in words ("" when it is taken as
     stored, "refused" where axes_onto refuses): e.g. "i<-j,j<-i,k<-k-" (dst axis <- src axis, "-" for
@@ -207,6 +227,9 @@ def read_volume(path, what: str = "image", label: bool = False):
         first = str(exc).strip().splitlines()
         reason = next((ln.strip() for ln in first if "ERROR" in ln or "Unable" in ln), "unreadable file")
         raise InputError("cannot read %s %s: %s" % (what, path, reason[:200])) from None
+    if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
+        raise InputError("%s %s has complex voxels; a real-valued scalar volume is needed (its magnitude, "
+                         "for an MR image)" % (what, path))
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError("%s %s has %d components per voxel (RGB/vector); a scalar volume is needed"
                          % (what, path, image.GetNumberOfComponentsPerPixel()))
@@ -218,6 +241,12 @@ def read_volume(path, what: str = "image", label: bool = False):
         raise InputError("%s %s is %dD; a 3D volume is needed" % (what, path, dim))
     if min(image.GetSize()) < 1:
         raise InputError("%s %s is empty" % (what, path))
+    direction = np.array(image.GetDirection(), float).reshape(3, 3)
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
+        # (a sheared grid: the outputs, written on an orthogonal one by NIfTI's writer, sat elsewhere
+        # than the image's voxels, and the points JSON disagreed with them)
+        raise InputError("%s %s has a sheared (non-orthogonal) direction matrix; resample it onto an "
+                         "orthogonal grid first (in 3D Slicer: Resample Scalar Volume)" % (what, path))
     array = sitk.GetArrayFromImage(image)
     if label:
         if np.issubdtype(array.dtype, np.floating):
@@ -261,42 +290,70 @@ def _umask() -> int:
     return mask
 
 
-def _publish(tmp: str, path: str) -> None:
-    """Rename the finished temporary file onto `path` with the permissions any other tool's output
-    gets (0666 less the user's umask), not mkstemp's 0600."""
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, path)
+def publish(tmp: str, path: str) -> None:
+    """Rename a staged temporary file onto `path`: with the permissions of the file it replaces (a
+    private 0600 output stays private), else those any other tool's output gets (0666 less the user's
+    umask), not mkstemp's 0600. A rename refused (another user's file in a shared sticky folder) is
+    one message, the staged file removed."""
+    try:
+        mode = os.stat(path).st_mode & 0o777
+    except OSError:
+        mode = 0o666 & ~_umask()
+    try:
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except OSError as exc:
+        discard_staged([tmp])
+        raise InputError("cannot write %s: %s" % (path, exc.strerror or exc)) from None
 
 
-def write_volume(array: np.ndarray, geometry: Geometry, path) -> None:
-    """Write with the given geometry; the file appears complete or not at all."""
-    sitk = _sitk()
+def discard_staged(tmps) -> None:
+    for tmp in tmps:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def _staged(path, write) -> str:
+    """A temporary file beside `path` (its full extension kept: .nii.gz picks the writer) that
+    `write(tmp)` fills; removed again if that fails or is interrupted (Ctrl+C)."""
     path, folder = _atomic_target(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+    except BaseException:
+        discard_staged([tmp])
+        raise
+    return tmp
+
+
+def stage_volume(array: np.ndarray, geometry: Geometry, path) -> str:
+    """The volume written, with the given geometry, to a temporary file beside `path` (publish() puts
+    it in place): a single-file format only (a .mhd/.nhdr header would name the temporary file's
+    data file)."""
+    sitk = _sitk()
+    if os.fspath(path).lower().endswith((".mhd", ".nhdr")):
+        raise InputError("%s: write a single-file volume (.nii.gz, .nii, .nrrd, .mha)" % os.fspath(path))
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(geometry.spacing)
     image.SetOrigin(geometry.origin)
     image.SetDirection(geometry.direction)
-    base = os.path.basename(path)
-    # Keep the full extension (.nii.gz) so SimpleITK picks the right writer.
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + base, dir=folder)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, True)
-        _publish(tmp, path)
-    except Exception:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    return _staged(path, lambda tmp: sitk.WriteImage(image, tmp, True))
+
+
+def stage_json(obj, path) -> str:
+    def write(tmp):
+        with open(tmp, "w") as handle:
+            json.dump(obj, handle, indent=1)
+    return _staged(path, write)
+
+
+def write_volume(array: np.ndarray, geometry: Geometry, path) -> None:
+    """Write with the given geometry; the file appears complete or not at all."""
+    publish(stage_volume(array, geometry, path), os.fspath(path))
 
 
 def write_json(obj, path) -> None:
-    path, folder = _atomic_target(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(obj, handle, indent=1)
-        _publish(tmp, path)
-    except Exception:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    publish(stage_json(obj, path), os.fspath(path))

@@ -4,7 +4,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from .io import Geometry, write_json, write_volume
+from .io import Geometry
 from .result import FOUND, VolumeResult
 
 CONVENTION = {
@@ -136,16 +136,25 @@ def max_confidence(result: VolumeResult) -> np.ndarray:
 
 def write_result(result: VolumeResult, geometry: Geometry, out: str, confidence_out: str = None,
                  points_out: str = None, image_path: str = "") -> List[str]:
-    written = []
-    if confidence_out:
-        write_volume(max_confidence(result), geometry, confidence_out)
-        written.append(confidence_out)
-        for v, p in confidence_paths(confidence_out, result.support.labels).items():
-            write_volume(result.confidence[v], geometry, p)
-            written.append(p)
-    if points_out:
-        write_json(points_document(result, geometry, os.path.abspath(image_path) if image_path else ""), points_out)
-        written.append(points_out)
-    write_volume(result.labels, geometry, out)                 # uint8 when the labels fit (assembly.py)
-    written.append(out)
-    return written
+    """Every output written to a temporary file beside it first, then all put in place: an error or an
+    interruption (Ctrl+C) while they are written leaves none of them, old or half-new (one written,
+    the next one failing, left a new confidence beside an old segmentation). Returns the paths."""
+    from . import io as _io
+    staged = []                   # (temporary file, path)
+    try:
+        if confidence_out:
+            staged.append((_io.stage_volume(max_confidence(result), geometry, confidence_out), confidence_out))
+            for v, p in confidence_paths(confidence_out, result.support.labels).items():
+                staged.append((_io.stage_volume(result.confidence[v], geometry, p), p))
+        if points_out:
+            document = points_document(result, geometry, os.path.abspath(image_path) if image_path else "")
+            staged.append((_io.stage_json(document, points_out), points_out))
+        # uint8 when the labels fit (assembly.py)
+        staged.append((_io.stage_volume(result.labels, geometry, out), out))
+        for n, (tmp, path) in enumerate(staged):
+            _io.publish(tmp, path)
+            staged[n] = ("", path)
+    except BaseException:
+        _io.discard_staged([tmp for tmp, _ in staged if tmp])
+        raise
+    return [path for _, path in staged]

@@ -98,8 +98,11 @@ def read_token_file(path: str) -> str:
             token = handle.read().strip()
     except OSError as exc:
         raise SynPoError("cannot read the token file %s: %s" % (path, exc.strerror or exc)) from None
-    if len(token) < 16 or any(c.isspace() for c in token):
-        raise SynPoError("the token file %s must hold one token of at least 16 characters, without spaces" % path)
+    if len(token) < 16 or any(c.isspace() or not c.isprintable() or ord(c) > 127 for c in token):
+        # (printable ASCII, as clients take it: an HTTP header carries no other, so a UTF-8 token was
+        # one no client could send, every request 401)
+        raise SynPoError("the token file %s must hold one token of at least 16 printable ASCII characters, "
+                         "without spaces" % path)
     return token
 
 

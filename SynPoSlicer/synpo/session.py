@@ -55,9 +55,12 @@ class Models:
         return cls(sam, dino, use, getattr(sam, "name", "sam"), str(getattr(sam, "device", "cpu")))
 
     def describe(self) -> dict:
-        return {"sam": self.sam_name, "features": list(self.confidence_from), "device": self.device,
-                "runtime": getattr(self.sam, "runtime", "torch"),
-                "precision": str(getattr(self.sam, "precision", None) or "fp32").replace("torch.", "")}
+        out = {"sam": self.sam_name, "features": list(self.confidence_from), "device": self.device,
+               "runtime": getattr(self.sam, "runtime", "torch"),
+               "precision": str(getattr(self.sam, "precision", None) or "fp32").replace("torch.", "")}
+        if self.dino is not None and "dinov2" in self.confidence_from:
+            out["dinov2"] = str(getattr(self.dino, "name", "")).replace("dinov2-", "")   # small, base, ...
+        return out
 
 
 def _nbytes(obj) -> int:
