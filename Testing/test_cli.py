@@ -488,3 +488,83 @@ def test_server_running_another_dinov2_is_refused_when_one_was_asked(case, capsy
         main(["segment", case["image"], case["support"], "-o", case["out"], "--server", "http://127.0.0.1:9",
               "--features", "synergy", "--dinov2", "small"])
     _no_outputs(case)
+
+
+def test_a_headers_data_files_are_read_to_its_end(tmp_path):
+    """io.header_data_files (the web upload's check, the cohort's file stamps): a header padded past
+    the part read (64 KB of comment lines before `data file:`) hid the line from the upload check,
+    and ITK then read the named file. The whole header is read; one beyond HEADER_LIMIT is None."""
+    from synpo.io import HEADER_LIMIT, header_data_files
+    pad = "".join("# padding line %d %s\n" % (n, "x" * 60) for n in range(1200))          # ~90 KB
+    nrrd = tmp_path / "a.nrrd"
+    nrrd.write_text("NRRD0004\ntype: uint8\ndimension: 3\nsizes: 2 2 2\n%sdata file: /etc/passwd\n\n" % pad)
+    assert header_data_files(nrrd) == ["/etc/passwd"]
+    mha = tmp_path / "a.mha"
+    mha.write_text("ObjectType = Image\n%sElementDataFile = /etc/passwd\n" % pad.replace("#", "Comment ="))
+    assert header_data_files(mha) == ["/etc/passwd"]
+    attached = tmp_path / "b.nrrd"
+    attached.write_bytes(b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 2 2 2\nencoding: raw\n\n" + bytes(8))
+    assert header_data_files(attached) == []
+    endless = tmp_path / "c.nrrd"
+    endless.write_text("NRRD0004\n" + "# x\n" * (HEADER_LIMIT // 4 + 10))
+    assert header_data_files(endless) is None
+
+
+def test_nohup_keeps_a_run_through_a_closed_terminal():
+    """`nohup synpo segment ...` ignores SIGHUP; interrupt_on made it raise KeyboardInterrupt again, so
+    a closed terminal ended the run. A signal ignored already stays ignored."""
+    import signal
+    from synpo.lifeline import interrupt_on
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        restore = interrupt_on(("SIGTERM", "SIGHUP"))
+        try:
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, signal.SIG_DFL)
+        finally:
+            restore()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def test_a_rename_refused_midway_names_what_was_written(tmp_path, monkeypatch):
+    from synpo import io, outputs
+    from synpo.errors import InputError
+    from synpo.io import Geometry
+    from synpo.result import VolumeResult
+    geometry = Geometry((6, 5, 4), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    labels = np.zeros((4, 5, 6), np.uint8)
+    labels[1:3, 1:4, 1:5] = 1
+    fake = VolumeResult.__new__(VolumeResult)
+    fake.__dict__.update(labels=labels, confidence={1: labels.astype(np.float32)},
+                         support=type("S", (), {"labels": [1]})())
+    real = os.replace
+    calls = []
+
+    def refused(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise PermissionError(1, "Operation not permitted")
+        return real(src, dst)
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(InputError, match=r"cannot write .*seg.nii.gz: Operation not permitted; already written: "
+                                         r".*conf.nii.gz"):
+        outputs.write_result(fake, geometry, str(tmp_path / "seg.nii.gz"), str(tmp_path / "conf.nii.gz"))
+    assert sorted(os.listdir(str(tmp_path))) == ["conf.nii.gz"]           # no temporary file left
+
+
+def test_an_output_that_is_a_link_is_replaced_not_refused(case, capsys):
+    """A dangling link (or one into a read-only folder) as an output was refused as write-protected;
+    publish replaces the link itself, never its target."""
+    from synpo.cli import check_outputs
+    link = case["dir"] / "link.nii.gz"
+    os.symlink(str(case["dir"] / "missing" / "x.nii.gz"), str(link))
+    check_outputs([str(link)], [case["image"]])
+
+
+def test_reference_labels_stored_turned_are_read_on_the_reference_grid(case):
+    from synpo.cohort import read_reference
+    turned = str(case["dir"] / "turned_labels.nrrd")
+    sitk.WriteImage(sitk.Flip(sitk.ReadImage(case["support"]), [False, True, False]), turned)
+    _, labels, _ = read_reference(case["image"], turned)
+    assert np.array_equal(labels, case["support_array"])

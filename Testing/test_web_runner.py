@@ -324,7 +324,8 @@ async def scenario(app):
     nrrd = ("NRRD0004\\ntype: uint8\\ndimension: 3\\nsizes: 10 10 10\\nencoding: raw\\ndata file: %s\\n\\n" % secret)
     mha = ("ObjectType = Image\\nNDims = 3\\nDimSize = 10 10 10\\nElementType = MET_UCHAR\\n"
            "ElementDataFile = %s\\n" % secret)
-    for name, text in (("leak.nrrd", nrrd), ("leak.mha", mha)):
+    padded = nrrd.replace("encoding: raw\\n", "encoding: raw\\n" + "# a comment line to pad the header\\n" * 3000)
+    for name, text in (("leak.nrrd", nrrd), ("leak.mha", mha), ("padded.nrrd", padded)):
         upload(app, name, text.encode())
         assert "would be lost" in app.state.message, app.state.message
         upload(app, name, text.encode())                # asked twice: the file is read, and refused

@@ -106,6 +106,7 @@ class ServerProcess:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env=env, cwd=self.folder, **start_options())
         except OSError as exc:
+            log.close()                      # (first: Windows removes no open file)
             shutil.rmtree(self.folder, ignore_errors=True)      # (its token: no credential left behind)
             raise SynPoError("cannot start the SynPo server with %s: %s" % (self.python, exc)) from None
         finally:

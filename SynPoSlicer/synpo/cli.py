@@ -72,32 +72,28 @@ def check_outputs(outputs: List[Optional[str]], inputs: List[Optional[str]]) -> 
             raise SynPoError("cannot write to the output folder %s" % folder)
         if os.path.isdir(out):
             raise SynPoError("output path is a folder: %s" % out)
-        if os.path.lexists(out) and not os.access(out, os.W_OK):
+        # (a link is replaced by the new file, its target left as it is: io.publish)
+        if os.path.exists(out) and not os.path.islink(out) and not os.access(out, os.W_OK):
             raise SynPoError("output %s exists and is write-protected; choose another name or make it writable"
                              % out)
         for src in inputs:
             if src and _same_file(out, src):
                 raise SynPoError("output %s would overwrite the input %s; choose another name" % (out, src))
-    real = [os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(p))), os.path.basename(p)) for p in outs]
+    real = [os.path.normcase(os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(p))), os.path.basename(p)))
+            for p in outs]
     if len(set(real)) != len(outs):
         raise SynPoError("two outputs have the same path: %s" % ", ".join(
             p for p, r in zip(outs, real) if real.count(r) > 1))
 
 
-def _on_image_grid(array, grid, image_grid, what, quiet):
-    """A label map stored with its axes in another order or sense than the image (the same voxels:
-    one tool saved it LPS-ordered, another RAS-ordered), turned to the image's layout; SynPoError when
-    its voxels are others (it needs resampling)."""
-    from .io import on_same_grid, turn_of
-    turned = on_same_grid(array, grid, image_grid)
-    if turned is None:
-        raise SynPoError("%s grid (%s) differs from the image grid (%s): resample it onto the image (paint "
-                         "made on another patient's volume goes with --support-image)"
-                         % (what, grid.describe(), image_grid.describe()))
-    if not quiet:
-        print("note: the %s file stores the image's voxels with its axes turned (%s); read in the image's "
-              "layout" % (what, turn_of(grid, image_grid)))
-    return turned
+def _on_grid(array, grid, onto, what, onto_what, quiet):
+    """io.labels_on_grid, with a note when the file was stored with its axes turned."""
+    from .io import labels_on_grid
+    array, turn = labels_on_grid(array, grid, onto, what, onto_what)
+    if turn and not quiet:
+        print("note: the %s file stores the %s's voxels with its axes turned (%s); read in the %s's layout"
+              % (what, onto_what, turn, onto_what))
+    return array
 
 
 def cmd_segment(args) -> int:
@@ -119,14 +115,12 @@ def cmd_segment(args) -> int:
     if args.support_image:
         from .io import orient_like
         ref, ref_geometry = read_volume(args.support_image, "support image")
-        if not sup_geometry.same_grid(ref_geometry):
-            raise SynPoError("support label grid (%s) differs from the support image grid (%s)"
-                             % (sup_geometry.describe(), ref_geometry.describe()))
+        support = _on_grid(support, sup_geometry, ref_geometry, "support label", "support image", args.quiet)
         # Stored as the image is stored (another axis order or sense would slice it across another
         # direction, or mirror it against the image).
         ref, support = orient_like(ref, ref_geometry, geometry), orient_like(support, ref_geometry, geometry)
-    elif not sup_geometry.same_grid(geometry):
-        support = _on_image_grid(support, sup_geometry, geometry, "support label", args.quiet)
+    else:
+        support = _on_grid(support, sup_geometry, geometry, "support label", "image", args.quiet)
     found = find_support(support)             # bad paint is reported before any model loads
     if args.confidence_out and len(found.labels) > 1:
         # CONF_label<N> too (one per label, named once the labels are known): one of them on an input
@@ -144,8 +138,7 @@ def cmd_segment(args) -> int:
     if args.absent:
         from .support import absent_from_map, absent_marks
         marks, marks_geometry = read_volume(args.absent, "absent marks", label=True)
-        if not marks_geometry.same_grid(geometry):
-            marks = _on_image_grid(marks, marks_geometry, geometry, "absent marks", args.quiet)
+        marks = _on_grid(marks, marks_geometry, geometry, "absent marks", "image", args.quiet)
         absent = absent_from_map(marks, found.axis)
         absent_marks(absent, found, image.shape[found.axis])          # checked before any model loads
     cfg = configured(args.set, args.modality)  # bad settings too

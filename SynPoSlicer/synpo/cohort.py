@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import asdict
@@ -143,22 +142,19 @@ def file_stamp(path: str) -> str:
 def _data_file(path: str) -> Optional[str]:
     """The one data file a detached NRRD (`data file:`) or MetaImage (`ElementDataFile =`) header names,
     beside it; None for other files, LIST or pattern forms, or a header that cannot be read."""
-    lower = path.lower()
-    if not lower.endswith((".nhdr", ".mhd")):
+    from .io import header_data_files
+    if not path.lower().endswith((".nhdr", ".mhd")):
         return None
     try:
-        with open(path, "rb") as handle:
-            head = handle.read(1 << 16).decode("latin-1")
+        files = header_data_files(path)
     except OSError:
         return None
-    for line in head.splitlines():
-        key, sep, value = line.partition("=" if lower.endswith(".mhd") else ":")
-        if sep and key.strip().lower() in ("data file", "datafile", "elementdatafile"):
-            value = value.strip()
-            if not value or " " in value or value.upper() in ("LIST", "LOCAL"):
-                return None
-            return os.path.join(os.path.dirname(os.path.abspath(path)), value)
-    return None
+    if not files:
+        return None
+    value = files[0]
+    if not value or " " in value or value.upper() in ("LIST", "LOCAL"):
+        return None
+    return os.path.join(os.path.dirname(os.path.abspath(path)), value)
 
 
 def settings_hash(args, cfg) -> str:
@@ -196,21 +192,16 @@ def read_rows(path: str) -> Dict[str, dict]:
 
 
 def write_rows(path: str, rows: Dict[str, dict]) -> None:
-    """The whole table, atomically (a temporary file renamed over it)."""
-    from .io import publish
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
+    """The whole table, atomically (a temporary file renamed over it: io.publish)."""
+    from .io import publish, stage_file
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
             writer.writeheader()
             for name in sorted(rows):
                 writer.writerow(rows[name])
-        publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    publish(stage_file(path, write), path)
 
 
 def remove_stale_temporaries(paths) -> None:
@@ -496,12 +487,11 @@ def add_arguments(p) -> None:
 
 def read_reference(image_path: str, labels_path: str):
     """(image, labels, geometry) of the reference; SynPoError when unreadable or on two grids."""
-    from .io import read_volume
+    from .io import labels_on_grid, read_volume
     ref, ref_geometry = read_volume(image_path, "reference image")
     labels, lab_geometry = read_volume(labels_path, "reference labels", label=True)
-    if not lab_geometry.same_grid(ref_geometry):
-        raise SynPoError("reference labels grid (%s) differs from the reference image grid (%s)"
-                         % (lab_geometry.describe(), ref_geometry.describe()))
+    # (the same voxels stored with their axes turned are taken, as synpo segment takes them)
+    labels, _ = labels_on_grid(labels, lab_geometry, ref_geometry, "reference labels", "reference image")
     return ref, labels, ref_geometry
 
 

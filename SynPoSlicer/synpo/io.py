@@ -7,7 +7,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -81,6 +81,33 @@ def orient_like(array: np.ndarray, src: Geometry, dst: Geometry, what: str = "th
     return np.ascontiguousarray(np.flip(out, flips) if flips else out)
 
 
+HEADER_LIMIT = 1 << 20              # bytes of a NRRD / MetaImage header read for the data files it names
+
+
+def header_data_files(path) -> Optional[List[str]]:
+    """The data files a NRRD header (`data file:` / `datafile:` lines, up to the blank line that ends it)
+    or a MetaImage header (`ElementDataFile =`, its last field) names, as written ("LOCAL": the voxels
+    follow in the same file); [] when it names none. None when the header's end is not within
+    HEADER_LIMIT bytes: a header padded past the part read must not hide the line that counts."""
+    path = os.fspath(path)
+    meta = path.lower().endswith((".mha", ".mhd"))
+    with open(path, "rb") as handle:
+        head = handle.read(HEADER_LIMIT)
+        whole = len(head) < HEADER_LIMIT or handle.read(1) == b""
+    if meta:
+        for line in head.splitlines():
+            key, sep, value = line.partition(b"=")
+            if sep and key.strip().lower() == b"elementdatafile":
+                return [value.strip().decode("latin-1")]
+        return [] if whole else None
+    end = min([i for i in (head.find(b"\n\n"), head.find(b"\r\n\r\n")) if i >= 0], default=-1)
+    if end < 0 and not whole:
+        return None
+    lines = head[:end if end >= 0 else len(head)].splitlines()
+    return [value.strip().decode("latin-1") for key, sep, value in (ln.partition(b":") for ln in lines)
+            if sep and key.strip().lower() in (b"data file", b"datafile")]
+
+
 def on_same_grid(array: np.ndarray, src: Geometry, dst: Geometry) -> Optional[np.ndarray]:
     """`array` ([k, j, i] on src's grid) on dst's grid when src is dst's grid stored with its axes in
     another order or sense (a label map saved LPS-ordered for a RAS-ordered image, the same voxels);
@@ -99,6 +126,19 @@ def on_same_grid(array: np.ndarray, src: Geometry, dst: Geometry) -> Optional[np
                       origin=tuple(src.index_to_lps(corner)[0]),
                       direction=tuple(np.stack([signs[r] * d[:, order[r]] for r in range(3)], axis=1).ravel()))
     return orient_like(array, src, dst) if turned.same_grid(dst) else None
+
+
+def labels_on_grid(array: np.ndarray, grid: Geometry, onto: Geometry, what: str, onto_what: str = "image"):
+    """(array on `onto`'s grid, how it was turned: turn_of, "" when stored alike) for a label map whose
+    voxels are `onto`'s, stored with its axes in the same or another order and sense (on_same_grid);
+    InputError when its voxels are others (it needs resampling)."""
+    if grid.same_grid(onto):
+        return array, ""
+    turned = on_same_grid(array, grid, onto)
+    if turned is None:
+        raise InputError("%s grid (%s) differs from the %s grid (%s): resample it onto the %s"
+                         % (what, grid.describe(), onto_what, onto.describe(), onto_what))
+    return turned, turn_of(grid, onto)
 
 
 def turn_of(src: Geometry, dst: Geometry) -> str:
@@ -315,7 +355,7 @@ def discard_staged(tmps) -> None:
             pass
 
 
-def _staged(path, write) -> str:
+def stage_file(path, write) -> str:
     """A temporary file beside `path` (its full extension kept: .nii.gz picks the writer) that
     `write(tmp)` fills; removed again if that fails or is interrupted (Ctrl+C)."""
     path, folder = _atomic_target(path)
@@ -340,14 +380,14 @@ def stage_volume(array: np.ndarray, geometry: Geometry, path) -> str:
     image.SetSpacing(geometry.spacing)
     image.SetOrigin(geometry.origin)
     image.SetDirection(geometry.direction)
-    return _staged(path, lambda tmp: sitk.WriteImage(image, tmp, True))
+    return stage_file(path, lambda tmp: sitk.WriteImage(image, tmp, True))
 
 
 def stage_json(obj, path) -> str:
     def write(tmp):
         with open(tmp, "w") as handle:
             json.dump(obj, handle, indent=1)
-    return _staged(path, write)
+    return stage_file(path, write)
 
 
 def write_volume(array: np.ndarray, geometry: Geometry, path) -> None:

@@ -73,8 +73,10 @@ def interrupt_on(names=("SIGTERM",)) -> Callable[[], None]:
     """From now on the signals `names` raise KeyboardInterrupt in the main thread, as Ctrl+C does (kill,
     a batch system's scancel, a closed terminal: the command stops as cleanly); returns the function that
     puts the previous handlers back. Outside the main thread (or where a signal does not exist) nothing
-    changes."""
-    return _handle(names, _raise_interrupt)
+    changes, nor for a signal ignored already (`nohup synpo ...` ignores SIGHUP: a closed terminal must
+    not end the run)."""
+    ignored = [n for n in names if hasattr(signal, n) and signal.getsignal(getattr(signal, n)) is signal.SIG_IGN]
+    return _handle([n for n in names if n not in ignored], _raise_interrupt)
 
 
 def ignore_interrupts(names=("SIGINT", "SIGTERM")) -> Callable[[], None]:

@@ -4,6 +4,7 @@ from typing import Dict, List
 
 import numpy as np
 
+from .errors import InputError
 from .io import Geometry
 from .result import FOUND, VolumeResult
 
@@ -117,7 +118,7 @@ def confidence_paths(path: str, labels: List[int]) -> Dict[int, str]:
     paths = {}
     if len(labels) > 1:
         base, ext = path, ""
-        for e in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        for e in (".nii.gz", ".nii", ".nrrd", ".mha"):
             if path.endswith(e):
                 base, ext = path[: -len(e)], e
         for v in labels:
@@ -151,9 +152,21 @@ def write_result(result: VolumeResult, geometry: Geometry, out: str, confidence_
             staged.append((_io.stage_json(document, points_out), points_out))
         # uint8 when the labels fit (assembly.py)
         staged.append((_io.stage_volume(result.labels, geometry, out), out))
-        for n, (tmp, path) in enumerate(staged):
-            _io.publish(tmp, path)
-            staged[n] = ("", path)
+        # The renames, with Ctrl+C / kill held off (milliseconds; in the main thread: a cohort's
+        # workers write in theirs), so that no interruption leaves some outputs replaced.
+        from .lifeline import ignore_interrupts
+        restore = ignore_interrupts(("SIGINT", "SIGTERM", "SIGHUP"))
+        try:
+            for n, (tmp, path) in enumerate(staged):
+                try:
+                    _io.publish(tmp, path)
+                except InputError as exc:
+                    done = [p for t, p in staged[:n]]
+                    raise InputError("%s%s" % (exc, "; already written: %s" % ", ".join(done) if done else "")) \
+                        from None
+                staged[n] = ("", path)
+        finally:
+            restore()
     except BaseException:
         _io.discard_staged([tmp for tmp, _ in staged if tmp])
         raise

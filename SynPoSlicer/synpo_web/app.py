@@ -86,23 +86,18 @@ def _check_one_file(path, name):
     """Refuse an uploaded header that names a data file of its own (NRRD's "data file", MetaImage's
     ElementDataFile other than LOCAL): read on the server, an absolute path there gave the page the
     bytes of any file the server's account can read (its token, a key), and /dev/stdin or a FIFO
-    froze the page. One upload is one file; the header is read as text up to its end."""
-    lower = name.lower()
-    if not lower.endswith((".nrrd", ".mha")):
+    froze the page. One upload is one file; its whole header is read (io.header_data_files)."""
+    from synpo.io import HEADER_LIMIT, header_data_files
+    if not name.lower().endswith((".nrrd", ".mha")):
         return
-    with open(path, "rb") as handle:
-        head = handle.read(1 << 16)
-    if lower.endswith(".nrrd"):
-        end = head.find(b"\n\n")
-        lines = head[:end if end >= 0 else len(head)].splitlines()
-        detached = [ln for ln in lines if ln.split(b":", 1)[0].strip().lower() in (b"data file", b"datafile")]
-    else:
-        detached = [ln for ln in head.splitlines() if ln.split(b"=", 1)[0].strip().lower() == b"elementdatafile"
-                    and ln.split(b"=", 1)[-1].strip().upper() != b"LOCAL"][:1]
+    files = header_data_files(path)
+    if files is None:
+        raise SynPoError("%s has a header longer than %d MB; upload a volume with a usual header."
+                         % (name, HEADER_LIMIT >> 20))
+    detached = [f for f in files if f.upper() != "LOCAL"]
     if detached:
         raise SynPoError("%s names a separate data file (%s); upload a volume whose voxels are in the same file "
-                         "(.nrrd with its data attached, .mha, .nii, .nii.gz)."
-                         % (name, detached[0].decode("ascii", "replace").strip()[:80]))
+                         "(.nrrd with its data attached, .mha, .nii, .nii.gz)." % (name, detached[0][:80]))
 
 
 def _safe_name(name):

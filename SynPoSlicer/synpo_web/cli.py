@@ -54,7 +54,7 @@ def is_loopback(host: str) -> bool:
 
 def read_secret(path: str, what: str) -> str:
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:          # (a BOM, as Notepad writes it, is not the password)
             secret = handle.read().strip()
     except OSError as exc:
         raise SynPoError("cannot read the %s file %s: %s" % (what, path, exc.strerror or exc)) from None
