@@ -317,14 +317,16 @@ class SynPoWeb(TrameApp):
                   "volume, Apply writes them. %s again to discard them." % (edited, action), error=True)
         return False
 
-    def _segments_digest(self):
-        """A digest of the segments as the page would save them (None without a volume)."""
+    def _segments_digest(self, labels=None):
+        """A digest of the segments as the page would save them (`labels`: label_map() when already
+        made; None without a volume)."""
         import hashlib
         if self.segmentation is None or self.volume is None:
             return None
         seg = self.segmentation.GetSegmentation()
         names = "|".join(seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments()))
-        return hashlib.sha1(names.encode("utf-8") + self.label_map().tobytes()).hexdigest()
+        labels = self.label_map() if labels is None else labels
+        return hashlib.sha1(names.encode("utf-8") + labels.tobytes()).hexdigest()
 
     def _scene_may_go(self, action):
         """`_edits_may_go` for an action that replaces the whole scene (Load sample, an upload): the
@@ -728,7 +730,7 @@ class SynPoWeb(TrameApp):
         except (OSError, SynPoError) as exc:
             self._say("The segmentation could not be saved: %s" % (getattr(exc, "strerror", None) or exc), error=True)
             return None
-        self._saved, self._saved_once = self._segments_digest(), True
+        self._saved, self._saved_once = self._segments_digest(labels), True
         self._say("Saved the segmentation (%s)." % ("NIfTI label map" if kind == "nifti" else ".seg.nrrd"))
         return self.server.protocol.addAttachment(data)
 
