@@ -211,11 +211,22 @@ def test_corrupt_bundled_checkpoint_is_refused(case, capsys, monkeypatch, tmp_pa
 
 
 def test_features_synergy_without_dinov2_weights(case, capsys, monkeypatch, tmp_path):
+    """Without the weights and without a way to the hub (an air-gapped site): one line, at once. The
+    hub's client retried for about 35 s, printing eleven lines before it."""
     monkeypatch.setenv("SYNPO_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("SYNPO_DINOV2_PATH", raising=False)
-    msg = run_error(capsys, ["segment", case["image"], case["support"], "-o", case["out"], "--features", "synergy"])
-    assert "--features sam" in msg
+    monkeypatch.setenv("HF_ENDPOINT", "https://synpo-test-host.invalid")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)                  # (conftest sets it)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    assert main(["segment", case["image"], case["support"], "-o", case["out"], "--features", "synergy"]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("synpo: error: DINOv2 weights"), lines
+    assert "synpo-test-host.invalid cannot be resolved" in lines[0] and "--features sam" in lines[0]
     _no_outputs(case)
+    assert main(["download", "dinov2-small"]) == 2          # (no "--features sam" there: it means nothing)
+    said = capsys.readouterr().err
+    assert "copy" in said and "--features sam" not in said
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")

@@ -253,7 +253,9 @@ def cmd_download(args) -> int:
         print(weights.checkpoint_path(args.model))
     else:
         from .features import DinoEncoder
-        DinoEncoder.load(args.model, "cpu", allow_download=True)
+        DinoEncoder.load(args.model, "cpu", allow_download=True,
+                         advice="download it on a computer with internet access and copy %s here"
+                         % os.path.join(weights.cache_dir(), "hub"))
         print("%s is cached under %s" % (args.model, weights.cache_dir()))
     return 0
 

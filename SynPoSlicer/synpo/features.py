@@ -433,7 +433,7 @@ class DinoEncoder:
 
     @staticmethod
     def load(name: str = "dinov2-small", device: str = "auto", allow_download: bool = True,
-             input_size: int = 448) -> "DinoEncoder":
+             input_size: int = 448, advice: str = "run with --features sam to use SAM features only") -> "DinoEncoder":
         dev = pick_device(device) if isinstance(device, str) else device
         source = weights.dinov2_source(name)
         try:
@@ -446,15 +446,18 @@ class DinoEncoder:
             net = Dinov2Model.from_pretrained(source, cache_dir=_hub_cache(), local_files_only=True)
         except Exception:
             if allow_download:
+                unreachable = _hub_unreachable()
+                if unreachable:
+                    raise ModelError("DINOv2 weights (%s) are not on disk and cannot be downloaded (%s); %s"
+                                     % (source, unreachable, advice)) from None
                 try:
                     net = Dinov2Model.from_pretrained(source, cache_dir=_hub_cache())
                 except Exception as exc:
                     reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-                    raise ModelError("DINOv2 weights (%s) are not on disk and cannot be downloaded (%s); "
-                                     "run with --features sam to use SAM features only" % (source, reason)) from None
+                    raise ModelError("DINOv2 weights (%s) are not on disk and cannot be downloaded (%s); %s"
+                                     % (source, reason, advice)) from None
         if net is None:
-            raise ModelError("DINOv2 weights (%s) are not on disk and downloads are off; "
-                             "run with --features sam to use SAM features only" % source)
+            raise ModelError("DINOv2 weights (%s) are not on disk and downloads are off; %s" % (source, advice))
         return DinoEncoder(name, net, dev, input_size)
 
     def frame(self, H: int, W: int, spacing_rc) -> Frame:
@@ -469,6 +472,25 @@ class DinoEncoder:
         n_patches = self.grid * self.grid
         tokens = out[:, out.shape[1] - n_patches:, :]          # drop CLS (and register) tokens
         return tokens.transpose(1, 2).reshape(x.shape[0], -1, self.grid, self.grid).float().cpu()
+
+
+def _hub_unreachable() -> str:
+    """Why the Hugging Face hub cannot be reached, in a few words ("" when it may be): a host name that
+    does not resolve and no proxy set. The hub's client retried for about 35 s, printing eleven lines,
+    before the one line that says so (an air-gapped site)."""
+    import socket
+    import urllib.parse
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return ""                                 # (the proxy resolves names)
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or ""
+    try:
+        socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        return "%s cannot be resolved: %s" % (host, getattr(exc, "strerror", None) or exc)
+    return ""
 
 
 def _hub_cache() -> str:
