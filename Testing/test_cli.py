@@ -579,3 +579,34 @@ def test_reference_labels_stored_turned_are_read_on_the_reference_grid(case):
     sitk.WriteImage(sitk.Flip(sitk.ReadImage(case["support"]), [False, True, False]), turned)
     _, labels, _ = read_reference(case["image"], turned)
     assert np.array_equal(labels, case["support_array"])
+
+
+def test_a_nifti_with_two_placements_is_said(case, capsys):
+    """A NIfTI whose qform and sform disagree (rewritten by another tool after a resampling): the volume
+    is read by one of them (ITK's choice) and the outputs carry that one, so a viewer using the other
+    shows them elsewhere; a warning names both and the one used. A header whose two agree says
+    nothing."""
+    import struct
+    from synpo.io import nifti_placement_note, read_volume
+    image = sitk.GetImageFromArray(case["array"])
+    image.SetSpacing((0.8, 0.9, 2.0))
+    image.SetOrigin((10.0, -20.0, 30.0))
+    image.SetDirection((0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    agree = str(case["dir"] / "agree.nii")
+    sitk.WriteImage(image, agree)
+    assert nifti_placement_note(agree, read_volume(agree)[1]) == ""
+    header = bytearray(open(agree, "rb").read())
+    assert struct.unpack("<2h", header[252:256]) == (1, 1)
+    srow = list(struct.unpack("<12f", header[280:328]))
+    srow[3] += 30.0                                        # the sform's x offset moved by 30 mm
+    header[280:328] = struct.pack("<12f", *srow)
+    two = str(case["dir"] / "two.nii")
+    open(two, "wb").write(bytes(header))
+    _, geometry = read_volume(two)
+    note = nifti_placement_note(two, geometry)
+    used = "sform" if abs(geometry.origin[0] - 10.0) > 1.0 else "qform"
+    assert "30.0 mm" in note and "read by its %s" % used in note, note
+    empty = _write(np.zeros_like(case["support_array"]), case["dir"] / "empty.nii.gz")
+    assert main(["segment", two, empty, "-o", case["out"]]) == 2
+    err = capsys.readouterr().err
+    assert "synpo: warning: %s" % note in err

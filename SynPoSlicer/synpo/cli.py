@@ -110,6 +110,10 @@ def cmd_segment(args) -> int:
         if path and not path.endswith((".nii", ".nii.gz", ".nrrd", ".mha")):
             raise SynPoError("%s %s: use a .nii.gz, .nii, .nrrd or .mha file name" % (option, path))
     image, geometry = read_volume(args.image, "image")
+    from .io import nifti_placement_note
+    placement = nifti_placement_note(args.image, geometry)
+    if placement:
+        print("synpo: warning: %s" % placement, file=sys.stderr)
     support, sup_geometry = read_volume(args.support, "support label", label=True)
     ref = None
     if args.support_image:

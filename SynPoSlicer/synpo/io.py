@@ -251,6 +251,58 @@ def check_nifti_whole(path: str, what: str = "image") -> None:
         return
 
 
+def nifti_placement_note(path, geometry: Geometry) -> str:
+    """A note when a NIfTI-1 header holds two placements that disagree (qform and sform both set,
+    their voxel (0, 0, 0) or axes more than 0.5 mm / 0.5 degrees apart: an image resampled or
+    registered by one tool and rewritten by another): which one the volume was read by (ITK's
+    choice), since a viewer that takes the other shows the outputs elsewhere. "" otherwise."""
+    import gzip
+    import struct
+    path = os.fspath(path)
+    lower = path.lower()
+    if not lower.endswith((".nii", ".nii.gz")):
+        return ""
+    try:
+        with (gzip.open(path, "rb") if lower.endswith(".gz") else open(path, "rb")) as handle:
+            head = handle.read(348)
+    except (OSError, EOFError):
+        return ""
+    for order in "<>":
+        if len(head) == 348 and struct.unpack(order + "i", head[:4])[0] == 348:
+            break
+    else:
+        return ""
+    qcode, scode = struct.unpack(order + "2h", head[252:256])
+    if qcode <= 0 or scode <= 0:
+        return ""
+    qfac = struct.unpack(order + "f", head[76:80])[0]
+    pixdim = struct.unpack(order + "3f", head[80:92])
+    b, c, d, qx, qy, qz = struct.unpack(order + "6f", head[256:280])
+    a = np.sqrt(max(0.0, 1.0 - (b * b + c * c + d * d)))
+    rot = np.array([[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
+                    [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
+                    [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b]])
+    scale = np.array([abs(pixdim[0]), abs(pixdim[1]), abs(pixdim[2]) * (-1.0 if qfac < 0 else 1.0)])
+    forms = {"qform": (rot * scale, np.array([qx, qy, qz]))}
+    srow = np.array(struct.unpack(order + "12f", head[280:328]), float).reshape(3, 4)
+    forms["sform"] = (srow[:, :3], srow[:, 3])
+
+    def axes(m):
+        return m / np.maximum(np.linalg.norm(m, axis=0), 1e-12)
+    (qm, qo), (sm, so) = forms["qform"], forms["sform"]
+    apart = float(np.linalg.norm(qo - so))
+    turn = float(np.degrees(np.arccos(np.clip(np.min(np.sum(axes(qm) * axes(sm), axis=0)), -1.0, 1.0))))
+    if apart <= 0.5 and turn <= 0.5:
+        return ""
+    # ITK's geometry is LPS; NIfTI's forms are RAS.
+    origin = np.array(geometry.origin, float) * np.array([-1.0, -1.0, 1.0])
+    used = min(forms, key=lambda k: float(np.linalg.norm(forms[k][1] - origin)))
+    other = "sform" if used == "qform" else "qform"
+    return ("%s holds two placements (its qform and sform are %.1f mm and %.1f degrees apart); it was read by "
+            "its %s, and the outputs carry that one: a viewer that uses the %s shows them elsewhere"
+            % (path, apart, turn, used, other))
+
+
 def read_volume(path, what: str = "image", label: bool = False):
     """Read a 3D scalar volume. Returns (array[k, j, i], Geometry). Raises InputError."""
     sitk = _sitk()
