@@ -610,3 +610,17 @@ def test_a_nifti_with_two_placements_is_said(case, capsys):
     assert main(["segment", two, empty, "-o", case["out"]]) == 2
     err = capsys.readouterr().err
     assert "synpo: warning: %s" % note in err
+
+
+def test_a_nifti_without_a_voxel_size_is_said(case):
+    """pixdim 0 and no sform: ITK reads 1 mm without a word (the walk then judged the slices as thin)."""
+    import struct
+    from synpo.io import nifti_placement_note, read_volume
+    path = str(case["dir"] / "nosize.nii")
+    sitk.WriteImage(sitk.GetImageFromArray(case["array"]), path)
+    header = bytearray(open(path, "rb").read())
+    header[88:92] = struct.pack("<f", 0.0)                  # pixdim[3]
+    header[252:256] = struct.pack("<2h", 0, 0)               # no qform, no sform
+    open(path, "wb").write(bytes(header))
+    note = nifti_placement_note(path, read_volume(path)[1])
+    assert "no voxel size along k (pixdim 0)" in note and "1x1x1 mm" in note, note

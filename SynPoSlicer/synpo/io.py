@@ -252,7 +252,8 @@ def check_nifti_whole(path: str, what: str = "image") -> None:
 
 
 def nifti_placement_note(path, geometry: Geometry) -> str:
-    """A note when a NIfTI-1 header holds two placements that disagree (qform and sform both set,
+    """A note when a NIfTI-1 header gives no voxel size (pixdim 0 and no sform), or holds two
+    placements that disagree (qform and sform both set,
     their voxel (0, 0, 0) or axes more than 0.5 mm / 0.5 degrees apart: an image resampled or
     registered by one tool and rewritten by another): which one the volume was read by (ITK's
     choice), since a viewer that takes the other shows the outputs elsewhere. "" otherwise."""
@@ -273,10 +274,16 @@ def nifti_placement_note(path, geometry: Geometry) -> str:
     else:
         return ""
     qcode, scode = struct.unpack(order + "2h", head[252:256])
-    if qcode <= 0 or scode <= 0:
-        return ""
     qfac = struct.unpack(order + "f", head[76:80])[0]
     pixdim = struct.unpack(order + "3f", head[80:92])
+    if scode <= 0 and any(p == 0 or not np.isfinite(p) for p in pixdim):
+        # (no sform to take the voxel size from: ITK reads such an axis as 1 mm, and the walk's
+        # thin-slice rules then judge the slices by a size the scan never had)
+        return ("%s gives no voxel size along %s (pixdim 0); it was read as %s mm: check the scan's real voxel "
+                "size" % (path, "/".join("ijk"[n] for n in range(3) if pixdim[n] == 0 or not np.isfinite(pixdim[n])),
+                          "x".join("%g" % v for v in geometry.spacing)))
+    if qcode <= 0 or scode <= 0:
+        return ""
     b, c, d, qx, qy, qz = struct.unpack(order + "6f", head[256:280])
     a = np.sqrt(max(0.0, 1.0 - (b * b + c * c + d * d)))
     rot = np.array([[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
