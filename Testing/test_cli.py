@@ -137,7 +137,8 @@ def test_empty_support(case, capsys):
 
 def test_support_on_another_grid(case, capsys):
     p = _write(case["support_array"], case["dir"] / "shifted.nii.gz", origin=(5.0, 0.0, 0.0))
-    assert "differs from the image grid" in run_error(capsys, ["segment", case["image"], p, "-o", case["out"]])
+    msg = run_error(capsys, ["segment", case["image"], p, "-o", case["out"]])
+    assert "differs from the image grid" in msg and "--support-image" in msg
     p = _write(case["support_array"][:, :, :40], case["dir"] / "small.nii.gz")
     assert "differs" in run_error(capsys, ["segment", case["image"], p, "-o", case["out"]])
     _no_outputs(case)
@@ -227,6 +228,12 @@ def test_features_synergy_without_dinov2_weights(case, capsys, monkeypatch, tmp_
     assert main(["download", "dinov2-small"]) == 2          # (no "--features sam" there: it means nothing)
     said = capsys.readouterr().err
     assert "copy" in said and "--features sam" not in said
+    from synpo.features import _hub_unreachable
+    assert "cannot be resolved" in _hub_unreachable()
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")       # (the proxy resolves names)
+    assert _hub_unreachable() == ""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert _hub_unreachable() == "HF_HUB_OFFLINE is set"
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
@@ -513,6 +520,11 @@ def test_a_headers_data_files_are_read_to_its_end(tmp_path):
     mha = tmp_path / "a.mha"
     mha.write_text("ObjectType = Image\n%sElementDataFile = /etc/passwd\n" % pad.replace("#", "Comment ="))
     assert header_data_files(mha) == ["/etc/passwd"]
+    mha.write_text("ObjectType = Image\nElementDataFile: /etc/passwd\n")      # (MetaIO takes ":" too)
+    assert header_data_files(mha) == ["/etc/passwd"]
+    old_mac = tmp_path / "d.nrrd"                                                # (CR line ends)
+    old_mac.write_bytes(b"NRRD0004\rtype: uint8\rdimension: 3\rsizes: 2 2 2\rencoding: raw\r\r" + bytes(HEADER_LIMIT))
+    assert header_data_files(old_mac) == []
     attached = tmp_path / "b.nrrd"
     attached.write_bytes(b"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 2 2 2\nencoding: raw\n\n" + bytes(8))
     assert header_data_files(attached) == []
@@ -571,6 +583,14 @@ def test_an_output_that_is_a_link_is_replaced_not_refused(case, capsys):
     link = case["dir"] / "link.nii.gz"
     os.symlink(str(case["dir"] / "missing" / "x.nii.gz"), str(link))
     check_outputs([str(link)], [case["image"]])
+    from synpo.io import write_json
+    target = case["dir"] / "read_only_target.json"
+    target.write_text("{}")
+    target.chmod(0o444)
+    os.remove(str(link))
+    os.symlink(str(target), str(link))
+    write_json({"a": 1}, str(link))                 # the link replaced by the user's own file
+    assert not os.path.islink(str(link)) and os.stat(str(link)).st_mode & 0o200 and target.read_text() == "{}"
 
 
 def test_reference_labels_stored_turned_are_read_on_the_reference_grid(case):
@@ -606,6 +626,17 @@ def test_a_nifti_with_two_placements_is_said(case, capsys):
     note = nifti_placement_note(two, geometry)
     used = "sform" if abs(geometry.origin[0] - 10.0) > 1.0 else "qform"
     assert "30.0 mm" in note and "read by its %s" % used in note, note
+    srow = list(struct.unpack("<12f", bytes(header[280:328])))
+    srow[3] -= 30.0
+    for row in range(3):                                   # the sform's i and j axes swapped, same offset
+        srow[4 * row], srow[4 * row + 1] = srow[4 * row + 1], srow[4 * row]
+    header[280:328] = struct.pack("<12f", *srow)
+    turned = str(case["dir"] / "turned.nii")
+    open(turned, "wb").write(bytes(header))
+    _, geometry = read_volume(turned)
+    read_by = "sform" if not np.allclose(geometry.direction, image.GetDirection(), atol=1e-3) else "qform"
+    assert "0.0 mm" in nifti_placement_note(turned, geometry) and "read by its %s" % read_by in \
+        nifti_placement_note(turned, geometry)
     empty = _write(np.zeros_like(case["support_array"]), case["dir"] / "empty.nii.gz")
     assert main(["segment", two, empty, "-o", case["out"]]) == 2
     err = capsys.readouterr().err

@@ -81,6 +81,8 @@ def check_outputs(outputs: List[Optional[str]], inputs: List[Optional[str]]) -> 
                 raise SynPoError("output %s would overwrite the input %s; choose another name" % (out, src))
     real = [os.path.normcase(os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(p))), os.path.basename(p)))
             for p in outs]
+    if sys.platform in ("darwin", "win32"):          # (their usual file systems ignore case; normcase on macOS does not)
+        real = [r.casefold() for r in real]
     if len(set(real)) != len(outs):
         raise SynPoError("two outputs have the same path: %s" % ", ".join(
             p for p, r in zip(outs, real) if real.count(r) > 1))
@@ -89,7 +91,12 @@ def check_outputs(outputs: List[Optional[str]], inputs: List[Optional[str]]) -> 
 def _on_grid(array, grid, onto, what, onto_what, quiet):
     """io.labels_on_grid, with a note when the file was stored with its axes turned."""
     from .io import labels_on_grid
-    array, turn = labels_on_grid(array, grid, onto, what, onto_what)
+    try:
+        array, turn = labels_on_grid(array, grid, onto, what, onto_what)
+    except SynPoError as exc:
+        if onto_what != "image":
+            raise
+        raise SynPoError("%s (paint made on another patient's volume goes with --support-image)" % exc) from None
     if turn and not quiet:
         print("note: the %s file stores the %s's voxels with its axes turned (%s); read in the %s's layout"
               % (what, onto_what, turn, onto_what))
@@ -258,8 +265,9 @@ def cmd_download(args) -> int:
     else:
         from .features import DinoEncoder
         DinoEncoder.load(args.model, "cpu", allow_download=True,
-                         advice="download it on a computer with internet access and copy %s here"
-                         % os.path.join(weights.cache_dir(), "hub"))
+                         advice="run `synpo download %s` on a computer with internet access and copy its "
+                         "synpo cache's hub folder to %s (or point SYNPO_DINOV2_PATH at the model's folder)"
+                         % (args.model, os.path.join(weights.cache_dir(), "hub")))
         print("%s is cached under %s" % (args.model, weights.cache_dir()))
     return 0
 

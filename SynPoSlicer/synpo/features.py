@@ -475,17 +475,19 @@ class DinoEncoder:
 
 
 def _hub_unreachable() -> str:
-    """Why the Hugging Face hub cannot be reached, in a few words ("" when it may be): a host name that
-    does not resolve and no proxy set. The hub's client retried for about 35 s, printing eleven lines,
+    """Why the Hugging Face hub cannot be reached, in a few words ("" when it may be): downloads
+    switched off, or a host name that does not resolve with no proxy to go through (the system's,
+    as urllib and requests find it). The hub's client retried for about 35 s, printing eleven lines,
     before the one line that says so (an air-gapped site)."""
     import socket
     import urllib.parse
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
-                                       "all_proxy")):
-        return ""                                 # (the proxy resolves names)
+    import urllib.request
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return "HF_HUB_OFFLINE is set"
-    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or ""
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    host = urllib.parse.urlparse(endpoint if "://" in endpoint else "https://" + endpoint).hostname or ""
+    if not host or (urllib.request.getproxies() and not urllib.request.proxy_bypass(host)):
+        return ""                                 # (a proxy resolves names)
     try:
         socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:

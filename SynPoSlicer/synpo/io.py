@@ -5,6 +5,7 @@ Physical coordinates follow ITK: LPS. `Geometry.to_ras` gives Slicer's RAS.
 """
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -96,11 +97,13 @@ def header_data_files(path) -> Optional[List[str]]:
         whole = len(head) < HEADER_LIMIT or handle.read(1) == b""
     if meta:
         for line in head.splitlines():
-            key, sep, value = line.partition(b"=")
-            if sep and key.strip().lower() == b"elementdatafile":
-                return [value.strip().decode("latin-1")]
+            # (MetaIO takes "=" or ":" between a field and its value: "ElementDataFile: /path" too)
+            found = re.match(rb"\s*ElementDataFile\s*[=:](.*)", line, re.IGNORECASE)
+            if found:
+                return [found.group(1).strip().decode("latin-1")]
         return [] if whole else None
-    end = min([i for i in (head.find(b"\n\n"), head.find(b"\r\n\r\n")) if i >= 0], default=-1)
+    end = min([i for i in (head.find(b"\n\n"), head.find(b"\r\n\r\n"), head.find(b"\r\r")) if i >= 0],
+              default=-1)
     if end < 0 and not whole:
         return None
     lines = head[:end if end >= 0 else len(head)].splitlines()
@@ -276,9 +279,9 @@ def nifti_placement_note(path, geometry: Geometry) -> str:
     qcode, scode = struct.unpack(order + "2h", head[252:256])
     qfac = struct.unpack(order + "f", head[76:80])[0]
     pixdim = struct.unpack(order + "3f", head[80:92])
-    if scode <= 0 and any(p == 0 or not np.isfinite(p) for p in pixdim):
-        # (no sform to take the voxel size from: ITK reads such an axis as 1 mm, and the walk's
-        # thin-slice rules then judge the slices by a size the scan never had)
+    if any(p == 0 or not np.isfinite(p) for p in pixdim):
+        # (ITK reads such an axis as 1 mm, an sform or not, and the walk's thin-slice rules then judge
+        # the slices by a size the scan never had)
         return ("%s gives no voxel size along %s (pixdim 0); it was read as %s mm: check the scan's real voxel "
                 "size" % (path, "/".join("ijk"[n] for n in range(3) if pixdim[n] == 0 or not np.isfinite(pixdim[n])),
                           "x".join("%g" % v for v in geometry.spacing)))
@@ -289,7 +292,7 @@ def nifti_placement_note(path, geometry: Geometry) -> str:
     rot = np.array([[a * a + b * b - c * c - d * d, 2 * (b * c - a * d), 2 * (b * d + a * c)],
                     [2 * (b * c + a * d), a * a + c * c - b * b - d * d, 2 * (c * d - a * b)],
                     [2 * (b * d - a * c), 2 * (c * d + a * b), a * a + d * d - c * c - b * b]])
-    scale = np.array([abs(pixdim[0]), abs(pixdim[1]), abs(pixdim[2]) * (-1.0 if qfac < 0 else 1.0)])
+    scale = np.array([abs(pixdim[0]), abs(pixdim[1]), abs(pixdim[2]) * (-1.0 if qfac < 0 else 1.0)])   # (non-zero)
     forms = {"qform": (rot * scale, np.array([qx, qy, qz]))}
     srow = np.array(struct.unpack(order + "12f", head[280:328]), float).reshape(3, 4)
     forms["sform"] = (srow[:, :3], srow[:, 3])
@@ -301,9 +304,11 @@ def nifti_placement_note(path, geometry: Geometry) -> str:
     turn = float(np.degrees(np.arccos(np.clip(np.min(np.sum(axes(qm) * axes(sm), axis=0)), -1.0, 1.0))))
     if apart <= 0.5 and turn <= 0.5:
         return ""
-    # ITK's geometry is LPS; NIfTI's forms are RAS.
-    origin = np.array(geometry.origin, float) * np.array([-1.0, -1.0, 1.0])
-    used = min(forms, key=lambda k: float(np.linalg.norm(forms[k][1] - origin)))
+    # Which one ITK read: the whole affine compared (ITK's geometry is LPS; NIfTI's forms are RAS).
+    flip = np.array([-1.0, -1.0, 1.0])
+    matrix = flip[:, None] * np.asarray(geometry.direction, float).reshape(3, 3) * np.asarray(geometry.spacing)
+    origin = np.asarray(geometry.origin, float) * flip
+    used = min(forms, key=lambda k: float(np.abs(forms[k][0] - matrix).sum() + np.abs(forms[k][1] - origin).sum()))
     other = "sform" if used == "qform" else "qform"
     return ("%s holds two placements (its qform and sform are %.1f mm and %.1f degrees apart); it was read by "
             "its %s, and the outputs carry that one: a viewer that uses the %s shows them elsewhere"
@@ -395,6 +400,8 @@ def publish(tmp: str, path: str) -> None:
     umask), not mkstemp's 0600. A rename refused (another user's file in a shared sticky folder) is
     one message, the staged file removed."""
     try:
+        if os.path.islink(path):               # (the link is replaced: the new file is the user's own)
+            raise OSError
         mode = os.stat(path).st_mode & 0o777
     except OSError:
         mode = 0o666 & ~_umask()

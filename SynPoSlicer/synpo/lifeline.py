@@ -96,5 +96,6 @@ def _handle(names, handler) -> Callable[[], None]:
 
     def restore() -> None:
         for name, old in previous.items():
-            signal.signal(getattr(signal, name), old)
+            if old is not None:                # (a handler set outside Python cannot be put back)
+                signal.signal(getattr(signal, name), old)
     return restore

@@ -152,8 +152,9 @@ def write_result(result: VolumeResult, geometry: Geometry, out: str, confidence_
             staged.append((_io.stage_json(document, points_out), points_out))
         # uint8 when the labels fit (assembly.py)
         staged.append((_io.stage_volume(result.labels, geometry, out), out))
-        # The renames, with Ctrl+C / kill held off (milliseconds; in the main thread: a cohort's
-        # workers write in theirs), so that no interruption leaves some outputs replaced.
+        # The renames, with Ctrl+C / kill ignored (milliseconds: one pressed then is dropped; in the main
+        # thread only: a cohort's workers write in theirs), so that no interruption leaves some outputs
+        # replaced.
         from .lifeline import ignore_interrupts
         restore = ignore_interrupts(("SIGINT", "SIGTERM", "SIGHUP"))
         try:

@@ -94,7 +94,7 @@ def _check_one_file(path, name):
     if files is None:
         raise SynPoError("%s has a header longer than %d MB; upload a volume with a usual header."
                          % (name, HEADER_LIMIT >> 20))
-    detached = [f for f in files if f.upper() != "LOCAL"]
+    detached = [f for f in files if not (name.lower().endswith(".mha") and f.upper() == "LOCAL")]
     if detached:
         raise SynPoError("%s names a separate data file (%s); upload a volume whose voxels are in the same file "
                          "(.nrrd with its data attached, .mha, .nii, .nii.gz)." % (name, detached[0][:80]))
