@@ -154,24 +154,25 @@ def cmd_segment(args) -> int:
         absent_marks(absent, found, image.shape[found.axis])          # checked before any model loads
     cfg = configured(args.set, args.modality)  # bad settings too
     update, close = _progress(args.quiet)
-    # Ended by SIGTERM or SIGHUP (kill, a closed terminal) as by Ctrl+C: nothing written, no temporary
-    # file left (outputs.write_result), one line.
+    # Ended by SIGTERM or SIGHUP (kill, a closed terminal) as by Ctrl+C, local or --server: nothing
+    # written, no temporary file left (outputs.write_result), one line.
     from .lifeline import interrupt_on
     restore = interrupt_on(("SIGTERM", "SIGHUP"))
     try:
-        if args.server:
-            result = _segment_remote(args, image, geometry, support, ref, update, absent)
-        else:
-            from .session import Models, Session
-            models = Models.load(args.sam, args.features, args.dinov2 or "small", args.device, args.precision,
-                                 args.quiet, args.runtime)
-            session = Session(image, geometry.spacing, models, args.embedding_cache)
-            result = session.run(support, cfg, support_image=ref, progress=update,
-                                 confidence_everywhere=args.confidence_all, absent=absent)
-        close()
+        try:
+            if args.server:
+                result = _segment_remote(args, image, geometry, support, ref, update, absent)
+            else:
+                from .session import Models, Session
+                models = Models.load(args.sam, args.features, args.dinov2 or "small", args.device, args.precision,
+                                     args.quiet, args.runtime)
+                session = Session(image, geometry.spacing, models, args.embedding_cache)
+                result = session.run(support, cfg, support_image=ref, progress=update,
+                                     confidence_everywhere=args.confidence_all, absent=absent)
+        finally:
+            close()
         written = write_result(result, geometry, args.output, args.confidence_out, args.points_out, args.image)
     finally:
-        close()
         restore()
     from .outputs import collapse_warnings
     for line in collapse_warnings(result):
@@ -226,15 +227,10 @@ def _segment_remote(args, image, geometry, support, ref, progress, absent=None):
         raise SynPoError("the server at %s runs DINOv2 %s, not --dinov2 %s; start a server with --dinov2 %s"
                          % (args.server, runs_dino, args.dinov2, args.dinov2))
     confidence = "labels" if args.confidence_out else "none"
-    # Ended by SIGTERM or SIGHUP (kill, a closed terminal) as by Ctrl+C: the run cancelled, the session
-    # deleted (run_remote); else they stayed on the server until its --session-ttl.
-    from .lifeline import interrupt_on
-    restore = interrupt_on(("SIGTERM", "SIGHUP"))
-    try:
-        return run_remote(client, image, geometry.spacing, support, args.set, args.modality, ref, confidence,
-                          progress, args.confidence_all, absent)
-    finally:
-        restore()
+    # (SIGTERM and SIGHUP end it as Ctrl+C does, cmd_segment: the run cancelled, the session deleted by
+    # run_remote; else they stayed on the server until its --session-ttl.)
+    return run_remote(client, image, geometry.spacing, support, args.set, args.modality, ref, confidence,
+                      progress, args.confidence_all, absent)
 
 
 def cmd_web(args) -> int:

@@ -399,12 +399,12 @@ def publish(tmp: str, path: str) -> None:
     private 0600 output stays private), else those any other tool's output gets (0666 less the user's
     umask), not mkstemp's 0600. A rename refused (another user's file in a shared sticky folder) is
     one message, the staged file removed."""
-    try:
-        if os.path.islink(path):               # (the link is replaced: the new file is the user's own)
-            raise OSError
-        mode = os.stat(path).st_mode & 0o777
-    except OSError:
-        mode = 0o666 & ~_umask()
+    mode = 0o666 & ~_umask()
+    if not os.path.islink(path):               # (a link is replaced: the new file is the user's own)
+        try:
+            mode = os.stat(path).st_mode & 0o777
+        except OSError:
+            pass
     try:
         os.chmod(tmp, mode)
         os.replace(tmp, path)
