@@ -241,9 +241,19 @@ def _kill_a_worker_mid_write(case, c, client, tmp_path, capsys):
 
 def test_a_scheduler_without_workers_is_said_and_the_cohort_runs_when_one_joins(case, tmp_path, capsys):
     """A --scheduler that has no worker yet (a dask-jobqueue cluster before its jobs start): the
-    cohort says it waits for one, instead of hanging silently, and runs when a worker joins."""
+    cohort says it waits for one, instead of hanging silently, and runs when a worker joins. The
+    volume, a NIfTI whose qform and sform disagree, gets synpo segment's placement warning in its row
+    (the table said nothing)."""
+    import struct
     import threading
     from distributed import Client, LocalCluster
+    query = tmp_path / "case2.nii"
+    sitk.WriteImage(sitk.ReadImage(str(case["queries"] / "case2.nii.gz")), str(query))
+    header = bytearray(query.read_bytes())
+    srow = list(struct.unpack("<12f", header[280:328]))
+    srow[3] += 30.0                                         # the sform's x offset moved by 30 mm
+    header[280:328] = struct.pack("<12f", *srow)
+    query.write_bytes(bytes(header))
     with LocalCluster(n_workers=0, threads_per_worker=1, processes=True, dashboard_address=None) as c:
         with Client(c) as client:
             def join_when_asked():              # a worker starts once the cohort has submitted work
@@ -255,7 +265,7 @@ def test_a_scheduler_without_workers_is_said_and_the_cohort_runs_when_one_joins(
             joiner = threading.Thread(target=join_when_asked, daemon=True)
             joiner.start()
             out = tmp_path / "out"
-            code = main(["cohort", case["ref"], case["labels"], str(case["queries"] / "case2.nii.gz"), "-o",
+            code = main(["cohort", case["ref"], case["labels"], str(query), "-o",
                          str(out), "--scheduler", c.scheduler_address, "--embedding-cache", case["cache"]] + MODEL)
             joiner.join(10)
     printed = capsys.readouterr().out
@@ -263,6 +273,9 @@ def test_a_scheduler_without_workers_is_said_and_the_cohort_runs_when_one_joins(
     assert "0 workers now" in printed and "cohort: waiting for a worker to join the scheduler" in printed
     assert printed.index("waiting for a worker") < printed.index("[1/1] case2")
     assert np.array_equal(_labels(out / "case2_synpo.nii.gz"), case["expected"]["case2"])
+    warned = _rows(out)["case2"]["warnings"]
+    assert warned.startswith("case2.nii holds two placements (its qform and sform are 30.0 mm") and \
+        str(tmp_path) not in warned, warned
 
 
 def test_ctrl_c_stops_cleanly_and_a_rerun_does_only_the_rest(case, tmp_path):

@@ -300,6 +300,16 @@ async def scenario(app):
     image = np.zeros((12, 48, 48), np.int16)
     image[:, 8:20, 8:22] = 300
     image[:, 28:40, 26:42] = 600
+    # A NIfTI without a voxel size (pixdim 0, no sform): synpo segment's warning, on the page.
+    path = os.path.join(folder, "nosize.nii")
+    sitk.WriteImage(sitk.GetImageFromArray(image), path)
+    header = bytearray(open(path, "rb").read())
+    header[88:92] = bytes(4)                            # pixdim[3] = 0.0
+    header[252:256] = bytes(4)                          # no qform, no sform
+    upload(app, "nosize.nii", bytes(header))
+    said = app.state.message
+    assert said.startswith("nosize.nii loaded") and "Note: nosize.nii gives no voxel size along k" in said, said
+    assert "synpo-web-" not in said and not app.state.error, said
     path = os.path.join(folder, "two.nii.gz")
     sitk.WriteImage(sitk.GetImageFromArray(image), path, True)
     upload(app, "two.nii.gz", open(path, "rb").read())

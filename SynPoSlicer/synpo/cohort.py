@@ -402,7 +402,7 @@ def segment_query(query: str, name: str, outdir: str, reference, features: dict,
     paths = output_paths(outdir, name, options["confidence"], options["points"], options["labels"])
     try:
         row["query_stamp"] = file_stamp(query)
-        from .io import orient_like, read_volume, turn_of
+        from .io import nifti_placement_note, orient_like, read_volume, turn_of
         from .outputs import write_result
         from .session import Session
         ref_image, ref_labels, ref_geometry = reference
@@ -421,7 +421,9 @@ def segment_query(query: str, name: str, outdir: str, reference, features: dict,
                              confidence_everywhere=options["confidence_all"])
         write_result(result, geometry, paths["labels"], paths.get("confidence"), paths.get("points"), query)
         row["organs_found"], row["slices_per_organ"], warnings = _summary(result)
-        warnings = _input_warnings(image, features["modality"]) + warnings
+        # (as synpo segment warns: the outputs carry the placement ITK read)
+        placement = nifti_placement_note(query, geometry, shown=os.path.basename(query))
+        warnings = [placement] * bool(placement) + _input_warnings(image, features["modality"]) + warnings
         row.update(status="done", warnings=" | ".join(warnings),
                    outputs=encode_outputs(os.path.basename(p) for p in paths.values() if os.path.exists(p)))
     except SynPoError as exc:

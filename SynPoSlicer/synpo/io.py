@@ -254,15 +254,17 @@ def check_nifti_whole(path: str, what: str = "image") -> None:
         return
 
 
-def nifti_placement_note(path, geometry: Geometry) -> str:
+def nifti_placement_note(path, geometry: Geometry, shown: Optional[str] = None) -> str:
     """A note when a NIfTI-1 header gives no voxel size (pixdim 0 and no sform), or holds two
     placements that disagree (qform and sform both set,
     their voxel (0, 0, 0) or axes more than 0.5 mm / 0.5 degrees apart: an image resampled or
     registered by one tool and rewritten by another): which one the volume was read by (ITK's
-    choice), since a viewer that takes the other shows the outputs elsewhere. "" otherwise."""
+    choice), since a viewer that takes the other shows the outputs elsewhere. "" otherwise.
+    `shown`: the file's name in the note (default: `path`; the web page's upload, a cohort's volume)."""
     import gzip
     import struct
     path = os.fspath(path)
+    shown = path if shown is None else shown
     lower = path.lower()
     if not lower.endswith((".nii", ".nii.gz")):
         return ""
@@ -283,7 +285,7 @@ def nifti_placement_note(path, geometry: Geometry) -> str:
         # (ITK reads such an axis as 1 mm, an sform or not, and the walk's thin-slice rules then judge
         # the slices by a size the scan never had)
         return ("%s gives no voxel size along %s (pixdim 0); it was read as %s mm: check the scan's real voxel "
-                "size" % (path, "/".join("ijk"[n] for n in range(3) if pixdim[n] == 0 or not np.isfinite(pixdim[n])),
+                "size" % (shown, "/".join("ijk"[n] for n in range(3) if pixdim[n] == 0 or not np.isfinite(pixdim[n])),
                           "x".join("%g" % v for v in geometry.spacing)))
     if qcode <= 0 or scode <= 0:
         return ""
@@ -312,7 +314,7 @@ def nifti_placement_note(path, geometry: Geometry) -> str:
     other = "sform" if used == "qform" else "qform"
     return ("%s holds two placements (its qform and sform are %.1f mm and %.1f degrees apart); it was read by "
             "its %s, and the outputs carry that one: a viewer that uses the %s shows them elsewhere"
-            % (path, apart, turn, used, other))
+            % (shown, apart, turn, used, other))
 
 
 def read_volume(path, what: str = "image", label: bool = False):

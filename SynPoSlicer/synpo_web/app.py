@@ -446,7 +446,7 @@ class SynPoWeb(TrameApp):
                 raise SynPoError("%s is not a volume file this page reads (%s)." % (name, ", ".join(READABLE)))
             if not self._scene_may_go("Upload the volume"):      # asked before the file is read
                 return
-            from synpo.io import read_volume
+            from synpo.io import nifti_placement_note, read_volume
             with tempfile.TemporaryDirectory(prefix="synpo-web-") as folder:
                 path = os.path.join(folder, name)
                 with open(path, "wb") as handle:
@@ -461,6 +461,8 @@ class SynPoWeb(TrameApp):
                     said = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                     raise SynPoError("%s could not be read as a volume: %s"
                                      % (name, _without_paths(said, folder, name))) from None
+                # (as synpo segment warns: the downloads carry the placement ITK read)
+                placement = nifti_placement_note(path, geometry, shown=name)
             if image.ndim != 3:
                 raise SynPoError("%s is not a 3D scalar volume." % name)
             self._clear()
@@ -468,8 +470,9 @@ class SynPoWeb(TrameApp):
             self._activate_segmentation(self.segmentation)
             self._refresh()
             self._loaded()
-            self._say("%s loaded (%s voxels). Add a segment and paint the target on one slice, then Preview."
-                      % (name, " x ".join(str(n) for n in image.shape[::-1])))
+            self._say("%s loaded (%s voxels). Add a segment and paint the target on one slice, then Preview.%s"
+                      % (name, " x ".join(str(n) for n in image.shape[::-1]),
+                         "\nNote: %s." % placement if placement else ""))
         except SynPoError as exc:
             self._say(str(exc), error=True)
         finally:
