@@ -130,13 +130,13 @@ def registerEditorEffect():
 
 def sharedLogic():
     """The one logic the module's panel and the Segment Editor effect share (one server, one preview,
-    one timer): created on first use, its server stopped when Slicer quits."""
+    one timer): created on first use; when Slicer quits, its run is cancelled and its server stopped."""
     if not _SHARED_LOGIC:
         logic = SynPoSlicerLogic()
         logic._connections = []                  # undone by retireLogic (Reload)
         app = getattr(slicer, "app", None)
         if app is not None:
-            stop = logic.stopServer              # (PythonQt matches a handler by ==: a bound method does)
+            stop = logic.onAboutToQuit           # (PythonQt matches a handler by ==: a bound method does)
             app.connect("aboutToQuit()", stop)
             logic._connections.append(lambda: app.disconnect("aboutToQuit()", stop))
         scene = getattr(slicer, "mrmlScene", None)
@@ -582,6 +582,18 @@ class SynPoSlicerLogic(ScriptedLoadableModuleLogic, PreviewLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         PreviewLogic.__init__(self)
         self._timer = None
+
+    def onAboutToQuit(self):
+        """Slicer quits (QCoreApplication::aboutToQuit; Slicer's own slot, qSlicerCoreApplication::
+        onAboutToQuit, has unloaded the modules first, Python is still running): a run still going is
+        cancelled on its server, as Reload does (retireLogic): nothing will read it, and on a server
+        given by URL it would otherwise run to its end, holding one of that server's run slots. Then
+        the local server is ended (with its whole process tree) and the timer stopped."""
+        for step in (self.cancel, lambda: self.settle(2.0), self.stopServer, self.stopPolling):
+            try:
+                step()
+            except Exception as exc:
+                logging.warning("SynPo: while Slicer quits: %s" % exc)
 
     def cacheFolder(self):
         """The panel's setting; until it is set, where `synpo` itself would download ($SYNPO_CACHE,

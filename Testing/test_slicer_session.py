@@ -397,6 +397,12 @@ class App:
     def disconnect(self, signal_name, callback):
         self.connections.remove((signal_name, callback))
 
+    def emit(self, signal_name):
+        """Qt calls a signal's slots in the order they were connected."""
+        for name, callback in list(self.connections):
+            if name == signal_name:
+                callback()
+
 
 @pytest.fixture
 def sandbox(monkeypatch):
@@ -981,6 +987,51 @@ def test_update_keeps_the_candidates_node_the_segment_editor_shows(sandbox, scen
     assert mrml.temporary_nodes(c["scene"]) == []
 
 
+class EditorWidget:
+    """qMRMLSegmentEditorWidget of 5.10 (Modules/Loadable/Segmentations/Widgets/qMRMLSegmentEditorWidget.cxx):
+    saveStateForUndo() calls its logic's SaveStateForUndo (vtkSlicerSegmentEditorLogic), which saves the
+    state of the segmentation its parameter node shows."""
+
+    def __init__(self, logic):
+        self.logic = logic
+
+    def mrmlSegmentEditorNode(self):
+        return self.logic.GetSegmentEditorNode()
+
+    def saveStateForUndo(self):
+        self.logic.SaveStateForUndo()
+
+
+def test_ctrl_z_after_an_update_gives_back_the_corrected_candidates(sandbox, scene_case, server, monkeypatch):
+    """The user erases a slice of 'SynPo candidates' in the Segment Editor (Paint / Erase save the
+    editor's undo state first), presses Update, then Ctrl+Z: the candidates as the user corrected them
+    come back. The editor's history keeps the states saved before a change made outside it
+    (vtkSegmentationHistory::OnSegmentationModified drops only the redo states), so Ctrl+Z brought
+    back the first preview without the correction, under the Update's points and confidence."""
+    c = scene_case
+    python, logic = _previewed_effect(sandbox, c, server)
+    editor = ScriptedEffect.editor
+    editor.GetSegmentEditorNode().SetAndObserveSegmentationNode(logic.preview.candidates)
+    monkeypatch.setattr(logic, "segmentEditorWidget", lambda: EditorWidget(editor))
+    first = logic.preview.labels.copy()
+    editor.SaveStateForUndo()                              # the Erase effect, before its stroke
+    erase, edited = _edit_candidates(logic, c)
+    python.onUpdate()
+    _drive(logic, lambda: not logic.active())
+    assert logic.state == "previewed", logic.message
+    candidates, sid = logic.preview.candidates, logic.preview.candidate_ids[1]
+    updated = logic.result.labels == 1
+    assert np.array_equal(mrml.segment_array(candidates, sid, c["volume"]).astype(bool), updated)
+    assert not np.array_equal(edited, first)               # (the erase changed something to get back)
+    editor.Undo()                                          # Ctrl+Z
+    shown = mrml.segment_array(candidates, sid, c["volume"]).astype(bool)
+    assert np.array_equal(shown, edited == 1), "Ctrl+Z did not give back the corrected candidates"
+    assert not shown[erase].any()
+    editor.Undo()                                          # again: the first preview, as before the stroke
+    assert np.array_equal(mrml.segment_array(candidates, sid, c["volume"]).astype(bool), first == 1)
+    logic.discard()
+
+
 def test_reloading_as_slicer_util_does_retires_the_previous_logic(sandbox, monkeypatch):
     """slicer.util.reloadScriptedModule (Base/Python/slicer/util.py, 5.10+: importlib.util.
     module_from_spec + exec_module, a new module object put in sys.modules) called from the Python
@@ -1019,3 +1070,27 @@ def test_placing_a_prompt_point_leaves_the_effect_selected(sandbox):
     effect.python = types.SimpleNamespace()                  # an effect without the override is deselected
     effect.interactionNodeModified(interaction)
     assert effect.deselected
+
+
+def test_quitting_slicer_cancels_a_run_on_a_team_server(sandbox, scene_case, server, monkeypatch):
+    """The user quits Slicer while a preview runs on a SynPo server given by URL. Qt emits
+    QCoreApplication::aboutToQuit and calls its slots in connection order: first Slicer's own
+    (Base/QTCore/qSlicerCoreApplication.cxx, qSlicerCoreApplication::onAboutToQuit: unloadModules,
+    the module widgets' cleanup(); Python is finalized only later, in ~qSlicerCoreApplicationPrivate),
+    then the shared logic's. Nothing reads the run afterwards: it is cancelled on the server, not left
+    running to its end there (holding one of the server's run slots, --max-runs, for other users)."""
+    c = scene_case
+    app = App()
+    monkeypatch.setattr(slicer, "app", app, raising=False)
+    python, logic = _effect_with_server(sandbox, c, server)
+    other = add_volume(c["scene"], c["image"] + 9.0, c["matrix"], "not embedded yet")
+    ScriptedEffect.editor.GetSegmentEditorNode().SetAndObserveSourceVolumeNode(other)
+    python.activate()
+    python.onPreview()
+    _drive(logic, lambda: logic.job is not None and logic.job.state == "running")
+    sid, rid = logic.job.session_id, logic.job.run_id
+    python.cleanup()                                       # Slicer's slot first: widgets cleaned up
+    app.emit("aboutToQuit()")
+    assert server.client().wait(sid, rid)["state"] == "cancelled"
+    assert not logic._timer.active
+    sandbox.retireLogic(logic)

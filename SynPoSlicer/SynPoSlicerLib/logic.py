@@ -391,6 +391,8 @@ class PreviewLogic:
         # An update replaces the preview it corrected, in the same 'SynPo candidates' node (the
         # Segment Editor may show it: mrml.show_preview).
         previous = self.preview
+        if previous is not None:
+            self.saveCandidatesForUndo(previous.candidates)
         self.preview = mrml.show_preview(self.volumeNode, self.result, self.segmentIds, self.segmentNames,
                                          previous=previous)
         if previous is not None:
@@ -408,6 +410,20 @@ class PreviewLogic:
         if before is not None:                       # after Update: what the corrections changed
             self.message = "Updated: %d slice(s) changed.\n%s" % (len(changed_slices(before, self.result)),
                                                                   self.message)
+
+    def saveCandidatesForUndo(self, candidates):
+        """Before an Update rewrites the candidates in place: when the Segment Editor shows them, its
+        undo state is saved, so that Ctrl+Z takes back the Update (the user's corrected candidates
+        come back) rather than the user's last stroke as well. The editor's history keeps the states
+        saved before any change made outside it (vtkSegmentationHistory::OnSegmentationModified only
+        drops the redo states): without this, one Ctrl+Z after an Update restored the first preview
+        without the correction, while the points and confidence were the Update's.
+        (qMRMLSegmentEditorWidget::saveStateForUndo saves its segmentation's state: the history's in
+        5.8, vtkSlicerSegmentEditorLogic::SaveStateForUndo's in 5.10.)"""
+        editor = self.segmentEditorWidget()
+        node = editor.mrmlSegmentEditorNode() if editor is not None else None
+        if node is not None and candidates is not None and node.GetSegmentationNode() is candidates:
+            editor.saveStateForUndo()
 
     def showLayers(self, opacity):
         """The confidence over the volume in the application's slice views (a hook)."""
