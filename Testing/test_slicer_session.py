@@ -947,6 +947,37 @@ def test_rerun_slice_takes_no_points_from_a_markups_list_the_user_deleted(sandbo
     logic.discard()
 
 
+def test_rerun_slice_keeps_the_users_edits_on_the_other_slices(sandbox, scene_case, server, monkeypatch):
+    """The user erases the candidate on one slice, then moves a point on another and presses Re-run
+    slice: that slice is decoded again, and the erased slice stays erased (the whole segment was
+    rewritten from the preview's labels, dropping the edit without a word); Ctrl+Z in the Segment
+    Editor showing the candidates then takes back the Re-run only."""
+    c = scene_case
+    python, logic = _previewed_effect(sandbox, c, server)
+    editor = ScriptedEffect.editor
+    editor.GetSegmentEditorNode().SetAndObserveSegmentationNode(logic.preview.candidates)
+    monkeypatch.setattr(logic, "segmentEditorWidget", lambda: EditorWidget(editor))
+    editor.SaveStateForUndo()                              # the Erase effect, before its stroke
+    erase, edited = _edit_candidates(logic, c)
+    t = next(r.index for r in logic.result.records if len(r.positive) and r.index != erase)
+    axis = logic.result.support.axis
+    new = np.zeros(logic.preview.labels.shape[1:], bool)
+    new[:4, :4] = True                                     # the re-decoded slice: something else
+    monkeypatch.setattr(mrml, "rerun_slice", lambda preview, volume, ax, k, label, decode, real=mrml.rerun_slice:
+                        real(preview, volume, ax, k, label, lambda pos, neg: new))
+    logic.rerunSlice(t, c["target"])
+    candidates, sid = logic.preview.candidates, logic.preview.candidate_ids[1]
+    shown = np.moveaxis(mrml.segment_array(candidates, sid, c["volume"]).astype(bool), axis, 0)
+    assert not shown[erase].any(), "Re-run slice dropped the erased slice"
+    assert np.array_equal(shown[t], new)
+    expected = np.moveaxis(edited == 1, axis, 0).copy()
+    expected[t] = new
+    assert np.array_equal(shown, expected) and logic.editedSlices() == 1
+    editor.Undo()                                          # Ctrl+Z: the Re-run only
+    assert np.array_equal(mrml.segment_array(candidates, sid, c["volume"]), edited)
+    logic.discard()
+
+
 def test_a_closed_scene_or_an_ended_run_keeps_no_copy_of_the_volume(sandbox, scene_case, server):
     """File > Close Scene (StartCloseEvent -> onSceneClosed) before the server was reached: the copy
     of the volume made for the upload goes (it was held until the next preview: 8 bytes per voxel).

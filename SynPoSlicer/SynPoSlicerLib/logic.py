@@ -412,9 +412,9 @@ class PreviewLogic:
                                                                   self.message)
 
     def saveCandidatesForUndo(self, candidates):
-        """Before an Update rewrites the candidates in place: when the Segment Editor shows them, its
-        undo state is saved, so that Ctrl+Z takes back the Update (the user's corrected candidates
-        come back) rather than the user's last stroke as well. The editor's history keeps the states
+        """Before an Update (or a Re-run slice) rewrites the candidates in place: when the Segment Editor
+        shows them, its undo state is saved, so that Ctrl+Z takes back the Update (the user's corrected
+        candidates come back) rather than the user's last stroke as well. The editor's history keeps the states
         saved before any change made outside it (vtkSegmentationHistory::OnSegmentationModified only
         drops the redo states): without this, one Ctrl+Z after an Update restored the first preview
         without the correction, while the points and confidence were the Update's.
@@ -468,6 +468,7 @@ class PreviewLogic:
         client, sid = self.client(timeout=30.0), self.job.session_id
         decode = lambda pos, neg: client.redecode(sid, sliceIndex, pos, neg, label, axis)[0]
         try:
+            self.saveCandidatesForUndo(self.preview.candidates)           # Ctrl+Z: this slice back
             used = mrml.rerun_slice(self.preview, self.volumeNode, axis, sliceIndex, label, decode)
         except ServerError as exc:
             if exc.status == 404 and "session" in str(exc):

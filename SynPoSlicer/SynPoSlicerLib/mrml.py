@@ -366,7 +366,9 @@ def slice_points(node, volume_node, axis: int, slice_index: int, segment_id: str
 def rerun_slice(preview: "PreviewNodes", volume_node, axis: int, slice_index: int, label: int, decode) -> int:
     """Decode one slice of one label again from the preview's markups points (as the user moved,
     added or deleted them) and update the candidate segment there. `decode(positive, negative)`
-    returns the slice's new (H, W) mask (the server's re-decode). Returns the number of points used."""
+    returns the slice's new (H, W) mask (the server's re-decode). Returns the number of points used.
+    Only that slice of the candidate segment changes: the user's paint and erasing on its other
+    slices stay (Update, Apply and the edited-slice count read them there)."""
     if not 1 <= label <= len(preview.segment_ids):
         raise InputError("label %d is not one of the previewed segments" % label)
     segment_id = preview.segment_ids[label - 1]
@@ -381,8 +383,10 @@ def rerun_slice(preview: "PreviewNodes", volume_node, axis: int, slice_index: in
     mask = decode(pos, neg) if len(pos) else np.zeros_like(current)
     view[slice_index][current] = 0
     view[slice_index][mask & (view[slice_index] == 0)] = label
+    shown = segment_array(preview.candidates, sid, volume_node)       # as the user left it
+    np.moveaxis(shown, axis, 0)[slice_index] = view[slice_index] == label
     name = preview.candidates.GetSegmentation().GetSegment(sid).GetName()
-    write_labels(preview.candidates, volume_node, preview.labels, {label: name}, {label: sid})
+    write_labels(preview.candidates, volume_node, shown, {1: name}, {1: sid})
     return len(pos) + len(neg)
 
 
