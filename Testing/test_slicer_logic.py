@@ -543,15 +543,21 @@ def test_rerun_one_slice_from_edited_points_on_the_server(scene_case, server):
     decode = lambda pos, neg: client.redecode(sid, t, pos, neg, 1, 0)[0]
     used = mrml.rerun_slice(preview, c["volume"], 0, t, 1, decode)
     assert used == 1
-    got = preview.labels[t] == 1
+    cand = mrml.segment_array(preview.candidates, preview.candidate_ids[1], c["volume"]).astype(bool)
+    got = cand[t]
     assert 2 * (got & c["mask"][t]).sum() / (got.sum() + c["mask"][t].sum()) > 0.6
-    assert np.array_equal(np.delete(preview.labels, t, 0), np.delete(before, t, 0))    # other slices untouched
-    cand = mrml.segment_array(preview.candidates, preview.candidate_ids[1], c["volume"])
-    assert np.array_equal(cand.astype(bool), preview.labels == 1)                   # the preview layer follows
-    # Deleting the last positive point empties the slice.
+    assert np.array_equal(np.delete(cand, t, 0), np.delete(before == 1, t, 0))     # other slices untouched
+    assert np.array_equal(preview.labels, before)                                   # the engine's labels kept
+    # The re-decoded slice is the user's correction: Update takes it as a corrected slice.
+    paint, absent = mrml.edited_slices(preview, c["volume"], 0)
+    changed = not np.array_equal(got, before[t] == 1)
+    assert np.array_equal(paint[t] == 1, got if changed else np.zeros_like(got)), changed
+    assert not np.delete(paint, t, 0).any() and absent == {}
+    # Deleting the last positive point empties the slice: for Update, the organ is absent there.
     preview.positive.RemoveNthControlPoint(preview.positive.GetNumberOfControlPoints() - 1)
     mrml.rerun_slice(preview, c["volume"], 0, t, 1, decode)
-    assert not (preview.labels[t] == 1).any()
+    assert not mrml.segment_array(preview.candidates, preview.candidate_ids[1], c["volume"])[t].any()
+    assert mrml.edited_slices(preview, c["volume"], 0)[1] == {1: [t]}
     with pytest.raises(InputError, match="not one of the previewed"):
         mrml.rerun_slice(preview, c["volume"], 0, t, 2, decode)
     preview.remove()

@@ -950,8 +950,9 @@ def test_rerun_slice_takes_no_points_from_a_markups_list_the_user_deleted(sandbo
 def test_rerun_slice_keeps_the_users_edits_on_the_other_slices(sandbox, scene_case, server, monkeypatch):
     """The user erases the candidate on one slice, then moves a point on another and presses Re-run
     slice: that slice is decoded again, and the erased slice stays erased (the whole segment was
-    rewritten from the preview's labels, dropping the edit without a word); Ctrl+Z in the Segment
-    Editor showing the candidates then takes back the Re-run only."""
+    rewritten from the preview's labels, dropping the edit without a word); both are corrections that
+    Update carries through the volume (the re-decoded slice was walked over again, its fix lost);
+    Ctrl+Z in the Segment Editor showing the candidates takes back the Re-run only."""
     c = scene_case
     python, logic = _previewed_effect(sandbox, c, server)
     editor = ScriptedEffect.editor
@@ -972,7 +973,9 @@ def test_rerun_slice_keeps_the_users_edits_on_the_other_slices(sandbox, scene_ca
     assert np.array_equal(shown[t], new)
     expected = np.moveaxis(edited == 1, axis, 0).copy()
     expected[t] = new
-    assert np.array_equal(shown, expected) and logic.editedSlices() == 1
+    assert np.array_equal(shown, expected) and logic.editedSlices() == 2
+    paint, absent = mrml.edited_slices(logic.preview, c["volume"], axis)
+    assert absent == {1: [erase]} and np.array_equal(np.moveaxis(paint, axis, 0)[t] == 1, new)
     editor.Undo()                                          # Ctrl+Z: the Re-run only
     assert np.array_equal(mrml.segment_array(candidates, sid, c["volume"]), edited)
     logic.discard()

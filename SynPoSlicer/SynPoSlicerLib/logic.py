@@ -474,7 +474,8 @@ class PreviewLogic:
             if exc.status == 404 and "session" in str(exc):
                 raise ServerError(SESSION_GONE % exc, 404) from None
             raise
-        return "Slice %d of %s decoded again from %d point(s)." % (sliceIndex, self.segmentNames[label - 1], used)
+        return ("Slice %d of %s decoded again from %d point(s): a correction, as paint there would be (Update "
+                "carries it through the volume)." % (sliceIndex, self.segmentNames[label - 1], used))
 
     def segmentEditorWidget(self):
         """The application's Segment Editor widget, whose masking settings and undo Apply uses (a

@@ -368,7 +368,9 @@ def rerun_slice(preview: "PreviewNodes", volume_node, axis: int, slice_index: in
     added or deleted them) and update the candidate segment there. `decode(positive, negative)`
     returns the slice's new (H, W) mask (the server's re-decode). Returns the number of points used.
     Only that slice of the candidate segment changes: the user's paint and erasing on its other
-    slices stay (Update, Apply and the edited-slice count read them there)."""
+    slices stay. The re-decoded slice is the user's correction, as paint there would be (the
+    engine's labels, `preview.labels`, are left as they were): Update carries it through the volume
+    as a corrected (or emptied) slice instead of walking over it, Apply writes it, Discard asks."""
     if not 1 <= label <= len(preview.segment_ids):
         raise InputError("label %d is not one of the previewed segments" % label)
     segment_id = preview.segment_ids[label - 1]
@@ -378,13 +380,10 @@ def rerun_slice(preview: "PreviewNodes", volume_node, axis: int, slice_index: in
     sid = candidate_segment(preview, label)       # first: nothing changes where it cannot be written
     pos = slice_points(preview.positive, volume_node, axis, slice_index, segment_id)
     neg = slice_points(preview.negative, volume_node, axis, slice_index, segment_id)
-    view = np.moveaxis(preview.labels, axis, 0)                 # a view: edits land in preview.labels
-    current = view[slice_index] == label
-    mask = decode(pos, neg) if len(pos) else np.zeros_like(current)
-    view[slice_index][current] = 0
-    view[slice_index][mask & (view[slice_index] == 0)] = label
+    engine = np.moveaxis(preview.labels, axis, 0)[slice_index]
+    mask = decode(pos, neg) if len(pos) else np.zeros(engine.shape, bool)
     shown = segment_array(preview.candidates, sid, volume_node)       # as the user left it
-    np.moveaxis(shown, axis, 0)[slice_index] = view[slice_index] == label
+    np.moveaxis(shown, axis, 0)[slice_index] = mask & ((engine == 0) | (engine == label))
     name = preview.candidates.GetSegmentation().GetSegment(sid).GetName()
     write_labels(preview.candidates, volume_node, shown, {1: name}, {1: sid})
     return len(pos) + len(neg)
