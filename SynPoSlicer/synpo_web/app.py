@@ -157,6 +157,25 @@ class _HeldArea:
         return getattr(self.adapter, attribute)
 
 
+def _quiet_when_gone(handler):
+    """wslink's sends to a tab that went while they were on their way (closed, reloaded, its browser
+    ended or offline): aiohttp raises ClientConnectionResetError "Cannot write to closing transport"
+    (aiohttp/_websocket/writer.py); wslink leaves a published frame's or state's to asyncio ("Task
+    exception was never retrieved") and answers an RPC's with an error sent on the same connection, which
+    raises again ("Error handling request": WslinkHandler.onCompleteMessage, wslink/protocol.py). Dozens
+    of tracebacks on the terminal for a tab closed while its views streamed; the tab is gone, so nothing
+    is lost by not sending."""
+    for name in ("sendWrappedMessage", "sendWrappedError"):
+        send = getattr(handler, name)
+
+        async def quiet(*args, _send=send, **kwargs):
+            try:
+                return await _send(*args, **kwargs)
+            except ConnectionResetError:
+                handler.network_monitor.network_call_completed()
+        setattr(handler, name, quiet)
+
+
 class SynPoWeb(TrameApp):
     def __init__(self, server=None, max_upload_mb=512.0, server_options=None, remote=None):
         super().__init__(server)
@@ -299,9 +318,24 @@ class SynPoWeb(TrameApp):
             self._sizes.pop(client_id, None)
             return closed(client_id)
         protocol.onClose = on_close
+        for handler in getattr(getattr(self.server, "_server", None), "_ws_handlers", ()):
+            _quiet_when_gone(handler)
+            # Another tab's own state changes (trame_server's "trame.state.update": its v_models) are not
+            # taken: its keyboard reaches the controls under its cover, and its Erase, segment or
+            # "Segments to propagate" became the owner's (shown on the owner's page; owner_only stopped
+            # only the handlers: the page showed Erase, the editor had no tool).
+            if "trame.state.update" in handler.functionMap:
+                obj, update = handler.functionMap["trame.state.update"]
+                handler.functionMap["trame.state.update"] = (obj, self._owner_state(update))
         for link in protocol.getLinkProtocols():
             if isinstance(getattr(link, "_area_adapters", None), dict):       # trame-rca's StreamManager
                 link._area_adapters = self._areas = _OwnerOnlyAreas(link._area_adapters, self)
+
+    def _owner_state(self, update):
+        def guarded(protocol, changes):
+            if self._tab is None or self._owner():
+                return update(protocol, changes)
+        return guarded
 
     def _edits_may_go(self, action):
         """True when nothing the user painted or erased on the candidates would be lost by `action`
