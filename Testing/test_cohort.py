@@ -420,6 +420,18 @@ def test_a_row_from_before_the_reference_was_turned_is_segmented_again(case, clu
     assert main(argv) == 2
     assert "holds the outputs of flipped from" in capsys.readouterr().err
     assert np.array_equal(_labels(draft), corrected)
+    # A run with other settings interrupted before it reached the volume leaves its row "started": the
+    # next run does not replace the corrected draft either (the row's stamps had been cleared: it did).
+    from synpo.cohort import _mark_started, read_rows
+    argv[3] = str(queries)
+    rows = read_rows(str(out / "cohort.csv"))
+    _mark_started(["flipped"], {"flipped": str(queries / "flipped.nii.gz")}, rows, str(out / "cohort.csv"), str(out),
+                  {"confidence": False, "points": False, "labels": [1, 2]})
+    assert _rows(out)["flipped"]["status"] == "started"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "flipped_synpo.nii.gz was changed after synpo cohort last finished it" in err and "interrupted" in err
+    assert np.array_equal(_labels(draft), corrected)
 
 
 def test_usage_errors_are_one_line_before_anything_starts(case, tmp_path, capsys):
@@ -556,3 +568,132 @@ def test_a_label_map_or_another_modality_among_the_queries_is_said_in_its_row():
     assert _input_warnings(mask.astype(np.float32) * 3, "mr") == ["only 2 distinct values: a label map, not an image?"]
     assert _input_warnings(ct, "mr") == ["looks like CT, the reference like MR"]
     assert _input_warnings(mr, "ct-windowed") == ["looks like MR, the reference like CT"]
+
+
+def _small_reference(folder):
+    """A reference and its labels (two labels, two painted slices) in `folder`, without segmenting anything."""
+    image, mask, box = _volume(0)
+    labels = np.zeros(mask.shape, dtype=np.uint8)
+    for s in (1, 3):
+        labels[s][mask[s]] = 1
+        labels[s][box[s]] = 2
+    return save_volume(image, folder / "ref.nii.gz"), save_volume(labels, folder / "ref_labels.nii.gz")
+
+
+def test_a_table_that_cannot_be_written_is_one_error_line(tmp_path):
+    """A full disk (here a file-size limit) while cohort.csv is rewritten: a SynPoError (one `synpo: error:`
+    line, the cluster closed), not an OSError's traceback and exit status 1 ("some volumes failed"); the
+    table written before stays whole and no temporary file is left."""
+    resource = pytest.importorskip("resource")
+    from synpo.cohort import COLUMNS, write_rows
+    from synpo.errors import SynPoError
+    path = str(tmp_path / "cohort.csv")
+    small = {"case1": dict({c: "" for c in COLUMNS}, name="case1", status="started")}
+    write_rows(path, small)
+    before = open(path).read()
+    big = {"case%d" % i: dict({c: "x" * 100 for c in COLUMNS}, name="case%d" % i) for i in range(20)}
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))        # (Python ignores SIGXFSZ: writes fail EFBIG)
+    try:
+        with pytest.raises(SynPoError) as info:
+            write_rows(path, big)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert str(info.value).startswith("cannot write %s: " % path) and "\n" not in str(info.value)
+    assert open(path).read() == before
+    assert sorted(os.listdir(str(tmp_path))) == ["cohort.csv"]
+
+
+def test_query_names_that_differ_only_in_case_are_refused(tmp_path, capsys):
+    """Case1.nii.gz and case1.nii.gz from two folders: on a file system that ignores case (macOS, Windows, many
+    shares) their outputs are one file, the second volume's draft silently replacing the first's."""
+    ref, labels = _small_reference(tmp_path)
+    for folder, name in (("site1", "Case1"), ("site2", "case1")):
+        (tmp_path / folder).mkdir()
+        save_volume(_volume(1)[0], tmp_path / folder / (name + ".nii.gz"))
+    out = tmp_path / "out"
+    assert main(["cohort", ref, labels, str(tmp_path / "site1"), str(tmp_path / "site2"), "-o", str(out)] + MODEL) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "two queries are both named Case1 or case1" in err[0], err
+    assert not out.exists()
+
+
+def test_the_output_folder_given_among_query_folders_is_refused(tmp_path, capsys):
+    """`synpo cohort REF LABELS data/ more/ -o data/`: data/'s volumes were left out in silence (taken for
+    outputs) and only more/'s segmented; refused as the output folder alone is."""
+    from synpo.cohort import expand_queries
+    from synpo.errors import SynPoError
+    ref, labels = _small_reference(tmp_path)
+    for folder in ("data", "more"):
+        (tmp_path / folder).mkdir()
+        save_volume(_volume(1)[0], tmp_path / folder / (folder + "1.nii.gz"))
+    with pytest.raises(SynPoError, match="is the output folder"):
+        expand_queries([str(tmp_path / "data"), str(tmp_path / "more")], [], str(tmp_path / "data"))
+    assert main(["cohort", ref, labels, str(tmp_path / "data"), str(tmp_path / "more"), "-o", str(tmp_path / "data")]
+                + MODEL) == 2
+    assert "is the output folder (-o)" in capsys.readouterr().err
+    assert sorted(os.listdir(str(tmp_path / "data"))) == ["data1.nii.gz"]
+    # A pattern over several folders still leaves the output folder's files out (a re-run's own outputs).
+    assert expand_queries([str(tmp_path / "*" / "*.nii.gz")], [], str(tmp_path / "data")) == \
+        [str(tmp_path / "more" / "more1.nii.gz")]
+
+
+def test_a_local_clusters_workers_each_get_the_memory_a_worker_needs(monkeypatch):
+    """The default worker count is the cores' (16 here) but no more than the memory holds at 2GB a worker (8GB
+    here: 4); an explicit --workers whose share is under 2GB is refused as --memory-limit under 2GB is (workers
+    died loading the models, or sat paused)."""
+    import argparse
+    import psutil
+    from synpo import cohort
+    from synpo.errors import SynPoError
+    started = {}
+
+    class FakeCluster:
+        def __init__(self, **kwargs):
+            started.update(kwargs)
+    monkeypatch.setattr(distributed, "LocalCluster", FakeCluster)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: argparse.Namespace(total=8 * 10 ** 9))
+    args = argparse.Namespace(workers=None, threads_per_worker=None, memory_limit="auto", dashboard="none")
+    cohort._local_cluster(args, lambda msg: None)
+    assert started["n_workers"] == 4 and started["memory_limit"] == 2 * 10 ** 9
+    args.workers = 3
+    cohort._local_cluster(args, lambda msg: None)
+    assert started["n_workers"] == 3
+    args.workers = 8
+    with pytest.raises(SynPoError, match="--workers 8: .* under the 2GB"):
+        cohort._local_cluster(args, lambda msg: None)
+    args.memory_limit = "0"                                       # stated: no limit, as asked
+    cohort._local_cluster(args, lambda msg: None)
+    assert started["n_workers"] == 8 and started["memory_limit"] == 0
+
+
+def test_a_local_clusters_workers_leave_ctrl_c_to_the_command():
+    """Ctrl+C in a terminal reaches the local cluster's worker processes too (one process group); a second
+    one interrupted a worker while the command closed it, and its traceback ended the output. The worker
+    plugin makes a local cluster's worker ignore SIGINT (the command closes it); a --scheduler's workers are
+    the user's, and keep their Ctrl+C."""
+    import asyncio
+    from synpo.cohort import SynPoModels
+    spec = {"sam": "vit_b", "features": "sam", "dinov2": "small", "device": "cpu", "precision": "auto",
+            "runtime": "torch"}
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        for local, ignored in ((False, False), (True, True)):
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            asyncio.run(SynPoModels(spec, 1, local=local).setup(None))     # (the main thread, as in a worker)
+            assert (signal.getsignal(signal.SIGINT) is signal.SIG_IGN) == ignored, local
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_an_unreadable_nrrds_row_says_why(tmp_path):
+    """ITK's NRRD reader puts its reason on its message's last line, after "Error reading X:": a volume's
+    `error` cell ended at that colon, with no reason."""
+    from synpo.io import read_volume
+    from synpo.errors import InputError
+    bad = tmp_path / "bad.nrrd"
+    bad.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 10 10 10\nencoding: raw\n\n" + bytes(2000))
+    with pytest.raises(InputError) as info:
+        read_volume(str(bad), "query image")
+    assert "require endian info" in str(info.value) and "\n" not in str(info.value), str(info.value)

@@ -82,6 +82,9 @@ def expand_queries(items: List[str], exclude: List[str], outdir: str) -> List[st
 
     for item in items:
         if os.path.isdir(item):
+            if os.path.realpath(item) == out_real:     # (its volumes left out in silence beside other queries)
+                raise SynPoError("the query folder %s is the output folder (-o), whose volumes are taken for outputs; "
+                                 "choose another output folder" % outdir)
             try:
                 listed = os.listdir(item)
             except OSError as exc:
@@ -107,9 +110,6 @@ def expand_queries(items: List[str], exclude: List[str], outdir: str) -> List[st
         else:
             raise SynPoError("query file not found: %s" % item)
     if not out:
-        if any(os.path.isdir(i) and os.path.realpath(i) == out_real for i in items):
-            raise SynPoError("the query folder %s is the output folder (-o), whose volumes are taken for outputs; "
-                             "choose another output folder" % outdir)
         raise SynPoError("no query volumes (the reference labels and files in the output folder are left out)")
     return out
 
@@ -201,7 +201,11 @@ def write_rows(path: str, rows: Dict[str, dict]) -> None:
             writer.writeheader()
             for name in sorted(rows):
                 writer.writerow(rows[name])
-    publish(stage_file(path, write), path)
+    try:
+        publish(stage_file(path, write), path)
+    except OSError as exc:            # a full disk, a folder made read-only: one line, not a traceback
+        raise SynPoError("cannot write %s: %s (the outputs written so far are kept; run the same command "
+                         "again once it can be written)" % (path, exc.strerror or exc)) from None
 
 
 def remove_stale_temporaries(paths) -> None:
@@ -266,13 +270,21 @@ class SynPoModels(WorkerPlugin):
 
     idempotent = False
 
-    def __init__(self, spec: dict, threads: Optional[int]):
-        self.spec, self.threads = dict(spec), threads
+    def __init__(self, spec: dict, threads: Optional[int], local: bool = False):
+        self.spec, self.threads, self.local = dict(spec), threads, local
         self.models = None
 
     async def setup(self, worker):
         import asyncio
+        import signal
         import torch
+        if self.local:
+            # A local cluster's worker processes share the terminal's process group: Ctrl+C reached them too,
+            # and a second one interrupted their closing (a traceback). The command closes them itself.
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+            except ValueError:           # (not the process's main thread: left as it is)
+                pass
         threads = self.threads
         if not threads:                  # the cores this process may use, shared by its task slots
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -525,7 +537,13 @@ def _local_cluster(args, say):
     threads = args.threads_per_worker or COHORT_THREADS_PER_WORKER
     workers = args.workers or max(1, cores // threads)
     if args.memory_limit in (None, "auto"):
-        memory = int(psutil.virtual_memory().total // workers)
+        total = int(psutil.virtual_memory().total)
+        if not args.workers:             # no more workers by default than the memory holds (many cores, little memory)
+            workers = max(1, min(workers, total // MIN_WORKER_MEMORY))
+        memory = total // workers
+        if args.workers and memory < MIN_WORKER_MEMORY:     # as --memory-limit under 2GB is refused
+            raise SynPoError("--workers %d: this machine's memory / %d is %s per worker, under the 2GB a worker "
+                             "needs; give fewer workers, or --memory-limit" % (workers, workers, format_bytes(memory)))
     else:
         memory = memory_limit(args.memory_limit)
     dashboard = None if str(args.dashboard).lower() == "none" else args.dashboard
@@ -623,12 +641,16 @@ def run_cohort(args) -> int:
     cfg = configured(args.set, args.modality)
     queries = expand_queries(args.queries, [args.ref_labels], outdir)
     names: Dict[str, str] = {}
+    folded: Dict[str, str] = {}          # (macOS's, Windows' and many shares' file systems ignore case)
     for q in queries:
         name = volume_name(q)
-        if name in names:
+        if name.casefold() in folded:
+            other = folded[name.casefold()]
             raise SynPoError("two queries are both named %s (%s, %s): outputs are named after the file; rename one"
-                             % (name, names[name], q))
+                             % (name if other == name else "%s or %s, to a file system that ignores case" % (
+                                 other, name), names[other], q))
         names[name] = q
+        folded[name.casefold()] = name
     labels = list(support.labels)
     created = not os.path.exists(outdir)
     try:
@@ -710,10 +732,12 @@ def _same_turn(row: dict, query: str, ref_geometry) -> bool:
 
 
 def _edited_outputs(row: Optional[dict], outdir: str) -> List[str]:
-    """The outputs a done row's run wrote that have changed since (size or modification time against
-    its `output_stamps`): the user's corrections, never replaced or removed without their say. Rows
-    from before that column, or of a run that did not finish, have no stamps: nothing to compare."""
-    if row is None or row.get("status") != "done" or not row.get("output_stamps"):
+    """The outputs a finished run wrote that have changed since (size or modification time against
+    its `output_stamps`): the user's corrections, never replaced or removed without their say. A row
+    "started" by a run that was interrupted keeps the stamps of the last finished one (_mark_started):
+    a draft corrected after the interruption is found too. Rows from before that column, or of a
+    volume no run finished, have no stamps: nothing to compare."""
+    if row is None or row.get("status") not in ("done", "started") or not row.get("output_stamps"):
         return []
     try:
         stamps = json.loads(row["output_stamps"])
@@ -779,6 +803,11 @@ def _plan_and_run(args, outdir, names, labels, support, cfg, queries, say, ref_g
                              "segmenting %s would replace them: choose another output folder (or remove %s's row "
                              "from %s)" % (outdir, name, old["query"], q, name, CSV_NAME))
         edited = _edited_outputs(old, outdir)
+        if edited and old["status"] == "started":
+            raise SynPoError("%s was changed after synpo cohort last finished it (a corrected draft, or the output of "
+                             "the run that was interrupted while segmenting %s), and segmenting %s again would replace "
+                             "or remove it; move it out of %s first (or delete it to have it made again)"
+                             % (edited[0], name, name, outdir))
         if edited:
             raise SynPoError("%s was changed after synpo cohort wrote it (a corrected draft?), and segmenting %s again "
                              "(other settings, another file or other outputs) would replace or remove it; move it out "
@@ -813,7 +842,9 @@ def _mark_started(todo, names, rows, csv_path, outdir, options) -> None:
     for name in todo:
         row = rows.get(name) or dict({c: "" for c in COLUMNS}, name=name, query=os.path.abspath(names[name]))
         asked = output_paths(outdir, name, options["confidence"], options["points"], options["labels"]).values()
-        row.update(status="started", output_stamps="",       # (files this run may rewrite before it ends)
+        # The stamps of the files the last finished run wrote stay: a draft the user corrects after this
+        # run is interrupted is still known as changed (the next run refused to replace it only when "done").
+        row.update(status="started",
                    outputs=encode_outputs((_recorded(row, name) or set()) | {os.path.basename(p) for p in asked}))
         rows[name] = row
     write_rows(csv_path, rows)
@@ -846,7 +877,7 @@ def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say, 
         spec = {"sam": args.sam, "features": args.features, "dinov2": args.dinov2, "device": args.device,
                 "precision": args.precision, "runtime": args.runtime}
         try:
-            client.register_plugin(SynPoModels(spec, threads), name=PLUGIN_NAME)
+            client.register_plugin(SynPoModels(spec, threads, local=cluster is not None), name=PLUGIN_NAME)
         except SynPoError:
             raise
         except Exception as exc:

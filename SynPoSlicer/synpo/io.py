@@ -330,9 +330,11 @@ def read_volume(path, what: str = "image", label: bool = False):
     try:
         image = sitk.ReadImage(path)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        reason = next((ln.strip() for ln in first if "ERROR" in ln or "Unable" in ln), "unreadable file")
-        raise InputError("cannot read %s %s: %s" % (what, path, reason[:200])) from None
+        lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if "ERROR" in ln or "Unable" in ln), "unreadable file")[:200]
+        if reason.endswith(":") and lines[-1] not in reason:    # (NRRD's "Error reading X:": the why is last)
+            reason += " " + lines[-1][:200]
+        raise InputError("cannot read %s %s: %s" % (what, path, reason)) from None
     if image.GetPixelID() in (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64):
         raise InputError("%s %s has complex voxels; a real-valued scalar volume is needed (its magnitude, "
                          "for an MR image)" % (what, path))
