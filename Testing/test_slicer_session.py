@@ -1128,3 +1128,72 @@ def test_quitting_slicer_cancels_a_run_on_a_team_server(sandbox, scene_case, ser
     assert server.client().wait(sid, rid)["state"] == "cancelled"
     assert not logic._timer.active
     sandbox.retireLogic(logic)
+
+
+def test_edits_made_while_an_update_runs_are_kept(sandbox, scene_case, server):
+    """The user presses Update and, while it runs (Slicer stays usable: the run is stepped by a timer),
+    erases the candidate on another slice: the Update's candidates keep that edit (they overwrote the
+    whole candidates segmentation with the server's labels, dropping it without a word), and it counts
+    as an edit of the updated preview (Update again carries it, Discard asks)."""
+    c = scene_case
+    python, logic = _previewed_effect(sandbox, c, server)
+    erase, edited = _edit_candidates(logic, c)
+    python.onUpdate()
+    assert logic.active()
+    later = next(t for t in range(len(edited)) if t not in (erase, 4) and edited[t].any())
+    during = edited.copy()
+    during[later] = 0                                      # the user's stroke while the Update runs
+    candidates, sid = logic.preview.candidates, logic.preview.candidate_ids[1]
+    mrml.write_labels(candidates, c["volume"], during, {1: "target"}, {1: sid})
+    _drive(logic, lambda: not logic.active())
+    assert logic.state == "previewed", logic.message
+    shown = mrml.segment_array(logic.preview.candidates, logic.preview.candidate_ids[1], c["volume"]).astype(bool)
+    assert not shown[erase].any()
+    assert not shown[later].any(), "the Update overwrote the edit made while it ran"
+    assert logic.editedSlices() >= 1
+    logic.discard()
+
+
+def test_apply_keeps_what_the_user_painted_in_the_segment_after_the_preview(sandbox, scene_case, server):
+    """After Preview the user paints more of the target in the segment itself (the segmentation the
+    preview was made for, not the candidates), then presses Apply: that paint stays. Apply set the
+    segment to the preview ("Set"), erasing the paint made since without a word."""
+    c = scene_case
+    python, logic = _previewed_effect(sandbox, c, server)
+    labels = logic.preview.labels.copy()
+    now = mrml.segment_array(c["seg"], c["target"], c["volume"]).astype(bool)
+    extra = np.zeros_like(now)
+    extra[1, 40:46, 50:58] = True                          # a stroke away from every candidate
+    assert not (extra & (labels != 0)).any()
+    mrml.write_labels(c["seg"], c["volume"], (now | extra).astype(np.uint8), {1: "target"}, {1: c["target"]})
+    python.onApply()
+    after = mrml.segment_array(c["seg"], c["target"], c["volume"]).astype(bool)
+    assert after[extra].all(), "Apply erased the paint made in the segment since the preview"
+    assert np.array_equal(after & ~extra, labels == 1)
+
+
+def test_a_segment_the_user_added_to_the_candidates_is_not_dropped_without_a_word(sandbox, scene_case, server,
+                                                                                 monkeypatch):
+    """The Segment Editor shows 'SynPo candidates'; the user adds a segment there and paints it (taking
+    it for their segmentation). Apply wrote the previewed segments only and removed the candidates with
+    that segment in them, and Discard did not ask: the paint went without a word. Apply now refuses,
+    naming the segment, and Discard asks."""
+    from synpo.errors import InputError
+    c = scene_case
+    python, logic = _previewed_effect(sandbox, c, server)
+    candidates = logic.preview.candidates
+    extra = np.zeros(logic.preview.labels.shape, np.uint8)
+    extra[2:4, 5:9, 5:9] = 1
+    mrml.write_labels(candidates, c["volume"], extra, {1: "tumor"})
+    before = mrml.segment_array(c["seg"], c["target"], c["volume"])
+    with pytest.raises(InputError, match="tumor"):         # it went with the candidates, nowhere written
+        python.onApply()
+    assert logic.preview is not None and candidates.GetScene() is c["scene"]
+    assert np.array_equal(mrml.segment_array(c["seg"], c["target"], c["volume"]), before)
+    assert logic.editedSlices() == 2, "the added segment's paint is not counted"
+    answers = []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda text, **kw: answers.append(text) and False,
+                        raising=False)
+    python.onCancel()                                      # no run: Discard, asked first; "Cancel"
+    assert len(answers) == 1 and logic.preview is not None
+    logic.discard()

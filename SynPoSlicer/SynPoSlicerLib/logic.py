@@ -71,6 +71,8 @@ class PreviewLogic:
         self.volumeNode = None
         self.segmentationNode = None     # the segmentation the preview was made for: Apply writes there
         self.segmentIds, self.segmentNames = [], []
+        self._sent = None                # {label: candidates} as an Update read them (finishPreview)
+        self._painted = None             # {label: its segment's paint at Preview, packed bits} (apply)
 
     def setDefaultParameters(self, node):
         for key, value in PARAMETERS.items():
@@ -245,6 +247,10 @@ class PreviewLogic:
         self.discard()
         self.volumeNode, self.segmentationNode, self.segmentIds = volumeNode, segmentationNode, list(segmentIds)
         self.segmentNames = [segmentationNode.GetSegmentation().GetSegment(s).GetName() for s in segmentIds]
+        # The segments as painted for this preview (1 bit a voxel): what the user paints or erases in them
+        # afterwards is kept by Apply (_paintSincePreview).
+        import numpy as np
+        self._painted = {v: np.packbits(inputs.support == v) for v in range(1, len(self.segmentIds) + 1)}
         self._pending = (inputs, self.settings(parameterNode), parameterNode, self.fingerprint(volumeNode, inputs))
         self.state, self.message = "starting", "Starting the SynPo server..."
         self.job = None
@@ -336,9 +342,13 @@ class PreviewLogic:
         if self.preview is None or self.job is None:
             raise ValueError("Run a preview first, then edit the SynPo candidates segmentation.")
         applying.check_volume(self.volumeNode)
-        paint, absent = mrml.edited_slices(self.preview, self.volumeNode, self.result.support.axis)
+        # The candidates as sent (each segment read once): what the user changes on them while the Update
+        # runs is kept (finishPreview).
+        sent = mrml.candidate_masks(self.preview, self.volumeNode)
+        paint, absent = mrml.edited_slices(self.preview, self.volumeNode, self.result.support.axis, masks=sent)
         if not paint.any() and not absent:
             raise ValueError("No corrections yet: paint or erase on the 'SynPo candidates' segmentation first.")
+        self._sent = sent
         self.job = RemoteJob(self.client(), None, (), paint, self.settings(parameterNode),
                              session_id=self.job.session_id, add=True, absent=absent)
         painted = np.moveaxis(paint, self.result.support.axis, 0)
@@ -391,12 +401,17 @@ class PreviewLogic:
         # An update replaces the preview it corrected, in the same 'SynPo candidates' node (the
         # Segment Editor may show it: mrml.show_preview).
         previous = self.preview
+        during, sent, self._sent = None, self._sent, None
         if previous is not None:
             self.saveCandidatesForUndo(previous.candidates)
+            if sent is not None:          # the candidates now: the user may have edited them while it ran
+                during = mrml.candidate_masks(previous, self.volumeNode)
         self.preview = mrml.show_preview(self.volumeNode, self.result, self.segmentIds, self.segmentNames,
                                          previous=previous)
         if previous is not None:
             previous.remove()
+        kept = mrml.carry_edits(self.preview, self.volumeNode, self.result.support.axis, sent, during) \
+            if during else 0
         self.showLayers(opacity)
         present = sum(r.status in FOUND for r in self.result.records)
         names = {i + 1: name for i, name in enumerate(self.segmentNames)}
@@ -410,6 +425,9 @@ class PreviewLogic:
         if before is not None:                       # after Update: what the corrections changed
             self.message = "Updated: %d slice(s) changed.\n%s" % (len(changed_slices(before, self.result)),
                                                                   self.message)
+        if kept:
+            self.message = ("Your edits of the candidates made while the Update ran (%d slice(s)) are kept: "
+                            "Update again to carry them through the volume.\n%s" % (kept, self.message))
 
     def saveCandidatesForUndo(self, candidates):
         """Before an Update (or a Re-run slice) rewrites the candidates in place: when the Segment Editor
@@ -502,6 +520,14 @@ class PreviewLogic:
         # (read first: nothing is switched or written when the candidates cannot be read).
         labels, edited = mrml.shown_labels(self.preview, self.volumeNode, self.result.support.axis)
         target = self.segmentationNode if self.segmentationNode is not None else segmentationNode
+        extra = mrml.extra_segments(self.preview, self.volumeNode, self.result.support.axis)
+        if extra:
+            from synpo.errors import InputError
+            raise InputError("'SynPo candidates' holds %s, not a previewed segment: Apply writes only the previewed "
+                             "segments and then removes the candidates, with it. Copy it into your segmentation "
+                             "(Segmentations module, Copy/move segments) or delete it, then Apply."
+                             % ", ".join("'%s'" % name for name, _ in extra))
+        since = self._paintSincePreview(labels, target)
         editor = self.segmentEditorWidget() if write is None and editorLogic is None else None
         selected = None
         if editor is not None:
@@ -542,9 +568,31 @@ class PreviewLogic:
         self.discard()
         edits = (" Your edits of the candidates on %d slice(s) were written as drawn (Update would have carried "
                  "them through the volume)." % edited) if edited else ""
+        if since:
+            edits += (" Your paint and erasing in %s since the preview (%d voxel(s)) are kept."
+                      % (names, since))
         if shown:
             edits += " %s %s hidden: shown now." % (", ".join(shown), "was" if len(shown) == 1 else "were")
         return "Applied to %s (%d voxel(s) changed): %s%s" % (names, sum(changed.values()), self.UNDO_HINT, edits)
+
+    def _paintSincePreview(self, labels, target):
+        """What the user painted or erased in the previewed segments themselves since Preview, put onto
+        `labels` (what Apply writes, [k, j, i]): painted voxels the preview leaves empty are written,
+        erased voxels of the user's paint are not written back. Returns the voxels so changed."""
+        import numpy as np
+        from SynPoSlicerLib import mrml
+        if not self._painted or target is None or target is not self.segmentationNode or target.GetScene() is None:
+            return 0
+        changed = 0
+        for v, sid in enumerate(self.segmentIds, start=1):
+            if v not in self._painted or target.GetSegmentation().GetSegment(sid) is None:
+                continue                      # (check_writable says so)
+            now = mrml.segment_array(target, sid, self.volumeNode).astype(bool)
+            was = np.unpackbits(self._painted[v], count=now.size).reshape(now.shape).astype(bool)
+            added, removed = now & ~was & (labels == 0), was & ~now & (labels == v)
+            labels[added], labels[removed] = v, 0
+            changed += int(added.sum() + removed.sum())
+        return changed
 
     def editedSlices(self):
         """How many slices of the candidates the user painted or erased on since the preview, in the
@@ -555,7 +603,9 @@ class PreviewLogic:
         if self.preview is None or self.volumeNode is None or self.volumeNode.GetScene() is None:
             return 0
         try:
-            return mrml.shown_labels(self.preview, self.volumeNode, self.result.support.axis, readable_only=True)[1]
+            axis = self.result.support.axis
+            return (mrml.shown_labels(self.preview, self.volumeNode, axis, readable_only=True)[1]
+                    + sum(n for _, n in mrml.extra_segments(self.preview, self.volumeNode, axis)))
         except InputError:
             return 0
 
@@ -566,7 +616,7 @@ class PreviewLogic:
         if self.state in ("previewed", "failed", "cancelled"):
             self.state = "idle"
         if not self.active():         # the run's arrays (a volume's labels and confidence) are not kept after it
-            self.result, self.job, self._pending = None, None, None
+            self.result, self.job, self._pending, self._sent, self._painted = None, None, None, None, None
 
     def onSceneClosed(self):
         """File > Close Scene: the preview's nodes are gone with the scene; a run is cancelled. The
@@ -574,7 +624,7 @@ class PreviewLogic:
         if self.job is not None and self.job.active():
             self._cancelJob()
         self.preview, self.volumeNode, self.result, self.job, self._pending = None, None, None, None, None
-        self.segmentationNode = None
+        self.segmentationNode, self._sent, self._painted = None, None, None
         self.state, self.message = "idle", ""
         self._tell()          # the views' buttons: no preview to Apply or Update any more
 

@@ -401,10 +401,12 @@ def candidate_segment(preview: "PreviewNodes", label: int) -> str:
     return sid
 
 
-def _edits(preview: "PreviewNodes", volume_node, axis: int, readable_only: bool = False):
+def _edits(preview: "PreviewNodes", volume_node, axis: int, readable_only: bool = False,
+           masks: Optional[Dict[int, np.ndarray]] = None):
     """(label, slice, the label's mask there now) for each slice (across the preview's axis) on which
     the user changed the label's segment of the candidates segmentation since the preview;
-    readable_only: the labels whose segment the user removed are left out (else InputError)."""
+    readable_only: the labels whose segment the user removed are left out (else InputError).
+    masks: candidate_masks read just before (each segment is read once)."""
     for label in sorted(preview.candidate_ids):
         try:
             sid = candidate_segment(preview, label)
@@ -412,25 +414,83 @@ def _edits(preview: "PreviewNodes", volume_node, axis: int, readable_only: bool 
             if readable_only:
                 continue
             raise
-        now = np.moveaxis(segment_array(preview.candidates, sid, volume_node).astype(bool), axis, 0)
+        now = masks[label] if masks is not None and label in masks \
+            else segment_array(preview.candidates, sid, volume_node).astype(bool)
+        now = np.moveaxis(now, axis, 0)
         was = np.moveaxis(preview.labels == label, axis, 0)
         for t in np.flatnonzero((now != was).reshape(len(now), -1).any(1)):
             yield label, int(t), now[t]
 
 
-def edited_slices(preview: "PreviewNodes", volume_node, axis: int):
+def edited_slices(preview: "PreviewNodes", volume_node, axis: int, masks: Optional[Dict[int, np.ndarray]] = None):
     """What the user changed in the candidates segmentation since the preview, per label and slice
     (across the preview's axis): (paint [k, j, i] with each corrected slice's new mask as its label
-    value, {label: slices the user emptied}: the organ is absent there)."""
+    value, {label: slices the user emptied}: the organ is absent there). masks: as for _edits."""
     paint = np.zeros(preview.labels.shape, dtype=preview.labels.dtype)
     absent: Dict[int, List[int]] = {}
     target = np.moveaxis(paint, axis, 0)
-    for label, t, now in _edits(preview, volume_node, axis):
+    for label, t, now in _edits(preview, volume_node, axis, masks=masks):
         if now.any():
             target[t][now] = label
         else:
             absent.setdefault(label, []).append(t)
     return paint, absent
+
+
+def candidate_masks(preview: "PreviewNodes", volume_node) -> Dict[int, np.ndarray]:
+    """{label: its candidate segment as the user left it ([k, j, i] bool)}, for the segments still there."""
+    out = {}
+    for label in sorted(preview.candidate_ids):
+        try:
+            sid = candidate_segment(preview, label)
+        except InputError:
+            continue
+        out[label] = segment_array(preview.candidates, sid, volume_node).astype(bool)
+    return out
+
+
+def carry_edits(preview: "PreviewNodes", volume_node, axis: int, before: Dict[int, np.ndarray],
+                after: Dict[int, np.ndarray]) -> int:
+    """Write onto `preview`'s candidates each slice (across `axis`) on which a label's candidate went
+    from `before` to `after` (candidate_masks of an older preview: the edits the user made while an
+    Update ran), as `after` has it. Returns the number of slices written."""
+    kept = 0
+    for label, now in after.items():
+        if label not in before or label not in preview.candidate_ids:
+            continue
+        was, now = np.moveaxis(before[label], axis, 0), np.moveaxis(now, axis, 0)
+        slices = np.flatnonzero((was != now).reshape(len(now), -1).any(1))
+        if not len(slices):
+            continue
+        sid = candidate_segment(preview, label)
+        shown = segment_array(preview.candidates, sid, volume_node)
+        view = np.moveaxis(shown, axis, 0)
+        for t in slices:
+            view[t] = now[t]
+        name = preview.candidates.GetSegmentation().GetSegment(sid).GetName()
+        write_labels(preview.candidates, volume_node, shown, {1: name}, {1: sid})
+        kept += len(slices)
+    return kept
+
+
+def extra_segments(preview: "PreviewNodes", volume_node, axis: int) -> List[tuple]:
+    """[(name, slices painted across `axis`)] of the segments the user added to the candidates
+    segmentation and painted (not previewed ones: Apply does not write them, Discard removes them)."""
+    node = preview.candidates
+    if node is None or node.GetScene() is None:
+        return []
+    ours = set(preview.candidate_ids.values())
+    segmentation = node.GetSegmentation()
+    out = []
+    for i in range(segmentation.GetNumberOfSegments()):
+        sid = segmentation.GetNthSegmentID(i)
+        if sid in ours:
+            continue
+        mask = np.moveaxis(segment_array(node, sid, volume_node).astype(bool), axis, 0)
+        slices = int(mask.reshape(len(mask), -1).any(1).sum())
+        if slices:
+            out.append((segmentation.GetNthSegment(i).GetName(), slices))
+    return out
 
 
 def shown_labels(preview: "PreviewNodes", volume_node, axis: int, readable_only: bool = False):
