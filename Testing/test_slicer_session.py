@@ -1140,6 +1140,9 @@ def test_edits_made_while_an_update_runs_are_kept(sandbox, scene_case, server):
     erase, edited = _edit_candidates(logic, c)
     python.onUpdate()
     assert logic.active()
+    # What the Update keeps of the candidates it read: a digest of each slice, not the masks (13 segments
+    # of a 512 x 512 x 300 CT held as bool arrays are 1 GB for the whole run)
+    assert logic._sent and all(isinstance(d, list) and isinstance(d[0], bytes) for d in logic._sent[1].values())
     later = next(t for t in range(len(edited)) if t not in (erase, 4) and edited[t].any())
     during = edited.copy()
     during[later] = 0                                      # the user's stroke while the Update runs
@@ -1188,6 +1191,8 @@ def test_a_segment_the_user_added_to_the_candidates_is_not_dropped_without_a_wor
     before = mrml.segment_array(c["seg"], c["target"], c["volume"])
     with pytest.raises(InputError, match="tumor"):         # it went with the candidates, nowhere written
         python.onApply()
+    with pytest.raises(InputError, match="'tumor', not a previewed segment; Update would not write it"):
+        logic.startUpdate(logic.getParameterNode())
     assert logic.preview is not None and candidates.GetScene() is c["scene"]
     assert np.array_equal(mrml.segment_array(c["seg"], c["target"], c["volume"]), before)
     assert logic.editedSlices() == 2, "the added segment's paint is not counted"

@@ -71,8 +71,8 @@ class PreviewLogic:
         self.volumeNode = None
         self.segmentationNode = None     # the segmentation the preview was made for: Apply writes there
         self.segmentIds, self.segmentNames = [], []
-        self._sent = None                # {label: candidates} as an Update read them (finishPreview)
-        self._painted = None             # {label: its segment's paint at Preview, packed bits} (apply)
+        self._sent = None                # (axis, {label: its candidates' slice digests}) as an Update read them
+        self._painted = None             # {label: (its segment's paint at Preview, flat indices; labelmap_mtime)}
 
     def setDefaultParameters(self, node):
         for key, value in PARAMETERS.items():
@@ -247,10 +247,14 @@ class PreviewLogic:
         self.discard()
         self.volumeNode, self.segmentationNode, self.segmentIds = volumeNode, segmentationNode, list(segmentIds)
         self.segmentNames = [segmentationNode.GetSegmentation().GetSegment(s).GetName() for s in segmentIds]
-        # The segments as painted for this preview (1 bit a voxel): what the user paints or erases in them
-        # afterwards is kept by Apply (_paintSincePreview).
+        # The segments as painted for this preview (their voxels' flat indices: one pass over the volume, and
+        # the paint is a slice or a few): what the user paints or erases in them afterwards is kept by Apply
+        # (_paintSincePreview).
         import numpy as np
-        self._painted = {v: np.packbits(inputs.support == v) for v in range(1, len(self.segmentIds) + 1)}
+        where = np.flatnonzero(inputs.support)
+        values = inputs.support.reshape(-1)[where]
+        self._painted = {v: (where[values == v], mrml.labelmap_mtime(segmentationNode, sid))
+                         for v, sid in enumerate(self.segmentIds, start=1)}
         self._pending = (inputs, self.settings(parameterNode), parameterNode, self.fingerprint(volumeNode, inputs))
         self.state, self.message = "starting", "Starting the SynPo server..."
         self.job = None
@@ -342,13 +346,14 @@ class PreviewLogic:
         if self.preview is None or self.job is None:
             raise ValueError("Run a preview first, then edit the SynPo candidates segmentation.")
         applying.check_volume(self.volumeNode)
+        self._refuseAddedSegments("Update")
         # The candidates as sent (each segment read once): what the user changes on them while the Update
         # runs is kept (finishPreview).
-        sent = mrml.candidate_masks(self.preview, self.volumeNode)
-        paint, absent = mrml.edited_slices(self.preview, self.volumeNode, self.result.support.axis, masks=sent)
+        sent = {}
+        paint, absent = mrml.edited_slices(self.preview, self.volumeNode, self.result.support.axis, digests=sent)
         if not paint.any() and not absent:
             raise ValueError("No corrections yet: paint or erase on the 'SynPo candidates' segmentation first.")
-        self._sent = sent
+        self._sent = (self.result.support.axis, sent)
         self.job = RemoteJob(self.client(), None, (), paint, self.settings(parameterNode),
                              session_id=self.job.session_id, add=True, absent=absent)
         painted = np.moveaxis(paint, self.result.support.axis, 0)
@@ -405,13 +410,12 @@ class PreviewLogic:
         if previous is not None:
             self.saveCandidatesForUndo(previous.candidates)
             if sent is not None:          # the candidates now: the user may have edited them while it ran
-                during = mrml.candidate_masks(previous, self.volumeNode)
+                during = mrml.changed_since(previous, self.volumeNode, sent[0], sent[1])
         self.preview = mrml.show_preview(self.volumeNode, self.result, self.segmentIds, self.segmentNames,
                                          previous=previous)
         if previous is not None:
             previous.remove()
-        kept = mrml.carry_edits(self.preview, self.volumeNode, self.result.support.axis, sent, during) \
-            if during else 0
+        kept = mrml.carry_edits(self.preview, self.volumeNode, sent[0], during) if during else 0
         self.showLayers(opacity)
         present = sum(r.status in FOUND for r in self.result.records)
         names = {i + 1: name for i, name in enumerate(self.segmentNames)}
@@ -520,13 +524,7 @@ class PreviewLogic:
         # (read first: nothing is switched or written when the candidates cannot be read).
         labels, edited = mrml.shown_labels(self.preview, self.volumeNode, self.result.support.axis)
         target = self.segmentationNode if self.segmentationNode is not None else segmentationNode
-        extra = mrml.extra_segments(self.preview, self.volumeNode, self.result.support.axis)
-        if extra:
-            from synpo.errors import InputError
-            raise InputError("'SynPo candidates' holds %s, not a previewed segment: Apply writes only the previewed "
-                             "segments and then removes the candidates, with it. Copy it into your segmentation "
-                             "(Segmentations module, Copy/move segments) or delete it, then Apply."
-                             % ", ".join("'%s'" % name for name, _ in extra))
+        self._refuseAddedSegments("Apply")
         since = self._paintSincePreview(labels, target)
         editor = self.segmentEditorWidget() if write is None and editorLogic is None else None
         selected = None
@@ -575,6 +573,19 @@ class PreviewLogic:
             edits += " %s %s hidden: shown now." % (", ".join(shown), "was" if len(shown) == 1 else "were")
         return "Applied to %s (%d voxel(s) changed): %s%s" % (names, sum(changed.values()), self.UNDO_HINT, edits)
 
+    def _refuseAddedSegments(self, action):
+        """InputError when the user added and painted a segment of their own in 'SynPo candidates': Apply
+        writes only the previewed segments, and Apply, Discard or an Update that cannot reuse the node
+        remove the candidates, that segment included."""
+        from SynPoSlicerLib import mrml
+        from synpo.errors import InputError
+        extra = mrml.extra_segments(self.preview, self.volumeNode, self.result.support.axis)
+        if extra:
+            raise InputError("'SynPo candidates' holds %s, not a previewed segment; %s would not write it, and "
+                             "'SynPo candidates' is removed afterwards, that segment included. Copy it into your "
+                             "segmentation (Segmentations module, Copy/move segments) or delete it, then %s."
+                             % (", ".join("'%s'" % name for name, _ in extra), action, action))
+
     def _paintSincePreview(self, labels, target):
         """What the user painted or erased in the previewed segments themselves since Preview, put onto
         `labels` (what Apply writes, [k, j, i]): painted voxels the preview leaves empty are written,
@@ -587,8 +598,12 @@ class PreviewLogic:
         for v, sid in enumerate(self.segmentIds, start=1):
             if v not in self._painted or target.GetSegmentation().GetSegment(sid) is None:
                 continue                      # (check_writable says so)
+            painted, mtime = self._painted[v]
+            if mtime is not None and mrml.labelmap_mtime(target, sid) == mtime:
+                continue                      # not painted since: no full-volume read
             now = mrml.segment_array(target, sid, self.volumeNode).astype(bool)
-            was = np.unpackbits(self._painted[v], count=now.size).reshape(now.shape).astype(bool)
+            was = np.zeros(now.shape, bool)
+            was.reshape(-1)[painted] = True
             added, removed = now & ~was & (labels == 0), was & ~now & (labels == v)
             labels[added], labels[removed] = v, 0
             changed += int(added.sum() + removed.sum())

@@ -402,11 +402,11 @@ def candidate_segment(preview: "PreviewNodes", label: int) -> str:
 
 
 def _edits(preview: "PreviewNodes", volume_node, axis: int, readable_only: bool = False,
-           masks: Optional[Dict[int, np.ndarray]] = None):
+           digests: Optional[Dict[int, List[bytes]]] = None):
     """(label, slice, the label's mask there now) for each slice (across the preview's axis) on which
     the user changed the label's segment of the candidates segmentation since the preview;
     readable_only: the labels whose segment the user removed are left out (else InputError).
-    masks: candidate_masks read just before (each segment is read once)."""
+    digests: filled with {label: slice_digests of its segment as read} (one segment held at a time)."""
     for label in sorted(preview.candidate_ids):
         try:
             sid = candidate_segment(preview, label)
@@ -414,22 +414,22 @@ def _edits(preview: "PreviewNodes", volume_node, axis: int, readable_only: bool 
             if readable_only:
                 continue
             raise
-        now = masks[label] if masks is not None and label in masks \
-            else segment_array(preview.candidates, sid, volume_node).astype(bool)
-        now = np.moveaxis(now, axis, 0)
+        now = np.moveaxis(segment_array(preview.candidates, sid, volume_node).astype(bool), axis, 0)
+        if digests is not None:
+            digests[label] = slice_digests(now)
         was = np.moveaxis(preview.labels == label, axis, 0)
         for t in np.flatnonzero((now != was).reshape(len(now), -1).any(1)):
             yield label, int(t), now[t]
 
 
-def edited_slices(preview: "PreviewNodes", volume_node, axis: int, masks: Optional[Dict[int, np.ndarray]] = None):
+def edited_slices(preview: "PreviewNodes", volume_node, axis: int, digests: Optional[Dict[int, List[bytes]]] = None):
     """What the user changed in the candidates segmentation since the preview, per label and slice
     (across the preview's axis): (paint [k, j, i] with each corrected slice's new mask as its label
-    value, {label: slices the user emptied}: the organ is absent there). masks: as for _edits."""
+    value, {label: slices the user emptied}: the organ is absent there). digests: as for _edits."""
     paint = np.zeros(preview.labels.shape, dtype=preview.labels.dtype)
     absent: Dict[int, List[int]] = {}
     target = np.moveaxis(paint, axis, 0)
-    for label, t, now in _edits(preview, volume_node, axis, masks=masks):
+    for label, t, now in _edits(preview, volume_node, axis, digests=digests):
         if now.any():
             target[t][now] = label
         else:
@@ -437,36 +437,46 @@ def edited_slices(preview: "PreviewNodes", volume_node, axis: int, masks: Option
     return paint, absent
 
 
-def candidate_masks(preview: "PreviewNodes", volume_node) -> Dict[int, np.ndarray]:
-    """{label: its candidate segment as the user left it ([k, j, i] bool)}, for the segments still there."""
+def slice_digests(mask_t: np.ndarray) -> List[bytes]:
+    """A digest of each slice of `mask_t` (bool, the slicing axis first): which slices changed, without
+    keeping the volume (13 segments of a 512 x 512 x 300 CT held as masks are 1 GB)."""
+    import hashlib
+    return [hashlib.blake2b(np.packbits(s).tobytes(), digest_size=16).digest() for s in mask_t]
+
+
+def changed_since(preview: "PreviewNodes", volume_node, axis: int,
+                  digests: Dict[int, List[bytes]]) -> Dict[int, Dict[int, np.ndarray]]:
+    """{label: {slice: its mask now}} of the slices (across `axis`) of each candidate segment that
+    differ from `digests` (edited_slices' of an Update: the edits the user made while it ran). One
+    segment is read at a time; only the changed slices are kept."""
     out = {}
     for label in sorted(preview.candidate_ids):
+        if label not in digests:
+            continue
         try:
             sid = candidate_segment(preview, label)
         except InputError:
             continue
-        out[label] = segment_array(preview.candidates, sid, volume_node).astype(bool)
+        now = np.moveaxis(segment_array(preview.candidates, sid, volume_node).astype(bool), axis, 0)
+        was = digests[label]
+        slices = {t: now[t].copy() for t, d in enumerate(slice_digests(now)) if t >= len(was) or d != was[t]}
+        if slices:
+            out[label] = slices
     return out
 
 
-def carry_edits(preview: "PreviewNodes", volume_node, axis: int, before: Dict[int, np.ndarray],
-                after: Dict[int, np.ndarray]) -> int:
-    """Write onto `preview`'s candidates each slice (across `axis`) on which a label's candidate went
-    from `before` to `after` (candidate_masks of an older preview: the edits the user made while an
-    Update ran), as `after` has it. Returns the number of slices written."""
+def carry_edits(preview: "PreviewNodes", volume_node, axis: int, edits: Dict[int, Dict[int, np.ndarray]]) -> int:
+    """Write onto `preview`'s candidates each slice (across `axis`) of `edits` (changed_since of an
+    older preview: the edits the user made while an Update ran). Returns the number of slices written."""
     kept = 0
-    for label, now in after.items():
-        if label not in before or label not in preview.candidate_ids:
-            continue
-        was, now = np.moveaxis(before[label], axis, 0), np.moveaxis(now, axis, 0)
-        slices = np.flatnonzero((was != now).reshape(len(now), -1).any(1))
-        if not len(slices):
+    for label, slices in edits.items():
+        if label not in preview.candidate_ids or not slices:
             continue
         sid = candidate_segment(preview, label)
         shown = segment_array(preview.candidates, sid, volume_node)
         view = np.moveaxis(shown, axis, 0)
-        for t in slices:
-            view[t] = now[t]
+        for t, mask in slices.items():
+            view[t] = mask
         name = preview.candidates.GetSegmentation().GetSegment(sid).GetName()
         write_labels(preview.candidates, volume_node, shown, {1: name}, {1: sid})
         kept += len(slices)
@@ -541,6 +551,16 @@ def write_labels(segmentation_node, volume_node, labels: np.ndarray, names: Dict
                 raise InputError("Could not write segment %r." % sid)
         out[value] = sid
     return out
+
+
+def labelmap_mtime(segmentation_node, segment_id: str):
+    """The modification time of a segment's binary labelmap (None without one): while it is the same,
+    so are the segment's voxels (painting or erasing modifies it; a shared layer's is modified by any of
+    its segments', which only costs a read)."""
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    rep = segment.GetRepresentation(name) if segment is not None else None
+    return rep.GetMTime() if rep is not None else None
 
 
 def segment_array(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
