@@ -958,14 +958,24 @@ def test_rerun_slice_keeps_the_users_edits_on_the_other_slices(sandbox, scene_ca
     editor = ScriptedEffect.editor
     editor.GetSegmentEditorNode().SetAndObserveSegmentationNode(logic.preview.candidates)
     monkeypatch.setattr(logic, "segmentEditorWidget", lambda: EditorWidget(editor))
+    from synpo.errors import InputError
+    first = logic.preview.labels == 1
     editor.SaveStateForUndo()                              # the Erase effect, before its stroke
     erase, edited = _edit_candidates(logic, c)
     t = next(r.index for r in logic.result.records if len(r.positive) and r.index != erase)
     axis = logic.result.support.axis
+
+    def fails(pos, neg):
+        raise InputError("the server said no")
+    real = mrml.rerun_slice
+    monkeypatch.setattr(mrml, "rerun_slice", lambda *args, **kw: real(*args[:5], fails, **kw))
+    with pytest.raises(InputError):                        # a Re-run that fails changes nothing
+        logic.rerunSlice(t, c["target"])
+    assert np.array_equal(mrml.segment_array(logic.preview.candidates, logic.preview.candidate_ids[1], c["volume"]),
+                          edited)
     new = np.zeros(logic.preview.labels.shape[1:], bool)
     new[:4, :4] = True                                     # the re-decoded slice: something else
-    monkeypatch.setattr(mrml, "rerun_slice", lambda preview, volume, ax, k, label, decode, real=mrml.rerun_slice:
-                        real(preview, volume, ax, k, label, lambda pos, neg: new))
+    monkeypatch.setattr(mrml, "rerun_slice", lambda *args, **kw: real(*args[:5], lambda pos, neg: new, **kw))
     logic.rerunSlice(t, c["target"])
     candidates, sid = logic.preview.candidates, logic.preview.candidate_ids[1]
     shown = np.moveaxis(mrml.segment_array(candidates, sid, c["volume"]).astype(bool), axis, 0)
@@ -978,6 +988,8 @@ def test_rerun_slice_keeps_the_users_edits_on_the_other_slices(sandbox, scene_ca
     assert absent == {1: [erase]} and np.array_equal(np.moveaxis(paint, axis, 0)[t] == 1, new)
     editor.Undo()                                          # Ctrl+Z: the Re-run only
     assert np.array_equal(mrml.segment_array(candidates, sid, c["volume"]), edited)
+    editor.Undo()                                          # again: the erase
+    assert np.array_equal(mrml.segment_array(candidates, sid, c["volume"]).astype(bool), first)
     logic.discard()
 
 

@@ -490,8 +490,9 @@ class PreviewLogic:
         client, sid = self.client(timeout=30.0), self.job.session_id
         decode = lambda pos, neg: client.redecode(sid, sliceIndex, pos, neg, label, axis)[0]
         try:
-            self.saveCandidatesForUndo(self.preview.candidates)           # Ctrl+Z: this slice back
-            used = mrml.rerun_slice(self.preview, self.volumeNode, axis, sliceIndex, label, decode)
+            candidates = self.preview.candidates                          # Ctrl+Z: this slice back
+            used = mrml.rerun_slice(self.preview, self.volumeNode, axis, sliceIndex, label, decode,
+                                    before_write=lambda: self.saveCandidatesForUndo(candidates))
         except ServerError as exc:
             if exc.status == 404 and "session" in str(exc):
                 raise ServerError(SESSION_GONE % exc, 404) from None

@@ -363,14 +363,19 @@ def slice_points(node, volume_node, axis: int, slice_index: int, segment_id: str
     return p[keep][:, in_plane] if keep else np.zeros((0, 2))
 
 
-def rerun_slice(preview: "PreviewNodes", volume_node, axis: int, slice_index: int, label: int, decode) -> int:
+def rerun_slice(preview: "PreviewNodes", volume_node, axis: int, slice_index: int, label: int, decode,
+                before_write=None) -> int:
     """Decode one slice of one label again from the preview's markups points (as the user moved,
     added or deleted them) and update the candidate segment there. `decode(positive, negative)`
     returns the slice's new (H, W) mask (the server's re-decode). Returns the number of points used.
     Only that slice of the candidate segment changes: the user's paint and erasing on its other
     slices stay. The re-decoded slice is the user's correction, as paint there would be (the
     engine's labels, `preview.labels`, are left as they were): Update carries it through the volume
-    as a corrected (or emptied) slice instead of walking over it, Apply writes it, Discard asks."""
+    as a corrected (or emptied) slice instead of walking over it, Apply writes it, Discard asks.
+    `before_write()`: called once the new mask is there, just before the candidates change (the
+    Segment Editor's undo state: a decode that fails saves none. 5.8's qMRMLSegmentEditorWidget::
+    saveStateForUndo adds a state each call, vtkSegmentationHistory::SaveState: an empty step before
+    the user's stroke; slicer-core's 5.10 logic was seen to leave no such step)."""
     if not 1 <= label <= len(preview.segment_ids):
         raise InputError("label %d is not one of the previewed segments" % label)
     segment_id = preview.segment_ids[label - 1]
@@ -384,6 +389,8 @@ def rerun_slice(preview: "PreviewNodes", volume_node, axis: int, slice_index: in
     mask = decode(pos, neg) if len(pos) else np.zeros(engine.shape, bool)
     shown = segment_array(preview.candidates, sid, volume_node)       # as the user left it
     np.moveaxis(shown, axis, 0)[slice_index] = mask & ((engine == 0) | (engine == label))
+    if before_write is not None:
+        before_write()
     name = preview.candidates.GetSegmentation().GetSegment(sid).GetName()
     write_labels(preview.candidates, volume_node, shown, {1: name}, {1: sid})
     return len(pos) + len(neg)
