@@ -658,14 +658,21 @@ def test_a_run_survives_deactivate_and_apply_writes_the_previewed_segmentation(s
     assert np.array_equal(mrml.segment_array(c["seg"], c["target"], c["volume"]), before)
 
 
-def test_cancel_after_deactivate_ends_the_run_on_the_server(sandbox, scene_case, server):
-    c = scene_case
-    python, logic = _effect_with_server(sandbox, c, server)
-    other = add_volume(c["scene"], c["image"] + 7.0, c["matrix"], "not embedded yet")
+def _running_effect(module, c, server, offset):
+    """The SynPo effect's Preview of a volume the server has not embedded yet (`offset` added to the
+    test's image), driven until it runs there: (the effect's Python object, the shared logic)."""
+    python, logic = _effect_with_server(module, c, server)
+    other = add_volume(c["scene"], c["image"] + offset, c["matrix"], "not embedded yet")
     ScriptedEffect.editor.GetSegmentEditorNode().SetAndObserveSourceVolumeNode(other)
     python.activate()
     python.onPreview()
     _drive(logic, lambda: logic.job is not None and logic.job.state == "running")
+    return python, logic
+
+
+def test_cancel_after_deactivate_ends_the_run_on_the_server(sandbox, scene_case, server):
+    c = scene_case
+    python, logic = _running_effect(sandbox, c, server, 7.0)
     python.deactivate()
     sid, rid = logic.job.session_id, logic.job.run_id
     python.activate()
@@ -1128,12 +1135,7 @@ def test_quitting_slicer_cancels_a_run_on_a_team_server(sandbox, scene_case, ser
     c = scene_case
     app = App()
     monkeypatch.setattr(slicer, "app", app, raising=False)
-    python, logic = _effect_with_server(sandbox, c, server)
-    other = add_volume(c["scene"], c["image"] + 9.0, c["matrix"], "not embedded yet")
-    ScriptedEffect.editor.GetSegmentEditorNode().SetAndObserveSourceVolumeNode(other)
-    python.activate()
-    python.onPreview()
-    _drive(logic, lambda: logic.job is not None and logic.job.state == "running")
+    python, logic = _running_effect(sandbox, c, server, 9.0)
     sid, rid = logic.job.session_id, logic.job.run_id
     python.cleanup()                                       # Slicer's slot first: widgets cleaned up
     app.emit("aboutToQuit()")
