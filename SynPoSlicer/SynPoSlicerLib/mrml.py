@@ -387,13 +387,23 @@ def rerun_slice(preview: "PreviewNodes", volume_node, axis: int, slice_index: in
     neg = slice_points(preview.negative, volume_node, axis, slice_index, segment_id)
     engine = np.moveaxis(preview.labels, axis, 0)[slice_index]
     mask = decode(pos, neg) if len(pos) else np.zeros(engine.shape, bool)
-    shown = segment_array(preview.candidates, sid, volume_node)       # as the user left it
-    np.moveaxis(shown, axis, 0)[slice_index] = mask & ((engine == 0) | (engine == label))
+    _write_slices(preview, volume_node, sid, axis, {slice_index: mask & ((engine == 0) | (engine == label))},
+                  before_write)
+    return len(pos) + len(neg)
+
+
+def _write_slices(preview: "PreviewNodes", volume_node, sid: str, axis: int, slices: Dict[int, np.ndarray],
+                  before_write=None) -> None:
+    """Candidate segment `sid` as the user left it, with `slices` ({slice across `axis`: (H, W) mask})
+    replaced: the user's paint and erasing on its other slices stay."""
+    shown = segment_array(preview.candidates, sid, volume_node)
+    view = np.moveaxis(shown, axis, 0)
+    for t, mask in slices.items():
+        view[t] = mask
     if before_write is not None:
         before_write()
     name = preview.candidates.GetSegmentation().GetSegment(sid).GetName()
     write_labels(preview.candidates, volume_node, shown, {1: name}, {1: sid})
-    return len(pos) + len(neg)
 
 
 def candidate_segment(preview: "PreviewNodes", label: int) -> str:
@@ -479,13 +489,7 @@ def carry_edits(preview: "PreviewNodes", volume_node, axis: int, edits: Dict[int
     for label, slices in edits.items():
         if label not in preview.candidate_ids or not slices:
             continue
-        sid = candidate_segment(preview, label)
-        shown = segment_array(preview.candidates, sid, volume_node)
-        view = np.moveaxis(shown, axis, 0)
-        for t, mask in slices.items():
-            view[t] = mask
-        name = preview.candidates.GetSegmentation().GetSegment(sid).GetName()
-        write_labels(preview.candidates, volume_node, shown, {1: name}, {1: sid})
+        _write_slices(preview, volume_node, candidate_segment(preview, label), axis, slices)
         kept += len(slices)
     return kept
 
