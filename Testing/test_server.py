@@ -594,6 +594,33 @@ def test_absent_marks_that_are_not_lists_are_refused(server):
         c.delete_session(sid)
 
 
+def test_a_new_run_takes_its_slicing_axis_from_meta(server):
+    """meta.axis (what the module gives when it sends a preview's volume again with every correction):
+    paint that cannot tell its own axis (a dot) runs across the given one; anything but 0, 1, 2 is
+    refused."""
+    c = server.client()
+    image, _ = volume()
+    dot = np.zeros(image.shape, np.uint8)
+    dot[image.shape[0] // 2, 24, 28] = 1
+    sid = c.create_session(image, (1, 1, 2))
+    try:
+        for axis in (3, -1, "0", True, 1.0):
+            body = wire.pack({"support": dot}, {"axis": axis})
+            status, answer = raw(server, "POST", "/v1/sessions/%s/runs" % sid, body,
+                                 auth(server, **{"Content-Type": wire.CONTENT_TYPE}))
+            assert status == 400 and "meta.axis must be 0, 1 or 2" in answer["error"], (axis, answer)
+        rid = c.start_run(sid, dot)                            # (no axis: the dot is ambiguous)
+        st = c.wait(sid, rid)
+        assert st["state"] == "failed" and "ambiguous" in st["error"], st
+        upload = c.run_upload(sid, dot, axis=0)
+        rid, _ = _finish(upload)
+        st = c.wait(sid, rid)
+        assert st["state"] == "done", st
+        assert c.result(sid, rid).support.axis == 0
+    finally:
+        c.delete_session(sid)
+
+
 def test_a_second_server_on_a_busy_port_leaves_the_first_ones_token(server, tmp_path):
     """`synpo serve` again on the port of a running one, writing the same token file (both default to
     ~/.cache/synpo/server-token and port 8765): refused with one line, and the running server's

@@ -34,8 +34,10 @@ sys.path.insert(0, MODULE_DIR)
 
 import slicer  # noqa: E402  (slicer-core)
 
-from test_slicer_logic import _parameters, add_volume, install_module_stand_ins, scene_case, server  # noqa: E402,F401
+from test_slicer_logic import (_parameters, add_volume, install_module_stand_ins, run_job, scene_case,  # noqa: E402,F401
+                               server)
 from SynPoSlicerLib import mrml  # noqa: E402
+from SynPoSlicerLib.engine import RemoteJob  # noqa: E402
 
 
 # ------------------------------------------------------------------ the launcher
@@ -840,6 +842,66 @@ def test_two_previews_and_an_update_use_one_server_and_one_upload(sandbox, scene
     finally:
         logic.discard()
         logic.stopServer()
+
+
+def _correct(logic, c, change):
+    """The user edits 'SynPo candidates' (change(labels) on the target's candidate, uint8)."""
+    labels = (logic.preview.labels == 1).astype(np.uint8)
+    change(labels)
+    sid = logic.preview.candidates.GetSegmentation().GetNthSegmentID(0)
+    mrml.write_labels(logic.preview.candidates, c["volume"], labels, {1: "target"}, {1: sid})
+    return labels
+
+
+def test_an_update_whose_session_the_server_ended_sends_the_volume_again(sandbox, scene_case, server):
+    """The server ended the preview's session (idle past --session-ttl, evicted, restarted) while the user
+    corrected: the Update failed with 'no longer holds this preview's volume', and the user's only way on was
+    Preview again, which drops the corrections. Now the volume is sent again and SynPo runs once from the
+    paint and every correction so far (an earlier Update's absent mark included), on the preview's axis."""
+    c = scene_case
+    logic = sandbox.sharedLogic()
+    logic.useServer(server.url, server.token_file)
+    params = _parameters(logic, c["scene"])
+    try:
+        assert logic.process(c["volume"], c["seg"], [c["target"]], params, timeout=300) == "previewed"
+        present = [t for t in range(len(logic.preview.labels)) if (logic.preview.labels[t] == 1).any() and t != 4]
+        erased, repainted = present[0], present[-1]
+        _correct(logic, c, lambda labels: labels.__setitem__(erased, 0))
+        logic.startUpdate(params)                          # on the session: the erased slice marked absent
+        _drive(logic, lambda: not logic.active())
+        assert logic.state == "previewed" and "no longer held" not in logic.message, logic.message
+        first = logic.job.session_id
+
+        def repaint(labels):
+            labels[repainted] = 0
+            labels[repainted, 18:26, 24:36] = 1
+        labels = _correct(logic, c, repaint)
+        server.client().delete_session(first)              # the server ends it
+        logic.startUpdate(params)
+        _drive(logic, lambda: not logic.active())
+        assert logic.state == "previewed", logic.message
+        assert "no longer held this preview's session" in logic.message and logic.job.session_id != first
+        result = logic.result
+        assert result.support.axis == 0 and result.support.slices == {1: sorted([4, repainted])}
+        assert np.array_equal(result.labels[repainted] == 1, labels[repainted] == 1)     # the correction
+        assert next(r for r in result.records if r.index == erased).reason == "marked absent"   # the earlier one
+        # The same as SynPo run on the server from that paint and that mark.
+        paint = np.zeros(labels.shape, np.int32)
+        paint[4] = c["paint"][4]
+        paint[repainted] = labels[repainted]
+        fresh = run_job(RemoteJob(server.client(timeout=10), mrml.volume_image(c["volume"]),
+                                  mrml.spacing_ijk(c["volume"]), paint, absent={1: [erased]}))
+        assert fresh.state == "done", fresh.error
+        assert np.array_equal(fresh.result.labels, result.labels)
+        # The next Update goes to the new session, without sending the volume again.
+        again = logic.job.session_id
+        _correct(logic, c, lambda labels: labels.__setitem__(present[1], 0))
+        logic.startUpdate(params)
+        _drive(logic, lambda: not logic.active())
+        assert logic.state == "previewed" and "no longer held" not in logic.message, logic.message
+        assert logic.job.session_id == again and logic.job.add
+    finally:
+        logic.discard()
 
 
 def test_apply_without_the_segment_editor_logic_of_5_10(sandbox, scene_case, server, monkeypatch):

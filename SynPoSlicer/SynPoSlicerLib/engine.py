@@ -158,10 +158,11 @@ class ServerProcess:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-# An Update (or a Re-run slice) needs the server's session of the preview it corrects; the server ended
-# it (idle past --session-ttl, evicted for memory, restarted): said so, with what the user can do.
+# A Re-run slice (or an Update) needs the server's session of the preview it corrects; the server ended
+# it (idle past --session-ttl, evicted for memory, restarted): said so, with what the user can do (an
+# Update sends the volume again: SynPoSlicerLogic._resendUpdate).
 SESSION_GONE = ("the server no longer holds this preview's volume (%s). Your corrections are kept on the "
-                "candidates: Apply writes them as drawn; Preview starts again from your paint")
+                "candidates: Update sends the volume again and runs from them; Apply writes them as drawn")
 
 
 class RemoteJob:
@@ -186,13 +187,15 @@ class RemoteJob:
 
     def __init__(self, client: Client, image: Optional[np.ndarray], spacing_ijk, support: Optional[np.ndarray],
                  settings: Sequence[str] = (), session_id: Optional[str] = None, add: bool = False,
-                 absent: Optional[dict] = None):
+                 absent: Optional[dict] = None, axis: Optional[int] = None):
         """A new preview (image and support); with session_id a preview on that server session (its
         embeddings reused; the image is sent again only if the server no longer has it); with
         session_id and add=True corrections on the session's last run: support = the corrected
-        slices' paint, absent = {label: slices}."""
+        slices' paint, absent = {label: slices}; `gone` is set when the server no longer holds that
+        session. axis: a new preview's slicing axis (else the server finds it from the paint)."""
         self.client, self.image, self.spacing, self.support = client, image, tuple(spacing_ijk), support
-        self.settings, self.add, self.absent = list(settings), add, absent
+        self.settings, self.add, self.absent, self.axis = list(settings), add, absent, axis
+        self.gone = False
         self.session_id = session_id
         self.reused = bool(session_id) and not add      # a new preview on a session already on the server
         self.run_id: Optional[str] = None
@@ -277,7 +280,8 @@ class RemoteJob:
                     if self._upload is None:
                         self._upload = self.client.run_upload(self.session_id, self.support, self.settings,
                                                               add=self.add, absent=self.absent,
-                                                              chunk=self.UPLOAD_CHUNK)
+                                                              chunk=self.UPLOAD_CHUNK,
+                                                              axis=None if self.add else self.axis)
                     run = self._advance(self._upload)
                     if run is None:
                         return self.state
@@ -291,6 +295,7 @@ class RemoteJob:
                         self.stage = "waiting for the previous run on the server to stop"
                         return self.state
                     if exc.status == 404 and self.add:
+                        self.gone = True
                         raise ServerError(SESSION_GONE % exc, 404) from None
                     if exc.status != 404 or self.image is None:
                         raise

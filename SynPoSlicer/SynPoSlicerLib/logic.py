@@ -73,6 +73,9 @@ class PreviewLogic:
         self.segmentIds, self.segmentNames = [], []
         self._sent = None                # (axis, {label: its candidates' slice digests}) as an Update read them
         self._painted = None             # {label: (its segment's paint at Preview, flat indices; labelmap_mtime)}
+        self._given = None               # the support and absent marks the server's session holds (a sparse
+                                         # support: shape, flat indices, labels; {label: slices}): _resendUpdate
+        self._update = None              # an Update's: (its merged support, sparse; marks; settings; why resent)
 
     def setDefaultParameters(self, node):
         for key, value in PARAMETERS.items():
@@ -255,6 +258,7 @@ class PreviewLogic:
         values = inputs.support.reshape(-1)[where]
         self._painted = {v: (where[values == v], mrml.labelmap_mtime(segmentationNode, sid))
                          for v, sid in enumerate(self.segmentIds, start=1)}
+        self._given, self._update = ((inputs.support.shape, where, values), {}), None
         self._pending = (inputs, self.settings(parameterNode), parameterNode, self.fingerprint(volumeNode, inputs))
         self.state, self.message = "starting", "Starting the SynPo server..."
         self.job = None
@@ -287,7 +291,10 @@ class PreviewLogic:
                 self.message = "SynPo: %s%s" % (self.job.stage, " (embeddings reused)" if self.job.reused else "")
                 if self.job.state == "done":
                     self.finishPreview()
+                elif self.job.state == "failed" and self.job.gone and self._resendUpdate():
+                    pass
                 elif self.job.state in ("failed", "cancelled"):
+                    self._update = None
                     self.state = self.job.state
                     self.message = ("Cancelled; the scene is unchanged." if self.job.state == "cancelled"
                                     else "SynPo failed: %s" % self.job.error)
@@ -343,6 +350,7 @@ class PreviewLogic:
         from SynPoSlicerLib import apply as applying
         from SynPoSlicerLib import mrml
         from SynPoSlicerLib.engine import RemoteJob
+        from synpo.support import merge_corrections
         if self.preview is None or self.job is None:
             raise ValueError("Run a preview first, then edit the SynPo candidates segmentation.")
         applying.check_volume(self.volumeNode)
@@ -354,13 +362,49 @@ class PreviewLogic:
         if not paint.any() and not absent:
             raise ValueError("No corrections yet: paint or erase on the 'SynPo candidates' segmentation first.")
         self._sent = (self.result.support.axis, sent)
-        self.job = RemoteJob(self.client(), None, (), paint, self.settings(parameterNode),
+        settings = self.settings(parameterNode)
+        # The session's support after these corrections, as the server merges them: sent again with the
+        # volume should the server have ended the session (_resendUpdate).
+        (shape, where, values), marks = self._given
+        given = np.zeros(shape, values.dtype)
+        given.reshape(-1)[where] = values
+        merged, marks = merge_corrections(given, marks, paint, absent, self.result.support.axis)
+        del given
+        where = np.flatnonzero(merged)
+        self._update = ((shape, where, merged.reshape(-1)[where]), marks, settings, None)
+        del merged
+        self.job = RemoteJob(self.client(), None, (), paint, settings,
                              session_id=self.job.session_id, add=True, absent=absent)
         painted = np.moveaxis(paint, self.result.support.axis, 0)
         corrected = int(painted.reshape(len(painted), -1).any(1).sum())
         self.state, self.message = "running", "Updating from %d corrected and %d emptied slice(s)..." % (
             corrected, sum(len(v) for v in absent.values()))
         self.startPolling()
+
+    def _resendUpdate(self):
+        """An Update whose session the server no longer holds (idle past its --session-ttl, evicted for
+        memory, the server restarted): the volume is sent again, and SynPo runs once from the paint and
+        every correction so far with the absent marks (synpo.support.merge_corrections, as the server
+        merged them), on the preview's slicing axis. False when that cannot be (the volume is gone)."""
+        import numpy as np
+        from SynPoSlicerLib import mrml
+        from SynPoSlicerLib.engine import RemoteJob
+        if self._update is None or self._update[3] is not None or self.volumeNode is None \
+                or self.volumeNode.GetScene() is None:
+            return False
+        (shape, where, values), marks, settings, _ = self._update
+        image = mrml.volume_image(self.volumeNode)
+        if image.shape != tuple(shape):
+            return False
+        support = np.zeros(shape, values.dtype)
+        support.reshape(-1)[where] = values
+        why = self.job.error
+        self._update = self._update[:3] + (why,)
+        self.job = RemoteJob(self.client(), image, mrml.spacing_ijk(self.volumeNode), support, settings,
+                             absent=marks, axis=self.result.support.axis)
+        self.message = ("The server no longer held this preview's session: sending the volume again; SynPo runs "
+                        "once from your paint and every correction...")
+        return True
 
     def active(self):
         return self.state in ("starting", "running")
@@ -407,6 +451,9 @@ class PreviewLogic:
         # Segment Editor may show it: mrml.show_preview).
         previous = self.preview
         during, sent, self._sent = None, self._sent, None
+        update, self._update = self._update, None
+        if update is not None:                       # the session now holds these (or the one sent again)
+            self._given = update[:2]
         if previous is not None:
             self.saveCandidatesForUndo(previous.candidates)
             if sent is not None:          # the candidates now: the user may have edited them while it ran
@@ -429,6 +476,10 @@ class PreviewLogic:
         if before is not None:                       # after Update: what the corrections changed
             self.message = "Updated: %d slice(s) changed.\n%s" % (len(changed_slices(before, self.result)),
                                                                   self.message)
+        if update is not None and update[3] is not None:
+            self.message = ("The server no longer held this preview's session, so the volume was sent again and "
+                            "SynPo ran once from your paint and every correction (slices no correction touched "
+                            "may differ from an Update on the session).\n%s" % self.message)
         if kept:
             self.message = ("Your edits of the candidates made while the Update ran (%d slice(s)) are kept: "
                             "Update again to carry them through the volume.\n%s" % (kept, self.message))
@@ -633,6 +684,7 @@ class PreviewLogic:
             self.state = "idle"
         if not self.active():         # the run's arrays (a volume's labels and confidence) are not kept after it
             self.result, self.job, self._pending, self._sent, self._painted = None, None, None, None, None
+            self._given, self._update = None, None
 
     def onSceneClosed(self):
         """File > Close Scene: the preview's nodes are gone with the scene; a run is cancelled. The
@@ -640,7 +692,7 @@ class PreviewLogic:
         if self.job is not None and self.job.active():
             self._cancelJob()
         self.preview, self.volumeNode, self.result, self.job, self._pending = None, None, None, None, None
-        self.segmentationNode, self._sent, self._painted = None, None, None
+        self.segmentationNode, self._sent, self._painted, self._given, self._update = None, None, None, None, None
         self.state, self.message = "idle", ""
         self._tell()          # the views' buttons: no preview to Apply or Update any more
 

@@ -99,6 +99,11 @@ def _parallel_axes(a: np.ndarray, b: np.ndarray, tol: float = 1e-3) -> bool:
     return bool(np.all(np.abs(np.sort(dots, axis=1)[:, -1] - 1.0) < tol))
 
 
+def volume_image(volume_node) -> np.ndarray:
+    """The volume's voxels [k, j, i] as float32 (a copy: what is sent to the server)."""
+    return slicer.util.arrayFromVolume(volume_node).astype(np.float32)
+
+
 def extract_inputs(volume_node, segmentation_node, segment_ids: Sequence[str]) -> Inputs:
     """The volume as an array and the chosen segments' paint on the volume's grid.
 
@@ -133,7 +138,7 @@ def extract_inputs(volume_node, segmentation_node, segment_ids: Sequence[str]) -
         if not _parallel_axes(seg_dirs, ijk_to_ras(volume_node)[:3, :3]):
             raise InputError("The segmentation was painted on a grid that is not parallel to the input volume's "
                              "(oblique to it); paint with the input volume as the segmentation's source geometry.")
-    image = slicer.util.arrayFromVolume(volume_node).astype(np.float32)
+    image = volume_image(volume_node)
     support = np.zeros(image.shape, dtype=np.int32)
     logic = slicer.vtkSlicerSegmentationsModuleLogic
     scene = volume_node.GetScene()

@@ -179,12 +179,15 @@ class Client:
         return json.loads(data.decode("utf-8"))["run"]
 
     def run_upload(self, sid: str, support: Optional[np.ndarray], settings: Sequence[str] = (), add: bool = False,
-                   absent: Optional[Dict[int, Sequence[int]]] = None, chunk: int = 4 << 20) -> "Upload":
+                   absent: Optional[Dict[int, Sequence[int]]] = None, chunk: int = 4 << 20,
+                   axis: Optional[int] = None) -> "Upload":
         """start_run a step at a time (Upload): `Upload.step()` returns the run's ID once the server
-        has started it, else None (a support label map of a large CT took half a second to pack)."""
-        return Upload(self, "/v1/sessions/%s/runs" % sid, *_run_message(support, settings, None, None, add, False,
-                                                                          absent),
-                      chunk=chunk, answer=lambda reply: reply["run"])
+        has started it, else None (a support label map of a large CT took half a second to pack).
+        axis: a new run's slicing axis (0, 1, 2 across the array's k, j, i), else found from the paint."""
+        arrays, meta = _run_message(support, settings, None, None, add, False, absent)
+        if axis is not None:
+            meta["axis"] = int(axis)
+        return Upload(self, "/v1/sessions/%s/runs" % sid, arrays, meta, chunk=chunk, answer=lambda reply: reply["run"])
 
     def status(self, sid: str, rid: str, since: int = 0) -> dict:
         return self.json("GET", "/v1/sessions/%s/runs/%s?since=%d" % (sid, rid, since))

@@ -10,7 +10,8 @@ wire.py messages, the rest JSON; every error is {"error": "one line"} with a 4xx
     DELETE /v1/sessions/{sid}
     POST   /v1/sessions/{sid}/runs                      wire: support (+ support_image); meta: set, modality,
                                                         mode ("new"; "add": corrections on the last run),
-                                                        absent ({label: [slices]}), confidence_all
+                                                        absent ({label: [slices]}), confidence_all,
+                                                        axis (a new run's slicing axis 0/1/2; else the paint's)
     GET    /v1/sessions/{sid}/runs/{rid}?since=N        state, progress, the slices decided since N
     GET    /v1/sessions/{sid}/runs/{rid}/slices?since=N wire: those slices' masks
     POST   /v1/sessions/{sid}/runs/{rid}/cancel
@@ -260,6 +261,9 @@ def create_app(service, token: str, max_body_bytes: int, max_array_bytes: Option
             raise Refused(400, "meta.set must be a list of 'SECTION.FIELD=VALUE' strings")
         if settings["modality"] not in (None, "ct", "mr"):
             raise Refused(400, "meta.modality must be 'ct', 'mr' or null")
+        settings["axis"] = meta.get("axis")
+        if settings["axis"] is not None and (not _is_int(settings["axis"]) or not 0 <= settings["axis"] <= 2):
+            raise Refused(400, "meta.axis must be 0, 1 or 2 (the slicing axis across the array's k, j, i) or null")
         support = arrays.get("support")
         if support is not None and support.dtype.kind not in "iub":
             raise Refused(400, "the support has dtype %s; integer labels are needed" % support.dtype)

@@ -276,7 +276,8 @@ class Service:
                     if add:
                         run.result = entry.session.add_support(support, absent, cfg, **kwargs)
                     else:
-                        run.result = entry.session.run(support, cfg, support_image, absent=absent, **kwargs)
+                        run.result = entry.session.run(support, cfg, support_image, absent=absent,
+                                                        axis=settings.get("axis"), **kwargs)
                     run.state = run.stage = "done"
                     # The session's memory counts its last result only (Session.memory_bytes): an earlier
                     # run's is dropped, not kept outside --max-memory-mb (its result: "no longer kept").

@@ -27,7 +27,7 @@ from .errors import InputError, SynPoError
 from .intensity import normalize
 from .io import check_image_values
 from .result import VolumeResult
-from .support import in_plane_spacing, to_slices
+from .support import in_plane_spacing, merge_corrections, to_slices
 from .volume import EmbeddingStore, Progress, SliceReport, get_store, segment_volume, store_key
 
 
@@ -161,8 +161,6 @@ class Session:
         if self.support is None:
             raise SynPoError("no support yet: run the session once before adding corrections")
         axis = self.result.support.axis
-        merged = np.array(self.support, copy=True)
-        marks = {v: set(s) for v, s in self.absent.items()}
         if paint is not None:
             paint = np.asarray(paint)
             if paint.shape != self.support.shape:
@@ -170,19 +168,7 @@ class Session:
                                  % (paint.shape, self.support.shape))
             if paint.dtype.kind not in "iub" or (paint < 0).any():
                 raise InputError("the correction must hold integer labels >= 0")
-            merged = merged.astype(np.result_type(merged.dtype, paint.dtype), copy=False)
-            m, p = to_slices(merged, axis), to_slices(paint, axis)
-            for v in (int(x) for x in np.unique(paint) if x != 0):
-                for s in np.flatnonzero((p == v).reshape(len(p), -1).any(1)):
-                    m[s][m[s] == v] = 0
-                    m[s][p[s] == v] = v
-                    marks.get(v, set()).discard(int(s))
-        for v, slices in (absent or {}).items():
-            m = to_slices(merged, axis)
-            for s in slices:
-                if 0 <= int(s) < len(m):
-                    m[int(s)][m[int(s)] == int(v)] = 0
-            marks.setdefault(int(v), set()).update(int(s) for s in slices)
+        merged, marks = merge_corrections(self.support, self.absent, paint, absent, axis)
         cfg = cfg if cfg is not None else self.cfg
         # The previous masks stand where a walk agrees with them (volume.correction_agree_iou) only when
         # they came from these settings: after a change of settings every walk goes to its end.
@@ -190,7 +176,7 @@ class Session:
         result = self.run(merged, cfg if same else cfg.with_(volume={"correction_agree_iou": 0.0}),
                           self.support_image, progress, cancel, on_slice,
                           confidence_everywhere=confidence_everywhere, axis=axis,
-                          absent={v: sorted(s) for v, s in marks.items() if s},
+                          absent=marks,
                           held_ends=self.held_ends(merged, axis, cfg), previous=self.untrimmed_labels(),
                           previous_overridden=self.result.overridden)
         self.cfg = cfg

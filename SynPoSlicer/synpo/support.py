@@ -117,6 +117,35 @@ def from_slices(stack: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(stack, 0, axis)
 
 
+def merge_corrections(support: np.ndarray, marks: Dict[int, Iterable[int]], paint: Optional[np.ndarray],
+                      absent: Optional[Dict[int, Iterable[int]]], axis: int):
+    """The support and the absent marks after corrections, as a session holds them
+    (Session.add_support; the module re-creating a session the server ended, SynPoSlicerLib.logic).
+
+    support: (K, J, I) integer labels, the paint so far; marks: {label: slices} absent so far;
+    paint: (K, J, I) labels painted on some slices across `axis` (or None): on each slice where it
+    holds a label, that label's paint there replaces its old support paint, and the label's absent
+    mark on that slice goes; absent: {label: slices} newly marked absent: each takes the label's paint
+    off its slice. Returns (merged support (K, J, I), {label: sorted slices}); the inputs are not changed."""
+    merged = np.array(support, copy=True)
+    out = {int(v): set(int(t) for t in s) for v, s in (marks or {}).items()}
+    if paint is not None:
+        merged = merged.astype(np.result_type(merged.dtype, paint.dtype), copy=False)
+        m, p = to_slices(merged, axis), to_slices(paint, axis)
+        for v in (int(x) for x in np.unique(paint) if x != 0):
+            for s in np.flatnonzero((p == v).reshape(len(p), -1).any(1)):
+                m[s][m[s] == v] = 0
+                m[s][p[s] == v] = v
+                out.get(v, set()).discard(int(s))
+    m = to_slices(merged, axis)
+    for v, slices in (absent or {}).items():
+        for s in slices:
+            if 0 <= int(s) < len(m):
+                m[int(s)][m[int(s)] == int(v)] = 0
+        out.setdefault(int(v), set()).update(int(s) for s in slices)
+    return merged, {v: sorted(s) for v, s in out.items() if s}
+
+
 def fit_slices(volume: np.ndarray, axis: int, shape_rc, order: int) -> np.ndarray:
     """`volume` ([k, j, i]) with each slice across `axis` resized to shape_rc (rows, cols), pixel
     centres mapped onto pixel centres: order 1 (bilinear, float32) for an image, 0 (nearest) for a
