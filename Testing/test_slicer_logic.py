@@ -724,6 +724,46 @@ def test_update_from_the_users_corrections_of_the_candidates(scene_case, server)
     preview.remove()
 
 
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGSTOP"), reason="needs SIGSTOP")
+def test_a_server_that_stalls_for_seconds_does_not_fail_the_preview(scene_case, server):
+    """A server that answers nothing for a few seconds (swapping, stopped, a loaded machine): the preview
+    failed at the first poll that took over 5 s. Now a poll that times out is asked again, the stage
+    counts the seconds, and the job fails only after STALL_SECONDS without an answer."""
+    import signal
+    c = scene_case
+    inputs = mrml.extract_inputs(c["volume"], c["seg"], [c["target"]])
+    job = RemoteJob(server.client(timeout=10), inputs.image + 11.0, inputs.spacing, inputs.support)
+    while job.state != "running":
+        job.step()
+    stages = []
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        start = time.time()
+        while time.time() - start < 5:
+            job.step()                                   # each poll gives up after POLL_TIMEOUT (2 s)
+            stages.append(job.stage)
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    assert job.state == "running" and job.error == "", job.error
+    assert any(s.startswith("waiting for the server: no answer for") for s in stages), stages
+    assert run_job(job).state == "done", job.error            # the run went on meanwhile
+    # Past STALL_SECONDS without an answer the job fails, and says why.
+    job = RemoteJob(server.client(timeout=10), None, (), inputs.support, session_id=job.session_id)
+    job.STALL_SECONDS = 3.0
+    while job.state != "running":
+        job.step()
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        start = time.time()
+        while job.active() and time.time() - start < 20:
+            job.step()
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    assert job.state == "failed" and job.error.startswith("the SynPo server has not answered for"), job.error
+    assert time.time() - start < 10
+    server.client().cancel(job.session_id, job.run_id)
+
+
 @pytest.fixture
 def axial_case():
     """An axis-aligned volume (1 x 1 x 2.5 mm) with the organ painted on slice 4, for rendering."""

@@ -184,6 +184,11 @@ class RemoteJob:
     DOWNLOAD_CHUNK = 1 << 20
     # How long a cancelled job looks for the server's answer to a message sent before Cancel.
     SETTLE_SECONDS = 5.0
+    # A run's progress is asked for with this timeout (a blocking request on Slicer's thread); a server
+    # that does not answer (stalled: swapping, a pause, a loaded machine) is asked again on the next steps,
+    # the stage counting the seconds, and the job fails only after STALL_SECONDS without an answer.
+    POLL_TIMEOUT = 2.0
+    STALL_SECONDS = 60.0
 
     def __init__(self, client: Client, image: Optional[np.ndarray], spacing_ijk, support: Optional[np.ndarray],
                  settings: Sequence[str] = (), session_id: Optional[str] = None, add: bool = False,
@@ -207,6 +212,7 @@ class RemoteJob:
         self._arrived: List[Tuple] = []
         self._cancel = False
         self._busy_until = time.monotonic() + 60.0
+        self._answered = 0.0                # when the server last answered about the run ("running")
         self._upload = None                 # the volume ("upload") or the run ("start") being sent (client.Upload)
         self._download = None               # the result being received (client.ResultDownload), in "fetch"
         self._settling = None               # ("upload" | "start", deadline) while "cancelling"
@@ -301,15 +307,21 @@ class RemoteJob:
                         raise
                     self.session_id, self.reused, self.state = None, False, "upload"
                     return self.state
-                self.state, self.stage = "running", "queued"
+                self.state, self.stage, self._answered = "running", "queued", time.monotonic()
             elif self.state == "running":
                 if self._cancel:
                     self.client.cancel(self.session_id, self.run_id)
-                st = self.client.status(self.session_id, self.run_id, self._since)
+                try:
+                    st = self.client.status(self.session_id, self.run_id, self._since,
+                                            timeout=min(self.client.timeout, self.POLL_TIMEOUT))
+                    self._answered = time.monotonic()
+                    if st["next"] > self._since:
+                        arrived, self._since = self.client.slices(self.session_id, self.run_id, self._since)
+                        self._arrived += arrived
+                except ServerError as exc:
+                    return self._stalled(exc)
+                self._answered = time.monotonic()
                 self.stage, self.done, self.total = st["stage"], st["done"], st["total"]
-                if st["next"] > self._since:
-                    arrived, self._since = self.client.slices(self.session_id, self.run_id, self._since)
-                    self._arrived += arrived
                 if st["state"] == "done" and self._cancel:
                     # Cancelled (without now) while the run was ending: its result is not fetched.
                     self.state, self.stage = "cancelled", "cancelled"
@@ -335,6 +347,17 @@ class RemoteJob:
                 self._upload = None
             self.state, self.error = "failed", str(exc)
         self._release()
+        return self.state
+
+    def _stalled(self, exc: ServerError) -> str:
+        """A poll of the run got no answer in time: asked again next step, up to STALL_SECONDS since the
+        last answer (the run goes on on the server meanwhile); anything else fails the job (step)."""
+        if not exc.timed_out:
+            raise exc
+        waited = time.monotonic() - self._answered
+        if waited >= self.STALL_SECONDS:
+            raise ServerError("the SynPo server has not answered for %.0f s: %s" % (waited, exc), 0, True) from None
+        self.stage = "waiting for the server: no answer for %.0f s" % waited
         return self.state
 
     def _release(self) -> None:

@@ -33,9 +33,10 @@ ACTIVE = ("queued", "running")
 class ServerError(SynPoError):
     """The server refused a request, or could not be reached. `status` is the HTTP status (0: no answer)."""
 
-    def __init__(self, message: str, status: int = 0):
+    def __init__(self, message: str, status: int = 0, timed_out: bool = False):
         super().__init__(message)
         self.status = status
+        self.timed_out = timed_out      # no answer within the request's timeout (a server stalled, or gone)
 
 
 def default_token_path() -> str:
@@ -111,7 +112,9 @@ class Client:
             raise ServerError(self._reason(exc), exc.code) from None
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise self.unreachable(reason or type(exc).__name__) from None
+            error = self.unreachable(reason or type(exc).__name__)
+            error.timed_out = isinstance(reason, (socket.timeout, TimeoutError))
+            raise error from None
 
     def _reason(self, exc) -> str:
         try:
@@ -189,8 +192,8 @@ class Client:
             meta["axis"] = int(axis)
         return Upload(self, "/v1/sessions/%s/runs" % sid, arrays, meta, chunk=chunk, answer=lambda reply: reply["run"])
 
-    def status(self, sid: str, rid: str, since: int = 0) -> dict:
-        return self.json("GET", "/v1/sessions/%s/runs/%s?since=%d" % (sid, rid, since))
+    def status(self, sid: str, rid: str, since: int = 0, timeout: Optional[float] = None) -> dict:
+        return self.json("GET", "/v1/sessions/%s/runs/%s?since=%d" % (sid, rid, since), timeout=timeout)
 
     def slices(self, sid: str, rid: str, since: int = 0) -> Tuple[List[Tuple[SliceRecord, Optional[np.ndarray]]], int]:
         """([(record, mask or None)] of the slices decided since `since`, the next `since`)."""
