@@ -1,4 +1,5 @@
 """The `synpo` command line: bad input gets one clear line, exit status 2, and nothing is written."""
+import json
 import os
 import subprocess
 import sys
@@ -389,6 +390,22 @@ def test_per_label_confidence_files_are_checked_before_any_work(case, capsys):
                              "--confidence-out", str(case["dir"] / "here" / "a.nii.gz")])
     assert "two outputs have the same path" in msg
     assert not [p for p in os.listdir(case["dir"]) if p.startswith(("seg", "a.", ".tmp", "conf.", "out"))]
+
+
+def test_the_summary_counts_slices_not_label_slices(case, capsys):
+    """Two labels on the same slices: "N slice(s) with target" counted each label's slices apart (a
+    volume of 11 slices could read 20), then each label's own count."""
+    two = _write(_two_labels(case), case["dir"] / "two.nii.gz")
+    points = str(case["dir"] / "points.json")
+    assert main(["segment", case["image"], two, "-o", case["out"], "--device", "cpu", "--features", "sam",
+                 "--points-out", points]) == 0
+    out = capsys.readouterr().out
+    found = [s for s in json.load(open(points))["slices"] if s["status"] in ("support", "present", "interpolated")]
+    per = {v: sum(s["label"] == v for s in found) for v in (1, 2)}
+    assert min(per.values()) > 1, per
+    line = next(ln for ln in out.splitlines() if ln.startswith("segmented 2 label(s)"))
+    assert ": %d slice(s) with target (label 1: %d, label 2: %d);" % (len({s["slice"] for s in found}),
+                                                                      per[1], per[2]) in line, line
 
 
 @pytest.mark.parametrize("name", ["seg.mhd", "seg.nhdr"])

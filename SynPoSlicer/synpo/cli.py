@@ -179,10 +179,15 @@ def cmd_segment(args) -> int:
         print("synpo: warning: %s" % line, file=sys.stderr)
     if not args.quiet:
         from .result import FOUND
-        present = sum(r.status in FOUND for r in result.records)
-        print("segmented %d label(s) %s across axis %s (%s, features: %s): %d slice(s) with target; wrote %s"
+        found = [r for r in result.records if r.status in FOUND]
+        per_label = ""
+        if len(result.support.labels) > 1:          # (the slices holding any target; then each label's)
+            per_label = " (%s)" % ", ".join("label %d: %d" % (v, sum(r.label == v for r in found))
+                                            for v in result.support.labels)
+        print("segmented %d label(s) %s across axis %s (%s, features: %s): %d slice(s) with target%s; wrote %s"
               % (len(result.support.labels), result.support.labels, "kji"[result.support.axis],
-                 result.modality, "+".join(result.features), present, ", ".join(written)))
+                 result.modality, "+".join(result.features), len({r.index for r in found}), per_label,
+                 ", ".join(written)))
     return 0
 
 
