@@ -33,7 +33,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "SynPoSlicer"))
 
-from synpo.evaluate import find_pairs, score, support_slice  # noqa: E402
+from synpo.evaluate import dataset_names, find_pairs, score, support_slice  # noqa: E402
 from synpo.io import read_volume, write_volume  # noqa: E402
 
 
@@ -51,9 +51,9 @@ def synpo_command() -> List[str]:
     return [exe] if os.path.exists(exe) else [sys.executable, "-m", "synpo.cli"]
 
 
-def run_dataset(folder: str, out: str, cohort_args: List[str], limit=None, log=print) -> Dict:
+def run_dataset(folder: str, out: str, cohort_args: List[str], limit=None, log=print, name=None) -> Dict:
     pairs = find_pairs(folder)[:limit]
-    name = os.path.basename(os.path.normpath(folder))
+    name = name or os.path.basename(os.path.normpath(folder))
     rows, runs = [], []
     for ref_img, ref_lab in pairs:
         ref_name = os.path.basename(ref_img).split(".")[0]
@@ -125,8 +125,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.makedirs(args.output, exist_ok=True)
     rows, runs = [], []
-    for folder in args.data:
-        got = run_dataset(folder, args.output, cohort_args, args.limit)
+    for folder, name in zip(args.data, dataset_names(args.data)):
+        got = run_dataset(folder, args.output, cohort_args, args.limit, name=name)
         rows += got["rows"]
         runs += got["runs"]
     summary = summarize(rows, runs)

@@ -32,11 +32,10 @@ def load(folder, data=None):
                                                          int(r.get("fill_even_095") or 0)]
         if "painted" not in r and data is not None:
             import numpy as np
-            from synpo.evaluate import support_slice
+            from synpo.evaluate import label_of, support_slice
             from synpo.io import read_volume
             if r["volume"] not in gts:
-                gt, geom = read_volume(os.path.join(data, r["volume"].replace("image", "label") + ".nii.gz"),
-                                       "label", label=True)
+                gt, geom = read_volume(label_of(data, r["volume"]), "label", label=True)
                 gts[r["volume"]] = (gt, tuple(reversed(tuple(geom.spacing))), {})
             gt, spacing, costs = gts[r["volume"]]
             g = gt == key[1]

@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "SynPoSlicer"))
 from synpo.corrections import scored_without  # noqa: E402
-from synpo.evaluate import support_slice  # noqa: E402
+from synpo.evaluate import label_of, support_slice  # noqa: E402
 from synpo.io import read_volume  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def main(argv):
         organs[(s.volume, s.label)][s.round] = s
     pixels, steps = collections.Counter(), collections.Counter()
     for name, caps in saved["caps"]:
-        gt, _ = read_volume(os.path.join(data, name.replace("image", "label") + ".nii.gz"), "label", label=True)
+        gt, _ = read_volume(label_of(data, name), "label", label=True)
         for (volume, label), rows in sorted(organs.items()):
             if volume != name:
                 continue

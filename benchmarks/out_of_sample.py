@@ -31,7 +31,7 @@ from synpo.io import write_json  # noqa: E402
 from benchmarks.sweep import variants_for  # noqa: E402
 from synpo.config import configured  # noqa: E402
 from synpo.errors import SynPoError  # noqa: E402
-from synpo.evaluate import evaluate_intra, find_pairs  # noqa: E402
+from synpo.evaluate import check_data_folders, dataset_names, evaluate_intra  # noqa: E402
 
 
 def mean_dice(scores, by: str = "volume") -> Dict[str, Dict[str, float]]:
@@ -86,13 +86,11 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     from synpo.features import load_models
     variants = variants_for(configured(args.set), args.vary)
+    found = check_data_folders(args.data, args.limit)
     sam, dino, use = load_models("litemedsam", "sam", "small", args.device, True)
     tables, labels = {}, {}
-    for folder in args.data:
-        pairs = find_pairs(folder)[: args.limit]
-        if not pairs:
-            raise SynPoError("no image_N/label_N volumes in %s" % folder)
-        ds = os.path.basename(os.path.normpath(folder))
+    for folder, ds in zip(args.data, dataset_names(args.data)):
+        pairs = found[folder]
         scores = evaluate_intra(pairs, sam, dino, variants[0].cfg, None, (0.5,), False, lambda msg: None,
                                 confidence_from=use, embedding_cache=args.embedding_cache, variants=variants)
         tables[ds] = mean_dice(scores)

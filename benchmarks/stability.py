@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from benchmarks.walk_decisions import ends_report, organ_ends  # noqa: E402
 from synpo.config import configured  # noqa: E402
 from synpo.embeddings import EmbeddingStore, store_key  # noqa: E402
-from synpo.evaluate import dice, find_pairs, middle_paint  # noqa: E402
+from synpo.evaluate import check_data_folders, dataset_names, dice, middle_paint  # noqa: E402
+from synpo.errors import SynPoError  # noqa: E402
 from synpo.io import read_volume, write_json  # noqa: E402
 from synpo.session import Models  # noqa: E402
 from synpo.volume import VolumeRun  # noqa: E402
@@ -161,15 +162,18 @@ def main(argv=None) -> dict:
     ap.add_argument("-o", "--output", help="write every organ-volume's figures as JSON here")
     args = ap.parse_args(argv)
     cfg = configured(args.set)
+    try:
+        found = check_data_folders(args.data, args.limit)
+    except SynPoError as e:
+        raise SystemExit("stability: error: %s" % e)
     models = Models.load("litemedsam", "sam", "small", args.device, "auto", True, "torch")
     other = Models.load("litemedsam", "sam", "small", args.device, "auto", True, args.runtime) \
         if args.runtime else None
     out = {}
-    for folder in args.data:
-        dataset = os.path.basename(os.path.normpath(folder))
+    for folder, dataset in zip(args.data, dataset_names(args.data)):
         rows: List[dict] = []
         ends: List[dict] = []
-        for img, lab in find_pairs(folder)[: args.limit]:
+        for img, lab in found[folder]:
             got, got_ends = run_volume(img, lab, models, other, cfg, args.noise, args.seed, args.embedding_cache)
             for r in got:
                 print("%s %s label %d: Dice %.4f -> %.4f (%+.4f), length %d -> %d" % (

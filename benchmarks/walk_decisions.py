@@ -40,7 +40,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from synpo.config import configured  # noqa: E402
 from synpo.decode import fill_holes  # noqa: E402
-from synpo.evaluate import find_pairs, support_slice  # noqa: E402
+from synpo.evaluate import check_data_folders, dataset_names, support_slice  # noqa: E402
+from synpo.errors import SynPoError  # noqa: E402
 from synpo.io import read_volume  # noqa: E402
 from synpo.session import Models  # noqa: E402
 from synpo.volume import VolumeRun  # noqa: E402
@@ -171,7 +172,8 @@ def organ_ends(records, gt: np.ndarray, labels, cfg) -> List[dict]:
 def ends_report(rows: List[dict], title: str) -> dict:
     """Prints and returns the ends of `rows` (walk_ends rows, one data set or all)."""
     err = np.array([r["error"] for r in rows]) if rows else np.zeros(0, int)
-    organs = len({(r.get("volume"), r["label"]) for r in rows})
+    # (the data set too: image_1's label 1 of one set is not image_1's label 1 of another)
+    organs = len({(r.get("dataset"), r.get("volume"), r["label"]) for r in rows})
     f = {"walks": len(rows), "too_far": int((err > 0).sum()), "right": int((err == 0).sum()),
          "too_short": int((err < 0).sum()), "slices_too_far": int(err[err > 0].sum()),
          "slices_too_short": int(-err[err < 0].sum()), "organs": organs}
@@ -243,14 +245,18 @@ def main(argv=None) -> None:
                     help="record the walks the configured rules make (every step, past the organ's end too), "
                          "not the truth-steered ones (benchmarks/replay_rules.py --rules)")
     args = ap.parse_args(argv)
+    try:
+        args.found = check_data_folders(args.data, args.limit)
+    except SynPoError as e:
+        raise SystemExit("walk_decisions: error: %s" % e)
+    found = args.found
     if args.ends:
         return ends_main(args)
     cfg = configured(args.set)
     models = Models.load("litemedsam", "sam", "small", args.device, "auto", True, "torch")
     rows: List[dict] = []
-    for folder in args.data:
-        dataset = os.path.basename(os.path.normpath(folder))
-        for img, lab in find_pairs(folder)[: args.limit]:
+    for folder, dataset in zip(args.data, dataset_names(args.data)):
+        for img, lab in found[folder]:
             got = record_volume(img, lab, dataset, models, cfg, args.labels, args.embedding_cache, args.rules)
             print("%s %s: %d steps" % (dataset, os.path.basename(img), len(got)), flush=True)
             rows += got
@@ -267,13 +273,13 @@ def main(argv=None) -> None:
 def ends_main(args) -> Dict[str, dict]:
     """--ends: each volume segmented as `synpo evaluate` does (each organ painted on its middle
     labelled slice, one run), every walk's end set against the truth."""
+    found = getattr(args, "found", None) or check_data_folders(args.data, args.limit)
     from synpo.session import Session
     cfg = configured(args.set)
     models = Models.load("litemedsam", "sam", "small", args.device, "auto", True, "torch")
     per_set: Dict[str, List[dict]] = {}
-    for folder in args.data:
-        dataset = os.path.basename(os.path.normpath(folder))
-        for img, lab in find_pairs(folder)[: args.limit]:
+    for folder, dataset in zip(args.data, dataset_names(args.data)):
+        for img, lab in found[folder]:
             image, geom = read_volume(img)
             gt, _ = read_volume(lab, "label", label=True)
             present = [int(v) for v in np.unique(gt) if v != 0]
@@ -286,7 +292,7 @@ def ends_main(args) -> Dict[str, dict]:
             name = os.path.basename(img).split(".")[0]
             rows = organ_ends(result.records, gt, wanted, cfg)
             for r in rows:
-                r["volume"] = name
+                r["volume"], r["dataset"] = name, dataset
             per_set.setdefault(dataset, []).extend(rows)
             print("%s %s: %s" % (dataset, name, " ".join("%d%s%+d" % (r["label"], "v^"[r["step"] > 0], r["error"])
                                                           for r in rows)), flush=True)

@@ -147,16 +147,81 @@ def middle_paint(gt: np.ndarray, position: float = 0.5) -> Tuple[np.ndarray, Lis
     return support, labels
 
 
-def find_pairs(folder: str) -> List[tuple]:
-    """(image, label) pairs named image_N / label_N (or ct / labels) in a folder."""
+PAIR_EXTENSIONS = (".nii.gz", ".nii")
+
+
+def find_pairs(folder: str, warn=None) -> List[tuple]:
+    """(image, label) pairs named image_N / label_N (or ct / labels) in a folder, in the order of
+    the image file names. Only the file name is renamed to find the label (a folder whose path holds
+    "image_" is no matter), and the label may be stored compressed or not whatever the image is.
+    An image without its label is left out with a line to `warn` (default: stderr), not silently."""
+    import sys
     pairs = []
-    for img in sorted(glob.glob(os.path.join(folder, "image_*.nii*"))):
-        lab = img.replace("image_", "label_")
-        if os.path.exists(lab):
-            pairs.append((img, lab))
+    for img in sorted(glob.glob(os.path.join(glob.escape(folder), "image_*.nii*"))):
+        base = os.path.basename(img)
+        ext = next((e for e in PAIR_EXTENSIONS if base.endswith(e)), None)
+        if ext is None or not os.path.isfile(img):
+            continue
+        stem = "label_" + base[len("image_"):-len(ext)]
+        found = [os.path.join(os.path.dirname(img), stem + e) for e in (ext,) + PAIR_EXTENSIONS]
+        lab = next((f for f in found if os.path.isfile(f)), None)
+        if lab is None:
+            (warn or (lambda m: print(m, file=sys.stderr, flush=True)))(
+                "%s has no %s.nii(.gz) beside it: left out" % (img, stem))
+            continue
+        pairs.append((img, lab))
     if not pairs and os.path.exists(os.path.join(folder, "ct.nii.gz")):
         pairs.append((os.path.join(folder, "ct.nii.gz"), os.path.join(folder, "labels.nii.gz")))
     return pairs
+
+
+def volume_name(image_path: str) -> str:
+    """The name a volume's rows carry ("image_7" for image_7.nii.gz or image_7.nii)."""
+    return os.path.basename(image_path).split(".")[0]
+
+
+def label_of(folder: str, name: str) -> str:
+    """The label file of volume `name` (volume_name) in a data folder, whatever its extension
+    (find_pairs); the benchmarks that re-read a run's ground truth rebuilt it as name + ".nii.gz"."""
+    from .errors import InputError
+    for img, lab in find_pairs(folder, warn=lambda m: None):
+        if volume_name(img) == name:
+            return lab
+    raise InputError("no image/label pair named %s in %s" % (name, folder))
+
+
+def dataset_names(folders: Sequence[str]) -> List[str]:
+    """A name for each data folder, unique among them: its own name ("chaos_t2"), with its parent's
+    ("a/data", "b/data") where two folders share it, and "#2", "#3"... for a folder given twice: the
+    benchmarks key their tables by it, and two folders of one name were merged or overwritten."""
+    paths = [os.path.normpath(os.path.abspath(f)) for f in folders]
+    parts = [p.split(os.sep) for p in paths]
+    names = [p[-1] for p in parts]
+    for depth in range(2, max(len(p) for p in parts) + 1) if parts else ():
+        clash = {n for n, p in zip(names, paths) if len({q for m, q in zip(names, paths) if m == n}) > 1}
+        if not clash:
+            break
+        names = ["/".join(p[-depth:]).lstrip("/") if n in clash else n for n, p in zip(names, parts)]
+    out: List[str] = []
+    for n in names:
+        k = sum(o == n or o.startswith(n + "#") for o in out)
+        out.append("%s#%d" % (n, k + 1) if k else n)
+    return out
+
+
+def check_data_folders(folders: Sequence[str], limit: Optional[int] = None) -> Dict[str, List[tuple]]:
+    """{folder: its pairs (find_pairs, the first `limit`)} for the benchmarks, checked before any run:
+    a folder with no pair (a wrong path, files named otherwise) is refused up front, not after
+    minutes spent on the folders before it. Raises SynPoError."""
+    from .errors import SynPoError
+    out = {}
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise SynPoError("data folder not found: %s" % folder)
+        out[folder] = find_pairs(folder)[:limit]
+        if not out[folder]:
+            raise SynPoError("no image_N/label_N volumes in %s" % folder)
+    return out
 
 
 def oracle_box(sam, store, gt: np.ndarray, label: int, ring_min_hole: Optional[float] = None) -> np.ndarray:
@@ -328,6 +393,11 @@ def evaluate_cross(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
         s_img, _, s_gt = vols[si]
         common = sorted(set(np.unique(q_gt)) & set(np.unique(s_gt)) - {0})
         wanted = [int(v) for v in common if labels is None or v in labels]
+        unpainted = sorted(int(v) for v in set(np.unique(q_gt)) - set(np.unique(s_gt)) - {0}
+                           if labels is None or v in labels)
+        if unpainted:
+            log("%s <- %s: label(s) %s absent from the support volume: not scored for this query"
+                % (names[qi], names[si], ", ".join(map(str, unpainted))))
         support_label = np.zeros_like(s_gt)
         for v in wanted:
             t0 = time.perf_counter()

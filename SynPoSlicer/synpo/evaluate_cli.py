@@ -198,6 +198,10 @@ def run_evaluate(args) -> int:
         raise SynPoError("no image_N/label_N (or ct/labels) volumes in %s" % args.data)
     if args.ablations and args.protocol == "cross":
         raise SynPoError("--ablations runs on the intra-volume protocol: use --protocol intra or both")
+    if args.protocol in ("cross", "both") and args.corrections is None and len(pairs) < 2:
+        # (checked before any run: with "both" the intra runs were done and then lost to this error)
+        raise SynPoError("the cross-patient protocol needs at least 2 volumes (%d found in %s); use --protocol "
+                         "intra" % (len(pairs), args.data))
     if args.corrections is not None and args.corrections < 0:
         raise SynPoError("--corrections must be >= 0")
     cfg = configured(args.set)
@@ -214,8 +218,6 @@ def run_evaluate(args) -> int:
         scores += evaluate_intra(pairs, sam, dino, cfg, args.labels, args.positions, not args.no_baselines, log,
                                  confidence_from=use, embedding_cache=args.embedding_cache, variants=variants)
     if args.protocol in ("cross", "both"):
-        if len(pairs) < 2:
-            raise SynPoError("the cross-patient protocol needs at least 2 volumes")
         scores += evaluate_cross(pairs, sam, dino, cfg, args.labels, log, confidence_from=use,
                                  embedding_cache=args.embedding_cache)
     written = write_tables(scores, args.output) + plot(scores, args.output)
