@@ -904,6 +904,39 @@ def test_an_update_whose_session_the_server_ended_sends_the_volume_again(sandbox
         logic.discard()
 
 
+def test_an_update_after_the_local_server_died_starts_it_again(sandbox, scene_case, launcher):
+    """The local server the module started has died since the preview (killed, out of memory): the Update
+    failed with "cannot reach the SynPo server at http://127.0.0.1:PORT", a server the user never
+    started. Now the Update starts it again and sends the volume again, from the paint and the corrections."""
+    c = scene_case
+    Settings.values = {"SynPoSlicer/ServerPython": launcher}
+    logic = sandbox.sharedLogic()
+    params = _parameters(logic, c["scene"])
+    try:
+        assert sandbox.prepareServer(logic, *sandbox.serverSettings(), features="sam")
+        logic.startPreview(c["volume"], c["seg"], [c["target"]], params)
+        _drive(logic, lambda: not logic.active(), timeout=400)
+        assert logic.state == "previewed", logic.message
+        first = logic.server.proc.pid
+        tree = [first] + [p.pid for p in psutil.Process(first).children(recursive=True)]
+        for pid in tree:
+            os.kill(pid, signal.SIGKILL)
+        assert _gone(tree, 20)
+        erased = next(t for t in range(len(logic.preview.labels)) if (logic.preview.labels[t] == 1).any() and t != 4)
+        _correct(logic, c, lambda labels: labels.__setitem__(erased, 0))
+        logic.startUpdate(params)
+        messages = []
+        _drive(logic, lambda: messages.append(logic.message) or not logic.active(), timeout=400)
+        assert logic.state == "previewed", logic.message
+        assert any(m.startswith("Starting the SynPo server") for m in messages), messages
+        assert "no longer held this preview's session" in logic.message and logic.server.proc.pid != first
+        rec = next(r for r in logic.result.records if r.index == erased)
+        assert rec.status == "absent" and rec.reason == "marked absent"
+    finally:
+        logic.discard()
+        logic.stopServer()
+
+
 def test_apply_without_the_segment_editor_logic_of_5_10(sandbox, scene_case, server, monkeypatch):
     """Slicer 5.8 has no vtkSlicerSegmentEditorLogic: the panel's Apply writes through the
     segmentation node's own API. A target the user had hidden is shown, and the message says so."""

@@ -76,6 +76,7 @@ class PreviewLogic:
         self._given = None               # the support and absent marks the server's session holds (a sparse
                                          # support: shape, flat indices, labels; {label: slices}): _resendUpdate
         self._update = None              # an Update's: (its merged support, sparse; marks; settings; why resent)
+        self._waiting = None             # an Update waiting for the local server to start again
 
     def setDefaultParameters(self, node):
         for key, value in PARAMETERS.items():
@@ -260,6 +261,7 @@ class PreviewLogic:
                          for v, sid in enumerate(self.segmentIds, start=1)}
         self._given, self._update = ((inputs.support.shape, where, values), {}), None
         self._pending = (inputs, self.settings(parameterNode), parameterNode, self.fingerprint(volumeNode, inputs))
+        self._waiting = None
         self.state, self.message = "starting", "Starting the SynPo server..."
         self.job = None
         self.startPolling()
@@ -268,7 +270,17 @@ class PreviewLogic:
         """Advance the current preview by one short request. Returns the state."""
         from synpo.errors import SynPoError
         try:
-            if self.state == "starting":
+            if self.state == "starting" and self._waiting is not None:
+                paint, absent, settings, sid, parameterNode = self._waiting
+                if self.serverReady(parameterNode):
+                    from SynPoSlicerLib.engine import RemoteJob
+                    self._waiting = None
+                    self.job = RemoteJob(self.client(), None, (), paint, settings, session_id=sid, add=True,
+                                         absent=absent)
+                    self.state = "running"
+                else:
+                    self.message = self.serverStarting()
+            elif self.state == "starting":
                 inputs, settings, parameterNode, fingerprint = self._pending
                 if fingerprint not in self._sessions and any(
                         f == fingerprint and epoch == self._serverEpoch for _, f, epoch in self._settling):
@@ -373,12 +385,19 @@ class PreviewLogic:
         where = np.flatnonzero(merged)
         self._update = ((shape, where, merged.reshape(-1)[where]), marks, settings, None)
         del merged
-        self.job = RemoteJob(self.client(), None, (), paint, settings,
-                             session_id=self.job.session_id, add=True, absent=absent)
         painted = np.moveaxis(paint, self.result.support.axis, 0)
         corrected = int(painted.reshape(len(painted), -1).any(1).sum())
-        self.state, self.message = "running", "Updating from %d corrected and %d emptied slice(s)..." % (
+        self.message = "Updating from %d corrected and %d emptied slice(s)..." % (
             corrected, sum(len(v) for v in absent.values()))
+        if self.remote is None and (self.server is None or not self.server.running()):
+            # The local server has gone (killed, out of memory): started again first (step); the session
+            # went with it, so the Update then sends the volume again (_resendUpdate).
+            self._waiting = (paint, absent, settings, self.job.session_id, parameterNode)
+            self.state = "starting"
+        else:
+            self.job = RemoteJob(self.client(), None, (), paint, settings,
+                                 session_id=self.job.session_id, add=True, absent=absent)
+            self.state = "running"
         self.startPolling()
 
     def _resendUpdate(self):
@@ -433,6 +452,7 @@ class PreviewLogic:
             self._cancelJob()
             self.state, self.message = "cancelled", "Cancelled; the scene is unchanged."
         elif self.state == "starting":
+            self._waiting = None
             self.state, self.message = "cancelled", "Cancelled; the scene is unchanged."
         else:
             return
@@ -684,7 +704,7 @@ class PreviewLogic:
             self.state = "idle"
         if not self.active():         # the run's arrays (a volume's labels and confidence) are not kept after it
             self.result, self.job, self._pending, self._sent, self._painted = None, None, None, None, None
-            self._given, self._update = None, None
+            self._given, self._update, self._waiting = None, None, None
 
     def onSceneClosed(self):
         """File > Close Scene: the preview's nodes are gone with the scene; a run is cancelled. The
@@ -693,6 +713,7 @@ class PreviewLogic:
             self._cancelJob()
         self.preview, self.volumeNode, self.result, self.job, self._pending = None, None, None, None, None
         self.segmentationNode, self._sent, self._painted, self._given, self._update = None, None, None, None, None
+        self._waiting = None
         self.state, self.message = "idle", ""
         self._tell()          # the views' buttons: no preview to Apply or Update any more
 
