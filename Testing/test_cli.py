@@ -672,3 +672,33 @@ def test_a_nifti_without_a_voxel_size_is_said(case):
     open(path, "wb").write(bytes(header))
     note = nifti_placement_note(path, read_volume(path)[1])
     assert "no voxel size along k (pixdim 0)" in note and "1x1x1 mm" in note, note
+
+
+def test_an_output_that_cannot_be_staged_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """A name that is legal but too long once the temporary prefix is added, or a full disk, ended
+    `synpo segment` with a traceback (status 1) after the whole run; now one InputError (cli: one
+    `synpo: error:` line, status 2) and no file, temporary or not, is left."""
+    import errno
+    from synpo import io, outputs
+    from synpo.errors import InputError
+    from synpo.io import Geometry
+    from synpo.result import VolumeResult
+    geometry = Geometry((6, 5, 4), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    labels = np.zeros((4, 5, 6), np.uint8)
+    labels[1:3, 1:4, 1:5] = 1
+    fake = VolumeResult.__new__(VolumeResult)
+    fake.__dict__.update(labels=labels, confidence={1: labels.astype(np.float32)},
+                         support=type("S", (), {"labels": [1]})())
+    long_name = str(tmp_path / ("s" * 240 + ".nii.gz"))             # 247 characters: + ".tmp-XXXXXXXX-" > 255
+    with pytest.raises(InputError, match=r"cannot write .*\.nii\.gz: File name too long"):
+        outputs.write_result(fake, geometry, long_name, str(tmp_path / "conf.nii.gz"))
+    assert os.listdir(str(tmp_path)) == []
+
+    def disk_full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    staged = io.stage_file
+    monkeypatch.setattr(io, "stage_file", lambda path, write: staged(
+        path, disk_full if os.fspath(path).endswith("seg.nii.gz") else write))
+    with pytest.raises(InputError, match=r"cannot write .*seg\.nii\.gz: No space left on device"):
+        outputs.write_result(fake, geometry, str(tmp_path / "seg.nii.gz"), str(tmp_path / "conf.nii.gz"))
+    assert os.listdir(str(tmp_path)) == []

@@ -219,6 +219,11 @@ def test_a_session_sent_a_step_at_a_time_over_https(tmp_path):
         assert client.session(sid)["shape_kji"] == [6, 40, 50]
         with pytest.raises(ServerError, match="HTTP 401"):
             _finish(Client(srv.url, "wrong", timeout=20.0, cafile=cert).session_upload(image, (1, 1, 1), chunk=8192))
+        # Without the certificate (a self-signed one): the server is there, its certificate is not trusted
+        # (the message asked "is `synpo serve` running there?"); SSL_CERT_FILE is the documented way.
+        for call in (lambda c: c.health(), lambda c: _finish(c.session_upload(image, (1, 1, 1), chunk=8192))):
+            with pytest.raises(ServerError, match=r"certificate this computer does not trust .*SSL_CERT_FILE"):
+                call(Client(srv.url, srv.token, timeout=20.0))
     finally:
         srv.stop()
 

@@ -124,6 +124,11 @@ class Client:
         return server_said(text, exc.reason, exc.code)
 
     def unreachable(self, reason) -> ServerError:
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            # (the server is there: "is `synpo serve` running there?" sent users looking for the wrong fault)
+            return ServerError("the SynPo server at %s has a certificate this computer does not trust (%s): for "
+                               "a self-signed one, give its certificate file as SSL_CERT_FILE=cert.pem in the "
+                               "environment" % (self.url, getattr(reason, "verify_message", "") or reason))
         return ServerError("cannot reach the SynPo server at %s (%s): is `synpo serve` running there?"
                            % (self.url, reason))
 
@@ -436,7 +441,8 @@ class Upload:
             status, reason = response.status, response.reason
         except (http.client.HTTPException, ConnectionError, socket.timeout, OSError) as exc:
             self.close()
-            raise self.client.unreachable(getattr(exc, "reason", None) or str(exc) or type(exc).__name__) from None
+            raise self.client.unreachable(exc if isinstance(exc, ssl.SSLCertVerificationError)
+                                          else getattr(exc, "reason", None) or str(exc) or type(exc).__name__) from None
         self.close()
         if status >= 400:
             raise ServerError(server_said(data, reason, status), status)

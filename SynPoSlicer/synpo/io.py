@@ -427,14 +427,23 @@ def discard_staged(tmps) -> None:
 
 def stage_file(path, write) -> str:
     """A temporary file beside `path` (its full extension kept: .nii.gz picks the writer) that
-    `write(tmp)` fills; removed again if that fails or is interrupted (Ctrl+C)."""
+    `write(tmp)` fills; removed again if that fails or is interrupted (Ctrl+C). A file that cannot be
+    made or written (a name too long once the temporary prefix is added, a full disk, a folder the
+    checks could not tell was read-only) is one InputError naming the output, not a traceback."""
     path, folder = _atomic_target(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
+    except OSError as exc:
+        raise InputError("cannot write %s: %s" % (path, exc.strerror or exc)) from None
     os.close(fd)
     try:
         write(tmp)
-    except BaseException:
+    except BaseException as exc:
         discard_staged([tmp])
+        if isinstance(exc, OSError):
+            raise InputError("cannot write %s: %s" % (path, exc.strerror or exc)) from None
+        if isinstance(exc, RuntimeError) and "sitk::ERROR" in str(exc):      # (SimpleITK's writer)
+            raise InputError("cannot write %s: %s" % (path, str(exc).strip().splitlines()[-1])) from None
         raise
     return tmp
 

@@ -365,8 +365,9 @@ def add_arguments(p) -> None:
                    help="read the token clients must send from FILE; without it a random token is written to "
                         "--token-out (readable by you only; the default file's token is kept when it holds one, "
                         "so servers started without --token-file share it)")
-    p.add_argument("--token-out", metavar="FILE", help="where a generated token is written (default: %s)"
-                   % "~/.cache/synpo/server-token")
+    p.add_argument("--token-out", metavar="FILE",
+                   help="where a generated token is written (default: server-token in the synpo cache: "
+                        "$SYNPO_CACHE, else $XDG_CACHE_HOME/synpo, else ~/.cache/synpo)")
     p.add_argument("--sam", default="litemedsam", choices=("litemedsam", "vit_b", "vit_l", "vit_h"))
     p.add_argument("--features", default="auto", choices=("auto", "synergy", "sam", "dinov2"))
     p.add_argument("--dinov2", default="small", choices=("small", "base", "large", "giant"))
