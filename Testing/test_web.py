@@ -438,6 +438,18 @@ def test_unsafe_or_inconsistent_options_are_refused_with_one_line(tmp_path):
         assert says in lines[0]
 
 
+def test_a_page_on_every_interface_prints_an_address_others_can_open():
+    """--host 0.0.0.0 printed (and wrote to --ready-file) http://0.0.0.0:PORT/, no address to open from
+    another computer (and one recent Chrome blocks): the machine's name is printed, loopback written."""
+    import socket
+    from synpo_web.cli import page_urls
+    shown, ready = page_urls("0.0.0.0", 8080)
+    assert ready == "http://127.0.0.1:8080/"
+    assert shown.startswith("http://%s:8080/ from other computers" % socket.gethostname()) and ready in shown
+    assert page_urls("::", 8080)[1] == "http://[::1]:8080/"
+    assert page_urls("::1", 9) == ("http://[::1]:9/",) * 2 and page_urls("10.0.0.5", 9)[0] == "http://10.0.0.5:9/"
+
+
 def test_the_password_guards_every_request():
     """With --password-file, the page, its files and its websocket need the password (HTTP basic)."""
     import asyncio

@@ -52,6 +52,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def page_urls(host: str, port: int):
+    """(the URL to print, the URL for --ready-file) of a page listening on host:port. A wildcard host
+    (0.0.0.0, ::) is no address to open: others reach this machine by its name, and this machine by
+    loopback (the ready file's reader is a script here)."""
+    def url(h):
+        return "http://%s:%d/" % (h if ":" not in h else "[%s]" % h, port)
+    if host in ("0.0.0.0", "::", ""):
+        import socket
+        here = url("127.0.0.1" if host == "0.0.0.0" else "::1")
+        return "%s from other computers (listening on every interface; %s here)" % (url(socket.gethostname()),
+                                                                                     here), here
+    return url(host), url(host)
+
+
 def read_secret(path: str, what: str) -> str:
     try:
         with open(path, encoding="utf-8-sig") as handle:          # (a BOM, as Notepad writes it, is not the password)
@@ -162,8 +176,8 @@ def run(args) -> int:
             basic_auth_middleware(password)))
 
     def ready(**_):
-        url = "http://%s:%d/" % (args.host if ":" not in args.host else "[%s]" % args.host, server.port)
-        print("SynPo web: open %s" % url, flush=True)
+        shown, url = page_urls(args.host, server.port)
+        print("SynPo web: open %s" % shown, flush=True)
         if args.ready_file:
             tmp = args.ready_file + ".tmp"
             with open(tmp, "w") as handle:
