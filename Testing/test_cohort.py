@@ -483,11 +483,14 @@ def test_usage_errors_are_one_line_before_anything_starts(case, tmp_path, capsys
                         (["--memory-limit=-2GB"], "at least 2"), (["--memory-limit", "10kB"], "at least 2"),
                         (["--memory-limit", "0.5"], "at least 2"), (["--memory-limit", "1.5GiB"], "at least 2GB"),
                         (["--dashboard", "notaport"], "give :PORT"),
-                        (["--dashboard", "nohost.invalid:8787"], "host nohost.invalid")):
+                        (["--dashboard", "nohost.invalid:8787"], "host nohost.invalid"),
+                        # (the plan's line "N volumes ... to segment" came first)
+                        (["--workers", "100000"], "under the 2GB a worker needs")):
         assert main(["cohort", case["ref"], case["labels"], str(case["queries"]), "-o", str(fresh)] + extra
                     + MODEL) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and says in err[0], err
+        printed = capsys.readouterr()
+        err = printed.err.strip().splitlines()
+        assert len(err) == 1 and says in err[0] and printed.out == "", (err, printed.out)
         assert not fresh.exists()                                 # nothing made before the refusal
 
 

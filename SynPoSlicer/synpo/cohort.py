@@ -528,10 +528,11 @@ def _check_reference(args):
     return ref, labels, ref_geometry, find_support(labels)
 
 
-def _local_cluster(args, say):
+def local_sizing(args):
+    """(workers, threads per worker, memory limit per worker in bytes) of the local cluster; SynPoError
+    for --workers the memory cannot hold (checked before anything is planned or started)."""
     import psutil
     from dask.utils import format_bytes
-    from distributed import LocalCluster
     from .config import COHORT_THREADS_PER_WORKER
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = args.threads_per_worker or COHORT_THREADS_PER_WORKER
@@ -546,6 +547,13 @@ def _local_cluster(args, say):
                              "needs; give fewer workers, or --memory-limit" % (workers, workers, format_bytes(memory)))
     else:
         memory = memory_limit(args.memory_limit)
+    return workers, threads, memory
+
+
+def _local_cluster(args, say):
+    from dask.utils import format_bytes
+    from distributed import LocalCluster
+    workers, threads, memory = local_sizing(args)
     dashboard = None if str(args.dashboard).lower() == "none" else args.dashboard
     # With no dashboard the scheduler still serves its HTTP routes (health, metrics), on 8787 unless
     # told otherwise (distributed's Scheduler: default_port 8787), warning when that port is taken.
@@ -625,8 +633,8 @@ def run_cohort(args) -> int:
             from None
     if args.scheduler:
         check_scheduler_address(args.scheduler)
-    elif args.memory_limit not in (None, "auto"):
-        memory_limit(args.memory_limit)
+    else:
+        local_sizing(args)               # (--workers the memory cannot hold: one line before anything is said)
     if str(args.dashboard).lower() != "none" and not args.scheduler:
         check_dashboard_address(args.dashboard)
     outdir = args.output
