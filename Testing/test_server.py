@@ -622,6 +622,11 @@ def test_a_new_run_takes_its_slicing_axis_from_meta(server):
         st = c.wait(sid, rid)
         assert st["state"] == "done", st
         assert c.result(sid, rid).support.axis == 0
+        # Corrections run on the session's axis: another one is refused, not silently ignored.
+        body = wire.pack({"support": dot}, {"mode": "add", "axis": 1})
+        status, answer = raw(server, "POST", "/v1/sessions/%s/runs" % sid, body,
+                             auth(server, **{"Content-Type": wire.CONTENT_TYPE}))
+        assert status == 400 and "session's slicing axis, 0" in answer["error"], answer
     finally:
         c.delete_session(sid)
 

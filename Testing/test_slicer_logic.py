@@ -982,3 +982,82 @@ def test_an_update_keeps_the_candidates_node_only_for_the_same_labels():
     assert np.array_equal(mrml.shown_labels(third, volume, 0)[0], no_spleen)
     third.remove()
     assert mrml.temporary_nodes(scene) == []
+
+
+def test_a_server_that_answers_each_poll_in_three_seconds_is_waited_for(monkeypatch):
+    """A loaded server that answers every poll, in 3 s: it was polled with a 5 s timeout and the run went on;
+    with POLL_TIMEOUT (2 s) every poll gave up before its answer and the job failed after STALL_SECONDS. A
+    poll after one that timed out waits longer (up to the client's timeout)."""
+    from SynPoSlicerLib import engine
+    from synpo.client import ServerError
+
+    class Clock:
+        now = 1000.0
+
+        def monotonic(self):
+            return self.now
+
+        def perf_counter(self):
+            return self.now
+    clock = Clock()
+    monkeypatch.setattr(engine, "time", clock)
+
+    class Slow:
+        timeout = 5.0
+        answers = 0
+
+        def status(self, sid, rid, since=0, timeout=None):
+            wait = timeout or self.timeout
+            if wait < 3.0:
+                clock.now += wait
+                raise ServerError("cannot reach the SynPo server (timed out)", 0, True)
+            clock.now += 3.0
+            self.answers += 1
+            return {"next": 0, "stage": "walking", "done": self.answers, "total": 40,
+                    "state": "done" if self.answers >= 40 else "running"}
+    client = Slow()
+    job = RemoteJob(client, None, (), None, session_id="s")
+    job.state, job.run_id, job._answered = "running", "r", clock.now
+    for _ in range(200):
+        if job.state != "running":
+            break
+        job.step()
+    assert job.state == "fetch", job.error
+    assert clock.now - 1000.0 > RemoteJob.STALL_SECONDS
+
+
+def test_a_local_server_that_died_during_a_run_is_not_waited_for():
+    """The local server stopped (killed, crashed) while a run's polls were timing out (on Windows a refused
+    connection can take the 2 s of a poll's timeout): the run waited STALL_SECONDS (60 s) for a process that
+    is gone. The logic knows its own server: the preview fails at once, with the server's log."""
+    from SynPoSlicerLib.logic import PreviewLogic
+
+    class Dead:
+        def running(self):
+            return False
+
+        def log_tail(self):
+            return "Killed"
+
+    class Stalled:
+        state, stage, reused, gone, error, done, total = "running", "", False, False, "", 0, 1
+        session_id = None
+
+        def step(self):
+            self.stage = "waiting for the server: no answer for 4 s"
+            return self.state
+
+        def stalled(self):
+            return True
+
+        def active(self):
+            return self.state == "running"
+
+        def cancel(self, now=False):
+            self.state = "cancelled"
+
+    logic = PreviewLogic()
+    logic.server, logic.job, logic.state = Dead(), Stalled(), "running"
+    logic.step()
+    assert logic.state == "failed" and "stopped" in logic.message and "Killed" in logic.message, logic.message
+    assert not logic.job.active()

@@ -853,7 +853,7 @@ def _correct(logic, c, change):
     return labels
 
 
-def test_an_update_whose_session_the_server_ended_sends_the_volume_again(sandbox, scene_case, server):
+def test_an_update_whose_session_the_server_ended_sends_the_volume_again(sandbox, scene_case, server, monkeypatch):
     """The server ended the preview's session (idle past --session-ttl, evicted, restarted) while the user
     corrected: the Update failed with 'no longer holds this preview's volume', and the user's only way on was
     Preview again, which drops the corrections. Now the volume is sent again and SynPo runs once from the
@@ -862,6 +862,10 @@ def test_an_update_whose_session_the_server_ended_sends_the_volume_again(sandbox
     logic = sandbox.sharedLogic()
     logic.useServer(server.url, server.token_file)
     params = _parameters(logic, c["scene"])
+    import synpo.support
+    merges = []
+    merge = synpo.support.merge_corrections
+    monkeypatch.setattr(synpo.support, "merge_corrections", lambda *a: merges.append(1) or merge(*a))
     try:
         assert logic.process(c["volume"], c["seg"], [c["target"]], params, timeout=300) == "previewed"
         present = [t for t in range(len(logic.preview.labels)) if (logic.preview.labels[t] == 1).any() and t != 4]
@@ -870,6 +874,7 @@ def test_an_update_whose_session_the_server_ended_sends_the_volume_again(sandbox
         logic.startUpdate(params)                          # on the session: the erased slice marked absent
         _drive(logic, lambda: not logic.active())
         assert logic.state == "previewed" and "no longer held" not in logic.message, logic.message
+        assert not merges            # (an Update on the session merges nothing here: a CT's merge took 1 s)
         first = logic.job.session_id
 
         def repaint(labels):
@@ -881,6 +886,7 @@ def test_an_update_whose_session_the_server_ended_sends_the_volume_again(sandbox
         _drive(logic, lambda: not logic.active())
         assert logic.state == "previewed", logic.message
         assert "no longer held this preview's session" in logic.message and logic.job.session_id != first
+        assert len(merges) == 2      # the two Updates' corrections, one at a time, as the session merged them
         result = logic.result
         assert result.support.axis == 0 and result.support.slices == {1: sorted([4, repainted])}
         assert np.array_equal(result.labels[repainted] == 1, labels[repainted] == 1)     # the correction
@@ -935,6 +941,38 @@ def test_an_update_after_the_local_server_died_starts_it_again(sandbox, scene_ca
     finally:
         logic.discard()
         logic.stopServer()
+
+
+def test_an_update_after_a_cancelled_resend_sends_the_volume_again(sandbox, scene_case, server):
+    """The server ended the session; the Update's resend was cancelled once its volume was on the server
+    (a new session, no run on it yet), or failed there. The next Update went to that session: 'nothing to
+    add to' (409), read as a previous run winding down, so 60 s of 'waiting' and then a failure. It goes to
+    the session whose run the candidates show, so it is sent again."""
+    c = scene_case
+    logic = sandbox.sharedLogic()
+    logic.useServer(server.url, server.token_file)
+    params = _parameters(logic, c["scene"])
+    try:
+        assert logic.process(c["volume"], c["seg"], [c["target"]], params, timeout=300) == "previewed"
+        first = logic.job.session_id
+        present = [t for t in range(len(logic.preview.labels)) if (logic.preview.labels[t] == 1).any() and t != 4]
+        _correct(logic, c, lambda labels: labels.__setitem__(present[0], 0))
+        server.client().delete_session(first)
+        logic.startUpdate(params)
+        _drive(logic, lambda: not logic.job.add and logic.job.state in ("start", "running"))
+        assert logic.job.session_id not in (None, first)
+        logic.cancel()
+        _drive(logic, lambda: not logic.settling())
+        assert logic.state == "cancelled", logic.message
+        start = time.time()
+        logic.startUpdate(params)
+        _drive(logic, lambda: not logic.active(), timeout=40)
+        assert logic.state == "previewed", logic.message
+        assert "no longer held this preview's session" in logic.message
+        assert time.time() - start < 30
+        assert next(r for r in logic.result.records if r.index == present[0]).reason == "marked absent"
+    finally:
+        logic.discard()
 
 
 def test_apply_without_the_segment_editor_logic_of_5_10(sandbox, scene_case, server, monkeypatch):

@@ -186,7 +186,9 @@ class RemoteJob:
     SETTLE_SECONDS = 5.0
     # A run's progress is asked for with this timeout (a blocking request on Slicer's thread); a server
     # that does not answer (stalled: swapping, a pause, a loaded machine) is asked again on the next steps,
-    # the stage counting the seconds, and the job fails only after STALL_SECONDS without an answer.
+    # the stage counting the seconds, and the job fails only after STALL_SECONDS without an answer. A poll
+    # after one that timed out waits twice as long, up to the client's timeout (a loaded server that
+    # answers every poll in 3 s is not taken for a stalled one).
     POLL_TIMEOUT = 2.0
     STALL_SECONDS = 60.0
 
@@ -213,6 +215,7 @@ class RemoteJob:
         self._cancel = False
         self._busy_until = time.monotonic() + 60.0
         self._answered = 0.0                # when the server last answered about the run ("running")
+        self._missed = 0                    # polls in a row that timed out
         self._upload = None                 # the volume ("upload") or the run ("start") being sent (client.Upload)
         self._download = None               # the result being received (client.ResultDownload), in "fetch"
         self._settling = None               # ("upload" | "start", deadline) while "cancelling"
@@ -312,9 +315,9 @@ class RemoteJob:
                 if self._cancel:
                     self.client.cancel(self.session_id, self.run_id)
                 try:
-                    st = self.client.status(self.session_id, self.run_id, self._since,
-                                            timeout=min(self.client.timeout, self.POLL_TIMEOUT))
-                    self._answered = time.monotonic()
+                    wait = min(self.client.timeout, self.POLL_TIMEOUT * 2 ** min(self._missed, 8))
+                    st = self.client.status(self.session_id, self.run_id, self._since, timeout=wait)
+                    self._answered, self._missed = time.monotonic(), 0
                     if st["next"] > self._since:
                         arrived, self._since = self.client.slices(self.session_id, self.run_id, self._since)
                         self._arrived += arrived
@@ -354,11 +357,16 @@ class RemoteJob:
         last answer (the run goes on on the server meanwhile); anything else fails the job (step)."""
         if not exc.timed_out:
             raise exc
+        self._missed += 1
         waited = time.monotonic() - self._answered
         if waited >= self.STALL_SECONDS:
             raise ServerError("the SynPo server has not answered for %.0f s: %s" % (waited, exc), 0, True) from None
         self.stage = "waiting for the server: no answer for %.0f s" % waited
         return self.state
+
+    def stalled(self) -> bool:
+        """The last poll of the run got no answer in time (the job waits, up to STALL_SECONDS)."""
+        return self.state == "running" and self._missed > 0
 
     def _release(self) -> None:
         """An ended job keeps no copy of the volume or the support (a CT's is hundreds of MB)."""

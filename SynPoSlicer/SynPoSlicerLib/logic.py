@@ -73,9 +73,15 @@ class PreviewLogic:
         self.segmentIds, self.segmentNames = [], []
         self._sent = None                # (axis, {label: its candidates' slice digests}) as an Update read them
         self._painted = None             # {label: (its segment's paint at Preview, flat indices; labelmap_mtime)}
-        self._given = None               # the support and absent marks the server's session holds (a sparse
-                                         # support: shape, flat indices, labels; {label: slices}): _resendUpdate
-        self._update = None              # an Update's: (its merged support, sparse; marks; settings; why resent)
+        self._given = None               # what the server's session was given: the paint at Preview (sparse:
+                                         # shape, flat indices, labels) and each Update's corrections since
+                                         # ((flat indices, labels), {label: absent slices}): _resendUpdate
+                                         # merges them (kept, not merged at each Update: a CT's full-volume
+                                         # merge took a second of Slicer's thread)
+        self._update = None              # an Update's: (_given with its corrections; settings; why resent)
+        self._givenTo = None             # the server session that ran them (the one the candidates show): an
+                                         # Update goes there (a resend cancelled or failed after its upload
+                                         # left a session without a run: 'nothing to add to')
         self._waiting = None             # an Update waiting for the local server to start again
 
     def setDefaultParameters(self, node):
@@ -259,7 +265,7 @@ class PreviewLogic:
         values = inputs.support.reshape(-1)[where]
         self._painted = {v: (where[values == v], mrml.labelmap_mtime(segmentationNode, sid))
                          for v, sid in enumerate(self.segmentIds, start=1)}
-        self._given, self._update = ((inputs.support.shape, where, values), {}), None
+        self._given, self._update, self._givenTo = ((inputs.support.shape, where, values), ()), None, None
         self._pending = (inputs, self.settings(parameterNode), parameterNode, self.fingerprint(volumeNode, inputs))
         self._waiting = None
         self.state, self.message = "starting", "Starting the SynPo server..."
@@ -300,6 +306,13 @@ class PreviewLogic:
             elif self.state == "running":
                 self.job.step()
                 self._rememberSession()
+                if self.job.stalled() and self.remote is None and self.server is not None \
+                        and not self.server.running():
+                    # (a poll of a dead local server can time out rather than be refused: not waited for)
+                    tail = self.server.log_tail()
+                    self.job.cancel(now=True)
+                    raise SynPoError("the SynPo server on this computer stopped during the run%s; Preview (or "
+                                     "Update) starts it again" % ((" (its log: %s)" % tail) if tail else ""))
                 self.message = "SynPo: %s%s" % (self.job.stage, " (embeddings reused)" if self.job.reused else "")
                 if self.job.state == "done":
                     self.finishPreview()
@@ -362,7 +375,6 @@ class PreviewLogic:
         from SynPoSlicerLib import apply as applying
         from SynPoSlicerLib import mrml
         from SynPoSlicerLib.engine import RemoteJob
-        from synpo.support import merge_corrections
         if self.preview is None or self.job is None:
             raise ValueError("Run a preview first, then edit the SynPo candidates segmentation.")
         applying.check_volume(self.volumeNode)
@@ -377,14 +389,10 @@ class PreviewLogic:
         settings = self.settings(parameterNode)
         # The session's support after these corrections, as the server merges them: sent again with the
         # volume should the server have ended the session (_resendUpdate).
-        (shape, where, values), marks = self._given
-        given = np.zeros(shape, values.dtype)
-        given.reshape(-1)[where] = values
-        merged, marks = merge_corrections(given, marks, paint, absent, self.result.support.axis)
-        del given
-        where = np.flatnonzero(merged)
-        self._update = ((shape, where, merged.reshape(-1)[where]), marks, settings, None)
-        del merged
+        first, corrections = self._given
+        where = np.flatnonzero(paint)
+        self._update = ((first, corrections + ((where, paint.reshape(-1)[where], absent),)), settings, None)
+        session = self._givenTo or self.job.session_id
         painted = np.moveaxis(paint, self.result.support.axis, 0)
         corrected = int(painted.reshape(len(painted), -1).any(1).sum())
         self.message = "Updating from %d corrected and %d emptied slice(s)..." % (
@@ -392,11 +400,11 @@ class PreviewLogic:
         if self.remote is None and (self.server is None or not self.server.running()):
             # The local server has gone (killed, out of memory): started again first (step); the session
             # went with it, so the Update then sends the volume again (_resendUpdate).
-            self._waiting = (paint, absent, settings, self.job.session_id, parameterNode)
+            self._waiting = (paint, absent, settings, session, parameterNode)
             self.state = "starting"
         else:
-            self.job = RemoteJob(self.client(), None, (), paint, settings,
-                                 session_id=self.job.session_id, add=True, absent=absent)
+            self.job = RemoteJob(self.client(), None, (), paint, settings, session_id=session, add=True,
+                                 absent=absent)
             self.state = "running"
         self.startPolling()
 
@@ -408,19 +416,25 @@ class PreviewLogic:
         import numpy as np
         from SynPoSlicerLib import mrml
         from SynPoSlicerLib.engine import RemoteJob
-        if self._update is None or self._update[3] is not None or self.volumeNode is None \
+        from synpo.support import merge_corrections
+        if self._update is None or self._update[2] is not None or self.volumeNode is None \
                 or self.volumeNode.GetScene() is None:
             return False
-        (shape, where, values), marks, settings, _ = self._update
+        ((shape, where, values), corrections), settings, _ = self._update
         image = mrml.volume_image(self.volumeNode)
         if image.shape != tuple(shape):
             return False
-        support = np.zeros(shape, values.dtype)
+        axis = self.result.support.axis
+        support, marks = np.zeros(shape, values.dtype), {}
         support.reshape(-1)[where] = values
-        why = self.job.error
-        self._update = self._update[:3] + (why,)
+        for where, values, absent in corrections:          # one at a time, as the session merged them
+            paint = np.zeros(shape, values.dtype)
+            paint.reshape(-1)[where] = values
+            support, marks = merge_corrections(support, marks, paint, absent, axis)
+            del paint
+        self._update = self._update[:2] + (self.job.error,)
         self.job = RemoteJob(self.client(), image, mrml.spacing_ijk(self.volumeNode), support, settings,
-                             absent=marks, axis=self.result.support.axis)
+                             absent=marks, axis=axis)
         self.message = ("The server no longer held this preview's session: sending the volume again; SynPo runs "
                         "once from your paint and every correction...")
         return True
@@ -473,7 +487,8 @@ class PreviewLogic:
         during, sent, self._sent = None, self._sent, None
         update, self._update = self._update, None
         if update is not None:                       # the session now holds these (or the one sent again)
-            self._given = update[:2]
+            self._given = update[0]
+        self._givenTo = self.job.session_id
         if previous is not None:
             self.saveCandidatesForUndo(previous.candidates)
             if sent is not None:          # the candidates now: the user may have edited them while it ran
@@ -496,7 +511,7 @@ class PreviewLogic:
         if before is not None:                       # after Update: what the corrections changed
             self.message = "Updated: %d slice(s) changed.\n%s" % (len(changed_slices(before, self.result)),
                                                                   self.message)
-        if update is not None and update[3] is not None:
+        if update is not None and update[2] is not None:
             self.message = ("The server no longer held this preview's session, so the volume was sent again and "
                             "SynPo ran once from your paint and every correction (slices no correction touched "
                             "may differ from an Update on the session).\n%s" % self.message)
@@ -704,7 +719,7 @@ class PreviewLogic:
             self.state = "idle"
         if not self.active():         # the run's arrays (a volume's labels and confidence) are not kept after it
             self.result, self.job, self._pending, self._sent, self._painted = None, None, None, None, None
-            self._given, self._update, self._waiting = None, None, None
+            self._given, self._update, self._givenTo, self._waiting = None, None, None, None
 
     def onSceneClosed(self):
         """File > Close Scene: the preview's nodes are gone with the scene; a run is cancelled. The
@@ -713,7 +728,7 @@ class PreviewLogic:
             self._cancelJob()
         self.preview, self.volumeNode, self.result, self.job, self._pending = None, None, None, None, None
         self.segmentationNode, self._sent, self._painted, self._given, self._update = None, None, None, None, None
-        self._waiting = None
+        self._waiting, self._givenTo = None, None
         self.state, self.message = "idle", ""
         self._tell()          # the views' buttons: no preview to Apply or Update any more
 

@@ -233,6 +233,10 @@ class Service:
             raise InputError("the run needs a support label map (array 'support'), or absent marks to add")
         if add and entry.session.support is None:
             raise Busy("nothing to add to: start a run on this session before adding support slices")
+        last = entry.session.result
+        if add and settings.get("axis") is not None and last is not None and settings["axis"] != last.support.axis:
+            raise InputError("meta.axis %d: corrections ('add') run on the session's slicing axis, %d"
+                             % (settings["axis"], last.support.axis))
         if support_image is not None:              # (else the run failed in its thread, after a 202)
             check_real(np.asarray(support_image), "the support image")
         if not add and support is not None:
