@@ -906,6 +906,15 @@ def test_an_update_whose_session_the_server_ended_sends_the_volume_again(sandbox
         _drive(logic, lambda: not logic.active())
         assert logic.state == "previewed" and "no longer held" not in logic.message, logic.message
         assert logic.job.session_id == again and logic.job.add
+        # The voxels changed since the preview (a filter run in place): not sent in the preview's stead.
+        server.client().delete_session(again)
+        voxels = slicer.util.arrayFromVolume(c["volume"])
+        voxels += 1
+        slicer.util.arrayFromVolumeModified(c["volume"])
+        _correct(logic, c, lambda labels: labels.__setitem__(present[2], 0))
+        logic.startUpdate(params)
+        _drive(logic, lambda: not logic.active())
+        assert logic.state == "failed" and "the volume has changed since the preview" in logic.message, logic.message
     finally:
         logic.discard()
 

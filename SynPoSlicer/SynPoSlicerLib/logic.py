@@ -413,6 +413,7 @@ class PreviewLogic:
         memory, the server restarted): the volume is sent again, and SynPo runs once from the paint and
         every correction so far with the absent marks (synpo.support.merge_corrections, as the server
         merged them), on the preview's slicing axis. False when that cannot be (the volume is gone)."""
+        import types
         import numpy as np
         from SynPoSlicerLib import mrml
         from SynPoSlicerLib.engine import RemoteJob
@@ -421,8 +422,13 @@ class PreviewLogic:
                 or self.volumeNode.GetScene() is None:
             return False
         ((shape, where, values), corrections), settings, _ = self._update
-        image = mrml.volume_image(self.volumeNode)
-        if image.shape != tuple(shape):
+        image, spacing = mrml.volume_image(self.volumeNode), mrml.spacing_ijk(self.volumeNode)
+        sent = self._pending[3] if self._pending is not None else None
+        if image.shape != tuple(shape) or sent is None or self.fingerprint(
+                self.volumeNode, types.SimpleNamespace(image=image, spacing=spacing)) != sent:
+            # (hashed once per state of the node: an unchanged volume costs nothing here)
+            self.job.error = ("the server no longer holds this preview's volume, and the volume has changed since "
+                              "the preview: Preview again (Apply writes your corrections as drawn)")
             return False
         axis = self.result.support.axis
         support, marks = np.zeros(shape, values.dtype), {}
@@ -433,8 +439,7 @@ class PreviewLogic:
             support, marks = merge_corrections(support, marks, paint, absent, axis)
             del paint
         self._update = self._update[:2] + (self.job.error,)
-        self.job = RemoteJob(self.client(), image, mrml.spacing_ijk(self.volumeNode), support, settings,
-                             absent=marks, axis=axis)
+        self.job = RemoteJob(self.client(), image, spacing, support, settings, absent=marks, axis=axis)
         self.message = ("The server no longer held this preview's session: sending the volume again; SynPo runs "
                         "once from your paint and every correction...")
         return True
