@@ -844,3 +844,150 @@ def test_only_the_last_result_is_kept_as_the_memory_budget_counts_it(monkeypatch
         runs.append(service.start_run(entry, support, {}))
         assert _until(lambda: runs[-1].state == "done", 10.0), runs[-1].state
     assert runs[0].result is None and runs[1].result is not None
+
+
+# ---------------------------------------------------------------------- a team server shared by clients, in process
+
+class _AppServer:
+    """create_app over a model-free Service on a free loopback port, in this process (a run's result
+    is a stub: the bookkeeping and the clients' handling of it only, no model loaded)."""
+
+    def __init__(self, service, token="team-token-0123456789"):
+        import socket
+        import uvicorn
+        from synpo.server import create_app
+        self.service, self.token = service, token
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        self.url = "http://127.0.0.1:%d" % sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(create_app(service, token, 64 << 20), log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread.start()
+        assert _until(lambda: self.server.started, 10.0)
+
+    def client(self, timeout=10.0):
+        from synpo.client import Client
+        return Client(self.url, self.token, timeout)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def _stub_runs(monkeypatch):
+    """Session.run gives at once a result of the paint's slice (a VolumeResult, as the server sends it)."""
+    from synpo.result import VolumeResult
+    from synpo.session import Session
+    from synpo.support import Support
+
+    def run(self, support, cfg=None, support_image=None, absent=None, axis=None, **kwargs):
+        k = int(np.flatnonzero(support.any(axis=(1, 2)))[0])
+        self.support = support
+        self.result = VolumeResult((support > 0).astype(np.uint8), {1: (support > 0).astype(np.float32)}, [],
+                                   Support(axis=0, labels=[1], slices={1: [k]}), "ct", ["stub"], {})
+        return self.result
+    monkeypatch.setattr(Session, "run", run)
+
+
+def _step_until(job, states, seconds=20.0):
+    deadline = time.time() + seconds
+    while job.state not in states and job.active() and time.time() < deadline:
+        job.step()
+    return job.state
+
+
+def test_a_done_runs_result_is_not_evicted_by_another_clients_upload_before_it_is_fetched(monkeypatch):
+    """A team server with a budget for one session: client A's run is done, and client B's volume
+    arrives before A has fetched the result. A's session was evicted then (idle, least recently used):
+    A's preview failed with 'session ... is gone: evicted', the run computed for nobody. Held until
+    fetched (or cancelled, or RESULT_GRACE after the client's last request), then evictable."""
+    from synpo.service import Service
+    from SynPoSlicerLib.engine import RemoteJob
+    _stub_runs(monkeypatch)
+    image_a, support_a = volume(seed=5, shape=(6, 24, 28))
+    image_b, support_b = volume(seed=6, shape=(6, 24, 28))
+    one = image_a.astype(np.float32).nbytes
+    app = _AppServer(Service(None, int(one * 1.5), 600.0, 1, None))
+    try:
+        a = RemoteJob(app.client(), image_a, (1, 1, 2), support_a)
+        assert _step_until(a, ("fetch",)) == "fetch", (a.state, a.error)
+        b = app.client()
+        sid_b = b.create_session(image_b, (1, 1, 2))           # another client's upload, over the budget
+        assert _step_until(a, ("done",)) == "done", a.error
+        assert np.array_equal(a.result.labels, (support_a > 0).astype(np.uint8))
+        # Fetched: the next upload may evict it (the budget holds again).
+        sid_b = b.create_session(image_b + 1, (1, 1, 2))
+        listing = b.json("GET", "/v1/sessions")
+        assert [s["session"] for s in listing["sessions"]] == [sid_b], listing
+        # A result cancelled (the module's Cancel while it was fetched) is not held either.
+        rid = b.start_run(sid_b, support_b)
+        assert b.wait(sid_b, rid, interval=0.05)["state"] == "done"
+        b.cancel(sid_b, rid)
+        sid_c = b.create_session(image_b + 2, (1, 1, 2))
+        assert [s["session"] for s in b.json("GET", "/v1/sessions")["sessions"]] == [sid_c]
+    finally:
+        app.stop()
+
+
+def test_segment_server_sends_the_volume_again_when_another_clients_upload_evicts_it_before_its_run(monkeypatch):
+    """`synpo segment --server` (client.run_remote) on a team server with a small --max-memory-mb: its
+    session is idle between its upload and its run's request, and another client's upload arriving
+    then evicted it; the command failed with 'session ... is gone: evicted', where the Slicer module
+    (RemoteJob) sends the volume again. It sends it again too (a few times at most)."""
+    from synpo import client as client_module
+    from synpo.service import Service
+    _stub_runs(monkeypatch)
+    image, support = volume(seed=7, shape=(6, 24, 28))
+    other, _ = volume(seed=8, shape=(6, 24, 28))
+    app = _AppServer(Service(None, int(image.astype(np.float32).nbytes * 1.5), 600.0, 1, None))
+    try:
+        c, b = app.client(), app.client()
+        start, raced = client_module.Client.start_run, []
+
+        def racing(self, sid, *args, **kwargs):
+            if len(raced) < 1:                  # the other client's volume lands first, once
+                raced.append(b.create_session(other + len(raced), (1, 1, 2)))
+            return start(self, sid, *args, **kwargs)
+        monkeypatch.setattr(client_module.Client, "start_run", racing)
+        result = client_module.run_remote(c, image, (1, 1, 2), support)
+        assert np.array_equal(result.labels, (support > 0).astype(np.uint8)) and raced
+        # Evicted before every try: a clear failure, not a loop.
+        monkeypatch.setattr(client_module.Client, "start_run", lambda self, sid, *a, **k: (
+            b.create_session(other, (1, 1, 2)), start(self, sid, *a, **k))[1])
+        with pytest.raises(ServerError, match="gone: evicted"):
+            client_module.run_remote(c, image, (1, 1, 2), support)
+    finally:
+        app.stop()
+
+
+def test_an_update_whose_session_goes_while_it_runs_or_fetches_is_told_so(monkeypatch):
+    """An Update (RemoteJob add=True) whose session the server no longer holds once its run has started
+    (the team server restarted, the session deleted or evicted before the result was fetched): the job
+    failed with the bare 404 and `gone` unset, so the module neither said what to do nor sent the volume
+    again (SynPoSlicerLogic._resendUpdate), as it does when the session is gone at the Update's start."""
+    from synpo.service import Service
+    from SynPoSlicerLib.engine import RemoteJob
+    _stub_runs(monkeypatch)
+    image, support = volume(seed=9, shape=(6, 24, 28))
+    app = _AppServer(Service(None, 1 << 30, 600.0, 1, None))
+    try:
+        c = app.client()
+        sid = c.create_session(image, (1, 1, 2))
+        rid = c.start_run(sid, support)
+        assert c.wait(sid, rid, interval=0.05)["state"] == "done"
+        monkeypatch.setattr(app.service.entries[sid].session, "add_support",
+                            lambda *a, **k: app.service.entries[sid].session.result)
+        for stop_at in ("running", "fetch"):
+            job = RemoteJob(c, None, (), support, session_id=sid, add=True)
+            assert _step_until(job, (stop_at,)) == stop_at, job.error
+            c.delete_session(sid)              # (the server restarted: "unknown session" alike)
+            assert _step_until(job, ()) == "failed"
+            assert job.gone and "no longer holds this preview's volume" in job.error, job.error
+            sid = c.create_session(image, (1, 1, 2))
+            rid = c.start_run(sid, support)
+            assert c.wait(sid, rid, interval=0.05)["state"] == "done"
+            monkeypatch.setattr(app.service.entries[sid].session, "add_support",
+                                lambda *a, **k: app.service.entries[sid].session.result)
+    finally:
+        app.stop()

@@ -349,8 +349,17 @@ class RemoteJob:
                 self._upload.close()
                 self._upload = None
             self.state, self.error = "failed", str(exc)
+            if self.add and exc.status == 404 and self._session_gone(exc):
+                # Gone after the run started (the server restarted; deleted, or evicted before its result
+                # was fetched): said as at the start, so that the module sends the volume again.
+                self.gone, self.error = True, SESSION_GONE % exc
         self._release()
         return self.state
+
+    def _session_gone(self, exc: ServerError) -> bool:
+        """A 404 about the session itself (not about one of its runs)."""
+        said = str(exc)
+        return ("session %s is gone" % self.session_id) in said or ("unknown session %s" % self.session_id) in said
 
     def _stalled(self, exc: ServerError) -> str:
         """A poll of the run got no answer in time: asked again next step, up to STALL_SECONDS since the

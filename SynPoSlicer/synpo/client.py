@@ -28,6 +28,7 @@ from .errors import SynPoError
 from .result import SliceRecord, VolumeResult, support_from_dict
 
 ACTIVE = ("queued", "running")
+RESENDS = 3          # run_remote: times a session evicted before its run is sent again
 
 
 class ServerError(SynPoError):
@@ -525,12 +526,21 @@ def run_remote(client: Client, image: np.ndarray, spacing_ijk, support: np.ndarr
                progress: Optional[Callable[[str, int, int], None]] = None, confidence_all: bool = False,
                absent: Optional[Dict[int, Sequence[int]]] = None) -> VolumeResult:
     """One whole segmentation through the server: upload, run, download; the session is deleted
-    after (and the run cancelled when interrupted)."""
+    after (and the run cancelled when interrupted). A session the server evicted before the run's
+    request reached it (another client's upload on a server with a small --max-memory-mb) is sent
+    again, up to RESENDS times, as the Slicer module does."""
     sid = client.create_session(image, spacing_ijk)
     rid = None
     try:
-        rid = client.start_run(sid, support, settings, modality, support_image, confidence_all=confidence_all,
-                               absent=absent)
+        for tries in range(RESENDS + 1):
+            try:
+                rid = client.start_run(sid, support, settings, modality, support_image,
+                                       confidence_all=confidence_all, absent=absent)
+                break
+            except ServerError as exc:
+                if exc.status != 404 or tries == RESENDS:
+                    raise
+            sid = client.create_session(image, spacing_ijk)
         st = client.wait(sid, rid, progress)
         if st["state"] != "done":
             raise ServerError("the server's run %s: %s" % (st["state"], st["error"] or "no result"))

@@ -286,6 +286,7 @@ def create_app(service, token: str, max_body_bytes: int, max_array_bytes: Option
         run = service.get_run(service.get(sid), rid)
         run.cancel_event.set()
         run.drop_packed()                   # a client that stops fetching the result in parts says so
+        run.fetched = True                  # (its session may be evicted now: service.Entry.awaiting_fetch)
         return {"run": rid, "state": run.state, "cancel": "requested"}
 
     @app.get("/v1/sessions/{sid}/runs/{rid}/result")
@@ -315,7 +316,9 @@ def create_app(service, token: str, max_body_bytes: int, max_array_bytes: Option
                     "timings": {k: round(v, 4) for k, v in result.timings.items()}, "computed": result.computed}
             return wire.pack(arrays, meta)
         if offset is None:
-            return Response(await run_in_threadpool(build), media_type=wire.CONTENT_TYPE)
+            message = await run_in_threadpool(build)
+            run.fetched = True
+            return Response(message, media_type=wire.CONTENT_TYPE)
         # In parts (client.ResultDownload: a client on a GUI thread): packed once, in a thread; each
         # request answers at once, 202 while packing, else `length` bytes from `offset` and the total.
         message = run.packed_result(confidence, build)
@@ -324,6 +327,7 @@ def create_app(service, token: str, max_body_bytes: int, max_array_bytes: Option
         part = message[offset:offset + length]
         if offset + len(part) >= len(message):
             run.drop_packed(confidence)
+            run.fetched = True
         return Response(part, media_type="application/octet-stream", headers={wire.PART_TOTAL: str(len(message))})
 
     @app.post("/v1/sessions/{sid}/redecode")

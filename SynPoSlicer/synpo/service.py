@@ -27,6 +27,10 @@ log = logging.getLogger("synpo.serve")
 
 RUNS_KEPT = 4                  # runs a session remembers (their state); only the last done one keeps its result
 FORGOTTEN_KEPT = 1000          # ids of evicted / expired sessions remembered to say so
+# A done run's result that its client has not fetched yet (nor cancelled) keeps its session from eviction
+# while the client keeps asking about the session, up to this many seconds after its last request: another
+# client's upload or run end evicted it between "done" and the download (the run computed for nobody).
+RESULT_GRACE = 120.0
 
 
 class NotFound(SynPoError):
@@ -49,6 +53,7 @@ class Run:
         self.result: Optional[VolumeResult] = None
         self.cancel_event = threading.Event()
         self.lock = threading.Lock()
+        self.fetched = False             # the result was sent whole (or its last part), or the client cancelled
         self.created = time.time()
         self.seconds = 0.0
         # A result's message being fetched in parts: bytes, "packing", or the error packing raised. Held
@@ -136,6 +141,11 @@ class Entry:
     def busy(self) -> bool:
         return self.lock.locked() or any(r.state in ("queued", "running") for r in self.runs.values())
 
+    def awaiting_fetch(self) -> bool:
+        """A done run's result not fetched yet by a client still asking (RESULT_GRACE): not evicted."""
+        return time.monotonic() - self.touched < RESULT_GRACE and any(
+            r.state == "done" and r.result is not None and not r.fetched for r in list(self.runs.values()))
+
 
 class Service:
     def __init__(self, models: Models, budget_bytes: int = 8 << 30, ttl_seconds: float = 3600.0,
@@ -193,8 +203,8 @@ class Service:
         return sum(e.session.memory_bytes() for e in entries)
 
     def enforce_budget(self, keep: Optional[str] = None) -> None:
-        """Evict the least recently used idle sessions (never `keep`, never a busy one) until the
-        sessions hold at most the budget."""
+        """Evict the least recently used idle sessions (never `keep`, never a busy one, nor one whose
+        finished run's result its client has yet to fetch) until the sessions hold at most the budget."""
         with self.lock:
             entries = list(self.entries.values())               # least recently used first
         sizes = {e.id: e.session.memory_bytes() for e in entries}
@@ -202,7 +212,7 @@ class Service:
         for e in entries:
             if total <= self.budget_bytes:
                 break
-            if e.id == keep or e.busy():
+            if e.id == keep or e.busy() or e.awaiting_fetch():
                 continue
             self._forget(e, "evicted to keep the server within its memory budget (--max-memory-mb %d)"
                          % (self.budget_bytes >> 20))
