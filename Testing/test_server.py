@@ -991,3 +991,35 @@ def test_an_update_whose_session_goes_while_it_runs_or_fetches_is_told_so(monkey
                                 lambda *a, **k: app.service.entries[sid].session.result)
     finally:
         app.stop()
+
+
+def test_a_preview_whose_session_goes_while_it_runs_or_fetches_sends_the_volume_again(monkeypatch):
+    """A new preview holds its volume until it ends; its session gone once the run started (the server
+    restarted at the same URL, the session deleted) failed it with the bare 404. It sends the volume
+    again, once, as it does when a session it meant to reuse is gone at the start."""
+    from synpo.service import Service
+    from SynPoSlicerLib.engine import RemoteJob
+    _stub_runs(monkeypatch)
+    image, support = volume(seed=11, shape=(6, 24, 28))
+    app = _AppServer(Service(None, 1 << 30, 600.0, 1, None))
+    try:
+        c = app.client()
+        for stop_at in ("running", "fetch"):
+            job = RemoteJob(c, image, (1, 1, 2), support)
+            assert _step_until(job, (stop_at,)) == stop_at, job.error
+            first = job.session_id
+            c.delete_session(first)
+            assert _step_until(job, ()) == "done", job.error
+            assert job.session_id not in (None, first) and job.image is None
+            assert np.array_equal(job.result.labels, (support > 0).astype(np.uint8))
+        # Once: gone again after that, the preview fails with the server's reason.
+        job = RemoteJob(c, image, (1, 1, 2), support)
+        assert _step_until(job, ("running",)) == "running", job.error
+        c.delete_session(job.session_id)
+        job.step()
+        assert job.state == "upload" and job.stage.startswith("the server no longer holds the volume"), job.stage
+        assert _step_until(job, ("running",)) == "running", job.error
+        c.delete_session(job.session_id)
+        assert _step_until(job, ()) == "failed" and "deleted by a client" in job.error, job.error
+    finally:
+        app.stop()

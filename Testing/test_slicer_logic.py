@@ -764,6 +764,37 @@ def test_a_server_that_stalls_for_seconds_does_not_fail_the_preview(scene_case, 
     server.client().cancel(job.session_id, job.run_id)
 
 
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGSTOP"), reason="needs SIGSTOP")
+def test_a_cancel_a_stalled_server_does_not_answer_is_sent_again(scene_case, server):
+    """Cancel while the server does not answer: the cancel request timed out, the job called itself
+    cancelled, and the run went on on the server, holding the session (the next preview of that volume
+    waited on its 409s). Now the job is "cancelling" and sends the cancel again until the server answers."""
+    import signal
+    c = scene_case
+    inputs = mrml.extract_inputs(c["volume"], c["seg"], [c["target"]])
+    job = RemoteJob(server.client(timeout=10), inputs.image + 23.0, inputs.spacing, inputs.support)
+    job.SETTLE_RETRY = 0.5
+    while job.state != "running":
+        job.step()
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        start = time.time()
+        job.cancel(now=True)
+        assert job.state == "cancelling" and time.time() - start < 4, job.state
+        for _ in range(3):
+            job.step()                                    # the server still does not answer
+        assert job.state == "cancelling"
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    deadline = time.time() + 30
+    while job.active() and time.time() < deadline:
+        job.step()
+        time.sleep(0.05)
+    assert job.state == "cancelled", (job.state, job.error)
+    # (the run is cancelled there, unless it ended in the meantime)
+    assert server.client().wait(job.session_id, job.run_id)["state"] in ("cancelled", "done")
+
+
 @pytest.fixture
 def axial_case():
     """An axis-aligned volume (1 x 1 x 2.5 mm) with the organ painted on slice 4, for rendering."""

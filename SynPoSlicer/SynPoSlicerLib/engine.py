@@ -191,6 +191,7 @@ class RemoteJob:
     # answers every poll in 3 s is not taken for a stalled one).
     POLL_TIMEOUT = 2.0
     STALL_SECONDS = 60.0
+    SETTLE_RETRY = 5.0                  # seconds between a stalled server's cancel requests (cancel)
 
     def __init__(self, client: Client, image: Optional[np.ndarray], spacing_ijk, support: Optional[np.ndarray],
                  settings: Sequence[str] = (), session_id: Optional[str] = None, add: bool = False,
@@ -216,6 +217,8 @@ class RemoteJob:
         self._busy_until = time.monotonic() + 60.0
         self._answered = 0.0                # when the server last answered about the run ("running")
         self._missed = 0                    # polls in a row that timed out
+        self._sent_again = False            # the volume was sent again once after its session went mid-run
+        self._retry_at = 0.0                # when a cancel that got no answer is sent again ("cancelling")
         self._upload = None                 # the volume ("upload") or the run ("start") being sent (client.Upload)
         self._download = None               # the result being received (client.ResultDownload), in "fetch"
         self._settling = None               # ("upload" | "start", deadline) while "cancelling"
@@ -260,14 +263,21 @@ class RemoteJob:
             self.state, self.stage = "cancelled", "cancelled"
         elif now and self.state == "running":
             try:
-                self.client.cancel(self.session_id, self.run_id)
-            except ServerError:
-                pass
+                self.client.cancel(self.session_id, self.run_id, timeout=min(self.client.timeout, self.POLL_TIMEOUT))
+            except ServerError as exc:
+                if exc.timed_out:
+                    # A stalled server: the cancel is sent again by the next steps (every few seconds, up to
+                    # STALL_SECONDS), or the run went on there, holding the session (and a --max-runs slot).
+                    self._settling = ("running", time.monotonic() + self.STALL_SECONDS)
+                    self._retry_at = time.monotonic() + self.SETTLE_RETRY
+                    self.state, self.stage = "cancelling", "cancelling (the server does not answer)"
+                    return
             self.state, self.stage = "cancelled", "cancelled"
         self._release()
 
     def step(self) -> str:
         """Advance by one request; returns the state. Errors end the job with `error` set."""
+        origin = self.state
         try:
             if self.state == "cancelling":
                 self._settle()
@@ -353,6 +363,13 @@ class RemoteJob:
                 # Gone after the run started (the server restarted; deleted, or evicted before its result
                 # was fetched): said as at the start, so that the module sends the volume again.
                 self.gone, self.error = True, SESSION_GONE % exc
+            elif (not self.add and exc.status == 404 and origin in ("running", "fetch") and self.image is not None
+                  and not self._sent_again and self._session_gone(exc) and not self._cancel):
+                # A preview holds its volume until it ends: sent again once, as at the start ("start").
+                self.session_id, self.run_id, self.reused, self._sent_again = None, None, False, True
+                self._since, self._arrived, self._download = 0, [], None
+                self.state, self.error = "upload", ""
+                self.stage = "the server no longer holds the volume: sending it again"
         self._release()
         return self.state
 
@@ -383,8 +400,21 @@ class RemoteJob:
             self.image = self.support = None
 
     def _settle(self) -> None:
-        """A step of "cancelling": the server's answer to the message sent before Cancel, if it has come."""
+        """A step of "cancelling": the server's answer to the message sent before Cancel, if it has come;
+        or (a run's cancel that got no answer) the cancel sent again."""
         origin, deadline = self._settling
+        if origin == "running":
+            if time.monotonic() < self._retry_at and time.monotonic() < deadline:
+                return
+            self._retry_at = time.monotonic() + self.SETTLE_RETRY
+            try:
+                self.client.cancel(self.session_id, self.run_id, timeout=min(self.client.timeout, self.POLL_TIMEOUT))
+                done = True
+            except ServerError as exc:
+                done = not exc.timed_out            # refused (the run or session gone): nothing left to stop
+            if done or time.monotonic() >= deadline:
+                self.state, self.stage = "cancelled", "cancelled"
+            return
         try:
             answer = self._upload.step()
         except ServerError:

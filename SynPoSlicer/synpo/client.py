@@ -207,8 +207,8 @@ class Client:
         out = [(SliceRecord.from_dict(r), arrays.get(r["mask"]) if r.get("mask") else None) for r in meta["slices"]]
         return out, int(meta["next"])
 
-    def cancel(self, sid: str, rid: str) -> dict:
-        return self.json("POST", "/v1/sessions/%s/runs/%s/cancel" % (sid, rid))
+    def cancel(self, sid: str, rid: str, timeout: Optional[float] = None) -> dict:
+        return self.json("POST", "/v1/sessions/%s/runs/%s/cancel" % (sid, rid), timeout=timeout)
 
     def result(self, sid: str, rid: str, confidence: str = "none") -> VolumeResult:
         """The finished run's VolumeResult; confidence: "none", "max" (stored under the first label
