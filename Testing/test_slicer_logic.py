@@ -1,4 +1,5 @@
 """The module's MRML logic against real MRML nodes (the `slicer-core` package: Slicer without Qt)."""
+import contextlib
 import os
 import sys
 import time
@@ -724,41 +725,42 @@ def test_update_from_the_users_corrections_of_the_candidates(scene_case, server)
     preview.remove()
 
 
+@contextlib.contextmanager
+def _stalled(server, job):
+    """`job` stepped until its run is going, then the server stopped (SIGSTOP: it answers nothing, as a
+    swapping or paused server) for the block, and let go on after it."""
+    import signal
+    while job.state != "running":
+        job.step()
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        yield time.time()
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+
+
 @pytest.mark.skipif(not hasattr(__import__("signal"), "SIGSTOP"), reason="needs SIGSTOP")
 def test_a_server_that_stalls_for_seconds_does_not_fail_the_preview(scene_case, server):
     """A server that answers nothing for a few seconds (swapping, stopped, a loaded machine): the preview
     failed at the first poll that took over 5 s. Now a poll that times out is asked again, the stage
     counts the seconds, and the job fails only after STALL_SECONDS without an answer."""
-    import signal
     c = scene_case
     inputs = mrml.extract_inputs(c["volume"], c["seg"], [c["target"]])
     job = RemoteJob(server.client(timeout=10), inputs.image + 11.0, inputs.spacing, inputs.support)
-    while job.state != "running":
-        job.step()
     stages = []
-    os.kill(server.proc.pid, signal.SIGSTOP)
-    try:
-        start = time.time()
+    with _stalled(server, job) as start:
         while time.time() - start < 5:
             job.step()                                   # each poll gives up after POLL_TIMEOUT (2 s)
             stages.append(job.stage)
-    finally:
-        os.kill(server.proc.pid, signal.SIGCONT)
     assert job.state == "running" and job.error == "", job.error
     assert any(s.startswith("waiting for the server: no answer for") for s in stages), stages
     assert run_job(job).state == "done", job.error            # the run went on meanwhile
     # Past STALL_SECONDS without an answer the job fails, and says why.
     job = RemoteJob(server.client(timeout=10), None, (), inputs.support, session_id=job.session_id)
     job.STALL_SECONDS = 3.0
-    while job.state != "running":
-        job.step()
-    os.kill(server.proc.pid, signal.SIGSTOP)
-    try:
-        start = time.time()
+    with _stalled(server, job) as start:
         while job.active() and time.time() - start < 20:
             job.step()
-    finally:
-        os.kill(server.proc.pid, signal.SIGCONT)
     assert job.state == "failed" and job.error.startswith("the SynPo server has not answered for"), job.error
     assert time.time() - start < 10
     server.client().cancel(job.session_id, job.run_id)
@@ -769,23 +771,16 @@ def test_a_cancel_a_stalled_server_does_not_answer_is_sent_again(scene_case, ser
     """Cancel while the server does not answer: the cancel request timed out, the job called itself
     cancelled, and the run went on on the server, holding the session (the next preview of that volume
     waited on its 409s). Now the job is "cancelling" and sends the cancel again until the server answers."""
-    import signal
     c = scene_case
     inputs = mrml.extract_inputs(c["volume"], c["seg"], [c["target"]])
     job = RemoteJob(server.client(timeout=10), inputs.image + 23.0, inputs.spacing, inputs.support)
     job.SETTLE_RETRY = 0.5
-    while job.state != "running":
-        job.step()
-    os.kill(server.proc.pid, signal.SIGSTOP)
-    try:
-        start = time.time()
+    with _stalled(server, job) as start:
         job.cancel(now=True)
         assert job.state == "cancelling" and time.time() - start < 4, job.state
         for _ in range(3):
             job.step()                                    # the server still does not answer
         assert job.state == "cancelling"
-    finally:
-        os.kill(server.proc.pid, signal.SIGCONT)
     deadline = time.time() + 30
     while job.active() and time.time() < deadline:
         job.step()
