@@ -567,9 +567,8 @@ def test_nohup_keeps_a_run_through_a_closed_terminal():
         signal.signal(signal.SIGHUP, previous)
 
 
-def test_a_rename_refused_midway_names_what_was_written(tmp_path, monkeypatch):
-    from synpo import io, outputs
-    from synpo.errors import InputError
+def _small_result():
+    """(a 6 x 5 x 4 grid, a result of one label on it) for write_result, without a run."""
     from synpo.io import Geometry
     from synpo.result import VolumeResult
     geometry = Geometry((6, 5, 4), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
@@ -578,6 +577,13 @@ def test_a_rename_refused_midway_names_what_was_written(tmp_path, monkeypatch):
     fake = VolumeResult.__new__(VolumeResult)
     fake.__dict__.update(labels=labels, confidence={1: labels.astype(np.float32)},
                          support=type("S", (), {"labels": [1]})())
+    return geometry, fake
+
+
+def test_a_rename_refused_midway_names_what_was_written(tmp_path, monkeypatch):
+    from synpo import io, outputs
+    from synpo.errors import InputError
+    geometry, fake = _small_result()
     real = os.replace
     calls = []
 
@@ -681,14 +687,7 @@ def test_an_output_that_cannot_be_staged_is_one_line_and_leaves_nothing(tmp_path
     import errno
     from synpo import io, outputs
     from synpo.errors import InputError
-    from synpo.io import Geometry
-    from synpo.result import VolumeResult
-    geometry = Geometry((6, 5, 4), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
-    labels = np.zeros((4, 5, 6), np.uint8)
-    labels[1:3, 1:4, 1:5] = 1
-    fake = VolumeResult.__new__(VolumeResult)
-    fake.__dict__.update(labels=labels, confidence={1: labels.astype(np.float32)},
-                         support=type("S", (), {"labels": [1]})())
+    geometry, fake = _small_result()
     long_name = str(tmp_path / ("s" * 240 + ".nii.gz"))             # 247 characters: + ".tmp-XXXXXXXX-" > 255
     with pytest.raises(InputError, match=r"cannot write .*\.nii\.gz: File name too long"):
         outputs.write_result(fake, geometry, long_name, str(tmp_path / "conf.nii.gz"))
