@@ -721,6 +721,7 @@ def test_update_from_the_users_corrections_of_the_candidates(scene_case, server)
                               absent=absent))
     assert again.state == "failed" and "no longer holds this preview's volume" in again.error, again.error
     assert again.gone                       # (the module sends the volume again: test_slicer_session)
+    assert again.error.count("no longer holds") == 1, again.error          # said once, not wrapped twice
     assert "Apply writes them as drawn" in again.error and "deleted by a client" in again.error
     preview.remove()
 

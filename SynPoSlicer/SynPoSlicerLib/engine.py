@@ -313,11 +313,8 @@ class RemoteJob:
                         # The session's previous run (cancelled a moment ago) is still winding down.
                         self.stage = "waiting for the previous run on the server to stop"
                         return self.state
-                    if exc.status == 404 and self.add:
-                        self.gone = True
-                        raise ServerError(SESSION_GONE % exc, 404) from None
                     if exc.status != 404 or self.image is None:
-                        raise
+                        raise                   # (corrections on a session gone: said below, `gone`)
                     self.session_id, self.reused, self.state = None, False, "upload"
                     return self.state
                 self.state, self.stage, self._answered = "running", "queued", time.monotonic()
@@ -333,7 +330,6 @@ class RemoteJob:
                         self._arrived += arrived
                 except ServerError as exc:
                     return self._stalled(exc)
-                self._answered = time.monotonic()
                 self.stage, self.done, self.total = st["stage"], st["done"], st["total"]
                 if st["state"] == "done" and self._cancel:
                     # Cancelled (without now) while the run was ending: its result is not fetched.
@@ -360,8 +356,8 @@ class RemoteJob:
                 self._upload = None
             self.state, self.error = "failed", str(exc)
             if self.add and exc.status == 404 and self._session_gone(exc):
-                # Gone after the run started (the server restarted; deleted, or evicted before its result
-                # was fetched): said as at the start, so that the module sends the volume again.
+                # Gone, at the start or after the run started (idle past --session-ttl, evicted, the server
+                # restarted, deleted): said so, and the module sends the volume again.
                 self.gone, self.error = True, SESSION_GONE % exc
             elif (not self.add and exc.status == 404 and origin in ("running", "fetch") and self.image is not None
                   and not self._sent_again and self._session_gone(exc) and not self._cancel):

@@ -72,7 +72,7 @@ class PreviewLogic:
         self.segmentationNode = None     # the segmentation the preview was made for: Apply writes there
         self.segmentIds, self.segmentNames = [], []
         self._sent = None                # (axis, {label: its candidates' slice digests}) as an Update read them
-        self._painted = None             # {label: (its segment's paint at Preview, flat indices; labelmap_mtime)}
+        self._painted = None             # {label: its segment's labelmap_mtime at Preview} (the paint: _given)
         self._given = None               # what the server's session was given: the paint at Preview (sparse:
                                          # shape, flat indices, labels) and each Update's corrections since
                                          # ((flat indices, labels), {label: absent slices}): _resendUpdate
@@ -257,15 +257,15 @@ class PreviewLogic:
         self.discard()
         self.volumeNode, self.segmentationNode, self.segmentIds = volumeNode, segmentationNode, list(segmentIds)
         self.segmentNames = [segmentationNode.GetSegmentation().GetSegment(s).GetName() for s in segmentIds]
-        # The segments as painted for this preview (their voxels' flat indices: one pass over the volume, and
-        # the paint is a slice or a few): what the user paints or erases in them afterwards is kept by Apply
-        # (_paintSincePreview).
+        # The paint as sent (its voxels' flat indices and labels: one pass over the volume, and the paint is a
+        # slice or a few): what the server's session was given (_resendUpdate), and what Apply compares the
+        # previewed segments with, to keep the user's paint and erasing in them since (_paintSincePreview).
         import numpy as np
         where = np.flatnonzero(inputs.support)
         values = inputs.support.reshape(-1)[where]
-        self._painted = {v: (where[values == v], mrml.labelmap_mtime(segmentationNode, sid))
-                         for v, sid in enumerate(self.segmentIds, start=1)}
         self._given, self._update, self._givenTo = ((inputs.support.shape, where, values), ()), None, None
+        self._painted = {v: mrml.labelmap_mtime(segmentationNode, sid)
+                         for v, sid in enumerate(self.segmentIds, start=1)}
         self._pending = (inputs, self.settings(parameterNode), parameterNode, self.fingerprint(volumeNode, inputs))
         self._waiting = None
         self.state, self.message = "starting", "Starting the SynPo server..."
@@ -277,13 +277,9 @@ class PreviewLogic:
         from synpo.errors import SynPoError
         try:
             if self.state == "starting" and self._waiting is not None:
-                paint, absent, settings, sid, parameterNode = self._waiting
-                if self.serverReady(parameterNode):
-                    from SynPoSlicerLib.engine import RemoteJob
-                    self._waiting = None
-                    self.job = RemoteJob(self.client(), None, (), paint, settings, session_id=sid, add=True,
-                                         absent=absent)
-                    self.state = "running"
+                if self.serverReady(self._waiting[4]):
+                    waiting, self._waiting = self._waiting, None
+                    self._runUpdate(*waiting[:4])
                 else:
                     self.message = self.serverStarting()
             elif self.state == "starting":
@@ -374,7 +370,6 @@ class PreviewLogic:
         import numpy as np
         from SynPoSlicerLib import apply as applying
         from SynPoSlicerLib import mrml
-        from SynPoSlicerLib.engine import RemoteJob
         if self.preview is None or self.job is None:
             raise ValueError("Run a preview first, then edit the SynPo candidates segmentation.")
         applying.check_volume(self.volumeNode)
@@ -403,10 +398,14 @@ class PreviewLogic:
             self._waiting = (paint, absent, settings, session, parameterNode)
             self.state = "starting"
         else:
-            self.job = RemoteJob(self.client(), None, (), paint, settings, session_id=session, add=True,
-                                 absent=absent)
-            self.state = "running"
+            self._runUpdate(paint, absent, settings, session)
         self.startPolling()
+
+    def _runUpdate(self, paint, absent, settings, session):
+        """The Update's corrections sent to `session` (startUpdate; step, once a local server is up again)."""
+        from SynPoSlicerLib.engine import RemoteJob
+        self.job = RemoteJob(self.client(), None, (), paint, settings, session_id=session, add=True, absent=absent)
+        self.state = "running"
 
     def _resendUpdate(self):
         """An Update whose session the server no longer holds (idle past its --session-ttl, evicted for
@@ -687,15 +686,16 @@ class PreviewLogic:
         if not self._painted or target is None or target is not self.segmentationNode or target.GetScene() is None:
             return 0
         changed = 0
+        _, where, values = self._given[0]            # the paint at Preview
         for v, sid in enumerate(self.segmentIds, start=1):
             if v not in self._painted or target.GetSegmentation().GetSegment(sid) is None:
                 continue                      # (check_writable says so)
-            painted, mtime = self._painted[v]
+            mtime = self._painted[v]
             if mtime is not None and mrml.labelmap_mtime(target, sid) == mtime:
                 continue                      # not painted since: no full-volume read
             now = mrml.segment_array(target, sid, self.volumeNode).astype(bool)
             was = np.zeros(now.shape, bool)
-            was.reshape(-1)[painted] = True
+            was.reshape(-1)[where[values == v]] = True
             added, removed = now & ~was & (labels == 0), was & ~now & (labels == v)
             labels[added], labels[removed] = v, 0
             changed += int(added.sum() + removed.sum())

@@ -193,10 +193,9 @@ class Client:
         """start_run a step at a time (Upload): `Upload.step()` returns the run's ID once the server
         has started it, else None (a support label map of a large CT took half a second to pack).
         axis: a new run's slicing axis (0, 1, 2 across the array's k, j, i), else found from the paint."""
-        arrays, meta = _run_message(support, settings, None, None, add, False, absent)
-        if axis is not None:
-            meta["axis"] = int(axis)
-        return Upload(self, "/v1/sessions/%s/runs" % sid, arrays, meta, chunk=chunk, answer=lambda reply: reply["run"])
+        return Upload(self, "/v1/sessions/%s/runs" % sid, *_run_message(support, settings, None, None, add, False,
+                                                                          absent, axis),
+                      chunk=chunk, answer=lambda reply: reply["run"])
 
     def status(self, sid: str, rid: str, since: int = 0, timeout: Optional[float] = None) -> dict:
         return self.json("GET", "/v1/sessions/%s/runs/%s?since=%d" % (sid, rid, since), timeout=timeout)
@@ -261,8 +260,8 @@ def _session_message(image: np.ndarray, spacing_ijk: Sequence[float]):
     return {"image": wire.compact_image(np.asarray(image))}, {"spacing": [float(s) for s in spacing_ijk]}
 
 
-def _run_message(support, settings, modality, support_image, add, confidence_all, absent):
-    """(arrays, meta) of a new run's message."""
+def _run_message(support, settings, modality, support_image, add, confidence_all, absent, axis=None):
+    """(arrays, meta) of a new run's message (axis: a new run's slicing axis, when given)."""
     arrays = {}
     if support is not None:
         support = np.asarray(support)
@@ -272,6 +271,8 @@ def _run_message(support, settings, modality, support_image, add, confidence_all
     meta = {"set": list(settings), "modality": modality, "mode": "add" if add else "new",
             "confidence_all": bool(confidence_all),
             "absent": {str(int(k)): [int(t) for t in v] for k, v in (absent or {}).items()}}
+    if axis is not None:
+        meta["axis"] = int(axis)
     return arrays, meta
 
 
