@@ -19,8 +19,21 @@ def _python_files():
     files = [os.path.join(MODULE, "SynPoSlicer.py")]
     files += glob.glob(os.path.join(MODULE, "SynPoSlicerLib", "*.py"))
     files += glob.glob(os.path.join(MODULE, "SegmentEditorSynPoLib", "*.py"))
-    files += glob.glob(os.path.join(MODULE, "synpo", "*.py"))
+    files += glob.glob(os.path.join(MODULE, "synpo", "**", "*.py"), recursive=True)
     return sorted(files)
+
+
+def test_the_wheel_holds_every_package_of_the_engine():
+    """pyproject.toml lists its packages one by one (setuptools' `packages`): a sub-package left out
+    (synpo/routes) is missing from a wheel and from the Slicer module's pip install, though an
+    editable install, which these tests run on, finds it."""
+    listed = re.search(r"^packages = \[(.*?)\]", _read("pyproject.toml"), re.M).group(1)
+    listed = set(re.findall(r'"([^"]+)"', listed))
+    for top in ("synpo", "synpo_web", "SynPoSlicerLib"):
+        assert top in listed
+        for init in glob.glob(os.path.join(MODULE, top, "**", "__init__.py"), recursive=True):
+            package = os.path.relpath(os.path.dirname(init), MODULE).replace(os.sep, ".")
+            assert package in listed, "pyproject.toml's packages lacks %s" % package
 
 
 def test_every_module_file_parses_as_python_3_9():

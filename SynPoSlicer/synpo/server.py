@@ -23,27 +23,25 @@ wire.py messages, the rest JSON; every error is {"error": "one line"} with a 4xx
 
 The server never opens a path a client names, never logs tokens or image content, and binds
 127.0.0.1 unless told otherwise (then only with a token file).
+
+The routes are in routes/ (one module per resource), the token file in tokens.py; this file makes
+the application (create_app: the token, the body limit, the errors) and runs the command.
 """
 import hmac
 import ipaddress
-import json
 import logging
 import math
 import os
-import secrets
 import shutil
 import socket
 import sys
 import time
 from typing import Optional
 
-import numpy as np
-
 from . import __version__
-from . import wire
 from .errors import SynPoError
+from .tokens import make_token_file, read_token_file, reusable_token  # noqa: F401 (SynPoSlicerLib.engine's import)
 
-API = 1
 DEFAULT_PORT = 8765
 log = logging.getLogger("synpo.serve")
 
@@ -57,79 +55,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-MAX_REDECODE_POINTS = 256             # a user clicks a handful; 100,000 made SAM ask for 320 GB
-
-
-def make_token_file(path: str) -> str:
-    """A fresh random token written to `path`, readable by the user only; returns the token."""
-    token = secrets.token_urlsafe(32)
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = path + ".tmp-%d" % os.getpid()
-    try:
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(token + "\n")
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except OSError as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise SynPoError("cannot write the token file %s: %s" % (path, exc.strerror or exc)) from None
-    return token
-
-
-def reusable_token(path: str) -> Optional[str]:
-    """The token already in `path` when another `synpo serve` wrote it there for this user (a file of
-    this user's, which no one else may read or write, holding one token): servers started without
-    --token-file on one machine share the default token file, so a second one keeps the token the
-    first one's clients read (making a fresh one locked them out: 401). None: make a fresh one."""
-    try:
-        info = os.stat(path)
-        if os.name == "posix" and (info.st_uid != os.getuid() or info.st_mode & 0o077):
-            return None
-        return read_token_file(path)
-    except (OSError, SynPoError):
-        return None
-
-
-def read_token_file(path: str) -> str:
-    try:
-        with open(path) as handle:
-            token = handle.read().strip()
-    except OSError as exc:
-        raise SynPoError("cannot read the token file %s: %s" % (path, exc.strerror or exc)) from None
-    if len(token) < 16 or any(c.isspace() or not c.isprintable() or ord(c) > 127 for c in token):
-        # (printable ASCII, as clients take it: an HTTP header carries no other, so a UTF-8 token was
-        # one no client could send, every request 401)
-        raise SynPoError("the token file %s must hold one token of at least 16 printable ASCII characters, "
-                         "without spaces" % path)
-    return token
-
-
-def _is_int(value) -> bool:
-    """A JSON integer (true and false are ints to Python: not slice 1 and 0)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def create_app(service, token: str, max_body_bytes: int, max_array_bytes: Optional[int] = None):
-    """The FastAPI application over a `service.Service`."""
+    """The FastAPI application over a `service.Service`: the routes of routes/ (one module per
+    resource), behind the token and the body limit; every error answers {"error": "one line"}."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
-    from starlette.concurrency import run_in_threadpool
+    from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
-    from starlette.requests import ClientDisconnect
 
-    from .result import support_to_dict
+    from .routes import ROUTERS
+    from .routes.common import Refused
     from .service import Busy, NotFound
 
-    max_array_bytes = max_array_bytes or max(max_body_bytes * 16, 1 << 30)
     app = FastAPI(title="SynPo", version=__version__, docs_url=None, redoc_url=None)
-
-    class Refused(Exception):
-        def __init__(self, status: int, message: str):
-            self.status, self.message = status, message
+    app.state.service = service
+    app.state.max_body_bytes = max_body_bytes
+    app.state.max_array_bytes = max_array_bytes or max(max_body_bytes * 16, 1 << 30)
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": " ".join(str(message).split())}, status_code=status)
@@ -175,187 +116,8 @@ def create_app(service, token: str, max_body_bytes: int, max_array_bytes: Option
                              % (int(length) / 2 ** 20, max_body_bytes >> 20))      # (2.9 MB read "2 MB")
         return await call_next(request)
 
-    async def body_of(request: Request) -> bytes:
-        chunks, size = [], 0
-        try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > max_body_bytes:
-                    raise Refused(413, "the request body is larger than this server accepts (%d MB, --max-body-mb)"
-                                  % (max_body_bytes >> 20))
-                chunks.append(chunk)
-        except ClientDisconnect:
-            # A client that stopped sending (the Slicer module's Cancel during an upload): nothing was
-            # made; no traceback in the log.
-            raise Refused(400, "the client went away before the whole request body arrived") from None
-        return b"".join(chunks)
-
-    async def message_of(request: Request):
-        if request.headers.get("content-type", "").split(";")[0].strip() != wire.CONTENT_TYPE:
-            raise Refused(415, "send the arrays as %s (synpo.wire)" % wire.CONTENT_TYPE)
-        data = await body_of(request)
-        return await run_in_threadpool(wire.unpack, data, max_array_bytes)
-
-    def packed(arrays, meta) -> Response:
-        return Response(wire.pack(arrays, meta), media_type=wire.CONTENT_TYPE)
-
-    @app.get("/v1/health")
-    async def health():
-        return {"status": "ok", "synpo": __version__, "api": API, "models": service.models.describe(),
-                "limits": {"max_body_mb": max_body_bytes >> 20, "max_memory_mb": service.budget_bytes >> 20,
-                           "session_ttl_s": service.ttl_seconds}}
-
-    @app.post("/v1/sessions", status_code=201)
-    async def create_session(request: Request):
-        arrays, meta = await message_of(request)
-        image = arrays.get("image")
-        if image is None:
-            raise Refused(400, "the body holds no array named 'image'")
-        spacing = meta.get("spacing")
-        if not isinstance(spacing, list) or len(spacing) != 3:
-            raise Refused(400, "meta.spacing must be 3 numbers: the voxel size in mm along i, j, k")
-        try:
-            if any(isinstance(s, bool) or not isinstance(s, (int, float)) for s in spacing):
-                raise TypeError                    # (true read as 1 mm, "2" as 2 mm)
-            spacing = [float(s) for s in spacing]
-        except (TypeError, ValueError):
-            raise Refused(400, "meta.spacing must be 3 numbers: the voxel size in mm along i, j, k") from None
-        entry = await run_in_threadpool(service.create, image, spacing, {})
-        return service.describe(entry)
-
-    @app.get("/v1/sessions")
-    async def list_sessions():
-        entries = service.sessions()
-        return {"sessions": [service.describe(e) for e in entries.values()],
-                "memory_mb": round(service.memory_bytes() / 2 ** 20, 2), "max_memory_mb": service.budget_bytes >> 20,
-                "evictions": service.evictions}
-
-    @app.get("/v1/sessions/{sid}")
-    async def get_session(sid: str):
-        return service.describe(service.get(sid))
-
-    @app.delete("/v1/sessions/{sid}")
-    async def delete_session(sid: str):
-        service.delete(sid)
-        return {"deleted": sid}
-
-    @app.post("/v1/sessions/{sid}/runs", status_code=202)
-    async def start_run(sid: str, request: Request):
-        entry = service.get(sid)
-        arrays, meta = await message_of(request)
-        mode = meta.get("mode", "new")
-        if mode not in ("new", "add"):
-            raise Refused(400, "meta.mode must be 'new' or 'add', not %r" % (mode,))
-        settings = {"set": meta.get("set") or [], "modality": meta.get("modality"),
-                    "confidence_all": bool(meta.get("confidence_all", False)), "absent": {}}
-        absent = meta.get("absent") or {}
-        try:
-            if not isinstance(absent, dict):
-                raise ValueError
-            if any(not isinstance(v, list) or not all(_is_int(t) for t in v) for v in absent.values()):
-                raise TypeError                    # ("12" read as slices 1 and 2, 1.5 as slice 1)
-            settings["absent"] = {int(k): [int(t) for t in v] for k, v in absent.items()}
-        except (TypeError, ValueError):
-            raise Refused(400, "meta.absent must map labels to lists of slice indices, e.g. {\"1\": [12, 13]}") from None
-        if not isinstance(settings["set"], list) or not all(isinstance(s, str) for s in settings["set"]):
-            raise Refused(400, "meta.set must be a list of 'SECTION.FIELD=VALUE' strings")
-        if settings["modality"] not in (None, "ct", "mr"):
-            raise Refused(400, "meta.modality must be 'ct', 'mr' or null")
-        settings["axis"] = meta.get("axis")
-        if settings["axis"] is not None and (not _is_int(settings["axis"]) or not 0 <= settings["axis"] <= 2):
-            raise Refused(400, "meta.axis must be 0, 1 or 2 (the slicing axis across the array's k, j, i) or null")
-        support = arrays.get("support")
-        if support is not None and support.dtype.kind not in "iub":
-            raise Refused(400, "the support has dtype %s; integer labels are needed" % support.dtype)
-        run = await run_in_threadpool(service.start_run, entry, support, settings, arrays.get("support_image"),
-                                      mode == "add")
-        return {"run": run.id, "session": sid, "state": run.state}
-
-    @app.get("/v1/sessions/{sid}/runs/{rid}")
-    async def run_status(sid: str, rid: str, since: int = 0):
-        return service.get_run(service.get(sid), rid).status(max(0, since))
-
-    @app.get("/v1/sessions/{sid}/runs/{rid}/slices")
-    async def run_slices(sid: str, rid: str, since: int = 0):
-        run = service.get_run(service.get(sid), rid)
-        records, arrays = await run_in_threadpool(run.slice_masks, max(0, since))
-        return packed(arrays, {"slices": records, "next": max(0, since) + len(records), "state": run.state})
-
-    @app.post("/v1/sessions/{sid}/runs/{rid}/cancel")
-    async def cancel_run(sid: str, rid: str):
-        run = service.get_run(service.get(sid), rid)
-        run.cancel_event.set()
-        run.drop_packed()                   # a client that stops fetching the result in parts says so
-        run.fetched = True                  # (its session may be evicted now: service.Entry.awaiting_fetch)
-        return {"run": rid, "state": run.state, "cancel": "requested"}
-
-    @app.get("/v1/sessions/{sid}/runs/{rid}/result")
-    async def run_result(sid: str, rid: str, confidence: str = "none", offset: Optional[int] = None,
-                         length: int = 4 << 20):
-        run = service.get_run(service.get(sid), rid)
-        if confidence not in ("none", "max", "labels"):
-            raise Refused(400, "confidence must be none, max or labels")
-        if offset is not None and (offset < 0 or length < 1):
-            raise Refused(400, "offset must be >= 0 and length >= 1")
-        if run.state != "done":
-            raise Busy("run %s is %s%s" % (rid, run.state, (": " + run.error) if run.error else ""))
-        result = run.result
-        if result is None:
-            raise NotFound("the result of run %s is no longer kept; start the run again" % rid)
-
-        def build():
-            from .outputs import max_confidence
-            arrays = {"labels": result.labels}
-            if confidence == "max":
-                arrays["confidence"] = max_confidence(result)
-            elif confidence == "labels":
-                for v in result.support.labels:
-                    arrays["confidence_%d" % v] = result.confidence[v]
-            meta = {"records": [r.to_dict() for r in result.records], "support": support_to_dict(result.support),
-                    "modality": result.modality, "features": list(result.features),
-                    "timings": {k: round(v, 4) for k, v in result.timings.items()}, "computed": result.computed}
-            return wire.pack(arrays, meta)
-        if offset is None:
-            message = await run_in_threadpool(build)
-            run.fetched = True
-            return Response(message, media_type=wire.CONTENT_TYPE)
-        # In parts (client.ResultDownload: a client on a GUI thread): packed once, in a thread; each
-        # request answers at once, 202 while packing, else `length` bytes from `offset` and the total.
-        message = run.packed_result(confidence, build)
-        if message is None:
-            return JSONResponse({"state": "packing"}, status_code=202)
-        part = message[offset:offset + length]
-        if offset + len(part) >= len(message):
-            run.drop_packed(confidence)
-            run.fetched = True
-        return Response(part, media_type="application/octet-stream", headers={wire.PART_TOTAL: str(len(message))})
-
-    @app.post("/v1/sessions/{sid}/redecode")
-    async def redecode(sid: str, request: Request):
-        entry = service.get(sid)
-        try:
-            body = json.loads((await body_of(request)) or b"{}")
-            if not isinstance(body, dict):
-                raise ValueError
-        except (ValueError, RecursionError):
-            raise Refused(400, "the body must be a JSON object: slice, positive, negative (and label, axis)") from None
-        if not _is_int(body.get("slice")):
-            raise Refused(400, "slice must be an integer slice index")
-        try:
-            pos = np.asarray(body.get("positive", []), dtype=float).reshape(-1, 2)
-            neg = np.asarray(body.get("negative", []), dtype=float).reshape(-1, 2)
-        except (TypeError, ValueError):
-            raise Refused(400, "positive and negative must be lists of [x, y] points") from None
-        if len(pos) + len(neg) > MAX_REDECODE_POINTS:       # (SAM's cost grows with the square of the count)
-            raise Refused(400, "at most %d points in all" % MAX_REDECODE_POINTS)
-        label, axis = body.get("label"), body.get("axis")
-        if label is not None and not _is_int(label) or axis is not None and not _is_int(axis):
-            raise Refused(400, "label and axis must be integers")
-        import time
-        t0 = time.perf_counter()
-        mask, iou = await run_in_threadpool(service.redecode, entry, body["slice"], pos, neg, label, axis)
-        return packed({"mask": mask}, {"iou": iou, "seconds": round(time.perf_counter() - t0, 4)})
-
+    for router in ROUTERS:
+        app.include_router(router)
     return app
 
 
