@@ -93,6 +93,8 @@ def test_health_needs_no_token_and_says_what_runs(server):
     assert status == 200 and body["status"] == "ok" and body["api"] == 1
     assert body["models"]["sam"] == "litemedsam" and body["models"]["device"] == "cpu"
     assert body["limits"]["max_body_mb"] == 2
+    status, body = raw(server, "HEAD", "/v1/health")        # a monitor's probe: 200, no body
+    assert status == 200 and body == b""
 
 
 def test_generated_token_file_is_private(server):
