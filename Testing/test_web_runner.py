@@ -181,7 +181,8 @@ import SimpleITK as sitk
 sys.path.insert(0, sys.argv[1])
 from conftest import Server
 from trame.app import get_server
-from synpo_web.app import SynPoWeb, _OwnerOnlyAreas
+from synpo_web.app import SynPoWeb
+from synpo_web.tabs import OwnerOnlyAreas
 from SynPoSlicerLib import mrml
 
 
@@ -248,7 +249,7 @@ async def scenario(app):
         def on_interaction(self, origin, event):
             self.events.append(event)
     area = Area()
-    areas = _OwnerOnlyAreas({"axial": area}, app)
+    areas = OwnerOnlyAreas({"axial": area}, app)
     app._areas, app._tab = areas, None
     caller = {"id": "A"}
     app._caller = lambda: caller["id"]

@@ -1,6 +1,7 @@
 """The `synpo web` page: trame-slicer views of one MRML scene and the SynPo panel.
 
-One scene per server process. The workflow is SynPoSlicerLib.logic.PreviewLogic (the Slicer
+One scene per server process; one tab at a time drives it (tabs.py); its widgets are layout.py's,
+an uploaded volume is checked and read by uploads.py. The workflow is SynPoSlicerLib.logic.PreviewLogic (the Slicer
 module's own), stepped by an asyncio task instead of a Qt timer; the preview scene is built by
 SynPoSlicerLib.mrml and Apply goes through SynPoSlicerLib.apply, as in Slicer.
 """
@@ -19,16 +20,15 @@ from synpo.errors import SynPoError
 import slicer  # noqa: E402  (slicer-core)
 from trame.app import TrameApp
 from trame.app.file_upload import ClientFile
-from trame.ui.vuetify3 import SinglePageWithDrawerLayout
-from trame.widgets import client, html
-from trame.widgets import vuetify3 as v3
 from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.segmentation import SegmentationEffectErase, SegmentationEffectNoTool, SegmentationEffectPaint
 from trame_slicer.views import SliceLayer
 
-# One-file formats: an upload is one file, so a header with a detached data file (.nhdr, .mhd) cannot come.
-READABLE = (".nii", ".nii.gz", ".nrrd", ".mha")
+from .layout import build_ui
+from .tabs import OneTabAtATime, owner_only
+from .uploads import check_upload, read_upload, safe_name
+
 STEP_SECONDS = 0.25          # between two requests of a running preview (the module's timer: 250 ms)
 
 
@@ -70,113 +70,7 @@ class WebLogic(PreviewLogic):
                 view.set_foreground_opacity(value)
 
 
-def owner_only(method):
-    """A page action that only the page owning the scene may take (another tab's is ignored)."""
-    import functools
-
-    @functools.wraps(method)
-    def guarded(self, *args, **kwargs):
-        if not self._mine():
-            return None
-        return method(self, *args, **kwargs)
-    return guarded
-
-
-def _check_one_file(path, name):
-    """Refuse an uploaded header that names a data file of its own (NRRD's "data file", MetaImage's
-    ElementDataFile other than LOCAL): read on the server, an absolute path there gave the page the
-    bytes of any file the server's account can read (its token, a key), and /dev/stdin or a FIFO
-    froze the page. One upload is one file; its whole header is read (io.header_data_files)."""
-    from synpo.io import HEADER_LIMIT, header_data_files
-    if not name.lower().endswith((".nrrd", ".mha")):
-        return
-    files = header_data_files(path)
-    if files is None:
-        raise SynPoError("%s has a header longer than %d MB; upload a volume with a usual header."
-                         % (name, HEADER_LIMIT >> 20))
-    detached = [f for f in files if not (name.lower().endswith(".mha") and f.upper() == "LOCAL")]
-    if detached:
-        raise SynPoError("%s names a separate data file (%s); upload a volume whose voxels are in the same file "
-                         "(.nrrd with its data attached, .mha, .nii, .nii.gz)." % (name, detached[0][:80]))
-
-
-def _safe_name(name):
-    base = os.path.basename(str(name or "")).strip() or "volume"
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in base)
-
-
-def _without_paths(text, folder, name):
-    """A reader's message as the page's user should see it: the upload's name in place of the temporary
-    path it was read from on the server (said once: read_volume names the file as `what` and path),
-    and no process addresses (ITK's "PNGImageIO(0x55b3...)")."""
-    import re
-    path = os.path.join(folder, name)
-    text = text.replace("%s %s" % (name, path), name).replace(path, name).replace(folder, "")
-    return re.sub(r"\(0x[0-9a-fA-F]+\)", "", text)
-
-
-class _OwnerOnlyAreas(dict):
-    """trame-rca's view areas (StreamManager._area_adapters, trame_rca/protocol.py: the RPCs
-    "trame.rca.size" and "trame.rca.event" look the view up with .get and call its update_size or
-    on_interaction) as the page owning the scene sees them. The views and their render windows are
-    shared by every tab: a refused tab's view sizes (10 x 10 pixels once its page was replaced) shrank
-    the owner's views, and its mouse moved the owner's slices. Another tab's sizes are kept for the
-    day it owns the page; its events are dropped."""
-
-    def __init__(self, areas, page):
-        dict.__init__(self, areas)
-        self.page = page
-
-    def get(self, name, default=None):
-        adapter = dict.get(self, name, default)
-        if adapter is None:
-            return adapter
-        return _HeldArea(self.page, name, adapter)
-
-
-class _HeldArea:
-    """One view area as a tab's RPC reaches it (_OwnerOnlyAreas)."""
-
-    def __init__(self, page, name, adapter):
-        self.page, self.name, self.adapter = page, name, adapter
-
-    def update_size(self, origin, size):
-        self.page._sizes.setdefault(self.page._caller(), {})[self.name] = (origin, size)
-        if self.page._owner():
-            self.adapter.update_size(origin, size)
-
-    def on_interaction(self, origin, event):
-        if self.page._owner():
-            self.adapter.on_interaction(origin, event)
-
-    def reset(self):
-        if self.page._owner():
-            self.adapter.reset()
-
-    def __getattr__(self, attribute):
-        return getattr(self.adapter, attribute)
-
-
-def _quiet_when_gone(handler):
-    """wslink's sends to a tab that went while they were on their way (closed, reloaded, its browser
-    ended or offline): aiohttp raises ClientConnectionResetError "Cannot write to closing transport"
-    (aiohttp/_websocket/writer.py); wslink leaves a published frame's or state's to asyncio ("Task
-    exception was never retrieved") and answers an RPC's with an error sent on the same connection, which
-    raises again ("Error handling request": WslinkHandler.onCompleteMessage, wslink/protocol.py). Dozens
-    of tracebacks on the terminal for a tab closed while its views streamed; the tab is gone, so nothing
-    is lost by not sending."""
-    for name in ("sendWrappedMessage", "sendWrappedError"):
-        send = getattr(handler, name)
-
-        async def quiet(*args, _send=send, **kwargs):
-            try:
-                return await _send(*args, **kwargs)
-            except ConnectionResetError:
-                handler.network_monitor.network_call_completed()
-        setattr(handler, name, quiet)
-
-
-class SynPoWeb(TrameApp):
+class SynPoWeb(OneTabAtATime, TrameApp):
     def __init__(self, server=None, max_upload_mb=512.0, server_options=None, remote=None):
         super().__init__(server)
         self.max_upload_mb = float(max_upload_mb)
@@ -206,12 +100,10 @@ class SynPoWeb(TrameApp):
         self._asked = None                # (action, edited slices, preview) the user was asked to confirm
         self._saved = None                # the segments' digest when loaded or last saved (_scene_may_go)
         self._saved_once = False
-        self._tab = None                  # the connection that owns the scene
-        self._sizes = {}                  # connection -> {view area: its last size} (_HeldArea)
-        self._areas = None                # the views' areas, once the server is ready (_watch_connections)
+        self._init_tabs()
         self.preview_started = 0.0
         self._state_defaults()
-        self._build_ui()
+        self.ui = build_ui(self)
 
     @property
     def scene(self):
@@ -263,79 +155,6 @@ class SynPoWeb(TrameApp):
         s.selected_segments = [x for x in (s.selected_segments or []) if x in ids]
         if s.active_segment not in ids and not self.correcting:
             s.active_segment = ids[-1] if ids else None
-
-    # ------------------------------------------------------------------ tabs
-    def claim(self, tab):
-        """One page at a time drives the scene: the first connection that claims it owns it until it
-        closes (a reload closes it first); any other gets "busy" and shows a refusal."""
-        owner = self._caller() or tab      # the connection calling
-        if self._tab is None or self._tab == owner:
-            self._take(owner)
-            return "ok"
-        return "busy"
-
-    def _caller(self):
-        """The connection whose message is being handled (wslink sets it before every RPC)."""
-        web_app = getattr(self.server, "_server", None)
-        return getattr(web_app, "last_active_client_id", None)
-
-    def _mine(self):
-        """True when the connection calling now owns the scene (claiming it if nobody does)."""
-        caller = self._caller()
-        if caller is None:
-            return True
-        if self._tab is None:
-            self._take(caller)
-        return caller == self._tab
-
-    def _owner(self):
-        """True when the connection calling now owns the scene; never claims it (a covered tab's view
-        sizes while the owner reloads must not make it the owner: only claim() and actions do)."""
-        caller = self._caller()
-        return caller is None or caller == self._tab
-
-    def _take(self, owner):
-        """`owner` owns the scene from now on: the views take the sizes its page last asked for (asked
-        while another tab owned it, they were kept aside)."""
-        if self._tab == owner:
-            return
-        self._tab = owner
-        if self._areas is not None:
-            for name, (origin, size) in self._sizes.get(owner, {}).items():
-                adapter = dict.get(self._areas, name)
-                if adapter is not None:
-                    adapter.update_size(origin, size)
-
-    def _watch_connections(self, **_):
-        protocol = getattr(self.server, "_root_protocol", None)
-        if protocol is None:
-            return
-        closed = protocol.onClose
-
-        def on_close(client_id):
-            if client_id == self._tab:
-                self._tab = None
-            self._sizes.pop(client_id, None)
-            return closed(client_id)
-        protocol.onClose = on_close
-        for handler in getattr(getattr(self.server, "_server", None), "_ws_handlers", ()):
-            _quiet_when_gone(handler)
-            # Another tab's own state changes (trame_server's "trame.state.update": its v_models) are not
-            # taken: its keyboard reaches the controls under its cover, and its Erase, segment or
-            # "Segments to propagate" became the owner's (shown on the owner's page; owner_only stopped
-            # only the handlers: the page showed Erase, the editor had no tool).
-            if "trame.state.update" in handler.functionMap:
-                obj, update = handler.functionMap["trame.state.update"]
-                handler.functionMap["trame.state.update"] = (obj, self._owner_state(update))
-        for link in protocol.getLinkProtocols():
-            if isinstance(getattr(link, "_area_adapters", None), dict):       # trame-rca's StreamManager
-                link._area_adapters = self._areas = _OwnerOnlyAreas(link._area_adapters, self)
-
-    def _owner_state(self, update):
-        def guarded(protocol, changes):
-            if self._tab is None or self._owner():
-                return update(protocol, changes)
-        return guarded
 
     def _edits_may_go(self, action):
         """True when nothing the user painted or erased on the candidates would be lost by `action`
@@ -471,34 +290,11 @@ class SynPoWeb(TrameApp):
             if not files:
                 return
             upload = ClientFile(files[0] if isinstance(files, list) else files)
-            name = _safe_name(upload.name)
-            size = len(upload.content or b"")
-            if size > self.max_upload_mb * 1024 * 1024:
-                raise SynPoError("%s is %.3g MB; this server takes uploads up to %g MB (synpo web "
-                                 "--max-upload-mb)." % (name, size / 1048576.0, self.max_upload_mb))
-            if not name.lower().endswith(READABLE):
-                raise SynPoError("%s is not a volume file this page reads (%s)." % (name, ", ".join(READABLE)))
+            name = safe_name(upload.name)
+            check_upload(name, len(upload.content or b""), self.max_upload_mb)
             if not self._scene_may_go("Upload the volume"):      # asked before the file is read
                 return
-            from synpo.io import nifti_placement_note, read_volume
-            with tempfile.TemporaryDirectory(prefix="synpo-web-") as folder:
-                path = os.path.join(folder, name)
-                with open(path, "wb") as handle:
-                    handle.write(upload.content or b"")
-                _check_one_file(path, name)
-                self._check_voxels(path, name)
-                try:
-                    image, geometry = read_volume(path, name)
-                except SynPoError as exc:
-                    raise SynPoError(_without_paths(str(exc), folder, name)) from None
-                except Exception as exc:          # a reader's own error: one line
-                    said = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                    raise SynPoError("%s could not be read as a volume: %s"
-                                     % (name, _without_paths(said, folder, name))) from None
-                # (as synpo segment warns: the downloads carry the placement ITK read)
-                placement = nifti_placement_note(path, geometry, shown=name)
-            if image.ndim != 3:
-                raise SynPoError("%s is not a 3D scalar volume." % name)
+            image, geometry, placement = read_upload(upload.content, name, self.max_upload_mb)
             self._clear()
             self._show_volume(image, geometry, os.path.splitext(name)[0])
             self._activate_segmentation(self.segmentation)
@@ -512,26 +308,6 @@ class SynPoWeb(TrameApp):
         finally:
             self.state.upload = None
             self.state.dirty("upload")            # the client set it: clear the field there too
-
-    def _check_voxels(self, path, name):
-        """Refuse, from the header alone, a volume larger than one voxel per byte of --max-upload-mb:
-        the page holds about 8 bytes per voxel, and a small compressed file can hold a huge mostly
-        empty volume (0.15 MB of .nii.gz: 600 x 512 x 512 voxels, 1.2 GB more memory, 10 s of a
-        frozen page)."""
-        import SimpleITK as sitk
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(path)
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError:
-            return                        # not readable: read_volume says why
-        size = list(reader.GetSize())
-        voxels = int(np.prod(size, dtype=np.float64)) * max(1, reader.GetNumberOfComponents())
-        limit = int(self.max_upload_mb * 1024 * 1024)
-        if voxels > limit:
-            raise SynPoError("%s holds %s = %d voxels; this server takes volumes up to %d voxels (one per "
-                             "byte of synpo web --max-upload-mb)."
-                             % (name, " x ".join(str(n) for n in size), voxels, limit))
 
     # ------------------------------------------------------------------ segments and tools
     @owner_only
@@ -771,127 +547,3 @@ class SynPoWeb(TrameApp):
         self._say("Saved the segmentation (%s)." % ("NIfTI label map" if kind == "nifti" else ".seg.nrrd"))
         return self.server.protocol.addAttachment(data)
 
-    # ------------------------------------------------------------------ page
-    def _upload_handler(self):
-        """The file input's handler: a file over the limit is refused in the browser, before it is
-        sent (the server checks again)."""
-        limit = int(self.max_upload_mb * 1024 * 1024)
-        say = ("message = $event.name + ' is ' + ($event.size / 1048576).toFixed(1) + ' MB; this server takes "
-               "uploads up to %g MB (synpo web --max-upload-mb).'; error = true; "
-               "window.setTimeout(() => { upload = null }, 0)"
-               % self.max_upload_mb)
-        return "if ($event && !Array.isArray($event) && $event.size > %d) { %s } else { trigger('%s', [$event]) }" % (
-            limit, say, self.server.controller.trigger_name(self.load_upload))
-
-    def _build_ui(self):
-        ctrl = self.server.controller
-        claim = ctrl.trigger_name(self.claim)
-        ctrl.on_server_ready.add(self._watch_connections)
-        nifti = ctrl.trigger_name(lambda: self.download("nifti"))
-        segnrrd = ctrl.trigger_name(lambda: self.download("seg.nrrd"))
-        self.state.change("brush")(lambda brush, **_: self.set_brush(brush))
-        self.state.change("opacity")(lambda opacity, **_: self.set_opacity(opacity))
-        self.state.change("active_segment")(lambda active_segment, **_: self.set_active_segment(active_segment))
-        with SinglePageWithDrawerLayout(self.server, full_height=True) as layout:
-            layout.title.set_text("SynPo")
-            layout.root.theme = "dark"
-            # One tab at a time: the page claims the scene when it opens; a refused tab says so.
-            # Refused at once (a page that covers this one, so that nothing here is clicked), asked again
-            # for 8 s (a page just closed or reloaded may not have let go yet); the views stay mounted
-            # under the cover (their sizes and events reach the server but not the owner's views:
-            # _OwnerOnlyAreas).
-            client.Script(
-                "window.synpoTab = window.synpoTab || Math.random().toString(36).slice(2);\n"
-                "window.synpoClaim = function (trigger, tries) {\n"
-                "  trigger('%s', [window.synpoTab]).then(function (answer) {\n"
-                "    var cover = document.getElementById('synpo-cover');\n"
-                "    if (answer === 'ok') {\n"
-                "      if (cover) { cover.remove(); }\n"
-                "      document.body.setAttribute('data-synpo', 'owner');\n"
-                "      return;\n"
-                "    }\n"
-                "    if (!cover) {\n"
-                "      cover = document.createElement('div');\n"
-                "      cover.id = 'synpo-cover';\n"
-                "      cover.style.cssText = 'position: fixed; inset: 0; z-index: 100000; background: #202020; "
-                "color: #eee';\n"
-                "      cover.innerHTML = '<p id=\"synpo-refused\" style=\"font: 18px sans-serif; margin: 2em\">"
-                "SynPo web is open in another tab or browser: one page at a time works on its scene. Close "
-                "the other page (or start another synpo web on another port) and reload.</p>';\n"
-                "      document.body.appendChild(cover);\n"
-                "    }\n"
-                "    if (tries > 0) {\n"
-                "      window.setTimeout(function () { window.synpoClaim(trigger, tries - 1); }, 1000);\n"
-                "    }\n"
-                "  });\n"
-                "};\n" % claim)
-            client.ClientTriggers(mounted="window.synpoClaim(trigger, 8)")
-            with layout.drawer as drawer:
-                drawer.width = 340
-                with v3.VContainer(classes="pa-3"):
-                    with v3.VRow(dense=True, classes="ma-0"):
-                        v3.VBtn("Load sample", id="synpo-sample", click=self.load_sample, size="small",
-                                disabled=("running",), classes="mr-2")
-                        v3.VFileInput(id="synpo-upload", v_model=("upload", None), label="Upload a volume",
-                                      density="compact", hide_details=True, accept=",".join(READABLE),
-                                      disabled=("running",),
-                                      update_modelValue=self._upload_handler())
-                    v3.VDivider(classes="my-2")
-                    v3.VSelect(id="synpo-active", label="Segment to paint", items=("segments",),
-                               v_model=("active_segment",), density="compact", hide_details=True,
-                               disabled=("!has_volume",))
-                    with v3.VRow(dense=True, classes="ma-0 mt-2"):
-                        v3.VBtn("Add segment", id="synpo-add", click=self.add_segment, size="small",
-                                disabled=("!has_volume || running",), classes="mr-1")
-                        with v3.VBtnToggle(v_model=("tool",), density="compact", mandatory=True,
-                                           update_modelValue=(self.set_tool, "[$event]")):
-                            v3.VBtn("Paint", value="paint", id="synpo-paint", size="small")
-                            v3.VBtn("Erase", value="erase", id="synpo-erase", size="small")
-                            v3.VBtn("View", value="none", id="synpo-view", size="small")
-                    v3.VSlider(id="synpo-brush", label="Brush (mm)", v_model=("brush",), min=2, max=60, step=1, density="compact",
-                               hide_details=True, thumb_label=True, classes="mt-2")
-                    v3.VDivider(classes="my-2")
-                    v3.VSelect(id="synpo-selected", label="Segments to propagate", items=("segments",),
-                               v_model=("selected_segments",), multiple=True, chips=True, density="compact",
-                               hide_details=True, disabled=("!has_volume",))
-                    with v3.VRow(dense=True, classes="ma-0 mt-2"):
-                        v3.VBtn("Preview", id="synpo-preview", click=self.preview, color="primary", size="small",
-                                disabled=("!has_volume || running",), classes="mr-1")
-                        v3.VBtn("Cancel", id="synpo-cancel", click=self.cancel, size="small",
-                                disabled=("!running",))
-                    v3.VProgressLinear(id="synpo-progress", model_value=("progress",), height=8,
-                                       color=("running ? 'amber' : 'green'",), classes="mt-2")
-                    with html.Div(id="synpo-opacity"):
-                        v3.VSlider(label="Overlay", v_model=("opacity",), min=0, max=1, step=0.05,
-                                   density="compact", hide_details=True, disabled=("!has_preview",), classes="mt-2")
-                    with v3.VRow(dense=True, classes="ma-0 mt-1"):
-                        v3.VBtn("Correct", id="synpo-correct", click=self.start_correcting, size="small",
-                                disabled=("!has_preview || running",), classes="mr-1")
-                        v3.VBtn("Update", id="synpo-update", click=self.update, size="small",
-                                disabled=("!has_preview || running",), classes="mr-1")
-                        v3.VBtn("Re-run slice", id="synpo-rerun", click=self.rerun_slice, size="small",
-                                disabled=("!has_preview || running",))
-                    with v3.VRow(dense=True, classes="ma-0 mt-2"):
-                        v3.VBtn("Apply", id="synpo-apply", click=self.apply, color="success", size="small",
-                                disabled=("!has_preview || running",), classes="mr-1")
-                        v3.VBtn("Discard", id="synpo-discard", click=self.discard, size="small",
-                                disabled=("!has_preview || running",), classes="mr-1")
-                        v3.VBtn("Undo apply", id="synpo-undo", click=self.undo_apply, size="small",
-                                disabled=("!can_undo",))
-                    v3.VDivider(classes="my-2")
-                    with v3.VRow(dense=True, classes="ma-0"):
-                        v3.VBtn("Save NIfTI", id="synpo-save-nifti", size="small", classes="mr-1",
-                                disabled=("!has_volume",),
-                                click="utils.download('segmentation.nii.gz', trigger('%s'), "
-                                      "'application/octet-stream')" % nifti)
-                        v3.VBtn("Save .seg.nrrd", id="synpo-save-seg", size="small", disabled=("!has_volume",),
-                                click="utils.download('segmentation.seg.nrrd', trigger('%s'), "
-                                      "'application/octet-stream')" % segnrrd)
-                    html.Pre("{{ message }}", id="synpo-message",
-                             style=("error ? 'color: #ff6b6b; white-space: pre-wrap; font-size: 12px' : "
-                                    "'white-space: pre-wrap; font-size: 12px'",),
-                             classes="mt-3")
-            with layout.content:
-                with v3.VContainer(fluid=True, classes="fill-height pa-0"):
-                    self.layout_manager.initialize_layout_grid(layout)
-        self.ui = layout
