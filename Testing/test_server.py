@@ -2,6 +2,7 @@
 import http.client
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -818,7 +819,8 @@ def test_a_run_cancelled_while_queued_ends_at_once():
 
 
 def test_the_session_whose_run_just_ended_is_not_evicted_before_its_client_reads_it():
-    service, entry, support = _service_case(budget=1)          # every session is over this budget
+    service, entry, support = _service_case()
+    service.budget_bytes = 1                                   # every session is over this budget now
     run = service.start_run(entry, support, {})
     assert _until(lambda: run.state in ("done", "failed"), 10.0), run.state
     time.sleep(0.2)                                            # (the budget is enforced after the state)
@@ -1023,5 +1025,137 @@ def test_a_preview_whose_session_goes_while_it_runs_or_fetches_sends_the_volume_
         assert _step_until(job, ("running",)) == "running", job.error
         c.delete_session(job.session_id)
         assert _step_until(job, ()) == "failed" and "deleted by a client" in job.error, job.error
+    finally:
+        app.stop()
+
+
+# ---------------------------------------------------------------------- the memory budget while a session grows
+
+MB = 1 << 20
+POINT = [[14, 12]]                       # a positive point on a 24 x 28 slice (x = column, y = row)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tiny_sam_checkpoint):
+    """The tiny random SAM ViT (conftest) loaded as vit_b: each slice's embeddings take 2 MiB
+    (256 x 64 x 64, float16), whatever the slice's size."""
+    from synpo import features
+    from synpo.session import Models
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(features.SAM_VIT_ARCHS, "vit_b", (32, 2, 2, (1,)))
+        mp.setenv("SYNPO_VIT_B_CHECKPOINT", tiny_sam_checkpoint)
+        yield Models.of(features.SamModel.load("vit_b", "cpu"))
+
+
+def _watch_memory(monkeypatch, service):
+    """The sessions' memory each time a run reports progress (after each slice it embeds)."""
+    from synpo.service import Run
+    seen, progress = [], Run.progress
+
+    def watched(self, stage, done, total):
+        seen.append(service.memory_bytes())
+        progress(self, stage, done, total)
+    monkeypatch.setattr(Run, "progress", watched)
+    return seen
+
+
+def test_a_redecode_that_embeds_a_slice_evicts_idle_sessions_beyond_the_budget(tiny_models):
+    """POST .../redecode on a slice whose embeddings the session does not hold embeds it: the session
+    grew past --max-memory-mb and nothing was evicted (the budget was enforced only when a session was
+    created or a run ended)."""
+    from synpo.service import NotFound, Service
+    image, _ = volume(seed=3, shape=(6, 24, 28))
+    service = Service(tiny_models, 5 * MB, 600.0, 1, None)
+    a = service.create(image, (1, 1, 2))
+    for t in (0, 1):                                           # two slices embedded: 4 MB
+        service.redecode(a, t, POINT, [], axis=0)
+    b = service.create(image + 1, (1, 1, 2))
+    assert set(service.sessions()) == {a.id, b.id}
+    mask, _ = service.redecode(b, 2, POINT, [], axis=0)        # 2 MB more: over 5 MB with A's
+    assert mask.shape == (24, 28)
+    assert service.memory_bytes() <= service.budget_bytes
+    assert list(service.sessions()) == [b.id] and service.evictions == 1
+    with pytest.raises(NotFound, match="memory budget"):
+        service.get(a.id)
+
+
+def test_a_redecode_the_budget_cannot_hold_fails_in_one_line_and_leaves_the_others(tiny_models):
+    """A session that alone would outgrow --max-memory-mb: the re-decoding is refused with the option
+    and what the session needs; no other session is evicted for it, and the session stays usable."""
+    from synpo.errors import SynPoError
+    from synpo.service import Service
+    image, _ = volume(seed=3, shape=(6, 24, 28))
+    service = Service(tiny_models, 3 * MB, 600.0, 1, None)
+    other = service.create(image + 1, (1, 1, 2))
+    a = service.create(image, (1, 1, 2))
+    service.redecode(a, 0, POINT, [], axis=0)                  # 2 MB: fits
+    with pytest.raises(SynPoError, match=r"--max-memory-mb 3\b") as refused:
+        service.redecode(a, 1, POINT, [], axis=0)              # 4 MB: not within 3 MB, whatever is evicted
+    assert "\n" not in str(refused.value) and "MB" in str(refused.value)
+    assert set(service.sessions()) == {other.id, a.id} and service.evictions == 0
+    assert service.memory_bytes() <= service.budget_bytes
+    mask, _ = service.redecode(a, 1, POINT, [], axis=0)        # the session is still there for the next one
+    assert mask.shape == (24, 28) and service.memory_bytes() <= service.budget_bytes
+
+
+def test_a_run_evicts_idle_sessions_as_it_embeds_not_when_it_ends(tiny_models, monkeypatch):
+    """A run embeds slice after slice: the sessions together stayed over --max-memory-mb until it ended
+    (an idle session was evicted only then). They stay within it after each slice embedded."""
+    from synpo.service import Service
+    image, support = volume(seed=3, shape=(6, 24, 28))
+    service = Service(tiny_models, 15 * MB, 600.0, 1, None)
+    idle = service.create(image + 1, (1, 1, 2))
+    for t in range(3):                                         # 6 MB
+        service.redecode(idle, t, POINT, [], axis=0)
+    entry = service.create(image, (1, 1, 2))
+    seen = _watch_memory(monkeypatch, service)
+    run = service.start_run(entry, support, {"confidence_all": True})     # every slice embedded: 12 MB
+    assert _until(lambda: run.state in ("done", "failed", "cancelled"), 300.0), run.state
+    assert run.state == "done", run.error
+    assert seen and max(seen) <= service.budget_bytes, [round(s / MB, 1) for s in seen]
+    assert list(service.sessions()) == [entry.id] and service.evictions == 1
+    assert service.memory_bytes() <= service.budget_bytes
+
+
+def test_a_run_the_budget_cannot_hold_fails_in_one_line_and_leaves_the_others(tiny_models, monkeypatch):
+    """A session that alone outgrows --max-memory-mb as its run embeds: the run fails with the option and
+    what the session would need (it went on to its end over the budget); the other sessions stay, and
+    the session stays (its image; what it computed is dropped) for a run that fits."""
+    from synpo.service import Service
+    image, support = volume(seed=3, shape=(6, 24, 28))
+    service = Service(tiny_models, 7 * MB, 600.0, 1, None)
+    other = service.create(image + 1, (1, 1, 2))
+    entry = service.create(image, (1, 1, 2))
+    seen = _watch_memory(monkeypatch, service)
+    run = service.start_run(entry, support, {"confidence_all": True})     # every slice embedded: 12 MB
+    assert _until(lambda: run.state in ("done", "failed", "cancelled"), 300.0), run.state
+    assert run.state == "failed", run.state
+    assert re.search(r"--max-memory-mb 7\b", run.error), run.error
+    assert re.search(r"about 12\.\d MB with every slice embedded; .* --max-memory-mb 13 or more", run.error), run.error
+    assert max(seen) <= service.budget_bytes, [round(s / MB, 1) for s in seen]
+    assert set(service.sessions()) == {other.id, entry.id} and service.evictions == 0
+    assert service.memory_bytes() <= service.budget_bytes and entry.session.result is None
+    mask, _ = service.redecode(entry, 3, POINT, [], axis=0)
+    assert mask.shape == (24, 28)
+
+
+def test_a_volume_the_budget_cannot_hold_is_refused_at_upload(monkeypatch):
+    """An image alone over --max-memory-mb was kept (no session could ever run on it within the
+    budget): the upload is refused in one line, naming the option, and nothing is evicted for it."""
+    from synpo.errors import SynPoError
+    from synpo.service import Service
+    small, _ = volume(seed=3, shape=(6, 24, 28))
+    big = np.concatenate([volume(seed=4, shape=(40, 48, 56))[0]] * 3)       # 1.3 MB as float32
+    service = Service(None, 1 * MB, 600.0, 1, None)
+    kept = service.create(small, (1, 1, 2))
+    with pytest.raises(SynPoError, match=r"--max-memory-mb 1\b"):
+        service.create(big, (1, 1, 2))
+    assert list(service.sessions()) == [kept.id] and service.evictions == 0
+    app = _AppServer(Service(None, 1 * MB, 600.0, 1, None))
+    try:
+        with pytest.raises(ServerError, match="--max-memory-mb 1") as refused:
+            app.client().create_session(big, (1, 1, 2))
+        assert refused.value.status == 400
+        assert app.client().json("GET", "/v1/sessions")["sessions"] == []
     finally:
         app.stop()

@@ -2592,7 +2592,8 @@ def test_the_assembly_records_what_it_overrides_of_each_labels_walked_masks():
 def test_a_sessions_memory_counts_the_masks_its_result_keeps_for_the_next_update():
     """Session.memory_bytes (the server's eviction budget) counts the masks a result keeps for the
     next Update beside its labels: the trimmed tips, the grown rims and what the assembly overrode
-    of each label's walked masks (VolumeResult.trimmed, grown, overridden)."""
+    of each label's walked masks (VolumeResult.trimmed, grown, overridden), and the confidence maps
+    kept in its stores."""
     from synpo.result import VolumeResult
     from synpo.session import Session
     from synpo.support import Support
@@ -2604,3 +2605,9 @@ def test_a_sessions_memory_counts_the_masks_its_result_keeps_for_the_next_update
     session.result.grown = {2: np.zeros((8, 8), bool)}
     session.result.overridden = {1: {0: np.zeros((8, 8), bool), 2: np.zeros((8, 8), bool)}}
     assert session.memory_bytes() == bare + 4 * 64
+    # The confidence maps a session keeps in its stores for the next run count too (they counted 0).
+    from synpo.slice_confidence import SliceConfidence
+    conf = SliceConfidence.__new__(SliceConfidence)
+    conf.maps = {0: np.zeros((8, 8), np.float32), 3: np.zeros((8, 8), np.float32)}
+    session.stores["confidence/x"] = conf
+    assert session.memory_bytes() == bare + 4 * 64 + 2 * 256

@@ -347,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the engine as an HTTP server for Slicer and other clients",
                            description="Hold models and per-volume sessions for clients (`synpo segment --server`, "
                            "the Slicer module). Limits: request bodies up to --max-body-mb (413 beyond), sessions "
-                           "within --max-memory-mb (least recently used idle sessions evicted beyond), sessions "
+                           "within --max-memory-mb (least recently used idle sessions evicted beyond, also while a run "
+                           "embeds slices; a volume, run or re-decoding that alone needs more is refused), sessions "
                            "unused for --session-ttl seconds deleted, --max-runs runs computed at once (the rest "
                            "queue). Every request but GET /v1/health needs the token.")
     add_serve_arguments(serve)

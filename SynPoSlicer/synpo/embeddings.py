@@ -23,6 +23,14 @@ STORAGE_DTYPE = torch.float16          # embeddings as kept between runs
 DECODED_KEPT_BYTES = 64 << 20         # decoded masks kept per store for re-runs (8 KB each at 256 x 256)
 
 
+class Stores(dict):
+    """A session's stores by key (embedding stores, confidence maps), with `grown`: None, or what
+    each embedding store in it calls after it has stored a batch of new embeddings, in the thread
+    that computed them (the server's memory budget, service.py: it may raise, which stops that
+    request or run). Only stores got through get_store are told."""
+    grown: Optional[Callable[[], None]] = None
+
+
 class EmbeddingStore:
     """Embeddings of one volume's slices for one encoder, computed once in batches.
 
@@ -54,6 +62,7 @@ class EmbeddingStore:
         self._claims: Dict[int, threading.Event] = {}
         self._claims_lock = threading.Lock()
         self._dirty = False                        # embeddings not yet on disk
+        self.grown: Optional[Callable[[], None]] = None     # called after each batch stored (Stores.grown)
         self.seconds = 0.0
         self.disk_path = None
         if disk_dir:
@@ -140,6 +149,8 @@ class EmbeddingStore:
             for i, f in zip(chunk, feats):
                 self.cache[i] = f.to(STORAGE_DTYPE, copy=True)
             start += len(chunk)
+            if self.grown is not None:
+                self.grown()
             if progress:
                 progress(len(chunk))
 
@@ -177,14 +188,18 @@ def get_store(stores: Dict, key: str, enc, volume_slices: np.ndarray, spacing_rc
               embedding_cache: Optional[str] = None) -> EmbeddingStore:
     """The store under `key` if it holds these slices in the same frame from the same encoder (a
     model loaded for another device or precision embeds and decodes a little differently), else a
-    new one put there."""
+    new one put there. It calls the `grown` of `stores` (a Stores) as it grows."""
     frame = enc.frame(volume_slices.shape[1], volume_slices.shape[2], spacing_rc)
     s = stores.get(key)
-    if s is None or s.encoder is not enc or s.frame != frame or (s.slices is not volume_slices
-                                         and not np.array_equal(s.slices, volume_slices)):
+    new = s is None or s.encoder is not enc or s.frame != frame or (s.slices is not volume_slices
+                                                                  and not np.array_equal(s.slices, volume_slices))
+    if new:
         batch = batch_size_for(enc.device, getattr(enc, "name", ""), cfg.volume.batch_size)
         s = EmbeddingStore(enc, volume_slices, frame, batch, embedding_cache)
         stores[key] = s
+    s.grown = getattr(stores, "grown", None)
+    if new and s.cache and s.grown is not None:     # embeddings read from the disk cache
+        s.grown()
     return s
 
 

@@ -4,14 +4,21 @@
 - A run is a `Run`: it waits for a compute slot (runs are queued, `max_runs` at a time, so two
   clients never make each other's runs slower than one after the other), reports progress and
   each slice as it is decided, and can be cancelled while queued or running.
-- Memory is bounded: after a session is created or a run ends, the least recently used idle
-  sessions are evicted until the sessions together hold at most `budget_bytes`; a session idle
-  for `ttl_seconds` expires. A request naming an evicted or expired session is told so.
+- Memory is bounded: when a session is created, as it grows (after each batch of slices a run or
+  a re-decoding embeds, in that thread: Service.make_room) and when a run ends, the least recently
+  used idle sessions are evicted until the sessions together hold at most `budget_bytes`. A session
+  that alone cannot fit is refused (OverBudget): its upload, or the run or re-decoding that grows it
+  past the budget (what it computed is dropped; its image and last result stay), evicting nobody
+  for it. Sessions running or holding a result their client has yet to fetch are never evicted (the
+  sessions can exceed the budget by those until they are idle). A session idle for `ttl_seconds`
+  expires. A request naming an evicted or expired session is told so.
 """
 import logging
+import math
 import secrets
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from typing import Dict, List, Optional
 
@@ -39,6 +46,10 @@ class NotFound(SynPoError):
 
 class Busy(SynPoError):
     """The session is running something already, or a result is not ready (HTTP 409)."""
+
+
+class OverBudget(SynPoError):
+    """A session that alone would hold more than the memory budget, --max-memory-mb (HTTP 400)."""
 
 
 class Run:
@@ -156,6 +167,7 @@ class Service:
         self.entries: "OrderedDict[str, Entry]" = OrderedDict()
         self.forgotten: "OrderedDict[str, str]" = OrderedDict()      # id -> why it is gone
         self.lock = threading.Lock()
+        self.budget_lock = threading.Lock()     # one eviction pass at a time (a run's label workers grow at once)
         self.slots = threading.Semaphore(max(1, int(max_runs)))
         self.evictions = 0
 
@@ -163,7 +175,15 @@ class Service:
 
     def create(self, image: np.ndarray, spacing, meta: Optional[dict] = None) -> Entry:
         session = Session(image, spacing, self.models, self.embedding_cache)
+        size = session.memory_bytes()
+        if size > self.budget_bytes:            # (nothing evicted for it)
+            raise OverBudget("the volume takes %s in memory as float32, over this server's memory budget "
+                             "(--max-memory-mb %d) before any slice is embedded; start synpo serve with a larger "
+                             "--max-memory-mb, or send a smaller volume (cropped to the organ)"
+                             % (_mb(size), self.budget_bytes >> 20))
         entry = Entry(secrets.token_hex(8), session, dict(meta or {}))
+        ref = weakref.ref(entry)                # (the session holds this: no cycle through the entry)
+        session.stores.grown = lambda: self._grown(ref())
         with self.lock:
             self.entries[entry.id] = entry
         log.info("session %s created: %s voxels", entry.id, "x".join(str(s) for s in image.shape[::-1]))
@@ -186,16 +206,23 @@ class Service:
     def delete(self, session_id: str) -> None:
         self._forget(self.get(session_id), "deleted by a client")       # (its runs cancelled there)
 
-    def _forget(self, entry: Entry, why: str) -> None:
+    def _forget(self, entry: Entry, why: str, unless=None) -> bool:
+        """Remove the session (its runs cancelled); not when unless(entry), checked under the lock
+        that start_run registers its runs under. Whether it was removed here."""
         with self.lock:
-            if self.entries.pop(entry.id, None) is not None:
+            if unless is not None and unless(entry):
+                return False
+            removed = self.entries.pop(entry.id, None) is not None
+            if removed:
                 self.forgotten[entry.id] = why
                 while len(self.forgotten) > FORGOTTEN_KEPT:
                     self.forgotten.popitem(last=False)
             runs = list(entry.runs.values())
         for run in runs:                 # (a run started as it was removed computes nothing for nobody)
             run.cancel_event.set()
-        log.info("session %s removed: %s", entry.id, why)
+        if removed:
+            log.info("session %s removed: %s", entry.id, why)
+        return removed
 
     def memory_bytes(self) -> int:
         with self.lock:
@@ -205,19 +232,51 @@ class Service:
     def enforce_budget(self, keep: Optional[str] = None) -> None:
         """Evict the least recently used idle sessions (never `keep`, never a busy one, nor one whose
         finished run's result its client has yet to fetch) until the sessions hold at most the budget."""
-        with self.lock:
-            entries = list(self.entries.values())               # least recently used first
-        sizes = {e.id: e.session.memory_bytes() for e in entries}
+        with self.budget_lock:
+            with self.lock:
+                entries = list(self.entries.values())           # least recently used first
+            self._evict(entries, {e.id: e.session.memory_bytes() for e in entries}, keep)
+
+    def _evict(self, entries: List[Entry], sizes: Dict[str, int], keep: Optional[str]) -> None:
         total = sum(sizes.values())
         for e in entries:
             if total <= self.budget_bytes:
                 break
-            if e.id == keep or e.busy() or e.awaiting_fetch():
+            if e.id == keep:
                 continue
-            self._forget(e, "evicted to keep the server within its memory budget (--max-memory-mb %d)"
-                         % (self.budget_bytes >> 20))
-            self.evictions += 1
-            total -= sizes[e.id]
+            # (busy: a run registered or a re-decoding started, which checks its session is still held)
+            if self._forget(e, "evicted to keep the server within its memory budget (--max-memory-mb %d)"
+                            % (self.budget_bytes >> 20), unless=lambda x: x.busy() or x.awaiting_fetch()):
+                self.evictions += 1
+                total -= sizes[e.id]
+
+    def make_room(self, entry: Entry) -> None:
+        """The budget as `entry`'s session grows, in the thread growing it (a run's, a re-decoding's),
+        after each batch of slices it embeds: the least recently used idle sessions are evicted until
+        the sessions fit (enforce_budget); OverBudget when this session alone holds more than the
+        budget (what it would need said; nobody is evicted for it)."""
+        with self.budget_lock:
+            with self.lock:
+                if self.entries.get(entry.id) is not entry:     # deleted or expired meanwhile: cancelled
+                    return
+                entries = list(self.entries.values())
+            sizes = {e.id: e.session.memory_bytes() for e in entries}
+            if sizes[entry.id] > self.budget_bytes:
+                raise OverBudget(self._too_big(entry, sizes[entry.id]))
+            self._evict(entries, sizes, keep=entry.id)
+
+    def _grown(self, entry: Optional[Entry]) -> None:
+        if entry is not None:
+            self.make_room(entry)
+
+    def _too_big(self, entry: Entry, size: int) -> str:
+        done, each, more = entry.session.embedded()
+        need = size + more
+        return ("session %s needs more memory than this server's budget (--max-memory-mb %d): it holds %s with %d "
+                "slices embedded (%s a slice), about %s with every slice embedded; start synpo serve with "
+                "--max-memory-mb %d or more, or send a smaller volume (cropped to the organ)"
+                % (entry.id, self.budget_bytes >> 20, _mb(size), done, _mb(each), _mb(need),
+                   max(math.ceil(need / 2 ** 20), (self.budget_bytes >> 20) + 1)))
 
     def start_reaper(self, every: float = 30.0) -> None:
         """Expire idle sessions every `every` seconds, requests or not (a daemon thread)."""
@@ -300,6 +359,9 @@ class Service:
                             other.result = None
                 except Cancelled:
                     run.state = run.stage = "cancelled"
+                except OverBudget as exc:                 # (its embeddings so far over the budget: dropped)
+                    entry.session.drop_computed()
+                    run.state, run.stage, run.error = "failed", "failed", str(exc)
                 except SynPoError as exc:
                     run.state, run.stage, run.error = "failed", "failed", str(exc)
                 except Exception as exc:                  # reported to the client, never lost
@@ -322,7 +384,15 @@ class Service:
         if not entry.lock.acquire(blocking=False):
             raise Busy("session %s is busy with a run; re-decode when it has finished" % entry.id)
         try:
-            return entry.session.redecode(slice_index, positive, negative, label, axis)
+            with self.lock:                      # evicted or deleted since the request found it
+                if self.entries.get(entry.id) is not entry:
+                    raise NotFound("session %s is gone: %s; create it again"
+                                   % (entry.id, self.forgotten.get(entry.id, "removed")))
+            try:
+                return entry.session.redecode(slice_index, positive, negative, label, axis)
+            except OverBudget:
+                entry.session.drop_computed()
+                raise
         finally:
             entry.lock.release()
 
@@ -336,3 +406,7 @@ class Service:
     def sessions(self) -> Dict[str, Entry]:
         with self.lock:
             return dict(self.entries)
+
+
+def _mb(size: int) -> str:
+    return "%.1f MB" % (size / 2 ** 20)

@@ -28,6 +28,8 @@ from .intensity import normalize
 from .io import check_image_values
 from .result import VolumeResult
 from .support import in_plane_spacing, merge_corrections, to_slices
+from .embeddings import Stores
+from .slice_confidence import SliceConfidence
 from .volume import EmbeddingStore, Progress, SliceReport, get_store, segment_volume, store_key
 
 
@@ -94,7 +96,8 @@ class Session:
                              % (list(spacing_ijk),))
         self.image, self.spacing, self.models = image, spacing, models
         self.embedding_cache = embedding_cache
-        self.stores: Dict = {}                   # embeddings, confidence maps, decoded masks (embeddings.py)
+        # Embeddings, confidence maps, decoded masks (embeddings.py); stores.grown: the server's memory check.
+        self.stores: Dict = Stores()
         self.support: Optional[np.ndarray] = None          # the last run's support label map
         self.support_image: Optional[np.ndarray] = None
         self.cfg: SynPoConfig = default_config()
@@ -122,7 +125,7 @@ class Session:
         walks reach (which embeds every slice).
         axis: the slicing axis when known (else found from the paint); absent: {label: slices}
         where the label is absent (segment_volume)."""
-        self.last_used = time.monotonic()
+        self.last_used = started = time.monotonic()
         support = np.asarray(support)
         if support.dtype.kind not in "iub":
             raise InputError("the support label map has dtype %s; integer labels are needed" % support.dtype)
@@ -140,6 +143,7 @@ class Session:
                                 absent=absent, held_ends=held_ends, previous=previous,
                                 previous_overridden=previous_overridden)
         self.support, self.support_image, self.cfg, self.result = support, support_image, cfg, result
+        self._drop_confidence_unused_since(started)
         self.absent = {int(v): sorted(int(t) for t in s) for v, s in (absent or {}).items() if len(s)}
         self.held = {int(v): {int(k): [int(t) for t in ts] for k, ts in d.items()} for v, d in (held_ends or {}).items()}
         self.last_used = time.monotonic()
@@ -293,15 +297,28 @@ class Session:
 
     # ------------------------------------------------------------------ memory
 
+    def _drop_confidence_unused_since(self, started: float) -> None:
+        """Forget the confidence maps kept for supports the run started at `started` did not use: a
+        correction changes a label's paint, so each Update made a new set of maps beside the old ones,
+        which no later run asks for (up to a MB a slice and label on 512 x 512 slices, counted in the
+        server's memory budget) and which would be computed again if one did."""
+        for key, value in list(self.stores.items()):
+            if isinstance(value, SliceConfidence) and getattr(value, "bound_at", started) < started:
+                del self.stores[key]
+
     def memory_bytes(self) -> int:
         """What this session holds: the image, the normalised slices, embeddings, confidence maps,
-        kept decodings and the last result."""
+        kept decodings and the last result. (Read while a run adds to them, from another thread:
+        each dict is copied before it is gone through.)"""
         arrays = [self.image, self.support, self.support_image]
         total = 0
-        for value in self.stores.values():
+        for value in list(self.stores.values()):
             if isinstance(value, EmbeddingStore):
                 arrays.append(value.slices)
-                total += sum(_nbytes(t) for t in value.cache.values()) + value.decoded_bytes + value.prompts.bytes
+                total += sum(_nbytes(t) for t in list(value.cache.values()))
+                total += value.decoded_bytes + value.prompts.bytes
+            elif isinstance(value, SliceConfidence):
+                arrays += list(value.maps.values())
             else:
                 arrays.append(value)
         if self.result is not None:
@@ -310,6 +327,28 @@ class Session:
                        for m in by_slice.values()]
         seen = {id(a): a for a in arrays if a is not None}         # a map shared by stores and result counts once
         return total + sum(_nbytes(a) for a in seen.values())
+
+    def embedded(self) -> Tuple[int, int, int]:
+        """(this volume's slices embedded, bytes of a slice's embeddings (all encoders), bytes more
+        with every slice of it embedded): what more embeddings would take (the server's message on
+        its budget). Another patient's support volume is left out: only its painted slices are embedded."""
+        done, each, more = 0, 0, 0
+        for key, value in list(self.stores.items()):
+            if isinstance(value, EmbeddingStore) and str(key).startswith("query/"):
+                held = list(value.cache.values())
+                one = _nbytes(held[0]) if held else 0
+                done = max(done, len(held))
+                each += one
+                more += max(0, len(value.slices) - len(held)) * one
+        return done, each, more
+
+    def drop_computed(self) -> None:
+        """Drop what was computed on the image (embeddings, confidence maps, decodings: computed again
+        when needed), keeping the image, the last support and the last result (the server, where the
+        session alone outgrew its memory budget)."""
+        grown = getattr(self.stores, "grown", None)
+        self.stores = Stores()
+        self.stores.grown = grown
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

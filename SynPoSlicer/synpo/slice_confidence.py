@@ -47,8 +47,10 @@ class SliceConfidence:
         self.cancel: Optional[Callable[[], bool]] = None
 
     def bind(self, progress: Optional[Callable[[int], None]], cancel: Optional[Callable[[], bool]]) -> None:
-        """The current run's progress (called with the number of slices embedded) and cancel."""
+        """The current run's progress (called with the number of slices embedded) and cancel; when it
+        bound them (`bound_at`, time.monotonic(): Session.run keeps the maps its last run used)."""
         self.progress, self.cancel = progress, cancel
+        self.bound_at = time.monotonic()
 
     def prepare(self, indices: Sequence[int]) -> None:
         """Compute the maps of `indices` not computed yet (and their embeddings)."""
