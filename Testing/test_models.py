@@ -637,3 +637,37 @@ def test_an_update_keeps_the_previous_masks_only_where_its_walks_agree_under_the
             if settings is changed:
                 other = again.labels
     assert np.array_equal(other, again.labels)               # as with the rule off
+
+
+def test_a_deleted_sessions_memory_is_freed_at_once(served_tiny_sam):
+    """`synpo serve`: a session deleted (or evicted, or expired) after a run gives its memory back
+    when it is removed, not whenever Python's cycle collector next runs: a run held its Entry (which
+    holds its runs), and each confidence map held its run's VolumeRun (which holds the stores that
+    hold the maps). With the collector off, nothing of the session is left once it is removed."""
+    import gc
+    import time
+    import weakref
+    from synpo.embeddings import EmbeddingStore
+    from synpo.service import Service
+    from synpo.session import Models
+    from synpo.slice_confidence import SliceConfidence
+    sam, image, support = _one_organ(6, 3)
+    service = Service(Models.of(sam), 1 << 30, 600.0, 1, None)
+    entry = service.create(image, (1.0, 1.0, 2.0))
+    run = service.start_run(entry, support, {})
+    deadline = time.time() + 120
+    while run.state not in ("done", "failed") and time.time() < deadline:
+        time.sleep(0.05)
+    assert run.state == "done", run.error
+    held = [weakref.ref(entry.session)] + [weakref.ref(v) for v in entry.session.stores.values()
+                                           if isinstance(v, (EmbeddingStore, SliceConfidence))]
+    assert len(held) >= 3                        # the session, an embedding store, a confidence map
+    sid = entry.id
+    del entry, run
+    gc.collect()
+    gc.disable()
+    try:
+        service.delete(sid)
+        assert [r() is None for r in held] == [True] * len(held)
+    finally:
+        gc.enable()

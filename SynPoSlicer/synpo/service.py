@@ -55,8 +55,10 @@ class OverBudget(SynPoError):
 class Run:
     """One segmentation run of a session, in its own thread."""
 
-    def __init__(self, run_id: str, entry: "Entry"):
-        self.id, self.entry = run_id, entry
+    def __init__(self, run_id: str, session_id: str):
+        # (the session's id, not its Entry: an Entry holds its runs, and a run holding its Entry made a
+        # cycle that kept a deleted or evicted session's memory until Python's cycle collector ran)
+        self.id, self.session_id = run_id, session_id
         self.state = "queued"            # queued, running, done, failed, cancelled
         self.stage, self.done, self.total = "queued", 0, 1
         self.error = ""
@@ -118,7 +120,7 @@ class Run:
         with self.lock:
             new = self.slices[since:]
             n = len(self.slices)
-        return {"run": self.id, "session": self.entry.id, "state": self.state, "stage": self.stage,
+        return {"run": self.id, "session": self.session_id, "state": self.state, "stage": self.stage,
                 "done": self.done, "total": self.total, "error": self.error, "seconds": round(self.seconds, 3),
                 "slices": [s["record"] for s in new], "next": n}
 
@@ -320,16 +322,15 @@ class Service:
                                % (entry.id, self.forgotten.get(entry.id, "removed")))
             if entry.busy():
                 raise Busy("session %s is busy with another run; wait for it or cancel it" % entry.id)
-            run = Run(secrets.token_hex(6), entry)
+            run = Run(secrets.token_hex(6), entry.id)
             entry.runs[run.id] = run
             while len(entry.runs) > RUNS_KEPT:
                 entry.runs.popitem(last=False)
-        threading.Thread(target=self._execute, args=(run, support, cfg, support_image, add, settings),
+        threading.Thread(target=self._execute, args=(entry, run, support, cfg, support_image, add, settings),
                          name="synpo-run-%s" % run.id, daemon=True).start()
         return run
 
-    def _execute(self, run: Run, support, cfg, support_image, add: bool, settings: dict) -> None:
-        entry = run.entry
+    def _execute(self, entry: Entry, run: Run, support, cfg, support_image, add: bool, settings: dict) -> None:
         # Queued until a compute slot is free; a cancel (or the session's deletion) ends it while it waits.
         while not self.slots.acquire(timeout=0.2):
             if run.cancel_event.is_set():

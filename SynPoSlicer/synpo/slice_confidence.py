@@ -52,6 +52,12 @@ class SliceConfidence:
         self.progress, self.cancel = progress, cancel
         self.bound_at = time.monotonic()
 
+    def release(self) -> None:
+        """The run that bound its progress and cancel has ended: let go of them (they are its
+        VolumeRun's methods, and the VolumeRun holds the stores that hold this: a cycle that kept a
+        deleted session's embeddings and maps until Python's cycle collector ran)."""
+        self.progress = self.cancel = None
+
     def prepare(self, indices: Sequence[int]) -> None:
         """Compute the maps of `indices` not computed yet (and their embeddings)."""
         todo = [int(t) for t in dict.fromkeys(indices) if int(t) not in self.maps]

@@ -110,6 +110,7 @@ class VolumeRun:
         validate(cfg)
         self.held = {int(v): {int(s): tuple(int(t) for t in ts) for s, ts in d.items()}
                      for v, d in (held_ends or {}).items()} if cfg.volume.correction_holds_ends else {}
+        self.bound: List[SliceConfidence] = []           # the confidence maps this run bound (segment)
         self.timings = {k: 0.0 for k in ("intensity", "encode_sam", "encode_dinov2", "confidence", "prompts",
                                          "decode")}
         t0 = time.perf_counter()
@@ -203,15 +204,19 @@ class VolumeRun:
         workers = label_worker_count(self.cfg.volume.label_workers, len(self.support.labels),
                                      getattr(getattr(self.sam, "device", None), "type", "cpu"))
         try:
-            per_label = _run_labels(self.segment_label, self.support.labels, workers)
+            try:
+                per_label = _run_labels(self.segment_label, self.support.labels, workers)
+            finally:
+                for name, _ in self.encoders:        # embeddings computed so far go to the disk cache
+                    self.q_stores[name].flush()
+                    self.r_stores[name].flush()
+                    q0, r0 = self.encode_before[name]
+                    self.timings["encode_" + name] += (self.q_stores[name].seconds - q0
+                                                       + (self.r_stores[name].seconds - r0 if self.cross else 0.0))
+            return self.assemble(per_label)
         finally:
-            for name, _ in self.encoders:        # embeddings computed so far go to the disk cache
-                self.q_stores[name].flush()
-                self.r_stores[name].flush()
-                q0, r0 = self.encode_before[name]
-                self.timings["encode_" + name] += (self.q_stores[name].seconds - q0
-                                                   + (self.r_stores[name].seconds - r0 if self.cross else 0.0))
-        return self.assemble(per_label)
+            for conf in self.bound:
+                conf.release()
 
     def open_stores(self, embedding_cache: Optional[str]) -> None:
         self.q_stores, self.r_stores, self.encode_before = {}, {}, {}
@@ -240,6 +245,7 @@ class VolumeRun:
                                    self.n, self.cross)
             self.stores["confidence/" + key] = conf
         conf.bind(self.tick, self.stopped)
+        self.bound.append(conf)                          # (released when the run ends: segment)
         return conf
 
     def target_range(self, sup_idx: List[int], sup_masks: List[np.ndarray]):
