@@ -1159,3 +1159,24 @@ def test_a_volume_the_budget_cannot_hold_is_refused_at_upload(monkeypatch):
         assert app.client().json("GET", "/v1/sessions")["sessions"] == []
     finally:
         app.stop()
+
+
+def test_embeddings_on_disk_beyond_the_budget_do_not_refuse_a_redecode_that_fits(tiny_models, monkeypatch, tmp_path):
+    """--embedding-cache: a run the budget cannot hold fails, and the embeddings it computed before it
+    outgrew the budget go to the disk cache all the same. Read back whole into the next store of that
+    volume, they put the session over the budget at once: every later re-decoding (one slice, 2 MB) and
+    run on that volume was refused, for good (the file stays). Embeddings read from the disk that the
+    budget cannot hold are left there and computed as needed instead."""
+    from synpo.service import Service
+    image, support = volume(seed=3, shape=(6, 24, 28))
+    service = Service(tiny_models, 7 * MB, 600.0, 1, str(tmp_path / "emb"))
+    entry = service.create(image, (1, 1, 2))
+    run = service.start_run(entry, support, {"confidence_all": True})     # every slice embedded: 12 MB
+    assert _until(lambda: run.state in ("done", "failed", "cancelled"), 300.0), run.state
+    assert run.state == "failed" and "--max-memory-mb 7" in run.error, run.error
+    assert os.listdir(str(tmp_path / "emb"))                  # (what it computed, on the disk)
+    mask, _ = service.redecode(entry, 3, POINT, [], axis=0)   # 2 MB: fits
+    assert mask.shape == (24, 28) and service.memory_bytes() <= service.budget_bytes
+    again = service.create(image, (1, 1, 2))                  # the volume sent again (another session)
+    mask, _ = service.redecode(again, 2, POINT, [], axis=0)
+    assert mask.shape == (24, 28)

@@ -199,7 +199,12 @@ def get_store(stores: Dict, key: str, enc, volume_slices: np.ndarray, spacing_rc
         stores[key] = s
     s.grown = getattr(stores, "grown", None)
     if new and s.cache and s.grown is not None:     # embeddings read from the disk cache
-        s.grown()
+        try:
+            s.grown()
+        except SynPoError:
+            # More than the budget holds (a run refused for it left them there): not taken; the slices
+            # a run or re-decoding needs are computed again, the budget checked as they are.
+            s.cache.clear()
     return s
 
 
