@@ -1029,6 +1029,37 @@ def test_a_preview_whose_session_goes_while_it_runs_or_fetches_sends_the_volume_
         app.stop()
 
 
+def test_a_preview_whose_volume_is_evicted_before_every_run_gives_up_with_the_servers_reason(monkeypatch):
+    """The module's preview (RemoteJob) on a team server whose budget other clients' runs keep taking:
+    its session evicted between its upload and its run's request, every time. It sent the volume
+    again without end; it gives up after client.RESENDS uploads more, with the server's reason, as
+    `synpo segment --server` does."""
+    from synpo.client import RESENDS
+    from synpo.service import NotFound, Service
+    from SynPoSlicerLib.engine import RemoteJob
+    _stub_runs(monkeypatch)
+    image, support = volume(seed=12, shape=(6, 24, 28))
+    service = Service(None, 1 << 30, 600.0, 1, None)
+    created, create = [], service.create
+
+    def counted(*args, **kwargs):
+        created.append(1)
+        return create(*args, **kwargs)
+
+    def evicted(entry, *args, **kwargs):
+        service._forget(entry, "evicted to keep the server within its memory budget (--max-memory-mb 1)")
+        raise NotFound("session %s is gone: %s; create it again" % (entry.id, service.forgotten[entry.id]))
+    monkeypatch.setattr(service, "create", counted)
+    monkeypatch.setattr(service, "start_run", evicted)
+    app = _AppServer(service)
+    try:
+        job = RemoteJob(app.client(), image, (1, 1, 2), support)
+        assert _step_until(job, ()) == "failed"
+        assert len(created) == RESENDS + 1 and "memory budget" in job.error, (len(created), job.error)
+    finally:
+        app.stop()
+
+
 # ---------------------------------------------------------------------- the memory budget while a session grows
 
 MB = 1 << 20

@@ -966,7 +966,12 @@ def test_the_module_starts_and_stops_its_own_server():
             assert time.time() < deadline, proc.log_tail()
             time.sleep(0.2)
         assert proc.url.startswith("http://127.0.0.1:")
-        assert proc.client().health()["models"]["device"] == "cpu"
+        health = proc.client().health()
+        assert health["models"]["device"] == "cpu"
+        # Its memory budget is this machine's (three quarters of it, at least synpo serve's default):
+        # a large CT alone over the default 8192 MB was refused, by an option the module's user cannot set.
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+        assert health["limits"]["max_memory_mb"] == max(8192, total * 3 // 4)
     finally:
         proc.stop()
     assert not proc.running()

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from synpo.client import Client, ServerError
+from synpo.client import RESENDS, Client, ServerError
 from synpo.errors import SynPoError
 
 from SynPoSlicerLib.process import end_tree, start_options
@@ -59,6 +59,41 @@ def server_key(python: Optional[str], device: str, sam: str, features: str, extr
     return key + (tuple(sorted(environment.items())),) if environment else key
 
 
+def physical_memory_mb() -> Optional[int]:
+    """This machine's memory in MB, or None where it cannot be read (POSIX sysconf; Windows'
+    GlobalMemoryStatusEx)."""
+    try:
+        if os.name == "nt":
+            import ctypes
+
+            class MemoryStatus(ctypes.Structure):
+                _fields_ = [("dwLength", ctypes.c_ulong), ("dwMemoryLoad", ctypes.c_ulong),
+                            ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
+                            ("ullTotalPageFile", ctypes.c_ulonglong), ("ullAvailPageFile", ctypes.c_ulonglong),
+                            ("ullTotalVirtual", ctypes.c_ulonglong), ("ullAvailVirtual", ctypes.c_ulonglong),
+                            ("ullAvailExtendedVirtual", ctypes.c_ulonglong)]
+            status = MemoryStatus()
+            status.dwLength = ctypes.sizeof(MemoryStatus)
+            if not ctypes.windll.kernel32.GlobalMemoryStatusEx(ctypes.byref(status)):
+                return None
+            total = status.ullTotalPhys
+        else:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+    return int(total) >> 20 if total > 0 else None
+
+
+def local_memory_budget_mb() -> int:
+    """--max-memory-mb for the module's own server, which serves this machine's user alone: three
+    quarters of the machine's memory, and at least synpo serve's default. (The budget evicts other
+    sessions, and refuses a volume that alone needs more: with the default a large CT on a large
+    machine was refused, with a server option the module's user cannot set.)"""
+    from synpo.server import DEFAULT_MEMORY_MB
+    total = physical_memory_mb()
+    return max(DEFAULT_MEMORY_MB, total * 3 // 4 if total else 0)
+
+
 class ServerProcess:
     """`synpo serve` started as a child process on a free loopback port with a fresh token.
 
@@ -82,6 +117,8 @@ class ServerProcess:
         self.environment = dict(environment or {})
         self.parent_pid = os.getpid() if parent_pid is None else parent_pid
         self.options = ["--device", device, "--sam", sam, "--features", features] + list(extra)
+        if not any(str(o).startswith("--max-memory-mb") for o in extra):
+            self.options += ["--max-memory-mb", str(local_memory_budget_mb())]
         self.folder = tempfile.mkdtemp(prefix="synpo-server-")
         self.token_file = os.path.join(self.folder, "token")
         self.ready_file = os.path.join(self.folder, "ready")
@@ -218,6 +255,7 @@ class RemoteJob:
         self._answered = 0.0                # when the server last answered about the run ("running")
         self._missed = 0                    # polls in a row that timed out
         self._sent_again = False            # the volume was sent again once after its session went mid-run
+        self._resent = 0                    # times the volume was sent again, its session gone before its run
         self._retry_at = 0.0                # when a cancel that got no answer is sent again ("cancelling")
         self._upload = None                 # the volume ("upload") or the run ("start") being sent (client.Upload)
         self._download = None               # the result being received (client.ResultDownload), in "fetch"
@@ -315,6 +353,12 @@ class RemoteJob:
                         return self.state
                     if exc.status != 404 or self.image is None:
                         raise                   # (corrections on a session gone: said below, `gone`)
+                    if self._resent >= RESENDS:
+                        # Evicted again before every run's request (a team server's budget taken by other
+                        # clients' runs): the server's reason, not uploads without end (synpo segment
+                        # --server gives up after as many: client.run_remote).
+                        raise
+                    self._resent += 1
                     self.session_id, self.reused, self.state = None, False, "upload"
                     return self.state
                 self.state, self.stage, self._answered = "running", "queued", time.monotonic()

@@ -43,6 +43,7 @@ from .errors import SynPoError
 from .tokens import make_token_file, read_token_file, reusable_token  # noqa: F401 (SynPoSlicerLib.engine's import)
 
 DEFAULT_PORT = 8765
+DEFAULT_MEMORY_MB = 8192             # --max-memory-mb
 log = logging.getLogger("synpo.serve")
 
 
@@ -141,9 +142,9 @@ def add_arguments(p) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     from .cli import add_runtime_option
     add_runtime_option(p)
-    p.add_argument("--max-memory-mb", type=int, default=8192,
+    p.add_argument("--max-memory-mb", type=int, default=DEFAULT_MEMORY_MB,
                    help="sessions together hold at most this much (images, embeddings, results); beyond it the "
-                        "least recently used idle sessions are evicted (default 8192)")
+                        "least recently used idle sessions are evicted (default %d)" % DEFAULT_MEMORY_MB)
     p.add_argument("--session-ttl", type=float, default=3600.0,
                    help="seconds after which an unused session is deleted (default 3600)")
     p.add_argument("--max-body-mb", type=int, default=1024,
