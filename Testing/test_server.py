@@ -1170,6 +1170,32 @@ def test_a_run_the_budget_cannot_hold_fails_in_one_line_and_leaves_the_others(ti
     assert mask.shape == (24, 28)
 
 
+def test_confidence_maps_a_session_can_do_without_go_before_it_is_refused_for_the_budget(tiny_models):
+    """Confidence maps kept from an earlier paint (a run drops them only when it ends) or for the next
+    Update count in the budget; a session they put over it was refused although it fits without them.
+    They are dropped first (Session.shed); those the run in progress uses stay."""
+    from synpo.service import Service
+    from synpo.slice_confidence import SliceConfidence
+    image, _ = volume(seed=3, shape=(6, 24, 28))
+    service = Service(tiny_models, 9 * MB, 600.0, 1, None)
+    entry = service.create(image, (1, 1, 2))
+    service.redecode(entry, 0, POINT, [], axis=0)              # 2 MB of embeddings
+    stale = SliceConfidence.__new__(SliceConfidence)
+    stale.maps, stale.bound_at = {t: np.zeros((512, 512), np.float32) for t in range(6)}, 0.0      # 6 MB
+    entry.session.stores["confidence/earlier"] = stale
+    assert entry.session.memory_bytes() > 7 * MB
+    mask, _ = service.redecode(entry, 1, POINT, [], axis=0)    # 2 MB more: over 9 MB with the old maps
+    assert mask.shape == (24, 28) and "confidence/earlier" not in entry.session.stores
+    assert service.memory_bytes() <= service.budget_bytes
+    # During a run, the maps it has used since it started stay (those of its own paint).
+    entry.session.running_since = 1.0
+    used = SliceConfidence.__new__(SliceConfidence)
+    used.maps, used.bound_at = {0: np.zeros((8, 8), np.float32)}, 2.0
+    entry.session.stores["confidence/now"], entry.session.stores["confidence/earlier"] = used, stale
+    entry.session.shed()
+    assert "confidence/now" in entry.session.stores and "confidence/earlier" not in entry.session.stores
+
+
 def test_a_volume_the_budget_cannot_hold_is_refused_at_upload(monkeypatch):
     """An image alone over --max-memory-mb was kept (no session could ever run on it within the
     budget): the upload is refused in one line, naming the option, and nothing is evicted for it."""

@@ -256,13 +256,17 @@ class Service:
         """The budget as `entry`'s session grows, in the thread growing it (a run's, a re-decoding's),
         after each batch of slices it embeds: the least recently used idle sessions are evicted until
         the sessions fit (enforce_budget); OverBudget when this session alone holds more than the
-        budget (what it would need said; nobody is evicted for it)."""
+        budget, after it has dropped the confidence maps it can do without (Session.shed; what it would
+        need said; nobody is evicted for it)."""
         with self.budget_lock:
             with self.lock:
                 if self.entries.get(entry.id) is not entry:     # deleted or expired meanwhile: cancelled
                     return
                 entries = list(self.entries.values())
             sizes = {e.id: e.session.memory_bytes() for e in entries}
+            if sizes[entry.id] > self.budget_bytes:
+                entry.session.shed()                 # (confidence maps of a paint no longer used first)
+                sizes[entry.id] = entry.session.memory_bytes()
             if sizes[entry.id] > self.budget_bytes:
                 raise OverBudget(self._too_big(entry, sizes[entry.id]))
             self._evict(entries, sizes, keep=entry.id)

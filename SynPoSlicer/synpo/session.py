@@ -98,6 +98,7 @@ class Session:
         self.embedding_cache = embedding_cache
         # Embeddings, confidence maps, decoded masks (embeddings.py); stores.grown: the server's memory check.
         self.stores: Dict = Stores()
+        self.running_since: Optional[float] = None         # when the run in progress started (shed)
         self.support: Optional[np.ndarray] = None          # the last run's support label map
         self.support_image: Optional[np.ndarray] = None
         self.cfg: SynPoConfig = default_config()
@@ -125,7 +126,7 @@ class Session:
         walks reach (which embeds every slice).
         axis: the slicing axis when known (else found from the paint); absent: {label: slices}
         where the label is absent (segment_volume)."""
-        self.last_used = started = time.monotonic()
+        self.last_used = started = self.running_since = time.monotonic()
         support = np.asarray(support)
         if support.dtype.kind not in "iub":
             raise InputError("the support label map has dtype %s; integer labels are needed" % support.dtype)
@@ -135,13 +136,16 @@ class Session:
             support_image = support_image.astype(np.float32, copy=False)
             check_image_values(support_image, "the support image")
         cfg = cfg if cfg is not None else default_config()
-        result = segment_volume(self.image, self.spacing, support, self.models.sam, self.models.dino, cfg,
-                                support_image=support_image, progress=progress, cancel=cancel, stores=self.stores,
-                                confidence_from=tuple(confidence_from or self.models.confidence_from),
-                                embedding_cache=self.embedding_cache,
-                                on_slice=on_slice, confidence_everywhere=confidence_everywhere, axis=axis,
-                                absent=absent, held_ends=held_ends, previous=previous,
-                                previous_overridden=previous_overridden)
+        try:
+            result = segment_volume(self.image, self.spacing, support, self.models.sam, self.models.dino, cfg,
+                                    support_image=support_image, progress=progress, cancel=cancel,
+                                    stores=self.stores, confidence_from=tuple(confidence_from or self.models.confidence_from),
+                                    embedding_cache=self.embedding_cache,
+                                    on_slice=on_slice, confidence_everywhere=confidence_everywhere, axis=axis,
+                                    absent=absent, held_ends=held_ends, previous=previous,
+                                    previous_overridden=previous_overridden)
+        finally:
+            self.running_since = None
         self.support, self.support_image, self.cfg, self.result = support, support_image, cfg, result
         self._drop_confidence_unused_since(started)
         self.absent = {int(v): sorted(int(t) for t in s) for v, s in (absent or {}).items() if len(s)}
@@ -305,6 +309,14 @@ class Session:
         for key, value in list(self.stores.items()):
             if isinstance(value, SliceConfidence) and getattr(value, "bound_at", started) < started:
                 del self.stores[key]
+
+    def shed(self) -> None:
+        """Make room within the session (the server's budget, before it refuses the session as too large):
+        drop the confidence maps the run in progress has not used (a previous paint's, which this run's end
+        would drop anyway), or, with no run in progress (a re-decoding), every confidence map (a later run
+        computes again those it needs)."""
+        since = self.running_since
+        self._drop_confidence_unused_since(float("inf") if since is None else since)
 
     def memory_bytes(self) -> int:
         """What this session holds: the image, the normalised slices, embeddings, confidence maps,
