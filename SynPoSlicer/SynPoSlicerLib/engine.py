@@ -116,9 +116,9 @@ class ServerProcess:
         # slicer.util.startupEnvironment is Slicer's environment at its start, without later changes).
         self.environment = dict(environment or {})
         self.parent_pid = os.getpid() if parent_pid is None else parent_pid
-        self.options = ["--device", device, "--sam", sam, "--features", features] + list(extra)
-        if not any(str(o).startswith("--max-memory-mb") for o in extra):
-            self.options += ["--max-memory-mb", str(local_memory_budget_mb())]
+        budget = [] if any(str(o).startswith("--max-memory-mb") for o in extra) else \
+            ["--max-memory-mb", str(local_memory_budget_mb())]
+        self.options = ["--device", device, "--sam", sam, "--features", features] + budget + list(extra)
         self.folder = tempfile.mkdtemp(prefix="synpo-server-")
         self.token_file = os.path.join(self.folder, "token")
         self.ready_file = os.path.join(self.folder, "ready")
