@@ -617,7 +617,7 @@ def test_an_output_that_is_a_link_is_replaced_not_refused(case, capsys):
 
 
 def test_reference_labels_stored_turned_are_read_on_the_reference_grid(case):
-    from synpo.cohort import read_reference
+    from synpo.cohort_task import read_reference
     turned = str(case["dir"] / "turned_labels.nrrd")
     sitk.WriteImage(sitk.Flip(sitk.ReadImage(case["support"]), [False, True, False]), turned)
     _, labels, _ = read_reference(case["image"], turned)

@@ -339,11 +339,12 @@ def test_output_names_in_the_table_are_exact_and_may_hold_spaces(case, cluster, 
     """A query named "case 1" resumes (its outputs' names were split at the space: the next run took its
     own output for a user's file); a table edited by hand that names a file which is not exactly one of the
     volume's outputs never gets that file removed."""
-    from synpo.cohort import _unknown_outputs, is_output_name
+    from synpo.cohort_queries import is_output_name
+    from synpo.cohort_table import unknown_outputs
     assert is_output_name("case 1_synpo.nii.gz", "case 1") and is_output_name("c_confidence_label12.nii.gz", "c")
     # A cell from before the column ("?") or not a JSON list (edited by hand): read as a table before the column.
-    assert _unknown_outputs("?") and _unknown_outputs('["a_synpo.nii.gz"] a_points.json') and _unknown_outputs("{}")
-    assert not _unknown_outputs("") and not _unknown_outputs('["a_synpo.nii.gz"]')
+    assert unknown_outputs("?") and unknown_outputs('["a_synpo.nii.gz"] a_points.json') and unknown_outputs("{}")
+    assert not unknown_outputs("") and not unknown_outputs('["a_synpo.nii.gz"]')
     for other in ("case 1_synpo_reviewed.nii.gz", "case 1_points.json.bak", "case 1_confidence_labelx.nii.gz",
                   "../case 1_synpo.nii.gz", "case 11_synpo.nii.gz"):
         assert not is_output_name(other, "case 1"), other
@@ -422,7 +423,8 @@ def test_a_row_from_before_the_reference_was_turned_is_segmented_again(case, clu
     assert np.array_equal(_labels(draft), corrected)
     # A run with other settings interrupted before it reached the volume leaves its row "started": the
     # next run does not replace the corrected draft either (the row's stamps had been cleared: it did).
-    from synpo.cohort import _mark_started, read_rows
+    from synpo.cohort import _mark_started
+    from synpo.cohort_table import read_rows
     argv[3] = str(queries)
     rows = read_rows(str(out / "cohort.csv"))
     _mark_started(["flipped"], {"flipped": str(queries / "flipped.nii.gz")}, rows, str(out / "cohort.csv"), str(out),
@@ -432,6 +434,110 @@ def test_a_row_from_before_the_reference_was_turned_is_segmented_again(case, clu
     err = capsys.readouterr().err
     assert "flipped_synpo.nii.gz was changed after synpo cohort last finished it" in err and "interrupted" in err
     assert np.array_equal(_labels(draft), corrected)
+
+
+class HoldRead(distributed.WorkerPlugin):
+    """On the workers: reading a query named `held.nii.gz` says so (the file `started`) and waits for
+    the file `go` (two minutes at most), as a volume being segmented when Ctrl+C comes."""
+
+    def __init__(self, started, go):
+        self.started, self.go = started, go
+
+    def setup(self, worker):
+        from synpo import io
+        self.original = original = io.read_volume
+
+        def read_volume(path, *args, **kwargs):
+            if os.path.basename(path) == "held.nii.gz":
+                open(self.started, "w").close()
+                deadline = time.time() + 120
+                while not os.path.exists(self.go) and time.time() < deadline:
+                    time.sleep(0.05)
+            return original(path, *args, **kwargs)
+        io.read_volume = read_volume
+
+    def teardown(self, worker):
+        from synpo import io
+        io.read_volume = self.original
+
+
+def test_outputs_a_task_writes_after_its_run_was_interrupted_are_the_cohorts(case, cluster, tmp_path, capsys):
+    """Ctrl+C cancels the tasks, but one already running on a --scheduler's worker goes on and puts its
+    outputs in place after the command has ended: no row stamps them. The next run took them for a draft
+    the user had corrected since the last finished run, and refused to segment the volume again. The
+    task's record of what it put in place (.NAME.RUN.cohort-pending.json) makes them the cohort's; one the
+    user changes after that is still refused."""
+    c, client = cluster
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    os.link(str(case["queries"] / "case1.nii.gz"), str(queries / "held.nii.gz"))
+    out = tmp_path / "out"
+    argv = ["cohort", case["ref"], case["labels"], str(queries), "-o", str(out), "--scheduler",
+            c.scheduler_address, "--embedding-cache", case["cache"]] + MODEL
+    assert main(argv + ["--confidence-all"]) == 0            # done with other settings: its output stamped
+    output = out / "held_synpo.nii.gz"
+    first = os.stat(str(output)).st_mtime_ns
+    started, go = tmp_path / "started", tmp_path / "go"
+    client.register_plugin(HoldRead(str(started), str(go)), name="hold-read")
+    try:
+        def ctrl_c_while_it_runs(*args, **kwargs):
+            deadline = time.time() + 120
+            while not started.exists() and time.time() < deadline:
+                time.sleep(0.05)
+            raise KeyboardInterrupt
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(distributed, "as_completed", ctrl_c_while_it_runs)
+            assert main(argv) == 130
+        assert started.exists() and _rows(out)["held"]["status"] == "started"
+        go.write_text("")                                       # the task goes on with no command left
+        deadline = time.time() + 120
+        while os.stat(str(output)).st_mtime_ns == first and time.time() < deadline:
+            time.sleep(0.1)
+        assert os.stat(str(output)).st_mtime_ns != first, "the task did not write"
+    finally:
+        client.unregister_worker_plugin("hold-read")
+    capsys.readouterr()
+    # A file the user changes after the task wrote it is theirs.
+    written = os.stat(str(output))
+    os.utime(str(output), ns=(written.st_atime_ns, written.st_mtime_ns + 10 ** 10))
+    assert main(argv) == 2
+    assert "held_synpo.nii.gz was changed after synpo cohort last finished it" in capsys.readouterr().err
+    # As the task left it: the cohort's, segmented again without a question.
+    os.utime(str(output), ns=(written.st_atime_ns, written.st_mtime_ns))
+    assert main(argv) == 0, capsys.readouterr().err
+    assert _rows(out)["held"]["status"] == "done"
+    assert np.array_equal(_labels(output), case["expected"]["case1"])
+    _no_temporaries(out)
+    assert sorted(os.listdir(str(out))) == [".cohort.lock", "cohort.csv", "held_synpo.nii.gz"]
+
+
+def test_a_tasks_record_of_its_outputs_tells_the_cohorts_files_from_the_users(tmp_path):
+    """cohort_pending: a file as a task's record says it was put in place is the cohort's ("put"); one the
+    record names that has changed since is the user's ("changed"); a record none of whose files is there
+    goes; the run that writes the volume's row removes its own record and those that describe nothing now."""
+    from synpo.cohort_pending import pending_outputs, pending_records, settle_pending, write_pending
+    out = str(tmp_path)
+
+    def put_in_place(name, run, base, text):
+        staged = os.path.join(out, ".tmp-x-" + base)
+        with open(staged, "w") as handle:
+            handle.write(text)
+        write_pending(out, name, run, [(staged, os.path.join(out, base))])
+        os.replace(staged, os.path.join(out, base))
+    put_in_place("a", "0a", "a_synpo.nii.gz", "first")
+    put_in_place("a", "0b", "a_points.json", "points")
+    put_in_place("a.b", "0c", "a.b_synpo.nii.gz", "another volume")          # (not volume a's)
+    assert pending_outputs(out, "a") == ({"a_synpo.nii.gz", "a_points.json"}, set())
+    points = os.stat(os.path.join(out, "a_points.json"))
+    os.utime(os.path.join(out, "a_points.json"), ns=(points.st_atime_ns, points.st_mtime_ns + 10 ** 10))
+    assert pending_outputs(out, "a") == ({"a_synpo.nii.gz"}, {"a_points.json"})
+    os.unlink(os.path.join(out, "a_points.json"))                             # its record goes with it
+    assert pending_outputs(out, "a") == ({"a_synpo.nii.gz"}, set())
+    assert [os.path.basename(r) for r in pending_records(out, "a")] == [".a.0a.cohort-pending.json"]
+    put_in_place("a", "1f", "a_synpo.nii.gz", "second run's")                  # another run, its row written
+    settle_pending(out, "a", "1f")
+    assert pending_records(out, "a") == [] and len(pending_records(out, "a.b")) == 1
+    assert sorted(os.listdir(out)) == [".a.b.0c.cohort-pending.json", "a.b_synpo.nii.gz", "a_synpo.nii.gz"]
 
 
 def test_usage_errors_are_one_line_before_anything_starts(case, tmp_path, capsys):
@@ -449,7 +555,8 @@ def test_usage_errors_are_one_line_before_anything_starts(case, tmp_path, capsys
     sidecar = case["queries"] / "case1.json"
     sidecar.write_text("{}")
     try:
-        from synpo.cohort import expand_queries, memory_limit
+        from synpo.cohort_dask import memory_limit
+        from synpo.cohort_queries import expand_queries
         assert expand_queries([str(case["queries"] / "case1*")], [], str(out)) == [str(case["queries"] / "case1.nii.gz")]
         assert main(["cohort", case["ref"], case["labels"], str(case["queries"] / "*.json"), "-o", str(out)]
                     + MODEL) == 2
@@ -497,7 +604,7 @@ def test_usage_errors_are_one_line_before_anything_starts(case, tmp_path, capsys
 def test_the_shared_reference_embeddings_spare_every_query_the_reference_slices(case):
     """inject_reference puts the reference task's embeddings where a query's run looks for them:
     the run embeds query slices only, and its result is the one it gets on its own."""
-    from synpo.cohort import _reference_slices, inject_reference
+    from synpo.cohort_task import _reference_slices, inject_reference
     from synpo.config import configured
     from synpo.io import read_volume
     from synpo.session import Models, Session
@@ -535,7 +642,7 @@ def test_stale_temporaries_are_only_the_volumes_own(tmp_path):
     ".tmp-" + random letters, digits or "_" + "-" + the name), never those of a volume whose name ends
     in its name: volume "b" removed "x-b"'s file while it was being written."""
     import tempfile
-    from synpo.cohort import remove_stale_temporaries
+    from synpo.cohort_table import remove_stale_temporaries
     _, own = tempfile.mkstemp(prefix=".tmp-", suffix="-b_synpo.nii.gz", dir=str(tmp_path))
     _, other = tempfile.mkstemp(prefix=".tmp-", suffix="-x-b_synpo.nii.gz", dir=str(tmp_path))
     _, other2 = tempfile.mkstemp(prefix=".tmp-", suffix="-x_b_synpo.nii.gz", dir=str(tmp_path))
@@ -546,7 +653,7 @@ def test_stale_temporaries_are_only_the_volumes_own(tmp_path):
 def test_a_detached_headers_data_file_is_part_of_its_stamp(tmp_path):
     """A query stored as a header and a data file (.nhdr + .raw, .mhd + .raw): new voxels in the data
     file, with the header untouched, make the next run segment it again (it was skipped as done)."""
-    from synpo.cohort import file_stamp
+    from synpo.cohort_table import file_stamp
     for name in ("case.nhdr", "case.mhd"):
         folder = tmp_path / name.replace(".", "_")
         folder.mkdir()
@@ -564,7 +671,7 @@ def test_a_detached_headers_data_file_is_part_of_its_stamp(tmp_path):
 def test_a_label_map_or_another_modality_among_the_queries_is_said_in_its_row():
     """Both are segmented all the same (a folder of image_N and label_N files; a CT among MR volumes);
     the row's warnings say what the volume looks like."""
-    from synpo.cohort import _input_warnings
+    from synpo.cohort_task import _input_warnings
     mr, mask = ellipsoid_volume(shape=(6, 40, 48), centre=(2.5, 17, 20), radii=(2.6, 9, 11), seed=1)
     ct = np.where(mask, 60.0, -1000.0).astype(np.float32) + np.round(np.random.default_rng(0).normal(0, 20, mask.shape))
     assert _input_warnings(mr, "mr") == []
@@ -588,7 +695,7 @@ def test_a_table_that_cannot_be_written_is_one_error_line(tmp_path):
     line, the cluster closed), not an OSError's traceback and exit status 1 ("some volumes failed"); the
     table written before stays whole and no temporary file is left."""
     resource = pytest.importorskip("resource")
-    from synpo.cohort import COLUMNS, write_rows
+    from synpo.cohort_table import COLUMNS, write_rows
     from synpo.errors import SynPoError
     path = str(tmp_path / "cohort.csv")
     small = {"case1": dict({c: "" for c in COLUMNS}, name="case1", status="started")}
@@ -624,7 +731,7 @@ def test_query_names_that_differ_only_in_case_are_refused(tmp_path, capsys):
 def test_the_output_folder_given_among_query_folders_is_refused(tmp_path, capsys):
     """`synpo cohort REF LABELS data/ more/ -o data/`: data/'s volumes were left out in silence (taken for
     outputs) and only more/'s segmented; refused as the output folder alone is."""
-    from synpo.cohort import expand_queries
+    from synpo.cohort_queries import expand_queries
     from synpo.errors import SynPoError
     ref, labels = _small_reference(tmp_path)
     for folder in ("data", "more"):
@@ -647,7 +754,7 @@ def test_a_local_clusters_workers_each_get_the_memory_a_worker_needs(monkeypatch
     died loading the models, or sat paused)."""
     import argparse
     import psutil
-    from synpo import cohort
+    from synpo import cohort_dask
     from synpo.errors import SynPoError
     started = {}
 
@@ -658,16 +765,16 @@ def test_a_local_clusters_workers_each_get_the_memory_a_worker_needs(monkeypatch
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.setattr(psutil, "virtual_memory", lambda: argparse.Namespace(total=8 * 10 ** 9))
     args = argparse.Namespace(workers=None, threads_per_worker=None, memory_limit="auto", dashboard="none")
-    cohort._local_cluster(args, lambda msg: None)
+    cohort_dask.local_cluster(args, lambda msg: None)
     assert started["n_workers"] == 4 and started["memory_limit"] == 2 * 10 ** 9
     args.workers = 3
-    cohort._local_cluster(args, lambda msg: None)
+    cohort_dask.local_cluster(args, lambda msg: None)
     assert started["n_workers"] == 3
     args.workers = 8
     with pytest.raises(SynPoError, match="--workers 8: .* under the 2GB"):
-        cohort._local_cluster(args, lambda msg: None)
+        cohort_dask.local_cluster(args, lambda msg: None)
     args.memory_limit = "0"                                       # stated: no limit, as asked
-    cohort._local_cluster(args, lambda msg: None)
+    cohort_dask.local_cluster(args, lambda msg: None)
     assert started["n_workers"] == 8 and started["memory_limit"] == 0
 
 
@@ -677,7 +784,7 @@ def test_a_local_clusters_workers_leave_ctrl_c_to_the_command():
     plugin makes a local cluster's worker ignore SIGINT (the command closes it); a --scheduler's workers are
     the user's, and keep their Ctrl+C."""
     import asyncio
-    from synpo.cohort import SynPoModels
+    from synpo.cohort_dask import SynPoModels
     spec = {"sam": "vit_b", "features": "sam", "dinov2": "small", "device": "cpu", "precision": "auto",
             "runtime": "torch"}
     before = signal.getsignal(signal.SIGINT)

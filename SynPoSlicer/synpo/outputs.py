@@ -136,10 +136,12 @@ def max_confidence(result: VolumeResult) -> np.ndarray:
 
 
 def write_result(result: VolumeResult, geometry: Geometry, out: str, confidence_out: str = None,
-                 points_out: str = None, image_path: str = "") -> List[str]:
+                 points_out: str = None, image_path: str = "", before_publish=None) -> List[str]:
     """Every output written to a temporary file beside it first, then all put in place: an error or an
     interruption (Ctrl+C) while they are written leaves none of them, old or half-new (one written,
-    the next one failing, left a new confidence beside an old segmentation). Returns the paths."""
+    the next one failing, left a new confidence beside an old segmentation). `before_publish`, if
+    given, is called with the staged [(temporary file, path)] before the first is put in place (a
+    cohort task records them: cohort_pending); if it raises, none is. Returns the paths."""
     from . import io as _io
     staged = []                   # (temporary file, path)
     try:
@@ -152,6 +154,8 @@ def write_result(result: VolumeResult, geometry: Geometry, out: str, confidence_
             staged.append((_io.stage_json(document, points_out), points_out))
         # uint8 when the labels fit (assembly.py)
         staged.append((_io.stage_volume(result.labels, geometry, out), out))
+        if before_publish is not None:
+            before_publish(list(staged))
         # The renames, with Ctrl+C / kill ignored (milliseconds: one pressed then is dropped; in the main
         # thread only: a cohort's workers write in theirs), so that no interruption leaves some outputs
         # replaced.
