@@ -344,7 +344,8 @@ def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say, 
                                                    if os.path.isfile(os.path.join(args.output, b))}, sort_keys=True)
             rows[name] = row
             write_rows(csv_path, rows)
-            settle_pending(args.output, name, run_id)          # (its outputs stamped now)
+            if row["status"] == "done":     # (a failed row stamps none: the record still tells them from the user's)
+                settle_pending(args.output, name, run_id)          # (its outputs stamped now)
             done += 1
             say("[%d/%d] %s: %s" % (done, len(todo), name, _describe(row)))
         return _finish(rows, list(names), say)

@@ -12,6 +12,7 @@ and time). The client removes it once the volume's row is written. With one left
 run knows a file as it says for the cohort's (no correction of the user's: it replaces it without
 asking, and segments the volume again), and a file it names that has changed since for the user's
 (asked about, even where no row stamps it: a volume no run had finished)."""
+import hashlib
 import json
 import os
 import re
@@ -23,9 +24,21 @@ from .cohort_table import file_stamp, stamp_changed
 SUFFIX = ".cohort-pending.json"
 
 
+def _key(name: str) -> str:
+    """The volume's part of its records' names: its name, or a long one's first 100 characters and a hash
+    (".NAME.RUN" + SUFFIX and the temporary file beside it are longer than its outputs' names: a name the
+    outputs allowed made the record's too long for the file system, and the volume failed)."""
+    if len(os.fsencode(name)) <= 120:                # (bytes: the file system's limit)
+        return name
+    head = name[:100]
+    while len(os.fsencode(head)) > 100:
+        head = head[:-1]
+    return "%s~%s" % (head, hashlib.sha256(os.fsencode(name)).hexdigest()[:16])
+
+
 def pending_path(outdir: str, name: str, run: str) -> str:
     """The record of run `run`'s task for volume `name` (a retried task writes it again)."""
-    return os.path.join(outdir, ".%s.%s%s" % (name, run, SUFFIX))
+    return os.path.join(outdir, ".%s.%s%s" % (_key(name), run, SUFFIX))
 
 
 def write_pending(outdir: str, name: str, run: str, staged) -> None:
@@ -39,7 +52,7 @@ def write_pending(outdir: str, name: str, run: str, staged) -> None:
 
 def pending_records(outdir: str, name: str) -> List[str]:
     """The records of volume `name` in OUTDIR, of any run (exactly ".NAME.RUN" + SUFFIX)."""
-    exact = re.compile(r"\." + re.escape(name) + r"\.[0-9a-f]+" + re.escape(SUFFIX))
+    exact = re.compile(r"\." + re.escape(_key(name)) + r"\.[0-9a-f]+" + re.escape(SUFFIX))
     try:
         listed = os.listdir(outdir)
     except OSError:
