@@ -15,14 +15,11 @@ def _put_in_place(out, name, run, base, text):
     os.replace(staged, os.path.join(out, base))
 
 
-def test_a_volume_whose_worker_died_after_its_renames_keeps_its_tasks_record(tmp_path, monkeypatch):
-    """A task that put its outputs in place and whose worker then died (Dask's KilledWorker) is a "failed"
-    row, which stamps no output: the task's record is all that tells the file the task wrote from one the
-    user corrects afterwards. The client removed it all the same (settle_pending after every row), and the
-    next run replaced the corrected file without asking."""
+def _run_killed(tmp_path, monkeypatch, rows, before_death=None):
+    """cohort._run_tasks for one volume "v" with Dask faked: its task's worker dies (KilledWorker), after
+    `before_death(run id)` has run. Returns the run's id."""
     distributed = pytest.importorskip("distributed")
     from synpo import cohort
-    from synpo.cohort_pending import pending_outputs, pending_records
     out = str(tmp_path)
     runs = []
 
@@ -31,8 +28,9 @@ def test_a_volume_whose_worker_died_after_its_renames_keeps_its_tasks_record(tmp
             self.fn, self.key = fn, key
 
         def result(self):
-            if self.fn is cohort.segment_query:            # its outputs in place, then the worker killed
-                _put_in_place(out, "v", runs[0], "v_synpo.nii.gz", "the task's labels")
+            if self.fn is cohort.segment_query:
+                if before_death is not None:
+                    before_death(runs[0])
                 raise RuntimeError("KilledWorker")
             return {"models": {}}
 
@@ -68,17 +66,51 @@ def test_a_volume_whose_worker_died_after_its_renames_keeps_its_tasks_record(tmp
                               runtime="torch", output=out)
     options = {"hash": "h", "confidence": False, "points": False, "n_painted": 1, "confidence_all": False,
                "labels": [1], "embedding_cache": None}
-    rows = {}
     query = tmp_path / "v.nii.gz"
     query.write_text("")
     assert cohort._run_tasks(args, None, ("r", "l", ("", "")), ["v"], {"v": str(query)}, rows,
                              os.path.join(out, "cohort.csv"), options, lambda msg: None, {}) == 1
-    assert rows["v"]["status"] == "failed" and json.loads(rows["v"]["outputs"]) == ["v_synpo.nii.gz"]
+    assert rows["v"]["status"] == "failed"
+    return runs[0]
+
+
+def _corrected(path):
+    """The user corrects the file: a later modification time."""
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 10))
+
+
+def test_a_volume_whose_worker_died_after_its_renames_keeps_its_tasks_record(tmp_path, monkeypatch):
+    """A task that put its outputs in place and whose worker then died (Dask's KilledWorker) is a "failed"
+    row, which stamps no output: the task's record is all that tells the file the task wrote from one the
+    user corrects afterwards. The client removed it all the same (settle_pending after every row), and the
+    next run replaced the corrected file without asking."""
+    from synpo.cohort_pending import pending_outputs, pending_records
+    out, rows = str(tmp_path), {}
+    _run_killed(tmp_path, monkeypatch, rows,
+                lambda run: _put_in_place(out, "v", run, "v_synpo.nii.gz", "the task's labels"))
+    assert json.loads(rows["v"]["outputs"]) == ["v_synpo.nii.gz"]
     assert len(pending_records(out, "v")) == 1
-    labels = os.path.join(out, "v_synpo.nii.gz")                   # the user corrects it
-    st = os.stat(labels)
-    os.utime(labels, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 10))
+    _corrected(os.path.join(out, "v_synpo.nii.gz"))
     assert pending_outputs(out, "v") == (set(), {"v_synpo.nii.gz"})  # asked about on the next run
+
+
+def test_a_volume_whose_worker_died_before_its_renames_keeps_the_last_finished_runs_stamps(tmp_path, monkeypatch):
+    """The last finished run's outputs, stamped in the row ("started" keeps them: _mark_started): a task of
+    the next run whose worker died before its renames left a "failed" row without those stamps, so a draft
+    the user then corrected was no longer known as changed, and the run after replaced it without asking."""
+    from synpo.cohort_table import COLUMNS, edited_outputs, file_stamp
+    out = str(tmp_path)
+    labels = os.path.join(out, "v_synpo.nii.gz")
+    with open(labels, "w") as handle:
+        handle.write("the last finished run's labels")
+    stamps = json.dumps({"v_synpo.nii.gz": file_stamp(labels)})
+    rows = {"v": dict({c: "" for c in COLUMNS}, name="v", status="started", outputs='["v_synpo.nii.gz"]',
+                      output_stamps=stamps)}
+    _run_killed(tmp_path, monkeypatch, rows)
+    assert rows["v"]["output_stamps"] == stamps
+    _corrected(labels)
+    assert edited_outputs(rows["v"], out) == [labels]
 
 
 def test_a_record_of_a_volume_with_a_long_name_is_written(tmp_path):

@@ -336,6 +336,10 @@ def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say, 
                     os.path.basename(p) for p in output_paths(args.output, name, options["confidence"],
                                                               options["points"], options["labels"]).values())
                 row["outputs"] = encode_outputs(b for b in ours if os.path.exists(os.path.join(args.output, b)))
+            if row["status"] != "done" and not row.get("output_stamps"):
+                # A failed volume keeps the stamps of the last finished run's outputs (as its "started" row
+                # did): a draft the user corrects afterwards is still known as changed (they went with it).
+                row["output_stamps"] = (rows.get(name) or {}).get("output_stamps", "")
             if row["status"] == "done":
                 # Stamped here, in the process that compares them on the next run (a worker on another
                 # machine may see a shared folder's times at another precision).

@@ -188,9 +188,10 @@ def migrated_outputs(paths: Dict[str, str]) -> str:
 
 
 def output_stamps(row: Optional[dict]) -> Dict[str, str]:
-    """The `output_stamps` cell of a done or started row read: {base name: "size:mtime_ns"} of the
-    volume's outputs it names; {} for other rows, rows from before that column, or a cell not JSON."""
-    if row is None or row.get("status") not in ("done", "started") or not row.get("output_stamps"):
+    """The `output_stamps` cell of a done, started or failed row read (the last two keep the last
+    finished run's): {base name: "size:mtime_ns"} of the volume's outputs it names; {} for other rows,
+    rows from before that column, or a cell not JSON."""
+    if row is None or row.get("status") not in ("done", "started", "failed") or not row.get("output_stamps"):
         return {}
     try:
         stamps = json.loads(row["output_stamps"])
