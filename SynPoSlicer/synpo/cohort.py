@@ -42,7 +42,7 @@ from .cohort_pending import pending_outputs, settle_pending
 from .cohort_queries import expand_queries, output_paths, volume_name
 from .cohort_table import (COLUMNS, CSV_NAME, FolderLock, edited_outputs, encode_outputs, file_stamp,
                            listed_outputs, migrated_outputs, output_stamps, read_rows, recorded_outputs,
-                           remove_stale_temporaries, settings_hash, unknown_outputs, write_rows)
+                           remove_stale_temporaries, settings_hash, stamp_changed, unknown_outputs, write_rows)
 from .cohort_task import load_reference, read_reference, reference_features, segment_query
 from .errors import SynPoError
 from .lifeline import ignore_interrupts, interrupt_on
@@ -337,9 +337,14 @@ def _run_tasks(args, cfg, reference, todo, names, rows, csv_path, options, say, 
                                                               options["points"], options["labels"]).values())
                 row["outputs"] = encode_outputs(b for b in ours if os.path.exists(os.path.join(args.output, b)))
             if row["status"] != "done" and not row.get("output_stamps"):
-                # A failed volume keeps the stamps of the last finished run's outputs (as its "started" row
-                # did): a draft the user corrects afterwards is still known as changed (they went with it).
-                row["output_stamps"] = (rows.get(name) or {}).get("output_stamps", "")
+                # A failed volume keeps the stamps of the last finished run's outputs still in place as it
+                # wrote them (as its "started" row did): a draft the user corrects afterwards is still known
+                # as changed (they went with the failed row). Not those of files the task removed: a file
+                # of the user's given that name later is theirs, no output (it was refused as changed).
+                kept = {b: stamp for b, stamp in output_stamps(rows.get(name)).items()
+                        if os.path.isfile(os.path.join(args.output, b))
+                        and not stamp_changed(stamp, file_stamp(os.path.join(args.output, b)))}
+                row["output_stamps"] = json.dumps(kept, sort_keys=True) if kept else ""
             if row["status"] == "done":
                 # Stamped here, in the process that compares them on the next run (a worker on another
                 # machine may see a shared folder's times at another precision).
