@@ -279,7 +279,7 @@ def test_sweep_script_varies_one_field_at_a_time(tiny_dataset, tmp_path, capsys)
     ((1, 0, 0, 0, 0, 1, 0, -1, 0), 0, (False, False, False)),       # coronal stack: k runs posterior
 ])
 def test_slices_are_drawn_as_viewers_draw_them(direction, axis, expected):
-    from synpo.demo import display_orientation
+    from synpo.layout import display_orientation
     assert display_orientation(direction, axis) == expected
 
 

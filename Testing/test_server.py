@@ -241,6 +241,9 @@ def test_a_session_sent_a_step_at_a_time_over_https(tmp_path):
     ("2d", {"spacing": [1, 1, 2]}, "3D volume is needed"),
     ("empty", {"spacing": [1, 1, 2]}, "is empty"),                        # (a 500 before)
     ("deep", None, "not valid JSON"),                                     # a header nested 100,000 deep (a 500)
+    (None, {"spacing": [1, 1, 2], "direction": [1, 0, 0]}, "meta.direction must be 9 numbers"),
+    (None, {"spacing": [1, 1, 2], "direction": [1, 0, 0, 0, 1, 0, 0, 0, True]}, "meta.direction must be 9 numbers"),
+    (None, {"spacing": [1, 1, 2], "direction": [1, 0, 0, 0, 2, 0, 0, 0, 1]}, "orthogonal unit vectors"),
 ])
 def test_malformed_sessions_get_400_with_one_line(server, body, meta, says):
     import struct
@@ -318,6 +321,35 @@ def test_segment_through_the_server_equals_a_local_run(server, files, remote_run
     image = sitk.ReadImage(files["image"])
     seg = sitk.ReadImage(str(out / "seg.nii.gz"))
     assert seg.GetSpacing() == image.GetSpacing() and seg.GetOrigin() == image.GetOrigin()
+
+
+def test_a_volume_stored_transposed_segments_as_the_volume_stored_as_drawn(server, files, remote_run, tmp_path):
+    """The case's volume stored with i and j exchanged (its direction saying so, as a file converted
+    another way may be): `synpo segment --server` sends its direction, the server gives the encoders its
+    slices as the case's (synpo/layout.py), and the outputs are the case's, in the file's layout."""
+    out, _ = remote_run
+    T = lambda a: np.ascontiguousarray(np.swapaxes(a, 1, 2))
+    paths = {}
+    for name, array in (("image", files["array"]), ("support", files["support_array"])):
+        img = sitk.GetImageFromArray(T(array))
+        img.SetSpacing((1.0, 1.0, 2.0))
+        img.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, 1))          # column i is y, column j is x
+        paths[name] = str(tmp_path / ("%s.nii.gz" % name))
+        sitk.WriteImage(img, paths[name])
+    code = main(["segment", paths["image"], paths["support"], "-o", str(tmp_path / "seg.nii.gz"),
+                 "--points-out", str(tmp_path / "points.json"), "--server", server.url,
+                 "--token-file", server.token_file, "--quiet"])
+    assert code == 0
+    case = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "seg.nii.gz")))
+    stored = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "seg.nii.gz")))
+    assert case.sum() > files["support_array"].sum() * 3 and np.array_equal(T(case), stored)
+    pa, pb = json.load(open(str(out / "points.json"))), json.load(open(str(tmp_path / "points.json")))
+    assert [(s["slice"], s["status"]) for s in pa["slices"]] == [(s["slice"], s["status"]) for s in pb["slices"]]
+    # The same points in the world (the two files place the same volume), i and j exchanged as indices.
+    world = lambda doc: [[p["lps"] for p in s["positive"] + s["negative"]] for s in doc["slices"]]
+    assert world(pa) == world(pb) and any(world(pa))
+    ijk = lambda doc: [[p["ijk"] for p in s["positive"]] for s in doc["slices"]]
+    assert [[[p[1], p[0], p[2]] for p in s] for s in ijk(pa)] == ijk(pb)
 
 
 def test_paint_on_adjacent_slices_is_a_support_through_the_server_and_locally(server, files, remote_run, tmp_path,

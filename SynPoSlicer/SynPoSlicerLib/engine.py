@@ -232,14 +232,16 @@ class RemoteJob:
 
     def __init__(self, client: Client, image: Optional[np.ndarray], spacing_ijk, support: Optional[np.ndarray],
                  settings: Sequence[str] = (), session_id: Optional[str] = None, add: bool = False,
-                 absent: Optional[dict] = None, axis: Optional[int] = None):
+                 absent: Optional[dict] = None, axis: Optional[int] = None, direction=None):
         """A new preview (image and support); with session_id a preview on that server session (its
         embeddings reused; the image is sent again only if the server no longer has it); with
         session_id and add=True corrections on the session's last run: support = the corrected
         slices' paint, absent = {label: slices}; `gone` is set when the server no longer holds that
-        session. axis: a new preview's slicing axis (else the server finds it from the paint)."""
+        session. axis: a new preview's slicing axis (else the server finds it from the paint). direction:
+        the volume's 3x3 LPS direction (mrml.direction_lps), sent with it."""
         self.client, self.image, self.spacing, self.support = client, image, tuple(spacing_ijk), support
         self.settings, self.add, self.absent, self.axis = list(settings), add, absent, axis
+        self.direction = direction
         self.gone = False
         self.session_id = session_id
         self.reused = bool(session_id) and not add      # a new preview on a session already on the server
@@ -323,7 +325,8 @@ class RemoteJob:
                 # A step at a time (client.Upload): a large CT compressed and sent in one call froze
                 # Slicer's main thread for seconds, Cancel included.
                 if self._upload is None:
-                    self._upload = self.client.session_upload(self.image, self.spacing, self.UPLOAD_CHUNK)
+                    self._upload = self.client.session_upload(self.image, self.spacing, self.UPLOAD_CHUNK,
+                                                              direction=self.direction)
                 session = self._advance(self._upload)
                 self.done, self.total = self._upload.progress(), 100
                 self.stage = "sending the volume (%d %%)" % self.done

@@ -31,7 +31,8 @@ def volumeFingerprint(inputs):
     """The volume's content and grid, hashed: a preview of the same volume reuses its server session."""
     import hashlib
     digest = hashlib.sha1()
-    digest.update(repr((inputs.image.shape, str(inputs.image.dtype), tuple(inputs.spacing))).encode())
+    digest.update(repr((inputs.image.shape, str(inputs.image.dtype), tuple(inputs.spacing),
+                        getattr(inputs, "direction", None))).encode())
     digest.update(inputs.image.tobytes())
     return digest.hexdigest()
 
@@ -291,7 +292,7 @@ class PreviewLogic:
                     from SynPoSlicerLib.engine import RemoteJob
                     known = self._sessions.get(fingerprint)
                     self.job = RemoteJob(self.client(), inputs.image, inputs.spacing, inputs.support, settings,
-                                         session_id=known)
+                                         session_id=known, direction=inputs.direction)
                     # The job holds the volume's copy now (until it ends); only the fingerprint stays here.
                     self._pending = (None, None, None, fingerprint)
                     self.state = "running"
@@ -422,9 +423,10 @@ class PreviewLogic:
             return False
         ((shape, where, values), corrections), settings, _ = self._update
         image, spacing = mrml.volume_image(self.volumeNode), mrml.spacing_ijk(self.volumeNode)
+        direction = mrml.direction_lps(self.volumeNode)
         sent = self._pending[3] if self._pending is not None else None
         if image.shape != tuple(shape) or sent is None or self.fingerprint(
-                self.volumeNode, types.SimpleNamespace(image=image, spacing=spacing)) != sent:
+                self.volumeNode, types.SimpleNamespace(image=image, spacing=spacing, direction=direction)) != sent:
             # (hashed once per state of the node: an unchanged volume costs nothing here)
             self.job.error = ("the server no longer holds this preview's volume, and the volume has changed since "
                               "the preview: Preview again (Apply writes your corrections as drawn)")
@@ -438,7 +440,8 @@ class PreviewLogic:
             support, marks = merge_corrections(support, marks, paint, absent, axis)
             del paint
         self._update = self._update[:2] + (self.job.error,)
-        self.job = RemoteJob(self.client(), image, spacing, support, settings, absent=marks, axis=axis)
+        self.job = RemoteJob(self.client(), image, spacing, support, settings, absent=marks, axis=axis,
+                             direction=direction)
         self.message = ("The server no longer held this preview's session: sending the volume again; SynPo runs "
                         "once from your paint and every correction...")
         return True

@@ -55,6 +55,15 @@ def spacing_ijk(volume_node) -> tuple:
     return tuple(float(v) for v in np.linalg.norm(ijk_to_ras(volume_node)[:3, :3], axis=0))
 
 
+def direction_lps(volume_node) -> tuple:
+    """The volume's 3x3 direction as ITK (and synpo's files) give it: LPS, row-major, column c the unit
+    world vector of index axis c (i, j, k). Sent with the volume: the engine gives the encoders each
+    slice with its rows along the axis the slice views draw vertically (synpo/layout.py)."""
+    m = ijk_to_ras(volume_node)[:3, :3]
+    m = np.diag([-1.0, -1.0, 1.0]) @ (m / np.linalg.norm(m, axis=0))
+    return tuple(float(x) for x in m.ravel())
+
+
 def points_ijk_to_ras(volume_node, ijk: np.ndarray) -> np.ndarray:
     ijk = np.atleast_2d(np.asarray(ijk, dtype=float))
     m = ijk_to_ras(volume_node)
@@ -89,6 +98,7 @@ class Inputs:
     spacing: tuple                       # (i, j, k) mm
     segment_ids: List[str]
     axis: int                            # slicing axis of [k, j, i]
+    direction: Optional[tuple] = None    # 3x3 LPS, row-major (direction_lps)
 
 
 def _parallel_axes(a: np.ndarray, b: np.ndarray, tol: float = 1e-3) -> bool:
@@ -159,7 +169,8 @@ def extract_inputs(volume_node, segmentation_node, segment_ids: Sequence[str]) -
             raise InputError("Segment '%s' is empty: paint the target on one slice first." % name)
         support[mask & (support == 0)] = value
     support_info = find_support(support)
-    return Inputs(image, support, spacing_ijk(volume_node), list(segment_ids), support_info.axis)
+    return Inputs(image, support, spacing_ijk(volume_node), list(segment_ids), support_info.axis,
+                  direction_lps(volume_node))
 
 
 # ------------------------------------------------------------------ preview nodes

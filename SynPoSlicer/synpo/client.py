@@ -154,10 +154,11 @@ class Client:
     def health(self) -> dict:
         return self.json("GET", "/v1/health", timeout=min(self.timeout, 10.0))
 
-    def create_session(self, image: np.ndarray, spacing_ijk: Sequence[float]) -> str:
+    def create_session(self, image: np.ndarray, spacing_ijk: Sequence[float],
+                       direction: Optional[Sequence[float]] = None) -> str:
         # (client.Upload: a refusal the server answers before it has read the body, 413 over --max-body-mb,
         # is what the user reads, not the connection reset that follows it with urllib)
-        upload = self.session_upload(image, spacing_ijk, chunk=64 << 20)
+        upload = self.session_upload(image, spacing_ijk, chunk=64 << 20, direction=direction)
         while True:
             sid = upload.step()
             if sid is not None:
@@ -165,10 +166,13 @@ class Client:
             if upload.waiting():
                 time.sleep(0.005)
 
-    def session_upload(self, image: np.ndarray, spacing_ijk: Sequence[float], chunk: int = 4 << 20) -> "Upload":
+    def session_upload(self, image: np.ndarray, spacing_ijk: Sequence[float], chunk: int = 4 << 20,
+                       direction: Optional[Sequence[float]] = None) -> "Upload":
         """create_session a step at a time (Upload): `Upload.step()` returns the session's ID once the
-        server has it, else None; each step compresses or sends at most `chunk` bytes."""
-        return Upload(self, "/v1/sessions", *_session_message(image, spacing_ijk), chunk=chunk,
+        server has it, else None; each step compresses or sends at most `chunk` bytes. direction: the
+        volume's 3x3 direction, when known (meta.direction: the server gives the encoders its slices as
+        viewers draw them, synpo/layout.py; a server from before it ignores it)."""
+        return Upload(self, "/v1/sessions", *_session_message(image, spacing_ijk, direction), chunk=chunk,
                       answer=lambda reply: reply["session"])
 
     def session(self, sid: str) -> dict:
@@ -255,9 +259,12 @@ def server_said(text: bytes, reason: str, code: int) -> str:
     return "the SynPo server said: %s (HTTP %d)" % (said or reason or "error", code)
 
 
-def _session_message(image: np.ndarray, spacing_ijk: Sequence[float]):
+def _session_message(image: np.ndarray, spacing_ijk: Sequence[float], direction: Optional[Sequence[float]] = None):
     """(arrays, meta) of a new session's message."""
-    return {"image": wire.compact_image(np.asarray(image))}, {"spacing": [float(s) for s in spacing_ijk]}
+    meta = {"spacing": [float(s) for s in spacing_ijk]}
+    if direction is not None:
+        meta["direction"] = [float(x) for x in np.asarray(direction, dtype=float).ravel()]
+    return {"image": wire.compact_image(np.asarray(image))}, meta
 
 
 def _run_message(support, settings, modality, support_image, add, confidence_all, absent, axis=None):
@@ -525,12 +532,13 @@ class _ReplayedStream(io.RawIOBase):
 def run_remote(client: Client, image: np.ndarray, spacing_ijk, support: np.ndarray, settings: Sequence[str] = (),
                modality: Optional[str] = None, support_image: Optional[np.ndarray] = None, confidence: str = "none",
                progress: Optional[Callable[[str, int, int], None]] = None, confidence_all: bool = False,
-               absent: Optional[Dict[int, Sequence[int]]] = None) -> VolumeResult:
+               absent: Optional[Dict[int, Sequence[int]]] = None,
+               direction: Optional[Sequence[float]] = None) -> VolumeResult:
     """One whole segmentation through the server: upload, run, download; the session is deleted
     after (and the run cancelled when interrupted). A session the server evicted before the run's
     request reached it (another client's upload on a server with a small --max-memory-mb) is sent
-    again, up to RESENDS times, as the Slicer module does."""
-    sid = client.create_session(image, spacing_ijk)
+    again, up to RESENDS times, as the Slicer module does. direction: as Client.session_upload."""
+    sid = client.create_session(image, spacing_ijk, direction)
     rid = None
     try:
         for tries in range(RESENDS + 1):
@@ -541,7 +549,7 @@ def run_remote(client: Client, image: np.ndarray, spacing_ijk, support: np.ndarr
             except ServerError as exc:
                 if exc.status != 404 or tries == RESENDS:
                     raise
-            sid = client.create_session(image, spacing_ijk)
+            sid = client.create_session(image, spacing_ijk, direction)
         st = client.wait(sid, rid, progress)
         if st["state"] != "done":
             raise ServerError("the server's run %s: %s" % (st["state"], st["error"] or "no result"))

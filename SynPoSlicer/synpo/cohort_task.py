@@ -36,12 +36,14 @@ def load_reference(image_path: str, labels_path: str, stamps: Tuple[str, str]):
     return read_reference(image_path, labels_path)
 
 
-def _reference_slices(ref_image, cfg, axis: int):
-    """The reference's normalised slices across the slicing axis, as VolumeRun takes them."""
+def _reference_slices(ref_image, cfg, axis: int, swap=None):
+    """The reference's normalised slices across the slicing axis, as VolumeRun takes them (in the
+    encoders' layout: `swap`, layout.in_plane_swap)."""
     import numpy as np
     from .intensity import normalize
+    from .layout import swapped
     from .support import to_slices
-    return np.ascontiguousarray(to_slices(normalize(ref_image, cfg.intensity)[0], axis))
+    return np.ascontiguousarray(to_slices(swapped(normalize(ref_image, cfg.intensity)[0], swap), axis))
 
 
 def reference_features(reference, cfg, embedding_cache: Optional[str]) -> dict:
@@ -51,13 +53,15 @@ def reference_features(reference, cfg, embedding_cache: Optional[str]) -> dict:
     whose frame matches uses them (inject_reference)."""
     from .features import batch_size_for
     from .intensity import guess_modality
+    from .layout import in_plane_swap, swap_spacing
     from .support import find_support, in_plane_spacing
     from .volume import EmbeddingStore
     ref_image, ref_labels, ref_geometry = reference
     models = worker_models()
     support = find_support(ref_labels)
-    slices = _reference_slices(ref_image, cfg, support.axis)
-    spacing_rc = in_plane_spacing(ref_geometry.spacing, support.axis)
+    swap = in_plane_swap(ref_geometry.direction, support.axis)     # (as a query stored as it is: Session)
+    slices = _reference_slices(ref_image, cfg, support.axis, swap)
+    spacing_rc = in_plane_spacing(swap_spacing(ref_geometry.spacing, swap), support.axis)
     wanted = sorted({s for v in support.slices.values() for s in v})
     out = {}
     for name, enc in (("sam", models.sam), ("dinov2", models.dino)):
@@ -75,16 +79,19 @@ def inject_reference(session, features: dict, ref_image, cfg, spacing_ijk) -> bo
     """Put the shared reference embeddings where the session's run looks for them (the support
     stores); False when this query's frame differs (its run then embeds the reference itself)."""
     from .features import batch_size_for
+    from .layout import swap_spacing
     from .support import in_plane_spacing
     from .volume import EmbeddingStore, store_key
     axis = features["axis"]
+    swap = session.layout_swap(axis)               # (the reference as the session's run takes it)
+    spacing_ijk = swap_spacing(spacing_ijk, swap)
     slices = None
     models = session.models
     used = False
     for name, (frame, cache) in features["encoders"].items():
         enc = models.sam if name == "sam" else models.dino
         if slices is None:
-            slices = _reference_slices(ref_image, cfg, axis)
+            slices = _reference_slices(ref_image, cfg, axis, swap)
         if enc.frame(slices.shape[1], slices.shape[2], in_plane_spacing(spacing_ijk, axis)) != frame:
             continue
         store = EmbeddingStore(enc, slices, frame, batch_size_for(enc.device, getattr(enc, "name", ""),
@@ -151,7 +158,7 @@ def segment_query(query: str, name: str, outdir: str, reference, features: dict,
         models = worker_models()
         image, geometry = read_volume(query, "query image")
         remove_stale_temporaries(paths.values())
-        session = Session(image, geometry.spacing, models, options["embedding_cache"])
+        session = Session(image, geometry.spacing, models, options["embedding_cache"], geometry.direction)
         # The reference stored as this volume is (another axis order or sense: as `synpo segment
         # --support-image` turns it); the shared embeddings are of the reference as stored.
         turned = orient_like(ref_image, ref_geometry, geometry, "the reference")

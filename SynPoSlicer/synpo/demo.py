@@ -4,29 +4,12 @@ from typing import List, Optional
 
 import numpy as np
 
+from .layout import display_orientation
+
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 SAMPLE_IMAGE = os.path.join(DATA, "sample_ct.nii.gz")
 SAMPLE_SUPPORT = os.path.join(DATA, "sample_ct_liver_support.nii.gz")
 SAMPLE_TRUTH = os.path.join(DATA, "sample_ct_liver.nii.gz")
-
-
-def display_orientation(direction, axis: int):
-    """How a slice across array axis `axis` of [k, j, i] is drawn as viewers draw it: returns
-    (transpose, flip_x, flip_y) for an image whose rows are the slice's first in-plane axis.
-
-    Axial slices with anterior up and the patient's right on the image's left (radiological
-    convention, as 3D Slicer), coronal with superior up and the right on the left, sagittal with
-    superior up and anterior on the left; `direction` is ITK's 3x3 (LPS) direction, row-major."""
-    d = np.asarray(direction, dtype=float).reshape(3, 3)
-    ijk = lambda a: d[:, 2 - a]                     # LPS vector of array axis a (0 = k, 1 = j, 2 = i)
-    rows_axis, cols_axis = [a for a in range(3) if a != axis]
-    normal = int(np.argmax(np.abs(ijk(axis))))      # 0: x (sagittal), 1: y (coronal), 2: z (axial)
-    right, down = {2: ((1, 0, 0), (0, 1, 0)), 1: ((1, 0, 0), (0, 0, -1)), 0: ((0, 1, 0), (0, 0, -1))}[normal]
-    col_vec, row_vec = ijk(cols_axis), ijk(rows_axis)
-    transpose = bool(abs(np.dot(row_vec, right)) > abs(np.dot(col_vec, right)))
-    if transpose:
-        col_vec, row_vec = row_vec, col_vec
-    return transpose, bool(np.dot(col_vec, right) < 0), bool(np.dot(row_vec, down) < 0)
 
 
 def montage(image: np.ndarray, result, truth: Optional[np.ndarray], path: str, n_rows: int = 5,
@@ -101,7 +84,7 @@ def run_demo(folder: str = "synpo-demo", device: str = "auto", quiet: bool = Fal
     support, _ = read_volume(SAMPLE_SUPPORT, "sample support", label=True)
     truth, _ = read_volume(SAMPLE_TRUTH, "sample truth", label=True)
     sam, dino, use = load_models("litemedsam", features, "small", device, quiet)
-    session = Session(image, geometry.spacing, Models.of(sam, dino, use), embedding_cache)
+    session = Session(image, geometry.spacing, Models.of(sam, dino, use), embedding_cache, geometry.direction)
     result = session.run(support, default_config())
     out = os.path.join(folder, "segmentation.nii.gz")
     written: List[str] = write_result(result, geometry, out, os.path.join(folder, "confidence.nii.gz"),

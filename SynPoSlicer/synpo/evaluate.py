@@ -280,7 +280,8 @@ def evaluate_intra(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
         name = os.path.basename(img_path).split(".")[0]
         present = [int(v) for v in np.unique(gt) if v != 0]
         wanted = [v for v in (labels or present) if v in present]
-        session = Session(image, geom.spacing, Models.of(sam, dino, confidence_from), embedding_cache)
+        session = Session(image, geom.spacing, Models.of(sam, dino, confidence_from), embedding_cache,
+                          direction=geom.direction)
         stores = session.stores
         for pos in positions:
             support = np.zeros_like(gt)
@@ -434,7 +435,7 @@ def evaluate_cross(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
             if name in stores[qi]:
                 reuse[store_key("query", name, enc, 0)] = stores[qi][name]
                 reuse[store_key("support", name, enc, 0)] = stores[si][name]
-        session = Session(q_img, q_geom.spacing, Models.of(sam, dino, confidence_from))
+        session = Session(q_img, q_geom.spacing, Models.of(sam, dino, confidence_from), direction=q_geom.direction)
         session.stores.update(reuse)
         result = session.run(support_label, cfg, support_image=s_img)
         for v in wanted:

@@ -175,8 +175,8 @@ class Service:
 
     # ------------------------------------------------------------------ sessions
 
-    def create(self, image: np.ndarray, spacing, meta: Optional[dict] = None) -> Entry:
-        session = Session(image, spacing, self.models, self.embedding_cache)
+    def create(self, image: np.ndarray, spacing, meta: Optional[dict] = None, direction=None) -> Entry:
+        session = Session(image, spacing, self.models, self.embedding_cache, direction)
         size = session.memory_bytes()
         if size > self.budget_bytes:            # (nothing evicted for it)
             raise OverBudget("the volume takes %s in memory as float32, over this server's memory budget "

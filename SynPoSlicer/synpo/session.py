@@ -7,7 +7,8 @@ and SAM's decoded masks by their exact inputs. The command line, `synpo evaluate
 `synpo benchmark`, the server and (through the server) the Slicer module all segment through it.
 
     models = Models.load("litemedsam", device="cpu")
-    session = Session(image, spacing_ijk, models)           # image: [k, j, i], spacing: mm along i, j, k
+    session = Session(image, spacing_ijk, models, direction=direction)   # image: [k, j, i], spacing: mm
+                                                             # along i, j, k; direction: its 3x3 (layout.py)
     result = session.run(support)                            # support: label map, paint on a few slices
     result = session.add_support(paint_on_another_slice)     # embeddings and untouched slices reused
     mask, iou = session.redecode(label=1, slice_index=12, positive=[[40, 30]], negative=[])
@@ -27,10 +28,12 @@ from .errors import InputError, SynPoError
 from .intensity import normalize
 from .io import check_image_values
 from .result import VolumeResult
-from .support import in_plane_spacing, merge_corrections, to_slices
+from .layout import (check_direction, in_plane_swap, swap_spacing, swapped, swapped_masks, swapped_report,
+                     swapped_result)
+from .support import find_support, in_plane_spacing, merge_corrections, to_slices
 from .embeddings import Stores
 from .slice_confidence import SliceConfidence
-from .volume import EmbeddingStore, Progress, SliceReport, get_store, segment_volume, store_key
+from .volume import EmbeddingStore, Progress, SliceReport, check_grids, get_store, segment_volume, store_key
 
 
 @dataclass
@@ -83,7 +86,10 @@ class Session:
     """One volume and everything computed on it (module docstring)."""
 
     def __init__(self, image: np.ndarray, spacing_ijk: Sequence[float], models: Models,
-                 embedding_cache: Optional[str] = None):
+                 embedding_cache: Optional[str] = None, direction: Optional[Sequence[float]] = None):
+        """direction: the volume's 3x3 direction (ITK's LPS or Slicer's RAS, row-major), when known: the
+        encoders are then given each slice with its rows along the axis viewers draw vertically, however
+        the volume is stored (layout.py); every input and output stays in the stored layout."""
         image = np.asarray(image)
         if image.ndim != 3:
             raise InputError("the image is %dD; a 3D volume is needed" % image.ndim)
@@ -94,6 +100,10 @@ class Session:
         if len(spacing) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing):
             raise InputError("the voxel spacing must be 3 positive numbers (mm along i, j, k), not %s"
                              % (list(spacing_ijk),))
+        try:
+            self.direction = None if direction is None else check_direction(direction)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
         self.image, self.spacing, self.models = image, spacing, models
         self.embedding_cache = embedding_cache
         # Embeddings, confidence maps, decoded masks (embeddings.py); stores.grown: the server's memory check.
@@ -136,14 +146,21 @@ class Session:
             support_image = support_image.astype(np.float32, copy=False)
             check_image_values(support_image, "the support image")
         cfg = cfg if cfg is not None else default_config()
+        swap = None
+        if self.direction is not None:
+            check_grids(self.image, support, support_image)     # (its messages in the stored layout)
+            swap = self.layout_swap(find_support(support).axis if axis is None else axis)
         try:
-            result = segment_volume(self.image, self.spacing, support, self.models.sam, self.models.dino, cfg,
-                                    support_image=support_image, progress=progress, cancel=cancel,
+            result = segment_volume(swapped(self.image, swap), swap_spacing(self.spacing, swap), swapped(support, swap),
+                                    self.models.sam, self.models.dino, cfg,
+                                    support_image=swapped(support_image, swap), progress=progress, cancel=cancel,
                                     stores=self.stores, confidence_from=tuple(confidence_from or self.models.confidence_from),
                                     embedding_cache=self.embedding_cache,
-                                    on_slice=on_slice, confidence_everywhere=confidence_everywhere, axis=axis,
-                                    absent=absent, held_ends=held_ends, previous=previous,
-                                    previous_overridden=previous_overridden)
+                                    on_slice=swapped_report(on_slice, swap), confidence_everywhere=confidence_everywhere,
+                                    axis=axis, absent=absent, held_ends=held_ends, previous=swapped(previous, swap),
+                                    previous_overridden=None if previous_overridden is None or swap is None else
+                                    {v: swapped_masks(d) for v, d in previous_overridden.items()})
+            result = swapped_result(result, swap)
         finally:
             self.running_since = None
         self.support, self.support_image, self.cfg, self.result = support, support_image, cfg, result
@@ -252,16 +269,23 @@ class Session:
 
     # ------------------------------------------------------------------ one slice
 
+    def layout_swap(self, axis: int) -> Optional[Tuple[int, int]]:
+        """The array axes exchanged before the slices across `axis` go to the encoders (layout.in_plane_swap:
+        None when the volume is stored as viewers draw it, or its direction is unknown)."""
+        return in_plane_swap(self.direction, axis)
+
     def sam_store(self, axis: int) -> EmbeddingStore:
-        """The SAM embeddings of the slices across `axis` (created empty if no run used that axis)."""
+        """The SAM embeddings of the slices across `axis` (created empty if no run used that axis), in
+        the encoders' layout (layout_swap)."""
         sam = self.models.sam
         key = store_key("query", "sam", sam, axis)
         store = self.stores.get(key)
         if store is None:
+            swap = self.layout_swap(axis)
             norm, _ = normalize(self.image, self.cfg.intensity)
-            slices = np.ascontiguousarray(to_slices(norm, axis))
-            store = get_store(self.stores, key, sam, slices, in_plane_spacing(self.spacing, axis), self.cfg,
-                              self.embedding_cache)
+            slices = np.ascontiguousarray(to_slices(swapped(norm, swap), axis))
+            store = get_store(self.stores, key, sam, slices, in_plane_spacing(swap_spacing(self.spacing, swap), axis),
+                              self.cfg, self.embedding_cache)
         return store
 
     def redecode(self, slice_index: int, positive, negative, label: Optional[int] = None,
@@ -295,9 +319,13 @@ class Session:
         current = None
         if label is not None and self.result is not None and self.result.support.axis == axis:
             current = to_slices(self.result.labels, axis)[t] == int(label)
+        if self.layout_swap(axis) is not None:         # (the store's slices are the stored ones transposed)
+            positive, negative = positive[:, ::-1], negative[:, ::-1]
+            current = None if current is None else current.T
         decoded = redecode_with_points(self.models.sam, store.cache[t], store.frame, positive, negative, current,
                                        self.cfg.decode)
-        return decoded.mask, float(decoded.iou)
+        mask = decoded.mask.T if self.layout_swap(axis) is not None else decoded.mask
+        return np.ascontiguousarray(mask), float(decoded.iou)
 
     # ------------------------------------------------------------------ memory
 

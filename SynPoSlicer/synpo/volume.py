@@ -89,6 +89,16 @@ def segment_volume(image: np.ndarray, spacing_ijk, support_label: np.ndarray, sa
                        confidence_everywhere)
 
 
+def check_grids(image: np.ndarray, support_label: np.ndarray, support_image: Optional[np.ndarray]) -> None:
+    """The support label map on the image's grid, or on the support image's when it was painted on
+    another volume (InputError naming both shapes)."""
+    if support_image is None and support_label.shape != image.shape:
+        raise InputError("support label grid %s differs from the image grid %s" % (support_label.shape, image.shape))
+    if support_image is not None and support_label.shape != support_image.shape:
+        raise InputError("support label grid %s differs from the support image grid %s"
+                         % (support_label.shape, support_image.shape))
+
+
 class VolumeRun:
     """One segmentation of a volume, in named stages (segment_volume runs them):
 
@@ -117,12 +127,7 @@ class VolumeRun:
         if image.ndim != 3:
             raise InputError("image is %dD; a 3D volume is needed" % image.ndim)
         self.cross = cross = support_image is not None
-        if not cross and support_label.shape != image.shape:
-            raise InputError("support label grid %s differs from the image grid %s"
-                             % (support_label.shape, image.shape))
-        if cross and support_label.shape != support_image.shape:
-            raise InputError("support label grid %s differs from the support image grid %s"
-                             % (support_label.shape, support_image.shape))
+        check_grids(image, support_label, support_image)
         self.support = support = find_support(support_label, axis)
         if cross:
             support_image, support_label = fit_support(image, support_image, support_label, support)

@@ -1,6 +1,7 @@
 """Sessions: one uploaded volume each (its image and, as runs need them, its embeddings).
 
-    POST   /v1/sessions        wire: image [k, j, i]; meta: spacing (mm along i, j, k) -> the session
+    POST   /v1/sessions        wire: image [k, j, i]; meta: spacing (mm along i, j, k), optional direction
+                               (9 numbers: its 3x3 direction, row-major; synpo/layout.py) -> the session
     GET    /v1/sessions        the sessions held, memory used and budget
     GET    /v1/sessions/{sid}  what the session holds
     DELETE /v1/sessions/{sid}
@@ -8,6 +9,7 @@
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
+from ..layout import check_direction
 from .common import Refused, message_of, service_of
 
 router = APIRouter()
@@ -30,7 +32,16 @@ async def create_session(request: Request):
         spacing = [float(s) for s in spacing]
     except (TypeError, ValueError):
         raise Refused(400, SPACING) from None
-    entry = await run_in_threadpool(service.create, image, spacing, {})
+    direction = meta.get("direction")
+    if direction is not None:
+        if not isinstance(direction, list) or len(direction) != 9 or \
+                any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in direction):
+            raise Refused(400, "meta.direction must be 9 numbers: the volume's 3x3 direction, row-major")
+        try:
+            direction = check_direction(direction)
+        except ValueError as exc:
+            raise Refused(400, "meta.direction: %s" % exc) from None
+    entry = await run_in_threadpool(service.create, image, spacing, {}, direction)
     return service.describe(entry)
 
 

@@ -1,0 +1,130 @@
+"""A slice's in-plane layout (synpo/layout.py): a volume stored with its slices' in-plane axes swapped
+is segmented as the same volume stored as viewers draw it, when its direction is known."""
+import numpy as np
+import pytest
+
+from conftest import ellipsoid_volume
+from synpo import features
+from synpo.errors import InputError
+from synpo.layout import display_orientation, in_plane_swap, swap_spacing
+from test_models import served_tiny_sam  # noqa: F401  (the fixture: the tiny SAM registered)
+
+IDENTITY = (1, 0, 0, 0, 1, 0, 0, 0, 1)
+# The same physical volume stored with i and j exchanged: direction columns i and j swapped.
+SWAPPED_IJ = (0, 1, 0, 1, 0, 0, 0, 0, 1)
+
+
+def test_which_slices_are_stored_transposed():
+    # An axial volume stored as DICOM is (rows along j: posterior, columns along i: left): as drawn.
+    assert in_plane_swap(IDENTITY, 0) is None
+    assert in_plane_swap((-1, 0, 0, 0, -1, 0, 0, 0, 1), 0) is None        # RAS-stored: flipped, not transposed
+    assert in_plane_swap(SWAPPED_IJ, 0) == (1, 2)
+    # Its coronal and sagittal slices: rows along k (superior-inferior, drawn vertically) in both.
+    assert in_plane_swap(IDENTITY, 1) is None and in_plane_swap(IDENTITY, 2) is None
+    # A volume acquired sagittally (k along x), rows along z: its sagittal slices as drawn; another
+    # with rows along y has them transposed (drawn with superior up, anterior on the left).
+    sagittal_rows_z = np.array([[0, 0, 1], [1, 0, 0], [0, -1, 0]], float)      # columns: i = y, j = -z, k = x
+    assert in_plane_swap(sagittal_rows_z.ravel(), 0) is None
+    sagittal_rows_y = sagittal_rows_z[:, [1, 0, 2]]
+    assert in_plane_swap(sagittal_rows_y.ravel(), 0) == (1, 2)
+    assert in_plane_swap(None, 0) is None
+    # Turned 25 degrees in plane: still clearly transposed; 40 degrees: no clear up, as stored.
+    def turned(deg):
+        a = np.deg2rad(deg)
+        rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1.0]])
+        return (rot @ np.reshape(SWAPPED_IJ, (3, 3))).ravel()
+    assert in_plane_swap(turned(25), 0) == (1, 2) and in_plane_swap(turned(40), 0) is None
+    # The development volumes' own directions (docs/research.md): none is transposed across k.
+    cmr = (0.628, 0.507, -0.591, 0.729, -0.116, 0.675, -0.273, 0.854, 0.442)
+    assert display_orientation(cmr, 0)[0] is False
+    # An oblique cardiac volume (cmr_bssfp's image_2): no slices of it are turned, whatever the axis.
+    cmr2 = (0.68, 0.16, -0.71, 0.73, -0.1, 0.67, -0.04, 0.98, 0.19)
+    assert display_orientation(cmr2, 1)[0] and display_orientation(cmr2, 2)[0]
+    assert [in_plane_swap(cmr2, a) for a in range(3)] == [None, None, None]
+    assert swap_spacing((0.5, 0.7, 3.0), (1, 2)) == (0.7, 0.5, 3.0)
+    assert swap_spacing((0.5, 0.7, 3.0), (0, 2)) == (3.0, 0.7, 0.5)
+    assert swap_spacing((0.5, 0.7, 3.0), (0, 1)) == (0.5, 3.0, 0.7)
+
+
+def _same_results(a, b):
+    assert np.array_equal(a.labels, b.labels) and a.labels.dtype == b.labels.dtype
+    assert set(a.confidence) == set(b.confidence)
+    for v in a.confidence:
+        assert np.array_equal(a.confidence[v], b.confidence[v])
+    assert [r.to_dict() for r in a.records] == [r.to_dict() for r in b.records]
+    for name in ("trimmed", "overridden"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert {v: sorted(d) for v, d in x.items()} == {v: sorted(d) for v, d in y.items()}
+        assert all(np.array_equal(x[v][t], y[v][t]) for v in x for t in x[v])
+    assert sorted(a.grown) == sorted(b.grown) and all(np.array_equal(a.grown[t], b.grown[t]) for t in a.grown)
+    assert a.support == b.support and a.computed == b.computed
+
+
+def test_a_volume_stored_transposed_is_segmented_as_the_same_volume_stored_as_drawn(served_tiny_sam):
+    """Runs, a correction, a re-decoded slice and the slices reported as they are decided: the volume
+    stored with i and j exchanged (and its direction saying so) gives exactly the as-drawn volume's
+    results, in its own layout; without its direction, other results (the encoders saw other slices)."""
+    sam = features.SamModel.load("vit_tiny", "cpu")
+    from synpo.session import Models, Session
+    image, mask = ellipsoid_volume(shape=(7, 40, 52), centre=(3, 18, 27), radii=(2.5, 9, 14))
+    image = image + np.linspace(0, 20, 52)[None, None, :]          # not symmetric under the swap
+    support = np.zeros(mask.shape, dtype=np.int32)
+    support[3][mask[3]] = 1
+    T = lambda a: np.ascontiguousarray(np.swapaxes(a, 1, 2))
+    spacing = (0.8, 1.1, 3.0)
+
+    drawn, reports_a = Session(image, spacing, Models.of(sam), direction=IDENTITY), []
+    stored, reports_b = Session(T(image), (1.1, 0.8, 3.0), Models.of(sam), direction=SWAPPED_IJ), []
+    a = drawn.run(support, on_slice=lambda r, m: reports_a.append((r.to_dict(), m)))
+    b = stored.run(T(support), on_slice=lambda r, m: reports_b.append((r.to_dict(), m)))
+    assert a.labels.any()
+    _same_results(a, swap_result_back(b))
+    key = lambda item: (item[0]["label"], item[0]["index"], item[0]["status"])
+    reports_a, reports_b = sorted(reports_a, key=key), sorted(reports_b, key=key)
+    assert [swap_record(r) for r, _ in reports_b] == [r for r, _ in reports_a]
+    assert all((m is None and n is None) or np.array_equal(m, n.T) for (_, m), (_, n) in zip(reports_a, reports_b))
+
+    # A correction on another slice (the session's Update) and a slice decoded again from moved points.
+    paint = np.zeros_like(support)
+    paint[5][mask[5]] = 1
+    _same_results(drawn.add_support(paint), swap_result_back(stored.add_support(T(paint))))
+    m_a, iou_a = drawn.redecode(4, [[27, 18]], [[5, 5]], label=1)
+    m_b, iou_b = stored.redecode(4, [[18, 27]], [[5, 5]], label=1)
+    assert iou_a == iou_b and np.array_equal(m_a, m_b.T)
+
+    # No direction: the slices as stored (not the as-drawn run), and the as-drawn volume unchanged by it.
+    as_stored = Session(T(image), (1.1, 0.8, 3.0), Models.of(sam)).run(T(support))
+    assert not np.array_equal(swap_result_back(as_stored).confidence[1], a.confidence[1])
+    _same_results(Session(image, spacing, Models.of(sam)).run(support), a)
+
+
+def swap_record(d):
+    d = dict(d)
+    d["positive"] = [[p[1], p[0]] for p in d["positive"]]
+    d["negative"] = [[p[1], p[0]] for p in d["negative"]]
+    if d["box"] is not None:
+        b = d["box"]
+        d["box"] = [b[1], b[0], b[3], b[2]]
+    return d
+
+
+def swap_result_back(result):
+    """A result of the volume stored with i and j exchanged, on the as-drawn volume's grid (the test's
+    own arithmetic, not layout.swapped_result)."""
+    import dataclasses
+    from synpo.result import SliceRecord
+    T = lambda a: np.ascontiguousarray(np.swapaxes(a, 1, 2))
+    masks = lambda d: {t: m.T for t, m in d.items()}
+    return dataclasses.replace(result, labels=T(result.labels), confidence={v: T(c) for v, c in result.confidence.items()},
+                               records=[SliceRecord.from_dict(swap_record(r.to_dict())) for r in result.records],
+                               trimmed={v: masks(d) for v, d in result.trimmed.items()}, grown=masks(result.grown),
+                               overridden={v: masks(d) for v, d in result.overridden.items()})
+
+
+def test_a_bad_direction_is_refused():
+    from synpo.session import Models, Session
+    image = np.arange(3 * 8 * 8, dtype=np.float32).reshape(3, 8, 8)
+    for bad, why in [((1, 0, 0), "9 numbers"), ((1, 0, 0, 0, 1, 0, 0, 0, float("nan")), "finite"),
+                     ((2, 0, 0, 0, 1, 0, 0, 0, 1), "orthogonal unit")]:
+        with pytest.raises(InputError, match=why):
+            Session(image, (1, 1, 1), Models.of(None), direction=bad)
