@@ -128,3 +128,106 @@ def test_a_bad_direction_is_refused():
                      ((2, 0, 0, 0, 1, 0, 0, 0, 1), "orthogonal unit")]:
         with pytest.raises(InputError, match=why):
             Session(image, (1, 1, 1), Models.of(None), direction=bad)
+
+
+def _turned(deg):
+    """SWAPPED_IJ turned `deg` degrees in plane (about z)."""
+    a = np.deg2rad(deg)
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1.0]])
+    return tuple((rot @ np.reshape(SWAPPED_IJ, (3, 3))).ravel())
+
+
+def test_the_cohort_s_shared_reference_embeddings_serve_only_a_query_taking_them_in_their_layout(
+        served_tiny_sam, monkeypatch):
+    """The reference task embeds the reference in the layout its own direction gives; a query whose
+    direction lies within orient_like's 40 degrees of it (the reference taken as stored) may give another
+    (one plane 25 degrees from the transposed, the other 35: over MAX_TILT_DEGREES). With square slices
+    the frames agree, so the shared embeddings were injected beside slices of the other layout and the
+    query's run decoded from them: its results must be those it gets embedding the reference itself."""
+    from synpo import cohort_task
+    from synpo.config import default_config
+    from synpo.io import Geometry, turn_of
+    from synpo.session import Models, Session
+    sam = features.SamModel.load("vit_tiny", "cpu")
+    models = Models.of(sam)
+    monkeypatch.setattr(cohort_task, "worker_models", lambda: models)
+    image, mask = ellipsoid_volume(shape=(7, 40, 40), centre=(3, 18, 22), radii=(2.5, 9, 13))
+    image = image + np.linspace(0, 20, 40)[None, None, :]          # not symmetric under the swap
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    labels[3][mask[3]] = 1
+    spacing, cfg = (1.0, 1.0, 3.0), default_config()
+    ref_geometry = Geometry((40, 40, 7), spacing, (0.0, 0.0, 0.0), _turned(25))
+    for query_direction, shared in ((_turned(35), False), (_turned(25), True)):
+        query_geometry = Geometry((40, 40, 7), spacing, (0.0, 0.0, 0.0), query_direction)
+        assert turn_of(ref_geometry, query_geometry) == ""             # (segment_query injects them)
+        feats = cohort_task.reference_features((image, labels, ref_geometry), cfg, None)
+        session = Session(image, spacing, models, direction=query_direction)
+        injected = cohort_task.inject_reference(session, feats, image, cfg, spacing)
+        alone = Session(image, spacing, models, direction=query_direction)
+        _same_results(session.run(labels, cfg, support_image=image), alone.run(labels, cfg, support_image=image))
+        assert injected is shared
+    assert in_plane_swap(_turned(25), 0) == (1, 2) and in_plane_swap(_turned(35), 0) is None
+
+
+def test_evaluate_s_baselines_score_a_volume_stored_transposed_as_the_volume_stored_as_drawn(
+        served_tiny_sam, tmp_path):
+    """evaluate_intra's baselines (persam, oracle_box) decode on the session's embedding store, which
+    holds the slices in the encoders' layout: the confidence and truth they are given, and the masks
+    they return, must be turned to it and back (a volume stored transposed: a crash on non-square
+    slices, other slices' prompts on square ones)."""
+    import SimpleITK as sitk
+    from synpo.evaluate import evaluate_intra
+    sam = features.SamModel.load("vit_tiny", "cpu")
+    image, mask = ellipsoid_volume(shape=(7, 40, 52), centre=(3, 18, 27), radii=(2.5, 9, 14))
+    image = image + np.linspace(0, 20, 52)[None, None, :]
+    T = lambda a: np.ascontiguousarray(np.swapaxes(a, 1, 2))
+    pairs = []
+    for name, (img, lab, spacing, direction) in {
+            "drawn": (image, mask, (0.8, 1.1, 3.0), IDENTITY),
+            "stored": (T(image), T(mask), (1.1, 0.8, 3.0), SWAPPED_IJ)}.items():
+        paths = []
+        for what, array in (("image", img), ("label", lab.astype(np.uint8))):
+            vol = sitk.GetImageFromArray(array)
+            vol.SetSpacing(spacing)
+            vol.SetDirection(direction)
+            paths.append(str(tmp_path / ("%s_%s.nii.gz" % (what, name))))
+            sitk.WriteImage(vol, paths[-1])
+        pairs.append(tuple(paths))
+    scores = evaluate_intra(pairs, sam, log=lambda *a: None)
+    by = {}
+    for s in scores:
+        by.setdefault(s.method, []).append(s)
+    assert {"synpo", "copy", "persam", "oracle_box"} <= set(by)
+    for method, (a, b) in by.items():
+        assert (a.dice_labelled, a.dice_volume, a.fp_slices) == (b.dice_labelled, b.dice_volume, b.fp_slices), method
+
+
+def test_an_update_gives_the_walks_the_last_run_s_overridden_masks_in_either_layout(monkeypatch):
+    """Session.add_support hands segment_volume the last run's VolumeResult.overridden (walk.keep_agreed:
+    a walk that agrees with its own previous masks keeps them), in the encoders' layout: for a volume
+    stored as drawn (or of no known direction) as they are, for one stored transposed each mask turned.
+    (They were dropped for every volume not turned.)"""
+    import synpo.session as session_module
+    from synpo.result import VolumeResult
+    from synpo.session import Models, Session
+    from synpo.support import find_support
+    own = lambda shape: (np.arange(shape[1] * shape[2]).reshape(shape[1:]) % 3) == 0     # in the run's layout
+    seen = []
+
+    def segment_volume(image, spacing, support, sam, dino, cfg, **kw):
+        seen.append(kw)
+        return VolumeResult(np.zeros(image.shape, np.uint8), {}, [], find_support(support, kw.get("axis")), "mr",
+                            ["sam"], {}, overridden={1: {2: own(image.shape)}})
+    monkeypatch.setattr(session_module, "segment_volume", segment_volume)
+    image = np.random.default_rng(0).normal(size=(5, 6, 8)).astype(np.float32)
+    support, paint = np.zeros(image.shape, np.int32), np.zeros(image.shape, np.int32)
+    support[2, 1:4, 2:6] = 1
+    paint[3, 1:4, 2:6] = 1
+    for direction, run_shape in ((None, (5, 6, 8)), (IDENTITY, (5, 6, 8)), (SWAPPED_IJ, (5, 8, 6))):
+        session = Session(image, (1.0, 1.0, 2.0), Models.of(None), direction=direction)
+        first = session.run(support)
+        assert first.overridden[1][2].shape == (6, 8)            # (in the stored layout)
+        session.add_support(paint)
+        given = seen[-1]["previous_overridden"]
+        assert given is not None and sorted(given) == [1] and sorted(given[1]) == [2], direction
+        assert np.array_equal(given[1][2], own(run_shape)), direction

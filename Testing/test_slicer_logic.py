@@ -130,6 +130,20 @@ def test_a_volume_stored_transposed_previews_as_the_volume_stored_as_drawn(scene
     assert figures(job.result) == figures(drawn.result)
 
 
+def test_a_sheared_volume_is_sent_without_a_direction():
+    """A volume node whose IJK-to-RAS is sheared (a hardened shear transform; Slicer keeps it): its
+    direction would be refused by the server (meta.direction: not orthogonal, a 400 for the whole
+    preview), so none is sent and its slices are taken as stored; an oblique one is sent."""
+    from synpo.layout import check_direction
+    scene = slicer.vtkMRMLScene()
+    image = np.zeros((4, 5, 6), np.float32)
+    sheared = np.eye(4)
+    sheared[:3, :3] = [[1.0, 0.3, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 2.0]]
+    assert mrml.direction_lps(add_volume(scene, image, sheared, "sheared")) is None
+    oblique = mrml.direction_lps(add_volume(scene, image, oblique_matrix(), "oblique"))
+    assert check_direction(oblique) == oblique
+
+
 def test_the_volume_goes_up_in_short_steps_and_cancel_stops_it(scene_case, server, monkeypatch):
     """The module's timer sends the volume a chunk per tick (PythonQt holds the GIL while Qt idles: a
     Python thread would not run, and one call froze Slicer for seconds on a large CT), then the run's

@@ -55,12 +55,17 @@ def spacing_ijk(volume_node) -> tuple:
     return tuple(float(v) for v in np.linalg.norm(ijk_to_ras(volume_node)[:3, :3], axis=0))
 
 
-def direction_lps(volume_node) -> tuple:
+def direction_lps(volume_node) -> Optional[tuple]:
     """The volume's 3x3 direction as ITK (and synpo's files) give it: LPS, row-major, column c the unit
     world vector of index axis c (i, j, k). Sent with the volume: the engine gives the encoders each
-    slice with its rows along the axis the slice views draw vertically (synpo/layout.py)."""
+    slice with its rows along the axis the slice views draw vertically (synpo/layout.py). None for a
+    sheared grid (a shear transform hardened on the volume, a NRRD's non-orthogonal space directions):
+    the server refuses a direction whose columns are not orthogonal (layout.check_direction), which
+    failed the whole preview; without one its slices are taken as stored, as before directions were sent."""
     m = ijk_to_ras(volume_node)[:3, :3]
     m = np.diag([-1.0, -1.0, 1.0]) @ (m / np.linalg.norm(m, axis=0))
+    if not np.allclose(m.T @ m, np.eye(3), atol=1e-3):
+        return None
     return tuple(float(x) for x in m.ravel())
 
 

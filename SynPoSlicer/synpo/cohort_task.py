@@ -72,18 +72,25 @@ def reference_features(reference, cfg, embedding_cache: Optional[str]) -> dict:
             store.ensure(wanted)          # as VolumeRun.open_stores embeds them: the same batches
             out[name] = (frame, {i: store.cache[i] for i in wanted})
     return {"models": models.describe(), "axis": support.axis, "modality": guess_modality(ref_image),
-            "encoders": out}
+            "encoders": out, "swap": swap}
 
 
 def inject_reference(session, features: dict, ref_image, cfg, spacing_ijk) -> bool:
     """Put the shared reference embeddings where the session's run looks for them (the support
-    stores); False when this query's frame differs (its run then embeds the reference itself)."""
+    stores); False when this query's frame differs, or its run takes the reference's slices in another
+    layout than the reference task embedded them (layout.in_plane_swap of the query's direction and of
+    the reference's, which orient_like leaves as stored within 40 degrees: a square slice has the same
+    frame both ways, and the store would hold the other layout's embeddings): its run then embeds the
+    reference itself."""
     from .features import batch_size_for
     from .layout import swap_spacing
     from .support import in_plane_spacing
     from .volume import EmbeddingStore, store_key
     axis = features["axis"]
     swap = session.layout_swap(axis)               # (the reference as the session's run takes it)
+    embedded_as = features.get("swap")
+    if (None if embedded_as is None else tuple(embedded_as)) != swap:
+        return False
     spacing_ijk = swap_spacing(spacing_ijk, swap)
     slices = None
     models = session.models

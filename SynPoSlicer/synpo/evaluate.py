@@ -38,6 +38,7 @@ from .decode import DecodeConfig, decode_slice
 from .gate import organ_range
 from .intensity import normalize
 from .io import read_volume
+from .layout import swapped
 from .prompts import Prompts, box_of
 from .position import expected_region, expected_shape
 from .support import in_plane_spacing, to_slices
@@ -304,19 +305,22 @@ def evaluate_intra(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
                            scores[-1].fp_slices))
             if baselines:
                 first = results[variants[0].name]
+                # The session's store holds the slices across k in the encoders' layout (layout.py): the
+                # baselines' maps and truth go to it in that layout, their masks come back in the file's.
+                swap = session.layout_swap(0)
                 for v in wanted:
                     s = support_slice(gt == v, pos)
                     labelled = (gt == v).reshape(len(gt), -1).any(1)
                     copy = np.zeros(gt.shape, dtype=bool)
                     copy[labelled] = gt[s] == v
                     scores.append(scored(name, v, "copy", pos, copy, gt == v, 0.0))
-                    pred = persam(sam, sam_store(stores), first.confidence[v])
+                    pred = swapped(persam(sam, sam_store(stores), swapped(first.confidence[v], swap)), swap)
                     scores.append(scored(name, v, "persam", pos, pred, gt == v, 0.0))
         if baselines:
-            store = sam_store(stores)
+            store, swap = sam_store(stores), session.layout_swap(0)
             for v in wanted:
                 t0 = time.perf_counter()
-                pred = oracle_box(sam, store, gt, v, cfg.volume.ring_min_hole)
+                pred = swapped(oracle_box(sam, store, swapped(gt, swap), v, cfg.volume.ring_min_hole), swap)
                 scores.append(scored(name, v, "oracle_box", float("nan"), pred, gt == v, time.perf_counter() - t0))
     return scores
 

@@ -4,7 +4,8 @@ Paths (all but health need `Authorization: Bearer TOKEN`; bodies and results of 
 wire.py messages, the rest JSON; every error is {"error": "one line"} with a 4xx/5xx status):
 
     GET    /v1/health                                   no token; version, models, limits (HEAD: the status)
-    POST   /v1/sessions                                 wire: image [k,j,i]; meta: spacing (mm along i,j,k)
+    POST   /v1/sessions                                 wire: image [k,j,i]; meta: spacing (mm along i,j,k),
+                                                        direction (optional, 9 numbers: synpo/layout.py)
     GET    /v1/sessions                                 the sessions held, memory used and budget
     GET    /v1/sessions/{sid}                           what the session holds
     DELETE /v1/sessions/{sid}

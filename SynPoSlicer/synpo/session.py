@@ -146,11 +146,11 @@ class Session:
             support_image = support_image.astype(np.float32, copy=False)
             check_image_values(support_image, "the support image")
         cfg = cfg if cfg is not None else default_config()
-        swap = None
-        if self.direction is not None:
-            check_grids(self.image, support, support_image)     # (its messages in the stored layout)
-            swap = self.layout_swap(find_support(support).axis if axis is None else axis)
         try:
+            swap = None
+            if self.direction is not None:
+                check_grids(self.image, support, support_image)     # (its messages in the stored layout)
+                swap = self.layout_swap(find_support(support).axis if axis is None else axis)
             result = segment_volume(swapped(self.image, swap), swap_spacing(self.spacing, swap), swapped(support, swap),
                                     self.models.sam, self.models.dino, cfg,
                                     support_image=swapped(support_image, swap), progress=progress, cancel=cancel,
@@ -158,8 +158,8 @@ class Session:
                                     embedding_cache=self.embedding_cache,
                                     on_slice=swapped_report(on_slice, swap), confidence_everywhere=confidence_everywhere,
                                     axis=axis, absent=absent, held_ends=held_ends, previous=swapped(previous, swap),
-                                    previous_overridden=None if previous_overridden is None or swap is None else
-                                    {v: swapped_masks(d) for v, d in previous_overridden.items()})
+                                    previous_overridden=previous_overridden if swap is None or not previous_overridden
+                                    else {v: swapped_masks(d) for v, d in previous_overridden.items()})
             result = swapped_result(result, swap)
         finally:
             self.running_since = None
