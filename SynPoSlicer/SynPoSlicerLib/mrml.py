@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from synpo.errors import InputError
+from synpo.layout import check_direction
 from synpo.support import find_support
 
 import slicer
@@ -63,10 +64,10 @@ def direction_lps(volume_node) -> Optional[tuple]:
     the server refuses a direction whose columns are not orthogonal (layout.check_direction), which
     failed the whole preview; without one its slices are taken as stored, as before directions were sent."""
     m = ijk_to_ras(volume_node)[:3, :3]
-    m = np.diag([-1.0, -1.0, 1.0]) @ (m / np.linalg.norm(m, axis=0))
-    if not np.allclose(m.T @ m, np.eye(3), atol=1e-3):
+    try:
+        return check_direction(np.diag([-1.0, -1.0, 1.0]) @ (m / np.linalg.norm(m, axis=0)))
+    except ValueError:
         return None
-    return tuple(float(x) for x in m.ravel())
 
 
 def points_ijk_to_ras(volume_node, ijk: np.ndarray) -> np.ndarray:

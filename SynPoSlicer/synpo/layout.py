@@ -38,6 +38,15 @@ def check_direction(direction) -> Tuple[float, ...]:
     return tuple(float(x) for x in d.ravel())
 
 
+def _drawn_axes(d: np.ndarray, axis: int):
+    """(rows axis, columns axis, LPS vector drawn rightwards, LPS vector drawn downwards) of the slices
+    across array axis `axis`, by the anatomical plane nearest to them (display_orientation)."""
+    rows_axis, cols_axis = [a for a in range(3) if a != axis]
+    normal = int(np.argmax(np.abs(d[:, 2 - axis])))    # 0: x (sagittal), 1: y (coronal), 2: z (axial)
+    right, down = {2: ((1, 0, 0), (0, 1, 0)), 1: ((1, 0, 0), (0, 0, -1)), 0: ((0, 1, 0), (0, 0, -1))}[normal]
+    return rows_axis, cols_axis, right, down
+
+
 def display_orientation(direction, axis: int):
     """How a slice across array axis `axis` of [k, j, i] is drawn as viewers draw it: returns
     (transpose, flip_x, flip_y) for an image whose rows are the slice's first in-plane axis.
@@ -46,11 +55,8 @@ def display_orientation(direction, axis: int):
     convention, as 3D Slicer), coronal with superior up and the right on the left, sagittal with
     superior up and anterior on the left; `direction` is ITK's 3x3 (LPS) direction, row-major."""
     d = np.asarray(direction, dtype=float).reshape(3, 3)
-    ijk = lambda a: d[:, 2 - a]                     # LPS vector of array axis a (0 = k, 1 = j, 2 = i)
-    rows_axis, cols_axis = [a for a in range(3) if a != axis]
-    normal = int(np.argmax(np.abs(ijk(axis))))      # 0: x (sagittal), 1: y (coronal), 2: z (axial)
-    right, down = {2: ((1, 0, 0), (0, 1, 0)), 1: ((1, 0, 0), (0, 0, -1)), 0: ((0, 1, 0), (0, 0, -1))}[normal]
-    col_vec, row_vec = ijk(cols_axis), ijk(rows_axis)
+    rows_axis, cols_axis, right, down = _drawn_axes(d, axis)
+    col_vec, row_vec = d[:, 2 - cols_axis], d[:, 2 - rows_axis]    # LPS vector of array axis a: column 2 - a
     transpose = bool(abs(np.dot(row_vec, right)) > abs(np.dot(col_vec, right)))
     if transpose:
         col_vec, row_vec = row_vec, col_vec
@@ -73,9 +79,7 @@ def in_plane_swap(direction: Optional[Sequence[float]], axis: int) -> Optional[T
     if not display_orientation(direction, axis)[0]:
         return None
     d = np.asarray(direction, dtype=float).reshape(3, 3)
-    rows_axis, cols_axis = [a for a in range(3) if a != axis]
-    normal = int(np.argmax(np.abs(d[:, 2 - axis])))
-    right, down = {2: ((1, 0, 0), (0, 1, 0)), 1: ((1, 0, 0), (0, 0, 1)), 0: ((0, 1, 0), (0, 0, 1))}[normal]
+    rows_axis, cols_axis, right, down = _drawn_axes(d, axis)
     near = np.cos(np.deg2rad(MAX_TILT_DEGREES))
     if abs(np.dot(d[:, 2 - rows_axis], right)) < near or abs(np.dot(d[:, 2 - cols_axis], down)) < near:
         return None
@@ -123,7 +127,7 @@ def swapped_result(result, swap: Optional[Tuple[int, int]]):
     overridden). Slice indices and the support are the same in both."""
     if swap is None:
         return result
-    back = lambda a: np.ascontiguousarray(np.swapaxes(a, *swap))
+    back = lambda a: np.ascontiguousarray(swapped(a, swap))
     return dataclasses.replace(
         result, labels=back(result.labels), confidence={v: back(c) for v, c in result.confidence.items()},
         records=[swapped_record(r) for r in result.records],

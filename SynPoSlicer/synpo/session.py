@@ -148,7 +148,7 @@ class Session:
         cfg = cfg if cfg is not None else default_config()
         try:
             swap = None
-            if self.direction is not None:
+            if any(self.layout_swap(a) for a in range(3)):   # (else the paint is not read twice for its axis)
                 check_grids(self.image, support, support_image)     # (its messages in the stored layout)
                 swap = self.layout_swap(find_support(support).axis if axis is None else axis)
             result = segment_volume(swapped(self.image, swap), swap_spacing(self.spacing, swap), swapped(support, swap),
@@ -319,13 +319,13 @@ class Session:
         current = None
         if label is not None and self.result is not None and self.result.support.axis == axis:
             current = to_slices(self.result.labels, axis)[t] == int(label)
-        if self.layout_swap(axis) is not None:         # (the store's slices are the stored ones transposed)
+        turned = self.layout_swap(axis) is not None      # (the store's slices are the stored ones transposed)
+        if turned:
             positive, negative = positive[:, ::-1], negative[:, ::-1]
             current = None if current is None else current.T
         decoded = redecode_with_points(self.models.sam, store.cache[t], store.frame, positive, negative, current,
                                        self.cfg.decode)
-        mask = decoded.mask.T if self.layout_swap(axis) is not None else decoded.mask
-        return np.ascontiguousarray(mask), float(decoded.iou)
+        return (np.ascontiguousarray(decoded.mask.T) if turned else decoded.mask), float(decoded.iou)
 
     # ------------------------------------------------------------------ memory
 
