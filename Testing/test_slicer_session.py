@@ -129,6 +129,17 @@ def test_only_this_slicers_own_launcher_inherits_its_environment(monkeypatch, tm
         assert base_environment(python) == {"AT_START": "1"}, python
 
 
+def _environment_after_exec(pid, timeout=30.0):
+    """The environment a just-started process runs with. Read between its fork and its exec,
+    /proc/PID/environ is empty (psutil gives {}: CI saw it once, stop 62), so wait for the exec."""
+    deadline = time.monotonic() + timeout
+    while True:
+        environment = psutil.Process(pid).environ()
+        if environment or time.monotonic() > deadline:
+            return environment
+        time.sleep(0.05)
+
+
 def test_the_cache_folder_setting_reaches_a_server_the_effect_starts(sandbox, scene_case, monkeypatch, tmp_path):
     """The panel never opened (the effect alone), a Python other than PythonSlicer for the server: it
     starts from slicer.util.startupEnvironment (Slicer's environment when it started, before the
@@ -144,12 +155,12 @@ def test_the_cache_folder_setting_reaches_a_server_the_effect_starts(sandbox, sc
     assert sandbox.prepareServer(logic, *sandbox.serverSettings(), features="sam")
     try:
         logic.serverReady(logic.getParameterNode())
-        assert psutil.Process(logic.server.proc.pid).environ().get("SYNPO_CACHE") == folder
+        assert _environment_after_exec(logic.server.proc.pid).get("SYNPO_CACHE") == folder
         first = logic.server
         Settings.values["SynPoSlicer/CacheFolder"] = str(tmp_path / "elsewhere")
         logic.serverReady(logic.getParameterNode())          # another folder: another server
         assert logic.server is not first and not first.running()
-        assert psutil.Process(logic.server.proc.pid).environ().get("SYNPO_CACHE") == str(tmp_path / "elsewhere")
+        assert _environment_after_exec(logic.server.proc.pid).get("SYNPO_CACHE") == str(tmp_path / "elsewhere")
     finally:
         logic.stopServer()
 
