@@ -6,12 +6,15 @@ import pytest
 from conftest import ellipsoid_volume
 from synpo import features
 from synpo.errors import InputError
-from synpo.layout import display_orientation, in_plane_swap, swap_spacing
+from synpo.layout import display_orientation, in_plane_layout, in_plane_swap, known_direction, rows_reversed, swap_spacing
 from test_models import served_tiny_sam  # noqa: F401  (the fixture: the tiny SAM registered)
 
-IDENTITY = (1, 0, 0, 0, 1, 0, 0, 0, 1)
+IDENTITY = (1, 0, 0, 0, 1, 0, 0, 0, 1)          # DICOM's axial layout: row 0 anterior
 # The same physical volume stored with i and j exchanged: direction columns i and j swapped.
 SWAPPED_IJ = (0, 1, 0, 1, 0, 0, 0, 0, 1)
+# Stored RAS (the development volumes' layout: row 0 posterior), and the same stored with i and j exchanged.
+DRAWN = (-1, 0, 0, 0, -1, 0, 0, 0, 1)
+DRAWN_SWAPPED = (0, -1, 0, -1, 0, 0, 0, 0, 1)
 
 
 def test_which_slices_are_stored_transposed():
@@ -60,65 +63,134 @@ def _same_results(a, b):
     assert a.support == b.support and a.computed == b.computed
 
 
-def test_a_volume_stored_transposed_is_segmented_as_the_same_volume_stored_as_drawn(served_tiny_sam):
+# The same volume stored three other ways: (name, the array stored, its spacing, its direction, transposed?,
+# rows reversed?). Each direction places the same voxels where DRAWN places them.
+STORED = [
+    ("transposed", lambda a: np.ascontiguousarray(np.swapaxes(a, 1, 2)), (1.1, 0.8, 3.0), DRAWN_SWAPPED, True, False),
+    ("upside down (DICOM's layout)", lambda a: np.ascontiguousarray(a[:, ::-1]), (0.8, 1.1, 3.0), (-1, 0, 0, 0, 1, 0, 0, 0, 1),
+     False, True),
+    ("transposed and upside down", lambda a: np.ascontiguousarray(np.swapaxes(a[:, ::-1], 1, 2)), (1.1, 0.8, 3.0),
+     (0, -1, 0, 1, 0, 0, 0, 0, 1), True, True),
+]
+
+
+@pytest.mark.parametrize("stored_as", STORED, ids=[s[0] for s in STORED])
+def test_a_volume_stored_another_way_is_segmented_as_the_same_volume_stored_as_drawn(served_tiny_sam, stored_as):
     """Runs, a correction, a re-decoded slice and the slices reported as they are decided: the volume
-    stored with i and j exchanged (and its direction saying so) gives exactly the as-drawn volume's
-    results, in its own layout; without its direction, other results (the encoders saw other slices)."""
+    stored with i and j exchanged, or with its rows reversed (anterior side up, as DICOM stores an axial
+    slice), or both (and its direction saying so) gives exactly the as-drawn volume's results, in its own
+    layout; without its direction, other results (the encoders saw other slices)."""
+    _, to_stored, stored_spacing, direction, swap, flip = stored_as
     sam = features.SamModel.load("vit_tiny", "cpu")
     from synpo.session import Models, Session
     image, mask = ellipsoid_volume(shape=(7, 40, 52), centre=(3, 18, 27), radii=(2.5, 9, 14))
-    image = image + np.linspace(0, 20, 52)[None, None, :]          # not symmetric under the swap
+    image = image + np.linspace(0, 20, 52)[None, None, :] + np.linspace(0, 9, 40)[None, :, None]   # no symmetry
     support = np.zeros(mask.shape, dtype=np.int32)
     support[3][mask[3]] = 1
-    T = lambda a: np.ascontiguousarray(np.swapaxes(a, 1, 2))
+    S = to_stored
     spacing = (0.8, 1.1, 3.0)
+    back = Back(swap, flip, 40)
 
-    drawn, reports_a = Session(image, spacing, Models.of(sam), direction=IDENTITY), []
-    stored, reports_b = Session(T(image), (1.1, 0.8, 3.0), Models.of(sam), direction=SWAPPED_IJ), []
+    drawn, reports_a = Session(image, spacing, Models.of(sam), direction=DRAWN), []
+    stored, reports_b = Session(S(image), stored_spacing, Models.of(sam), direction=direction), []
     a = drawn.run(support, on_slice=lambda r, m: reports_a.append((r.to_dict(), m)))
-    b = stored.run(T(support), on_slice=lambda r, m: reports_b.append((r.to_dict(), m)))
+    b = stored.run(S(support), on_slice=lambda r, m: reports_b.append((r.to_dict(), m)))
     assert a.labels.any()
-    _same_results(a, swap_result_back(b))
+    _same_results(a, back.result(b))
     key = lambda item: (item[0]["label"], item[0]["index"], item[0]["status"])
     reports_a, reports_b = sorted(reports_a, key=key), sorted(reports_b, key=key)
-    assert [swap_record(r) for r, _ in reports_b] == [r for r, _ in reports_a]
-    assert all((m is None and n is None) or np.array_equal(m, n.T) for (_, m), (_, n) in zip(reports_a, reports_b))
+    assert [back.record(r) for r, _ in reports_b] == [r for r, _ in reports_a]
+    assert all((m is None and n is None) or np.array_equal(m, back.mask(n)) for (_, m), (_, n) in zip(reports_a, reports_b))
 
     # A correction on another slice (the session's Update) and a slice decoded again from moved points.
     paint = np.zeros_like(support)
     paint[5][mask[5]] = 1
-    _same_results(drawn.add_support(paint), swap_result_back(stored.add_support(T(paint))))
+    _same_results(drawn.add_support(paint), back.result(stored.add_support(S(paint))))
     m_a, iou_a = drawn.redecode(4, [[27, 18]], [[5, 5]], label=1)
-    m_b, iou_b = stored.redecode(4, [[18, 27]], [[5, 5]], label=1)
-    assert iou_a == iou_b and np.array_equal(m_a, m_b.T)
+    m_b, iou_b = stored.redecode(4, back.points([[27, 18]]), back.points([[5, 5]]), label=1)
+    assert iou_a == iou_b and np.array_equal(m_a, back.mask(m_b))
 
     # No direction: the slices as stored (not the as-drawn run), and the as-drawn volume unchanged by it.
-    as_stored = Session(T(image), (1.1, 0.8, 3.0), Models.of(sam)).run(T(support))
-    assert not np.array_equal(swap_result_back(as_stored).confidence[1], a.confidence[1])
+    as_stored = Session(S(image), stored_spacing, Models.of(sam)).run(S(support))
+    assert not np.array_equal(back.result(as_stored).confidence[1], a.confidence[1])
     _same_results(Session(image, spacing, Models.of(sam)).run(support), a)
 
 
-def swap_record(d):
-    d = dict(d)
-    d["positive"] = [[p[1], p[0]] for p in d["positive"]]
-    d["negative"] = [[p[1], p[0]] for p in d["negative"]]
-    if d["box"] is not None:
-        b = d["box"]
-        d["box"] = [b[1], b[0], b[3], b[2]]
-    return d
+class Back:
+    """A result of the volume stored another way (`swap`: i and j exchanged; `flip`: rows, along j,
+    reversed before the exchange; `rows`: the as-drawn slices' height) on the as-drawn volume's grid:
+    the test's own arithmetic, not layout.Layout's."""
+
+    def __init__(self, swap, flip, rows):
+        self.swap, self.flip, self.rows = swap, flip, rows
+
+    def volume(self, a):
+        a = np.swapaxes(a, 1, 2) if self.swap else a
+        return np.ascontiguousarray(a[:, ::-1] if self.flip else a)
+
+    def mask(self, m):
+        m = m.T if self.swap else m
+        return np.ascontiguousarray(m[::-1] if self.flip else m)
+
+    def point(self, p):
+        x, y = (p[1], p[0]) if self.swap else (p[0], p[1])
+        return [x, self.rows - 1 - y] if self.flip else [x, y]
+
+    def points(self, ps):
+        """As-drawn points -> the stored volume's (the same arithmetic: each step is its own inverse)."""
+        out = []
+        for x, y in ps:
+            y = self.rows - 1 - y if self.flip else y
+            out.append([y, x] if self.swap else [x, y])
+        return out
+
+    def record(self, d):
+        d = dict(d)
+        d["positive"] = [self.point(p) for p in d["positive"]]
+        d["negative"] = [self.point(p) for p in d["negative"]]
+        if d["box"] is not None:
+            x0, y0, x1, y1 = d["box"]
+            if self.swap:
+                x0, y0, x1, y1 = y0, x0, y1, x1
+            d["box"] = [x0, self.rows - y1, x1, self.rows - y0] if self.flip else [x0, y0, x1, y1]
+        return d
+
+    def result(self, result):
+        import dataclasses
+        from synpo.result import SliceRecord
+        masks = lambda d: {t: self.mask(m) for t, m in d.items()}
+        return dataclasses.replace(
+            result, labels=self.volume(result.labels), confidence={v: self.volume(c) for v, c in result.confidence.items()},
+            records=[SliceRecord.from_dict(self.record(r.to_dict())) for r in result.records],
+            trimmed={v: masks(d) for v, d in result.trimmed.items()}, grown=masks(result.grown),
+            overridden={v: masks(d) for v, d in result.overridden.items()})
 
 
-def swap_result_back(result):
-    """A result of the volume stored with i and j exchanged, on the as-drawn volume's grid (the test's
-    own arithmetic, not layout.swapped_result)."""
-    import dataclasses
-    from synpo.result import SliceRecord
-    T = lambda a: np.ascontiguousarray(np.swapaxes(a, 1, 2))
-    masks = lambda d: {t: m.T for t, m in d.items()}
-    return dataclasses.replace(result, labels=T(result.labels), confidence={v: T(c) for v, c in result.confidence.items()},
-                               records=[SliceRecord.from_dict(swap_record(r.to_dict())) for r in result.records],
-                               trimmed={v: masks(d) for v, d in result.trimmed.items()}, grown=masks(result.grown),
-                               overridden={v: masks(d) for v, d in result.overridden.items()})
+def test_which_axial_slices_are_turned_posterior_side_up_and_which_headers_say_nothing():
+    """rows_reversed: an axial slice stored with row 0 anterior (DICOM's layout: the direction's j column
+    along +y, posterior in LPS) goes to the encoders reversed; stored RAS (CHAOS, the bundled CT) as it is;
+    coronal, sagittal and oblique slices as stored. known_direction: a diagonal direction at origin 0
+    (BTCV's ITK default, ACDC's nibabel np.eye) is no direction; any other placement is kept."""
+    assert rows_reversed(IDENTITY, 0, None) and not rows_reversed(DRAWN, 0, None)
+    assert not rows_reversed((1, 0, 0, 0, -1, 0, 0, 0, 1), 0, None)            # CHAOS's direction
+    assert rows_reversed(SWAPPED_IJ, 0, (1, 2)) and not rows_reversed(DRAWN_SWAPPED, 0, (1, 2))
+    assert not rows_reversed(IDENTITY, 1, None) and not rows_reversed(IDENTITY, 2, None)   # coronal, sagittal
+    assert not rows_reversed(None, 0, None)
+    tilt = lambda deg: tuple(np.array([[1, 0, 0], [0, np.cos(np.deg2rad(deg)), -np.sin(np.deg2rad(deg))],
+                                       [0, np.sin(np.deg2rad(deg)), np.cos(np.deg2rad(deg))]]).ravel())
+    assert rows_reversed(tilt(20), 0, None) and not rows_reversed(tilt(35), 0, None)   # tilted about x
+    cmr = (0.628, 0.507, -0.591, 0.729, -0.116, 0.675, -0.273, 0.854, 0.442)
+    assert [in_plane_layout(cmr, a, (10, 20, 30)).identity for a in range(3)] == [True, True, True]
+    layout = in_plane_layout(IDENTITY, 0, (7, 40, 52))
+    assert (layout.swap, layout.flip, layout.rows, layout.key) == (None, True, 40, (None, True))
+    assert in_plane_layout(SWAPPED_IJ, 0, (7, 52, 40)).key == ((1, 2), True)
+
+    assert known_direction(IDENTITY, (0, 0, 0)) is None                        # BTCV's
+    assert known_direction((-1, 0, 0, 0, -1, 0, 0, 0, 1), (-0.0, -0.0, 0.0)) is None   # ACDC's
+    assert known_direction(IDENTITY, (-180.2, -160.0, 40.5)) == tuple(float(x) for x in IDENTITY)   # DICOM's
+    assert known_direction(SWAPPED_IJ, (0, 0, 0)) == tuple(float(x) for x in SWAPPED_IJ)   # says something
+    assert known_direction(tilt(5), (0, 0, 0)) is not None and known_direction(None, (1, 2, 3)) is None
+    assert known_direction(IDENTITY, None) == tuple(float(x) for x in IDENTITY)   # (no origin known: trusted)
 
 
 def test_a_bad_direction_is_refused():
@@ -183,8 +255,8 @@ def test_evaluate_s_baselines_score_a_volume_stored_transposed_as_the_volume_sto
     T = lambda a: np.ascontiguousarray(np.swapaxes(a, 1, 2))
     pairs = []
     for name, (img, lab, spacing, direction) in {
-            "drawn": (image, mask, (0.8, 1.1, 3.0), IDENTITY),
-            "stored": (T(image), T(mask), (1.1, 0.8, 3.0), SWAPPED_IJ)}.items():
+            "drawn": (image, mask, (0.8, 1.1, 3.0), DRAWN),
+            "stored": (T(image), T(mask), (1.1, 0.8, 3.0), DRAWN_SWAPPED)}.items():
         paths = []
         for what, array in (("image", img), ("label", lab.astype(np.uint8))):
             vol = sitk.GetImageFromArray(array)

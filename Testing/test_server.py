@@ -326,14 +326,18 @@ def test_segment_through_the_server_equals_a_local_run(server, files, remote_run
 def test_a_volume_stored_transposed_segments_as_the_volume_stored_as_drawn(server, files, remote_run, tmp_path):
     """The case's volume stored with i and j exchanged (its direction saying so, as a file converted
     another way may be): `synpo segment --server` sends its direction, the server gives the encoders its
-    slices as the case's (synpo/layout.py), and the outputs are the case's, in the file's layout."""
+    slices as the case's (synpo/layout.py), and the outputs are the case's, in the file's layout.
+    (The case's header is a placeholder, identity at origin 0: its slices go as stored. The copy is placed
+    as the case stored RAS, the development volumes' layout, at ORIGIN: posterior side up once turned.)"""
     out, _ = remote_run
     T = lambda a: np.ascontiguousarray(np.swapaxes(a, 1, 2))
+    ORIGIN = (5.0, 7.0, 9.0)
     paths = {}
     for name, array in (("image", files["array"]), ("support", files["support_array"])):
         img = sitk.GetImageFromArray(T(array))
         img.SetSpacing((1.0, 1.0, 2.0))
-        img.SetDirection((0, 1, 0, 1, 0, 0, 0, 0, 1))          # column i is y, column j is x
+        img.SetDirection((0, -1, 0, -1, 0, 0, 0, 0, 1))        # column i is -y, column j is -x
+        img.SetOrigin(ORIGIN)
         paths[name] = str(tmp_path / ("%s.nii.gz" % name))
         sitk.WriteImage(img, paths[name])
     code = main(["segment", paths["image"], paths["support"], "-o", str(tmp_path / "seg.nii.gz"),
@@ -345,11 +349,12 @@ def test_a_volume_stored_transposed_segments_as_the_volume_stored_as_drawn(serve
     assert case.sum() > files["support_array"].sum() * 3 and np.array_equal(T(case), stored)
     pa, pb = json.load(open(str(out / "points.json"))), json.load(open(str(tmp_path / "points.json")))
     assert [(s["slice"], s["status"]) for s in pa["slices"]] == [(s["slice"], s["status"]) for s in pb["slices"]]
-    # The same points in the world (the two files place the same volume), i and j exchanged as indices.
-    world = lambda doc: [[p["lps"] for p in s["positive"] + s["negative"]] for s in doc["slices"]]
-    assert world(pa) == world(pb) and any(world(pa))
+    # The same points, i and j exchanged as indices, and where the copy's header places the case's voxels.
     ijk = lambda doc: [[p["ijk"] for p in s["positive"]] for s in doc["slices"]]
-    assert [[[p[1], p[0], p[2]] for p in s] for s in ijk(pa)] == ijk(pb)
+    assert [[[p[1], p[0], p[2]] for p in s] for s in ijk(pa)] == ijk(pb) and any(ijk(pa))
+    placed = [[[ORIGIN[0] - p["ijk"][0], ORIGIN[1] - p["ijk"][1], ORIGIN[2] + 2 * p["ijk"][2]]
+               for p in s["positive"] + s["negative"]] for s in pa["slices"]]
+    assert np.allclose(sum(placed, []), sum([[p["lps"] for p in s["positive"] + s["negative"]] for s in pb["slices"]], []))
 
 
 def test_paint_on_adjacent_slices_is_a_support_through_the_server_and_locally(server, files, remote_run, tmp_path,

@@ -144,6 +144,39 @@ def test_a_sheared_volume_is_sent_without_a_direction():
     assert check_direction(oblique) == oblique
 
 
+def test_a_file_read_by_slicer_sends_the_direction_the_cli_sends(tmp_path):
+    """A file loaded as Slicer loads it (vtkMRMLVolumeArchetypeStorageNode::ReadData, slicer-core's own
+    reader) gives the module the direction `synpo segment` takes from the same file (io.Geometry's
+    known_direction): none for a placeholder header (a diagonal direction at origin 0: ITK's default,
+    nibabel's np.eye, BTCV's and ACDC's copies), the header's for a DICOM-like placement (its axial slices
+    turned posterior side up, layout.rows_reversed), a RAS-stored one and an oblique one."""
+    import SimpleITK as sitk
+    from synpo.io import read_geometry
+    scene = slicer.vtkMRMLScene()
+    tilted = tuple(oblique_matrix()[:3, :3].ravel() / np.tile([0.8, 1.3, 4.0], 3))
+    cases = [((1, 0, 0, 0, 1, 0, 0, 0, 1), (0, 0, 0), None),
+             ((-1, 0, 0, 0, -1, 0, 0, 0, 1), (0, 0, 0), None),
+             ((1, 0, 0, 0, 1, 0, 0, 0, 1), (-180.0, -160.0, 40.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
+             ((-1, 0, 0, 0, -1, 0, 0, 0, 1), (178.0, -11.3, 94.3), (-1, 0, 0, 0, -1, 0, 0, 0, 1)),
+             (tilted, (0, 0, 0), tilted)]
+    for n, (direction, origin, expected) in enumerate(cases):
+        image = sitk.GetImageFromArray(np.zeros((4, 5, 6), np.float32))
+        image.SetSpacing((0.7, 0.8, 3.0))
+        image.SetDirection(direction)
+        image.SetOrigin(origin)
+        path = str(tmp_path / ("v%d.nii.gz" % n))
+        sitk.WriteImage(image, path)
+        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+        storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        storage.SetFileName(path)
+        assert storage.ReadData(node)
+        sent, cli = mrml.direction_lps(node), read_geometry(path).known_direction
+        if expected is None:
+            assert sent is None and cli is None, (n, sent, cli)
+        else:
+            assert np.allclose(sent, expected, atol=1e-5) and np.allclose(cli, expected, atol=1e-5), (n, sent, cli)
+
+
 def test_the_volume_goes_up_in_short_steps_and_cancel_stops_it(scene_case, server, monkeypatch):
     """The module's timer sends the volume a chunk per tick (PythonQt holds the GIL while Qt idles: a
     Python thread would not run, and one call froze Slicer for seconds on a large CT), then the run's

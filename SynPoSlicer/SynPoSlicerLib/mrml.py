@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from synpo.errors import InputError
-from synpo.layout import check_direction
+from synpo.layout import check_direction, known_direction
 from synpo.support import find_support
 
 import slicer
@@ -62,12 +62,15 @@ def direction_lps(volume_node) -> Optional[tuple]:
     slice with its rows along the axis the slice views draw vertically (synpo/layout.py). None for a
     sheared grid (a shear transform hardened on the volume, a NRRD's non-orthogonal space directions):
     the server refuses a direction whose columns are not orthogonal (layout.check_direction), which
-    failed the whole preview; without one its slices are taken as stored, as before directions were sent."""
-    m = ijk_to_ras(volume_node)[:3, :3]
+    failed the whole preview; without one its slices are taken as stored, as before directions were sent.
+    None too where the placement is a placeholder (a diagonal direction at origin 0: layout.known_direction, as
+    `synpo segment` treats the file), so that the same file segments the same in Slicer and from the CLI."""
+    m = ijk_to_ras(volume_node)
     try:
-        return check_direction(np.diag([-1.0, -1.0, 1.0]) @ (m / np.linalg.norm(m, axis=0)))
+        direction = check_direction(np.diag([-1.0, -1.0, 1.0]) @ (m[:3, :3] / np.linalg.norm(m[:3, :3], axis=0)))
     except ValueError:
         return None
+    return known_direction(direction, m[:3, 3])
 
 
 def points_ijk_to_ras(volume_node, ijk: np.ndarray) -> np.ndarray:

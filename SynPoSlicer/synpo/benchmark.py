@@ -79,7 +79,7 @@ def run_benchmark(image_path: str, support_path: str, sam_name: str = "litemedsa
     load_s = time.perf_counter() - t0
     dtype = sam.precision
     cfg = default_config() if cfg is None else cfg
-    session = Session(image, geometry.spacing, Models.of(sam, dino, use), direction=geometry.direction)
+    session = Session(image, geometry.spacing, Models.of(sam, dino, use), direction=geometry.known_direction)
     first, result = _run(session, support, cfg)
     # The repeat runs change prompt settings: only decoding work is left to do.
     cfg2 = cfg.with_(prompts={"top_k": cfg.prompts.top_k // 2 or 1})

@@ -166,7 +166,7 @@ def cmd_segment(args) -> int:
                 from .session import Models, Session
                 models = Models.load(args.sam, args.features, args.dinov2 or "small", args.device, args.precision,
                                      args.quiet, args.runtime)
-                session = Session(image, geometry.spacing, models, args.embedding_cache, geometry.direction)
+                session = Session(image, geometry.spacing, models, args.embedding_cache, geometry.known_direction)
                 result = session.run(support, cfg, support_image=ref, progress=update,
                                      confidence_everywhere=args.confidence_all, absent=absent)
         finally:
@@ -235,7 +235,7 @@ def _segment_remote(args, image, geometry, support, ref, progress, absent=None):
     # (SIGTERM and SIGHUP end it as Ctrl+C does, cmd_segment: the run cancelled, the session deleted by
     # run_remote; else they stayed on the server until its --session-ttl.)
     return run_remote(client, image, geometry.spacing, support, args.set, args.modality, ref, confidence,
-                      progress, args.confidence_all, absent, geometry.direction)
+                      progress, args.confidence_all, absent, geometry.known_direction)
 
 
 def cmd_web(args) -> int:

@@ -36,14 +36,13 @@ def load_reference(image_path: str, labels_path: str, stamps: Tuple[str, str]):
     return read_reference(image_path, labels_path)
 
 
-def _reference_slices(ref_image, cfg, axis: int, swap=None):
+def _reference_slices(ref_image, cfg, axis: int, layout):
     """The reference's normalised slices across the slicing axis, as VolumeRun takes them (in the
-    encoders' layout: `swap`, layout.in_plane_swap)."""
+    encoders' layout: `layout`, a layout.Layout)."""
     import numpy as np
     from .intensity import normalize
-    from .layout import swapped
     from .support import to_slices
-    return np.ascontiguousarray(to_slices(swapped(normalize(ref_image, cfg.intensity)[0], swap), axis))
+    return np.ascontiguousarray(to_slices(layout.volume(normalize(ref_image, cfg.intensity)[0]), axis))
 
 
 def reference_features(reference, cfg, embedding_cache: Optional[str]) -> dict:
@@ -53,15 +52,16 @@ def reference_features(reference, cfg, embedding_cache: Optional[str]) -> dict:
     whose frame matches uses them (inject_reference)."""
     from .features import batch_size_for
     from .intensity import guess_modality
-    from .layout import in_plane_swap, swap_spacing
+    from .layout import in_plane_layout, known_direction
     from .support import find_support, in_plane_spacing
     from .volume import EmbeddingStore
     ref_image, ref_labels, ref_geometry = reference
     models = worker_models()
     support = find_support(ref_labels)
-    swap = in_plane_swap(ref_geometry.direction, support.axis)     # (as a query stored as it is: Session)
-    slices = _reference_slices(ref_image, cfg, support.axis, swap)
-    spacing_rc = in_plane_spacing(swap_spacing(ref_geometry.spacing, swap), support.axis)
+    layout = in_plane_layout(known_direction(ref_geometry.direction, ref_geometry.origin), support.axis,
+                             ref_image.shape)                     # (as a query stored as it is: Session)
+    slices = _reference_slices(ref_image, cfg, support.axis, layout)
+    spacing_rc = in_plane_spacing(layout.spacing(ref_geometry.spacing), support.axis)
     wanted = sorted({s for v in support.slices.values() for s in v})
     out = {}
     for name, enc in (("sam", models.sam), ("dinov2", models.dino)):
@@ -72,33 +72,33 @@ def reference_features(reference, cfg, embedding_cache: Optional[str]) -> dict:
             store.ensure(wanted)          # as VolumeRun.open_stores embeds them: the same batches
             out[name] = (frame, {i: store.cache[i] for i in wanted})
     return {"models": models.describe(), "axis": support.axis, "modality": guess_modality(ref_image),
-            "encoders": out, "swap": swap}
+            "encoders": out, "layout": layout.key}
 
 
 def inject_reference(session, features: dict, ref_image, cfg, spacing_ijk) -> bool:
     """Put the shared reference embeddings where the session's run looks for them (the support
     stores); False when this query's frame differs, or its run takes the reference's slices in another
-    layout than the reference task embedded them (layout.in_plane_swap of the query's direction and of
+    layout than the reference task embedded them (layout.in_plane_layout of the query's direction and of
     the reference's, which orient_like leaves as stored within 40 degrees: a square slice has the same
     frame both ways, and the store would hold the other layout's embeddings): its run then embeds the
     reference itself."""
     from .features import batch_size_for
-    from .layout import swap_spacing
     from .support import in_plane_spacing
     from .volume import EmbeddingStore, store_key
     axis = features["axis"]
-    swap = session.layout_swap(axis)               # (the reference as the session's run takes it)
-    embedded_as = features.get("swap")
-    if (None if embedded_as is None else tuple(embedded_as)) != swap:
+    layout = session.layout(axis)                  # (the reference as the session's run takes it)
+    embedded_as = features.get("layout")
+    if embedded_as is None or (None if embedded_as[0] is None else tuple(embedded_as[0]), bool(embedded_as[1])) \
+            != layout.key:
         return False
-    spacing_ijk = swap_spacing(spacing_ijk, swap)
+    spacing_ijk = layout.spacing(spacing_ijk)
     slices = None
     models = session.models
     used = False
     for name, (frame, cache) in features["encoders"].items():
         enc = models.sam if name == "sam" else models.dino
         if slices is None:
-            slices = _reference_slices(ref_image, cfg, axis, swap)
+            slices = _reference_slices(ref_image, cfg, axis, layout)
         if enc.frame(slices.shape[1], slices.shape[2], in_plane_spacing(spacing_ijk, axis)) != frame:
             continue
         store = EmbeddingStore(enc, slices, frame, batch_size_for(enc.device, getattr(enc, "name", ""),
@@ -165,7 +165,7 @@ def segment_query(query: str, name: str, outdir: str, reference, features: dict,
         models = worker_models()
         image, geometry = read_volume(query, "query image")
         remove_stale_temporaries(paths.values())
-        session = Session(image, geometry.spacing, models, options["embedding_cache"], geometry.direction)
+        session = Session(image, geometry.spacing, models, options["embedding_cache"], geometry.known_direction)
         # The reference stored as this volume is (another axis order or sense: as `synpo segment
         # --support-image` turns it); the shared embeddings are of the reference as stored.
         turned = orient_like(ref_image, ref_geometry, geometry, "the reference")

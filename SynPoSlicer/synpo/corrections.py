@@ -144,7 +144,7 @@ def evaluate_corrections(pairs: Sequence[tuple], models, cfg, rounds: int, label
         painted: Dict[int, Set[int]] = {v: set(touched[v]) for v in wanted}
         spacing_kji = tuple(reversed(tuple(geom.spacing)))
         cost = {v: even_fill_cost(gt == v, spacing_kji) for v in wanted}
-        session = Session(image, geom.spacing, models, embedding_cache, geom.direction)
+        session = Session(image, geom.spacing, models, embedding_cache, geom.known_direction)
         t0 = time.perf_counter()
         result = session.run(support, cfg, axis=0)
         seconds = time.perf_counter() - t0

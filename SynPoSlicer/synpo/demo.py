@@ -84,7 +84,7 @@ def run_demo(folder: str = "synpo-demo", device: str = "auto", quiet: bool = Fal
     support, _ = read_volume(SAMPLE_SUPPORT, "sample support", label=True)
     truth, _ = read_volume(SAMPLE_TRUTH, "sample truth", label=True)
     sam, dino, use = load_models("litemedsam", features, "small", device, quiet)
-    session = Session(image, geometry.spacing, Models.of(sam, dino, use), embedding_cache, geometry.direction)
+    session = Session(image, geometry.spacing, Models.of(sam, dino, use), embedding_cache, geometry.known_direction)
     result = session.run(support, default_config())
     out = os.path.join(folder, "segmentation.nii.gz")
     written: List[str] = write_result(result, geometry, out, os.path.join(folder, "confidence.nii.gz"),

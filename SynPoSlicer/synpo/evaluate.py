@@ -38,7 +38,6 @@ from .decode import DecodeConfig, decode_slice
 from .gate import organ_range
 from .intensity import normalize
 from .io import read_volume
-from .layout import swapped
 from .prompts import Prompts, box_of
 from .position import expected_region, expected_shape
 from .support import in_plane_spacing, to_slices
@@ -282,7 +281,7 @@ def evaluate_intra(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
         present = [int(v) for v in np.unique(gt) if v != 0]
         wanted = [v for v in (labels or present) if v in present]
         session = Session(image, geom.spacing, Models.of(sam, dino, confidence_from), embedding_cache,
-                          direction=geom.direction)
+                          direction=geom.known_direction)
         stores = session.stores
         for pos in positions:
             support = np.zeros_like(gt)
@@ -307,20 +306,20 @@ def evaluate_intra(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
                 first = results[variants[0].name]
                 # The session's store holds the slices across k in the encoders' layout (layout.py): the
                 # baselines' maps and truth go to it in that layout, their masks come back in the file's.
-                swap = session.layout_swap(0)
+                layout = session.layout(0)
                 for v in wanted:
                     s = support_slice(gt == v, pos)
                     labelled = (gt == v).reshape(len(gt), -1).any(1)
                     copy = np.zeros(gt.shape, dtype=bool)
                     copy[labelled] = gt[s] == v
                     scores.append(scored(name, v, "copy", pos, copy, gt == v, 0.0))
-                    pred = swapped(persam(sam, sam_store(stores), swapped(first.confidence[v], swap)), swap)
+                    pred = layout.volume_back(persam(sam, sam_store(stores), layout.volume(first.confidence[v])))
                     scores.append(scored(name, v, "persam", pos, pred, gt == v, 0.0))
         if baselines:
-            store, swap = sam_store(stores), session.layout_swap(0)
+            store, layout = sam_store(stores), session.layout(0)
             for v in wanted:
                 t0 = time.perf_counter()
-                pred = swapped(oracle_box(sam, store, swapped(gt, swap), v, cfg.volume.ring_min_hole), swap)
+                pred = layout.volume_back(oracle_box(sam, store, layout.volume(gt), v, cfg.volume.ring_min_hole))
                 scores.append(scored(name, v, "oracle_box", float("nan"), pred, gt == v, time.perf_counter() - t0))
     return scores
 
@@ -439,7 +438,7 @@ def evaluate_cross(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
             if name in stores[qi]:
                 reuse[store_key("query", name, enc, 0)] = stores[qi][name]
                 reuse[store_key("support", name, enc, 0)] = stores[si][name]
-        session = Session(q_img, q_geom.spacing, Models.of(sam, dino, confidence_from), direction=q_geom.direction)
+        session = Session(q_img, q_geom.spacing, Models.of(sam, dino, confidence_from), direction=q_geom.known_direction)
         session.stores.update(reuse)
         result = session.run(support_label, cfg, support_image=s_img)
         for v in wanted:

@@ -22,6 +22,13 @@ class Geometry:
     origin: Tuple[float, float, float]    # LPS position of voxel (0, 0, 0)
     direction: Tuple[float, ...]          # 3x3 row-major, columns are the i, j, k axes in LPS
 
+    @property
+    def known_direction(self) -> Optional[Tuple[float, ...]]:
+        """The direction where the header says where the volume lies, None for a placeholder (a
+        diagonal direction at origin 0: layout.known_direction): what a Session and the server get."""
+        from .layout import known_direction
+        return known_direction(self.direction, self.origin)
+
     def index_to_lps(self, ijk) -> np.ndarray:
         """(N, 3) continuous voxel indices (i, j, k) -> (N, 3) LPS millimetres."""
         ijk = np.atleast_2d(np.asarray(ijk, dtype=float))

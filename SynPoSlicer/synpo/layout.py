@@ -9,14 +9,16 @@ that knows its volume's direction gives the encoders each slice with its rows al
 volume is stored, and brings the results back to the stored layout. A volume stored as the
 development volumes are is untouched.
 
-The sense of each axis (a slice stored upside down or mirrored) is left as stored, although it
-matters as well (a slice turned 180 degrees: cmr_bssfp -0.026, ACDC -0.009): the development copies'
-directions do not all say which way is up (BTCV's identity direction puts its anatomy upside down),
-so a rule on the sense would turn volumes that are right as stored.
+The sense is turned for one case only: an axial slice stored anterior side up (DICOM's layout, Slicer's
+usual way in) is given posterior side up, as every development volume with a trustworthy header is
+stored (rows_reversed). Its horizontal sense, and the sense of coronal, sagittal and oblique slices,
+stay as stored: the development volumes do not agree on them, or nothing was measured. A header that
+does not say where its volume lies (known_direction: a diagonal direction at origin 0, as BTCV's
+and ACDC's copies carry) gives no direction at all, and its slices go as stored.
 
 `direction` is ITK's 3x3 direction (LPS, row-major: column c is the world direction of index axis c,
-i, j, k); a RAS direction (Slicer's IJK-to-RAS without its spacing) gives the same layout, as only the
-axes' alignment counts here.
+i, j, k). A RAS direction (Slicer's IJK-to-RAS without its spacing) must be turned into LPS first (its
+first two rows negated: SynPoSlicerLib.mrml.direction_lps), as the sense of the anterior-posterior axis counts.
 """
 import dataclasses
 from typing import Dict, Optional, Sequence, Tuple
@@ -95,41 +97,148 @@ def swap_spacing(spacing_ijk: Sequence[float], swap: Optional[Tuple[int, int]]) 
     return tuple(s)
 
 
-def swapped(array: Optional[np.ndarray], swap: Optional[Tuple[int, int]]) -> Optional[np.ndarray]:
-    """`array` ([k, j, i], or None) with array axes `swap` exchanged (a view; itself when no swap)."""
-    return array if array is None or swap is None else np.swapaxes(array, *swap)
+def rows_reversed(direction: Optional[Sequence[float]], axis: int, swap: Optional[Tuple[int, int]]) -> bool:
+    """Whether the slices across `axis` (their axes `swap` exchanged first) are to be given to the
+    encoders upside down: axial slices stored with row 0 anterior (DICOM's layout, as viewers draw them),
+    turned posterior side up, as every development volume whose header says where it lies is stored (and
+    the NIfTI files LiteMedSAM learnt from: docs/research.md, "A slice's in-plane layout"). CHAOS's MR stored
+    anterior side up scores 0.892 against 0.918. Coronal, sagittal and oblique slices (more than
+    MAX_TILT_DEGREES off) are left as stored: nothing measured says which way suits them."""
+    if direction is None:
+        return False
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    rows_axis, cols_axis, right, down = _drawn_axes(d, axis)
+    if right != (1, 0, 0) or down != (0, 1, 0):          # not an axial slice
+        return False
+    rows_vec = d[:, 2 - (cols_axis if swap else rows_axis)]           # the encoders' rows, in LPS
+    if abs(rows_vec[1]) < np.cos(np.deg2rad(MAX_TILT_DEGREES)):
+        return False
+    return bool(rows_vec[1] > 0)                          # rows run towards posterior: row 0 anterior
 
 
-def swapped_masks(by_slice: Dict[int, np.ndarray]) -> Dict[int, np.ndarray]:
-    """{slice: (H, W) mask} in the other layout: each slice's mask transposed. (Slice t across the
-    axis is the same slice in both layouts; its 2D array is the other's transpose.)"""
-    return {t: np.ascontiguousarray(m.T) for t, m in by_slice.items()}
+def known_direction(direction: Optional[Sequence[float]], origin: Optional[Sequence[float]]):
+    """`direction`, or None where a header does not say where the volume lies: a diagonal direction (each
+    index axis along its own world axis, either way) with the origin at 0 is what a writer puts when it
+    knows nothing (ITK's default, nibabel's np.eye(4): BTCV's and ACDC's copies here, whose anatomy BTCV's
+    puts upside down). A client sends the server this, and gives it to a Session, so that such a volume's
+    slices go to the encoders as stored. (Axes exchanged, or any tilt, say something: kept.)"""
+    if direction is None:
+        return None
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    diagonal = np.allclose(d - np.diag(np.diag(d)), 0.0, atol=1e-6)
+    if origin is not None and diagonal and np.allclose(np.asarray(origin, dtype=float), 0.0, atol=1e-6):
+        return None
+    return tuple(float(x) for x in d.ravel())
 
 
-def swapped_record(record):
-    """A SliceRecord with its points (x = column, y = row) and box (x0, y0, x1, y1) in the other layout."""
-    box = record.box
-    return dataclasses.replace(
-        record, positive=[[p[1], p[0]] for p in record.positive], negative=[[p[1], p[0]] for p in record.negative],
-        box=None if box is None else [box[1], box[0], box[3], box[2]])
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How the slices across `axis` of a [k, j, i] volume go to the encoders: the array axes `swap`
+    exchanged (in_plane_swap), then each slice's rows reversed (`flip`: rows_reversed). `rows`: a slice's
+    height in the encoders' layout. Points are (x = column, y = row) with pixel centres at integers; boxes
+    (x0, y0, x1, y1) with x1, y1 one past the last pixel (prompts.box_of). The identity when both are off."""
+    axis: int
+    swap: Optional[Tuple[int, int]] = None
+    flip: bool = False
+    rows: int = 0
+
+    @property
+    def identity(self) -> bool:
+        return self.swap is None and not self.flip
+
+    @property
+    def key(self):
+        """What two volumes' layouts must share for one's slice embeddings to stand for the other's."""
+        return (None if self.swap is None else tuple(self.swap), self.flip)
+
+    def _rows_axis(self) -> int:
+        return min(a for a in range(3) if a != self.axis)     # (the same array axis before and after the swap)
+
+    def volume(self, array: Optional[np.ndarray]) -> Optional[np.ndarray]:
+        """A [k, j, i] array (or None) as the encoders take it (a view, or a copy where rows are reversed)."""
+        if array is None or self.identity:
+            return array
+        if self.swap is not None:
+            array = np.swapaxes(array, *self.swap)
+        # (a reversed view has negative strides, which torch.from_numpy refuses: a copy)
+        return np.ascontiguousarray(np.flip(array, self._rows_axis())) if self.flip else array
+
+    def volume_back(self, array: Optional[np.ndarray]) -> Optional[np.ndarray]:
+        """An array in the encoders' layout back in the stored one (contiguous; itself for the identity)."""
+        if array is None or self.identity:
+            return array
+        if self.flip:
+            array = np.flip(array, self._rows_axis())
+        return np.ascontiguousarray(array if self.swap is None else np.swapaxes(array, *self.swap))
+
+    def spacing(self, spacing_ijk: Sequence[float]) -> Tuple[float, ...]:
+        """The (i, j, k) spacing in the encoders' layout (a reversal keeps it)."""
+        return swap_spacing(spacing_ijk, self.swap)
+
+    def mask(self, m: np.ndarray) -> np.ndarray:
+        """A slice's (H, W) array, stored layout -> the encoders'."""
+        m = m.T if self.swap is not None else m
+        return np.ascontiguousarray(m[::-1] if self.flip else m)
+
+    def mask_back(self, m: np.ndarray) -> np.ndarray:
+        """A slice's array, the encoders' layout -> stored."""
+        m = m[::-1] if self.flip else m
+        return np.ascontiguousarray(m.T if self.swap is not None else m)
+
+    def masks(self, by_slice: Dict[int, np.ndarray]) -> Dict[int, np.ndarray]:
+        return by_slice if self.identity else {t: self.mask(m) for t, m in by_slice.items()}
+
+    def masks_back(self, by_slice: Dict[int, np.ndarray]) -> Dict[int, np.ndarray]:
+        return by_slice if self.identity else {t: self.mask_back(m) for t, m in by_slice.items()}
+
+    def points(self, points: np.ndarray) -> np.ndarray:
+        """(N, 2) points (x, y), stored layout -> the encoders'."""
+        p = np.asarray(points, dtype=float).reshape(-1, 2)
+        p = p[:, ::-1] if self.swap is not None else p
+        return np.stack([p[:, 0], self.rows - 1 - p[:, 1]], axis=1) if self.flip else np.ascontiguousarray(p)
+
+    def _point_back(self, p):
+        x, y = p[0], (self.rows - 1 - p[1]) if self.flip else p[1]
+        return [y, x] if self.swap is not None else [x, y]
+
+    def _box_back(self, box):
+        if box is None:
+            return None
+        x0, y0, x1, y1 = box
+        if self.flip:
+            y0, y1 = self.rows - y1, self.rows - y0
+        return [y0, x0, y1, x1] if self.swap is not None else [x0, y0, x1, y1]
+
+    def record_back(self, record):
+        """A SliceRecord with its points and box in the stored layout."""
+        if self.identity:
+            return record
+        return dataclasses.replace(record, positive=[self._point_back(p) for p in record.positive],
+                                   negative=[self._point_back(p) for p in record.negative],
+                                   box=self._box_back(record.box))
+
+    def report_back(self, on_slice):
+        """A walk's slice report (walk.SliceReport) in the stored layout, for a run in the encoders' layout."""
+        if on_slice is None or self.identity:
+            return on_slice
+        return lambda record, mask: on_slice(self.record_back(record), None if mask is None else self.mask_back(mask))
+
+    def result_back(self, result):
+        """A VolumeResult computed in the encoders' layout, in the stored one: its label and confidence
+        volumes, its records' points and boxes, its per-slice masks (trimmed, grown, overridden). Slice
+        indices and the support are the same in both."""
+        if self.identity:
+            return result
+        return dataclasses.replace(
+            result, labels=self.volume_back(result.labels),
+            confidence={v: self.volume_back(c) for v, c in result.confidence.items()},
+            records=[self.record_back(r) for r in result.records],
+            trimmed={v: self.masks_back(d) for v, d in result.trimmed.items()}, grown=self.masks_back(result.grown),
+            overridden={v: self.masks_back(d) for v, d in result.overridden.items()})
 
 
-def swapped_report(on_slice, swap: Optional[Tuple[int, int]]):
-    """A walk's slice report (walk.SliceReport) in the stored layout, for a run in the encoders' layout."""
-    if on_slice is None or swap is None:
-        return on_slice
-    return lambda record, mask: on_slice(swapped_record(record), None if mask is None else mask.T)
-
-
-def swapped_result(result, swap: Optional[Tuple[int, int]]):
-    """A VolumeResult of the volume with array axes `swap` exchanged, in the stored layout: its label
-    and confidence volumes, its records' points and boxes, its per-slice masks (trimmed, grown,
-    overridden). Slice indices and the support are the same in both."""
-    if swap is None:
-        return result
-    back = lambda a: np.ascontiguousarray(swapped(a, swap))
-    return dataclasses.replace(
-        result, labels=back(result.labels), confidence={v: back(c) for v, c in result.confidence.items()},
-        records=[swapped_record(r) for r in result.records],
-        trimmed={v: swapped_masks(d) for v, d in result.trimmed.items()}, grown=swapped_masks(result.grown),
-        overridden={v: swapped_masks(d) for v, d in result.overridden.items()})
+def in_plane_layout(direction: Optional[Sequence[float]], axis: int, shape: Sequence[int]) -> Layout:
+    """The Layout of the slices across `axis` of a volume of `shape` ([k, j, i]) with this direction."""
+    swap = in_plane_swap(direction, axis)
+    rows_axis, cols_axis = [a for a in range(3) if a != axis]
+    return Layout(axis, swap, rows_reversed(direction, axis, swap), int(shape[cols_axis if swap else rows_axis]))

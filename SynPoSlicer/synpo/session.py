@@ -28,8 +28,7 @@ from .errors import InputError, SynPoError
 from .intensity import normalize
 from .io import check_image_values
 from .result import VolumeResult
-from .layout import (check_direction, in_plane_swap, swap_spacing, swapped, swapped_masks, swapped_report,
-                     swapped_result)
+from .layout import Layout, check_direction, in_plane_layout
 from .support import find_support, in_plane_spacing, merge_corrections, to_slices
 from .embeddings import Stores
 from .slice_confidence import SliceConfidence
@@ -87,9 +86,10 @@ class Session:
 
     def __init__(self, image: np.ndarray, spacing_ijk: Sequence[float], models: Models,
                  embedding_cache: Optional[str] = None, direction: Optional[Sequence[float]] = None):
-        """direction: the volume's 3x3 direction (ITK's LPS or Slicer's RAS, row-major), when known: the
-        encoders are then given each slice with its rows along the axis viewers draw vertically, however
-        the volume is stored (layout.py); every input and output stays in the stored layout."""
+        """direction: the volume's 3x3 direction (ITK's LPS, row-major), when known (layout.known_direction:
+        None for a placeholder header): the encoders are then given each slice with its rows along the axis
+        viewers draw vertically, an axial slice posterior side up, however the volume is stored (layout.py);
+        every input and output stays in the stored layout."""
         image = np.asarray(image)
         if image.ndim != 3:
             raise InputError("the image is %dD; a 3D volume is needed" % image.ndim)
@@ -147,20 +147,20 @@ class Session:
             check_image_values(support_image, "the support image")
         cfg = cfg if cfg is not None else default_config()
         try:
-            swap = None
-            if any(self.layout_swap(a) for a in range(3)):   # (else the paint is not read twice for its axis)
+            layout = Layout(0)
+            if not all(self.layout(a).identity for a in range(3)):   # (else the paint is not read twice for its axis)
                 check_grids(self.image, support, support_image)     # (its messages in the stored layout)
-                swap = self.layout_swap(find_support(support).axis if axis is None else axis)
-            result = segment_volume(swapped(self.image, swap), swap_spacing(self.spacing, swap), swapped(support, swap),
+                layout = self.layout(find_support(support).axis if axis is None else axis)
+            result = segment_volume(layout.volume(self.image), layout.spacing(self.spacing), layout.volume(support),
                                     self.models.sam, self.models.dino, cfg,
-                                    support_image=swapped(support_image, swap), progress=progress, cancel=cancel,
+                                    support_image=layout.volume(support_image), progress=progress, cancel=cancel,
                                     stores=self.stores, confidence_from=tuple(confidence_from or self.models.confidence_from),
                                     embedding_cache=self.embedding_cache,
-                                    on_slice=swapped_report(on_slice, swap), confidence_everywhere=confidence_everywhere,
-                                    axis=axis, absent=absent, held_ends=held_ends, previous=swapped(previous, swap),
-                                    previous_overridden=previous_overridden if swap is None or not previous_overridden
-                                    else {v: swapped_masks(d) for v, d in previous_overridden.items()})
-            result = swapped_result(result, swap)
+                                    on_slice=layout.report_back(on_slice), confidence_everywhere=confidence_everywhere,
+                                    axis=axis, absent=absent, held_ends=held_ends, previous=layout.volume(previous),
+                                    previous_overridden=previous_overridden and
+                                    {v: layout.masks(d) for v, d in previous_overridden.items()})
+            result = layout.result_back(result)
         finally:
             self.running_since = None
         self.support, self.support_image, self.cfg, self.result = support, support_image, cfg, result
@@ -269,22 +269,22 @@ class Session:
 
     # ------------------------------------------------------------------ one slice
 
-    def layout_swap(self, axis: int) -> Optional[Tuple[int, int]]:
-        """The array axes exchanged before the slices across `axis` go to the encoders (layout.in_plane_swap:
-        None when the volume is stored as viewers draw it, or its direction is unknown)."""
-        return in_plane_swap(self.direction, axis)
+    def layout(self, axis: int) -> Layout:
+        """How the slices across `axis` go to the encoders (layout.in_plane_layout: the identity when the
+        volume is stored as the development volumes are, or its direction is unknown)."""
+        return in_plane_layout(self.direction, axis, self.image.shape)
 
     def sam_store(self, axis: int) -> EmbeddingStore:
         """The SAM embeddings of the slices across `axis` (created empty if no run used that axis), in
-        the encoders' layout (layout_swap)."""
+        the encoders' layout (Session.layout)."""
         sam = self.models.sam
         key = store_key("query", "sam", sam, axis)
         store = self.stores.get(key)
         if store is None:
-            swap = self.layout_swap(axis)
+            layout = self.layout(axis)
             norm, _ = normalize(self.image, self.cfg.intensity)
-            slices = np.ascontiguousarray(to_slices(swapped(norm, swap), axis))
-            store = get_store(self.stores, key, sam, slices, in_plane_spacing(swap_spacing(self.spacing, swap), axis),
+            slices = np.ascontiguousarray(to_slices(layout.volume(norm), axis))
+            store = get_store(self.stores, key, sam, slices, in_plane_spacing(layout.spacing(self.spacing), axis),
                               self.cfg, self.embedding_cache)
         return store
 
@@ -319,13 +319,13 @@ class Session:
         current = None
         if label is not None and self.result is not None and self.result.support.axis == axis:
             current = to_slices(self.result.labels, axis)[t] == int(label)
-        turned = self.layout_swap(axis) is not None      # (the store's slices are the stored ones transposed)
-        if turned:
-            positive, negative = positive[:, ::-1], negative[:, ::-1]
-            current = None if current is None else current.T
+        layout = self.layout(axis)                   # (the store's slices are the stored ones in this layout)
+        if not layout.identity:
+            positive, negative = layout.points(positive), layout.points(negative)
+            current = None if current is None else layout.mask(current)
         decoded = redecode_with_points(self.models.sam, store.cache[t], store.frame, positive, negative, current,
                                        self.cfg.decode)
-        return (np.ascontiguousarray(decoded.mask.T) if turned else decoded.mask), float(decoded.iou)
+        return layout.mask_back(decoded.mask), float(decoded.iou)
 
     # ------------------------------------------------------------------ memory
 
