@@ -170,8 +170,9 @@ class Client:
                        direction: Optional[Sequence[float]] = None) -> "Upload":
         """create_session a step at a time (Upload): `Upload.step()` returns the session's ID once the
         server has it, else None; each step compresses or sends at most `chunk` bytes. direction: the
-        volume's 3x3 direction, when known (meta.direction: the server gives the encoders its slices as
-        viewers draw them, synpo/layout.py; a server from before it ignores it)."""
+        volume's 3x3 LPS direction, when its header says where it lies (layout.known_direction;
+        meta.direction: the server gives the encoders its slices in the development volumes' layout,
+        synpo/layout.py; a server from before it ignores it)."""
         return Upload(self, "/v1/sessions", *_session_message(image, spacing_ijk, direction), chunk=chunk,
                       answer=lambda reply: reply["session"])
 
