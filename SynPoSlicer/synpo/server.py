@@ -5,7 +5,8 @@ wire.py messages, the rest JSON; every error is {"error": "one line"} with a 4xx
 
     GET    /v1/health                                   no token; version, models, limits (HEAD: the status)
     POST   /v1/sessions                                 wire: image [k,j,i]; meta: spacing (mm along i,j,k),
-                                                        direction (optional, 9 numbers: synpo/layout.py)
+                                                        direction (optional, 9 numbers, ITK's LPS, row-major;
+                                                        leave it out for a placeholder header: layout.py)
     GET    /v1/sessions                                 the sessions held, memory used and budget
     GET    /v1/sessions/{sid}                           what the session holds
     DELETE /v1/sessions/{sid}
