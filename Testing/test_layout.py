@@ -303,3 +303,48 @@ def test_an_update_gives_the_walks_the_last_run_s_overridden_masks_in_either_lay
         given = seen[-1]["previous_overridden"]
         assert given is not None and sorted(given) == [1] and sorted(given[1]) == [2], direction
         assert np.array_equal(given[1][2], own(run_shape)), direction
+
+
+CROSS_ORIGIN = (5.0, 7.0, 9.0)         # (not a placeholder: layout.known_direction keeps the direction)
+
+
+@pytest.mark.parametrize("stored_as", STORED, ids=[s[0] for s in STORED])
+def test_evaluate_cross_scores_a_pair_stored_another_way_as_the_pair_stored_as_drawn(served_tiny_sam, tmp_path,
+                                                                                   stored_as):
+    """Two volumes stored as drawn, and the same two stored transposed, upside down (DICOM's axial layout)
+    or both, with directions saying so: every method of evaluate_cross scores them alike, and the
+    product's run reuses the embeddings computed for the chunks (the slices are embedded once per volume).
+    (The stores were built from the slices as stored: the chunks were decoded in another layout than the
+    product's run took, and the run embedded every slice again.)"""
+    import SimpleITK as sitk
+    from synpo.evaluate import evaluate_cross
+    _, to_stored, stored_spacing, direction, _, _ = stored_as
+    sam = features.SamModel.load("vit_tiny", "cpu")
+    embedded = []
+    embed = sam.embed
+    sam.embed = lambda slices, frame: embedded.append(len(slices)) or embed(slices, frame)
+    volumes = []
+    for seed, centre in ((0, (3, 18, 27)), (1, (3, 21, 24))):
+        image, mask = ellipsoid_volume(shape=(7, 40, 52), centre=centre, radii=(2.5, 9, 14), seed=seed)
+        volumes.append((image + np.linspace(0, 20, 52)[None, None, :] + np.linspace(0, 9, 40)[None, :, None], mask))
+    scores, counts = {}, {}
+    for name, S, spacing, d in (("drawn", lambda a: a, (0.8, 1.1, 3.0), DRAWN),
+                                ("stored", to_stored, stored_spacing, direction)):
+        pairs = []
+        for n, (image, mask) in enumerate(volumes):
+            paths = []
+            for what, array in (("image", image), ("label", mask.astype(np.uint8))):
+                vol = sitk.GetImageFromArray(S(array))
+                vol.SetSpacing(spacing)
+                vol.SetDirection(d)
+                vol.SetOrigin(CROSS_ORIGIN)
+                paths.append(str(tmp_path / ("%s_%s_%d.nii.gz" % (what, name, n))))
+                sitk.WriteImage(vol, paths[-1])
+            pairs.append(tuple(paths))
+        del embedded[:]
+        scores[name] = [(s.method, s.label) + tuple(None if x != x else x for x in (s.dice_labelled, s.dice_volume))
+                        + (s.fp_slices, s.slice_dice) for s in evaluate_cross(pairs, sam, log=lambda *a: None)]
+        counts[name] = sum(embedded)
+    assert {m for m, *_ in scores["drawn"]} == {"cross_chunks", "cross_volume"}
+    assert scores["stored"] == scores["drawn"]
+    assert counts["drawn"] == counts["stored"] == 2 * 7

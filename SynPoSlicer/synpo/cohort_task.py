@@ -42,7 +42,7 @@ def _reference_slices(ref_image, cfg, axis: int, layout):
     import numpy as np
     from .intensity import normalize
     from .support import to_slices
-    return np.ascontiguousarray(to_slices(layout.volume(normalize(ref_image, cfg.intensity)[0]), axis))
+    return np.ascontiguousarray(to_slices(normalize(layout.volume(ref_image), cfg.intensity)[0], axis))
 
 
 def reference_features(reference, cfg, embedding_cache: Optional[str]) -> dict:
@@ -88,8 +88,8 @@ def inject_reference(session, features: dict, ref_image, cfg, spacing_ijk) -> bo
     axis = features["axis"]
     layout = session.layout(axis)                  # (the reference as the session's run takes it)
     embedded_as = features.get("layout")
-    if embedded_as is None or (None if embedded_as[0] is None else tuple(embedded_as[0]), bool(embedded_as[1])) \
-            != layout.key:
+    if embedded_as is None or ((None if embedded_as[0] is None else tuple(embedded_as[0]),)
+                               + tuple(bool(x) for x in embedded_as[1:])) != layout.key:
         return False
     spacing_ijk = layout.spacing(spacing_ijk)
     slices = None

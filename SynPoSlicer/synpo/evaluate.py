@@ -38,6 +38,7 @@ from .decode import DecodeConfig, decode_slice
 from .gate import organ_range
 from .intensity import normalize
 from .io import read_volume
+from .layout import Layout, in_plane_layout
 from .prompts import Prompts, box_of
 from .position import expected_region, expected_shape
 from .support import in_plane_spacing, to_slices
@@ -368,10 +369,13 @@ def per_slice_rows(scores: Sequence[Score]) -> List[dict]:
 
 
 def _stores_for(image: np.ndarray, spacing, sam, dino, cfg: SynPoConfig, confidence_from,
-                embedding_cache) -> Dict[str, EmbeddingStore]:
-    """Embedding stores of a volume's axial slices ("sam" and, if used, "dinov2"), all computed."""
-    norm = np.ascontiguousarray(to_slices(normalize(image, cfg.intensity)[0], 0))
-    spacing_rc = in_plane_spacing(spacing, 0)
+                embedding_cache, layout: Optional[Layout] = None) -> Dict[str, EmbeddingStore]:
+    """Embedding stores of a volume's axial slices ("sam" and, if used, "dinov2"), all computed, in the
+    encoders' layout `layout` (a layout.Layout across k: Session.layout(0); as stored when None), with the
+    slices a Session's run takes (the volume laid out, then normalised: segment_volume)."""
+    layout = layout if layout is not None else Layout(0)
+    norm = np.ascontiguousarray(to_slices(normalize(layout.volume(image), cfg.intensity)[0], 0))
+    spacing_rc = in_plane_spacing(layout.spacing(spacing), 0)
     out: Dict[str, EmbeddingStore] = {}
     for name, enc in (("sam", sam), ("dinov2", dino)):
         if name == "sam" or name in confidence_from:
@@ -387,7 +391,11 @@ def evaluate_cross(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
     confidence_from = confidence_from or (("sam", "dinov2") if dino is not None else ("sam",))
     vols = [read_volume(i) + (read_volume(l, "label", label=True)[0],) for i, l in pairs]
     names = [os.path.basename(i).split(".")[0] for i, _ in pairs]
-    stores = [_stores_for(img, g.spacing, sam, dino, cfg, confidence_from, embedding_cache) for img, g, _ in vols]
+    # Each volume's slices across k in the encoders' layout, as the product's Session takes them (layout.py):
+    # the chunks decode on these stores, and the Session reuses them (get_store: only for the same slices).
+    layouts = [in_plane_layout(g.known_direction, 0, img.shape) for img, g, _ in vols]
+    stores = [_stores_for(img, g.spacing, sam, dino, cfg, confidence_from, embedding_cache, layout)
+              for (img, g, _), layout in zip(vols, layouts)]
     scores: List[Score] = []
     for qi in range(len(vols)):
         si = (qi + 1) % len(vols)
@@ -395,6 +403,8 @@ def evaluate_cross(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
             break
         q_img, q_geom, q_gt = vols[qi]
         s_img, _, s_gt = vols[si]
+        q_layout, s_layout = layouts[qi], layouts[si]
+        q_gt_l, s_gt_l = q_layout.volume(q_gt), s_layout.volume(s_gt)       # (the chunks' truth, as their stores)
         common = sorted(set(np.unique(q_gt)) & set(np.unique(s_gt)) - {0})
         wanted = [int(v) for v in common if labels is None or v in labels]
         unpainted = sorted(int(v) for v in set(np.unique(q_gt)) - set(np.unique(s_gt)) - {0}
@@ -407,22 +417,23 @@ def evaluate_cross(pairs: Sequence[tuple], sam, dino=None, cfg: SynPoConfig = Sy
             t0 = time.perf_counter()
             s_slices = [support_slice(s_gt == v, p) for p in (1 / 6, 1 / 2, 5 / 6)]
             q_lab = np.flatnonzero((q_gt == v).reshape(len(q_gt), -1).any(1))
-            pred = np.zeros(q_gt.shape, dtype=bool)
+            pred = np.zeros(q_gt_l.shape, dtype=bool)
             for s_idx, chunk in zip(s_slices, np.array_split(q_lab, 3)):
                 if len(chunk) == 0:
                     continue
-                conf = confidence_volume(stores[qi], stores[si], [s_idx], [s_gt[s_idx] == v], chunk,
+                conf = confidence_volume(stores[qi], stores[si], [s_idx], [s_gt_l[s_idx] == v], chunk,
                                          confidence_from, cfg, cross=True)
                 # The intensity gate across patients only when asked for (gate.cross), as segment_volume.
-                rng = (organ_range([stores[si]["sam"].slices[s_idx]], [s_gt[s_idx] == v], cfg.gate)
+                rng = (organ_range([stores[si]["sam"].slices[s_idx]], [s_gt_l[s_idx] == v], cfg.gate)
                        if cfg.gate.cross else None)
                 for c, t in zip(conf, chunk):
                     region = shape = None
                     if cfg.volume.position_prior:
                         s_slice, q_slice = stores[si]["sam"].slices[s_idx], stores[qi]["sam"].slices[int(t)]
-                        region = expected_region(s_gt[s_idx] == v, s_slice, q_slice, cfg.volume.position_margin)
-                        shape = expected_shape(s_gt[s_idx] == v, s_slice, q_slice)
+                        region = expected_region(s_gt_l[s_idx] == v, s_slice, q_slice, cfg.volume.position_margin)
+                        shape = expected_shape(s_gt_l[s_idx] == v, s_slice, q_slice)
                     pred[t] = decode_prompted(sam, stores[qi]["sam"], int(t), c, cfg, region, shape, rng)[0]
+            pred = q_layout.volume_back(pred)
             dl, _, _ = score(pred, q_gt == v)
             scores.append(Score(names[qi], v, "cross_chunks", float("nan"), dl, float("nan"), 0,
                                 time.perf_counter() - t0, slice_dices(pred, q_gt == v)))

@@ -282,8 +282,8 @@ class Session:
         store = self.stores.get(key)
         if store is None:
             layout = self.layout(axis)
-            norm, _ = normalize(self.image, self.cfg.intensity)
-            slices = np.ascontiguousarray(to_slices(layout.volume(norm), axis))
+            norm, _ = normalize(layout.volume(self.image), self.cfg.intensity)     # (as segment_volume: laid out first)
+            slices = np.ascontiguousarray(to_slices(norm, axis))
             store = get_store(self.stores, key, sam, slices, in_plane_spacing(layout.spacing(self.spacing), axis),
                               self.cfg, self.embedding_cache)
         return store
