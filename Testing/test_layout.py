@@ -6,15 +6,18 @@ import pytest
 from conftest import ellipsoid_volume
 from synpo import features
 from synpo.errors import InputError
-from synpo.layout import display_orientation, in_plane_layout, in_plane_swap, known_direction, rows_reversed, swap_spacing
+from synpo.layout import (columns_reversed, display_orientation, in_plane_layout, in_plane_swap, known_direction,
+                          rows_reversed, swap_spacing)
 from test_models import served_tiny_sam  # noqa: F401  (the fixture: the tiny SAM registered)
 
-IDENTITY = (1, 0, 0, 0, 1, 0, 0, 0, 1)          # DICOM's axial layout: row 0 anterior
+IDENTITY = (1, 0, 0, 0, 1, 0, 0, 0, 1)          # DICOM's axial layout: row 0 anterior, column 0 the right
 # The same physical volume stored with i and j exchanged: direction columns i and j swapped.
 SWAPPED_IJ = (0, 1, 0, 1, 0, 0, 0, 0, 1)
-# Stored RAS (the development volumes' layout: row 0 posterior), and the same stored with i and j exchanged.
-DRAWN = (-1, 0, 0, 0, -1, 0, 0, 0, 1)
-DRAWN_SWAPPED = (0, -1, 0, -1, 0, 0, 0, 0, 1)
+# The development volumes' layout (CHAOS's direction: row 0 posterior, column 0 the patient's right), and
+# the same stored with i and j exchanged.
+DRAWN = (1, 0, 0, 0, -1, 0, 0, 0, 1)
+DRAWN_SWAPPED = (0, 1, 0, -1, 0, 0, 0, 0, 1)
+RAS_STORED = (-1, 0, 0, 0, -1, 0, 0, 0, 1)      # a NIfTI stored RAS (the bundled CT): column 0 the left
 
 
 def test_which_slices_are_stored_transposed():
@@ -63,14 +66,19 @@ def _same_results(a, b):
     assert a.support == b.support and a.computed == b.computed
 
 
-# The same volume stored three other ways: (name, the array stored, its spacing, its direction, transposed?,
-# rows reversed?). Each direction places the same voxels where DRAWN places them.
+# The same volume stored other ways: (name, the array stored, its spacing, its direction, transposed?,
+# rows reversed?, columns reversed?). Each direction places the same voxels where DRAWN places them.
 STORED = [
-    ("transposed", lambda a: np.ascontiguousarray(np.swapaxes(a, 1, 2)), (1.1, 0.8, 3.0), DRAWN_SWAPPED, True, False),
-    ("upside down (DICOM's layout)", lambda a: np.ascontiguousarray(a[:, ::-1]), (0.8, 1.1, 3.0), (-1, 0, 0, 0, 1, 0, 0, 0, 1),
-     False, True),
+    ("transposed", lambda a: np.ascontiguousarray(np.swapaxes(a, 1, 2)), (1.1, 0.8, 3.0), DRAWN_SWAPPED,
+     True, False, False),
+    ("upside down (DICOM's layout)", lambda a: np.ascontiguousarray(a[:, ::-1]), (0.8, 1.1, 3.0), IDENTITY,
+     False, True, False),
     ("transposed and upside down", lambda a: np.ascontiguousarray(np.swapaxes(a[:, ::-1], 1, 2)), (1.1, 0.8, 3.0),
-     (0, -1, 0, 1, 0, 0, 0, 0, 1), True, True),
+     SWAPPED_IJ, True, True, False),
+    ("mirrored (a NIfTI stored RAS)", lambda a: np.ascontiguousarray(a[:, :, ::-1]), (0.8, 1.1, 3.0), RAS_STORED,
+     False, False, True),
+    ("turned 180 degrees", lambda a: np.ascontiguousarray(a[:, ::-1, ::-1]), (0.8, 1.1, 3.0), (-1, 0, 0, 0, 1, 0, 0, 0, 1),
+     False, True, True),
 ]
 
 
@@ -78,9 +86,10 @@ STORED = [
 def test_a_volume_stored_another_way_is_segmented_as_the_same_volume_stored_as_drawn(served_tiny_sam, stored_as):
     """Runs, a correction, a re-decoded slice and the slices reported as they are decided: the volume
     stored with i and j exchanged, or with its rows reversed (anterior side up, as DICOM stores an axial
-    slice), or both (and its direction saying so) gives exactly the as-drawn volume's results, in its own
-    layout; without its direction, other results (the encoders saw other slices)."""
-    _, to_stored, stored_spacing, direction, swap, flip = stored_as
+    slice), or its columns (the patient's left in column 0, as a NIfTI stored RAS), or several of these
+    (and its direction saying so) gives exactly the as-drawn volume's results, in its own layout; without
+    its direction, other results (the encoders saw other slices)."""
+    _, to_stored, stored_spacing, direction, swap, flip, mirror = stored_as
     sam = features.SamModel.load("vit_tiny", "cpu")
     from synpo.session import Models, Session
     image, mask = ellipsoid_volume(shape=(7, 40, 52), centre=(3, 18, 27), radii=(2.5, 9, 14))
@@ -89,7 +98,7 @@ def test_a_volume_stored_another_way_is_segmented_as_the_same_volume_stored_as_d
     support[3][mask[3]] = 1
     S = to_stored
     spacing = (0.8, 1.1, 3.0)
-    back = Back(swap, flip, 40)
+    back = Back(swap, flip, mirror, 40, 52)
 
     drawn, reports_a = Session(image, spacing, Models.of(sam), direction=DRAWN), []
     stored, reports_b = Session(S(image), stored_spacing, Models.of(sam), direction=direction), []
@@ -117,30 +126,30 @@ def test_a_volume_stored_another_way_is_segmented_as_the_same_volume_stored_as_d
 
 
 class Back:
-    """A result of the volume stored another way (`swap`: i and j exchanged; `flip`: rows, along j,
-    reversed before the exchange; `rows`: the as-drawn slices' height) on the as-drawn volume's grid:
-    the test's own arithmetic, not layout.Layout's."""
+    """A result of the volume stored another way (`swap`: i and j exchanged; `flip`: rows, along j, and
+    `mirror`: columns, along i, reversed before the exchange; `rows`, `cols`: the as-drawn slices' height
+    and width) on the as-drawn volume's grid: the test's own arithmetic, not layout.Layout's."""
 
-    def __init__(self, swap, flip, rows):
-        self.swap, self.flip, self.rows = swap, flip, rows
+    def __init__(self, swap, flip, mirror, rows, cols):
+        self.swap, self.flip, self.mirror, self.rows, self.cols = swap, flip, mirror, rows, cols
 
     def volume(self, a):
         a = np.swapaxes(a, 1, 2) if self.swap else a
-        return np.ascontiguousarray(a[:, ::-1] if self.flip else a)
+        return np.ascontiguousarray(a[:, ::-1 if self.flip else 1, ::-1 if self.mirror else 1])
 
     def mask(self, m):
         m = m.T if self.swap else m
-        return np.ascontiguousarray(m[::-1] if self.flip else m)
+        return np.ascontiguousarray(m[::-1 if self.flip else 1, ::-1 if self.mirror else 1])
 
     def point(self, p):
         x, y = (p[1], p[0]) if self.swap else (p[0], p[1])
-        return [x, self.rows - 1 - y] if self.flip else [x, y]
+        return [self.cols - 1 - x if self.mirror else x, self.rows - 1 - y if self.flip else y]
 
     def points(self, ps):
         """As-drawn points -> the stored volume's (the same arithmetic: each step is its own inverse)."""
         out = []
         for x, y in ps:
-            y = self.rows - 1 - y if self.flip else y
+            x, y = self.cols - 1 - x if self.mirror else x, self.rows - 1 - y if self.flip else y
             out.append([y, x] if self.swap else [x, y])
         return out
 
@@ -152,7 +161,9 @@ class Back:
             x0, y0, x1, y1 = d["box"]
             if self.swap:
                 x0, y0, x1, y1 = y0, x0, y1, x1
-            d["box"] = [x0, self.rows - y1, x1, self.rows - y0] if self.flip else [x0, y0, x1, y1]
+            y0, y1 = (self.rows - y1, self.rows - y0) if self.flip else (y0, y1)
+            x0, x1 = (self.cols - x1, self.cols - x0) if self.mirror else (x0, x1)
+            d["box"] = [x0, y0, x1, y1]
         return d
 
     def result(self, result):
@@ -166,13 +177,19 @@ class Back:
             overridden={v: masks(d) for v, d in result.overridden.items()})
 
 
-def test_which_axial_slices_are_turned_posterior_side_up_and_which_headers_say_nothing():
+def test_which_axial_slices_are_turned_posterior_side_up_or_mirrored_and_which_headers_say_nothing():
     """rows_reversed: an axial slice stored with row 0 anterior (DICOM's layout: the direction's j column
-    along +y, posterior in LPS) goes to the encoders reversed; stored RAS (CHAOS, the bundled CT) as it is;
-    coronal, sagittal and oblique slices as stored. known_direction: a diagonal direction at origin 0
-    (BTCV's ITK default, ACDC's nibabel np.eye) is no direction; any other placement is kept."""
-    assert rows_reversed(IDENTITY, 0, None) and not rows_reversed(DRAWN, 0, None)
-    assert not rows_reversed((1, 0, 0, 0, -1, 0, 0, 0, 1), 0, None)            # CHAOS's direction
+    along +y, posterior in LPS) goes to the encoders reversed; stored posterior side up (CHAOS, the bundled
+    CT) as it is. columns_reversed: one stored with column 0 the patient's left (a NIfTI stored RAS, the
+    bundled CT) goes mirrored; DICOM's and CHAOS's (column 0 the right) as they are. Coronal, sagittal and
+    oblique slices as stored. known_direction: a diagonal direction at origin 0 (BTCV's ITK default, ACDC's
+    nibabel np.eye) is no direction; any other placement is kept."""
+    assert rows_reversed(IDENTITY, 0, None) and not rows_reversed(DRAWN, 0, None)    # DRAWN: CHAOS's direction
+    assert not rows_reversed(RAS_STORED, 0, None) and rows_reversed((-1, 0, 0, 0, 1, 0, 0, 0, 1), 0, None)
+    # Columns: the patient's right in column 0 (DICOM, CHAOS, BTCV's anatomy) stays; a NIfTI stored RAS turns.
+    assert not columns_reversed(IDENTITY, 0, None) and not columns_reversed(DRAWN, 0, None)
+    assert columns_reversed(RAS_STORED, 0, None) and not columns_reversed(RAS_STORED, 1, None)
+    assert not columns_reversed(DRAWN_SWAPPED, 0, (1, 2)) and columns_reversed((0, -1, 0, -1, 0, 0, 0, 0, 1), 0, (1, 2))
     assert rows_reversed(SWAPPED_IJ, 0, (1, 2)) and not rows_reversed(DRAWN_SWAPPED, 0, (1, 2))
     assert not rows_reversed(IDENTITY, 1, None) and not rows_reversed(IDENTITY, 2, None)   # coronal, sagittal
     assert not rows_reversed(None, 0, None)
@@ -182,8 +199,9 @@ def test_which_axial_slices_are_turned_posterior_side_up_and_which_headers_say_n
     cmr = (0.628, 0.507, -0.591, 0.729, -0.116, 0.675, -0.273, 0.854, 0.442)
     assert [in_plane_layout(cmr, a, (10, 20, 30)).identity for a in range(3)] == [True, True, True]
     layout = in_plane_layout(IDENTITY, 0, (7, 40, 52))
-    assert (layout.swap, layout.flip, layout.rows, layout.key) == (None, True, 40, (None, True))
-    assert in_plane_layout(SWAPPED_IJ, 0, (7, 52, 40)).key == ((1, 2), True)
+    assert (layout.swap, layout.flip, layout.rows, layout.cols, layout.key) == (None, True, 40, 52, (None, True, False))
+    assert in_plane_layout(SWAPPED_IJ, 0, (7, 52, 40)).key == ((1, 2), True, False)
+    assert in_plane_layout(RAS_STORED, 0, (7, 40, 52)).key == (None, False, True)
 
     assert known_direction(IDENTITY, (0, 0, 0)) is None                        # BTCV's
     assert known_direction((-1, 0, 0, 0, -1, 0, 0, 0, 1), (-0.0, -0.0, 0.0)) is None   # ACDC's
@@ -318,7 +336,7 @@ def test_evaluate_cross_scores_a_pair_stored_another_way_as_the_pair_stored_as_d
     product's run took, and the run embedded every slice again.)"""
     import SimpleITK as sitk
     from synpo.evaluate import evaluate_cross
-    _, to_stored, stored_spacing, direction, _, _ = stored_as
+    _, to_stored, stored_spacing, direction = stored_as[:4]
     sam = features.SamModel.load("vit_tiny", "cpu")
     embedded = []
     embed = sam.embed

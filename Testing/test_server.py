@@ -328,7 +328,8 @@ def test_a_volume_stored_transposed_segments_as_the_volume_stored_as_drawn(serve
     another way may be): `synpo segment --server` sends its direction, the server gives the encoders its
     slices as the case's (synpo/layout.py), and the outputs are the case's, in the file's layout.
     (The case's header is a placeholder, identity at origin 0: its slices go as stored. The copy is placed
-    as the case stored RAS, the development volumes' layout, at ORIGIN: posterior side up once turned.)"""
+    as the development volumes are, at ORIGIN: once turned, posterior side up, the patient's right in
+    column 0.)"""
     out, _ = remote_run
     T = lambda a: np.ascontiguousarray(np.swapaxes(a, 1, 2))
     ORIGIN = (5.0, 7.0, 9.0)
@@ -336,7 +337,7 @@ def test_a_volume_stored_transposed_segments_as_the_volume_stored_as_drawn(serve
     for name, array in (("image", files["array"]), ("support", files["support_array"])):
         img = sitk.GetImageFromArray(T(array))
         img.SetSpacing((1.0, 1.0, 2.0))
-        img.SetDirection((0, -1, 0, -1, 0, 0, 0, 0, 1))        # column i is -y, column j is -x
+        img.SetDirection((0, 1, 0, -1, 0, 0, 0, 0, 1))         # column i is -y, column j is +x
         img.SetOrigin(ORIGIN)
         paths[name] = str(tmp_path / ("%s.nii.gz" % name))
         sitk.WriteImage(img, paths[name])
@@ -352,7 +353,7 @@ def test_a_volume_stored_transposed_segments_as_the_volume_stored_as_drawn(serve
     # The same points, i and j exchanged as indices, and where the copy's header places the case's voxels.
     ijk = lambda doc: [[p["ijk"] for p in s["positive"]] for s in doc["slices"]]
     assert [[[p[1], p[0], p[2]] for p in s] for s in ijk(pa)] == ijk(pb) and any(ijk(pa))
-    placed = [[[ORIGIN[0] - p["ijk"][0], ORIGIN[1] - p["ijk"][1], ORIGIN[2] + 2 * p["ijk"][2]]
+    placed = [[[ORIGIN[0] + p["ijk"][0], ORIGIN[1] - p["ijk"][1], ORIGIN[2] + 2 * p["ijk"][2]]
                for p in s["positive"] + s["negative"]] for s in pa["slices"]]
     assert np.allclose(sum(placed, []), sum([[p["lps"] for p in s["positive"] + s["negative"]] for s in pb["slices"]], []))
 

@@ -111,7 +111,10 @@ def test_a_volume_stored_transposed_previews_as_the_volume_stored_as_drawn(scene
     columns exchanged with the array's axes): the module sends its direction, and the preview is the
     case's, in this node's layout (the encoders are given the slices as the slice views draw them)."""
     c = scene_case
-    drawn, _ = _preview(c, server)
+    given = mrml.extract_inputs(c["volume"], c["seg"], [c["target"]])     # (its direction sent, as the module does)
+    drawn = run_job(RemoteJob(server.client(timeout=10), given.image, given.spacing, given.support,
+                              direction=given.direction))
+    assert drawn.state == "done" and drawn.error == "", drawn.error
     T = lambda a: np.ascontiguousarray(np.swapaxes(a, 1, 2))
     matrix = c["matrix"].copy()
     matrix[:, [0, 1]] = matrix[:, [1, 0]]
