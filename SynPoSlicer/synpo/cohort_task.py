@@ -36,12 +36,14 @@ def load_reference(image_path: str, labels_path: str, stamps: Tuple[str, str]):
     return read_reference(image_path, labels_path)
 
 
-def _reference_slices(ref_image, cfg, axis: int, layout):
+def _reference_slices(ref_image, cfg, axis: int, layout=None):
     """The reference's normalised slices across the slicing axis, as VolumeRun takes them (in the
-    encoders' layout: `layout`, a layout.Layout)."""
+    encoders' layout: `layout`, a layout.Layout; as stored when None)."""
     import numpy as np
     from .intensity import normalize
+    from .layout import Layout
     from .support import to_slices
+    layout = layout if layout is not None else Layout(axis)
     return np.ascontiguousarray(to_slices(normalize(layout.volume(ref_image), cfg.intensity)[0], axis))
 
 
@@ -87,9 +89,9 @@ def inject_reference(session, features: dict, ref_image, cfg, spacing_ijk) -> bo
     from .volume import EmbeddingStore, store_key
     axis = features["axis"]
     layout = session.layout(axis)                  # (the reference as the session's run takes it)
-    embedded_as = features.get("layout")
-    if embedded_as is None or ((None if embedded_as[0] is None else tuple(embedded_as[0]),)
-                               + tuple(bool(x) for x in embedded_as[1:])) != layout.key:
+    embedded_as = features.get("layout") or (None, False, False)      # (none given: embedded as stored)
+    if ((None if embedded_as[0] is None else tuple(embedded_as[0]),)
+            + tuple(bool(x) for x in embedded_as[1:])) != layout.key:
         return False
     spacing_ijk = layout.spacing(spacing_ijk)
     slices = None
