@@ -65,7 +65,7 @@ def _run_scenario(tmp_path, name, scenario, timeout):
     process as `synpo web` runs the app: its output and exit status."""
     script = tmp_path / (name + ".py")
     script.write_text(scenario + SCENARIO_MAIN % {"name": name})
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(tmp_path))   # its server's folders go with the test's
     env["PYTHONPATH"] = os.path.abspath(MODULE) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
     return subprocess.run([sys.executable, str(script), HERE], env=env,
@@ -116,7 +116,7 @@ def test_a_server_restarted_with_a_new_token_is_reached_on_the_next_preview(tmp_
     it was read once at start, and every request of the page was refused (401) until it was restarted."""
     script = tmp_path / "restarted_server.py"          # (not token.py: the standard library has one)
     script.write_text(TOKEN_SCENARIO)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(tmp_path))   # its server's folders go with the test's
     env["PYTHONPATH"] = os.path.abspath(MODULE) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
     out = subprocess.run([sys.executable, str(script), HERE], env=env, stdout=subprocess.PIPE,
