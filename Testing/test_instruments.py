@@ -371,6 +371,36 @@ def test_monotonicity_and_cost_figures():
     assert c["fill_even"][0.90] == (3.0, 1.0) and c["fill_even"][0.95][1] == 0.0
 
 
+def test_an_organ_whose_labelled_slices_are_all_painted_is_not_scored():
+    """Once every labelled slice of an organ is painted (many rounds on a short organ), nothing of
+    SynPo's is left to score: its Dice was 1.0 (no slice left, 0/0) or 0.0 (a false-positive slice
+    left), which moved the round's mean (cmr_bssfp after 10 corrections: 1.000) and counted as steps
+    down by up to 0.9. Now nan, left out of the means, the steps and the cost; the false-positive
+    slices still count."""
+    from synpo.corrections import CorrectionScore, cost, monotonicity, scored_without, summarize_rounds
+    gt = np.zeros((5, 10, 10), bool)
+    gt[1:4, 2:8, 2:8] = True
+    pred = gt.copy()
+    pred[4, 2:8, 2:8] = True                    # a false-positive slice
+    dice, fp = scored_without(pred, gt, {1, 2, 3})
+    assert np.isnan(dice) and fp == 1
+    dice, fp = scored_without(pred, gt, {1, 2, 3, 4})
+    assert np.isnan(dice) and fp == 0
+    assert scored_without(pred, gt, {1, 2, 4}) == (1.0, 0)      # one labelled slice left: scored
+
+    def row(v, k, d, painted):
+        return CorrectionScore("v%d" % v, 1, k, d, 0, 1.0, "", painted, d, 3, 0)
+    nan = float("nan")
+    scores = [row(1, 0, 0.80, 1), row(1, 1, 0.90, 2), row(1, 2, nan, 3),
+              row(2, 0, 0.90, 1), row(2, 1, 0.94, 2), row(2, 2, 0.96, 3)]
+    summary = summarize_rounds(scores)
+    assert summary[2]["n"] == 2 and summary[2]["scored"] == 1
+    assert summary[2]["dice_volume"] == pytest.approx(0.96) and summary[2]["fill_dice"] == pytest.approx(0.96)
+    m = monotonicity(scores)
+    assert m["steps"] == 3 and m["held"] == 1.0 and m["organs_held"] == 1.0 and m["worst"] == pytest.approx(0.02)
+    assert cost(scores)["synpo"][0.95] == (np.inf, 0.5)          # organ 1 never reached 0.95 while scored
+
+
 def test_the_simulated_annotator_picks_the_slice_with_the_most_wrong_pixels():
     from synpo.corrections import scored_without, worst_slice
     gt = np.zeros((5, 10, 10), bool)

@@ -89,11 +89,12 @@ def next_corrections(labels: np.ndarray, gt: np.ndarray, wanted: Sequence[int], 
 
 
 def scored_without(pred: np.ndarray, gt: np.ndarray, left_out: Set[int]) -> Tuple[float, int]:
-    """(Dice over the slices not in left_out, false-positive slices among them)."""
+    """(Dice over the slices not in left_out, false-positive slices among them). The Dice is nan once
+    no labelled slice is left to score (every one painted: the organ is the user's); 1.0 or 0.0 there
+    would say nothing of SynPo and move the means and the steps (the false-positive slices still count)."""
     keep = np.array([t not in left_out for t in range(len(gt))])
     p, g = pred[keep], gt[keep]
-    total = p.sum() + g.sum()
-    dice = float(2.0 * np.logical_and(p, g).sum() / total) if total else 1.0
+    dice = float(2.0 * np.logical_and(p, g).sum() / (p.sum() + g.sum())) if g.any() else float("nan")
     fp = int((p.any(axis=(1, 2)) & ~g.any(axis=(1, 2))).sum())
     return dice, fp
 
@@ -176,14 +177,17 @@ def evaluate_corrections(pairs: Sequence[tuple], models, cfg, rounds: int, label
 
 
 def summarize_rounds(scores: Sequence[CorrectionScore]) -> Dict[int, Dict[str, float]]:
-    """Per round: mean Dice (SynPo, Fill between slices), painted slices per organ, false-positive
-    slices per organ, mean seconds per run."""
+    """Per round: mean Dice (SynPo, Fill between slices) over the organs with a labelled slice left to
+    score ("scored" of "n"), painted slices per organ, false-positive slices per organ, mean seconds
+    per run."""
     out = {}
     for k in sorted({s.round for s in scores}):
         rows = [s for s in scores if s.round == k]
         runs = {(s.volume, s.round): s.seconds for s in rows}
-        out[k] = {"n": len(rows), "dice_volume": float(np.mean([s.dice_volume for s in rows])),
-                  "fill_dice": float(np.mean([s.fill_dice for s in rows])),
+        scored = [s for s in rows if s.dice_volume == s.dice_volume]     # a labelled slice left to score
+        out[k] = {"n": len(rows), "scored": len(scored),
+                  "dice_volume": float(np.mean([s.dice_volume for s in scored])) if scored else float("nan"),
+                  "fill_dice": float(np.mean([s.fill_dice for s in scored])) if scored else float("nan"),
                   "painted": float(np.mean([s.painted for s in rows])),
                   "fp_slices_per_organ": float(np.mean([s.fp_slices for s in rows])),
                   "seconds_per_run": float(np.mean(list(runs.values()))),
@@ -202,11 +206,12 @@ def monotonicity(scores: Sequence[CorrectionScore], tolerance: float = 0.005, fl
                  ) -> Dict[str, float]:
     """Over every organ and round k >= 1: the share of steps with Dice_k >= Dice_(k-1) - tolerance,
     the steps down by more than `floor`, and the worst step (issue 28's rule, per organ-volume)."""
+    # Rounds with nothing left to score (scored_without: nan) have no step.
+    organs = [[s for s in rows if s.dice_volume == s.dice_volume] for rows in _organs(scores).values()]
     steps = []
-    for rows in _organs(scores).values():
+    for rows in organs:
         steps += [b.dice_volume - a.dice_volume for a, b in zip(rows, rows[1:])]
     steps = np.array(steps) if steps else np.zeros(0)
-    organs = _organs(scores).values()
     per_organ = [all(b.dice_volume >= a.dice_volume - tolerance for a, b in zip(r, r[1:])) for r in organs]
     # The same rule on the same slices: each step's change with the slice it painted or marked left out
     # of both rounds (the scored slices' change taken out: a painted slice that was better than the

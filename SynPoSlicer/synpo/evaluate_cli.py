@@ -139,11 +139,13 @@ def run_corrections(args, pairs, cfg, sam, dino, use, log) -> int:
              "(same slices) | SynPo - Fill | false-positive slices / organ | seconds per run (max) |",
              "|---|---|---|---|---|---|---|---|"]
     for k, s in summary.items():
-        lines.append("| %d | %d | %.2f | %.4f | %.4f | %+.4f | %.2f | %.1f (%.1f)%s |"
-                     % (k, s["n"], s["painted"], s["dice_volume"], s["fill_dice"], s["dice_volume"] - s["fill_dice"],
+        organs = "%d" % s["n"] if s["scored"] == s["n"] else "%d (%d scored)" % (s["n"], s["scored"])
+        lines.append("| %d | %s | %.2f | %.4f | %.4f | %+.4f | %.2f | %.1f (%.1f)%s |"
+                     % (k, organs, s["painted"], s["dice_volume"], s["fill_dice"], s["dice_volume"] - s["fill_dice"],
                         s["fp_slices_per_organ"], s["seconds_per_run"], s["seconds_max"],
                         " (first run)" if k == 0 else ""))
-    lines += ["", "Whole-volume Dice over the slices neither painted nor marked for the organ; Fill between "
+    lines += ["", "Whole-volume Dice over the slices neither painted nor marked for the organ (an organ whose "
+              "labelled slices are all painted has none left and is not scored); Fill between "
               "slices: Slicer's effect (ITK morphological contour interpolation) on the organ's painted slices.", "",
               "| painted slices to reach | SynPo (median; share reached) | Fill between slices, same slices | "
               "Fill between slices, slices spread evenly |", "|---|---|---|---|"]
